@@ -1,0 +1,20 @@
+//! The eBPF object embedded at build time (see `build.rs`).
+
+/// The BPF object with all of Fathom's programs, or an error saying why the
+/// binary has none.
+pub fn object() -> Result<&'static [u8], MissingObject> {
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fathom"));
+    if OBJECT.is_empty() {
+        Err(MissingObject)
+    } else {
+        Ok(OBJECT)
+    }
+}
+
+/// The agent was built where bpf-linker was missing.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "this fathom-agent was built without its eBPF programs (bpf-linker was not on PATH at build \
+     time); run scripts/setup, then rebuild"
+)]
+pub struct MissingObject;

@@ -1,0 +1,18 @@
+//! Fathom's per-node agent: eBPF programs that sample CPU stacks, and the user
+//! space that drains, symbolizes and writes them as pprof.
+//!
+//! Modules are flat, by concern: kernel I/O (`profiler`, `preflight`, `ebpf`,
+//! `sys` — the only `unsafe`), process knowledge (`process`, `procfs`, `elf`),
+//! turning stacks into profiles (`stacks`, `pprof`) and running it all
+//! (`session`).
+
+pub mod ebpf;
+pub mod elf;
+pub mod pprof;
+pub mod preflight;
+pub mod process;
+pub mod procfs;
+pub mod profiler;
+pub mod session;
+pub mod stacks;
+pub mod sys;

@@ -1,0 +1,173 @@
+//! `fathom-agent`: the command line.
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use fathom_agent::{
+    pprof::{self, CpuProfileMeta},
+    preflight,
+    profiler::ProfilerConfig,
+    session::{self, Session, Stop},
+};
+use fathom_symbolizer::SymbolizerConfig;
+use tracing_subscriber::EnvFilter;
+
+/// Fathom's per-node eBPF agent: continuous CPU profiling of every process.
+///
+/// Without a subcommand it runs as a daemon and writes one pprof profile per
+/// process per interval into a directory.
+#[derive(Parser, Debug)]
+#[command(name = "fathom-agent", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,fathom_agent=debug`).
+    #[arg(long, env = "FATHOM_LOG", default_value = "info", global = true)]
+    log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Profile once, write one pprof file and exit.
+    Profile(ProfileArgs),
+}
+
+#[derive(Args, Debug)]
+struct SamplingArgs {
+    /// Samples per second per CPU.
+    #[arg(long, env = "FATHOM_FREQUENCY", default_value_t = 99)]
+    frequency: u64,
+    /// Only profile this process (repeatable); all processes when absent.
+    #[arg(long = "pid", env = "FATHOM_PIDS", value_delimiter = ',')]
+    pids: Vec<u32>,
+}
+
+#[derive(Args, Debug)]
+struct ProfileArgs {
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// How long to profile (e.g. `10s`, `2m`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Where to write the gzipped pprof profile.
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// How often to write profiles.
+    #[arg(long, env = "FATHOM_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Directory for the per-process profiles.
+    #[arg(
+        long,
+        env = "FATHOM_OUTPUT_DIR",
+        default_value = "/var/lib/fathom/profiles"
+    )]
+    output_dir: PathBuf,
+    /// Profiles older than this are deleted.
+    #[arg(long, env = "FATHOM_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
+    retention: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(missing) = preflight::check() {
+        eprint!("{missing}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Some(Command::Profile(args)) => profile(args),
+        None => daemon(cli.daemon),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fathom-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn profiler_config(args: &SamplingArgs) -> anyhow::Result<ProfilerConfig> {
+    for &pid in &args.pids {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("--pid {pid}: no such process");
+        }
+    }
+    Ok(ProfilerConfig {
+        frequency_hz: args.frequency,
+        pids: args.pids.clone(),
+        ..ProfilerConfig::default()
+    })
+}
+
+/// SIGINT/SIGTERM stop the work; a second signal exits at once.
+fn stop_on_signals() -> anyhow::Result<Stop> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Stop::new();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+    let trigger = stop.clone();
+    std::thread::Builder::new()
+        .name("fathom-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if trigger.is_triggered() {
+                    eprintln!("fathom-agent: second signal, exiting now");
+                    std::process::exit(128 + signal);
+                }
+                tracing::info!(signal, "stopping");
+                trigger.trigger();
+            }
+        })?;
+    Ok(stop)
+}
+
+fn profile(args: ProfileArgs) -> anyhow::Result<()> {
+    let config = profiler_config(&args.sampling)?;
+    let stop = stop_on_signals()?;
+    let mut session = Session::start(config, &SymbolizerConfig::default())?;
+    let started = SystemTime::now();
+    tracing::info!(duration = %humantime::format_duration(args.duration), "profiling");
+    let collected = session.collect(args.duration, Duration::from_secs(5), &stop)?;
+    let meta = CpuProfileMeta {
+        frequency_hz: args.sampling.frequency,
+        start: started,
+        duration: SystemTime::now()
+            .duration_since(started)
+            .unwrap_or_default(),
+    };
+    let profile = session.profile(&collected, meta)?;
+    drop(session); // detach before writing
+    session::write_atomically(&args.output, &pprof::encode_gzip(&profile))?;
+    tracing::info!(
+        samples = collected.counted,
+        recorded = collected.recorded,
+        output = %args.output.display(),
+        "profile written"
+    );
+    Ok(())
+}
+
+fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let config = profiler_config(&args.sampling)?;
+    let stop = stop_on_signals()?;
+    let mut session = Session::start(config, &SymbolizerConfig::default())?;
+    tracing::info!(dir = %args.output_dir.display(), interval = %humantime::format_duration(args.interval), "writing per-process profiles");
+    session.run_daemon(args.interval, &args.output_dir, args.retention, &stop)?;
+    Ok(())
+}

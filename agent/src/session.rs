@@ -1,0 +1,516 @@
+//! A running profiler with everything around it: the process watcher, the
+//! stack resolver, and the two ways of running — one profile, or one profile
+//! per process per interval into a directory.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use fathom_common::profiler::{ProcessEvent, SampleKey};
+use fathom_symbolizer::SymbolizerConfig;
+use pprof::protos::Profile;
+
+use crate::{
+    pprof::{self as pp, CpuProfileMeta, LabelValue, ProfileBuilder},
+    process::ProcessTable,
+    profiler::{KernelCounters, Profiler, ProfilerConfig, ProfilerError, Window},
+    stacks::{ResolvedSample, StackResolver},
+    sys,
+};
+
+/// A stop request that sleeping loops wake up for.
+#[derive(Clone, Debug, Default)]
+pub struct Stop(Arc<(Mutex<bool>, Condvar)>);
+
+impl Stop {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn trigger(&self) {
+        let (flag, cv) = &*self.0;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleeps up to `timeout`; true when stopped.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let (flag, cv) = &*self.0;
+        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard
+    }
+}
+
+/// Samples of several drain windows added together. Stack hashes depend only
+/// on the stack, so they stay valid across windows.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub samples: HashMap<SampleKey, u64>,
+    pub stacks: HashMap<u64, Vec<u64>>,
+    /// Samples the kernel recorded / that were read back.
+    pub recorded: u64,
+    pub counted: u64,
+    pub windows: u32,
+    /// Windows read after a timeout waiting for a CPU's acknowledgement.
+    pub unsynced_windows: u32,
+}
+
+impl Collected {
+    pub fn add(&mut self, window: Window) {
+        self.recorded += window.recorded;
+        self.counted += window.counted();
+        self.windows += 1;
+        self.unsynced_windows += u32::from(!window.synced);
+        for (key, n) in window.samples {
+            *self.samples.entry(key).or_default() += n;
+        }
+        self.stacks.extend(window.stacks);
+    }
+
+    pub fn sample_list(&self) -> Vec<(SampleKey, u64)> {
+        let mut list: Vec<_> = self.samples.iter().map(|(k, n)| (*k, *n)).collect();
+        list.sort_by_key(|(k, _)| (k.pid, k.tid));
+        list
+    }
+}
+
+/// Reads process events from the kernel and records processes while they run.
+struct ProcessWatcher {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl ProcessWatcher {
+    fn spawn(mut events: RingBuf<MapData>, table: Arc<Mutex<ProcessTable>>) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("fathom-processes".into())
+            .spawn(move || {
+                loop {
+                    let stopping = flag.load(Ordering::Relaxed);
+                    while let Some(item) = events.next() {
+                        let Some(event) = parse_event(&item) else {
+                            tracing::warn!(len = item.len(), "malformed process event");
+                            continue;
+                        };
+                        let result = table
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .observe(event.pid);
+                        if let Err(e) = result {
+                            tracing::debug!(pid = event.pid, error = %e, "process not recorded");
+                        }
+                    }
+                    if stopping {
+                        break;
+                    }
+                    let fd = std::os::fd::AsFd::as_fd(&events);
+                    if let Err(e) = sys::poll_readable(fd, Duration::from_millis(100)) {
+                        tracing::error!(error = %e, "polling process events");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for ProcessWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn parse_event(bytes: &[u8]) -> Option<ProcessEvent> {
+    let kind = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
+    let pid = u32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?);
+    (kind == ProcessEvent::NEW).then_some(ProcessEvent { kind, pid })
+}
+
+/// Errors of a profiling session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Profiler(#[from] ProfilerError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("starting the process watcher: {0}")]
+    Thread(io::Error),
+}
+
+/// The profiler and everything it needs, on the calling thread.
+pub struct Session {
+    // Field order is drop order: stop the watcher before detaching.
+    _watcher: ProcessWatcher,
+    profiler: Profiler,
+    table: Arc<Mutex<ProcessTable>>,
+    resolver: StackResolver,
+    config: ProfilerConfig,
+}
+
+impl Session {
+    pub fn start(
+        config: ProfilerConfig,
+        symbolizer: &SymbolizerConfig,
+    ) -> Result<Self, SessionError> {
+        match sys::raise_nofile_limit() {
+            Ok(limit) => tracing::debug!(limit, "open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+        let (profiler, events) = Profiler::start(&config)?;
+        let table = Arc::new(Mutex::new(ProcessTable::default()));
+        let watcher =
+            ProcessWatcher::spawn(events, Arc::clone(&table)).map_err(SessionError::Thread)?;
+        Ok(Self {
+            _watcher: watcher,
+            profiler,
+            table,
+            resolver: StackResolver::new(symbolizer),
+            config,
+        })
+    }
+
+    pub fn drain(&mut self) -> Result<Window, SessionError> {
+        Ok(self.profiler.drain()?)
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters, SessionError> {
+        Ok(self.profiler.counters()?)
+    }
+
+    pub fn resolve(
+        &mut self,
+        samples: &[(SampleKey, u64)],
+        stacks: &HashMap<u64, Vec<u64>>,
+    ) -> Vec<ResolvedSample> {
+        self.resolver.resolve(samples, stacks, &self.table)
+    }
+
+    /// Forgets processes that are gone (after their last samples).
+    pub fn sweep(&mut self) {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).sweep();
+    }
+
+    /// Samples for `duration` (or until stopped), draining every
+    /// `drain_every`, and returns everything collected.
+    pub fn collect(
+        &mut self,
+        duration: Duration,
+        drain_every: Duration,
+        stop: &Stop,
+    ) -> Result<Collected, SessionError> {
+        let end = Instant::now() + duration;
+        let mut collected = Collected::default();
+        loop {
+            let now = Instant::now();
+            let next = (now + drain_every).min(end);
+            let stopped = stop.wait(next.saturating_duration_since(now));
+            collected.add(self.drain()?);
+            if stopped || Instant::now() >= end {
+                break;
+            }
+        }
+        Ok(collected)
+    }
+
+    /// One profile of everything collected.
+    pub fn profile(
+        &mut self,
+        collected: &Collected,
+        meta: CpuProfileMeta,
+    ) -> Result<Profile, SessionError> {
+        let resolved = self.resolve(&collected.sample_list(), &collected.stacks);
+        let mut builder = ProfileBuilder::new(meta);
+        // Profiling one process: its executable is the profile's main binary.
+        if let [pid] = self.config.pids[..] {
+            let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(exe) = table.process(pid).and_then(|p| p.exe.clone()) {
+                builder.set_main_binary(&exe);
+            }
+        }
+        for sample in &resolved {
+            add_sample(&mut builder, sample);
+        }
+        self.add_comments(&mut builder, collected.recorded, collected.counted)?;
+        Ok(builder.build())
+    }
+
+    fn add_comments(
+        &self,
+        builder: &mut ProfileBuilder,
+        recorded: u64,
+        counted: u64,
+    ) -> Result<(), SessionError> {
+        let counters = self.counters()?;
+        builder.add_comment(&format!("fathom-agent {}", env!("CARGO_PKG_VERSION")));
+        builder.add_comment(&format!(
+            "samples recorded={recorded} read={counted}; since start: {}",
+            counters.lost_summary()
+        ));
+        Ok(())
+    }
+
+    /// Runs until stopped: every `interval`, one profile per process into
+    /// `dir`; files older than `retention` are removed.
+    pub fn run_daemon(
+        &mut self,
+        interval: Duration,
+        dir: &Path,
+        retention: Duration,
+        stop: &Stop,
+    ) -> Result<(), SessionError> {
+        fs::create_dir_all(dir).map_err(|source| SessionError::Io {
+            what: "creating",
+            path: dir.into(),
+            source,
+        })?;
+        let frequency_hz = self.config.frequency_hz;
+        let meta = |start: SystemTime| CpuProfileMeta {
+            frequency_hz,
+            start,
+            duration: SystemTime::now().duration_since(start).unwrap_or_default(),
+        };
+        let mut window_start = SystemTime::now();
+        loop {
+            let stopped = stop.wait(interval);
+            let window = self.drain()?;
+            let meta = meta(window_start);
+            window_start = SystemTime::now();
+            let written = self.write_per_process(&window, meta, dir)?;
+            let counters = self.counters()?;
+            let processes = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
+            tracing::info!(
+                samples = window.counted(),
+                profiles = written,
+                processes,
+                lost = %counters.lost_summary(),
+                "window written"
+            );
+            self.sweep();
+            remove_older_than(dir, retention);
+            if stopped {
+                return Ok(());
+            }
+        }
+    }
+
+    fn write_per_process(
+        &mut self,
+        window: &Window,
+        meta: CpuProfileMeta,
+        dir: &Path,
+    ) -> Result<usize, SessionError> {
+        let resolved = self.resolve(&window.samples, &window.stacks);
+        let mut by_pid: BTreeMap<u32, Vec<&ResolvedSample>> = BTreeMap::new();
+        for sample in &resolved {
+            by_pid.entry(sample.pid).or_default().push(sample);
+        }
+        let stamp = file_stamp(meta.start);
+        for (pid, samples) in &by_pid {
+            let mut builder = ProfileBuilder::new(meta);
+            for sample in samples {
+                add_sample(&mut builder, sample);
+            }
+            let count: u64 = samples.iter().map(|s| s.count).sum();
+            self.add_comments(&mut builder, count, count)?;
+            let (name, exe) = {
+                let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                let process = table.process(*pid);
+                (
+                    process
+                        .map(|p| p.comm.clone())
+                        .unwrap_or_else(|| samples[0].comm.clone()),
+                    process.and_then(|p| p.exe.clone()),
+                )
+            };
+            if let Some(exe) = &exe {
+                builder.set_main_binary(exe);
+            }
+            let path = dir.join(format!("{stamp}_{}_{pid}.pb.gz", sanitize(&name)));
+            write_atomically(&path, &pp::encode_gzip(&builder.build()))?;
+        }
+        Ok(by_pid.len())
+    }
+}
+
+fn add_sample(builder: &mut ProfileBuilder, sample: &ResolvedSample) {
+    builder.add_sample(
+        &sample.stack,
+        sample.count,
+        &[
+            ("pid", LabelValue::Num(i64::from(sample.pid))),
+            ("tid", LabelValue::Num(i64::from(sample.tid))),
+            ("comm", LabelValue::Str(sample.comm.clone())),
+        ],
+    );
+}
+
+/// Writes through a temporary file and a rename, so readers never see half.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SessionError> {
+    let io = |what, source| SessionError::Io {
+        what,
+        path: path.into(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+    file.write_all(bytes).map_err(|e| io("writing", e))?;
+    file.sync_all().map_err(|e| io("syncing", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("renaming", e))
+}
+
+/// `20261122T101500Z` for a time.
+fn file_stamp(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time)
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() { "unknown".into() } else { s }
+}
+
+/// Removes our profile files older than `age` from `dir`.
+fn remove_older_than(dir: &Path, age: Duration) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.ends_with(".pb.gz") && name.starts_with(|c: char| c.is_ascii_digit())) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > age);
+        if old && let Err(e) = fs::remove_file(entry.path()) {
+            tracing::warn!(path = %entry.path().display(), error = %e, "removing an old profile");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_wakes_waiters() {
+        let stop = Stop::new();
+        let waiter = stop.clone();
+        let t = std::thread::spawn(move || waiter.wait(Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(20));
+        stop.trigger();
+        assert!(t.join().unwrap());
+        assert!(stop.wait(Duration::from_secs(30)));
+        assert!(!Stop::new().wait(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn collected_adds_windows() {
+        let key = |tid| SampleKey {
+            pid: 1,
+            tid,
+            user_stack: 16,
+            kernel_stack: 0,
+            comm: [0; 16],
+        };
+        let mut c = Collected::default();
+        let stacks: HashMap<u64, Vec<u64>> = [(16, vec![1, 2])].into();
+        c.add(Window {
+            samples: vec![(key(1), 2), (key(2), 1)],
+            stacks: stacks.clone(),
+            recorded: 3,
+            synced: true,
+        });
+        c.add(Window {
+            samples: vec![(key(1), 5)],
+            stacks,
+            recorded: 5,
+            synced: false,
+        });
+        assert_eq!(c.samples[&key(1)], 7);
+        assert_eq!(
+            (c.recorded, c.counted, c.windows, c.unsynced_windows),
+            (8, 8, 2, 1)
+        );
+        assert_eq!(c.sample_list().len(), 2);
+    }
+
+    #[test]
+    fn events_parse_strictly() {
+        let mut bytes = ProcessEvent::NEW.to_ne_bytes().to_vec();
+        bytes.extend(42u32.to_ne_bytes());
+        assert_eq!(
+            parse_event(&bytes),
+            Some(ProcessEvent {
+                kind: ProcessEvent::NEW,
+                pid: 42
+            })
+        );
+        assert_eq!(parse_event(&bytes[..7]), None);
+        bytes[0] = 9;
+        assert_eq!(parse_event(&bytes), None);
+    }
+
+    #[test]
+    fn names_and_stamps() {
+        assert_eq!(sanitize("my prog/1"), "my_prog_1");
+        assert_eq!(sanitize(""), "unknown");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(file_stamp(t), "20261118T110640Z");
+    }
+
+    #[test]
+    fn retention_removes_only_old_profiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("20200101T000000Z_x_1.pb.gz");
+        let other = dir.path().join("notes.pb.gz");
+        fs::write(&old, b"x").unwrap();
+        fs::write(&other, b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        remove_older_than(dir.path(), Duration::from_millis(10));
+        assert!(!old.exists());
+        assert!(other.exists());
+    }
+}

@@ -1,0 +1,349 @@
+//! Turns the kernel's raw stacks into pprof locations: user addresses are
+//! placed in their files through the process table, then user and kernel
+//! addresses are symbolized in one batch per file.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    sync::{Arc, Mutex},
+};
+
+use fathom_common::profiler::{COMM_LEN, SampleKey, stack_id};
+use fathom_symbolizer::{Frame, Symbol, Symbolizer, SymbolizerConfig};
+
+use crate::{
+    elf,
+    pprof::{Location, Mapping},
+    process::{ObjectFile, ProcessTable, UserAddress},
+    profiler::stack_marker_reason,
+};
+
+/// A sample ready for the pprof builder.
+#[derive(Clone, Debug)]
+pub struct ResolvedSample {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// Leaf first: kernel frames, then user frames.
+    pub stack: Vec<Arc<Location>>,
+    pub count: u64,
+}
+
+/// Counters of what was resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolveStats {
+    pub user_frames: u64,
+    pub kernel_frames: u64,
+    pub unknown_frames: u64,
+    pub lost_stacks: u64,
+}
+
+/// Owns the symbolizer (not `Send`: keep the resolver on one thread).
+pub struct StackResolver {
+    symbolizer: Symbolizer,
+    kernel_mapping: Arc<Mapping>,
+    stats: ResolveStats,
+}
+
+enum Slot {
+    Kernel(u64),
+    User { object: usize, offset: u64 },
+    Fixed(Arc<Location>),
+}
+
+impl StackResolver {
+    pub fn new(config: &SymbolizerConfig) -> Self {
+        Self {
+            symbolizer: Symbolizer::new(config),
+            kernel_mapping: Arc::new(kernel_mapping()),
+            stats: ResolveStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> ResolveStats {
+        self.stats
+    }
+
+    pub fn symbolizer(&self) -> &Symbolizer {
+        &self.symbolizer
+    }
+
+    /// Resolves and symbolizes every sample.
+    pub fn resolve(
+        &mut self,
+        samples: &[(SampleKey, u64)],
+        stacks: &HashMap<u64, Vec<u64>>,
+        table: &Mutex<ProcessTable>,
+    ) -> Vec<ResolvedSample> {
+        let mut kernel_addrs = HashSet::new();
+        let mut objects: Vec<Arc<ObjectFile>> = Vec::new();
+        let mut object_index: HashMap<*const ObjectFile, usize> = HashMap::new();
+        let mut offsets: Vec<HashSet<u64>> = Vec::new();
+        let mut plans = Vec::with_capacity(samples.len());
+        {
+            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+            table.begin_round();
+            for (key, _) in samples {
+                let mut slots = Vec::new();
+                let kernel = self.stack(key.kernel_stack, stacks, "kernel", &mut slots);
+                for (i, &ip) in kernel.iter().enumerate() {
+                    // Return addresses point after the call: step back into it.
+                    let addr = if i > 0 { ip - 1 } else { ip };
+                    kernel_addrs.insert(addr);
+                    slots.push(Slot::Kernel(addr));
+                }
+                let user = self.stack(key.user_stack, stacks, "user", &mut slots);
+                let had_kernel = !kernel.is_empty();
+                for (i, &ip) in user.iter().enumerate() {
+                    // Below kernel frames the first user address is the
+                    // return address of the system call.
+                    let addr = if i > 0 || had_kernel {
+                        ip.saturating_sub(1)
+                    } else {
+                        ip
+                    };
+                    slots.push(match table.resolve(key.pid, addr) {
+                        UserAddress::Object {
+                            object,
+                            file_offset,
+                        } => {
+                            let index =
+                                *object_index.entry(Arc::as_ptr(&object)).or_insert_with(|| {
+                                    objects.push(Arc::clone(&object));
+                                    offsets.push(HashSet::new());
+                                    objects.len() - 1
+                                });
+                            offsets[index].insert(file_offset);
+                            Slot::User {
+                                object: index,
+                                offset: file_offset,
+                            }
+                        }
+                        UserAddress::Vdso => Slot::Fixed(special(None, addr, "[vdso]", "vdso")),
+                        UserAddress::Anonymous => Slot::Fixed(special(
+                            None,
+                            addr,
+                            "[anonymous]",
+                            "anonymous executable memory",
+                        )),
+                        UserAddress::Unknown(reason) => {
+                            Slot::Fixed(special(None, addr, "[unknown]", &reason))
+                        }
+                    });
+                }
+                if slots.is_empty() {
+                    slots.push(Slot::Fixed(special(None, 0, "[no stack]", "no stack")));
+                }
+                plans.push(slots);
+            }
+        }
+
+        let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
+        let kernel_symbols = self.symbolizer.kernel(&kernel_addrs);
+        let kernel: HashMap<u64, Arc<Location>> = kernel_addrs
+            .iter()
+            .zip(kernel_symbols)
+            .map(|(&addr, symbol)| (addr, location(Some(&self.kernel_mapping), addr, symbol)))
+            .collect();
+
+        let mut user: HashMap<(usize, u64), Arc<Location>> = HashMap::new();
+        for (index, object) in objects.iter().enumerate() {
+            let offsets: Vec<u64> = offsets[index].iter().copied().collect();
+            let symbols = match &object.layout {
+                Ok(_) => self
+                    .symbolizer
+                    .elf_file_offsets(&object.read_path, &offsets),
+                Err(e) => vec![
+                    Symbol::Unknown(fathom_symbolizer::Unknown::Unreadable(e.clone()));
+                    offsets.len()
+                ],
+            };
+            for (offset, symbol) in offsets.into_iter().zip(symbols) {
+                let address = object
+                    .layout
+                    .as_ref()
+                    .ok()
+                    .and_then(|l| l.file_offset_to_vaddr(offset))
+                    .unwrap_or(offset);
+                user.insert(
+                    (index, offset),
+                    location(Some(&object.mapping), address, symbol),
+                );
+            }
+        }
+
+        let mut resolved = Vec::with_capacity(samples.len());
+        for ((key, count), slots) in samples.iter().zip(plans) {
+            let stack: Vec<Arc<Location>> = slots
+                .into_iter()
+                .map(|slot| match slot {
+                    Slot::Kernel(addr) => {
+                        self.stats.kernel_frames += 1;
+                        Arc::clone(&kernel[&addr])
+                    }
+                    Slot::User { object, offset } => {
+                        self.stats.user_frames += 1;
+                        Arc::clone(&user[&(object, offset)])
+                    }
+                    Slot::Fixed(location) => location,
+                })
+                .collect();
+            self.stats.unknown_frames += stack
+                .iter()
+                .filter(|l| l.frames.iter().any(|f| f.function == "[unknown]"))
+                .count() as u64;
+            resolved.push(ResolvedSample {
+                pid: key.pid,
+                tid: key.tid,
+                comm: comm(&key.comm),
+                stack,
+                count: *count,
+            });
+        }
+        resolved
+    }
+
+    /// The addresses of a stack, or a synthetic frame saying why it is lost.
+    fn stack<'s>(
+        &mut self,
+        id: u64,
+        stacks: &'s HashMap<u64, Vec<u64>>,
+        kind: &str,
+        slots: &mut Vec<Slot>,
+    ) -> &'s [u64] {
+        if let Some(reason) = stack_marker_reason(id) {
+            self.stats.lost_stacks += 1;
+            slots.push(Slot::Fixed(special(
+                None,
+                0,
+                &format!("[lost {kind} stack: {reason}]"),
+                reason,
+            )));
+            return &[];
+        }
+        if id == stack_id::EMPTY {
+            return &[];
+        }
+        match stacks.get(&id) {
+            Some(ips) => ips,
+            None => {
+                self.stats.lost_stacks += 1;
+                slots.push(Slot::Fixed(special(
+                    None,
+                    0,
+                    &format!("[lost {kind} stack: not stored]"),
+                    "not stored",
+                )));
+                &[]
+            }
+        }
+    }
+}
+
+/// A location of a symbolization result.
+fn location(mapping: Option<&Arc<Mapping>>, address: u64, symbol: Symbol) -> Arc<Location> {
+    match symbol {
+        Symbol::Known(frames) => Arc::new(Location {
+            mapping: mapping.cloned(),
+            address,
+            frames,
+        }),
+        Symbol::Unknown(reason) => special(mapping, address, "[unknown]", &reason.to_string()),
+    }
+}
+
+/// A location whose single frame is a bracketed name; the reason goes into
+/// the system name so that `go tool pprof -symbolize=none` users can see it.
+fn special(
+    mapping: Option<&Arc<Mapping>>,
+    address: u64,
+    name: &str,
+    reason: &str,
+) -> Arc<Location> {
+    Arc::new(Location {
+        mapping: mapping.cloned(),
+        address,
+        frames: vec![Frame {
+            function: name.to_owned(),
+            system_name: reason.to_owned(),
+            file: None,
+            line: None,
+        }],
+    })
+}
+
+fn comm(raw: &[u8; COMM_LEN]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// The kernel's pprof mapping: the kernel half of the address space, with
+/// the running kernel's build id from `/sys/kernel/notes`.
+fn kernel_mapping() -> Mapping {
+    let build_id = fs::read("/sys/kernel/notes")
+        .ok()
+        .and_then(|notes| gnu_build_id(&notes))
+        .map(|id| elf::hex(&id));
+    Mapping {
+        filename: crate::pprof::KERNEL_MAPPING.into(),
+        build_id: build_id.unwrap_or_default(),
+        memory_start: 0xffff_8000_0000_0000,
+        memory_limit: u64::MAX,
+        file_offset: 0,
+    }
+}
+
+/// The GNU build id in a sequence of ELF notes.
+fn gnu_build_id(mut notes: &[u8]) -> Option<Vec<u8>> {
+    const NT_GNU_BUILD_ID: u32 = 3;
+    let align4 = |n: usize| n.div_ceil(4) * 4;
+    while notes.len() >= 12 {
+        let word =
+            |i: usize| u32::from_ne_bytes([notes[i], notes[i + 1], notes[i + 2], notes[i + 3]]);
+        let (namesz, descsz, kind) = (word(0) as usize, word(4) as usize, word(8));
+        let desc_start = 12 + align4(namesz);
+        let end = desc_start.checked_add(align4(descsz))?;
+        if end > notes.len() {
+            return None;
+        }
+        if kind == NT_GNU_BUILD_ID && notes[12..12 + namesz].starts_with(b"GNU\0") {
+            return Some(notes[desc_start..desc_start + descsz].to_vec());
+        }
+        notes = &notes[end..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_id_note_parsing() {
+        let mut notes = Vec::new();
+        // An unrelated note first, then the GNU build id.
+        for (name, kind, desc) in [
+            (&b"Xen\0"[..], 6u32, &[1u8, 2, 3, 4, 5][..]),
+            (b"GNU\0", 3, &[0xab, 0xcd, 0xef][..]),
+        ] {
+            notes.extend((name.len() as u32).to_ne_bytes());
+            notes.extend((desc.len() as u32).to_ne_bytes());
+            notes.extend(kind.to_ne_bytes());
+            notes.extend(name);
+            notes.resize(notes.len().div_ceil(4) * 4, 0);
+            notes.extend(desc);
+            notes.resize(notes.len().div_ceil(4) * 4, 0);
+        }
+        assert_eq!(gnu_build_id(&notes), Some(vec![0xab, 0xcd, 0xef]));
+        assert_eq!(gnu_build_id(&notes[..20]), None, "truncated");
+        assert_eq!(gnu_build_id(&[]), None);
+    }
+
+    #[test]
+    fn comm_stops_at_nul() {
+        let mut raw = [0u8; COMM_LEN];
+        raw[..4].copy_from_slice(b"nginx"[..4].as_ref());
+        assert_eq!(comm(&raw), "ngin");
+        assert_eq!(comm(&[b'a'; COMM_LEN]), "a".repeat(COMM_LEN));
+    }
+}

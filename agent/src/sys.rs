@@ -1,0 +1,144 @@
+//! The agent's `unsafe` code, all of it: thin safe wrappers over a few
+//! system calls that neither std nor aya expose.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+    time::Duration,
+};
+
+/// The effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// `mount -t fstype fstype target`.
+pub fn mount_pseudo_fs(fstype: &str, target: &Path) -> io::Result<()> {
+    let source = CString::new(fstype)?;
+    let target = CString::new(target.as_os_str().as_encoded_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            source.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit; returns the new
+/// soft limit. The agent holds a descriptor per distinct mapped binary.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit to fill / read.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// Creates (and closes) a one-entry BPF array map: proves the bpf() syscall
+/// is there and allowed.
+pub fn probe_bpf_syscall() -> io::Result<()> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    // union bpf_attr, map-create part: map_type, key_size, value_size,
+    // max_entries, then fields left zero.
+    let mut attr = [0u32; 32];
+    attr[0] = BPF_MAP_TYPE_ARRAY;
+    attr[1] = 4;
+    attr[2] = 4;
+    attr[3] = 1;
+    // SAFETY: attr is a valid, large enough, zero-initialised bpf_attr.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor we own.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    Ok(())
+}
+
+/// Opens (and closes) a `cpu-clock` perf event on `cpu` for all processes.
+pub fn probe_perf_cpu_clock(cpu: u32) -> io::Result<()> {
+    const PERF_TYPE_SOFTWARE: u32 = 1;
+    // struct perf_event_attr, first version (64 bytes): type, size, config
+    // (PERF_COUNT_SW_CPU_CLOCK = 0), sample period, ..., flags (disabled).
+    let mut attr = [0u64; 8];
+    attr[0] = u64::from(PERF_TYPE_SOFTWARE) | (64u64 << 32);
+    attr[2] = 10_000_000;
+    attr[5] = 1; // disabled
+    // SAFETY: attr is a valid perf_event_attr of the size it declares.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr.as_ptr(),
+            -1i32,
+            cpu as i32,
+            -1i32,
+            0u64,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor we own.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    Ok(())
+}
+
+/// Waits until `fd` is readable or `timeout` passes; true when readable.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match ret {
+        0 => Ok(false),
+        n if n > 0 => Ok(true),
+        _ => {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Clock ticks per second (the unit of `/proc/PID/stat` start times).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}

@@ -1,0 +1,26 @@
+//! Types shared between Fathom's eBPF programs and user space.
+//!
+//! Every type here is `#[repr(C)]` and free of padding (checked at compile
+//! time below), so the kernel and user space agree on its bytes. With the
+//! `user` feature the types implement `aya::Pod`.
+#![no_std]
+
+pub mod profiler;
+
+/// Asserts at compile time that a type has exactly the size of its fields.
+macro_rules! assert_size {
+    ($t:ty, $size:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+    };
+}
+pub(crate) use assert_size;
+
+#[cfg(feature = "user")]
+mod pod {
+    use crate::profiler::{ProcessEvent, SampleKey, Stack};
+    // SAFETY: all three are #[repr(C)], contain only integers and integer
+    // arrays, and have no padding (see the size assertions in `profiler`).
+    unsafe impl aya::Pod for SampleKey {}
+    unsafe impl aya::Pod for Stack {}
+    unsafe impl aya::Pod for ProcessEvent {}
+}

@@ -1,0 +1,220 @@
+//! The CPU profiler's kernel/user-space contract.
+//!
+//! The perf-event program aggregates samples in the kernel into one of two
+//! *sets* of maps (`COUNTS_n` keyed by [`SampleKey`], `STACKS_n` keyed by a
+//! stack hash holding a [`Stack`]). The low bit of the generation in
+//! `CONTROL[0]` selects the set being written. User space drains by bumping the
+//! generation, waiting until every CPU acknowledged it in `ACK` (so no program
+//! still writes the old set), then reading and clearing the old set. No sample
+//! is lost or counted twice, and the per-set `RECORDED_n` counters let user
+//! space check that.
+
+use crate::assert_size;
+
+/// Deepest stack the kernel walks (`kernel.perf_event_max_stack` default).
+pub const MAX_STACK_DEPTH: usize = 127;
+/// Length of a task's `comm`, NUL-padded.
+pub const COMM_LEN: usize = 16;
+
+/// Key of the in-kernel sample counts: one entry per distinct
+/// (thread, comm, user stack, kernel stack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    /// Hash of the user stack in `STACKS_n`, or a [`stack_id`] marker.
+    pub user_stack: u64,
+    /// Hash of the kernel stack in `STACKS_n`, or a [`stack_id`] marker.
+    pub kernel_stack: u64,
+    /// The thread's `comm` at sample time.
+    pub comm: [u8; COMM_LEN],
+}
+assert_size!(SampleKey, 4 + 4 + 8 + 8 + COMM_LEN);
+
+/// A stack as walked by the kernel: instruction pointers, leaf first.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stack {
+    /// Number of valid entries in `ips`.
+    pub len: u64,
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+assert_size!(Stack, 8 + 8 * MAX_STACK_DEPTH);
+
+/// Values of [`SampleKey::user_stack`] / [`SampleKey::kernel_stack`] below
+/// [`stack_id::FIRST_HASH`] are markers, not hashes.
+pub mod stack_id {
+    /// No stack of this kind (a user-mode sample has no kernel stack; a kernel
+    /// thread has no user stack).
+    pub const EMPTY: u64 = 0;
+    /// The kernel failed to walk the stack.
+    pub const WALK_FAILED: u64 = 1;
+    /// `STACKS_n` was full, so the stack was not stored.
+    pub const MAP_FULL: u64 = 2;
+    /// A different stack with the same 64-bit hash was already stored.
+    pub const COLLISION: u64 = 3;
+    /// The smallest value that is a real hash. Hashes below it are moved up.
+    pub const FIRST_HASH: u64 = 16;
+}
+
+/// Indexes of the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every run of the perf-event program.
+    Samples = 0,
+    /// Samples of the idle task (pid 0), not recorded.
+    Idle,
+    /// Samples of processes outside the pid filter, not recorded.
+    Filtered,
+    /// Samples counted into set 0.
+    Recorded0,
+    /// Samples counted into set 1.
+    Recorded1,
+    /// `bpf_get_stack` failed on the kernel stack.
+    KernelStackFailed,
+    /// `bpf_get_stack` failed on the user stack.
+    UserStackFailed,
+    /// Stacks not stored because `STACKS_n` was full.
+    StackMapFull,
+    /// Stacks not stored because of a 64-bit hash collision.
+    StackCollision,
+    /// Samples lost because `COUNTS_n` was full.
+    CountMapFull,
+    /// Process events sent to user space.
+    ProcessEvents,
+    /// Process events lost because the ring buffer was full.
+    ProcessEventsLost,
+}
+
+impl Counter {
+    /// Number of counters (length of `COUNTERS`).
+    pub const COUNT: u32 = Counter::ProcessEventsLost as u32 + 1;
+
+    /// All counters, in index order.
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::Samples,
+        Counter::Idle,
+        Counter::Filtered,
+        Counter::Recorded0,
+        Counter::Recorded1,
+        Counter::KernelStackFailed,
+        Counter::UserStackFailed,
+        Counter::StackMapFull,
+        Counter::StackCollision,
+        Counter::CountMapFull,
+        Counter::ProcessEvents,
+        Counter::ProcessEventsLost,
+    ];
+
+    /// Counter of samples recorded into `set` (0 or 1).
+    pub const fn recorded(set: u64) -> Counter {
+        if set & 1 == 0 {
+            Counter::Recorded0
+        } else {
+            Counter::Recorded1
+        }
+    }
+}
+
+/// A process user space should look at (read its mappings now, while it runs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// Always [`ProcessEvent::NEW`] for now.
+    pub kind: u32,
+    /// Process id (tgid).
+    pub pid: u32,
+}
+assert_size!(ProcessEvent, 8);
+
+impl ProcessEvent {
+    /// First sample of a process not seen before, or not since it forked or
+    /// called `execve` (both clear it from `KNOWN_PIDS`).
+    pub const NEW: u32 = 1;
+}
+
+/// Names of the profiler's maps and programs in the BPF object.
+pub mod names {
+    pub const PROGRAM_PERF: &str = "profile_cpu";
+    pub const PROGRAM_FORK: &str = "profile_fork";
+    pub const PROGRAM_EXEC: &str = "profile_exec";
+    pub const COUNTS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
+    pub const STACKS: [&str; 2] = ["STACKS_0", "STACKS_1"];
+    pub const CONTROL: &str = "CONTROL";
+    pub const ACK: &str = "ACK";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const PID_FILTER: &str = "PID_FILTER";
+    pub const KNOWN_PIDS: &str = "KNOWN_PIDS";
+    pub const EVENTS: &str = "PROCESS_EVENTS";
+    /// Global: non-zero when only pids in `PID_FILTER` are sampled.
+    pub const GLOBAL_FILTER_PIDS: &str = "FILTER_PIDS";
+    /// Global: offset of `child_pid` in the `sched_process_fork` record.
+    pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+}
+
+/// FNV-1a style mixing of one stack entry into a running hash. Shared so user
+/// space can recompute and verify hashes in tests.
+#[inline(always)]
+pub const fn hash_step(hash: u64, ip: u64) -> u64 {
+    // Multiply-xorshift over whole words: cheap in BPF, good dispersion.
+    let h = (hash ^ ip).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^ (h >> 29)
+}
+
+/// Seed of the stack hash; the kind of stack is mixed in so a user stack and a
+/// kernel stack never share a hash.
+pub const HASH_SEED_USER: u64 = 0xcbf2_9ce4_8422_2325;
+pub const HASH_SEED_KERNEL: u64 = 0x8422_2325_cbf2_9ce4;
+
+/// Hash of a stack as the BPF program computes it: over all
+/// [`MAX_STACK_DEPTH`] entries, the ones past the stack being zero (as
+/// `bpf_get_stack` leaves them), then moved out of the marker range.
+pub fn stack_hash(seed: u64, ips: &[u64]) -> u64 {
+    let mut h = seed;
+    let mut i = 0;
+    while i < MAX_STACK_DEPTH {
+        h = hash_step(h, if i < ips.len() { ips[i] } else { 0 });
+        i += 1;
+    }
+    finish_hash(h)
+}
+
+/// Moves a hash out of the marker range.
+#[inline(always)]
+pub const fn finish_hash(h: u64) -> u64 {
+    if h < stack_id::FIRST_HASH {
+        h + stack_id::FIRST_HASH
+    } else {
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_pads_with_zeros_and_avoids_markers() {
+        let short = [0xffff_ffff_8100_0000u64, 0x55d0_c5a0_2000];
+        let mut padded = [0u64; MAX_STACK_DEPTH];
+        padded[..2].copy_from_slice(&short);
+        assert_eq!(
+            stack_hash(HASH_SEED_USER, &short),
+            stack_hash(HASH_SEED_USER, &padded)
+        );
+        assert_ne!(
+            stack_hash(HASH_SEED_USER, &short),
+            stack_hash(HASH_SEED_KERNEL, &short)
+        );
+        assert_ne!(
+            stack_hash(HASH_SEED_USER, &short),
+            stack_hash(HASH_SEED_USER, &short[..1])
+        );
+        assert!(finish_hash(3) >= stack_id::FIRST_HASH);
+        assert_eq!(finish_hash(1 << 40), 1 << 40);
+    }
+}

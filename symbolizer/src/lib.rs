@@ -1,0 +1,300 @@
+//! Address symbolization for Fathom, wrapping [blazesym].
+//!
+//! One long-lived [`Symbolizer`] is the cache: blazesym keeps parsed ELF,
+//! DWARF and kallsyms data between calls. It is not `Send`; own it on one
+//! thread. Failure to resolve one address is a value ([`Symbol::Unknown`]),
+//! never an error for the batch.
+
+mod demangle;
+
+use std::{
+    cell::Cell,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use blazesym::symbolize::{
+    self as bz, CodeInfo, Input, Symbolized,
+    source::{Elf, Kernel, Source},
+};
+
+pub use demangle::demangle;
+
+/// What the symbolizer resolves and where it looks.
+#[derive(Clone, Debug)]
+pub struct SymbolizerConfig {
+    /// Resolve source files and line numbers (DWARF).
+    pub line_numbers: bool,
+    /// Report the chain of inlined functions at each address.
+    pub inlined_functions: bool,
+    /// Directories searched for separate debug files.
+    pub debug_dirs: Vec<PathBuf>,
+}
+
+impl Default for SymbolizerConfig {
+    fn default() -> Self {
+        Self {
+            line_numbers: true,
+            inlined_functions: true,
+            debug_dirs: vec![PathBuf::from("/usr/lib/debug")],
+        }
+    }
+}
+
+/// One function at an address. An address inside inlined code has several,
+/// innermost first (the pprof `Location.line` order).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// Demangled name.
+    pub function: String,
+    /// The name as in the binary (mangled for C++ and Rust).
+    pub system_name: String,
+    /// Source file, when debug information has it.
+    pub file: Option<String>,
+    /// Source line, when debug information has it (the call site for frames
+    /// that inlined the next one).
+    pub line: Option<u32>,
+}
+
+/// Why an address has no symbol.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Unknown {
+    /// No symbol covers the address.
+    NoSymbol,
+    /// The file offset is in no loadable segment of the file.
+    InvalidFileOffset,
+    /// The file has neither symbol tables nor debug information.
+    MissingSymbols,
+    /// The address is in no mapping of the process.
+    Unmapped,
+    /// The file could not be read or parsed.
+    Unreadable(String),
+    /// Something else the symbolizer does not support.
+    Unsupported(String),
+}
+
+impl fmt::Display for Unknown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unknown::NoSymbol => f.write_str("no symbol at address"),
+            Unknown::InvalidFileOffset => f.write_str("offset outside loadable segments"),
+            Unknown::MissingSymbols => f.write_str("no symbols in file"),
+            Unknown::Unmapped => f.write_str("unmapped address"),
+            Unknown::Unreadable(why) => write!(f, "unreadable file: {why}"),
+            Unknown::Unsupported(why) => write!(f, "unsupported: {why}"),
+        }
+    }
+}
+
+/// The result for one address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Symbol {
+    /// Innermost frame first; never empty.
+    Known(Vec<Frame>),
+    Unknown(Unknown),
+}
+
+impl Symbol {
+    /// The outermost (non-inlined) function, if known.
+    pub fn function(&self) -> Option<&str> {
+        match self {
+            Symbol::Known(frames) => frames.last().map(|f| f.function.as_str()),
+            Symbol::Unknown(_) => None,
+        }
+    }
+}
+
+/// Counts of what was resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub resolved: u64,
+    pub unknown: u64,
+}
+
+/// The symbolizer. Keeps its caches for its whole life.
+pub struct Symbolizer {
+    inner: bz::Symbolizer,
+    kernel: Source<'static>,
+    stats: Cell<Stats>,
+}
+
+impl fmt::Debug for Symbolizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Symbolizer")
+            .field("stats", &self.stats.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Symbolizer {
+    pub fn new(config: &SymbolizerConfig) -> Self {
+        let inner = bz::Symbolizer::builder()
+            .enable_code_info(config.line_numbers)
+            .enable_inlined_fns(config.inlined_functions)
+            // We demangle ourselves to keep the mangled name too.
+            .enable_demangling(false)
+            .set_debug_dirs(Some(&config.debug_dirs))
+            .build();
+        let kernel = Source::Kernel(Kernel {
+            // Line numbers for the kernel would need a vmlinux with DWARF;
+            // blazesym finds one in /boot or /usr/lib/debug/boot when present.
+            debug_syms: config.line_numbers,
+            ..Kernel::default()
+        });
+        Self {
+            inner,
+            kernel,
+            stats: Cell::new(Stats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.get()
+    }
+
+    /// Symbolizes offsets into the ELF file at `path` (file offsets, as
+    /// `/proc/PID/maps` gives them). One result per offset, in order.
+    pub fn elf_file_offsets(&self, path: &Path, offsets: &[u64]) -> Vec<Symbol> {
+        let source = Source::Elf(Elf::new(path));
+        self.symbolize(&source, Input::FileOffset(offsets), offsets.len())
+    }
+
+    /// Symbolizes ELF virtual addresses (as `addr2line` and `nm` show them).
+    pub fn elf_virtual_addresses(&self, path: &Path, addrs: &[u64]) -> Vec<Symbol> {
+        let source = Source::Elf(Elf::new(path));
+        self.symbolize(&source, Input::VirtOffset(addrs), addrs.len())
+    }
+
+    /// Symbolizes kernel addresses with kallsyms (and a vmlinux when found).
+    pub fn kernel(&self, addrs: &[u64]) -> Vec<Symbol> {
+        self.symbolize(&self.kernel, Input::AbsAddr(addrs), addrs.len())
+    }
+
+    fn symbolize(&self, source: &Source<'_>, input: Input<&[u64]>, n: usize) -> Vec<Symbol> {
+        let symbols = match self.inner.symbolize(source, input) {
+            Ok(symbols) => symbols.into_iter().map(convert).collect(),
+            Err(err) => {
+                let unknown = match err.kind() {
+                    blazesym::ErrorKind::Unsupported => Unknown::Unsupported(format!("{err:#}")),
+                    _ => Unknown::Unreadable(format!("{err:#}")),
+                };
+                tracing::debug!(?source, error = %unknown, "symbolization failed for a batch");
+                vec![Symbol::Unknown(unknown); n]
+            }
+        };
+        let mut stats = self.stats.get();
+        for symbol in &symbols {
+            match symbol {
+                Symbol::Known(_) => stats.resolved += 1,
+                Symbol::Unknown(_) => stats.unknown += 1,
+            }
+        }
+        self.stats.set(stats);
+        symbols
+    }
+}
+
+fn convert(symbolized: Symbolized<'_>) -> Symbol {
+    let sym = match symbolized {
+        Symbolized::Sym(sym) => sym,
+        Symbolized::Unknown(reason) => {
+            return Symbol::Unknown(match reason {
+                bz::Reason::Unmapped => Unknown::Unmapped,
+                bz::Reason::InvalidFileOffset => Unknown::InvalidFileOffset,
+                bz::Reason::MissingSyms | bz::Reason::MissingComponent => Unknown::MissingSymbols,
+                bz::Reason::UnknownAddr => Unknown::NoSymbol,
+                other => Unknown::Unsupported(other.to_string()),
+            });
+        }
+    };
+    // blazesym lists inlined functions outermost first and attaches to each
+    // the location inside it (the direct location to the innermost one, the
+    // call site to the others); pprof wants innermost first.
+    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+    for inlined in sym.inlined.iter().rev() {
+        frames.push(frame(&inlined.name, inlined.code_info.as_ref()));
+    }
+    frames.push(frame(&sym.name, sym.code_info.as_deref()));
+    Symbol::Known(frames)
+}
+
+fn frame(name: &str, code_info: Option<&CodeInfo<'_>>) -> Frame {
+    Frame {
+        function: demangle(name).into_owned(),
+        system_name: name.to_owned(),
+        file: code_info.map(|c| c.to_path().to_string_lossy().into_owned()),
+        line: code_info.and_then(|c| c.line),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_file_is_a_value_for_every_address() {
+        let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
+        let symbols = symbolizer.elf_file_offsets(Path::new("/nonexistent/binary"), &[1, 2, 3]);
+        assert_eq!(symbols.len(), 3);
+        assert!(
+            symbols
+                .iter()
+                .all(|s| matches!(s, Symbol::Unknown(Unknown::Unreadable(_))))
+        );
+        assert_eq!(symbolizer.stats().unknown, 3);
+    }
+
+    #[test]
+    fn garbage_file_is_a_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("garbage");
+        std::fs::write(&path, b"\x7fELF\x02\x01\x01 this is not really an ELF file").unwrap();
+        let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
+        let symbols = symbolizer.elf_file_offsets(&path, &[0x10]);
+        assert!(matches!(symbols.as_slice(), [Symbol::Unknown(_)]));
+    }
+
+    #[test]
+    fn symbolizes_own_function_with_line() {
+        // This test binary is built with debug info; find a function's
+        // address in it and look it up by its virtual address.
+        let exe = std::env::current_exe().unwrap();
+        let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
+        let addr = nm_address("symbolizes_own_function_with_line");
+        let symbols = symbolizer.elf_virtual_addresses(&exe, &[addr]);
+        let Symbol::Known(frames) = &symbols[0] else {
+            panic!("unresolved: {symbols:?}");
+        };
+        let outer = frames.last().unwrap();
+        assert!(
+            outer
+                .function
+                .ends_with("tests::symbolizes_own_function_with_line"),
+            "{outer:?}"
+        );
+        assert!(outer.system_name.starts_with("_ZN") || outer.system_name.starts_with("_R"));
+        assert!(
+            outer
+                .file
+                .as_deref()
+                .unwrap()
+                .ends_with("symbolizer/src/lib.rs")
+        );
+        assert!(outer.line.is_some());
+    }
+
+    /// Address of the first text symbol of this test binary whose name
+    /// contains `needle`, as `nm` (the oracle, not blazesym) reports it.
+    fn nm_address(needle: &str) -> u64 {
+        let output = std::process::Command::new("nm")
+            .arg(std::env::current_exe().unwrap())
+            .output()
+            .unwrap();
+        let text = String::from_utf8(output.stdout).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.contains(needle) && (l.contains(" T ") || l.contains(" t ")))
+            .unwrap_or_else(|| panic!("{needle} not in nm output"));
+        u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap()
+    }
+}
