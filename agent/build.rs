@@ -15,7 +15,6 @@ fn main() -> anyhow::Result<()> {
     let toolchain_file = ebpf_dir.join("toolchain");
     println!("cargo:rerun-if-changed={}", toolchain_file.display());
     println!("cargo:rerun-if-env-changed=FATHOM_REQUIRE_EBPF");
-    println!("cargo:rerun-if-env-changed=PATH");
     let toolchain = fs::read_to_string(&toolchain_file)
         .with_context(|| format!("reading {}", toolchain_file.display()))?;
     let toolchain = toolchain.trim();
@@ -33,12 +32,24 @@ fn main() -> anyhow::Result<()> {
             "cargo:warning=bpf-linker not found: building fathom-agent WITHOUT its eBPF programs \
              (it will refuse to run); run scripts/setup"
         );
+        // Build again once scripts/setup has installed bpf-linker there.
+        if let Some(home) = env::var_os("CARGO_HOME")
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into()))
+        {
+            println!(
+                "cargo:rerun-if-changed={}",
+                PathBuf::from(home).join("bin").display()
+            );
+        }
         fs::write(&object, [])?;
         return Ok(());
     }
 
     let common = ebpf_dir.join("common");
     println!("cargo:rerun-if-changed={}", common.display());
+    if let Ok(linker) = which::which("bpf-linker") {
+        println!("cargo:rerun-if-changed={}", linker.display());
+    }
     let root_dir = ebpf_dir.join("ebpf");
     let root_dir = root_dir
         .to_str()

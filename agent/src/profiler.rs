@@ -362,10 +362,12 @@ impl Profiler {
         }
     }
 
-    /// The kernel-side counters, summed over CPUs.
+    /// The kernel-side counters, summed over CPUs. Read one at a time, the
+    /// outcomes before `Samples` (which a program bumps first), so that
+    /// `Samples` is never below the sum of the outcomes it led to.
     pub fn counters(&self) -> Result<KernelCounters, ProfilerError> {
         let mut totals = KernelCounters::default();
-        for counter in Counter::ALL {
+        for counter in Counter::ALL.into_iter().rev() {
             let values = self
                 .counters
                 .get(&(counter as u32), 0)

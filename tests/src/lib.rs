@@ -1,1 +1,473 @@
-//! placeholder
+//! Support for Fathom's integration tests and benchmarks: a run-time gate on
+//! kernel capabilities, builders for the agent binary and C fixtures, guards
+//! that kill spawned workloads, and readers for pprof and `perf script`.
+//!
+//! Test helpers panic on failure: that is how a test reports it.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test support: a failed unwrap is a failed test"
+)]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
+};
+
+use pprof::protos::Message as _;
+pub use pprof::protos::Profile;
+
+/// Serializes tests that load programs into the kernel or measure CPU.
+pub fn kernel_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether this test can load BPF here. Elsewhere it prints why it skips;
+/// under `CI=true` a missing capability fails the test instead.
+pub fn kernel_tests_possible(test: &str) -> bool {
+    let reason = if fathom_agent::sys::effective_uid() != 0 {
+        Some("not running as root".to_owned())
+    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("no kernel BTF at /sys/kernel/btf/vmlinux".to_owned())
+    } else if let Err(e) = fathom_agent::sys::probe_bpf_syscall() {
+        Some(format!("bpf() unavailable: {e}"))
+    } else if let Err(e) = fathom_agent::ebpf::object() {
+        Some(e.to_string())
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: CI=true and this kernel test cannot run: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("\n*** SKIPPED {test}: {reason} (under CI=true this fails) ***\n");
+            false
+        }
+    }
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds `fathom-agent` (once per test binary) with the same profile as the
+/// tests, and returns its path.
+pub fn agent_binary() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| cargo_build_agent(cfg!(not(debug_assertions))))
+}
+
+/// Builds the release `fathom-agent` (for benchmarks).
+pub fn release_agent_binary() -> PathBuf {
+    cargo_build_agent(true)
+}
+
+fn cargo_build_agent(release: bool) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args([
+            "build",
+            "-p",
+            "fathom-agent",
+            "--bin",
+            "fathom-agent",
+            "--message-format=json",
+        ])
+        .stderr(Stdio::inherit());
+    if release {
+        cmd.arg("--release");
+    }
+    let output = cmd.output().unwrap();
+    assert!(output.status.success(), "building fathom-agent failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "fathom-agent")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .expect("cargo did not report the fathom-agent executable")
+}
+
+/// Compiler of the frame-pointer fixtures. clang, because GCC 12 (Debian
+/// bookworm) ignores `-mno-omit-leaf-frame-pointer` and leaves leaf
+/// functions without a frame, which hides their callers from any
+/// frame-pointer unwinder (perf's too).
+pub const FIXTURE_CC: &str = "clang";
+
+/// Flags every frame-pointer fixture is built with: a frame pointer set up
+/// at the entry of every function (no shrink-wrapping of the prologue past
+/// the hot loop), no inlining, debug info. Pinned so results reproduce.
+pub const FIXTURE_CFLAGS: &[&str] = &[
+    "-O1",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-mno-omit-leaf-frame-pointer",
+    "-mllvm",
+    "-enable-shrink-wrap=false",
+    "-fno-inline",
+    "-pthread",
+];
+
+/// Compiles `tests/fixtures/<name>.c` into `dir` and returns the binary.
+pub fn build_fixture(name: &str, dir: &Path) -> PathBuf {
+    let source = workspace_root()
+        .join("tests/fixtures")
+        .join(format!("{name}.c"));
+    let out = dir.join(name);
+    let status = Command::new(FIXTURE_CC)
+        .args(FIXTURE_CFLAGS)
+        .arg("-o")
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{FIXTURE_CC} failed for {}",
+        source.display()
+    );
+    out
+}
+
+/// A child process killed (and reaped) when the guard is dropped.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        Self(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for exit up to `timeout`; panics when it takes longer.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} still running after {timeout:?}",
+                self.0.id()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal (through kill(1), keeping tests free of `unsafe`).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.0.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {} failed", self.0.id());
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running `fathom-agent` whose log (stderr) the test can wait on.
+pub struct Agent {
+    child: ChildGuard,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent binary with `args`.
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut cmd = Command::new(agent_binary());
+        cmd.args(args)
+            .env("FATHOM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd);
+        let stderr = child.0.stderr.take().unwrap();
+        let log: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let sink = Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                sink.0.lock().unwrap().push(line);
+                sink.1.notify_all();
+            }
+        });
+        Self {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        self.child.signal(signal);
+    }
+
+    /// Waits until a log line contains `needle`; panics after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let (lines, cv) = &*self.log;
+        let guard = lines.lock().unwrap();
+        let (guard, result) = cv
+            .wait_timeout_while(guard, timeout, |lines| {
+                !lines.iter().any(|l| l.contains(needle))
+            })
+            .unwrap();
+        assert!(
+            !result.timed_out(),
+            "agent never logged {needle:?}; log:\n{}",
+            guard.join("\n")
+        );
+    }
+
+    /// Waits for the agent to exit; returns its status and whole log.
+    pub fn finish(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait_timeout(timeout);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let log = self.log.0.lock().unwrap().join("\n");
+        (status, log)
+    }
+}
+
+/// Reads a pprof file, gzipped or not.
+pub fn read_profile(path: &Path) -> Profile {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut raw)
+            .unwrap();
+        raw
+    } else {
+        bytes
+    };
+    Profile::decode(&raw[..]).unwrap()
+}
+
+/// A sample of a profile, flattened for assertions.
+#[derive(Clone, Debug)]
+pub struct FlatSample {
+    pub pid: i64,
+    pub tid: i64,
+    pub comm: String,
+    pub count: i64,
+    /// Function names, leaf first, inline frames expanded (innermost first).
+    pub functions: Vec<String>,
+    /// Mapping file name of each function above.
+    pub files: Vec<String>,
+}
+
+/// All samples of a profile with their stacks as names.
+pub fn flatten(p: &Profile) -> Vec<FlatSample> {
+    let s = |i: i64| p.string_table[i as usize].clone();
+    let functions: HashMap<u64, String> = p.function.iter().map(|f| (f.id, s(f.name))).collect();
+    let mappings: HashMap<u64, String> = p.mapping.iter().map(|m| (m.id, s(m.filename))).collect();
+    let locations: HashMap<u64, &pprof::protos::Location> =
+        p.location.iter().map(|l| (l.id, l)).collect();
+    p.sample
+        .iter()
+        .map(|sample| {
+            let label = |key: &str| sample.label.iter().find(|l| s(l.key) == key);
+            let mut names = Vec::new();
+            let mut files = Vec::new();
+            for id in &sample.location_id {
+                let location = locations[id];
+                for line in &location.line {
+                    names.push(functions[&line.function_id].clone());
+                    files.push(
+                        mappings
+                            .get(&location.mapping_id)
+                            .cloned()
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            FlatSample {
+                pid: label("pid").map_or(-1, |l| l.num),
+                tid: label("tid").map_or(-1, |l| l.num),
+                comm: label("comm").map_or_else(String::new, |l| s(l.str)),
+                count: sample.value[0],
+                functions: names,
+                files,
+            }
+        })
+        .collect()
+}
+
+/// Share (0..1) of the samples whose leaf function satisfies `leaf`.
+pub fn leaf_share(samples: &[FlatSample], leaf: impl Fn(&str) -> bool) -> f64 {
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let hit: i64 = samples
+        .iter()
+        .filter(|s| s.functions.first().is_some_and(|f| leaf(f)))
+        .map(|s| s.count)
+        .sum();
+    hit as f64 / total.max(1) as f64
+}
+
+/// Runs `go tool pprof -top` on a profile; panics unless it parses it.
+/// Returns the report.
+pub fn go_pprof_top(path: &Path) -> String {
+    let output = Command::new("go")
+        .args(["tool", "pprof", "-top", "-nodecount=50", "-symbolize=none"])
+        .arg(path)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("running go tool pprof");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "go tool pprof rejected {}: {stderr}",
+        path.display()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// One sample of `perf script -F tid,ip,sym,dso`.
+#[derive(Clone, Debug)]
+pub struct PerfSample {
+    pub tid: u32,
+    /// (symbol, dso), leaf first.
+    pub frames: Vec<(String, String)>,
+}
+
+/// Runs `perf script` on a recording and parses its samples.
+pub fn perf_script(data: &Path) -> Vec<PerfSample> {
+    let output = Command::new("perf")
+        .args(["script", "-F", "tid,ip,sym,dso", "-i"])
+        .arg(data)
+        .output()
+        .expect("running perf script");
+    assert!(
+        output.status.success(),
+        "perf script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_perf_script(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// Parses `perf script -F tid,ip,sym,dso` output.
+pub fn parse_perf_script(text: &str) -> Vec<PerfSample> {
+    let mut samples = Vec::new();
+    let mut current: Option<PerfSample> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            samples.extend(current.take());
+        } else if line.starts_with([' ', '\t']) {
+            // "\t    55d0c5a02140 hot_a+0x10 (/tmp/x/shares)"
+            let mut parts = line.split_whitespace();
+            let _ip = parts.next();
+            let rest: Vec<&str> = parts.collect();
+            let (sym, dso) = match rest.split_last() {
+                Some((dso, sym)) if dso.starts_with('(') => (
+                    sym.join(" "),
+                    dso.trim_matches(|c| c == '(' || c == ')').to_owned(),
+                ),
+                _ => (rest.join(" "), String::new()),
+            };
+            let sym = sym.split("+0x").next().unwrap_or_default().to_owned();
+            if let Some(sample) = current.as_mut() {
+                sample.frames.push((sym, dso));
+            }
+        } else {
+            samples.extend(current.take());
+            let tid = line
+                .split_whitespace()
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            current = Some(PerfSample {
+                tid,
+                frames: Vec::new(),
+            });
+        }
+    }
+    samples.extend(current);
+    samples
+}
+
+/// Share (0..1) of perf samples whose leaf symbol satisfies `leaf`.
+pub fn perf_leaf_share(samples: &[PerfSample], leaf: impl Fn(&str, &str) -> bool) -> f64 {
+    let hit = samples
+        .iter()
+        .filter(|s| s.frames.first().is_some_and(|(sym, dso)| leaf(sym, dso)))
+        .count();
+    hit as f64 / samples.len().max(1) as f64
+}
+
+/// Names of loaded BPF programs (from `bpftool`, an independent view).
+pub fn loaded_bpf_programs() -> Vec<String> {
+    let output = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("running bpftool");
+    assert!(output.status.success());
+    let programs: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    programs
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_perf_script() {
+        let text = "\
+   1235 \n\
+\t    55d0c5a02140 hot_a+0x10 (/tmp/x/shares)\n\
+\t    55d0c5a02200 one_round+0x20 (/tmp/x/shares)\n\
+\n\
+   1236 \n\
+\t ffffffff81a0 clear_user_erms+0xb ([kernel.kallsyms])\n\
+\t    7f00 [unknown] (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\
+\n";
+        let samples = parse_perf_script(text);
+        assert_eq!(samples.len(), 2);
+        assert_eq!(samples[0].tid, 1235);
+        assert_eq!(
+            samples[0].frames[0],
+            ("hot_a".into(), "/tmp/x/shares".into())
+        );
+        assert_eq!(
+            samples[1].frames[0],
+            ("clear_user_erms".into(), "[kernel.kallsyms]".into())
+        );
+        assert_eq!(samples[1].frames[1].0, "[unknown]");
+        assert!((perf_leaf_share(&samples, |s, _| s == "hot_a") - 0.5).abs() < 1e-9);
+    }
+}

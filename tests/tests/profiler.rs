@@ -1,0 +1,584 @@
+//! The CPU profiler on the real kernel, against `perf` as the oracle.
+//!
+//! Every test loads BPF and so holds `kernel_lock()`; without root/BPF they
+//! skip with a printed reason, and under `CI=true` they fail instead.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests: a failed unwrap is a failed test"
+)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use fathom_agent::{profiler::ProfilerConfig, session::Session};
+use fathom_common::profiler::{Counter, HASH_SEED_KERNEL, HASH_SEED_USER, stack_hash, stack_id};
+use fathom_symbolizer::SymbolizerConfig;
+use fathom_tests::*;
+
+/// The C fixtures, compiled once per run into the target's temp dir.
+fn fixture(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["shares", "syscalls", "spin"] {
+            build_fixture(name, &dir);
+        }
+        dir
+    });
+    dir.join(name)
+}
+
+fn quiet(cmd: &mut Command) -> &mut Command {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null())
+}
+
+/// Profiles `pid` with the agent and with `perf record` at the same time.
+fn profile_with_perf(
+    pid: u32,
+    seconds: u32,
+    dir: &Path,
+) -> (Vec<FlatSample>, Vec<PerfSample>, PathBuf) {
+    let output = dir.join("fathom.pb.gz");
+    let perf_data = dir.join("perf.data");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--pid",
+        &pid.to_string(),
+        "--frequency",
+        "999",
+        "--duration",
+        &format!("{seconds}s"),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profiler attached", Duration::from_secs(30));
+    let mut perf = ChildGuard::spawn(quiet(
+        Command::new("perf")
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "999",
+                "-g",
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&perf_data)
+            .args(["--", "sleep", &seconds.to_string()]),
+    ));
+    let (status, log) = agent.finish(Duration::from_secs(120));
+    assert!(status.success(), "agent failed: {log}");
+    assert!(
+        perf.wait_timeout(Duration::from_secs(60)).success(),
+        "perf record failed"
+    );
+    let ours: Vec<_> = flatten(&read_profile(&output))
+        .into_iter()
+        .filter(|s| s.pid == i64::from(pid))
+        .collect();
+    (ours, perf_script(&perf_data), output)
+}
+
+#[test]
+fn per_function_shares_match_perf() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("per_function_shares_match_perf") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let workload = ChildGuard::spawn(quiet(Command::new(fixture("shares")).args(["60", "2"])));
+    std::thread::sleep(Duration::from_millis(300));
+    let (ours, perf, output) = profile_with_perf(workload.pid(), 10, dir.path());
+
+    let our_total: i64 = ours.iter().map(|s| s.count).sum();
+    assert!(our_total > 5_000, "too few samples: {our_total}");
+    assert!(
+        perf.len() > 5_000,
+        "perf has too few samples: {}",
+        perf.len()
+    );
+    println!(
+        "function   fathom   perf   (n = {our_total} / {})",
+        perf.len()
+    );
+    let mut hot = 0.0;
+    for function in ["hot_a", "hot_b", "hot_c"] {
+        let ours = leaf_share(&ours, |f| f == function);
+        let theirs = perf_leaf_share(&perf, |sym, _| sym == function);
+        println!("{function:9} {:6.2}% {:6.2}%", ours * 100.0, theirs * 100.0);
+        assert!(
+            (ours - theirs).abs() <= 0.02,
+            "{function}: fathom {:.2}% vs perf {:.2}%",
+            ours * 100.0,
+            theirs * 100.0
+        );
+        hot += ours;
+    }
+    assert!(
+        hot > 0.9,
+        "the hot functions should hold most samples, got {:.1}%",
+        hot * 100.0
+    );
+
+    // Frame-pointer stacks reach the callers: hot_* <- one_round <- worker.
+    let with_callers: i64 = ours
+        .iter()
+        .filter(|s| s.functions.first().is_some_and(|f| f.starts_with("hot_")))
+        .filter(|s| {
+            s.functions.get(1..3) == Some(&["one_round".to_owned(), "worker".to_owned()][..])
+        })
+        .map(|s| s.count)
+        .sum();
+    let hot_total: i64 = ours
+        .iter()
+        .filter(|s| s.functions.first().is_some_and(|f| f.starts_with("hot_")))
+        .map(|s| s.count)
+        .sum();
+    assert!(
+        with_callers as f64 >= 0.95 * hot_total as f64,
+        "{with_callers} of {hot_total} hot samples have callers"
+    );
+
+    // Threads are told apart, and comm is the thread's.
+    let tids: std::collections::HashSet<i64> = ours.iter().map(|s| s.tid).collect();
+    assert_eq!(tids.len(), 2, "two worker threads: {tids:?}");
+    assert!(ours.iter().all(|s| s.comm == "shares"));
+
+    let top = go_pprof_top(&output);
+    assert!(
+        top.contains("hot_a") && top.contains("hot_b") && top.contains("hot_c"),
+        "{top}"
+    );
+}
+
+#[test]
+fn syscall_heavy_workload_shows_kernel_frames() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("syscall_heavy_workload_shows_kernel_frames") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let workload = ChildGuard::spawn(quiet(Command::new(fixture("syscalls")).arg("60")));
+    std::thread::sleep(Duration::from_millis(200));
+    let (ours, perf, output) = profile_with_perf(workload.pid(), 6, dir.path());
+
+    let kernel = |s: &FlatSample| s.files.first().is_some_and(|f| f == "[kernel.kallsyms]");
+    let total: i64 = ours.iter().map(|s| s.count).sum();
+    let in_kernel: i64 = ours.iter().filter(|s| kernel(s)).map(|s| s.count).sum();
+    let ours_share = in_kernel as f64 / total as f64;
+    let perf_share = perf_leaf_share(&perf, |_, dso| dso == "[kernel.kallsyms]");
+    println!(
+        "in kernel: fathom {:.2}%, perf {:.2}% (n = {total} / {})",
+        ours_share * 100.0,
+        perf_share * 100.0,
+        perf.len()
+    );
+    assert!(
+        ours_share > 0.5,
+        "a /dev/zero reader lives in the kernel: {:.1}%",
+        ours_share * 100.0
+    );
+    assert!((ours_share - perf_share).abs() <= 0.03);
+
+    // The most frequent kernel leaf function is the same for both.
+    let mut our_leaves: HashMap<&str, i64> = HashMap::new();
+    for s in ours.iter().filter(|s| kernel(s)) {
+        *our_leaves.entry(&s.functions[0]).or_default() += s.count;
+    }
+    let mut perf_leaves: HashMap<&str, usize> = HashMap::new();
+    for s in &perf {
+        if let Some((sym, dso)) = s.frames.first()
+            && dso == "[kernel.kallsyms]"
+        {
+            *perf_leaves.entry(sym).or_default() += 1;
+        }
+    }
+    let our_top = our_leaves.iter().max_by_key(|(_, n)| **n).map(|(f, _)| *f);
+    let perf_top = perf_leaves.iter().max_by_key(|(_, n)| **n).map(|(f, _)| *f);
+    assert_eq!(our_top, perf_top, "top kernel leaf");
+
+    // Kernel frames sit on top of the user stack that made the call:
+    // libc's read (which has no frame pointer, so its caller do_reads is
+    // invisible to frame-pointer unwinding, perf's included), then main.
+    let read_then_main = |s: &FlatSample| {
+        let Some(user) = s.files.iter().position(|f| f != "[kernel.kallsyms]") else {
+            return false;
+        };
+        s.functions[..user]
+            .iter()
+            .any(|f| f == "vfs_read" || f == "ksys_read")
+            && s.files[user].contains("libc.so")
+            && s.functions[user].contains("read")
+            && s.functions[user + 1..]
+                .iter()
+                .zip(&s.files[user + 1..])
+                .any(|(f, file)| f == "main" && file.ends_with("/syscalls"))
+    };
+    let full: i64 = ours
+        .iter()
+        .filter(|s| read_then_main(s))
+        .map(|s| s.count)
+        .sum();
+    let perf_full = perf
+        .iter()
+        .filter(|s| {
+            s.frames.iter().any(|(f, _)| f == "vfs_read")
+                && s.frames
+                    .iter()
+                    .any(|(f, dso)| f == "main" && dso.ends_with("/syscalls"))
+        })
+        .count();
+    println!(
+        "kernel read <- libc read <- main: fathom {full}/{total}, perf {perf_full}/{}",
+        perf.len()
+    );
+    assert!(
+        full as f64 >= 0.8 * in_kernel as f64,
+        "{full} of {in_kernel} kernel samples have the whole stack"
+    );
+    go_pprof_top(&output);
+}
+
+#[test]
+fn processes_are_kept_apart_by_pid() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("processes_are_kept_apart_by_pid") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "30"])));
+    let beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    let output = dir.path().join("all.pb.gz");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--duration",
+        "4s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let samples = flatten(&read_profile(&output));
+    for (process, own, other) in [
+        (&alpha, "spin_alpha", "spin_beta"),
+        (&beta, "spin_beta", "spin_alpha"),
+    ] {
+        let mine: Vec<_> = samples
+            .iter()
+            .filter(|s| s.pid == i64::from(process.pid()))
+            .collect();
+        let count: i64 = mine.iter().map(|s| s.count).sum();
+        assert!(count >= 100, "pid {} has {count} samples", process.pid());
+        assert!(
+            mine.iter().all(|s| !s.functions.iter().any(|f| f == other)),
+            "{other} in pid {}",
+            process.pid()
+        );
+        let own_count: i64 = mine
+            .iter()
+            .filter(|s| s.functions.iter().any(|f| f == own))
+            .map(|s| s.count)
+            .sum();
+        assert!(
+            own_count as f64 >= 0.95 * count as f64,
+            "{own}: {own_count} of {count}"
+        );
+        assert!(mine.iter().all(|s| s.comm == "spin"));
+    }
+    go_pprof_top(&output);
+}
+
+#[test]
+fn exited_and_deleted_process_is_symbolized() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("exited_and_deleted_process_is_symbolized") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("short-lived");
+    std::fs::copy(fixture("spin"), &binary).unwrap();
+    let output = dir.path().join("exited.pb.gz");
+    // Drains happen every 5 s: the process is gone long before the first.
+    let agent = Agent::spawn(&[
+        "profile",
+        "--duration",
+        "7s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profiler attached", Duration::from_secs(30));
+    let mut short = ChildGuard::spawn(quiet(Command::new(&binary).args(["alpha", "1.5"])));
+    let pid = short.pid();
+    assert!(short.wait_timeout(Duration::from_secs(10)).success());
+    std::fs::remove_file(&binary).unwrap();
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+
+    let samples: Vec<_> = flatten(&read_profile(&output))
+        .into_iter()
+        .filter(|s| s.pid == i64::from(pid))
+        .collect();
+    let count: i64 = samples.iter().map(|s| s.count).sum();
+    assert!(count >= 100, "{count} samples of the exited process");
+    let symbolized: i64 = samples
+        .iter()
+        .filter(|s| {
+            s.functions
+                .iter()
+                .zip(&s.files)
+                .any(|(f, file)| f == "spin_alpha" && file.ends_with("short-lived"))
+                && s.functions.iter().any(|f| f == "main")
+        })
+        .map(|s| s.count)
+        .sum();
+    assert!(
+        symbolized as f64 >= 0.95 * count as f64,
+        "{symbolized} of {count} symbolized"
+    );
+}
+
+fn our_programs_loaded() -> Vec<String> {
+    loaded_bpf_programs()
+        .into_iter()
+        .filter(|p| ["profile_cpu", "profile_fork", "profile_exec"].contains(&p.as_str()))
+        .collect()
+}
+
+#[test]
+fn daemon_writes_per_process_profiles_and_detaches_on_sigterm() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("daemon_writes_per_process_profiles_and_detaches_on_sigterm") {
+        return;
+    }
+    assert_eq!(
+        our_programs_loaded(),
+        Vec::<String>::new(),
+        "programs left over before the test"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "30"])));
+    let beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    let out = dir.path().join("profiles");
+    let agent = Agent::spawn(&["--interval", "2s", "--output-dir", out.to_str().unwrap()]);
+    agent.wait_for_log("profiler attached", Duration::from_secs(30));
+    assert_eq!(
+        our_programs_loaded().len(),
+        3,
+        "attached programs visible to bpftool"
+    );
+    agent.wait_for_log("window written", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(2500));
+    agent.signal("TERM");
+    let (status, log) = agent.finish(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        our_programs_loaded(),
+        Vec::<String>::new(),
+        "programs left attached after SIGTERM"
+    );
+
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for (process, function) in [(&alpha, "spin_alpha"), (&beta, "spin_beta")] {
+        let suffix = format!("_spin_{}.pb.gz", process.pid());
+        let mine: Vec<_> = files
+            .iter()
+            .filter(|f| f.to_string_lossy().ends_with(&suffix))
+            .collect();
+        assert!(
+            mine.len() >= 2,
+            "at least two windows for pid {}: {files:?}",
+            process.pid()
+        );
+        for file in mine {
+            let samples = flatten(&read_profile(file));
+            assert!(
+                samples.iter().all(|s| s.pid == i64::from(process.pid())),
+                "one process per file"
+            );
+            let top = go_pprof_top(file);
+            assert!(top.contains(function), "{top}");
+        }
+    }
+    // The per-process profile names the process's binary as its main file.
+    let any = files
+        .iter()
+        .find(|f| {
+            f.to_string_lossy()
+                .ends_with(&format!("_spin_{}.pb.gz", alpha.pid()))
+        })
+        .unwrap();
+    let p = read_profile(any);
+    assert!(p.string_table[p.mapping[0].filename as usize].ends_with("/spin"));
+}
+
+#[test]
+fn profile_stops_early_on_sigint_and_detaches() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("profile_stops_early_on_sigint_and_detaches") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _busy = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    let output = dir.path().join("early.pb.gz");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--duration",
+        "10m",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profiler attached", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    agent.signal("INT");
+    let (status, log) = agent.finish(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    assert_eq!(our_programs_loaded(), Vec::<String>::new());
+    let samples = flatten(&read_profile(&output));
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.functions.iter().any(|f| f == "spin_beta"))
+    );
+    go_pprof_top(&output);
+}
+
+#[test]
+fn refuses_to_run_without_privileges_and_says_why() {
+    // Needs no BPF: as root, drop to nobody; otherwise run as we are.
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("never.pb.gz");
+    let mut cmd = if fathom_agent::sys::effective_uid() == 0 {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(agent_binary());
+        c
+    } else {
+        Command::new(agent_binary())
+    };
+    let out = cmd
+        .args(["profile", "--duration", "1s", "--output"])
+        .arg(&output)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot run on this machine"), "{stderr}");
+    assert!(
+        stderr.contains("privileges") && stderr.contains("run as root"),
+        "{stderr}"
+    );
+    assert!(!output.exists());
+}
+
+#[test]
+fn drains_neither_lose_nor_double_count() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("drains_neither_lose_nor_double_count") {
+        return;
+    }
+    let _workload = ChildGuard::spawn(quiet(Command::new(fixture("shares")).args(["30", "2"])));
+    let config = ProfilerConfig {
+        frequency_hz: 999,
+        ..ProfilerConfig::default()
+    };
+    let mut session = Session::start(config, &SymbolizerConfig::default()).unwrap();
+    let (mut recorded, mut counted, mut windows_with_samples) = (0, 0, 0);
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(50));
+        let window = session.drain().unwrap();
+        assert!(window.synced, "every CPU acknowledged the switch");
+        assert_eq!(
+            window.counted(),
+            window.recorded,
+            "drained = recorded in every window"
+        );
+        recorded += window.recorded;
+        counted += window.counted();
+        windows_with_samples += u32::from(window.recorded > 0);
+        for (key, _) in &window.samples {
+            for (id, seed) in [
+                (key.user_stack, HASH_SEED_USER),
+                (key.kernel_stack, HASH_SEED_KERNEL),
+            ] {
+                if id >= stack_id::FIRST_HASH {
+                    let ips = window
+                        .stacks
+                        .get(&id)
+                        .expect("every referenced stack is drained with its window");
+                    assert_eq!(stack_hash(seed, ips), id, "stack stored under its own hash");
+                }
+            }
+        }
+    }
+    assert_eq!(windows_with_samples, 60);
+    // ~2 busy CPUs * 999 Hz * 3 s.
+    assert!(recorded > 4_000, "{recorded}");
+    assert_eq!(recorded, counted);
+    let c = session.counters().unwrap();
+    let accounted = c.get(Counter::Idle)
+        + c.get(Counter::Filtered)
+        + c.get(Counter::Recorded0)
+        + c.get(Counter::Recorded1)
+        + c.get(Counter::CountMapFull);
+    // Every program run ends in exactly one outcome. Counters are read one
+    // by one while sampling goes on (outcomes first), so Samples may lead by
+    // the samples taken during the reads: ~2 per millisecond here.
+    let samples = c.get(Counter::Samples);
+    assert!(
+        samples >= accounted && samples - accounted <= 100,
+        "{samples} samples, {accounted} outcomes: {c:?}"
+    );
+    assert_eq!(
+        c.get(Counter::StackMapFull)
+            + c.get(Counter::CountMapFull)
+            + c.get(Counter::StackCollision),
+        0
+    );
+}
+
+#[test]
+fn pid_filter_is_applied_in_the_kernel() {
+    let _lock = kernel_lock();
+    if !kernel_tests_possible("pid_filter_is_applied_in_the_kernel") {
+        return;
+    }
+    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "30"])));
+    let _beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    let config = ProfilerConfig {
+        frequency_hz: 499,
+        pids: vec![alpha.pid()],
+        ..ProfilerConfig::default()
+    };
+    let mut session = Session::start(config, &SymbolizerConfig::default()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let window = session.drain().unwrap();
+    assert!(window.counted() > 300, "{}", window.counted());
+    assert!(window.samples.iter().all(|(k, _)| k.pid == alpha.pid()));
+    let c = session.counters().unwrap();
+    assert!(
+        c.get(Counter::Filtered) > 300,
+        "beta's samples are filtered: {c:?}"
+    );
+    let resolved = session.resolve(&window.samples, &window.stacks);
+    assert!(resolved.iter().all(|s| {
+        s.stack
+            .iter()
+            .any(|l| l.frames.iter().any(|f| f.function == "spin_alpha"))
+    }));
+}
