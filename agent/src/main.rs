@@ -152,11 +152,13 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
     let profile = session.profile(&collected, meta)?;
+    let lost = session.loss_summary()?;
     drop(session); // detach before writing
     session::write_atomically(&args.output, &pprof::encode_gzip(&profile))?;
     tracing::info!(
         samples = collected.counted,
         recorded = collected.recorded,
+        %lost,
         output = %args.output.display(),
         "profile written"
     );

@@ -3,7 +3,7 @@
 //! per process per interval into a directory.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
@@ -269,13 +269,26 @@ impl Session {
         recorded: u64,
         counted: u64,
     ) -> Result<(), SessionError> {
-        let counters = self.counters()?;
         builder.add_comment(&format!("fathom-agent {}", env!("CARGO_PKG_VERSION")));
         builder.add_comment(&format!(
             "samples recorded={recorded} read={counted}; since start: {}",
-            counters.lost_summary()
+            self.loss_summary()?
         ));
         Ok(())
+    }
+
+    /// What was lost since start, in the kernel and in user space.
+    pub fn loss_summary(&self) -> Result<String, SessionError> {
+        let kernel = self.counters()?.lost_summary();
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner()).stats();
+        let resolve = self.resolver.stats();
+        Ok(format!(
+            "{kernel} processes-missed={} unreadable-files={} unknown-frames={} lost-stacks={}",
+            table.processes_missed,
+            table.object_open_failures,
+            resolve.unknown_frames,
+            resolve.lost_stacks
+        ))
     }
 
     /// Runs until stopped: every `interval`, one profile per process into
@@ -292,6 +305,7 @@ impl Session {
             path: dir.into(),
             source,
         })?;
+        let mut retention = Retention::scan(dir, retention);
         let frequency_hz = self.config.frequency_hz;
         let meta = |start: SystemTime| CpuProfileMeta {
             frequency_hz,
@@ -304,18 +318,17 @@ impl Session {
             let window = self.drain()?;
             let meta = meta(window_start);
             window_start = SystemTime::now();
-            let written = self.write_per_process(&window, meta, dir)?;
-            let counters = self.counters()?;
+            let written = self.write_per_process(&window, meta, dir, &mut retention)?;
             let processes = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
             tracing::info!(
                 samples = window.counted(),
                 profiles = written,
                 processes,
-                lost = %counters.lost_summary(),
+                lost = %self.loss_summary()?,
                 "window written"
             );
             self.sweep();
-            remove_older_than(dir, retention);
+            retention.expire(SystemTime::now());
             if stopped {
                 return Ok(());
             }
@@ -327,6 +340,7 @@ impl Session {
         window: &Window,
         meta: CpuProfileMeta,
         dir: &Path,
+        retention: &mut Retention,
     ) -> Result<usize, SessionError> {
         let resolved = self.resolve(&window.samples, &window.stacks);
         let mut by_pid: BTreeMap<u32, Vec<&ResolvedSample>> = BTreeMap::new();
@@ -356,6 +370,7 @@ impl Session {
             }
             let path = dir.join(format!("{stamp}_{}_{pid}.pb.gz", sanitize(&name)));
             write_atomically(&path, &pp::encode_gzip(&builder.build()))?;
+            retention.track(path, SystemTime::now());
         }
         Ok(by_pid.len())
     }
@@ -408,26 +423,53 @@ fn sanitize(name: &str) -> String {
     if s.is_empty() { "unknown".into() } else { s }
 }
 
-/// Removes our profile files older than `age` from `dir`.
-fn remove_older_than(dir: &Path, age: Duration) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    let now = SystemTime::now();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if !(name.ends_with(".pb.gz") && name.starts_with(|c: char| c.is_ascii_digit())) {
-            continue;
-        }
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > age);
-        if old && let Err(e) = fs::remove_file(entry.path()) {
-            tracing::warn!(path = %entry.path().display(), error = %e, "removing an old profile");
+/// Deletes our profile files once they are older than the retention. The
+/// directory is scanned once, at start; after that the files this run
+/// writes are tracked in order, so no window pays for a directory scan.
+#[derive(Debug)]
+struct Retention {
+    max_age: Duration,
+    files: VecDeque<(SystemTime, PathBuf)>,
+}
+
+impl Retention {
+    fn scan(dir: &Path, max_age: Duration) -> Self {
+        let mut files: Vec<(SystemTime, PathBuf)> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| is_profile_file(&e.file_name().to_string_lossy()))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        files.sort();
+        Self {
+            max_age,
+            files: files.into(),
         }
     }
+
+    fn track(&mut self, path: PathBuf, written: SystemTime) {
+        self.files.push_back((written, path));
+    }
+
+    fn expire(&mut self, now: SystemTime) {
+        while let Some((written, _)) = self.files.front() {
+            if now.duration_since(*written).unwrap_or_default() <= self.max_age {
+                break;
+            }
+            if let Some((_, path)) = self.files.pop_front()
+                && let Err(e) = fs::remove_file(&path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "removing an old profile");
+            }
+        }
+    }
+}
+
+/// Names this agent gives its profiles: `<stamp>_<comm>_<pid>.pb.gz`.
+fn is_profile_file(name: &str) -> bool {
+    name.ends_with(".pb.gz") && name.starts_with(|c: char| c.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -508,9 +550,17 @@ mod tests {
         let other = dir.path().join("notes.pb.gz");
         fs::write(&old, b"x").unwrap();
         fs::write(&other, b"x").unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        remove_older_than(dir.path(), Duration::from_millis(10));
-        assert!(!old.exists());
+        let mut retention = Retention::scan(dir.path(), Duration::from_secs(60));
+        assert_eq!(retention.files.len(), 1, "only our own files are tracked");
+        let new = dir.path().join("20300101T000000Z_x_1.pb.gz");
+        fs::write(&new, b"x").unwrap();
+        let now = SystemTime::now();
+        retention.track(new.clone(), now);
+        retention.expire(now + Duration::from_secs(30));
+        assert!(old.exists() && new.exists());
+        retention.expire(now + Duration::from_secs(61));
+        assert!(!old.exists() && !new.exists());
         assert!(other.exists());
+        assert!(retention.files.is_empty());
     }
 }

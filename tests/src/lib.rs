@@ -366,12 +366,16 @@ pub fn perf_script(data: &Path) -> Vec<PerfSample> {
         .arg(data)
         .output()
         .expect("running perf script");
-    assert!(
-        output.status.success(),
-        "perf script failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    parse_perf_script(&String::from_utf8_lossy(&output.stdout))
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "perf script failed: {stderr}");
+    let samples = parse_perf_script(&String::from_utf8_lossy(&output.stdout));
+    if samples.is_empty() {
+        eprintln!(
+            "perf script found no samples in {}: {stderr}",
+            data.display()
+        );
+    }
+    samples
 }
 
 /// Parses `perf script -F tid,ip,sym,dso` output.
@@ -381,7 +385,9 @@ pub fn parse_perf_script(text: &str) -> Vec<PerfSample> {
     for line in text.lines() {
         if line.trim().is_empty() {
             samples.extend(current.take());
-        } else if line.starts_with([' ', '\t']) {
+        } else if line.starts_with('\t') {
+            // Frame lines start with a tab; sample headers may start with
+            // spaces (perf right-aligns the tid).
             // "\t    55d0c5a02140 hot_a+0x10 (/tmp/x/shares)"
             let mut parts = line.split_whitespace();
             let _ip = parts.next();
@@ -447,18 +453,20 @@ mod tests {
 
     #[test]
     fn parses_perf_script() {
-        let text = "\
-   1235 \n\
-\t    55d0c5a02140 hot_a+0x10 (/tmp/x/shares)\n\
-\t    55d0c5a02200 one_round+0x20 (/tmp/x/shares)\n\
-\n\
-   1236 \n\
-\t ffffffff81a0 clear_user_erms+0xb ([kernel.kallsyms])\n\
-\t    7f00 [unknown] (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\
-\n";
+        // perf right-aligns the tid: headers may start with spaces.
+        let text = concat!(
+            "31235 \n",
+            "\t    55d0c5a02140 hot_a+0x10 (/tmp/x/shares)\n",
+            "\t    55d0c5a02200 one_round+0x20 (/tmp/x/shares)\n",
+            "\n",
+            " 1236 \n",
+            "\t ffffffff81a0 clear_user_erms+0xb ([kernel.kallsyms])\n",
+            "\t    7f00 [unknown] (/usr/lib/x86_64-linux-gnu/libc.so.6)\n",
+            "\n",
+        );
         let samples = parse_perf_script(text);
         assert_eq!(samples.len(), 2);
-        assert_eq!(samples[0].tid, 1235);
+        assert_eq!((samples[0].tid, samples[1].tid), (31235, 1236));
         assert_eq!(
             samples[0].frames[0],
             ("hot_a".into(), "/tmp/x/shares".into())
