@@ -474,9 +474,10 @@ mod tests {
         // Until the child has exec'd, its mappings are the test binary's;
         // exec switches /proc/PID/exe before it maps the new segments.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !fs::read_to_string(format!("/proc/{pid}/maps"))
-            .is_ok_and(|m| m.lines().any(|l| l.contains(" r-xp ") && l.ends_with("/sleep")))
-        {
+        while !fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| {
+            m.lines()
+                .any(|l| l.contains(" r-xp ") && l.ends_with("/sleep"))
+        }) {
             assert!(std::time::Instant::now() < deadline, "sleep never started");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

@@ -1,7 +1,8 @@
 //! Cost of CPU profiling: a fixed CPU-bound workload on every CPU, run with
-//! the agent off, at 99 Hz and at 999 Hz, in interleaved rounds (one run of
-//! each mode per round, rotating which goes first), so that slow drifts of a
-//! noisy machine hit all modes alike.
+//! the agent off, at 99 Hz and at 999 Hz, and — as the reference of what
+//! sampling costs on this machine at all — under `perf record -a -g -F 99`,
+//! in interleaved rounds (one run of each mode per round, rotating which
+//! goes first), so that slow drifts of a noisy machine hit all modes alike.
 //!
 //! The agent is measured in steady state: it is started, and the workload
 //! starts only after the agent wrote its first window (one-time costs such as
@@ -16,7 +17,7 @@
 //!
 //!   cargo bench -p fathom-tests --bench profiler_overhead
 //!
-//! FATHOM_BENCH_ROUNDS (default 10), FATHOM_BENCH_SECONDS (default 6: the
+//! FATHOM_BENCH_ROUNDS (default 20), FATHOM_BENCH_SECONDS (default 6: the
 //! length of one workload run).
 #![allow(
     clippy::unwrap_used,
@@ -33,10 +34,61 @@ use std::{
 
 use fathom_tests::{ChildGuard, build_fixture, kernel_tests_possible, release_agent_binary};
 
-const MODES: [Option<u64>; 3] = [None, Some(99), Some(999)];
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Off,
+    Fathom(u64),
+    /// `perf record -a -g` at this frequency: the peer reference.
+    Perf(u64),
+}
 
-fn mode_name(mode: Option<u64>) -> String {
-    mode.map_or_else(|| "off".to_owned(), |hz| format!("{hz} Hz"))
+const MODES: [Mode; 4] = [
+    Mode::Off,
+    Mode::Fathom(99),
+    Mode::Fathom(999),
+    Mode::Perf(99),
+];
+
+fn mode_name(mode: Mode) -> String {
+    match mode {
+        Mode::Off => "off".into(),
+        Mode::Fathom(hz) => format!("fathom {hz} Hz"),
+        Mode::Perf(hz) => format!("perf -a -g {hz} Hz"),
+    }
+}
+
+/// Starts `perf record -a -g` and waits until it samples.
+fn start_perf(hz: u64, dir: &Path) -> ChildGuard {
+    let data = dir.join("perf.data");
+    let guard = ChildGuard::spawn(
+        Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-a",
+                "-g",
+                "-F",
+                &hz.to_string(),
+                "-o",
+            ])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&data).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "perf did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    guard
+}
+
+fn stop_perf(mut perf: ChildGuard) {
+    perf.signal("INT");
+    perf.wait_timeout(Duration::from_secs(60));
 }
 
 struct AgentRun {
@@ -182,7 +234,7 @@ fn main() {
     let rounds: usize = std::env::var("FATHOM_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(20);
     let seconds: f64 = std::env::var("FATHOM_BENCH_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -207,17 +259,27 @@ fn main() {
     for round in 0..rounds {
         for k in 0..MODES.len() {
             let i = (round + k) % MODES.len();
-            let run = MODES[i].map(|hz| start_agent(&agent, hz));
-            let before = run.as_ref().map(|r| cpu_seconds(r.pid));
+            let agent_run = match MODES[i] {
+                Mode::Fathom(hz) => Some(start_agent(&agent, hz)),
+                _ => None,
+            };
+            let perf = match MODES[i] {
+                Mode::Perf(hz) => Some(start_perf(hz, dir.path())),
+                _ => None,
+            };
+            let before = agent_run.as_ref().map(|r| cpu_seconds(r.pid));
             let (w, c) = run_workload(&workload, work, threads);
-            if let Some(run) = run {
+            if let Some(run) = agent_run {
                 agent_cpu[i].push(cpu_seconds(run.pid) - before.unwrap_or(0.0));
                 agent_rss[i] = agent_rss[i].max(stop_agent(run));
+            }
+            if let Some(perf) = perf {
+                stop_perf(perf);
             }
             wall[i].push(w);
             cpu[i].push(c);
             eprintln!(
-                "round {:>2}/{rounds} {:>7}: wall {w:.3} s, workload CPU {c:.3} s",
+                "round {:>2}/{rounds} {:>17}: wall {w:.3} s, workload CPU {c:.3} s",
                 round + 1,
                 mode_name(MODES[i])
             );
@@ -247,8 +309,8 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for (i, mode) in MODES.iter().enumerate() {
         let (agent, rss) = match mode {
-            None => ("-".to_owned(), "-".to_owned()),
-            Some(_) => {
+            Mode::Off | Mode::Perf(_) => ("-".to_owned(), "-".to_owned()),
+            Mode::Fathom(_) => {
                 let c = median(&agent_cpu[i]);
                 (
                     format!("{c:.3} s ({:.2}% of one CPU)", 100.0 * c / median(&wall[i])),
