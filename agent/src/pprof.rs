@@ -100,15 +100,6 @@ impl ProfileBuilder {
         builder
     }
 
-    /// Number of samples added (each with its count).
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
     fn string(&mut self, s: &str) -> i64 {
         if let Some(&id) = self.string_ids.get(s) {
             return id;

@@ -376,10 +376,6 @@ impl Profiler {
         }
         Ok(totals)
     }
-
-    pub fn cpus(&self) -> &[u32] {
-        &self.cpus
-    }
 }
 
 /// The offset of a field in a tracepoint `format` file.

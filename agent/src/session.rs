@@ -174,6 +174,8 @@ pub struct Session {
     table: Arc<Mutex<ProcessTable>>,
     resolver: StackResolver,
     config: ProfilerConfig,
+    /// Daemon profiles that could not be written.
+    write_failures: u64,
 }
 
 impl Session {
@@ -195,6 +197,7 @@ impl Session {
             table,
             resolver: StackResolver::new(symbolizer),
             config,
+            write_failures: 0,
         })
     }
 
@@ -283,11 +286,13 @@ impl Session {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner()).stats();
         let resolve = self.resolver.stats();
         Ok(format!(
-            "{kernel} processes-missed={} unreadable-files={} unknown-frames={} lost-stacks={}",
+            "{kernel} processes-missed={} unreadable-files={} unknown-frames={} lost-stacks={} \
+             profiles-not-written={}",
             table.processes_missed,
             table.object_open_failures,
             resolve.unknown_frames,
-            resolve.lost_stacks
+            resolve.lost_stacks,
+            self.write_failures
         ))
     }
 
@@ -347,7 +352,13 @@ impl Session {
         for sample in &resolved {
             by_pid.entry(sample.pid).or_default().push(sample);
         }
+        if let Err(e) = fs::create_dir_all(dir) {
+            self.write_failures += by_pid.len() as u64;
+            tracing::warn!(dir = %dir.display(), error = %e, "no output directory: profiles not written");
+            return Ok(0);
+        }
         let stamp = file_stamp(meta.start);
+        let mut written = 0;
         for (pid, samples) in &by_pid {
             let mut builder = ProfileBuilder::new(meta);
             for sample in samples {
@@ -369,10 +380,20 @@ impl Session {
                 builder.set_main_binary(exe);
             }
             let path = dir.join(format!("{stamp}_{}_{pid}.pb.gz", sanitize(&name)));
-            write_atomically(&path, &pp::encode_gzip(&builder.build()))?;
-            retention.track(path, SystemTime::now());
+            // A full or failing disk costs this profile, not the daemon.
+            match write_atomically(&path, &pp::encode_gzip(&builder.build())) {
+                Ok(()) => {
+                    written += 1;
+                    retention.track(path, SystemTime::now());
+                }
+                Err(e) => {
+                    self.write_failures += 1;
+                    tracing::warn!(error = %e, failures = self.write_failures, "profile not written");
+                    let _ = fs::remove_file(path.with_extension("tmp"));
+                }
+            }
         }
-        Ok(by_pid.len())
+        Ok(written)
     }
 }
 

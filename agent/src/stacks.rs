@@ -64,10 +64,6 @@ impl StackResolver {
         self.stats
     }
 
-    pub fn symbolizer(&self) -> &Symbolizer {
-        &self.symbolizer
-    }
-
     /// Resolves and symbolizes every sample.
     pub fn resolve(
         &mut self,

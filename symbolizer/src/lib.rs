@@ -94,16 +94,6 @@ pub enum Symbol {
     Unknown(Unknown),
 }
 
-impl Symbol {
-    /// The outermost (non-inlined) function, if known.
-    pub fn function(&self) -> Option<&str> {
-        match self {
-            Symbol::Known(frames) => frames.last().map(|f| f.function.as_str()),
-            Symbol::Unknown(_) => None,
-        }
-    }
-}
-
 /// Counts of what was resolved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {

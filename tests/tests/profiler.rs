@@ -34,6 +34,19 @@ fn fixture(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Everything a kernel test needs before it starts any workload: the kernel
+/// lock, the capability gate, the fixtures and the agent binary (whose first
+/// build can take a minute on a clean checkout). `None`: skip the test.
+fn prepare(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let lock = kernel_lock();
+    if !kernel_tests_possible(test) {
+        return None;
+    }
+    fixture("spin");
+    agent_binary();
+    Some(lock)
+}
+
 fn quiet(cmd: &mut Command) -> &mut Command {
     cmd.stdout(Stdio::null()).stderr(Stdio::null())
 }
@@ -89,12 +102,11 @@ fn profile_with_perf(
 
 #[test]
 fn per_function_shares_match_perf() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("per_function_shares_match_perf") {
+    let Some(_lock) = prepare("per_function_shares_match_perf") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
-    let workload = ChildGuard::spawn(quiet(Command::new(fixture("shares")).args(["60", "2"])));
+    let workload = ChildGuard::spawn(quiet(Command::new(fixture("shares")).args(["600", "2"])));
     std::thread::sleep(Duration::from_millis(300));
     let (ours, perf, output) = profile_with_perf(workload.pid(), 10, dir.path());
 
@@ -161,12 +173,11 @@ fn per_function_shares_match_perf() {
 
 #[test]
 fn syscall_heavy_workload_shows_kernel_frames() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("syscall_heavy_workload_shows_kernel_frames") {
+    let Some(_lock) = prepare("syscall_heavy_workload_shows_kernel_frames") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
-    let workload = ChildGuard::spawn(quiet(Command::new(fixture("syscalls")).arg("60")));
+    let workload = ChildGuard::spawn(quiet(Command::new(fixture("syscalls")).arg("600")));
     std::thread::sleep(Duration::from_millis(200));
     let (ours, perf, output) = profile_with_perf(workload.pid(), 6, dir.path());
 
@@ -249,13 +260,12 @@ fn syscall_heavy_workload_shows_kernel_frames() {
 
 #[test]
 fn processes_are_kept_apart_by_pid() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("processes_are_kept_apart_by_pid") {
+    let Some(_lock) = prepare("processes_are_kept_apart_by_pid") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
-    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "30"])));
-    let beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "600"])));
+    let beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "600"])));
     let output = dir.path().join("all.pb.gz");
     let agent = Agent::spawn(&[
         "profile",
@@ -298,10 +308,9 @@ fn processes_are_kept_apart_by_pid() {
 
 #[test]
 fn exited_and_deleted_process_is_symbolized() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("exited_and_deleted_process_is_symbolized") {
+    let Some(_lock) = prepare("exited_and_deleted_process_is_symbolized") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let binary = dir.path().join("short-lived");
     std::fs::copy(fixture("spin"), &binary).unwrap();
@@ -354,18 +363,17 @@ fn our_programs_loaded() -> Vec<String> {
 
 #[test]
 fn daemon_writes_per_process_profiles_and_detaches_on_sigterm() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("daemon_writes_per_process_profiles_and_detaches_on_sigterm") {
+    let Some(_lock) = prepare("daemon_writes_per_process_profiles_and_detaches_on_sigterm") else {
         return;
-    }
+    };
     assert_eq!(
         our_programs_loaded(),
         Vec::<String>::new(),
         "programs left over before the test"
     );
     let dir = tempfile::tempdir().unwrap();
-    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "30"])));
-    let beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "600"])));
+    let beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "600"])));
     let out = dir.path().join("profiles");
     let agent = Agent::spawn(&["--interval", "2s", "--output-dir", out.to_str().unwrap()]);
     agent.wait_for_log("profiler attached", Duration::from_secs(30));
@@ -424,12 +432,11 @@ fn daemon_writes_per_process_profiles_and_detaches_on_sigterm() {
 
 #[test]
 fn profile_stops_early_on_sigint_and_detaches() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("profile_stops_early_on_sigint_and_detaches") {
+    let Some(_lock) = prepare("profile_stops_early_on_sigint_and_detaches") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
-    let _busy = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    let _busy = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "600"])));
     let output = dir.path().join("early.pb.gz");
     let agent = Agent::spawn(&[
         "profile",
@@ -488,11 +495,10 @@ fn refuses_to_run_without_privileges_and_says_why() {
 
 #[test]
 fn drains_neither_lose_nor_double_count() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("drains_neither_lose_nor_double_count") {
+    let Some(_lock) = prepare("drains_neither_lose_nor_double_count") else {
         return;
-    }
-    let _workload = ChildGuard::spawn(quiet(Command::new(fixture("shares")).args(["30", "2"])));
+    };
+    let _workload = ChildGuard::spawn(quiet(Command::new(fixture("shares")).args(["600", "2"])));
     let config = ProfilerConfig {
         frequency_hz: 999,
         ..ProfilerConfig::default()
@@ -554,12 +560,11 @@ fn drains_neither_lose_nor_double_count() {
 
 #[test]
 fn pid_filter_is_applied_in_the_kernel() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("pid_filter_is_applied_in_the_kernel") {
+    let Some(_lock) = prepare("pid_filter_is_applied_in_the_kernel") else {
         return;
-    }
-    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "30"])));
-    let _beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "30"])));
+    };
+    let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "600"])));
+    let _beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "600"])));
     let config = ProfilerConfig {
         frequency_hz: 499,
         pids: vec![alpha.pid()],
@@ -581,4 +586,54 @@ fn pid_filter_is_applied_in_the_kernel() {
             .iter()
             .any(|l| l.frames.iter().any(|f| f.function == "spin_alpha"))
     }));
+}
+
+#[test]
+fn daemon_survives_a_full_disk() {
+    let Some(_lock) = prepare("daemon_survives_a_full_disk") else {
+        return;
+    };
+    // A 32 KiB tmpfs fills up after a few profiles.
+    let dir = tempfile::tempdir().unwrap();
+    let mount =
+        |args: &[&str]| assert!(Command::new("mount").args(args).status().unwrap().success());
+    mount(&[
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=32k",
+        "tmpfs",
+        dir.path().to_str().unwrap(),
+    ]);
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let _alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "600"])));
+    let _beta = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "600"])));
+    let agent = Agent::spawn(&[
+        "--interval",
+        "1s",
+        "--output-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profile not written", Duration::from_secs(60));
+    // Still alive: it keeps sampling and reports what it could not write.
+    agent.wait_for_log("profiles-not-written=", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    agent.signal("TERM");
+    let (status, log) = agent.finish(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    let windows = log.lines().filter(|l| l.contains("window written")).count();
+    assert!(windows >= 3, "the daemon kept going: {windows} windows");
+    // No half-written temporary files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
