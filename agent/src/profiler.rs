@@ -142,6 +142,24 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> ProfilerError {
     move |source| ProfilerError::Map { name, source }
 }
 
+fn program_err(name: &'static str) -> impl Fn(ProgramError) -> ProfilerError {
+    move |source| ProfilerError::Program { name, source }
+}
+
+/// A program of the object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProfilerError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProfilerError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(program_err(name))
+}
+
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -209,20 +227,11 @@ impl Profiler {
             (names::PROGRAM_FORK, "sched_process_fork"),
             (names::PROGRAM_EXEC, "sched_process_exec"),
         ] {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(ProfilerError::Program {
-                    name,
-                    source: ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(|source| ProfilerError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| ProfilerError::Program { name, source })?;
+            let program: &mut TracePoint = program(&mut ebpf, name)?;
+            program.load().map_err(program_err(name))?;
             program
                 .attach("sched", tracepoint)
-                .map_err(|source| ProfilerError::Program { name, source })?;
+                .map_err(program_err(name))?;
         }
 
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
@@ -240,18 +249,8 @@ impl Profiler {
 
         let cpus = aya::util::online_cpus()
             .map_err(|(what, e)| ProfilerError::Cpus(format!("{what}: {e}")))?;
-        let name = names::PROGRAM_PERF;
-        let program: &mut PerfEvent = ebpf
-            .program_mut(name)
-            .ok_or(ProfilerError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| ProfilerError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| ProfilerError::Program { name, source })?;
+        let program: &mut PerfEvent = program(&mut ebpf, names::PROGRAM_PERF)?;
+        program.load().map_err(program_err(names::PROGRAM_PERF))?;
         for &cpu in &cpus {
             program
                 .attach(
