@@ -139,6 +139,17 @@ fn stop_on_signals() -> anyhow::Result<Stop> {
 
 fn profile(args: ProfileArgs) -> anyhow::Result<()> {
     let config = profiler_config(&args.sampling)?;
+    // Fail now, not after the whole duration.
+    let parent = args.output.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent
+        && !dir.is_dir()
+    {
+        bail!(
+            "--output {}: directory {} does not exist",
+            args.output.display(),
+            dir.display()
+        );
+    }
     let stop = stop_on_signals()?;
     let mut session = Session::start(config, &SymbolizerConfig::default())?;
     let started = SystemTime::now();

@@ -637,3 +637,32 @@ fn daemon_survives_a_full_disk() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn unusable_output_path_fails_before_profiling() {
+    // Preflight needs privileges, so this runs where kernel tests run.
+    if !kernel_tests_possible("unusable_output_path_fails_before_profiling") {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let out = Command::new(agent_binary())
+        .args([
+            "profile",
+            "--duration",
+            "20s",
+            "--output",
+            "/nonexistent-dir/cpu.pb.gz",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent-dir does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "it profiled before failing"
+    );
+}
