@@ -45,6 +45,7 @@ pub struct StackResolver {
     stats: ResolveStats,
 }
 
+#[derive(Clone)]
 enum Slot {
     Kernel(u64),
     User { object: usize, offset: u64 },
@@ -76,6 +77,7 @@ impl StackResolver {
         let mut object_index: HashMap<*const ObjectFile, usize> = HashMap::new();
         let mut offsets: Vec<HashSet<u64>> = Vec::new();
         let mut plans = Vec::with_capacity(samples.len());
+        let mut user_plans: HashMap<(u32, u64, bool), Vec<Slot>> = HashMap::new();
         {
             let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
             table.begin_round();
@@ -88,44 +90,55 @@ impl StackResolver {
                     kernel_addrs.insert(addr);
                     slots.push(Slot::Kernel(addr));
                 }
-                let user = self.stack(key.user_stack, stacks, "user", &mut slots);
+                // Threads of a process often share a stack: place its user
+                // frames once per (process, stack), not once per thread.
                 let had_kernel = !kernel.is_empty();
-                for (i, &ip) in user.iter().enumerate() {
-                    // Below kernel frames the first user address is the
-                    // return address of the system call.
-                    let addr = if i > 0 || had_kernel {
-                        ip.saturating_sub(1)
-                    } else {
-                        ip
-                    };
-                    slots.push(match table.resolve(key.pid, addr) {
-                        UserAddress::Object {
-                            object,
-                            file_offset,
-                        } => {
-                            let index =
-                                *object_index.entry(Arc::as_ptr(&object)).or_insert_with(|| {
-                                    objects.push(Arc::clone(&object));
-                                    offsets.push(HashSet::new());
-                                    objects.len() - 1
-                                });
-                            offsets[index].insert(file_offset);
-                            Slot::User {
-                                object: index,
-                                offset: file_offset,
+                let plan_key = (key.pid, key.user_stack, had_kernel);
+                if let Some(plan) = user_plans.get(&plan_key) {
+                    slots.extend_from_slice(plan);
+                } else {
+                    let mut plan = Vec::new();
+                    let user = self.stack(key.user_stack, stacks, "user", &mut plan);
+                    for (i, &ip) in user.iter().enumerate() {
+                        // Below kernel frames the first user address is the
+                        // return address of the system call.
+                        let addr = if i > 0 || had_kernel {
+                            ip.saturating_sub(1)
+                        } else {
+                            ip
+                        };
+                        plan.push(match table.resolve(key.pid, addr) {
+                            UserAddress::Object {
+                                object,
+                                file_offset,
+                            } => {
+                                let index = *object_index
+                                    .entry(Arc::as_ptr(&object))
+                                    .or_insert_with(|| {
+                                        objects.push(Arc::clone(&object));
+                                        offsets.push(HashSet::new());
+                                        objects.len() - 1
+                                    });
+                                offsets[index].insert(file_offset);
+                                Slot::User {
+                                    object: index,
+                                    offset: file_offset,
+                                }
                             }
-                        }
-                        UserAddress::Vdso => Slot::Fixed(special(None, addr, "[vdso]", "vdso")),
-                        UserAddress::Anonymous => Slot::Fixed(special(
-                            None,
-                            addr,
-                            "[anonymous]",
-                            "anonymous executable memory",
-                        )),
-                        UserAddress::Unknown(reason) => {
-                            Slot::Fixed(special(None, addr, "[unknown]", &reason))
-                        }
-                    });
+                            UserAddress::Vdso => Slot::Fixed(special(None, addr, "[vdso]", "vdso")),
+                            UserAddress::Anonymous => Slot::Fixed(special(
+                                None,
+                                addr,
+                                "[anonymous]",
+                                "anonymous executable memory",
+                            )),
+                            UserAddress::Unknown(reason) => {
+                                Slot::Fixed(special(None, addr, "[unknown]", &reason))
+                            }
+                        });
+                    }
+                    slots.extend_from_slice(&plan);
+                    user_plans.insert(plan_key, plan);
                 }
                 if slots.is_empty() {
                     slots.push(Slot::Fixed(special(None, 0, "[no stack]", "no stack")));
@@ -333,6 +346,61 @@ mod tests {
         assert_eq!(gnu_build_id(&notes), Some(vec![0xab, 0xcd, 0xef]));
         assert_eq!(gnu_build_id(&notes[..20]), None, "truncated");
         assert_eq!(gnu_build_id(&[]), None);
+    }
+
+    #[test]
+    fn resolves_own_frames_shares_them_between_threads_and_names_losses() {
+        let pid = std::process::id();
+        let here =
+            resolves_own_frames_shares_them_between_threads_and_names_losses as *const () as u64;
+        let stacks: HashMap<u64, Vec<u64>> = [(100, vec![here + 1, here + 5])].into();
+        let key = |tid, user_stack| SampleKey {
+            pid,
+            tid,
+            user_stack,
+            kernel_stack: stack_id::EMPTY,
+            comm: *b"tester\0\0\0\0\0\0\0\0\0\0",
+        };
+        let table = Mutex::new(ProcessTable::default());
+        let mut resolver = StackResolver::new(&SymbolizerConfig::default());
+        let samples = [
+            (key(1, 100), 3),
+            (key(2, 100), 4),
+            (key(3, stack_id::WALK_FAILED), 1),
+            (key(4, 999), 1), // a hash whose stack was not drained
+        ];
+        let out = resolver.resolve(&samples, &stacks, &table);
+        assert_eq!(out.len(), 4);
+        assert_eq!(
+            (out[0].tid, out[0].count, out[0].comm.as_str()),
+            (1, 3, "tester")
+        );
+        let leaf = &out[0].stack[0];
+        let function = &leaf.frames.last().unwrap().function;
+        assert!(
+            function.ends_with("resolves_own_frames_shares_them_between_threads_and_names_losses"),
+            "{function}"
+        );
+        assert!(
+            leaf.mapping
+                .as_ref()
+                .unwrap()
+                .filename
+                .contains("fathom_agent")
+        );
+        // The caller frame is looked up one byte back, inside the same function.
+        assert_eq!(out[0].stack[1].frames.last().unwrap().function, *function);
+        // Two threads with one stack share the very same locations.
+        assert!(Arc::ptr_eq(&out[0].stack[0], &out[1].stack[0]));
+        assert_eq!(
+            out[2].stack[0].frames[0].function,
+            "[lost user stack: stack walk failed]"
+        );
+        assert_eq!(
+            out[3].stack[0].frames[0].function,
+            "[lost user stack: not stored]"
+        );
+        assert_eq!(resolver.stats().lost_stacks, 2);
     }
 
     #[test]
