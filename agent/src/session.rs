@@ -262,22 +262,12 @@ impl Session {
         for sample in &resolved {
             add_sample(&mut builder, sample);
         }
-        self.add_comments(&mut builder, collected.recorded, collected.counted)?;
+        let samples = format!(
+            "samples recorded={} read={}",
+            collected.recorded, collected.counted
+        );
+        add_comments(&mut builder, &samples, &self.loss_summary()?);
         Ok(builder.build())
-    }
-
-    fn add_comments(
-        &self,
-        builder: &mut ProfileBuilder,
-        recorded: u64,
-        counted: u64,
-    ) -> Result<(), SessionError> {
-        builder.add_comment(&format!("fathom-agent {}", env!("CARGO_PKG_VERSION")));
-        builder.add_comment(&format!(
-            "samples recorded={recorded} read={counted}; since start: {}",
-            self.loss_summary()?
-        ));
-        Ok(())
     }
 
     /// What was lost since start, in the kernel and in user space.
@@ -357,6 +347,20 @@ impl Session {
             tracing::warn!(dir = %dir.display(), error = %e, "no output directory: profiles not written");
             return Ok(0);
         }
+        // Once per window, not once per process: the losses read kernel
+        // counters, and the names need the table.
+        let losses = self.loss_summary()?;
+        let names: HashMap<u32, (String, Option<String>)> = {
+            let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            by_pid
+                .iter()
+                .map(|(pid, samples)| {
+                    let process = table.process(*pid);
+                    let comm = process.map_or_else(|| samples[0].comm.clone(), |p| p.comm.clone());
+                    (*pid, (comm, process.and_then(|p| p.exe.clone())))
+                })
+                .collect()
+        };
         let stamp = file_stamp(meta.start);
         let mut written = 0;
         for (pid, samples) in &by_pid {
@@ -365,21 +369,17 @@ impl Session {
                 add_sample(&mut builder, sample);
             }
             let count: u64 = samples.iter().map(|s| s.count).sum();
-            self.add_comments(&mut builder, count, count)?;
-            let (name, exe) = {
-                let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-                let process = table.process(*pid);
-                (
-                    process
-                        .map(|p| p.comm.clone())
-                        .unwrap_or_else(|| samples[0].comm.clone()),
-                    process.and_then(|p| p.exe.clone()),
-                )
-            };
-            if let Some(exe) = &exe {
+            let line = format!(
+                "samples of this process={count}; window: recorded={} read={}",
+                window.recorded,
+                window.counted()
+            );
+            add_comments(&mut builder, &line, &losses);
+            let (name, exe) = &names[pid];
+            if let Some(exe) = exe {
                 builder.set_main_binary(exe);
             }
-            let path = dir.join(format!("{stamp}_{}_{pid}.pb.gz", sanitize(&name)));
+            let path = dir.join(format!("{stamp}_{}_{pid}.pb.gz", sanitize(name)));
             // A full or failing disk costs this profile, not the daemon.
             match write_atomically(&path, &pp::encode_gzip(&builder.build())) {
                 Ok(()) => {
@@ -389,12 +389,16 @@ impl Session {
                 Err(e) => {
                     self.write_failures += 1;
                     tracing::warn!(error = %e, failures = self.write_failures, "profile not written");
-                    let _ = fs::remove_file(path.with_extension("tmp"));
                 }
             }
         }
         Ok(written)
     }
+}
+
+fn add_comments(builder: &mut ProfileBuilder, samples: &str, losses: &str) {
+    builder.add_comment(&format!("fathom-agent {}", env!("CARGO_PKG_VERSION")));
+    builder.add_comment(&format!("{samples}; since start: {losses}"));
 }
 
 fn add_sample(builder: &mut ProfileBuilder, sample: &ResolvedSample) {
@@ -409,7 +413,8 @@ fn add_sample(builder: &mut ProfileBuilder, sample: &ResolvedSample) {
     );
 }
 
-/// Writes through a temporary file and a rename, so readers never see half.
+/// Writes through a temporary file and a rename, so readers never see half;
+/// on failure the temporary file is removed.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SessionError> {
     let io = |what, source| SessionError::Io {
         what,
@@ -417,10 +422,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SessionError> {
         source,
     };
     let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).map_err(|e| io("creating", e))?;
-    file.write_all(bytes).map_err(|e| io("writing", e))?;
-    file.sync_all().map_err(|e| io("syncing", e))?;
-    fs::rename(&tmp, path).map_err(|e| io("renaming", e))
+    let result = fs::File::create(&tmp)
+        .map_err(|e| io("creating", e))
+        .and_then(|mut file| {
+            file.write_all(bytes).map_err(|e| io("writing", e))?;
+            file.sync_all().map_err(|e| io("syncing", e))
+        })
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| io("renaming", e)));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// `20261122T101500Z` for a time.
@@ -562,6 +574,25 @@ mod tests {
         assert_eq!(sanitize(""), "unknown");
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         assert_eq!(file_stamp(t), "20261118T110640Z");
+    }
+
+    #[test]
+    fn failed_atomic_write_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("a.pb.gz");
+        write_atomically(&good, b"data").unwrap();
+        assert_eq!(fs::read(&good).unwrap(), b"data");
+        // Renaming onto a non-empty directory fails after the temporary
+        // file was written.
+        let target = dir.path().join("b.pb.gz");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("inside"), b"x").unwrap();
+        assert!(write_atomically(&target, b"data").is_err());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
     }
 
     #[test]
