@@ -34,6 +34,7 @@ pub struct ResolvedSample {
 pub struct ResolveStats {
     pub user_frames: u64,
     pub kernel_frames: u64,
+    /// Distinct addresses (per drain) that could not be resolved.
     pub unknown_frames: u64,
     pub lost_stacks: u64,
 }
@@ -133,6 +134,7 @@ impl StackResolver {
                                 "anonymous executable memory",
                             )),
                             UserAddress::Unknown(reason) => {
+                                self.stats.unknown_frames += 1;
                                 Slot::Fixed(special(None, addr, "[unknown]", &reason))
                             }
                         });
@@ -149,6 +151,7 @@ impl StackResolver {
 
         let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
         let kernel_symbols = self.symbolizer.kernel(&kernel_addrs);
+        self.stats.unknown_frames += count_unknown(&kernel_symbols);
         let kernel: HashMap<u64, Arc<Location>> = kernel_addrs
             .iter()
             .zip(kernel_symbols)
@@ -167,6 +170,7 @@ impl StackResolver {
                     offsets.len()
                 ],
             };
+            self.stats.unknown_frames += count_unknown(&symbols);
             for (offset, symbol) in offsets.into_iter().zip(symbols) {
                 let address = object
                     .layout
@@ -197,10 +201,6 @@ impl StackResolver {
                     Slot::Fixed(location) => location,
                 })
                 .collect();
-            self.stats.unknown_frames += stack
-                .iter()
-                .filter(|l| l.frames.iter().any(|f| f.function == "[unknown]"))
-                .count() as u64;
             resolved.push(ResolvedSample {
                 pid: key.pid,
                 tid: key.tid,
@@ -247,6 +247,13 @@ impl StackResolver {
             }
         }
     }
+}
+
+fn count_unknown(symbols: &[Symbol]) -> u64 {
+    symbols
+        .iter()
+        .filter(|s| matches!(s, Symbol::Unknown(_)))
+        .count() as u64
 }
 
 /// A location of a symbolization result.
@@ -353,7 +360,9 @@ mod tests {
         let pid = std::process::id();
         let here =
             resolves_own_frames_shares_them_between_threads_and_names_losses as *const () as u64;
-        let stacks: HashMap<u64, Vec<u64>> = [(100, vec![here + 1, here + 5])].into();
+        // Stack 101: an address in no mapping of this process.
+        let stacks: HashMap<u64, Vec<u64>> =
+            [(100, vec![here + 1, here + 5]), (101, vec![0x10])].into();
         let key = |tid, user_stack| SampleKey {
             pid,
             tid,
@@ -368,9 +377,11 @@ mod tests {
             (key(2, 100), 4),
             (key(3, stack_id::WALK_FAILED), 1),
             (key(4, 999), 1), // a hash whose stack was not drained
+            (key(5, 101), 1),
+            (key(6, 101), 1),
         ];
         let out = resolver.resolve(&samples, &stacks, &table);
-        assert_eq!(out.len(), 4);
+        assert_eq!(out.len(), 6);
         assert_eq!(
             (out[0].tid, out[0].count, out[0].comm.as_str()),
             (1, 3, "tester")
@@ -401,6 +412,10 @@ mod tests {
             "[lost user stack: not stored]"
         );
         assert_eq!(resolver.stats().lost_stacks, 2);
+        assert_eq!(out[4].stack[0].frames[0].function, "[unknown]");
+        assert!(Arc::ptr_eq(&out[4].stack[0], &out[5].stack[0]));
+        // One distinct unresolvable address, whatever the number of threads.
+        assert_eq!(resolver.stats().unknown_frames, 1);
     }
 
     #[test]
