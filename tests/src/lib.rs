@@ -351,6 +351,34 @@ pub fn go_pprof_top(path: &Path) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `addr2line -f -C -e BINARY ADDR...` (the independent oracle for
+/// symbols): function name and line of each address.
+pub fn addr2line(binary: &Path, addrs: &[u64]) -> Vec<(String, Option<u32>)> {
+    let output = Command::new("addr2line")
+        .args(["-f", "-C", "-e"])
+        .arg(binary)
+        .args(addrs.iter().map(|a| format!("{a:#x}")))
+        .output()
+        .expect("running addr2line");
+    assert!(output.status.success(), "addr2line failed");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2 * addrs.len(), "addr2line output: {text}");
+    lines
+        .chunks(2)
+        .map(|pair| {
+            // "file:line" or "file:line (discriminator N)" or "??:0"
+            let line = pair[1]
+                .split(' ')
+                .next()
+                .and_then(|fl| fl.rsplit(':').next())
+                .and_then(|l| l.parse().ok())
+                .filter(|&l| l != 0);
+            (pair[0].to_owned(), line)
+        })
+        .collect()
+}
+
 /// One sample of `perf script -F tid,ip,sym,dso`.
 #[derive(Clone, Debug)]
 pub struct PerfSample {

@@ -164,6 +164,43 @@ fn per_function_shares_match_perf() {
     assert_eq!(tids.len(), 2, "two worker threads: {tids:?}");
     assert!(ours.iter().all(|s| s.comm == "shares"));
 
+    // Location addresses are the binary's own: addr2line on each of them
+    // names the same function and line as the profile.
+    let profile = read_profile(&output);
+    let text = |i: i64| profile.string_table[i as usize].as_str();
+    let shares = fixture("shares");
+    let mapping = profile
+        .mapping
+        .iter()
+        .find(|m| text(m.filename) == shares.to_str().unwrap())
+        .expect("a mapping for the fixture");
+    let functions: HashMap<u64, &pprof::protos::Function> =
+        profile.function.iter().map(|f| (f.id, f)).collect();
+    let locations: Vec<_> = profile
+        .location
+        .iter()
+        .filter(|l| l.mapping_id == mapping.id)
+        .collect();
+    assert!(
+        locations.len() >= 4,
+        "{} fixture locations",
+        locations.len()
+    );
+    let oracle = addr2line(
+        &shares,
+        &locations.iter().map(|l| l.address).collect::<Vec<_>>(),
+    );
+    for (location, (function, line)) in locations.iter().zip(oracle) {
+        let ours = location.line.first().unwrap();
+        let name = text(functions[&ours.function_id].name);
+        assert_eq!(
+            (name, u32::try_from(ours.line).ok()),
+            (function.as_str(), line),
+            "at {:#x}",
+            location.address
+        );
+    }
+
     let top = go_pprof_top(&output);
     assert!(
         top.contains("hot_a") && top.contains("hot_b") && top.contains("hot_c"),
@@ -302,6 +339,33 @@ fn processes_are_kept_apart_by_pid() {
             "{own}: {own_count} of {count}"
         );
         assert!(mine.iter().all(|s| s.comm == "spin"));
+    }
+    // The same code in two processes is one location, whatever ASLR did:
+    // libc's return address into main, shared by both.
+    let profile = read_profile(&output);
+    let text = |i: i64| profile.string_table[i as usize].as_str();
+    let start_main: Vec<u64> = profile
+        .location
+        .iter()
+        .filter(|l| {
+            l.line.iter().any(|line| {
+                profile
+                    .function
+                    .iter()
+                    .any(|f| f.id == line.function_id && text(f.name) == "__libc_start_call_main")
+            })
+        })
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(start_main.len(), 1, "one location for libc's call of main");
+    for process in [&alpha, &beta] {
+        let uses = profile.sample.iter().any(|s| {
+            s.location_id.contains(&start_main[0])
+                && s.label
+                    .iter()
+                    .any(|l| text(l.key) == "pid" && l.num == i64::from(process.pid()))
+        });
+        assert!(uses, "pid {} uses the shared location", process.pid());
     }
     go_pprof_top(&output);
 }
