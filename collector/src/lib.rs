@@ -1,0 +1,21 @@
+//! Fathom's collector: receives profiles, spans and metrics from agents (and
+//! from any OTLP or Pyroscope client), aggregates them, and delivers them to
+//! Pyroscope, an OTLP endpoint (Jaeger) and Prometheus — or, with no backend
+//! configured, keeps them in an embedded store and shows them in its own UI.
+//!
+//! Layout (after rotel): `receivers/` (OTLP gRPC + HTTP, Pyroscope push),
+//! `pipeline` (bounded queues, fan-out), `aggregate` (profile windows, span
+//! batches), `exporters/` (Pyroscope, OTLP, Prometheus), `store` + `ui` (the
+//! embedded default), `init` (start-up and ordered shutdown). Pure logic
+//! (`pprof`, `model`, `aggregate`) has no I/O.
+
+pub mod aggregate;
+pub mod config;
+pub mod model;
+pub mod pipeline;
+pub mod pprof;
+pub mod proto;
+pub mod stats;
+
+pub use config::{CollectorArgs, CollectorConfig};
+pub use pipeline::{Ingest, IngestError};

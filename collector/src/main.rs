@@ -1,0 +1,2 @@
+//! `fathom-collector` (start-up is wired in `init`).
+fn main() {}

@@ -1,0 +1,186 @@
+//! Bounded queues from receivers to the aggregator and batcher, and the
+//! fan-out from there to every sink (store, exporters).
+//!
+//! Back-pressure: receivers only `try_send`; a full queue is reported to the
+//! client (`RESOURCE_EXHAUSTED` / HTTP 429) so it retries later, nothing is
+//! dropped silently. Sinks are awaited in turn, so a slow sink fills the queues
+//! and pushes back the same way; exporters keep their own byte-bounded retry
+//! buffers, so an exporter that is down does not stall the others.
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    model::{MergedProfile, RawProfile},
+    stats::Stats,
+};
+
+/// What a sink receives. `Arc` so that every sink shares one copy.
+#[derive(Clone, Debug)]
+pub enum Batch {
+    Profiles(Arc<Vec<MergedProfile>>),
+    Spans(Arc<ExportTraceServiceRequest>),
+    Metrics(Arc<ExportMetricsServiceRequest>),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IngestError {
+    #[error("the collector's {0} queue is full, retry later")]
+    Full(&'static str),
+    #[error("the collector is shutting down")]
+    ShuttingDown,
+}
+
+/// The receivers' (and an in-process agent's) handle into the pipeline.
+#[derive(Clone, Debug)]
+pub struct Ingest {
+    pub(crate) profiles: mpsc::Sender<RawProfile>,
+    pub(crate) spans: mpsc::Sender<ExportTraceServiceRequest>,
+    pub(crate) metrics: mpsc::Sender<ExportMetricsServiceRequest>,
+    pub stats: Arc<Stats>,
+}
+
+fn map_err<T>(e: mpsc::error::TrySendError<T>, queue: &'static str) -> IngestError {
+    match e {
+        mpsc::error::TrySendError::Full(_) => IngestError::Full(queue),
+        mpsc::error::TrySendError::Closed(_) => IngestError::ShuttingDown,
+    }
+}
+
+impl Ingest {
+    pub fn profile(&self, p: RawProfile) -> Result<(), IngestError> {
+        match self.profiles.try_send(p) {
+            Ok(()) => {
+                self.stats.profiles.accepted.inc();
+                Ok(())
+            }
+            Err(e) => {
+                let e = map_err(e, "profile");
+                if matches!(e, IngestError::Full(_)) {
+                    self.stats.profiles.refused_full.inc();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// For an in-process producer on a plain thread (the agent): waits up to
+    /// `timeout` for room instead of failing at once.
+    pub fn profile_blocking(&self, p: RawProfile, timeout: Duration) -> Result<(), IngestError> {
+        let deadline = Instant::now() + timeout;
+        let mut p = p;
+        loop {
+            match self.profiles.try_send(p) {
+                Ok(()) => {
+                    self.stats.profiles.accepted.inc();
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(IngestError::ShuttingDown),
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        self.stats.profiles.refused_full.inc();
+                        return Err(IngestError::Full("profile"));
+                    }
+                    p = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    pub fn spans(&self, req: ExportTraceServiceRequest) -> Result<(), IngestError> {
+        let n = span_count(&req);
+        match self.spans.try_send(req) {
+            Ok(()) => {
+                self.stats.spans.accepted.add(n);
+                Ok(())
+            }
+            Err(e) => {
+                let e = map_err(e, "span");
+                if matches!(e, IngestError::Full(_)) {
+                    self.stats.spans.refused_full.add(n);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub fn metrics(&self, req: ExportMetricsServiceRequest) -> Result<(), IngestError> {
+        let n = metric_point_count(&req);
+        match self.metrics.try_send(req) {
+            Ok(()) => {
+                self.stats.metrics.accepted.add(n);
+                Ok(())
+            }
+            Err(e) => {
+                let e = map_err(e, "metric");
+                if matches!(e, IngestError::Full(_)) {
+                    self.stats.metrics.refused_full.add(n);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+pub fn span_count(req: &ExportTraceServiceRequest) -> u64 {
+    req.resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len() as u64)
+        .sum()
+}
+
+pub fn metric_point_count(req: &ExportMetricsServiceRequest) -> u64 {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    req.resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .map(|m| match &m.data {
+            Some(Data::Gauge(g)) => g.data_points.len(),
+            Some(Data::Sum(s)) => s.data_points.len(),
+            Some(Data::Histogram(h)) => h.data_points.len(),
+            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+            Some(Data::Summary(s)) => s.data_points.len(),
+            None => 0,
+        } as u64)
+        .sum()
+}
+
+/// A named consumer of batches.
+#[derive(Clone, Debug)]
+pub struct Sink {
+    pub name: String,
+    pub tx: mpsc::Sender<Batch>,
+}
+
+/// Delivers each batch to every sink, awaiting each in turn (back-pressure).
+#[derive(Clone, Debug, Default)]
+pub struct Fanout {
+    sinks: Vec<Sink>,
+}
+
+impl Fanout {
+    pub fn new(sinks: Vec<Sink>) -> Self {
+        Self { sinks }
+    }
+
+    pub async fn send(&self, batch: Batch) {
+        for sink in &self.sinks {
+            if sink.tx.send(batch.clone()).await.is_err() {
+                tracing::warn!(sink = %sink.name, "sink has stopped; batch not delivered to it");
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
+    }
+}

@@ -1,0 +1,742 @@
+//! pprof in the collector: decode and validate what clients send, merge many
+//! profiles into one, and derive flame-graph stacks and top functions.
+//! Pure functions on bytes and structs: unit-tested and fuzzed without a
+//! network.
+use std::{collections::HashMap, io::Read as _};
+
+use flate2::read::GzDecoder;
+use prost::Message as _;
+
+use crate::proto::pprof::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
+
+/// Largest decompressed profile accepted.
+pub const MAX_DECODED_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PprofError {
+    #[error("gzip: {0}")]
+    Gzip(String),
+    #[error("profile larger than {MAX_DECODED_BYTES} bytes when decompressed")]
+    TooLarge,
+    #[error("not a pprof protobuf: {0}")]
+    Decode(String),
+    #[error("invalid pprof: {0}")]
+    Invalid(String),
+    #[error("sample types differ: {0} vs {1}")]
+    SampleTypes(String, String),
+}
+
+/// Decodes a pprof profile, gzipped or not, and validates it.
+pub fn decode(bytes: &[u8]) -> Result<Profile, PprofError> {
+    let profile = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        GzDecoder::new(bytes)
+            .take(MAX_DECODED_BYTES + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| PprofError::Gzip(e.to_string()))?;
+        if out.len() as u64 > MAX_DECODED_BYTES {
+            return Err(PprofError::TooLarge);
+        }
+        Profile::decode(out.as_slice())
+    } else {
+        if bytes.len() as u64 > MAX_DECODED_BYTES {
+            return Err(PprofError::TooLarge);
+        }
+        Profile::decode(bytes)
+    }
+    .map_err(|e| PprofError::Decode(e.to_string()))?;
+    validate(&profile)?;
+    Ok(profile)
+}
+
+pub fn encode(profile: &Profile) -> Vec<u8> {
+    profile.encode_to_vec()
+}
+
+pub fn encode_gzip(profile: &Profile) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(&profile.encode_to_vec());
+    enc.finish().unwrap_or_default()
+}
+
+/// The rules `go tool pprof` enforces, plus string indices in range (so that
+/// every later lookup is safe).
+pub fn validate(p: &Profile) -> Result<(), PprofError> {
+    let bad = |m: String| Err(PprofError::Invalid(m));
+    let strings = p.string_table.len() as i64;
+    if strings == 0 || !p.string_table[0].is_empty() {
+        return bad("string_table[0] must be the empty string".into());
+    }
+    let s_ok = |i: i64| (0..strings).contains(&i);
+    if p.sample_type.is_empty() {
+        return bad("no sample_type".into());
+    }
+    for vt in p.sample_type.iter().chain(p.period_type.iter()) {
+        if !s_ok(vt.r#type) || !s_ok(vt.unit) {
+            return bad("value type string index out of range".into());
+        }
+    }
+    if p.comment.iter().any(|&c| !s_ok(c))
+        || !s_ok(p.drop_frames)
+        || !s_ok(p.keep_frames)
+        || !s_ok(p.default_sample_type)
+    {
+        return bad("string index out of range".into());
+    }
+    let mut mappings = HashMap::with_capacity(p.mapping.len());
+    for m in &p.mapping {
+        if m.id == 0 || mappings.insert(m.id, ()).is_some() {
+            return bad(format!("mapping id {} is zero or duplicated", m.id));
+        }
+        if !s_ok(m.filename) || !s_ok(m.build_id) {
+            return bad(format!("mapping {}: string index out of range", m.id));
+        }
+    }
+    let mut functions = HashMap::with_capacity(p.function.len());
+    for f in &p.function {
+        if f.id == 0 || functions.insert(f.id, ()).is_some() {
+            return bad(format!("function id {} is zero or duplicated", f.id));
+        }
+        if !s_ok(f.name) || !s_ok(f.system_name) || !s_ok(f.filename) {
+            return bad(format!("function {}: string index out of range", f.id));
+        }
+    }
+    let mut locations = HashMap::with_capacity(p.location.len());
+    for l in &p.location {
+        if l.id == 0 || locations.insert(l.id, ()).is_some() {
+            return bad(format!("location id {} is zero or duplicated", l.id));
+        }
+        if l.mapping_id != 0 && !mappings.contains_key(&l.mapping_id) {
+            return bad(format!(
+                "location {}: mapping {} does not exist",
+                l.id, l.mapping_id
+            ));
+        }
+        for line in &l.line {
+            if !functions.contains_key(&line.function_id) {
+                return bad(format!(
+                    "location {}: function {} does not exist",
+                    l.id, line.function_id
+                ));
+            }
+        }
+    }
+    for (i, s) in p.sample.iter().enumerate() {
+        if s.value.len() != p.sample_type.len() {
+            return bad(format!(
+                "sample {i} has {} values for {} sample types",
+                s.value.len(),
+                p.sample_type.len()
+            ));
+        }
+        if let Some(id) = s.location_id.iter().find(|id| !locations.contains_key(id)) {
+            return bad(format!("sample {i}: location {id} does not exist"));
+        }
+        for l in &s.label {
+            if !s_ok(l.key) || !s_ok(l.str) || !s_ok(l.num_unit) {
+                return bad(format!("sample {i}: label string index out of range"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn string(p: &Profile, i: i64) -> &str {
+    usize::try_from(i)
+        .ok()
+        .and_then(|i| p.string_table.get(i))
+        .map_or("", String::as_str)
+}
+
+/// `type/unit,type/unit…`: what must agree for two profiles to merge.
+pub fn sample_types_signature(p: &Profile) -> String {
+    p.sample_type
+        .iter()
+        .map(|vt| format!("{}/{}", string(p, vt.r#type), string(p, vt.unit)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct MappingKey {
+    start: u64,
+    limit: u64,
+    offset: u64,
+    filename: i64,
+    build_id: i64,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct LocationKey {
+    mapping: u64,
+    address: u64,
+    lines: Vec<Line>,
+    folded: bool,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct FunctionKey {
+    name: i64,
+    system_name: i64,
+    filename: i64,
+    start_line: i64,
+}
+
+/// Merges profiles with the same sample types into one: equal mappings,
+/// functions and locations (by content) are shared, samples with the same
+/// stack and labels are summed.
+#[derive(Default)]
+pub struct Merger {
+    out: Profile,
+    signature: Option<String>,
+    strings: HashMap<String, i64>,
+    mappings: HashMap<MappingKey, u64>,
+    functions: HashMap<FunctionKey, u64>,
+    locations: HashMap<LocationKey, u64>,
+    samples: HashMap<(Vec<u64>, Vec<Label>), usize>,
+    comments: HashMap<i64, ()>,
+    end_nanos: i64,
+    inputs: u64,
+}
+
+/// Comments kept in a merged profile.
+const MAX_COMMENTS: usize = 64;
+
+impl Merger {
+    pub fn new() -> Self {
+        let mut m = Self::default();
+        m.intern("");
+        m
+    }
+
+    fn intern(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.strings.get(s) {
+            return i;
+        }
+        let i = self.out.string_table.len() as i64;
+        self.out.string_table.push(s.to_string());
+        self.strings.insert(s.to_string(), i);
+        i
+    }
+
+    pub fn inputs(&self) -> u64 {
+        self.inputs
+    }
+
+    /// Adds a validated profile. Fails (and adds nothing) when its sample
+    /// types differ from the profiles already merged.
+    pub fn add(&mut self, p: &Profile) -> Result<(), PprofError> {
+        let sig = sample_types_signature(p);
+        match &self.signature {
+            Some(existing) if *existing != sig => {
+                return Err(PprofError::SampleTypes(existing.clone(), sig));
+            }
+            Some(_) => {}
+            None => {
+                self.signature = Some(sig);
+                let vts: Vec<ValueType> = p
+                    .sample_type
+                    .iter()
+                    .map(|vt| ValueType {
+                        r#type: self.intern(string(p, vt.r#type)),
+                        unit: self.intern(string(p, vt.unit)),
+                    })
+                    .collect();
+                self.out.sample_type = vts;
+                self.out.period_type = p.period_type.map(|vt| ValueType {
+                    r#type: self.intern(string(p, vt.r#type)),
+                    unit: self.intern(string(p, vt.unit)),
+                });
+                self.out.period = p.period;
+                self.out.default_sample_type = self.intern(string(p, p.default_sample_type));
+                self.out.drop_frames = self.intern(string(p, p.drop_frames));
+                self.out.keep_frames = self.intern(string(p, p.keep_frames));
+                self.out.time_nanos = p.time_nanos;
+            }
+        }
+        self.inputs += 1;
+        if p.time_nanos != 0 && (self.out.time_nanos == 0 || p.time_nanos < self.out.time_nanos) {
+            self.out.time_nanos = p.time_nanos;
+        }
+        self.end_nanos = self
+            .end_nanos
+            .max(p.time_nanos.saturating_add(p.duration_nanos));
+        for &c in &p.comment {
+            if self.comments.len() < MAX_COMMENTS {
+                let c = self.intern(string(p, c));
+                if self.comments.insert(c, ()).is_none() {
+                    self.out.comment.push(c);
+                }
+            }
+        }
+
+        let mut mapping_ids = HashMap::with_capacity(p.mapping.len());
+        for m in &p.mapping {
+            let key = MappingKey {
+                start: m.memory_start,
+                limit: m.memory_limit,
+                offset: m.file_offset,
+                filename: self.intern(string(p, m.filename)),
+                build_id: self.intern(string(p, m.build_id)),
+            };
+            let next = self.out.mapping.len() as u64 + 1;
+            let id = *self.mappings.entry(key).or_insert_with(|| {
+                self.out.mapping.push(Mapping {
+                    id: next,
+                    memory_start: m.memory_start,
+                    memory_limit: m.memory_limit,
+                    file_offset: m.file_offset,
+                    filename: 0,
+                    build_id: 0,
+                    has_functions: m.has_functions,
+                    has_filenames: m.has_filenames,
+                    has_line_numbers: m.has_line_numbers,
+                    has_inline_frames: m.has_inline_frames,
+                });
+                next
+            });
+            let out = &mut self.out.mapping[id as usize - 1];
+            if id == next {
+                out.filename = self.strings[string(p, m.filename)];
+                out.build_id = self.strings[string(p, m.build_id)];
+            }
+            out.has_functions |= m.has_functions;
+            out.has_filenames |= m.has_filenames;
+            out.has_line_numbers |= m.has_line_numbers;
+            out.has_inline_frames |= m.has_inline_frames;
+            mapping_ids.insert(m.id, id);
+        }
+
+        let mut function_ids = HashMap::with_capacity(p.function.len());
+        for f in &p.function {
+            let key = FunctionKey {
+                name: self.intern(string(p, f.name)),
+                system_name: self.intern(string(p, f.system_name)),
+                filename: self.intern(string(p, f.filename)),
+                start_line: f.start_line,
+            };
+            let next = self.out.function.len() as u64 + 1;
+            let new = Function {
+                id: next,
+                name: key.name,
+                system_name: key.system_name,
+                filename: key.filename,
+                start_line: key.start_line,
+            };
+            let id = *self.functions.entry(key).or_insert_with(|| {
+                self.out.function.push(new);
+                next
+            });
+            function_ids.insert(f.id, id);
+        }
+
+        let mut location_ids = HashMap::with_capacity(p.location.len());
+        for l in &p.location {
+            let lines: Vec<Line> = l
+                .line
+                .iter()
+                .map(|line| Line {
+                    function_id: function_ids.get(&line.function_id).copied().unwrap_or(0),
+                    line: line.line,
+                    column: line.column,
+                })
+                .collect();
+            let mapping = if l.mapping_id == 0 {
+                0
+            } else {
+                mapping_ids.get(&l.mapping_id).copied().unwrap_or(0)
+            };
+            let key = LocationKey {
+                mapping,
+                address: l.address,
+                lines,
+                folded: l.is_folded,
+            };
+            let next = self.out.location.len() as u64 + 1;
+            let id = match self.locations.get(&key) {
+                Some(&id) => id,
+                None => {
+                    self.out.location.push(Location {
+                        id: next,
+                        mapping_id: key.mapping,
+                        address: key.address,
+                        line: key.lines.clone(),
+                        is_folded: key.folded,
+                    });
+                    self.locations.insert(key, next);
+                    next
+                }
+            };
+            location_ids.insert(l.id, id);
+        }
+
+        for s in &p.sample {
+            let locs: Vec<u64> = s
+                .location_id
+                .iter()
+                .map(|id| location_ids.get(id).copied().unwrap_or(0))
+                .collect();
+            let labels: Vec<Label> = s
+                .label
+                .iter()
+                .map(|l| Label {
+                    key: self.intern(string(p, l.key)),
+                    str: self.intern(string(p, l.str)),
+                    num: l.num,
+                    num_unit: self.intern(string(p, l.num_unit)),
+                })
+                .collect();
+            match self.samples.get(&(locs.clone(), labels.clone())) {
+                Some(&i) => {
+                    for (acc, v) in self.out.sample[i].value.iter_mut().zip(&s.value) {
+                        *acc = acc.saturating_add(*v);
+                    }
+                }
+                None => {
+                    self.samples
+                        .insert((locs.clone(), labels.clone()), self.out.sample.len());
+                    self.out.sample.push(Sample {
+                        location_id: locs,
+                        value: s.value.clone(),
+                        label: labels,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The merged profile; `None` when nothing was added.
+    pub fn finish(mut self) -> Option<Profile> {
+        self.signature.as_ref()?;
+        if self.end_nanos > self.out.time_nanos {
+            self.out.duration_nanos = self.end_nanos - self.out.time_nanos;
+        }
+        Some(self.out)
+    }
+}
+
+/// Merges profiles that share sample types; `None` for an empty list.
+pub fn merge<'a>(
+    profiles: impl IntoIterator<Item = &'a Profile>,
+) -> Result<Option<Profile>, PprofError> {
+    let mut m = Merger::new();
+    for p in profiles {
+        m.add(p)?;
+    }
+    Ok(m.finish())
+}
+
+/// The index of the sample type named `ty` (e.g. `cpu`), else the profile's
+/// default sample type, else the last one (pprof's rule).
+pub fn sample_index(p: &Profile, ty: Option<&str>) -> usize {
+    let find = |name: &str| {
+        p.sample_type
+            .iter()
+            .position(|vt| string(p, vt.r#type) == name)
+    };
+    ty.and_then(find)
+        .or_else(|| {
+            let d = string(p, p.default_sample_type);
+            if d.is_empty() { None } else { find(d) }
+        })
+        .unwrap_or(p.sample_type.len().saturating_sub(1))
+}
+
+/// The frames of a sample from the root to the leaf, inline frames expanded
+/// (pprof stores leaf first, and innermost-first lines within a location).
+fn frames_root_first<'p>(
+    p: &'p Profile,
+    index: &HashMap<u64, &'p Location>,
+    fns: &HashMap<u64, &'p Function>,
+    s: &Sample,
+) -> Vec<&'p str> {
+    let mut out = Vec::with_capacity(s.location_id.len());
+    for id in s.location_id.iter().rev() {
+        let Some(loc) = index.get(id) else { continue };
+        if loc.line.is_empty() {
+            out.push("[unknown]");
+            continue;
+        }
+        for line in loc.line.iter().rev() {
+            let name = fns
+                .get(&line.function_id)
+                .map_or("[unknown]", |f| string(p, f.name));
+            out.push(if name.is_empty() { "[unknown]" } else { name });
+        }
+    }
+    out
+}
+
+fn indexes(p: &Profile) -> (HashMap<u64, &Location>, HashMap<u64, &Function>) {
+    (
+        p.location.iter().map(|l| (l.id, l)).collect(),
+        p.function.iter().map(|f| (f.id, f)).collect(),
+    )
+}
+
+/// Folded stacks (`root;…;leaf value`, the input of flame graph tools), equal
+/// stacks summed, zero values left out, sorted.
+pub fn folded(p: &Profile, sample_index: usize) -> Vec<(String, i64)> {
+    let (locs, fns) = indexes(p);
+    let mut acc: HashMap<String, i64> = HashMap::new();
+    for s in &p.sample {
+        let v = s.value.get(sample_index).copied().unwrap_or(0);
+        if v == 0 {
+            continue;
+        }
+        let stack = frames_root_first(p, &locs, &fns, s)
+            .iter()
+            .map(|f| f.replace(';', ":"))
+            .collect::<Vec<_>>()
+            .join(";");
+        let e = acc.entry(stack).or_default();
+        *e = e.saturating_add(v);
+    }
+    let mut out: Vec<_> = acc.into_iter().collect();
+    out.sort();
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TopEntry {
+    pub name: String,
+    /// Value where the function is the leaf.
+    pub flat: i64,
+    /// Value of samples the function is on (counted once per sample).
+    pub cum: i64,
+}
+
+/// Functions by flat value, then cumulative value, descending.
+pub fn top(p: &Profile, sample_index: usize) -> (Vec<TopEntry>, i64) {
+    let (locs, fns) = indexes(p);
+    let mut flat: HashMap<&str, i64> = HashMap::new();
+    let mut cum: HashMap<&str, i64> = HashMap::new();
+    let mut total = 0i64;
+    for s in &p.sample {
+        let v = s.value.get(sample_index).copied().unwrap_or(0);
+        if v == 0 {
+            continue;
+        }
+        total = total.saturating_add(v);
+        let frames = frames_root_first(p, &locs, &fns, s);
+        if let Some(leaf) = frames.last() {
+            let e = flat.entry(leaf).or_default();
+            *e = e.saturating_add(v);
+        }
+        let mut seen: Vec<&str> = Vec::with_capacity(frames.len());
+        for f in frames {
+            if !seen.contains(&f) {
+                seen.push(f);
+                let e = cum.entry(f).or_default();
+                *e = e.saturating_add(v);
+            }
+        }
+    }
+    let mut out: Vec<TopEntry> = cum
+        .into_iter()
+        .map(|(name, cum)| TopEntry {
+            name: name.to_string(),
+            flat: flat.get(name).copied().unwrap_or(0),
+            cum,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.flat
+            .cmp(&a.flat)
+            .then(b.cum.cmp(&a.cum))
+            .then(a.name.cmp(&b.name))
+    });
+    (out, total)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    /// A tiny CPU profile: stacks given root-first as function names, each
+    /// location one function; `pid` as a sample label.
+    pub(crate) fn cpu_profile(stacks: &[(&[&str], i64)], pid: i64) -> Profile {
+        let mut p = Profile {
+            string_table: vec![
+                "".into(),
+                "samples".into(),
+                "count".into(),
+                "cpu".into(),
+                "nanoseconds".into(),
+                "pid".into(),
+            ],
+            ..Profile::default()
+        };
+        p.sample_type = vec![
+            ValueType { r#type: 1, unit: 2 },
+            ValueType { r#type: 3, unit: 4 },
+        ];
+        p.period_type = Some(ValueType { r#type: 3, unit: 4 });
+        p.period = 10_000_000;
+        p.time_nanos = 1_000;
+        p.duration_nanos = 10;
+        p.mapping.push(Mapping {
+            id: 1,
+            memory_start: 0x1000,
+            memory_limit: 0x9000,
+            filename: 0,
+            ..Mapping::default()
+        });
+        let intern = |p: &mut Profile, s: &str| -> i64 {
+            if let Some(i) = p.string_table.iter().position(|x| x == s) {
+                return i as i64;
+            }
+            p.string_table.push(s.into());
+            p.string_table.len() as i64 - 1
+        };
+        for (stack, count) in stacks {
+            let mut ids = Vec::new();
+            for name in stack.iter().rev() {
+                let n = intern(&mut p, name);
+                let fid = match p.function.iter().find(|f| f.name == n) {
+                    Some(f) => f.id,
+                    None => {
+                        let id = p.function.len() as u64 + 1;
+                        p.function.push(Function {
+                            id,
+                            name: n,
+                            ..Function::default()
+                        });
+                        id
+                    }
+                };
+                let lid = match p.location.iter().find(|l| l.line[0].function_id == fid) {
+                    Some(l) => l.id,
+                    None => {
+                        let id = p.location.len() as u64 + 1;
+                        p.location.push(Location {
+                            id,
+                            mapping_id: 1,
+                            address: 0x1000 + id,
+                            line: vec![Line {
+                                function_id: fid,
+                                line: 1,
+                                column: 0,
+                            }],
+                            is_folded: false,
+                        });
+                        id
+                    }
+                };
+                ids.push(lid);
+            }
+            p.sample.push(Sample {
+                location_id: ids,
+                value: vec![*count, count * 10_000_000],
+                label: vec![Label {
+                    key: 5,
+                    num: pid,
+                    ..Label::default()
+                }],
+            });
+        }
+        p
+    }
+
+    #[test]
+    fn decode_accepts_gzip_and_plain_and_rejects_garbage() {
+        let p = cpu_profile(&[(&["main", "work"], 3)], 1);
+        assert_eq!(decode(&encode(&p)).unwrap(), p);
+        assert_eq!(decode(&encode_gzip(&p)).unwrap(), p);
+        assert!(matches!(
+            decode(b"\x1f\x8bnot gzip"),
+            Err(PprofError::Gzip(_))
+        ));
+        assert!(matches!(
+            decode(b"\xff\xff\xff"),
+            Err(PprofError::Decode(_))
+        ));
+        let mut bad = p.clone();
+        bad.sample[0].value.pop();
+        assert_eq!(
+            decode(&encode(&bad)),
+            Err(PprofError::Invalid(
+                "sample 0 has 1 values for 2 sample types".into()
+            ))
+        );
+        let mut bad = p.clone();
+        bad.location[0].line[0].function_id = 99;
+        assert!(
+            matches!(decode(&encode(&bad)), Err(PprofError::Invalid(m)) if m.contains("function 99"))
+        );
+        let mut bad = p;
+        bad.function[0].name = 1000;
+        assert!(matches!(decode(&encode(&bad)), Err(PprofError::Invalid(_))));
+    }
+
+    #[test]
+    fn merge_sums_equal_stacks_and_keeps_labels_apart() {
+        let a = cpu_profile(&[(&["main", "work"], 3), (&["main", "idle"], 1)], 1);
+        let b = cpu_profile(&[(&["main", "work"], 2)], 1);
+        let c = cpu_profile(&[(&["main", "work"], 5)], 2);
+        let m = merge([&a, &b, &c]).unwrap().unwrap();
+        validate(&m).unwrap();
+        let cpu = sample_index(&m, Some("cpu"));
+        assert_eq!(cpu, 1);
+        let f = folded(&m, 0);
+        assert_eq!(
+            f,
+            vec![("main;idle".to_string(), 1), ("main;work".to_string(), 10)]
+        );
+        assert_eq!(m.sample.len(), 3, "pid 1 and pid 2 stay separate samples");
+        assert_eq!(m.function.len(), 3);
+        assert_eq!(m.location.len(), 3);
+        let (top, total) = top(&m, 0);
+        assert_eq!(total, 11);
+        assert_eq!(
+            top[0],
+            TopEntry {
+                name: "work".into(),
+                flat: 10,
+                cum: 10
+            }
+        );
+        assert_eq!(top.iter().find(|t| t.name == "main").unwrap().cum, 11);
+        assert_eq!(folded(&m, cpu)[1].1, 100_000_000);
+    }
+
+    #[test]
+    fn merge_refuses_other_sample_types() {
+        let a = cpu_profile(&[(&["main"], 1)], 1);
+        let mut b = a.clone();
+        b.string_table[3] = "alloc_space".into();
+        let mut m = Merger::new();
+        m.add(&a).unwrap();
+        assert!(matches!(m.add(&b), Err(PprofError::SampleTypes(_, _))));
+        assert_eq!(m.inputs(), 1);
+    }
+
+    #[test]
+    fn inline_frames_expand_root_first() {
+        let mut p = cpu_profile(&[(&["main", "leaf"], 1)], 1);
+        // Make the leaf location carry an inlined chain: inner (innermost) in leaf.
+        p.string_table.push("inner".into());
+        let n = p.string_table.len() as i64 - 1;
+        p.function.push(Function {
+            id: 9,
+            name: n,
+            ..Function::default()
+        });
+        let leaf_loc = p.sample[0].location_id[0];
+        let loc = p.location.iter_mut().find(|l| l.id == leaf_loc).unwrap();
+        loc.line.insert(
+            0,
+            Line {
+                function_id: 9,
+                line: 7,
+                column: 0,
+            },
+        );
+        validate(&p).unwrap();
+        assert_eq!(folded(&p, 0), vec![("main;leaf;inner".to_string(), 1)]);
+    }
+}
