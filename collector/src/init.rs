@@ -106,6 +106,15 @@ impl Collector {
     /// Starts everything the configuration asks for. Must run inside a tokio
     /// runtime.
     pub async fn start(config: CollectorConfig) -> Result<Self, StartError> {
+        Self::start_with_sinks(config, Vec::new()).await
+    }
+
+    /// Like [`Collector::start`], plus sinks of the caller's own (they get
+    /// every batch, after the built-in ones; their channel closes at shutdown).
+    pub async fn start_with_sinks(
+        config: CollectorConfig,
+        extra_sinks: Vec<Sink>,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         // reqwest and tonic use rustls with ring; a second install is a no-op error.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -116,7 +125,8 @@ impl Collector {
         let mut http_routes = Router::new();
 
         // SINKS: the embedded store, the Prometheus registry, exporters.
-        let _ = (&mut sinks_set, &mut sinks);
+        let _ = &mut sinks_set;
+        sinks.extend(extra_sinks);
 
         let fanout = Fanout::new(sinks);
         let (profiles_tx, profiles_rx) = mpsc::channel(config.queues.profiles);
