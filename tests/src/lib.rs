@@ -64,39 +64,45 @@ pub fn workspace_root() -> PathBuf {
 /// tests, and returns its path.
 pub fn agent_binary() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| cargo_build_agent(cfg!(not(debug_assertions))))
+    PATH.get_or_init(|| cargo_build_bin("fathom-agent", cfg!(not(debug_assertions))))
 }
 
 /// Builds the release `fathom-agent` (for benchmarks).
 pub fn release_agent_binary() -> PathBuf {
-    cargo_build_agent(true)
+    cargo_build_bin("fathom-agent", true)
 }
 
-fn cargo_build_agent(release: bool) -> PathBuf {
+/// Builds `fathom-collector` (once per test binary) with the same profile as
+/// the tests, and returns its path.
+pub fn collector_binary() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| cargo_build_bin("fathom-collector", cfg!(not(debug_assertions))))
+}
+
+/// Builds the release `fathom-collector` (for benchmarks).
+pub fn release_collector_binary() -> PathBuf {
+    cargo_build_bin("fathom-collector", true)
+}
+
+/// Builds a binary of the workspace whose package and binary share `name`.
+fn cargo_build_bin(name: &str, release: bool) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args([
-            "build",
-            "-p",
-            "fathom-agent",
-            "--bin",
-            "fathom-agent",
-            "--message-format=json",
-        ])
+        .args(["build", "-p", name, "--bin", name, "--message-format=json"])
         .stderr(Stdio::inherit());
     if release {
         cmd.arg("--release");
     }
     let output = cmd.output().unwrap();
-    assert!(output.status.success(), "building fathom-agent failed");
+    assert!(output.status.success(), "building {name} failed");
     let stdout = String::from_utf8_lossy(&output.stdout);
     stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"]["name"] == "fathom-agent")
+        .filter(|v| v["target"]["name"] == name)
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .expect("cargo did not report the fathom-agent executable")
+        .unwrap_or_else(|| panic!("cargo did not report the {name} executable"))
 }
 
 /// Compiler of the frame-pointer fixtures. clang, because GCC 12 (Debian
