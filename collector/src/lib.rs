@@ -16,6 +16,8 @@ pub mod pipeline;
 pub mod pprof;
 pub mod proto;
 pub mod stats;
+pub mod store;
+pub mod ui;
 
 pub use config::{CollectorArgs, CollectorConfig};
 pub use pipeline::{Ingest, IngestError};
