@@ -11,13 +11,16 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod init;
 pub mod model;
 pub mod pipeline;
 pub mod pprof;
 pub mod proto;
+pub mod receivers;
 pub mod stats;
 pub mod store;
 pub mod ui;
 
 pub use config::{CollectorArgs, CollectorConfig};
+pub use init::{BoundAddrs, Collector, StartError};
 pub use pipeline::{Ingest, IngestError};
