@@ -251,7 +251,10 @@ async function loadTrace() {
         s.name, " ", el("span", { class: "svc" }, `${s.service} · ${s.kind}`)),
       el("div", { class: "wf-track" },
         el("div", { class: "wf-bar" + (s.status === "error" ? " error" : ""), style: `left:${left}%;width:${width}%` }),
-        el("span", { class: "wf-time", style: `left:${Math.min(left + width, 85)}%` }, fmtMs(s.duration_ms))));
+        // The duration after the bar, or inside its end when there is no room.
+        left + width > 82
+          ? el("span", { class: "wf-time inside", style: `right:${Math.max(100 - left - width, 0)}%` }, fmtMs(s.duration_ms))
+          : el("span", { class: "wf-time", style: `left:${left + width}%` }, fmtMs(s.duration_ms))));
     row.addEventListener("click", () => showSpan(s, row));
     return row;
   }));
