@@ -779,12 +779,17 @@ impl Store {
                 continue;
             }
             let mut range = profiles.range((sel, sig, 0)..=(sel, sig, u64::MAX))?;
-            let first = range.next().transpose()?.map(|(k, _)| k.value().2);
+            // (start, end) of the first window, and the end of the last.
+            let first = range
+                .next()
+                .transpose()?
+                .map(|(k, v)| (k.value().2, k.value().2.saturating_add(v.value().0)));
             let last = range
                 .next_back()
                 .transpose()?
                 .map(|(k, v)| k.value().2.saturating_add(v.value().0))
-                .or_else(|| first.map(|f| f));
+                .or(first.map(|f| f.1));
+            let first = first.map(|f| f.0);
             out.push(SeriesInfo {
                 selector: sel.to_string(),
                 service: svc,
@@ -1237,6 +1242,8 @@ pub(crate) mod tests {
         assert_eq!(p1.first_ms, 100_000);
         assert_eq!(p1.last_ms, 120_000);
         assert_eq!(p1.sample_types, "samples/count,cpu/nanoseconds");
+        let d1 = &store.series(Some("db")).unwrap()[0];
+        assert_eq!((d1.first_ms, d1.last_ms), (100_000, 110_000), "one window");
 
         let services = store.services().unwrap();
         let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
