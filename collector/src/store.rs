@@ -615,6 +615,9 @@ impl Store {
     /// earlier copy.
     pub fn put_spans(&self, req: &ExportTraceServiceRequest) -> Result<SpanPut, StoreError> {
         let mut put = SpanPut::default();
+        if span_count(req) == 0 {
+            return Ok(put);
+        }
         let db = self.db();
         let txn = db.begin_write()?;
         {
