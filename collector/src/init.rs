@@ -109,6 +109,15 @@ impl Collector {
     /// Starts everything the configuration asks for. Must run inside a tokio
     /// runtime.
     pub async fn start(config: CollectorConfig) -> Result<Self, StartError> {
+        Self::start_with_sinks(config, Vec::new()).await
+    }
+
+    /// Like [`Collector::start`], plus sinks of the caller's own (they get
+    /// every batch, after the built-in ones; their channel closes at shutdown).
+    pub async fn start_with_sinks(
+        config: CollectorConfig,
+        extra_sinks: Vec<Sink>,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         // reqwest and tonic use rustls with ring; a second install is a no-op error.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -134,6 +143,7 @@ impl Collector {
             let metrics: Arc<dyn MetricsView> = Arc::new(NullMetricsView);
             http_routes = http_routes.merge(ui::router(UiState { store, metrics }));
         }
+        sinks.extend(extra_sinks);
 
         let fanout = Fanout::new(sinks);
         let (profiles_tx, profiles_rx) = mpsc::channel(config.queues.profiles);
