@@ -14,9 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     aggregate::{self, ProfileAggregator},
     config::CollectorConfig,
-    pipeline::{Fanout, Ingest, Sink},
+    model::{MetricsView, NullMetricsView},
+    pipeline::{Batch, Fanout, Ingest, Sink},
     receivers::{auth::BearerAuth, otlp_grpc, otlp_http, pyroscope, tls},
     stats::Stats,
+    store::{self, Store},
+    ui::{self, UiState},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +128,21 @@ impl Collector {
         let mut http_routes = Router::new();
 
         // SINKS: the embedded store, the Prometheus registry, exporters.
-        let _ = &mut sinks_set;
+        if config.store_enabled() {
+            let store = Arc::new(
+                Store::open(&config.store)
+                    .map_err(|e| StartError::Sink(format!("embedded store: {e}")))?,
+            );
+            let (tx, rx) = mpsc::channel::<Batch>(config.queues.sink);
+            sinks.push(Sink {
+                name: "store".into(),
+                tx,
+            });
+            sinks_set.spawn(store::run_sink(store.clone(), rx, stats.exporter("store")));
+            // The Prometheus registry's view replaces this once it exists.
+            let metrics: Arc<dyn MetricsView> = Arc::new(NullMetricsView);
+            http_routes = http_routes.merge(ui::router(UiState { store, metrics }));
+        }
         sinks.extend(extra_sinks);
 
         let fanout = Fanout::new(sinks);

@@ -18,6 +18,8 @@ pub mod pprof;
 pub mod proto;
 pub mod receivers;
 pub mod stats;
+pub mod store;
+pub mod ui;
 
 pub use config::{CollectorArgs, CollectorConfig};
 pub use init::{BoundAddrs, Collector, StartError};

@@ -481,6 +481,37 @@ pub fn loaded_bpf_programs() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The path of an external tool (searched in `PATH`) a test needs. Missing:
+/// prints why the test skips, or fails under `CI=true`.
+pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: CI=true and {tool} is not installed (scripts/setup installs it)")
+        }
+        None => {
+            eprintln!(
+                "\n*** SKIPPED {test}: {tool} is not installed (scripts/setup installs it; under CI=true this fails) ***\n"
+            );
+            None
+        }
+    }
+}
+
+/// Cargo's target directory of this build (`target/` or `CARGO_TARGET_DIR`):
+/// test binaries run from `<target>/<profile>/deps/`.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors()
+        .nth(3)
+        .map_or_else(|| workspace_root().join("target"), Path::to_path_buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,1593 @@
+//! The embedded store: merged profiles and spans in one redb file, bounded in
+//! age (`retention`) and size (`max_bytes`, oldest data evicted first), read
+//! back by the UI.
+//!
+//! Tables (keys sort the way the queries scan them):
+//! - `profiles`: (selector, sample types, window start ns) → (window ns,
+//!   inputs, gzipped pprof)
+//! - `profile_time`: (window start ns, selector, sample types) → record bytes
+//!   (oldest-first eviction)
+//! - `series`: (selector, sample types) → labels (JSON)
+//! - `spans`: (trace id, span id) → one span as a prost-encoded OTLP
+//!   `ResourceSpans` (its resource and scope included)
+//! - `traces`: trace id → summary (JSON: start, end, root span, services, …)
+//! - `trace_time`: (trace start ns, trace id) → ()
+//! - `trace_services`: (service, trace start ns, trace id) → ()
+//! - `meta`: `"bytes"` → the logical size of everything stored
+//!
+//! Size: every record's keys and values are counted (`stored_bytes`). Writes
+//! keep that under half of `max_bytes` (redb's B-tree pages, copy-on-write
+//! and free-page reuse need the rest, measured in the tests); `maintain`
+//! compacts the file when it is still larger than `max_bytes`.
+//!
+//! All methods are blocking: call them from `spawn_blocking` in async code.
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, RwLock, RwLockReadGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{AnyValue, KeyValue, any_value},
+    trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind, status::StatusCode},
+};
+use prost::Message as _;
+use redb::{
+    Database, ReadableDatabase as _, ReadableTable, ReadableTableMetadata as _, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::StoreConfig,
+    model::{MergedProfile, NAME_LABEL, SERVICE_LABEL},
+    pipeline::{Batch, span_count},
+    pprof::{self, Merger, PprofError, sample_types_signature},
+    proto::pprof::Profile,
+    stats::ExporterStats,
+};
+
+type ProfileKey<'a> = (&'a str, &'a str, u64);
+const PROFILES: TableDefinition<ProfileKey, (u64, u64, &[u8])> = TableDefinition::new("profiles");
+const PROFILE_TIME: TableDefinition<(u64, &str, &str), u64> = TableDefinition::new("profile_time");
+const SERIES: TableDefinition<(&str, &str), &str> = TableDefinition::new("series");
+const SPANS: TableDefinition<([u8; 16], [u8; 8]), &[u8]> = TableDefinition::new("spans");
+const TRACES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("traces");
+const TRACE_TIME: TableDefinition<(u64, [u8; 16]), ()> = TableDefinition::new("trace_time");
+const TRACE_SERVICES: TableDefinition<(&str, u64, [u8; 16]), ()> =
+    TableDefinition::new("trace_services");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BYTES_KEY: &str = "bytes";
+
+/// The service of spans whose resource has no `service.name` (OTel's default).
+pub const UNKNOWN_SERVICE: &str = "unknown_service";
+/// How far before `from` a profile window may start and still overlap it.
+const MAX_WINDOW_LOOKBACK: Duration = Duration::from_secs(3600);
+/// Page cache of the database.
+const CACHE_BYTES: usize = 32 << 20;
+/// Per-trace bookkeeping counted on top of its spans (summary and indexes).
+const TRACE_OVERHEAD: u64 = 160;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the store directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Pprof(#[from] PprofError),
+}
+
+macro_rules! db_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                Self::Db(e.into())
+            }
+        }
+    )*};
+}
+db_errors!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::CompactionError
+);
+
+/// One profile series as listed by the UI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SeriesInfo {
+    pub selector: String,
+    pub service: String,
+    pub profile_name: String,
+    /// `type/unit,…` of the stored profiles.
+    pub sample_types: String,
+    pub labels: Vec<(String, String)>,
+    /// Start of the first and end of the last stored window (unix ms).
+    pub first_ms: u64,
+    pub last_ms: u64,
+}
+
+/// A service and what is stored for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub profile_series: usize,
+    /// Profile names (`__name__`) of its series.
+    pub profile_names: Vec<String>,
+    pub has_traces: bool,
+}
+
+/// Which profiles to merge: one series (`selector`), or every series of a
+/// service with a profile name; windows overlapping [from, until].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProfileQuery {
+    pub selector: Option<String>,
+    pub service: Option<String>,
+    pub profile_name: Option<String>,
+    /// Restrict to series with these sample types; by default the sample
+    /// types with the most windows in range.
+    pub sample_types: Option<String>,
+    pub from: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileResult {
+    pub profile: Profile,
+    pub sample_types: String,
+    /// Selectors of the merged series.
+    pub series: Vec<String>,
+    pub windows: u64,
+}
+
+/// What is kept about a trace (also its entry in the traces list).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceSummary {
+    pub trace_id: String,
+    pub root_name: String,
+    pub service: String,
+    /// Whether the root span (no parent) has arrived; otherwise root_name is
+    /// the earliest span's.
+    pub root_known: bool,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub span_count: u64,
+    pub error: bool,
+    pub services: Vec<String>,
+    /// Logical bytes of the trace's records.
+    pub bytes: u64,
+    #[serde(default)]
+    root_start: u64,
+}
+
+impl TraceSummary {
+    pub fn duration_nanos(&self) -> u64 {
+        self.end_unix_nano.saturating_sub(self.start_unix_nano)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceQuery {
+    pub service: Option<String>,
+    pub from: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    pub limit: usize,
+}
+
+/// One span as the UI shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SpanView {
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub name: String,
+    pub kind: &'static str,
+    pub service: String,
+    pub scope: String,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    /// From the trace's start.
+    pub offset_ms: f64,
+    pub duration_ms: f64,
+    pub status: &'static str,
+    pub status_message: String,
+    pub attributes: Vec<(String, String)>,
+    pub resource: Vec<(String, String)>,
+    pub events: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TraceDetail {
+    pub summary: TraceSummary,
+    /// By start time.
+    pub spans: Vec<SpanView>,
+}
+
+/// What a span write did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanPut {
+    pub stored: u64,
+    /// Spans without a valid trace id (16 bytes, not zero) or span id (8 bytes).
+    pub invalid: u64,
+}
+
+/// What `maintain` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    pub profiles_deleted: u64,
+    pub traces_deleted: u64,
+    pub compacted: bool,
+}
+
+pub struct Store {
+    db: RwLock<Database>,
+    path: PathBuf,
+    retention: Duration,
+    max_bytes: u64,
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Parses a 32-hex-digit trace id.
+pub fn parse_trace_id(s: &str) -> Option<[u8; 16]> {
+    let s = s.trim();
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn profile_record_bytes(selector: &str, sig: &str, value_len: usize) -> u64 {
+    (2 * (selector.len() + sig.len() + 8) + value_len + 24) as u64
+}
+
+fn span_record_bytes(value_len: usize) -> u64 {
+    value_len as u64 + 24
+}
+
+pub fn any_value_string(v: &AnyValue) -> String {
+    match &v.value {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(any_value::Value::BytesValue(b)) => hex(b),
+        Some(any_value::Value::ArrayValue(a)) => format!(
+            "[{}]",
+            a.values
+                .iter()
+                .map(any_value_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Some(any_value::Value::KvlistValue(kv)) => format!(
+            "{{{}}}",
+            kv.values
+                .iter()
+                .map(|kv| format!(
+                    "{}: {}",
+                    kv.key,
+                    kv.value.as_ref().map(any_value_string).unwrap_or_default()
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        // A string-table index (profiles signal only): no table here.
+        Some(any_value::Value::StringValueStrindex(i)) => format!("#{i}"),
+        None => String::new(),
+    }
+}
+
+fn attributes(kvs: &[KeyValue]) -> Vec<(String, String)> {
+    kvs.iter()
+        .map(|kv| {
+            (
+                kv.key.clone(),
+                kv.value.as_ref().map(any_value_string).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn service_of(rs: &ResourceSpans) -> String {
+    rs.resource
+        .as_ref()
+        .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+        .and_then(|kv| kv.value.as_ref())
+        .map(any_value_string)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| UNKNOWN_SERVICE.to_string())
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match SpanKind::try_from(kind) {
+        Ok(SpanKind::Internal) => "internal",
+        Ok(SpanKind::Server) => "server",
+        Ok(SpanKind::Client) => "client",
+        Ok(SpanKind::Producer) => "producer",
+        Ok(SpanKind::Consumer) => "consumer",
+        _ => "unspecified",
+    }
+}
+
+fn is_error(span: &Span) -> bool {
+    span.status
+        .as_ref()
+        .is_some_and(|s| s.code == StatusCode::Error as i32)
+}
+
+fn ids(span: &Span) -> Option<([u8; 16], [u8; 8])> {
+    let t: [u8; 16] = span.trace_id.as_slice().try_into().ok()?;
+    let s: [u8; 8] = span.span_id.as_slice().try_into().ok()?;
+    (t != [0; 16] && s != [0; 8]).then_some((t, s))
+}
+
+fn decode_summary(bytes: &[u8]) -> Result<TraceSummary, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("trace summary: {e}")))
+}
+
+fn encode_summary(s: &TraceSummary) -> Vec<u8> {
+    // Serializing a plain struct of strings and numbers cannot fail.
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+/// All tables, open in one write transaction.
+struct Tables<'t> {
+    profiles: redb::Table<'t, ProfileKey<'static>, (u64, u64, &'static [u8])>,
+    profile_time: redb::Table<'t, (u64, &'static str, &'static str), u64>,
+    series: redb::Table<'t, (&'static str, &'static str), &'static str>,
+    spans: redb::Table<'t, ([u8; 16], [u8; 8]), &'static [u8]>,
+    traces: redb::Table<'t, [u8; 16], &'static [u8]>,
+    trace_time: redb::Table<'t, (u64, [u8; 16]), ()>,
+    trace_services: redb::Table<'t, (&'static str, u64, [u8; 16]), ()>,
+    meta: redb::Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            profiles: txn.open_table(PROFILES)?,
+            profile_time: txn.open_table(PROFILE_TIME)?,
+            series: txn.open_table(SERIES)?,
+            spans: txn.open_table(SPANS)?,
+            traces: txn.open_table(TRACES)?,
+            trace_time: txn.open_table(TRACE_TIME)?,
+            trace_services: txn.open_table(TRACE_SERVICES)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+
+    fn bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get(BYTES_KEY)?.map_or(0, |g| g.value()))
+    }
+
+    fn set_bytes(&mut self, b: u64) -> Result<(), StoreError> {
+        self.meta.insert(BYTES_KEY, b)?;
+        Ok(())
+    }
+
+    fn oldest_profile(&self) -> Result<Option<(u64, String, String, u64)>, StoreError> {
+        Ok(self.profile_time.first()?.map(|(k, v)| {
+            let (start, sel, sig) = k.value();
+            (start, sel.to_string(), sig.to_string(), v.value())
+        }))
+    }
+
+    fn oldest_trace(&self) -> Result<Option<(u64, [u8; 16])>, StoreError> {
+        Ok(self.trace_time.first()?.map(|(k, _)| k.value()))
+    }
+
+    /// Deletes one profile window; returns its bytes.
+    fn delete_profile(&mut self, start: u64, sel: &str, sig: &str) -> Result<u64, StoreError> {
+        let size = self
+            .profile_time
+            .remove((start, sel, sig))?
+            .map_or(0, |g| g.value());
+        self.profiles.remove((sel, sig, start))?;
+        let left = self
+            .profiles
+            .range((sel, sig, 0)..=(sel, sig, u64::MAX))?
+            .next()
+            .is_some();
+        if !left {
+            self.series.remove((sel, sig))?;
+        }
+        Ok(size)
+    }
+
+    /// Deletes a trace and its spans; returns its bytes.
+    fn delete_trace(&mut self, tid: [u8; 16]) -> Result<u64, StoreError> {
+        let Some(summary) = self.traces.remove(tid)?.map(|g| g.value().to_vec()) else {
+            return Ok(0);
+        };
+        let summary = decode_summary(&summary)?;
+        self.trace_time.remove((summary.start_unix_nano, tid))?;
+        for svc in &summary.services {
+            self.trace_services
+                .remove((svc.as_str(), summary.start_unix_nano, tid))?;
+        }
+        self.spans
+            .retain_in((tid, [0u8; 8])..=(tid, [0xffu8; 8]), |_, _| false)?;
+        Ok(summary.bytes)
+    }
+
+    /// Deletes the oldest data (profile windows and whole traces, by start
+    /// time) while it starts before `cutoff` or the total exceeds `target`.
+    fn evict(
+        &mut self,
+        cutoff: Option<u64>,
+        target: Option<u64>,
+        done: &mut Maintenance,
+    ) -> Result<(), StoreError> {
+        let mut total = self.bytes()?;
+        loop {
+            let over = target.is_some_and(|t| total > t);
+            let p = self.oldest_profile()?;
+            let t = self.oldest_trace()?;
+            let p_start = p.as_ref().map_or(u64::MAX, |p| p.0);
+            let t_start = t.map_or(u64::MAX, |t| t.0);
+            let oldest = p_start.min(t_start);
+            if oldest == u64::MAX {
+                total = 0;
+                break;
+            }
+            if !(over || cutoff.is_some_and(|c| oldest < c)) {
+                break;
+            }
+            let freed = match (p, t) {
+                (Some((start, sel, sig, _)), _) if start <= t_start => {
+                    done.profiles_deleted += 1;
+                    self.delete_profile(start, &sel, &sig)?
+                }
+                (_, Some((_, tid))) => {
+                    done.traces_deleted += 1;
+                    self.delete_trace(tid)?
+                }
+                _ => break,
+            };
+            total = total.saturating_sub(freed);
+        }
+        self.set_bytes(total)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredLabels(Vec<(String, String)>);
+
+impl Store {
+    /// Opens (or creates) the store file, creating its directory.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let txn = db.begin_write()?;
+        Tables::open(&txn)?;
+        txn.commit()?;
+        Ok(Self {
+            db: RwLock::new(db),
+            path,
+            retention: config.retention,
+            max_bytes: config.max_bytes,
+        })
+    }
+
+    fn db(&self) -> RwLockReadGuard<'_, Database> {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The logical bound writes keep: half of `max_bytes` (see the module doc).
+    fn logical_limit(&self) -> u64 {
+        self.max_bytes / 2
+    }
+
+    /// Logical bytes of everything stored (keys and values).
+    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        Ok(txn
+            .open_table(META)?
+            .get(BYTES_KEY)?
+            .map_or(0, |g| g.value()))
+    }
+
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// After a write: evict the oldest data down to 90% of the logical limit
+    /// when over it.
+    fn bound(&self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
+        let limit = self.logical_limit();
+        if tables.bytes()? > limit {
+            let mut done = Maintenance::default();
+            tables.evict(None, Some(limit / 10 * 9), &mut done)?;
+            tracing::debug!(?done, "store over its size bound: oldest data evicted");
+        }
+        Ok(())
+    }
+
+    /// Stores merged profiles, each keyed by (series, sample types, window
+    /// start); a window stored twice is merged with what is there.
+    pub fn put_profiles(&self, batch: &[MergedProfile]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let db = self.db();
+        let txn = db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            let mut total = t.bytes()?;
+            for mp in batch {
+                let sel = mp.labels.selector();
+                let sig = sample_types_signature(&mp.profile);
+                let start = nanos(mp.window_start);
+                let window = u64::try_from(mp.window.as_nanos()).unwrap_or(u64::MAX);
+                let existing = t
+                    .profiles
+                    .get((sel.as_str(), sig.as_str(), start))?
+                    .map(|g| {
+                        let (w, inputs, bytes) = g.value();
+                        (w, inputs, bytes.to_vec())
+                    });
+                let (value, inputs, window) = match existing {
+                    Some((w, inputs, old)) => {
+                        total = total.saturating_sub(profile_record_bytes(&sel, &sig, old.len()));
+                        let old = pprof::decode(&old)?;
+                        let merged = pprof::merge([&old, &mp.profile])?
+                            .ok_or_else(|| StoreError::Corrupt("empty merge".into()))?;
+                        (
+                            pprof::encode_gzip(&merged),
+                            inputs.saturating_add(mp.inputs),
+                            w.max(window),
+                        )
+                    }
+                    None => (pprof::encode_gzip(&mp.profile), mp.inputs, window),
+                };
+                let size = profile_record_bytes(&sel, &sig, value.len());
+                t.profiles.insert(
+                    (sel.as_str(), sig.as_str(), start),
+                    (window, inputs, value.as_slice()),
+                )?;
+                t.profile_time
+                    .insert((start, sel.as_str(), sig.as_str()), size)?;
+                if t.series.get((sel.as_str(), sig.as_str()))?.is_none() {
+                    let labels = serde_json::to_string(&StoredLabels(mp.labels.pairs().to_vec()))
+                        .unwrap_or_default();
+                    t.series
+                        .insert((sel.as_str(), sig.as_str()), labels.as_str())?;
+                }
+                total += size;
+            }
+            t.set_bytes(total)?;
+            self.bound(&mut t)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Stores every span with its resource and scope, indexed by trace,
+    /// service and start time. A span stored again (same ids) replaces the
+    /// earlier copy.
+    pub fn put_spans(&self, req: &ExportTraceServiceRequest) -> Result<SpanPut, StoreError> {
+        let mut put = SpanPut::default();
+        if span_count(req) == 0 {
+            return Ok(put);
+        }
+        let db = self.db();
+        let txn = db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            let mut total = t.bytes()?;
+            // Summaries touched in this batch: (as stored before, now).
+            let mut touched: HashMap<[u8; 16], (Option<TraceSummary>, TraceSummary)> =
+                HashMap::new();
+            for rs in &req.resource_spans {
+                let service = service_of(rs);
+                for ss in &rs.scope_spans {
+                    for span in &ss.spans {
+                        let Some((tid, sid)) = ids(span) else {
+                            put.invalid += 1;
+                            continue;
+                        };
+                        let record = ResourceSpans {
+                            resource: rs.resource.clone(),
+                            scope_spans: vec![ScopeSpans {
+                                scope: ss.scope.clone(),
+                                spans: vec![span.clone()],
+                                schema_url: ss.schema_url.clone(),
+                            }],
+                            schema_url: rs.schema_url.clone(),
+                        }
+                        .encode_to_vec();
+                        let old_len = t
+                            .spans
+                            .insert((tid, sid), record.as_slice())?
+                            .map(|g| g.value().len());
+                        let entry = match touched.entry(tid) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                let before = match t.traces.get(tid)? {
+                                    Some(g) => Some(decode_summary(g.value())?),
+                                    None => None,
+                                };
+                                let now = before.clone().unwrap_or_else(|| TraceSummary {
+                                    trace_id: hex(&tid),
+                                    root_name: String::new(),
+                                    service: String::new(),
+                                    root_known: false,
+                                    start_unix_nano: u64::MAX,
+                                    end_unix_nano: 0,
+                                    span_count: 0,
+                                    error: false,
+                                    services: Vec::new(),
+                                    bytes: TRACE_OVERHEAD,
+                                    root_start: u64::MAX,
+                                });
+                                if before.is_none() {
+                                    total += TRACE_OVERHEAD;
+                                }
+                                e.insert((before, now))
+                            }
+                        };
+                        let s = &mut entry.1;
+                        let size = span_record_bytes(record.len());
+                        match old_len {
+                            Some(old) => {
+                                let old = span_record_bytes(old);
+                                s.bytes = s.bytes.saturating_sub(old);
+                                total = total.saturating_sub(old);
+                            }
+                            None => s.span_count += 1,
+                        }
+                        s.bytes += size;
+                        total += size;
+                        s.start_unix_nano = s.start_unix_nano.min(span.start_time_unix_nano);
+                        s.end_unix_nano = s
+                            .end_unix_nano
+                            .max(span.end_time_unix_nano.max(span.start_time_unix_nano));
+                        s.error |= is_error(span);
+                        if !s.services.contains(&service) {
+                            s.services.push(service.clone());
+                        }
+                        let is_root = span.parent_span_id.is_empty();
+                        if is_root || (!s.root_known && span.start_time_unix_nano < s.root_start) {
+                            s.root_known |= is_root;
+                            s.root_name = span.name.clone();
+                            s.service = service.clone();
+                            s.root_start = span.start_time_unix_nano;
+                        }
+                        put.stored += 1;
+                    }
+                }
+            }
+            for (tid, (before, now)) in touched {
+                if let Some(b) = &before {
+                    t.trace_time.remove((b.start_unix_nano, tid))?;
+                    for svc in &b.services {
+                        t.trace_services
+                            .remove((svc.as_str(), b.start_unix_nano, tid))?;
+                    }
+                }
+                t.trace_time.insert((now.start_unix_nano, tid), ())?;
+                for svc in &now.services {
+                    t.trace_services
+                        .insert((svc.as_str(), now.start_unix_nano, tid), ())?;
+                }
+                t.traces.insert(tid, encode_summary(&now).as_slice())?;
+            }
+            t.set_bytes(total)?;
+            self.bound(&mut t)?;
+        }
+        txn.commit()?;
+        Ok(put)
+    }
+
+    /// Applies retention (data starting before `now - retention` goes) and
+    /// the size bound; compacts the file when it is larger than `max_bytes`.
+    pub fn maintain(&self, now: SystemTime) -> Result<Maintenance, StoreError> {
+        let mut done = Maintenance::default();
+        {
+            let db = self.db();
+            let txn = db.begin_write()?;
+            {
+                let mut t = Tables::open(&txn)?;
+                let cutoff = nanos(now.checked_sub(self.retention).unwrap_or(UNIX_EPOCH));
+                let limit = self.logical_limit();
+                t.evict(Some(cutoff), Some(limit), &mut done)?;
+            }
+            txn.commit()?;
+        }
+        if self.file_bytes() > self.max_bytes {
+            let mut db = self
+                .db
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            done.compacted = db.compact()?;
+            tracing::info!(
+                file_bytes = self.file_bytes(),
+                max_bytes = self.max_bytes,
+                "store file compacted"
+            );
+        }
+        Ok(done)
+    }
+
+    /// Every profile series, by selector; only those of `service` if given.
+    pub fn series(&self, service: Option<&str>) -> Result<Vec<SeriesInfo>, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let series = txn.open_table(SERIES)?;
+        let profiles = txn.open_table(PROFILES)?;
+        let mut out = Vec::new();
+        for row in series.iter()? {
+            let (k, v) = row?;
+            let (sel, sig) = k.value();
+            let labels: StoredLabels = serde_json::from_str(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("series labels: {e}")))?;
+            let get = |n: &str| {
+                labels
+                    .0
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let svc = get(SERVICE_LABEL);
+            if service.is_some_and(|s| s != svc) {
+                continue;
+            }
+            let mut range = profiles.range((sel, sig, 0)..=(sel, sig, u64::MAX))?;
+            // (start, end) of the first window, and the end of the last.
+            let first = range
+                .next()
+                .transpose()?
+                .map(|(k, v)| (k.value().2, k.value().2.saturating_add(v.value().0)));
+            let last = range
+                .next_back()
+                .transpose()?
+                .map(|(k, v)| k.value().2.saturating_add(v.value().0))
+                .or(first.map(|f| f.1));
+            let first = first.map(|f| f.0);
+            out.push(SeriesInfo {
+                selector: sel.to_string(),
+                service: svc,
+                profile_name: get(NAME_LABEL),
+                sample_types: sig.to_string(),
+                first_ms: first.unwrap_or(0) / 1_000_000,
+                last_ms: last.unwrap_or(0) / 1_000_000,
+                labels: labels.0,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Services with profiles or traces, by name.
+    pub fn services(&self) -> Result<Vec<ServiceInfo>, StoreError> {
+        let mut by_name: BTreeMap<String, ServiceInfo> = BTreeMap::new();
+        for s in self.series(None)? {
+            let e = by_name
+                .entry(s.service.clone())
+                .or_insert_with(|| ServiceInfo {
+                    name: s.service.clone(),
+                    profile_series: 0,
+                    profile_names: Vec::new(),
+                    has_traces: false,
+                });
+            e.profile_series += 1;
+            if !e.profile_names.contains(&s.profile_name) {
+                e.profile_names.push(s.profile_name);
+            }
+        }
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let idx = txn.open_table(TRACE_SERVICES)?;
+        // Skip-scan: one lookup per distinct service.
+        let mut next = idx.first()?.map(|(k, _)| k.value().0.to_string());
+        while let Some(svc) = next {
+            next = idx
+                .range((
+                    std::ops::Bound::Excluded((svc.as_str(), u64::MAX, [0xffu8; 16])),
+                    std::ops::Bound::Unbounded,
+                ))?
+                .next()
+                .transpose()?
+                .map(|(k, _)| k.value().0.to_string());
+            by_name
+                .entry(svc.clone())
+                .or_insert_with(|| ServiceInfo {
+                    name: svc.clone(),
+                    profile_series: 0,
+                    profile_names: Vec::new(),
+                    has_traces: false,
+                })
+                .has_traces = true;
+        }
+        Ok(by_name.into_values().collect())
+    }
+
+    /// Merges the stored windows that `q` selects; `None` when none match.
+    pub fn profile(&self, q: &ProfileQuery) -> Result<Option<ProfileResult>, StoreError> {
+        let from = q.from.map_or(0, nanos);
+        let until = q.until.map_or(u64::MAX, nanos);
+        let lookback = u64::try_from(MAX_WINDOW_LOOKBACK.as_nanos()).unwrap_or(0);
+        let candidates: Vec<SeriesInfo> = self
+            .series(q.service.as_deref())?
+            .into_iter()
+            .filter(|s| q.selector.as_ref().is_none_or(|sel| *sel == s.selector))
+            .filter(|s| q.profile_name.as_ref().is_none_or(|n| *n == s.profile_name))
+            .filter(|s| q.sample_types.as_ref().is_none_or(|t| *t == s.sample_types))
+            .collect();
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let profiles = txn.open_table(PROFILES)?;
+        // The windows in range per sample-types signature.
+        let mut by_sig: BTreeMap<&str, Vec<(&str, u64)>> = BTreeMap::new();
+        for s in &candidates {
+            let sel = s.selector.as_str();
+            let sig = s.sample_types.as_str();
+            for row in
+                profiles.range((sel, sig, from.saturating_sub(lookback))..=(sel, sig, until))?
+            {
+                let (k, v) = row?;
+                let start = k.value().2;
+                let window = v.value().0;
+                if start.saturating_add(window.max(1)) > from && start <= until {
+                    by_sig.entry(sig).or_default().push((sel, start));
+                }
+            }
+        }
+        // Most windows first; on a tie the first signature by name.
+        let Some((sig, windows)) = by_sig
+            .into_iter()
+            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
+        else {
+            return Ok(None);
+        };
+        let mut merger = Merger::new();
+        let mut series: Vec<String> = Vec::new();
+        for (sel, start) in &windows {
+            let Some(v) = profiles.get((*sel, sig, *start))? else {
+                continue;
+            };
+            let p = pprof::decode(v.value().2)
+                .map_err(|e| StoreError::Corrupt(format!("profile {sel} at {start}: {e}")))?;
+            merger.add(&p)?;
+            if !series.iter().any(|s| s == sel) {
+                series.push(sel.to_string());
+            }
+        }
+        let n = merger.inputs();
+        Ok(merger.finish().map(|profile| ProfileResult {
+            profile,
+            sample_types: sig.to_string(),
+            series,
+            windows: n,
+        }))
+    }
+
+    /// Traces starting in [from, until], newest first, at most `limit`.
+    pub fn traces(&self, q: &TraceQuery) -> Result<Vec<TraceSummary>, StoreError> {
+        let from = q.from.map_or(0, nanos);
+        let until = q.until.map_or(u64::MAX, nanos);
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let traces = txn.open_table(TRACES)?;
+        let mut ids: Vec<[u8; 16]> = Vec::new();
+        match &q.service {
+            Some(svc) => {
+                let idx = txn.open_table(TRACE_SERVICES)?;
+                let range = idx
+                    .range((svc.as_str(), from, [0u8; 16])..=(svc.as_str(), until, [0xffu8; 16]))?;
+                for row in range.rev().take(q.limit) {
+                    ids.push(row?.0.value().2);
+                }
+            }
+            None => {
+                let idx = txn.open_table(TRACE_TIME)?;
+                let range = idx.range((from, [0u8; 16])..=(until, [0xffu8; 16]))?;
+                for row in range.rev().take(q.limit) {
+                    ids.push(row?.0.value().1);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for tid in ids {
+            if let Some(g) = traces.get(tid)? {
+                out.push(decode_summary(g.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One trace with all its stored spans; `None` when unknown.
+    pub fn trace(&self, tid: [u8; 16]) -> Result<Option<TraceDetail>, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let Some(summary) = txn.open_table(TRACES)?.get(tid)? else {
+            return Ok(None);
+        };
+        let summary = decode_summary(summary.value())?;
+        let spans_t = txn.open_table(SPANS)?;
+        let mut spans = Vec::new();
+        for row in spans_t.range((tid, [0u8; 8])..=(tid, [0xffu8; 8]))? {
+            let (_, v) = row?;
+            let rs = ResourceSpans::decode(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("span record: {e}")))?;
+            let service = service_of(&rs);
+            let resource = rs
+                .resource
+                .as_ref()
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            for ss in &rs.scope_spans {
+                let scope = ss
+                    .scope
+                    .as_ref()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
+                for span in &ss.spans {
+                    let start = span.start_time_unix_nano;
+                    let end = span.end_time_unix_nano.max(start);
+                    let (status, status_message) = match &span.status {
+                        Some(st) if st.code == StatusCode::Error as i32 => {
+                            ("error", st.message.clone())
+                        }
+                        Some(st) if st.code == StatusCode::Ok as i32 => ("ok", st.message.clone()),
+                        Some(st) => ("unset", st.message.clone()),
+                        None => ("unset", String::new()),
+                    };
+                    spans.push(SpanView {
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        name: span.name.clone(),
+                        kind: kind_name(span.kind),
+                        service: service.clone(),
+                        scope: scope.clone(),
+                        start_unix_nano: start,
+                        end_unix_nano: end,
+                        offset_ms: start.saturating_sub(summary.start_unix_nano) as f64 / 1e6,
+                        duration_ms: (end - start) as f64 / 1e6,
+                        status,
+                        status_message,
+                        attributes: attributes(&span.attributes),
+                        resource: resource.clone(),
+                        events: span
+                            .events
+                            .iter()
+                            .map(|e| {
+                                format!(
+                                    "+{:.3} ms {}",
+                                    e.time_unix_nano.saturating_sub(start) as f64 / 1e6,
+                                    e.name
+                                )
+                            })
+                            .collect(),
+                    });
+                }
+            }
+        }
+        spans.sort_by(|a, b| {
+            a.start_unix_nano
+                .cmp(&b.start_unix_nano)
+                .then(a.span_id.cmp(&b.span_id))
+        });
+        Ok(Some(TraceDetail { summary, spans }))
+    }
+
+    /// Number of stored spans (all traces).
+    pub fn span_count(&self) -> Result<u64, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        Ok(txn.open_table(SPANS)?.len()?)
+    }
+
+    /// Number of stored profile windows (all series).
+    pub fn profile_windows(&self) -> Result<u64, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        Ok(txn.open_table(PROFILES)?.len()?)
+    }
+
+    /// How often `maintain` runs: a tenth of the retention, between 1 s and
+    /// 1 min.
+    pub fn maintain_interval(&self) -> Duration {
+        (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+/// The store as a sink: writes profile and span batches (metrics are not
+/// stored), and applies retention and the size bound on a timer. Returns when
+/// the channel closes, after the last write.
+pub async fn run_sink(store: Arc<Store>, mut rx: mpsc::Receiver<Batch>, stats: Arc<ExporterStats>) {
+    let mut tick = tokio::time::interval(store.maintain_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                write_batch(&store, batch, &stats).await;
+            }
+            _ = tick.tick() => {
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.maintain(SystemTime::now())).await {
+                    Ok(Ok(done)) if done != Maintenance::default() => {
+                        tracing::debug!(?done, "store maintenance");
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "store maintenance failed"),
+                    Err(e) => tracing::warn!(error = %e, "store maintenance task failed"),
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(store: &Arc<Store>, batch: Batch, stats: &ExporterStats) {
+    let s = store.clone();
+    match batch {
+        Batch::Profiles(profiles) => {
+            let n = profiles.len() as u64;
+            match tokio::task::spawn_blocking(move || s.put_profiles(&profiles)).await {
+                Ok(Ok(())) => stats.sent.add(n),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, profiles = n, "store: profiles not written");
+                    stats.dropped.add(n);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store: write task failed");
+                    stats.dropped.add(n);
+                }
+            }
+        }
+        Batch::Spans(req) => {
+            let n = span_count(&req);
+            match tokio::task::spawn_blocking(move || s.put_spans(&req)).await {
+                Ok(Ok(put)) => {
+                    stats.sent.add(put.stored);
+                    stats.dropped.add(put.invalid);
+                    if put.invalid > 0 {
+                        tracing::warn!(
+                            spans = put.invalid,
+                            "store: spans without valid ids not stored"
+                        );
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, spans = n, "store: spans not written");
+                    stats.dropped.add(n);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store: write task failed");
+                    stats.dropped.add(n);
+                }
+            }
+        }
+        Batch::Metrics(_) => {}
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use opentelemetry_proto::tonic::{
+        common::v1::InstrumentationScope, resource::v1::Resource, trace::v1::Status,
+    };
+
+    use super::*;
+    use crate::{model::SeriesLabels, pprof::tests::cpu_profile};
+
+    pub(crate) fn config(dir: &std::path::Path) -> StoreConfig {
+        StoreConfig {
+            enabled: Some(true),
+            path: dir.join("sub/dir/collector.redb"),
+            retention: Duration::from_secs(3600),
+            max_bytes: 64 << 20,
+        }
+    }
+
+    pub(crate) fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    pub(crate) fn merged(
+        service: &str,
+        pod: &str,
+        start: u64,
+        stacks: &[(&[&str], i64)],
+    ) -> MergedProfile {
+        MergedProfile {
+            labels: SeriesLabels::new([
+                ("__name__", "process_cpu"),
+                ("service_name", service),
+                ("pod", pod),
+            ])
+            .unwrap(),
+            window_start: at(start),
+            window: Duration::from_secs(10),
+            inputs: 1,
+            profile: cpu_profile(stacks, 1),
+        }
+    }
+
+    fn kv(k: &str, v: &str) -> KeyValue {
+        KeyValue {
+            key: k.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(v.into())),
+            }),
+            ..KeyValue::default()
+        }
+    }
+
+    pub(crate) struct SpanSpec<'a> {
+        pub trace: u8,
+        pub id: u8,
+        pub parent: Option<u8>,
+        pub name: &'a str,
+        pub start_ms: u64,
+        pub dur_ms: u64,
+        pub error: bool,
+    }
+
+    pub(crate) fn spans(service: &str, specs: &[SpanSpec<'_>]) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", service)],
+                    ..Resource::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "fathom".into(),
+                        ..InstrumentationScope::default()
+                    }),
+                    spans: specs
+                        .iter()
+                        .map(|s| Span {
+                            trace_id: vec![s.trace; 16],
+                            span_id: vec![s.id; 8],
+                            parent_span_id: s.parent.map(|p| vec![p; 8]).unwrap_or_default(),
+                            name: s.name.into(),
+                            kind: SpanKind::Server as i32,
+                            start_time_unix_nano: s.start_ms * 1_000_000,
+                            end_time_unix_nano: (s.start_ms + s.dur_ms) * 1_000_000,
+                            attributes: vec![kv("http.request.method", "GET")],
+                            status: Some(Status {
+                                code: if s.error {
+                                    StatusCode::Error as i32
+                                } else {
+                                    StatusCode::Unset as i32
+                                },
+                                message: String::new(),
+                            }),
+                            ..Span::default()
+                        })
+                        .collect(),
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    fn folded_of(r: &ProfileResult) -> Vec<(String, i64)> {
+        pprof::folded(&r.profile, 0)
+    }
+
+    #[test]
+    fn profiles_round_trip_and_merge_over_time_and_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        store
+            .put_profiles(&[
+                merged("api", "p1", 100, &[(&["main", "work"], 3)]),
+                merged("api", "p2", 100, &[(&["main", "idle"], 2)]),
+                merged("db", "d1", 100, &[(&["main", "query"], 7)]),
+            ])
+            .unwrap();
+        store
+            .put_profiles(&[merged("api", "p1", 110, &[(&["main", "work"], 4)])])
+            .unwrap();
+        // The same window again merges into it.
+        store
+            .put_profiles(&[merged("api", "p1", 110, &[(&["main", "work"], 1)])])
+            .unwrap();
+        assert_eq!(store.profile_windows().unwrap(), 4);
+
+        let series = store.series(Some("api")).unwrap();
+        assert_eq!(series.len(), 2);
+        let p1 = series.iter().find(|s| s.selector.contains("p1")).unwrap();
+        assert_eq!(p1.first_ms, 100_000);
+        assert_eq!(p1.last_ms, 120_000);
+        assert_eq!(p1.sample_types, "samples/count,cpu/nanoseconds");
+        let d1 = &store.series(Some("db")).unwrap()[0];
+        assert_eq!((d1.first_ms, d1.last_ms), (100_000, 110_000), "one window");
+
+        let services = store.services().unwrap();
+        let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["api", "db"]);
+        assert_eq!(services[0].profile_series, 2);
+        assert_eq!(services[0].profile_names, ["process_cpu"]);
+
+        let one = store
+            .profile(&ProfileQuery {
+                selector: Some(p1.selector.clone()),
+                ..ProfileQuery::default()
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(folded_of(&one), [("main;work".to_string(), 8)]);
+        assert_eq!(one.windows, 2);
+
+        let later = store
+            .profile(&ProfileQuery {
+                selector: Some(p1.selector.clone()),
+                from: Some(at(110)),
+                ..ProfileQuery::default()
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(folded_of(&later), [("main;work".to_string(), 5)]);
+
+        let svc = store
+            .profile(&ProfileQuery {
+                service: Some("api".into()),
+                profile_name: Some("process_cpu".into()),
+                until: Some(at(105)),
+                ..ProfileQuery::default()
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            folded_of(&svc),
+            [("main;idle".to_string(), 2), ("main;work".to_string(), 3)]
+        );
+        assert_eq!(svc.series.len(), 2);
+        assert!(
+            store
+                .profile(&ProfileQuery {
+                    service: Some("nope".into()),
+                    ..ProfileQuery::default()
+                })
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn spans_round_trip_with_index_and_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        // The child arrives before its root, from another service.
+        let put = store
+            .put_spans(&spans(
+                "db",
+                &[SpanSpec {
+                    trace: 1,
+                    id: 2,
+                    parent: Some(1),
+                    name: "SELECT",
+                    start_ms: 1_005,
+                    dur_ms: 10,
+                    error: true,
+                }],
+            ))
+            .unwrap();
+        assert_eq!(
+            put,
+            SpanPut {
+                stored: 1,
+                invalid: 0
+            }
+        );
+        let mut root = spans(
+            "api",
+            &[
+                SpanSpec {
+                    trace: 1,
+                    id: 1,
+                    parent: None,
+                    name: "GET /users",
+                    start_ms: 1_000,
+                    dur_ms: 30,
+                    error: false,
+                },
+                SpanSpec {
+                    trace: 2,
+                    id: 3,
+                    parent: None,
+                    name: "GET /health",
+                    start_ms: 2_000,
+                    dur_ms: 1,
+                    error: false,
+                },
+            ],
+        );
+        root.resource_spans[0].scope_spans[0].spans.push(Span {
+            trace_id: vec![0; 16],
+            span_id: vec![1; 8],
+            ..Span::default()
+        });
+        assert_eq!(
+            store.put_spans(&root).unwrap(),
+            SpanPut {
+                stored: 2,
+                invalid: 1
+            }
+        );
+        // Resent: replaces, does not count twice.
+        store.put_spans(&root).unwrap();
+        assert_eq!(store.span_count().unwrap(), 3);
+
+        let all = store
+            .traces(&TraceQuery {
+                limit: 10,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].root_name, "GET /health", "newest first");
+        let t1 = &all[1];
+        assert_eq!(t1.trace_id, "01".repeat(16));
+        assert_eq!(t1.root_name, "GET /users");
+        assert_eq!(t1.service, "api");
+        assert!(t1.root_known);
+        assert_eq!(t1.span_count, 2);
+        assert!(t1.error);
+        assert_eq!(t1.start_unix_nano, 1_000_000_000);
+        assert_eq!(t1.duration_nanos(), 30_000_000);
+        assert_eq!(t1.services, ["db", "api"]);
+
+        let db_only = store
+            .traces(&TraceQuery {
+                service: Some("db".into()),
+                limit: 10,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(db_only.len(), 1);
+        assert_eq!(db_only[0].trace_id, t1.trace_id);
+        let limited = store
+            .traces(&TraceQuery {
+                limit: 1,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(limited.len(), 1);
+        let ranged = store
+            .traces(&TraceQuery {
+                until: Some(UNIX_EPOCH + Duration::from_millis(1_500)),
+                limit: 10,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(ranged.len(), 1);
+        assert_eq!(ranged[0].root_name, "GET /users");
+
+        let detail = store.trace([1; 16]).unwrap().unwrap();
+        assert_eq!(detail.spans.len(), 2);
+        let child = &detail.spans[1];
+        assert_eq!(child.name, "SELECT");
+        assert_eq!(child.parent_span_id, "01".repeat(8));
+        assert_eq!(child.service, "db");
+        assert_eq!(child.scope, "fathom");
+        assert_eq!(child.kind, "server");
+        assert_eq!(child.status, "error");
+        assert!((child.offset_ms - 5.0).abs() < 1e-9);
+        assert!((child.duration_ms - 10.0).abs() < 1e-9);
+        assert_eq!(
+            child.attributes,
+            [("http.request.method".to_string(), "GET".to_string())]
+        );
+        assert_eq!(
+            child.resource,
+            [("service.name".to_string(), "db".to_string())]
+        );
+        assert!(store.trace([9; 16]).unwrap().is_none());
+        let services = store.services().unwrap();
+        assert!(services.iter().all(|s| s.has_traces));
+        assert_eq!(services.len(), 2);
+    }
+
+    #[test]
+    fn retention_deletes_old_data_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        store
+            .put_profiles(&[
+                merged("api", "p1", 1_000, &[(&["old"], 1)]),
+                merged("api", "p1", 5_000, &[(&["new"], 1)]),
+            ])
+            .unwrap();
+        let span = |trace: u8, start_ms: u64| SpanSpec {
+            trace,
+            id: 1,
+            parent: None,
+            name: "x",
+            start_ms,
+            dur_ms: 1,
+            error: false,
+        };
+        store
+            .put_spans(&spans("api", &[span(1, 1_000_000), span(2, 5_000_000)]))
+            .unwrap();
+        let before = store.stored_bytes().unwrap();
+        // Retention 1 h: at 6000 s, everything before 2400 s goes.
+        let done = store.maintain(at(6_000)).unwrap();
+        assert_eq!(done.profiles_deleted, 1);
+        assert_eq!(done.traces_deleted, 1);
+        assert!(store.stored_bytes().unwrap() < before);
+        let left = store.profile(&ProfileQuery::default()).unwrap().unwrap();
+        assert_eq!(pprof::folded(&left.profile, 0), [("new".to_string(), 1)]);
+        let traces = store
+            .traces(&TraceQuery {
+                limit: 10,
+                ..TraceQuery::default()
+            })
+            .unwrap();
+        assert_eq!(traces.len(), 1);
+        assert_eq!(traces[0].trace_id, "02".repeat(16));
+        assert_eq!(store.span_count().unwrap(), 1);
+        // Everything expires: the series disappears too.
+        store.maintain(at(100_000)).unwrap();
+        assert_eq!(store.stored_bytes().unwrap(), 0);
+        assert!(store.series(None).unwrap().is_empty());
+        assert!(store.services().unwrap().is_empty());
+    }
+
+    #[test]
+    fn size_bound_evicts_oldest_first_and_bounds_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let max_bytes = 2 << 20;
+        let store = Store::open(&StoreConfig {
+            max_bytes,
+            retention: Duration::from_secs(1 << 40),
+            ..config(dir.path())
+        })
+        .unwrap();
+        // Profiles with many distinct functions (poorly compressible names).
+        let big = |i: u64| {
+            let names: Vec<String> = (0..400)
+                .map(|j| format!("fn_{i}_{j}_{}", i * 7919 + j * 104_729))
+                .collect();
+            let stacks: Vec<Vec<&str>> = names
+                .chunks(4)
+                .map(|c| c.iter().map(String::as_str).collect())
+                .collect();
+            let stacks: Vec<(&[&str], i64)> = stacks.iter().map(|s| (s.as_slice(), 1)).collect();
+            merged("api", "p1", 1_000 + i * 10, &stacks)
+        };
+        let mut max_file = 0;
+        for i in 0..300u64 {
+            store.put_profiles(&[big(i)]).unwrap();
+            let span = SpanSpec {
+                trace: (i % 250) as u8 + 1,
+                id: (i / 250) as u8 + 1,
+                parent: None,
+                name: "request",
+                start_ms: (1_000 + i * 10) * 1000,
+                dur_ms: 5,
+                error: false,
+            };
+            store.put_spans(&spans("api", &[span])).unwrap();
+            assert!(store.stored_bytes().unwrap() <= max_bytes / 2);
+            if i % 50 == 49 {
+                store.maintain(at(0)).unwrap();
+                max_file = max_file.max(store.file_bytes());
+            }
+        }
+        let windows = store.profile_windows().unwrap();
+        assert!(windows < 300, "{windows} windows: nothing was evicted");
+        assert!(windows > 10, "{windows} windows: evicted far too much");
+        // The newest windows are there, the oldest gone.
+        let series = &store.series(None).unwrap()[0];
+        assert_eq!(series.last_ms, (1_000 + 299 * 10 + 10) * 1000);
+        assert!(series.first_ms > 1_000_000);
+        store.maintain(at(0)).unwrap();
+        let file = store.file_bytes();
+        eprintln!(
+            "max_bytes {max_bytes}, stored {} logical bytes in {windows} windows, file {file} bytes (max seen {max_file})",
+            store.stored_bytes().unwrap()
+        );
+        assert!(file <= max_bytes, "file {file} > {max_bytes}");
+        assert!(max_file <= max_bytes, "file {max_file} > {max_bytes}");
+    }
+
+    #[test]
+    fn reopen_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(&config(dir.path())).unwrap();
+            store
+                .put_profiles(&[merged("api", "p1", 100, &[(&["main", "work"], 3)])])
+                .unwrap();
+            store
+                .put_spans(&spans(
+                    "api",
+                    &[SpanSpec {
+                        trace: 1,
+                        id: 1,
+                        parent: None,
+                        name: "GET /",
+                        start_ms: 1,
+                        dur_ms: 1,
+                        error: false,
+                    }],
+                ))
+                .unwrap();
+        }
+        let store = Store::open(&config(dir.path())).unwrap();
+        let p = store.profile(&ProfileQuery::default()).unwrap().unwrap();
+        assert_eq!(pprof::folded(&p.profile, 0), [("main;work".to_string(), 3)]);
+        assert_eq!(
+            store.trace([1; 16]).unwrap().unwrap().spans[0].name,
+            "GET /"
+        );
+    }
+
+    #[test]
+    fn corrupt_or_unwritable_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(cfg.path.parent().unwrap()).unwrap();
+        std::fs::write(&cfg.path, vec![0x5au8; 64 << 10]).unwrap();
+        let err = Store::open(&cfg).err().unwrap();
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert!(err.to_string().contains("collector.redb"), "{err}");
+
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let err = Store::open(&StoreConfig {
+            path: blocker.join("db.redb"),
+            ..cfg
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, StoreError::Dir { .. }), "{err}");
+    }
+}

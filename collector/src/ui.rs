@@ -1,0 +1,796 @@
+//! The collector's own web UI and its JSON/pprof API, on the HTTP listener:
+//! flame graphs (inferno), top functions, pprof downloads (`go tool pprof`
+//! can fetch `/api/profile` directly), traces with a waterfall, and the
+//! current metrics. The page and its assets are embedded in the binary.
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+
+use crate::{
+    model::{MetricKind, MetricPoint, MetricsView},
+    pprof,
+    store::{
+        ProfileQuery, ProfileResult, Store, StoreError, TraceQuery, TraceSummary, parse_trace_id,
+    },
+};
+
+const INDEX_HTML: &str = include_str!("ui/index.html");
+const APP_JS: &str = include_str!("ui/app.js");
+const STYLE_CSS: &str = include_str!("ui/style.css");
+
+/// Default and largest number of traces listed.
+const DEFAULT_TRACE_LIMIT: usize = 50;
+const MAX_TRACE_LIMIT: usize = 1000;
+const DEFAULT_TOP_LIMIT: usize = 50;
+
+#[derive(Clone)]
+pub struct UiState {
+    pub store: Arc<Store>,
+    pub metrics: Arc<dyn MetricsView>,
+}
+
+/// The UI's routes: `/`, `/ui/*` assets and `/api/*`.
+pub fn router(state: UiState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/style.css", get(style_css))
+        .route("/api/services", get(services))
+        .route("/api/series", get(series))
+        .route("/api/flamegraph.svg", get(flamegraph))
+        .route("/api/top", get(top))
+        .route("/api/profile", get(profile))
+        .route("/api/traces", get(traces))
+        .route("/api/traces/{trace_id}", get(trace))
+        .route("/api/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// An API error: a status and a message for the client.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, msg.into())
+    }
+    fn not_found(msg: impl Into<String>) -> Self {
+        Self(StatusCode::NOT_FOUND, msg.into())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "UI query failed");
+        Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{}\n", self.1),
+        )
+            .into_response()
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+async fn style_css() -> Response {
+    asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+fn param<'a>(q: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    q.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+}
+
+/// A time: unix milliseconds, `now`, or `now-<duration>` (e.g. `now-1h`).
+fn parse_time(name: &str, v: &str, now: SystemTime) -> Result<SystemTime, ApiError> {
+    if let Some(ago) = v.strip_prefix("now-") {
+        let d = humantime::parse_duration(ago)
+            .map_err(|e| ApiError::bad(format!("{name}={v:?}: {e}")))?;
+        return Ok(now.checked_sub(d).unwrap_or(UNIX_EPOCH));
+    }
+    if v == "now" {
+        return Ok(now);
+    }
+    let ms: u64 = v.parse().map_err(|_| {
+        ApiError::bad(format!(
+            "{name}={v:?}: expected unix milliseconds, \"now\" or \"now-<duration>\" (e.g. now-1h)"
+        ))
+    })?;
+    Ok(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// `from`/`until` (unix ms) or `range` (a duration back from now).
+fn time_range(
+    q: &HashMap<String, String>,
+    now: SystemTime,
+) -> Result<(Option<SystemTime>, Option<SystemTime>), ApiError> {
+    let mut from = param(q, "from")
+        .map(|v| parse_time("from", v, now))
+        .transpose()?;
+    let until = param(q, "until")
+        .map(|v| parse_time("until", v, now))
+        .transpose()?;
+    if let Some(r) = param(q, "range").filter(|r| *r != "all") {
+        if from.is_some() {
+            return Err(ApiError::bad("give either from or range, not both"));
+        }
+        let d = humantime::parse_duration(r)
+            .map_err(|e| ApiError::bad(format!("range={r:?}: {e} (e.g. 15m, 1h, 24h, or all)")))?;
+        from = Some(until.unwrap_or(now).checked_sub(d).unwrap_or(UNIX_EPOCH));
+    }
+    if let (Some(f), Some(u)) = (from, until)
+        && f > u
+    {
+        return Err(ApiError::bad("from is after until"));
+    }
+    Ok((from, until))
+}
+
+fn profile_query(q: &HashMap<String, String>) -> Result<ProfileQuery, ApiError> {
+    let (from, until) = time_range(q, SystemTime::now())?;
+    let selector = param(q, "series").map(str::to_string);
+    let service = param(q, "service").map(str::to_string);
+    if selector.is_none() && service.is_none() {
+        return Err(ApiError::bad(
+            "give series=<selector> or service=<service_name> (and optionally name=<profile name>)",
+        ));
+    }
+    Ok(ProfileQuery {
+        selector,
+        service,
+        profile_name: param(q, "name").map(str::to_string),
+        sample_types: param(q, "sample_types").map(str::to_string),
+        from,
+        until,
+    })
+}
+
+async fn query_profile(
+    store: Arc<Store>,
+    q: &HashMap<String, String>,
+) -> Result<ProfileResult, ApiError> {
+    let pq = profile_query(q)?;
+    blocking(move || store.profile(&pq))
+        .await?
+        .ok_or_else(|| ApiError::not_found("no stored profile matches this query"))
+}
+
+/// The sample index for `type=` (e.g. `cpu`, `samples`), and its name/unit.
+fn sample_type(
+    r: &ProfileResult,
+    q: &HashMap<String, String>,
+) -> Result<(usize, String, String), ApiError> {
+    let types: Vec<&str> = r.sample_types.split(',').collect();
+    let wanted = param(q, "type");
+    if let Some(t) = wanted
+        && !types.iter().any(|x| x.split('/').next() == Some(t))
+    {
+        return Err(ApiError::bad(format!(
+            "type={t:?}: this profile has sample types {}",
+            r.sample_types
+        )));
+    }
+    let i = pprof::sample_index(&r.profile, wanted);
+    let (name, unit) = types
+        .get(i)
+        .and_then(|t| t.split_once('/'))
+        .unwrap_or(("", ""));
+    Ok((i, name.to_string(), unit.to_string()))
+}
+
+async fn services(State(s): State<UiState>) -> Result<Response, ApiError> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.services()).await?).into_response())
+}
+
+async fn series(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    let store = s.store.clone();
+    let service = param(&q, "service").map(str::to_string);
+    Ok(Json(blocking(move || store.series(service.as_deref())).await?).into_response())
+}
+
+async fn profile(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    let r = query_profile(s.store.clone(), &q).await?;
+    let body = pprof::encode_gzip(&r.profile);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"profile.pb.gz\"".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-fathom-sample-types"),
+                r.sample_types.clone(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct TopResponse {
+    sample_type: String,
+    unit: String,
+    sample_types: String,
+    total: i64,
+    series: Vec<String>,
+    windows: u64,
+    functions: Vec<pprof::TopEntry>,
+}
+
+async fn top(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    let limit = match param(&q, "limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad(format!("limit={l:?}: expected a number")))?,
+        None => DEFAULT_TOP_LIMIT,
+    };
+    let r = query_profile(s.store.clone(), &q).await?;
+    let (i, name, unit) = sample_type(&r, &q)?;
+    let (mut functions, total) = pprof::top(&r.profile, i);
+    functions.truncate(limit);
+    Ok(Json(TopResponse {
+        sample_type: name,
+        unit,
+        sample_types: r.sample_types,
+        total,
+        series: r.series,
+        windows: r.windows,
+        functions,
+    })
+    .into_response())
+}
+
+/// Renders folded stacks as an interactive inferno SVG.
+pub fn render_flamegraph(
+    folded: &[(String, i64)],
+    title: &str,
+    count_name: &str,
+    width: Option<usize>,
+) -> Result<Vec<u8>, String> {
+    let lines: Vec<String> = folded.iter().map(|(s, v)| format!("{s} {v}")).collect();
+    let mut opt = inferno::flamegraph::Options::default();
+    opt.title = title.to_string();
+    opt.count_name = count_name.to_string();
+    opt.hash = true;
+    opt.image_width = width;
+    let mut out = Vec::new();
+    inferno::flamegraph::from_lines(&mut opt, lines.iter().map(String::as_str), &mut out)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+async fn flamegraph(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    let width = match param(&q, "width") {
+        Some(w) => Some(
+            w.parse::<usize>()
+                .ok()
+                .filter(|w| (100..=10_000).contains(w))
+                .ok_or_else(|| ApiError::bad(format!("width={w:?}: expected 100..10000 pixels")))?,
+        ),
+        None => None,
+    };
+    let r = query_profile(s.store.clone(), &q).await?;
+    let (i, name, unit) = sample_type(&r, &q)?;
+    let folded = pprof::folded(&r.profile, i);
+    if folded.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "the profile has no {name} samples in this range"
+        )));
+    }
+    let title = match r.series.as_slice() {
+        [one] => one.clone(),
+        many => format!(
+            "{} ({} series)",
+            param(&q, "service").unwrap_or_default(),
+            many.len()
+        ),
+    };
+    let svg = tokio::task::spawn_blocking(move || {
+        render_flamegraph(&folded, &title, &format!("{name} ({unit})"), width)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+}
+
+#[derive(Serialize)]
+struct TraceItem {
+    trace_id: String,
+    root_name: String,
+    service: String,
+    services: Vec<String>,
+    start_unix_ms: f64,
+    duration_ms: f64,
+    span_count: u64,
+    error: bool,
+}
+
+impl From<TraceSummary> for TraceItem {
+    fn from(t: TraceSummary) -> Self {
+        Self {
+            start_unix_ms: t.start_unix_nano as f64 / 1e6,
+            duration_ms: t.duration_nanos() as f64 / 1e6,
+            trace_id: t.trace_id,
+            root_name: t.root_name,
+            service: t.service,
+            services: t.services,
+            span_count: t.span_count,
+            error: t.error,
+        }
+    }
+}
+
+async fn traces(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    let (from, until) = time_range(&q, SystemTime::now())?;
+    let limit = match param(&q, "limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=MAX_TRACE_LIMIT).contains(l))
+            .ok_or_else(|| ApiError::bad(format!("limit={l:?}: expected 1..{MAX_TRACE_LIMIT}")))?,
+        None => DEFAULT_TRACE_LIMIT,
+    };
+    let tq = TraceQuery {
+        service: param(&q, "service").map(str::to_string),
+        from,
+        until,
+        limit,
+    };
+    let store = s.store.clone();
+    let list = blocking(move || store.traces(&tq)).await?;
+    Ok(Json(list.into_iter().map(TraceItem::from).collect::<Vec<_>>()).into_response())
+}
+
+async fn trace(State(s): State<UiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let tid = parse_trace_id(&id)
+        .ok_or_else(|| ApiError::bad(format!("trace id {id:?}: expected 32 hexadecimal digits")))?;
+    let store = s.store.clone();
+    let t = blocking(move || store.trace(tid))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("trace {id} is not stored")))?;
+    Ok(Json(t).into_response())
+}
+
+/// One metric row of the UI.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MetricRow {
+    pub name: String,
+    pub kind: &'static str,
+    pub help: String,
+    pub labels: Vec<(String, String)>,
+    /// Counter/gauge value; a histogram's sum.
+    pub value: f64,
+    pub count: Option<u64>,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+/// The `q` quantile of a histogram from cumulative buckets `(upper bound,
+/// count)`, interpolated linearly inside the bucket as Prometheus'
+/// `histogram_quantile` does; the lower bound of the first bucket is 0 (or
+/// its bound when negative); a quantile in the `+Inf` bucket is the largest
+/// finite bound.
+pub fn histogram_quantile(q: f64, buckets: &[(f64, u64)]) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 || !(0.0..=1.0).contains(&q) {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut prev_bound = 0.0f64;
+    let mut prev_count = 0u64;
+    for (i, &(bound, count)) in buckets.iter().enumerate() {
+        if count as f64 >= rank {
+            if bound.is_infinite() {
+                return Some(if i == 0 { 0.0 } else { prev_bound });
+            }
+            let lower = if i == 0 { bound.min(0.0) } else { prev_bound };
+            let in_bucket = count.saturating_sub(prev_count) as f64;
+            if in_bucket == 0.0 {
+                return Some(bound);
+            }
+            return Some(lower + (bound - lower) * (rank - prev_count as f64) / in_bucket);
+        }
+        prev_bound = bound;
+        prev_count = count;
+    }
+    Some(prev_bound)
+}
+
+pub fn metric_rows(points: Vec<MetricPoint>) -> Vec<MetricRow> {
+    let mut rows: Vec<MetricRow> = points
+        .into_iter()
+        .map(|p| {
+            let hist = p.kind == MetricKind::Histogram;
+            MetricRow {
+                kind: match p.kind {
+                    MetricKind::Counter => "counter",
+                    MetricKind::Gauge => "gauge",
+                    MetricKind::Histogram => "histogram",
+                },
+                count: hist.then_some(p.count),
+                p50: if hist {
+                    histogram_quantile(0.5, &p.buckets)
+                } else {
+                    None
+                },
+                p99: if hist {
+                    histogram_quantile(0.99, &p.buckets)
+                } else {
+                    None
+                },
+                name: p.name,
+                help: p.help,
+                labels: p.labels,
+                value: p.value,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.labels.cmp(&b.labels)));
+    rows
+}
+
+async fn metrics(State(s): State<UiState>) -> Result<Response, ApiError> {
+    let view = s.metrics.clone();
+    let points = tokio::task::spawn_blocking(move || view.snapshot())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(metric_rows(points)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use axum::body::{Body, to_bytes};
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::store::tests::{SpanSpec, config, merged, spans};
+
+    struct Points(Vec<MetricPoint>);
+    impl MetricsView for Points {
+        fn snapshot(&self) -> Vec<MetricPoint> {
+            self.0.clone()
+        }
+    }
+
+    fn app(dir: &std::path::Path, metrics: Vec<MetricPoint>) -> (Router, Arc<Store>) {
+        let store = Arc::new(Store::open(&config(dir)).unwrap());
+        store
+            .put_profiles(&[
+                merged("api", "p1", 100, &[(&["main", "handle", "parse_json"], 6)]),
+                merged("api", "p2", 110, &[(&["main", "handle", "write_db"], 3)]),
+            ])
+            .unwrap();
+        store
+            .put_spans(&spans(
+                "api",
+                &[
+                    SpanSpec {
+                        trace: 7,
+                        id: 1,
+                        parent: None,
+                        name: "GET /users",
+                        start_ms: 1_000,
+                        dur_ms: 20,
+                        error: false,
+                    },
+                    SpanSpec {
+                        trace: 7,
+                        id: 2,
+                        parent: Some(1),
+                        name: "SELECT users",
+                        start_ms: 1_002,
+                        dur_ms: 10,
+                        error: true,
+                    },
+                ],
+            ))
+            .unwrap();
+        let r = router(UiState {
+            store: store.clone(),
+            metrics: Arc::new(Points(metrics)),
+        });
+        (r, store)
+    }
+
+    async fn get(r: &Router, uri: &str) -> (StatusCode, String, Vec<u8>) {
+        let resp = r
+            .clone()
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (
+            status,
+            ct,
+            to_bytes(resp.into_body(), 64 << 20).await.unwrap().to_vec(),
+        )
+    }
+
+    fn json(body: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(body).unwrap()
+    }
+
+    #[test]
+    fn quantiles_from_cumulative_buckets() {
+        let b = [(0.1, 10), (0.5, 30), (1.0, 40), (f64::INFINITY, 40)];
+        // rank 20 is halfway through the (0.1, 0.5] bucket.
+        assert!((histogram_quantile(0.5, &b).unwrap() - 0.3).abs() < 1e-12);
+        // rank 39.6 lies in (0.5, 1.0]: 0.5 + 0.5 * 9.6 / 10.
+        assert!((histogram_quantile(0.99, &b).unwrap() - 0.98).abs() < 1e-12);
+        // rank 5 in the first bucket: 0 + 0.1 * 5 / 10.
+        assert!((histogram_quantile(0.125, &b).unwrap() - 0.05).abs() < 1e-12);
+        // Beyond the last finite bound: that bound.
+        let b = [(1.0, 1), (f64::INFINITY, 10)];
+        assert_eq!(histogram_quantile(0.99, &b), Some(1.0));
+        assert_eq!(
+            histogram_quantile(0.5, &[(1.0, 0), (f64::INFINITY, 0)]),
+            None
+        );
+        assert_eq!(histogram_quantile(0.5, &[]), None);
+    }
+
+    #[tokio::test]
+    async fn page_and_assets_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = app(dir.path(), Vec::new());
+        let (s, ct, body) = get(&r, "/").await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(ct.starts_with("text/html"));
+        let html = String::from_utf8(body).unwrap();
+        assert!(html.contains("/ui/app.js") && html.contains("/ui/style.css"));
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "no external resources"
+        );
+        let (s, ct, _) = get(&r, "/ui/app.js").await;
+        assert_eq!(
+            (s, ct.starts_with("text/javascript")),
+            (StatusCode::OK, true)
+        );
+        let (s, ct, _) = get(&r, "/ui/style.css").await;
+        assert_eq!((s, ct.starts_with("text/css")), (StatusCode::OK, true));
+    }
+
+    #[tokio::test]
+    async fn profile_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = app(dir.path(), Vec::new());
+        let (s, _, body) = get(&r, "/api/services").await;
+        assert_eq!(s, StatusCode::OK);
+        let v = json(&body);
+        assert_eq!(v[0]["name"], "api");
+        assert_eq!(v[0]["profile_series"], 2);
+        assert_eq!(v[0]["has_traces"], true);
+
+        let (_, _, body) = get(&r, "/api/series?service=api").await;
+        assert_eq!(json(&body).as_array().unwrap().len(), 2);
+
+        // All series of the service: both stacks; `type=samples` counts.
+        let (s, _, body) = get(
+            &r,
+            "/api/top?service=api&name=process_cpu&type=samples&unknown=1",
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let v = json(&body);
+        assert_eq!(v["total"], 9);
+        assert_eq!(v["unit"], "count");
+        assert_eq!(v["functions"][0]["name"], "parse_json");
+        assert_eq!(v["functions"][0]["flat"], 6);
+        // Default sample type (the last, cpu nanoseconds).
+        let (_, _, body) = get(&r, "/api/top?service=api").await;
+        assert_eq!(json(&body)["total"], 90_000_000);
+        // One series, by its selector.
+        let sel = "process_cpu{pod=\"p2\",service_name=\"api\"}";
+        let uri = format!("/api/top?series={}&type=samples", urlencode(sel));
+        let (_, _, body) = get(&r, &uri).await;
+        assert_eq!(json(&body)["functions"][0]["name"], "write_db");
+
+        let (s, ct, body) = get(&r, "/api/flamegraph.svg?service=api&width=800&seconds=30").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(ct, "image/svg+xml");
+        let svg = String::from_utf8(body).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("parse_json") && svg.contains("write_db"));
+        assert!(svg.contains("width=\"800\""));
+
+        let (s, ct, body) = get(&r, "/api/profile?service=api&seconds=30").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(ct, "application/octet-stream");
+        assert_eq!(&body[..2], &[0x1f, 0x8b], "gzip");
+        let p = pprof::decode(&body).unwrap();
+        assert_eq!(
+            pprof::folded(&p, 0),
+            [
+                ("main;handle;parse_json".to_string(), 6),
+                ("main;handle;write_db".to_string(), 3)
+            ]
+        );
+        // Time range: only the first window (starts at 100 s).
+        let (_, _, body) = get(&r, "/api/profile?service=api&from=0&until=105000").await;
+        let p = pprof::decode(&body).unwrap();
+        assert_eq!(
+            pprof::folded(&p, 0),
+            [("main;handle;parse_json".to_string(), 6)]
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_queries_are_400_unknown_is_404() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = app(dir.path(), Vec::new());
+        for (uri, needle) in [
+            ("/api/profile", "give series="),
+            (
+                "/api/profile?service=api&range=forever",
+                "range=\"forever\"",
+            ),
+            (
+                "/api/profile?service=api&from=yesterday",
+                "from=\"yesterday\"",
+            ),
+            (
+                "/api/profile?service=api&from=2000&until=1000",
+                "from is after until",
+            ),
+            ("/api/top?service=api&type=alloc", "type=\"alloc\""),
+            ("/api/top?service=api&limit=x", "limit=\"x\""),
+            ("/api/flamegraph.svg?service=api&width=5", "width=\"5\""),
+            ("/api/traces?limit=0", "limit=\"0\""),
+            ("/api/traces/xyz", "32 hexadecimal"),
+        ] {
+            let (s, ct, body) = get(&r, uri).await;
+            let body = String::from_utf8(body).unwrap();
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {body}");
+            assert!(ct.starts_with("text/plain"));
+            assert!(body.contains(needle), "{uri}: {body}");
+        }
+        let (s, _, body) = get(&r, &format!("/api/traces/{}", "ab".repeat(16))).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(String::from_utf8(body).unwrap().contains("not stored"));
+        let (s, _, _) = get(&r, "/api/profile?service=nobody").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn trace_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = app(dir.path(), Vec::new());
+        let (s, _, body) = get(&r, "/api/traces?service=api&limit=5").await;
+        assert_eq!(s, StatusCode::OK);
+        let v = json(&body);
+        assert_eq!(v.as_array().unwrap().len(), 1);
+        assert_eq!(v[0]["root_name"], "GET /users");
+        assert_eq!(v[0]["span_count"], 2);
+        assert_eq!(v[0]["error"], true);
+        assert_eq!(v[0]["duration_ms"], 20.0);
+        assert_eq!(v[0]["start_unix_ms"], 1000.0);
+        let id = v[0]["trace_id"].as_str().unwrap().to_string();
+        let (_, _, body) = get(&r, "/api/traces?service=other").await;
+        assert_eq!(json(&body).as_array().unwrap().len(), 0);
+
+        let (s, _, body) = get(&r, &format!("/api/traces/{id}")).await;
+        assert_eq!(s, StatusCode::OK);
+        let v = json(&body);
+        let spans = v["spans"].as_array().unwrap();
+        assert_eq!(spans.len(), 2);
+        assert_eq!(spans[1]["name"], "SELECT users");
+        assert_eq!(spans[1]["parent_span_id"], spans[0]["span_id"]);
+        assert_eq!(spans[1]["offset_ms"], 2.0);
+        assert_eq!(spans[1]["status"], "error");
+        assert_eq!(spans[1]["kind"], "server");
+    }
+
+    #[tokio::test]
+    async fn metrics_table_with_histogram_quantiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let point = |name: &str, kind, value, count, buckets: Vec<(f64, u64)>| MetricPoint {
+            name: name.into(),
+            help: "h".into(),
+            kind,
+            labels: vec![("service_name".into(), "api".into())],
+            value,
+            count,
+            buckets,
+            timestamp: SystemTime::now(),
+        };
+        let (r, _) = app(
+            dir.path(),
+            vec![
+                point(
+                    "fathom_tcp_retransmits_total",
+                    MetricKind::Counter,
+                    3.0,
+                    0,
+                    vec![],
+                ),
+                point(
+                    "http_server_request_duration_seconds",
+                    MetricKind::Histogram,
+                    4.0,
+                    40,
+                    vec![(0.1, 10), (0.5, 30), (1.0, 40), (f64::INFINITY, 40)],
+                ),
+            ],
+        );
+        let (s, _, body) = get(&r, "/api/metrics").await;
+        assert_eq!(s, StatusCode::OK);
+        let v = json(&body);
+        assert_eq!(v[0]["name"], "fathom_tcp_retransmits_total");
+        assert_eq!(v[0]["value"], 3.0);
+        assert!(v[0]["p50"].is_null());
+        assert_eq!(v[1]["kind"], "histogram");
+        assert_eq!(v[1]["count"], 40);
+        assert_eq!(v[1]["value"], 4.0);
+        assert!((v[1]["p50"].as_f64().unwrap() - 0.3).abs() < 1e-12);
+        assert!((v[1]["p99"].as_f64().unwrap() - 0.98).abs() < 1e-12);
+        assert_eq!(v[1]["labels"][0][0], "service_name");
+    }
+
+    fn urlencode(s: &str) -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b == b'_' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+}
