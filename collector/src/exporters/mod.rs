@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::{pipeline::Batch, stats::ExporterStats};
 
 pub mod otlp;
-//pub mod prometheus;
+pub mod prometheus;
 pub mod pyroscope;
 pub mod retry;
 
