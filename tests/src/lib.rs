@@ -517,7 +517,9 @@ pub fn require_tool(test: &str, what: &str, found: Option<PathBuf>) -> Option<Pa
             panic!("{test}: CI=true and {what} is missing (run scripts/setup)")
         }
         _ => {
-            eprintln!("\n*** SKIPPED {test}: {what} is missing (run scripts/setup; under CI=true this fails) ***\n");
+            eprintln!(
+                "\n*** SKIPPED {test}: {what} is missing (run scripts/setup; under CI=true this fails) ***\n"
+            );
             None
         }
     }
@@ -552,7 +554,10 @@ pub fn free_port() -> u16 {
 pub fn wait_for_port(addr: std::net::SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr} after {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -584,7 +589,12 @@ pub struct Rotel {
 
 impl Rotel {
     /// Starts `rotel-agent` on the given ports and waits until both listen.
-    pub fn start(binary: &Path, grpc: std::net::SocketAddr, http: std::net::SocketAddr, dir: &Path) -> Self {
+    pub fn start(
+        binary: &Path,
+        grpc: std::net::SocketAddr,
+        http: std::net::SocketAddr,
+        dir: &Path,
+    ) -> Self {
         let mut child = ChildGuard::spawn(
             Command::new(binary)
                 .args(["start", "--exporter", "blackhole", "--debug-log", "traces"])
@@ -689,7 +699,9 @@ pub fn parse_rotel_spans(lines: &[String]) -> Vec<RotelSpan> {
         } else if t == "Attributes:" && current.is_some() {
             section = Section::SpanAttrs;
         } else if let Some(kv) = t.strip_prefix("-> ") {
-            let Some((k, v)) = kv.split_once(": ") else { continue };
+            let Some((k, v)) = kv.split_once(": ") else {
+                continue;
+            };
             match section {
                 Section::ResourceAttrs => {
                     resource.insert(k.to_string(), v.to_string());

@@ -111,11 +111,12 @@ impl OtlpExporter {
                             name: name.clone(),
                             reason: e.to_string(),
                         })?;
-                    let value =
-                        MetadataValue::try_from(value.as_str()).map_err(|e| ExporterError::Header {
+                    let value = MetadataValue::try_from(value.as_str()).map_err(|e| {
+                        ExporterError::Header {
                             name: name.clone(),
                             reason: e.to_string(),
-                        })?;
+                        }
+                    })?;
                     metadata.insert(key, value);
                 }
                 Transport::Grpc {
@@ -206,9 +207,11 @@ impl Delivery for OtlpExporter {
     fn encode(&mut self, batch: &Batch) -> Vec<Entry<OtlpItem>> {
         let (signal, body, count) = match batch {
             Batch::Spans(req) => (Signal::Traces, req.encode_to_vec(), span_count(req)),
-            Batch::Metrics(req) if self.metrics => {
-                (Signal::Metrics, req.encode_to_vec(), metric_point_count(req))
-            }
+            Batch::Metrics(req) if self.metrics => (
+                Signal::Metrics,
+                req.encode_to_vec(),
+                metric_point_count(req),
+            ),
             _ => return Vec::new(),
         };
         if count == 0 {
@@ -332,7 +335,11 @@ async fn send_http(
     }
     // Error bodies are a google.rpc.Status; its message (field 2) is printable
     // text inside the bytes, the lossy text is enough for the log.
-    classify_http(status, retry_after.as_deref(), &String::from_utf8_lossy(&body))
+    classify_http(
+        status,
+        retry_after.as_deref(),
+        &String::from_utf8_lossy(&body),
+    )
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -519,7 +526,10 @@ mod tests {
             },
         ]);
         let back = ExportTraceServiceRequest::decode(joined).unwrap();
-        assert_eq!(back.resource_spans, [a.resource_spans, b.resource_spans].concat());
+        assert_eq!(
+            back.resource_spans,
+            [a.resource_spans, b.resource_spans].concat()
+        );
     }
 
     #[test]

@@ -161,9 +161,11 @@ impl PromRegistry {
                             s.is_monotonic,
                             Some(s.aggregation_temporality),
                         ),
-                        Data::Histogram(h) => {
-                            (MetricKind::Histogram, false, Some(h.aggregation_temporality))
-                        }
+                        Data::Histogram(h) => (
+                            MetricKind::Histogram,
+                            false,
+                            Some(h.aggregation_temporality),
+                        ),
                         Data::ExponentialHistogram(h) => {
                             let n = h.data_points.len() as u64;
                             self.counters.skipped_exponential_histogram.add(n);
@@ -187,7 +189,16 @@ impl PromRegistry {
                         _ => Vec::new(),
                     };
                     for p in points {
-                        if self.apply(&mut inner, &name, kind, &help, &resource_labels, p, delta, now) {
+                        if self.apply(
+                            &mut inner,
+                            &name,
+                            kind,
+                            &help,
+                            &resource_labels,
+                            p,
+                            delta,
+                            now,
+                        ) {
                             done.applied += 1;
                         } else {
                             done.skipped += 1;
@@ -199,7 +210,10 @@ impl PromRegistry {
         done
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one data point and where it goes")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one data point and where it goes"
+    )]
     fn apply(
         &self,
         inner: &mut Inner,
@@ -263,7 +277,8 @@ impl PromRegistry {
             Point::Histogram(p) => {
                 // Counts must be one per bound plus the +Inf bucket (or empty:
                 // only sum and count).
-                if !p.bucket_counts.is_empty() && p.bucket_counts.len() != p.explicit_bounds.len() + 1
+                if !p.bucket_counts.is_empty()
+                    && p.bucket_counts.len() != p.explicit_bounds.len() + 1
                 {
                     self.counters.skipped_invalid.inc();
                     false
@@ -444,11 +459,7 @@ fn labels(attrs: &[KeyValue], resource: &Labels) -> Labels {
         .into_iter()
         .map(|(k, mut vs)| {
             vs.sort();
-            let joined = vs
-                .into_iter()
-                .map(|(_, v)| v)
-                .collect::<Vec<_>>()
-                .join(";");
+            let joined = vs.into_iter().map(|(_, v)| v).collect::<Vec<_>>().join(";");
             (k, joined)
         })
         .collect();
@@ -469,11 +480,12 @@ fn value_string(v: &AnyValue) -> String {
             use base64::Engine as _;
             base64::engine::general_purpose::STANDARD.encode(b)
         }
-        Some(Value::ArrayValue(a)) => serde_json::Value::Array(
-            a.values.iter().map(|v| value_json(v)).collect(),
-        )
-        .to_string(),
-        Some(Value::KvlistValue(_)) | Some(Value::StringValueStrindex(_)) => value_json(v).to_string(),
+        Some(Value::ArrayValue(a)) => {
+            serde_json::Value::Array(a.values.iter().map(value_json).collect()).to_string()
+        }
+        Some(Value::KvlistValue(_)) | Some(Value::StringValueStrindex(_)) => {
+            value_json(v).to_string()
+        }
         None => String::new(),
     }
 }
@@ -510,7 +522,13 @@ fn value_json(v: &AnyValue) -> serde_json::Value {
 pub fn label_name(key: &str) -> String {
     let mut s: String = key
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if s.is_empty() {
         return "key_".to_string();
@@ -877,7 +895,10 @@ pub fn router(registry: Arc<PromRegistry>, stats: Arc<Stats>) -> Router {
 async fn metrics_handler(
     State((registry, stats)): State<(Arc<PromRegistry>, Arc<Stats>)>,
 ) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], registry.render(&stats))
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        registry.render(&stats),
+    )
 }
 
 /// The registry as a sink: applies `Batch::Metrics`, ignores the rest.
@@ -900,8 +921,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use opentelemetry_proto::tonic::{
         metrics::v1::{
-            Gauge, Histogram, Metric, ResourceMetrics, ScopeMetrics, Sum, Summary,
-            SummaryDataPoint,
+            Gauge, Histogram, Metric, ResourceMetrics, ScopeMetrics, Sum, Summary, SummaryDataPoint,
         },
         resource::v1::Resource,
     };
@@ -947,7 +967,13 @@ mod tests {
         }
     }
 
-    fn sum(name: &str, unit: &str, monotonic: bool, temporality: AggregationTemporality, v: f64) -> Metric {
+    fn sum(
+        name: &str,
+        unit: &str,
+        monotonic: bool,
+        temporality: AggregationTemporality,
+        v: f64,
+    ) -> Metric {
         Metric {
             name: name.into(),
             unit: unit.into(),
@@ -965,15 +991,33 @@ mod tests {
     fn names_follow_the_otel_translation() {
         use MetricKind::*;
         let n = prometheus_name;
-        assert_eq!(n("http.server.request.duration", "s", Histogram, false), "http_server_request_duration_seconds");
-        assert_eq!(n("system.network.io", "By", Counter, true), "system_network_io_bytes_total");
+        assert_eq!(
+            n("http.server.request.duration", "s", Histogram, false),
+            "http_server_request_duration_seconds"
+        );
+        assert_eq!(
+            n("system.network.io", "By", Counter, true),
+            "system_network_io_bytes_total"
+        );
         assert_eq!(n("requests", "{request}", Counter, true), "requests_total");
         assert_eq!(n("requests_total", "1", Counter, true), "requests_total");
-        assert_eq!(n("cpu.utilization", "1", Gauge, false), "cpu_utilization_ratio");
+        assert_eq!(
+            n("cpu.utilization", "1", Gauge, false),
+            "cpu_utilization_ratio"
+        );
         assert_eq!(n("queue.size", "", Gauge, false), "queue_size");
-        assert_eq!(n("throughput", "By/s", Gauge, false), "throughput_bytes_per_second");
-        assert_eq!(n("latency_seconds", "s", Histogram, false), "latency_seconds");
-        assert_eq!(n("9lives-cat%", "ms", Gauge, false), "_9lives_cat_milliseconds");
+        assert_eq!(
+            n("throughput", "By/s", Gauge, false),
+            "throughput_bytes_per_second"
+        );
+        assert_eq!(
+            n("latency_seconds", "s", Histogram, false),
+            "latency_seconds"
+        );
+        assert_eq!(
+            n("9lives-cat%", "ms", Gauge, false),
+            "_9lives_cat_milliseconds"
+        );
         assert_eq!(n("memory", "MiBy", Gauge, false), "memory_mebibytes");
         assert_eq!(n("odd", "furlongs", Gauge, false), "odd_furlongs");
         assert_eq!(label_name("http.request.method"), "http_request_method");
@@ -984,9 +1028,27 @@ mod tests {
     fn counters_gauges_and_deltas() {
         let r = PromRegistry::default();
         let done = r.ingest(&request(vec![
-            sum("http.requests", "", true, AggregationTemporality::Cumulative, 7.0),
-            sum("network.io", "By", true, AggregationTemporality::Delta, 100.0),
-            sum("queue.depth", "", false, AggregationTemporality::Cumulative, -3.0),
+            sum(
+                "http.requests",
+                "",
+                true,
+                AggregationTemporality::Cumulative,
+                7.0,
+            ),
+            sum(
+                "network.io",
+                "By",
+                true,
+                AggregationTemporality::Delta,
+                100.0,
+            ),
+            sum(
+                "queue.depth",
+                "",
+                false,
+                AggregationTemporality::Cumulative,
+                -3.0,
+            ),
             Metric {
                 name: "temperature".into(),
                 unit: "Cel".into(),
@@ -996,20 +1058,50 @@ mod tests {
                 ..Metric::default()
             },
         ]));
-        assert_eq!(done, Ingested { applied: 4, skipped: 0 });
+        assert_eq!(
+            done,
+            Ingested {
+                applied: 4,
+                skipped: 0
+            }
+        );
         r.ingest(&request(vec![
-            sum("http.requests", "", true, AggregationTemporality::Cumulative, 9.0),
-            sum("network.io", "By", true, AggregationTemporality::Delta, 50.0),
+            sum(
+                "http.requests",
+                "",
+                true,
+                AggregationTemporality::Cumulative,
+                9.0,
+            ),
+            sum(
+                "network.io",
+                "By",
+                true,
+                AggregationTemporality::Delta,
+                50.0,
+            ),
         ]));
         let text = r.render(&Stats::default());
         let l = r#"{http_method="GET",instance="pod-1",job="prod/shop"}"#;
-        assert!(text.contains(&format!("http_requests_total{l} 9\n")), "{text}");
-        assert!(text.contains(&format!("network_io_bytes_total{l} 150\n")), "{text}");
+        assert!(
+            text.contains(&format!("http_requests_total{l} 9\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("network_io_bytes_total{l} 150\n")),
+            "{text}"
+        );
         assert!(text.contains(&format!("queue_depth{l} -3\n")), "{text}");
-        assert!(text.contains("temperature_celsius{instance=\"pod-1\",job=\"prod/shop\"} 21.5\n"), "{text}");
+        assert!(
+            text.contains("temperature_celsius{instance=\"pod-1\",job=\"prod/shop\"} 21.5\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE http_requests_total counter\n"));
         assert!(text.contains("# TYPE queue_depth gauge\n"));
-        assert!(text.contains("# HELP http_requests_total help\\nwith \\\\ newline\n"), "{text}");
+        assert!(
+            text.contains("# HELP http_requests_total help\\nwith \\\\ newline\n"),
+            "{text}"
+        );
         assert_eq!(r.snapshot().len(), 4);
     }
 
@@ -1032,8 +1124,16 @@ mod tests {
             })),
             ..Metric::default()
         };
-        r.ingest(&request(vec![h(AggregationTemporality::Delta, vec![1, 2, 3, 4], 9.5)]));
-        r.ingest(&request(vec![h(AggregationTemporality::Delta, vec![1, 0, 0, 1], 2.5)]));
+        r.ingest(&request(vec![h(
+            AggregationTemporality::Delta,
+            vec![1, 2, 3, 4],
+            9.5,
+        )]));
+        r.ingest(&request(vec![h(
+            AggregationTemporality::Delta,
+            vec![1, 0, 0, 1],
+            2.5,
+        )]));
         let text = r.render(&Stats::default());
         let name = "http_server_request_duration_seconds";
         let l = r#"http_route="/a",instance="pod-1",job="prod/shop""#;
@@ -1042,18 +1142,35 @@ mod tests {
             assert!(text.contains(&line), "{line} in {text}");
         }
         assert!(text.contains(&format!("{name}_sum{{{l}}} 12\n")), "{text}");
-        assert!(text.contains(&format!("{name}_count{{{l}}} 12\n")), "{text}");
+        assert!(
+            text.contains(&format!("{name}_count{{{l}}} 12\n")),
+            "{text}"
+        );
         assert!(text.contains(&format!("# TYPE {name} histogram\n")));
         let snap = r.snapshot();
         assert_eq!(snap[0].buckets.last(), Some(&(f64::INFINITY, 12)));
 
         // Cumulative replaces.
-        r.ingest(&request(vec![h(AggregationTemporality::Cumulative, vec![0, 0, 0, 1], 3.0)]));
+        r.ingest(&request(vec![h(
+            AggregationTemporality::Cumulative,
+            vec![0, 0, 0, 1],
+            3.0,
+        )]));
         let text = r.render(&Stats::default());
         assert!(text.contains(&format!("{name}_count{{{l}}} 1\n")), "{text}");
         // Counts that do not match the bounds are refused.
-        let done = r.ingest(&request(vec![h(AggregationTemporality::Cumulative, vec![1, 2], 3.0)]));
-        assert_eq!(done, Ingested { applied: 0, skipped: 1 });
+        let done = r.ingest(&request(vec![h(
+            AggregationTemporality::Cumulative,
+            vec![1, 2],
+            3.0,
+        )]));
+        assert_eq!(
+            done,
+            Ingested {
+                applied: 0,
+                skipped: 1
+            }
+        );
     }
 
     #[test]
@@ -1097,19 +1214,44 @@ mod tests {
                 ..Metric::default()
             },
         ]));
-        assert_eq!(done, Ingested { applied: 2, skipped: 2 });
+        assert_eq!(
+            done,
+            Ingested {
+                applied: 2,
+                skipped: 2
+            }
+        );
         assert_eq!(r.counters.series_overflow.get(), 1);
         assert_eq!(r.counters.skipped_summary.get(), 1);
         assert_eq!(r.series(), 2);
         // One Prometheus name from a gauge and from a counter: a conflict.
         let c = PromRegistry::default();
         c.ingest(&request(vec![g("x_total")]));
-        let done = c.ingest(&request(vec![sum("x", "", true, AggregationTemporality::Cumulative, 1.0)]));
-        assert_eq!(done, Ingested { applied: 0, skipped: 1 });
+        let done = c.ingest(&request(vec![sum(
+            "x",
+            "",
+            true,
+            AggregationTemporality::Cumulative,
+            1.0,
+        )]));
+        assert_eq!(
+            done,
+            Ingested {
+                applied: 0,
+                skipped: 1
+            }
+        );
         assert_eq!(c.counters.skipped_type_conflict.get(), 1);
         let text = r.render(&Stats::default());
-        assert!(text.contains("fathom_collector_prometheus_series_overflow_total 1\n"), "{text}");
-        assert!(text.contains("fathom_collector_prometheus_points_skipped_total{reason=\"summary\"} 1\n"));
+        assert!(
+            text.contains("fathom_collector_prometheus_series_overflow_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fathom_collector_prometheus_points_skipped_total{reason=\"summary\"} 1\n"
+            )
+        );
         std::thread::sleep(Duration::from_millis(300));
         assert!(r.snapshot().is_empty(), "stale series are removed");
         assert_eq!(r.counters.stale_removed.get(), 2);
@@ -1125,7 +1267,10 @@ mod tests {
         e.dropped.add(2);
         e.buffered_bytes.set(100);
         let text = PromRegistry::default().render(&stats);
-        assert!(text.contains("fathom_collector_items_accepted_total{signal=\"spans\"} 5\n"), "{text}");
+        assert!(
+            text.contains("fathom_collector_items_accepted_total{signal=\"spans\"} 5\n"),
+            "{text}"
+        );
         assert!(text.contains("fathom_collector_exporter_dropped_total{exporter=\"otlp\"} 2\n"));
         assert!(text.contains("fathom_collector_exporter_buffered_bytes{exporter=\"otlp\"} 100\n"));
         assert!(text.contains("# TYPE fathom_collector_exporter_buffered_bytes gauge\n"));

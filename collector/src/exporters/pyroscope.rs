@@ -73,13 +73,12 @@ impl PyroscopeExporter {
             use base64::Engine as _;
             let token = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", auth.username, auth.password));
-            let mut v =
-                HeaderValue::from_str(&format!("Basic {token}")).map_err(|e| {
-                    ExporterError::Header {
-                        name: "Authorization".into(),
-                        reason: e.to_string(),
-                    }
-                })?;
+            let mut v = HeaderValue::from_str(&format!("Basic {token}")).map_err(|e| {
+                ExporterError::Header {
+                    name: "Authorization".into(),
+                    reason: e.to_string(),
+                }
+            })?;
             v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
@@ -108,7 +107,15 @@ impl PyroscopeExporter {
         shutdown_deadline: Duration,
     ) {
         let buffer_bytes = self.buffer_bytes;
-        super::drive("pyroscope", self, rx, stats, buffer_bytes, shutdown_deadline).await;
+        super::drive(
+            "pyroscope",
+            self,
+            rx,
+            stats,
+            buffer_bytes,
+            shutdown_deadline,
+        )
+        .await;
     }
 }
 

@@ -131,7 +131,12 @@ impl<T: Clone> RetryBuffer<T> {
             if self.in_flight > 0 && !self.doomed {
                 // The oldest entries are being sent: let the attempt decide.
                 self.doomed = true;
-                let held: u64 = self.queue.iter().take(self.in_flight).map(|e| e.bytes).sum();
+                let held: u64 = self
+                    .queue
+                    .iter()
+                    .take(self.in_flight)
+                    .map(|e| e.bytes)
+                    .sum();
                 self.bytes -= held;
                 continue;
             }
@@ -179,7 +184,11 @@ impl<T: Clone> RetryBuffer<T> {
 
     /// Items in the running attempt.
     pub fn in_flight_count(&self) -> u64 {
-        self.queue.iter().take(self.in_flight).map(|e| e.count).sum()
+        self.queue
+            .iter()
+            .take(self.in_flight)
+            .map(|e| e.count)
+            .sum()
     }
 
     /// Records how the running attempt ended.
@@ -220,7 +229,10 @@ impl<T: Clone> RetryBuffer<T> {
                         dropped: items,
                     }
                 } else {
-                    Completed { sent: 0, dropped: 0 }
+                    Completed {
+                        sent: 0,
+                        dropped: 0,
+                    }
                 }
             }
         };
@@ -394,10 +406,20 @@ mod tests {
         assert_eq!(b.push(entry(4, 101, 7)), 7);
         assert_eq!(stats.dropped.get(), 11);
         assert_eq!(b.begin(1000, |_, _| true), Some(vec![2, 3]));
-        assert_eq!(b.complete(&ok()), Completed { sent: 11, dropped: 0 });
+        assert_eq!(
+            b.complete(&ok()),
+            Completed {
+                sent: 11,
+                dropped: 0
+            }
+        );
         assert!(b.is_empty());
         assert_eq!(
-            (stats.sent.get(), stats.buffered_items.get(), stats.buffered_bytes.get()),
+            (
+                stats.sent.get(),
+                stats.buffered_items.get(),
+                stats.buffered_bytes.get()
+            ),
             (11, 0, 0)
         );
     }
@@ -443,14 +465,26 @@ mod tests {
         assert_eq!(b.begin(1000, |_, _| true), Some(vec![1]));
         assert_eq!(b.push(entry(2, 60, 2)), 0, "in flight: not dropped yet");
         assert_eq!(b.bytes(), 60);
-        assert_eq!(b.complete(&ok()), Completed { sent: 3, dropped: 0 });
+        assert_eq!(
+            b.complete(&ok()),
+            Completed {
+                sent: 3,
+                dropped: 0
+            }
+        );
         assert_eq!((stats.sent.get(), stats.dropped.get()), (3, 0));
         assert_eq!(b.bytes(), 60);
 
         // Doomed and then failed: dropped and counted.
         assert_eq!(b.begin(1000, |_, _| true), Some(vec![2]));
         b.push(entry(3, 60, 4));
-        assert_eq!(b.complete(&retry()), Completed { sent: 0, dropped: 2 });
+        assert_eq!(
+            b.complete(&retry()),
+            Completed {
+                sent: 0,
+                dropped: 2
+            }
+        );
         assert_eq!((stats.sent.get(), stats.dropped.get()), (3, 2));
         assert_eq!(b.len(), 1);
         assert_eq!(b.bytes(), 60);
@@ -487,7 +521,10 @@ mod tests {
         );
         b.abandon();
         assert_eq!(stats.sent.get() + stats.dropped.get(), pushed);
-        assert_eq!((stats.buffered_items.get(), stats.buffered_bytes.get()), (0, 0));
+        assert_eq!(
+            (stats.buffered_items.get(), stats.buffered_bytes.get()),
+            (0, 0)
+        );
     }
 
     #[test]
@@ -508,9 +545,15 @@ mod tests {
 
     #[test]
     fn classification() {
-        assert!(matches!(classify_http(200, None, ""), Attempt::Delivered { .. }));
+        assert!(matches!(
+            classify_http(200, None, ""),
+            Attempt::Delivered { .. }
+        ));
         for s in [429, 502, 503, 504] {
-            assert!(matches!(classify_http(s, None, ""), Attempt::Retry { .. }), "{s}");
+            assert!(
+                matches!(classify_http(s, None, ""), Attempt::Retry { .. }),
+                "{s}"
+            );
         }
         assert_eq!(
             classify_http(503, Some("7"), "busy"),
@@ -519,14 +562,13 @@ mod tests {
                 reason: "HTTP 503: busy".into()
             }
         );
-        assert_eq!(
-            parse_retry_after("100000"),
-            Some(MAX_RETRY_AFTER),
-            "capped"
-        );
+        assert_eq!(parse_retry_after("100000"), Some(MAX_RETRY_AFTER), "capped");
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         for s in [400, 413, 401, 422] {
-            assert!(matches!(classify_http(s, None, ""), Attempt::Permanent { .. }), "{s}");
+            assert!(
+                matches!(classify_http(s, None, ""), Attempt::Permanent { .. }),
+                "{s}"
+            );
         }
         use tonic::Code;
         for c in [
@@ -536,7 +578,10 @@ mod tests {
             Code::Aborted,
             Code::Cancelled,
         ] {
-            assert!(matches!(classify_grpc(c, "", false), Attempt::Retry { .. }), "{c:?}");
+            assert!(
+                matches!(classify_grpc(c, "", false), Attempt::Retry { .. }),
+                "{c:?}"
+            );
         }
         assert!(matches!(
             classify_grpc(Code::InvalidArgument, "bad span", false),
