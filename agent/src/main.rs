@@ -8,18 +8,23 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fathom_agent::{
+    export::EmbeddedSink,
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::ProfilerConfig,
-    session::{self, Session, Stop},
+    session::{self, DirSink, Session, Stop},
 };
+use fathom_collector::{Collector, CollectorArgs};
 use fathom_symbolizer::SymbolizerConfig;
 use tracing_subscriber::EnvFilter;
 
 /// Fathom's per-node eBPF agent: continuous CPU profiling of every process.
 ///
-/// Without a subcommand it runs as a daemon and writes one pprof profile per
-/// process per interval into a directory.
+/// Without a subcommand it runs as a daemon: every interval, one profile per
+/// process goes to the collector embedded in the agent (UI, API and
+/// `/metrics` on http://0.0.0.0:4040 by default; receivers on 4317/4318), or
+/// to a remote collector (`--collector-url`), or into a directory
+/// (`--output-dir`).
 #[derive(Parser, Debug)]
 #[command(name = "fathom-agent", version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -64,19 +69,19 @@ struct ProfileArgs {
 struct DaemonArgs {
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// How often to write profiles.
+    /// How often to deliver profiles.
     #[arg(long, env = "FATHOM_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     interval: Duration,
-    /// Directory for the per-process profiles.
-    #[arg(
-        long,
-        env = "FATHOM_OUTPUT_DIR",
-        default_value = "/var/lib/fathom/profiles"
-    )]
-    output_dir: PathBuf,
-    /// Profiles older than this are deleted.
+    /// Write per-process profiles into this directory instead of sending
+    /// them to a collector.
+    #[arg(long, env = "FATHOM_OUTPUT_DIR")]
+    output_dir: Option<PathBuf>,
+    /// With --output-dir: profiles older than this are deleted.
     #[arg(long, env = "FATHOM_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// Embedded collector (used unless --output-dir is given).
+    #[command(flatten, next_help_heading = "Embedded collector")]
+    collector: CollectorArgs,
 }
 
 fn main() -> ExitCode {
@@ -178,9 +183,46 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
 
 fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = profiler_config(&args.sampling)?;
-    let stop = stop_on_signals()?;
-    let mut session = Session::start(config, &SymbolizerConfig::default())?;
-    tracing::info!(dir = %args.output_dir.display(), interval = %humantime::format_duration(args.interval), "writing per-process profiles");
-    session.run_daemon(args.interval, &args.output_dir, args.retention, &stop)?;
-    Ok(())
+    if let Some(dir) = &args.output_dir {
+        let mut sink = DirSink::new(dir, args.retention)?;
+        let stop = stop_on_signals()?;
+        let mut session = Session::start(config, &SymbolizerConfig::default())?;
+        tracing::info!(dir = %dir.display(), interval = %humantime::format_duration(args.interval), "writing per-process profiles");
+        session.run_daemon(args.interval, &mut sink, &stop)?;
+        return Ok(());
+    }
+    let collector_config = args
+        .collector
+        .resolve(|k| std::env::var(k).ok())
+        .context("collector configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("fathom-collector")
+        .build()
+        .context("starting the collector's runtime")?;
+    let collector = runtime
+        .block_on(Collector::start(collector_config))
+        .context("starting the embedded collector")?;
+    if let Some(http) = collector.addrs().http {
+        let host = if http.ip().is_unspecified() {
+            "localhost".to_string()
+        } else {
+            http.ip().to_string()
+        };
+        eprintln!(
+            "fathom-agent: flame graphs, traces and metrics at http://{host}:{}/ (first profiles after {})",
+            http.port(),
+            humantime::format_duration(args.interval)
+        );
+    }
+    let result = (|| {
+        let stop = stop_on_signals()?;
+        let mut session = Session::start(config, &SymbolizerConfig::default())?;
+        let mut sink = EmbeddedSink::new(collector.ingest());
+        session.run_daemon(args.interval, &mut sink, &stop)?;
+        anyhow::Ok(())
+    })();
+    runtime.block_on(collector.shutdown(Duration::from_secs(10)));
+    result
 }

@@ -174,7 +174,7 @@ pub struct Session {
     table: Arc<Mutex<ProcessTable>>,
     resolver: StackResolver,
     config: ProfilerConfig,
-    /// Daemon profiles that could not be written.
+    /// Daemon profiles that could not be delivered.
     write_failures: u64,
 }
 
@@ -277,7 +277,7 @@ impl Session {
         let resolve = self.resolver.stats();
         Ok(format!(
             "{kernel} processes-missed={} unreadable-files={} unknown-frames={} lost-stacks={} \
-             profiles-not-written={}",
+             profiles-not-delivered={}",
             table.processes_missed,
             table.object_open_failures,
             resolve.unknown_frames,
@@ -286,21 +286,14 @@ impl Session {
         ))
     }
 
-    /// Runs until stopped: every `interval`, one profile per process into
-    /// `dir`; files older than `retention` are removed.
+    /// Runs until stopped: every `interval`, one profile per process goes to
+    /// `sink` (files in a directory, or a collector).
     pub fn run_daemon(
         &mut self,
         interval: Duration,
-        dir: &Path,
-        retention: Duration,
+        sink: &mut dyn ProfileSink,
         stop: &Stop,
     ) -> Result<(), SessionError> {
-        fs::create_dir_all(dir).map_err(|source| SessionError::Io {
-            what: "creating",
-            path: dir.into(),
-            source,
-        })?;
-        let mut retention = Retention::scan(dir, retention);
         let frequency_hz = self.config.frequency_hz;
         let meta = |start: SystemTime| CpuProfileMeta {
             frequency_hz,
@@ -313,39 +306,39 @@ impl Session {
             let window = self.drain()?;
             let meta = meta(window_start);
             window_start = SystemTime::now();
-            let written = self.write_per_process(&window, meta, dir, &mut retention)?;
+            let profiles = self.per_process(&window, meta)?;
+            let built = profiles.len();
+            let delivered = sink.deliver(meta.start, profiles);
+            self.write_failures = sink.failures();
             let processes = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
             tracing::info!(
                 samples = window.counted(),
-                profiles = written,
+                profiles = built,
+                delivered,
                 processes,
                 lost = %self.loss_summary()?,
-                "window written"
+                "window done"
             );
             self.sweep();
-            retention.expire(SystemTime::now());
             if stopped {
                 return Ok(());
             }
         }
     }
 
-    fn write_per_process(
+    /// One profile per process of a drained window.
+    pub fn per_process(
         &mut self,
         window: &Window,
         meta: CpuProfileMeta,
-        dir: &Path,
-        retention: &mut Retention,
-    ) -> Result<usize, SessionError> {
+    ) -> Result<Vec<ProcessProfile>, SessionError> {
         let resolved = self.resolve(&window.samples, &window.stacks);
         let mut by_pid: BTreeMap<u32, Vec<&ResolvedSample>> = BTreeMap::new();
         for sample in &resolved {
             by_pid.entry(sample.pid).or_default().push(sample);
         }
-        if let Err(e) = fs::create_dir_all(dir) {
-            self.write_failures += by_pid.len() as u64;
-            tracing::warn!(dir = %dir.display(), error = %e, "no output directory: profiles not written");
-            return Ok(0);
+        if by_pid.is_empty() {
+            return Ok(Vec::new());
         }
         // Once per window, not once per process: the losses read kernel
         // counters, and the names need the table.
@@ -361,8 +354,7 @@ impl Session {
                 })
                 .collect()
         };
-        let stamp = file_stamp(meta.start);
-        let mut written = 0;
+        let mut out = Vec::with_capacity(by_pid.len());
         for (pid, samples) in &by_pid {
             let mut builder = ProfileBuilder::new(meta);
             for sample in samples {
@@ -375,24 +367,113 @@ impl Session {
                 window.counted()
             );
             add_comments(&mut builder, &line, &losses);
-            let (name, exe) = &names[pid];
-            if let Some(exe) = exe {
+            let (comm, exe) = names[pid].clone();
+            if let Some(exe) = &exe {
                 builder.set_main_binary(exe);
             }
-            let path = dir.join(format!("{stamp}_{}_{pid}.pb.gz", sanitize(name)));
+            out.push(ProcessProfile {
+                pid: *pid,
+                comm,
+                exe,
+                samples: count,
+                profile: builder.build(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One process's profile of one window.
+#[derive(Debug, Clone)]
+pub struct ProcessProfile {
+    pub pid: u32,
+    pub comm: String,
+    /// Path of the executable, when known.
+    pub exe: Option<String>,
+    pub samples: u64,
+    pub profile: Profile,
+}
+
+impl ProcessProfile {
+    /// The service this process belongs to: its executable's name, else its
+    /// command name (kernel threads `kworker/1:2` → `kworker`).
+    pub fn service_name(&self) -> String {
+        let name = self
+            .exe
+            .as_deref()
+            .and_then(|e| e.rsplit('/').next())
+            .map(|n| n.trim_end_matches(" (deleted)"))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| self.comm.split('/').next().unwrap_or(&self.comm));
+        if name.is_empty() {
+            "unknown".into()
+        } else {
+            name.to_string()
+        }
+    }
+}
+
+/// Where the daemon's per-window profiles go.
+pub trait ProfileSink {
+    /// Delivers one window's profiles; returns how many were delivered.
+    fn deliver(&mut self, window_start: SystemTime, profiles: Vec<ProcessProfile>) -> usize;
+    /// Profiles not delivered since start.
+    fn failures(&self) -> u64;
+}
+
+/// One gzipped pprof file per process per window in a directory, with
+/// retention.
+pub struct DirSink {
+    dir: PathBuf,
+    retention: Retention,
+    failures: u64,
+}
+
+impl DirSink {
+    pub fn new(dir: &Path, retention: Duration) -> Result<Self, SessionError> {
+        fs::create_dir_all(dir).map_err(|source| SessionError::Io {
+            what: "creating",
+            path: dir.into(),
+            source,
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            retention: Retention::scan(dir, retention),
+            failures: 0,
+        })
+    }
+}
+
+impl ProfileSink for DirSink {
+    fn deliver(&mut self, window_start: SystemTime, profiles: Vec<ProcessProfile>) -> usize {
+        let dir = &self.dir;
+        if let Err(e) = fs::create_dir_all(dir) {
+            self.failures += profiles.len() as u64;
+            tracing::warn!(dir = %dir.display(), error = %e, "no output directory: profiles not written");
+            return 0;
+        }
+        let stamp = file_stamp(window_start);
+        let mut written = 0;
+        for p in profiles {
+            let path = dir.join(format!("{stamp}_{}_{}.pb.gz", sanitize(&p.comm), p.pid));
             // A full or failing disk costs this profile, not the daemon.
-            match write_atomically(&path, &pp::encode_gzip(&builder.build())) {
+            match write_atomically(&path, &pp::encode_gzip(&p.profile)) {
                 Ok(()) => {
                     written += 1;
-                    retention.track(path, SystemTime::now());
+                    self.retention.track(path, SystemTime::now());
                 }
                 Err(e) => {
-                    self.write_failures += 1;
-                    tracing::warn!(error = %e, failures = self.write_failures, "profile not written");
+                    self.failures += 1;
+                    tracing::warn!(error = %e, failures = self.failures, "profile not written");
                 }
             }
         }
-        Ok(written)
+        self.retention.expire(SystemTime::now());
+        written
+    }
+
+    fn failures(&self) -> u64 {
+        self.failures
     }
 }
 

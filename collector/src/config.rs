@@ -293,12 +293,16 @@ impl CollectorConfig {
     }
 }
 
-fn parse_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+/// A listen address given on the command line: `HOST:PORT` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenFlag(pub Option<SocketAddr>);
+
+fn parse_addr(s: &str) -> Result<ListenFlag, String> {
     if s == "off" || s == "none" || s.is_empty() {
-        return Ok(None);
+        return Ok(ListenFlag(None));
     }
     s.parse::<SocketAddr>()
-        .map(Some)
+        .map(|a| ListenFlag(Some(a)))
         .map_err(|e| format!("{s:?}: {e} (expected HOST:PORT or `off`)"))
 }
 
@@ -320,13 +324,13 @@ pub struct CollectorArgs {
     pub config: Option<PathBuf>,
     /// OTLP gRPC listen address, or `off` [default: 0.0.0.0:4317].
     #[arg(long, env = "FATHOM_OTLP_GRPC_LISTEN", value_parser = parse_addr)]
-    pub otlp_grpc_listen: Option<Option<SocketAddr>>,
+    pub otlp_grpc_listen: Option<ListenFlag>,
     /// OTLP HTTP listen address, or `off` [default: 0.0.0.0:4318].
     #[arg(long, env = "FATHOM_OTLP_HTTP_LISTEN", value_parser = parse_addr)]
-    pub otlp_http_listen: Option<Option<SocketAddr>>,
+    pub otlp_http_listen: Option<ListenFlag>,
     /// UI, API, Pyroscope push and /metrics listen address, or `off` [default: 0.0.0.0:4040].
     #[arg(long, env = "FATHOM_HTTP_LISTEN", value_parser = parse_addr)]
-    pub http_listen: Option<Option<SocketAddr>>,
+    pub http_listen: Option<ListenFlag>,
     /// Require `Authorization: Bearer <token>` on every ingest endpoint.
     #[arg(long, env = "FATHOM_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
@@ -382,13 +386,13 @@ impl CollectorArgs {
             None => CollectorConfig::default(),
         };
         if let Some(a) = self.otlp_grpc_listen {
-            c.listen.otlp_grpc = a;
+            c.listen.otlp_grpc = a.0;
         }
         if let Some(a) = self.otlp_http_listen {
-            c.listen.otlp_http = a;
+            c.listen.otlp_http = a.0;
         }
         if let Some(a) = self.http_listen {
-            c.listen.http = a;
+            c.listen.http = a.0;
         }
         if let Some(t) = &self.auth_token {
             c.auth.bearer_token = Some(t.clone());
@@ -580,6 +584,38 @@ url = "http://pyro:4040"
             "exporters configured: no embedded store by default"
         );
         assert!(CollectorConfig::default().store_enabled());
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::{CommandFactory as _, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CollectorArgs,
+        }
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "x",
+            "--otlp-grpc-listen",
+            "off",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--otlp-protocol",
+            "http/protobuf",
+            "--otlp-endpoint",
+            "http://j:4318",
+            "--pyroscope-basic-auth",
+            "u:p",
+            "--pyroscope-url",
+            "http://p:4040",
+        ])
+        .unwrap();
+        let c = cli.args.resolve(|_| None).unwrap();
+        assert_eq!(c.listen.otlp_grpc, None);
+        assert_eq!(c.listen.http, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(c.otlp.unwrap().protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(c.pyroscope.unwrap().basic_auth.unwrap().username, "u");
     }
 
     #[test]

@@ -12,11 +12,14 @@
 pub mod aggregate;
 pub mod config;
 pub mod exporters;
+pub mod init;
 pub mod model;
 pub mod pipeline;
 pub mod pprof;
 pub mod proto;
+pub mod receivers;
 pub mod stats;
 
 pub use config::{CollectorArgs, CollectorConfig};
+pub use init::{BoundAddrs, Collector, StartError};
 pub use pipeline::{Ingest, IngestError};

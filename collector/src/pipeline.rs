@@ -70,6 +70,30 @@ impl Ingest {
         }
     }
 
+    /// All of `ps` or none (a push request is accepted or refused whole).
+    pub fn profiles_all(&self, ps: Vec<RawProfile>) -> Result<(), IngestError> {
+        if ps.is_empty() {
+            return Ok(());
+        }
+        let n = ps.len() as u64;
+        match self.profiles.try_reserve_many(ps.len()) {
+            Ok(permits) => {
+                for (permit, p) in permits.zip(ps) {
+                    permit.send(p);
+                }
+                self.stats.profiles.accepted.add(n);
+                Ok(())
+            }
+            Err(e) => {
+                let e = map_err(e, "profile");
+                if matches!(e, IngestError::Full(_)) {
+                    self.stats.profiles.refused_full.add(n);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// For an in-process producer on a plain thread (the agent): waits up to
     /// `timeout` for room instead of failing at once.
     pub fn profile_blocking(&self, p: RawProfile, timeout: Duration) -> Result<(), IngestError> {

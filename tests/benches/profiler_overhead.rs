@@ -156,7 +156,7 @@ fn start_agent(agent: &Path, hz: u64) -> AgentRun {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("agent never wrote a window");
-        if line.contains("window written") {
+        if line.contains("window done") {
             break;
         }
     }

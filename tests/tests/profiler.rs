@@ -446,7 +446,7 @@ fn daemon_writes_per_process_profiles_and_detaches_on_sigterm() {
         3,
         "attached programs visible to bpftool"
     );
-    agent.wait_for_log("window written", Duration::from_secs(30));
+    agent.wait_for_log("window done", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(2500));
     agent.signal("TERM");
     let (status, log) = agent.finish(Duration::from_secs(30));
@@ -686,12 +686,12 @@ fn daemon_survives_a_full_disk() {
     ]);
     agent.wait_for_log("profile not written", Duration::from_secs(60));
     // Still alive: it keeps sampling and reports what it could not write.
-    agent.wait_for_log("profiles-not-written=", Duration::from_secs(30));
+    agent.wait_for_log("profiles-not-delivered=", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
     agent.signal("TERM");
     let (status, log) = agent.finish(Duration::from_secs(30));
     assert!(status.success(), "{log}");
-    let windows = log.lines().filter(|l| l.contains("window written")).count();
+    let windows = log.lines().filter(|l| l.contains("window done")).count();
     assert!(windows >= 3, "the daemon kept going: {windows} windows");
     // No half-written temporary files are left behind.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())

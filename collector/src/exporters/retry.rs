@@ -241,18 +241,32 @@ impl<T: Clone> RetryBuffer<T> {
         self.update_gauges();
         done
     }
+}
 
+impl<T> RetryBuffer<T> {
     /// Gives up everything still held (shutdown deadline passed); returns the
     /// items dropped.
     pub fn abandon(&mut self) -> u64 {
-        let items = self.items_held();
+        let items: u64 = self.queue.iter().map(|e| e.count).sum();
         self.queue.clear();
         self.in_flight = 0;
         self.doomed = false;
         self.bytes = 0;
         self.stats.dropped.add(items);
-        self.update_gauges();
+        self.stats.buffered_items.set(0);
+        self.stats.buffered_bytes.set(0);
         items
+    }
+}
+
+/// A buffer dropped with data in it (its exporter task was aborted) counts
+/// that data as dropped, so the counters stay exact.
+impl<T> Drop for RetryBuffer<T> {
+    fn drop(&mut self) {
+        let dropped = self.abandon();
+        if dropped > 0 {
+            tracing::warn!(exporter = %self.stats.name, dropped, "exporter stopped with undelivered data; dropped");
+        }
     }
 }
 
@@ -519,8 +533,12 @@ mod tests {
             stats.sent.get() + stats.dropped.get() + stats.buffered_items.get(),
             pushed
         );
-        b.abandon();
-        assert_eq!(stats.sent.get() + stats.dropped.get(), pushed);
+        drop(b);
+        assert_eq!(
+            stats.sent.get() + stats.dropped.get(),
+            pushed,
+            "dropping the buffer counts what it held"
+        );
         assert_eq!(
             (stats.buffered_items.get(), stats.buffered_bytes.get()),
             (0, 0)

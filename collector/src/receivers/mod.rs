@@ -1,0 +1,64 @@
+//! Ingest endpoints, each speaking an existing protocol so that any client of
+//! it can send: OTLP gRPC (`otlp_grpc`), OTLP HTTP (`otlp_http`), Pyroscope's
+//! connect push (`pyroscope`). Shared: bearer-token auth (`auth`) and TLS
+//! (`tls`).
+pub mod auth;
+pub mod otlp_grpc;
+pub mod otlp_http;
+pub mod pyroscope;
+pub mod tls;
+
+/// Reads a whole body that may be gzip-compressed (`Content-Encoding: gzip`),
+/// refusing more than `max` bytes after decompression.
+pub(crate) fn decompress(body: &[u8], gzip: bool, max: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    if !gzip {
+        return Ok(body.to_vec());
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("gzip body: {e}"))?;
+    if out.len() > max {
+        return Err(format!("body larger than {max} bytes when decompressed"));
+    }
+    Ok(out)
+}
+
+/// What OTLP receivers refuse: ids of the wrong length or all zero (Jaeger and
+/// the OTel collector refuse them too; a span without a valid id cannot be
+/// joined to anything).
+pub(crate) fn validate_traces(
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> Result<(), String> {
+    for (r, rs) in req.resource_spans.iter().enumerate() {
+        for (s, ss) in rs.scope_spans.iter().enumerate() {
+            for (i, span) in ss.spans.iter().enumerate() {
+                let at = || format!("resource_spans[{r}].scope_spans[{s}].spans[{i}]");
+                if span.trace_id.len() != 16 || span.trace_id.iter().all(|&b| b == 0) {
+                    return Err(format!(
+                        "{}: trace_id must be 16 bytes, not all zero (got {} bytes)",
+                        at(),
+                        span.trace_id.len()
+                    ));
+                }
+                if span.span_id.len() != 8 || span.span_id.iter().all(|&b| b == 0) {
+                    return Err(format!(
+                        "{}: span_id must be 8 bytes, not all zero (got {} bytes)",
+                        at(),
+                        span.span_id.len()
+                    ));
+                }
+                if !span.parent_span_id.is_empty() && span.parent_span_id.len() != 8 {
+                    return Err(format!(
+                        "{}: parent_span_id must be empty or 8 bytes (got {})",
+                        at(),
+                        span.parent_span_id.len()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,767 @@
+//! The collector's receivers against independent clients: the OpenTelemetry
+//! SDK's OTLP exporters (gRPC and HTTP), raw tonic/HTTP clients for the error
+//! paths, and the Pyroscope push protocol. No root needed.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use fathom_collector::{
+    Collector, CollectorConfig,
+    config::{ListenConfig, QueueConfig, StoreConfig, TlsConfig},
+    pipeline::{Batch, Sink},
+    pprof,
+    proto::{
+        otlp::{
+            collector::trace::v1::{
+                ExportTraceServiceRequest, trace_service_client::TraceServiceClient,
+            },
+            common::v1::any_value,
+            trace::v1::{ResourceSpans, ScopeSpans, Span},
+        },
+        push::{LabelPair, PushRequest, RawProfileSeries, RawSample},
+    },
+};
+use opentelemetry::{
+    KeyValue,
+    trace::{Span as _, SpanKind, Tracer as _, TracerProvider as _},
+};
+use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
+use prost::Message as _;
+
+fn local() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn config() -> CollectorConfig {
+    CollectorConfig {
+        listen: ListenConfig {
+            otlp_grpc: Some(local()),
+            otlp_http: Some(local()),
+            http: Some(local()),
+        },
+        store: StoreConfig {
+            enabled: Some(false),
+            ..StoreConfig::default()
+        },
+        ..CollectorConfig::default()
+    }
+}
+
+/// Everything the collector delivered, recorded by a sink of our own.
+#[derive(Clone, Default)]
+struct Tap(Arc<Mutex<Vec<Batch>>>);
+
+impl Tap {
+    fn sink(&self, rt: &tokio::runtime::Runtime) -> Sink {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let seen = self.0.clone();
+        rt.spawn(async move {
+            while let Some(b) = rx.recv().await {
+                seen.lock().unwrap().push(b);
+            }
+        });
+        Sink {
+            name: "tap".into(),
+            tx,
+        }
+    }
+
+    fn spans(&self) -> Vec<(HashMap<String, String>, Span)> {
+        let mut out = Vec::new();
+        for b in self.0.lock().unwrap().iter() {
+            if let Batch::Spans(req) = b {
+                for rs in &req.resource_spans {
+                    let resource = attrs(
+                        rs.resource
+                            .as_ref()
+                            .map(|r| r.attributes.as_slice())
+                            .unwrap_or(&[]),
+                    );
+                    for ss in &rs.scope_spans {
+                        for s in &ss.spans {
+                            out.push((resource.clone(), s.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn wait_spans(&self, n: usize, timeout: Duration) -> Vec<(HashMap<String, String>, Span)> {
+        let end = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            if spans.len() >= n || Instant::now() > end {
+                return spans;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn attrs(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> HashMap<String, String> {
+    kvs.iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => s.clone(),
+                Some(any_value::Value::IntValue(i)) => i.to_string(),
+                Some(any_value::Value::BoolValue(b)) => b.to_string(),
+                Some(other) => format!("{other:?}"),
+                None => String::new(),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Emits `n` spans through the OpenTelemetry SDK with the given exporter.
+fn emit_spans<E: opentelemetry_sdk::trace::SpanExporter + 'static>(
+    exporter: E,
+    service: &str,
+    n: usize,
+) {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_string())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("fathom-test");
+    for i in 0..n {
+        let mut span = tracer
+            .span_builder("GET /items/{id}")
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new("http.request.method", "GET"),
+                KeyValue::new("http.response.status_code", 200),
+                KeyValue::new("test.seq", i as i64),
+            ])
+            .start(&tracer);
+        span.end();
+    }
+    provider.force_flush().unwrap();
+    let _ = provider.shutdown();
+}
+
+#[test]
+fn otel_sdk_spans_arrive_over_grpc_and_http() {
+    let rt = runtime();
+    let tap = Tap::default();
+    let collector = rt
+        .block_on(Collector::start_with_sinks(config(), vec![tap.sink(&rt)]))
+        .unwrap();
+    let addrs = collector.addrs();
+
+    // gRPC: tonic needs the runtime's reactor.
+    {
+        let _enter = rt.enter();
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(format!("http://{}", addrs.otlp_grpc.unwrap()))
+            .build()
+            .unwrap();
+        emit_spans(exporter, "svc-grpc", 25);
+    }
+    // HTTP/protobuf with the blocking reqwest client (outside the runtime).
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!("http://{}/v1/traces", addrs.otlp_http.unwrap()))
+        .build()
+        .unwrap();
+    emit_spans(exporter, "svc-http", 25);
+
+    let spans = tap.wait_spans(50, Duration::from_secs(10));
+    assert_eq!(spans.len(), 50);
+    for service in ["svc-grpc", "svc-http"] {
+        let mut seqs: Vec<i64> = spans
+            .iter()
+            .filter(|(r, _)| r.get("service.name").map(String::as_str) == Some(service))
+            .map(|(_, s)| {
+                let a = attrs(&s.attributes);
+                assert_eq!(s.name, "GET /items/{id}");
+                assert_eq!(s.kind, 2, "SPAN_KIND_SERVER");
+                assert_eq!(a["http.request.method"], "GET");
+                assert_eq!(a["http.response.status_code"], "200");
+                assert_eq!(s.trace_id.len(), 16);
+                a["test.seq"].parse().unwrap()
+            })
+            .collect();
+        seqs.sort();
+        assert_eq!(seqs, (0..25).collect::<Vec<_>>(), "{service}");
+    }
+    assert_eq!(collector.stats().spans.accepted.get(), 50);
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}
+
+#[test]
+fn otel_sdk_metrics_arrive() {
+    let rt = runtime();
+    let tap = Tap::default();
+    let collector = rt
+        .block_on(Collector::start_with_sinks(config(), vec![tap.sink(&rt)]))
+        .unwrap();
+    let exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!(
+            "http://{}/v1/metrics",
+            collector.addrs().otlp_http.unwrap()
+        ))
+        .build()
+        .unwrap();
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter)
+        .build();
+    let meter = opentelemetry::metrics::MeterProvider::meter(&provider, "fathom-test");
+    let counter = meter.u64_counter("requests").build();
+    counter.add(7, &[KeyValue::new("route", "/a")]);
+    counter.add(5, &[KeyValue::new("route", "/a")]);
+    provider.force_flush().unwrap();
+    let _ = provider.shutdown();
+    let end = Instant::now() + Duration::from_secs(10);
+    let value = loop {
+        let found = tap.0.lock().unwrap().iter().find_map(|b| match b {
+            Batch::Metrics(req) => req
+                .resource_metrics
+                .iter()
+                .flat_map(|r| &r.scope_metrics)
+                .flat_map(|s| &s.metrics)
+                .find(|m| m.name == "requests")
+                .and_then(|m| match &m.data {
+                    Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(s)) => {
+                        s.data_points.first().map(|p| format!("{:?}", p.value))
+                    }
+                    _ => None,
+                }),
+            _ => None,
+        });
+        if found.is_some() || Instant::now() > end {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(value.as_deref(), Some("Some(AsInt(12))"));
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}
+
+fn one_span_request(trace_id: Vec<u8>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id,
+                    span_id: vec![1; 8],
+                    name: "x".into(),
+                    ..Span::default()
+                }],
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        }],
+    }
+}
+
+#[test]
+fn bearer_token_is_enforced_on_every_ingest_endpoint() {
+    let rt = runtime();
+    let tap = Tap::default();
+    let mut c = config();
+    c.auth.bearer_token = Some("s3cret".into());
+    let collector = rt
+        .block_on(Collector::start_with_sinks(c, vec![tap.sink(&rt)]))
+        .unwrap();
+    let addrs = collector.addrs();
+    let body = one_span_request(vec![7; 16]).encode_to_vec();
+    let http = reqwest::blocking::Client::new();
+    let post = |token: Option<&str>| {
+        let mut r = http
+            .post(format!("http://{}/v1/traces", addrs.otlp_http.unwrap()))
+            .header("content-type", "application/x-protobuf")
+            .body(body.clone());
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().unwrap().status().as_u16()
+    };
+    assert_eq!(post(None), 401);
+    assert_eq!(post(Some("wrong")), 401);
+    assert_eq!(post(Some("s3cret")), 200);
+    let push = http
+        .post(format!(
+            "http://{}/push.v1.PusherService/Push",
+            addrs.http.unwrap()
+        ))
+        .header("content-type", "application/proto")
+        .body(PushRequest::default().encode_to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(push.status().as_u16(), 401);
+    let grpc = rt.block_on(async {
+        let mut client =
+            TraceServiceClient::connect(format!("http://{}", addrs.otlp_grpc.unwrap()))
+                .await
+                .unwrap();
+        let denied = client
+            .export(one_span_request(vec![7; 16]))
+            .await
+            .unwrap_err();
+        let mut req = tonic::Request::new(one_span_request(vec![8; 16]));
+        req.metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().unwrap());
+        (denied.code(), client.export(req).await.is_ok())
+    });
+    assert_eq!(grpc, (tonic::Code::Unauthenticated, true));
+    assert_eq!(tap.wait_spans(2, Duration::from_secs(5)).len(), 2);
+    assert_eq!(collector.stats().spans.unauthenticated.get(), 3);
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}
+
+#[test]
+fn malformed_input_is_refused_with_the_reason() {
+    let rt = runtime();
+    let collector = rt.block_on(Collector::start(config())).unwrap();
+    let addrs = collector.addrs();
+    let http = reqwest::blocking::Client::new();
+    // OTLP HTTP: garbage protobuf → 400 + google.rpc.Status.
+    let r = http
+        .post(format!("http://{}/v1/traces", addrs.otlp_http.unwrap()))
+        .header("content-type", "application/x-protobuf")
+        .body(vec![0xff, 0xff, 0xff])
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // JSON with a short trace id → 400 naming the field.
+    let r = http
+        .post(format!("http://{}/v1/traces", addrs.otlp_http.unwrap()))
+        .header("content-type", "application/json")
+        .body(r#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"5b8e","spanId":"eee19b7ec3c1b174","name":"x"}]}]}]}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let text = r.text().unwrap();
+    assert!(text.contains("trace_id must be 16 bytes"), "{text}");
+    // gRPC: INVALID_ARGUMENT with the reason.
+    let status = rt.block_on(async {
+        let mut client =
+            TraceServiceClient::connect(format!("http://{}", addrs.otlp_grpc.unwrap()))
+                .await
+                .unwrap();
+        client
+            .export(one_span_request(vec![0; 16]))
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("trace_id"),
+        "{}",
+        status.message()
+    );
+    // Push: a sample that is not pprof → 400 naming series and sample.
+    let req = PushRequest {
+        series: vec![RawProfileSeries {
+            labels: vec![
+                LabelPair {
+                    name: "__name__".into(),
+                    value: "process_cpu".into(),
+                },
+                LabelPair {
+                    name: "service_name".into(),
+                    value: "api".into(),
+                },
+            ],
+            samples: vec![RawSample {
+                raw_profile: b"\x1f\x8bjunk".to_vec(),
+                id: String::new(),
+            }],
+        }],
+    };
+    let r = http
+        .post(format!(
+            "http://{}/push.v1.PusherService/Push",
+            addrs.http.unwrap()
+        ))
+        .header("content-type", "application/proto")
+        .body(req.encode_to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = serde_json::from_str(&r.text().unwrap()).unwrap();
+    assert_eq!(body["code"], "invalid_argument");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("series[0].samples[0]: gzip"),
+        "{body}"
+    );
+    assert_eq!(collector.stats().spans.invalid_requests.get(), 3);
+    assert_eq!(collector.stats().profiles.invalid_requests.get(), 1);
+    assert_eq!(collector.stats().spans.accepted.get(), 0);
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}
+
+/// A small real CPU profile, as the agent writes it.
+fn agent_profile(function: &str, count: i64) -> Vec<u8> {
+    use fathom_agent::pprof::{CpuProfileMeta, Location, Mapping, ProfileBuilder};
+    let mut b = ProfileBuilder::new(CpuProfileMeta {
+        frequency_hz: 99,
+        start: std::time::SystemTime::now(),
+        duration: Duration::from_secs(1),
+    });
+    let mapping = Arc::new(Mapping {
+        filename: "/usr/bin/api".into(),
+        build_id: "abcd".into(),
+        memory_start: 0x1000,
+        memory_limit: 0x9000,
+        file_offset: 0,
+    });
+    let frame = |name: &str| fathom_symbolizer::Frame {
+        function: name.into(),
+        system_name: name.into(),
+        file: Some("api.c".into()),
+        line: Some(10),
+    };
+    let leaf = Arc::new(Location {
+        mapping: Some(mapping.clone()),
+        address: 0x1100 + function.len() as u64,
+        frames: vec![frame(function)],
+    });
+    let main = Arc::new(Location {
+        mapping: Some(mapping),
+        address: 0x1000,
+        frames: vec![frame("main")],
+    });
+    b.add_sample(&[leaf, main], count as u64, &[]);
+    fathom_agent::pprof::encode_gzip(&b.build())
+}
+
+#[test]
+fn push_merges_per_window_acknowledges_retries_once_and_flushes_at_shutdown() {
+    let rt = runtime();
+    let tap = Tap::default();
+    let mut c = config();
+    c.aggregation.window = Duration::from_secs(3600);
+    let collector = rt
+        .block_on(Collector::start_with_sinks(c, vec![tap.sink(&rt)]))
+        .unwrap();
+    let url = format!(
+        "http://{}/push.v1.PusherService/Push",
+        collector.addrs().http.unwrap()
+    );
+    let series = |id: &str, function: &str, count: i64| RawProfileSeries {
+        labels: vec![
+            LabelPair {
+                name: "__name__".into(),
+                value: "process_cpu".into(),
+            },
+            LabelPair {
+                name: "service_name".into(),
+                value: "api".into(),
+            },
+        ],
+        samples: vec![RawSample {
+            raw_profile: agent_profile(function, count),
+            id: id.into(),
+        }],
+    };
+    let http = reqwest::blocking::Client::new();
+    let send = |req: PushRequest| {
+        http.post(&url)
+            .header("content-type", "application/proto")
+            .body(req.encode_to_vec())
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        send(PushRequest {
+            series: vec![series("a", "work", 3)]
+        }),
+        200
+    );
+    // The same sample retried (same ID): acknowledged, not counted twice.
+    assert_eq!(
+        send(PushRequest {
+            series: vec![series("a", "work", 3)]
+        }),
+        200
+    );
+    assert_eq!(
+        send(PushRequest {
+            series: vec![series("b", "work", 4), series("c", "idle", 1)]
+        }),
+        200
+    );
+    assert_eq!(collector.stats().profiles.accepted.get(), 3);
+    // The hour-long window is still open: shutdown must flush it.
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+    let batches = tap.0.lock().unwrap().clone();
+    let merged: Vec<_> = batches
+        .iter()
+        .filter_map(|b| match b {
+            Batch::Profiles(p) => Some(p.clone()),
+            _ => None,
+        })
+        .flat_map(|v| v.as_ref().clone())
+        .collect();
+    assert_eq!(merged.len(), 1);
+    assert_eq!(merged[0].inputs, 3);
+    assert_eq!(
+        merged[0].labels.selector(),
+        r#"process_cpu{service_name="api"}"#
+    );
+    let folded = pprof::folded(&merged[0].profile, 0);
+    let get = |leaf: &str| {
+        folded
+            .iter()
+            .find(|(s, _)| s.ends_with(leaf))
+            .map(|(_, v)| *v)
+    };
+    assert_eq!((get("work"), get("idle")), (Some(7), Some(1)), "{folded:?}");
+}
+
+#[test]
+fn full_queues_push_back_to_clients_and_nothing_accepted_is_lost() {
+    let rt = runtime();
+    let mut c = config();
+    c.queues = QueueConfig {
+        spans: 1,
+        sink: 1,
+        ..QueueConfig::default()
+    };
+    c.aggregation.span_batch_size = 1;
+    // A sink that does not read until told to: everything backs up.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(1);
+    let collector = rt
+        .block_on(Collector::start_with_sinks(
+            c,
+            vec![Sink {
+                name: "slow".into(),
+                tx,
+            }],
+        ))
+        .unwrap();
+    let addrs = collector.addrs();
+    let http = reqwest::blocking::Client::new();
+    let mut codes = Vec::new();
+    let mut retry_after = None;
+    for i in 0..20u8 {
+        let r = http
+            .post(format!("http://{}/v1/traces", addrs.otlp_http.unwrap()))
+            .header("content-type", "application/x-protobuf")
+            .body(one_span_request(vec![i + 1; 16]).encode_to_vec())
+            .send()
+            .unwrap();
+        if r.status().as_u16() == 429 {
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+        }
+        codes.push(r.status().as_u16());
+    }
+    assert!(codes.contains(&429), "{codes:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    let grpc = rt.block_on(async {
+        let mut client =
+            TraceServiceClient::connect(format!("http://{}", addrs.otlp_grpc.unwrap()))
+                .await
+                .unwrap();
+        client
+            .export(one_span_request(vec![99; 16]))
+            .await
+            .unwrap_err()
+            .code()
+    });
+    assert_eq!(grpc, tonic::Code::ResourceExhausted);
+    let accepted = codes.iter().filter(|&&c| c == 200).count() as u64;
+    assert_eq!(collector.stats().spans.accepted.get(), accepted);
+    assert_eq!(
+        collector.stats().spans.refused_full.get(),
+        20 - accepted + 1
+    );
+    // Drain: every accepted span arrives, then new requests are accepted again.
+    let delivered = rt.block_on(async move {
+        let mut n = 0u64;
+        let shutdown = collector.shutdown(Duration::from_secs(10));
+        let drain = async {
+            while let Some(b) = rx.recv().await {
+                if let Batch::Spans(r) = b {
+                    n += fathom_collector::pipeline::span_count(&r);
+                }
+            }
+        };
+        let (ok, ()) = tokio::join!(shutdown, drain);
+        assert!(ok);
+        n
+    });
+    assert_eq!(delivered, accepted);
+}
+
+#[test]
+fn tls_on_every_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca_cert, cert, key) = (d.join("ca.pem"), d.join("cert.pem"), d.join("key.pem"));
+    // A CA and a server certificate it signs (webpki refuses a self-signed
+    // CA as the server's own certificate).
+    let ext = d.join("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n").unwrap();
+    let steps: [Vec<&str>; 3] = [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=fathom-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "server.csr",
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ],
+    ];
+    for args in steps {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .current_dir(d)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            other => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "openssl is needed: {other:?}"
+                );
+                eprintln!(
+                    "SKIPPED tls_on_every_endpoint: openssl cannot make certificates: {other:?}"
+                );
+                return;
+            }
+        }
+    }
+    let rt = runtime();
+    let tap = Tap::default();
+    let mut c = config();
+    c.tls = Some(TlsConfig {
+        cert: cert.clone(),
+        key,
+    });
+    let collector = rt
+        .block_on(Collector::start_with_sinks(c, vec![tap.sink(&rt)]))
+        .unwrap();
+    let addrs = collector.addrs();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_cert).unwrap()).unwrap();
+    let https = reqwest::blocking::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .unwrap();
+    let r = https
+        .post(format!(
+            "https://localhost:{}/v1/traces",
+            addrs.otlp_http.unwrap().port()
+        ))
+        .header("content-type", "application/x-protobuf")
+        .body(one_span_request(vec![5; 16]).encode_to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = https
+        .get(format!(
+            "https://localhost:{}/healthz",
+            addrs.http.unwrap().port()
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Plain HTTP to a TLS port does not get in.
+    assert!(
+        reqwest::blocking::Client::new()
+            .post(format!(
+                "http://127.0.0.1:{}/v1/traces",
+                addrs.otlp_http.unwrap().port()
+            ))
+            .header("content-type", "application/x-protobuf")
+            .body(one_span_request(vec![6; 16]).encode_to_vec())
+            .timeout(Duration::from_secs(3))
+            .send()
+            .is_err()
+    );
+    // gRPC over TLS with the SDK's exporter.
+    {
+        let _enter = rt.enter();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                std::fs::read(&ca_cert).unwrap(),
+            ))
+            .domain_name("localhost");
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_tls_config(tls)
+            .with_endpoint(format!(
+                "https://localhost:{}",
+                addrs.otlp_grpc.unwrap().port()
+            ))
+            .build()
+            .unwrap();
+        emit_spans(exporter, "svc-tls", 3);
+    }
+    assert_eq!(tap.wait_spans(4, Duration::from_secs(10)).len(), 4);
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}
