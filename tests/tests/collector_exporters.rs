@@ -1095,3 +1095,141 @@ mod pyro {
         );
     }
 }
+
+// ------------------------------------------------------- through the collector
+
+/// End to end: a client sends numbered spans to the collector's OTLP gRPC
+/// receiver; the collector forwards them to rotel, which is stopped for 30 s
+/// and restarted on the same port. Every span arrives exactly once, and the
+/// collector's `/metrics` counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_forwards_every_span_exactly_once_across_a_30s_outage() {
+    use fathom_collector::{
+        Collector, CollectorConfig,
+        config::{ListenConfig, StoreConfig},
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+
+    let Some(rotel_bin) =
+        rotel_or_skip("collector_forwards_every_span_exactly_once_across_a_30s_outage")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (local(free_port()), local(free_port()));
+    let rotel = Rotel::start(&rotel_bin, grpc, http, dir.path());
+    let any = || Some(local(0));
+    let collector = Collector::start(CollectorConfig {
+        listen: ListenConfig {
+            otlp_grpc: any(),
+            otlp_http: any(),
+            http: any(),
+        },
+        store: StoreConfig {
+            enabled: Some(false),
+            ..StoreConfig::default()
+        },
+        otlp: Some(exporter_config(
+            format!("http://{grpc}"),
+            OtlpProtocol::Grpc,
+            64 << 20,
+        )),
+        ..CollectorConfig::default()
+    })
+    .await
+    .unwrap();
+    let addrs = collector.addrs();
+    let stats = collector.stats();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client_stop = stop.clone();
+    let receiver = addrs.otlp_grpc.unwrap();
+    let client = tokio::spawn(async move {
+        let mut client = TraceServiceClient::connect(format!("http://{receiver}"))
+            .await
+            .unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let (mut seq, mut refused) = (0u64, 0u64);
+        while !client_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            let Batch::Spans(req) = numbered_request(seq) else {
+                unreachable!()
+            };
+            match client.export((*req).clone()).await {
+                Ok(_) => seq += 1,
+                // Back-pressure: the same span is sent again.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+                Err(s) => panic!("span {seq}: {s}"),
+            }
+        }
+        (seq, refused)
+    });
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = rotel.stop();
+    assert!(!before.is_empty(), "nothing arrived before the outage");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let otlp = stats.exporter("otlp");
+    assert!(
+        otlp.buffered_items.get() > 1000,
+        "spans buffered during the outage: {}",
+        otlp.buffered_items.get()
+    );
+    let rotel = Rotel::start(&rotel_bin, grpc, http, dir.path());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, refused) = client.await.unwrap();
+
+    // Wait until the collector has handed everything to rotel.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while otlp.sent.get() < sent {
+        assert!(
+            Instant::now() < deadline,
+            "collector delivered {} of {sent}",
+            otlp.sent.get()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{}/metrics", addrs.http.unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "fathom_collector_items_accepted_total{{signal=\"spans\"}} {sent}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "fathom_collector_exporter_sent_total{{exporter=\"otlp\"}} {sent}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fathom_collector_exporter_dropped_total{exporter=\"otlp\"} 0\n"));
+    assert!(
+        collector.shutdown(Duration::from_secs(20)).await,
+        "shutdown in time"
+    );
+    let after = rotel.stop();
+
+    let all: Vec<RotelSpan> = before.iter().chain(&after).cloned().collect();
+    let seen = assert_exactly_once(&all);
+    let missing: Vec<u64> = (0..sent).filter(|s| !seen.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {sent} spans never arrived: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(seen.len() as u64, sent);
+    assert_eq!(otlp.dropped.get(), 0);
+    eprintln!(
+        "collector outage: {sent} spans ({refused} refused and resent by the client), {} before the stop, {} after",
+        before.len(),
+        after.len()
+    );
+}
