@@ -14,7 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     aggregate::{self, ProfileAggregator},
     config::CollectorConfig,
-    model::{MetricsView, NullMetricsView},
+    exporters::{
+        otlp::OtlpExporter,
+        prometheus::{self, PromRegistry},
+        pyroscope::PyroscopeExporter,
+    },
+    model::MetricsView,
     pipeline::{Batch, Fanout, Ingest, Sink},
     receivers::{auth::BearerAuth, otlp_grpc, otlp_http, pyroscope, tls},
     stats::Stats,
@@ -46,8 +51,14 @@ pub struct BoundAddrs {
     pub http: Option<SocketAddr>,
 }
 
+/// How long exporters keep trying to deliver what they buffered once their
+/// channel closed at shutdown (the shutdown deadline may cut it shorter;
+/// what is left either way is counted as dropped).
+pub const EXPORT_FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
 pub struct Collector {
     ingest: Ingest,
+    registry: Arc<PromRegistry>,
     addrs: BoundAddrs,
     stats: Arc<Stats>,
     stop_receivers: CancellationToken,
@@ -128,6 +139,42 @@ impl Collector {
         let mut http_routes = Router::new();
 
         // SINKS: the embedded store, the Prometheus registry, exporters.
+        // The Prometheus registry always runs: `/metrics` on the HTTP port
+        // shows the received metrics and the collector's own counters.
+        let registry = Arc::new(PromRegistry::default());
+        {
+            let (tx, rx) = mpsc::channel::<Batch>(config.queues.sink);
+            sinks.push(Sink {
+                name: "prometheus".into(),
+                tx,
+            });
+            sinks_set.spawn(prometheus::run_sink(
+                registry.clone(),
+                rx,
+                stats.exporter("prometheus"),
+            ));
+            http_routes = http_routes.merge(prometheus::router(registry.clone(), stats.clone()));
+        }
+        if let Some(otlp) = &config.otlp {
+            let exporter = OtlpExporter::new(otlp)
+                .map_err(|e| StartError::Sink(format!("OTLP exporter: {e}")))?;
+            let (tx, rx) = mpsc::channel::<Batch>(config.queues.sink);
+            sinks.push(Sink {
+                name: "otlp".into(),
+                tx,
+            });
+            sinks_set.spawn(exporter.run(rx, stats.exporter("otlp"), EXPORT_FLUSH_DEADLINE));
+        }
+        if let Some(pyro) = &config.pyroscope {
+            let exporter = PyroscopeExporter::new(pyro)
+                .map_err(|e| StartError::Sink(format!("Pyroscope exporter: {e}")))?;
+            let (tx, rx) = mpsc::channel::<Batch>(config.queues.sink);
+            sinks.push(Sink {
+                name: "pyroscope".into(),
+                tx,
+            });
+            sinks_set.spawn(exporter.run(rx, stats.exporter("pyroscope"), EXPORT_FLUSH_DEADLINE));
+        }
         if config.store_enabled() {
             let store = Arc::new(
                 Store::open(&config.store)
@@ -139,8 +186,7 @@ impl Collector {
                 tx,
             });
             sinks_set.spawn(store::run_sink(store.clone(), rx, stats.exporter("store")));
-            // The Prometheus registry's view replaces this once it exists.
-            let metrics: Arc<dyn MetricsView> = Arc::new(NullMetricsView);
+            let metrics: Arc<dyn MetricsView> = registry.clone();
             http_routes = http_routes.merge(ui::router(UiState { store, metrics }));
         }
         sinks.extend(extra_sinks);
@@ -241,6 +287,7 @@ impl Collector {
         );
         Ok(Self {
             ingest,
+            registry,
             addrs,
             stats,
             stop_receivers,
@@ -261,6 +308,11 @@ impl Collector {
 
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// The current metric values (the Prometheus registry), for the UI.
+    pub fn metrics_view(&self) -> Arc<dyn MetricsView> {
+        self.registry.clone()
     }
 
     /// Ordered shutdown within `deadline`; returns whether everything finished

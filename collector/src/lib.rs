@@ -11,6 +11,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod exporters;
 pub mod init;
 pub mod model;
 pub mod pipeline;

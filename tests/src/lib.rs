@@ -544,3 +544,230 @@ mod tests {
         assert!((perf_leaf_share(&samples, |s, _| s == "hot_a") - 0.5).abs() < 1e-9);
     }
 }
+
+/// Whether a peer tool this test needs is here (`found`). Elsewhere the test
+/// prints why it skips; under `CI=true` a missing tool fails the test.
+pub fn require_tool(test: &str, what: &str, found: Option<PathBuf>) -> Option<PathBuf> {
+    match found {
+        Some(p) if p.exists() => Some(p),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: CI=true and {what} is missing (run scripts/setup)")
+        }
+        _ => {
+            eprintln!(
+                "\n*** SKIPPED {test}: {what} is missing (run scripts/setup; under CI=true this fails) ***\n"
+            );
+            None
+        }
+    }
+}
+
+/// The `rotel-agent` binary shipped in the `rotel` pip package.
+pub fn rotel_agent_path() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import rotel,os;print(os.path.dirname(rotel.__file__))",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Some(Path::new(&dir).join("rotel-agent"))
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: std::net::SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A span as rotel's `--debug-log traces --debug-log-verbosity detailed`
+/// printed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RotelSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_id: String,
+    pub name: String,
+    pub kind: String,
+    /// Attribute name → rotel's rendering, e.g. `Int(42)`, `Str(GET)`.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// The attributes of the span's resource.
+    pub resource: std::collections::BTreeMap<String, String>,
+}
+
+/// A running rotel (a real OpenTelemetry collector) that receives OTLP over
+/// gRPC and HTTP and prints every span it receives.
+pub struct Rotel {
+    child: ChildGuard,
+    out: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    pub grpc: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+}
+
+impl Rotel {
+    /// Starts `rotel-agent` on the given ports and waits until both listen.
+    pub fn start(
+        binary: &Path,
+        grpc: std::net::SocketAddr,
+        http: std::net::SocketAddr,
+        dir: &Path,
+    ) -> Self {
+        let mut child = ChildGuard::spawn(
+            Command::new(binary)
+                .args(["start", "--exporter", "blackhole", "--debug-log", "traces"])
+                .args(["--debug-log-verbosity", "detailed", "--disable-batching"])
+                .arg("--otlp-grpc-endpoint")
+                .arg(grpc.to_string())
+                .arg("--otlp-http-endpoint")
+                .arg(http.to_string())
+                .arg("--pid-file")
+                .arg(dir.join(format!("rotel-{}.pid", grpc.port())))
+                .arg("--log-file")
+                .arg(dir.join(format!("rotel-{}.log", grpc.port())))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        );
+        let stdout = child.0.stdout.take().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        wait_for_port(grpc, Duration::from_secs(10));
+        wait_for_port(http, Duration::from_secs(10));
+        Self {
+            child,
+            out,
+            reader: Some(reader),
+            grpc,
+            http,
+        }
+    }
+
+    /// Stops rotel gracefully (SIGTERM: it finishes what it received) and
+    /// returns every span it printed.
+    pub fn stop(mut self) -> Vec<RotelSpan> {
+        self.child.signal("TERM");
+        self.child.wait_timeout(Duration::from_secs(20));
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        self.spans()
+    }
+
+    /// The spans printed so far.
+    pub fn spans(&self) -> Vec<RotelSpan> {
+        parse_rotel_spans(&self.out.lock().unwrap())
+    }
+
+    /// Waits until at least `n` spans were printed; returns them.
+    pub fn wait_for_spans(&self, n: usize, timeout: Duration) -> Vec<RotelSpan> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            if spans.len() >= n {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rotel printed {} spans, expected {n}, within {timeout:?}",
+                spans.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Parses rotel's detailed trace debug log.
+pub fn parse_rotel_spans(lines: &[String]) -> Vec<RotelSpan> {
+    #[derive(PartialEq)]
+    enum Section {
+        Other,
+        ResourceAttrs,
+        SpanAttrs,
+    }
+    let mut spans = Vec::new();
+    let mut resource = std::collections::BTreeMap::new();
+    let mut current: Option<RotelSpan> = None;
+    let mut section = Section::Other;
+    let field = |line: &str, name: &str| -> Option<String> {
+        let rest = line.trim_start().strip_prefix(name)?;
+        let rest = rest.trim_start().strip_prefix(':')?;
+        Some(rest.trim().to_string())
+    };
+    for line in lines {
+        let t = line.trim();
+        if t.starts_with("ResourceSpans #") {
+            spans.extend(current.take());
+            resource = std::collections::BTreeMap::new();
+            section = Section::Other;
+        } else if t == "Resource attributes:" {
+            section = Section::ResourceAttrs;
+        } else if t.starts_with("Span #") {
+            spans.extend(current.take());
+            current = Some(RotelSpan {
+                resource: resource.clone(),
+                ..RotelSpan::default()
+            });
+            section = Section::Other;
+        } else if t == "Attributes:" && current.is_some() {
+            section = Section::SpanAttrs;
+        } else if let Some(kv) = t.strip_prefix("-> ") {
+            let Some((k, v)) = kv.split_once(": ") else {
+                continue;
+            };
+            match section {
+                Section::ResourceAttrs => {
+                    resource.insert(k.to_string(), v.to_string());
+                }
+                Section::SpanAttrs => {
+                    if let Some(s) = current.as_mut() {
+                        s.attributes.insert(k.to_string(), v.to_string());
+                    }
+                }
+                Section::Other => {}
+            }
+        } else if let Some(s) = current.as_mut() {
+            if let Some(v) = field(line, "Trace ID") {
+                s.trace_id = v;
+            } else if let Some(v) = field(line, "Parent ID") {
+                s.parent_id = v;
+            } else if let Some(v) = field(line, "ID") {
+                s.span_id = v;
+            } else if let Some(v) = field(line, "Name") {
+                s.name = v;
+            } else if let Some(v) = field(line, "Kind") {
+                s.kind = v;
+            } else if !t.starts_with("->") && t.ends_with(':') {
+                section = Section::Other;
+            }
+        } else if t.starts_with("ScopeSpans") {
+            section = Section::Other;
+        }
+    }
+    spans.extend(current);
+    spans
+}
