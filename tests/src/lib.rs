@@ -489,18 +489,7 @@ pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
             .map(|d| d.join(tool))
             .find(|p| p.is_file())
     });
-    match found {
-        Some(p) => Some(p),
-        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: CI=true and {tool} is not installed (scripts/setup installs it)")
-        }
-        None => {
-            eprintln!(
-                "\n*** SKIPPED {test}: {tool} is not installed (scripts/setup installs it; under CI=true this fails) ***\n"
-            );
-            None
-        }
-    }
+    require_found(test, tool, found)
 }
 
 /// Cargo's target directory of this build (`target/` or `CARGO_TARGET_DIR`):
@@ -547,7 +536,7 @@ mod tests {
 
 /// Whether a peer tool this test needs is here (`found`). Elsewhere the test
 /// prints why it skips; under `CI=true` a missing tool fails the test.
-pub fn require_tool(test: &str, what: &str, found: Option<PathBuf>) -> Option<PathBuf> {
+pub fn require_found(test: &str, what: &str, found: Option<PathBuf>) -> Option<PathBuf> {
     match found {
         Some(p) if p.exists() => Some(p),
         _ if std::env::var("CI").is_ok_and(|v| v == "true") => {

@@ -16,7 +16,7 @@ use fathom_collector::{
     pipeline::Batch,
     stats::{ExporterStats, Stats},
 };
-use fathom_tests::{Rotel, RotelSpan, free_port, require_tool, rotel_agent_path};
+use fathom_tests::{Rotel, RotelSpan, free_port, require_found, rotel_agent_path};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{AnyValue, KeyValue, any_value::Value},
@@ -147,7 +147,7 @@ impl Running {
 }
 
 fn rotel_or_skip(test: &str) -> Option<std::path::PathBuf> {
-    require_tool(test, "rotel-agent (pip package rotel)", rotel_agent_path())
+    require_found(test, "rotel-agent (pip package rotel)", rotel_agent_path())
 }
 
 fn local(port: u16) -> std::net::SocketAddr {
@@ -521,7 +521,7 @@ mod prom {
     /// A real Prometheus scrapes `/metrics`; PromQL returns what was fed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prometheus_scrapes_metrics_and_promql_returns_the_fed_values() {
-        let Some(prom_bin) = require_tool(
+        let Some(prom_bin) = require_found(
             "prometheus_scrapes_metrics_and_promql_returns_the_fed_values",
             "prometheus (Debian package prometheus)",
             Some("/usr/bin/prometheus".into()),
@@ -948,13 +948,13 @@ mod pyro {
             .args(["-m", "grpc_tools.protoc", "--version"])
             .output()
             .is_ok_and(|o| o.status.success());
-        require_tool(
+        require_found(
             test,
             "protoc (pip package grpcio-tools)",
             protoc.then(|| "/".into()),
         )
         .is_some()
-            && require_tool(
+            && require_found(
                 test,
                 "go (Debian package golang-go)",
                 Some("/usr/bin/go".into()),
