@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::AggregationConfig,
     model::{MergedProfile, NAME_LABEL, RawProfile, SERVICE_LABEL, SeriesLabels},
-    pipeline::{Batch, Fanout, span_count},
+    pipeline::{Batch, Fanout, Queued, span_count},
     pprof::{Merger, sample_types_signature},
     stats::Stats,
 };
@@ -160,7 +160,7 @@ impl ProfileAggregator {
 /// Runs the profile aggregator until `cancel`, then drains its queue and
 /// flushes the open window.
 pub async fn run_profiles(
-    mut rx: mpsc::Receiver<RawProfile>,
+    mut rx: mpsc::Receiver<Queued<RawProfile>>,
     mut agg: ProfileAggregator,
     fanout: Fanout,
     cancel: CancellationToken,
@@ -171,7 +171,7 @@ pub async fn run_profiles(
         tokio::select! {
             p = rx.recv() => match p {
                 Some(p) => {
-                    let done = agg.add(p);
+                    let done = agg.add(p.item);
                     if !done.is_empty() {
                         fanout.send(Batch::Profiles(Arc::new(done))).await;
                     }
@@ -191,7 +191,7 @@ pub async fn run_profiles(
     }
     rx.close();
     while let Some(p) = rx.recv().await {
-        let done = agg.add(p);
+        let done = agg.add(p.item);
         if !done.is_empty() {
             fanout.send(Batch::Profiles(Arc::new(done))).await;
         }
@@ -231,7 +231,7 @@ impl SpanBatcher {
 
 /// Batches spans (by size or timeout) until `cancel`, then drains and flushes.
 pub async fn run_spans(
-    mut rx: mpsc::Receiver<ExportTraceServiceRequest>,
+    mut rx: mpsc::Receiver<Queued<ExportTraceServiceRequest>>,
     config: AggregationConfig,
     fanout: Fanout,
     cancel: CancellationToken,
@@ -251,7 +251,7 @@ pub async fn run_spans(
                     if batcher.is_empty() {
                         deadline = Some(tokio::time::Instant::now() + config.span_batch_timeout);
                     }
-                    batcher.add(req);
+                    batcher.add(req.item);
                     if batcher.len() >= config.span_batch_size as u64
                         && let Some(b) = batcher.take()
                     {
@@ -272,7 +272,7 @@ pub async fn run_spans(
     }
     rx.close();
     while let Some(req) = rx.recv().await {
-        batcher.add(req);
+        batcher.add(req.item);
     }
     if let Some(b) = batcher.take() {
         fanout.send(Batch::Spans(Arc::new(b))).await;
@@ -283,7 +283,7 @@ pub async fn run_spans(
 /// exporter) until `cancel`, then drains.
 pub async fn run_metrics(
     mut rx: mpsc::Receiver<
-        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        Queued<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest>,
     >,
     fanout: Fanout,
     cancel: CancellationToken,
@@ -291,7 +291,7 @@ pub async fn run_metrics(
     loop {
         tokio::select! {
             r = rx.recv() => match r {
-                Some(req) => fanout.send(Batch::Metrics(Arc::new(req))).await,
+                Some(req) => fanout.send(Batch::Metrics(Arc::new(req.item))).await,
                 None => break,
             },
             () = cancel.cancelled() => break,
@@ -299,7 +299,7 @@ pub async fn run_metrics(
     }
     rx.close();
     while let Some(req) = rx.recv().await {
-        fanout.send(Batch::Metrics(Arc::new(req))).await;
+        fanout.send(Batch::Metrics(Arc::new(req.item))).await;
     }
 }
 

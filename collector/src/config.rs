@@ -97,6 +97,9 @@ pub struct QueueConfig {
     pub sink: usize,
     /// Largest accepted request body (bytes, after decompression).
     pub max_request_bytes: usize,
+    /// Memory bound of everything waiting in the ingest queues (encoded
+    /// bytes); beyond it clients are told to retry (429/RESOURCE_EXHAUSTED).
+    pub max_queued_bytes: usize,
 }
 
 impl Default for QueueConfig {
@@ -105,8 +108,9 @@ impl Default for QueueConfig {
             profiles: 1024,
             spans: 1024,
             metrics: 256,
-            sink: 16,
+            sink: 4,
             max_request_bytes: 16 << 20,
+            max_queued_bytes: 64 << 20,
         }
     }
 }
@@ -265,6 +269,7 @@ impl CollectorConfig {
             || self.queues.spans == 0
             || self.queues.metrics == 0
             || self.queues.sink == 0
+            || self.queues.max_queued_bytes == 0
         {
             return bad("queue capacities must be > 0".into());
         }

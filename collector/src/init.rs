@@ -20,7 +20,7 @@ use crate::{
         pyroscope::PyroscopeExporter,
     },
     model::MetricsView,
-    pipeline::{Batch, Fanout, Ingest, Sink},
+    pipeline::{Batch, Budget, Fanout, Ingest, Sink},
     receivers::{auth::BearerAuth, otlp_grpc, otlp_http, pyroscope, tls},
     stats::Stats,
     store::{self, Store},
@@ -199,6 +199,7 @@ impl Collector {
             profiles: profiles_tx,
             spans: spans_tx,
             metrics: metrics_tx,
+            budget: Budget::new(config.queues.max_queued_bytes),
             stats: stats.clone(),
         };
         let stop_pipeline = CancellationToken::new();

@@ -14,7 +14,8 @@ use std::{
 use opentelemetry_proto::tonic::collector::{
     metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
 };
-use tokio::sync::mpsc;
+use prost::Message as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::{
     model::{MergedProfile, RawProfile},
@@ -37,12 +38,63 @@ pub enum IngestError {
     ShuttingDown,
 }
 
+/// An item waiting in an ingest queue, holding its share of the queued-bytes
+/// budget until the aggregator or batcher has taken it in.
+#[derive(Debug)]
+pub struct Queued<T> {
+    pub item: T,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl<T> Queued<T> {
+    pub fn new(item: T) -> Self {
+        Self {
+            item,
+            _budget: None,
+        }
+    }
+}
+
+/// Memory bound of everything waiting in the ingest queues, in KiB of encoded
+/// protobuf (semaphore permits). A request larger than the whole budget may
+/// still pass when the queues are empty.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    semaphore: Arc<Semaphore>,
+    kib: u32,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Self {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS as u32);
+        Self {
+            semaphore: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+        }
+    }
+
+    fn take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let want = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.kib);
+        self.semaphore.clone().try_acquire_many_owned(want).ok()
+    }
+
+    /// KiB free now.
+    pub fn available_kib(&self) -> usize {
+        self.semaphore.available_permits()
+    }
+}
+
 /// The receivers' (and an in-process agent's) handle into the pipeline.
 #[derive(Clone, Debug)]
 pub struct Ingest {
-    pub(crate) profiles: mpsc::Sender<RawProfile>,
-    pub(crate) spans: mpsc::Sender<ExportTraceServiceRequest>,
-    pub(crate) metrics: mpsc::Sender<ExportMetricsServiceRequest>,
+    pub(crate) profiles: mpsc::Sender<Queued<RawProfile>>,
+    pub(crate) spans: mpsc::Sender<Queued<ExportTraceServiceRequest>>,
+    pub(crate) metrics: mpsc::Sender<Queued<ExportMetricsServiceRequest>>,
+    pub(crate) budget: Budget,
     pub stats: Arc<Stats>,
 }
 
@@ -54,8 +106,23 @@ fn map_err<T>(e: mpsc::error::TrySendError<T>, queue: &'static str) -> IngestErr
 }
 
 impl Ingest {
+    /// Wraps an item with its share of the budget; `None` when the budget is
+    /// exhausted.
+    fn queued<T>(&self, item: T, bytes: usize) -> Option<Queued<T>> {
+        let permit = self.budget.take(bytes)?;
+        Some(Queued {
+            item,
+            _budget: Some(permit),
+        })
+    }
+
     pub fn profile(&self, p: RawProfile) -> Result<(), IngestError> {
-        match self.profiles.try_send(p) {
+        let bytes = p.profile.encoded_len();
+        let Some(q) = self.queued(p, bytes) else {
+            self.stats.profiles.refused_full.inc();
+            return Err(IngestError::Full("profile"));
+        };
+        match self.profiles.try_send(q) {
             Ok(()) => {
                 self.stats.profiles.accepted.inc();
                 Ok(())
@@ -76,10 +143,20 @@ impl Ingest {
             return Ok(());
         }
         let n = ps.len() as u64;
+        let bytes: usize = ps.iter().map(|p| p.profile.encoded_len()).sum();
+        let Some(budget) = self.budget.take(bytes) else {
+            self.stats.profiles.refused_full.add(n);
+            return Err(IngestError::Full("profile"));
+        };
         match self.profiles.try_reserve_many(ps.len()) {
             Ok(permits) => {
+                // The whole request's budget travels with its first profile.
+                let mut budget = Some(budget);
                 for (permit, p) in permits.zip(ps) {
-                    permit.send(p);
+                    permit.send(Queued {
+                        item: p,
+                        _budget: budget.take(),
+                    });
                 }
                 self.stats.profiles.accepted.add(n);
                 Ok(())
@@ -98,8 +175,20 @@ impl Ingest {
     /// `timeout` for room instead of failing at once.
     pub fn profile_blocking(&self, p: RawProfile, timeout: Duration) -> Result<(), IngestError> {
         let deadline = Instant::now() + timeout;
-        let mut p = p;
+        let bytes = p.profile.encoded_len();
+        let mut p = Queued::new(p);
         loop {
+            if p._budget.is_none() {
+                p._budget = self.budget.take(bytes);
+            }
+            if p._budget.is_none() {
+                if Instant::now() >= deadline {
+                    self.stats.profiles.refused_full.inc();
+                    return Err(IngestError::Full("profile"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
             match self.profiles.try_send(p) {
                 Ok(()) => {
                     self.stats.profiles.accepted.inc();
@@ -120,7 +209,12 @@ impl Ingest {
 
     pub fn spans(&self, req: ExportTraceServiceRequest) -> Result<(), IngestError> {
         let n = span_count(&req);
-        match self.spans.try_send(req) {
+        let bytes = req.encoded_len();
+        let Some(q) = self.queued(req, bytes) else {
+            self.stats.spans.refused_full.add(n);
+            return Err(IngestError::Full("span"));
+        };
+        match self.spans.try_send(q) {
             Ok(()) => {
                 self.stats.spans.accepted.add(n);
                 Ok(())
@@ -137,7 +231,12 @@ impl Ingest {
 
     pub fn metrics(&self, req: ExportMetricsServiceRequest) -> Result<(), IngestError> {
         let n = metric_point_count(&req);
-        match self.metrics.try_send(req) {
+        let bytes = req.encoded_len();
+        let Some(q) = self.queued(req, bytes) else {
+            self.stats.metrics.refused_full.add(n);
+            return Err(IngestError::Full("metric"));
+        };
+        match self.metrics.try_send(q) {
             Ok(()) => {
                 self.stats.metrics.accepted.add(n);
                 Ok(())

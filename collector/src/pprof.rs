@@ -2,7 +2,60 @@
 //! profiles into one, and derive flame-graph stacks and top functions.
 //! Pure functions on bytes and structs: unit-tested and fuzzed without a
 //! network.
-use std::{collections::HashMap, io::Read as _};
+use std::io::Read as _;
+
+// foldhash: several times faster than SipHash on these small keys, seeded per
+// map (not the fixed-seed FxHash), so crafted inputs cannot pick collisions.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+fn map<K, V>(capacity: usize) -> HashMap<K, V> {
+    HashMap::with_capacity_and_hasher(capacity, foldhash::fast::RandomState::default())
+}
+
+/// Which ids exist: a bitmap when they are dense (the usual 1..=n), else a set.
+enum Ids {
+    Dense(Vec<bool>),
+    Sparse(std::collections::HashSet<u64, foldhash::fast::RandomState>),
+}
+
+impl Ids {
+    /// `None` when an id is zero or duplicated.
+    fn new(ids: impl ExactSizeIterator<Item = u64> + Clone) -> Option<Self> {
+        let n = ids.len();
+        let max = ids.clone().max().unwrap_or(0);
+        if max <= (n as u64).saturating_mul(4).max(64) {
+            let mut seen = vec![false; max as usize + 1];
+            for id in ids {
+                if id == 0 || std::mem::replace(&mut seen[id as usize], true) {
+                    return None;
+                }
+            }
+            Some(Self::Dense(seen))
+        } else {
+            let mut seen = std::collections::HashSet::with_capacity_and_hasher(
+                n,
+                foldhash::fast::RandomState::default(),
+            );
+            for id in ids {
+                if id == 0 || !seen.insert(id) {
+                    return None;
+                }
+            }
+            Some(Self::Sparse(seen))
+        }
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        match self {
+            Self::Dense(v) => usize::try_from(id)
+                .ok()
+                .and_then(|i| v.get(i))
+                .copied()
+                .unwrap_or(false),
+            Self::Sparse(s) => s.contains(&id),
+        }
+    }
+}
 
 use flate2::read::GzDecoder;
 use prost::Message as _;
@@ -85,37 +138,38 @@ pub fn validate(p: &Profile) -> Result<(), PprofError> {
     {
         return bad("string index out of range".into());
     }
-    let mut mappings = HashMap::with_capacity(p.mapping.len());
-    for m in &p.mapping {
-        if m.id == 0 || mappings.insert(m.id, ()).is_some() {
-            return bad(format!("mapping id {} is zero or duplicated", m.id));
-        }
-        if !s_ok(m.filename) || !s_ok(m.build_id) {
-            return bad(format!("mapping {}: string index out of range", m.id));
-        }
+    let Some(mappings) = Ids::new(p.mapping.iter().map(|m| m.id)) else {
+        return bad("a mapping id is zero or duplicated".into());
+    };
+    if let Some(m) = p
+        .mapping
+        .iter()
+        .find(|m| !s_ok(m.filename) || !s_ok(m.build_id))
+    {
+        return bad(format!("mapping {}: string index out of range", m.id));
     }
-    let mut functions = HashMap::with_capacity(p.function.len());
-    for f in &p.function {
-        if f.id == 0 || functions.insert(f.id, ()).is_some() {
-            return bad(format!("function id {} is zero or duplicated", f.id));
-        }
-        if !s_ok(f.name) || !s_ok(f.system_name) || !s_ok(f.filename) {
-            return bad(format!("function {}: string index out of range", f.id));
-        }
+    let Some(functions) = Ids::new(p.function.iter().map(|f| f.id)) else {
+        return bad("a function id is zero or duplicated".into());
+    };
+    if let Some(f) = p
+        .function
+        .iter()
+        .find(|f| !s_ok(f.name) || !s_ok(f.system_name) || !s_ok(f.filename))
+    {
+        return bad(format!("function {}: string index out of range", f.id));
     }
-    let mut locations = HashMap::with_capacity(p.location.len());
+    let Some(locations) = Ids::new(p.location.iter().map(|l| l.id)) else {
+        return bad("a location id is zero or duplicated".into());
+    };
     for l in &p.location {
-        if l.id == 0 || locations.insert(l.id, ()).is_some() {
-            return bad(format!("location id {} is zero or duplicated", l.id));
-        }
-        if l.mapping_id != 0 && !mappings.contains_key(&l.mapping_id) {
+        if l.mapping_id != 0 && !mappings.contains(l.mapping_id) {
             return bad(format!(
                 "location {}: mapping {} does not exist",
                 l.id, l.mapping_id
             ));
         }
         for line in &l.line {
-            if !functions.contains_key(&line.function_id) {
+            if !functions.contains(line.function_id) {
                 return bad(format!(
                     "location {}: function {} does not exist",
                     l.id, line.function_id
@@ -131,7 +185,7 @@ pub fn validate(p: &Profile) -> Result<(), PprofError> {
                 p.sample_type.len()
             ));
         }
-        if let Some(id) = s.location_id.iter().find(|id| !locations.contains_key(id)) {
+        if let Some(id) = s.location_id.iter().find(|&&id| !locations.contains(id)) {
             return bad(format!("sample {i}: location {id} does not exist"));
         }
         for l in &s.label {
@@ -272,7 +326,7 @@ impl Merger {
             }
         }
 
-        let mut mapping_ids = HashMap::with_capacity(p.mapping.len());
+        let mut mapping_ids = map(p.mapping.len());
         for m in &p.mapping {
             let key = MappingKey {
                 start: m.memory_start,
@@ -309,7 +363,7 @@ impl Merger {
             mapping_ids.insert(m.id, id);
         }
 
-        let mut function_ids = HashMap::with_capacity(p.function.len());
+        let mut function_ids = map(p.function.len());
         for f in &p.function {
             let key = FunctionKey {
                 name: self.intern(string(p, f.name)),
@@ -332,7 +386,7 @@ impl Merger {
             function_ids.insert(f.id, id);
         }
 
-        let mut location_ids = HashMap::with_capacity(p.location.len());
+        let mut location_ids = map(p.location.len());
         for l in &p.location {
             let lines: Vec<Line> = l
                 .line
@@ -481,7 +535,7 @@ fn indexes(p: &Profile) -> (HashMap<u64, &Location>, HashMap<u64, &Function>) {
 /// stacks summed, zero values left out, sorted.
 pub fn folded(p: &Profile, sample_index: usize) -> Vec<(String, i64)> {
     let (locs, fns) = indexes(p);
-    let mut acc: HashMap<String, i64> = HashMap::new();
+    let mut acc: HashMap<String, i64> = map(0);
     for s in &p.sample {
         let v = s.value.get(sample_index).copied().unwrap_or(0);
         if v == 0 {
@@ -512,8 +566,8 @@ pub struct TopEntry {
 /// Functions by flat value, then cumulative value, descending.
 pub fn top(p: &Profile, sample_index: usize) -> (Vec<TopEntry>, i64) {
     let (locs, fns) = indexes(p);
-    let mut flat: HashMap<&str, i64> = HashMap::new();
-    let mut cum: HashMap<&str, i64> = HashMap::new();
+    let mut flat: HashMap<&str, i64> = map(0);
+    let mut cum: HashMap<&str, i64> = map(0);
     let mut total = 0i64;
     for s in &p.sample {
         let v = s.value.get(sample_index).copied().unwrap_or(0);

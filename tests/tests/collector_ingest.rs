@@ -516,7 +516,12 @@ fn push_merges_per_window_acknowledges_retries_once_and_flushes_at_shutdown() {
     assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
     // Our tap reads its channel in its own task: give it a moment.
     let end = Instant::now() + Duration::from_secs(5);
-    while !tap.0.lock().unwrap().iter().any(|b| matches!(b, Batch::Profiles(_)))
+    while !tap
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|b| matches!(b, Batch::Profiles(_)))
         && Instant::now() < end
     {
         std::thread::sleep(Duration::from_millis(10));
