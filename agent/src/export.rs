@@ -1,11 +1,19 @@
 //! Delivering the daemon's per-process profiles to a collector: the one
 //! embedded in this process (the default), or a remote one.
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use fathom_collector::{
     Ingest,
-    model::{RawProfile, SeriesLabels},
+    config::PyroscopeConfig,
+    exporters::pyroscope::PyroscopeExporter,
+    model::{MergedProfile, RawProfile, SeriesLabels},
+    pipeline::Batch,
+    stats::ExporterStats,
 };
+use tokio::sync::mpsc;
 
 use crate::session::{ProcessProfile, ProfileSink};
 
@@ -87,6 +95,126 @@ impl ProfileSink for EmbeddedSink {
 
     fn failures(&self) -> u64 {
         self.failures
+    }
+}
+
+/// Sends profiles to a remote collector (or any Pyroscope) with the
+/// collector's own Pyroscope exporter: connect push, a byte-bounded retry
+/// buffer while the collector is down (oldest dropped first, counted),
+/// backoff, and the same sample IDs on retries so nothing counts twice.
+pub struct RemoteSink {
+    runtime: tokio::runtime::Runtime,
+    tx: Option<mpsc::Sender<Batch>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stats: Arc<ExporterStats>,
+    node: String,
+    window: Duration,
+    failures: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("starting the exporter's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Exporter(#[from] fathom_collector::exporters::otlp::ExporterError),
+}
+
+impl RemoteSink {
+    /// `window`: the daemon's interval (each profile covers one).
+    pub fn new(config: &PyroscopeConfig, window: Duration) -> Result<Self, RemoteError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("fathom-push")
+            .build()
+            .map_err(RemoteError::Runtime)?;
+        let exporter = {
+            let _enter = runtime.enter();
+            PyroscopeExporter::new(config)?
+        };
+        let stats = Arc::new(ExporterStats {
+            name: "collector".into(),
+            ..ExporterStats::default()
+        });
+        let (tx, rx) = mpsc::channel(4);
+        let task = runtime.spawn(exporter.run(rx, stats.clone(), Duration::from_secs(10)));
+        Ok(Self {
+            runtime,
+            tx: Some(tx),
+            task: Some(task),
+            stats,
+            node: node_name(),
+            window,
+            failures: 0,
+        })
+    }
+
+    /// Profiles delivered, dropped by the buffer bound, and waiting.
+    pub fn delivery(&self) -> (u64, u64, u64) {
+        (
+            self.stats.sent.get(),
+            self.stats.dropped.get(),
+            self.stats.buffered_items.get(),
+        )
+    }
+}
+
+impl ProfileSink for RemoteSink {
+    fn deliver(&mut self, window_start: SystemTime, profiles: Vec<ProcessProfile>) -> usize {
+        let mut batch = Vec::with_capacity(profiles.len());
+        for p in profiles {
+            let Some(labels) = series_labels(&p, &self.node) else {
+                self.failures += 1;
+                continue;
+            };
+            match fathom_collector::pprof::decode(&prost_encode(&p.profile)) {
+                Ok(profile) => batch.push(MergedProfile {
+                    labels,
+                    window_start,
+                    window: self.window,
+                    inputs: 1,
+                    profile,
+                }),
+                Err(e) => {
+                    self.failures += 1;
+                    tracing::warn!(pid = p.pid, error = %e, "profile not sendable");
+                }
+            }
+        }
+        let n = batch.len();
+        if n == 0 {
+            return 0;
+        }
+        // The exporter moves batches into its buffer at once; this only waits
+        // when it is busy encoding.
+        match self
+            .tx
+            .as_ref()
+            .map(|tx| tx.blocking_send(Batch::Profiles(Arc::new(batch))))
+        {
+            Some(Ok(())) => n,
+            _ => {
+                self.failures += n as u64;
+                0
+            }
+        }
+    }
+
+    fn failures(&self) -> u64 {
+        self.failures + self.stats.dropped.get()
+    }
+}
+
+impl Drop for RemoteSink {
+    /// Flushes what is buffered (the exporter gives up after its deadline).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(task) = self.task.take() {
+            let _ = self.runtime.block_on(task);
+        }
+        let (sent, dropped, waiting) = self.delivery();
+        tracing::info!(sent, dropped, waiting, "remote collector: delivery at exit");
     }
 }
 

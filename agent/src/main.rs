@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fathom_agent::{
-    export::EmbeddedSink,
+    export::{EmbeddedSink, RemoteSink},
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::ProfilerConfig,
@@ -79,7 +79,23 @@ struct DaemonArgs {
     /// With --output-dir: profiles older than this are deleted.
     #[arg(long, env = "FATHOM_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
     retention: Duration,
-    /// Embedded collector (used unless --output-dir is given).
+    /// Send profiles to this collector (`http://collector:4040`) instead of
+    /// running one in the agent.
+    #[arg(long, env = "FATHOM_COLLECTOR_URL", conflicts_with = "output_dir")]
+    collector_url: Option<String>,
+    /// Bearer token for --collector-url.
+    #[arg(
+        long,
+        env = "FATHOM_COLLECTOR_TOKEN",
+        hide_env_values = true,
+        requires = "collector_url"
+    )]
+    collector_token: Option<String>,
+    /// With --collector-url: profiles kept (bytes) while the collector is
+    /// unreachable; beyond it the oldest are dropped and counted.
+    #[arg(long, env = "FATHOM_BUFFER_BYTES", default_value_t = 64 << 20)]
+    buffer_bytes: u64,
+    /// Embedded collector (used unless --output-dir or --collector-url is given).
     #[command(flatten, next_help_heading = "Embedded collector")]
     collector: CollectorArgs,
 }
@@ -189,6 +205,27 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         let mut session = Session::start(config, &SymbolizerConfig::default())?;
         tracing::info!(dir = %dir.display(), interval = %humantime::format_duration(args.interval), "writing per-process profiles");
         session.run_daemon(args.interval, &mut sink, &stop)?;
+        return Ok(());
+    }
+    if let Some(url) = &args.collector_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--collector-url {url:?} must start with http:// or https://");
+        }
+        let remote = fathom_collector::config::PyroscopeConfig {
+            url: url.clone(),
+            org_id: None,
+            basic_auth: None,
+            bearer_token: args.collector_token.clone(),
+            timeout: Duration::from_secs(10),
+            buffer_bytes: args.buffer_bytes,
+        };
+        let mut sink = RemoteSink::new(&remote, args.interval)?;
+        let stop = stop_on_signals()?;
+        let mut session = Session::start(config, &SymbolizerConfig::default())?;
+        tracing::info!(%url, interval = %humantime::format_duration(args.interval), "sending profiles to the collector");
+        session.run_daemon(args.interval, &mut sink, &stop)?;
+        drop(session);
+        drop(sink);
         return Ok(());
     }
     let collector_config = args

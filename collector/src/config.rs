@@ -181,6 +181,10 @@ pub struct PyroscopeConfig {
     pub org_id: Option<String>,
     #[serde(default)]
     pub basic_auth: Option<BasicAuth>,
+    /// `Authorization: Bearer <token>` (e.g. another Fathom collector with
+    /// `auth.bearer_token`); exclusive with `basic_auth`.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
     #[serde(default = "default_export_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Profiles waiting for delivery while Pyroscope is unreachable.
@@ -428,6 +432,7 @@ impl CollectorArgs {
                 url: url.clone(),
                 org_id: None,
                 basic_auth: None,
+                bearer_token: None,
                 timeout: default_export_timeout(),
                 buffer_bytes: default_buffer_bytes(),
             });

@@ -799,6 +799,7 @@ mod pyro {
                 username: "fathom".into(),
                 password: "s3cret".into(),
             }),
+            bearer_token: None,
             timeout: Duration::from_secs(3),
             buffer_bytes,
         }

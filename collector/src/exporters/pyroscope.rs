@@ -82,6 +82,22 @@ impl PyroscopeExporter {
             v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
+        if let Some(token) = &config.bearer_token {
+            if config.basic_auth.is_some() {
+                return Err(ExporterError::Header {
+                    name: "Authorization".into(),
+                    reason: "set basic_auth or bearer_token, not both".into(),
+                });
+            }
+            let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| {
+                ExporterError::Header {
+                    name: "Authorization".into(),
+                    reason: e.to_string(),
+                }
+            })?;
+            v.set_sensitive(true);
+            headers.insert(AUTHORIZATION, v);
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(config.timeout)
             .timeout(config.timeout)
