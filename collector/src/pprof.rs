@@ -251,7 +251,8 @@ pub struct Merger {
     locations: HashMap<LocationKey, u64>,
     samples: HashMap<(Vec<u64>, Vec<Label>), usize>,
     comments: HashMap<i64, ()>,
-    end_nanos: i64,
+    /// Latest `time_nanos + duration_nanos` of the inputs.
+    end_nanos: Option<i64>,
     inputs: u64,
 }
 
@@ -314,9 +315,8 @@ impl Merger {
         if p.time_nanos != 0 && (self.out.time_nanos == 0 || p.time_nanos < self.out.time_nanos) {
             self.out.time_nanos = p.time_nanos;
         }
-        self.end_nanos = self
-            .end_nanos
-            .max(p.time_nanos.saturating_add(p.duration_nanos));
+        let end = p.time_nanos.saturating_add(p.duration_nanos);
+        self.end_nanos = Some(self.end_nanos.map_or(end, |e| e.max(end)));
         for &c in &p.comment {
             if self.comments.len() < MAX_COMMENTS {
                 let c = self.intern(string(p, c));
@@ -465,8 +465,11 @@ impl Merger {
     /// The merged profile; `None` when nothing was added.
     pub fn finish(mut self) -> Option<Profile> {
         self.signature.as_ref()?;
-        if self.end_nanos > self.out.time_nanos {
-            self.out.duration_nanos = self.end_nanos - self.out.time_nanos;
+        // Times come from clients: any int64, so the span may not fit.
+        if let Some(end) = self.end_nanos
+            && end > self.out.time_nanos
+        {
+            self.out.duration_nanos = end.saturating_sub(self.out.time_nanos);
         }
         Some(self.out)
     }
@@ -499,29 +502,49 @@ pub fn sample_index(p: &Profile, ty: Option<&str>) -> usize {
         .unwrap_or(p.sample_type.len().saturating_sub(1))
 }
 
+/// Most frames of one stack in folded stacks and top functions (Pyroscope
+/// truncates at 1000 by default). Beyond it the frames nearest the root are
+/// replaced by [`TRUNCATED_FRAME`]. Without a bound, a sample that repeats a
+/// location with many inline lines would expand quadratically in the size
+/// of the profile.
+pub const MAX_STACK_FRAMES: usize = 1024;
+/// The root frame of a truncated stack.
+pub const TRUNCATED_FRAME: &str = "[truncated]";
+
 /// The frames of a sample from the root to the leaf, inline frames expanded
-/// (pprof stores leaf first, and innermost-first lines within a location).
+/// (pprof stores leaf first, and innermost-first lines within a location),
+/// at most [`MAX_STACK_FRAMES`]: the leaf side is kept.
 fn frames_root_first<'p>(
     p: &'p Profile,
     index: &HashMap<u64, &'p Location>,
     fns: &HashMap<u64, &'p Function>,
     s: &Sample,
 ) -> Vec<&'p str> {
-    let mut out = Vec::with_capacity(s.location_id.len());
-    for id in s.location_id.iter().rev() {
+    // One frame more than the bound tells that the stack was cut.
+    let cap = MAX_STACK_FRAMES + 1;
+    let mut leaf_first = Vec::with_capacity(s.location_id.len().min(cap));
+    for id in &s.location_id {
+        if leaf_first.len() >= cap {
+            break;
+        }
         let Some(loc) = index.get(id) else { continue };
         if loc.line.is_empty() {
-            out.push("[unknown]");
+            leaf_first.push("[unknown]");
             continue;
         }
-        for line in loc.line.iter().rev() {
+        for line in loc.line.iter().take(cap - leaf_first.len()) {
             let name = fns
                 .get(&line.function_id)
                 .map_or("[unknown]", |f| string(p, f.name));
-            out.push(if name.is_empty() { "[unknown]" } else { name });
+            leaf_first.push(if name.is_empty() { "[unknown]" } else { name });
         }
     }
-    out
+    if leaf_first.len() > MAX_STACK_FRAMES {
+        leaf_first.truncate(MAX_STACK_FRAMES);
+        leaf_first[MAX_STACK_FRAMES - 1] = TRUNCATED_FRAME;
+    }
+    leaf_first.reverse();
+    leaf_first
 }
 
 fn indexes(p: &Profile) -> (HashMap<u64, &Location>, HashMap<u64, &Function>) {
@@ -580,10 +603,13 @@ pub fn top(p: &Profile, sample_index: usize) -> (Vec<TopEntry>, i64) {
             let e = flat.entry(leaf).or_default();
             *e = e.saturating_add(v);
         }
-        let mut seen: Vec<&str> = Vec::with_capacity(frames.len());
+        let mut seen: std::collections::HashSet<&str, foldhash::fast::RandomState> =
+            std::collections::HashSet::with_capacity_and_hasher(
+                frames.len(),
+                foldhash::fast::RandomState::default(),
+            );
         for f in frames {
-            if !seen.contains(&f) {
-                seen.push(f);
+            if seen.insert(f) {
                 let e = cum.entry(f).or_default();
                 *e = e.saturating_add(v);
             }
@@ -728,6 +754,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn decodes_go_runtime_profiles() {
+        // Written by the Go runtime (runtime/pprof) in collector/fuzz/make-seeds.
+        let gz = include_bytes!("../fuzz/corpus/pprof_decode/go-cpu.pb.gz");
+        let plain = include_bytes!("../fuzz/corpus/pprof_decode/go-cpu.pb");
+        let cpu = decode(gz).unwrap();
+        assert_eq!(decode(plain).unwrap(), cpu);
+        assert_eq!(
+            sample_types_signature(&cpu),
+            "samples/count,cpu/nanoseconds"
+        );
+        let (top, total) = top(&cpu, sample_index(&cpu, Some("cpu")));
+        assert!(total > 0);
+        assert!(top.iter().any(|t| t.name == "main.hash"), "{top:?}");
+        let heap = decode(include_bytes!("../fuzz/corpus/pprof_decode/go-heap.pb.gz")).unwrap();
+        assert_eq!(
+            sample_types_signature(&heap),
+            "alloc_objects/count,alloc_space/bytes,inuse_objects/count,inuse_space/bytes"
+        );
+    }
+
+    #[test]
     fn merge_sums_equal_stacks_and_keeps_labels_apart() {
         let a = cpu_profile(&[(&["main", "work"], 3), (&["main", "idle"], 1)], 1);
         let b = cpu_profile(&[(&["main", "work"], 2)], 1);
@@ -756,6 +803,64 @@ pub(crate) mod tests {
         );
         assert_eq!(top.iter().find(|t| t.name == "main").unwrap().cum, 11);
         assert_eq!(folded(&m, cpu)[1].1, 100_000_000);
+    }
+
+    #[test]
+    fn merge_of_extreme_times_does_not_overflow() {
+        // time_nanos and duration_nanos come from clients: int64 anywhere.
+        let mut a = cpu_profile(&[(&["main"], 1)], 1);
+        a.time_nanos = -10;
+        a.duration_nanos = 0;
+        let mut b = a.clone();
+        b.time_nanos = 5;
+        b.duration_nanos = i64::MAX;
+        let m = merge([&a, &b]).unwrap().unwrap();
+        assert_eq!((m.time_nanos, m.duration_nanos), (-10, i64::MAX));
+        let mut c = a.clone();
+        c.time_nanos = i64::MIN;
+        let m = merge([&c, &c]).unwrap().unwrap();
+        assert_eq!((m.time_nanos, m.duration_nanos), (i64::MIN, 0));
+    }
+
+    #[test]
+    fn deep_stacks_are_cut_at_the_root() {
+        // One location with 3000 inline frames, referenced 3000 times by one
+        // sample: 9 million frames, a few tens of kilobytes of pprof.
+        let mut p = cpu_profile(&[(&["main", "leaf"], 2)], 1);
+        let leaf = p.sample[0].location_id[0];
+        let loc = p.location.iter_mut().find(|l| l.id == leaf).unwrap();
+        let line = loc.line[0].clone();
+        loc.line = vec![line; 3000];
+        p.sample[0].location_id = vec![leaf; 3000];
+        let p = decode(&encode(&p)).unwrap();
+        let f = folded(&p, 0);
+        assert_eq!(f.len(), 1);
+        let frames: Vec<&str> = f[0].0.split(';').collect();
+        assert_eq!(frames.len(), MAX_STACK_FRAMES);
+        assert_eq!(frames[0], TRUNCATED_FRAME);
+        assert!(frames[1..].iter().all(|&f| f == "leaf"));
+        let (top, total) = top(&p, 0);
+        assert_eq!(total, 2);
+        assert_eq!(
+            top,
+            vec![
+                TopEntry {
+                    name: "leaf".into(),
+                    flat: 2,
+                    cum: 2
+                },
+                TopEntry {
+                    name: TRUNCATED_FRAME.into(),
+                    flat: 0,
+                    cum: 2
+                }
+            ]
+        );
+        // Exactly at the bound: nothing cut.
+        let exact = cpu_profile(&[(&["main"], 1)], 1);
+        let mut exact = exact;
+        exact.location[0].line = vec![exact.location[0].line[0].clone(); MAX_STACK_FRAMES];
+        assert!(!folded(&exact, 0)[0].0.contains(TRUNCATED_FRAME));
     }
 
     #[test]

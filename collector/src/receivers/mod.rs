@@ -29,7 +29,7 @@ pub(crate) fn decompress(body: &[u8], gzip: bool, max: usize) -> Result<Vec<u8>,
 /// What OTLP receivers refuse: ids of the wrong length or all zero (Jaeger and
 /// the OTel collector refuse them too; a span without a valid id cannot be
 /// joined to anything).
-pub(crate) fn validate_traces(
+pub fn validate_traces(
     req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
 ) -> Result<(), String> {
     for (r, rs) in req.resource_spans.iter().enumerate() {
@@ -61,4 +61,34 @@ pub(crate) fn validate_traces(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn otlp_fuzz_seeds_json_and_protobuf_are_the_same_valid_request() {
+        // collector/fuzz/make-seeds writes one request twice: OTLP/JSON by
+        // hand, protobuf with its own wire encoder; opentelemetry-proto must
+        // read both to the same message.
+        let json = include_bytes!("../../fuzz/corpus/otlp_traces/request.json");
+        let pb = include_bytes!("../../fuzz/corpus/otlp_traces/request.pb");
+        let from_json: ExportTraceServiceRequest = serde_json::from_slice(json).unwrap();
+        let from_pb = ExportTraceServiceRequest::decode(pb.as_slice()).unwrap();
+        assert_eq!(from_json, from_pb);
+        validate_traces(&from_pb).unwrap();
+        let spans = &from_pb.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(spans.len(), 2);
+        assert_eq!(spans[1].parent_span_id, spans[0].span_id);
+
+        let mut bad = from_pb;
+        bad.resource_spans[0].scope_spans[0].spans[1].span_id = vec![0; 8];
+        let err = validate_traces(&bad).unwrap_err();
+        assert!(err.contains("spans[1]: span_id"), "{err}");
+    }
 }

@@ -247,3 +247,40 @@ async fn push(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Bytes) -> R
         Err(e @ IngestError::ShuttingDown) => connect_error("unavailable", e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn decodes_the_fuzz_seed_push_request() {
+        // A real Go CPU profile (gzipped) and heap profile (plain) in two
+        // series, as collector/fuzz/make-seeds encodes them.
+        let bytes = include_bytes!("../../fuzz/corpus/push_request/cpu-and-heap.pb");
+        let req = PushRequest::decode(bytes.as_slice()).unwrap();
+        let now = SystemTime::now();
+        let (profiles, ids) = decode_push(req.clone(), now, |_| false).unwrap();
+        assert_eq!(profiles.len(), 2);
+        assert_eq!(
+            profiles[0].labels.selector(),
+            r#"process_cpu{k8s_pod_name="checkout-7d9f",service_name="checkout"}"#
+        );
+        assert_eq!(
+            pprof::sample_types_signature(&profiles[0].profile),
+            "samples/count,cpu/nanoseconds"
+        );
+        assert_eq!(profiles[1].labels.profile_name(), "memory");
+        assert_eq!(
+            ids,
+            vec!["3f0e1c9a-8a53-4a46-9a52-2f5b8e0f6b11".to_string()]
+        );
+        let seen = |id: &str| id == "3f0e1c9a-8a53-4a46-9a52-2f5b8e0f6b11";
+        let (again, ids) = decode_push(req, now, seen).unwrap();
+        assert_eq!(
+            (again.len(), ids.len()),
+            (1, 0),
+            "the retried sample is skipped"
+        );
+    }
+}
