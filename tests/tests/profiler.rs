@@ -730,3 +730,107 @@ fn unusable_output_path_fails_before_profiling() {
         "it profiled before failing"
     );
 }
+
+/// `go tool pprof -top` of what a collector serves for a service, once the
+/// function shows up (or the timeout passes).
+fn collector_top(http: u16, service: &str, function: &str, timeout: Duration) -> String {
+    let url =
+        format!("http://127.0.0.1:{http}/api/profile?service={service}&name=process_cpu&range=all");
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        let out = Command::new("go")
+            .args(["tool", "pprof", "-top", "-nodecount=50", "-symbolize=none"])
+            .arg(&url)
+            .output()
+            .unwrap();
+        let top = String::from_utf8_lossy(&out.stdout).into_owned();
+        if top.contains(function) || std::time::Instant::now() > end {
+            return top;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The README's main job: the agent alone, with its embedded collector,
+/// serves this node's profiles over HTTP (the API the UI's flame graph uses,
+/// read here by `go tool pprof`).
+#[test]
+fn agent_serves_the_nodes_profiles_from_its_embedded_collector() {
+    let Some(_lock) = prepare("agent_serves_the_nodes_profiles_from_its_embedded_collector") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let _spin = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "600"])));
+    let agent = Agent::spawn(&[
+        "--interval",
+        "1s",
+        "--window",
+        "1s",
+        "--http-listen",
+        &format!("127.0.0.1:{http}"),
+        "--otlp-grpc-listen",
+        "off",
+        "--otlp-http-listen",
+        "off",
+        "--store-path",
+        dir.path().join("store.redb").to_str().unwrap(),
+    ]);
+    agent.wait_for_log("window done", Duration::from_secs(30));
+    let top = collector_top(http, "spin", "spin_alpha", Duration::from_secs(20));
+    assert!(top.contains("spin_alpha"), "{top}");
+    let page = Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{http}/")])
+        .output()
+        .unwrap();
+    assert!(page.status.success() && String::from_utf8_lossy(&page.stdout).contains("<html"));
+    agent.signal("TERM");
+    let (status, log) = agent.finish(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("collector stopped"), "{log}");
+}
+
+/// An agent sending to a separate `fathom-collector` with a bearer token.
+#[test]
+fn agent_sends_to_a_remote_collector() {
+    let Some(_lock) = prepare("agent_sends_to_a_remote_collector") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let collector = ChildGuard::spawn(
+        Command::new(collector_binary())
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .args(["--otlp-grpc-listen", "off", "--otlp-http-listen", "off"])
+            .args(["--window", "1s", "--auth-token", "t0ken", "--store-path"])
+            .arg(dir.path().join("store.redb"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err() {
+        assert!(std::time::Instant::now() < end, "collector did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _spin = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["beta", "600"])));
+    let agent = Agent::spawn(&[
+        "--interval",
+        "1s",
+        "--collector-url",
+        &format!("http://127.0.0.1:{http}"),
+        "--collector-token",
+        "t0ken",
+    ]);
+    agent.wait_for_log("window done", Duration::from_secs(30));
+    let top = collector_top(http, "spin", "spin_beta", Duration::from_secs(20));
+    assert!(top.contains("spin_beta"), "{top}");
+    agent.signal("TERM");
+    let (status, log) = agent.finish(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    let delivery = log
+        .lines()
+        .find(|l| l.contains("delivery at exit"))
+        .unwrap_or_default();
+    assert!(delivery.contains("dropped=0"), "{log}");
+    drop(collector);
+}
