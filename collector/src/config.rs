@@ -97,8 +97,9 @@ pub struct QueueConfig {
     pub sink: usize,
     /// Largest accepted request body (bytes, after decompression).
     pub max_request_bytes: usize,
-    /// Memory bound of everything waiting in the ingest queues (encoded
-    /// bytes); beyond it clients are told to retry (429/RESOURCE_EXHAUSTED).
+    /// Bound of everything waiting in the ingest queues, in encoded (wire)
+    /// bytes; decoded it takes about 4× that in memory. Beyond it clients are
+    /// told to retry (429/RESOURCE_EXHAUSTED).
     pub max_queued_bytes: usize,
 }
 
@@ -110,7 +111,7 @@ impl Default for QueueConfig {
             metrics: 256,
             sink: 4,
             max_request_bytes: 16 << 20,
-            max_queued_bytes: 64 << 20,
+            max_queued_bytes: 16 << 20,
         }
     }
 }
@@ -139,7 +140,7 @@ impl Default for AggregationConfig {
             window: Duration::from_secs(15),
             max_series: 10_000,
             max_label_value_len: 256,
-            span_batch_size: 8192,
+            span_batch_size: 2048,
             span_batch_timeout: Duration::from_millis(500),
         }
     }
