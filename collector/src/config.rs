@@ -597,6 +597,29 @@ url = "http://pyro:4040"
         assert!(CollectorConfig::default().store_enabled());
     }
 
+    /// The README's configuration block is the defaults, and with every
+    /// commented-out setting enabled it still parses and validates.
+    #[test]
+    fn readme_config_example_is_true() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").unwrap() + "```toml\n".len();
+        let block = &readme[start..start + readme[start..].find("```").unwrap()];
+        let c: CollectorConfig = toml::from_str(block).unwrap();
+        assert_eq!(c, CollectorConfig::default());
+        let all: String = block
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c: CollectorConfig = toml::from_str(&all).unwrap();
+        c.validate().unwrap();
+        assert!(c.tls.is_some() && c.pyroscope.is_some() && c.otlp.is_some());
+        assert_eq!(c.store.enabled, Some(true));
+    }
+
     #[test]
     fn flags_parse() {
         use clap::{CommandFactory as _, Parser};

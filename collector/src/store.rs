@@ -614,8 +614,16 @@ impl Store {
     /// service and start time. A span stored again (same ids) replaces the
     /// earlier copy.
     pub fn put_spans(&self, req: &ExportTraceServiceRequest) -> Result<SpanPut, StoreError> {
+        self.put_spans_all(&[req])
+    }
+
+    /// Several span requests in one write transaction (one fsync).
+    pub fn put_spans_all(
+        &self,
+        reqs: &[&ExportTraceServiceRequest],
+    ) -> Result<SpanPut, StoreError> {
         let mut put = SpanPut::default();
-        if span_count(req) == 0 {
+        if reqs.iter().all(|r| span_count(r) == 0) {
             return Ok(put);
         }
         let db = self.db();
@@ -626,7 +634,7 @@ impl Store {
             // Summaries touched in this batch: (as stored before, now).
             let mut touched: HashMap<[u8; 16], (Option<TraceSummary>, TraceSummary)> =
                 HashMap::new();
-            for rs in &req.resource_spans {
+            for rs in reqs.iter().flat_map(|r| &r.resource_spans) {
                 let service = service_of(rs);
                 for ss in &rs.scope_spans {
                     for span in &ss.spans {
@@ -1050,7 +1058,28 @@ pub async fn run_sink(store: Arc<Store>, mut rx: mpsc::Receiver<Batch>, stats: A
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
-                write_batch(&store, batch, &stats).await;
+                let Batch::Spans(first) = batch else {
+                    write_batch(&store, batch, &stats).await;
+                    continue;
+                };
+                // Span batches already waiting join this one: one commit
+                // (fsync) for all of them.
+                let mut spans = vec![first];
+                let mut other = None;
+                while spans.len() < MAX_SPAN_BATCHES_PER_COMMIT {
+                    match rx.try_recv() {
+                        Ok(Batch::Spans(more)) => spans.push(more),
+                        Ok(b) => {
+                            other = Some(b);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                write_spans(&store, spans, &stats).await;
+                if let Some(b) = other {
+                    write_batch(&store, b, &stats).await;
+                }
             }
             _ = tick.tick() => {
                 let s = store.clone();
@@ -1063,6 +1092,43 @@ pub async fn run_sink(store: Arc<Store>, mut rx: mpsc::Receiver<Batch>, stats: A
                     Err(e) => tracing::warn!(error = %e, "store maintenance task failed"),
                 }
             }
+        }
+    }
+}
+
+/// Span batches written in one transaction at most.
+const MAX_SPAN_BATCHES_PER_COMMIT: usize = 8;
+
+async fn write_spans(
+    store: &Arc<Store>,
+    batches: Vec<Arc<ExportTraceServiceRequest>>,
+    stats: &ExporterStats,
+) {
+    let s = store.clone();
+    let n: u64 = batches.iter().map(|b| span_count(b)).sum();
+    let result = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&ExportTraceServiceRequest> = batches.iter().map(|b| b.as_ref()).collect();
+        s.put_spans_all(&refs)
+    })
+    .await;
+    match result {
+        Ok(Ok(put)) => {
+            stats.sent.add(put.stored);
+            stats.dropped.add(put.invalid);
+            if put.invalid > 0 {
+                tracing::warn!(
+                    spans = put.invalid,
+                    "store: spans without valid ids not stored"
+                );
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, spans = n, "store: spans not written");
+            stats.dropped.add(n);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "store: write task failed");
+            stats.dropped.add(n);
         }
     }
 }
