@@ -1150,29 +1150,7 @@ async fn write_batch(store: &Arc<Store>, batch: Batch, stats: &ExporterStats) {
                 }
             }
         }
-        Batch::Spans(req) => {
-            let n = span_count(&req);
-            match tokio::task::spawn_blocking(move || s.put_spans(&req)).await {
-                Ok(Ok(put)) => {
-                    stats.sent.add(put.stored);
-                    stats.dropped.add(put.invalid);
-                    if put.invalid > 0 {
-                        tracing::warn!(
-                            spans = put.invalid,
-                            "store: spans without valid ids not stored"
-                        );
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, spans = n, "store: spans not written");
-                    stats.dropped.add(n);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "store: write task failed");
-                    stats.dropped.add(n);
-                }
-            }
-        }
+        Batch::Spans(req) => write_spans(store, vec![req], stats).await,
         Batch::Metrics(_) => {}
     }
 }
