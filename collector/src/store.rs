@@ -31,7 +31,7 @@ use std::{
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{AnyValue, KeyValue, any_value},
-    trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind, status::StatusCode},
+    trace::v1::{ResourceSpans, Span, span::SpanKind, status::StatusCode},
 };
 use prost::Message as _;
 use redb::{
@@ -1211,7 +1211,9 @@ async fn write_batch(store: &Arc<Store>, batch: Batch, stats: &ExporterStats) {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use opentelemetry_proto::tonic::{
-        common::v1::InstrumentationScope, resource::v1::Resource, trace::v1::Status,
+        common::v1::InstrumentationScope,
+        resource::v1::Resource,
+        trace::v1::{ScopeSpans, Status},
     };
 
     use super::*;
