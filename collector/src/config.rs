@@ -531,6 +531,7 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'%'
             && i + 2 < bytes.len()
+            && bytes[i + 1..i + 3].iter().all(u8::is_ascii_hexdigit)
             && let Ok(hex) = std::str::from_utf8(&bytes[i + 1..i + 3])
             && let Ok(b) = u8::from_str_radix(hex, 16)
         {
@@ -590,6 +591,7 @@ url = "http://pyro:4040"
         assert_eq!(o.endpoint, "http://jaeger:4318");
         assert_eq!(o.protocol, OtlpProtocol::HttpProtobuf);
         assert_eq!(o.headers.get("api-key").map(String::as_str), Some("a b"));
+        assert_eq!(percent_decode("%+1%2x%41%"), "%+1%2xA%");
         assert!(
             !c.store_enabled(),
             "exporters configured: no embedded store by default"
