@@ -61,6 +61,10 @@ impl EmbeddedSink {
 impl ProfileSink for EmbeddedSink {
     fn deliver(&mut self, _window_start: SystemTime, profiles: Vec<ProcessProfile>) -> usize {
         let mut delivered = 0;
+        // Wait for room once per window: when the collector is that far
+        // behind, the rest of the window is counted, not waited for (the
+        // profiler's maps must be drained on time).
+        let mut timeout = self.timeout;
         for p in profiles {
             let Some(labels) = series_labels(&p, &self.node) else {
                 self.failures += 1;
@@ -82,9 +86,10 @@ impl ProfileSink for EmbeddedSink {
                 profile,
                 received: SystemTime::now(),
             };
-            match self.ingest.profile_blocking(raw, self.timeout) {
+            match self.ingest.profile_blocking(raw, timeout) {
                 Ok(()) => delivered += 1,
                 Err(e) => {
+                    timeout = Duration::ZERO;
                     self.failures += 1;
                     tracing::warn!(error = %e, failures = self.failures, "profile not delivered");
                 }
