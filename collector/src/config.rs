@@ -159,6 +159,8 @@ pub struct StoreConfig {
     pub retention: Duration,
     /// Upper bound of the stored data; the oldest goes first.
     pub max_bytes: u64,
+    /// Memory for the database's page cache.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -168,6 +170,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("/var/lib/fathom/collector.redb"),
             retention: Duration::from_secs(24 * 3600),
             max_bytes: 1 << 30,
+            cache_bytes: 16 << 20,
         }
     }
 }

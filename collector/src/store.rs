@@ -65,8 +65,6 @@ const BYTES_KEY: &str = "bytes";
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
 /// How far before `from` a profile window may start and still overlap it.
 const MAX_WINDOW_LOOKBACK: Duration = Duration::from_secs(3600);
-/// Page cache of the database.
-const CACHE_BYTES: usize = 32 << 20;
 /// Per-trace bookkeeping counted on top of its spans (summary and indexes).
 const TRACE_OVERHEAD: u64 = 160;
 
@@ -493,7 +491,7 @@ impl Store {
             })?;
         }
         let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(config.cache_bytes)
             .create(&path)
             .map_err(|source| StoreError::Open {
                 path: path.clone(),
@@ -1274,6 +1272,7 @@ pub(crate) mod tests {
             path: dir.join("sub/dir/collector.redb"),
             retention: Duration::from_secs(3600),
             max_bytes: 64 << 20,
+            ..StoreConfig::default()
         }
     }
 
