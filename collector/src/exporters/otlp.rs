@@ -178,29 +178,6 @@ impl OtlpExporter {
     }
 }
 
-/// Starts nothing when the configuration is invalid: logs the error, and
-/// drops (counts) whatever arrives so the fan-out is never blocked.
-pub async fn run(
-    config: OtlpExporterConfig,
-    mut rx: mpsc::Receiver<Batch>,
-    stats: Arc<ExporterStats>,
-    shutdown_deadline: Duration,
-) {
-    match OtlpExporter::new(&config) {
-        Ok(exporter) => exporter.run(rx, stats, shutdown_deadline).await,
-        Err(e) => {
-            tracing::error!(error = %e, "OTLP exporter not started; data for it is dropped");
-            while let Some(batch) = rx.recv().await {
-                stats.dropped.add(match &batch {
-                    Batch::Spans(r) => span_count(r),
-                    Batch::Metrics(r) => metric_point_count(r),
-                    Batch::Profiles(_) => 0,
-                });
-            }
-        }
-    }
-}
-
 impl Delivery for OtlpExporter {
     type Item = OtlpItem;
 

@@ -135,27 +135,6 @@ impl PyroscopeExporter {
     }
 }
 
-/// [`PyroscopeExporter::new`] + [`PyroscopeExporter::run`]; with an invalid
-/// configuration, logs it and counts every profile as dropped.
-pub async fn run(
-    config: PyroscopeConfig,
-    mut rx: mpsc::Receiver<Batch>,
-    stats: Arc<ExporterStats>,
-    shutdown_deadline: Duration,
-) {
-    match PyroscopeExporter::new(&config) {
-        Ok(e) => e.run(rx, stats, shutdown_deadline).await,
-        Err(e) => {
-            tracing::error!(error = %e, "Pyroscope exporter not started; profiles for it are dropped");
-            while let Some(batch) = rx.recv().await {
-                if let Batch::Profiles(p) = batch {
-                    stats.dropped.add(p.len() as u64);
-                }
-            }
-        }
-    }
-}
-
 impl Delivery for PyroscopeExporter {
     type Item = Bytes;
 
