@@ -311,56 +311,36 @@ where
     (rate, refused.load(Ordering::Relaxed))
 }
 
-fn bench_spans(rt: &tokio::runtime::Runtime, store: Option<&std::path::Path>) -> (f64, f64, f64) {
-    let c = Collector::start(store);
-    // Encoded once: the load generator's own cost stays small next to the
-    // collector's decode + validate + batch + sinks.
-    let bodies: Arc<Vec<bytes::Bytes>> = Arc::new(
-        (0..64)
-            .map(|s| span_request(s).encode_to_vec().into())
-            .collect(),
-    );
-    let url = format!("http://127.0.0.1:{}/v1/traces", c.otlp_http);
-    let client = reqwest::Client::new();
-    let counter = Arc::new(AtomicU64::new(0));
-    let (rate, refused) = drive(rt, SPANS_PER_CALL as u64, move |_| {
-        let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
-        let body = bodies[n % bodies.len()].clone();
-        let req = client
-            .post(&url)
-            .header("content-type", "application/x-protobuf")
-            .body(body);
-        async move {
-            match req.send().await {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(matches!(r.status().as_u16(), 429 | 503)),
-                Err(_) => Err(false),
-            }
-        }
-    });
-    let (mb, cpu) = c.usage();
-    eprintln!(
-        "  spans: {rate:>10.0}/s  refused-and-retried={refused}  peak RSS {mb:.0} MB  collector CPU {cpu:.1} s"
-    );
-    (rate, mb, cpu)
+/// What one phase POSTs to.
+struct Endpoint {
+    what: &'static str,
+    port: fn(&Collector) -> u16,
+    path: &'static str,
+    content_type: &'static str,
+    /// Items per request.
+    per_call: u64,
 }
 
-fn bench_profiles(
+/// POSTs the pre-encoded `bodies` (round robin) to `e` of a fresh collector
+/// for the bench duration; prints and returns items accepted per second.
+fn bench_posts(
     rt: &tokio::runtime::Runtime,
     store: Option<&std::path::Path>,
-) -> (f64, f64, f64) {
+    e: Endpoint,
+    bodies: Vec<bytes::Bytes>,
+) -> f64 {
     let c = Collector::start(store);
-    let bodies: Arc<Vec<bytes::Bytes>> =
-        Arc::new((0..64).map(|s| push_request(s).into()).collect());
-    let url = format!("http://127.0.0.1:{}/push.v1.PusherService/Push", c.http);
+    let url = format!("http://127.0.0.1:{}{}", (e.port)(&c), e.path);
+    let bodies = Arc::new(bodies);
     let client = reqwest::Client::new();
     let counter = Arc::new(AtomicU64::new(0));
-    let (rate, refused) = drive(rt, 1, move |_| {
+    let content_type = e.content_type;
+    let (rate, refused) = drive(rt, e.per_call, move |_| {
         let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
         let body = bodies[n % bodies.len()].clone();
         let req = client
             .post(&url)
-            .header("content-type", "application/proto")
+            .header("content-type", content_type)
             .body(body);
         async move {
             match req.send().await {
@@ -372,9 +352,38 @@ fn bench_profiles(
     });
     let (mb, cpu) = c.usage();
     eprintln!(
-        "  profiles: {rate:>7.0}/s  refused-and-retried={refused}  peak RSS {mb:.0} MB  collector CPU {cpu:.1} s"
+        "  {}: {rate:>10.0}/s  refused-and-retried={refused}  peak RSS {mb:.0} MB  collector CPU {cpu:.1} s",
+        e.what
     );
-    (rate, mb, cpu)
+    rate
+}
+
+/// Spans: encoded once, so the load generator's own cost stays small next to
+/// the collector's decode + validate + batch + sinks.
+fn bench_spans(rt: &tokio::runtime::Runtime, store: Option<&std::path::Path>) -> f64 {
+    let bodies = (0..64)
+        .map(|s| span_request(s).encode_to_vec().into())
+        .collect();
+    let e = Endpoint {
+        what: "spans",
+        port: |c| c.otlp_http,
+        path: "/v1/traces",
+        content_type: "application/x-protobuf",
+        per_call: SPANS_PER_CALL as u64,
+    };
+    bench_posts(rt, store, e, bodies)
+}
+
+fn bench_profiles(rt: &tokio::runtime::Runtime, store: Option<&std::path::Path>) -> f64 {
+    let bodies = (0..64).map(|s| push_request(s).into()).collect();
+    let e = Endpoint {
+        what: "profiles",
+        port: |c| c.http,
+        path: "/push.v1.PusherService/Push",
+        content_type: "application/proto",
+        per_call: 1,
+    };
+    bench_posts(rt, store, e, bodies)
 }
 
 fn main() {
@@ -400,11 +409,11 @@ fn main() {
         seconds().as_secs()
     );
     eprintln!("no sink (receivers + pipeline):");
-    let (s0, _, _) = bench_spans(&rt, None);
-    let (p0, _, _) = bench_profiles(&rt, None);
+    let s0 = bench_spans(&rt, None);
+    let p0 = bench_profiles(&rt, None);
     eprintln!("embedded store (the default):");
-    let (s1, _, _) = bench_spans(&rt, Some(&dir.path().join("spans.redb")));
-    let (p1, _, _) = bench_profiles(&rt, Some(&dir.path().join("profiles.redb")));
+    let s1 = bench_spans(&rt, Some(&dir.path().join("spans.redb")));
+    let p1 = bench_profiles(&rt, Some(&dir.path().join("profiles.redb")));
     println!(
         "spans/s: no sink {s0:.0}, with store {s1:.0} (ratio {:.2})",
         s1 / s0

@@ -376,22 +376,7 @@ fn malformed_input_is_refused_with_the_reason() {
     );
     // Push: a sample that is not pprof → 400 naming series and sample.
     let req = PushRequest {
-        series: vec![RawProfileSeries {
-            labels: vec![
-                LabelPair {
-                    name: "__name__".into(),
-                    value: "process_cpu".into(),
-                },
-                LabelPair {
-                    name: "service_name".into(),
-                    value: "api".into(),
-                },
-            ],
-            samples: vec![RawSample {
-                raw_profile: b"\x1f\x8bjunk".to_vec(),
-                id: String::new(),
-            }],
-        }],
+        series: vec![api_series(b"\x1f\x8bjunk".to_vec(), "")],
     };
     let r = http
         .post(format!(
@@ -416,6 +401,26 @@ fn malformed_input_is_refused_with_the_reason() {
     assert_eq!(collector.stats().profiles.invalid_requests.get(), 1);
     assert_eq!(collector.stats().spans.accepted.get(), 0);
     assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}
+
+/// One `process_cpu{service_name="api"}` series with one sample.
+fn api_series(raw_profile: Vec<u8>, id: &str) -> RawProfileSeries {
+    RawProfileSeries {
+        labels: vec![
+            LabelPair {
+                name: "__name__".into(),
+                value: "process_cpu".into(),
+            },
+            LabelPair {
+                name: "service_name".into(),
+                value: "api".into(),
+            },
+        ],
+        samples: vec![RawSample {
+            raw_profile,
+            id: id.into(),
+        }],
+    }
 }
 
 /// A small real CPU profile, as the agent writes it.
@@ -466,22 +471,8 @@ fn push_merges_per_window_acknowledges_retries_once_and_flushes_at_shutdown() {
         "http://{}/push.v1.PusherService/Push",
         collector.addrs().http.unwrap()
     );
-    let series = |id: &str, function: &str, count: i64| RawProfileSeries {
-        labels: vec![
-            LabelPair {
-                name: "__name__".into(),
-                value: "process_cpu".into(),
-            },
-            LabelPair {
-                name: "service_name".into(),
-                value: "api".into(),
-            },
-        ],
-        samples: vec![RawSample {
-            raw_profile: agent_profile(function, count),
-            id: id.into(),
-        }],
-    };
+    let series =
+        |id: &str, function: &str, count: i64| api_series(agent_profile(function, count), id);
     let http = reqwest::blocking::Client::new();
     let send = |req: PushRequest| {
         http.post(&url)
