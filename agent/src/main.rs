@@ -16,7 +16,6 @@ use fathom_agent::{
 };
 use fathom_collector::{Collector, CollectorArgs};
 use fathom_symbolizer::SymbolizerConfig;
-use tracing_subscriber::EnvFilter;
 
 /// Fathom's per-node eBPF agent: continuous CPU profiling of every process.
 ///
@@ -102,11 +101,7 @@ struct DaemonArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    fathom_collector::init_logging(&cli.log);
     if let Err(missing) = preflight::check() {
         eprint!("{missing}");
         return ExitCode::from(2);

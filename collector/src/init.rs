@@ -356,3 +356,21 @@ async fn join_until(set: &mut JoinSet<()>, until: tokio::time::Instant, what: &s
         }
     }
 }
+
+/// Logging of Fathom's binaries: `tracing` to stderr, colours only on a
+/// terminal. An invalid filter falls back to `info` and says so.
+pub fn init_logging(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let (env_filter, bad) = match EnvFilter::try_new(filter) {
+        Ok(f) => (f, None),
+        Err(e) => (EnvFilter::new("info"), Some(e)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Some(e) = bad {
+        tracing::warn!(filter, error = %e, "invalid log filter; logging at info");
+    }
+}

@@ -23,5 +23,5 @@ pub mod store;
 pub mod ui;
 
 pub use config::{CollectorArgs, CollectorConfig};
-pub use init::{BoundAddrs, Collector, StartError};
+pub use init::{BoundAddrs, Collector, StartError, init_logging};
 pub use pipeline::{Ingest, IngestError};

@@ -4,7 +4,6 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use fathom_collector::{Collector, CollectorArgs};
-use tracing_subscriber::EnvFilter;
 
 /// Fathom's collector. Every flag has a `FATHOM_*` environment variable; a
 /// TOML file (`--config`) can hold all settings (see the README).
@@ -23,11 +22,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    fathom_collector::init_logging(&cli.log);
     let config = match cli.collector.resolve(|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
