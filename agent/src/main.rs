@@ -171,7 +171,7 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
     let mut session = Session::start(config, &SymbolizerConfig::default())?;
     let started = SystemTime::now();
     tracing::info!(duration = %humantime::format_duration(args.duration), "profiling");
-    let collected = session.collect(args.duration, Duration::from_secs(5), &stop)?;
+    let collected = session.collect(args.duration, &stop)?;
     let meta = CpuProfileMeta {
         frequency_hz: args.sampling.frequency,
         start: started,

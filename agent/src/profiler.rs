@@ -27,9 +27,13 @@ pub struct ProfilerConfig {
     pub frequency_hz: u64,
     /// Only these processes; all when empty.
     pub pids: Vec<u32>,
-    /// Distinct stacks per drain window (per set of maps).
+    /// How often user space empties the in-kernel maps. The maps are sized
+    /// for this (see [`ProfilerConfig::map_sizes`]).
+    pub drain_every: Duration,
+    /// Distinct stacks per set of maps; 0 sizes it from the sample rate.
     pub max_stacks: u32,
-    /// Distinct (thread, stacks) keys per drain window.
+    /// Distinct (thread, stacks) keys per set of maps; 0 sizes it from the
+    /// sample rate.
     pub max_sample_keys: u32,
 }
 
@@ -38,8 +42,55 @@ impl Default for ProfilerConfig {
         Self {
             frequency_hz: 99,
             pids: Vec::new(),
-            max_stacks: 32768,
-            max_sample_keys: 32768,
+            drain_every: Duration::from_secs(1),
+            max_stacks: 0,
+            max_sample_keys: 0,
+        }
+    }
+}
+
+/// Entries of the preallocated in-kernel maps, per set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub stacks: u32,
+    pub sample_keys: u32,
+}
+
+impl MapSizes {
+    /// Smallest automatic size.
+    pub const MIN: u32 = 1024;
+    /// Largest automatic size: 32768 stacks are 35 MiB per set.
+    pub const MAX: u32 = 32768;
+    /// Drain periods of headroom: user space may be late (symbolizing a
+    /// window) by this many periods before a map can fill up.
+    pub const HEADROOM: u64 = 4;
+
+    /// Kernel memory of both sets: hash-table element header (~48 bytes),
+    /// key and value, per-CPU values for the counts.
+    pub fn kernel_bytes(&self, cpus: usize) -> u64 {
+        let stack = 48 + 8 + std::mem::size_of::<Stack>() as u64;
+        let key = 48 + std::mem::size_of::<SampleKey>() as u64 + 8 * cpus as u64;
+        2 * (u64::from(self.stacks) * stack + u64::from(self.sample_keys) * key)
+    }
+}
+
+impl ProfilerConfig {
+    /// Map sizes for `cpus` CPUs. Automatic sizes hold every sample of
+    /// [`MapSizes::HEADROOM`] drain periods even if each one had a new user
+    /// and kernel stack, so the maps do not fill up unless user space stalls
+    /// (capped at [`MapSizes::MAX`]; `StackMapFull`/`CountMapFull` count it).
+    pub fn map_sizes(&self, cpus: usize) -> MapSizes {
+        let period_ms = self.drain_every.as_millis().max(1) as u64;
+        let samples =
+            (self.frequency_hz * cpus as u64 * period_ms).div_ceil(1000) * MapSizes::HEADROOM;
+        let auto = |n: u64| {
+            n.clamp(u64::from(MapSizes::MIN), u64::from(MapSizes::MAX))
+                .next_power_of_two() as u32
+        };
+        let pick = |configured: u32, auto: u32| if configured == 0 { auto } else { configured };
+        MapSizes {
+            stacks: pick(self.max_stacks, auto(2 * samples)),
+            sample_keys: pick(self.max_sample_keys, auto(samples)),
         }
     }
 }
@@ -195,14 +246,25 @@ impl Profiler {
                 reason,
             })?;
 
+        // The possible CPUs size the per-CPU values; sampling runs on the online ones.
+        let possible = aya::util::nr_cpus()
+            .map_err(|(what, e)| ProfilerError::Cpus(format!("{what}: {e}")))?;
+        let sizes = config.map_sizes(possible);
+        tracing::info!(
+            stacks = sizes.stacks,
+            sample_keys = sizes.sample_keys,
+            kernel_mib = sizes.kernel_bytes(possible) as f64 / (1 << 20) as f64,
+            drain_every = ?config.drain_every,
+            "profiler maps (preallocated, two sets)"
+        );
         let filter: u8 = u8::from(!config.pids.is_empty());
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_FILTER_PIDS, &filter, true)
             .override_global(names::GLOBAL_FORK_CHILD_PID_OFFSET, &child_pid_offset, true)
-            .map_max_entries(names::COUNTS[0], config.max_sample_keys)
-            .map_max_entries(names::COUNTS[1], config.max_sample_keys)
-            .map_max_entries(names::STACKS[0], config.max_stacks)
-            .map_max_entries(names::STACKS[1], config.max_stacks)
+            .map_max_entries(names::COUNTS[0], sizes.sample_keys)
+            .map_max_entries(names::COUNTS[1], sizes.sample_keys)
+            .map_max_entries(names::STACKS[0], sizes.stacks)
+            .map_max_entries(names::STACKS[1], sizes.stacks)
             .load(ebpf::object()?)?;
 
         {
@@ -407,6 +469,63 @@ pub fn stack_marker_reason(id: u64) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_hold_every_sample_of_the_headroom() {
+        let config = ProfilerConfig::default();
+        // 99 Hz * 2 CPUs * 1 s * 4 periods = 792 samples, 1584 stacks.
+        let sizes = config.map_sizes(2);
+        assert_eq!(
+            sizes,
+            MapSizes {
+                stacks: 2048,
+                sample_keys: 1024
+            }
+        );
+        assert_eq!(
+            sizes.kernel_bytes(2),
+            2 * (2048 * 1080 + 1024 * (48 + 40 + 16))
+        );
+        // 999 Hz * 2 CPUs: 7992 samples.
+        let fast = ProfilerConfig {
+            frequency_hz: 999,
+            ..ProfilerConfig::default()
+        };
+        assert_eq!(
+            fast.map_sizes(2),
+            MapSizes {
+                stacks: 16384,
+                sample_keys: 8192
+            }
+        );
+        // Capped on large machines; configured sizes win.
+        assert_eq!(config.map_sizes(256).stacks, MapSizes::MAX);
+        let fixed = ProfilerConfig {
+            max_stacks: 100,
+            max_sample_keys: 7,
+            ..ProfilerConfig::default()
+        };
+        assert_eq!(
+            fixed.map_sizes(64),
+            MapSizes {
+                stacks: 100,
+                sample_keys: 7
+            }
+        );
+        // A sub-millisecond period still gets the minimum.
+        let tiny = ProfilerConfig {
+            frequency_hz: 1,
+            drain_every: Duration::ZERO,
+            ..ProfilerConfig::default()
+        };
+        assert_eq!(
+            tiny.map_sizes(1),
+            MapSizes {
+                stacks: 1024,
+                sample_keys: 1024
+            }
+        );
+    }
 
     #[test]
     fn finds_tracepoint_field_offsets() {

@@ -222,19 +222,15 @@ impl Session {
         self.table.lock().unwrap_or_else(|e| e.into_inner()).sweep();
     }
 
-    /// Samples for `duration` (or until stopped), draining every
-    /// `drain_every`, and returns everything collected.
-    pub fn collect(
-        &mut self,
-        duration: Duration,
-        drain_every: Duration,
-        stop: &Stop,
-    ) -> Result<Collected, SessionError> {
+    /// Samples for `duration` (or until stopped), draining the kernel's maps
+    /// every `drain_every` of the configuration, and returns everything
+    /// collected.
+    pub fn collect(&mut self, duration: Duration, stop: &Stop) -> Result<Collected, SessionError> {
         let end = Instant::now() + duration;
         let mut collected = Collected::default();
         loop {
             let now = Instant::now();
-            let next = (now + drain_every).min(end);
+            let next = (now + self.config.drain_every).min(end);
             let stopped = stop.wait(next.saturating_duration_since(now));
             collected.add(self.drain()?);
             if stopped || Instant::now() >= end {
@@ -302,8 +298,10 @@ impl Session {
         };
         let mut window_start = SystemTime::now();
         loop {
-            let stopped = stop.wait(interval);
-            let window = self.drain()?;
+            // The kernel's maps are drained more often than profiles leave
+            // (they are sized for `drain_every`).
+            let window = self.collect(interval, stop)?;
+            let stopped = stop.is_triggered();
             let meta = meta(window_start);
             window_start = SystemTime::now();
             let profiles = self.per_process(&window, meta)?;
@@ -312,7 +310,7 @@ impl Session {
             self.write_failures = sink.failures();
             let processes = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
             tracing::info!(
-                samples = window.counted(),
+                samples = window.counted,
                 profiles = built,
                 delivered,
                 processes,
@@ -329,10 +327,10 @@ impl Session {
     /// One profile per process of a drained window.
     pub fn per_process(
         &mut self,
-        window: &Window,
+        window: &Collected,
         meta: CpuProfileMeta,
     ) -> Result<Vec<ProcessProfile>, SessionError> {
-        let resolved = self.resolve(&window.samples, &window.stacks);
+        let resolved = self.resolve(&window.sample_list(), &window.stacks);
         let mut by_pid: BTreeMap<u32, Vec<&ResolvedSample>> = BTreeMap::new();
         for sample in &resolved {
             by_pid.entry(sample.pid).or_default().push(sample);
@@ -363,8 +361,7 @@ impl Session {
             let count: u64 = samples.iter().map(|s| s.count).sum();
             let line = format!(
                 "samples of this process={count}; window: recorded={} read={}",
-                window.recorded,
-                window.counted()
+                window.recorded, window.counted
             );
             add_comments(&mut builder, &line, &losses);
             let (comm, exe) = names[pid].clone();

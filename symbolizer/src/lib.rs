@@ -213,7 +213,8 @@ fn frame(name: &str, code_info: Option<&CodeInfo<'_>>) -> Frame {
         function: demangle(name).into_owned(),
         system_name: name.to_owned(),
         file: code_info.map(|c| c.to_path().to_string_lossy().into_owned()),
-        line: code_info.and_then(|c| c.line),
+        // DWARF line 0: code attributed to no source line.
+        line: code_info.and_then(|c| c.line).filter(|&l| l != 0),
     }
 }
 
