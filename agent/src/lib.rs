@@ -2,12 +2,11 @@
 //! space that drains, symbolizes and writes them as pprof.
 //!
 //! Modules are flat, by concern: kernel I/O (`profiler`, `preflight`, `ebpf`,
-//! `sys` — the only `unsafe`), process knowledge (`process`, `procfs`, `elf`),
+//! `sys` — the only `unsafe`), process knowledge (`process`, `procfs`),
 //! turning stacks into profiles (`stacks`, `pprof`) and running it all
 //! (`session`).
 
 pub mod ebpf;
-pub mod elf;
 pub mod export;
 pub mod pprof;
 pub mod preflight;

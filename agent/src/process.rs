@@ -12,8 +12,9 @@ use std::{
     sync::{Arc, Weak},
 };
 
+use fathom_symbolizer::elf::ElfLayout;
+
 use crate::{
-    elf::ElfLayout,
     pprof::Mapping,
     procfs::{self, MapsPath},
 };

@@ -9,10 +9,9 @@ use std::{
 };
 
 use fathom_common::profiler::{COMM_LEN, SampleKey, stack_id};
-use fathom_symbolizer::{Frame, Symbol, Symbolizer, SymbolizerConfig};
+use fathom_symbolizer::{Frame, Symbol, Symbolizer, SymbolizerConfig, elf};
 
 use crate::{
-    elf,
     pprof::{Location, Mapping},
     process::{ObjectFile, ProcessTable, UserAddress},
     profiler::stack_marker_reason,

@@ -6,6 +6,7 @@
 //! never an error for the batch.
 
 mod demangle;
+pub mod elf;
 
 use std::{
     cell::Cell,
