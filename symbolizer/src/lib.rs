@@ -5,8 +5,10 @@
 //! thread. Failure to resolve one address is a value ([`Symbol::Unknown`]),
 //! never an error for the batch.
 
+pub mod cache;
 mod demangle;
 pub mod elf;
+pub mod service;
 
 use std::{
     cell::Cell,
@@ -19,7 +21,11 @@ use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
 };
 
+pub use cache::{Addressing, ObjectKey};
 pub use demangle::demangle;
+pub use service::{
+    Lease, ObjectRequest, Request, Response, ServiceError, ServiceStats, SymbolizerService,
+};
 
 /// What the symbolizer resolves and where it looks.
 #[derive(Clone, Debug)]
@@ -30,6 +36,8 @@ pub struct SymbolizerConfig {
     pub inlined_functions: bool,
     /// Directories searched for separate debug files.
     pub debug_dirs: Vec<PathBuf>,
+    /// Memory bound of the result cache of [`SymbolizerService`].
+    pub cache_bytes: usize,
 }
 
 impl Default for SymbolizerConfig {
@@ -38,6 +46,7 @@ impl Default for SymbolizerConfig {
             line_numbers: true,
             inlined_functions: true,
             debug_dirs: vec![PathBuf::from("/usr/lib/debug")],
+            cache_bytes: 16 << 20,
         }
     }
 }
@@ -72,6 +81,20 @@ pub enum Unknown {
     Unreadable(String),
     /// Something else the symbolizer does not support.
     Unsupported(String),
+}
+
+impl Unknown {
+    /// A short stable label of the reason (for metrics).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Unknown::NoSymbol => "no_symbol",
+            Unknown::InvalidFileOffset => "invalid_file_offset",
+            Unknown::MissingSymbols => "missing_symbols",
+            Unknown::Unmapped => "unmapped",
+            Unknown::Unreadable(_) => "unreadable",
+            Unknown::Unsupported(_) => "unsupported",
+        }
+    }
 }
 
 impl fmt::Display for Unknown {
@@ -154,6 +177,17 @@ impl Symbolizer {
     pub fn elf_virtual_addresses(&self, path: &Path, addrs: &[u64]) -> Vec<Symbol> {
         let source = Source::Elf(Elf::new(path));
         self.symbolize(&source, Input::VirtOffset(addrs), addrs.len())
+    }
+
+    /// Drops what blazesym keeps for the file at `path` (parsed data and its
+    /// descriptor).
+    pub fn evict_elf(&mut self, path: &Path) {
+        if let Err(e) = self
+            .inner
+            .evict(&bz::evict::Elf::new(path.to_path_buf()).into())
+        {
+            tracing::debug!(path = %path.display(), error = %e, "evicting cached ELF data");
+        }
     }
 
     /// Symbolizes kernel addresses with kallsyms (and a vmlinux when found).
