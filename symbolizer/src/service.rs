@@ -154,11 +154,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(
-        config: &SymbolizerConfig,
-        cache_bytes: usize,
-        shared: Arc<Mutex<ServiceStats>>,
-    ) -> Self {
+    fn new(config: &SymbolizerConfig, shared: Arc<Mutex<ServiceStats>>) -> Self {
         Self {
             symbolizer: Symbolizer::new(config),
             cache: SymbolCache::new(config.cache_bytes),
