@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Weak},
 };
 
-use fathom_symbolizer::elf::ElfLayout;
+use fathom_symbolizer::{Lease, ObjectKey, SymbolizerService, elf::ElfLayout};
 
 use crate::{
     pprof::Mapping,
@@ -34,11 +34,21 @@ pub struct ObjectFile {
     pub layout: Result<ElfLayout, String>,
     /// The pprof mapping for this file.
     pub mapping: Arc<Mapping>,
+    /// What the symbolizer caches its symbols under (build id when present).
+    pub key: ObjectKey,
+    /// Keeps the symbolizer's cache of this file while a process maps it.
+    _lease: Option<Lease>,
     _file: File,
 }
 
 impl ObjectFile {
-    fn open(pid: u32, entry: &procfs::MapsEntry, path: &str, proc_root: &Path) -> io::Result<Self> {
+    fn open(
+        pid: u32,
+        entry: &procfs::MapsEntry,
+        path: &str,
+        proc_root: &Path,
+        symbolizer: Option<&SymbolizerService>,
+    ) -> io::Result<Self> {
         // map_files opens exactly the mapped file, even when it was deleted
         // or lives in another mount namespace; needs CAP_SYS_ADMIN or
         // CAP_CHECKPOINT_RESTORE. The root path is the fallback.
@@ -85,11 +95,17 @@ impl ObjectFile {
                 file_offset: 0,
             },
         });
+        let key = ObjectKey::of_file(
+            layout.as_ref().ok().and_then(|l| l.build_id.as_deref()),
+            &file.metadata()?,
+        );
         Ok(Self {
             path: path.to_owned(),
             read_path,
             layout,
             mapping,
+            _lease: symbolizer.map(|s| s.lease(key.clone())),
+            key,
             _file: file,
         })
     }
@@ -189,14 +205,16 @@ pub enum ProcessError {
     Maps(#[from] procfs::MapsError),
 }
 
-type ObjectKey = (u32, u32, u64);
+/// A mapped file by device and inode, as `/proc/PID/maps` names it.
+type FileId = (u32, u32, u64);
 
 /// All processes the agent has seen, and the files they map.
 #[derive(Debug)]
 pub struct ProcessTable {
     proc_root: PathBuf,
     processes: HashMap<u32, Process>,
-    objects: HashMap<ObjectKey, Weak<ObjectFile>>,
+    objects: HashMap<FileId, Weak<ObjectFile>>,
+    symbolizer: Option<SymbolizerService>,
     round: u64,
     stats: TableStats,
 }
@@ -213,9 +231,16 @@ impl ProcessTable {
             proc_root: proc_root.into(),
             processes: HashMap::new(),
             objects: HashMap::new(),
+            symbolizer: None,
             round: 1,
             stats: TableStats::default(),
         }
+    }
+
+    /// Files opened from now on hold a lease of `symbolizer`'s cache.
+    pub fn with_symbolizer(mut self, symbolizer: SymbolizerService) -> Self {
+        self.symbolizer = Some(symbolizer);
+        self
     }
 
     pub fn stats(&self) -> TableStats {
@@ -328,7 +353,7 @@ impl ProcessTable {
         if let Some(object) = self.objects.get(&key).and_then(Weak::upgrade) {
             return VmaKind::Object(object);
         }
-        match ObjectFile::open(pid, entry, path, &self.proc_root) {
+        match ObjectFile::open(pid, entry, path, &self.proc_root, self.symbolizer.as_ref()) {
             Ok(object) => {
                 self.stats.objects_opened += 1;
                 let object = Arc::new(object);

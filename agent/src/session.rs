@@ -17,7 +17,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use fathom_common::profiler::{ProcessEvent, SampleKey};
-use fathom_symbolizer::SymbolizerConfig;
+use fathom_symbolizer::{SymbolizerConfig, SymbolizerService};
 use pprof::protos::Profile;
 
 use crate::{
@@ -164,6 +164,8 @@ pub enum SessionError {
     },
     #[error("starting the process watcher: {0}")]
     Thread(io::Error),
+    #[error(transparent)]
+    Symbolizer(#[from] fathom_symbolizer::ServiceError),
 }
 
 /// The profiler and everything it needs, on the calling thread.
@@ -188,14 +190,17 @@ impl Session {
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
         let (profiler, events) = Profiler::start(&config)?;
-        let table = Arc::new(Mutex::new(ProcessTable::default()));
+        let service = SymbolizerService::spawn(symbolizer.clone())?;
+        let table = Arc::new(Mutex::new(
+            ProcessTable::default().with_symbolizer(service.clone()),
+        ));
         let watcher =
             ProcessWatcher::spawn(events, Arc::clone(&table)).map_err(SessionError::Thread)?;
         Ok(Self {
             _watcher: watcher,
             profiler,
             table,
-            resolver: StackResolver::new(symbolizer),
+            resolver: StackResolver::new(service),
             config,
             write_failures: 0,
         })
@@ -309,7 +314,12 @@ impl Session {
             let delivered = sink.deliver(meta.start, profiles);
             self.write_failures = sink.failures();
             let processes = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
+            let symbols = self.resolver.symbolizer_stats();
             tracing::info!(
+                symbol_cache_hits = symbols.hits,
+                symbol_cache_misses = symbols.misses,
+                symbol_cache_kib = symbols.cache_bytes / 1024,
+                symbol_objects = symbols.objects_live,
                 samples = window.counted,
                 profiles = built,
                 delivered,

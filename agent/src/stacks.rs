@@ -9,7 +9,9 @@ use std::{
 };
 
 use fathom_common::profiler::{COMM_LEN, SampleKey, stack_id};
-use fathom_symbolizer::{Frame, Symbol, Symbolizer, SymbolizerConfig, elf};
+use fathom_symbolizer::{
+    Addressing, Frame, ObjectRequest, Request, Response, Symbol, SymbolizerService, elf,
+};
 
 use crate::{
     pprof::{Location, Mapping},
@@ -38,9 +40,10 @@ pub struct ResolveStats {
     pub lost_stacks: u64,
 }
 
-/// Owns the symbolizer (not `Send`: keep the resolver on one thread).
+/// Places stacks in their files and has them symbolized by the
+/// symbolizer's thread.
 pub struct StackResolver {
-    symbolizer: Symbolizer,
+    symbolizer: SymbolizerService,
     kernel_mapping: Arc<Mapping>,
     stats: ResolveStats,
 }
@@ -53,9 +56,9 @@ enum Slot {
 }
 
 impl StackResolver {
-    pub fn new(config: &SymbolizerConfig) -> Self {
+    pub fn new(symbolizer: SymbolizerService) -> Self {
         Self {
-            symbolizer: Symbolizer::new(config),
+            symbolizer,
             kernel_mapping: Arc::new(kernel_mapping()),
             stats: ResolveStats::default(),
         }
@@ -63,6 +66,10 @@ impl StackResolver {
 
     pub fn stats(&self) -> ResolveStats {
         self.stats
+    }
+
+    pub fn symbolizer_stats(&self) -> fathom_symbolizer::ServiceStats {
+        self.symbolizer.stats()
     }
 
     /// Resolves and symbolizes every sample.
@@ -149,28 +156,70 @@ impl StackResolver {
         }
 
         let kernel_addrs: Vec<u64> = kernel_addrs.into_iter().collect();
-        let kernel_symbols = self.symbolizer.kernel(&kernel_addrs);
+        let offsets: Vec<Vec<u64>> = offsets
+            .into_iter()
+            .map(|o| o.into_iter().collect())
+            .collect();
+        let mut request = Request {
+            kernel: kernel_addrs.clone(),
+            objects: Vec::new(),
+        };
+        // Files whose layout could not be read are not asked about.
+        let mut asked = Vec::new();
+        for (index, object) in objects.iter().enumerate() {
+            if object.layout.is_ok() {
+                asked.push(index);
+                request.objects.push(ObjectRequest {
+                    key: object.key.clone(),
+                    path: object.read_path.clone(),
+                    addressing: Addressing::FileOffset,
+                    addrs: offsets[index].clone(),
+                });
+            }
+        }
+        let response = self.symbolizer.symbolize(request).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "symbolizer unavailable");
+            Response::default()
+        });
+        let gone = |n: usize| {
+            vec![
+                Arc::new(Symbol::Unknown(fathom_symbolizer::Unknown::Unsupported(
+                    "symbolizer unavailable".into()
+                )));
+                n
+            ]
+        };
+        let kernel_symbols = if response.kernel.len() == kernel_addrs.len() {
+            response.kernel
+        } else {
+            gone(kernel_addrs.len())
+        };
         self.stats.unknown_frames += count_unknown(&kernel_symbols);
         let kernel: HashMap<u64, Arc<Location>> = kernel_addrs
             .iter()
             .zip(kernel_symbols)
-            .map(|(&addr, symbol)| (addr, location(Some(&self.kernel_mapping), addr, symbol)))
+            .map(|(&addr, symbol)| (addr, location(Some(&self.kernel_mapping), addr, &symbol)))
             .collect();
 
+        let mut answers: Vec<Option<Vec<Arc<Symbol>>>> = vec![None; objects.len()];
+        for (index, symbols) in asked.into_iter().zip(response.objects) {
+            answers[index] = Some(symbols);
+        }
         let mut user: HashMap<(usize, u64), Arc<Location>> = HashMap::new();
         for (index, object) in objects.iter().enumerate() {
-            let offsets: Vec<u64> = offsets[index].iter().copied().collect();
-            let symbols = match &object.layout {
-                Ok(_) => self
-                    .symbolizer
-                    .elf_file_offsets(&object.read_path, &offsets),
-                Err(e) => vec![
-                    Symbol::Unknown(fathom_symbolizer::Unknown::Unreadable(e.clone()));
+            let offsets = &offsets[index];
+            let symbols = match (&object.layout, answers[index].take()) {
+                (Ok(_), Some(symbols)) if symbols.len() == offsets.len() => symbols,
+                (Ok(_), _) => gone(offsets.len()),
+                (Err(e), _) => vec![
+                    Arc::new(Symbol::Unknown(
+                        fathom_symbolizer::Unknown::Unreadable(e.clone())
+                    ));
                     offsets.len()
                 ],
             };
             self.stats.unknown_frames += count_unknown(&symbols);
-            for (offset, symbol) in offsets.into_iter().zip(symbols) {
+            for (&offset, symbol) in offsets.iter().zip(symbols) {
                 let address = object
                     .layout
                     .as_ref()
@@ -179,7 +228,7 @@ impl StackResolver {
                     .unwrap_or(offset);
                 user.insert(
                     (index, offset),
-                    location(Some(&object.mapping), address, symbol),
+                    location(Some(&object.mapping), address, &symbol),
                 );
             }
         }
@@ -248,20 +297,20 @@ impl StackResolver {
     }
 }
 
-fn count_unknown(symbols: &[Symbol]) -> u64 {
+fn count_unknown(symbols: &[Arc<Symbol>]) -> u64 {
     symbols
         .iter()
-        .filter(|s| matches!(s, Symbol::Unknown(_)))
+        .filter(|s| matches!(&***s, Symbol::Unknown(_)))
         .count() as u64
 }
 
 /// A location of a symbolization result.
-fn location(mapping: Option<&Arc<Mapping>>, address: u64, symbol: Symbol) -> Arc<Location> {
+fn location(mapping: Option<&Arc<Mapping>>, address: u64, symbol: &Symbol) -> Arc<Location> {
     match symbol {
         Symbol::Known(frames) => Arc::new(Location {
             mapping: mapping.cloned(),
             address,
-            frames,
+            frames: frames.clone(),
         }),
         Symbol::Unknown(reason) => special(mapping, address, "[unknown]", &reason.to_string()),
     }
@@ -370,7 +419,9 @@ mod tests {
             comm: *b"tester\0\0\0\0\0\0\0\0\0\0",
         };
         let table = Mutex::new(ProcessTable::default());
-        let mut resolver = StackResolver::new(&SymbolizerConfig::default());
+        let mut resolver = StackResolver::new(
+            SymbolizerService::spawn(fathom_symbolizer::SymbolizerConfig::default()).unwrap(),
+        );
         let samples = [
             (key(1, 100), 3),
             (key(2, 100), 4),
