@@ -6,7 +6,8 @@
 use std::{
     collections::{HashMap, VecDeque},
     fs::{self, File},
-    io,
+    io::{self, Write as _},
+    os::unix::fs::FileExt as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Weak},
@@ -71,6 +72,36 @@ impl ObjectFile {
                 "mapped file was replaced on disk; symbols may not match"
             );
         }
+        Self::from_file(file, path, entry.offset, symbolizer)
+    }
+
+    /// The running kernel's vDSO, copied out of this process's memory into
+    /// an in-memory file. Every 64-bit process maps the same image.
+    fn vdso(symbolizer: Option<&SymbolizerService>) -> io::Result<(Self, u64)> {
+        let maps = fs::read_to_string("/proc/self/maps")?;
+        let entries = procfs::parse_maps(&maps).map_err(io::Error::other)?;
+        let vdso = entries
+            .iter()
+            .find(|e| e.path == MapsPath::Vdso)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "no [vdso] in /proc/self/maps")
+            })?;
+        let mut image = vec![0u8; (vdso.end - vdso.start) as usize];
+        File::open("/proc/self/mem")?.read_exact_at(&mut image, vdso.start)?;
+        let mut file = crate::sys::memfd("fathom-vdso")?;
+        file.write_all(&image)?;
+        Ok((
+            Self::from_file(file, "[vdso]", 0, symbolizer)?,
+            image.len() as u64,
+        ))
+    }
+
+    fn from_file(
+        file: File,
+        path: &str,
+        map_offset: u64,
+        symbolizer: Option<&SymbolizerService>,
+    ) -> io::Result<Self> {
         let read_path = PathBuf::from(format!(
             "/proc/self/fd/{}",
             std::os::fd::AsRawFd::as_raw_fd(&file)
@@ -78,7 +109,7 @@ impl ObjectFile {
         let layout = ElfLayout::read(&file).map_err(|e| e.to_string());
         let mapping = Arc::new(match &layout {
             Ok(layout) => {
-                let text = layout.text_segment(entry.offset);
+                let text = layout.text_segment(map_offset);
                 Mapping {
                     filename: path.to_owned(),
                     build_id: layout.build_id_hex(),
@@ -215,6 +246,8 @@ pub struct ProcessTable {
     processes: HashMap<u32, Process>,
     objects: HashMap<FileId, Weak<ObjectFile>>,
     symbolizer: Option<SymbolizerService>,
+    /// The vDSO image, read on first need (`Err`: why it cannot be).
+    vdso: Option<Result<(Arc<ObjectFile>, u64), String>>,
     round: u64,
     stats: TableStats,
 }
@@ -232,6 +265,7 @@ impl ProcessTable {
             processes: HashMap::new(),
             objects: HashMap::new(),
             symbolizer: None,
+            vdso: None,
             round: 1,
             stats: TableStats::default(),
         }
@@ -324,7 +358,7 @@ impl ProcessTable {
         for entry in entries.iter().filter(|e| e.executable) {
             let kind = match &entry.path {
                 MapsPath::File { path, .. } => self.object(pid, entry, path),
-                MapsPath::Vdso => VmaKind::Vdso,
+                MapsPath::Vdso => self.vdso(entry),
                 MapsPath::Anonymous => VmaKind::Anonymous,
                 MapsPath::Pseudo(name) => VmaKind::Pseudo(name.clone()),
             };
@@ -346,6 +380,27 @@ impl ProcessTable {
             process.snapshots.pop_front();
         }
         Ok(())
+    }
+
+    /// The shared vDSO object when `entry` is a mapping of it.
+    fn vdso(&mut self, entry: &procfs::MapsEntry) -> VmaKind {
+        let symbolizer = self.symbolizer.as_ref();
+        let vdso = self.vdso.get_or_insert_with(|| {
+            ObjectFile::vdso(symbolizer)
+                .map(|(object, len)| (Arc::new(object), len))
+                .map_err(|e| e.to_string())
+        });
+        match vdso {
+            // A 32-bit process maps another image, of another size.
+            Ok((object, len)) if *len == entry.end - entry.start => {
+                VmaKind::Object(Arc::clone(object))
+            }
+            Ok(_) => VmaKind::Vdso,
+            Err(reason) => {
+                tracing::debug!(reason, "vDSO image unavailable");
+                VmaKind::Vdso
+            }
+        }
     }
 
     fn object(&mut self, pid: u32, entry: &procfs::MapsEntry, path: &str) -> VmaKind {
@@ -450,6 +505,77 @@ impl ProcessTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vdso_addresses_symbolize_like_nm_on_the_image() {
+        let service =
+            SymbolizerService::spawn(fathom_symbolizer::SymbolizerConfig::default()).unwrap();
+        let mut table = ProcessTable::default().with_symbolizer(service.clone());
+        let pid = std::process::id();
+        table.observe(pid).unwrap();
+        // The oracle: nm on a copy of the image this process maps.
+        let maps = procfs::parse_maps(&fs::read_to_string("/proc/self/maps").unwrap()).unwrap();
+        let vdso = maps.iter().find(|e| e.path == MapsPath::Vdso).unwrap();
+        let mut image = vec![0u8; (vdso.end - vdso.start) as usize];
+        File::open("/proc/self/mem")
+            .unwrap()
+            .read_exact_at(&mut image, vdso.start)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("vdso.so");
+        fs::write(&copy, &image).unwrap();
+        let nm = std::process::Command::new("nm")
+            .arg("-D")
+            .arg(&copy)
+            .output()
+            .unwrap();
+        let nm = String::from_utf8(nm.stdout).unwrap();
+        let names_at = |vaddr: u64| -> Vec<&str> {
+            nm.lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let a = u64::from_str_radix(f.next()?, 16).ok()?;
+                    let name = f.nth(1)?;
+                    (a == vaddr).then(|| name.split('@').next().unwrap_or(name))
+                })
+                .collect()
+        };
+        let gettime = nm
+            .lines()
+            .find(|l| l.ends_with(" __vdso_clock_gettime") || l.contains(" __vdso_clock_gettime@"))
+            .expect("__vdso_clock_gettime in the vDSO");
+        let vaddr = u64::from_str_radix(gettime.split(' ').next().unwrap(), 16).unwrap();
+        let UserAddress::Object {
+            object,
+            file_offset,
+        } = table.resolve(pid, vdso.start + vaddr + 1)
+        else {
+            panic!("vDSO address not placed in the vDSO object");
+        };
+        assert_eq!(object.path, "[vdso]");
+        let layout = object.layout.as_ref().unwrap();
+        assert_eq!(layout.file_offset_to_vaddr(file_offset), Some(vaddr + 1));
+        let response = service
+            .symbolize(fathom_symbolizer::Request {
+                kernel: Vec::new(),
+                objects: vec![fathom_symbolizer::ObjectRequest {
+                    key: object.key.clone(),
+                    path: object.read_path.clone(),
+                    addressing: fathom_symbolizer::Addressing::FileOffset,
+                    addrs: vec![file_offset],
+                }],
+            })
+            .unwrap();
+        let fathom_symbolizer::Symbol::Known(frames) = &*response.objects[0][0] else {
+            panic!("{response:?}");
+        };
+        let ours = frames.last().unwrap().function.as_str();
+        assert!(
+            names_at(vaddr).contains(&ours),
+            "{ours} not in {:?}",
+            names_at(vaddr)
+        );
+    }
 
     #[test]
     fn observes_this_process_and_resolves_own_code() {
