@@ -13,7 +13,11 @@ use std::{
     sync::{Arc, Weak},
 };
 
-use fathom_symbolizer::{Lease, ObjectKey, SymbolizerService, elf::ElfLayout};
+use fathom_symbolizer::{
+    Lease, ObjectKey, SymbolizerService,
+    debug_file::{self, DebugSearch},
+    elf::ElfLayout,
+};
 
 use crate::{
     pprof::Mapping,
@@ -37,6 +41,9 @@ pub struct ObjectFile {
     pub mapping: Arc<Mapping>,
     /// What the symbolizer caches its symbols under (build id when present).
     pub key: ObjectKey,
+    /// The separate debug file of a binary without DWARF, when found:
+    /// symbolize its virtual addresses there.
+    pub debug: Option<DebugObject>,
     /// Keeps the symbolizer's cache of this file while a process maps it.
     _lease: Option<Lease>,
     _file: File,
@@ -49,6 +56,7 @@ impl ObjectFile {
         path: &str,
         proc_root: &Path,
         symbolizer: Option<&SymbolizerService>,
+        debug_dirs: Option<&[PathBuf]>,
     ) -> io::Result<Self> {
         // map_files opens exactly the mapped file, even when it was deleted
         // or lives in another mount namespace; needs CAP_SYS_ADMIN or
@@ -72,7 +80,26 @@ impl ObjectFile {
                 "mapped file was replaced on disk; symbols may not match"
             );
         }
-        Self::from_file(file, path, entry.offset, symbolizer)
+        let mut object = Self::from_file(file, path, entry.offset, symbolizer)?;
+        if let (Ok(layout), Some(debug_dirs)) = (&object.layout, debug_dirs) {
+            let roots = [
+                proc_root.join(pid.to_string()).join("root"),
+                PathBuf::from("/"),
+            ];
+            let search = DebugSearch {
+                roots: &roots,
+                debug_dirs,
+            };
+            object.debug = debug_file::find(layout, Path::new(path), &search).map(|found| {
+                tracing::debug!(path, debug = %found.path.display(), "separate debug file");
+                DebugObject {
+                    read_path: fd_path(&found.file),
+                    path: found.path,
+                    _file: found.file,
+                }
+            });
+        }
+        Ok(object)
     }
 
     /// The running kernel's vDSO, copied out of this process's memory into
@@ -102,10 +129,7 @@ impl ObjectFile {
         map_offset: u64,
         symbolizer: Option<&SymbolizerService>,
     ) -> io::Result<Self> {
-        let read_path = PathBuf::from(format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&file)
-        ));
+        let read_path = fd_path(&file);
         let layout = ElfLayout::read(&file).map_err(|e| e.to_string());
         let mapping = Arc::new(match &layout {
             Ok(layout) => {
@@ -137,9 +161,29 @@ impl ObjectFile {
             mapping,
             _lease: symbolizer.map(|s| s.lease(key.clone())),
             key,
+            debug: None,
             _file: file,
         })
     }
+}
+
+/// Where the symbolizer reads a file the agent holds open: the path of our
+/// descriptor, valid after the file was deleted or its process exited.
+fn fd_path(file: &File) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(file)
+    ))
+}
+
+/// A separate debug file the agent holds open.
+#[derive(Debug)]
+pub struct DebugObject {
+    /// Where it was found (under the process's root or ours).
+    pub path: PathBuf,
+    /// Where the symbolizer reads it.
+    pub read_path: PathBuf,
+    _file: File,
 }
 
 /// One executable mapping of a process.
@@ -246,6 +290,9 @@ pub struct ProcessTable {
     processes: HashMap<u32, Process>,
     objects: HashMap<FileId, Weak<ObjectFile>>,
     symbolizer: Option<SymbolizerService>,
+    /// Debug directories searched (in the process's root, then ours) for
+    /// the debug files of stripped binaries.
+    debug_dirs: Option<Vec<PathBuf>>,
     /// The vDSO image, read on first need (`Err`: why it cannot be).
     vdso: Option<Result<(Arc<ObjectFile>, u64), String>>,
     round: u64,
@@ -265,15 +312,22 @@ impl ProcessTable {
             processes: HashMap::new(),
             objects: HashMap::new(),
             symbolizer: None,
+            debug_dirs: None,
             vdso: None,
             round: 1,
             stats: TableStats::default(),
         }
     }
 
-    /// Files opened from now on hold a lease of `symbolizer`'s cache.
-    pub fn with_symbolizer(mut self, symbolizer: SymbolizerService) -> Self {
+    /// Files opened from now on hold a lease of `symbolizer`'s cache, and
+    /// stripped ones get their debug files looked up in `debug_dirs`.
+    pub fn with_symbolizer(
+        mut self,
+        symbolizer: SymbolizerService,
+        debug_dirs: &[PathBuf],
+    ) -> Self {
         self.symbolizer = Some(symbolizer);
+        self.debug_dirs = Some(debug_dirs.to_vec());
         self
     }
 
@@ -408,7 +462,14 @@ impl ProcessTable {
         if let Some(object) = self.objects.get(&key).and_then(Weak::upgrade) {
             return VmaKind::Object(object);
         }
-        match ObjectFile::open(pid, entry, path, &self.proc_root, self.symbolizer.as_ref()) {
+        match ObjectFile::open(
+            pid,
+            entry,
+            path,
+            &self.proc_root,
+            self.symbolizer.as_ref(),
+            self.debug_dirs.as_deref(),
+        ) {
             Ok(object) => {
                 self.stats.objects_opened += 1;
                 let object = Arc::new(object);
@@ -510,7 +571,7 @@ mod tests {
     fn vdso_addresses_symbolize_like_nm_on_the_image() {
         let service =
             SymbolizerService::spawn(fathom_symbolizer::SymbolizerConfig::default()).unwrap();
-        let mut table = ProcessTable::default().with_symbolizer(service.clone());
+        let mut table = ProcessTable::default().with_symbolizer(service.clone(), &[]);
         let pid = std::process::id();
         table.observe(pid).unwrap();
         // The oracle: nm on a copy of the image this process maps.

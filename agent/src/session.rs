@@ -192,7 +192,7 @@ impl Session {
         let (profiler, events) = Profiler::start(&config)?;
         let service = SymbolizerService::spawn(symbolizer.clone())?;
         let table = Arc::new(Mutex::new(
-            ProcessTable::default().with_symbolizer(service.clone()),
+            ProcessTable::default().with_symbolizer(service.clone(), &symbolizer.debug_dirs),
         ));
         let watcher =
             ProcessWatcher::spawn(events, Arc::clone(&table)).map_err(SessionError::Thread)?;

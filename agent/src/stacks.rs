@@ -167,15 +167,30 @@ impl StackResolver {
         // Files whose layout could not be read are not asked about.
         let mut asked = Vec::new();
         for (index, object) in objects.iter().enumerate() {
-            if object.layout.is_ok() {
-                asked.push(index);
-                request.objects.push(ObjectRequest {
+            let Ok(layout) = &object.layout else {
+                continue;
+            };
+            asked.push(index);
+            request.objects.push(match &object.debug {
+                // A stripped binary: its debug file has the symbols, at the
+                // binary's virtual addresses (offsets outside every segment
+                // become address 0, which resolves to nothing).
+                Some(debug) => ObjectRequest {
+                    key: object.key.clone(),
+                    path: debug.read_path.clone(),
+                    addressing: Addressing::Virtual,
+                    addrs: offsets[index]
+                        .iter()
+                        .map(|&o| layout.file_offset_to_vaddr(o).unwrap_or(0))
+                        .collect(),
+                },
+                None => ObjectRequest {
                     key: object.key.clone(),
                     path: object.read_path.clone(),
                     addressing: Addressing::FileOffset,
                     addrs: offsets[index].clone(),
-                });
-            }
+                },
+            });
         }
         let response = self.symbolizer.symbolize(request).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "symbolizer unavailable");

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 
-use object::{Object as _, ObjectSegment as _, SegmentFlags, read::ReadCache};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags, read::ReadCache};
 
 /// A loadable (`PT_LOAD`) segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +21,10 @@ pub struct Segment {
 pub struct ElfLayout {
     pub build_id: Option<Vec<u8>>,
     pub segments: Vec<Segment>,
+    /// `.gnu_debuglink`: the name of a separate debug file and its CRC-32.
+    pub debuglink: Option<(String, u32)>,
+    /// Whether the file itself has DWARF (a non-empty `.debug_info`).
+    pub has_dwarf: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +60,20 @@ impl ElfLayout {
             .collect();
         // A broken note section is not a reason to give up on the file.
         let build_id = object.build_id().ok().flatten().map(<[u8]>::to_vec);
-        Ok(Self { build_id, segments })
+        let debuglink = object
+            .gnu_debuglink()
+            .ok()
+            .flatten()
+            .map(|(name, crc)| (String::from_utf8_lossy(name).into_owned(), crc));
+        let has_dwarf = object
+            .section_by_name(".debug_info")
+            .is_some_and(|s| s.kind() != object::SectionKind::UninitializedData && s.size() > 0);
+        Ok(Self {
+            build_id,
+            segments,
+            debuglink,
+            has_dwarf,
+        })
     }
 
     /// The virtual address (as in the ELF file) of a file offset.
@@ -123,6 +140,7 @@ mod tests {
                     executable: false,
                 },
             ],
+            ..ElfLayout::default()
         }
     }
 

@@ -6,6 +6,7 @@
 //! never an error for the batch.
 
 pub mod cache;
+pub mod debug_file;
 mod demangle;
 pub mod elf;
 pub mod service;
