@@ -380,7 +380,7 @@ fn exited_and_deleted_process_is_symbolized() {
     let binary = dir.path().join("short-lived");
     std::fs::copy(fixture("spin"), &binary).unwrap();
     let output = dir.path().join("exited.pb.gz");
-    // Drains happen every 5 s: the process is gone long before the first.
+    // Symbols are resolved when the profile ends: the process is long gone.
     let agent = Agent::spawn(&[
         "profile",
         "--duration",
@@ -417,6 +417,134 @@ fn exited_and_deleted_process_is_symbolized() {
         symbolized as f64 >= 0.95 * count as f64,
         "{symbolized} of {count} symbolized"
     );
+}
+
+/// A stripped binary seen only inside another mount namespace, with its
+/// debug file next to it there (`.gnu_debuglink`), is symbolized exactly like
+/// the unstripped binary is by addr2line.
+#[test]
+fn process_in_another_mount_namespace_uses_its_debug_file() {
+    let Some(_lock) = prepare("process_in_another_mount_namespace_uses_its_debug_file") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    let mount_point = dir.path().join("mnt");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::create_dir_all(&mount_point).unwrap();
+    let unstripped = fixture("spin");
+    let binary = content.join("spin-ns");
+    let debug = content.join("spin-ns.debug");
+    let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&unstripped)
+        .arg(&debug));
+    run(Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&binary)
+        .arg(&unstripped));
+    run(Command::new("objcopy")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(&binary));
+    let nm = Command::new("nm").arg(&binary).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&nm.stdout).contains("spin_alpha"),
+        "the binary has no symbols of its own"
+    );
+
+    // Inside the namespace the content is at the mount point; outside, the
+    // mount point stays empty.
+    let inside = mount_point.join("spin-ns");
+    let script = format!(
+        "mount --bind {} {} && exec {} alpha 8",
+        content.display(),
+        mount_point.display(),
+        inside.display()
+    );
+    let workload = ChildGuard::spawn(quiet(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(&script),
+    ));
+    let pid = workload.pid();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/exe")).map_or(true, |exe| exe != inside) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workload did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !inside.exists(),
+        "the host does not see the namespace's mount"
+    );
+
+    let output = dir.path().join("ns.pb.gz");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        "3s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+
+    let samples = flatten(&read_profile(&output));
+    let count: i64 = samples.iter().map(|s| s.count).sum();
+    let alpha: i64 = samples
+        .iter()
+        .filter(|s| {
+            s.functions
+                .iter()
+                .zip(&s.files)
+                .any(|(f, file)| f == "spin_alpha" && *file == inside.to_str().unwrap())
+                && s.functions.iter().any(|f| f == "main")
+        })
+        .map(|s| s.count)
+        .sum();
+    assert!(count >= 200, "{count} samples");
+    assert!(
+        alpha as f64 >= 0.95 * count as f64,
+        "{alpha} of {count} samples in spin_alpha < main"
+    );
+
+    // Every location of the binary: our function and line are addr2line's
+    // on the unstripped binary.
+    let profile = read_profile(&output);
+    let text = |i: i64| profile.string_table[i as usize].as_str();
+    let mapping = profile
+        .mapping
+        .iter()
+        .find(|m| text(m.filename) == inside.to_str().unwrap())
+        .expect("a mapping for the namespaced binary");
+    let functions: HashMap<u64, &pprof::protos::Function> =
+        profile.function.iter().map(|f| (f.id, f)).collect();
+    let locations: Vec<_> = profile
+        .location
+        .iter()
+        .filter(|l| l.mapping_id == mapping.id)
+        .collect();
+    assert!(locations.len() >= 3, "{} locations", locations.len());
+    let oracle = addr2line(
+        &unstripped,
+        &locations.iter().map(|l| l.address).collect::<Vec<_>>(),
+    );
+    for (location, (function, line)) in locations.iter().zip(oracle) {
+        let ours = location.line.first().unwrap();
+        let name = text(functions[&ours.function_id].name);
+        assert_eq!(
+            (name, u32::try_from(ours.line).ok().filter(|&l| l != 0)),
+            (function.as_str(), line),
+            "at {:#x}",
+            location.address
+        );
+    }
 }
 
 fn our_programs_loaded() -> Vec<String> {
