@@ -77,10 +77,10 @@ impl Lang {
 /// with other tools, counted, and bounded per fixture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Deviation {
-    /// binutils (`_bfd_dwarf2_find_nearest_line`, bfd/dwarf2.c) names the
-    /// innermost function after the ELF symbol that starts where it starts
-    /// whenever its DWARF entry has no `DW_AT_linkage_name` (C and Go
-    /// functions, C++ functions instantiated on lambda types), and keeps
+    /// binutils (`_bfd_dwarf2_find_nearest_line`, bfd/dwarf2.c) may name
+    /// the innermost function after the ELF symbol that starts where it
+    /// starts when its DWARF entry has no `DW_AT_linkage_name` (seen here:
+    /// Go functions, C++ functions instantiated on lambda types), and keeps
     /// that name for later lookups, where the function may be an outer
     /// frame. For a real function that is the same function by its symbol
     /// name (`_M_manager` is `std::_Function_handler<…>::_M_manager(…)`,
@@ -244,9 +244,9 @@ fn build(fixture: &Fixture) -> PathBuf {
         return binary;
     }
     std::fs::create_dir_all(&dir).unwrap();
-    // Built under a temporary name and renamed: a binary that exists is
-    // complete.
-    let partial = dir.join(format!("{}.partial", fixture.name));
+    // Built under a name of this process and renamed: a binary that exists
+    // is complete, also when test processes share the target dir.
+    let partial = dir.join(format!("{}.partial-{}", fixture.name, std::process::id()));
     let mut cmd = Command::new(compiler);
     match fixture.lang {
         Lang::C | Lang::Cpp => {
@@ -991,7 +991,10 @@ fn strip(binary: &Path) -> Stripped {
     if root.exists() {
         return stripped;
     }
-    let partial = binary.parent().unwrap().join("stripped.partial");
+    let partial = binary
+        .parent()
+        .unwrap()
+        .join(format!("stripped.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     let next_to = partial.join("next-to");
     std::fs::create_dir_all(&next_to).unwrap();
@@ -1023,7 +1026,11 @@ fn strip(binary: &Path) -> Stripped {
     std::fs::copy(&debug, &by_id).unwrap();
     std::fs::create_dir_all(partial.join("alone")).unwrap();
     std::fs::copy(&bin, partial.join("alone").join(&name)).unwrap();
-    std::fs::rename(&partial, &root).unwrap();
+    // Another process may have won the race: its copy is as good.
+    if std::fs::rename(&partial, &root).is_err() {
+        assert!(root.exists(), "could not move {}", partial.display());
+        let _ = std::fs::remove_dir_all(&partial);
+    }
     stripped
 }
 
