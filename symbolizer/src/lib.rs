@@ -9,6 +9,7 @@ pub mod cache;
 pub mod debug_file;
 mod demangle;
 pub mod elf;
+pub mod perf_map;
 pub mod service;
 
 use std::{
