@@ -76,12 +76,13 @@ impl ElfLayout {
         })
     }
 
-    /// The virtual address (as in the ELF file) of a file offset.
+    /// The virtual address (as in the ELF file) of a file offset; `None`
+    /// outside the segments, or past 2^64 in a malformed one.
     pub fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
         self.segments
             .iter()
             .find(|s| offset >= s.offset && offset - s.offset < s.file_size.max(1))
-            .map(|s| s.vaddr + (offset - s.offset))
+            .and_then(|s| s.vaddr.checked_add(offset - s.offset))
     }
 
     /// The executable segment containing `offset`, else the first one: the
@@ -151,6 +152,19 @@ mod tests {
         assert_eq!(l.file_offset_to_vaddr(0x1234), Some(0x401234));
         assert_eq!(l.file_offset_to_vaddr(0x4e20), Some(0x405e20));
         assert_eq!(l.file_offset_to_vaddr(0x9000), None);
+        // A segment mapped past the end of the address space (fuzzed input).
+        let wrapping = ElfLayout {
+            build_id: None,
+            segments: vec![Segment {
+                vaddr: u64::MAX - 0xf,
+                mem_size: 0x100,
+                offset: 0x1000,
+                file_size: 0x100,
+                executable: true,
+            }],
+        };
+        assert_eq!(wrapping.file_offset_to_vaddr(0x100f), Some(u64::MAX));
+        assert_eq!(wrapping.file_offset_to_vaddr(0x1010), None);
         assert_eq!(l.text_segment(0x1234).map(|s| s.vaddr), Some(0x401000));
         assert_eq!(l.build_id_hex(), "dead01");
     }
