@@ -15,6 +15,7 @@ pub mod service;
 use std::{
     cell::Cell,
     fmt,
+    panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
 };
 
@@ -198,9 +199,28 @@ impl Symbolizer {
     }
 
     fn symbolize(&self, source: &Source<'_>, input: Input<&[u64]>, n: usize) -> Vec<Symbol> {
-        let symbols = match self.inner.symbolize(source, input) {
-            Ok(symbols) => symbols.into_iter().map(convert).collect(),
-            Err(err) => {
+        // blazesym 0.2.7 panics on some malformed files: an unwrap in
+        // dwarf/lines.rs when a line-table row names a file past the file
+        // table (release builds too), overflowing additions in elf/parser.rs
+        // and dwarf/units.rs (overflow checks). Found by symbolizer/fuzz; the
+        // inputs are its elf_symbolize/regression-* seeds. The panic is
+        // caught here and the batch is unreadable. Unwind safety: a panic
+        // leaves at most a cache entry of that file unfilled, which the next
+        // call fills again (or fails on again).
+        let result = panic::catch_unwind(AssertUnwindSafe(|| self.inner.symbolize(source, input)));
+        let symbols = match result {
+            Ok(Ok(symbols)) => symbols.into_iter().map(convert).collect(),
+            Err(payload) => {
+                let why = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("unknown panic");
+                tracing::warn!(?source, panic = why, "blazesym panicked; batch unresolved");
+                let unknown = Unknown::Unreadable(format!("symbolizer panicked: {why}"));
+                vec![Symbol::Unknown(unknown); n]
+            }
+            Ok(Err(err)) => {
                 let unknown = match err.kind() {
                     blazesym::ErrorKind::Unsupported => Unknown::Unsupported(format!("{err:#}")),
                     _ => Unknown::Unreadable(format!("{err:#}")),
@@ -280,6 +300,33 @@ mod tests {
         let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
         let symbols = symbolizer.elf_file_offsets(&path, &[0x10]);
         assert!(matches!(symbols.as_slice(), [Symbol::Unknown(_)]));
+    }
+
+    #[test]
+    fn blazesym_panic_is_a_value() {
+        // A fuzzed gcc -O2 -g binary whose line program sets file 19 of 4:
+        // blazesym 0.2.7 unwraps the missing file at any address with lines.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad-line-table");
+        let bytes = include_bytes!("../fuzz/corpus/elf_symbolize/regression-line-row-file-index");
+        std::fs::write(&path, bytes).unwrap();
+        let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
+        for _ in 0..2 {
+            let symbols = symbolizer.elf_virtual_addresses(&path, &[0x1190, 0x11d0]);
+            assert_eq!(symbols.len(), 2);
+            for s in &symbols {
+                let Symbol::Unknown(Unknown::Unreadable(why)) = s else {
+                    panic!("{s:?}");
+                };
+                assert!(why.starts_with("symbolizer panicked: "), "{why}");
+            }
+        }
+        // The symbolizer still works for other files.
+        let exe = std::env::current_exe().unwrap();
+        let addr = nm_address("blazesym_panic_is_a_value");
+        let symbols = symbolizer.elf_virtual_addresses(&exe, &[addr]);
+        assert!(matches!(&symbols[0], Symbol::Known(_)), "{symbols:?}");
+        assert_eq!(symbolizer.stats().unknown, 4);
     }
 
     #[test]
