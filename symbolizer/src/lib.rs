@@ -172,12 +172,18 @@ impl Symbolizer {
     /// Symbolizes offsets into the ELF file at `path` (file offsets, as
     /// `/proc/PID/maps` gives them). One result per offset, in order.
     pub fn elf_file_offsets(&self, path: &Path, offsets: &[u64]) -> Vec<Symbol> {
+        if let Some(refused) = self.refuse(path, offsets.len()) {
+            return refused;
+        }
         let source = Source::Elf(Elf::new(path));
         self.symbolize(&source, Input::FileOffset(offsets), offsets.len())
     }
 
     /// Symbolizes ELF virtual addresses (as `addr2line` and `nm` show them).
     pub fn elf_virtual_addresses(&self, path: &Path, addrs: &[u64]) -> Vec<Symbol> {
+        if let Some(refused) = self.refuse(path, addrs.len()) {
+            return refused;
+        }
         let source = Source::Elf(Elf::new(path));
         self.symbolize(&source, Input::VirtOffset(addrs), addrs.len())
     }
@@ -196,6 +202,18 @@ impl Symbolizer {
     /// Symbolizes kernel addresses with kallsyms (and a vmlinux when found).
     pub fn kernel(&self, addrs: &[u64]) -> Vec<Symbol> {
         self.symbolize(&self.kernel, Input::AbsAddr(addrs), addrs.len())
+    }
+
+    /// An unreadable batch for a file blazesym would abort the process on
+    /// (see [`elf::oversized_compressed_section`]); `None` for the others.
+    fn refuse(&self, path: &Path, n: usize) -> Option<Vec<Symbol>> {
+        // A file we cannot open: blazesym says why.
+        let file = std::fs::File::open(path).ok()?;
+        let oversized = elf::oversized_compressed_section(&file)?;
+        tracing::warn!(path = %path.display(), %oversized, "not symbolizing a malformed ELF file");
+        let symbols = vec![Symbol::Unknown(Unknown::Unreadable(oversized.to_string())); n];
+        self.count(&symbols);
+        Some(symbols)
     }
 
     fn symbolize(&self, source: &Source<'_>, input: Input<&[u64]>, n: usize) -> Vec<Symbol> {
@@ -229,15 +247,19 @@ impl Symbolizer {
                 vec![Symbol::Unknown(unknown); n]
             }
         };
+        self.count(&symbols);
+        symbols
+    }
+
+    fn count(&self, symbols: &[Symbol]) {
         let mut stats = self.stats.get();
-        for symbol in &symbols {
+        for symbol in symbols {
             match symbol {
                 Symbol::Known(_) => stats.resolved += 1,
                 Symbol::Unknown(_) => stats.unknown += 1,
             }
         }
         self.stats.set(stats);
-        symbols
     }
 }
 
@@ -327,6 +349,29 @@ mod tests {
         let symbols = symbolizer.elf_virtual_addresses(&exe, &[addr]);
         assert!(matches!(&symbols[0], Symbol::Known(_)), "{symbols:?}");
         assert_eq!(symbolizer.stats().unknown, 4);
+    }
+
+    #[test]
+    fn oversized_compressed_section_is_a_value() {
+        // A fuzzed gcc -gz=zlib binary whose .debug_aranges claims 2^48
+        // bytes: blazesym 0.2.7 would abort on the allocation.
+        let path = Path::new("fuzz/corpus/elf_symbolize/regression-compressed-size-claim");
+        let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
+        for symbols in [
+            symbolizer.elf_virtual_addresses(path, &[0x1149, 0x1190]),
+            symbolizer.elf_file_offsets(path, &[0x1149]),
+        ] {
+            for s in &symbols {
+                let Symbol::Unknown(Unknown::Unreadable(why)) = s else {
+                    panic!("{s:?}");
+                };
+                assert_eq!(
+                    why,
+                    "section 28 claims 281474976710720 bytes from 33 zlib-compressed ones"
+                );
+            }
+        }
+        assert_eq!(symbolizer.stats().unknown, 3);
     }
 
     #[test]
