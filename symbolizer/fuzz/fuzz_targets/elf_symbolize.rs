@@ -13,9 +13,9 @@
 //! from a failed assertion here) is printed and aborts.
 //!
 //! blazesym's file cache keeps an entry (an open file and what it parsed)
-//! for every version of every file it has seen, until told to evict; our
-//! `Symbolizer` does not evict, so a new one replaces it every
-//! `SYMBOLIZER_INPUTS` inputs to keep memory and open files bounded.
+//! for every version of every file it has seen until told to evict: each
+//! input is evicted after its checks (as the agent evicts a file when its
+//! last mapping goes), which keeps memory and open files bounded.
 #![no_main]
 
 use std::{
@@ -29,12 +29,10 @@ use fathom_symbolizer::{Symbol, Symbolizer, SymbolizerConfig};
 use libfuzzer_sys::fuzz_target;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
-const SYMBOLIZER_INPUTS: u32 = 64;
 const MAX_ADDRESSES: usize = 96;
 
 struct State {
     symbolizer: Symbolizer,
-    inputs: u32,
     dir: tempfile::TempDir,
     files: u64,
 }
@@ -64,6 +62,7 @@ fn new_symbolizer() -> Symbolizer {
         inlined_functions: true,
         // Only the input itself: no debug files of this machine.
         debug_dirs: Vec::new(),
+        ..SymbolizerConfig::default()
     })
 }
 
@@ -71,15 +70,9 @@ fuzz_target!(|data: &[u8]| {
     STATE.with_borrow_mut(|state| {
         let state = state.get_or_insert_with(|| State {
             symbolizer: new_symbolizer(),
-            inputs: 0,
             dir: tempfile::tempdir().expect("temporary directory"),
             files: 0,
         });
-        if state.inputs == SYMBOLIZER_INPUTS {
-            state.symbolizer = new_symbolizer();
-            state.inputs = 0;
-        }
-        state.inputs += 1;
         // A new file (and inode) per input: the cache must not confuse them.
         state.files += 1;
         let path = state.dir.path().join(format!("input-{}", state.files));
@@ -90,6 +83,7 @@ fuzz_target!(|data: &[u8]| {
             eprintln!("{}", LAST_PANIC.take());
             std::process::abort();
         }
+        state.symbolizer.evict_elf(&path);
         std::fs::remove_file(&path).expect("remove the input");
     });
 });
