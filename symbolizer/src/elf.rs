@@ -2,7 +2,7 @@
 //! its loadable segments, to turn file offsets into the virtual addresses
 //! tools like `addr2line` use.
 
-use std::fs::File;
+use std::{fmt, fs::File, os::unix::fs::FileExt as _};
 
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags, read::ReadCache};
 
@@ -76,12 +76,13 @@ impl ElfLayout {
         })
     }
 
-    /// The virtual address (as in the ELF file) of a file offset.
+    /// The virtual address (as in the ELF file) of a file offset; `None`
+    /// outside the segments, or past 2^64 in a malformed one.
     pub fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
         self.segments
             .iter()
             .find(|s| offset >= s.offset && offset - s.offset < s.file_size.max(1))
-            .map(|s| s.vaddr + (offset - s.offset))
+            .and_then(|s| s.vaddr.checked_add(offset - s.offset))
     }
 
     /// The executable segment containing `offset`, else the first one: the
@@ -97,6 +98,121 @@ impl ElfLayout {
     pub fn build_id_hex(&self) -> String {
         self.build_id.as_deref().map(hex).unwrap_or_default()
     }
+}
+
+/// A compressed section whose claimed size must not be handed to blazesym.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OversizedSection {
+    pub index: usize,
+    /// Bytes after the compression header.
+    pub compressed: u64,
+    /// `ch_size` of the compression header.
+    pub claimed: u64,
+}
+
+impl fmt::Display for OversizedSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "section {} claims {} bytes from {} zlib-compressed ones",
+            self.index, self.claimed, self.compressed
+        )
+    }
+}
+
+/// Deflate's largest expansion: 258 bytes from a 2-bit match code.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+/// The most an inflated section may claim (real `.debug_info` sections of
+/// the largest binaries stay below it).
+pub const MAX_INFLATED_SECTION: u64 = 4 << 30;
+const SHF_COMPRESSED: u64 = 0x800;
+const ELFCOMPRESS_ZLIB: u32 = 1;
+
+/// blazesym (0.2.7) allocates the uncompressed size an ELF compression
+/// header claims before it inflates the section; when the allocator cannot
+/// provide it the process aborts (not a panic: nothing to catch). Found by
+/// symbolizer/fuzz (elf_symbolize/regression-compressed-size-claim). This
+/// finds a zlib-compressed section claiming more than deflate can produce
+/// from its bytes, or more than [`MAX_INFLATED_SECTION`]. It reads the
+/// headers as blazesym does: little-endian whatever `EI_DATA` says, section
+/// headers of the class's size, the count from `e_shnum` or, when 0, from
+/// the first header. Files blazesym cannot read give `None`.
+pub fn oversized_compressed_section(file: &File) -> Option<OversizedSection> {
+    let u16_at =
+        |b: &[u8], at: usize| Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?));
+    let u32_at =
+        |b: &[u8], at: usize| Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    let u64_at =
+        |b: &[u8], at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
+    let file_len = file.metadata().ok()?.len();
+    let mut ehdr = [0u8; 64];
+    file.read_exact_at(&mut ehdr[..16], 0).ok()?;
+    if ehdr[..4] != *b"\x7fELF" {
+        return None;
+    }
+    // (header, section header, compression header) sizes, where the fields are.
+    let is64 = match ehdr[4] {
+        1 => false,
+        2 => true,
+        _ => return None,
+    };
+    let (ehdr_size, shdr_size, chdr_size) = if is64 { (64, 64, 24) } else { (52, 40, 12) };
+    file.read_exact_at(&mut ehdr[..ehdr_size], 0).ok()?;
+    let (shoff, shnum) = if is64 {
+        (u64_at(&ehdr, 0x28)?, u16_at(&ehdr, 0x3c)?)
+    } else {
+        (u64::from(u32_at(&ehdr, 0x20)?), u16_at(&ehdr, 0x30)?)
+    };
+    let shnum = if shnum == 0 {
+        let mut first = [0u8; 64];
+        file.read_exact_at(&mut first[..shdr_size], shoff).ok()?;
+        if is64 {
+            u64_at(&first, 0x20)?
+        } else {
+            u64::from(u32_at(&first, 0x14)?)
+        }
+    } else {
+        u64::from(shnum)
+    };
+    let table = shnum.checked_mul(shdr_size as u64)?;
+    if shoff.checked_add(table)? > file_len {
+        return None;
+    }
+    let mut shdrs = vec![0u8; usize::try_from(table).ok()?];
+    file.read_exact_at(&mut shdrs, shoff).ok()?;
+    for (index, shdr) in shdrs.chunks_exact(shdr_size).enumerate() {
+        let (flags, offset, size) = if is64 {
+            (u64_at(shdr, 8)?, u64_at(shdr, 0x18)?, u64_at(shdr, 0x20)?)
+        } else {
+            let field = |at| u32_at(shdr, at).map(u64::from);
+            (field(8)?, field(0x10)?, field(0x14)?)
+        };
+        let in_file = offset.checked_add(size).is_some_and(|end| end <= file_len);
+        if flags & SHF_COMPRESSED == 0 || !in_file || size < chdr_size as u64 {
+            continue;
+        }
+        let mut chdr = [0u8; 24];
+        if file.read_exact_at(&mut chdr[..chdr_size], offset).is_err() {
+            continue;
+        }
+        let claimed = if is64 {
+            u64_at(&chdr, 8)?
+        } else {
+            u64::from(u32_at(&chdr, 4)?)
+        };
+        let compressed = size - chdr_size as u64;
+        let possible = (compressed + 1).saturating_mul(DEFLATE_MAX_RATIO);
+        if u32_at(&chdr, 0)? == ELFCOMPRESS_ZLIB
+            && (claimed > possible || claimed > MAX_INFLATED_SECTION)
+        {
+            return Some(OversizedSection {
+                index,
+                compressed,
+                claimed,
+            });
+        }
+    }
+    None
 }
 
 /// Lower-case hex of bytes.
@@ -151,6 +267,19 @@ mod tests {
         assert_eq!(l.file_offset_to_vaddr(0x1234), Some(0x401234));
         assert_eq!(l.file_offset_to_vaddr(0x4e20), Some(0x405e20));
         assert_eq!(l.file_offset_to_vaddr(0x9000), None);
+        // A segment mapped past the end of the address space (fuzzed input).
+        let wrapping = ElfLayout {
+            segments: vec![Segment {
+                vaddr: u64::MAX - 0xf,
+                mem_size: 0x100,
+                offset: 0x1000,
+                file_size: 0x100,
+                executable: true,
+            }],
+            ..ElfLayout::default()
+        };
+        assert_eq!(wrapping.file_offset_to_vaddr(0x100f), Some(u64::MAX));
+        assert_eq!(wrapping.file_offset_to_vaddr(0x1010), None);
         assert_eq!(l.text_segment(0x1234).map(|s| s.vaddr), Some(0x401000));
         assert_eq!(l.build_id_hex(), "dead01");
     }
@@ -175,6 +304,24 @@ mod tests {
         } else {
             assert_eq!(layout.build_id, None);
         }
+    }
+
+    #[test]
+    fn finds_compressed_sections_claiming_too_much() {
+        let seed = |name| File::open(format!("fuzz/corpus/elf_symbolize/{name}")).unwrap();
+        // gcc -gz=zlib: honest claims.
+        assert_eq!(oversized_compressed_section(&seed("prog-zdebug")), None);
+        assert_eq!(oversized_compressed_section(&seed("prog-dwarf5")), None);
+        // The fuzzed one: .debug_aranges claims 2^48 + 64 bytes.
+        let oversized = oversized_compressed_section(&seed("regression-compressed-size-claim"));
+        assert_eq!(
+            oversized,
+            Some(OversizedSection {
+                index: 28,
+                compressed: 0x39 - 24,
+                claimed: (1 << 48) + 0x40,
+            })
+        );
     }
 
     #[test]

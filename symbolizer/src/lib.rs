@@ -9,11 +9,13 @@ pub mod cache;
 pub mod debug_file;
 mod demangle;
 pub mod elf;
+pub mod perf_map;
 pub mod service;
 
 use std::{
     cell::Cell,
     fmt,
+    panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
 };
 
@@ -170,12 +172,18 @@ impl Symbolizer {
     /// Symbolizes offsets into the ELF file at `path` (file offsets, as
     /// `/proc/PID/maps` gives them). One result per offset, in order.
     pub fn elf_file_offsets(&self, path: &Path, offsets: &[u64]) -> Vec<Symbol> {
+        if let Some(refused) = self.refuse(path, offsets.len()) {
+            return refused;
+        }
         let source = Source::Elf(Elf::new(path));
         self.symbolize(&source, Input::FileOffset(offsets), offsets.len())
     }
 
     /// Symbolizes ELF virtual addresses (as `addr2line` and `nm` show them).
     pub fn elf_virtual_addresses(&self, path: &Path, addrs: &[u64]) -> Vec<Symbol> {
+        if let Some(refused) = self.refuse(path, addrs.len()) {
+            return refused;
+        }
         let source = Source::Elf(Elf::new(path));
         self.symbolize(&source, Input::VirtOffset(addrs), addrs.len())
     }
@@ -196,10 +204,41 @@ impl Symbolizer {
         self.symbolize(&self.kernel, Input::AbsAddr(addrs), addrs.len())
     }
 
+    /// An unreadable batch for a file blazesym would abort the process on
+    /// (see [`elf::oversized_compressed_section`]); `None` for the others.
+    fn refuse(&self, path: &Path, n: usize) -> Option<Vec<Symbol>> {
+        // A file we cannot open: blazesym says why.
+        let file = std::fs::File::open(path).ok()?;
+        let oversized = elf::oversized_compressed_section(&file)?;
+        tracing::warn!(path = %path.display(), %oversized, "not symbolizing a malformed ELF file");
+        let symbols = vec![Symbol::Unknown(Unknown::Unreadable(oversized.to_string())); n];
+        self.count(&symbols);
+        Some(symbols)
+    }
+
     fn symbolize(&self, source: &Source<'_>, input: Input<&[u64]>, n: usize) -> Vec<Symbol> {
-        let symbols = match self.inner.symbolize(source, input) {
-            Ok(symbols) => symbols.into_iter().map(convert).collect(),
-            Err(err) => {
+        // blazesym 0.2.7 panics on some malformed files: an unwrap in
+        // dwarf/lines.rs when a line-table row names a file past the file
+        // table (release builds too), overflowing additions in elf/parser.rs
+        // and dwarf/units.rs (overflow checks). Found by symbolizer/fuzz; the
+        // inputs are its elf_symbolize/regression-* seeds. The panic is
+        // caught here and the batch is unreadable. Unwind safety: a panic
+        // leaves at most a cache entry of that file unfilled, which the next
+        // call fills again (or fails on again).
+        let result = panic::catch_unwind(AssertUnwindSafe(|| self.inner.symbolize(source, input)));
+        let symbols = match result {
+            Ok(Ok(symbols)) => symbols.into_iter().map(convert).collect(),
+            Err(payload) => {
+                let why = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("unknown panic");
+                tracing::warn!(?source, panic = why, "blazesym panicked; batch unresolved");
+                let unknown = Unknown::Unreadable(format!("symbolizer panicked: {why}"));
+                vec![Symbol::Unknown(unknown); n]
+            }
+            Ok(Err(err)) => {
                 let unknown = match err.kind() {
                     blazesym::ErrorKind::Unsupported => Unknown::Unsupported(format!("{err:#}")),
                     _ => Unknown::Unreadable(format!("{err:#}")),
@@ -208,15 +247,19 @@ impl Symbolizer {
                 vec![Symbol::Unknown(unknown); n]
             }
         };
+        self.count(&symbols);
+        symbols
+    }
+
+    fn count(&self, symbols: &[Symbol]) {
         let mut stats = self.stats.get();
-        for symbol in &symbols {
+        for symbol in symbols {
             match symbol {
                 Symbol::Known(_) => stats.resolved += 1,
                 Symbol::Unknown(_) => stats.unknown += 1,
             }
         }
         self.stats.set(stats);
-        symbols
     }
 }
 
@@ -279,6 +322,56 @@ mod tests {
         let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
         let symbols = symbolizer.elf_file_offsets(&path, &[0x10]);
         assert!(matches!(symbols.as_slice(), [Symbol::Unknown(_)]));
+    }
+
+    #[test]
+    fn blazesym_panic_is_a_value() {
+        // A fuzzed gcc -O2 -g binary whose line program sets file 19 of 4:
+        // blazesym 0.2.7 unwraps the missing file at any address with lines.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad-line-table");
+        let bytes = include_bytes!("../fuzz/corpus/elf_symbolize/regression-line-row-file-index");
+        std::fs::write(&path, bytes).unwrap();
+        let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
+        for _ in 0..2 {
+            let symbols = symbolizer.elf_virtual_addresses(&path, &[0x1190, 0x11d0]);
+            assert_eq!(symbols.len(), 2);
+            for s in &symbols {
+                let Symbol::Unknown(Unknown::Unreadable(why)) = s else {
+                    panic!("{s:?}");
+                };
+                assert!(why.starts_with("symbolizer panicked: "), "{why}");
+            }
+        }
+        // The symbolizer still works for other files.
+        let exe = std::env::current_exe().unwrap();
+        let addr = nm_address("blazesym_panic_is_a_value");
+        let symbols = symbolizer.elf_virtual_addresses(&exe, &[addr]);
+        assert!(matches!(&symbols[0], Symbol::Known(_)), "{symbols:?}");
+        assert_eq!(symbolizer.stats().unknown, 4);
+    }
+
+    #[test]
+    fn oversized_compressed_section_is_a_value() {
+        // A fuzzed gcc -gz=zlib binary whose .debug_aranges claims 2^48
+        // bytes: blazesym 0.2.7 would abort on the allocation.
+        let path = Path::new("fuzz/corpus/elf_symbolize/regression-compressed-size-claim");
+        let symbolizer = Symbolizer::new(&SymbolizerConfig::default());
+        for symbols in [
+            symbolizer.elf_virtual_addresses(path, &[0x1149, 0x1190]),
+            symbolizer.elf_file_offsets(path, &[0x1149]),
+        ] {
+            for s in &symbols {
+                let Symbol::Unknown(Unknown::Unreadable(why)) = s else {
+                    panic!("{s:?}");
+                };
+                assert_eq!(
+                    why,
+                    "section 28 claims 281474976710720 bytes from 33 zlib-compressed ones"
+                );
+            }
+        }
+        assert_eq!(symbolizer.stats().unknown, 3);
     }
 
     #[test]
