@@ -17,6 +17,7 @@ use fathom_symbolizer::{
     Lease, ObjectKey, SymbolizerService,
     debug_file::{self, DebugSearch},
     elf::ElfLayout,
+    perf_map::PerfMap,
 };
 
 use crate::{
@@ -243,6 +244,19 @@ pub struct Process {
     snapshots: VecDeque<Arc<Snapshot>>,
     refreshed_in_round: u64,
     dead_sweeps: u8,
+    /// The pid inside the process's own pid namespace (names its perf map).
+    ns_pid: Option<u32>,
+    /// The last read of its JIT perf map (`/tmp/perf-PID.map`), kept after
+    /// the process exits.
+    perf_map: Option<PerfMapRead>,
+}
+
+/// A perf map as last read, and the file's version then.
+#[derive(Debug)]
+struct PerfMapRead {
+    map: PerfMap,
+    version: (u64, Option<std::time::SystemTime>),
+    round: u64,
 }
 
 /// Where a user-space address is.
@@ -255,6 +269,8 @@ pub enum UserAddress {
     },
     Vdso,
     Anonymous,
+    /// JIT code named by the process's perf map.
+    Jit(String),
     /// Somewhere the agent cannot symbolize, and why.
     Unknown(String),
 }
@@ -391,7 +407,14 @@ impl ProcessTable {
             snapshots: VecDeque::new(),
             refreshed_in_round: 0,
             dead_sweeps: 0,
+            ns_pid: None,
+            perf_map: None,
         });
+        if process.ns_pid.is_none() {
+            process.ns_pid = fs::read_to_string(dir.join("status"))
+                .ok()
+                .and_then(|status| procfs::parse_ns_pid(&status));
+        }
         if process.start_time != start_time {
             // The pid was reused: a new process. Keep the old snapshots for
             // samples of the old one still waiting to be symbolized.
@@ -507,7 +530,10 @@ impl ProcessTable {
             }
         }
         if let Some(found) = self.find(pid, addr) {
-            return found;
+            return match found {
+                UserAddress::Anonymous => self.jit(pid, addr),
+                found => found,
+            };
         }
         // Not in any known mapping: maybe mapped since (dlopen, JIT).
         let round = self.round;
@@ -522,6 +548,50 @@ impl ProcessTable {
             return found;
         }
         UserAddress::Unknown("address in no known mapping".into())
+    }
+
+    /// Names anonymous executable memory from the process's perf map, read
+    /// again at most once per round when the file changed.
+    fn jit(&mut self, pid: u32, addr: u64) -> UserAddress {
+        let round = self.round;
+        let path = self.proc_root.join(pid.to_string()).join("root/tmp");
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return UserAddress::Anonymous;
+        };
+        let stale = process.perf_map.as_ref().is_none_or(|m| m.round != round);
+        if stale && let Some(ns_pid) = process.ns_pid {
+            let path = path.join(format!("perf-{ns_pid}.map"));
+            // Gone (the process exited, or never wrote one): keep what we have.
+            if let Ok(meta) = fs::metadata(&path) {
+                let version = (meta.len(), meta.modified().ok());
+                if process
+                    .perf_map
+                    .as_ref()
+                    .is_none_or(|m| m.version != version)
+                {
+                    match PerfMap::read(&path) {
+                        Ok((map, stats)) => {
+                            if stats.malformed > 0 {
+                                tracing::debug!(pid, ?stats, "perf map has malformed lines");
+                            }
+                            process.perf_map = Some(PerfMapRead {
+                                map,
+                                version,
+                                round,
+                            });
+                        }
+                        Err(e) => tracing::debug!(pid, error = %e, "cannot read perf map"),
+                    }
+                }
+            }
+            if let Some(m) = process.perf_map.as_mut() {
+                m.round = round;
+            }
+        }
+        match process.perf_map.as_ref().and_then(|m| m.map.find(addr)) {
+            Some(entry) => UserAddress::Jit(entry.name.to_owned()),
+            None => UserAddress::Anonymous,
+        }
     }
 
     fn find(&self, pid: u32, addr: u64) -> Option<UserAddress> {

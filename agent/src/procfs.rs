@@ -135,6 +135,18 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
 }
 
 /// The effective capability set from `/proc/self/status`.
+/// The process's pid in its own (innermost) pid namespace, from the
+/// `NSpid:` line of `/proc/PID/status`.
+pub fn parse_ns_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
 pub fn parse_cap_eff(status: &str) -> Option<u64> {
     status
         .lines()
@@ -145,6 +157,14 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ns_pid_is_the_innermost() {
+        assert_eq!(parse_ns_pid("Name:\tx\nNSpid:\t4242\t17\t1\n"), Some(1));
+        assert_eq!(parse_ns_pid("NSpid:\t4242\n"), Some(4242));
+        assert_eq!(parse_ns_pid("Name:\tx\n"), None);
+        assert_eq!(parse_ns_pid("NSpid:\tgarbage\n"), None);
+    }
 
     const MAPS: &str = "\
 55d0c5a00000-55d0c5a02000 r--p 00000000 fd:01 1835024                    /usr/bin/my prog

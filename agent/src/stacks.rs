@@ -133,6 +133,9 @@ impl StackResolver {
                                 }
                             }
                             UserAddress::Vdso => Slot::Fixed(special(None, addr, "[vdso]", "vdso")),
+                            UserAddress::Jit(name) => {
+                                Slot::Fixed(special(None, addr, &name, "jit (perf map)"))
+                            }
                             UserAddress::Anonymous => Slot::Fixed(special(
                                 None,
                                 addr,

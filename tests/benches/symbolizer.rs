@@ -4,13 +4,13 @@
 //! `addr2line -f -i -C` on the same address set, on the same machine; and
 //! the memory the caches take.
 //!
-//! The binary is the agent's debug build: a large Rust program with full
-//! DWARF and deep inlining. Addresses: the start and the middle of every
+//! The binary is the agent's release build (~100 MiB: a large Rust program
+//! with line tables and inline information, deep inlining). Addresses: the start and the middle of every
 //! Nth function `nm` lists, the kind of addresses profiles hold.
 //!
 //!   cargo bench -p fathom-tests --bench symbolizer
 //!
-//! FATHOM_BENCH_FUNCTIONS (default 5000): functions sampled; FATHOM_BENCH_BINARY:
+//! FATHOM_BENCH_FUNCTIONS (default 1000): functions sampled; FATHOM_BENCH_BINARY:
 //! another ELF file to symbolize.
 #![allow(
     clippy::unwrap_used,
@@ -100,7 +100,7 @@ fn main() {
     let functions: usize = std::env::var("FATHOM_BENCH_FUNCTIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5000);
+        .unwrap_or(1000);
     let size_mib = std::fs::metadata(&binary).unwrap().len() as f64 / (1 << 20) as f64;
     let addrs = addresses(&binary, functions);
     println!(

@@ -26,7 +26,7 @@ fn fixture(name: &str) -> PathBuf {
     let dir = DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
         std::fs::create_dir_all(&dir).unwrap();
-        for name in ["shares", "syscalls", "spin"] {
+        for name in ["shares", "syscalls", "spin", "jit"] {
             build_fixture(name, &dir);
         }
         dir
@@ -545,6 +545,51 @@ fn process_in_another_mount_namespace_uses_its_debug_file() {
             location.address
         );
     }
+}
+
+/// JIT code in anonymous memory is named by the process's perf map.
+#[test]
+fn jit_code_is_named_by_the_perf_map() {
+    let Some(_lock) = prepare("jit_code_is_named_by_the_perf_map") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let workload = ChildGuard::spawn(quiet(Command::new(fixture("jit")).arg("8")));
+    let pid = workload.pid();
+    let map = PathBuf::from(format!("/tmp/perf-{pid}.map"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !map.exists() {
+        assert!(std::time::Instant::now() < deadline, "no perf map written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = dir.path().join("jit.pb.gz");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        "3s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let samples = flatten(&read_profile(&output));
+    let count: i64 = samples.iter().map(|s| s.count).sum();
+    let jit: i64 = samples
+        .iter()
+        .filter(|s| {
+            s.functions
+                .first()
+                .is_some_and(|f| f == "jit_spin_loop [jit]")
+        })
+        .map(|s| s.count)
+        .sum();
+    assert!(count >= 200, "{count} samples");
+    assert!(
+        jit as f64 >= 0.9 * count as f64,
+        "{jit} of {count} samples in the JIT function: {samples:?}"
+    );
 }
 
 fn our_programs_loaded() -> Vec<String> {
