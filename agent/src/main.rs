@@ -50,6 +50,29 @@ struct SamplingArgs {
     /// Only profile this process (repeatable); all processes when absent.
     #[arg(long = "pid", env = "FATHOM_PIDS", value_delimiter = ',')]
     pids: Vec<u32>,
+    /// Directories with separate debug files (`.build-id/xx/rest.debug`,
+    /// or by `.gnu_debuglink` name), searched in each process's own root
+    /// first, then in ours (repeatable).
+    #[arg(
+        long = "debug-dir",
+        env = "FATHOM_DEBUG_DIRS",
+        value_delimiter = ',',
+        default_value = "/usr/lib/debug"
+    )]
+    debug_dirs: Vec<PathBuf>,
+    /// Memory bound of the symbol cache, in bytes.
+    #[arg(long, env = "FATHOM_SYMBOL_CACHE_BYTES", default_value_t = SymbolizerConfig::default().cache_bytes)]
+    symbol_cache_bytes: usize,
+}
+
+impl SamplingArgs {
+    fn symbolizer(&self) -> SymbolizerConfig {
+        SymbolizerConfig {
+            debug_dirs: self.debug_dirs.clone(),
+            cache_bytes: self.symbol_cache_bytes,
+            ..SymbolizerConfig::default()
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -168,7 +191,7 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
         );
     }
     let stop = stop_on_signals()?;
-    let mut session = Session::start(config, &SymbolizerConfig::default())?;
+    let mut session = Session::start(config, &args.sampling.symbolizer())?;
     let started = SystemTime::now();
     tracing::info!(duration = %humantime::format_duration(args.duration), "profiling");
     let collected = session.collect(args.duration, &stop)?;
@@ -198,7 +221,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.output_dir {
         let mut sink = DirSink::new(dir, args.retention)?;
         let stop = stop_on_signals()?;
-        let mut session = Session::start(config, &SymbolizerConfig::default())?;
+        let mut session = Session::start(config, &args.sampling.symbolizer())?;
         tracing::info!(dir = %dir.display(), interval = %humantime::format_duration(args.interval), "writing per-process profiles");
         session.run_daemon(args.interval, &mut sink, &stop)?;
         return Ok(());
@@ -217,7 +240,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         };
         let mut sink = RemoteSink::new(&remote, args.interval)?;
         let stop = stop_on_signals()?;
-        let mut session = Session::start(config, &SymbolizerConfig::default())?;
+        let mut session = Session::start(config, &args.sampling.symbolizer())?;
         tracing::info!(%url, interval = %humantime::format_duration(args.interval), "sending profiles to the collector");
         session.run_daemon(args.interval, &mut sink, &stop)?;
         drop(session);
@@ -251,7 +274,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let result = (|| {
         let stop = stop_on_signals()?;
-        let mut session = Session::start(config, &SymbolizerConfig::default())?;
+        let mut session = Session::start(config, &args.sampling.symbolizer())?;
         let mut sink = EmbeddedSink::new(collector.ingest());
         session.run_daemon(args.interval, &mut sink, &stop)?;
         anyhow::Ok(())
