@@ -59,7 +59,7 @@ pub struct MapSizes {
 impl MapSizes {
     /// Smallest automatic size.
     pub const MIN: u32 = 1024;
-    /// Largest automatic size: 32768 stacks are 35 MiB per set.
+    /// Largest automatic size: 32768 stacks are 34 MiB per set.
     pub const MAX: u32 = 32768;
     /// Drain periods of headroom: user space may be late (symbolizing a
     /// window) by this many periods before a map can fill up.

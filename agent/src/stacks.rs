@@ -199,13 +199,15 @@ impl StackResolver {
             tracing::warn!(error = %e, "symbolizer unavailable");
             Response::default()
         });
+        // One shared value per unresolvable batch.
+        let same = |symbol: Symbol, n: usize| std::iter::repeat_n(Arc::new(symbol), n).collect();
         let gone = |n: usize| {
-            vec![
-                Arc::new(Symbol::Unknown(fathom_symbolizer::Unknown::Unsupported(
-                    "symbolizer unavailable".into()
-                )));
-                n
-            ]
+            same(
+                Symbol::Unknown(fathom_symbolizer::Unknown::Unsupported(
+                    "symbolizer unavailable".into(),
+                )),
+                n,
+            )
         };
         let kernel_symbols = if response.kernel.len() == kernel_addrs.len() {
             response.kernel
@@ -229,12 +231,10 @@ impl StackResolver {
             let symbols = match (&object.layout, answers[index].take()) {
                 (Ok(_), Some(symbols)) if symbols.len() == offsets.len() => symbols,
                 (Ok(_), _) => gone(offsets.len()),
-                (Err(e), _) => vec![
-                    Arc::new(Symbol::Unknown(
-                        fathom_symbolizer::Unknown::Unreadable(e.clone())
-                    ));
-                    offsets.len()
-                ],
+                (Err(e), _) => same(
+                    Symbol::Unknown(fathom_symbolizer::Unknown::Unreadable(e.clone())),
+                    offsets.len(),
+                ),
             };
             self.stats.unknown_frames += count_unknown(&symbols);
             for (&offset, symbol) in offsets.iter().zip(symbols) {
