@@ -13,7 +13,8 @@ pub mod perf_map;
 pub mod service;
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
+    collections::HashMap,
     fmt,
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
@@ -133,6 +134,9 @@ pub struct Symbolizer {
     inner: bz::Symbolizer,
     kernel: Source<'static>,
     stats: Cell<Stats>,
+    debug_dirs: Vec<PathBuf>,
+    /// Separate debug files found for ELF symbol lookups, per binary.
+    debug_files: RefCell<HashMap<PathBuf, Option<PathBuf>>>,
 }
 
 impl fmt::Debug for Symbolizer {
@@ -162,6 +166,8 @@ impl Symbolizer {
             inner,
             kernel,
             stats: Cell::new(Stats::default()),
+            debug_dirs: config.debug_dirs.clone(),
+            debug_files: RefCell::new(HashMap::new()),
         }
     }
 
@@ -175,8 +181,7 @@ impl Symbolizer {
         if let Some(refused) = self.refuse(path, offsets.len()) {
             return refused;
         }
-        let source = Source::Elf(Elf::new(path));
-        self.symbolize(&source, Input::FileOffset(offsets), offsets.len())
+        self.symbolize_elf(path, offsets, |o| Input::FileOffset(o))
     }
 
     /// Symbolizes ELF virtual addresses (as `addr2line` and `nm` show them).
@@ -184,18 +189,20 @@ impl Symbolizer {
         if let Some(refused) = self.refuse(path, addrs.len()) {
             return refused;
         }
-        let source = Source::Elf(Elf::new(path));
-        self.symbolize(&source, Input::VirtOffset(addrs), addrs.len())
+        self.symbolize_elf(path, addrs, |a| Input::VirtOffset(a))
     }
 
     /// Drops what blazesym keeps for the file at `path` (parsed data and its
     /// descriptor).
     pub fn evict_elf(&mut self, path: &Path) {
-        if let Err(e) = self
-            .inner
-            .evict(&bz::evict::Elf::new(path.to_path_buf()).into())
-        {
-            tracing::debug!(path = %path.display(), error = %e, "evicting cached ELF data");
+        let debug_file = self.debug_files.get_mut().remove(path).flatten();
+        for path in std::iter::once(path).chain(debug_file.as_deref()) {
+            if let Err(e) = self
+                .inner
+                .evict(&bz::evict::Elf::new(path.to_path_buf()).into())
+            {
+                tracing::debug!(path = %path.display(), error = %e, "evicting cached ELF data");
+            }
         }
     }
 
@@ -211,12 +218,159 @@ impl Symbolizer {
         let file = std::fs::File::open(path).ok()?;
         let oversized = elf::oversized_compressed_section(&file)?;
         tracing::warn!(path = %path.display(), %oversized, "not symbolizing a malformed ELF file");
-        let symbols = vec![Symbol::Unknown(Unknown::Unreadable(oversized.to_string())); n];
-        self.count(&symbols);
-        Some(symbols)
+        Some(self.count(vec![
+            Symbol::Unknown(Unknown::Unreadable(
+                oversized.to_string()
+            ));
+            n
+        ]))
+    }
+
+    /// Symbolizes with DWARF (and the symbol tables), then names functions
+    /// whose DWARF entry has no linkage name after their ELF symbol where
+    /// that is the same function's mangled name (see [`elf_symbol_name`]).
+    fn symbolize_elf(
+        &self,
+        path: &Path,
+        addrs: &[u64],
+        input: fn(&[u64]) -> Input<&[u64]>,
+    ) -> Vec<Symbol> {
+        let source = Source::Elf(Elf::new(path));
+        let symbolized = match self.symbolize_raw(&source, input(addrs)) {
+            Ok(symbolized) => symbolized,
+            Err(unknown) => return self.count(vec![Symbol::Unknown(unknown); addrs.len()]),
+        };
+        let renames = self.elf_symbol_names(path, &symbolized);
+        let symbols = symbolized
+            .into_iter()
+            .zip(renames)
+            .map(|(symbolized, rename)| {
+                let mut symbol = convert(symbolized);
+                if let (Symbol::Known(frames), Some((system_name, function))) =
+                    (&mut symbol, rename)
+                    && let Some(outer) = frames.last_mut()
+                {
+                    outer.system_name = system_name;
+                    outer.function = function;
+                }
+                symbol
+            })
+            .collect();
+        self.count(symbols)
+    }
+
+    /// For each result, the (mangled, demangled) name of the ELF symbol to
+    /// use for its outermost function instead of blazesym's, if any.
+    ///
+    /// blazesym names a function after its DWARF `DW_AT_linkage_name`, and
+    /// after the bare `DW_AT_name` when it has none (GCC omits it for, e.g.,
+    /// members of templates instantiated on lambda types: `_M_manager` for
+    /// `std::_Function_handler<int (int), main::{lambda(int)#2}>::_M_manager`).
+    /// The ELF symbol starting at the function's address has the mangled
+    /// name. Only candidates (see [`may_lack_linkage_name`]) are looked up,
+    /// by their function's start address, in one batch against the ELF
+    /// symbol tables alone: blazesym shares the parsed file (and its
+    /// address-sorted symbol index) between that resolver and the DWARF
+    /// one, so it costs a binary search per candidate, not a second parse.
+    /// A stripped binary's symbols are in its separate debug file, which is
+    /// looked up (once per binary) when the binary itself has none there.
+    fn elf_symbol_names(
+        &self,
+        path: &Path,
+        symbolized: &[Symbolized<'_>],
+    ) -> Vec<Option<(String, String)>> {
+        let mut renames = vec![None; symbolized.len()];
+        let candidates: Vec<(usize, &bz::Sym<'_>)> = symbolized
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Symbolized::Sym(sym) if may_lack_linkage_name(&sym.name) => Some((i, sym)),
+                _ => None,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return renames;
+        }
+        let starts: Vec<u64> = candidates.iter().map(|(_, sym)| sym.addr).collect();
+        let mut found = self.elf_symbols_at(path, &starts);
+        let missing: Vec<usize> = (0..found.len()).filter(|&j| found[j].is_none()).collect();
+        if !missing.is_empty()
+            && let Some(debug_file) = self.debug_file(path)
+        {
+            let starts: Vec<u64> = missing.iter().map(|&j| starts[j]).collect();
+            for (j, name) in missing
+                .into_iter()
+                .zip(self.elf_symbols_at(&debug_file, &starts))
+            {
+                found[j] = name;
+            }
+        }
+        for ((i, dwarf), elf) in candidates.into_iter().zip(found) {
+            if let (Some(elf), Some(slot)) = (elf, renames.get_mut(i)) {
+                *slot = elf_symbol_name(&dwarf.name, &elf);
+            }
+        }
+        renames
+    }
+
+    /// The name of the ELF symbol (symbol tables only) starting at each of
+    /// `starts`, a virtual address.
+    fn elf_symbols_at(&self, path: &Path, starts: &[u64]) -> Vec<Option<String>> {
+        let elf_only = Source::Elf(Elf {
+            debug_syms: false,
+            ..Elf::new(path)
+        });
+        match self.symbolize_raw(&elf_only, Input::VirtOffset(starts)) {
+            Ok(symbols) => symbols
+                .iter()
+                .zip(starts)
+                .map(|(s, &start)| match s {
+                    Symbolized::Sym(sym) if sym.addr == start => Some(sym.name.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            Err(_) => vec![None; starts.len()],
+        }
+    }
+
+    /// The separate debug file of the binary at `path`, if it has one
+    /// (remembered per binary until [`Self::evict_elf`]).
+    fn debug_file(&self, path: &Path) -> Option<PathBuf> {
+        if let Some(known) = self.debug_files.borrow().get(path) {
+            return known.clone();
+        }
+        let found = std::fs::File::open(path)
+            .ok()
+            .and_then(|file| elf::ElfLayout::read(&file).ok())
+            .and_then(|layout| {
+                let search = debug_file::DebugSearch {
+                    roots: &[PathBuf::from("/")],
+                    debug_dirs: &self.debug_dirs,
+                };
+                debug_file::find(&layout, path, &search)
+            })
+            .map(|debug| debug.path);
+        self.debug_files
+            .borrow_mut()
+            .insert(path.to_path_buf(), found.clone());
+        found
     }
 
     fn symbolize(&self, source: &Source<'_>, input: Input<&[u64]>, n: usize) -> Vec<Symbol> {
+        let symbols = match self.symbolize_raw(source, input) {
+            Ok(symbolized) => symbolized.into_iter().map(convert).collect(),
+            Err(unknown) => vec![Symbol::Unknown(unknown); n],
+        };
+        self.count(symbols)
+    }
+
+    /// blazesym's answer; an error of the whole batch as the reason for
+    /// each address.
+    fn symbolize_raw(
+        &self,
+        source: &Source<'_>,
+        input: Input<&[u64]>,
+    ) -> Result<Vec<Symbolized<'_>>, Unknown> {
         // blazesym 0.2.7 panics on some malformed files: an unwrap in
         // dwarf/lines.rs when a line-table row names a file past the file
         // table (release builds too), overflowing additions in elf/parser.rs
@@ -226,8 +380,8 @@ impl Symbolizer {
         // leaves at most a cache entry of that file unfilled, which the next
         // call fills again (or fails on again).
         let result = panic::catch_unwind(AssertUnwindSafe(|| self.inner.symbolize(source, input)));
-        let symbols = match result {
-            Ok(Ok(symbols)) => symbols.into_iter().map(convert).collect(),
+        match result {
+            Ok(Ok(symbols)) => Ok(symbols),
             Err(payload) => {
                 let why = payload
                     .downcast_ref::<&str>()
@@ -235,8 +389,7 @@ impl Symbolizer {
                     .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
                     .unwrap_or("unknown panic");
                 tracing::warn!(?source, panic = why, "blazesym panicked; batch unresolved");
-                let unknown = Unknown::Unreadable(format!("symbolizer panicked: {why}"));
-                vec![Symbol::Unknown(unknown); n]
+                Err(Unknown::Unreadable(format!("symbolizer panicked: {why}")))
             }
             Ok(Err(err)) => {
                 let unknown = match err.kind() {
@@ -244,23 +397,62 @@ impl Symbolizer {
                     _ => Unknown::Unreadable(format!("{err:#}")),
                 };
                 tracing::debug!(?source, error = %unknown, "symbolization failed for a batch");
-                vec![Symbol::Unknown(unknown); n]
+                Err(unknown)
             }
-        };
-        self.count(&symbols);
-        symbols
+        }
     }
 
-    fn count(&self, symbols: &[Symbol]) {
+    fn count(&self, symbols: Vec<Symbol>) -> Vec<Symbol> {
         let mut stats = self.stats.get();
-        for symbol in symbols {
+        for symbol in &symbols {
             match symbol {
                 Symbol::Known(_) => stats.resolved += 1,
                 Symbol::Unknown(_) => stats.unknown += 1,
             }
         }
         self.stats.set(stats);
+        symbols
     }
+}
+
+/// Whether a function name from blazesym may be a DWARF `DW_AT_name`
+/// standing in for a mangled name: not mangled itself, and without a `.`
+/// (Go's `runtime.call64` is Go's own name for its function, which its
+/// tools show; the ELF symbol's `.abi0` is a linker ABI-wrapper suffix, and
+/// Go names are not mangled, so looking them up would change nothing). C
+/// names pass too, and are looked up in vain: the ELF symbol at a C
+/// function is its plain name.
+fn may_lack_linkage_name(name: &str) -> bool {
+    !name.is_empty() && !is_mangled(name) && !name.contains('.')
+}
+
+fn is_mangled(name: &str) -> bool {
+    name.starts_with("_Z") || name.starts_with("_R")
+}
+
+/// The (mangled, demangled) name of the ELF symbol `elf` to report instead
+/// of the DWARF name `dwarf` of the function starting at the same address,
+/// when `elf` is mangled and its demangling names that function: `dwarf`
+/// itself or its last qualified component (`…::_M_manager`), followed by
+/// the parameter list or nothing; a return type may come first (`int
+/// fold<int>(int)`). Otherwise `None` (an alias of other code folded into
+/// it, or a rendering of template arguments that differs from the
+/// compiler's).
+fn elf_symbol_name(dwarf: &str, elf: &str) -> Option<(String, String)> {
+    if !is_mangled(elf) {
+        return None;
+    }
+    let demangled = demangle(elf);
+    if demangled == elf {
+        return None;
+    }
+    let names_function = demangled.match_indices(dwarf).any(|(at, _)| {
+        let before = &demangled[..at];
+        let after = &demangled[at + dwarf.len()..];
+        (before.is_empty() || before.ends_with("::") || before.ends_with(' '))
+            && (after.is_empty() || after.starts_with('('))
+    });
+    names_function.then(|| (elf.to_owned(), demangled.into_owned()))
 }
 
 fn convert(symbolized: Symbolized<'_>) -> Symbol {
@@ -401,6 +593,25 @@ mod tests {
                 .ends_with("symbolizer/src/lib.rs")
         );
         assert!(outer.line.is_some());
+    }
+
+    #[test]
+    fn elf_symbol_names_the_dwarf_function() {
+        // From GCC 12's build of tests/fixtures/symbolizer/templates.cpp.
+        let manager = "_ZNSt17_Function_handlerIFiiEZ4mainEUliE0_E10_M_managerERSt9_Any_dataRKS3_St18_Manager_operation";
+        let (system_name, function) = elf_symbol_name("_M_manager", manager).unwrap();
+        assert_eq!(system_name, manager);
+        assert!(function.contains(">::_M_manager("), "{function}");
+        // A return type before the name.
+        let sum = "_ZN12_GLOBAL__N_114sum_of_squaresIiEEiRKSt6vectorIT_SaIS2_EE";
+        assert!(elf_symbol_name("sum_of_squares<int>", sum).is_some());
+        // Another function, a plain name, a name only as a prefix.
+        assert_eq!(elf_symbol_name("_M_invoke", manager), None);
+        assert_eq!(elf_symbol_name("main", "main"), None);
+        assert_eq!(elf_symbol_name("_M_man", manager), None);
+        assert!(!may_lack_linkage_name("runtime.call64"));
+        assert!(!may_lack_linkage_name(manager));
+        assert!(may_lack_linkage_name("_M_manager"));
     }
 
     /// Address of the first text symbol of this test binary whose name
