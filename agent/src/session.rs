@@ -320,6 +320,7 @@ impl Session {
                 symbol_cache_misses = symbols.misses,
                 symbol_cache_kib = symbols.cache_bytes / 1024,
                 symbol_objects = symbols.objects_live,
+                symbol_unknown = ?symbols.unknown,
                 samples = window.counted,
                 profiles = built,
                 delivered,
