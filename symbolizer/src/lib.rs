@@ -616,7 +616,7 @@ mod tests {
 
     /// Address of the first text symbol of this test binary whose name
     /// contains `needle`, as `nm` (the oracle, not blazesym) reports it.
-    fn nm_address(needle: &str) -> u64 {
+    pub(crate) fn nm_address(needle: &str) -> u64 {
         let output = std::process::Command::new("nm")
             .arg(std::env::current_exe().unwrap())
             .output()

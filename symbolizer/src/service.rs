@@ -292,18 +292,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Address of a function of this test binary, as `nm` (the oracle) sees it.
-    fn nm_address(needle: &str) -> u64 {
-        let exe = std::env::current_exe().unwrap();
-        let output = std::process::Command::new("nm").arg(exe).output().unwrap();
-        let text = String::from_utf8(output.stdout).unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.contains(needle) && (l.contains(" T ") || l.contains(" t ")))
-            .unwrap_or_else(|| panic!("{needle} not in nm output"));
-        u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap()
-    }
+    use crate::tests::nm_address;
 
     #[test]
     fn caches_leased_objects_by_key_and_evicts_on_last_release() {

@@ -419,6 +419,24 @@ fn exited_and_deleted_process_is_symbolized() {
     );
 }
 
+/// Profiles one process for 3 s with `fathom-agent profile` into
+/// `dir/name`.
+fn profile_pid(pid: u32, dir: &Path, name: &str) -> PathBuf {
+    let output = dir.join(name);
+    let agent = Agent::spawn(&[
+        "profile",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        "3s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    output
+}
+
 /// A stripped binary seen only inside another mount namespace, with its
 /// debug file next to it there (`.gnu_debuglink`), is symbolized exactly like
 /// the unstripped binary is by addr2line.
@@ -482,18 +500,7 @@ fn process_in_another_mount_namespace_uses_its_debug_file() {
         "the host does not see the namespace's mount"
     );
 
-    let output = dir.path().join("ns.pb.gz");
-    let agent = Agent::spawn(&[
-        "profile",
-        "--pid",
-        &pid.to_string(),
-        "--duration",
-        "3s",
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    let (status, log) = agent.finish(Duration::from_secs(60));
-    assert!(status.success(), "{log}");
+    let output = profile_pid(pid, dir.path(), "ns.pb.gz");
 
     let samples = flatten(&read_profile(&output));
     let count: i64 = samples.iter().map(|s| s.count).sum();
@@ -562,18 +569,7 @@ fn jit_code_is_named_by_the_perf_map() {
         assert!(std::time::Instant::now() < deadline, "no perf map written");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let output = dir.path().join("jit.pb.gz");
-    let agent = Agent::spawn(&[
-        "profile",
-        "--pid",
-        &pid.to_string(),
-        "--duration",
-        "3s",
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    let (status, log) = agent.finish(Duration::from_secs(60));
-    assert!(status.success(), "{log}");
+    let output = profile_pid(pid, dir.path(), "jit.pb.gz");
     let samples = flatten(&read_profile(&output));
     let count: i64 = samples.iter().map(|s| s.count).sum();
     let jit: i64 = samples
