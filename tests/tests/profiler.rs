@@ -166,41 +166,7 @@ fn per_function_shares_match_perf() {
 
     // Location addresses are the binary's own: addr2line on each of them
     // names the same function and line as the profile.
-    let profile = read_profile(&output);
-    let text = |i: i64| profile.string_table[i as usize].as_str();
-    let shares = fixture("shares");
-    let mapping = profile
-        .mapping
-        .iter()
-        .find(|m| text(m.filename) == shares.to_str().unwrap())
-        .expect("a mapping for the fixture");
-    let functions: HashMap<u64, &pprof::protos::Function> =
-        profile.function.iter().map(|f| (f.id, f)).collect();
-    let locations: Vec<_> = profile
-        .location
-        .iter()
-        .filter(|l| l.mapping_id == mapping.id)
-        .collect();
-    assert!(
-        locations.len() >= 4,
-        "{} fixture locations",
-        locations.len()
-    );
-    let oracle = addr2line(
-        &shares,
-        &locations.iter().map(|l| l.address).collect::<Vec<_>>(),
-    );
-    for (location, (function, line)) in locations.iter().zip(oracle) {
-        let ours = location.line.first().unwrap();
-        let name = text(functions[&ours.function_id].name);
-        assert_eq!(
-            // pprof's line 0 is "unknown", addr2line's "?" / 0.
-            (name, u32::try_from(ours.line).ok().filter(|&l| l != 0)),
-            (function.as_str(), line),
-            "at {:#x}",
-            location.address
-        );
-    }
+    assert_locations_match_addr2line(&output, &fixture("shares"), &fixture("shares"), 4);
 
     let top = go_pprof_top(&output);
     assert!(
@@ -419,6 +385,48 @@ fn exited_and_deleted_process_is_symbolized() {
     );
 }
 
+/// Every location of the mapping named `mapped` in the profile at `output`:
+/// its first function and line are what `addr2line` says at its address in
+/// `oracle_binary` (the same code, possibly unstripped). At least `min` of
+/// them.
+fn assert_locations_match_addr2line(
+    output: &Path,
+    mapped: &Path,
+    oracle_binary: &Path,
+    min: usize,
+) {
+    let profile = read_profile(output);
+    let text = |i: i64| profile.string_table[i as usize].as_str();
+    let mapping = profile
+        .mapping
+        .iter()
+        .find(|m| text(m.filename) == mapped.to_str().unwrap())
+        .unwrap_or_else(|| panic!("a mapping for {}", mapped.display()));
+    let functions: HashMap<u64, &pprof::protos::Function> =
+        profile.function.iter().map(|f| (f.id, f)).collect();
+    let locations: Vec<_> = profile
+        .location
+        .iter()
+        .filter(|l| l.mapping_id == mapping.id)
+        .collect();
+    assert!(locations.len() >= min, "{} locations", locations.len());
+    let oracle = addr2line(
+        oracle_binary,
+        &locations.iter().map(|l| l.address).collect::<Vec<_>>(),
+    );
+    for (location, (function, line)) in locations.iter().zip(oracle) {
+        let ours = location.line.first().unwrap();
+        let name = text(functions[&ours.function_id].name);
+        assert_eq!(
+            // pprof's line 0 is "unknown", addr2line's "?" / 0.
+            (name, u32::try_from(ours.line).ok().filter(|&l| l != 0)),
+            (function.as_str(), line),
+            "at {:#x}",
+            location.address
+        );
+    }
+}
+
 /// Profiles one process for 3 s with `fathom-agent profile` into
 /// `dir/name`.
 fn profile_pid(pid: u32, dir: &Path, name: &str) -> PathBuf {
@@ -523,35 +531,7 @@ fn process_in_another_mount_namespace_uses_its_debug_file() {
 
     // Every location of the binary: our function and line are addr2line's
     // on the unstripped binary.
-    let profile = read_profile(&output);
-    let text = |i: i64| profile.string_table[i as usize].as_str();
-    let mapping = profile
-        .mapping
-        .iter()
-        .find(|m| text(m.filename) == inside.to_str().unwrap())
-        .expect("a mapping for the namespaced binary");
-    let functions: HashMap<u64, &pprof::protos::Function> =
-        profile.function.iter().map(|f| (f.id, f)).collect();
-    let locations: Vec<_> = profile
-        .location
-        .iter()
-        .filter(|l| l.mapping_id == mapping.id)
-        .collect();
-    assert!(locations.len() >= 3, "{} locations", locations.len());
-    let oracle = addr2line(
-        &unstripped,
-        &locations.iter().map(|l| l.address).collect::<Vec<_>>(),
-    );
-    for (location, (function, line)) in locations.iter().zip(oracle) {
-        let ours = location.line.first().unwrap();
-        let name = text(functions[&ours.function_id].name);
-        assert_eq!(
-            (name, u32::try_from(ours.line).ok().filter(|&l| l != 0)),
-            (function.as_str(), line),
-            "at {:#x}",
-            location.address
-        );
-    }
+    assert_locations_match_addr2line(&output, &inside, &unstripped, 3);
 }
 
 /// JIT code in anonymous memory is named by the process's perf map.
