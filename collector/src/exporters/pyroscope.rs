@@ -73,14 +73,7 @@ impl PyroscopeExporter {
             use base64::Engine as _;
             let token = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", auth.username, auth.password));
-            let mut v = HeaderValue::from_str(&format!("Basic {token}")).map_err(|e| {
-                ExporterError::Header {
-                    name: "Authorization".into(),
-                    reason: e.to_string(),
-                }
-            })?;
-            v.set_sensitive(true);
-            headers.insert(AUTHORIZATION, v);
+            headers.insert(AUTHORIZATION, authorization(&format!("Basic {token}"))?);
         }
         if let Some(token) = &config.bearer_token {
             if config.basic_auth.is_some() {
@@ -89,14 +82,7 @@ impl PyroscopeExporter {
                     reason: "set basic_auth or bearer_token, not both".into(),
                 });
             }
-            let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| {
-                ExporterError::Header {
-                    name: "Authorization".into(),
-                    reason: e.to_string(),
-                }
-            })?;
-            v.set_sensitive(true);
-            headers.insert(AUTHORIZATION, v);
+            headers.insert(AUTHORIZATION, authorization(&format!("Bearer {token}"))?);
         }
         let client = reqwest::Client::builder()
             .connect_timeout(config.timeout)
@@ -195,6 +181,17 @@ impl Delivery for PyroscopeExporter {
             }
         })
     }
+}
+
+/// An `Authorization` header value, kept out of logs.
+fn authorization(value: &str) -> Result<reqwest::header::HeaderValue, ExporterError> {
+    let mut v =
+        reqwest::header::HeaderValue::from_str(value).map_err(|e| ExporterError::Header {
+            name: "Authorization".into(),
+            reason: e.to_string(),
+        })?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 #[cfg(test)]
