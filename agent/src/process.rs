@@ -554,13 +554,15 @@ impl ProcessTable {
     /// again at most once per round when the file changed.
     fn jit(&mut self, pid: u32, addr: u64) -> UserAddress {
         let round = self.round;
-        let path = self.proc_root.join(pid.to_string()).join("root/tmp");
         let Some(process) = self.processes.get_mut(&pid) else {
             return UserAddress::Anonymous;
         };
         let stale = process.perf_map.as_ref().is_none_or(|m| m.round != round);
         if stale && let Some(ns_pid) = process.ns_pid {
-            let path = path.join(format!("perf-{ns_pid}.map"));
+            let path = self
+                .proc_root
+                .join(pid.to_string())
+                .join(format!("root/tmp/perf-{ns_pid}.map"));
             // Gone (the process exited, or never wrote one): keep what we have.
             if let Ok(meta) = fs::metadata(&path) {
                 let version = (meta.len(), meta.modified().ok());
