@@ -49,7 +49,7 @@ impl Default for ProfilerConfig {
     }
 }
 
-/// Entries of the preallocated in-kernel maps, per set.
+/// Entries of the in-kernel maps, per set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub stacks: u32,
@@ -65,8 +65,9 @@ impl MapSizes {
     /// window) by this many periods before a map can fill up.
     pub const HEADROOM: u64 = 4;
 
-    /// Kernel memory of both sets: hash-table element header (~48 bytes),
-    /// key and value, per-CPU values for the counts.
+    /// Kernel memory of both sets when full (the count maps always are,
+    /// being preallocated; the stack maps grow up to it): hash-table element
+    /// header (~48 bytes), key and value, per-CPU values for the counts.
     pub fn kernel_bytes(&self, cpus: usize) -> u64 {
         let stack = 48 + 8 + std::mem::size_of::<Stack>() as u64;
         let key = 48 + std::mem::size_of::<SampleKey>() as u64 + 8 * cpus as u64;
@@ -253,9 +254,9 @@ impl Profiler {
         tracing::info!(
             stacks = sizes.stacks,
             sample_keys = sizes.sample_keys,
-            kernel_mib = sizes.kernel_bytes(possible) as f64 / (1 << 20) as f64,
+            kernel_mib_at_most = sizes.kernel_bytes(possible) as f64 / (1 << 20) as f64,
             drain_every = ?config.drain_every,
-            "profiler maps (preallocated, two sets)"
+            "profiler maps (two sets; counts preallocated)"
         );
         let filter: u8 = u8::from(!config.pids.is_empty());
         let mut ebpf = EbpfLoader::new()
