@@ -132,6 +132,11 @@ impl SymbolCache {
         self.bytes
     }
 
+    /// Objects (by key and addressing) with a slot.
+    pub fn objects(&self) -> usize {
+        self.slots.len()
+    }
+
     /// The slot of an object, creating it.
     pub fn slot(&mut self, key: &ObjectKey, addressing: Addressing) -> ObjectSlot {
         if let Some(&slot) = self.slots.get(&(key.clone(), addressing)) {

@@ -59,6 +59,8 @@ pub struct ServiceStats {
     pub unknown: BTreeMap<&'static str, u64>,
     pub cache_entries: u64,
     pub cache_bytes: u64,
+    /// Objects (by key and addressing) the cache keeps a slot for.
+    pub cache_objects: u64,
     /// Objects some live lease holds.
     pub objects_live: u64,
     /// Objects whose data was dropped after their last lease went.
@@ -242,9 +244,14 @@ impl Worker {
         if addrs.is_empty() {
             return Vec::new();
         }
-        let slot = self.cache.slot(key, addressing);
-        let mut out: Vec<Option<Arc<Symbol>>> =
-            addrs.iter().map(|&a| self.cache.get(slot, a)).collect();
+        // Only leased objects (and the kernel) are cached: nobody would tell
+        // us when an unleased one goes away.
+        let slot = (*key == ObjectKey::Kernel || self.objects.contains_key(key))
+            .then(|| self.cache.slot(key, addressing));
+        let mut out: Vec<Option<Arc<Symbol>>> = match slot {
+            Some(slot) => addrs.iter().map(|&a| self.cache.get(slot, a)).collect(),
+            None => vec![None; addrs.len()],
+        };
         let mut missing: Vec<u64> = addrs
             .iter()
             .zip(&out)
@@ -263,9 +270,7 @@ impl Worker {
                     *self.stats.unknown.entry(why.label()).or_default() += 1;
                 }
                 let symbol = Arc::new(symbol);
-                // Only leased objects (and the kernel) are cached: nobody
-                // would tell us when an unleased one goes away.
-                if *key == ObjectKey::Kernel || self.objects.contains_key(key) {
+                if let Some(slot) = slot {
                     self.cache.insert(slot, *addr, Arc::clone(&symbol));
                 }
                 fresh.insert(*addr, symbol);
@@ -284,6 +289,7 @@ impl Worker {
     fn publish(&mut self) {
         self.stats.cache_entries = self.cache.len() as u64;
         self.stats.cache_bytes = self.cache.bytes() as u64;
+        self.stats.cache_objects = self.cache.objects() as u64;
         self.stats.objects_live = self.objects.len() as u64;
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = self.stats.clone();
     }
@@ -344,6 +350,7 @@ mod tests {
         assert_eq!((stats.hits, stats.misses), (3, 2));
         assert_eq!(stats.cache_entries, 2);
         assert_eq!(stats.objects_live, 1);
+        assert_eq!(stats.cache_objects, 1);
 
         // One lease left: still cached. None: gone.
         drop(lease);
@@ -355,6 +362,7 @@ mod tests {
         assert_eq!((stats.cache_entries, stats.objects_live), (0, 0));
         assert_eq!(stats.objects_evicted, 1);
         assert_eq!(stats.cache_bytes, 0);
+        assert_eq!(stats.cache_objects, 0);
     }
 
     #[test]
@@ -378,6 +386,10 @@ mod tests {
         service.symbolize(request).unwrap();
         let stats = service.stats();
         assert_eq!((stats.hits, stats.misses, stats.cache_entries), (0, 4, 0));
+        assert_eq!(
+            stats.cache_objects, 0,
+            "no slot kept for an unleased object"
+        );
         assert_eq!(stats.unknown.get("unreadable"), Some(&4));
     }
 }
