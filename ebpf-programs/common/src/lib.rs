@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod profiler;
+pub mod unwind;
 
 /// Asserts at compile time that a type has exactly the size of its fields.
 macro_rules! assert_size {
@@ -17,10 +18,16 @@ pub(crate) use assert_size;
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::profiler::{ProcessEvent, SampleKey, Stack};
-    // SAFETY: all three are #[repr(C)], contain only integers and integer
-    // arrays, and have no padding (see the size assertions in `profiler`).
+    use crate::{
+        profiler::{ProcessEvent, SampleKey, Stack},
+        unwind::{UnwindMapping, UnwindProcess, UnwindRow},
+    };
+    // SAFETY: all are #[repr(C)], contain only integers and integer arrays,
+    // and have no padding (see the size assertions next to each).
     unsafe impl aya::Pod for SampleKey {}
     unsafe impl aya::Pod for Stack {}
     unsafe impl aya::Pod for ProcessEvent {}
+    unsafe impl aya::Pod for UnwindRow {}
+    unsafe impl aya::Pod for UnwindMapping {}
+    unsafe impl aya::Pod for UnwindProcess {}
 }
