@@ -101,6 +101,12 @@ impl ProfileSink for EmbeddedSink {
     fn failures(&self) -> u64 {
         self.failures
     }
+
+    fn self_metrics(&mut self, unwind: &crate::unwind_stats::UnwindStats) {
+        if let Err(e) = self.ingest.metrics(unwind.to_otlp(&self.node)) {
+            tracing::debug!(error = %e, "self-metrics not delivered");
+        }
+    }
 }
 
 /// Sends profiles to a remote collector (or any Pyroscope) with the

@@ -16,3 +16,6 @@ pub mod profiler;
 pub mod session;
 pub mod stacks;
 pub mod sys;
+pub mod unwind;
+pub mod unwind_stats;
+pub mod unwinder;

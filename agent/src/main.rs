@@ -11,7 +11,8 @@ use fathom_agent::{
     export::{EmbeddedSink, RemoteSink},
     pprof::{self, CpuProfileMeta},
     preflight,
-    profiler::ProfilerConfig,
+    profiler::{ProfilerConfig, UnwindMapSizes},
+    unwinder::UnwinderConfig,
     session::{self, DirSink, Session, Stop},
 };
 use fathom_collector::{Collector, CollectorArgs};
@@ -63,6 +64,19 @@ struct SamplingArgs {
     /// Memory bound of the symbol cache, in bytes.
     #[arg(long, env = "FATHOM_SYMBOL_CACHE_BYTES", default_value_t = SymbolizerConfig::default().cache_bytes)]
     symbol_cache_bytes: usize,
+    /// How user stacks are walked: `tables` (from `.eh_frame`, with frame
+    /// pointers where a binary has no table) or `frame-pointers` (the
+    /// kernel's walk only).
+    #[arg(long, env = "FATHOM_UNWIND", default_value = "tables", value_parser = ["tables", "frame-pointers"])]
+    unwind: String,
+    /// Unwind rows the kernel holds for all binaries together (8 bytes
+    /// each, preallocated). A binary whose table does not fit is walked by
+    /// frame pointers, and logged.
+    #[arg(long, env = "FATHOM_UNWIND_TABLE_ROWS", default_value_t = UnwindMapSizes::default().rows)]
+    unwind_table_rows: u32,
+    /// Directory where built unwind tables are kept across restarts.
+    #[arg(long, env = "FATHOM_UNWIND_CACHE_DIR")]
+    unwind_cache_dir: Option<PathBuf>,
 }
 
 impl SamplingArgs {
@@ -151,6 +165,15 @@ fn profiler_config(args: &SamplingArgs) -> anyhow::Result<ProfilerConfig> {
     Ok(ProfilerConfig {
         frequency_hz: args.frequency,
         pids: args.pids.clone(),
+        unwind: UnwindMapSizes {
+            rows: args.unwind_table_rows,
+            ..UnwindMapSizes::default()
+        },
+        unwinder: UnwinderConfig {
+            enabled: args.unwind == "tables",
+            cache_dir: args.unwind_cache_dir.clone(),
+            ..UnwinderConfig::default()
+        },
         ..ProfilerConfig::default()
     })
 }
@@ -204,6 +227,7 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
     };
     let profile = session.profile(&collected, meta)?;
     let lost = session.loss_summary()?;
+    tracing::info!(unwind = %session.unwind_stats().summary(10), "unwinding");
     drop(session); // detach before writing
     session::write_atomically(&args.output, &pprof::encode_gzip(&profile))?;
     tracing::info!(

@@ -218,6 +218,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The executable mappings, sorted by start.
+    pub fn vmas(&self) -> &[Vma] {
+        &self.vmas
+    }
+
     fn find(&self, addr: u64) -> Option<&Vma> {
         let i = self.vmas.partition_point(|v| v.start <= addr);
         self.vmas[..i].last().filter(|v| addr < v.end)
@@ -361,6 +366,16 @@ impl ProcessTable {
 
     pub fn process(&self, pid: u32) -> Option<&Process> {
         self.processes.get(&pid)
+    }
+
+    /// The processes the table knows.
+    pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.processes.keys().copied()
+    }
+
+    /// The process's mappings as last read.
+    pub fn latest(&self, pid: u32) -> Option<Arc<Snapshot>> {
+        self.processes.get(&pid)?.snapshots.back().cloned()
     }
 
     /// Reads the process's mappings now, adding a snapshot if they changed.

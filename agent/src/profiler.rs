@@ -16,7 +16,13 @@ use aya::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
-use fathom_common::profiler::{Counter, SampleKey, Stack, names, stack_id};
+use fathom_common::{
+    profiler::{
+        Counter, SampleKey, StackChunk, StackSlot, names, stack_chunks, stack_id,
+        STACK_CHUNK_WORDS,
+    },
+    unwind::{UnwindMapping, UnwindProcess, UnwindRow},
+};
 
 use crate::{ebpf, preflight};
 
@@ -32,9 +38,47 @@ pub struct ProfilerConfig {
     pub drain_every: Duration,
     /// Distinct stacks per set of maps; 0 sizes it from the sample rate.
     pub max_stacks: u32,
+    /// Stack chunks (16 frames each) per CPU per set; 0 sizes it from the
+    /// sample rate.
+    pub stack_chunks_per_cpu: u32,
     /// Distinct (thread, stacks) keys per set of maps; 0 sizes it from the
     /// sample rate.
     pub max_sample_keys: u32,
+    /// Sizes of the unwinder's maps (user stacks from `.eh_frame`).
+    pub unwind: UnwindMapSizes,
+    /// Whether and how user stacks are walked from unwind tables.
+    pub unwinder: crate::unwinder::UnwinderConfig,
+}
+
+/// Entries of the unwinder's maps, shared by all processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnwindMapSizes {
+    /// Unwind rows of every loaded executable together (8 bytes each).
+    pub rows: u32,
+    /// Executable mappings of every unwound process together (40 bytes each).
+    pub mappings: u32,
+    /// Processes unwound from tables at once.
+    pub processes: u32,
+}
+
+impl Default for UnwindMapSizes {
+    fn default() -> Self {
+        Self {
+            rows: 1 << 21,
+            mappings: 1 << 15,
+            processes: 1 << 13,
+        }
+    }
+}
+
+impl UnwindMapSizes {
+    /// Kernel memory (the maps are preallocated): values, plus hash-table
+    /// element headers (~48 bytes) for the processes.
+    pub fn kernel_bytes(&self) -> u64 {
+        u64::from(self.rows) * size_of::<UnwindRow>() as u64
+            + u64::from(self.mappings) * size_of::<UnwindMapping>() as u64
+            + u64::from(self.processes) * (48 + 4 + size_of::<UnwindProcess>() as u64)
+    }
 }
 
 impl Default for ProfilerConfig {
@@ -44,7 +88,10 @@ impl Default for ProfilerConfig {
             pids: Vec::new(),
             drain_every: Duration::from_secs(1),
             max_stacks: 0,
+            stack_chunks_per_cpu: 0,
             max_sample_keys: 0,
+            unwind: UnwindMapSizes::default(),
+            unwinder: crate::unwinder::UnwinderConfig::default(),
         }
     }
 }
@@ -53,25 +100,32 @@ impl Default for ProfilerConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub stacks: u32,
+    /// Per CPU.
+    pub stack_chunks: u32,
     pub sample_keys: u32,
 }
 
 impl MapSizes {
     /// Smallest automatic size.
     pub const MIN: u32 = 1024;
-    /// Largest automatic size: 32768 stacks are 34 MiB per set.
+    /// Largest automatic size of a map.
     pub const MAX: u32 = 32768;
+    /// Chunks an average stored stack is assumed to take (64 frames).
+    pub const CHUNKS_PER_STACK: u64 = 4;
     /// Drain periods of headroom: user space may be late (symbolizing a
     /// window) by this many periods before a map can fill up.
     pub const HEADROOM: u64 = 4;
 
-    /// Kernel memory of both sets when full (the count maps always are,
-    /// being preallocated; the stack maps grow up to it): hash-table element
-    /// header (~48 bytes), key and value, per-CPU values for the counts.
+    /// Kernel memory of both sets (all preallocated): hash-table element
+    /// header (~48 bytes), key and per-CPU values; the per-CPU chunk arenas.
     pub fn kernel_bytes(&self, cpus: usize) -> u64 {
-        let stack = 48 + 8 + std::mem::size_of::<Stack>() as u64;
-        let key = 48 + std::mem::size_of::<SampleKey>() as u64 + 8 * cpus as u64;
-        2 * (u64::from(self.stacks) * stack + u64::from(self.sample_keys) * key)
+        let cpus = cpus as u64;
+        let index = 48 + 8 + cpus * size_of::<StackSlot>() as u64;
+        let key = 48 + size_of::<SampleKey>() as u64 + 8 * cpus;
+        let chunks = cpus * size_of::<StackChunk>() as u64;
+        2 * (u64::from(self.stacks) * index
+            + u64::from(self.stack_chunks) * chunks
+            + u64::from(self.sample_keys) * key)
     }
 }
 
@@ -89,8 +143,14 @@ impl ProfilerConfig {
                 .next_power_of_two() as u32
         };
         let pick = |configured: u32, auto: u32| if configured == 0 { auto } else { configured };
+        // One CPU's arena holds its own samples' stacks.
+        let per_cpu = (self.frequency_hz * period_ms).div_ceil(1000) * MapSizes::HEADROOM;
+        let chunks = (2 * per_cpu * MapSizes::CHUNKS_PER_STACK)
+            .clamp(u64::from(MapSizes::MIN), 2 * u64::from(MapSizes::MAX))
+            .next_power_of_two() as u32;
         MapSizes {
             stacks: pick(self.max_stacks, auto(2 * samples)),
+            stack_chunks: pick(self.stack_chunks_per_cpu, chunks),
             sample_keys: pick(self.max_sample_keys, auto(samples)),
         }
     }
@@ -166,10 +226,20 @@ impl Window {
     }
 }
 
+/// The unwinder's maps: unwind rows, process mappings, unwound processes.
+pub struct UnwindMaps {
+    pub rows: Array<MapData, UnwindRow>,
+    pub mappings: Array<MapData, UnwindMapping>,
+    pub processes: BpfHashMap<MapData, u32, UnwindProcess>,
+    pub sizes: UnwindMapSizes,
+}
+
 /// The loaded, attached profiler. Dropping it detaches everything.
 pub struct Profiler {
     counts: [PerCpuHashMap<MapData, SampleKey, u64>; 2],
-    stacks: [BpfHashMap<MapData, u64, Stack>; 2],
+    stack_index: [PerCpuHashMap<MapData, u64, StackSlot>; 2],
+    stack_chunks: [PerCpuArray<MapData, StackChunk>; 2],
+    stack_next: PerCpuArray<MapData, u32>,
     control: Array<MapData, u64>,
     ack: PerCpuArray<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -177,8 +247,10 @@ pub struct Profiler {
     generation: u64,
     recorded_seen: [u64; 2],
     ack_timeout: Duration,
+    frequency_hz: u64,
+    pids: Vec<u32>,
     // Owns the programs and their links; declared last so maps go first.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for Profiler {
@@ -224,9 +296,12 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 }
 
 impl Profiler {
-    /// Loads the programs, attaches them to every online CPU and returns the
-    /// profiler with the ring buffer of process events.
-    pub fn start(config: &ProfilerConfig) -> Result<(Self, RingBuf<MapData>), ProfilerError> {
+    /// Loads the programs and attaches process discovery; returns the
+    /// profiler with the ring buffer of process events and the unwinder's
+    /// maps. Sampling starts with [`Profiler::sample`].
+    pub fn start(
+        config: &ProfilerConfig,
+    ) -> Result<(Self, RingBuf<MapData>, UnwindMaps), ProfilerError> {
         if config.frequency_hz == 0 || config.frequency_hz > 100_000 {
             return Err(ProfilerError::Config(format!(
                 "frequency {} Hz is outside 1..=100000",
@@ -251,12 +326,18 @@ impl Profiler {
         let possible = aya::util::nr_cpus()
             .map_err(|(what, e)| ProfilerError::Cpus(format!("{what}: {e}")))?;
         let sizes = config.map_sizes(possible);
+        let unwind = config.unwind;
         tracing::info!(
             stacks = sizes.stacks,
+            stack_chunks_per_cpu = sizes.stack_chunks,
             sample_keys = sizes.sample_keys,
-            kernel_mib_at_most = sizes.kernel_bytes(possible) as f64 / (1 << 20) as f64,
+            kernel_mib = sizes.kernel_bytes(possible) as f64 / (1 << 20) as f64,
+            unwind_rows = unwind.rows,
+            unwind_mappings = unwind.mappings,
+            unwind_processes = unwind.processes,
+            unwind_kernel_mib = unwind.kernel_bytes() as f64 / (1 << 20) as f64,
             drain_every = ?config.drain_every,
-            "profiler maps (two sets; counts preallocated)"
+            "profiler maps (two sets of stacks and counts; all preallocated)"
         );
         let filter: u8 = u8::from(!config.pids.is_empty());
         let mut ebpf = EbpfLoader::new()
@@ -264,8 +345,13 @@ impl Profiler {
             .override_global(names::GLOBAL_FORK_CHILD_PID_OFFSET, &child_pid_offset, true)
             .map_max_entries(names::COUNTS[0], sizes.sample_keys)
             .map_max_entries(names::COUNTS[1], sizes.sample_keys)
-            .map_max_entries(names::STACKS[0], sizes.stacks)
-            .map_max_entries(names::STACKS[1], sizes.stacks)
+            .map_max_entries(names::STACK_INDEX[0], sizes.stacks)
+            .map_max_entries(names::STACK_INDEX[1], sizes.stacks)
+            .map_max_entries(names::STACK_CHUNKS[0], sizes.stack_chunks)
+            .map_max_entries(names::STACK_CHUNKS[1], sizes.stack_chunks)
+            .map_max_entries(names::UNWIND_ROWS, unwind.rows.max(1))
+            .map_max_entries(names::UNWIND_MAPPINGS, unwind.mappings.max(1))
+            .map_max_entries(names::UNWIND_PROCS, unwind.processes.max(1))
             .load(ebpf::object()?)?;
 
         {
@@ -302,35 +388,34 @@ impl Profiler {
             take(&mut ebpf, names::COUNTS[0])?,
             take(&mut ebpf, names::COUNTS[1])?,
         ];
-        let stacks = [
-            take(&mut ebpf, names::STACKS[0])?,
-            take(&mut ebpf, names::STACKS[1])?,
+        let stack_index = [
+            take(&mut ebpf, names::STACK_INDEX[0])?,
+            take(&mut ebpf, names::STACK_INDEX[1])?,
         ];
+        let stack_chunks = [
+            take(&mut ebpf, names::STACK_CHUNKS[0])?,
+            take(&mut ebpf, names::STACK_CHUNKS[1])?,
+        ];
+        let stack_next = take(&mut ebpf, names::STACK_NEXT)?;
+        let unwind_maps = UnwindMaps {
+            rows: take(&mut ebpf, names::UNWIND_ROWS)?,
+            mappings: take(&mut ebpf, names::UNWIND_MAPPINGS)?,
+            processes: take(&mut ebpf, names::UNWIND_PROCS)?,
+            sizes: unwind,
+        };
         let control: Array<MapData, u64> = take(&mut ebpf, names::CONTROL)?;
         let ack = take(&mut ebpf, names::ACK)?;
         let counters = take(&mut ebpf, names::COUNTERS)?;
 
         let cpus = aya::util::online_cpus()
             .map_err(|(what, e)| ProfilerError::Cpus(format!("{what}: {e}")))?;
-        let program: &mut PerfEvent = program(&mut ebpf, names::PROGRAM_PERF)?;
-        program.load().map_err(program_err(names::PROGRAM_PERF))?;
-        for &cpu in &cpus {
-            program
-                .attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(config.frequency_hz),
-                    false,
-                )
-                .map_err(|source| ProfilerError::AttachCpu { cpu, source })?;
-        }
-        tracing::info!(cpus = cpus.len(), hz = config.frequency_hz, pids = ?config.pids, "profiler attached");
-
         // Four sample periods, and never less than 100 ms.
         let ack_timeout = Duration::from_millis((4_000 / config.frequency_hz).max(100));
         let profiler = Self {
             counts,
-            stacks,
+            stack_index,
+            stack_chunks,
+            stack_next,
             control,
             ack,
             counters,
@@ -338,9 +423,31 @@ impl Profiler {
             generation: 0,
             recorded_seen: [0; 2],
             ack_timeout,
-            _ebpf: ebpf,
+            frequency_hz: config.frequency_hz,
+            pids: config.pids.clone(),
+            ebpf,
         };
-        Ok((profiler, events))
+        Ok((profiler, events, unwind_maps))
+    }
+
+    /// Starts sampling: attaches the perf-event program to every online CPU
+    /// (separate from [`Profiler::start`] so the caller can load unwind
+    /// tables of the processes it names first).
+    pub fn sample(&mut self) -> Result<(), ProfilerError> {
+        let program: &mut PerfEvent = program(&mut self.ebpf, names::PROGRAM_PERF)?;
+        program.load().map_err(program_err(names::PROGRAM_PERF))?;
+        for &cpu in &self.cpus {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(self.frequency_hz),
+                    false,
+                )
+                .map_err(|source| ProfilerError::AttachCpu { cpu, source })?;
+        }
+        tracing::info!(cpus = self.cpus.len(), hz = self.frequency_hz, pids = ?self.pids, "profiler attached");
+        Ok(())
     }
 
     /// Switches the programs to the other set of maps and returns the
@@ -368,22 +475,7 @@ impl Profiler {
             samples.push((key, values.iter().sum()));
             counts.remove(&key).map_err(map_err(names::COUNTS[set]))?;
         }
-        let stack_map = &mut self.stacks[set];
-        let hashes = stack_map
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(names::STACKS[set]))?;
-        let mut stacks = HashMap::with_capacity(hashes.len());
-        for hash in hashes {
-            let stack = stack_map
-                .get(&hash, 0)
-                .map_err(map_err(names::STACKS[set]))?;
-            let len = (stack.len as usize).min(stack.ips.len());
-            stacks.insert(hash, stack.ips[..len].to_vec());
-            stack_map
-                .remove(&hash)
-                .map_err(map_err(names::STACKS[set]))?;
-        }
+        let stacks = self.drain_stacks(set)?;
         let window = Window {
             samples,
             stacks,
@@ -398,6 +490,80 @@ impl Profiler {
             );
         }
         Ok(window)
+    }
+
+    /// Reads and empties the stack store of `set`: every CPU's stacks by
+    /// hash. Two CPUs storing different stacks under one hash (a 64-bit
+    /// collision, or a bug) keeps the first and says so.
+    fn drain_stacks(&mut self, set: usize) -> Result<HashMap<u64, Vec<u64>>, ProfilerError> {
+        let index = &mut self.stack_index[set];
+        let chunks = &self.stack_chunks[set];
+        let used = self
+            .stack_next
+            .get(&(set as u32), 0)
+            .map_err(map_err(names::STACK_NEXT))?;
+        let used_max = used.iter().copied().max().unwrap_or(0);
+        // One read per chunk index returns it for every CPU.
+        let mut arena: Vec<Vec<StackChunk>> = Vec::with_capacity(used_max as usize);
+        for i in 0..used_max {
+            let per_cpu = chunks
+                .get(&i, 0)
+                .map_err(map_err(names::STACK_CHUNKS[set]))?;
+            arena.push(per_cpu.iter().copied().collect());
+        }
+        let hashes = index
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(names::STACK_INDEX[set]))?;
+        let mut stacks = HashMap::with_capacity(hashes.len());
+        for hash in hashes {
+            let slots = index
+                .get(&hash, 0)
+                .map_err(map_err(names::STACK_INDEX[set]))?;
+            for (cpu, slot) in slots.iter().enumerate() {
+                if slot.first == 0 {
+                    continue;
+                }
+                let len = slot.len as usize;
+                let first = slot.first as usize - 1;
+                let mut ips = Vec::with_capacity(len);
+                for c in 0..stack_chunks(len) {
+                    let Some(chunk) = arena.get(first + c).and_then(|per_cpu| per_cpu.get(cpu))
+                    else {
+                        break;
+                    };
+                    let take = (len - c * STACK_CHUNK_WORDS).min(STACK_CHUNK_WORDS);
+                    ips.extend_from_slice(&chunk.ips[..take]);
+                }
+                if ips.len() != len {
+                    tracing::warn!(hash, cpu, len, "stored stack beyond its CPU's arena");
+                    continue;
+                }
+                match stacks.entry(hash) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(ips);
+                    }
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        if *o.get() != ips {
+                            tracing::warn!(hash, "two CPUs stored different stacks under one hash");
+                        }
+                    }
+                }
+            }
+            index
+                .remove(&hash)
+                .map_err(map_err(names::STACK_INDEX[set]))?;
+        }
+        let zeros = aya::maps::PerCpuValues::try_from(vec![0u32; used.len()]).map_err(|e| {
+            ProfilerError::Map {
+                name: names::STACK_NEXT,
+                source: MapError::IoError(e),
+            }
+        })?;
+        self.stack_next
+            .set(set as u32, zeros, 0)
+            .map_err(map_err(names::STACK_NEXT))?;
+        Ok(stacks)
     }
 
     /// Waits until every CPU ran the program with the current generation.

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Condvar, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
@@ -22,7 +22,9 @@ use pprof::protos::Profile;
 
 use crate::{
     pprof::{self as pp, CpuProfileMeta, LabelValue, ProfileBuilder},
-    process::ProcessTable,
+    process::{ProcessTable, Snapshot},
+    unwind_stats::UnwindStats,
+    unwinder::{Unwinder, UnwinderStats},
     profiler::{KernelCounters, Profiler, ProfilerConfig, ProfilerError, Window},
     stacks::{ResolvedSample, StackResolver},
     sys,
@@ -95,12 +97,43 @@ impl Collected {
 struct ProcessWatcher {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    /// Loads unwind tables of the processes the watcher records.
+    loader: Option<JoinHandle<()>>,
 }
 
+/// Processes waiting for their unwind tables; beyond it they stay with the
+/// kernel's frame-pointer walk until their next announcement, counted.
+const UNWIND_QUEUE: usize = 4096;
+
 impl ProcessWatcher {
-    fn spawn(mut events: RingBuf<MapData>, table: Arc<Mutex<ProcessTable>>) -> io::Result<Self> {
+    fn spawn(
+        mut events: RingBuf<MapData>,
+        table: Arc<Mutex<ProcessTable>>,
+        unwinder: Option<Arc<Mutex<Unwinder>>>,
+        unwind_queue_full: Arc<AtomicU64>,
+    ) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        // Tables are built on their own thread: building one takes long
+        // enough that short-lived processes would exit before the watcher
+        // read their mappings.
+        let (loads, loader) = match unwinder {
+            Some(unwinder) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<(u32, Arc<Snapshot>)>(UNWIND_QUEUE);
+                let handle = std::thread::Builder::new()
+                    .name("fathom-unwind".into())
+                    .spawn(move || {
+                        while let Ok((pid, snapshot)) = rx.recv() {
+                            unwinder
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .load(pid, snapshot.vmas());
+                        }
+                    })?;
+                (Some(tx), Some(handle))
+            }
+            None => (None, None),
+        };
         let handle = std::thread::Builder::new()
             .name("fathom-processes".into())
             .spawn(move || {
@@ -111,12 +144,20 @@ impl ProcessWatcher {
                             tracing::warn!(len = item.len(), "malformed process event");
                             continue;
                         };
-                        let result = table
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .observe(event.pid);
-                        if let Err(e) = result {
-                            tracing::debug!(pid = event.pid, error = %e, "process not recorded");
+                        let snapshot = {
+                            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+                            match table.observe(event.pid) {
+                                Ok(()) => table.latest(event.pid),
+                                Err(e) => {
+                                    tracing::debug!(pid = event.pid, error = %e, "process not recorded");
+                                    None
+                                }
+                            }
+                        };
+                        if let (Some(loads), Some(snapshot)) = (&loads, snapshot)
+                            && loads.try_send((event.pid, snapshot)).is_err()
+                        {
+                            unwind_queue_full.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     if stopping {
@@ -128,10 +169,12 @@ impl ProcessWatcher {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
+                // Dropping `loads` ends the loader thread.
             })?;
         Ok(Self {
             stop,
             handle: Some(handle),
+            loader,
         })
     }
 }
@@ -140,6 +183,9 @@ impl Drop for ProcessWatcher {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+        if let Some(handle) = self.loader.take() {
             let _ = handle.join();
         }
     }
@@ -166,6 +212,8 @@ pub enum SessionError {
     Thread(io::Error),
     #[error(transparent)]
     Symbolizer(#[from] fathom_symbolizer::ServiceError),
+    #[error(transparent)]
+    Unwinder(#[from] crate::unwinder::UnwinderError),
 }
 
 /// The profiler and everything it needs, on the calling thread.
@@ -173,6 +221,13 @@ pub struct Session {
     // Field order is drop order: stop the watcher before detaching.
     _watcher: ProcessWatcher,
     profiler: Profiler,
+    unwinder: Option<Arc<Mutex<Unwinder>>>,
+    /// Without tables the unwinder's maps stay empty, but the programs
+    /// refer to them.
+    _unused_maps: Option<crate::profiler::UnwindMaps>,
+    /// Processes whose tables were not loaded: the loader's queue was full.
+    unwind_queue_full: Arc<AtomicU64>,
+    unwind_stats: UnwindStats,
     table: Arc<Mutex<ProcessTable>>,
     resolver: StackResolver,
     config: ProfilerConfig,
@@ -189,16 +244,49 @@ impl Session {
             Ok(limit) => tracing::debug!(limit, "open-file limit"),
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
-        let (profiler, events) = Profiler::start(&config)?;
+        let (mut profiler, events, unwind_maps) = Profiler::start(&config)?;
+        let (unwinder, unused_maps) = if config.unwinder.enabled {
+            let unwinder = Unwinder::new(unwind_maps, &config.unwinder)?;
+            (Some(Arc::new(Mutex::new(unwinder))), None)
+        } else {
+            (None, Some(unwind_maps))
+        };
         let service = SymbolizerService::spawn(symbolizer.clone())?;
         let table = Arc::new(Mutex::new(
             ProcessTable::default().with_symbolizer(service.clone(), &symbolizer.debug_dirs),
         ));
-        let watcher =
-            ProcessWatcher::spawn(events, Arc::clone(&table)).map_err(SessionError::Thread)?;
+        // Processes named up front get their tables before the first sample
+        // (others when their first sample announces them).
+        if let Some(unwinder) = &unwinder {
+            for &pid in &config.pids {
+                let snapshot = {
+                    let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+                    table.observe(pid).ok().and_then(|()| table.latest(pid))
+                };
+                if let Some(snapshot) = snapshot {
+                    unwinder
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .load(pid, snapshot.vmas());
+                }
+            }
+        }
+        let unwind_queue_full = Arc::new(AtomicU64::new(0));
+        let watcher = ProcessWatcher::spawn(
+            events,
+            Arc::clone(&table),
+            unwinder.clone(),
+            Arc::clone(&unwind_queue_full),
+        )
+        .map_err(SessionError::Thread)?;
+        profiler.sample()?;
         Ok(Self {
             _watcher: watcher,
             profiler,
+            unwinder,
+            _unused_maps: unused_maps,
+            unwind_queue_full,
+            unwind_stats: UnwindStats::default(),
             table,
             resolver: StackResolver::new(service),
             config,
@@ -207,7 +295,20 @@ impl Session {
     }
 
     pub fn drain(&mut self) -> Result<Window, SessionError> {
-        Ok(self.profiler.drain()?)
+        let window = self.profiler.drain()?;
+        // Busy loading a table: the next drain frees what this one would.
+        if let Some(unwinder) = &self.unwinder
+            && let Ok(mut unwinder) = unwinder.try_lock()
+        {
+            unwinder.after_drain();
+        }
+        Ok(window)
+    }
+
+    /// The unwinder's counters, when tables are used.
+    pub fn unwinder_stats(&self) -> Option<UnwinderStats> {
+        let unwinder = self.unwinder.as_ref()?;
+        Some(unwinder.lock().unwrap_or_else(|e| e.into_inner()).stats())
     }
 
     pub fn counters(&self) -> Result<KernelCounters, SessionError> {
@@ -224,7 +325,35 @@ impl Session {
 
     /// Forgets processes that are gone (after their last samples).
     pub fn sweep(&mut self) {
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).sweep();
+        let alive: std::collections::HashSet<u32> = {
+            let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            table.sweep();
+            table.pids().collect()
+        };
+        if let Some(unwinder) = &self.unwinder {
+            unwinder
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|pid| alive.contains(&pid));
+        }
+    }
+
+    /// Counts how each sample's user stack was walked, per executable.
+    fn count_unwinds(&mut self, samples: &[(SampleKey, u64)]) {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, n) in samples {
+            let name = table.process(key.pid).and_then(|p| p.exe.as_deref());
+            let name = match name {
+                Some(exe) => exe.rsplit('/').next().unwrap_or(exe).to_owned(),
+                None => crate::stacks::comm(&key.comm),
+            };
+            self.unwind_stats.add(&name, key.user_unwind, *n);
+        }
+    }
+
+    /// How user stacks were walked since start, per executable.
+    pub fn unwind_stats(&self) -> &UnwindStats {
+        &self.unwind_stats
     }
 
     /// Samples for `duration` (or until stopped), draining the kernel's maps
@@ -237,7 +366,9 @@ impl Session {
             let now = Instant::now();
             let next = (now + self.config.drain_every).min(end);
             let stopped = stop.wait(next.saturating_duration_since(now));
-            collected.add(self.drain()?);
+            let window = self.drain()?;
+            self.count_unwinds(&window.samples);
+            collected.add(window);
             if stopped || Instant::now() >= end {
                 break;
             }
@@ -264,8 +395,10 @@ impl Session {
             add_sample(&mut builder, sample);
         }
         let samples = format!(
-            "samples recorded={} read={}",
-            collected.recorded, collected.counted
+            "samples recorded={} read={} unwinding: {}",
+            collected.recorded,
+            collected.counted,
+            self.unwind_stats.summary(5)
         );
         add_comments(&mut builder, &samples, &self.loss_summary()?);
         Ok(builder.build())
@@ -315,6 +448,19 @@ impl Session {
             self.write_failures = sink.failures();
             let processes = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
             let symbols = self.resolver.symbolizer_stats();
+            sink.self_metrics(&self.unwind_stats);
+            let tables = self.unwinder_stats().unwrap_or_default();
+            tracing::info!(
+                unwind = %self.unwind_stats.summary(5),
+                unwind_tables = tables.tables,
+                unwind_rows_used = tables.rows_used,
+                unwind_rows_capacity = tables.rows_capacity,
+                unwind_processes = tables.processes,
+                unwind_tables_failed = tables.tables_failed,
+                unwind_tables_too_big = tables.tables_too_big,
+                unwind_queue_full = self.unwind_queue_full.load(Ordering::Relaxed),
+                "unwinding"
+            );
             tracing::info!(
                 symbol_cache_hits = symbols.hits,
                 symbol_cache_misses = symbols.misses,
@@ -427,6 +573,10 @@ pub trait ProfileSink {
     fn deliver(&mut self, window_start: SystemTime, profiles: Vec<ProcessProfile>) -> usize;
     /// Profiles not delivered since start.
     fn failures(&self) -> u64;
+    /// The agent's own counters, once per window, where the sink has a
+    /// place for metrics (the embedded collector); the others keep profiles
+    /// only, and the counters are in the logs.
+    fn self_metrics(&mut self, _unwind: &UnwindStats) {}
 }
 
 /// One gzipped pprof file per process per window in a directory, with
@@ -618,6 +768,8 @@ mod tests {
             user_stack: 16,
             kernel_stack: 0,
             comm: [0; 16],
+            user_unwind: 0,
+            _reserved: 0,
         };
         let mut c = Collected::default();
         let stacks: HashMap<u64, Vec<u64>> = [(16, vec![1, 2])].into();

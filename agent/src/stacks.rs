@@ -354,7 +354,7 @@ fn special(
     })
 }
 
-fn comm(raw: &[u8; COMM_LEN]) -> String {
+pub fn comm(raw: &[u8; COMM_LEN]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
@@ -435,6 +435,8 @@ mod tests {
             user_stack,
             kernel_stack: stack_id::EMPTY,
             comm: *b"tester\0\0\0\0\0\0\0\0\0\0",
+            user_unwind: 0,
+            _reserved: 0,
         };
         let table = Mutex::new(ProcessTable::default());
         let mut resolver = StackResolver::new(

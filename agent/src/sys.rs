@@ -147,3 +147,77 @@ pub fn memfd(name: &str) -> io::Result<std::fs::File> {
     // SAFETY: a fresh descriptor nobody else owns.
     Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
+
+/// A shared, writable mapping of a BPF array map created with
+/// `BPF_F_MMAPABLE`: user space writes values with plain stores, which the
+/// BPF programs see (no syscall per element).
+pub struct SharedArray<T: aya::Pod> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; `&mut self` is
+// needed to write it.
+unsafe impl<T: aya::Pod> Send for SharedArray<T> {}
+
+impl<T: aya::Pod> SharedArray<T> {
+    /// Maps `len` values of the array map behind `fd`.
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .filter(|&b| b > 0)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty or huge array"))?;
+        // SAFETY: a new shared mapping of the map's memory; the kernel checks
+        // the length against the map and that it was created mmapable.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<T>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len, bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes `values` from index `start`. Panics if out of bounds (callers
+    /// allocate ranges within `len`).
+    pub fn write(&mut self, start: usize, values: &[T]) {
+        assert!(start + values.len() <= self.len, "write past the array");
+        // SAFETY: in bounds (checked above) of a live mapping of T values;
+        // T is Pod so any bytes are valid. BPF programs may read concurrently:
+        // callers only write ranges no process entry names yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.as_ptr().add(start), values.len())
+        };
+    }
+
+    /// Reads the value at `index`.
+    pub fn get(&self, index: usize) -> Option<T> {
+        // SAFETY: in bounds of a live mapping; T is Pod.
+        (index < self.len).then(|| unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(index)) })
+    }
+}
+
+impl<T: aya::Pod> Drop for SharedArray<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}

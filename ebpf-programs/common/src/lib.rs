@@ -19,13 +19,15 @@ pub(crate) use assert_size;
 #[cfg(feature = "user")]
 mod pod {
     use crate::{
-        profiler::{ProcessEvent, SampleKey, Stack},
+        profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
         unwind::{UnwindMapping, UnwindProcess, UnwindRow},
     };
     // SAFETY: all are #[repr(C)], contain only integers and integer arrays,
     // and have no padding (see the size assertions next to each).
     unsafe impl aya::Pod for SampleKey {}
     unsafe impl aya::Pod for Stack {}
+    unsafe impl aya::Pod for StackChunk {}
+    unsafe impl aya::Pod for StackSlot {}
     unsafe impl aya::Pod for ProcessEvent {}
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindMapping {}

@@ -1,18 +1,31 @@
 //! The CPU profiler's kernel/user-space contract.
 //!
 //! The perf-event program aggregates samples in the kernel into one of two
-//! *sets* of maps (`COUNTS_n` keyed by [`SampleKey`], `STACKS_n` keyed by a
-//! stack hash holding a [`Stack`]). The low bit of the generation in
+//! *sets* of maps (`COUNTS_n` keyed by [`SampleKey`]; stacks in
+//! `STACK_INDEX_n` + `STACK_CHUNKS_n`). The low bit of the generation in
 //! `CONTROL[0]` selects the set being written. User space drains by bumping the
 //! generation, waiting until every CPU acknowledged it in `ACK` (so no program
 //! still writes the old set), then reading and clearing the old set. No sample
 //! is lost or counted twice, and the per-set `RECORDED_n` counters let user
 //! space check that.
+//!
+//! Stacks are stored per CPU, so storing one needs neither atomics nor
+//! allocation in the kernel: `STACK_INDEX_n` is a per-CPU hash map from the
+//! stack's hash to a [`StackSlot`] (zero on CPUs that did not store it), and
+//! the slot names consecutive [`StackChunk`]s of that CPU's arena
+//! `STACK_CHUNKS_n`, allocated by bumping the CPU's `STACK_NEXT[n]`. Nothing
+//! is freed or reused before user space drains the set, and every map is
+//! preallocated, so a store fails only when the arena or index is full.
 
 use crate::assert_size;
 
-/// Deepest stack the kernel walks (`kernel.perf_event_max_stack` default).
-pub const MAX_STACK_DEPTH: usize = 127;
+/// Deepest stack stored (the kernel's own walker stops at
+/// `kernel.perf_event_max_stack`, 127 by default).
+pub const MAX_STACK_DEPTH: usize = 128;
+/// Entries per stack chunk.
+pub const STACK_CHUNK_WORDS: usize = 16;
+/// Chunks of the deepest stack.
+pub const MAX_STACK_CHUNKS: usize = MAX_STACK_DEPTH / STACK_CHUNK_WORDS;
 /// Length of a task's `comm`, NUL-padded.
 pub const COMM_LEN: usize = 16;
 
@@ -31,18 +44,55 @@ pub struct SampleKey {
     pub kernel_stack: u64,
     /// The thread's `comm` at sample time.
     pub comm: [u8; COMM_LEN],
+    /// How the user stack was walked: a [`crate::unwind::status`].
+    pub user_unwind: u32,
+    pub _reserved: u32,
 }
-assert_size!(SampleKey, 4 + 4 + 8 + 8 + COMM_LEN);
+assert_size!(SampleKey, 4 + 4 + 8 + 8 + COMM_LEN + 8);
 
-/// A stack as walked by the kernel: instruction pointers, leaf first.
+/// A stack: instruction pointers, leaf first, zero-filled past its end (no
+/// frame is at address zero).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Stack {
-    /// Number of valid entries in `ips`.
-    pub len: u64,
     pub ips: [u64; MAX_STACK_DEPTH],
 }
-assert_size!(Stack, 8 + 8 * MAX_STACK_DEPTH);
+assert_size!(Stack, 8 * MAX_STACK_DEPTH);
+
+impl Stack {
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.ips.iter().position(|&ip| ip == 0).unwrap_or(MAX_STACK_DEPTH)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ips[0] == 0
+    }
+}
+
+/// A piece of a stored stack (entries past the stack are zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackChunk {
+    pub ips: [u64; STACK_CHUNK_WORDS],
+}
+assert_size!(StackChunk, 8 * STACK_CHUNK_WORDS);
+
+/// Where one CPU stored a stack: `len` entries from chunk `first - 1` of its
+/// arena. All zero: not stored by this CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StackSlot {
+    /// First chunk's index plus one.
+    pub first: u32,
+    pub len: u32,
+}
+assert_size!(StackSlot, 8);
+
+/// Chunks a stack of `len` entries takes.
+pub const fn stack_chunks(len: usize) -> usize {
+    len.div_ceil(STACK_CHUNK_WORDS)
+}
 
 /// Values of [`SampleKey::user_stack`] / [`SampleKey::kernel_stack`] below
 /// [`stack_id::FIRST_HASH`] are markers, not hashes.
@@ -52,7 +102,7 @@ pub mod stack_id {
     pub const EMPTY: u64 = 0;
     /// The kernel failed to walk the stack.
     pub const WALK_FAILED: u64 = 1;
-    /// `STACKS_n` was full, so the stack was not stored.
+    /// The stack store was full, so the stack was not stored.
     pub const MAP_FULL: u64 = 2;
     /// A different stack with the same 64-bit hash was already stored.
     pub const COLLISION: u64 = 3;
@@ -78,7 +128,8 @@ pub enum Counter {
     KernelStackFailed,
     /// `bpf_get_stack` failed on the user stack.
     UserStackFailed,
-    /// Stacks not stored because `STACKS_n` was full.
+    /// Stacks not stored because `STACK_INDEX_n` or this CPU's arena in
+    /// `STACK_CHUNKS_n` was full.
     StackMapFull,
     /// Stacks not stored because of a 64-bit hash collision.
     StackCollision,
@@ -143,7 +194,13 @@ pub mod names {
     pub const PROGRAM_FORK: &str = "profile_fork";
     pub const PROGRAM_EXEC: &str = "profile_exec";
     pub const COUNTS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
-    pub const STACKS: [&str; 2] = ["STACKS_0", "STACKS_1"];
+    pub const STACK_INDEX: [&str; 2] = ["STACK_INDEX_0", "STACK_INDEX_1"];
+    pub const STACK_CHUNKS: [&str; 2] = ["STACK_CHUNKS_0", "STACK_CHUNKS_1"];
+    /// Per CPU, per set: the next free chunk of the CPU's arena.
+    pub const STACK_NEXT: &str = "STACK_NEXT";
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
+    pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
     pub const CONTROL: &str = "CONTROL";
     pub const ACK: &str = "ACK";
     pub const COUNTERS: &str = "COUNTERS";

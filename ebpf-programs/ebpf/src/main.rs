@@ -4,6 +4,7 @@
 #![no_main]
 
 mod profiler;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -7,16 +7,22 @@ use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_stack},
     macros::{map, perf_event, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
-use fathom_common::profiler::{
-    COMM_LEN, Counter, HASH_SEED_KERNEL, HASH_SEED_USER, MAX_STACK_DEPTH, ProcessEvent, SampleKey,
-    Stack, finish_hash, hash_step, stack_id,
+use fathom_common::{
+    profiler::{
+        COMM_LEN, Counter, HASH_SEED_KERNEL, HASH_SEED_USER, MAX_STACK_CHUNKS, MAX_STACK_DEPTH,
+        ProcessEvent, STACK_CHUNK_WORDS, SampleKey, Stack, StackChunk, StackSlot, finish_hash,
+        hash_step, stack_chunks, stack_id,
+    },
+    unwind::status,
 };
+
+use crate::unwind;
 
 /// Non-zero: sample only processes in `PID_FILTER`. Set by the loader.
 #[unsafe(no_mangle)]
@@ -29,24 +35,28 @@ static FORK_CHILD_PID_OFFSET: u32 = 20;
 const EEXIST: i32 = 17;
 
 // Sizes are defaults; the loader sets them from the agent's configuration.
-//
-// The count maps are preallocated: an insert fails only when the map is
-// full. Without preallocation the kernel allocates elements from per-CPU
-// caches refilled with GFP_NOWAIT, charged to the agent's memory cgroup; in
-// a pod near its memory limit (page cache counts) a refill can fail and so
-// does the insert, on a map that is nearly empty. The stack maps are not
-// preallocated (1 KiB per entry): preallocated, they showed stack "collisions"
-// under frequent drains (1-37 per 6,700 samples in the drain test) that the
-// non-preallocated maps never show; not understood yet.
+// Every map the sampling path writes is preallocated: an insert fails only
+// when the map is full. (Without preallocation the kernel allocates elements
+// from per-CPU caches refilled with GFP_NOWAIT and charged to the agent's
+// memory cgroup, and an insert can fail on a nearly empty map.)
 /// Per-CPU values: counting needs no atomics; user space sums the CPUs.
 #[map]
 static COUNTS_0: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
 #[map]
 static COUNTS_1: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
+/// Stack hash -> where this CPU stored the stack (see `fathom_common::profiler`).
 #[map]
-static STACKS_0: HashMap<u64, Stack> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+static STACK_INDEX_0: PerCpuHashMap<u64, StackSlot> = PerCpuHashMap::with_max_entries(1024, 0);
 #[map]
-static STACKS_1: HashMap<u64, Stack> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+static STACK_INDEX_1: PerCpuHashMap<u64, StackSlot> = PerCpuHashMap::with_max_entries(1024, 0);
+/// Per-CPU arenas of stack chunks.
+#[map]
+static STACK_CHUNKS_0: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
+#[map]
+static STACK_CHUNKS_1: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
+/// `[set]`: this CPU's next free chunk in `STACK_CHUNKS_set`.
+#[map]
+static STACK_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
 /// `[0]`: generation; its low bit selects the set being written.
 #[map]
 static CONTROL: Array<u64> = Array::with_max_entries(1, 0);
@@ -62,9 +72,17 @@ static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 static KNOWN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-/// Per-CPU scratch space for one stack (too large for the 512-byte BPF stack).
+/// Per-CPU scratch space for a stack the kernel walks (too large for the
+/// 512-byte BPF stack).
 #[map]
 static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
+
+/// One set of the stack store.
+struct StackStore {
+    set: u32,
+    index: &'static PerCpuHashMap<u64, StackSlot>,
+    chunks: &'static PerCpuArray<StackChunk>,
+}
 
 #[perf_event]
 pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
@@ -97,41 +115,61 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<(), ()> {
     notice_process(pid);
 
     let set = generation & 1;
-    let (counts, stacks) = if set == 0 {
-        (&COUNTS_0, &STACKS_0)
+    let (counts, store) = if set == 0 {
+        (
+            &COUNTS_0,
+            StackStore {
+                set: 0,
+                index: &STACK_INDEX_0,
+                chunks: &STACK_CHUNKS_0,
+            },
+        )
     } else {
-        (&COUNTS_1, &STACKS_1)
+        (
+            &COUNTS_1,
+            StackStore {
+                set: 1,
+                index: &STACK_INDEX_1,
+                chunks: &STACK_CHUNKS_1,
+            },
+        )
     };
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
-    let user_stack = store_stack(
-        ctx,
-        scratch,
-        stacks,
-        BPF_F_USER_STACK as u64,
-        HASH_SEED_USER,
-    );
-    let kernel_stack = store_stack(ctx, scratch, stacks, 0, HASH_SEED_KERNEL);
+    let (user_unwind, user_stack) = match unwind::wants(pid) {
+        Some(process) => match unwind::walk_user_stack(ctx.ctx, process) {
+            (status, Some((stack, len))) => {
+                (status, store_stack(&store, stack, len, HASH_SEED_USER))
+            }
+            (status, None) => (status, stack_id::EMPTY),
+        },
+        None => (
+            status::KERNEL_FRAME_POINTERS,
+            kernel_walk(ctx, scratch, BPF_F_USER_STACK as u64)
+                .map_or(stack_id::WALK_FAILED, |len| {
+                    store_stack(&store, scratch, len, HASH_SEED_USER)
+                }),
+        ),
+    };
+    let kernel_stack = kernel_walk(ctx, scratch, 0).map_or(stack_id::WALK_FAILED, |len| {
+        store_stack(&store, scratch, len, HASH_SEED_KERNEL)
+    });
     let key = SampleKey {
         pid,
         tid,
         user_stack,
         kernel_stack,
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        user_unwind,
+        _reserved: 0,
     };
     count_sample(counts, &key)?;
     bump(Counter::recorded(set));
     Ok(())
 }
 
-/// Walks one stack into the scratch buffer and stores it under its hash.
-/// Returns the hash, or a `stack_id` marker saying why there is none.
-fn store_stack(
-    ctx: &PerfEventContext,
-    scratch: *mut Stack,
-    stacks: &HashMap<u64, Stack>,
-    flags: u64,
-    seed: u64,
-) -> u64 {
+/// Lets the kernel walk a stack (by frame pointers for user stacks) into
+/// the scratch buffer, zero-filled past its end. Returns its length.
+fn kernel_walk(ctx: &PerfEventContext, scratch: *mut Stack, flags: u64) -> Result<u32, ()> {
     // SAFETY: `scratch` points at this CPU's map value, large enough for
     // MAX_STACK_DEPTH entries.
     let ret = unsafe {
@@ -148,50 +186,118 @@ fn store_stack(
         } else {
             Counter::UserStackFailed
         });
-        return stack_id::WALK_FAILED;
+        return Err(());
     }
-    let len = ret as usize / size_of::<u64>();
-    if len == 0 {
+    Ok((ret as usize / size_of::<u64>()) as u32)
+}
+
+/// Stores a stack of `len` entries (zero-filled past its end) under its
+/// hash. Returns the hash, or a `stack_id` marker saying why there is none.
+fn store_stack(store: &StackStore, stack: *mut Stack, len: u32, seed: u64) -> u64 {
+    // SAFETY: a per-CPU map value of this program.
+    let stack = unsafe { &*stack };
+    if len == 0 || len > MAX_STACK_DEPTH as u32 {
         return stack_id::EMPTY;
     }
-    // SAFETY: as above.
-    let stack = unsafe { &mut *scratch };
-    stack.len = len as u64;
-    // bpf_get_stack zero-fills the buffer past the stack, so hashing (and
-    // comparing) all entries gives the same result as stopping at `len`,
-    // without a data-dependent exit per iteration for the verifier to fork
-    // on (that made loading take over a second).
+    // Hashing (and comparing) all entries, the zeros included, gives the
+    // same result as stopping at the end, without a data-dependent exit per
+    // iteration for the verifier to fork on.
     let mut hash = seed;
     for i in 0..MAX_STACK_DEPTH {
         hash = hash_step(hash, stack.ips[i]);
     }
     let hash = finish_hash(hash);
+    let chunks = stack_chunks(len as usize) as u32;
 
-    if let Some(stored) = stacks.get_ptr(hash) {
-        // SAFETY: a valid map value; entries are never modified once stored.
-        let stored = unsafe { &*stored };
-        if !same_stack(stored, stack) {
-            bump(Counter::StackCollision);
-            return stack_id::COLLISION;
+    let existing = store.index.get_ptr_mut(hash);
+    if let Some(slot) = existing {
+        // SAFETY: this CPU's value of the entry; only this CPU writes it.
+        let slot = unsafe { *slot };
+        if slot.first != 0 {
+            return if same_stack(store, slot, stack) {
+                hash
+            } else {
+                bump(Counter::StackCollision);
+                stack_id::COLLISION
+            };
         }
-        return hash;
     }
-    match stacks.insert(hash, &*stack, BPF_NOEXIST as u64) {
-        // Another CPU stored it first; with a 64-bit hash it is the same stack.
-        Ok(()) => hash,
-        Err(e) if e == -EEXIST => hash,
-        Err(_) => {
+    // Not stored by this CPU yet: take chunks from its arena.
+    let Some(next) = STACK_NEXT.get_ptr_mut(store.set) else {
+        return stack_id::MAP_FULL;
+    };
+    // SAFETY: this CPU's counter; programs do not nest on a CPU.
+    let first = unsafe { *next };
+    for c in 0..MAX_STACK_CHUNKS {
+        if c as u32 >= chunks {
+            break;
+        }
+        let Some(chunk) = store.chunks.get_ptr_mut(first.wrapping_add(c as u32)) else {
             bump(Counter::StackMapFull);
-            stack_id::MAP_FULL
+            return stack_id::MAP_FULL;
+        };
+        // SAFETY: this CPU's chunk; nothing reads it before the index names it.
+        let chunk = unsafe { &mut *chunk };
+        for w in 0..STACK_CHUNK_WORDS {
+            chunk.ips[w] = stack.ips[c * STACK_CHUNK_WORDS + w];
         }
     }
+    let slot = StackSlot {
+        first: first + 1,
+        len,
+    };
+    let stored = match existing {
+        Some(value) => {
+            // SAFETY: this CPU's value of the entry.
+            unsafe { *value = slot };
+            true
+        }
+        None => match store.index.insert(hash, slot, BPF_NOEXIST as u64) {
+            Ok(()) => true,
+            // Another CPU added the key meanwhile; this CPU's value is zero.
+            Err(e) if e == -EEXIST => match store.index.get_ptr_mut(hash) {
+                Some(value) => {
+                    // SAFETY: as above.
+                    unsafe { *value = slot };
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        },
+    };
+    if !stored {
+        bump(Counter::StackMapFull);
+        return stack_id::MAP_FULL;
+    }
+    // SAFETY: as above.
+    unsafe { *next = first + chunks };
+    hash
 }
 
-/// Branch-free comparison of two stacks (see `store_stack`).
-fn same_stack(a: &Stack, b: &Stack) -> bool {
-    let mut diff = a.len ^ b.len;
-    for i in 0..MAX_STACK_DEPTH {
-        diff |= a.ips[i] ^ b.ips[i];
+/// Whether the stack this CPU stored at `slot` equals `stack`. Chunks are
+/// stored whole (zero-filled past the stack); chunks past the stack's own
+/// may belong to other stacks, so there `stack` must be zero.
+fn same_stack(store: &StackStore, slot: StackSlot, stack: &Stack) -> bool {
+    let len = slot.len as usize;
+    if len > MAX_STACK_DEPTH {
+        return false;
+    }
+    let mut diff = 0u64;
+    for c in 0..MAX_STACK_CHUNKS {
+        let base = c * STACK_CHUNK_WORDS;
+        if base < len {
+            let Some(chunk) = store.chunks.get(slot.first.wrapping_sub(1) + c as u32) else {
+                return false;
+            };
+            for w in 0..STACK_CHUNK_WORDS {
+                diff |= chunk.ips[w] ^ stack.ips[base + w];
+            }
+        } else {
+            for w in 0..STACK_CHUNK_WORDS {
+                diff |= stack.ips[base + w];
+            }
+        }
     }
     diff == 0
 }
@@ -266,6 +372,7 @@ fn try_profile_fork(ctx: &TracePointContext) -> Result<(), i64> {
     let offset = unsafe { read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
     let child = unsafe { ctx.read_at::<i32>(offset) }?;
     let _ = KNOWN_PIDS.remove(child as u32);
+    unwind::forget(child as u32);
     Ok(())
 }
 
@@ -275,5 +382,6 @@ fn try_profile_fork(ctx: &TracePointContext) -> Result<(), i64> {
 pub fn profile_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = KNOWN_PIDS.remove(pid);
+    unwind::forget(pid);
     0
 }

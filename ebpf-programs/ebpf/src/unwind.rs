@@ -1,0 +1,326 @@
+//! User-stack unwinding from unwind tables (`.eh_frame`) and frame pointers,
+//! per mapping, as user space describes each process in `UNWIND_PROCS`. The
+//! contract is documented in `fathom_common::unwind`.
+//!
+//! One frame per `bpf_loop` iteration: the callback is verified once, so the
+//! walk can be [`MAX_STACK_DEPTH`] frames deep without unrolling.
+
+use core::{ffi::c_void, ptr::null_mut};
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, bpf_perf_event_data},
+    helpers::{
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
+    },
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use fathom_common::{
+    profiler::{MAX_STACK_DEPTH, Stack},
+    unwind::{
+        MAX_SEARCH_STEPS, UnwindMapping, UnwindProcess, UnwindRow, cfa, mapping_kind, rbp,
+        signal_frame, status,
+    },
+};
+
+// Sizes are defaults; the loader sets them from the agent's configuration.
+// The tables are mmapable: user space writes them with plain stores.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[map]
+static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// Processes whose user stacks are walked here (the others by the kernel).
+#[map]
+pub static UNWIND_PROCS: HashMap<u32, UnwindProcess> = HashMap::with_max_entries(1, 0);
+/// Per-CPU state of the walk in progress (the `bpf_loop` callback's).
+#[map]
+static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Registers of the frame being unwound, and the walk's progress.
+#[repr(C)]
+struct Walk {
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    frames: u32,
+    /// A `status`; `IN_PROGRESS` until the walk stops.
+    status: u32,
+    mappings_start: u32,
+    mappings_len: u32,
+    /// RBP holds the frame's value (not lost to a rule we do not follow).
+    bp_known: u8,
+    /// `ip` is where the frame is executing (the leaf, or a frame a signal
+    /// interrupted), not a return address: look it up as is, not minus one.
+    ip_exact: u8,
+    _pad: [u8; 6],
+    /// The frames, zero-filled past the last.
+    stack: Stack,
+}
+
+const IN_PROGRESS: u32 = u32::MAX;
+
+/// x86-64 `struct pt_regs` offsets, for the registers the kernel saved.
+mod regs {
+    pub const BP: usize = 32;
+    pub const IP: usize = 128;
+    pub const CS: usize = 136;
+    pub const SP: usize = 152;
+}
+
+/// Whether this process's user stack is walked here.
+#[inline(always)]
+pub fn wants(pid: u32) -> Option<UnwindProcess> {
+    // SAFETY: a valid map value; user space replaces it whole.
+    UNWIND_PROCS.get_ptr(pid).map(|p| unsafe { *p })
+}
+
+/// Walks the current task's user stack. Returns a `status` and, unless the
+/// task has no user stack, the frames (this CPU's buffer, valid until the
+/// next walk on this CPU) and their number.
+pub fn walk_user_stack(
+    ctx: *mut bpf_perf_event_data,
+    process: UnwindProcess,
+) -> (u32, Option<(*mut Stack, u32)>) {
+    let Some(walk) = WALK.get_ptr_mut(0) else {
+        return (status::READ_FAILED, None);
+    };
+    let Some((ip, sp, bp)) = user_registers(ctx) else {
+        return (status::NO_USER_STACK, None);
+    };
+    // SAFETY: this CPU's map value; perf-event programs do not nest on a CPU.
+    let walk = unsafe { &mut *walk };
+    for slot in walk.stack.ips.iter_mut() {
+        *slot = 0;
+    }
+    walk.ip = ip;
+    walk.sp = sp;
+    walk.bp = bp;
+    walk.frames = 0;
+    walk.status = IN_PROGRESS;
+    walk.mappings_start = process.mappings_start;
+    walk.mappings_len = process.mappings_len;
+    walk.bp_known = 1;
+    walk.ip_exact = 1;
+    // One more iteration than frames: the last one only says "truncated".
+    // SAFETY: `step` has the callback signature bpf_loop requires.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32 + 1,
+            step as *mut c_void,
+            null_mut(),
+            0,
+        )
+    };
+    let outcome = if walk.status == IN_PROGRESS {
+        status::TRUNCATED
+    } else {
+        walk.status
+    };
+    (outcome, Some((&mut walk.stack as *mut Stack, walk.frames)))
+}
+
+/// The user-mode registers at the sample: the interrupted ones when the CPU
+/// was in user mode, else the ones saved on entry to the kernel.
+#[inline(always)]
+fn user_registers(ctx: *mut bpf_perf_event_data) -> Option<(u64, u64, u64)> {
+    // SAFETY: the program's context: the verifier allows reading its regs.
+    let sampled = unsafe { &(*ctx).regs };
+    if sampled.cs & 3 == 3 {
+        return Some((sampled.rip, sampled.rsp, sampled.rbp));
+    }
+    let at = |base: *const u8, offset: usize| -> Option<u64> {
+        // SAFETY: reads a u64 of a `pt_regs`; a fault is an error value.
+        unsafe { bpf_probe_read_kernel(base.add(offset) as *const u64) }.ok()
+    };
+    // SAFETY: helpers returning the current task and its saved user
+    // registers; the result is only read through bpf_probe_read_kernel.
+    let saved = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if saved.is_null() || at(saved, regs::CS)? & 3 != 3 {
+        // A kernel thread: no user mode to return to.
+        return None;
+    }
+    Some((at(saved, regs::IP)?, at(saved, regs::SP)?, at(saved, regs::BP)?))
+}
+
+/// One frame: records `walk.ip`, then finds the caller's registers.
+/// Returns 0 to go on, 1 to stop.
+extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(walk) = WALK.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's map value; the walk runs inside one program run.
+    let walk = unsafe { &mut *walk };
+    match try_step(walk) {
+        Ok(()) => 0,
+        Err(outcome) => {
+            walk.status = outcome;
+            1
+        }
+    }
+}
+
+#[inline(always)]
+fn try_step(walk: &mut Walk) -> Result<(), u32> {
+    let n = walk.frames as usize;
+    if n >= MAX_STACK_DEPTH {
+        return Err(IN_PROGRESS); // truncated: the caller says so
+    }
+    walk.stack.ips[n] = walk.ip;
+    walk.frames += 1;
+
+    let mapping = find_mapping(walk).ok_or(status::NO_MAPPING)?;
+    if mapping.kind == mapping_kind::FRAME_POINTER {
+        return frame_pointer_step(walk);
+    }
+    let lookup = walk
+        .ip
+        .wrapping_sub(mapping.bias)
+        .wrapping_sub(if walk.ip_exact != 0 { 0 } else { 1 });
+    if lookup > u64::from(u32::MAX) {
+        return Err(status::NO_UNWIND_INFO);
+    }
+    let row = find_row(&mapping, lookup as u32).ok_or(status::NO_UNWIND_INFO)?;
+    let cfa = match row.cfa_rule() {
+        cfa::RSP => walk.sp.wrapping_add(u64::from(row.cfa_offset)),
+        cfa::RBP => {
+            if walk.bp_known == 0 {
+                return Err(status::RBP_UNKNOWN);
+            }
+            walk.bp.wrapping_add(u64::from(row.cfa_offset))
+        }
+        cfa::PLT => {
+            let pushed = if walk.ip & 15 >= u64::from(row.cfa_offset) { 8 } else { 0 };
+            walk.sp.wrapping_add(8 + pushed)
+        }
+        cfa::SIGNAL => return signal_step(walk),
+        cfa::END => return Err(status::COMPLETE),
+        cfa::NONE => return Err(status::NO_UNWIND_INFO),
+        _ => return Err(status::UNSUPPORTED_RULE),
+    };
+    if cfa <= walk.sp {
+        return Err(status::NOT_ADVANCING);
+    }
+    let ra = read_user(cfa.wrapping_sub(8))?;
+    match row.rbp_rule() {
+        rbp::SAME => {}
+        rbp::AT_CFA => {
+            let at = cfa.wrapping_add((i64::from(row.rbp_offset) * 8) as u64);
+            walk.bp = read_user(at)?;
+            walk.bp_known = 1;
+        }
+        _ => walk.bp_known = 0,
+    }
+    walk.sp = cfa;
+    walk.ip = ra;
+    walk.ip_exact = 0;
+    if ra == 0 {
+        return Err(status::COMPLETE);
+    }
+    Ok(())
+}
+
+/// A caller found by its frame pointer: the saved RBP at [RBP], the return
+/// address above it.
+#[inline(always)]
+fn frame_pointer_step(walk: &mut Walk) -> Result<(), u32> {
+    if walk.bp_known == 0 {
+        return Err(status::RBP_UNKNOWN);
+    }
+    if walk.bp == 0 {
+        // The outermost frame clears RBP (`_start`, goroutine entry).
+        return Err(status::COMPLETE);
+    }
+    let cfa = walk.bp.wrapping_add(16);
+    if cfa <= walk.sp {
+        return Err(status::NOT_ADVANCING);
+    }
+    let ra = read_user(walk.bp.wrapping_add(8))?;
+    walk.bp = read_user(walk.bp)?;
+    walk.sp = cfa;
+    walk.ip = ra;
+    walk.ip_exact = 0;
+    if ra == 0 {
+        return Err(status::COMPLETE);
+    }
+    Ok(())
+}
+
+/// `__restore_rt`: the interrupted frame's registers are in the `ucontext_t`
+/// at RSP, and its instruction pointer is exact.
+#[inline(always)]
+fn signal_step(walk: &mut Walk) -> Result<(), u32> {
+    let context = walk.sp;
+    walk.ip = read_user(context.wrapping_add(signal_frame::RIP))?;
+    walk.bp = read_user(context.wrapping_add(signal_frame::RBP))?;
+    walk.sp = read_user(context.wrapping_add(signal_frame::RSP))?;
+    walk.bp_known = 1;
+    walk.ip_exact = 1;
+    if walk.ip == 0 {
+        return Err(status::COMPLETE);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn read_user(addr: u64) -> Result<u64, u32> {
+    // SAFETY: the helper checks the address; a fault is an error value.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.map_err(|_| status::READ_FAILED)
+}
+
+/// The process's mapping containing `walk.ip` (binary search; mappings are
+/// sorted by start and do not overlap).
+#[inline(always)]
+fn find_mapping(walk: &Walk) -> Option<UnwindMapping> {
+    let ip = walk.ip;
+    let (mut lo, mut hi) = (0u32, walk.mappings_len);
+    for _ in 0..MAX_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let mapping = UNWIND_MAPPINGS.get(walk.mappings_start.wrapping_add(mid))?;
+        if mapping.start <= ip {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == 0 {
+        return None;
+    }
+    let mapping = *UNWIND_MAPPINGS.get(walk.mappings_start.wrapping_add(lo - 1))?;
+    (ip < mapping.end).then_some(mapping)
+}
+
+/// The last row at or before `pc` in the mapping's table.
+#[inline(always)]
+fn find_row(mapping: &UnwindMapping, pc: u32) -> Option<UnwindRow> {
+    let (mut lo, mut hi) = (0u32, mapping.rows_len);
+    for _ in 0..MAX_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let row = UNWIND_ROWS.get(mapping.rows_start.wrapping_add(mid))?;
+        if row.pc <= pc {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == 0 {
+        return None;
+    }
+    UNWIND_ROWS
+        .get(mapping.rows_start.wrapping_add(lo - 1))
+        .copied()
+}
+
+/// A forked child or an exec'd image must not be walked with its parent's
+/// or its old image's mappings: forget them until user space has read the
+/// new ones.
+#[inline(always)]
+pub fn forget(pid: u32) {
+    let _ = UNWIND_PROCS.remove(pid);
+}
