@@ -237,7 +237,10 @@ impl<'t> Builder<'t> {
             section: name,
             error,
         };
-        // Most FDEs share a handful of CIEs: parse each once.
+        // Most FDEs share a handful of CIEs: parse each once (keeping at
+        // most MAX_CIES, so that hostile input cannot make this map many
+        // times its size).
+        const MAX_CIES: usize = 4096;
         let mut cies: HashMap<usize, CommonInformationEntry<R<'a>>> = HashMap::new();
         let mut entries = section.entries(bases);
         while let Some(entry) = entries.next().map_err(parse)? {
@@ -250,7 +253,9 @@ impl<'t> Builder<'t> {
                     return Ok(cie.clone());
                 }
                 let cie = section.cie_from_offset(bases, offset)?;
-                cies.insert(key, cie.clone());
+                if cies.len() < MAX_CIES {
+                    cies.insert(key, cie.clone());
+                }
                 Ok(cie)
             });
             let Ok(fde) = fde else {
@@ -635,6 +640,12 @@ impl UnwindTable {
                 .collect();
         if rows.windows(2).any(|w| w[0].pc >= w[1].pc) {
             return Err(bad("rows out of order"));
+        }
+        if rows
+            .last()
+            .is_some_and(|r| base.checked_add(u64::from(r.pc)).is_none())
+        {
+            return Err(bad("rows past the end of the address space"));
         }
         if rows
             .iter()

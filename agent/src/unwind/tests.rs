@@ -789,6 +789,17 @@ fn bytes_round_trip_and_corruption_is_rejected() {
     longer.extend_from_slice(&[0; 8]);
     assert!(UnwindTable::from_bytes(&longer).is_err());
 
+    // Rows past the end of the address space.
+    let wrapping = UnwindTable {
+        base: u64::MAX,
+        rows: vec![
+            UnwindRow::new(0, cfa::RSP, 8, rbp::SAME, 0),
+            UnwindRow::new(1, cfa::NONE, 0, rbp::SAME, 0),
+        ],
+        stats: BuildStats::default(),
+    };
+    assert!(UnwindTable::from_bytes(&wrapping.to_bytes()).is_err());
+
     // An empty table round-trips too.
     let empty = UnwindTable::default();
     assert_eq!(UnwindTable::from_bytes(&empty.to_bytes()).unwrap(), empty);
