@@ -12,8 +12,8 @@ use fathom_agent::{
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
-    unwinder::UnwinderConfig,
     session::{self, DirSink, Session, Stop},
+    unwinder::UnwinderConfig,
 };
 use fathom_collector::{Collector, CollectorArgs};
 use fathom_symbolizer::SymbolizerConfig;

@@ -18,8 +18,7 @@ use aya::{
 };
 use fathom_common::{
     profiler::{
-        Counter, SampleKey, StackChunk, StackSlot, names, stack_chunks, stack_id,
-        STACK_CHUNK_WORDS,
+        Counter, STACK_CHUNK_WORDS, SampleKey, StackChunk, StackSlot, names, stack_chunks, stack_id,
     },
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
@@ -646,12 +645,14 @@ mod tests {
             sizes,
             MapSizes {
                 stacks: 2048,
+                // Per CPU: 99 Hz * 4 periods * 2 stacks * 4 chunks = 3168.
+                stack_chunks: 4096,
                 sample_keys: 1024
             }
         );
         assert_eq!(
             sizes.kernel_bytes(2),
-            2 * (2048 * 1080 + 1024 * (48 + 40 + 16))
+            2 * (2048 * (48 + 8 + 2 * 8) + 4096 * 2 * 128 + 1024 * (48 + 48 + 16))
         );
         // 999 Hz * 2 CPUs: 7992 samples.
         let fast = ProfilerConfig {
@@ -662,6 +663,7 @@ mod tests {
             fast.map_sizes(2),
             MapSizes {
                 stacks: 16384,
+                stack_chunks: 32768,
                 sample_keys: 8192
             }
         );
@@ -676,6 +678,7 @@ mod tests {
             fixed.map_sizes(64),
             MapSizes {
                 stacks: 100,
+                stack_chunks: 4096,
                 sample_keys: 7
             }
         );
@@ -689,6 +692,7 @@ mod tests {
             tiny.map_sizes(1),
             MapSizes {
                 stacks: 1024,
+                stack_chunks: 1024,
                 sample_keys: 1024
             }
         );

@@ -23,11 +23,11 @@ use pprof::protos::Profile;
 use crate::{
     pprof::{self as pp, CpuProfileMeta, LabelValue, ProfileBuilder},
     process::{ProcessTable, Snapshot},
-    unwind_stats::UnwindStats,
-    unwinder::{Unwinder, UnwinderStats},
     profiler::{KernelCounters, Profiler, ProfilerConfig, ProfilerError, Window},
     stacks::{ResolvedSample, StackResolver},
     sys,
+    unwind_stats::UnwindStats,
+    unwinder::{Unwinder, UnwinderStats},
 };
 
 /// A stop request that sleeping loops wake up for.
@@ -120,10 +120,14 @@ impl ProcessWatcher {
         let (loads, loader) = match unwinder {
             Some(unwinder) => {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<(u32, Arc<Snapshot>)>(UNWIND_QUEUE);
+                let stopping = Arc::clone(&stop);
                 let handle = std::thread::Builder::new()
                     .name("fathom-unwind".into())
                     .spawn(move || {
                         while let Ok((pid, snapshot)) = rx.recv() {
+                            if stopping.load(Ordering::Relaxed) {
+                                break;
+                            }
                             unwinder
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())

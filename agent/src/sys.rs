@@ -204,7 +204,11 @@ impl<T: aya::Pod> SharedArray<T> {
         // T is Pod so any bytes are valid. BPF programs may read concurrently:
         // callers only write ranges no process entry names yet.
         unsafe {
-            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.as_ptr().add(start), values.len())
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr(),
+                self.ptr.as_ptr().add(start),
+                values.len(),
+            )
         };
     }
 

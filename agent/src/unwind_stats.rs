@@ -123,7 +123,10 @@ impl UnwindStats {
         ExportMetricsServiceRequest {
             resource_metrics: vec![ResourceMetrics {
                 resource: Some(Resource {
-                    attributes: vec![text("service.name", "fathom-agent"), text("host.name", node)],
+                    attributes: vec![
+                        text("service.name", "fathom-agent"),
+                        text("host.name", node),
+                    ],
                     ..Default::default()
                 }),
                 scope_metrics: vec![ScopeMetrics {
@@ -133,8 +136,8 @@ impl UnwindStats {
                     }),
                     metrics: vec![Metric {
                         name: "fathom.agent.unwind.samples".into(),
-                        description: "CPU samples by executable and how their user stack was walked"
-                            .into(),
+                        description:
+                            "CPU samples by executable and how their user stack was walked".into(),
                         unit: "{sample}".into(),
                         data: Some(metric::Data::Sum(Sum {
                             data_points: points,
@@ -166,7 +169,10 @@ mod tests {
             stats.summary(5),
             "python3 n=100 complete=97.0% no_unwind_info=3.0%; nginx n=1 truncated=100.0%"
         );
-        assert_eq!(stats.summary(1), "python3 n=100 complete=97.0% no_unwind_info=3.0%");
+        assert_eq!(
+            stats.summary(1),
+            "python3 n=100 complete=97.0% no_unwind_info=3.0%"
+        );
         let request = stats.to_otlp("node-1");
         let metric = &request.resource_metrics[0].scope_metrics[0].metrics[0];
         let Some(metric::Data::Sum(sum)) = &metric.data else {

@@ -143,7 +143,10 @@ impl RangeAlloc {
 /// A file's table as loaded (or why it is not).
 #[derive(Clone, Copy, Debug)]
 enum Loaded {
-    Rows { range: Range, base: u64 },
+    Rows {
+        range: Range,
+        base: u64,
+    },
     /// Frame pointers: no usable table, or the file keeps frame pointers.
     FramePointers(&'static str),
 }
@@ -225,12 +228,14 @@ impl Unwinder {
                 name: names::UNWIND_ROWS,
                 source,
             })?;
-        let mappings =
-            SharedArray::map(maps.mappings.map().fd().as_fd(), maps.sizes.mappings as usize)
-                .map_err(|source| UnwinderError::Mmap {
-                    name: names::UNWIND_MAPPINGS,
-                    source,
-                })?;
+        let mappings = SharedArray::map(
+            maps.mappings.map().fd().as_fd(),
+            maps.sizes.mappings as usize,
+        )
+        .map_err(|source| UnwinderError::Mmap {
+            name: names::UNWIND_MAPPINGS,
+            source,
+        })?;
         Ok(Self {
             rows,
             mappings,
@@ -314,7 +319,8 @@ impl Unwinder {
                     .iter()
                     .filter(|e| e.kind == mapping_kind::FRAME_POINTER)
                     .count() as u64;
-                self.processes.insert(pid, LoadedProcess { mappings, tables });
+                self.processes
+                    .insert(pid, LoadedProcess { mappings, tables });
             }
             None => {
                 self.stats.processes_refused += 1;
@@ -325,7 +331,9 @@ impl Unwinder {
             }
         }
         if let Some(old) = old {
-            self.quarantine.pending.push((Which::Mappings, old.mappings));
+            self.quarantine
+                .pending
+                .push((Which::Mappings, old.mappings));
             for key in old.tables {
                 self.release_table(&key);
             }
@@ -352,11 +360,7 @@ impl Unwinder {
     }
 
     /// The loaded table of `key`, loading it on first use; takes a reference.
-    fn acquire(
-        &mut self,
-        key: &str,
-        elf: impl FnOnce() -> std::io::Result<Vec<u8>>,
-    ) -> Loaded {
+    fn acquire(&mut self, key: &str, elf: impl FnOnce() -> std::io::Result<Vec<u8>>) -> Loaded {
         if !self.tables.contains_key(key) {
             let loaded = match self.cache.get_or_build(key, elf) {
                 Ok(table) => self.place(key, &table),
@@ -434,7 +438,9 @@ impl Unwinder {
             return;
         };
         let _ = self.processes_map.remove(&pid);
-        self.quarantine.pending.push((Which::Mappings, process.mappings));
+        self.quarantine
+            .pending
+            .push((Which::Mappings, process.mappings));
         for key in process.tables {
             self.release_table(&key);
         }
@@ -494,7 +500,8 @@ mod tests {
         assert!(alloc.alloc(20).is_none(), "only 10 left");
         alloc.release(a);
         alloc.release(c);
-        assert!(alloc.alloc(40).is_none(), "free space is split");
+        // Free: 0..30, and 60..100 (c coalesced with the tail).
+        assert!(alloc.alloc(41).is_none(), "free space is split");
         alloc.release(b);
         assert_eq!(alloc.used, 0);
         assert_eq!(alloc.free.len(), 1, "coalesced: {:?}", alloc.free);

@@ -62,7 +62,10 @@ assert_size!(Stack, 8 * MAX_STACK_DEPTH);
 impl Stack {
     /// Number of frames.
     pub fn len(&self) -> usize {
-        self.ips.iter().position(|&ip| ip == 0).unwrap_or(MAX_STACK_DEPTH)
+        self.ips
+            .iter()
+            .position(|&ip| ip == 0)
+            .unwrap_or(MAX_STACK_DEPTH)
     }
 
     pub fn is_empty(&self) -> bool {

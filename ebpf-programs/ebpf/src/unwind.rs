@@ -140,7 +140,11 @@ fn user_registers(ctx: *mut bpf_perf_event_data) -> Option<(u64, u64, u64)> {
         // A kernel thread: no user mode to return to.
         return None;
     }
-    Some((at(saved, regs::IP)?, at(saved, regs::SP)?, at(saved, regs::BP)?))
+    Some((
+        at(saved, regs::IP)?,
+        at(saved, regs::SP)?,
+        at(saved, regs::BP)?,
+    ))
 }
 
 /// One frame: records `walk.ip`, then finds the caller's registers.
@@ -190,7 +194,11 @@ fn try_step(walk: &mut Walk) -> Result<(), u32> {
             walk.bp.wrapping_add(u64::from(row.cfa_offset))
         }
         cfa::PLT => {
-            let pushed = if walk.ip & 15 >= u64::from(row.cfa_offset) { 8 } else { 0 };
+            let pushed = if walk.ip & 15 >= u64::from(row.cfa_offset) {
+                8
+            } else {
+                0
+            };
             walk.sp.wrapping_add(8 + pushed)
         }
         cfa::SIGNAL => return signal_step(walk),
