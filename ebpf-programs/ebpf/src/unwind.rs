@@ -53,7 +53,11 @@ struct Walk {
     /// `ip` is where the frame is executing (the leaf, or a frame a signal
     /// interrupted), not a return address: look it up as is, not minus one.
     ip_exact: u8,
-    _pad: [u8; 6],
+    /// `mapping` holds the last mapping found (consecutive frames are
+    /// mostly in one file: no search for them).
+    mapping_valid: u8,
+    _pad: [u8; 5],
+    mapping: UnwindMapping,
     /// The frames, zero-filled past the last.
     stack: Stack,
 }
@@ -102,6 +106,7 @@ pub fn walk_user_stack(
     walk.mappings_len = process.mappings_len;
     walk.bp_known = 1;
     walk.ip_exact = 1;
+    walk.mapping_valid = 0;
     // One more iteration than frames: the last one only says "truncated".
     // SAFETY: `step` has the callback signature bpf_loop requires.
     unsafe {
@@ -173,7 +178,15 @@ fn try_step(walk: &mut Walk) -> Result<(), u32> {
     walk.stack.ips[n] = walk.ip;
     walk.frames += 1;
 
-    let mapping = find_mapping(walk).ok_or(status::NO_MAPPING)?;
+    let mapping =
+        if walk.mapping_valid != 0 && walk.mapping.start <= walk.ip && walk.ip < walk.mapping.end {
+            walk.mapping
+        } else {
+            let found = find_mapping(walk).ok_or(status::NO_MAPPING)?;
+            walk.mapping = found;
+            walk.mapping_valid = 1;
+            found
+        };
     if mapping.kind == mapping_kind::FRAME_POINTER {
         return frame_pointer_step(walk);
     }
