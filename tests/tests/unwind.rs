@@ -39,9 +39,9 @@ const SECONDS: u32 = 6;
 /// error of the difference of two shares near 50% is ~0.9 points.
 const TOLERANCE: f64 = 0.03;
 
-/// Least share of our samples whose stack reaches `main` (or libc's caller
-/// of it) in the fixtures: every sample of these single-threaded programs is
-/// taken under `main`.
+/// Least share of our samples whose stack reaches `main` (the thread entry,
+/// `start_thread`, for the C++ fixture's thread) in the fixtures: every
+/// sample of these programs is taken under it.
 const FIXTURE_REACH: f64 = 0.95;
 
 /// The same for Debian's python3 and nginx (stripped binaries, bigger code:
