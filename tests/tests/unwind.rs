@@ -39,9 +39,9 @@ const SECONDS: u32 = 6;
 /// error of the difference of two shares near 50% is ~0.9 points.
 const TOLERANCE: f64 = 0.03;
 
-/// Least share of our samples whose stack reaches `main` (or libc's caller
-/// of it) in the fixtures: every sample of these single-threaded programs is
-/// taken under `main`.
+/// Least share of our samples whose stack reaches `main` (the thread entry,
+/// `start_thread`, for the C++ fixture's thread) in the fixtures: every
+/// sample of these programs is taken under it.
 const FIXTURE_REACH: f64 = 0.95;
 
 /// The same for Debian's python3 and nginx (stripped binaries, bigger code:
@@ -404,12 +404,25 @@ fn compare(pid: u32, functions: &[&str], dir: &Path) -> Comparison {
         perf.wait_timeout(Duration::from_secs(60)).success(),
         "perf record failed"
     );
+    // perf script makes a million cheap system calls; on 2 CPUs with the
+    // workload spinning it is then rescheduled at each and takes 10x longer.
+    // The workload is paused meanwhile.
+    signal_pid(pid, "STOP");
+    let started = std::time::Instant::now();
+    let perf = perf_script(&perf_data);
+    let script_time = started.elapsed();
+    signal_pid(pid, "CONT");
     let ours: Vec<_> = flatten(&read_profile(&output))
         .into_iter()
         .filter(|s| s.pid == i64::from(pid))
         .collect();
     let ours = Side::ours(&ours);
-    let perf = Side::perf(&perf_script(&perf_data));
+    let perf = Side::perf(&perf);
+    println!(
+        "perf script: {:.1} s, reading both profiles: {:.1} s",
+        script_time.as_secs_f64(),
+        (started.elapsed() - script_time).as_secs_f64()
+    );
     // Keep the disk free: a dwarf recording is ~30 MB per second.
     let _ = std::fs::remove_file(&perf_data);
     // At least a quarter of a CPU over the profile, on each side.
@@ -429,6 +442,16 @@ fn compare(pid: u32, functions: &[&str], dir: &Path) -> Comparison {
         })
         .collect();
     Comparison { ours, perf, rows }
+}
+
+/// Sends `signal` to a process this test started (or its child).
+fn signal_pid(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{signal} {pid} failed");
 }
 
 /// Starts `cmd`, lets it settle, and [`compare`]s it; prints the result.
