@@ -18,7 +18,7 @@
 //!    `fathom_agent::unwind::build` in this (release) process.
 //! 3. **Workload slowdown** at 99 Hz: the fixture doing a fixed amount of
 //!    work at depth 64 on every CPU, timed alone and while the release agent
-//!    profiles the whole system with tables, alternated three times.
+//!    profiles the whole system with tables, in five alternating pairs.
 //!
 //!   cargo bench -p fathom-tests --bench unwind
 //!
@@ -59,7 +59,7 @@ const PROG_TYPE_PERF_EVENT: u32 = 7;
 const GOAL_NS_AT_64: f64 = 500.0;
 /// Length of one workload run in part 3, and the number of off/on pairs.
 const WORKLOAD_SECONDS: f64 = 4.0;
-const WORKLOAD_PAIRS: usize = 3;
+const WORKLOAD_PAIRS: usize = 5;
 /// The agent's name for the kernel's mapping in profiles.
 const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
 
@@ -543,6 +543,44 @@ struct Slowdown {
     agent_cpu: Vec<f64>,
 }
 
+/// Runs the workload while the agent profiles the whole system at 99 Hz
+/// with tables; returns the workload's (wall, CPU) seconds and the agent's
+/// CPU seconds meanwhile.
+fn run_with_agent(
+    agent: &Path,
+    deep: &Path,
+    threads: usize,
+    iterations: u64,
+    dir: &Path,
+    pair: usize,
+) -> ((f64, f64), f64) {
+    let out_dir = dir.join(format!("windows-{pair}"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let mut run = AgentRun::spawn(
+        agent,
+        &[
+            "--frequency",
+            "99",
+            "--unwind",
+            "tables",
+            // Drains more often than the 10 s default: the cost of
+            // draining is over- rather than under-stated.
+            "--interval",
+            "3s",
+            "--output-dir",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    // Steady state: one-time costs (kallsyms, the tables of processes
+    // already running) are behind it once a window is written.
+    run.wait_for("window done", Duration::from_secs(60));
+    let before = cpu_seconds(run.pid());
+    let times = run_workload(deep, threads, iterations);
+    let agent_cpu = cpu_seconds(run.pid()) - before;
+    run.stop();
+    (times, agent_cpu)
+}
+
 /// Part 3: the workload alone and under the agent at 99 Hz, alternated.
 fn slowdown(agent: &Path, deep: &Path, dir: &Path) -> Slowdown {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -560,46 +598,27 @@ fn slowdown(agent: &Path, deep: &Path, dir: &Path) -> Slowdown {
         agent_cpu: Vec::new(),
     };
     for pair in 0..WORKLOAD_PAIRS {
-        let off = run_workload(deep, threads, iterations);
-        eprintln!(
-            "[3/3] pair {}/{WORKLOAD_PAIRS} off: wall {:.3} s, CPU {:.3} s",
-            pair + 1,
-            off.0,
-            off.1
-        );
-        result.off.push(off);
-
-        let out_dir = dir.join(format!("windows-{pair}"));
-        std::fs::create_dir_all(&out_dir).unwrap();
-        let mut run = AgentRun::spawn(
-            agent,
-            &[
-                "--frequency",
-                "99",
-                "--unwind",
-                "tables",
-                // Drains more often than the 10 s default: the cost of
-                // draining is over- rather than under-stated.
-                "--interval",
-                "3s",
-                "--output-dir",
-                out_dir.to_str().unwrap(),
-            ],
-        );
-        // Steady state: one-time costs (kallsyms, the tables of processes
-        // already running) are behind it once a window is written.
-        run.wait_for("window done", Duration::from_secs(60));
-        let before = cpu_seconds(run.pid());
-        let on = run_workload(deep, threads, iterations);
-        result.agent_cpu.push(cpu_seconds(run.pid()) - before);
-        run.stop();
-        eprintln!(
-            "[3/3] pair {}/{WORKLOAD_PAIRS} on:  wall {:.3} s, CPU {:.3} s",
-            pair + 1,
-            on.0,
-            on.1
-        );
-        result.on.push(on);
+        // Which run of a pair goes first alternates, so that a drift of
+        // the machine's speed hits both alike.
+        for on in [pair % 2 == 1, pair % 2 == 0] {
+            let (times, label) = if on {
+                let (times, agent_cpu) =
+                    run_with_agent(agent, deep, threads, iterations, dir, pair);
+                result.agent_cpu.push(agent_cpu);
+                result.on.push(times);
+                (times, "on ")
+            } else {
+                let times = run_workload(deep, threads, iterations);
+                result.off.push(times);
+                (times, "off")
+            };
+            eprintln!(
+                "[3/3] pair {}/{WORKLOAD_PAIRS} {label}: wall {:.3} s, CPU {:.3} s",
+                pair + 1,
+                times.0,
+                times.1
+            );
+        }
     }
     result
 }
@@ -659,9 +678,17 @@ fn cost_table(md: &mut String, filtered_ns: f64, costs: &[CostRow], cpus: usize)
     writeln!(
         md,
         "\nGoal ≤{GOAL_NS_AT_64:.0} ns per sample at 64 frames with tables: **{at_64:.0} ns — {}**. \
-         With tables a frame costs {per_frame:.0} ns more ({first} → {last} frames); the rest, {:.0} ns at {first} frames, is the same for every depth.",
+         With tables each frame adds {per_frame:.0} ns ({first} → {last} frames), and a straight line through those points gives {:.0} ns for no frame at all; \
+         for comparison, a frame-pointer run (one user frame, plus the kernel stack, hashing and storing that every run does) takes {:.0} ns (median of its rows).",
         if at_64 <= GOAL_NS_AT_64 { "met" } else { "not met" },
         tables(first) - per_frame * first as f64,
+        median(
+            &costs
+                .iter()
+                .filter(|r| r.unwind == "frame-pointers")
+                .flat_map(|r| r.ns_per_sample.iter().copied())
+                .collect::<Vec<_>>()
+        ),
     )
     .unwrap();
     writeln!(
@@ -681,7 +708,7 @@ fn table_table(md: &mut String, tables: &[TableRow]) {
     .unwrap();
     writeln!(
         md,
-        "| file | file size | executable text | FDEs | rows | build time (min–max) | build time per MiB of text | table memory | **table bytes per MiB of text** |"
+        "| file | file size | executable text | FDEs | rows | build time (min–max) | build time per MiB of text | table memory (`memory_bytes()`) | **table memory per MiB of text** |"
     )
     .unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|---|---|").unwrap();
@@ -713,7 +740,7 @@ fn slowdown_table(md: &mut String, slow: &Slowdown) {
     .unwrap();
     writeln!(
         md,
-        "Depth-64 recursion on {} threads, {} iterations each; {WORKLOAD_PAIRS} off/on pairs, alternated; \
+        "Depth-64 recursion on {} threads, {} iterations each; {WORKLOAD_PAIRS} off/on pairs, the first run of a pair alternating; \
          the agent in steady state (a window written), draining every 3 s (the default is 10 s).\n",
         slow.threads, slow.iterations
     )
@@ -774,15 +801,21 @@ fn main() {
     let after_build = Instant::now();
     let load_before = load_average();
 
+    let part = Instant::now();
     let (filtered_ns, costs) = bpf_costs(&agent, &deep, dir.path());
+    eprintln!("[1/3] took {:.0} s", part.elapsed().as_secs_f64());
+    let part = Instant::now();
     let tables = table_costs(&agent);
+    eprintln!("[2/3] took {:.1} s", part.elapsed().as_secs_f64());
+    let part = Instant::now();
     let slow = slowdown(&agent, &deep, dir.path());
+    eprintln!("[3/3] took {:.0} s", part.elapsed().as_secs_f64());
 
     let mut md = String::new();
     writeln!(
         md,
         "\n## Unwinder bench: `cargo bench -p fathom-tests --bench unwind`\n\n\
-         {} CPUs; 1-minute load average {load_before} before the measurements, {} after (other work skews every figure).",
+         {} CPUs; 1-minute load average {load_before} when the measurements started (the agent's build included), {} at the end (the bench's fixture keeps every CPU busy); other work on the machine skews every figure.",
         slow.threads,
         load_average()
     )
