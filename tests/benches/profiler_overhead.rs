@@ -32,7 +32,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fathom_tests::{ChildGuard, build_fixture, kernel_tests_possible, release_agent_binary};
+use fathom_tests::{
+    ChildGuard, build_fixture, cpu_seconds, kernel_tests_possible, median, release_agent_binary,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -97,23 +99,6 @@ struct AgentRun {
     pid: u32,
     lines: mpsc::Receiver<String>,
     _out_dir: tempfile::TempDir,
-}
-
-/// CPU seconds (user + system) a process used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    // utime and stime are fields 14 and 15 (11 and 12 after the comm).
-    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / clock_ticks()
-}
-
-/// Clock ticks per second, the unit of `/proc/PID/stat` CPU times.
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    })
 }
 
 /// `/usr/bin/time` output: "TIME wall user sys maxrss_kb".
@@ -201,17 +186,6 @@ fn run_workload(workload: &Path, rounds: u64, threads: usize) -> (f64, f64) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let [wall, user, sys, _] = parse_time(stderr.lines().find(|l| l.starts_with("TIME ")).unwrap());
     (wall, user + sys)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// BPF run time per program run, from the kernel's own statistics.

@@ -32,15 +32,14 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use fathom_tests::{
-    ChildGuard, flatten, kernel_tests_possible, read_profile, release_agent_binary,
+    Agent, ChildGuard, cpu_seconds, flatten, kernel_tests_possible, median, read_profile,
+    release_agent_binary,
 };
 
 /// Total user frames of the measured stacks.
@@ -161,102 +160,11 @@ fn profile_cpu_stats(agent_pid: u32) -> ProgStats {
     found.into_values().next().unwrap()
 }
 
-/// The release agent with its log (stderr) read line by line.
-struct AgentRun {
-    guard: ChildGuard,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl AgentRun {
-    fn spawn(agent: &Path, args: &[&str]) -> Self {
-        let mut cmd = Command::new(agent);
-        cmd.args(args)
-            .env("FATHOM_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut guard = ChildGuard::spawn(&mut cmd);
-        let stderr = guard.0.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Self {
-            guard,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.guard.pid()
-    }
-
-    /// Waits for a log line containing `needle`.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => {
-                    let done = line.contains(needle);
-                    self.log.push(line);
-                    if done {
-                        return;
-                    }
-                }
-                Err(e) => panic!(
-                    "agent never logged {needle:?} ({e}); log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// SIGINT, then waits for a clean exit.
-    fn stop(mut self) {
-        self.guard.signal("INT");
-        let status = self.guard.wait_timeout(Duration::from_secs(60));
-        self.log.extend(self.lines.try_iter());
-        assert!(
-            status.success(),
-            "agent failed: {status}; log:\n{}",
-            self.log.join("\n")
-        );
-    }
-}
-
-/// CPU seconds (user + system) a process used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    // utime and stime are fields 14 and 15 (11 and 12 after the comm).
-    let ticks: f64 = String::from_utf8_lossy(
-        &Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .trim()
-    .parse()
-    .unwrap();
-    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// SIGINT, then a clean exit.
+fn stop(agent: Agent) {
+    agent.signal("INT");
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "agent failed: {status}; log:\n{log}");
 }
 
 fn min_max(values: &[f64]) -> (f64, f64) {
@@ -301,7 +209,7 @@ fn measure(
         sleeper.pid()
     };
     let output = dir.join(format!("{unwind}-{recursion}-{target_self}.pb.gz"));
-    let mut run = AgentRun::spawn(
+    let run = Agent::spawn_binary(
         agent,
         &[
             "profile",
@@ -316,11 +224,12 @@ fn measure(
             "--output",
             output.to_str().unwrap(),
         ],
+        false,
     );
-    run.wait_for("profiler attached", Duration::from_secs(60));
+    run.wait_for_log("profiler attached", Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(SAMPLE_SECONDS));
     let stats = profile_cpu_stats(run.pid());
-    run.stop();
+    stop(run);
     drop(fixture);
 
     let profile = read_profile(&output);
@@ -556,7 +465,7 @@ fn run_with_agent(
 ) -> ((f64, f64), f64) {
     let out_dir = dir.join(format!("windows-{pair}"));
     std::fs::create_dir_all(&out_dir).unwrap();
-    let mut run = AgentRun::spawn(
+    let run = Agent::spawn_binary(
         agent,
         &[
             "--frequency",
@@ -570,14 +479,15 @@ fn run_with_agent(
             "--output-dir",
             out_dir.to_str().unwrap(),
         ],
+        false,
     );
     // Steady state: one-time costs (kallsyms, the tables of processes
     // already running) are behind it once a window is written.
-    run.wait_for("window done", Duration::from_secs(60));
+    run.wait_for_log("window done", Duration::from_secs(60));
     let before = cpu_seconds(run.pid());
     let times = run_workload(deep, threads, iterations);
     let agent_cpu = cpu_seconds(run.pid()) - before;
-    run.stop();
+    stop(run);
     (times, agent_cpu)
 }
 

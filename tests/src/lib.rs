@@ -203,9 +203,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent binary with `args`.
+    /// Starts the agent binary with `args`, echoing its log.
     pub fn spawn(args: &[&str]) -> Self {
-        let mut cmd = Command::new(agent_binary());
+        Self::spawn_binary(agent_binary(), args, true)
+    }
+
+    /// Starts `binary` (e.g. the release agent) with `args`; `echo` copies
+    /// its log to stderr as it comes.
+    pub fn spawn_binary(binary: &Path, args: &[&str], echo: bool) -> Self {
+        let mut cmd = Command::new(binary);
         cmd.args(args)
             .env("FATHOM_LOG", "info")
             .stdout(Stdio::null())
@@ -216,7 +222,9 @@ impl Agent {
         let sink = Arc::clone(&log);
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[agent] {line}");
+                if echo {
+                    eprintln!("[agent] {line}");
+                }
                 sink.0.lock().unwrap().push(line);
                 sink.1.notify_all();
             }
@@ -260,6 +268,74 @@ impl Agent {
         }
         let log = self.log.0.lock().unwrap().join("\n");
         (status, log)
+    }
+}
+
+/// Runs `fathom-agent profile --pid PID` and `perf record -e cpu-clock
+/// CALL_GRAPH -p PID`, both at 999 Hz for `seconds`, at the same time (perf
+/// starts once the agent samples). Returns the agent's profile and perf's
+/// data file.
+pub fn record_with_perf(
+    pid: u32,
+    seconds: u32,
+    dir: &Path,
+    call_graph: &[&str],
+) -> (PathBuf, PathBuf) {
+    let output = dir.join("fathom.pb.gz");
+    let perf_data = dir.join("perf.data");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--pid",
+        &pid.to_string(),
+        "--frequency",
+        "999",
+        "--duration",
+        &format!("{seconds}s"),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profiler attached", Duration::from_secs(60));
+    let mut perf = ChildGuard::spawn(
+        Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "999"])
+            .args(call_graph)
+            .args(["-p", &pid.to_string(), "-o"])
+            .arg(&perf_data)
+            .args(["--", "sleep", &seconds.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let (status, log) = agent.finish(Duration::from_secs(120));
+    assert!(status.success(), "agent failed: {log}");
+    assert!(
+        perf.wait_timeout(Duration::from_secs(60)).success(),
+        "perf record failed"
+    );
+    (output, perf_data)
+}
+
+/// CPU seconds (user + system) a process used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // utime and stime are fields 14 and 15 (11 and 12 after the comm).
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
+}
+
+/// The median (mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

@@ -51,48 +51,13 @@ fn quiet(cmd: &mut Command) -> &mut Command {
     cmd.stdout(Stdio::null()).stderr(Stdio::null())
 }
 
-/// Profiles `pid` with the agent and with `perf record` at the same time.
+/// Profiles `pid` with the agent and with `perf record -g` at the same time.
 fn profile_with_perf(
     pid: u32,
     seconds: u32,
     dir: &Path,
 ) -> (Vec<FlatSample>, Vec<PerfSample>, PathBuf) {
-    let output = dir.join("fathom.pb.gz");
-    let perf_data = dir.join("perf.data");
-    let agent = Agent::spawn(&[
-        "profile",
-        "--pid",
-        &pid.to_string(),
-        "--frequency",
-        "999",
-        "--duration",
-        &format!("{seconds}s"),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    agent.wait_for_log("profiler attached", Duration::from_secs(30));
-    let mut perf = ChildGuard::spawn(quiet(
-        Command::new("perf")
-            .args([
-                "record",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "999",
-                "-g",
-                "-p",
-                &pid.to_string(),
-                "-o",
-            ])
-            .arg(&perf_data)
-            .args(["--", "sleep", &seconds.to_string()]),
-    ));
-    let (status, log) = agent.finish(Duration::from_secs(120));
-    assert!(status.success(), "agent failed: {log}");
-    assert!(
-        perf.wait_timeout(Duration::from_secs(60)).success(),
-        "perf record failed"
-    );
+    let (output, perf_data) = record_with_perf(pid, seconds, dir, &["-g"]);
     let ours: Vec<_> = flatten(&read_profile(&output))
         .into_iter()
         .filter(|s| s.pid == i64::from(pid))

@@ -377,33 +377,7 @@ impl Comparison {
 /// tools' inclusive shares of `functions` (keys as [`function_key`] makes
 /// them). Both must have enough samples to compare.
 fn compare(pid: u32, functions: &[&str], dir: &Path) -> Comparison {
-    let output = dir.join("fathom.pb.gz");
-    let perf_data = dir.join("perf.data");
-    let agent = Agent::spawn(&[
-        "profile",
-        "--pid",
-        &pid.to_string(),
-        "--frequency",
-        "999",
-        "--duration",
-        &format!("{SECONDS}s"),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    agent.wait_for_log("profiler attached", Duration::from_secs(60));
-    let mut perf = ChildGuard::spawn(quiet(
-        Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "999"])
-            .args(["--call-graph", "dwarf,32768", "-p", &pid.to_string(), "-o"])
-            .arg(&perf_data)
-            .args(["--", "sleep", &SECONDS.to_string()]),
-    ));
-    let (status, log) = agent.finish(Duration::from_secs(120));
-    assert!(status.success(), "agent failed: {log}");
-    assert!(
-        perf.wait_timeout(Duration::from_secs(60)).success(),
-        "perf record failed"
-    );
+    let (output, perf_data) = record_with_perf(pid, SECONDS, dir, &["--call-graph", "dwarf,32768"]);
     // perf script makes a million cheap system calls; on 2 CPUs with the
     // workload spinning it is then rescheduled at each and takes 10x longer.
     // The workload is paused meanwhile.
