@@ -289,19 +289,24 @@ fn read_user(addr: u64) -> Result<u64, u32> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.map_err(|_| status::READ_FAILED)
 }
 
-/// The process's mapping containing `walk.ip` (binary search; mappings are
-/// sorted by start and do not overlap).
+/// The last of `len` entries `start..start + len` of `array` whose key is at
+/// or below `target` (entries sorted by key), by binary search in at most
+/// [`MAX_SEARCH_STEPS`] steps.
 #[inline(always)]
-fn find_mapping(walk: &Walk) -> Option<UnwindMapping> {
-    let ip = walk.ip;
-    let (mut lo, mut hi) = (0u32, walk.mappings_len);
+fn last_at_or_below<T: Copy>(
+    array: &Array<T>,
+    start: u32,
+    len: u32,
+    target: u64,
+    key: impl Fn(&T) -> u64,
+) -> Option<T> {
+    let (mut lo, mut hi) = (0u32, len);
     for _ in 0..MAX_SEARCH_STEPS {
         if lo >= hi {
             break;
         }
         let mid = lo + (hi - lo) / 2;
-        let mapping = UNWIND_MAPPINGS.get(walk.mappings_start.wrapping_add(mid))?;
-        if mapping.start <= ip {
+        if key(array.get(start.wrapping_add(mid))?) <= target {
             lo = mid + 1;
         } else {
             hi = mid;
@@ -310,32 +315,33 @@ fn find_mapping(walk: &Walk) -> Option<UnwindMapping> {
     if lo == 0 {
         return None;
     }
-    let mapping = *UNWIND_MAPPINGS.get(walk.mappings_start.wrapping_add(lo - 1))?;
-    (ip < mapping.end).then_some(mapping)
+    array.get(start.wrapping_add(lo - 1)).copied()
+}
+
+/// The process's mapping containing `walk.ip` (mappings are sorted by start
+/// and do not overlap).
+#[inline(always)]
+fn find_mapping(walk: &Walk) -> Option<UnwindMapping> {
+    let mapping = last_at_or_below(
+        &UNWIND_MAPPINGS,
+        walk.mappings_start,
+        walk.mappings_len,
+        walk.ip,
+        |m| m.start,
+    )?;
+    (walk.ip < mapping.end).then_some(mapping)
 }
 
 /// The last row at or before `pc` in the mapping's table.
 #[inline(always)]
 fn find_row(mapping: &UnwindMapping, pc: u32) -> Option<UnwindRow> {
-    let (mut lo, mut hi) = (0u32, mapping.rows_len);
-    for _ in 0..MAX_SEARCH_STEPS {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let row = UNWIND_ROWS.get(mapping.rows_start.wrapping_add(mid))?;
-        if row.pc <= pc {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    if lo == 0 {
-        return None;
-    }
-    UNWIND_ROWS
-        .get(mapping.rows_start.wrapping_add(lo - 1))
-        .copied()
+    last_at_or_below(
+        &UNWIND_ROWS,
+        mapping.rows_start,
+        mapping.rows_len,
+        u64::from(pc),
+        |r| u64::from(r.pc),
+    )
 }
 
 /// A forked child or an exec'd image must not be walked with its parent's
