@@ -148,16 +148,7 @@ impl ProcessWatcher {
                             tracing::warn!(len = item.len(), "malformed process event");
                             continue;
                         };
-                        let snapshot = {
-                            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
-                            match table.observe(event.pid) {
-                                Ok(()) => table.latest(event.pid),
-                                Err(e) => {
-                                    tracing::debug!(pid = event.pid, error = %e, "process not recorded");
-                                    None
-                                }
-                            }
-                        };
+                        let snapshot = observe(&table, event.pid);
                         if let (Some(loads), Some(snapshot)) = (&loads, snapshot)
                             && loads.try_send((event.pid, snapshot)).is_err()
                         {
@@ -191,6 +182,18 @@ impl Drop for ProcessWatcher {
         }
         if let Some(handle) = self.loader.take() {
             let _ = handle.join();
+        }
+    }
+}
+
+/// Records a process's mappings now; returns them.
+fn observe(table: &Mutex<ProcessTable>, pid: u32) -> Option<Arc<Snapshot>> {
+    let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+    match table.observe(pid) {
+        Ok(()) => table.latest(pid),
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "process not recorded");
+            None
         }
     }
 }
@@ -263,11 +266,7 @@ impl Session {
         // (others when their first sample announces them).
         if let Some(unwinder) = &unwinder {
             for &pid in &config.pids {
-                let snapshot = {
-                    let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
-                    table.observe(pid).ok().and_then(|()| table.latest(pid))
-                };
-                if let Some(snapshot) = snapshot {
+                if let Some(snapshot) = observe(&table, pid) {
                     unwinder
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -161,6 +161,8 @@ struct LoadedTable {
 #[derive(Debug)]
 struct LoadedProcess {
     mappings: Range,
+    /// Of `mappings`, those unwound from rows (the others by frame pointers).
+    table_mappings: u32,
     tables: Vec<String>,
 }
 
@@ -263,6 +265,11 @@ impl Unwinder {
     pub fn stats(&self) -> UnwinderStats {
         let mut stats = self.stats;
         stats.processes = self.processes.len() as u64;
+        for process in self.processes.values() {
+            stats.table_mappings += u64::from(process.table_mappings);
+            stats.frame_pointer_mappings +=
+                u64::from(process.mappings.len - process.table_mappings);
+        }
         stats.tables = self
             .tables
             .values()
@@ -311,16 +318,18 @@ impl Unwinder {
         let installed = self.install(pid, &entries);
         match installed {
             Some(mappings) => {
-                self.stats.table_mappings += entries
+                let table_mappings = entries
                     .iter()
                     .filter(|e| e.kind == mapping_kind::TABLE)
-                    .count() as u64;
-                self.stats.frame_pointer_mappings += entries
-                    .iter()
-                    .filter(|e| e.kind == mapping_kind::FRAME_POINTER)
-                    .count() as u64;
-                self.processes
-                    .insert(pid, LoadedProcess { mappings, tables });
+                    .count() as u32;
+                self.processes.insert(
+                    pid,
+                    LoadedProcess {
+                        mappings,
+                        table_mappings,
+                        tables,
+                    },
+                );
             }
             None => {
                 self.stats.processes_refused += 1;
