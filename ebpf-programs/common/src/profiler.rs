@@ -59,20 +59,6 @@ pub struct Stack {
 }
 assert_size!(Stack, 8 * MAX_STACK_DEPTH);
 
-impl Stack {
-    /// Number of frames.
-    pub fn len(&self) -> usize {
-        self.ips
-            .iter()
-            .position(|&ip| ip == 0)
-            .unwrap_or(MAX_STACK_DEPTH)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ips[0] == 0
-    }
-}
-
 /// A piece of a stored stack (entries past the stack are zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
