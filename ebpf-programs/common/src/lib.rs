@@ -5,6 +5,7 @@
 //! `user` feature the types implement `aya::Pod`.
 #![no_std]
 
+pub mod http;
 pub mod profiler;
 pub mod unwind;
 
@@ -19,6 +20,7 @@ pub(crate) use assert_size;
 #[cfg(feature = "user")]
 mod pod {
     use crate::{
+        http::{ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, TraceContext},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
         unwind::{UnwindMapping, UnwindProcess, UnwindRow},
     };
@@ -32,4 +34,11 @@ mod pod {
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindMapping {}
     unsafe impl aya::Pod for UnwindProcess {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnInfo {}
+    unsafe impl aya::Pod for TraceContext {}
+    unsafe impl aya::Pod for Serving {}
+    unsafe impl aya::Pod for SockAddr {}
+    unsafe impl aya::Pod for ConnEvent {}
+    unsafe impl aya::Pod for DataEvent {}
 }

@@ -1,0 +1,468 @@
+//! Zero-code HTTP tracing: the kernel/user-space contract.
+//!
+//! Capture (`fathom-http` object, syscall tracepoints): `accept`/`accept4`
+//! and `connect` of monitored processes register the socket in `CONNS`
+//! (keyed by [`ConnKey`]) and send a [`ConnEvent`]. Every read-family and
+//! write-family syscall on a registered socket sends a [`DataEvent`] with the
+//! first [`CAPTURE_HEAD`] bytes and the last [`CAPTURE_TAIL`] bytes it moved
+//! (for `sendfile`, only the count). A connection whose first bytes are not
+//! HTTP/1.x is marked [`proto::OTHER`] and sends nothing more but its close.
+//! `close` and process exit send [`ConnEvent`]s that end the connection.
+//! Everything goes through the ring buffer `HTTP_EVENTS`; what does not fit
+//! is counted in `HTTP_COUNTERS`.
+//!
+//! Trace context is decided in the kernel, because the `sk_msg` program must
+//! know it while the request is being sent:
+//! - A read on a connection that starts with a request line opens a *server
+//!   request* on the reading thread: a new span id, and the trace id and
+//!   parent span id of an incoming `traceparent` header when the captured
+//!   bytes carry one (else a new trace id). The ids are in the
+//!   [`DataEvent::ctx`] of that read ([`ctx_flags::SERVER`]) and in
+//!   `SERVING[tid]` until a write on the same connection starts a response.
+//! - `sched_process_fork` copies `SERVING` of the parent thread to a new
+//!   thread, so work handed to a thread finds its parent.
+//! - `sk_msg` on client sockets of monitored processes inserts
+//!   `traceparent: 00-{trace}-{span}-01\r\n` after the request line of an
+//!   HTTP/1.x request that has none: the trace id of the thread's single open
+//!   server request (none or several: a new trace id), a new span id. The
+//!   ids reach user space in the [`DataEvent::ctx`] of that write
+//!   ([`ctx_flags::CLIENT_INJECTED`]).
+//!
+//! User space parses the byte streams (several requests per connection,
+//! pipelining, bodies by length or chunked) and builds spans; it takes ids
+//! from `ctx` when the kernel chose them.
+
+use crate::assert_size;
+
+/// Bytes captured from the start of each read or write.
+pub const CAPTURE_HEAD: usize = 1024;
+/// Bytes captured from the end of each read or write (the end of a chunked
+/// body: `0\r\n\r\n`).
+pub const CAPTURE_TAIL: usize = 16;
+/// Length of the header the `sk_msg` program inserts:
+/// `traceparent: 00-` + 32 + `-` + 16 + `-01\r\n`.
+pub const TRACEPARENT_HEADER_LEN: usize = 13 + 1 + 3 + 32 + 1 + 16 + 3 + 2;
+const _: () = assert!(TRACEPARENT_HEADER_LEN == 71);
+
+/// Names of the maps and programs in the `fathom-http` object.
+pub mod names {
+    pub const EVENTS: &str = "HTTP_EVENTS";
+    pub const COUNTERS: &str = "HTTP_COUNTERS";
+    pub const CONNS: &str = "CONNS";
+    pub const SERVING: &str = "SERVING";
+    pub const MONITORED: &str = "MONITORED";
+    pub const SOCKETS: &str = "CLIENT_SOCKETS";
+    pub const SOCK_OPS: &str = "fathom_sock_ops";
+    pub const SK_MSG: &str = "fathom_sk_msg";
+}
+
+/// Globals the loader sets in the `fathom-http` object.
+pub mod globals {
+    /// Non-zero: only processes in `MONITORED` (tgid -> 1) are traced.
+    pub const FILTER_PIDS: &str = "HTTP_FILTER_PIDS";
+    /// Non-zero: insert `traceparent` into outgoing requests.
+    pub const INJECT: &str = "HTTP_INJECT";
+}
+
+/// Kinds of records in the ring buffer; the first byte of every record.
+pub mod event_kind {
+    pub const DATA: u8 = 1;
+    pub const CONN_OPEN: u8 = 2;
+    pub const CONN_CLOSE: u8 = 3;
+}
+
+/// Direction of a [`DataEvent`].
+pub mod direction {
+    /// Bytes the process read from the socket.
+    pub const READ: u8 = 0;
+    /// Bytes the process wrote to the socket.
+    pub const WRITE: u8 = 1;
+}
+
+/// The syscall of a [`DataEvent`] (for diagnostics; `SENDFILE` means no
+/// bytes were captured, only the count).
+pub mod syscall {
+    pub const READ: u8 = 1;
+    pub const READV: u8 = 2;
+    pub const RECVFROM: u8 = 3;
+    pub const RECVMSG: u8 = 4;
+    pub const WRITE: u8 = 5;
+    pub const WRITEV: u8 = 6;
+    pub const SENDTO: u8 = 7;
+    pub const SENDMSG: u8 = 8;
+    pub const SENDFILE: u8 = 9;
+    /// OpenSSL `SSL_read`/`SSL_read_ex` (plaintext).
+    pub const SSL_READ: u8 = 10;
+    /// OpenSSL `SSL_write`/`SSL_write_ex` (plaintext).
+    pub const SSL_WRITE: u8 = 11;
+}
+
+/// Which side opened a connection.
+pub mod role {
+    /// Seen only by its data (the socket predates the agent).
+    pub const UNKNOWN: u8 = 0;
+    /// Returned by `accept`: we are the server.
+    pub const SERVER: u8 = 1;
+    /// Opened by `connect`: we are the client.
+    pub const CLIENT: u8 = 2;
+}
+
+/// What a connection carries, as far as the kernel decided.
+pub mod proto {
+    /// No data seen yet.
+    pub const UNKNOWN: u8 = 0;
+    /// Its first bytes were an HTTP/1.x request or response.
+    pub const HTTP1: u8 = 1;
+    /// Anything else: no more data events.
+    pub const OTHER: u8 = 2;
+}
+
+/// Flags of [`TraceContext::flags`].
+pub mod ctx_flags {
+    /// The read that carries this context opened a server request.
+    pub const SERVER: u8 = 1;
+    /// The incoming request carried a valid `traceparent`: `trace_id` and
+    /// `parent_span_id` come from it.
+    pub const REMOTE_PARENT: u8 = 2;
+    /// `sk_msg` inserted a `traceparent` into the write that carries this
+    /// context; `span_id` is the client span's id.
+    pub const CLIENT_INJECTED: u8 = 4;
+    /// The client request was sent while the thread served exactly one
+    /// server request: `parent_span_id` is that server span.
+    pub const LOCAL_PARENT: u8 = 8;
+}
+
+/// Counters in `HTTP_COUNTERS` (a per-CPU array, indexed by the value).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpCounter {
+    /// Data events sent.
+    DataEvents,
+    /// Events lost because the ring buffer was full.
+    EventsLost,
+    /// Connections registered.
+    Conns,
+    /// Connections not registered because `CONNS` was full.
+    ConnsFull,
+    /// Server requests opened in the kernel.
+    ServerRequests,
+    /// `traceparent` headers inserted.
+    Injected,
+    /// Requests that already had a `traceparent` (not touched).
+    InjectSkippedExisting,
+    /// Requests whose request line was not within the first bytes of the
+    /// message (not touched).
+    InjectSkippedNoLine,
+    /// `bpf_msg_push_data`/`pull_data` failures (message passed unchanged).
+    InjectFailed,
+    /// Sockets added to `CLIENT_SOCKETS`.
+    SocketsAdded,
+}
+
+impl HttpCounter {
+    pub const COUNT: u32 = HttpCounter::SocketsAdded as u32 + 1;
+    pub const ALL: [HttpCounter; HttpCounter::COUNT as usize] = [
+        HttpCounter::DataEvents,
+        HttpCounter::EventsLost,
+        HttpCounter::Conns,
+        HttpCounter::ConnsFull,
+        HttpCounter::ServerRequests,
+        HttpCounter::Injected,
+        HttpCounter::InjectSkippedExisting,
+        HttpCounter::InjectSkippedNoLine,
+        HttpCounter::InjectFailed,
+        HttpCounter::SocketsAdded,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            HttpCounter::DataEvents => "data_events",
+            HttpCounter::EventsLost => "events_lost",
+            HttpCounter::Conns => "conns",
+            HttpCounter::ConnsFull => "conns_full",
+            HttpCounter::ServerRequests => "server_requests",
+            HttpCounter::Injected => "injected",
+            HttpCounter::InjectSkippedExisting => "inject_skipped_existing",
+            HttpCounter::InjectSkippedNoLine => "inject_skipped_no_line",
+            HttpCounter::InjectFailed => "inject_failed",
+            HttpCounter::SocketsAdded => "sockets_added",
+        }
+    }
+}
+
+/// A socket of a process: `CONNS` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+assert_size!(ConnKey, 8);
+
+/// `CONNS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Unique for the agent's lifetime (fd numbers are reused).
+    pub conn_id: u64,
+    /// A [`role`].
+    pub role: u8,
+    /// A [`proto`].
+    pub proto: u8,
+    pub _reserved: [u8; 6],
+}
+assert_size!(ConnInfo, 16);
+
+/// W3C trace context chosen in the kernel. All zero: none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: [u8; 8],
+    /// [`ctx_flags`].
+    pub flags: u8,
+    pub _reserved: [u8; 7],
+}
+assert_size!(TraceContext, 40);
+
+/// `SERVING` value: the server request a thread is serving.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Serving {
+    pub ctx: TraceContext,
+    /// Connection the request came in on.
+    pub conn_id: u64,
+    /// Server requests open on this thread (more than one: no parent is
+    /// guessed for its client requests).
+    pub open: u32,
+    pub _reserved: u32,
+}
+assert_size!(Serving, 40 + 8 + 8);
+
+/// A socket address: IPv4 in the first 4 bytes of `addr` (`family` 2) or
+/// IPv6 (`family` 10); port in host byte order. All zero: unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockAddr {
+    pub addr: [u8; 16],
+    pub family: u16,
+    pub port: u16,
+    pub _reserved: u32,
+}
+assert_size!(SockAddr, 24);
+
+/// A connection opened or closed ([`event_kind::CONN_OPEN`],
+/// [`event_kind::CONN_CLOSE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub kind: u8,
+    /// A [`role`].
+    pub role: u8,
+    pub _reserved: [u8; 2],
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    pub conn_id: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// The peer (from `accept`'s or `connect`'s address argument).
+    pub peer: SockAddr,
+    /// For accepted sockets: the listening socket's fd (user space finds
+    /// the local port from it). Else `u32::MAX`.
+    pub listen_fd: u32,
+    pub _reserved2: u32,
+}
+assert_size!(ConnEvent, 4 + 4 + 4 + 4 + 8 + 8 + 24 + 8);
+
+/// Bytes moved by one syscall on a registered connection
+/// ([`event_kind::DATA`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataEvent {
+    pub kind: u8,
+    /// A [`direction`].
+    pub direction: u8,
+    /// A [`syscall`].
+    pub syscall: u8,
+    pub _reserved: u8,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    pub conn_id: u64,
+    /// Syscall entry and exit, `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Bytes the syscall moved (its return value, > 0).
+    pub len: u64,
+    /// Valid bytes in `head` (`min(len, CAPTURE_HEAD)`, or less when the
+    /// user memory could not be read; 0 for `sendfile`).
+    pub head_len: u32,
+    /// Valid bytes in `tail`: the last `tail_len` bytes moved (0 when
+    /// `len <= CAPTURE_HEAD`, the head has them all).
+    pub tail_len: u32,
+    pub ctx: TraceContext,
+    pub head: [u8; CAPTURE_HEAD],
+    pub tail: [u8; CAPTURE_TAIL],
+}
+assert_size!(
+    DataEvent,
+    4 + 4 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 40 + CAPTURE_HEAD + CAPTURE_TAIL
+);
+
+impl DataEvent {
+    /// The captured head bytes.
+    pub fn head(&self) -> &[u8] {
+        &self.head[..(self.head_len as usize).min(CAPTURE_HEAD)]
+    }
+
+    /// The captured tail bytes.
+    pub fn tail(&self) -> &[u8] {
+        &self.tail[..(self.tail_len as usize).min(CAPTURE_TAIL)]
+    }
+}
+
+/// HTTP/1.x request methods the kernel recognises at the start of a
+/// message (each followed by a space).
+pub const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+/// Whether `bytes` start like an HTTP/1.x request (a known method and a
+/// space). Shared by the kernel and user space so both decide alike.
+#[inline(always)]
+pub fn is_request_start(bytes: &[u8]) -> bool {
+    if bytes.len() < 4 {
+        return false;
+    }
+    match bytes[0] {
+        b'G' => bytes.starts_with(b"GET "),
+        b'P' => {
+            bytes.starts_with(b"POST ")
+                || bytes.starts_with(b"PUT ")
+                || bytes.starts_with(b"PATCH ")
+        }
+        b'D' => bytes.starts_with(b"DELETE "),
+        b'H' => bytes.starts_with(b"HEAD "),
+        b'O' => bytes.starts_with(b"OPTIONS "),
+        b'C' => bytes.starts_with(b"CONNECT "),
+        b'T' => bytes.starts_with(b"TRACE "),
+        _ => false,
+    }
+}
+
+/// Whether `bytes` start like an HTTP/1.x response.
+#[inline(always)]
+pub fn is_response_start(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"HTTP/1.")
+}
+
+/// Lower-case hex digits of `bytes` into `out` (2 per byte).
+pub fn hex_lower(bytes: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        if 2 * i + 1 < out.len() {
+            out[2 * i] = HEX[(b >> 4) as usize];
+            out[2 * i + 1] = HEX[(b & 15) as usize];
+        }
+    }
+}
+
+/// Parses a `traceparent` value (`00-{32 hex}-{16 hex}-{2 hex}`), returning
+/// (trace id, parent span id, flags). All-zero ids and version `ff` are
+/// invalid, per W3C Trace Context.
+pub fn parse_traceparent(value: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
+    if value.len() < 55 {
+        return None;
+    }
+    let version = hex_byte(value[0], value[1])?;
+    if version == 0xff || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+        return None;
+    }
+    // Version 00 is exactly 55 bytes; later versions may append fields.
+    if version == 0 && value.len() > 55 {
+        return None;
+    }
+    let mut trace = [0u8; 16];
+    for (i, t) in trace.iter_mut().enumerate() {
+        *t = hex_byte(value[3 + 2 * i], value[4 + 2 * i])?;
+    }
+    let mut span = [0u8; 8];
+    for (i, s) in span.iter_mut().enumerate() {
+        *s = hex_byte(value[36 + 2 * i], value[37 + 2 * i])?;
+    }
+    let flags = hex_byte(value[53], value[54])?;
+    if trace == [0; 16] || span == [0; 8] {
+        return None;
+    }
+    Some((trace, span, flags))
+}
+
+#[inline(always)]
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        // Upper case is not valid in traceparent.
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn hex_byte(hi: u8, lo: u8) -> Option<u8> {
+    Some(hex_digit(hi)? << 4 | hex_digit(lo)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trip() {
+        let v = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let (t, s, f) = parse_traceparent(v).unwrap();
+        let mut out = [0u8; 32];
+        hex_lower(&t, &mut out);
+        assert_eq!(&out, b"0af7651916cd43dd8448eb211c80319c");
+        let mut out = [0u8; 16];
+        hex_lower(&s, &mut out);
+        assert_eq!(&out, b"b7ad6b7169203331");
+        assert_eq!(f, 1);
+        assert!(
+            parse_traceparent(b"00-00000000000000000000000000000000-b7ad6b7169203331-01").is_none()
+        );
+        assert!(
+            parse_traceparent(b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").is_none()
+        );
+        assert!(
+            parse_traceparent(b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01").is_none()
+        );
+        assert!(
+            parse_traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x")
+                .is_none()
+        );
+        assert!(
+            parse_traceparent(b"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn starts() {
+        assert!(is_request_start(b"GET / HTTP/1.1\r\n"));
+        assert!(is_request_start(b"PATCH /x HTTP/1.1"));
+        assert!(!is_request_start(b"GETX / HTTP/1.1"));
+        assert!(!is_request_start(b"*3\r\n$3\r\nSET\r\n"));
+        assert!(is_response_start(b"HTTP/1.1 200 OK\r\n"));
+        assert!(!is_response_start(b"HTTP/2 200"));
+    }
+}
