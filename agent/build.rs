@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         fs::write(&object, [])?;
+        fs::write(out_dir.join("fathom-http"), [])?;
         return Ok(());
     }
 

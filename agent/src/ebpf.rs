@@ -11,6 +11,16 @@ pub fn object() -> Result<&'static [u8], MissingObject> {
     }
 }
 
+/// The eBPF object with the HTTP tracing programs (`fathom_common::http`).
+pub fn http_object() -> Result<&'static [u8], MissingObject> {
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fathom-http"));
+    if OBJECT.is_empty() {
+        Err(MissingObject)
+    } else {
+        Ok(OBJECT)
+    }
+}
+
 /// The agent was built where bpf-linker was missing.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error(

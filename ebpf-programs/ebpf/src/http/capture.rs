@@ -1,0 +1,1 @@
+//! Syscall-tracepoint capture of HTTP/1.x bytes (see `fathom_common::http`).

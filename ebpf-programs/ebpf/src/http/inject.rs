@@ -1,0 +1,1 @@
+//! `sock_ops` + `sk_msg`: `traceparent` insertion (see `fathom_common::http`).

@@ -1,0 +1,84 @@
+//! Maps and globals shared by the capture and inject programs.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use fathom_common::http::{ConnInfo, ConnKey, HttpCounter, Serving, TraceContext};
+
+/// Non-zero: only processes in `MONITORED` are traced. Set by the loader.
+#[unsafe(no_mangle)]
+static HTTP_FILTER_PIDS: u8 = 0;
+/// Non-zero: insert `traceparent` into outgoing requests. Set by the loader.
+#[unsafe(no_mangle)]
+static HTTP_INJECT: u8 = 0;
+
+// Sizes are defaults; the loader may change them.
+/// Events to user space (`ConnEvent`, `DataEvent`).
+#[map]
+pub static HTTP_EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+#[map]
+pub static HTTP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HttpCounter::COUNT, 0);
+/// Registered sockets of monitored processes.
+#[map]
+pub static CONNS: HashMap<ConnKey, ConnInfo> = HashMap::with_max_entries(65536, 0);
+/// Thread id -> the server request it is serving.
+#[map]
+pub static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(16384, 0);
+/// Processes to trace when `HTTP_FILTER_PIDS` is set (tgid -> 1).
+#[map]
+pub static MONITORED: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+/// Thread id -> the context `sk_msg` injected into the request the thread
+/// is writing; taken by the write's `sys_exit`.
+#[map]
+pub static INJECTED: HashMap<u32, TraceContext> = HashMap::with_max_entries(16384, 0);
+
+/// Adds one to a counter.
+#[inline(always)]
+pub fn count(c: HttpCounter) {
+    if let Some(v) = HTTP_COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: a valid per-CPU map value; programs on one CPU do not
+        // interleave mid-update for a plain add on a per-CPU slot.
+        unsafe { *v += 1 };
+    }
+}
+
+/// Whether the process `tgid` is traced.
+#[inline(always)]
+pub fn monitored(tgid: u32) -> bool {
+    // SAFETY: a plain read of a loader-set global.
+    if unsafe { read_volatile(&HTTP_FILTER_PIDS) } == 0 {
+        return true;
+    }
+    // SAFETY: the value is only tested for presence.
+    unsafe { MONITORED.get(&tgid) }.is_some()
+}
+
+/// Whether `traceparent` injection is on.
+#[inline(always)]
+pub fn inject_enabled() -> bool {
+    // SAFETY: a plain read of a loader-set global.
+    unsafe { read_volatile(&HTTP_INJECT) != 0 }
+}
+
+/// Fills `out` with random bytes, never all zero (invalid W3C ids).
+#[inline(always)]
+pub fn random_id(out: &mut [u8]) {
+    let mut i = 0;
+    while i < out.len() {
+        // SAFETY: a helper without arguments.
+        let r = unsafe { bpf_get_prandom_u32() }.to_le_bytes();
+        let mut j = 0;
+        while j < 4 && i < out.len() {
+            out[i] = r[j];
+            i += 1;
+            j += 1;
+        }
+    }
+    if out.iter().all(|b| *b == 0) {
+        out[0] = 1;
+    }
+}
