@@ -8,6 +8,7 @@
 
 pub mod ebpf;
 pub mod export;
+pub mod http_capture;
 pub mod pprof;
 pub mod preflight;
 pub mod process;

@@ -69,6 +69,9 @@ pub mod event_kind {
     pub const DATA: u8 = 1;
     pub const CONN_OPEN: u8 = 2;
     pub const CONN_CLOSE: u8 = 3;
+    /// A process exited (a [`super::ConnEvent`] with `fd == u32::MAX`):
+    /// all its connections are gone.
+    pub const PROCESS_EXIT: u8 = 4;
 }
 
 /// Direction of a [`DataEvent`].
@@ -303,15 +306,66 @@ pub struct DataEvent {
     /// `len <= CAPTURE_HEAD`, the head has them all).
     pub tail_len: u32,
     pub ctx: TraceContext,
-    pub head: [u8; CAPTURE_HEAD],
     pub tail: [u8; CAPTURE_TAIL],
+    /// Last, so that a record in the ring buffer can end after `head_len`
+    /// bytes of it ([`DataEvent::from_record`]).
+    pub head: [u8; CAPTURE_HEAD],
 }
 assert_size!(
     DataEvent,
-    4 + 4 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 40 + CAPTURE_HEAD + CAPTURE_TAIL
+    4 + 4 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 40 + CAPTURE_TAIL + CAPTURE_HEAD
 );
 
 impl DataEvent {
+    /// Bytes of a record before `head`.
+    pub const HEAD_OFFSET: usize = core::mem::size_of::<DataEvent>() - CAPTURE_HEAD;
+
+    /// Reads a ring-buffer record, which ends after the captured head
+    /// bytes. `None` when the record is shorter than its fixed part or than
+    /// the head it claims, or is not a data event.
+    pub fn from_record(bytes: &[u8]) -> Option<DataEvent> {
+        if bytes.len() < Self::HEAD_OFFSET
+            || bytes.len() > core::mem::size_of::<DataEvent>()
+            || bytes[0] != event_kind::DATA
+        {
+            return None;
+        }
+        let mut event = DataEvent {
+            kind: 0,
+            direction: 0,
+            syscall: 0,
+            _reserved: 0,
+            tgid: 0,
+            tid: 0,
+            fd: 0,
+            conn_id: 0,
+            start_ns: 0,
+            end_ns: 0,
+            len: 0,
+            head_len: 0,
+            tail_len: 0,
+            ctx: TraceContext::default(),
+            tail: [0; CAPTURE_TAIL],
+            head: [0; CAPTURE_HEAD],
+        };
+        // SAFETY: DataEvent is repr(C), padding-free and valid for any bytes;
+        // at most size_of::<DataEvent>() bytes are copied into it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (&mut event as *mut DataEvent).cast::<u8>(),
+                bytes.len(),
+            );
+        }
+        if event.head_len as usize > CAPTURE_HEAD
+            || Self::HEAD_OFFSET + event.head_len as usize > bytes.len()
+            || event.tail_len as usize > CAPTURE_TAIL
+        {
+            return None;
+        }
+        Some(event)
+    }
+
     /// The captured head bytes.
     pub fn head(&self) -> &[u8] {
         &self.head[..(self.head_len as usize).min(CAPTURE_HEAD)]

@@ -1,1 +1,770 @@
 //! Syscall-tracepoint capture of HTTP/1.x bytes (see `fathom_common::http`).
+//!
+//! `sys_enter_*` remembers the arguments of a socket call per thread, only
+//! for sockets registered in `CONNS` whose bytes are (or may be) HTTP;
+//! `sys_exit_*` copies the bytes moved into a per-CPU scratch event and sends
+//! as much of it as was captured.
+
+use core::{ffi::c_void, ptr::null_mut};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_probe_read_user_buf, generated::bpf_loop,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use fathom_common::http::{
+    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, Serving,
+    SockAddr, TraceContext, ctx_flags, direction, event_kind, is_request_start, is_response_start,
+    parse_traceparent, proto, role, syscall,
+};
+
+use crate::maps::{
+    CONNS, HTTP_EVENTS, INJECTED, SERVING, count, inject_enabled, monitored, random_id,
+};
+
+/// Offsets of `parent_pid` and `child_pid` in the `sched_process_fork`
+/// record; the loader reads them from the tracepoint's format file.
+#[unsafe(no_mangle)]
+static HTTP_FORK_PARENT_OFFSET: u32 = 12;
+#[unsafe(no_mangle)]
+static HTTP_FORK_CHILD_OFFSET: u32 = 20;
+
+/// Syscall arguments start here in `sys_enter_*` records; `ret` is here in
+/// `sys_exit_*` records.
+const ARGS: usize = 16;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const EINPROGRESS: i64 = 115;
+/// iovecs looked at per vectored call.
+const MAX_IOV: usize = 4;
+
+/// `accept`'s arguments, between entry and exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AcceptArgs {
+    listen_fd: u32,
+    _pad: u32,
+    addr: u64,
+}
+
+/// `connect`'s arguments, between entry and exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConnectArgs {
+    fd: u32,
+    _pad: u32,
+    peer: SockAddr,
+}
+
+/// A read or write in progress on a registered socket.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Active {
+    fd: u32,
+    /// A `syscall`.
+    syscall: u8,
+    /// A `direction`.
+    direction: u8,
+    /// Non-zero: `buf` is an iovec array of `count` entries.
+    vectored: u8,
+    _pad: u8,
+    buf: u64,
+    count: u64,
+    start_ns: u64,
+}
+
+/// The event being built, with room past `head` so that bounded copies at
+/// any offset below `CAPTURE_HEAD` stay inside the map value.
+#[repr(C)]
+struct Scratch {
+    event: DataEvent,
+    overflow: [u8; CAPTURE_HEAD],
+    /// Where the traceparent search found `traceparent:` (index into head),
+    /// or u32::MAX.
+    found: u32,
+    /// Head bytes to search.
+    search_len: u32,
+}
+
+#[map]
+static ACCEPTS: HashMap<u32, AcceptArgs> = HashMap::with_max_entries(16384, 0);
+#[map]
+static CONNECTS: HashMap<u32, ConnectArgs> = HashMap::with_max_entries(16384, 0);
+#[map]
+static ACTIVE: HashMap<u32, Active> = HashMap::with_max_entries(16384, 0);
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU connection counter: conn ids are `counter << 16 | cpu`.
+#[map]
+static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: syscall tracepoint records have 6 u64 arguments from ARGS.
+    unsafe { ctx.read_at::<u64>(ARGS + 8 * n) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: `ret` of a sys_exit record.
+    unsafe { ctx.read_at::<i64>(ARGS) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn ids() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
+fn next_conn_id() -> u64 {
+    // SAFETY: a plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    match CONN_SEQ.get_ptr_mut(0) {
+        Some(seq) => {
+            // SAFETY: a valid per-CPU map value.
+            unsafe {
+                *seq += 1;
+                (*seq << 16) | (cpu & 0xffff)
+            }
+        }
+        None => cpu,
+    }
+}
+
+/// Reads a socket address from user memory.
+fn read_sockaddr(addr: u64) -> SockAddr {
+    let mut out = SockAddr::default();
+    if addr == 0 {
+        return out;
+    }
+    let mut raw = [0u8; 28];
+    // SAFETY: the helper checks the user address.
+    if unsafe { bpf_probe_read_user_buf(addr as *const u8, &mut raw) }.is_err() {
+        return out;
+    }
+    let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    let port = u16::from_be_bytes([raw[2], raw[3]]);
+    if family == AF_INET {
+        out.addr[..4].copy_from_slice(&raw[4..8]);
+    } else if family == AF_INET6 {
+        out.addr.copy_from_slice(&raw[8..24]);
+    } else {
+        out.family = family;
+        return out;
+    }
+    out.family = family;
+    out.port = port;
+    out
+}
+
+#[inline(always)]
+fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen_fd: u32) {
+    let conn_id = next_conn_id();
+    let info = ConnInfo {
+        conn_id,
+        role: conn_role,
+        proto: proto::UNKNOWN,
+        _reserved: [0; 6],
+    };
+    if CONNS.insert(&ConnKey { tgid, fd }, &info, 0).is_err() {
+        count(HttpCounter::ConnsFull);
+        return;
+    }
+    count(HttpCounter::Conns);
+    send_conn(ConnEvent {
+        kind: event_kind::CONN_OPEN,
+        role: conn_role,
+        _reserved: [0; 2],
+        tgid,
+        tid,
+        fd,
+        conn_id,
+        // SAFETY: a plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        peer: *peer,
+        listen_fd,
+        _reserved2: 0,
+    });
+}
+
+fn send_conn(event: ConnEvent) {
+    if HTTP_EVENTS.output::<ConnEvent>(&event, 0).is_err() {
+        count(HttpCounter::EventsLost);
+    }
+}
+
+// ---- accept / connect -------------------------------------------------------
+
+#[tracepoint]
+pub fn http_enter_accept(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = ids();
+    if monitored(tgid) {
+        let args = AcceptArgs {
+            listen_fd: arg(&ctx, 0) as u32,
+            _pad: 0,
+            addr: arg(&ctx, 1),
+        };
+        let _ = ACCEPTS.insert(&tid, &args, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn http_exit_accept(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = ids();
+    // SAFETY: copied out before the entry is removed.
+    let Some(args) = (unsafe { ACCEPTS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = ACCEPTS.remove(&tid);
+    let fd = ret(&ctx);
+    if fd < 0 {
+        return 0;
+    }
+    let peer = read_sockaddr(args.addr);
+    // No address asked for: register anyway; the first bytes decide.
+    if args.addr == 0 || peer.family == AF_INET || peer.family == AF_INET6 {
+        register(tgid, tid, fd as u32, role::SERVER, &peer, args.listen_fd);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn http_enter_connect(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = ids();
+    if !monitored(tgid) {
+        return 0;
+    }
+    let peer = read_sockaddr(arg(&ctx, 1));
+    if peer.family == AF_INET || peer.family == AF_INET6 {
+        let args = ConnectArgs {
+            fd: arg(&ctx, 0) as u32,
+            _pad: 0,
+            peer,
+        };
+        let _ = CONNECTS.insert(&tid, &args, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn http_exit_connect(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = ids();
+    // SAFETY: copied out before the entry is removed.
+    let Some(args) = (unsafe { CONNECTS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = CONNECTS.remove(&tid);
+    let r = ret(&ctx);
+    if r == 0 || r == -EINPROGRESS {
+        register(tgid, tid, args.fd, role::CLIENT, &args.peer, u32::MAX);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn http_enter_close(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = ids();
+    let key = ConnKey {
+        tgid,
+        fd: arg(&ctx, 0) as u32,
+    };
+    // SAFETY: copied out before the entry is removed.
+    let Some(info) = (unsafe { CONNS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = CONNS.remove(&key);
+    send_conn(ConnEvent {
+        kind: event_kind::CONN_CLOSE,
+        role: info.role,
+        _reserved: [0; 2],
+        tgid,
+        tid,
+        fd: key.fd,
+        conn_id: info.conn_id,
+        // SAFETY: a plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        peer: SockAddr::default(),
+        listen_fd: u32::MAX,
+        _reserved2: 0,
+    });
+    0
+}
+
+// ---- threads ---------------------------------------------------------------
+
+#[tracepoint]
+pub fn http_fork(ctx: TracePointContext) -> u32 {
+    // SAFETY: plain reads of loader-set globals.
+    let (parent_off, child_off) = unsafe {
+        (
+            core::ptr::read_volatile(&HTTP_FORK_PARENT_OFFSET),
+            core::ptr::read_volatile(&HTTP_FORK_CHILD_OFFSET),
+        )
+    };
+    // SAFETY: offsets from the record's format file.
+    let parent = unsafe { ctx.read_at::<u32>(parent_off as usize) }.unwrap_or(0);
+    // SAFETY: as above.
+    let child = unsafe { ctx.read_at::<u32>(child_off as usize) }.unwrap_or(0);
+    // SAFETY: copied out.
+    if let Some(serving) = unsafe { SERVING.get(&parent) }.copied() {
+        let _ = SERVING.insert(&child, &serving, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn http_exit_thread(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = ids();
+    let _ = SERVING.remove(&tid);
+    let _ = ACTIVE.remove(&tid);
+    let _ = ACCEPTS.remove(&tid);
+    let _ = CONNECTS.remove(&tid);
+    let _ = INJECTED.remove(&tid);
+    // SAFETY: `group_dead` of the sched_process_exit record.
+    let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0);
+    if group_dead != 0 && monitored(tgid) {
+        send_conn(ConnEvent {
+            kind: event_kind::PROCESS_EXIT,
+            role: role::UNKNOWN,
+            _reserved: [0; 2],
+            tgid,
+            tid,
+            fd: u32::MAX,
+            conn_id: 0,
+            // SAFETY: a plain helper call.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            peer: SockAddr::default(),
+            listen_fd: u32::MAX,
+            _reserved2: 0,
+        });
+    }
+    0
+}
+
+// ---- reads and writes ------------------------------------------------------
+
+/// Remembers a read or write on a registered socket that may carry HTTP.
+#[inline(always)]
+fn enter_io(fd: u64, syscall: u8, dir: u8, vectored: bool, buf: u64, count: u64) {
+    let (tgid, tid) = ids();
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    // SAFETY: only read.
+    match unsafe { CONNS.get(&key) } {
+        Some(info) if info.proto != proto::OTHER => {}
+        _ => return,
+    }
+    let active = Active {
+        fd: fd as u32,
+        syscall,
+        direction: dir,
+        vectored: u8::from(vectored),
+        _pad: 0,
+        buf,
+        count,
+        // SAFETY: a plain helper call.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = ACTIVE.insert(&tid, &active, 0);
+}
+
+macro_rules! enter_program {
+    ($name:ident, $syscall:expr, $dir:expr, $vectored:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            enter_io(
+                arg(&ctx, 0),
+                $syscall,
+                $dir,
+                $vectored,
+                arg(&ctx, 1),
+                arg(&ctx, 2),
+            );
+            0
+        }
+    };
+}
+
+enter_program!(http_enter_read, syscall::READ, direction::READ, false);
+enter_program!(
+    http_enter_recvfrom,
+    syscall::RECVFROM,
+    direction::READ,
+    false
+);
+enter_program!(http_enter_readv, syscall::READV, direction::READ, true);
+enter_program!(http_enter_write, syscall::WRITE, direction::WRITE, false);
+enter_program!(http_enter_sendto, syscall::SENDTO, direction::WRITE, false);
+enter_program!(http_enter_writev, syscall::WRITEV, direction::WRITE, true);
+
+/// `recvmsg`/`sendmsg`: the iovecs are in the `user_msghdr`.
+#[inline(always)]
+fn enter_msg(ctx: &TracePointContext, syscall: u8, dir: u8) {
+    let msg = arg(ctx, 1);
+    if msg == 0 {
+        return;
+    }
+    // SAFETY: the helper checks the user address (msg_iov at 16, msg_iovlen at 24).
+    let iov = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.unwrap_or(0);
+    // SAFETY: as above.
+    let iovlen = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.unwrap_or(0);
+    enter_io(arg(ctx, 0), syscall, dir, true, iov, iovlen);
+}
+
+#[tracepoint]
+pub fn http_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    enter_msg(&ctx, syscall::RECVMSG, direction::READ);
+    0
+}
+
+#[tracepoint]
+pub fn http_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    enter_msg(&ctx, syscall::SENDMSG, direction::WRITE);
+    0
+}
+
+/// `sendfile(out_fd, in_fd, offset, count)`: only the count is known.
+#[tracepoint]
+pub fn http_enter_sendfile(ctx: TracePointContext) -> u32 {
+    enter_io(
+        arg(&ctx, 0),
+        syscall::SENDFILE,
+        direction::WRITE,
+        false,
+        0,
+        0,
+    );
+    0
+}
+
+#[tracepoint]
+pub fn http_exit_io(ctx: TracePointContext) -> u32 {
+    let _ = try_exit_io(&ctx);
+    0
+}
+
+fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
+    let (tgid, tid) = ids();
+    // SAFETY: copied out before the entry is removed.
+    let active = unsafe { ACTIVE.get(&tid) }.copied().ok_or(())?;
+    let _ = ACTIVE.remove(&tid);
+    let moved = ret(ctx);
+    if moved <= 0 {
+        return Ok(());
+    }
+    let moved = moved as u64;
+    let key = ConnKey {
+        tgid,
+        fd: active.fd,
+    };
+    let info = CONNS.get_ptr_mut(&key).ok_or(())?;
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: valid map values; this CPU's scratch is ours until we return.
+    let (info, scratch) = unsafe { (&mut *info, &mut *scratch) };
+    let event = &mut scratch.event;
+    event.kind = event_kind::DATA;
+    event.direction = active.direction;
+    event.syscall = active.syscall;
+    event._reserved = 0;
+    event.tgid = tgid;
+    event.tid = tid;
+    event.fd = active.fd;
+    event.conn_id = info.conn_id;
+    event.start_ns = active.start_ns;
+    // SAFETY: a plain helper call.
+    event.end_ns = unsafe { bpf_ktime_get_ns() };
+    event.len = moved;
+    event.head_len = 0;
+    event.tail_len = 0;
+    event.ctx = TraceContext::default();
+    if active.syscall != syscall::SENDFILE {
+        if active.vectored != 0 {
+            capture_vectored(scratch, active.buf, active.count, moved);
+        } else {
+            capture_plain(scratch, active.buf, moved);
+        }
+    }
+    let event = &mut scratch.event;
+    let head_len = (event.head_len as usize).min(CAPTURE_HEAD);
+    let head = &event.head[..head_len];
+    let request = is_request_start(head);
+    let response = !request && is_response_start(head);
+    if info.proto == proto::UNKNOWN {
+        if request || response {
+            info.proto = proto::HTTP1;
+        } else if active.syscall != syscall::SENDFILE {
+            // Not HTTP/1.x: leave this connection alone from now on.
+            info.proto = proto::OTHER;
+            return Ok(());
+        } else {
+            return Ok(());
+        }
+    }
+    if active.direction == direction::READ && request {
+        open_server_request(scratch, tid, info.conn_id);
+    } else if active.direction == direction::WRITE {
+        if response {
+            close_server_request(tid);
+        }
+        if inject_enabled() {
+            // SAFETY: copied out before the entry is removed.
+            if let Some(injected) = unsafe { INJECTED.get(&tid) }.copied() {
+                let _ = INJECTED.remove(&tid);
+                scratch.event.ctx = injected;
+            }
+        }
+    }
+    let size = DataEvent::HEAD_OFFSET + (scratch.event.head_len as usize & (CAPTURE_HEAD * 2 - 1));
+    let size = if size > core::mem::size_of::<DataEvent>() {
+        core::mem::size_of::<DataEvent>()
+    } else {
+        size
+    };
+    // SAFETY: `size` bytes of the scratch event are initialised.
+    let bytes = unsafe {
+        core::slice::from_raw_parts((&scratch.event as *const DataEvent).cast::<u8>(), size)
+    };
+    if HTTP_EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count(HttpCounter::EventsLost);
+    } else {
+        count(HttpCounter::DataEvents);
+    }
+    Ok(())
+}
+
+/// Copies the head and tail of one contiguous user buffer.
+#[inline(always)]
+fn capture_plain(scratch: &mut Scratch, buf: u64, moved: u64) {
+    let n = if moved > CAPTURE_HEAD as u64 {
+        CAPTURE_HEAD
+    } else {
+        moved as usize
+    };
+    if read_into(&mut scratch.event.head, 0, buf, n) {
+        scratch.event.head_len = n as u32;
+    }
+    if moved > CAPTURE_HEAD as u64
+        && read_tail(&mut scratch.event.tail, buf + moved - CAPTURE_TAIL as u64)
+    {
+        scratch.event.tail_len = CAPTURE_TAIL as u32;
+    }
+}
+
+/// Copies the head (and tail, when the end is in one of the first iovecs) of
+/// a vectored transfer.
+#[inline(always)]
+fn capture_vectored(scratch: &mut Scratch, iov: u64, iovcnt: u64, moved: u64) {
+    let mut off: usize = 0;
+    let mut left = moved;
+    let mut i = 0;
+    while i < MAX_IOV {
+        if i as u64 >= iovcnt || left == 0 {
+            break;
+        }
+        // SAFETY: the helper checks the user address.
+        let base = unsafe { bpf_probe_read_user((iov + 16 * i as u64) as *const u64) };
+        // SAFETY: as above.
+        let len = unsafe { bpf_probe_read_user((iov + 16 * i as u64 + 8) as *const u64) };
+        let (Ok(base), Ok(len)) = (base, len) else {
+            break;
+        };
+        let used = if len < left { len } else { left };
+        if off < CAPTURE_HEAD {
+            let room = (CAPTURE_HEAD - off) as u64;
+            let n = if used < room { used } else { room } as usize;
+            if !read_into(&mut scratch.event.head, off, base, n) {
+                break;
+            }
+            off += n;
+        }
+        left -= used;
+        if left == 0 && moved > CAPTURE_HEAD as u64 && used >= CAPTURE_TAIL as u64 {
+            if read_tail(&mut scratch.event.tail, base + used - CAPTURE_TAIL as u64) {
+                scratch.event.tail_len = CAPTURE_TAIL as u32;
+            }
+        }
+        i += 1;
+    }
+    scratch.event.head_len = off as u32;
+}
+
+/// Reads `n` user bytes at `src` into `head[off..]` (off < CAPTURE_HEAD,
+/// n <= CAPTURE_HEAD; the scratch overflow area absorbs the bounds the
+/// verifier cannot see).
+#[inline(always)]
+fn read_into(head: &mut [u8; CAPTURE_HEAD], off: usize, src: u64, n: usize) -> bool {
+    if n == 0 {
+        return true;
+    }
+    let off = off & (CAPTURE_HEAD - 1);
+    let n = n & (CAPTURE_HEAD * 2 - 1);
+    if n > CAPTURE_HEAD {
+        return false;
+    }
+    // SAFETY: `head` is followed by CAPTURE_HEAD bytes of `Scratch::overflow`,
+    // so off + n <= 2 * CAPTURE_HEAD stays inside the map value.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            head.as_mut_ptr().add(off).cast::<c_void>(),
+            n as u32,
+            src as *const c_void,
+        ) == 0
+    }
+}
+
+#[inline(always)]
+fn read_tail(tail: &mut [u8; CAPTURE_TAIL], src: u64) -> bool {
+    // SAFETY: the helper checks the user address.
+    unsafe { bpf_probe_read_user_buf(src as *const u8, tail) }.is_ok()
+}
+
+// ---- trace context -----------------------------------------------------------
+
+/// A request arrived on `conn_id`: choose its ids and mark the thread as
+/// serving it.
+fn open_server_request(scratch: &mut Scratch, tid: u32, conn_id: u64) {
+    count(HttpCounter::ServerRequests);
+    let mut ctx = TraceContext {
+        flags: ctx_flags::SERVER,
+        ..TraceContext::default()
+    };
+    random_id(&mut ctx.span_id);
+    // The callback writes `found` through its own pointer to this scratch:
+    // volatile accesses keep the compiler from assuming it unchanged.
+    // SAFETY: plain stores and loads of fields of a valid map value.
+    unsafe {
+        core::ptr::write_volatile(&mut scratch.found, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.search_len, scratch.event.head_len);
+    }
+    // SAFETY: `search_step` has the callback signature bpf_loop requires.
+    unsafe {
+        bpf_loop(
+            (CAPTURE_HEAD / 8) as u32,
+            search_step as *mut c_void,
+            null_mut(),
+            0,
+        )
+    };
+    let mut remote = false;
+    // SAFETY: as above.
+    let found = unsafe { core::ptr::read_volatile(&scratch.found) };
+    if found != u32::MAX {
+        let start = (found as usize & (CAPTURE_HEAD - 1)) + 12;
+        let mut value = [0u8; 56];
+        let mut skip = 0;
+        // Optional whitespace after the colon.
+        while skip < 2 && scratch.event.head[(start + skip) & (CAPTURE_HEAD - 1)] == b' ' {
+            skip += 1;
+        }
+        let from = (start + skip) & (CAPTURE_HEAD - 1);
+        // SAFETY: from < CAPTURE_HEAD and the overflow area follows head.
+        let src = unsafe { scratch.event.head.as_ptr().add(from) };
+        // SAFETY: 56 bytes from `src` are inside the scratch value.
+        unsafe { core::ptr::copy_nonoverlapping(src, value.as_mut_ptr(), 56) };
+        let end = value[55];
+        if (end == b'\r' || end == b'\n' || end == b' ' || end == b'\t')
+            && (from + 55) as u32 <= scratch.event.head_len
+            && let Some((trace, parent, _)) = parse_traceparent(&value[..55])
+        {
+            ctx.trace_id = trace;
+            ctx.parent_span_id = parent;
+            ctx.flags |= ctx_flags::REMOTE_PARENT;
+            remote = true;
+        }
+    }
+    if !remote {
+        random_id(&mut ctx.trace_id);
+    }
+    scratch.event.ctx = ctx;
+    let serving = match SERVING.get_ptr_mut(&tid) {
+        // SAFETY: a valid map value.
+        Some(s) => unsafe {
+            // A new request on the same connection: the previous one is over.
+            let open = if (*s).conn_id == conn_id {
+                1
+            } else {
+                (*s).open + 1
+            };
+            Serving {
+                ctx,
+                conn_id,
+                open,
+                _reserved: 0,
+            }
+        },
+        None => Serving {
+            ctx,
+            conn_id,
+            open: 1,
+            _reserved: 0,
+        },
+    };
+    let _ = SERVING.insert(&tid, &serving, 0);
+}
+
+/// A response started on the thread: its server request is done.
+fn close_server_request(tid: u32) {
+    if let Some(s) = SERVING.get_ptr_mut(&tid) {
+        // SAFETY: a valid map value.
+        unsafe {
+            if (*s).open > 1 {
+                (*s).open -= 1;
+                return;
+            }
+        }
+        let _ = SERVING.remove(&tid);
+    }
+}
+
+const NEWLINES: u64 = 0x0a0a_0a0a_0a0a_0a0a;
+const LOW: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+/// `tracepar` and `ent:` as little-endian words (lower case).
+const TRACEPAR: u64 = u64::from_le_bytes(*b"tracepar");
+const ENT: u32 = u32::from_le_bytes(*b"ent:");
+
+/// One word of the `traceparent:` search: stops at a header line named
+/// `traceparent` (any case) or at the end of the captured head.
+extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch, owned by the running program.
+    let scratch = unsafe { &mut *scratch };
+    let base = (index as usize * 8) & (CAPTURE_HEAD - 1);
+    if base as u32 >= scratch.search_len {
+        return 1;
+    }
+    // SAFETY: base + 8 <= CAPTURE_HEAD.
+    let word =
+        unsafe { core::ptr::read_unaligned(scratch.event.head.as_ptr().add(base).cast::<u64>()) };
+    let x = word ^ NEWLINES;
+    let mut hits = x.wrapping_sub(LOW) & !x & HIGH;
+    let mut n = 0;
+    while hits != 0 && n < 8 {
+        let pos = base + (hits.trailing_zeros() as usize / 8) + 1;
+        let pos = pos & (CAPTURE_HEAD - 1);
+        // SAFETY: pos < CAPTURE_HEAD; the overflow area follows head.
+        let (a, b) = unsafe {
+            let p = scratch.event.head.as_ptr().add(pos);
+            (
+                core::ptr::read_unaligned(p.cast::<u64>()),
+                core::ptr::read_unaligned(p.add(8).cast::<u32>()),
+            )
+        };
+        if a | 0x2020_2020_2020_2020 == TRACEPAR && b | 0x0020_2020 == ENT {
+            scratch.found = pos as u32;
+            return 1;
+        }
+        hits &= hits - 1;
+        n += 1;
+    }
+    0
+}

@@ -1,0 +1,348 @@
+//! Loads and attaches the HTTP capture programs (`fathom-http` object) and
+//! reads their events. The kernel/user-space contract is
+//! `fathom_common::http`; the bytes are parsed by [`crate::http`].
+use std::{fs, os::fd::AsFd, path::Path, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use fathom_common::http::{ConnEvent, ConnKey, DataEvent, HttpCounter, event_kind, globals, names};
+
+use crate::{ebpf, preflight, profiler::field_offset, sys};
+
+/// What the capture programs trace.
+#[derive(Clone, Debug)]
+pub struct HttpCaptureConfig {
+    /// Only these processes (empty: all).
+    pub pids: Vec<u32>,
+    /// Insert `traceparent` into outgoing requests (`sock_ops` + `sk_msg`).
+    pub inject: bool,
+    /// Size of the event ring buffer, in bytes (a power of two).
+    pub ring_bytes: u32,
+    /// Sockets tracked at once.
+    pub connections: u32,
+}
+
+impl Default for HttpCaptureConfig {
+    fn default() -> Self {
+        Self {
+            pids: Vec::new(),
+            inject: true,
+            ring_bytes: 8 << 20,
+            connections: 65536,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpCaptureError {
+    #[error(transparent)]
+    MissingObject(#[from] ebpf::MissingObject),
+    #[error("loading the HTTP programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("attaching {name} to tracepoint {tracepoint}: {source}")]
+    Attach {
+        name: &'static str,
+        tracepoint: &'static str,
+        source: ProgramError,
+    },
+    #[error("tracepoint format {path}: {reason}")]
+    TracepointFormat { path: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// An event of the capture programs.
+#[derive(Clone)]
+pub enum HttpEvent {
+    Open(ConnEvent),
+    Close(ConnEvent),
+    /// A process exited: its connections are gone.
+    ProcessExit(ConnEvent),
+    Data(Box<DataEvent>),
+}
+
+/// Parses one ring-buffer record strictly; `None` for anything malformed.
+pub fn parse_record(bytes: &[u8]) -> Option<HttpEvent> {
+    match *bytes.first()? {
+        event_kind::DATA => DataEvent::from_record(bytes).map(|e| HttpEvent::Data(Box::new(e))),
+        kind @ (event_kind::CONN_OPEN | event_kind::CONN_CLOSE | event_kind::PROCESS_EXIT) => {
+            if bytes.len() != size_of::<ConnEvent>() {
+                return None;
+            }
+            // SAFETY: ConnEvent is repr(C), padding-free and valid for any
+            // bytes; the length was checked.
+            let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnEvent>()) };
+            Some(match kind {
+                event_kind::CONN_OPEN => HttpEvent::Open(event),
+                event_kind::CONN_CLOSE => HttpEvent::Close(event),
+                _ => HttpEvent::ProcessExit(event),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Tracepoints of the capture: (program, category, tracepoint).
+const ATTACH: &[(&str, &str, &str)] = &[
+    ("http_fork", "sched", "sched_process_fork"),
+    ("http_exit_thread", "sched", "sched_process_exit"),
+    ("http_enter_accept", "syscalls", "sys_enter_accept"),
+    ("http_enter_accept", "syscalls", "sys_enter_accept4"),
+    ("http_exit_accept", "syscalls", "sys_exit_accept"),
+    ("http_exit_accept", "syscalls", "sys_exit_accept4"),
+    ("http_enter_connect", "syscalls", "sys_enter_connect"),
+    ("http_exit_connect", "syscalls", "sys_exit_connect"),
+    ("http_enter_close", "syscalls", "sys_enter_close"),
+    ("http_enter_read", "syscalls", "sys_enter_read"),
+    ("http_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("http_enter_readv", "syscalls", "sys_enter_readv"),
+    ("http_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("http_enter_write", "syscalls", "sys_enter_write"),
+    ("http_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("http_enter_writev", "syscalls", "sys_enter_writev"),
+    ("http_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("http_enter_sendfile", "syscalls", "sys_enter_sendfile64"),
+    ("http_exit_io", "syscalls", "sys_exit_read"),
+    ("http_exit_io", "syscalls", "sys_exit_recvfrom"),
+    ("http_exit_io", "syscalls", "sys_exit_readv"),
+    ("http_exit_io", "syscalls", "sys_exit_recvmsg"),
+    ("http_exit_io", "syscalls", "sys_exit_write"),
+    ("http_exit_io", "syscalls", "sys_exit_sendto"),
+    ("http_exit_io", "syscalls", "sys_exit_writev"),
+    ("http_exit_io", "syscalls", "sys_exit_sendmsg"),
+    ("http_exit_io", "syscalls", "sys_exit_sendfile64"),
+];
+
+/// The loaded and attached capture programs. Dropping it detaches them.
+pub struct HttpCapture {
+    // Maps taken out of the object stay alive with it; programs detach when
+    // `ebpf` drops (after the maps).
+    events: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    conns: BpfHashMap<MapData, ConnKey, fathom_common::http::ConnInfo>,
+    ebpf: Ebpf,
+}
+
+impl HttpCapture {
+    /// Loads the programs, fills the process filter and attaches the
+    /// capture. With `inject`, the kernel side expects the injection programs
+    /// to be attached next (see [`crate::inject`]).
+    pub fn start(config: &HttpCaptureConfig) -> Result<Self, HttpCaptureError> {
+        if !config.ring_bytes.is_power_of_two() || config.ring_bytes < 4096 {
+            return Err(HttpCaptureError::Config(format!(
+                "ring buffer size {} is not a power of two of at least 4096",
+                config.ring_bytes
+            )));
+        }
+        preflight::ensure_tracefs().map_err(|reason| HttpCaptureError::TracepointFormat {
+            path: preflight::TRACEFS.into(),
+            reason,
+        })?;
+        let fork_format =
+            Path::new(preflight::TRACEFS).join("events/sched/sched_process_fork/format");
+        let format =
+            fs::read_to_string(&fork_format).map_err(|e| HttpCaptureError::TracepointFormat {
+                path: fork_format.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let offset = |field: &str| {
+            field_offset(&format, field).ok_or_else(|| HttpCaptureError::TracepointFormat {
+                path: fork_format.display().to_string(),
+                reason: format!("no {field} field"),
+            })
+        };
+        let parent_offset = offset("parent_pid")?;
+        let child_offset = offset("child_pid")?;
+        let filter = u8::from(!config.pids.is_empty());
+        let inject = u8::from(config.inject);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::FILTER_PIDS, &filter, true)
+            .override_global(globals::INJECT, &inject, true)
+            .override_global("HTTP_FORK_PARENT_OFFSET", &parent_offset, true)
+            .override_global("HTTP_FORK_CHILD_OFFSET", &child_offset, true)
+            .map_max_entries(names::EVENTS, config.ring_bytes)
+            .map_max_entries(names::CONNS, config.connections.max(1))
+            .load(ebpf::http_object()?)?;
+        {
+            let mut monitored: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(map_mut(&mut ebpf, names::MONITORED)?)
+                    .map_err(map_err(names::MONITORED))?;
+            for pid in &config.pids {
+                monitored
+                    .insert(pid, 1, 0)
+                    .map_err(map_err(names::MONITORED))?;
+            }
+        }
+        let mut loaded = std::collections::HashSet::new();
+        for &(name, category, tracepoint) in ATTACH {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(HttpCaptureError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| HttpCaptureError::Program { name, source })?;
+            if loaded.insert(name) {
+                program
+                    .load()
+                    .map_err(|source| HttpCaptureError::Program { name, source })?;
+            }
+            program
+                .attach(category, tracepoint)
+                .map_err(|source| HttpCaptureError::Attach {
+                    name,
+                    tracepoint,
+                    source,
+                })?;
+        }
+        let events = take(&mut ebpf, names::EVENTS)?;
+        let counters = take(&mut ebpf, names::COUNTERS)?;
+        let conns = take(&mut ebpf, names::CONNS)?;
+        Ok(Self {
+            events,
+            counters,
+            conns,
+            ebpf,
+        })
+    }
+
+    /// Hands every queued event to `f`; returns how many records were
+    /// malformed (counted by the caller).
+    pub fn read(&mut self, mut f: impl FnMut(HttpEvent)) -> u64 {
+        let mut malformed = 0;
+        while let Some(item) = self.events.next() {
+            match parse_record(&item) {
+                Some(event) => f(event),
+                None => malformed += 1,
+            }
+        }
+        malformed
+    }
+
+    /// Waits up to `timeout` for events.
+    pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
+        sys::poll_readable(self.events.as_fd(), timeout)
+    }
+
+    /// Forgets the sockets of an exited process (the kernel cannot list them).
+    pub fn forget(&mut self, tgid: u32, fds: impl IntoIterator<Item = u32>) {
+        for fd in fds {
+            let _ = self.conns.remove(&ConnKey { tgid, fd });
+        }
+    }
+
+    /// The kernel's counters, summed over CPUs.
+    pub fn counters(&self) -> [u64; HttpCounter::COUNT as usize] {
+        let mut out = [0; HttpCounter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// The loaded object: the injection programs attach from it
+    /// ([`crate::inject`]), when `inject` was set.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> HttpCaptureError {
+    move |source| HttpCaptureError::Map { name, source }
+}
+
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, HttpCaptureError> {
+    ebpf.map_mut(name).ok_or(HttpCaptureError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, HttpCaptureError> {
+    let map = ebpf.take_map(name).ok_or(HttpCaptureError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fathom_common::http::{CAPTURE_HEAD, SockAddr};
+
+    fn conn(kind: u8) -> ConnEvent {
+        ConnEvent {
+            kind,
+            role: 1,
+            _reserved: [0; 2],
+            tgid: 7,
+            tid: 8,
+            fd: 3,
+            conn_id: 99,
+            ts_ns: 5,
+            peer: SockAddr::default(),
+            listen_fd: 4,
+            _reserved2: 0,
+        }
+    }
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: test-only view of padding-free repr(C) values.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn records_parse_strictly() {
+        let open = bytes_of(&conn(event_kind::CONN_OPEN));
+        assert!(matches!(parse_record(&open), Some(HttpEvent::Open(e)) if e.conn_id == 99));
+        assert!(parse_record(&open[..open.len() - 1]).is_none());
+        let exit = bytes_of(&conn(event_kind::PROCESS_EXIT));
+        assert!(matches!(
+            parse_record(&exit),
+            Some(HttpEvent::ProcessExit(_))
+        ));
+        assert!(parse_record(&[]).is_none());
+        assert!(parse_record(&[42; 80]).is_none());
+
+        let mut data = DataEvent::from_record(&{
+            let mut b = vec![0u8; DataEvent::HEAD_OFFSET];
+            b[0] = event_kind::DATA;
+            b
+        })
+        .unwrap();
+        data.head_len = 5;
+        data.head[..5].copy_from_slice(b"GET /");
+        let full = bytes_of(&data);
+        let record = &full[..DataEvent::HEAD_OFFSET + 5];
+        match parse_record(record) {
+            Some(HttpEvent::Data(e)) => assert_eq!(e.head(), b"GET /"),
+            _ => panic!("data record not parsed"),
+        }
+        // Claims more head than the record has.
+        assert!(parse_record(&full[..DataEvent::HEAD_OFFSET + 4]).is_none());
+        assert!(parse_record(&full[..DataEvent::HEAD_OFFSET + CAPTURE_HEAD]).is_some());
+    }
+}
