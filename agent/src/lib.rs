@@ -8,10 +8,12 @@
 
 pub mod ebpf;
 pub mod export;
+
 pub mod http_capture;
 pub mod pprof;
 pub mod preflight;
 pub mod process;
+pub mod process_meta;
 pub mod procfs;
 pub mod profiler;
 pub mod session;
