@@ -8,6 +8,7 @@
 
 pub mod ebpf;
 pub mod export;
+pub mod http;
 pub mod pprof;
 pub mod preflight;
 pub mod process;
