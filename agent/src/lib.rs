@@ -8,7 +8,7 @@
 
 pub mod ebpf;
 pub mod export;
-
+pub mod http;
 pub mod http_capture;
 pub mod pprof;
 pub mod preflight;
