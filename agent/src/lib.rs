@@ -19,6 +19,7 @@ pub mod profiler;
 pub mod session;
 pub mod stacks;
 pub mod sys;
+pub mod traces;
 pub mod unwind;
 pub mod unwind_stats;
 pub mod unwinder;

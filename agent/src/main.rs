@@ -13,6 +13,7 @@ use fathom_agent::{
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
     session::{self, DirSink, Session, Stop},
+    traces::{EmbeddedTraceSink, TraceConfig, TraceSession},
     unwinder::UnwinderConfig,
 };
 use fathom_collector::{Collector, CollectorArgs};
@@ -131,6 +132,22 @@ struct DaemonArgs {
     /// unreachable; beyond it the oldest are dropped and counted.
     #[arg(long, env = "FATHOM_BUFFER_BYTES", default_value_t = 64 << 20)]
     buffer_bytes: u64,
+    /// Signals to collect: `profiles` (CPU profiles), `traces` (HTTP spans
+    /// and RED metrics of every process, with `traceparent` propagation).
+    /// Traces need the embedded collector, which exports them to any OTLP
+    /// endpoint (`--otlp-endpoint`).
+    #[arg(
+        long,
+        env = "FATHOM_SIGNALS",
+        value_delimiter = ',',
+        default_value = "profiles,traces",
+        value_parser = ["profiles", "traces"]
+    )]
+    signals: Vec<String>,
+    /// Insert a W3C `traceparent` header into outgoing HTTP/1.x requests of
+    /// traced processes that carry none, so services join one trace.
+    #[arg(long, env = "FATHOM_TRACE_INJECT", default_value_t = true, action = clap::ArgAction::Set)]
+    trace_inject: bool,
     /// Embedded collector (used unless --output-dir or --collector-url is given).
     #[command(flatten, next_help_heading = "Embedded collector")]
     collector: CollectorArgs,
@@ -242,6 +259,19 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
 
 fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = profiler_config(&args.sampling)?;
+    let profiles = args.signals.iter().any(|s| s == "profiles");
+    let traces = args.signals.iter().any(|s| s == "traces");
+    if !profiles && !traces {
+        bail!("--signals: nothing to collect");
+    }
+    if (args.output_dir.is_some() || args.collector_url.is_some()) && !profiles {
+        bail!("--output-dir and --collector-url carry profiles only: add `profiles` to --signals");
+    }
+    if (args.output_dir.is_some() || args.collector_url.is_some()) && traces {
+        tracing::warn!(
+            "traces need the embedded collector: not tracing with --output-dir or --collector-url"
+        );
+    }
     if let Some(dir) = &args.output_dir {
         let mut sink = DirSink::new(dir, args.retention)?;
         let stop = stop_on_signals()?;
@@ -298,9 +328,29 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let result = (|| {
         let stop = stop_on_signals()?;
-        let mut session = Session::start(config, &args.sampling.symbolizer())?;
-        let mut sink = EmbeddedSink::new(collector.ingest());
-        session.run_daemon(args.interval, &mut sink, &stop)?;
+        let _traces = if traces {
+            let mut trace_config = TraceConfig::default();
+            trace_config.capture.pids = args.sampling.pids.clone();
+            trace_config.capture.inject = args.trace_inject;
+            Some(
+                TraceSession::start(
+                    trace_config,
+                    Box::new(EmbeddedTraceSink(collector.ingest())),
+                )
+                .context("starting HTTP tracing")?,
+            )
+        } else {
+            None
+        };
+        if profiles {
+            let mut session = Session::start(config, &args.sampling.symbolizer())?;
+            let mut sink = EmbeddedSink::new(collector.ingest());
+            session.run_daemon(args.interval, &mut sink, &stop)?;
+        } else {
+            while !stop.wait(Duration::from_secs(1)) {}
+        }
+        // Tracing stops (last spans delivered, programs detached) before the
+        // collector shuts down.
         anyhow::Ok(())
     })();
     runtime.block_on(collector.shutdown(Duration::from_secs(10)));

@@ -1,0 +1,326 @@
+//! The tracing session: a thread that drains the HTTP capture's events into
+//! the [`HttpTracer`], and every `flush_every` hands finished spans (OTLP
+//! traces) and the RED metrics (OTLP metrics) to a [`TraceSink`].
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use fathom_collector::Ingest;
+use fathom_common::http::{HttpCounter, role};
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
+};
+
+use crate::{
+    http::{HttpMetrics, HttpTracer, MetricsConfig, ResourceInfo, TracerConfig, traces_request},
+    http_capture::{HttpCapture, HttpCaptureConfig, HttpCaptureError, HttpEvent},
+    process_meta::{ProcessMeta, local_port},
+    sys,
+};
+
+/// Configuration of HTTP tracing.
+#[derive(Clone, Debug)]
+pub struct TraceConfig {
+    pub capture: HttpCaptureConfig,
+    pub tracer: TracerConfig,
+    pub metrics: MetricsConfig,
+    /// How often finished spans and the metrics are delivered.
+    pub flush_every: Duration,
+    /// `/proc`.
+    pub proc_root: PathBuf,
+    /// `host.name` on every resource.
+    pub node: String,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self {
+            capture: HttpCaptureConfig::default(),
+            tracer: TracerConfig::default(),
+            metrics: MetricsConfig::default(),
+            flush_every: Duration::from_secs(1),
+            proc_root: PathBuf::from("/proc"),
+            node: crate::export::node_name(),
+        }
+    }
+}
+
+/// Where spans and metrics go.
+pub trait TraceSink: Send {
+    /// Delivers spans; false when they were not accepted (counted by the
+    /// session).
+    fn spans(&mut self, req: ExportTraceServiceRequest) -> bool;
+    /// Delivers the cumulative RED metrics.
+    fn metrics(&mut self, req: ExportMetricsServiceRequest) -> bool;
+}
+
+/// The collector embedded in the agent.
+pub struct EmbeddedTraceSink(pub Ingest);
+
+impl TraceSink for EmbeddedTraceSink {
+    fn spans(&mut self, req: ExportTraceServiceRequest) -> bool {
+        self.0.spans(req).is_ok()
+    }
+
+    fn metrics(&mut self, req: ExportMetricsServiceRequest) -> bool {
+        self.0.metrics(req).is_ok()
+    }
+}
+
+/// Spans and metrics that reached no one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Undelivered {
+    span_batches: u64,
+    metric_batches: u64,
+}
+
+/// The running tracing thread. Dropping it stops the thread (after a last
+/// flush) and detaches the programs.
+pub struct TraceSession {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TraceSession {
+    /// Loads and attaches the capture (and `traceparent` injection when
+    /// configured), then starts the thread.
+    pub fn start(config: TraceConfig, sink: Box<dyn TraceSink>) -> Result<Self, TraceError> {
+        let capture = HttpCapture::start(&config.capture)?;
+        let inject = config.capture.inject;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("fathom-traces".into())
+            .spawn(move || Worker::new(config, capture, sink).run(&flag))
+            .map_err(TraceError::Thread)?;
+        tracing::info!(inject, "http tracing attached");
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for TraceSession {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error(transparent)]
+    Capture(#[from] HttpCaptureError),
+    #[error("starting the tracing thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Worker {
+    config: TraceConfig,
+    capture: HttpCapture,
+    sink: Box<dyn TraceSink>,
+    tracer: HttpTracer,
+    metrics: HttpMetrics,
+    resources: HashMap<u32, ResourceInfo>,
+    /// Processes that exited: forgotten after the next flush (their last
+    /// spans still need their resource).
+    exited: Vec<u32>,
+    /// Open sockets per process, to clear the kernel's table when a process
+    /// exits without closing them.
+    open: HashMap<u32, HashSet<u32>>,
+    /// Local port of (process, listening fd).
+    ports: HashMap<(u32, u32), Option<u16>>,
+    malformed: u64,
+    undelivered: Undelivered,
+    spans_delivered: u64,
+}
+
+impl Worker {
+    fn new(config: TraceConfig, capture: HttpCapture, sink: Box<dyn TraceSink>) -> Self {
+        Self {
+            tracer: HttpTracer::new(config.tracer.clone()),
+            metrics: HttpMetrics::new(config.metrics.clone(), unix_now_ns()),
+            config,
+            capture,
+            sink,
+            resources: HashMap::new(),
+            exited: Vec::new(),
+            open: HashMap::new(),
+            ports: HashMap::new(),
+            malformed: 0,
+            undelivered: Undelivered::default(),
+            spans_delivered: 0,
+        }
+    }
+
+    fn run(mut self, stop: &AtomicBool) {
+        let mut next_flush = Instant::now() + self.config.flush_every;
+        let mut next_log = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            self.drain();
+            if stopping {
+                self.flush();
+                self.log_stats();
+                break;
+            }
+            let now = Instant::now();
+            if now >= next_flush {
+                self.flush();
+                next_flush = now + self.config.flush_every;
+            }
+            if now >= next_log {
+                self.log_stats();
+                next_log = now + Duration::from_secs(10);
+            }
+            if let Err(e) = self.capture.wait(Duration::from_millis(100)) {
+                tracing::error!(error = %e, "polling http events");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        let mut events = Vec::new();
+        self.malformed += self.capture.read(|e| events.push(e));
+        for event in events {
+            self.handle(event);
+        }
+    }
+
+    fn handle(&mut self, event: HttpEvent) {
+        match event {
+            HttpEvent::Open(c) => {
+                self.resource(c.tgid);
+                self.open.entry(c.tgid).or_default().insert(c.fd);
+                self.tracer.on_conn_open(&c);
+                if c.role == role::SERVER && c.listen_fd != u32::MAX {
+                    let root = &self.config.proc_root;
+                    let port = *self
+                        .ports
+                        .entry((c.tgid, c.listen_fd))
+                        .or_insert_with(|| local_port(root, c.tgid, c.listen_fd));
+                    if let Some(port) = port {
+                        self.tracer.set_local_port(c.conn_id, port);
+                    }
+                }
+            }
+            HttpEvent::Data(d) => {
+                self.resource(d.tgid);
+                self.tracer.on_data(&d);
+            }
+            HttpEvent::Close(c) => {
+                if let Some(fds) = self.open.get_mut(&c.tgid) {
+                    fds.remove(&c.fd);
+                }
+                self.tracer.on_conn_close(&c);
+            }
+            HttpEvent::ProcessExit(c) => {
+                if let Some(fds) = self.open.remove(&c.tgid) {
+                    self.capture.forget(c.tgid, fds.iter().copied());
+                }
+                self.ports.retain(|(pid, _), _| *pid != c.tgid);
+                self.exited.push(c.tgid);
+            }
+        }
+    }
+
+    /// The resource of `pid`, read from /proc the first time it is seen
+    /// (while it runs).
+    fn resource(&mut self, pid: u32) -> &ResourceInfo {
+        let root = &self.config.proc_root;
+        let node = &self.config.node;
+        self.resources.entry(pid).or_insert_with(|| {
+            let extra = vec![("host.name".to_string(), node.clone())];
+            match ProcessMeta::read(root, pid) {
+                Some(m) => ResourceInfo {
+                    service_name: m.service_name,
+                    pid: Some(pid),
+                    executable_name: Some(m.executable_name),
+                    container_id: m.container_id,
+                    extra,
+                },
+                None => ResourceInfo {
+                    service_name: "unknown_service".into(),
+                    pid: Some(pid),
+                    executable_name: None,
+                    container_id: None,
+                    extra,
+                },
+            }
+        })
+    }
+
+    fn flush(&mut self) {
+        let spans = self.tracer.take_finished();
+        if !spans.is_empty() {
+            for span in &spans {
+                let resource = self.resource(span.pid).clone();
+                self.metrics.record(&resource, span);
+            }
+            let offset = unix_offset_ns();
+            let resources = &self.resources;
+            let req = traces_request(
+                &spans,
+                |pid| resources.get(&pid).cloned().unwrap_or_default(),
+                offset,
+            );
+            if self.sink.spans(req) {
+                self.spans_delivered += spans.len() as u64;
+            } else {
+                self.undelivered.span_batches += 1;
+            }
+        }
+        if self.metrics.series() > 0 && !self.sink.metrics(self.metrics.export(unix_now_ns())) {
+            self.undelivered.metric_batches += 1;
+        }
+        self.tracer.expire(sys::monotonic_ns());
+        for pid in self.exited.drain(..) {
+            self.resources.remove(&pid);
+        }
+    }
+
+    fn log_stats(&self) {
+        let kernel = self.capture.counters();
+        let stats = self.tracer.stats();
+        let k = |c: HttpCounter| kernel[c as usize];
+        tracing::info!(
+            spans = self.spans_delivered,
+            undelivered_span_batches = self.undelivered.span_batches,
+            undelivered_metric_batches = self.undelivered.metric_batches,
+            conns = stats.conns,
+            pending = stats.pending,
+            requests_unanswered = stats.requests_unanswered,
+            responses_dropped = stats.responses_dropped,
+            kernel_events = k(HttpCounter::DataEvents),
+            kernel_events_lost = k(HttpCounter::EventsLost),
+            kernel_conns_full = k(HttpCounter::ConnsFull),
+            injected = k(HttpCounter::Injected),
+            inject_failed = k(HttpCounter::InjectFailed),
+            malformed = self.malformed,
+            "http tracing"
+        );
+    }
+}
+
+fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Unix time minus CLOCK_MONOTONIC (the kernel's `bpf_ktime_get_ns`).
+fn unix_offset_ns() -> i64 {
+    unix_now_ns() as i64 - sys::monotonic_ns() as i64
+}
