@@ -2,12 +2,13 @@
 //! space that drains, symbolizes and writes them as pprof.
 //!
 //! Modules are flat, by concern: kernel I/O (`profiler`, `preflight`, `ebpf`,
-//! `sys` — the only `unsafe`), process knowledge (`process`, `procfs`),
+//! `inject` for traceparent injection, `sys` — the only `unsafe`), process knowledge (`process`, `procfs`),
 //! turning stacks into profiles (`stacks`, `pprof`), unwind tables for the
 //! eBPF DWARF unwinder (`unwind`) and running it all (`session`).
 
 pub mod ebpf;
 pub mod export;
+pub mod inject;
 pub mod pprof;
 pub mod preflight;
 pub mod process;
