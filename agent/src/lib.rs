@@ -2,7 +2,7 @@
 //! space that drains, symbolizes and writes them as pprof.
 //!
 //! Modules are flat, by concern: kernel I/O (`profiler`, `preflight`, `ebpf`,
-//! `sys` — the only `unsafe`), process knowledge (`process`, `procfs`),
+//! `inject` for traceparent injection, `sys` — the only `unsafe`), process knowledge (`process`, `procfs`),
 //! turning stacks into profiles (`stacks`, `pprof`), unwind tables for the
 //! eBPF DWARF unwinder (`unwind`) and running it all (`session`).
 
@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod export;
 pub mod http;
 pub mod http_capture;
+pub mod inject;
 pub mod pprof;
 pub mod preflight;
 pub mod process;

@@ -92,13 +92,22 @@ impl TraceSession {
     /// Loads and attaches the capture (and `traceparent` injection when
     /// configured), then starts the thread.
     pub fn start(config: TraceConfig, sink: Box<dyn TraceSink>) -> Result<Self, TraceError> {
-        let capture = HttpCapture::start(&config.capture)?;
-        let inject = config.capture.inject;
+        let mut capture = HttpCapture::start(&config.capture)?;
+        let injection = if config.capture.inject {
+            Some(crate::inject::attach(capture.ebpf_mut())?)
+        } else {
+            None
+        };
+        let inject = injection.is_some();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let handle = std::thread::Builder::new()
             .name("fathom-traces".into())
-            .spawn(move || Worker::new(config, capture, sink).run(&flag))
+            .spawn(move || {
+                Worker::new(config, capture, sink).run(&flag);
+                // Injection detaches after the capture's last events were read.
+                drop(injection);
+            })
             .map_err(TraceError::Thread)?;
         tracing::info!(inject, "http tracing attached");
         Ok(Self {
@@ -121,6 +130,8 @@ impl Drop for TraceSession {
 pub enum TraceError {
     #[error(transparent)]
     Capture(#[from] HttpCaptureError),
+    #[error("traceparent injection (turn it off with --trace-inject false): {0}")]
+    Inject(#[from] crate::inject::InjectError),
     #[error("starting the tracing thread: {0}")]
     Thread(std::io::Error),
 }

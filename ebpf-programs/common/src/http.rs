@@ -40,9 +40,9 @@ pub const CAPTURE_HEAD: usize = 1024;
 /// body: `0\r\n\r\n`).
 pub const CAPTURE_TAIL: usize = 16;
 /// Length of the header the `sk_msg` program inserts:
-/// `traceparent: 00-` + 32 + `-` + 16 + `-01\r\n`.
-pub const TRACEPARENT_HEADER_LEN: usize = 13 + 1 + 3 + 32 + 1 + 16 + 3 + 2;
-const _: () = assert!(TRACEPARENT_HEADER_LEN == 71);
+/// `traceparent: ` (13) + `00-` + 32 + `-` + 16 + `-01` + `\r\n`.
+pub const TRACEPARENT_HEADER_LEN: usize = 13 + 3 + 32 + 1 + 16 + 3 + 2;
+const _: () = assert!(TRACEPARENT_HEADER_LEN == 70);
 
 /// Names of the maps and programs in the `fathom-http` object.
 pub mod names {

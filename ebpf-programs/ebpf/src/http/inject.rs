@@ -1,1 +1,422 @@
 //! `sock_ops` + `sk_msg`: `traceparent` insertion (see `fathom_common::http`).
+//!
+//! `fathom_sock_ops` (on the cgroup v2 root) puts the client TCP sockets of
+//! monitored processes into the SOCKHASH `CLIENT_SOCKETS`, and only those:
+//! at `TCP_CONNECT_CB`, which runs in the connecting thread, it remembers the
+//! socket's cookie when the process is monitored; at
+//! `ACTIVE_ESTABLISHED_CB`, which runs in softirq context where the current
+//! task is whoever was interrupted, it adds the remembered sockets (the
+//! kernel only lets a socket into a sockhash once it is established). A
+//! socket leaves the sockhash by itself when it is closed (the sockmap's
+//! `close`/`unhash` hooks unlink it from every map).
+//!
+//! `fathom_sk_msg` runs in the sender's `sendmsg`/`write` on those sockets,
+//! before TCP segments the bytes. When a message is a whole HTTP/1.x request
+//! head — a request line ending in ` HTTP/1.x\r\n` and the blank line that
+//! ends the headers, both within its first [`INSPECT_MAX`] bytes — without a
+//! `traceparent` header, it inserts
+//! `traceparent: 00-{trace}-{span}-01\r\n` after the request line and leaves
+//! the chosen ids in `INJECTED[tid]`. Anything else passes byte-identical.
+//!
+//! Limits: only the first request of a message is considered (pipelined
+//! requests written in one call get one header); a request whose head is
+//! written in several calls is skipped (counted); a body chunk that is itself
+//! a well-formed request head (a later `sk_msg` run of one large write) is
+//! indistinguishable from a request.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action,
+        sk_msg_md,
+    },
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_socket_cookie, bpf_loop, bpf_msg_pull_data},
+    },
+    macros::{map, sk_msg, sock_ops},
+    maps::{LruHashMap, SockHash},
+    programs::{SkMsgContext, SockOpsContext},
+};
+use fathom_common::http::{
+    HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, hex_lower, is_request_start,
+};
+
+use super::maps::{INJECTED, SERVING, count, inject_enabled, monitored, random_id};
+
+/// Client sockets of monitored processes (socket cookie -> socket). The
+/// kernel requires a 4-byte value.
+#[map]
+static CLIENT_SOCKETS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+/// Sockets of monitored processes between `connect` and established
+/// (socket cookie -> tgid). LRU: connections that never establish age out.
+#[map]
+static INJECT_PENDING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Bytes of a message inspected for the request head (request line and
+/// headers). A larger head is not injected (`InjectSkippedNoLine`).
+pub const INSPECT_MAX: u32 = 4096;
+/// Mask keeping offsets within the inspected bytes plus a little look-ahead
+/// (a power of two above `INSPECT_MAX + 16`), so the verifier sees them
+/// bounded.
+const OFFSET_MASK: u64 = 0x1fff;
+/// The shortest request head: `GET / HTTP/1.0\r\n\r\n`.
+const MIN_REQUEST: u32 = 18;
+/// The shortest request line with its CRLF: `GET / HTTP/1.0\r\n`; its LF is
+/// at this offset or later.
+const MIN_LINE_LF: u64 = 15;
+
+// The header as `insert` lays it out.
+const _: () = assert!(16 + 32 + 1 + 16 + 5 == TRACEPARENT_HEADER_LEN);
+
+/// Scan outcomes ([`Scan::verdict`]).
+mod verdict {
+    /// Still scanning (at the end: the head is not complete in the bytes).
+    pub const SCANNING: u64 = 0;
+    /// The blank line ending the headers was found, no `traceparent`.
+    pub const HEAD_COMPLETE: u64 = 1;
+    /// A `traceparent` header is already there.
+    pub const EXISTING: u64 = 2;
+    /// Not an HTTP/1.x request head (bad request line, bare LF).
+    pub const NOT_HTTP: u64 = 3;
+}
+
+#[sock_ops]
+pub fn fathom_sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_sock_ops(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if !inject_enabled() {
+                return;
+            }
+            // The connecting thread is current here.
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            if tgid == 0 || !monitored(tgid) {
+                return;
+            }
+            // SAFETY: the program's context is a `bpf_sock_ops`.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // A full LRU evicts the oldest; nothing to count.
+            let _ = INJECT_PENDING.insert(&cookie, &tgid, 0);
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: as above.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if INJECT_PENDING.get_ptr(&cookie).is_none() {
+                return;
+            }
+            let _ = INJECT_PENDING.remove(&cookie);
+            // SAFETY: the context pointer is the kernel's `bpf_sock_ops`,
+            // valid for the whole run.
+            let ops = unsafe { &mut *ctx.ops };
+            if CLIENT_SOCKETS.update(cookie, ops, BPF_ANY as u64).is_ok() {
+                count(HttpCounter::SocketsAdded);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[sk_msg]
+pub fn fathom_sk_msg(ctx: SkMsgContext) -> u32 {
+    if inject_enabled() {
+        match try_sk_msg(&ctx) {
+            Outcome::Injected => count(HttpCounter::Injected),
+            Outcome::Existing => count(HttpCounter::InjectSkippedExisting),
+            Outcome::Incomplete => count(HttpCounter::InjectSkippedNoLine),
+            Outcome::Failed => count(HttpCounter::InjectFailed),
+            Outcome::Other => {}
+        }
+    }
+    sk_action::SK_PASS
+}
+
+/// What happened to one message.
+enum Outcome {
+    Injected,
+    /// A request head that already has a `traceparent`.
+    Existing,
+    /// Starts like a request but its request line or header end is not in
+    /// the inspected bytes.
+    Incomplete,
+    /// A helper failed; the message is unchanged.
+    Failed,
+    /// Not an HTTP/1.x request.
+    Other,
+}
+
+/// The request-head scan, shared with the `bpf_loop` callback.
+#[repr(C)]
+struct Scan {
+    msg: *mut sk_msg_md,
+    /// Bytes to inspect, linear from `msg->data`.
+    len: u64,
+    /// Where the search for the next LF starts.
+    cursor: u64,
+    /// Offset just past the request line's LF; 0 until found.
+    line_end: u64,
+    /// A [`verdict`].
+    verdict: u64,
+}
+
+#[inline(always)]
+fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
+    let size = ctx.size();
+    if size < MIN_REQUEST {
+        return Outcome::Other;
+    }
+    let len = if size < INSPECT_MAX {
+        size
+    } else {
+        INSPECT_MAX
+    };
+    // The first bytes decide cheaply whether this can be a request.
+    if ctx.data() + 8 > ctx.data_end() && pull(ctx, 0, 8).is_err() {
+        return Outcome::Other;
+    }
+    let mut first = [0u8; 8];
+    if !read(ctx.msg, 0, &mut first) {
+        return Outcome::Other;
+    }
+    if !is_request_start(&first) {
+        return Outcome::Other;
+    }
+    if ctx.data() + len as usize > ctx.data_end() && pull(ctx, 0, len).is_err() {
+        return Outcome::Failed;
+    }
+    let mut scan = Scan {
+        msg: ctx.msg,
+        len: len as u64,
+        cursor: 0,
+        line_end: 0,
+        verdict: verdict::SCANNING,
+    };
+    // At most one step per LF plus one per LF-free word.
+    // SAFETY: `scan_step` has the callback signature bpf_loop requires and
+    // `scan` outlives the call.
+    unsafe {
+        bpf_loop(
+            len,
+            scan_step as *mut c_void,
+            &mut scan as *mut Scan as *mut c_void,
+            0,
+        )
+    };
+    match scan.verdict {
+        verdict::HEAD_COMPLETE if scan.line_end != 0 => insert(ctx, scan.line_end as u32),
+        verdict::EXISTING => Outcome::Existing,
+        verdict::NOT_HTTP => Outcome::Other,
+        _ => Outcome::Incomplete,
+    }
+}
+
+/// Inserts the header at `at` (just past the request line).
+#[inline(always)]
+fn insert(ctx: &SkMsgContext, at: u32) -> Outcome {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let mut tc = TraceContext {
+        flags: ctx_flags::CLIENT_INJECTED,
+        ..TraceContext::default()
+    };
+    random_id(&mut tc.span_id);
+    // SAFETY: a map value, copied out at once.
+    let parent = unsafe { SERVING.get(&tid) }.copied();
+    match parent {
+        Some(s) if s.open == 1 && s.ctx.trace_id != [0; 16] => {
+            tc.trace_id = s.ctx.trace_id;
+            tc.parent_span_id = s.ctx.span_id;
+            tc.flags |= ctx_flags::LOCAL_PARENT;
+        }
+        _ => random_id(&mut tc.trace_id),
+    }
+    let mut header = [0u8; TRACEPARENT_HEADER_LEN];
+    header[..16].copy_from_slice(b"traceparent: 00-");
+    hex_lower(&tc.trace_id, &mut header[16..48]);
+    header[48] = b'-';
+    hex_lower(&tc.span_id, &mut header[49..65]);
+    header[65..].copy_from_slice(b"-01\r\n");
+
+    let n = TRACEPARENT_HEADER_LEN as u32;
+    if ctx.push_data(at, n, 0).is_err() {
+        return Outcome::Failed;
+    }
+    // The pushed bytes are uninitialized: from here on a failure removes them.
+    if pull(ctx, at, at + n).is_err() {
+        let _ = ctx.pop_data(at, n, 0);
+        return Outcome::Failed;
+    }
+    let data = ctx.data();
+    if data + TRACEPARENT_HEADER_LEN > ctx.data_end() {
+        let _ = ctx.pop_data(at, n, 0);
+        return Outcome::Failed;
+    }
+    let mut i = 0;
+    while i < TRACEPARENT_HEADER_LEN {
+        // SAFETY: `data + i` is below `data_end`, checked above; sk_msg
+        // programs may write their message's data.
+        unsafe { *((data + i) as *mut u8) = header[i] };
+        i += 1;
+    }
+    // User space learns the ids through the write's event; if this fails
+    // the header is still right, only the client span lacks its ids.
+    let _ = INJECTED.insert(&tid, &tc, BPF_ANY as u64);
+    Outcome::Injected
+}
+
+/// `bpf_msg_pull_data`: makes bytes `start..end` linear at `msg->data`.
+#[inline(always)]
+fn pull(ctx: &SkMsgContext, start: u32, end: u32) -> Result<(), i64> {
+    // SAFETY: the program's context is an `sk_msg_md`.
+    let ret = unsafe { bpf_msg_pull_data(ctx.msg, start, end, 0) };
+    if ret == 0 { Ok(()) } else { Err(ret) }
+}
+
+/// Copies the `N` bytes at `off` from `msg->data` to `out`, if they are
+/// within `data_end`. (Not an `Option<[u8; N]>`: LLVM packs small ones in a
+/// register built from whatever another register holds, a packet pointer
+/// included, and the verifier rejects the arithmetic.)
+#[inline(always)]
+fn read<const N: usize>(msg: *mut sk_msg_md, off: u64, out: &mut [u8; N]) -> bool {
+    // SAFETY: reading the context's data pointers.
+    let (data, end) = unsafe {
+        (
+            (*msg).__bindgen_anon_1.data as usize,
+            (*msg).__bindgen_anon_2.data_end as usize,
+        )
+    };
+    // Opaque to LLVM: otherwise it folds `off` into constant offsets from
+    // a pointer checked elsewhere (e.g. `base + j - 10` as `-9` from the
+    // word), which the verifier rejects as outside the packet.
+    // SAFETY: a read of a local.
+    let off = unsafe { core::ptr::read_volatile(&off) } & OFFSET_MASK;
+    let p = data + off as usize;
+    if p + N > end {
+        return false;
+    }
+    let mut i = 0;
+    while i < N {
+        // SAFETY: `p + i` is below `data_end`, checked above.
+        out[i] = unsafe { *((p + i) as *const u8) };
+        i += 1;
+    }
+    true
+}
+
+/// Finds the next LF from `scan.cursor`, eight bytes at a time, and
+/// handles it. Returns 0 to go on, 1 to stop.
+///
+/// One LF per call and no loop inside: the verifier checks a single path
+/// through `on_lf` instead of every combination of LFs in a word.
+extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `Scan`, alive for the whole loop.
+    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    let cursor = scan.cursor;
+    if cursor >= scan.len {
+        return 1;
+    }
+    // The word at the cursor; near the end, the last word of the inspected
+    // bytes with the ones before the cursor masked off (`len` >= 8).
+    let start = if cursor + 8 > scan.len {
+        scan.len - 8
+    } else {
+        cursor
+    };
+    let mut bytes = [0u8; 8];
+    if !read(scan.msg, start, &mut bytes) {
+        return 1;
+    }
+    let word = u64::from_le_bytes(bytes);
+    // Bytes equal to LF become zero; the classic zero-byte test sets bit 7
+    // of every zero byte. (It may also flag a byte above a zero one, never
+    // below: the lowest flag is a real LF.)
+    let x = word ^ 0x0a0a_0a0a_0a0a_0a0a;
+    let mut zeros = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
+    zeros &= u64::MAX << (8 * ((cursor - start) & 7));
+    if zeros == 0 {
+        scan.cursor = start + 8;
+        return 0;
+    }
+    // Index of the lowest flagged byte: the bits below its flag, counted
+    // without branches, are 8 * index + 7.
+    let pos = start + (popcount((zeros & zeros.wrapping_neg()) - 1) >> 3);
+    scan.cursor = pos + 1;
+    if on_lf(scan, pos) { 1 } else { 0 }
+}
+
+/// Set bits of `x` (SWAR; BPF has no popcount instruction).
+#[inline(always)]
+fn popcount(x: u64) -> u64 {
+    let x = x - ((x >> 1) & 0x5555_5555_5555_5555);
+    let x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
+    let x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    x.wrapping_mul(0x0101_0101_0101_0101) >> 56
+}
+
+/// Handles the LF at `pos`. Returns true when the scan is decided.
+#[inline(always)]
+fn on_lf(scan: &mut Scan, pos: u64) -> bool {
+    if scan.line_end == 0 {
+        // The request line: `... HTTP/1.x\r\n`.
+        if pos < MIN_LINE_LF {
+            scan.verdict = verdict::NOT_HTTP;
+            return true;
+        }
+        let mut tail = [0u8; 10];
+        if !read(scan.msg, pos - 10, &mut tail)
+            || &tail[..8] != b" HTTP/1."
+            || !tail[8].is_ascii_digit()
+            || tail[9] != b'\r'
+        {
+            scan.verdict = verdict::NOT_HTTP;
+            return true;
+        }
+        scan.line_end = pos + 1;
+    } else {
+        // A header line: must end in CRLF too.
+        let mut cr = [0u8; 1];
+        if !read(scan.msg, pos - 1, &mut cr) || cr[0] != b'\r' {
+            scan.verdict = verdict::NOT_HTTP;
+            return true;
+        }
+    }
+    // The line after this LF: the blank line, or a header.
+    let next = pos + 1;
+    if next + 2 > scan.len {
+        return false;
+    }
+    let mut blank = [0u8; 2];
+    if read(scan.msg, next, &mut blank) && blank == *b"\r\n" {
+        scan.verdict = verdict::HEAD_COMPLETE;
+        return true;
+    }
+    let mut name = [0u8; 12];
+    if next + 12 <= scan.len && read(scan.msg, next, &mut name) && is_traceparent_name(&name) {
+        scan.verdict = verdict::EXISTING;
+        return true;
+    }
+    false
+}
+
+/// Whether a header line starts with `traceparent:` (the name is
+/// case-insensitive).
+#[inline(always)]
+fn is_traceparent_name(name: &[u8; 12]) -> bool {
+    const NAME: &[u8; 12] = b"traceparent:";
+    let mut i = 0;
+    while i < 11 {
+        // All of `traceparent` are letters: OR 0x20 folds exactly their
+        // upper case onto lower case.
+        if name[i] | 0x20 != NAME[i] {
+            return false;
+        }
+        i += 1;
+    }
+    name[11] == b':'
+}

@@ -1,0 +1,658 @@
+//! `traceparent` injection (`sock_ops` + SOCKHASH + `sk_msg`) on the real
+//! kernel, with real processes: Python's `http.client` and `curl` as
+//! clients, a Python server that records the exact bytes it receives.
+//!
+//! Every test loads BPF and so holds `kernel_lock()`; without root/BPF they
+//! skip with a printed reason, and under `CI=true` they fail instead.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests: a failed unwrap is a failed test"
+)]
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
+    sync::MutexGuard,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, PerCpuArray},
+    programs::{SkMsg, SockOps},
+};
+use fathom_agent::{ebpf::http_object, inject};
+use fathom_common::http::{
+    HttpCounter, Serving, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, globals, names,
+    parse_traceparent,
+};
+use fathom_tests::*;
+use serde_json::{Value, json};
+
+fn prepare(test: &str) -> Option<MutexGuard<'static, ()>> {
+    let lock = kernel_lock();
+    if !kernel_tests_possible(test) {
+        return None;
+    }
+    require_found(test, "curl", Some(PathBuf::from("/usr/bin/curl")))?;
+    require_found(test, "bpftool", Some(PathBuf::from("/usr/sbin/bpftool")))?;
+    Some(lock)
+}
+
+/// The `fathom-http` object with injection on and the PID filter on.
+fn load() -> Ebpf {
+    EbpfLoader::new()
+        .override_global(globals::INJECT, &1u8, true)
+        .override_global(globals::FILTER_PIDS, &1u8, true)
+        .load(http_object().unwrap())
+        .unwrap()
+}
+
+fn monitor(ebpf: &mut Ebpf, pid: u32) {
+    let mut map: BpfHashMap<_, u32, u8> =
+        BpfHashMap::try_from(ebpf.map_mut(names::MONITORED).unwrap()).unwrap();
+    map.insert(pid, 1, 0).unwrap();
+}
+
+fn counter(ebpf: &Ebpf, c: HttpCounter) -> u64 {
+    let map: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.map(names::COUNTERS).unwrap()).unwrap();
+    map.get(&(c as u32), 0).unwrap().iter().sum()
+}
+
+/// The injection counters, in `HttpCounter` order from `Injected` on.
+fn inject_counters(ebpf: &Ebpf) -> [u64; 5] {
+    [
+        HttpCounter::Injected,
+        HttpCounter::InjectSkippedExisting,
+        HttpCounter::InjectSkippedNoLine,
+        HttpCounter::InjectFailed,
+        HttpCounter::SocketsAdded,
+    ]
+    .map(|c| counter(ebpf, c))
+}
+
+fn injected(ebpf: &Ebpf, tid: u32) -> Option<TraceContext> {
+    let map: BpfHashMap<_, u32, TraceContext> =
+        BpfHashMap::try_from(ebpf.map("INJECTED").unwrap()).unwrap();
+    map.get(&tid, 0).ok()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    workspace_root().join("tests/fixtures").join(name)
+}
+
+/// `http_record_server.py`: records each request (or connection) it gets.
+struct Server {
+    _child: ChildGuard,
+    port: u16,
+    dir: PathBuf,
+    seen: usize,
+}
+
+impl Server {
+    fn start(mode: &str, dir: &Path) -> Self {
+        let dir = dir.join(format!("server-{mode}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = ChildGuard::spawn(
+            Command::new("python3")
+                .arg(fixture("http_record_server.py"))
+                .arg(mode)
+                .arg(&dir)
+                .stdout(Stdio::piped()),
+        );
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .strip_prefix("ready ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("server said {line:?}"));
+        Self {
+            _child: child,
+            port,
+            dir,
+            seen: 0,
+        }
+    }
+
+    /// The next recorded request (or connection) in arrival order.
+    fn next(&mut self) -> Vec<u8> {
+        let path = self.dir.join(format!("{:04}.bin", self.seen + 1));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "server recorded nothing more");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.seen += 1;
+        std::fs::read(path).unwrap()
+    }
+}
+
+/// `http_inject_client.py`, driven command by command.
+struct Client {
+    _child: ChildGuard,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pid: u32,
+    tid: u32,
+}
+
+impl Client {
+    fn start() -> Self {
+        let mut child = ChildGuard::spawn(
+            Command::new("python3")
+                .arg(fixture("http_inject_client.py"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        );
+        let stdin = child.0.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+        let hello = read_json(&mut stdout);
+        let pid = hello["pid"].as_u64().unwrap() as u32;
+        let tid = hello["tid"].as_u64().unwrap() as u32;
+        assert_eq!(pid, child.pid());
+        Self {
+            _child: child,
+            stdin,
+            stdout,
+            pid,
+            tid,
+        }
+    }
+
+    fn cmd(&mut self, cmd: Value) -> Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        let reply = read_json(&mut self.stdout);
+        assert_eq!(reply["ok"], true, "client failed {cmd}: {reply}");
+        reply
+    }
+
+    /// One request on the kept-alive connection; returns the bytes
+    /// http.client wrote.
+    fn request(
+        &mut self,
+        dir: &Path,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Vec<u8> {
+        let sent_file = dir.join("sent.bin");
+        let body_file = body.map(|b| {
+            let f = dir.join("body.bin");
+            std::fs::write(&f, b).unwrap();
+            f
+        });
+        let reply = self.cmd(json!({
+            "op": "request", "method": method, "path": path,
+            "headers": headers.iter().map(|(n, v)| [n, v]).collect::<Vec<_>>(),
+            "body_file": body_file, "sent_file": sent_file,
+        }));
+        assert_eq!(reply["status"], 200);
+        std::fs::read(sent_file).unwrap()
+    }
+}
+
+fn read_json(r: &mut impl std::io::BufRead) -> Value {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            (seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+/// Checks that `received` is `sent` with exactly one
+/// `traceparent: 00-<32 hex>-<16 hex>-01\r\n` line right after the request
+/// line, and returns its trace and span ids.
+fn assert_injected(received: &[u8], sent: &[u8]) -> ([u8; 16], [u8; 8]) {
+    let line_end = received
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("no request line")
+        + 2;
+    let header = &received[line_end..(line_end + TRACEPARENT_HEADER_LEN).min(received.len())];
+    let header_text = String::from_utf8_lossy(header);
+    assert!(
+        header.len() == TRACEPARENT_HEADER_LEN
+            && header.starts_with(b"traceparent: 00-")
+            && header.ends_with(b"-01\r\n"),
+        "no traceparent line after the request line: {:?}",
+        String::from_utf8_lossy(&received[..received.len().min(400)])
+    );
+    let value = &header[13..TRACEPARENT_HEADER_LEN - 2];
+    assert!(
+        value
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c) || *c == b'-'),
+        "not lower-case hex: {header_text}"
+    );
+    let (trace, span, flags) = parse_traceparent(value)
+        .unwrap_or_else(|| panic!("invalid traceparent value: {header_text}"));
+    assert_eq!(flags, 1);
+    let mut rest = received[..line_end].to_vec();
+    rest.extend_from_slice(&received[line_end + TRACEPARENT_HEADER_LEN..]);
+    assert!(
+        rest == sent,
+        "apart from the header, the bytes differ from those sent (received {} bytes, sent {})",
+        received.len(),
+        sent.len()
+    );
+    let head_end = rest
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(rest.len());
+    assert!(
+        !rest[..head_end]
+            .to_ascii_lowercase()
+            .windows(13)
+            .any(|w| w == b"\ntraceparent:"),
+        "a second traceparent header"
+    );
+    (trace, span)
+}
+
+fn assert_context(
+    ebpf: &Ebpf,
+    tid: u32,
+    (trace, span): ([u8; 16], [u8; 8]),
+    parent: [u8; 8],
+    flags: u8,
+) {
+    let ctx = injected(ebpf, tid).expect("no INJECTED entry for the client's thread");
+    assert_eq!(
+        ctx,
+        TraceContext {
+            trace_id: trace,
+            span_id: span,
+            parent_span_id: parent,
+            flags,
+            _reserved: [0; 7],
+        }
+    );
+}
+
+/// Waits until `CLIENT_SOCKETS` holds `n` sockets.
+fn wait_sockets(injection: &inject::Injection, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = injection.socket_cookies().unwrap().len();
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CLIENT_SOCKETS holds {now} sockets, expected {n}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn python_client_requests_get_one_traceparent() {
+    let Some(_lock) = prepare("python_client_requests_get_one_traceparent") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf).unwrap();
+    let mut server = Server::start("http", dir.path());
+    let mut client = Client::start();
+    monitor(&mut ebpf, client.pid);
+
+    client.cmd(json!({"op": "connect", "port": server.port}));
+    wait_sockets(&injection, 1);
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 1]);
+
+    // Headers and a body that itself looks like a request head.
+    let body = b"hello, body\r\n\r\nGET / HTTP/1.1\r\ntraceparent: x\r\n\r\n";
+    let headers = [("X-Test", "1"), ("Content-Type", "text/plain")];
+    let sent = client.request(dir.path(), "POST", "/first", &headers, Some(body));
+    let first = assert_injected(&server.next(), &sent);
+    assert_context(&ebpf, client.tid, first, [0; 8], ctx_flags::CLIENT_INJECTED);
+
+    // Keep-alive: the second request on the same socket.
+    let sent = client.request(dir.path(), "GET", "/second", &[], None);
+    let second = assert_injected(&server.next(), &sent);
+    assert_context(
+        &ebpf,
+        client.tid,
+        second,
+        [0; 8],
+        ctx_flags::CLIENT_INJECTED,
+    );
+    assert_ne!(
+        first.0, second.0,
+        "a new trace for a thread serving nothing"
+    );
+    assert_ne!(first.1, second.1);
+    assert_eq!(inject_counters(&ebpf), [2, 0, 0, 0, 1]);
+
+    // An instrumented app's own traceparent (any case) is left alone.
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let sent = client.request(dir.path(), "GET", "/third", &[("TraceParent", own)], None);
+    assert!(
+        server.next() == sent,
+        "a request with a traceparent changed"
+    );
+    assert_eq!(inject_counters(&ebpf), [2, 1, 0, 0, 1]);
+    assert_context(
+        &ebpf,
+        client.tid,
+        second,
+        [0; 8],
+        ctx_flags::CLIENT_INJECTED,
+    );
+
+    // 1 MiB of body: several sk_msg runs, one header.
+    let big = pseudo_random(1 << 20, 0x5eed);
+    let sent = client.request(dir.path(), "POST", "/big", &[], Some(&big));
+    let received = server.next();
+    assert_eq!(received.len(), sent.len() + TRACEPARENT_HEADER_LEN);
+    let third = assert_injected(&received, &sent);
+    assert_context(&ebpf, client.tid, third, [0; 8], ctx_flags::CLIENT_INJECTED);
+    assert_eq!(inject_counters(&ebpf), [3, 1, 0, 0, 1]);
+
+    // A closed socket leaves the sockhash by itself.
+    client.cmd(json!({"op": "close"}));
+    wait_sockets(&injection, 0);
+    client.cmd(json!({"op": "exit"}));
+}
+
+#[test]
+fn curl_request_is_injected() {
+    let Some(_lock) = prepare("curl_request_is_injected") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let _injection = inject::attach(&mut ebpf).unwrap();
+    let mut server = Server::start("http", dir.path());
+    let body_file = dir.path().join("curl-body");
+    std::fs::write(&body_file, pseudo_random(3000, 42)).unwrap();
+    let url = format!("http://127.0.0.1:{}/curl?q=1", server.port);
+    // curl waits for a line on stdin (the shell's `read`), so that its pid
+    // is monitored before it connects.
+    let curl = |monitored: Option<&mut Ebpf>| {
+        let mut sh = ChildGuard::spawn(
+            Command::new("sh")
+                .arg("-c")
+                .arg(r#"read go && exec curl -sS --fail -o /dev/null -H 'X-Curl: yes' -H 'Expect:' --data-binary @"$0" "$1""#)
+                .arg(&body_file)
+                .arg(&url)
+                .stdin(Stdio::piped()),
+        );
+        if let Some(ebpf) = monitored {
+            monitor(ebpf, sh.pid());
+        }
+        let pid = sh.pid();
+        writeln!(sh.0.stdin.take().unwrap(), "go").unwrap();
+        assert!(sh.wait_timeout(Duration::from_secs(20)).success());
+        pid
+    };
+    // Unmonitored: the bytes curl sends, untouched.
+    curl(None);
+    let baseline = server.next();
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 0]);
+    let pid = curl(Some(&mut ebpf));
+    let ids = assert_injected(&server.next(), &baseline);
+    // curl writes from its main thread.
+    assert_context(&ebpf, pid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
+    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1]);
+}
+
+#[test]
+fn unmonitored_and_non_http_pass_untouched() {
+    let Some(_lock) = prepare("unmonitored_and_non_http_pass_untouched") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf).unwrap();
+    let mut http = Server::start("http", dir.path());
+    let mut raw = Server::start("raw", dir.path());
+
+    // A process that is not monitored: its sockets never enter the sockhash.
+    let mut other = Client::start();
+    other.cmd(json!({"op": "connect", "port": http.port}));
+    let sent = other.request(dir.path(), "POST", "/x", &[("A", "b")], Some(b"body"));
+    assert!(http.next() == sent);
+    assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 0]);
+    other.cmd(json!({"op": "exit"}));
+
+    let mut client = Client::start();
+    monitor(&mut ebpf, client.pid);
+    let mut raw_send = |chunks: &[&[u8]]| {
+        client.cmd(json!({
+            "op": "raw", "port": raw.port, "pause_ms": 50,
+            "chunks": chunks.iter().map(|c| hex(c)).collect::<Vec<_>>(),
+        }));
+        let received = raw.next();
+        assert!(
+            received == chunks.concat(),
+            "non-HTTP bytes changed: {:?}",
+            String::from_utf8_lossy(&received[..received.len().min(200)])
+        );
+    };
+    // Redis inline commands: a method and a space, but no HTTP/1.x line.
+    raw_send(&[b"GET foo\r\n"]);
+    raw_send(&[b"GET some:much:longer:key:name\r\nSET a b\r\n\r\n\r\n"]);
+    // Binary, also binary that starts like a request.
+    raw_send(&[&pseudo_random(65536, 7)]);
+    let mut tricky = b"POST /".to_vec();
+    tricky.extend(pseudo_random(8192, 8));
+    raw_send(&[&tricky]);
+    // A bare LF ends the request line: not touched.
+    raw_send(&[b"GET / HTTP/1.1\nHost: x\r\n\r\n"]);
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 5]);
+
+    // A head written in two sends, and a request line longer than the
+    // inspected bytes: skipped and counted.
+    let split: [&[u8]; 2] = [
+        b"POST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n",
+        b"\r\nabc",
+    ];
+    let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(5000));
+    client.cmd(json!({
+        "op": "raw_http", "port": http.port, "pause_ms": 50,
+        "requests": [[hex(split[0]), hex(split[1])], [hex(long.as_bytes())]],
+    }));
+    assert!(http.next() == split.concat());
+    assert!(http.next() == long.as_bytes());
+    assert_eq!(inject_counters(&ebpf), [0, 0, 2, 0, 6]);
+
+    // Requests written by hand: exact bytes, keep-alive, a long head.
+    let first = b"PUT /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi".to_vec();
+    let mut second = format!(
+        "DELETE /b HTTP/1.0\r\nHost: x\r\nX-Long: {}\r\n",
+        "v".repeat(3000)
+    );
+    second.push_str("Content-Length: 0\r\n\r\n");
+    client.cmd(json!({
+        "op": "raw_http", "port": http.port,
+        "requests": [[hex(&first)], [hex(second.as_bytes())]],
+    }));
+    let a = assert_injected(&http.next(), &first);
+    let b = assert_injected(&http.next(), second.as_bytes());
+    assert_context(&ebpf, client.tid, b, [0; 8], ctx_flags::CLIENT_INJECTED);
+    assert_ne!(a, b);
+    assert_eq!(inject_counters(&ebpf), [2, 0, 2, 0, 7]);
+    client.cmd(json!({"op": "exit"}));
+}
+
+/// Makes thread `tid` serve a request (what the capture program does on a
+/// server read).
+fn set_serving(ebpf: &mut Ebpf, tid: u32, trace: [u8; 16], span: [u8; 8], open: u32) {
+    let mut map: BpfHashMap<_, u32, Serving> =
+        BpfHashMap::try_from(ebpf.map_mut(names::SERVING).unwrap()).unwrap();
+    let ctx = TraceContext {
+        trace_id: trace,
+        span_id: span,
+        flags: ctx_flags::SERVER,
+        ..TraceContext::default()
+    };
+    let value = Serving {
+        ctx,
+        conn_id: 77,
+        open,
+        _reserved: 0,
+    };
+    map.insert(tid, value, 0).unwrap();
+}
+
+#[test]
+fn serving_thread_lends_its_trace() {
+    let Some(_lock) = prepare("serving_thread_lends_its_trace") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let _injection = inject::attach(&mut ebpf).unwrap();
+    let mut server = Server::start("http", dir.path());
+    let mut client = Client::start();
+    monitor(&mut ebpf, client.pid);
+    client.cmd(json!({"op": "connect", "port": server.port}));
+
+    let trace: [u8; 16] = *b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36";
+    let server_span: [u8; 8] = *b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7";
+
+    // One server request open on the thread: its trace, its span as parent.
+    set_serving(&mut ebpf, client.tid, trace, server_span, 1);
+    let sent = client.request(dir.path(), "GET", "/child", &[], None);
+    let ids = assert_injected(&server.next(), &sent);
+    assert_eq!(ids.0, trace);
+    assert_ne!(ids.1, server_span);
+    assert_context(
+        &ebpf,
+        client.tid,
+        ids,
+        server_span,
+        ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
+    );
+
+    // Two open: no parent is guessed.
+    set_serving(&mut ebpf, client.tid, trace, server_span, 2);
+    let sent = client.request(dir.path(), "GET", "/orphan", &[], None);
+    let ids = assert_injected(&server.next(), &sent);
+    assert_ne!(ids.0, trace);
+    assert_context(&ebpf, client.tid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
+    client.cmd(json!({"op": "exit"}));
+}
+
+/// Program ids attached to `cgroup` (bpftool's view).
+fn cgroup_program_ids(cgroup: &Path) -> Vec<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool cgroup show failed");
+    // Nothing attached: bpftool prints an empty line, not `[]`.
+    if out.stdout.trim_ascii().is_empty() {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// Ids of all loaded programs (bpftool's view).
+fn loaded_program_ids() -> Vec<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool prog show failed");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+#[test]
+fn dropping_the_guard_detaches_everything() {
+    let Some(_lock) = prepare("dropping_the_guard_detaches_everything") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf).unwrap();
+    let cgroup = injection.cgroup().to_path_buf();
+    let sock_ops_id = u64::from(
+        <&SockOps>::try_from(ebpf.program(names::SOCK_OPS).unwrap())
+            .unwrap()
+            .info()
+            .unwrap()
+            .id(),
+    );
+    let sk_msg_id = u64::from(
+        <&SkMsg>::try_from(ebpf.program(names::SK_MSG).unwrap())
+            .unwrap()
+            .info()
+            .unwrap()
+            .id(),
+    );
+    assert!(cgroup_program_ids(&cgroup).contains(&sock_ops_id));
+
+    let mut server = Server::start("http", dir.path());
+    let mut client = Client::start();
+    monitor(&mut ebpf, client.pid);
+    client.cmd(json!({"op": "connect", "port": server.port}));
+    let sent = client.request(dir.path(), "GET", "/before", &[], None);
+    assert_injected(&server.next(), &sent);
+    assert_eq!(injection.socket_cookies().unwrap().len(), 1);
+
+    drop(injection);
+    assert!(!cgroup_program_ids(&cgroup).contains(&sock_ops_id));
+    // The open socket was taken out of the sockhash: no more sk_msg on it.
+    let sent = client.request(dir.path(), "GET", "/after", &[], None);
+    assert!(server.next() == sent, "injected after detach");
+    // New connections are not added.
+    client.cmd(json!({"op": "close"}));
+    client.cmd(json!({"op": "connect", "port": server.port}));
+    let sent = client.request(dir.path(), "GET", "/new", &[], None);
+    assert!(server.next() == sent, "injected after detach");
+    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1]);
+
+    // With the object gone, the programs go too. A socket that left the
+    // sockhash drops its reference to sk_msg after an RCU grace period.
+    drop(ebpf);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loaded = loaded_program_ids();
+        if !loaded.contains(&sock_ops_id) && !loaded.contains(&sk_msg_id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still loaded 10 s after the object was dropped: sock_ops {}, sk_msg {}",
+            loaded.contains(&sock_ops_id),
+            loaded.contains(&sk_msg_id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.cmd(json!({"op": "exit"}));
+}
