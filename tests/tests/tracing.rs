@@ -324,6 +324,22 @@ fn path_of(target: &str) -> &str {
     target.split('?').next().unwrap_or(target)
 }
 
+/// The ports of the hops behind the front.
+#[derive(Clone, Copy, Debug)]
+struct Ports {
+    python: u16,
+    go: u16,
+}
+
+impl Ports {
+    fn of(chain: &ServiceChain) -> Self {
+        Self {
+            python: chain.python_port,
+            go: chain.go_port,
+        }
+    }
+}
+
 /// The five spans of one front request, checked.
 #[derive(Debug)]
 struct ChainTrace {
@@ -367,7 +383,7 @@ fn chain_traces<'a>(
 fn check_chain_trace(
     trace: &[&RotelSpan],
     e: &Expect,
-    chain: &ServiceChain,
+    ports: Ports,
     pids: &BTreeMap<u32, &'static str>,
     all: &[RotelSpan],
 ) -> ChainTrace {
@@ -485,10 +501,10 @@ fn check_chain_trace(
         assert_eq!(s.name, e.method, "{who} client span's name; {}", ctx());
     };
     server(ns, path_of(&e.target), e.scheme, e.front_port, "nginx");
-    client(nc, chain.python_port, &e.target, "nginx");
-    server(ms, path_of(&e.target), "http", chain.python_port, "middle");
-    client(mc, chain.go_port, &e.leaf_target, "middle");
-    server(ls, path_of(&e.leaf_target), "http", chain.go_port, "leaf");
+    client(nc, ports.python, &e.target, "nginx");
+    server(ms, path_of(&e.target), "http", ports.python, "middle");
+    client(mc, ports.go, &e.leaf_target, "middle");
+    server(ls, path_of(&e.leaf_target), "http", ports.go, "leaf");
 
     // Status: 5xx is an error on both sides, 4xx on the client side only.
     for s in t.in_order() {
@@ -569,7 +585,7 @@ fn expect_traces(world: &World, expects: &[Expect], all: &[RotelSpan]) -> Vec<Ch
     ordered
         .iter()
         .zip(expects)
-        .map(|(trace, e)| check_chain_trace(trace, e, &world.chain, &pids, all))
+        .map(|(trace, e)| check_chain_trace(trace, e, Ports::of(&world.chain), &pids, all))
         .collect()
 }
 
@@ -820,7 +836,7 @@ fn pipelined_requests_in_one_write_get_a_trace_each() {
             .unwrap_or_else(|| panic!("unexpected url.path {path}"));
         by_path.insert(
             e.target.clone(),
-            check_chain_trace(trace, e, &world.chain, &pids, &all),
+            check_chain_trace(trace, e, Ports::of(&world.chain), &pids, &all),
         );
     }
     assert_eq!(by_path.len(), ids.len(), "two traces for one request");
@@ -1322,4 +1338,150 @@ fn agent_leaves_nothing_attached_after_exit() {
         "left attached to a cgroup:\n{tree}"
     );
     drop(rotel);
+}
+
+/// The checker itself, on a trace written by hand the way the conventions
+/// say (no kernel needed): it accepts it, and rejects it with one link,
+/// one attribute or one status wrong.
+#[test]
+fn chain_trace_checker_accepts_a_correct_trace_and_rejects_defects() {
+    let pids: BTreeMap<u32, &'static str> = [
+        (10, FRONT_SERVICE),
+        (20, MIDDLE_SERVICE),
+        (30, LEAF_SERVICE),
+    ]
+    .into_iter()
+    .collect();
+    let ports = Ports {
+        python: 2000,
+        go: 3000,
+    };
+    let e = Expect {
+        method: "GET",
+        scheme: "https",
+        front_port: 1443,
+        target: "/api/x?calls=1".into(),
+        leaf_target: "/leaf/x".into(),
+        status: 503,
+    };
+    let span =
+        |pid: u32, kind: &str, id: &str, parent: &str, t: (u64, u64), attrs: &[(&str, String)]| {
+            let mut s = RotelSpan {
+                trace_id: "ab".repeat(16),
+                span_id: id.repeat(16),
+                parent_id: parent.repeat(16),
+                name: "GET".into(),
+                kind: kind.into(),
+                start_ns: 1_000_000_000 + t.0 * 1_000_000,
+                end_ns: 1_000_000_000 + t.1 * 1_000_000,
+                status_code: "STATUS_CODE_ERROR".into(),
+                ..RotelSpan::default()
+            };
+            s.resource
+                .insert("service.name".into(), str_attr(pids[&pid]));
+            s.resource.insert("process.pid".into(), int_attr(pid));
+            for (k, v) in attrs {
+                s.attributes.insert((*k).into(), v.clone());
+            }
+            s.attributes
+                .insert("http.request.method".into(), str_attr("GET"));
+            s.attributes
+                .insert("http.response.status_code".into(), int_attr(503));
+            s
+        };
+    let server = |path: &str, scheme: &str, port: u16| {
+        vec![
+            ("url.path", str_attr(path)),
+            ("url.scheme", str_attr(scheme)),
+            ("server.port", int_attr(port)),
+        ]
+    };
+    let client = |url: &str, port: u16| {
+        vec![
+            ("url.full", str_attr(url)),
+            ("server.address", str_attr("127.0.0.1")),
+            ("server.port", int_attr(port)),
+        ]
+    };
+    let good = vec![
+        span(
+            10,
+            "SPAN_KIND_SERVER",
+            "1",
+            "",
+            (0, 10),
+            &server("/api/x", "https", 1443),
+        ),
+        span(
+            10,
+            "SPAN_KIND_CLIENT",
+            "2",
+            "1",
+            (1, 9),
+            &client("http://127.0.0.1:2000/api/x?calls=1", 2000),
+        ),
+        span(
+            20,
+            "SPAN_KIND_SERVER",
+            "3",
+            "2",
+            (2, 8),
+            &server("/api/x", "http", 2000),
+        ),
+        span(
+            20,
+            "SPAN_KIND_CLIENT",
+            "4",
+            "3",
+            (3, 7),
+            &client("http://127.0.0.1:3000/leaf/x", 3000),
+        ),
+        span(
+            30,
+            "SPAN_KIND_SERVER",
+            "5",
+            "4",
+            (4, 6),
+            &server("/leaf/x", "http", 3000),
+        ),
+    ];
+    let check = |spans: &[RotelSpan]| {
+        let refs: Vec<&RotelSpan> = spans.iter().collect();
+        std::panic::catch_unwind(|| {
+            check_chain_trace(&refs, &e, ports, &pids, spans);
+        })
+        .is_ok()
+    };
+    assert!(check(&good), "a correct trace was rejected");
+    type Defect = fn(&mut Vec<RotelSpan>);
+    let defects: [(&str, Defect); 6] = [
+        ("python's parent is the front's parent", |t| {
+            t[2].parent_id = t[0].parent_id.clone()
+        }),
+        ("a wrong url.full", |t| {
+            t[1].attributes
+                .insert("url.full".into(), str_attr("http://127.0.0.1:2000/api/x"));
+        }),
+        ("a 5xx server span not an error", |t| {
+            t[4].status_code = "STATUS_CODE_UNSET".into()
+        }),
+        ("a child outside its parent", |t| t[4].end_ns += 5_000_000),
+        ("a span missing", |t| {
+            t.pop();
+        }),
+        ("a span of another trace id", |t| {
+            t[3].trace_id = "cd".repeat(16)
+        }),
+    ];
+    for (what, defect) in defects {
+        let mut bad = good.clone();
+        defect(&mut bad);
+        if what == "a span of another trace id" {
+            // chain_traces splits it off: the trace has four spans.
+            let split = chain_traces(&bad, &pids);
+            assert_eq!(split.len(), 2, "{what}");
+            continue;
+        }
+        assert!(!check(&bad), "accepted {what}");
+    }
 }
