@@ -20,6 +20,8 @@ use std::{
 use pprof::protos::Message as _;
 pub use pprof::protos::Profile;
 
+pub mod chain;
+
 /// Serializes tests that load programs into the kernel or measure CPU.
 pub fn kernel_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -195,10 +197,17 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The agent's log so far; `closed` once its stderr closed (it exited).
+#[derive(Default)]
+struct AgentLog {
+    lines: Vec<String>,
+    closed: bool,
+}
+
 /// A running `fathom-agent` whose log (stderr) the test can wait on.
 pub struct Agent {
     child: ChildGuard,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    log: Arc<(Mutex<AgentLog>, Condvar)>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -218,16 +227,18 @@ impl Agent {
             .stderr(Stdio::piped());
         let mut child = ChildGuard::spawn(&mut cmd);
         let stderr = child.0.stderr.take().unwrap();
-        let log: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let log: Arc<(Mutex<AgentLog>, Condvar)> = Arc::default();
         let sink = Arc::clone(&log);
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if echo {
                     eprintln!("[agent] {line}");
                 }
-                sink.0.lock().unwrap().push(line);
+                sink.0.lock().unwrap().lines.push(line);
                 sink.1.notify_all();
             }
+            sink.0.lock().unwrap().closed = true;
+            sink.1.notify_all();
         });
         Self {
             child,
@@ -244,19 +255,25 @@ impl Agent {
         self.child.signal(signal);
     }
 
-    /// Waits until a log line contains `needle`; panics after `timeout`.
+    /// Waits until a log line contains `needle`; panics after `timeout`,
+    /// or at once when the agent closed its log (exited) without it.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let (lines, cv) = &*self.log;
-        let guard = lines.lock().unwrap();
-        let (guard, result) = cv
-            .wait_timeout_while(guard, timeout, |lines| {
-                !lines.iter().any(|l| l.contains(needle))
+        let (log, cv) = &*self.log;
+        let guard = log.lock().unwrap();
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |log| {
+                !log.closed && !log.lines.iter().any(|l| l.contains(needle))
             })
             .unwrap();
         assert!(
-            !result.timed_out(),
-            "agent never logged {needle:?}; log:\n{}",
-            guard.join("\n")
+            guard.lines.iter().any(|l| l.contains(needle)),
+            "agent never logged {needle:?} ({}); log:\n{}",
+            if guard.closed {
+                "it exited".to_owned()
+            } else {
+                format!("waited {timeout:?}")
+            },
+            guard.lines.join("\n")
         );
     }
 
@@ -266,7 +283,7 @@ impl Agent {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
-        let log = self.log.0.lock().unwrap().join("\n");
+        let log = self.log.0.lock().unwrap().lines.join("\n");
         (status, log)
     }
 }
@@ -582,6 +599,65 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parses_rotel_spans_with_times_and_status() {
+        // As rotel 0.x printed a span (only the leading log line dropped).
+        let text = "ResourceSpans #0
+Resource SchemaURL: 
+Resource attributes:
+     -> service.name: Str(x)
+     -> process.pid: Int(42)
+ScopeSpans #0
+ScopeSpans SchemaURL: 
+Span #0
+    Trace ID       : 5b8efff798038103d269b633813fc60c
+    Parent ID      : eee19b7ec3c1b173
+    ID             : eee19b7ec3c1b174
+    Name           : GET
+    Kind           : SPAN_KIND_SERVER
+Start time: 1544712660000000000
+End time: 1544712661000000000
+    Status code    : STATUS_CODE_ERROR
+    Status message : boom
+Attributes:
+     -> a: Int(1)
+Span #1
+    Trace ID       : 5b8efff798038103d269b633813fc60c
+    Parent ID      : 
+    ID             : eee19b7ec3c1b173
+    Name           : GET
+    Kind           : SPAN_KIND_CLIENT
+Start time: 1544712659000000000
+End time: 1544712662000000000
+    Status code    : STATUS_CODE_UNSET
+    Status message : 
+Attributes:
+     -> url.full: Str(http://a/b)
+";
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let spans = parse_rotel_spans(&lines);
+        assert_eq!(spans.len(), 2);
+        let s = &spans[0];
+        assert_eq!(s.span_id, "eee19b7ec3c1b174");
+        assert_eq!(s.parent_id, "eee19b7ec3c1b173");
+        assert_eq!(s.kind, "SPAN_KIND_SERVER");
+        assert_eq!(
+            (s.start_ns, s.end_ns),
+            (1_544_712_660_000_000_000, 1_544_712_661_000_000_000)
+        );
+        assert_eq!(
+            (&*s.status_code, &*s.status_message),
+            ("STATUS_CODE_ERROR", "boom")
+        );
+        assert_eq!(s.attributes["a"], "Int(1)");
+        assert_eq!(s.resource["process.pid"], "Int(42)");
+        let c = &spans[1];
+        assert_eq!((&*c.parent_id, &*c.kind), ("", "SPAN_KIND_CLIENT"));
+        assert_eq!(c.status_code, "STATUS_CODE_UNSET");
+        assert_eq!(c.attributes["url.full"], "Str(http://a/b)");
+        assert_eq!(c.resource["service.name"], "Str(x)");
+    }
+
+    #[test]
     fn parses_perf_script() {
         // perf right-aligns the tid: headers may start with spaces.
         let text = concat!(
@@ -673,6 +749,13 @@ pub struct RotelSpan {
     pub parent_id: String,
     pub name: String,
     pub kind: String,
+    /// Start and end, nanoseconds since the epoch (0 when not printed).
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// `STATUS_CODE_UNSET`, `STATUS_CODE_OK` or `STATUS_CODE_ERROR` (empty
+    /// when not printed).
+    pub status_code: String,
+    pub status_message: String,
     /// Attribute name → rotel's rendering, e.g. `Int(42)`, `Str(GET)`.
     pub attributes: std::collections::BTreeMap<String, String>,
     /// The attributes of the span's resource.
@@ -826,6 +909,14 @@ pub fn parse_rotel_spans(lines: &[String]) -> Vec<RotelSpan> {
                 s.name = v;
             } else if let Some(v) = field(line, "Kind") {
                 s.kind = v;
+            } else if let Some(v) = field(line, "Start time") {
+                s.start_ns = v.parse().unwrap_or(0);
+            } else if let Some(v) = field(line, "End time") {
+                s.end_ns = v.parse().unwrap_or(0);
+            } else if let Some(v) = field(line, "Status code") {
+                s.status_code = v;
+            } else if let Some(v) = field(line, "Status message") {
+                s.status_message = v;
             } else if !t.starts_with("->") && t.ends_with(':') {
                 section = Section::Other;
             }

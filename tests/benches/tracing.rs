@@ -1,0 +1,317 @@
+//! Cost of zero-code HTTP tracing: nginx serving a small static file under
+//! `wrk` with keep-alive (`wrk -t1 -c16 -d10s --latency`), with the agent
+//! off and on (traces only, exported over OTLP/gRPC to rotel, which drops
+//! them), in interleaved rounds (one run of each mode per round, rotating
+//! which goes first), so that slow drifts of a noisy machine hit both alike.
+//!
+//! With the agent on, every request is traced on both sides (wrk is a
+//! process like any other: its requests get a client span and a
+//! `traceparent`), and nginx's server span: two spans per request.
+//!
+//! Printed: per mode the median throughput and p50/p99 latency; the medians
+//! of the per-round throughput ratio and of the added p50 and p99; the
+//! agent's CPU (from /proc/PID/stat over the run) as a share of one CPU and
+//! per 1k requests/s, its peak RSS, rotel's CPU; and, in a separate pass
+//! (the statistics cost time themselves), the BPF run time per request from
+//! the kernel's own statistics.
+//!
+//!   cargo bench -p fathom-tests --bench tracing
+//!
+//! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 10: the
+//! length of one wrk run).
+#![allow(
+    clippy::unwrap_used,
+    reason = "benchmark: a failed unwrap is a failed run"
+)]
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use fathom_tests::{
+    Agent, ChildGuard, chain::StaticNginx, cpu_seconds, free_port, kernel_tests_possible, median,
+    release_agent_binary, require_tool, rotel_agent_path, wait_for_port,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Off,
+    On,
+}
+
+const MODES: [Mode; 2] = [Mode::Off, Mode::On];
+
+/// What one wrk run measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct WrkRun {
+    requests_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: f64,
+}
+
+/// A latency as wrk prints it (`812.00us`, `1.23ms`, `2.00s`) in µs.
+fn parse_latency(v: &str) -> f64 {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        panic!("wrk latency {v:?}")
+    };
+    num.parse::<f64>().unwrap() * scale
+}
+
+/// Parses `wrk --latency` output.
+fn parse_wrk(text: &str) -> WrkRun {
+    let mut run = WrkRun::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["50%", v] => run.p50_us = parse_latency(v),
+            ["99%", v] => run.p99_us = parse_latency(v),
+            ["Requests/sec:", v] => run.requests_per_s = v.parse().unwrap(),
+            [n, "requests", "in", ..] => run.requests = n.parse().unwrap(),
+            _ => {}
+        }
+    }
+    assert!(
+        run.requests_per_s > 0.0 && run.p50_us > 0.0 && run.p99_us > 0.0,
+        "could not read wrk's output:\n{text}"
+    );
+    run
+}
+
+fn run_wrk(url: &str, seconds: u32) -> WrkRun {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {text}");
+    assert!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "wrk saw errors:\n{text}"
+    );
+    parse_wrk(&text)
+}
+
+/// rotel receiving OTLP and dropping it (no debug log: printing 10⁵ spans/s
+/// would cost more than what is measured).
+fn start_rotel(dir: &Path) -> (ChildGuard, SocketAddr) {
+    let binary = rotel_agent_path().unwrap();
+    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let guard = ChildGuard::spawn(
+        Command::new(binary)
+            .args(["start", "--exporter", "blackhole"])
+            .arg("--otlp-grpc-endpoint")
+            .arg(grpc.to_string())
+            .arg("--otlp-http-endpoint")
+            .arg(http.to_string())
+            .arg("--pid-file")
+            .arg(dir.join("rotel.pid"))
+            .arg("--log-file")
+            .arg(dir.join("rotel.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_for_port(grpc, Duration::from_secs(10));
+    (guard, grpc)
+}
+
+fn start_agent(binary: &Path, rotel: SocketAddr, dir: &Path) -> Agent {
+    let http_listen = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
+    let store = dir.join("store.redb");
+    let endpoint = format!("http://{rotel}");
+    let agent = Agent::spawn_binary(
+        binary,
+        &[
+            "--signals",
+            "traces",
+            "--http-listen",
+            &http_listen,
+            "--otlp-grpc-listen",
+            "off",
+            "--otlp-http-listen",
+            "off",
+            "--store-path",
+            store.to_str().unwrap(),
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+        ],
+        false,
+    );
+    agent.wait_for_log("http tracing attached", Duration::from_secs(120));
+    agent
+}
+
+fn stop_agent(agent: Agent) {
+    agent.signal("TERM");
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "agent failed:\n{log}");
+}
+
+/// Peak RSS of a process in MB (VmHWM).
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Run time and count of the BPF programs `pid` holds (bpftool's `pids`).
+fn bpf_run_time_ns(pid: u32) -> (f64, f64, Vec<String>) {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut total = (0.0, 0.0, Vec::new());
+    for p in progs.as_array().into_iter().flatten() {
+        let owned = p["pids"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid))));
+        if owned {
+            total.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
+            total.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
+            total.2.push(p["name"].as_str().unwrap_or("?").to_owned());
+        }
+    }
+    total
+}
+
+fn main() {
+    if !kernel_tests_possible("tracing bench") {
+        std::process::exit(1);
+    }
+    for tool in ["nginx", "wrk", "bpftool"] {
+        if require_tool("tracing bench", tool).is_none() {
+            std::process::exit(1);
+        }
+    }
+    if rotel_agent_path().is_none_or(|p| !p.exists()) {
+        eprintln!("tracing bench: rotel-agent (pip package rotel) is missing: run scripts/setup");
+        std::process::exit(1);
+    }
+    let rounds: usize = std::env::var("FATHOM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seconds: u32 = std::env::var("FATHOM_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    eprintln!("building the release agent...");
+    let agent_bin = release_agent_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let body = b"{\"hello\":\"fathom\",\"padding\":\"0123456789abcdef0123456789abcdef\"}\n";
+    let nginx = StaticNginx::start(&dir.path().join("nginx"), body, 1);
+    let url = format!("http://127.0.0.1:{}/index.txt", nginx.port);
+    let (rotel, rotel_addr) = start_rotel(dir.path());
+    eprintln!(
+        "nginx (1 worker) serving {} bytes at {url}; wrk -t1 -c16 -d{seconds}s; {rounds} interleaved rounds",
+        body.len()
+    );
+
+    let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); MODES.len()];
+    let mut agent_cpu = Vec::new();
+    let mut rotel_cpu = Vec::new();
+    let mut agent_rss = 0.0f64;
+    for round in 0..rounds {
+        for k in 0..MODES.len() {
+            let i = (round + k) % MODES.len();
+            let agent = (MODES[i] == Mode::On)
+                .then(|| start_agent(&agent_bin, rotel_addr, &dir.path().join("agent")));
+            let before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
+            let rotel_before = cpu_seconds(rotel.pid());
+            let run = run_wrk(&url, seconds);
+            if let Some(agent) = agent {
+                agent_cpu.push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
+                rotel_cpu.push(cpu_seconds(rotel.pid()) - rotel_before);
+                agent_rss = agent_rss.max(peak_rss_mb(agent.pid()));
+                stop_agent(agent);
+            }
+            eprintln!(
+                "round {:>2}/{rounds} {:>3}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs",
+                round + 1,
+                if MODES[i] == Mode::On { "on" } else { "off" },
+                run.requests_per_s,
+                run.p50_us,
+                run.p99_us
+            );
+            runs[i].push(run);
+        }
+    }
+
+    let (off, on) = (&runs[0], &runs[1]);
+    let per_round = |f: &dyn Fn(&WrkRun, &WrkRun) -> f64| -> f64 {
+        median(&on.iter().zip(off).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
+    };
+    let throughput_ratio = per_round(&|a, b| a.requests_per_s / b.requests_per_s);
+    let p50_added = per_round(&|a, b| a.p50_us - b.p50_us);
+    let p99_added = per_round(&|a, b| a.p99_us - b.p99_us);
+    let on_rps = median(&on.iter().map(|r| r.requests_per_s).collect::<Vec<_>>());
+    let agent_share = median(&agent_cpu) / f64::from(seconds);
+    let rotel_share = median(&rotel_cpu) / f64::from(seconds);
+    println!();
+    println!(
+        "HTTP tracing overhead: nginx static file, wrk -t1 -c16 -d{seconds}s keep-alive, {rounds} interleaved rounds"
+    );
+    println!("| mode | req/s (median) | p50 | p99 |");
+    println!("|---|---|---|---|");
+    for (i, mode) in MODES.iter().enumerate() {
+        let m = |f: fn(&WrkRun) -> f64| median(&runs[i].iter().map(f).collect::<Vec<_>>());
+        println!(
+            "| {} | {:.0} | {:.1} µs | {:.1} µs |",
+            if *mode == Mode::On {
+                "agent on"
+            } else {
+                "agent off"
+            },
+            m(|r| r.requests_per_s),
+            m(|r| r.p50_us),
+            m(|r| r.p99_us)
+        );
+    }
+    println!(
+        "throughput on/off (median of rounds): {:.3} ({:+.1}%); p50 added {p50_added:+.1} µs; p99 added {p99_added:+.1} µs",
+        throughput_ratio,
+        (throughput_ratio - 1.0) * 100.0
+    );
+    println!(
+        "agent CPU: {:.1}% of one CPU at {on_rps:.0} req/s = {:.1} millicores per 1k req/s; peak RSS {agent_rss:.1} MB; \
+         rotel (receiving the spans) {:.1}% of one CPU",
+        agent_share * 100.0,
+        agent_share * 1000.0 / (on_rps / 1000.0),
+        rotel_share * 100.0
+    );
+
+    // BPF time per request, from the kernel's statistics.
+    let sysctl = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(sysctl).unwrap();
+    std::fs::write(sysctl, "1").unwrap();
+    let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"));
+    let (t0, _, _) = bpf_run_time_ns(agent.pid());
+    let run = run_wrk(&url, seconds);
+    let (t1, runs_count, names) = bpf_run_time_ns(agent.pid());
+    stop_agent(agent);
+    std::fs::write(sysctl, before.trim()).unwrap();
+    println!(
+        "BPF run time per request (kernel.bpf_stats_enabled, programs {names:?}, {runs_count:.0} runs): {:.0} ns",
+        (t1 - t0) / run.requests.max(1.0)
+    );
+    drop(rotel);
+    drop(nginx);
+}
