@@ -45,7 +45,10 @@ use super::parse::{
     Answering, Fragment, MessageHead, MessageParser, Sink, StartLine, StreamError, Version,
 };
 
-/// Bounds of an [`HttpTracer`].
+/// Bounds of an [`HttpTracer`]. Memory at most: per connection two heads
+/// in progress ([`MAX_HEAD_BYTES`](super::parse::MAX_HEAD_BYTES) each) and
+/// `2 * max_pending` requests of at most about 3 KiB (target, `Host` and
+/// `User-Agent` are cut), plus `max_finished` spans.
 #[derive(Clone, Debug)]
 pub struct TracerConfig {
     /// Connections tracked at once; data of others is ignored (counted).
@@ -63,7 +66,7 @@ impl Default for TracerConfig {
     fn default() -> Self {
         Self {
             max_conns: 16_384,
-            max_pending: 64,
+            max_pending: 16,
             idle_timeout_ns: 300_000_000_000,
             max_finished: 65_536,
         }
@@ -438,12 +441,12 @@ impl SideSink<'_> {
         } else {
             &mut self.core.sent
         };
-        if queue.len() >= shared.cfg.max_pending.max(1) {
-            if let Some(old) = queue.pop_front() {
-                shared.stats.requests_unanswered += 1;
-                if server {
-                    shared.unserve(old.span.tid, self.core.conn_id, old.seq);
-                }
+        if queue.len() >= shared.cfg.max_pending.max(1)
+            && let Some(old) = queue.pop_front()
+        {
+            shared.stats.requests_unanswered += 1;
+            if server {
+                shared.unserve(old.span.tid, self.core.conn_id, old.seq);
             }
         }
         if server {
@@ -539,8 +542,9 @@ impl Sink<Origin> for SideSink<'_> {
         }
         // A request given up keeps its place in the queue (its response
         // may still come); a response given up is lost.
-        if let Current::Response(_) = std::mem::take(self.current) {
-            s.responses_dropped += 1;
+        match std::mem::take(self.current) {
+            Current::Response(_) => s.responses_dropped += 1,
+            Current::Request(_) | Current::Ignored | Current::None => {}
         }
     }
 }
@@ -640,9 +644,14 @@ impl Default for HttpTracer {
 
 impl HttpTracer {
     /// A tracer whose new ids come from a generator seeded from the
-    /// process's random state.
+    /// process's random state (std's `RandomState`, from the OS) and the
+    /// time.
     pub fn new(cfg: TracerConfig) -> Self {
-        Self::with_seed(cfg, fastrand::u64(..))
+        use std::hash::BuildHasher;
+        let seed = std::collections::hash_map::RandomState::new()
+            .hash_one(std::time::SystemTime::now())
+            ^ fastrand::u64(..);
+        Self::with_seed(cfg, seed)
     }
 
     /// A tracer with a fixed id seed (tests, fuzzing).
