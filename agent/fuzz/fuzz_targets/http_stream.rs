@@ -7,7 +7,7 @@
 #![no_main]
 
 #[path = "../../src/http/mod.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod http;
 
 use fathom_common::http::{
@@ -193,7 +193,10 @@ fuzz_target!(|data: &[u8]| {
         let s = tracer.stats();
         assert!(s.conns <= MAX_CONNS as u64);
         assert!(s.pending <= (MAX_CONNS * 2 * MAX_PENDING) as u64);
-        assert!(s.buffered_bytes <= (MAX_CONNS * 2 * (http::parse::MAX_HEAD_BYTES + 4 + 1024)) as u64 * 2);
+        assert!(
+            s.buffered_bytes
+                <= (MAX_CONNS * 2 * (http::parse::MAX_HEAD_BYTES + 4 + 1024)) as u64 * 2
+        );
     }
     let _ = spans_seen;
 });

@@ -414,7 +414,7 @@ impl<O: Copy> MessageParser<O> {
                     Some(end) => {
                         let end = from + end;
                         buf.truncate(end);
-                        let consumed = (end - before) as u64;
+                        let consumed = end.saturating_sub(before) as u64;
                         self.finish_head(false, sink);
                         Some(pos + consumed)
                     }
@@ -509,10 +509,19 @@ impl<O: Copy> MessageParser<O> {
     /// Parses the buffered head and sets the framing of the body. `false`:
     /// the head was invalid (now out of sync).
     fn finish_head(&mut self, truncated: bool, sink: &mut impl Sink<O>) -> bool {
-        let State::Head { buf, origin, first } = std::mem::replace(&mut self.state, State::Idle)
+        let State::Head {
+            mut buf,
+            origin,
+            first,
+        } = std::mem::replace(&mut self.state, State::Idle)
         else {
             return false;
         };
+        if truncated {
+            // Only whole lines: a cut name or value would mislead.
+            let keep = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            buf.truncate(keep);
+        }
         let Some(mut head) = parse_head(&buf) else {
             self.state = State::Desync;
             sink.error(StreamError::BadHead);
@@ -1411,6 +1420,17 @@ mod tests {
         assert!(estimated < 7000 && head_len > 1024);
         p.feed(Fragment::new(&[], &[], estimated), 1, &mut rec);
         assert_eq!(rec.out[1..], ["end 10000"]);
+        // Cut inside a header name: the whole lines before it are kept.
+        let mut req = b"POST /api HTTP/1.1\r\nContent-Length: 5\r\nX-Pad: ".to_vec();
+        let pad = 1024 - req.len() - 2 - 6;
+        req.extend(std::iter::repeat_n(b'p', pad));
+        req.extend_from_slice(b"\r\nAccept-Language: en\r\n\r\nhello");
+        assert_eq!(&req[1018..1024], b"Accept");
+        let mut p = MessageParser::new();
+        let mut rec = Rec::default();
+        feed_captured(&mut p, &mut rec, 0, &req);
+        // The body (5 bytes) is taken to be within the uncaptured part.
+        assert_eq!(rec.out, ["head POST /api @0 first truncated", "end 5"]);
         // The start line itself not captured.
         let mut p = MessageParser::new();
         let mut rec = Rec::default();

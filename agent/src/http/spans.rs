@@ -557,7 +557,10 @@ fn split_target(method: &str, target: &str) -> (Option<String>, String, Option<S
     let mut rest = target;
     let mut authority = None;
     for scheme in ["http://", "https://"] {
-        if rest.len() >= scheme.len() && rest[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        if rest
+            .get(..scheme.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(scheme))
+        {
             let after = &rest[scheme.len()..];
             let end = after.find(['/', '?']).unwrap_or(after.len());
             authority = Some(after[..end].to_string());
@@ -1646,6 +1649,11 @@ pub(crate) mod tests {
             )
         );
         assert_eq!(split_target("OPTIONS", "*"), (None, "*".into(), None));
+        // Not ASCII where the scheme would end (found by the fuzzer).
+        assert_eq!(
+            split_target("GET", "/\u{e9}\u{e9}\u{e9}"),
+            (None, "/\u{e9}\u{e9}\u{e9}".into(), None)
+        );
         assert_eq!(
             split_target("CONNECT", "db:5432"),
             (Some("db:5432".into()), String::new(), None)
