@@ -4,7 +4,8 @@
 //! Modules are flat, by concern: kernel I/O (`profiler`, `preflight`, `ebpf`,
 //! `inject` for traceparent injection, `sys` — the only `unsafe`), process knowledge (`process`, `procfs`),
 //! turning stacks into profiles (`stacks`, `pprof`), unwind tables for the
-//! eBPF DWARF unwinder (`unwind`) and running it all (`session`).
+//! eBPF DWARF unwinder (`unwind`), HTTP spans and metrics from the kernel's
+//! connection events (`http`, pure logic) and running it all (`session`).
 
 pub mod ebpf;
 pub mod export;

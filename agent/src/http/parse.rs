@@ -54,6 +54,12 @@ const MAX_CHUNK_LINE: usize = 1024;
 const MAX_TRAILER_BYTES: usize = 4096;
 /// Longest method token.
 const MAX_METHOD: usize = 32;
+/// Longest request target kept (longer ones are cut at a character
+/// boundary): spans stay small whatever clients send.
+pub const MAX_TARGET: usize = 2048;
+/// Longest `Host` and `User-Agent` values kept.
+pub const MAX_HOST: usize = 256;
+pub const MAX_USER_AGENT: usize = 512;
 
 /// What one syscall moved, as far as it was captured: `head` holds bytes
 /// `0..head.len()`, `tail` holds the last `tail.len()` bytes, `len` is the
@@ -408,7 +414,7 @@ impl<O: Copy> MessageParser<O> {
                     Some(end) => {
                         let end = from + end;
                         buf.truncate(end);
-                        let consumed = (end - before) as u64;
+                        let consumed = end.saturating_sub(before) as u64;
                         self.finish_head(false, sink);
                         Some(pos + consumed)
                     }
@@ -503,10 +509,19 @@ impl<O: Copy> MessageParser<O> {
     /// Parses the buffered head and sets the framing of the body. `false`:
     /// the head was invalid (now out of sync).
     fn finish_head(&mut self, truncated: bool, sink: &mut impl Sink<O>) -> bool {
-        let State::Head { buf, origin, first } = std::mem::replace(&mut self.state, State::Idle)
+        let State::Head {
+            mut buf,
+            origin,
+            first,
+        } = std::mem::replace(&mut self.state, State::Idle)
         else {
             return false;
         };
+        if truncated {
+            // Only whole lines: a cut name or value would mislead.
+            let keep = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            buf.truncate(keep);
+        }
         let Some(mut head) = parse_head(&buf) else {
             self.state = State::Desync;
             sink.error(StreamError::BadHead);
@@ -800,10 +815,24 @@ fn parse_start_line(line: &[u8]) -> Option<(StartLine, Version)> {
     Some((
         StartLine::Request {
             method: String::from_utf8_lossy(method).into_owned(),
-            target: String::from_utf8_lossy(target).into_owned(),
+            target: text(target, MAX_TARGET),
         },
         version,
     ))
+}
+
+/// At most `max` bytes of `v` as text (invalid UTF-8 replaced, cut at a
+/// character boundary).
+fn text(v: &[u8], max: usize) -> String {
+    let mut s = String::from_utf8_lossy(&v[..v.len().min(max)]).into_owned();
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
@@ -852,11 +881,11 @@ fn parse_head(buf: &[u8]) -> Option<MessageHead> {
             return None;
         }
         let value = trim_ows(&line[colon + 1..]);
-        let text = || String::from_utf8_lossy(value).into_owned();
         if name.eq_ignore_ascii_case(b"host") {
-            head.host.get_or_insert_with(text);
+            head.host.get_or_insert_with(|| text(value, MAX_HOST));
         } else if name.eq_ignore_ascii_case(b"user-agent") {
-            head.user_agent.get_or_insert_with(text);
+            head.user_agent
+                .get_or_insert_with(|| text(value, MAX_USER_AGENT));
         } else if name.eq_ignore_ascii_case(b"traceparent") {
             if head.traceparent.is_none() {
                 head.traceparent = parse_traceparent(value);
@@ -1004,6 +1033,20 @@ mod tests {
         assert!(parse_head(b"HTTP/1.1 200\r\n").is_some());
         assert!(parse_head(b"HTTP/1.1 2000 OK\r\n").is_none());
         assert!(parse_head(b"GET / HTTP/1.1\r\nBad Header: x\r\n").is_none());
+        // Long values are cut.
+        let mut long = b"GET /".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 3000));
+        long.extend_from_slice(b" HTTP/1.1\r\nUser-Agent: \xc3\xa9");
+        long.extend(std::iter::repeat_n(b'u', 600));
+        let h = parse_head(&long).unwrap();
+        let StartLine::Request { target, .. } = &h.start else {
+            panic!("{h:?}");
+        };
+        assert_eq!(target.len(), MAX_TARGET);
+        assert!(h.user_agent.as_deref().unwrap().starts_with("\u{e9}uuu"));
+        assert_eq!(h.user_agent.unwrap().len(), MAX_USER_AGENT);
+        assert_eq!(text(b"a\xc3\xa9", 2), "a");
+        assert_eq!(text(b"a\xff", 2), "a");
         // TE overrides CL.
         let h = parse_head(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: gzip, chunked\r\n",
@@ -1377,6 +1420,17 @@ mod tests {
         assert!(estimated < 7000 && head_len > 1024);
         p.feed(Fragment::new(&[], &[], estimated), 1, &mut rec);
         assert_eq!(rec.out[1..], ["end 10000"]);
+        // Cut inside a header name: the whole lines before it are kept.
+        let mut req = b"POST /api HTTP/1.1\r\nContent-Length: 5\r\nX-Pad: ".to_vec();
+        let pad = 1024 - req.len() - 2 - 6;
+        req.extend(std::iter::repeat_n(b'p', pad));
+        req.extend_from_slice(b"\r\nAccept-Language: en\r\n\r\nhello");
+        assert_eq!(&req[1018..1024], b"Accept");
+        let mut p = MessageParser::new();
+        let mut rec = Rec::default();
+        feed_captured(&mut p, &mut rec, 0, &req);
+        // The body (5 bytes) is taken to be within the uncaptured part.
+        assert_eq!(rec.out, ["head POST /api @0 first truncated", "end 5"]);
         // The start line itself not captured.
         let mut p = MessageParser::new();
         let mut rec = Rec::default();

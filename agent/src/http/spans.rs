@@ -45,7 +45,10 @@ use super::parse::{
     Answering, Fragment, MessageHead, MessageParser, Sink, StartLine, StreamError, Version,
 };
 
-/// Bounds of an [`HttpTracer`].
+/// Bounds of an [`HttpTracer`]. Memory at most: per connection two heads
+/// in progress ([`MAX_HEAD_BYTES`](super::parse::MAX_HEAD_BYTES) each) and
+/// `2 * max_pending` requests of at most about 3 KiB (target, `Host` and
+/// `User-Agent` are cut), plus `max_finished` spans.
 #[derive(Clone, Debug)]
 pub struct TracerConfig {
     /// Connections tracked at once; data of others is ignored (counted).
@@ -63,7 +66,7 @@ impl Default for TracerConfig {
     fn default() -> Self {
         Self {
             max_conns: 16_384,
-            max_pending: 64,
+            max_pending: 16,
             idle_timeout_ns: 300_000_000_000,
             max_finished: 65_536,
         }
@@ -438,12 +441,12 @@ impl SideSink<'_> {
         } else {
             &mut self.core.sent
         };
-        if queue.len() >= shared.cfg.max_pending.max(1) {
-            if let Some(old) = queue.pop_front() {
-                shared.stats.requests_unanswered += 1;
-                if server {
-                    shared.unserve(old.span.tid, self.core.conn_id, old.seq);
-                }
+        if queue.len() >= shared.cfg.max_pending.max(1)
+            && let Some(old) = queue.pop_front()
+        {
+            shared.stats.requests_unanswered += 1;
+            if server {
+                shared.unserve(old.span.tid, self.core.conn_id, old.seq);
             }
         }
         if server {
@@ -539,8 +542,9 @@ impl Sink<Origin> for SideSink<'_> {
         }
         // A request given up keeps its place in the queue (its response
         // may still come); a response given up is lost.
-        if let Current::Response(_) = std::mem::take(self.current) {
-            s.responses_dropped += 1;
+        match std::mem::take(self.current) {
+            Current::Response(_) => s.responses_dropped += 1,
+            Current::Request(_) | Current::Ignored | Current::None => {}
         }
     }
 }
@@ -553,7 +557,10 @@ fn split_target(method: &str, target: &str) -> (Option<String>, String, Option<S
     let mut rest = target;
     let mut authority = None;
     for scheme in ["http://", "https://"] {
-        if rest.len() >= scheme.len() && rest[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        if rest
+            .get(..scheme.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(scheme))
+        {
             let after = &rest[scheme.len()..];
             let end = after.find(['/', '?']).unwrap_or(after.len());
             authority = Some(after[..end].to_string());
@@ -640,9 +647,14 @@ impl Default for HttpTracer {
 
 impl HttpTracer {
     /// A tracer whose new ids come from a generator seeded from the
-    /// process's random state.
+    /// process's random state (std's `RandomState`, from the OS) and the
+    /// time.
     pub fn new(cfg: TracerConfig) -> Self {
-        Self::with_seed(cfg, fastrand::u64(..))
+        use std::hash::BuildHasher;
+        let seed = std::collections::hash_map::RandomState::new()
+            .hash_one(std::time::SystemTime::now())
+            ^ fastrand::u64(..);
+        Self::with_seed(cfg, seed)
     }
 
     /// A tracer with a fixed id seed (tests, fuzzing).
@@ -1637,6 +1649,11 @@ pub(crate) mod tests {
             )
         );
         assert_eq!(split_target("OPTIONS", "*"), (None, "*".into(), None));
+        // Not ASCII where the scheme would end (found by the fuzzer).
+        assert_eq!(
+            split_target("GET", "/\u{e9}\u{e9}\u{e9}"),
+            (None, "/\u{e9}\u{e9}\u{e9}".into(), None)
+        );
         assert_eq!(
             split_target("CONNECT", "db:5432"),
             (Some("db:5432".into()), String::new(), None)
