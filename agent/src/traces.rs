@@ -317,6 +317,8 @@ impl Worker {
             kernel_events_lost = k(HttpCounter::EventsLost),
             kernel_conns_full = k(HttpCounter::ConnsFull),
             injected = k(HttpCounter::Injected),
+            parent_rewritten = k(HttpCounter::ParentRewritten),
+            sockets_released = k(HttpCounter::SocketsReleased),
             inject_failed = k(HttpCounter::InjectFailed),
             malformed = self.malformed,
             "http tracing"

@@ -160,10 +160,18 @@ pub enum HttpCounter {
     InjectFailed,
     /// Sockets added to `CLIENT_SOCKETS`.
     SocketsAdded,
+    /// Forwarded `traceparent` headers (a proxy's) whose parent id was
+    /// replaced by the proxy's client span id.
+    ParentRewritten,
+    /// Sockets taken out of `CLIENT_SOCKETS` when their first request was
+    /// acknowledged: a socket in a sockmap answers `FIONREAD` with 0 on this
+    /// kernel (`tcp_bpf_ioctl` counts only the sockmap's own queue), which
+    /// stalls readers that trust it, nginx among them.
+    SocketsReleased,
 }
 
 impl HttpCounter {
-    pub const COUNT: u32 = HttpCounter::SocketsAdded as u32 + 1;
+    pub const COUNT: u32 = HttpCounter::SocketsReleased as u32 + 1;
     pub const ALL: [HttpCounter; HttpCounter::COUNT as usize] = [
         HttpCounter::DataEvents,
         HttpCounter::EventsLost,
@@ -175,6 +183,8 @@ impl HttpCounter {
         HttpCounter::InjectSkippedNoLine,
         HttpCounter::InjectFailed,
         HttpCounter::SocketsAdded,
+        HttpCounter::ParentRewritten,
+        HttpCounter::SocketsReleased,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -189,6 +199,8 @@ impl HttpCounter {
             HttpCounter::InjectSkippedNoLine => "inject_skipped_no_line",
             HttpCounter::InjectFailed => "inject_failed",
             HttpCounter::SocketsAdded => "sockets_added",
+            HttpCounter::ParentRewritten => "parent_rewritten",
+            HttpCounter::SocketsReleased => "sockets_released",
         }
     }
 }

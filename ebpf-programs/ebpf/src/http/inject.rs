@@ -29,8 +29,8 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action,
-        sk_msg_md,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action, sk_msg_md,
     },
     helpers::{
         bpf_get_current_pid_tgid,
@@ -42,6 +42,7 @@ use aya_ebpf::{
 };
 use fathom_common::http::{
     HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, hex_lower, is_request_start,
+    parse_traceparent,
 };
 
 use super::maps::{INJECTED, SERVING, count, inject_enabled, monitored, random_id};
@@ -118,7 +119,31 @@ fn try_sock_ops(ctx: &SockOpsContext) {
             let ops = unsafe { &mut *ctx.ops };
             if CLIENT_SOCKETS.update(cookie, ops, BPF_ANY as u64).is_ok() {
                 count(HttpCounter::SocketsAdded);
+                // Told when the first data sent is acknowledged.
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_RTT_CB_FLAG as i32);
             }
+        }
+        BPF_SOCK_OPS_RTT_CB => {
+            // The first request went out and was acknowledged; the ACK is
+            // processed before any response data reaches the socket, so the
+            // socket leaves the sockhash before it is read: in a sockmap,
+            // `FIONREAD` answers 0 on this kernel, which stalls readers that
+            // trust it (nginx as a proxy). Later requests on the connection
+            // are not injected.
+            // SAFETY: the program's context is a `bpf_sock_ops`.
+            let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: the map pointer is the map's definition, the key a
+            // local; sock_ops programs may delete from a sockhash.
+            let ret = unsafe {
+                aya_ebpf::helpers::generated::bpf_map_delete_elem(
+                    &CLIENT_SOCKETS as *const SockHash<u64> as *mut c_void,
+                    &mut cookie as *mut u64 as *mut c_void,
+                )
+            };
+            if ret == 0 {
+                count(HttpCounter::SocketsReleased);
+            }
+            let _ = ctx.set_cb_flags(0);
         }
         _ => {}
     }
@@ -130,6 +155,7 @@ pub fn fathom_sk_msg(ctx: SkMsgContext) -> u32 {
         match try_sk_msg(&ctx) {
             Outcome::Injected => count(HttpCounter::Injected),
             Outcome::Existing => count(HttpCounter::InjectSkippedExisting),
+            Outcome::Forwarded => count(HttpCounter::ParentRewritten),
             Outcome::Incomplete => count(HttpCounter::InjectSkippedNoLine),
             Outcome::Failed => count(HttpCounter::InjectFailed),
             Outcome::Other => {}
@@ -143,6 +169,9 @@ enum Outcome {
     Injected,
     /// A request head that already has a `traceparent`.
     Existing,
+    /// A proxy forwarded the `traceparent` of the request it serves: its
+    /// parent id now names this hop's client span.
+    Forwarded,
     /// Starts like a request but its request line or header end is not in
     /// the inspected bytes.
     Incomplete,
@@ -164,6 +193,8 @@ struct Scan {
     line_end: u64,
     /// A [`verdict`].
     verdict: u64,
+    /// With [`verdict::EXISTING`]: offset of the `traceparent` header line.
+    existing_at: u64,
 }
 
 #[inline(always)]
@@ -197,6 +228,7 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
         cursor: 0,
         line_end: 0,
         verdict: verdict::SCANNING,
+        existing_at: 0,
     };
     // At most one step per LF plus one per LF-free word.
     // SAFETY: `scan_step` has the callback signature bpf_loop requires and
@@ -211,7 +243,7 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
     };
     match scan.verdict {
         verdict::HEAD_COMPLETE if scan.line_end != 0 => insert(ctx, scan.line_end as u32),
-        verdict::EXISTING => Outcome::Existing,
+        verdict::EXISTING => forward(ctx, scan.existing_at, scan.len),
         verdict::NOT_HTTP => Outcome::Other,
         _ => Outcome::Incomplete,
     }
@@ -268,6 +300,87 @@ fn insert(ctx: &SkMsgContext, at: u32) -> Outcome {
     // the header is still right, only the client span lacks its ids.
     let _ = INJECTED.insert(&tid, &tc, BPF_ANY as u64);
     Outcome::Injected
+}
+
+/// A request that already carries a `traceparent` at `at`. When it is the
+/// very header of the request the thread is serving (same trace id and
+/// parent id: a proxy forwarding it), its parent id is replaced by a new
+/// span id, this hop's client span, as W3C Trace Context asks of a
+/// forwarding participant; the trace id and flags stay. Anything else (an
+/// instrumented application's own context) is left alone.
+#[inline(always)]
+fn forward(ctx: &SkMsgContext, at: u64, len: u64) -> Outcome {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: a map value, copied out at once.
+    let Some(serving) = (unsafe { SERVING.get(&tid) }).copied() else {
+        return Outcome::Existing;
+    };
+    if serving.open != 1 || serving.ctx.flags & ctx_flags::REMOTE_PARENT == 0 {
+        return Outcome::Existing;
+    }
+    // `traceparent:` and up to two spaces, then the 55-byte value.
+    let mut value_at = at + 12;
+    let mut space = [0u8; 1];
+    let mut k = 0;
+    while k < 2 {
+        if read(ctx.msg, value_at, &mut space) && space[0] == b' ' {
+            value_at += 1;
+        }
+        k += 1;
+    }
+    if value_at + 55 > len {
+        return Outcome::Existing;
+    }
+    let mut value = [0u8; 55];
+    if !read(ctx.msg, value_at, &mut value) {
+        return Outcome::Existing;
+    }
+    let Some((trace, parent, _)) = parse_traceparent(&value) else {
+        return Outcome::Existing;
+    };
+    if trace != serving.ctx.trace_id || parent != serving.ctx.parent_span_id {
+        return Outcome::Existing;
+    }
+    let mut tc = TraceContext {
+        trace_id: trace,
+        parent_span_id: serving.ctx.span_id,
+        flags: ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
+        ..TraceContext::default()
+    };
+    random_id(&mut tc.span_id);
+    let mut hex = [0u8; 16];
+    hex_lower(&tc.span_id, &mut hex);
+    if !write(ctx.msg, value_at + 36, &hex) {
+        return Outcome::Failed;
+    }
+    let _ = INJECTED.insert(&tid, &tc, BPF_ANY as u64);
+    Outcome::Forwarded
+}
+
+/// Writes `bytes` at `off` from `msg->data`, if they are within `data_end`.
+#[inline(always)]
+fn write<const N: usize>(msg: *mut sk_msg_md, off: u64, bytes: &[u8; N]) -> bool {
+    // SAFETY: reading the context's data pointers.
+    let (data, end) = unsafe {
+        (
+            (*msg).__bindgen_anon_1.data as usize,
+            (*msg).__bindgen_anon_2.data_end as usize,
+        )
+    };
+    // SAFETY: a read of a local (opaque to LLVM, as in `read`).
+    let off = unsafe { core::ptr::read_volatile(&off) } & OFFSET_MASK;
+    let p = data + off as usize;
+    if p + N > end {
+        return false;
+    }
+    let mut i = 0;
+    while i < N {
+        // SAFETY: `p + i` is below `data_end`, checked above; sk_msg
+        // programs may write their message's data.
+        unsafe { *((p + i) as *mut u8) = bytes[i] };
+        i += 1;
+    }
+    true
 }
 
 /// `bpf_msg_pull_data`: makes bytes `start..end` linear at `msg->data`.
@@ -399,6 +512,7 @@ fn on_lf(scan: &mut Scan, pos: u64) -> bool {
     let mut name = [0u8; 12];
     if next + 12 <= scan.len && read(scan.msg, next, &mut name) && is_traceparent_name(&name) {
         scan.verdict = verdict::EXISTING;
+        scan.existing_at = next;
         return true;
     }
     false
