@@ -6,7 +6,7 @@ use std::{fs, os::fd::AsFd, path::Path, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use fathom_common::http::{ConnEvent, ConnKey, DataEvent, HttpCounter, event_kind, globals, names};
 
@@ -126,6 +126,53 @@ const ATTACH: &[(&str, &str, &str)] = &[
     ("http_exit_io", "syscalls", "sys_exit_sendfile64"),
 ];
 
+/// OpenSSL functions whose plaintext is captured: (program, symbol).
+const SSL_PROBES: &[(&str, &str)] = &[
+    ("http_ssl_read", "SSL_read"),
+    ("http_ssl_read_ex", "SSL_read_ex"),
+    ("http_ssl_write", "SSL_write"),
+    ("http_ssl_write_ex", "SSL_write_ex"),
+    ("http_ssl_exit", "SSL_read"),
+    ("http_ssl_exit", "SSL_read_ex"),
+    ("http_ssl_exit", "SSL_write"),
+    ("http_ssl_exit", "SSL_write_ex"),
+];
+
+/// The `libssl` files mapped by running processes (by path as each
+/// process sees it from the root), plus the system's.
+pub fn libssl_paths(proc_root: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = std::collections::BTreeSet::new();
+    for system in [
+        "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+        "/lib/x86_64-linux-gnu/libssl.so.3",
+        "/usr/lib64/libssl.so.3",
+    ] {
+        if let Ok(real) = fs::canonicalize(system) {
+            found.insert(real);
+        }
+    }
+    if let Ok(dir) = fs::read_dir(proc_root) {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(maps) = fs::read_to_string(entry.path().join("maps")) else {
+                continue;
+            };
+            for line in maps.lines() {
+                if let Some(path) = line.split_whitespace().nth(5)
+                    && path.contains("/libssl.so")
+                    && let Ok(real) = fs::canonicalize(path)
+                {
+                    found.insert(real);
+                }
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
 /// The loaded and attached capture programs. Dropping it detaches them.
 pub struct HttpCapture {
     // Maps taken out of the object stay alive with it; programs detach when
@@ -208,6 +255,34 @@ impl HttpCapture {
                     tracepoint,
                     source,
                 })?;
+        }
+        // HTTPS: OpenSSL's plaintext, in every libssl found now.
+        let mut ssl_loaded = std::collections::HashSet::new();
+        for path in libssl_paths(Path::new("/proc")) {
+            let mut attached = 0;
+            for &(name, symbol) in SSL_PROBES {
+                let program: &mut UProbe = ebpf
+                    .program_mut(name)
+                    .ok_or(HttpCaptureError::Program {
+                        name,
+                        source: ProgramError::NotLoaded,
+                    })?
+                    .try_into()
+                    .map_err(|source| HttpCaptureError::Program { name, source })?;
+                if ssl_loaded.insert(name) {
+                    program
+                        .load()
+                        .map_err(|source| HttpCaptureError::Program { name, source })?;
+                }
+                match program.attach(symbol, &path, UProbeScope::AllProcesses) {
+                    Ok(_) => attached += 1,
+                    // `_ex` variants exist from OpenSSL 1.1.1 on.
+                    Err(e) => {
+                        tracing::debug!(path = %path.display(), symbol, error = %e, "uprobe not attached")
+                    }
+                }
+            }
+            tracing::info!(path = %path.display(), probes = attached, "https capture attached");
         }
         let events = take(&mut ebpf, names::EVENTS)?;
         let counters = take(&mut ebpf, names::COUNTERS)?;

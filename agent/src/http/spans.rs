@@ -112,6 +112,9 @@ pub struct TracerStats {
     pub resync: u64,
     pub incomplete: u64,
     pub skipped_events: u64,
+    /// Server spans moved into the trace the kernel started for a client
+    /// request they sent (see `SideSink::request`).
+    pub adopted: u64,
 }
 
 /// Server or client.
@@ -268,12 +271,17 @@ struct Serving {
     seq: u64,
     trace_id: [u8; 16],
     span_id: [u8; 8],
+    /// The request came with a parent (its trace id is not ours to change).
+    remote_parent: bool,
 }
 
 #[derive(Debug)]
 struct Shared {
     cfg: TracerConfig,
     serving: HashMap<u32, Vec<Serving>>,
+    /// Pending server spans (conn id, seq) that move to another trace id,
+    /// applied after the current event ([`Shared::adopt`]).
+    adoptions: Vec<(u64, u64, [u8; 16])>,
     finished: Vec<HttpSpan>,
     stats: TracerStats,
     rng: fastrand::Rng,
@@ -308,6 +316,33 @@ impl Shared {
     }
 
     /// The single server request `tid` serves.
+    /// Moves the server request `s` that thread `tid` serves into
+    /// `trace_id`.
+    fn adopt(&mut self, tid: u32, s: Serving, trace_id: [u8; 16]) {
+        if let Some(v) = self.serving.get_mut(&tid) {
+            for x in v.iter_mut() {
+                if x.conn_id == s.conn_id && x.seq == s.seq {
+                    x.trace_id = trace_id;
+                }
+            }
+        }
+        self.adoptions.push((s.conn_id, s.seq, trace_id));
+        self.stats.adopted += 1;
+    }
+
+    /// The request thread `tid` works on: the only one it serves, or, when
+    /// all it serves came pipelined on one connection, the oldest (HTTP/1.x
+    /// answers them in order).
+    fn serving_current(&self, tid: u32) -> Option<Serving> {
+        let v = self.serving.get(&tid)?;
+        let first = v.first()?;
+        if v.iter().all(|s| s.conn_id == first.conn_id) {
+            v.iter().min_by_key(|s| s.seq).copied()
+        } else {
+            None
+        }
+    }
+
     fn serving_one(&self, tid: u32) -> Option<Serving> {
         match self.serving.get(&tid).map(Vec::as_slice) {
             Some([one]) => Some(*one),
@@ -374,12 +409,20 @@ impl SideSink<'_> {
             }
         } else if first && ctx.flags & ctx_flags::CLIENT_INJECTED != 0 {
             let local = ctx.flags & ctx_flags::LOCAL_PARENT != 0;
-            (
-                ctx.trace_id,
-                ctx.span_id,
-                local.then_some(ctx.parent_span_id),
-                false,
-            )
+            let mut parent = local.then_some(ctx.parent_span_id);
+            if !local
+                && let Some(s) = shared.serving_current(origin.tid)
+                && !s.remote_parent
+            {
+                // The kernel started a new trace (it did not know the thread
+                // was serving: a pipelined request taken from the server's
+                // own buffer, without a read). User space knows the one
+                // request the thread serves, which has no parent of its own:
+                // it joins the trace the downstream services already got.
+                shared.adopt(origin.tid, s, ctx.trace_id);
+                parent = Some(s.span_id);
+            }
+            (ctx.trace_id, ctx.span_id, parent, false)
         } else if let Some((trace, parent, _)) = head.traceparent {
             let parent = shared
                 .serving_one(origin.tid)
@@ -455,6 +498,7 @@ impl SideSink<'_> {
                 seq,
                 trace_id,
                 span_id,
+                remote_parent,
             });
         }
         queue.push_back(Pending { seq, span });
@@ -664,6 +708,7 @@ impl HttpTracer {
             shared: Shared {
                 cfg,
                 serving: HashMap::new(),
+                adoptions: Vec::new(),
                 finished: Vec::new(),
                 stats: TracerStats::default(),
                 rng: fastrand::Rng::with_seed(seed),
@@ -749,6 +794,13 @@ impl HttpTracer {
             shared: &mut self.shared,
         };
         side.parser.feed(frag, origin, &mut sink);
+        for (conn_id, seq, trace_id) in std::mem::take(&mut self.shared.adoptions) {
+            if let Some(c) = self.conns.get_mut(&conn_id) {
+                for p in c.core.served.iter_mut().filter(|p| p.seq == seq) {
+                    p.span.trace_id = trace_id;
+                }
+            }
+        }
     }
 
     /// A connection was closed (or its process exited): a response that
@@ -1487,7 +1539,7 @@ pub(crate) mod tests {
             R,
             1,
             (100, 110),
-            b"POST /a HTTP/1.1\r\nContent-Length: 100\r\n\r\n0123",
+            b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123",
         ));
         t.on_data(&data(
             1,

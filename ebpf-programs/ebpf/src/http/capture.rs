@@ -12,9 +12,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user,
         bpf_probe_read_user_buf, generated::bpf_loop,
     },
-    macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray},
-    programs::TracePointContext,
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, Serving,
@@ -98,6 +98,29 @@ static CONNECTS: HashMap<u32, ConnectArgs> = HashMap::with_max_entries(16384, 0)
 static ACTIVE: HashMap<u32, Active> = HashMap::with_max_entries(16384, 0);
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// An OpenSSL `SSL_read`/`SSL_write` (or `_ex`) in progress.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SslActive {
+    ssl: u64,
+    buf: u64,
+    /// `_ex` variants: where the byte count is written; else 0.
+    count_ptr: u64,
+    start_ns: u64,
+    /// The socket, learned from the syscall OpenSSL makes inside the call
+    /// or from an earlier call on the same `SSL *`; u32::MAX: unknown.
+    fd: u32,
+    direction: u8,
+    _pad: [u8; 3],
+}
+
+#[map]
+static SSL_ACTIVE: HashMap<u32, SslActive> = HashMap::with_max_entries(16384, 0);
+/// `SSL *` -> its socket's fd (OpenSSL may answer from its buffer without
+/// a syscall).
+#[map]
+static SSL_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+
 /// Per-CPU connection counter: conn ids are `counter << 16 | cpu`.
 #[map]
 static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -352,6 +375,14 @@ pub fn http_exit_thread(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn enter_io(fd: u64, syscall: u8, dir: u8, vectored: bool, buf: u64, count: u64) {
     let (tgid, tid) = ids();
+    if let Some(ssl) = SSL_ACTIVE.get_ptr_mut(&tid) {
+        // OpenSSL's own read or write of the socket under an SSL call.
+        // SAFETY: a valid map value.
+        unsafe {
+            (*ssl).fd = fd as u32;
+            let _ = SSL_FDS.insert(&(*ssl).ssl, &(fd as u32), 0);
+        }
+    }
     let key = ConnKey {
         tgid,
         fd: fd as u32,
@@ -496,6 +527,9 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
     let head = &event.head[..head_len];
     let request = is_request_start(head);
     let response = !request && is_response_start(head);
+    // `HTTP/1.1 1xx` (100 Continue) comes before the final response: the
+    // request is still being served.
+    let interim = response && head.len() > 9 && head[9] == b'1';
     if info.proto == proto::UNKNOWN {
         if request || response {
             info.proto = proto::HTTP1;
@@ -510,7 +544,7 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
     if active.direction == direction::READ && request {
         open_server_request(scratch, tid, info.conn_id);
     } else if active.direction == direction::WRITE {
-        if response {
+        if response && !interim {
             close_server_request(tid);
         }
         if inject_enabled() {
@@ -521,6 +555,13 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
             }
         }
     }
+    send_data(scratch);
+    Ok(())
+}
+
+/// Sends the scratch event, cut after its captured head.
+#[inline(always)]
+fn send_data(scratch: &Scratch) {
     let size = DataEvent::HEAD_OFFSET + (scratch.event.head_len as usize & (CAPTURE_HEAD * 2 - 1));
     let size = if size > core::mem::size_of::<DataEvent>() {
         core::mem::size_of::<DataEvent>()
@@ -536,7 +577,6 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
     } else {
         count(HttpCounter::DataEvents);
     }
-    Ok(())
 }
 
 /// Copies the head and tail of one contiguous user buffer.
@@ -767,4 +807,126 @@ extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
         n += 1;
     }
     0
+}
+
+// ---- OpenSSL (HTTPS plaintext) ----------------------------------------------
+
+#[inline(always)]
+fn ssl_enter(ctx: &ProbeContext, dir: u8, ex: bool) {
+    let (tgid, tid) = ids();
+    if !monitored(tgid) {
+        return;
+    }
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    let buf: u64 = ctx.arg(1).unwrap_or(0);
+    let count_ptr: u64 = if ex { ctx.arg(3).unwrap_or(0) } else { 0 };
+    // SAFETY: only read.
+    let fd = unsafe { SSL_FDS.get(&ssl) }.copied().unwrap_or(u32::MAX);
+    let active = SslActive {
+        ssl,
+        buf,
+        count_ptr,
+        // SAFETY: a plain helper call.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        fd,
+        direction: dir,
+        _pad: [0; 3],
+    };
+    let _ = SSL_ACTIVE.insert(&tid, &active, 0);
+}
+
+#[uprobe]
+pub fn http_ssl_read(ctx: ProbeContext) -> u32 {
+    ssl_enter(&ctx, direction::READ, false);
+    0
+}
+
+#[uprobe]
+pub fn http_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    ssl_enter(&ctx, direction::READ, true);
+    0
+}
+
+#[uprobe]
+pub fn http_ssl_write(ctx: ProbeContext) -> u32 {
+    ssl_enter(&ctx, direction::WRITE, false);
+    0
+}
+
+#[uprobe]
+pub fn http_ssl_write_ex(ctx: ProbeContext) -> u32 {
+    ssl_enter(&ctx, direction::WRITE, true);
+    0
+}
+
+/// Return of any of the four: the plaintext moved, as a data event of the
+/// socket's connection (whatever the socket's own bytes were classified as).
+#[uretprobe]
+pub fn http_ssl_exit(ctx: RetProbeContext) -> u32 {
+    let _ = try_ssl_exit(&ctx);
+    0
+}
+
+fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
+    let (tgid, tid) = ids();
+    // SAFETY: copied out before the entry is removed.
+    let active = unsafe { SSL_ACTIVE.get(&tid) }.copied().ok_or(())?;
+    let _ = SSL_ACTIVE.remove(&tid);
+    let ret: i64 = ctx.ret();
+    let moved = if active.count_ptr != 0 {
+        if ret != 1 {
+            return Ok(());
+        }
+        // SAFETY: the helper checks the user address.
+        unsafe { bpf_probe_read_user(active.count_ptr as *const u64) }.map_err(|_| ())?
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        return Ok(());
+    };
+    if moved == 0 || active.fd == u32::MAX {
+        return Ok(());
+    }
+    let key = ConnKey {
+        tgid,
+        fd: active.fd,
+    };
+    // SAFETY: copied out.
+    let info = unsafe { CONNS.get(&key) }.copied().ok_or(())?;
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's scratch is ours until we return.
+    let scratch = unsafe { &mut *scratch };
+    let event = &mut scratch.event;
+    event.kind = event_kind::DATA;
+    event.direction = active.direction;
+    event.syscall = if active.direction == direction::READ {
+        syscall::SSL_READ
+    } else {
+        syscall::SSL_WRITE
+    };
+    event._reserved = 0;
+    event.tgid = tgid;
+    event.tid = tid;
+    event.fd = active.fd;
+    event.conn_id = info.conn_id;
+    event.start_ns = active.start_ns;
+    // SAFETY: a plain helper call.
+    event.end_ns = unsafe { bpf_ktime_get_ns() };
+    event.len = moved;
+    event.head_len = 0;
+    event.tail_len = 0;
+    event.ctx = TraceContext::default();
+    capture_plain(scratch, active.buf, moved);
+    let head_len = (scratch.event.head_len as usize).min(CAPTURE_HEAD);
+    let head = &scratch.event.head[..head_len];
+    let request = is_request_start(head);
+    let response = !request && is_response_start(head);
+    let interim = response && head.len() > 9 && head[9] == b'1';
+    if active.direction == direction::READ && request {
+        open_server_request(scratch, tid, info.conn_id);
+    } else if active.direction == direction::WRITE && response && !interim {
+        close_server_request(tid);
+    }
+    send_data(scratch);
+    Ok(())
 }
