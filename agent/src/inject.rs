@@ -174,6 +174,10 @@ pub fn attach_to(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Injection, InjectErro
         .ok_or(InjectError::MissingProgram(names::SOCK_OPS))?
         .try_into()
         .map_err(program_err(names::SOCK_OPS))?;
+    // Attached as a bpf_link, which the kernel always adds next to the
+    // cgroup's other programs (another agent's or a CNI's sock_ops keep
+    // running); `AllowMultiple` is for the legacy attach and makes
+    // link_create fail.
     let link = sock_ops
         .attach(&cgroup_file, CgroupAttachMode::Single)
         .map_err(program_err(names::SOCK_OPS))?;

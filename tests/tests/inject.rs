@@ -61,14 +61,18 @@ fn counter(ebpf: &Ebpf, c: HttpCounter) -> u64 {
     map.get(&(c as u32), 0).unwrap().iter().sum()
 }
 
-/// The injection counters, in `HttpCounter` order from `Injected` on.
-fn inject_counters(ebpf: &Ebpf) -> [u64; 5] {
+/// The injection counters, in `HttpCounter` order from `Injected` on:
+/// injected, skipped (existing), skipped (no line), failed, sockets added,
+/// parents rewritten, sockets released.
+fn inject_counters(ebpf: &Ebpf) -> [u64; 7] {
     [
         HttpCounter::Injected,
         HttpCounter::InjectSkippedExisting,
         HttpCounter::InjectSkippedNoLine,
         HttpCounter::InjectFailed,
         HttpCounter::SocketsAdded,
+        HttpCounter::ParentRewritten,
+        HttpCounter::SocketsReleased,
     ]
     .map(|c| counter(ebpf, c))
 }
@@ -171,6 +175,15 @@ impl Client {
         reply
     }
 
+    /// Closes the kept-alive connection (if any) and opens a new one, which
+    /// `injection` sees enter `CLIENT_SOCKETS` when the client is monitored
+    /// (`in_sockhash`).
+    fn reconnect(&mut self, port: u16, injection: &inject::Injection, in_sockhash: usize) {
+        self.cmd(json!({"op": "close"}));
+        self.cmd(json!({"op": "connect", "port": port}));
+        wait_sockets(injection, in_sockhash);
+    }
+
     /// One request on the kept-alive connection; returns the bytes
     /// http.client wrote.
     fn request(
@@ -205,6 +218,14 @@ fn read_json(r: &mut impl std::io::BufRead) -> Value {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    assert!(text.len().is_multiple_of(2), "odd hex {text:?}");
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
@@ -319,7 +340,7 @@ fn python_client_requests_get_one_traceparent() {
 
     client.cmd(json!({"op": "connect", "port": server.port}));
     wait_sockets(&injection, 1);
-    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 1]);
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 1, 0, 0]);
 
     // Headers and a body that itself looks like a request head.
     let body = b"hello, body\r\n\r\nGET / HTTP/1.1\r\ntraceparent: x\r\n\r\n";
@@ -327,9 +348,23 @@ fn python_client_requests_get_one_traceparent() {
     let sent = client.request(dir.path(), "POST", "/first", &headers, Some(body));
     let first = assert_injected(&server.next(), &sent);
     assert_context(&ebpf, client.tid, first, [0; 8], ctx_flags::CLIENT_INJECTED);
+    // The request was acknowledged before its response arrived: the socket
+    // left the sockhash before the client read.
+    assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
+    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1, 0, 1]);
 
-    // Keep-alive: the second request on the same socket.
+    // Keep-alive: the second request on the same socket passes untouched.
     let sent = client.request(dir.path(), "GET", "/second", &[], None);
+    assert!(
+        server.next() == sent,
+        "the second request on a connection changed"
+    );
+    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1, 0, 1]);
+    assert_context(&ebpf, client.tid, first, [0; 8], ctx_flags::CLIENT_INJECTED);
+
+    // A new connection: its first request is injected, in a new trace.
+    client.reconnect(server.port, &injection, 1);
+    let sent = client.request(dir.path(), "GET", "/second-conn", &[], None);
     let second = assert_injected(&server.next(), &sent);
     assert_context(
         &ebpf,
@@ -343,16 +378,18 @@ fn python_client_requests_get_one_traceparent() {
         "a new trace for a thread serving nothing"
     );
     assert_ne!(first.1, second.1);
-    assert_eq!(inject_counters(&ebpf), [2, 0, 0, 0, 1]);
+    assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
+    assert_eq!(inject_counters(&ebpf), [2, 0, 0, 0, 2, 0, 2]);
 
     // An instrumented app's own traceparent (any case) is left alone.
+    client.reconnect(server.port, &injection, 1);
     let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let sent = client.request(dir.path(), "GET", "/third", &[("TraceParent", own)], None);
     assert!(
         server.next() == sent,
         "a request with a traceparent changed"
     );
-    assert_eq!(inject_counters(&ebpf), [2, 1, 0, 0, 1]);
+    assert_eq!(inject_counters(&ebpf), [2, 1, 0, 0, 3, 0, 3]);
     assert_context(
         &ebpf,
         client.tid,
@@ -361,18 +398,24 @@ fn python_client_requests_get_one_traceparent() {
         ctx_flags::CLIENT_INJECTED,
     );
 
-    // 1 MiB of body: several sk_msg runs, one header.
+    // 1 MiB of body: several sk_msg runs, one header; the socket leaves the
+    // sockhash while the body is still being written.
+    client.reconnect(server.port, &injection, 1);
     let big = pseudo_random(1 << 20, 0x5eed);
     let sent = client.request(dir.path(), "POST", "/big", &[], Some(&big));
     let received = server.next();
     assert_eq!(received.len(), sent.len() + TRACEPARENT_HEADER_LEN);
     let third = assert_injected(&received, &sent);
     assert_context(&ebpf, client.tid, third, [0; 8], ctx_flags::CLIENT_INJECTED);
-    assert_eq!(inject_counters(&ebpf), [3, 1, 0, 0, 1]);
+    assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
+    assert_eq!(inject_counters(&ebpf), [3, 1, 0, 0, 4, 0, 4]);
 
-    // A closed socket leaves the sockhash by itself.
+    // A socket closed before it sent anything leaves the sockhash by
+    // itself (not counted as released).
+    client.reconnect(server.port, &injection, 1);
     client.cmd(json!({"op": "close"}));
     wait_sockets(&injection, 0);
+    assert_eq!(inject_counters(&ebpf), [3, 1, 0, 0, 5, 0, 4]);
     client.cmd(json!({"op": "exit"}));
 }
 
@@ -410,12 +453,13 @@ fn curl_request_is_injected() {
     // Unmonitored: the bytes curl sends, untouched.
     curl(None);
     let baseline = server.next();
-    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 0]);
+    assert_eq!(inject_counters(&ebpf), [0; 7]);
     let pid = curl(Some(&mut ebpf));
     let ids = assert_injected(&server.next(), &baseline);
     // curl writes from its main thread.
     assert_context(&ebpf, pid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
-    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1]);
+    // curl's socket left the sockhash once its request was acknowledged.
+    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1, 0, 1]);
 }
 
 #[test]
@@ -435,7 +479,7 @@ fn unmonitored_and_non_http_pass_untouched() {
     let sent = other.request(dir.path(), "POST", "/x", &[("A", "b")], Some(b"body"));
     assert!(http.next() == sent);
     assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
-    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 0]);
+    assert_eq!(inject_counters(&ebpf), [0; 7]);
     other.cmd(json!({"op": "exit"}));
 
     let mut client = Client::start();
@@ -452,6 +496,8 @@ fn unmonitored_and_non_http_pass_untouched() {
             String::from_utf8_lossy(&received[..received.len().min(200)])
         );
     };
+    // Each connection's socket leaves the sockhash when its data is
+    // acknowledged (the client waits for that before closing).
     // Redis inline commands: a method and a space, but no HTTP/1.x line.
     raw_send(&[b"GET foo\r\n"]);
     raw_send(&[b"GET some:much:longer:key:name\r\nSET a b\r\n\r\n\r\n"]);
@@ -462,10 +508,12 @@ fn unmonitored_and_non_http_pass_untouched() {
     raw_send(&[&tricky]);
     // A bare LF ends the request line: not touched.
     raw_send(&[b"GET / HTTP/1.1\nHost: x\r\n\r\n"]);
-    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 5]);
+    assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 5, 0, 5]);
 
-    // A head written in two sends, and a request line longer than the
-    // inspected bytes: skipped and counted.
+    // A head written in two sends, and (on its own connection: only a
+    // connection's first request is inspected) a request line longer than
+    // the inspected bytes: skipped and counted.
     let split: [&[u8]; 2] = [
         b"POST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n",
         b"\r\nabc",
@@ -473,13 +521,19 @@ fn unmonitored_and_non_http_pass_untouched() {
     let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(5000));
     client.cmd(json!({
         "op": "raw_http", "port": http.port, "pause_ms": 50,
-        "requests": [[hex(split[0]), hex(split[1])], [hex(long.as_bytes())]],
+        "requests": [[hex(split[0]), hex(split[1])]],
     }));
     assert!(http.next() == split.concat());
+    assert_eq!(inject_counters(&ebpf), [0, 0, 1, 0, 6, 0, 6]);
+    client.cmd(json!({
+        "op": "raw_http", "port": http.port,
+        "requests": [[hex(long.as_bytes())]],
+    }));
     assert!(http.next() == long.as_bytes());
-    assert_eq!(inject_counters(&ebpf), [0, 0, 2, 0, 6]);
+    assert_eq!(inject_counters(&ebpf), [0, 0, 2, 0, 7, 0, 7]);
 
-    // Requests written by hand: exact bytes, keep-alive, a long head.
+    // Requests written by hand: exact bytes; keep-alive, whose second
+    // request passes untouched; a long head, first on a new connection.
     let first = b"PUT /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi".to_vec();
     let mut second = format!(
         "DELETE /b HTTP/1.0\r\nHost: x\r\nX-Long: {}\r\n",
@@ -491,24 +545,29 @@ fn unmonitored_and_non_http_pass_untouched() {
         "requests": [[hex(&first)], [hex(second.as_bytes())]],
     }));
     let a = assert_injected(&http.next(), &first);
+    assert!(
+        http.next() == second.as_bytes(),
+        "the second request on a connection changed"
+    );
+    assert_context(&ebpf, client.tid, a, [0; 8], ctx_flags::CLIENT_INJECTED);
+    assert_eq!(inject_counters(&ebpf), [1, 0, 2, 0, 8, 0, 8]);
+    client.cmd(json!({
+        "op": "raw_http", "port": http.port,
+        "requests": [[hex(second.as_bytes())]],
+    }));
     let b = assert_injected(&http.next(), second.as_bytes());
     assert_context(&ebpf, client.tid, b, [0; 8], ctx_flags::CLIENT_INJECTED);
     assert_ne!(a, b);
-    assert_eq!(inject_counters(&ebpf), [2, 0, 2, 0, 7]);
+    assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
+    assert_eq!(inject_counters(&ebpf), [2, 0, 2, 0, 9, 0, 9]);
     client.cmd(json!({"op": "exit"}));
 }
 
 /// Makes thread `tid` serve a request (what the capture program does on a
 /// server read).
-fn set_serving(ebpf: &mut Ebpf, tid: u32, trace: [u8; 16], span: [u8; 8], open: u32) {
+fn set_serving(ebpf: &mut Ebpf, tid: u32, ctx: TraceContext, open: u32) {
     let mut map: BpfHashMap<_, u32, Serving> =
         BpfHashMap::try_from(ebpf.map_mut(names::SERVING).unwrap()).unwrap();
-    let ctx = TraceContext {
-        trace_id: trace,
-        span_id: span,
-        flags: ctx_flags::SERVER,
-        ..TraceContext::default()
-    };
     let value = Serving {
         ctx,
         conn_id: 77,
@@ -518,6 +577,16 @@ fn set_serving(ebpf: &mut Ebpf, tid: u32, trace: [u8; 16], span: [u8; 8], open: 
     map.insert(tid, value, 0).unwrap();
 }
 
+/// A server request without a `traceparent`: its own trace and span.
+fn server_ctx(trace: [u8; 16], span: [u8; 8]) -> TraceContext {
+    TraceContext {
+        trace_id: trace,
+        span_id: span,
+        flags: ctx_flags::SERVER,
+        ..TraceContext::default()
+    }
+}
+
 #[test]
 fn serving_thread_lends_its_trace() {
     let Some(_lock) = prepare("serving_thread_lends_its_trace") else {
@@ -525,17 +594,18 @@ fn serving_thread_lends_its_trace() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let _injection = inject::attach(&mut ebpf).unwrap();
+    let injection = inject::attach(&mut ebpf).unwrap();
     let mut server = Server::start("http", dir.path());
     let mut client = Client::start();
     monitor(&mut ebpf, client.pid);
     client.cmd(json!({"op": "connect", "port": server.port}));
+    wait_sockets(&injection, 1);
 
     let trace: [u8; 16] = *b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36";
     let server_span: [u8; 8] = *b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7";
 
     // One server request open on the thread: its trace, its span as parent.
-    set_serving(&mut ebpf, client.tid, trace, server_span, 1);
+    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 1);
     let sent = client.request(dir.path(), "GET", "/child", &[], None);
     let ids = assert_injected(&server.next(), &sent);
     assert_eq!(ids.0, trace);
@@ -548,12 +618,174 @@ fn serving_thread_lends_its_trace() {
         ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
     );
 
-    // Two open: no parent is guessed.
-    set_serving(&mut ebpf, client.tid, trace, server_span, 2);
+    // Two open: no parent is guessed (a new connection: only the first
+    // request of one is injected).
+    client.reconnect(server.port, &injection, 1);
+    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 2);
     let sent = client.request(dir.path(), "GET", "/orphan", &[], None);
     let ids = assert_injected(&server.next(), &sent);
     assert_ne!(ids.0, trace);
     assert_context(&ebpf, client.tid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
+    assert_eq!(inject_counters(&ebpf), [2, 0, 0, 0, 2, 0, 2]);
+    client.cmd(json!({"op": "exit"}));
+}
+
+/// Checks that `received` is `sent` with only the parent-id field of the
+/// `traceparent` value `forwarded` (which `sent` holds once) replaced by
+/// 16 other lower-case hex digits, and returns them as the new span id.
+fn assert_parent_rewritten(received: &[u8], sent: &[u8], forwarded: &str) -> [u8; 8] {
+    let at = sent
+        .windows(forwarded.len())
+        .position(|w| w == forwarded.as_bytes())
+        .expect("the forwarded traceparent is not in the sent bytes");
+    assert_eq!(
+        received.len(),
+        sent.len(),
+        "the rewritten request changed length"
+    );
+    let field = at + 36..at + 52;
+    let mut restored = received.to_vec();
+    restored[field.clone()].copy_from_slice(&sent[field.clone()]);
+    assert!(
+        restored == sent,
+        "bytes other than the parent id differ: {:?}",
+        String::from_utf8_lossy(&received[..received.len().min(400)])
+    );
+    let value = &received[at..at + forwarded.len()];
+    let (trace, parent, flags) = parse_traceparent(value).unwrap_or_else(|| {
+        panic!(
+            "invalid rewritten traceparent {:?}",
+            String::from_utf8_lossy(value)
+        )
+    });
+    let (old_trace, old_parent, old_flags) = parse_traceparent(forwarded.as_bytes()).unwrap();
+    assert_eq!((trace, flags), (old_trace, old_flags));
+    assert_ne!(parent, old_parent, "the parent id was not rewritten");
+    assert_eq!(hex(&parent).as_bytes(), &received[field]);
+    parent
+}
+
+#[test]
+fn forwarded_traceparent_gets_this_hops_parent() {
+    let Some(_lock) = prepare("forwarded_traceparent_gets_this_hops_parent") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf).unwrap();
+    let mut server = Server::start("http", dir.path());
+    let mut client = Client::start();
+    monitor(&mut ebpf, client.pid);
+
+    // The thread serves a request that came with `traceparent`
+    // 00-{trace}-{upstream}-00; its server span is `server_span`.
+    let trace: [u8; 16] = *b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36";
+    let upstream: [u8; 8] = *b"\x1d\x2c\x3b\x4a\x59\x68\x77\x86";
+    let server_span: [u8; 8] = *b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7";
+    let serving = TraceContext {
+        trace_id: trace,
+        span_id: server_span,
+        parent_span_id: upstream,
+        flags: ctx_flags::SERVER | ctx_flags::REMOTE_PARENT,
+        _reserved: [0; 7],
+    };
+    set_serving(&mut ebpf, client.tid, serving, 1);
+    let forwarded = format!("00-{}-{}-00", hex(&trace), hex(&upstream));
+
+    // A proxy forwarding the header it got: the parent id becomes this
+    // hop's client span, child of the server span.
+    client.cmd(json!({"op": "connect", "port": server.port}));
+    wait_sockets(&injection, 1);
+    let headers = [
+        ("X-Before", "1"),
+        ("traceparent", forwarded.as_str()),
+        ("X-After", "2"),
+    ];
+    let sent = client.request(dir.path(), "GET", "/forwarded", &headers, None);
+    let span = assert_parent_rewritten(&server.next(), &sent, &forwarded);
+    assert_ne!(span, server_span);
+    assert_context(
+        &ebpf,
+        client.tid,
+        (trace, span),
+        server_span,
+        ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
+    );
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 1, 1, 1]);
+
+    // Written by hand, no space after the colon: the same.
+    let raw = format!("GET /raw HTTP/1.1\r\nHost: x\r\ntraceparent:{forwarded}\r\n\r\n");
+    client.cmd(json!({
+        "op": "raw_http", "port": server.port, "requests": [[hex(raw.as_bytes())]],
+    }));
+    let span2 = assert_parent_rewritten(&server.next(), raw.as_bytes(), &forwarded);
+    assert_ne!(span2, span);
+    assert_context(
+        &ebpf,
+        client.tid,
+        (trace, span2),
+        server_span,
+        ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
+    );
+    assert_eq!(inject_counters(&ebpf), [0, 0, 0, 0, 2, 2, 2]);
+
+    // Any other traceparent is the application's own: left alone, also
+    // when only its parent id or only its trace id differs.
+    let other_parent = format!("00-{}-{}-00", hex(&trace), hex(&server_span));
+    let mut other_trace_id = trace;
+    other_trace_id[15] ^= 1;
+    let other_trace = format!("00-{}-{}-00", hex(&other_trace_id), hex(&upstream));
+    for (i, other) in [other_parent, other_trace].iter().enumerate() {
+        client.reconnect(server.port, &injection, 1);
+        let sent = client.request(
+            dir.path(),
+            "GET",
+            "/own",
+            &[("traceparent", other.as_str())],
+            None,
+        );
+        assert!(
+            server.next() == sent,
+            "a request with another traceparent changed"
+        );
+        let n = i as u64 + 1;
+        assert_eq!(inject_counters(&ebpf), [0, n, 0, 0, 2 + n, 2, 2 + n]);
+        assert_context(
+            &ebpf,
+            client.tid,
+            (trace, span2),
+            server_span,
+            ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
+        );
+    }
+    client.cmd(json!({"op": "exit"}));
+}
+
+#[test]
+fn fionread_counts_the_response_of_a_monitored_client() {
+    let Some(_lock) = prepare("fionread_counts_the_response_of_a_monitored_client") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let _injection = inject::attach(&mut ebpf).unwrap();
+    let mut server = Server::start("http", dir.path());
+    let mut client = Client::start();
+    monitor(&mut ebpf, client.pid);
+
+    // Readers such as nginx size their read by FIONREAD once the socket is
+    // readable; while the socket was in the sockhash it answered 0.
+    let request = b"GET /fionread HTTP/1.1\r\nHost: x\r\n\r\n";
+    let reply = client.cmd(json!({
+        "op": "fionread", "port": server.port, "request": hex(request),
+    }));
+    let response = unhex(reply["response"].as_str().unwrap());
+    assert_eq!(response, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    assert_eq!(reply["fionread"].as_u64(), Some(response.len() as u64));
+    // The request was injected all the same.
+    let ids = assert_injected(&server.next(), request);
+    assert_context(&ebpf, client.tid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
+    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1, 0, 1]);
     client.cmd(json!({"op": "exit"}));
 }
 
@@ -623,7 +855,10 @@ fn dropping_the_guard_detaches_everything() {
     client.cmd(json!({"op": "connect", "port": server.port}));
     let sent = client.request(dir.path(), "GET", "/before", &[], None);
     assert_injected(&server.next(), &sent);
-    assert_eq!(injection.socket_cookies().unwrap().len(), 1);
+    // Released once the request was acknowledged.
+    assert_eq!(injection.socket_cookies().unwrap(), Vec::<u64>::new());
+    // A new connection, in the sockhash until its first request.
+    client.reconnect(server.port, &injection, 1);
 
     drop(injection);
     assert!(!cgroup_program_ids(&cgroup).contains(&sock_ops_id));
@@ -635,7 +870,8 @@ fn dropping_the_guard_detaches_everything() {
     client.cmd(json!({"op": "connect", "port": server.port}));
     let sent = client.request(dir.path(), "GET", "/new", &[], None);
     assert!(server.next() == sent, "injected after detach");
-    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1]);
+    // Two added, one released by sock_ops; the guard took out the other.
+    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 2, 0, 1]);
 
     // With the object gone, the programs go too. A socket that left the
     // sockhash drops its reference to sk_msg after an RCU grace period.

@@ -604,6 +604,9 @@ fn capture_vectored(scratch: &mut Scratch, iov: u64, iovcnt: u64, moved: u64) {
     let mut off: usize = 0;
     let mut left = moved;
     let mut i = 0;
+    // The last two iovecs used: (base, bytes used).
+    let mut last = (0u64, 0u64);
+    let mut prev = (0u64, 0u64);
     while i < MAX_IOV {
         if i as u64 >= iovcnt || left == 0 {
             break;
@@ -625,14 +628,62 @@ fn capture_vectored(scratch: &mut Scratch, iov: u64, iovcnt: u64, moved: u64) {
             off += n;
         }
         left -= used;
-        if left == 0 && moved > CAPTURE_HEAD as u64 && used >= CAPTURE_TAIL as u64 {
-            if read_tail(&mut scratch.event.tail, base + used - CAPTURE_TAIL as u64) {
-                scratch.event.tail_len = CAPTURE_TAIL as u32;
-            }
+        if used > 0 {
+            prev = last;
+            last = (base, used);
         }
         i += 1;
     }
     scratch.event.head_len = off as u32;
+    if left == 0
+        && moved > CAPTURE_HEAD as u64
+        && read_split_tail(&mut scratch.event.tail, prev, last)
+    {
+        scratch.event.tail_len = CAPTURE_TAIL as u32;
+    }
+}
+
+/// The last `CAPTURE_TAIL` bytes of a transfer whose end is in `last` and,
+/// when `last` has fewer bytes, `prev` (a chunked body's `0\r\n\r\n` may
+/// straddle two iovecs).
+#[inline(always)]
+fn read_split_tail(tail: &mut [u8; CAPTURE_TAIL], prev: (u64, u64), last: (u64, u64)) -> bool {
+    if last.1 >= CAPTURE_TAIL as u64 {
+        return read_tail(tail, last.0 + last.1 - CAPTURE_TAIL as u64);
+    }
+    let n1 = last.1 as usize;
+    let n0 = CAPTURE_TAIL - n1;
+    if n1 == 0 || prev.1 < n0 as u64 {
+        return false;
+    }
+    // prev's last n0 bytes at buf[n1..16], last's n1 bytes at buf[16..16 + n1]:
+    // the tail is buf[n1..n1 + 16].
+    let mut buf = [0u8; 2 * CAPTURE_TAIL];
+    let n1 = n1 & (CAPTURE_TAIL - 1);
+    let n0 = CAPTURE_TAIL - n1;
+    // SAFETY: destinations stay inside `buf` (n1 < 16, n0 <= 16); the helper
+    // checks the user addresses.
+    let ok = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            buf.as_mut_ptr().add(CAPTURE_TAIL).cast::<c_void>(),
+            n1 as u32,
+            last.0 as *const c_void,
+        ) == 0
+            && aya_ebpf::helpers::generated::bpf_probe_read_user(
+                buf.as_mut_ptr().add(n1).cast::<c_void>(),
+                n0 as u32,
+                (prev.0 + prev.1 - n0 as u64) as *const c_void,
+            ) == 0
+    };
+    if !ok {
+        return false;
+    }
+    let mut j = 0;
+    while j < CAPTURE_TAIL {
+        tail[j] = buf[(n1 + j) & (2 * CAPTURE_TAIL - 1)];
+        j += 1;
+    }
+    true
 }
 
 /// Reads `n` user bytes at `src` into `head[off..]` (off < CAPTURE_HEAD,
