@@ -235,19 +235,7 @@ impl HttpCapture {
         }
         let mut loaded = std::collections::HashSet::new();
         for &(name, category, tracepoint) in ATTACH {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(HttpCaptureError::Program {
-                    name,
-                    source: ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(|source| HttpCaptureError::Program { name, source })?;
-            if loaded.insert(name) {
-                program
-                    .load()
-                    .map_err(|source| HttpCaptureError::Program { name, source })?;
-            }
+            let program: &mut TracePoint = loaded_program(&mut ebpf, &mut loaded, name)?;
             program
                 .attach(category, tracepoint)
                 .map_err(|source| HttpCaptureError::Attach {
@@ -257,23 +245,10 @@ impl HttpCapture {
                 })?;
         }
         // HTTPS: OpenSSL's plaintext, in every libssl found now.
-        let mut ssl_loaded = std::collections::HashSet::new();
         for path in libssl_paths(Path::new("/proc")) {
             let mut attached = 0;
             for &(name, symbol) in SSL_PROBES {
-                let program: &mut UProbe = ebpf
-                    .program_mut(name)
-                    .ok_or(HttpCaptureError::Program {
-                        name,
-                        source: ProgramError::NotLoaded,
-                    })?
-                    .try_into()
-                    .map_err(|source| HttpCaptureError::Program { name, source })?;
-                if ssl_loaded.insert(name) {
-                    program
-                        .load()
-                        .map_err(|source| HttpCaptureError::Program { name, source })?;
-                }
+                let program: &mut UProbe = loaded_program(&mut ebpf, &mut loaded, name)?;
                 match program.attach(symbol, &path, UProbeScope::AllProcesses) {
                     Ok(_) => attached += 1,
                     // `_ex` variants exist from OpenSSL 1.1.1 on.
@@ -335,6 +310,50 @@ impl HttpCapture {
     /// ([`crate::inject`]), when `inject` was set.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+/// A program of the object as its type, loaded into the kernel the first
+/// time it is asked for (`loaded` remembers which were).
+fn loaded_program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    loaded: &mut std::collections::HashSet<&'static str>,
+    name: &'static str,
+) -> Result<&'a mut T, HttpCaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    T: LoadProgram,
+{
+    let program: &mut T = ebpf
+        .program_mut(name)
+        .ok_or(HttpCaptureError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| HttpCaptureError::Program { name, source })?;
+    if loaded.insert(name) {
+        program
+            .load_program()
+            .map_err(|source| HttpCaptureError::Program { name, source })?;
+    }
+    Ok(program)
+}
+
+/// The `load` of the program types used here (aya has no common trait).
+trait LoadProgram {
+    fn load_program(&mut self) -> Result<(), ProgramError>;
+}
+
+impl LoadProgram for TracePoint {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadProgram for UProbe {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
     }
 }
 

@@ -180,9 +180,13 @@ fn bpf_run_time_ns(pid: u32) -> (f64, f64, Vec<String>) {
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut total = (0.0, 0.0, Vec::new());
     for p in progs.as_array().into_iter().flatten() {
-        let owned = p["pids"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid))));
+        // bpftool lists owner pids only when built with BPF skeletons
+        // (Debian's is not): then the agent's programs are known by name.
+        let name = p["name"].as_str().unwrap_or("");
+        let owned = match p["pids"].as_array() {
+            Some(a) => a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid))),
+            None => name.starts_with("http_") || name.starts_with("fathom_s"),
+        };
         if owned {
             total.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
             total.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
