@@ -218,8 +218,8 @@ impl HttpCapture {
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::FILTER_PIDS, &filter, true)
             .override_global(globals::INJECT, &inject, true)
-            .override_global("HTTP_FORK_PARENT_OFFSET", &parent_offset, true)
-            .override_global("HTTP_FORK_CHILD_OFFSET", &child_offset, true)
+            .override_global(globals::FORK_PARENT_OFFSET, &parent_offset, true)
+            .override_global(globals::FORK_CHILD_OFFSET, &child_offset, true)
             .map_max_entries(names::EVENTS, config.ring_bytes)
             .map_max_entries(names::CONNS, config.connections.max(1))
             .load(ebpf::http_object()?)?;

@@ -62,6 +62,10 @@ pub mod globals {
     pub const FILTER_PIDS: &str = "HTTP_FILTER_PIDS";
     /// Non-zero: insert `traceparent` into outgoing requests.
     pub const INJECT: &str = "HTTP_INJECT";
+    /// Offsets of `parent_pid` / `child_pid` in the `sched_process_fork`
+    /// record (from its format file).
+    pub const FORK_PARENT_OFFSET: &str = "HTTP_FORK_PARENT_OFFSET";
+    pub const FORK_CHILD_OFFSET: &str = "HTTP_FORK_CHILD_OFFSET";
 }
 
 /// Kinds of records in the ring buffer; the first byte of every record.

@@ -27,7 +27,8 @@ use crate::maps::{
 };
 
 /// Offsets of `parent_pid` and `child_pid` in the `sched_process_fork`
-/// record; the loader reads them from the tracepoint's format file.
+/// record; the loader reads them from the tracepoint's format file
+/// (`fathom_common::http::globals::FORK_*_OFFSET`).
 #[unsafe(no_mangle)]
 static HTTP_FORK_PARENT_OFFSET: u32 = 12;
 #[unsafe(no_mangle)]
@@ -522,14 +523,7 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
             capture_plain(scratch, active.buf, moved);
         }
     }
-    let event = &mut scratch.event;
-    let head_len = (event.head_len as usize).min(CAPTURE_HEAD);
-    let head = &event.head[..head_len];
-    let request = is_request_start(head);
-    let response = !request && is_response_start(head);
-    // `HTTP/1.1 1xx` (100 Continue) comes before the final response: the
-    // request is still being served.
-    let interim = response && head.len() > 9 && head[9] == b'1';
+    let (request, response) = message_start(&scratch.event);
     if info.proto == proto::UNKNOWN {
         if request || response {
             info.proto = proto::HTTP1;
@@ -541,19 +535,14 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
             return Ok(());
         }
     }
-    if active.direction == direction::READ && request {
-        open_server_request(scratch, tid, info.conn_id);
-    } else if active.direction == direction::WRITE {
-        if response && !interim {
-            close_server_request(tid);
-        }
-        if inject_enabled() {
-            // SAFETY: copied out before the entry is removed.
-            if let Some(injected) = unsafe { INJECTED.get(&tid) }.copied() {
-                let _ = INJECTED.remove(&tid);
-                scratch.event.ctx = injected;
-            }
-        }
+    track_server_request(scratch, tid, info.conn_id);
+    if active.direction == direction::WRITE
+        && inject_enabled()
+        // SAFETY: copied out before the entry is removed.
+        && let Some(injected) = unsafe { INJECTED.get(&tid) }.copied()
+    {
+        let _ = INJECTED.remove(&tid);
+        scratch.event.ctx = injected;
     }
     send_data(scratch);
     Ok(())
@@ -717,6 +706,33 @@ fn read_tail(tail: &mut [u8; CAPTURE_TAIL], src: u64) -> bool {
 }
 
 // ---- trace context -----------------------------------------------------------
+
+/// Whether the captured bytes start a request, and whether they start a
+/// response (any status).
+#[inline(always)]
+fn message_start(event: &DataEvent) -> (bool, bool) {
+    let head = &event.head[..(event.head_len as usize).min(CAPTURE_HEAD)];
+    let request = is_request_start(head);
+    (request, !request && is_response_start(head))
+}
+
+/// The server side of the trace context, for the event in `scratch` (both
+/// the socket and the OpenSSL captures): a request read opens a server
+/// request on the thread; a final response written ends it (`HTTP/1.1 1xx`,
+/// such as 100 Continue, comes before the final response: the request is
+/// still being served).
+#[inline(always)]
+fn track_server_request(scratch: &mut Scratch, tid: u32, conn_id: u64) {
+    let (request, response) = message_start(&scratch.event);
+    if scratch.event.direction == direction::READ && request {
+        open_server_request(scratch, tid, conn_id);
+    } else if scratch.event.direction == direction::WRITE
+        && response
+        && !(scratch.event.head_len > 9 && scratch.event.head[9] == b'1')
+    {
+        close_server_request(tid);
+    }
+}
 
 /// A request arrived on `conn_id`: choose its ids and mark the thread as
 /// serving it.
@@ -968,16 +984,7 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     event.tail_len = 0;
     event.ctx = TraceContext::default();
     capture_plain(scratch, active.buf, moved);
-    let head_len = (scratch.event.head_len as usize).min(CAPTURE_HEAD);
-    let head = &scratch.event.head[..head_len];
-    let request = is_request_start(head);
-    let response = !request && is_response_start(head);
-    let interim = response && head.len() > 9 && head[9] == b'1';
-    if active.direction == direction::READ && request {
-        open_server_request(scratch, tid, info.conn_id);
-    } else if active.direction == direction::WRITE && response && !interim {
-        close_server_request(tid);
-    }
+    track_server_request(scratch, tid, info.conn_id);
     send_data(scratch);
     Ok(())
 }
