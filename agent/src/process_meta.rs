@@ -22,17 +22,11 @@ impl ProcessMeta {
     pub fn read(proc_root: &Path, pid: u32) -> Option<Self> {
         let dir = proc_root.join(pid.to_string());
         let comm = fs::read_to_string(dir.join("comm")).ok()?;
-        let executable_name = fs::read_link(dir.join("exe"))
-            .ok()
-            .and_then(|p| {
-                p.file_name().map(|n| {
-                    n.to_string_lossy()
-                        .trim_end_matches(" (deleted)")
-                        .to_string()
-                })
-            })
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| comm.trim().to_string());
+        let exe = fs::read_link(dir.join("exe")).ok();
+        let executable_name = executable_name(
+            exe.as_ref().map(|p| p.to_string_lossy()).as_deref(),
+            comm.trim(),
+        );
         let service_name = fs::read(dir.join("environ"))
             .ok()
             .and_then(|env| env_value(&env, "OTEL_SERVICE_NAME"))
@@ -47,6 +41,22 @@ impl ProcessMeta {
             executable_name,
             container_id,
         })
+    }
+}
+
+/// A process's executable name: the file name of its `exe` link (without
+/// ` (deleted)`), else its `comm`; `unknown` when both are empty. Profiles
+/// and spans name a service by it when nothing better is known.
+pub fn executable_name(exe: Option<&str>, comm: &str) -> String {
+    let name = exe
+        .and_then(|e| e.rsplit('/').next())
+        .map(|n| n.trim_end_matches(" (deleted)"))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| comm.split('/').next().unwrap_or(comm));
+    if name.is_empty() {
+        "unknown".into()
+    } else {
+        name.to_string()
     }
 }
 
@@ -110,6 +120,17 @@ pub fn tcp_table_port(text: &str, inode: u64) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn executable_names() {
+        assert_eq!(
+            executable_name(Some("/usr/sbin/nginx"), "nginx: worker"),
+            "nginx"
+        );
+        assert_eq!(executable_name(Some("/tmp/spin (deleted)"), "spin"), "spin");
+        assert_eq!(executable_name(None, "kworker/0:1"), "kworker");
+        assert_eq!(executable_name(None, ""), "unknown");
+    }
 
     #[test]
     fn environment_values() {

@@ -555,18 +555,7 @@ impl ProcessProfile {
     /// The service this process belongs to: its executable's name, else its
     /// command name (kernel threads `kworker/1:2` → `kworker`).
     pub fn service_name(&self) -> String {
-        let name = self
-            .exe
-            .as_deref()
-            .and_then(|e| e.rsplit('/').next())
-            .map(|n| n.trim_end_matches(" (deleted)"))
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| self.comm.split('/').next().unwrap_or(&self.comm));
-        if name.is_empty() {
-            "unknown".into()
-        } else {
-            name.to_string()
-        }
+        crate::process_meta::executable_name(self.exe.as_deref(), &self.comm)
     }
 }
 
