@@ -233,3 +233,93 @@ fn prost_encode(p: &pprof::protos::Profile) -> Vec<u8> {
     use pprof::protos::Message as _;
     p.encode_to_vec()
 }
+
+/// Sends spans and metrics to a remote collector over OTLP/HTTP (protobuf,
+/// `<url>/v1/traces` and `<url>/v1/metrics` on its HTTP port), with the
+/// collector crate's exporter: retried while the collector is down, kept up
+/// to `buffer_bytes`, drops counted.
+pub struct RemoteTraceSink {
+    runtime: tokio::runtime::Runtime,
+    tx: Option<mpsc::Sender<Batch>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stats: Arc<ExporterStats>,
+}
+
+impl RemoteTraceSink {
+    pub fn new(url: &str, token: Option<&str>, buffer_bytes: u64) -> Result<Self, RemoteError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("fathom-otlp-push")
+            .build()
+            .map_err(RemoteError::Runtime)?;
+        let config = fathom_collector::config::OtlpExporterConfig {
+            endpoint: url.to_string(),
+            protocol: fathom_collector::config::OtlpProtocol::HttpProtobuf,
+            headers: token
+                .map(|t| ("Authorization".to_string(), format!("Bearer {t}")))
+                .into_iter()
+                .collect(),
+            timeout: Duration::from_secs(10),
+            buffer_bytes,
+            metrics: true,
+        };
+        let exporter = {
+            let _enter = runtime.enter();
+            fathom_collector::exporters::otlp::OtlpExporter::new(&config)?
+        };
+        let stats = Arc::new(ExporterStats {
+            name: "collector-otlp".into(),
+            ..ExporterStats::default()
+        });
+        // Small: the exporter moves batches into its byte-bounded buffer at once.
+        let (tx, rx) = mpsc::channel(16);
+        let task = runtime.spawn(exporter.run(rx, stats.clone(), Duration::from_secs(10)));
+        Ok(Self {
+            runtime,
+            tx: Some(tx),
+            task: Some(task),
+            stats,
+        })
+    }
+
+    fn send(&mut self, batch: Batch) -> bool {
+        // Never blocks the tracing thread: a busy exporter means the batch
+        // is counted as undelivered by the session.
+        self.tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(batch).is_ok())
+    }
+}
+
+impl crate::traces::TraceSink for RemoteTraceSink {
+    fn spans(
+        &mut self,
+        req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    ) -> bool {
+        self.send(Batch::Spans(Arc::new(req)))
+    }
+
+    fn metrics(
+        &mut self,
+        req: opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+    ) -> bool {
+        self.send(Batch::Metrics(Arc::new(req)))
+    }
+}
+
+impl Drop for RemoteTraceSink {
+    /// Flushes what is buffered (the exporter gives up after its deadline).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(task) = self.task.take() {
+            let _ = self.runtime.block_on(task);
+        }
+        tracing::info!(
+            sent = self.stats.sent.get(),
+            dropped = self.stats.dropped.get(),
+            waiting = self.stats.buffered_items.get(),
+            "remote collector (spans, metrics): delivery at exit"
+        );
+    }
+}

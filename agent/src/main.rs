@@ -8,12 +8,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fathom_agent::{
-    export::{EmbeddedSink, RemoteSink},
+    export::{EmbeddedSink, RemoteSink, RemoteTraceSink},
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
     session::{self, DirSink, Session, Stop},
-    traces::{EmbeddedTraceSink, TraceConfig, TraceSession},
+    traces::{EmbeddedTraceSink, TraceConfig, TraceSession, TraceSink},
     unwinder::UnwinderConfig,
 };
 use fathom_collector::{Collector, CollectorArgs};
@@ -116,8 +116,9 @@ struct DaemonArgs {
     /// With --output-dir: profiles older than this are deleted.
     #[arg(long, env = "FATHOM_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
     retention: Duration,
-    /// Send profiles to this collector (`http://collector:4040`) instead of
-    /// running one in the agent.
+    /// Send profiles (Pyroscope push), spans and metrics (OTLP/HTTP) to this
+    /// collector's HTTP port (`http://collector:4040`) instead of running one
+    /// in the agent.
     #[arg(long, env = "FATHOM_COLLECTOR_URL", conflicts_with = "output_dir")]
     collector_url: Option<String>,
     /// Bearer token for --collector-url.
@@ -129,13 +130,15 @@ struct DaemonArgs {
     )]
     collector_token: Option<String>,
     /// With --collector-url: profiles kept (bytes) while the collector is
-    /// unreachable; beyond it the oldest are dropped and counted.
+    /// unreachable, and as much again for spans and metrics; beyond it the
+    /// oldest are dropped and counted.
     #[arg(long, env = "FATHOM_BUFFER_BYTES", default_value_t = 64 << 20)]
     buffer_bytes: u64,
     /// Signals to collect: `profiles` (CPU profiles), `traces` (HTTP spans
     /// and RED metrics of every process, with `traceparent` propagation).
-    /// Traces need the embedded collector, which exports them to any OTLP
-    /// endpoint (`--otlp-endpoint`).
+    /// Traces go to the embedded collector (which exports them to any OTLP
+    /// endpoint, `--otlp-endpoint`) or, with --collector-url, over OTLP/HTTP
+    /// to that collector.
     #[arg(
         long,
         env = "FATHOM_SIGNALS",
@@ -193,6 +196,27 @@ fn profiler_config(args: &SamplingArgs) -> anyhow::Result<ProfilerConfig> {
         },
         ..ProfilerConfig::default()
     })
+}
+
+/// Starts HTTP tracing into `sink`. When it cannot start (no tracepoints,
+/// verifier refusal, …) and `profiles_go_on`, the reason is logged and the
+/// agent keeps profiling without it; otherwise it is an error.
+fn start_tracing(
+    args: &DaemonArgs,
+    sink: Box<dyn TraceSink>,
+    profiles_go_on: bool,
+) -> anyhow::Result<Option<TraceSession>> {
+    let mut trace_config = TraceConfig::default();
+    trace_config.capture.pids = args.sampling.pids.clone();
+    trace_config.capture.inject = args.trace_inject;
+    match TraceSession::start(trace_config, sink) {
+        Ok(session) => Ok(Some(session)),
+        Err(e) if profiles_go_on => {
+            tracing::error!(error = %e, "HTTP tracing could not start: profiling without it");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("starting HTTP tracing")),
+    }
 }
 
 /// SIGINT/SIGTERM stop the work; a second signal exits at once.
@@ -264,13 +288,11 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if !profiles && !traces {
         bail!("--signals: nothing to collect");
     }
-    if (args.output_dir.is_some() || args.collector_url.is_some()) && !profiles {
-        bail!("--output-dir and --collector-url carry profiles only: add `profiles` to --signals");
+    if args.output_dir.is_some() && !profiles {
+        bail!("--output-dir writes profiles only: add `profiles` to --signals");
     }
-    if (args.output_dir.is_some() || args.collector_url.is_some()) && traces {
-        tracing::warn!(
-            "traces need the embedded collector: not tracing with --output-dir or --collector-url"
-        );
+    if args.output_dir.is_some() && traces {
+        tracing::warn!("--output-dir writes profiles only: not tracing");
     }
     if let Some(dir) = &args.output_dir {
         let mut sink = DirSink::new(dir, args.retention)?;
@@ -284,21 +306,33 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bail!("--collector-url {url:?} must start with http:// or https://");
         }
-        let remote = fathom_collector::config::PyroscopeConfig {
-            url: url.clone(),
-            org_id: None,
-            basic_auth: None,
-            bearer_token: args.collector_token.clone(),
-            timeout: Duration::from_secs(10),
-            buffer_bytes: args.buffer_bytes,
-        };
-        let mut sink = RemoteSink::new(&remote, args.interval)?;
         let stop = stop_on_signals()?;
-        let mut session = Session::start(config, &args.sampling.symbolizer())?;
-        tracing::info!(%url, interval = %humantime::format_duration(args.interval), "sending profiles to the collector");
-        session.run_daemon(args.interval, &mut sink, &stop)?;
-        drop(session);
-        drop(sink);
+        // Spans and RED metrics go over OTLP/HTTP to the collector's HTTP port.
+        let _traces = if traces {
+            let sink =
+                RemoteTraceSink::new(url, args.collector_token.as_deref(), args.buffer_bytes)?;
+            start_tracing(&args, Box::new(sink), profiles)?
+        } else {
+            None
+        };
+        if profiles {
+            let remote = fathom_collector::config::PyroscopeConfig {
+                url: url.clone(),
+                org_id: None,
+                basic_auth: None,
+                bearer_token: args.collector_token.clone(),
+                timeout: Duration::from_secs(10),
+                buffer_bytes: args.buffer_bytes,
+            };
+            let mut sink = RemoteSink::new(&remote, args.interval)?;
+            let mut session = Session::start(config, &args.sampling.symbolizer())?;
+            tracing::info!(%url, interval = %humantime::format_duration(args.interval), "sending profiles to the collector");
+            session.run_daemon(args.interval, &mut sink, &stop)?;
+            drop(session);
+            drop(sink);
+        } else {
+            while !stop.wait(Duration::from_secs(1)) {}
+        }
         return Ok(());
     }
     let collector_config = args
@@ -329,16 +363,11 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let result = (|| {
         let stop = stop_on_signals()?;
         let _traces = if traces {
-            let mut trace_config = TraceConfig::default();
-            trace_config.capture.pids = args.sampling.pids.clone();
-            trace_config.capture.inject = args.trace_inject;
-            Some(
-                TraceSession::start(
-                    trace_config,
-                    Box::new(EmbeddedTraceSink(collector.ingest())),
-                )
-                .context("starting HTTP tracing")?,
-            )
+            start_tracing(
+                &args,
+                Box::new(EmbeddedTraceSink(collector.ingest())),
+                profiles,
+            )?
         } else {
             None
         };

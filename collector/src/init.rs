@@ -266,8 +266,11 @@ impl Collector {
         if let Some(addr) = config.listen.http {
             let l = bind("HTTP", addr).await?;
             addrs.http = l.local_addr().ok();
+            // The HTTP port also takes OTLP/HTTP (`/v1/traces`, `/v1/metrics`):
+            // agents with --collector-url send everything to this one port.
             http_routes = http_routes
                 .merge(pyroscope::router(ingest.clone(), auth.clone(), max))
+                .merge(otlp_http::router(ingest.clone(), auth.clone(), max))
                 .route("/healthz", get(|| async { "ok\n" }));
             spawn_http(
                 &mut receivers,

@@ -1485,3 +1485,105 @@ fn chain_trace_checker_accepts_a_correct_trace_and_rejects_defects() {
         assert!(!check(&bad), "accepted {what}");
     }
 }
+
+/// Agents deployed against a central collector (`--collector-url`, the way
+/// the Helm chart runs them) send spans and RED metrics over OTLP/HTTP to
+/// that collector's HTTP port, with its bearer token.
+#[test]
+fn spans_and_metrics_reach_a_remote_collector() {
+    let Some((_lock, _rotel)) = prepare("spans_and_metrics_reach_a_remote_collector") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let _collector = fathom_tests::ChildGuard::spawn(
+        Command::new(fathom_tests::collector_binary())
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .args(["--otlp-grpc-listen", "off", "--otlp-http-listen", "off"])
+            .args(["--auth-token", "t0ken", "--store-path"])
+            .arg(dir.path().join("store.redb"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    fathom_tests::wait_for_port(local(http), Duration::from_secs(20));
+    let port = free_port();
+    let _server = fathom_tests::ChildGuard::spawn(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir.path())
+            .env("OTEL_SERVICE_NAME", "remote-shop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    fathom_tests::wait_for_port(local(port), Duration::from_secs(20));
+    let agent = Agent::spawn(&[
+        "--signals",
+        "traces",
+        "--collector-url",
+        &format!("http://127.0.0.1:{http}"),
+        "--collector-token",
+        "t0ken",
+    ]);
+    agent.wait_for_log("http tracing attached", Duration::from_secs(60));
+    const REQUESTS: usize = 5;
+    let urls: Vec<String> = (0..REQUESTS)
+        .map(|i| format!("http://127.0.0.1:{port}/?n={i}"))
+        .collect();
+    for r in curl(dir.path(), &[], &urls) {
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{http}{path}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let is_want = |l: &str| {
+        l.starts_with("http_server_request_duration_seconds_count{")
+            && l.contains(r#"job="remote-shop""#)
+            && l.contains(r#"http_response_status_code="200""#)
+            && l.ends_with(&format!("}} {REQUESTS}"))
+    };
+    let deadline = Instant::now() + SPAN_WAIT;
+    let (traces, metrics) = loop {
+        let traces: serde_json::Value =
+            serde_json::from_str(&get("/api/traces?service=remote-shop&range=15m"))
+                .unwrap_or_default();
+        let metrics = get("/metrics");
+        let done =
+            traces.as_array().is_some_and(|t| t.len() == REQUESTS) && metrics.lines().any(is_want);
+        if done || Instant::now() > deadline {
+            break (traces, metrics);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        traces.as_array().map(Vec::len),
+        Some(REQUESTS),
+        "one trace per request at the collector: {traces}"
+    );
+    assert!(
+        metrics.lines().any(is_want),
+        "{REQUESTS} GET 200 of remote-shop not on the collector's /metrics:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("remote-shop"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    agent.signal("TERM");
+    let (status, log) = agent.finish(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    let delivery = log
+        .lines()
+        .find(|l| l.contains("remote collector (spans, metrics): delivery at exit"))
+        .unwrap_or_default();
+    assert!(delivery.contains("dropped=0"), "{log}");
+}
