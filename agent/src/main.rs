@@ -151,6 +151,11 @@ struct DaemonArgs {
     /// traced processes that carry none, so services join one trace.
     #[arg(long, env = "FATHOM_TRACE_INJECT", default_value_t = true, action = clap::ArgAction::Set)]
     trace_inject: bool,
+    /// Share of traces whose spans are exported, 0..=1 (OpenTelemetry's
+    /// `traceidratio` rule on the trace id, so every agent keeps the same
+    /// traces). RED metrics count every request regardless.
+    #[arg(long, env = "FATHOM_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    trace_sample_ratio: f64,
     /// Embedded collector (used unless --output-dir or --collector-url is given).
     #[command(flatten, next_help_heading = "Embedded collector")]
     collector: CollectorArgs,
@@ -198,6 +203,13 @@ fn profiler_config(args: &SamplingArgs) -> anyhow::Result<ProfilerConfig> {
     })
 }
 
+fn parse_ratio(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{v:?} is not a number from 0 to 1")),
+    }
+}
+
 /// Starts HTTP tracing into `sink`. When it cannot start (no tracepoints,
 /// verifier refusal, …) and `profiles_go_on`, the reason is logged and the
 /// agent keeps profiling without it; otherwise it is an error.
@@ -209,6 +221,7 @@ fn start_tracing(
     let mut trace_config = TraceConfig::default();
     trace_config.capture.pids = args.sampling.pids.clone();
     trace_config.capture.inject = args.trace_inject;
+    trace_config.sample_ratio = args.trace_sample_ratio;
     match TraceSession::start(trace_config, sink) {
         Ok(session) => Ok(Some(session)),
         Err(e) if profiles_go_on => {

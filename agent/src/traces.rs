@@ -25,6 +25,25 @@ use crate::{
     sys,
 };
 
+/// OpenTelemetry's `TraceIdRatioBased` decision: the trace id's last 8 bytes
+/// (big-endian, shifted right by one) below `ratio` × 2⁶³.
+pub fn trace_id_ratio_keeps(trace_id: &[u8; 16], ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    if ratio.is_nan() || ratio <= 0.0 {
+        return false;
+    }
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    let x = u64::from_be_bytes(low) >> 1;
+    // 2^63 as f64 is exact; the product is below it.
+    x < (ratio * 9_223_372_036_854_775_808.0) as u64
+}
+
+/// Finished spans that are delivered at once, without waiting for the timer.
+const SPAN_BATCH: usize = 1024;
+
 /// Configuration of HTTP tracing.
 #[derive(Clone, Debug)]
 pub struct TraceConfig {
@@ -37,6 +56,10 @@ pub struct TraceConfig {
     pub proc_root: PathBuf,
     /// `host.name` on every resource.
     pub node: String,
+    /// Share of traces whose spans are exported (RED metrics count every
+    /// request): the OpenTelemetry `traceidratio` rule, so every agent (and
+    /// any SDK with the same ratio) keeps the same traces.
+    pub sample_ratio: f64,
 }
 
 impl Default for TraceConfig {
@@ -48,6 +71,7 @@ impl Default for TraceConfig {
             flush_every: Duration::from_secs(1),
             proc_root: PathBuf::from("/proc"),
             node: crate::export::node_name(),
+            sample_ratio: 1.0,
         }
     }
 }
@@ -154,6 +178,7 @@ struct Worker {
     malformed: u64,
     undelivered: Undelivered,
     spans_delivered: u64,
+    spans_sampled_out: u64,
 }
 
 impl Worker {
@@ -171,6 +196,7 @@ impl Worker {
             malformed: 0,
             undelivered: Undelivered::default(),
             spans_delivered: 0,
+            spans_sampled_out: 0,
         }
     }
 
@@ -180,6 +206,13 @@ impl Worker {
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             self.drain();
+            // Spans leave in batches as they finish, not only on the timer:
+            // converting a second's worth at once (tens of thousands under
+            // load) stalled the ring buffer's reader long enough for the
+            // kernel to drop events.
+            if self.tracer.finished_len() >= SPAN_BATCH {
+                self.deliver_spans();
+            }
             if stopping {
                 self.flush();
                 self.log_stats();
@@ -273,11 +306,37 @@ impl Worker {
     }
 
     fn flush(&mut self) {
-        let spans = self.tracer.take_finished();
+        self.deliver_spans();
+        if self.metrics.series() > 0 && !self.sink.metrics(self.metrics.export(unix_now_ns())) {
+            self.undelivered.metric_batches += 1;
+        }
+        self.tracer.expire(sys::monotonic_ns());
+        for pid in self.exited.drain(..) {
+            self.resources.remove(&pid);
+        }
+    }
+
+    /// Hands the finished spans to the sink (and records them in the RED
+    /// metrics).
+    fn deliver_spans(&mut self) {
+        let mut spans = self.tracer.take_finished();
         if !spans.is_empty() {
             for span in &spans {
-                let resource = self.resource(span.pid).clone();
-                self.metrics.record(&resource, span);
+                self.resource(span.pid);
+            }
+            for span in &spans {
+                if let Some(resource) = self.resources.get(&span.pid) {
+                    self.metrics.record(resource, span);
+                }
+            }
+            if self.config.sample_ratio < 1.0 {
+                let before = spans.len();
+                let ratio = self.config.sample_ratio;
+                spans.retain(|s| trace_id_ratio_keeps(&s.trace_id, ratio));
+                self.spans_sampled_out += (before - spans.len()) as u64;
+                if spans.is_empty() {
+                    return;
+                }
             }
             let offset = unix_offset_ns();
             let resources = &self.resources;
@@ -292,13 +351,6 @@ impl Worker {
                 self.undelivered.span_batches += 1;
             }
         }
-        if self.metrics.series() > 0 && !self.sink.metrics(self.metrics.export(unix_now_ns())) {
-            self.undelivered.metric_batches += 1;
-        }
-        self.tracer.expire(sys::monotonic_ns());
-        for pid in self.exited.drain(..) {
-            self.resources.remove(&pid);
-        }
     }
 
     fn log_stats(&self) {
@@ -307,6 +359,7 @@ impl Worker {
         let k = |c: HttpCounter| kernel[c as usize];
         tracing::info!(
             spans = self.spans_delivered,
+            spans_sampled_out = self.spans_sampled_out,
             undelivered_span_batches = self.undelivered.span_batches,
             undelivered_metric_batches = self.undelivered.metric_batches,
             conns = stats.conns,
@@ -342,4 +395,41 @@ fn unix_now_ns() -> u64 {
 /// Unix time minus CLOCK_MONOTONIC (the kernel's `bpf_ktime_get_ns`).
 fn unix_offset_ns() -> i64 {
     unix_now_ns() as i64 - sys::monotonic_ns() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(low: u64) -> [u8; 16] {
+        let mut t = [0xab; 16];
+        t[8..].copy_from_slice(&low.to_be_bytes());
+        t
+    }
+
+    #[test]
+    fn trace_id_ratio_matches_opentelemetry_bounds() {
+        // Bound for 0.25: 2^63 / 4 = 2^61; x = low >> 1.
+        let bound = 1u64 << 61;
+        assert!(trace_id_ratio_keeps(&id((bound - 1) << 1), 0.25));
+        assert!(!trace_id_ratio_keeps(&id(bound << 1), 0.25));
+        assert!(trace_id_ratio_keeps(&id(u64::MAX), 1.0));
+        assert!(!trace_id_ratio_keeps(&id(0), 0.0));
+        assert!(!trace_id_ratio_keeps(&id(0), f64::NAN));
+    }
+
+    #[test]
+    fn trace_id_ratio_keeps_about_the_ratio_of_random_ids() {
+        // A fixed xorshift sequence: the share kept is within 1 point of 0.1.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let kept = (0..100_000)
+            .filter(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                trace_id_ratio_keeps(&id(x), 0.1)
+            })
+            .count();
+        assert!((9_000..=11_000).contains(&kept), "{kept}");
+    }
 }

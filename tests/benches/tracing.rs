@@ -11,7 +11,8 @@
 //! Printed: per mode the median throughput and p50/p99 latency; the medians
 //! of the per-round throughput ratio and of the added p50 and p99; the
 //! agent's CPU (from /proc/PID/stat over the run) as a share of one CPU and
-//! per 1k requests/s, its peak RSS, rotel's CPU; and, in a separate pass
+//! per 1k requests/s, its peak RSS, rotel's CPU, the share of data events
+//! the kernel dropped because the agent fell behind; and, in a separate pass
 //! (the statistics cost time themselves), the BPF run time per request from
 //! the kernel's own statistics.
 //!
@@ -153,10 +154,24 @@ fn start_agent(binary: &Path, rotel: SocketAddr, dir: &Path) -> Agent {
     agent
 }
 
-fn stop_agent(agent: Agent) {
+/// Stops the agent; returns the data events the kernel sent and those it
+/// lost (ring buffer full), from the agent's last `http tracing` log line.
+fn stop_agent(agent: Agent) -> (f64, f64) {
     agent.signal("TERM");
     let (status, log) = agent.finish(Duration::from_secs(60));
     assert!(status.success(), "agent failed:\n{log}");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("kernel_events="))
+        .unwrap_or_default();
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (field("kernel_events="), field("kernel_events_lost="))
 }
 
 /// Peak RSS of a process in MB (VmHWM).
@@ -233,6 +248,7 @@ fn main() {
     let mut agent_cpu = Vec::new();
     let mut rotel_cpu = Vec::new();
     let mut agent_rss = 0.0f64;
+    let (mut events_sent, mut events_lost) = (0.0, 0.0);
     for round in 0..rounds {
         for k in 0..MODES.len() {
             let i = (round + k) % MODES.len();
@@ -245,7 +261,9 @@ fn main() {
                 agent_cpu.push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
                 rotel_cpu.push(cpu_seconds(rotel.pid()) - rotel_before);
                 agent_rss = agent_rss.max(peak_rss_mb(agent.pid()));
-                stop_agent(agent);
+                let (sent, lost) = stop_agent(agent);
+                events_sent += sent;
+                events_lost += lost;
             }
             eprintln!(
                 "round {:>2}/{rounds} {:>3}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs",
@@ -301,6 +319,13 @@ fn main() {
         agent_share * 1000.0 / (on_rps / 1000.0),
         rotel_share * 100.0
     );
+    // Events the kernel could not queue were never parsed: the agent's CPU
+    // above is for the share it received.
+    println!(
+        "kernel data events lost (ring buffer full while the agent was behind): {:.1}% of {:.0}",
+        100.0 * events_lost / (events_sent + events_lost).max(1.0),
+        events_sent + events_lost
+    );
 
     // BPF time per request, from the kernel's statistics.
     let sysctl = "/proc/sys/kernel/bpf_stats_enabled";
@@ -310,7 +335,7 @@ fn main() {
     let (t0, _, _) = bpf_run_time_ns(agent.pid());
     let run = run_wrk(&url, seconds);
     let (t1, runs_count, names) = bpf_run_time_ns(agent.pid());
-    stop_agent(agent);
+    let _ = stop_agent(agent);
     std::fs::write(sysctl, before.trim()).unwrap();
     println!(
         "BPF run time per request (kernel.bpf_stats_enabled, programs {names:?}, {runs_count:.0} runs): {:.0} ns",

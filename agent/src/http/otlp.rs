@@ -166,7 +166,10 @@ fn ip_string(ip: IpAddr) -> String {
 pub fn span_to_otlp(s: &HttpSpan, unix_offset_ns: i64) -> Span {
     let method = method_attr(&s.method);
     let name = if method == "_OTHER" { "HTTP" } else { method };
-    let mut attrs = vec![kv_str("http.request.method", method)];
+    // Up to 14 attributes: one allocation for the vector.
+    let mut attrs = Vec::with_capacity(14);
+    attrs.push(kv_str("http.request.method", method));
+    let peer_ip = s.peer.map(|p| ip_string(p.ip()));
     if method == "_OTHER" {
         attrs.push(kv_str("http.request.method_original", &s.method));
     }
@@ -193,13 +196,12 @@ pub fn span_to_otlp(s: &HttpSpan, unix_offset_ns: i64) -> Span {
             if let Some(p) = host_port.or(s.local_port) {
                 attrs.push(kv_int("server.port", i64::from(p)));
             }
-            if let Some(peer) = s.peer {
-                attrs.push(kv_str("client.address", &ip_string(peer.ip())));
+            if let Some(ip) = &peer_ip {
+                attrs.push(kv_str("client.address", ip));
             }
         }
         SpanKind::Client => {
-            let peer_ip = s.peer.map(|p| ip_string(p.ip()));
-            let address = host_name.map(str::to_string).or(peer_ip);
+            let address = host_name.map(str::to_string).or_else(|| peer_ip.clone());
             let port = host_port
                 .or(if host_name.is_some() {
                     None
@@ -221,8 +223,8 @@ pub fn span_to_otlp(s: &HttpSpan, unix_offset_ns: i64) -> Span {
     if let Some(code) = s.status {
         attrs.push(kv_int("http.response.status_code", i64::from(code)));
     }
-    if let Some(peer) = s.peer {
-        attrs.push(kv_str("network.peer.address", &ip_string(peer.ip())));
+    if let (Some(peer), Some(ip)) = (s.peer, peer_ip) {
+        attrs.push(kv_str("network.peer.address", &ip));
         attrs.push(kv_int("network.peer.port", i64::from(peer.port())));
     }
     attrs.push(kv_str("network.protocol.version", s.version.as_str()));

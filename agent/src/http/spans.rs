@@ -853,6 +853,11 @@ impl HttpTracer {
         }
     }
 
+    /// How many finished spans wait for [`HttpTracer::take_finished`].
+    pub fn finished_len(&self) -> usize {
+        self.shared.finished.len()
+    }
+
     /// Spans finished since the last call.
     pub fn take_finished(&mut self) -> Vec<HttpSpan> {
         std::mem::take(&mut self.shared.finished)
