@@ -262,7 +262,10 @@ mod tests {
         assert!(r.contains("content-length: 3\r\n"), "{r}");
         assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
         let r = get(addr, "HEAD /healthz HTTP/1.1\r\n\r\n");
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\n"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\n"),
+            "{r}"
+        );
         health.set(HealthState::Failed("tracing: attach failed".into()));
         let r = get(addr, req);
         assert!(r.starts_with("HTTP/1.1 503 "), "{r}");
