@@ -9,6 +9,7 @@
 
 pub mod ebpf;
 pub mod export;
+pub mod health;
 pub mod http;
 pub mod http_capture;
 pub mod inject;

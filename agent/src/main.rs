@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fathom_agent::{
     export::{EmbeddedSink, RemoteSink, RemoteTraceSink},
+    health::{Health, HealthServer, HealthState},
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
@@ -156,6 +157,10 @@ struct DaemonArgs {
     /// traces). RED metrics count every request regardless.
     #[arg(long, env = "FATHOM_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
     trace_sample_ratio: f64,
+    /// Serve `GET /healthz` on this address (`HOST:PORT`): 200 once the eBPF
+    /// programs are attached, 503 before and while stopping. Off by default.
+    #[arg(long, env = "FATHOM_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
     /// Embedded collector (used unless --output-dir or --collector-url is given).
     #[command(flatten, next_help_heading = "Embedded collector")]
     collector: CollectorArgs,
@@ -296,6 +301,14 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
 
 fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = profiler_config(&args.sampling)?;
+    let health = Health::default();
+    let _health_server = match args.health_listen {
+        Some(addr) => Some(
+            HealthServer::start(addr, health.clone())
+                .with_context(|| format!("--health-listen {addr}"))?,
+        ),
+        None => None,
+    };
     let profiles = args.signals.iter().any(|s| s == "profiles");
     let traces = args.signals.iter().any(|s| s == "traces");
     if !profiles && !traces {
@@ -312,7 +325,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         let stop = stop_on_signals()?;
         let mut session = Session::start(config, &args.sampling.symbolizer())?;
         tracing::info!(dir = %dir.display(), interval = %humantime::format_duration(args.interval), "writing per-process profiles");
+        health.set(HealthState::Ready);
         session.run_daemon(args.interval, &mut sink, &stop)?;
+        health.set(HealthState::Stopping);
         return Ok(());
     }
     if let Some(url) = &args.collector_url {
@@ -340,11 +355,15 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             let mut sink = RemoteSink::new(&remote, args.interval)?;
             let mut session = Session::start(config, &args.sampling.symbolizer())?;
             tracing::info!(%url, interval = %humantime::format_duration(args.interval), "sending profiles to the collector");
+            health.set(HealthState::Ready);
             session.run_daemon(args.interval, &mut sink, &stop)?;
+            health.set(HealthState::Stopping);
             drop(session);
             drop(sink);
         } else {
+            health.set(HealthState::Ready);
             while !stop.wait(Duration::from_secs(1)) {}
+            health.set(HealthState::Stopping);
         }
         return Ok(());
     }
@@ -387,14 +406,20 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         if profiles {
             let mut session = Session::start(config, &args.sampling.symbolizer())?;
             let mut sink = EmbeddedSink::new(collector.ingest());
+            health.set(HealthState::Ready);
             session.run_daemon(args.interval, &mut sink, &stop)?;
         } else {
+            health.set(HealthState::Ready);
             while !stop.wait(Duration::from_secs(1)) {}
         }
+        health.set(HealthState::Stopping);
         // Tracing stops (last spans delivered, programs detached) before the
         // collector shuts down.
         anyhow::Ok(())
     })();
+    if let Err(e) = &result {
+        health.set(HealthState::Failed(format!("{e:#}")));
+    }
     runtime.block_on(collector.shutdown(Duration::from_secs(10)));
     result
 }

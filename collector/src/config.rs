@@ -294,6 +294,12 @@ impl CollectorConfig {
                 p.url
             ));
         }
+        if let Some(p) = &self.pyroscope
+            && p.basic_auth.is_some()
+            && p.bearer_token.is_some()
+        {
+            return bad("pyroscope: basic_auth and bearer_token exclude each other".into());
+        }
         if let Some(o) = &self.otlp
             && !(o.endpoint.starts_with("http://") || o.endpoint.starts_with("https://"))
         {
@@ -378,6 +384,10 @@ pub struct CollectorArgs {
     /// Pyroscope basic auth, `USER:PASSWORD`.
     #[arg(long, env = "FATHOM_PYROSCOPE_BASIC_AUTH", value_parser = parse_basic_auth, hide_env_values = true)]
     pub pyroscope_basic_auth: Option<BasicAuth>,
+    /// Pyroscope `Authorization: Bearer <token>` (e.g. a Fathom collector
+    /// with --auth-token); exclusive with --pyroscope-basic-auth.
+    #[arg(long, env = "FATHOM_PYROSCOPE_BEARER_TOKEN", hide_env_values = true)]
+    pub pyroscope_bearer_token: Option<String>,
     /// Export spans and metrics to this OTLP endpoint (Jaeger, an OTel
     /// collector). `OTEL_EXPORTER_OTLP_ENDPOINT` is used when this is absent.
     #[arg(long, env = "FATHOM_OTLP_ENDPOINT")]
@@ -448,6 +458,9 @@ impl CollectorArgs {
             }
             if let Some(auth) = &self.pyroscope_basic_auth {
                 p.basic_auth = Some(auth.clone());
+            }
+            if let Some(token) = &self.pyroscope_bearer_token {
+                p.bearer_token = Some(token.clone());
             }
         }
         apply_otel_env(&mut c, self.otlp_endpoint.clone(), self.otlp_protocol, &env)?;
@@ -655,6 +668,34 @@ url = "http://pyro:4040"
         assert_eq!(c.listen.http, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(c.otlp.unwrap().protocol, OtlpProtocol::HttpProtobuf);
         assert_eq!(c.pyroscope.unwrap().basic_auth.unwrap().username, "u");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--pyroscope-url",
+            "http://collector:4040",
+            "--pyroscope-bearer-token",
+            "t0ken",
+        ])
+        .unwrap();
+        let p = cli.args.resolve(|_| None).unwrap().pyroscope.unwrap();
+        assert_eq!(
+            (p.bearer_token.as_deref(), p.basic_auth),
+            (Some("t0ken"), None)
+        );
+        let both = Cli::try_parse_from([
+            "x",
+            "--pyroscope-url",
+            "http://p:4040",
+            "--pyroscope-bearer-token",
+            "t",
+            "--pyroscope-basic-auth",
+            "u:p",
+        ])
+        .unwrap();
+        let err = both.args.resolve(|_| None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "pyroscope: basic_auth and bearer_token exclude each other"
+        );
     }
 
     #[test]
