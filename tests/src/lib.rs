@@ -21,6 +21,7 @@ use pprof::protos::Message as _;
 pub use pprof::protos::Profile;
 
 pub mod chain;
+pub mod k8s_replay;
 
 /// Serializes tests that load programs into the kernel or measure CPU.
 pub fn kernel_lock() -> MutexGuard<'static, ()> {
