@@ -25,11 +25,18 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn token_file(dir: &tempfile::TempDir) -> PathBuf {
     let path = dir.path().join("token");
-    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    std::fs::write(&path, TOKEN).unwrap();
     path
 }
 
+/// The watcher's log on stderr (shown for failing tests).
+fn logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| fathom_collector::init_logging("info,fathom_agent::k8s=debug"));
+}
+
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    logs();
     let deadline = Instant::now() + WAIT;
     while !f() {
         assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");

@@ -96,8 +96,8 @@ pub enum K8sError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("Kubernetes client: {0}")]
-    Client(String),
+    #[error("token file {0}: empty, or white space around the token (write it without a newline)")]
+    Token(PathBuf),
     #[error("starting the metadata thread: {0}")]
     Thread(std::io::Error),
 }

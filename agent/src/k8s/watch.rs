@@ -162,7 +162,19 @@ pub fn client_config(
     let mut config = kube::Config::new(uri);
     config.connect_timeout = Some(Duration::from_secs(10));
     config.accept_invalid_certs = insecure_tls;
-    config.auth_info.token_file = token_file.map(|p| p.to_string_lossy().into_owned());
+    if let Some(path) = token_file {
+        // kube-rs sends the file's bytes as they are (and re-reads them
+        // when the token rotates): a trailing newline would be an invalid
+        // header on every request, so say so now.
+        let token = std::fs::read_to_string(path).map_err(|source| K8sError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if token.trim().is_empty() || token.trim() != token {
+            return Err(K8sError::Token(path.to_path_buf()));
+        }
+        config.auth_info.token_file = Some(path.to_string_lossy().into_owned());
+    }
     if let Some(ca) = ca_file {
         // kube-rs verifies against this file and re-reads it (CA rotation).
         if let Err(source) = std::fs::metadata(ca) {
@@ -316,7 +328,18 @@ async fn list_and_watch(
                 }
                 WatchEvent::Error(status) => return Err(kube::Error::Api(status)),
             };
-            tracing::debug!(?event, "kubernetes metadata: pod event");
+            let (kind, pod) = match &event {
+                PodEvent::Apply(p) => ("applied", p),
+                PodEvent::Deleted(p) => ("deleted", p),
+                PodEvent::Replace(_) => continue,
+            };
+            tracing::debug!(
+                kind,
+                namespace = pod.metadata.namespace.as_deref().unwrap_or_default(),
+                pod = pod.metadata.name.as_deref().unwrap_or_default(),
+                version = %version,
+                "kubernetes metadata: pod event"
+            );
             let now = Instant::now();
             let mut cache = metadata.write();
             cache.apply(event, now);
@@ -354,6 +377,15 @@ mod tests {
         ] {
             assert!(client_config("x", bad, None, None, false).is_err(), "{bad}");
         }
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "abc\n").unwrap();
+        assert!(matches!(
+            client_config("x", "https://h:1", Some(&token), None, false),
+            Err(K8sError::Token(_))
+        ));
+        std::fs::write(&token, "abc").unwrap();
+        assert!(client_config("x", "https://h:1", Some(&token), None, false).is_ok());
         let missing = Path::new("/nonexistent/ca.crt");
         assert!(matches!(
             client_config("x", "https://h:1", None, Some(missing), false),
