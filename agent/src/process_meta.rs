@@ -260,7 +260,10 @@ mod tests {
                  0::/\n"
             ),
             // Upper case (some tools print it) is normalized.
-            format!("0::/system.slice/docker-{}.scope\n", id.to_ascii_uppercase()),
+            format!(
+                "0::/system.slice/docker-{}.scope\n",
+                id.to_ascii_uppercase()
+            ),
         ] {
             assert_eq!(container_id(&cgroup).as_deref(), Some(id), "{cgroup}");
         }
@@ -278,7 +281,10 @@ mod tests {
             None
         );
         // 63 or 65 hex digits are not a container id.
-        assert_eq!(container_id(&format!("0::/docker-{}.scope\n", &id[1..])), None);
+        assert_eq!(
+            container_id(&format!("0::/docker-{}.scope\n", &id[1..])),
+            None
+        );
         assert_eq!(container_id(&format!("0::/docker-{id}0.scope\n")), None);
         // A container in a container: the innermost.
         let inner = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -319,11 +325,23 @@ mod tests {
     fn service_name_rule() {
         let web = Some(("Deployment", "web"));
         let p = pod(Some("storefront"), web);
-        assert_eq!(meta(Some("checkout"), None).service_name_in(Some(&p)), "checkout");
+        assert_eq!(
+            meta(Some("checkout"), None).service_name_in(Some(&p)),
+            "checkout"
+        );
         assert_eq!(meta(None, None).service_name_in(Some(&p)), "storefront");
-        assert_eq!(meta(None, None).service_name_in(Some(&pod(None, web))), "web");
-        assert_eq!(meta(None, None).service_name_in(Some(&pod(Some(""), web))), "web");
-        assert_eq!(meta(None, None).service_name_in(Some(&pod(None, None))), "server");
+        assert_eq!(
+            meta(None, None).service_name_in(Some(&pod(None, web))),
+            "web"
+        );
+        assert_eq!(
+            meta(None, None).service_name_in(Some(&pod(Some(""), web))),
+            "web"
+        );
+        assert_eq!(
+            meta(None, None).service_name_in(Some(&pod(None, None))),
+            "server"
+        );
         assert_eq!(meta(None, None).service_name_in(None), "server");
     }
 
@@ -333,7 +351,9 @@ mod tests {
         let p = pod(None, Some(("StatefulSet", "db")));
         let labels = |pod| -> Vec<(String, String)> { pyroscope_labels(&m, pod, "host-a") };
         let own = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         assert_eq!(
             labels(Some(&p)),
@@ -349,7 +369,11 @@ mod tests {
         );
         assert_eq!(
             labels(None),
-            own(&[("service_name", "server"), ("node", "host-a"), ("container_id", "c1")])
+            own(&[
+                ("service_name", "server"),
+                ("node", "host-a"),
+                ("container_id", "c1")
+            ])
         );
         // Outside Kubernetes nothing is installed: no pod, the cgroup's id.
         assert!(m.pod().is_none());

@@ -98,7 +98,9 @@ pub struct K8sReplay {
 }
 
 fn fixture(name: &str) -> String {
-    let path: PathBuf = crate::workspace_root().join("tests/fixtures/k8s").join(name);
+    let path: PathBuf = crate::workspace_root()
+        .join("tests/fixtures/k8s")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -301,9 +303,7 @@ fn serve(conn: TcpStream, state: &State) {
                      cannot list resource \"pods\" in API group \"\" at the cluster scope",
                 ),
             )
-        } else if rec.path == "/api/v1/pods"
-            && matches!(rec.param("watch"), Some("true" | "1"))
-        {
+        } else if rec.path == "/api/v1/pods" && matches!(rec.param("watch"), Some("true" | "1")) {
             // A watch ends the connection (as the stream's end).
             let _ = watch(&mut conn, state, rec.param("resourceVersion"));
             return;

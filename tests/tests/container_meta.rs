@@ -117,7 +117,12 @@ impl Drop for Cgroups {
 }
 
 /// `program args` started inside `cgroup` (it moves itself in, then execs).
-fn spawn_in(cgroup: Option<&Path>, program: &Path, args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
+fn spawn_in(
+    cgroup: Option<&Path>,
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> ChildGuard {
     let mut cmd = match cgroup {
         Some(cg) => {
             let mut c = Command::new("sh");
@@ -184,7 +189,12 @@ fn start_agent(dir: &Path, extra: &[&str]) -> (Agent, u16) {
 
 fn api_json(port: u16, path: &str) -> Value {
     let r = http_get(port, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    assert_eq!(r.status, 200, "GET {path}: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        200,
+        "GET {path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     serde_json::from_slice(&r.body).unwrap()
 }
 
@@ -224,7 +234,10 @@ fn series_labels(port: u16, service: &str) -> Vec<BTreeMap<String, String>> {
 fn span_resources(port: u16, service: &str, kind: &str) -> Vec<BTreeMap<String, String>> {
     let deadline = Instant::now() + SIGNAL_WAIT;
     loop {
-        let list = api_json(port, &format!("/api/traces?service={service}&range=1h&limit=20"));
+        let list = api_json(
+            port,
+            &format!("/api/traces?service={service}&range=1h&limit=20"),
+        );
         let mut out = Vec::new();
         for t in list.as_array().into_iter().flatten() {
             let Some(id) = t["trace_id"].as_str() else {
@@ -288,14 +301,20 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
 fn python_server(cgroup: Option<&Path>, port: u16, service: Option<&str>) -> ChildGuard {
     let python = which("python3");
     let port = port.to_string();
-    let env: Vec<(&str, &str)> = service.map(|s| ("OTEL_SERVICE_NAME", s)).into_iter().collect();
+    let env: Vec<(&str, &str)> = service
+        .map(|s| ("OTEL_SERVICE_NAME", s))
+        .into_iter()
+        .collect();
     let child = spawn_in(
         cgroup,
         &python,
         &["-m", "http.server", &port, "--bind", "127.0.0.1"],
         &env,
     );
-    wait_for_port(([127, 0, 0, 1], port.parse().unwrap()).into(), Duration::from_secs(20));
+    wait_for_port(
+        ([127, 0, 0, 1], port.parse().unwrap()).into(),
+        Duration::from_secs(20),
+    );
     child
 }
 
@@ -339,18 +358,20 @@ fn container_ids_on_every_signal() {
     let docker_id = fake_id("docker");
     let v1_id = fake_id("v1");
     let slice = format!("fathomtest-k8s-{pid}.slice");
-    let containerd = cgroups.create(&v2, &format!("{slice}/cri-containerd-{containerd_id}.scope"));
+    let containerd = cgroups.create(
+        &v2,
+        &format!("{slice}/cri-containerd-{containerd_id}.scope"),
+    );
     let docker = cgroups.create(&v2, &format!("{slice}/docker-{docker_id}.scope"));
     // cgroup v1 (cgroupfs driver) where this machine has the hierarchy.
-    let v1 = cgroup1_root("pids").map(|root| {
-        cgroups.create(&root, &format!("fathomtest-k8s-{pid}/docker/{v1_id}"))
-    });
+    let v1 = cgroup1_root("pids")
+        .map(|root| cgroups.create(&root, &format!("fathomtest-k8s-{pid}/docker/{v1_id}")));
     if v1.is_none() {
         eprintln!("*** no cgroup v1 pids hierarchy: the v1 client runs in a v2 cgroup ***");
     }
-    let client_cgroup = v1.clone().unwrap_or_else(|| {
-        cgroups.create(&v2, &format!("{slice}/docker-{v1_id}.scope"))
-    });
+    let client_cgroup = v1
+        .clone()
+        .unwrap_or_else(|| cgroups.create(&v2, &format!("{slice}/docker-{v1_id}.scope")));
 
     let spin = build_fixture("spin", dir.path());
     let burn_in = dir.path().join(format!("fathom-ct-in-{pid}"));
@@ -365,7 +386,11 @@ fn container_ids_on_every_signal() {
         spawn_in(None, &burn_out, &["alpha", "120"], &[]),
         python_server(Some(&docker), port_in, Some("fathom-ct-server-in")),
         python_server(None, port_out, Some("fathom-ct-server-out")),
-        curl_loop(Some(&client_cgroup), &[port_in, port_out], "fathom-ct-client-in"),
+        curl_loop(
+            Some(&client_cgroup),
+            &[port_in, port_out],
+            "fathom-ct-client-in",
+        ),
         curl_loop(None, &[port_in], "fathom-ct-client-out"),
     ];
 
@@ -373,7 +398,11 @@ fn container_ids_on_every_signal() {
     let service_in = burn_in.file_name().unwrap().to_str().unwrap();
     let service_out = burn_out.file_name().unwrap().to_str().unwrap();
     for labels in series_labels(api, service_in) {
-        assert_eq!(get(&labels, "container_id"), Some(containerd_id.as_str()), "{labels:?}");
+        assert_eq!(
+            get(&labels, "container_id"),
+            Some(containerd_id.as_str()),
+            "{labels:?}"
+        );
         assert_eq!(get(&labels, "pod"), None, "no Kubernetes here: {labels:?}");
     }
     for labels in series_labels(api, service_out) {
@@ -429,9 +458,14 @@ fn pods_on_every_signal() {
     let pod_slice = format!(
         "fathomtest-k8s-{pid}.slice/kubepods-burstable-pod5e1c8a4e_9d0b_4f3a_8c71_2b6f4d9e0a13.slice"
     );
-    let app = cgroups.create(&v2, &format!("{pod_slice}/cri-containerd-{}.scope", ids::CHECKOUT_APP));
-    let proxy =
-        cgroups.create(&v2, &format!("{pod_slice}/cri-containerd-{}.scope", ids::CHECKOUT_PROXY));
+    let app = cgroups.create(
+        &v2,
+        &format!("{pod_slice}/cri-containerd-{}.scope", ids::CHECKOUT_APP),
+    );
+    let proxy = cgroups.create(
+        &v2,
+        &format!("{pod_slice}/cri-containerd-{}.scope", ids::CHECKOUT_PROXY),
+    );
 
     let spin = build_fixture("spin", dir.path());
     let burner = dir.path().join(format!("fathom-ct-pod-{pid}"));
@@ -500,7 +534,11 @@ fn pods_on_every_signal() {
     }
 
     // Metrics: Prometheus spellings.
-    for l in metric_labels(api, "http_server_request_duration_seconds_count", "checkout-api") {
+    for l in metric_labels(
+        api,
+        "http_server_request_duration_seconds_count",
+        "checkout-api",
+    ) {
         for (k, v) in [
             ("container_id", ids::CHECKOUT_PROXY),
             ("k8s_pod_name", pod),

@@ -89,7 +89,7 @@ fn checkout(id: &str, container: &str, init: bool) -> ContainerMeta {
 }
 
 fn get(m: &K8sMetadata, id: &str) -> Option<ContainerMeta> {
-    m.lookup(id).map(|c| Arc::unwrap_or_clone(c))
+    m.lookup(id).map(Arc::unwrap_or_clone)
 }
 
 #[test]
@@ -243,7 +243,9 @@ fn kubelet_pods_when_the_api_server_refuses() {
     };
     let metadata = K8sMetadata::new(config.grace);
     let _watcher = Watcher::start(&config, metadata.clone()).unwrap();
-    wait_for("the kubelet's pods", || metadata.lookup(ids::ETCD).is_some());
+    wait_for("the kubelet's pods", || {
+        metadata.lookup(ids::ETCD).is_some()
+    });
     let etcd = get(&metadata, ids::ETCD).unwrap();
     assert_eq!(
         etcd,
@@ -265,7 +267,10 @@ fn kubelet_pods_when_the_api_server_refuses() {
         get(&metadata, ids::CHECKOUT_APP),
         Some(checkout(ids::CHECKOUT_APP, "app", false))
     );
-    assert!(metadata.lookup(ids::POSTGRES).is_none(), "not in the kubelet's list");
+    assert!(
+        metadata.lookup(ids::POSTGRES).is_none(),
+        "not in the kubelet's list"
+    );
     let requests = replay.requests();
     assert!(
         requests

@@ -87,7 +87,9 @@ pub enum K8sError {
         url: String,
         reason: String,
     },
-    #[error("no node name: give --node-name or set K8S_NODE_NAME (the downward API's spec.nodeName)")]
+    #[error(
+        "no node name: give --node-name or set K8S_NODE_NAME (the downward API's spec.nodeName)"
+    )]
     NoNodeName,
     #[error("in-cluster configuration: {0}")]
     InCluster(String),

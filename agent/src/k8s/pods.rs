@@ -355,8 +355,7 @@ mod tests {
             "containerID": format!("containerd://{main_id}"),
         });
         if let Some(last) = last {
-            status["lastState"] =
-                json!({"terminated": {"exitCode": 1, "containerID": format!("containerd://{last}")}});
+            status["lastState"] = json!({"terminated": {"exitCode": 1, "containerID": format!("containerd://{last}")}});
         }
         pod(json!({
             "metadata": {

@@ -62,7 +62,10 @@ impl Watcher {
             .token_file
             .clone()
             .or_else(|| existing(sa.join("token")));
-        let ca_file = config.ca_file.clone().or_else(|| existing(sa.join("ca.crt")));
+        let ca_file = config
+            .ca_file
+            .clone()
+            .or_else(|| existing(sa.join("ca.crt")));
         let api = if !config.use_api {
             None
         } else if let Some(url) = &config.api_url {
