@@ -18,13 +18,14 @@ use tokio::sync::mpsc;
 use crate::session::{ProcessProfile, ProfileSink};
 
 /// The series labels of a process's CPU profile: Pyroscope's `process_cpu`
-/// name, the service, and this node.
+/// name, the service, this node, and its container and pod when known
+/// ([`ProcessProfile::labels`]).
 pub fn series_labels(p: &ProcessProfile, node: &str) -> Option<SeriesLabels> {
-    SeriesLabels::new([
-        ("__name__", "process_cpu".to_string()),
-        ("service_name", p.service_name()),
-        ("node", node.to_string()),
-    ])
+    let labels = p.labels(node);
+    SeriesLabels::new(
+        std::iter::once(("__name__", "process_cpu".to_string()))
+            .chain(labels.iter().map(|(k, v)| (k.as_str(), v.clone()))),
+    )
     .ok()
 }
 

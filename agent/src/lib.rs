@@ -5,7 +5,8 @@
 //! `inject` for traceparent injection, `sys` — the only `unsafe`), process knowledge (`process`, `procfs`),
 //! turning stacks into profiles (`stacks`, `pprof`), unwind tables for the
 //! eBPF DWARF unwinder (`unwind`), HTTP spans and metrics from the kernel's
-//! connection events (`http`, pure logic) and running it all (`session`).
+//! connection events (`http`, pure logic), pod metadata (`k8s`) and running
+//! it all (`session`).
 
 pub mod ebpf;
 pub mod export;
@@ -13,6 +14,7 @@ pub mod health;
 pub mod http;
 pub mod http_capture;
 pub mod inject;
+pub mod k8s;
 pub mod pprof;
 pub mod preflight;
 pub mod process;

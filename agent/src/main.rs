@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use fathom_agent::{
     export::{EmbeddedSink, RemoteSink, RemoteTraceSink},
     health::{Health, HealthServer, HealthState},
+    k8s,
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
@@ -164,6 +165,74 @@ struct DaemonArgs {
     /// Embedded collector (used unless --output-dir or --collector-url is given).
     #[command(flatten, next_help_heading = "Embedded collector")]
     collector: CollectorArgs,
+    /// Kubernetes pod metadata on every signal.
+    #[command(flatten, next_help_heading = "Kubernetes metadata")]
+    k8s: K8sArgs,
+}
+
+/// Pod metadata: on in a pod with a service account, or when an API server
+/// or kubelet URL is given; off elsewhere (container ids still come from
+/// cgroups).
+#[derive(Args, Debug)]
+struct K8sArgs {
+    /// Pod metadata at all (`false`: container ids from cgroups only).
+    #[arg(long, env = "FATHOM_K8S_METADATA", default_value_t = true, action = clap::ArgAction::Set)]
+    k8s_metadata: bool,
+    /// This node's name: only its pods are watched (`spec.nodeName`; give
+    /// it with the downward API).
+    #[arg(long, env = "K8S_NODE_NAME")]
+    node_name: Option<String>,
+    /// The API server (default in a pod: the in-cluster service). Plain
+    /// http only to a loopback address.
+    #[arg(long, env = "FATHOM_K8S_API_URL")]
+    k8s_api_url: Option<String>,
+    /// The kubelet, whose `/pods` is polled while the API server cannot be
+    /// watched (default in a pod: https://localhost:10250; `off`: none).
+    #[arg(long, env = "FATHOM_KUBELET_URL")]
+    kubelet_url: Option<String>,
+    /// Accept any certificate from the kubelet (self-signed serving
+    /// certificates).
+    #[arg(long, env = "FATHOM_KUBELET_INSECURE_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    kubelet_insecure_tls: bool,
+    /// Bearer token file for the API server and the kubelet (default: the
+    /// service account's).
+    #[arg(long, env = "FATHOM_K8S_TOKEN_FILE")]
+    k8s_token_file: Option<PathBuf>,
+    /// CA bundle for https (default: the service account's `ca.crt`).
+    #[arg(long, env = "FATHOM_K8S_CA_FILE")]
+    k8s_ca_file: Option<PathBuf>,
+}
+
+/// Starts the pod metadata watcher when in Kubernetes or asked to, and
+/// makes it the one every signal consults.
+fn start_k8s(args: &K8sArgs) -> anyhow::Result<Option<k8s::Watcher>> {
+    let in_cluster = k8s::in_cluster();
+    let kubelet_off = args.kubelet_url.as_deref() == Some("off");
+    let kubelet_url = match (&args.kubelet_url, kubelet_off, in_cluster) {
+        (_, true, _) => None,
+        (Some(url), false, _) => Some(url.clone()),
+        (None, false, true) => Some(k8s::DEFAULT_KUBELET_URL.to_string()),
+        (None, false, false) => None,
+    };
+    let use_api = in_cluster || args.k8s_api_url.is_some();
+    if !args.k8s_metadata || (!use_api && kubelet_url.is_none()) {
+        tracing::debug!("not in Kubernetes: container ids from cgroups only");
+        return Ok(None);
+    }
+    let config = k8s::K8sConfig {
+        node_name: args.node_name.clone().unwrap_or_default(),
+        api_url: args.k8s_api_url.clone(),
+        use_api,
+        kubelet_url,
+        kubelet_insecure_tls: args.kubelet_insecure_tls,
+        token_file: args.k8s_token_file.clone(),
+        ca_file: args.k8s_ca_file.clone(),
+        ..k8s::K8sConfig::default()
+    };
+    let metadata = k8s::K8sMetadata::new(config.grace);
+    let watcher = k8s::Watcher::start(&config, metadata.clone()).context("kubernetes metadata")?;
+    k8s::install(metadata);
+    Ok(Some(watcher))
 }
 
 fn main() -> ExitCode {
@@ -320,6 +389,8 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if args.output_dir.is_some() && traces {
         tracing::warn!("--output-dir writes profiles only: not tracing");
     }
+    // Before any signal: they look their pods up in it.
+    let _k8s = start_k8s(&args.k8s)?;
     if let Some(dir) = &args.output_dir {
         let mut sink = DirSink::new(dir, args.retention)?;
         let stop = stop_on_signals()?;

@@ -246,6 +246,9 @@ pub struct Process {
     pub comm: String,
     /// The executable's path (`/proc/PID/exe`), as the process sees it.
     pub exe: Option<String>,
+    /// Its resource (service name, container id), read when it was last
+    /// observed.
+    pub meta: Option<crate::process_meta::ProcessMeta>,
     snapshots: VecDeque<Arc<Snapshot>>,
     refreshed_in_round: u64,
     dead_sweeps: u8,
@@ -419,6 +422,7 @@ impl ProcessTable {
             start_time,
             comm: comm.clone(),
             exe: exe.clone(),
+            meta: None,
             snapshots: VecDeque::new(),
             refreshed_in_round: 0,
             dead_sweeps: 0,
@@ -438,6 +442,10 @@ impl ProcessTable {
         }
         process.comm = comm;
         process.exe = exe;
+        // Re-read each time: an exec or a move into another cgroup changes it.
+        if let Some(meta) = crate::process_meta::ProcessMeta::read(&self.proc_root, pid) {
+            process.meta = Some(meta);
+        }
         if process
             .snapshots
             .back()

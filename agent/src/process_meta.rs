@@ -1,7 +1,10 @@
-//! What the agent says about a process on its spans and metrics: the OTel
-//! resource (`service.name`, `process.*`, `container.id`), read from
+//! What the agent says about a process on its profiles, spans and metrics:
+//! the OTel resource (`service.name`, `process.*`, `container.id`, and the
+//! pod's `k8s.*` when the Kubernetes metadata module runs), read from
 //! `/proc`, and the local port of a listening socket.
-use std::{fs, path::Path};
+use std::{fs, path::Path, sync::Arc};
+
+use crate::k8s::{self, ContainerMeta};
 
 /// The resource attributes of one process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,6 +17,8 @@ pub struct ProcessMeta {
     pub executable_name: String,
     /// The container id from the process's cgroup path, when it has one.
     pub container_id: Option<String>,
+    /// `OTEL_SERVICE_NAME` from the process's environment, when set.
+    pub otel_service_name: Option<String>,
 }
 
 impl ProcessMeta {
@@ -27,10 +32,12 @@ impl ProcessMeta {
             exe.as_ref().map(|p| p.to_string_lossy()).as_deref(),
             comm.trim(),
         );
-        let service_name = fs::read(dir.join("environ"))
+        let otel_service_name = fs::read(dir.join("environ"))
             .ok()
             .and_then(|env| env_value(&env, "OTEL_SERVICE_NAME"))
-            .filter(|v| !v.is_empty())
+            .filter(|v| !v.is_empty());
+        let service_name = otel_service_name
+            .clone()
             .unwrap_or_else(|| executable_name.clone());
         let container_id = fs::read_to_string(dir.join("cgroup"))
             .ok()
@@ -40,8 +47,87 @@ impl ProcessMeta {
             service_name,
             executable_name,
             container_id,
+            otel_service_name,
         })
     }
+
+    /// The process's container in the pod metadata, when the Kubernetes
+    /// module runs and knows it (a cache lookup, never a request).
+    pub fn pod(&self) -> Option<Arc<ContainerMeta>> {
+        k8s::lookup(self.container_id.as_deref()?)
+    }
+
+    /// `service.name` with what is known of the pod: `OTEL_SERVICE_NAME`
+    /// from the process's environment, else the pod's
+    /// `app.kubernetes.io/name` label, else its owner workload's name, else
+    /// the executable's name.
+    pub fn service_name_in(&self, pod: Option<&ContainerMeta>) -> String {
+        self.otel_service_name
+            .clone()
+            .or_else(|| pod.and_then(|p| p.service_name()).map(str::to_string))
+            .unwrap_or_else(|| self.executable_name.clone())
+    }
+
+    /// The string resource attributes of this process, OTel spelling:
+    /// `service.name` (see [`Self::service_name_in`]),
+    /// `process.executable.name`, `container.id` and, when the pod is
+    /// known, `k8s.pod.name`, `k8s.pod.uid`, `k8s.namespace.name`,
+    /// `k8s.container.name`, `k8s.node.name` and `k8s.<owner kind>.name`.
+    /// (`process.pid` is an integer: `self.pid`.)
+    pub fn resource_attributes(&self) -> Vec<(&'static str, String)> {
+        let pod = self.pod();
+        let mut out = vec![
+            ("service.name", self.service_name_in(pod.as_deref())),
+            ("process.executable.name", self.executable_name.clone()),
+        ];
+        if let Some(id) = &self.container_id {
+            out.push(("container.id", id.clone()));
+        }
+        if let Some(pod) = &pod {
+            out.extend(pod.otel_attributes());
+        }
+        out
+    }
+
+    /// The labels of this process's profile series, Pyroscope spelling:
+    /// `service_name`, `node` (the pod's node, else `node`), and when known
+    /// `container_id`, `namespace`, `pod`, `container` and the owner as
+    /// `k8s_<kind>_name` (the Prometheus spelling of the OTel attribute).
+    pub fn pyroscope_labels(&self, node: &str) -> Vec<(String, String)> {
+        let pod = self.pod();
+        pyroscope_labels(self, pod.as_deref(), node)
+    }
+}
+
+/// [`ProcessMeta::pyroscope_labels`] with the pod given.
+pub fn pyroscope_labels(
+    meta: &ProcessMeta,
+    pod: Option<&ContainerMeta>,
+    node: &str,
+) -> Vec<(String, String)> {
+    let node = pod
+        .map(|p| p.node_name.as_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or(node);
+    let mut out = vec![
+        ("service_name".to_string(), meta.service_name_in(pod)),
+        ("node".to_string(), node.to_string()),
+    ];
+    if let Some(id) = &meta.container_id {
+        out.push(("container_id".into(), id.clone()));
+    }
+    if let Some(p) = pod {
+        out.push(("namespace".into(), p.namespace.clone()));
+        out.push(("pod".into(), p.pod_name.clone()));
+        out.push(("container".into(), p.container_name.clone()));
+        if let Some(owner) = &p.owner
+            && let Some(key) = owner.otel_attribute()
+        {
+            out.push((key.replace('.', "_"), owner.name.clone()));
+        }
+    }
+    out.retain(|(_, v)| !v.is_empty());
+    out
 }
 
 /// A process's executable name: the file name of its `exe` link (without
@@ -68,10 +154,14 @@ pub fn env_value(environ: &[u8], name: &str) -> Option<String> {
     })
 }
 
-/// The container id in a `/proc/<pid>/cgroup` file: the last 64-hex-digit
-/// id in a path component, as container runtimes name their cgroups
-/// (`docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`,
-/// `/docker/<id>`, `/kubepods/.../<id>`).
+/// The container id in a `/proc/<pid>/cgroup` file (cgroup v1 lines
+/// `N:controllers:/path`, v2 line `0::/path`): the last 64-hex-digit id in
+/// a path component, as container runtimes name their cgroups — systemd
+/// driver `docker-<id>.scope`, `cri-containerd-<id>.scope`,
+/// `crio-<id>.scope` (under `kubepods-<qos>-pod<uid>.slice`), cgroupfs
+/// driver `/docker/<id>`, `/kubepods/<qos>/pod<uid>/<id>`. The innermost
+/// one wins (a container in a container). Lower-case, as the API server
+/// reports ids.
 pub fn container_id(cgroup: &str) -> Option<String> {
     let mut found = None;
     for line in cgroup.lines() {
@@ -152,6 +242,28 @@ mod tests {
             format!("0::/kubepods.slice/crio-{id}.scope\n"),
             format!("12:memory:/docker/{id}\n1:name=systemd:/docker/{id}\n"),
             format!("0::/kubepods/besteffort/pod1234/{id}\n"),
+            // systemd driver, cgroup v2, as the kubelet names pod slices.
+            format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/\
+                 kubepods-burstable-pod0f3a2b1c_4d5e_6f70_8192_a3b4c5d6e7f8.slice/\
+                 cri-containerd-{id}.scope\n"
+            ),
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/\
+                 kubepods-besteffort-pod0f3a2b1c_4d5e_6f70_8192_a3b4c5d6e7f8.slice/crio-{id}.scope\n"
+            ),
+            // cgroupfs driver, cgroup v1 (every hierarchy names it).
+            format!(
+                "12:pids:/kubepods/burstable/pod0f3a2b1c-4d5e-6f70-8192-a3b4c5d6e7f8/{id}\n\
+                 4:cpu,cpuacct:/kubepods/burstable/pod0f3a2b1c-4d5e-6f70-8192-a3b4c5d6e7f8/{id}\n\
+                 1:name=systemd:/kubepods/burstable/pod0f3a2b1c-4d5e-6f70-8192-a3b4c5d6e7f8/{id}\n\
+                 0::/\n"
+            ),
+            // Upper case (some tools print it) is normalized.
+            format!(
+                "0::/system.slice/docker-{}.scope\n",
+                id.to_ascii_uppercase()
+            ),
         ] {
             assert_eq!(container_id(&cgroup).as_deref(), Some(id), "{cgroup}");
         }
@@ -160,6 +272,120 @@ mod tests {
             None
         );
         assert_eq!(container_id(""), None);
+        // A pod slice alone (no container scope yet) names no container.
+        assert_eq!(
+            container_id(
+                "0::/kubepods.slice/kubepods-burstable.slice/\
+                 kubepods-burstable-pod0f3a2b1c_4d5e_6f70_8192_a3b4c5d6e7f8.slice\n"
+            ),
+            None
+        );
+        // 63 or 65 hex digits are not a container id.
+        assert_eq!(
+            container_id(&format!("0::/docker-{}.scope\n", &id[1..])),
+            None
+        );
+        assert_eq!(container_id(&format!("0::/docker-{id}0.scope\n")), None);
+        // A container in a container: the innermost.
+        let inner = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            container_id(&format!("0::/docker/{id}/docker/{inner}\n")).as_deref(),
+            Some(inner)
+        );
+    }
+
+    fn meta(otel: Option<&str>, container: Option<&str>) -> ProcessMeta {
+        ProcessMeta {
+            pid: 7,
+            service_name: otel.unwrap_or("server").into(),
+            executable_name: "server".into(),
+            container_id: container.map(str::to_string),
+            otel_service_name: otel.map(str::to_string),
+        }
+    }
+
+    fn pod(app: Option<&str>, owner: Option<(&str, &str)>) -> ContainerMeta {
+        ContainerMeta {
+            container_id: "c1".into(),
+            pod_name: "web-abc-x".into(),
+            pod_uid: "u".into(),
+            namespace: "shop".into(),
+            container_name: "app".into(),
+            node_name: "node-1".into(),
+            init: false,
+            owner: owner.map(|(kind, name)| crate::k8s::Owner {
+                kind: kind.into(),
+                name: name.into(),
+            }),
+            app_name: app.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn service_name_rule() {
+        let web = Some(("Deployment", "web"));
+        let p = pod(Some("storefront"), web);
+        assert_eq!(
+            meta(Some("checkout"), None).service_name_in(Some(&p)),
+            "checkout"
+        );
+        assert_eq!(meta(None, None).service_name_in(Some(&p)), "storefront");
+        assert_eq!(
+            meta(None, None).service_name_in(Some(&pod(None, web))),
+            "web"
+        );
+        assert_eq!(
+            meta(None, None).service_name_in(Some(&pod(Some(""), web))),
+            "web"
+        );
+        assert_eq!(
+            meta(None, None).service_name_in(Some(&pod(None, None))),
+            "server"
+        );
+        assert_eq!(meta(None, None).service_name_in(None), "server");
+    }
+
+    #[test]
+    fn profile_labels() {
+        let m = meta(None, Some("c1"));
+        let p = pod(None, Some(("StatefulSet", "db")));
+        let labels = |pod| -> Vec<(String, String)> { pyroscope_labels(&m, pod, "host-a") };
+        let own = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            labels(Some(&p)),
+            own(&[
+                ("service_name", "db"),
+                ("node", "node-1"),
+                ("container_id", "c1"),
+                ("namespace", "shop"),
+                ("pod", "web-abc-x"),
+                ("container", "app"),
+                ("k8s_statefulset_name", "db"),
+            ])
+        );
+        assert_eq!(
+            labels(None),
+            own(&[
+                ("service_name", "server"),
+                ("node", "host-a"),
+                ("container_id", "c1")
+            ])
+        );
+        // Outside Kubernetes nothing is installed: no pod, the cgroup's id.
+        assert!(m.pod().is_none());
+        let attrs = m.resource_attributes();
+        assert_eq!(
+            attrs,
+            [
+                ("service.name", "server".to_string()),
+                ("process.executable.name", "server".into()),
+                ("container.id", "c1".into()),
+            ]
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use pprof::protos::Profile;
 use crate::{
     pprof::{self as pp, CpuProfileMeta, LabelValue, ProfileBuilder},
     process::{ProcessTable, Snapshot},
+    process_meta::ProcessMeta,
     profiler::{KernelCounters, Profiler, ProfilerConfig, ProfilerError, Window},
     stacks::{ResolvedSample, StackResolver},
     sys,
@@ -501,14 +502,16 @@ impl Session {
         // Once per window, not once per process: the losses read kernel
         // counters, and the names need the table.
         let losses = self.loss_summary()?;
-        let names: HashMap<u32, (String, Option<String>)> = {
+        type Names = (String, Option<String>, Option<ProcessMeta>);
+        let names: HashMap<u32, Names> = {
             let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
             by_pid
                 .iter()
                 .map(|(pid, samples)| {
                     let process = table.process(*pid);
                     let comm = process.map_or_else(|| samples[0].comm.clone(), |p| p.comm.clone());
-                    (*pid, (comm, process.and_then(|p| p.exe.clone())))
+                    let exe = process.and_then(|p| p.exe.clone());
+                    (*pid, (comm, exe, process.and_then(|p| p.meta.clone())))
                 })
                 .collect()
         };
@@ -524,7 +527,7 @@ impl Session {
                 window.recorded, window.counted
             );
             add_comments(&mut builder, &line, &losses);
-            let (comm, exe) = names[pid].clone();
+            let (comm, exe, meta) = names[pid].clone();
             if let Some(exe) = &exe {
                 builder.set_main_binary(exe);
             }
@@ -534,6 +537,7 @@ impl Session {
                 exe,
                 samples: count,
                 profile: builder.build(),
+                meta,
             });
         }
         Ok(out)
@@ -549,6 +553,9 @@ pub struct ProcessProfile {
     pub exe: Option<String>,
     pub samples: u64,
     pub profile: Profile,
+    /// Its resource (service name, container id; the pod through
+    /// [`ProcessMeta::pod`]), when the process was observed.
+    pub meta: Option<ProcessMeta>,
 }
 
 impl ProcessProfile {
@@ -556,6 +563,21 @@ impl ProcessProfile {
     /// command name (kernel threads `kworker/1:2` → `kworker`).
     pub fn service_name(&self) -> String {
         crate::process_meta::executable_name(self.exe.as_deref(), &self.comm)
+    }
+
+    /// The labels of its series besides `__name__`, Pyroscope spelling
+    /// (`service_name`, `node`, and `container_id`, `namespace`, `pod`,
+    /// `container`, `k8s_<kind>_name` when known; see
+    /// [`ProcessMeta::pyroscope_labels`]). Without metadata: the executable
+    /// name and `node`.
+    pub fn labels(&self, node: &str) -> Vec<(String, String)> {
+        match &self.meta {
+            Some(meta) => meta.pyroscope_labels(node),
+            None => vec![
+                ("service_name".into(), self.service_name()),
+                ("node".into(), node.to_string()),
+            ],
+        }
     }
 }
 

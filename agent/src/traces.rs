@@ -167,6 +167,11 @@ struct Worker {
     tracer: HttpTracer,
     metrics: HttpMetrics,
     resources: HashMap<u32, ResourceInfo>,
+    /// What was read of each process, for the resources still waiting for
+    /// their pod (a container the metadata does not know yet).
+    metas: HashMap<u32, ProcessMeta>,
+    /// Processes in a container whose resource has no pod yet.
+    unresolved: HashSet<u32>,
     /// Processes that exited: forgotten after the next flush (their last
     /// spans still need their resource).
     exited: Vec<u32>,
@@ -190,6 +195,8 @@ impl Worker {
             capture,
             sink,
             resources: HashMap::new(),
+            metas: HashMap::new(),
+            unresolved: HashSet::new(),
             exited: Vec::new(),
             open: HashMap::new(),
             ports: HashMap::new(),
@@ -284,28 +291,45 @@ impl Worker {
     fn resource(&mut self, pid: u32) -> &ResourceInfo {
         let root = &self.config.proc_root;
         let node = &self.config.node;
+        let (metas, unresolved) = (&mut self.metas, &mut self.unresolved);
         self.resources.entry(pid).or_insert_with(|| {
-            let extra = vec![("host.name".to_string(), node.clone())];
-            match ProcessMeta::read(root, pid) {
-                Some(m) => ResourceInfo {
-                    service_name: m.service_name,
-                    pid: Some(pid),
-                    executable_name: Some(m.executable_name),
-                    container_id: m.container_id,
-                    extra,
-                },
-                None => ResourceInfo {
-                    service_name: "unknown_service".into(),
-                    pid: Some(pid),
-                    executable_name: None,
-                    container_id: None,
-                    extra,
-                },
+            let meta = ProcessMeta::read(root, pid);
+            let resource = process_resource(meta.as_ref(), pid, node);
+            if let Some(meta) = meta
+                && meta.container_id.is_some()
+                && !resource.has_pod()
+                && crate::k8s::installed()
+            {
+                unresolved.insert(pid);
+                metas.insert(pid, meta);
             }
+            resource
         })
     }
 
+    /// Resources of processes in containers the pod metadata did not know
+    /// when they were first seen: joined with their pod once it is known.
+    fn resolve_pods(&mut self) {
+        let node = &self.config.node;
+        let (metas, resources) = (&mut self.metas, &mut self.resources);
+        self.unresolved.retain(|pid| {
+            let Some(meta) = metas.get(pid) else {
+                return false;
+            };
+            let resource = process_resource(Some(meta), *pid, node);
+            if !resource.has_pod() {
+                return true;
+            }
+            resources.insert(*pid, resource);
+            metas.remove(pid);
+            false
+        });
+    }
+
     fn flush(&mut self) {
+        if !self.unresolved.is_empty() {
+            self.resolve_pods();
+        }
         self.deliver_spans();
         if self.metrics.series() > 0 && !self.sink.metrics(self.metrics.export(unix_now_ns())) {
             self.undelivered.metric_batches += 1;
@@ -313,6 +337,8 @@ impl Worker {
         self.tracer.expire(sys::monotonic_ns());
         for pid in self.exited.drain(..) {
             self.resources.remove(&pid);
+            self.metas.remove(&pid);
+            self.unresolved.remove(&pid);
         }
     }
 
@@ -382,6 +408,42 @@ impl Worker {
             malformed = self.malformed,
             "http tracing"
         );
+    }
+}
+
+/// The OTel resource of a process's spans and metrics: `service.name`
+/// (`OTEL_SERVICE_NAME`, else the pod's `app.kubernetes.io/name`, else its
+/// owner workload, else the executable), `process.pid`,
+/// `process.executable.name`, `container.id`, `host.name`, and the pod's
+/// `k8s.*` attributes when the Kubernetes metadata knows the container.
+/// `None` (the process is gone): `unknown_service` with the pid.
+pub fn process_resource(meta: Option<&ProcessMeta>, pid: u32, node: &str) -> ResourceInfo {
+    let mut extra = vec![("host.name".to_string(), node.to_string())];
+    match meta {
+        Some(m) => {
+            let pod = m.pod();
+            if let Some(pod) = &pod {
+                extra.extend(
+                    pod.otel_attributes()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v)),
+                );
+            }
+            ResourceInfo {
+                service_name: m.service_name_in(pod.as_deref()),
+                pid: Some(pid),
+                executable_name: Some(m.executable_name.clone()),
+                container_id: m.container_id.clone(),
+                extra,
+            }
+        }
+        None => ResourceInfo {
+            service_name: "unknown_service".into(),
+            pid: Some(pid),
+            executable_name: None,
+            container_id: None,
+            extra,
+        },
     }
 }
 

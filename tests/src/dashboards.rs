@@ -340,7 +340,9 @@ pub fn promql_refs(expr: &str) -> Result<PromRefs, String> {
                             Tok::Close(')') => break,
                             Tok::Other(',') => {}
                             t => {
-                                return Err(format!("unexpected {t:?} in a label list of {expr:?}"));
+                                return Err(format!(
+                                    "unexpected {t:?} in a label list of {expr:?}"
+                                ));
                             }
                         }
                         i += 1;

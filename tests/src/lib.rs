@@ -22,6 +22,7 @@ pub use pprof::protos::Profile;
 
 pub mod chain;
 pub mod dashboards;
+pub mod k8s_replay;
 
 /// Serializes tests that load programs into the kernel or measure CPU.
 pub fn kernel_lock() -> MutexGuard<'static, ()> {

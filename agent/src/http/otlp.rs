@@ -53,6 +53,11 @@ pub struct ResourceInfo {
 }
 
 impl ResourceInfo {
+    /// Whether it carries a pod (`k8s.pod.name`).
+    pub fn has_pod(&self) -> bool {
+        self.extra.iter().any(|(k, _)| k == "k8s.pod.name")
+    }
+
     /// As an OTLP resource.
     pub fn to_otlp(&self) -> Resource {
         let mut attributes = vec![kv_str("service.name", &self.service_name)];

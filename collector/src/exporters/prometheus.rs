@@ -9,7 +9,12 @@
 //! other invalid characters replaced by `_` and a unit suffix (`s` →
 //! `_seconds`, `By` → `_bytes`, `1` on a gauge → `_ratio`); labels are the data
 //! point's attributes plus `job` (`service.namespace/service.name`) and
-//! `instance` (`service.instance.id`) from the resource. Cumulative values are
+//! `instance` (`service.instance.id`) from the resource, and the resource's
+//! Kubernetes and container attributes of [`PROMOTED_RESOURCE_ATTRIBUTES`]
+//! with `_` for `.` (`k8s_pod_name`, `container_id`, ...), as the OTel
+//! collector's `resource_to_telemetry_conversion` would for these (a fixed
+//! list, not every resource attribute: process ids would make a series per
+//! process). Cumulative values are
 //! taken as they are, delta values are added up. Exponential histograms and
 //! summaries are skipped (counted by reason).
 //!
@@ -421,8 +426,25 @@ impl MetricsView for PromRegistry {
     }
 }
 
+/// Resource attributes that become labels of every series of the resource
+/// (name with `.` → `_`): where the data comes from in a cluster.
+pub const PROMOTED_RESOURCE_ATTRIBUTES: &[&str] = &[
+    "k8s.namespace.name",
+    "k8s.pod.name",
+    "k8s.pod.uid",
+    "k8s.container.name",
+    "k8s.node.name",
+    "k8s.deployment.name",
+    "k8s.replicaset.name",
+    "k8s.statefulset.name",
+    "k8s.daemonset.name",
+    "k8s.job.name",
+    "k8s.cronjob.name",
+    "container.id",
+];
+
 /// `job` and `instance` from the resource attributes, like the OTel
-/// Prometheus exporter.
+/// Prometheus exporter, and the [`PROMOTED_RESOURCE_ATTRIBUTES`].
 fn job_instance(attrs: &[KeyValue]) -> Labels {
     let get = |k: &str| {
         attrs
@@ -441,6 +463,11 @@ fn job_instance(attrs: &[KeyValue]) -> Labels {
     }
     if let Some(id) = get("service.instance.id") {
         out.push(("instance".to_string(), id));
+    }
+    for key in PROMOTED_RESOURCE_ATTRIBUTES {
+        if let Some(v) = get(key).filter(|v| !v.is_empty()) {
+            out.push((label_name(key), v));
+        }
     }
     out
 }
@@ -1103,6 +1130,38 @@ mod tests {
             "{text}"
         );
         assert_eq!(r.snapshot().len(), 4);
+    }
+
+    #[test]
+    fn kubernetes_resource_attributes_become_labels() {
+        let r = PromRegistry::default();
+        let mut req = request(vec![sum(
+            "http.requests",
+            "",
+            true,
+            AggregationTemporality::Cumulative,
+            2.0,
+        )]);
+        let resource = req.resource_metrics[0].resource.as_mut().unwrap();
+        resource.attributes.extend([
+            kv("k8s.pod.name", "web-1"),
+            kv("k8s.namespace.name", "shop"),
+            kv("k8s.container.name", "app"),
+            kv("k8s.node.name", "node-1"),
+            kv("k8s.deployment.name", "web"),
+            kv("container.id", "abc"),
+            kv("k8s.pod.uid", ""),
+            // Not in the list: stays out of the labels.
+            kv("process.pid", "42"),
+            kv("host.name", "node-1"),
+        ]);
+        r.ingest(&req);
+        let text = r.render(&Stats::default());
+        let want = "http_requests_total{container_id=\"abc\",http_method=\"GET\",instance=\"pod-1\",\
+                    job=\"prod/shop\",k8s_container_name=\"app\",k8s_deployment_name=\"web\",\
+                    k8s_namespace_name=\"shop\",k8s_node_name=\"node-1\",k8s_pod_name=\"web-1\"} 2\n";
+        assert!(text.contains(want), "{text}");
+        assert_eq!(PROMOTED_RESOURCE_ATTRIBUTES.len(), 12);
     }
 
     #[test]
