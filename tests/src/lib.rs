@@ -20,6 +20,7 @@ use std::{
 use pprof::protos::Message as _;
 pub use pprof::protos::Profile;
 
+pub mod cgroups;
 pub mod chain;
 pub mod dashboards;
 pub mod k8s_replay;

@@ -29,13 +29,14 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::MutexGuard,
     time::{Duration, Instant},
 };
 
 use fathom_tests::{
     Agent, ChildGuard, build_fixture,
+    cgroups::{Cgroups, cgroup1_root, cgroup2_root, spawn_in},
     chain::http_get,
     free_port,
     k8s_replay::{ApiMode, K8sReplay, NODE, TOKEN, ids},
@@ -59,89 +60,6 @@ fn prepare(test: &str) -> Option<MutexGuard<'static, ()>> {
     }
     fathom_tests::agent_binary();
     Some(lock)
-}
-
-/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or
-/// `/sys/fs/cgroup/unified` on a hybrid system).
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-    })
-}
-
-/// Where a cgroup v1 hierarchy with `controller` is mounted, if any.
-fn cgroup1_root(controller: &str) -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup") && f.get(3)?.split(',').any(|o| o == controller))
-            .then(|| PathBuf::from(f[1]))
-    })
-}
-
-/// Cgroup directories this test made; on drop every process still in one
-/// goes back to its hierarchy's root, then they are removed, deepest first.
-#[derive(Default)]
-struct Cgroups(Vec<(PathBuf, PathBuf)>);
-
-impl Cgroups {
-    /// Creates `root/rel` (every missing component) and returns it.
-    fn create(&mut self, root: &Path, rel: &str) -> PathBuf {
-        let mut dir = root.to_path_buf();
-        for part in rel.split('/') {
-            dir.push(part);
-            if !dir.exists() {
-                std::fs::create_dir(&dir)
-                    .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
-                self.0.push((root.to_path_buf(), dir.clone()));
-            }
-        }
-        dir
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for (root, dir) in self.0.iter().rev() {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines() {
-                let _ = std::fs::write(root.join("cgroup.procs"), pid);
-            }
-            if let Err(e) = std::fs::remove_dir(dir) {
-                eprintln!("removing cgroup {}: {e}", dir.display());
-            }
-        }
-    }
-}
-
-/// `program args` started inside `cgroup` (it moves itself in, then execs).
-fn spawn_in(
-    cgroup: Option<&Path>,
-    program: &Path,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> ChildGuard {
-    let mut cmd = match cgroup {
-        Some(cg) => {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(r#"echo $$ > "$0" && exec "$@""#)
-                .arg(cg.join("cgroup.procs"))
-                .arg(program);
-            c
-        }
-        None => Command::new(program),
-    };
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env_remove("OTEL_SERVICE_NAME");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    ChildGuard::spawn(&mut cmd)
 }
 
 /// A 64-hex-digit container id unique to this run.
