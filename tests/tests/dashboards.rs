@@ -19,8 +19,12 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, agent_binary, dashboards, free_port, kernel_lock, kernel_tests_possible,
-    require_found, require_tool, wait_for_port, workspace_root,
+    Agent, ChildGuard, agent_binary, build_fixture,
+    cgroups::{Cgroups, cgroup2_root, spawn_in},
+    dashboards, free_port,
+    k8s_replay::{ApiMode, K8sReplay, NODE, TOKEN, ids},
+    kernel_lock, kernel_tests_possible, require_found, require_tool, wait_for_port,
+    workspace_root,
 };
 
 fn local(port: u16) -> std::net::SocketAddr {
@@ -60,16 +64,23 @@ while True:
         time.sleep(0.05)
 "#;
 
-fn python(dir: &Path, name: &str, script: &str, port: u16, service: &str) -> ChildGuard {
+/// `script` run by python3 with the port, inside `cgroup` when given.
+fn python(
+    dir: &Path,
+    cgroup: Option<&Path>,
+    name: &str,
+    script: &str,
+    port: u16,
+    env: &[(&str, &str)],
+) -> ChildGuard {
     let path = dir.join(name);
     std::fs::write(&path, script).unwrap();
-    ChildGuard::spawn(
-        Command::new("python3")
-            .arg(&path)
-            .arg(port.to_string())
-            .env("OTEL_SERVICE_NAME", service)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+    let python = fathom_tests::require_tool("python3", "python3").unwrap();
+    spawn_in(
+        cgroup,
+        &python,
+        &[path.to_str().unwrap(), &port.to_string()],
+        env,
     )
 }
 
@@ -114,10 +125,36 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
     if require_tool(TEST, "python3").is_none() {
         return;
     }
+    let Some(v2) = cgroup2_root() else {
+        require_found(TEST, "a mounted cgroup2 hierarchy", None);
+        return;
+    };
     agent_binary();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let all = dashboards::load(&workspace_root().join("dashboards"));
     let dir = tempfile::tempdir().unwrap();
+
+    // The workloads run in a pod of the replayed API server (the labels the
+    // dashboards filter on), in cgroups named the way the kubelet's systemd
+    // driver names them.
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let replay = K8sReplay::start(ApiMode::Serve);
+    replay.release_all();
+    let mut cgroups = Cgroups::default();
+    let pod_slice = format!(
+        "fathomtest-dash-{}.slice/kubepods-burstable-pod5e1c8a4e_9d0b_4f3a_8c71_2b6f4d9e0a13.slice",
+        std::process::id()
+    );
+    let app = cgroups.create(
+        &v2,
+        &format!("{pod_slice}/cri-containerd-{}.scope", ids::CHECKOUT_APP),
+    );
+    let proxy = cgroups.create(
+        &v2,
+        &format!("{pod_slice}/cri-containerd-{}.scope", ids::CHECKOUT_PROXY),
+    );
+    let spin = build_fixture("spin", dir.path());
 
     let http = local(free_port());
     let store = dir.path().join("store.redb");
@@ -132,13 +169,31 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
         "off",
         "--store-path",
         store.to_str().unwrap(),
+        "--k8s-api-url",
+        &replay.url,
+        "--node-name",
+        NODE,
+        "--k8s-token-file",
+        token.to_str().unwrap(),
     ]);
     agent.wait_for_log("http tracing attached", Duration::from_secs(120));
+    agent.wait_for_log("kubernetes metadata: pods listed", Duration::from_secs(30));
 
     let port = free_port();
-    let _server = python(dir.path(), "server.py", SERVER, port, "dash-server");
+    let _burner = spawn_in(Some(&app), &spin, &["alpha", "300"], &[]);
+    // No OTEL_SERVICE_NAME: the pod's app.kubernetes.io/name names it.
+    let _server = python(dir.path(), Some(&proxy), "server.py", SERVER, port, &[]);
     wait_for_port(local(port), Duration::from_secs(20));
-    let _client = python(dir.path(), "client.py", CLIENT, port, "dash-client");
+    // The client runs in the pod too (its `app` container): client-side
+    // metrics carry the pod labels the dashboards filter on.
+    let _client = python(
+        dir.path(),
+        Some(&app),
+        "client.py",
+        CLIENT,
+        port,
+        &[("OTEL_SERVICE_NAME", "dash-client")],
+    );
 
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
@@ -314,7 +369,7 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
             .map(|j| j.as_str().unwrap().to_string())
             .collect()
     };
-    assert!(jobs.contains("dash-server"), "{jobs:?}");
+    assert!(jobs.contains("checkout-api"), "{jobs:?}");
     if queries
         .iter()
         .any(|q| matches!(q, dashboards::Query::Jaeger { service, .. } if service == "$service"))
@@ -328,4 +383,5 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
         }
     }
     drop(agent);
+    drop(cgroups);
 }
