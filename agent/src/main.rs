@@ -13,6 +13,7 @@ use fathom_agent::{
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
     session::{self, DirSink, Session, Stop},
+    net_session::{NetConfig, NetSession},
     traces::{EmbeddedTraceSink, TraceConfig, TraceSession},
     unwinder::UnwinderConfig,
 };
@@ -133,21 +134,28 @@ struct DaemonArgs {
     #[arg(long, env = "FATHOM_BUFFER_BYTES", default_value_t = 64 << 20)]
     buffer_bytes: u64,
     /// Signals to collect: `profiles` (CPU profiles), `traces` (HTTP spans
-    /// and RED metrics of every process, with `traceparent` propagation).
+    /// and RED metrics of every process, with `traceparent` propagation),
+    /// `network` (TCP handshake, RTT, retransmits, bytes, DNS latency per
+    /// workload, from TC hooks and tracepoints).
     /// Traces need the embedded collector, which exports them to any OTLP
     /// endpoint (`--otlp-endpoint`).
     #[arg(
         long,
         env = "FATHOM_SIGNALS",
         value_delimiter = ',',
-        default_value = "profiles,traces",
-        value_parser = ["profiles", "traces"]
+        default_value = "profiles,traces,network",
+        value_parser = ["profiles", "traces", "network"]
     )]
     signals: Vec<String>,
     /// Insert a W3C `traceparent` header into outgoing HTTP/1.x requests of
     /// traced processes that carry none, so services join one trace.
     #[arg(long, env = "FATHOM_TRACE_INJECT", default_value_t = true, action = clap::ArgAction::Set)]
     trace_inject: bool,
+    /// Interfaces whose traffic the network signal measures: names or `*`
+    /// patterns (e.g. `eth0,veth*,cali*`); empty: the default route's
+    /// interface and every veth. New interfaces are picked up while running.
+    #[arg(long, env = "FATHOM_NET_INTERFACES", value_delimiter = ',')]
+    net_interfaces: Vec<String>,
     /// Embedded collector (used unless --output-dir or --collector-url is given).
     #[command(flatten, next_help_heading = "Embedded collector")]
     collector: CollectorArgs,
@@ -261,7 +269,8 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = profiler_config(&args.sampling)?;
     let profiles = args.signals.iter().any(|s| s == "profiles");
     let traces = args.signals.iter().any(|s| s == "traces");
-    if !profiles && !traces {
+    let network = args.signals.iter().any(|s| s == "network");
+    if !profiles && !traces && !network {
         bail!("--signals: nothing to collect");
     }
     if (args.output_dir.is_some() || args.collector_url.is_some()) && !profiles {
@@ -270,6 +279,11 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if (args.output_dir.is_some() || args.collector_url.is_some()) && traces {
         tracing::warn!(
             "traces need the embedded collector: not tracing with --output-dir or --collector-url"
+        );
+    }
+    if (args.output_dir.is_some() || args.collector_url.is_some()) && network {
+        tracing::warn!(
+            "network metrics need the embedded collector: not measured with --output-dir or --collector-url"
         );
     }
     if let Some(dir) = &args.output_dir {
@@ -338,6 +352,16 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
                     Box::new(EmbeddedTraceSink(collector.ingest())),
                 )
                 .context("starting HTTP tracing")?,
+            )
+        } else {
+            None
+        };
+        let _network = if network {
+            let mut net_config = NetConfig::default();
+            net_config.capture.interfaces = args.net_interfaces.clone();
+            Some(
+                NetSession::start(net_config, Box::new(EmbeddedTraceSink(collector.ingest())))
+                    .context("starting network metrics")?,
             )
         } else {
             None
