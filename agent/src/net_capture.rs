@@ -18,7 +18,7 @@ use aya::{
     },
 };
 use fathom_common::net::{
-    AggKey, DnsKey, FlowKey, FlowStats, Hist, NetCounter, globals, names,
+    AggKey, DnsKey, FlowKey, FlowStats, Hist, NetCounter, Owner, globals, names,
 };
 
 use crate::{ebpf, preflight, profiler::field_offset};
@@ -176,6 +176,7 @@ pub struct NetCapture {
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
     dns: BpfHashMap<MapData, DnsKey, u64>,
     counters: PerCpuArray<MapData, u64>,
+    owners: BpfHashMap<MapData, FlowKey, Owner>,
     /// Hooked interfaces: (name, ifindex) → (ingress, egress) links.
     attached: BTreeMap<(String, u32), (SchedClassifierLinkId, SchedClassifierLinkId)>,
     ebpf: Ebpf,
@@ -264,6 +265,7 @@ impl NetCapture {
             flows: take(&mut ebpf, names::FLOWS)?,
             dns: take(&mut ebpf, names::DNS_PENDING)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
+            owners: take(&mut ebpf, names::OWNERS)?,
             attached: BTreeMap::new(),
             ebpf,
         })
@@ -337,6 +339,26 @@ impl NetCapture {
     /// Every histogram.
     pub fn hists(&self) -> Vec<(AggKey, Hist)> {
         self.hists.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The processes the kernel named in its keys (connecting clients).
+    pub fn key_tgids(&self) -> std::collections::HashSet<u32> {
+        self.hists
+            .keys()
+            .chain(self.counts.keys())
+            .filter_map(Result::ok)
+            .map(|k| k.tgid)
+            .filter(|t| *t != 0)
+            .collect()
+    }
+
+    /// What the kernel knows of one TCP connection, keyed as its local end
+    /// sees it ([`FlowKey`] with `local` = this socket's address, protocol
+    /// 6): owner, latest smoothed RTT, retransmits so far, connect time.
+    /// For an HTTP span: look the connection up at the span's start and end
+    /// (retransmits during the span = the difference).
+    pub fn connection(&self, key: &FlowKey) -> Option<Owner> {
+        self.owners.get(key, 0).ok()
     }
 
     /// Every counter.

@@ -151,6 +151,7 @@ impl Worker {
         let mut next_flush = Instant::now() + self.config.flush_every;
         let mut next_scan = Instant::now() + self.config.rescan_every;
         let mut next_log = Instant::now() + Duration::from_secs(10);
+        let mut next_prime = Instant::now();
         loop {
             if stop.load(Ordering::Relaxed) {
                 self.flush();
@@ -162,6 +163,10 @@ impl Worker {
                 self.flush();
                 next_flush = now + self.config.flush_every;
             }
+            if now >= next_prime {
+                self.prime_resources();
+                next_prime = now + Duration::from_millis(200);
+            }
             if now >= next_scan {
                 self.capture.sync_interfaces();
                 next_scan = now + self.config.rescan_every;
@@ -171,6 +176,16 @@ impl Worker {
                 next_log = now + Duration::from_secs(10);
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Reads the metadata of processes new in the kernel's keys while they
+    /// run (a short-lived client may be gone by the next flush).
+    fn prime_resources(&mut self) {
+        for tgid in self.capture.key_tgids() {
+            if !self.resources.contains_key(&tgid) {
+                self.resource(Some(tgid));
+            }
         }
     }
 

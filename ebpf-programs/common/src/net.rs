@@ -201,7 +201,9 @@ pub struct FlowKey {
 }
 assert_size!(FlowKey, 40);
 
-/// Who owns a local TCP socket (`OWNERS`, keyed by the socket's own view).
+/// Who owns a local TCP socket and what the kernel knows of the
+/// connection (`OWNERS`, keyed by the socket's own view): what an HTTP span
+/// of the connection can carry (`NetCapture::connection`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
@@ -211,8 +213,14 @@ pub struct Owner {
     pub _pad: [u8; 3],
     /// When the last RTT sample was recorded.
     pub last_rtt_ns: u64,
+    /// The latest smoothed RTT (`tcp_probe`), microseconds.
+    pub srtt_us: u32,
+    /// Retransmitted segments so far.
+    pub retransmits: u32,
+    /// The connect's SYN → ESTABLISHED time (clients), nanoseconds.
+    pub connect_ns: u64,
 }
-assert_size!(Owner, 16);
+assert_size!(Owner, 32);
 
 /// A connect in progress (`CONNECTING`, keyed by the socket's address).
 #[repr(C)]

@@ -14,7 +14,7 @@ use fathom_common::net::{
     AggKey, Connecting, FAMILY_V4, FAMILY_V6, FlowKey, NetCounter, Owner, direction, metric,
 };
 
-use crate::{NET_CONNECTING, NET_OWNERS, add, count, observe};
+use crate::{NET_CONNECTING, NET_FLOWS, NET_OWNERS, add, count, observe};
 
 // Offsets the loader reads from the format files (defaults: Linux 6.18).
 #[unsafe(no_mangle)]
@@ -187,14 +187,21 @@ fn sock_state(ctx: &TracePointContext) -> Option<()> {
             remote,
         };
         if new == TCP_ESTABLISHED {
-            observe(&key, now().saturating_sub(c.start_ns));
+            let took = now().saturating_sub(c.start_ns);
+            observe(&key, took);
             let owner = Owner {
                 tgid: c.tgid,
                 direction: direction::CLIENT,
-                _pad: [0; 3],
-                last_rtt_ns: 0,
+                connect_ns: took,
+                ..Owner::default()
             };
             let _ = NET_OWNERS.insert(&flow, &owner, 0);
+            // The flow TC saw start (keyed client → server, as here) now
+            // has its client process.
+            if let Some(f) = NET_FLOWS.get_ptr_mut(&flow) {
+                // SAFETY: a valid map value.
+                unsafe { (*f).client_tgid = c.tgid };
+            }
         } else if new == TCP_CLOSE {
             key.metric = metric::CONNECT_FAILURES;
             add(&key, 1);
@@ -203,10 +210,8 @@ fn sock_state(ctx: &TracePointContext) -> Option<()> {
     }
     if new == TCP_SYN_RECV {
         let owner = Owner {
-            tgid: 0,
             direction: direction::SERVER,
-            _pad: [0; 3],
-            last_rtt_ns: 0,
+            ..Owner::default()
         };
         let _ = NET_OWNERS.insert(&flow, &owner, 0);
     } else if new == TCP_CLOSE {
@@ -299,17 +304,19 @@ fn tcp_probe(ctx: &TracePointContext) -> Option<()> {
         remote,
     };
     let o = owner(&flow)?;
+    // SAFETY: offsets from the format file.
+    let srtt_us = unsafe { ctx.read_at::<u32>(global(&NET_PROBE_SRTT)) }.ok()?;
+    if srtt_us == 0 {
+        return Some(());
+    }
+    // SAFETY: a valid map value.
+    unsafe { (*o).srtt_us = srtt_us };
     let t = now();
     // SAFETY: a valid map value.
     let last = unsafe { (*o).last_rtt_ns };
     // SAFETY: a plain read of a loader-set global.
     let every = unsafe { read_volatile(&NET_RTT_SAMPLE_NS) };
     if last != 0 && t.saturating_sub(last) < every {
-        return Some(());
-    }
-    // SAFETY: as above.
-    let srtt_us = unsafe { ctx.read_at::<u32>(global(&NET_PROBE_SRTT)) }.ok()?;
-    if srtt_us == 0 {
         return Some(());
     }
     // SAFETY: a valid map value.
@@ -350,8 +357,11 @@ fn retransmit(ctx: &TracePointContext) -> Option<()> {
         remote,
     };
     let o = owner(&flow)?;
-    // SAFETY: a valid map value, copied.
-    let o = unsafe { *o };
+    // SAFETY: a valid map value, copied after the count.
+    let o = unsafe {
+        (*o).retransmits = (*o).retransmits.wrapping_add(1);
+        *o
+    };
     add(&agg(&flow, &o, metric::RETRANSMITS), 1);
     Some(())
 }
