@@ -116,7 +116,7 @@ pub struct Netns {
     pub id: u64,
     pub sockets: Vec<SocketEntry>,
     pub local_addrs: Vec<IpAddr>,
-    /// Processes in it, ascending.
+    /// Processes in it (not kernel threads), ascending.
     pub pids: Vec<u32>,
 }
 
@@ -126,7 +126,8 @@ pub struct Snapshot {
     pub netns: Vec<Netns>,
     /// Socket inode → a process holding it (the lowest pid).
     pub inode_pid: HashMap<u64, u32>,
-    /// The namespace of pid 1 (the node's own).
+    /// The node's own namespace: the reader's (the agent runs in it and
+    /// hooks its interfaces).
     pub root_netns: u64,
 }
 
@@ -134,7 +135,13 @@ impl Snapshot {
     /// Reads `/proc` (every process's `ns/net` and `fd`, each namespace's
     /// tables once).
     pub fn read(proc_root: &Path) -> Self {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot {
+            root_netns: fs::read_link(proc_root.join("self/ns/net"))
+                .ok()
+                .and_then(|l| ns_inode(&l.to_string_lossy()))
+                .unwrap_or(0),
+            ..Snapshot::default()
+        };
         let mut by_id: HashMap<u64, usize> = HashMap::new();
         let Ok(dir) = fs::read_dir(proc_root) else {
             return snap;
@@ -152,9 +159,6 @@ impl Snapshot {
             else {
                 continue;
             };
-            if pid == 1 {
-                snap.root_netns = ns;
-            }
             let index = *by_id.entry(ns).or_insert_with(|| {
                 let read = |f: &str| fs::read_to_string(pdir.join(f)).unwrap_or_default();
                 let mut sockets = parse_tcp_table(&read("net/tcp"));
@@ -169,7 +173,11 @@ impl Snapshot {
                 });
                 snap.netns.len() - 1
             });
-            snap.netns[index].pids.push(pid);
+            // Kernel threads (no executable) live in the node's namespace
+            // and are nobody's workload.
+            if fs::read_link(pdir.join("exe")).is_ok() {
+                snap.netns[index].pids.push(pid);
+            }
             if let Ok(fds) = fs::read_dir(pdir.join("fd")) {
                 for fd in fds.flatten() {
                     if let Some(inode) = fs::read_link(fd.path())
