@@ -9,11 +9,11 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fathom_agent::{
     export::{EmbeddedSink, RemoteSink},
+    net_session::{NetConfig, NetSession},
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
     session::{self, DirSink, Session, Stop},
-    net_session::{NetConfig, NetSession},
     traces::{EmbeddedTraceSink, TraceConfig, TraceSession},
     unwinder::UnwinderConfig,
 };

@@ -192,11 +192,19 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
 /// Globals set from format files: (global, tracepoint, field).
 const OFFSETS: &[(&str, &str, &str)] = &[
     (globals::STATE_SKADDR, "sock/inet_sock_set_state", "skaddr"),
-    (globals::STATE_OLDSTATE, "sock/inet_sock_set_state", "oldstate"),
+    (
+        globals::STATE_OLDSTATE,
+        "sock/inet_sock_set_state",
+        "oldstate",
+    ),
     (globals::STATE_SPORT, "sock/inet_sock_set_state", "sport"),
     (globals::STATE_FAMILY, "sock/inet_sock_set_state", "family"),
     (globals::STATE_SADDR, "sock/inet_sock_set_state", "saddr"),
-    (globals::STATE_SADDR_V6, "sock/inet_sock_set_state", "saddr_v6"),
+    (
+        globals::STATE_SADDR_V6,
+        "sock/inet_sock_set_state",
+        "saddr_v6",
+    ),
     (globals::PROBE_SADDR, "tcp/tcp_probe", "saddr"),
     (globals::PROBE_DADDR, "tcp/tcp_probe", "daddr"),
     (globals::PROBE_SPORT, "tcp/tcp_probe", "sport"),
@@ -205,7 +213,11 @@ const OFFSETS: &[(&str, &str, &str)] = &[
     (globals::RETRANS_SPORT, "tcp/tcp_retransmit_skb", "sport"),
     (globals::RETRANS_FAMILY, "tcp/tcp_retransmit_skb", "family"),
     (globals::RETRANS_SADDR, "tcp/tcp_retransmit_skb", "saddr"),
-    (globals::RETRANS_SADDR_V6, "tcp/tcp_retransmit_skb", "saddr_v6"),
+    (
+        globals::RETRANS_SADDR_V6,
+        "tcp/tcp_retransmit_skb",
+        "saddr_v6",
+    ),
 ];
 
 impl NetCapture {
@@ -227,12 +239,11 @@ impl NetCapture {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
-            let off = field_offset(&format, field).ok_or_else(|| {
-                NetCaptureError::TracepointFormat {
+            let off =
+                field_offset(&format, field).ok_or_else(|| NetCaptureError::TracepointFormat {
                     path: path.display().to_string(),
                     reason: format!("no {field} field"),
-                }
-            })?;
+                })?;
             offsets.push((global, off));
         }
         let mut loader = EbpfLoader::new();
@@ -276,7 +287,11 @@ impl NetCapture {
     pub fn sync_interfaces(&mut self) -> Vec<String> {
         let all = list_interfaces(Path::new("/sys/class/net"));
         let route = fs::read_to_string("/proc/net/route").unwrap_or_default();
-        let wanted = select_interfaces(&all, &self.config.interfaces, &default_route_interfaces(&route));
+        let wanted = select_interfaces(
+            &all,
+            &self.config.interfaces,
+            &default_route_interfaces(&route),
+        );
         let wanted_keys: BTreeSet<(String, u32)> =
             wanted.iter().map(|i| (i.name.clone(), i.ifindex)).collect();
         let gone: Vec<_> = self
@@ -460,7 +475,10 @@ mod tests {
             names(select_interfaces(&all, &["cali*".into(), "lo".into()], &[])),
             ["lo", "cali123"]
         );
-        assert_eq!(names(select_interfaces(&all, &["wg*".into()], &[])), Vec::<String>::new());
+        assert_eq!(
+            names(select_interfaces(&all, &["wg*".into()], &[])),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

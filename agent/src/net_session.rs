@@ -320,9 +320,7 @@ impl Worker {
         self.flush_flows();
         self.flush_dns();
         self.forget_exited();
-        if self.metrics.series() > 0
-            && !self.sink.metrics(self.metrics.export(unix_now_ns()))
-        {
+        if self.metrics.series() > 0 && !self.sink.metrics(self.metrics.export(unix_now_ns())) {
             self.undelivered += 1;
         }
     }
@@ -333,8 +331,8 @@ impl Worker {
         for (key, stats) in flows {
             let before = self.last_flows.get(&key).copied().unwrap_or_default();
             // A flow evicted and made again counts from zero.
-            let reset = stats.c2s_packets < before.c2s_packets
-                || stats.s2c_packets < before.s2c_packets;
+            let reset =
+                stats.c2s_packets < before.c2s_packets || stats.s2c_packets < before.s2c_packets;
             let before = if reset { FlowStats::default() } else { before };
             let d = [
                 stats.c2s_bytes - before.c2s_bytes,
@@ -366,7 +364,11 @@ impl Worker {
                     (NetMetric::Bytes, d[0], d[2]),
                     (NetMetric::Packets, d[1], d[3]),
                 ] {
-                    let (tx, rx) = if c2s_is_transmit { (c2s, s2c) } else { (s2c, c2s) };
+                    let (tx, rx) = if c2s_is_transmit {
+                        (c2s, s2c)
+                    } else {
+                        (s2c, c2s)
+                    };
                     for (io, n) in [("transmit", tx), ("receive", rx)] {
                         let series = Series {
                             direction: a.direction,

@@ -24,10 +24,16 @@ use std::{
     time::Duration,
 };
 
-use fathom_tests::{Agent, ChildGuard, free_port, kernel_tests_possible, median, release_agent_binary};
+use fathom_tests::{
+    Agent, ChildGuard, free_port, kernel_tests_possible, median, release_agent_binary,
+};
 
 fn run(args: &[&str]) {
-    let ok = Command::new(args[0]).args(&args[1..]).status().unwrap().success();
+    let ok = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "{args:?} failed");
 }
 
@@ -46,10 +52,21 @@ impl Pair {
         };
         let peer = format!("fb{id}p");
         run(&["ip", "netns", "add", &p.ns]);
-        run(&["ip", "link", "add", &p.host, "type", "veth", "peer", "name", &peer, "netns", &p.ns]);
+        run(&[
+            "ip", "link", "add", &p.host, "type", "veth", "peer", "name", &peer, "netns", &p.ns,
+        ]);
         run(&["ip", "addr", "add", "10.214.0.1/24", "dev", &p.host]);
         run(&["ip", "link", "set", &p.host, "up"]);
-        run(&["ip", "-n", &p.ns, "addr", "add", "10.214.0.2/24", "dev", &peer]);
+        run(&[
+            "ip",
+            "-n",
+            &p.ns,
+            "addr",
+            "add",
+            "10.214.0.2/24",
+            "dev",
+            &peer,
+        ]);
         run(&["ip", "-n", &p.ns, "link", "set", &peer, "up"]);
         run(&["ip", "-n", &p.ns, "link", "set", "lo", "up"]);
         p
@@ -78,7 +95,9 @@ fn iperf(udp: bool, seconds: u32) -> f64 {
         let packets = sum["packets"].as_f64().unwrap() - sum["lost_packets"].as_f64().unwrap();
         packets / sum["seconds"].as_f64().unwrap()
     } else {
-        v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap()
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap()
     }
 }
 
@@ -86,8 +105,14 @@ fn main() {
     if !kernel_tests_possible("network bench") {
         return;
     }
-    let rounds: usize = std::env::var("FATHOM_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let seconds: u32 = std::env::var("FATHOM_BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("FATHOM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seconds: u32 = std::env::var("FATHOM_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let agent_bin = release_agent_binary();
     let pair = Pair::new();
     let _server = ChildGuard::spawn(
@@ -98,12 +123,19 @@ fn main() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let dir = tempfile::tempdir().unwrap();
-    for (name, udp, unit) in [("TCP throughput", false, "Gbit/s"), ("64-byte UDP", true, "kpackets/s")] {
+    for (name, udp, unit) in [
+        ("TCP throughput", false, "Gbit/s"),
+        ("64-byte UDP", true, "kpackets/s"),
+    ] {
         let scale = if udp { 1e3 } else { 1e9 };
         let (mut off, mut on, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             let mut pair_values = [0.0; 2];
-            let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
             for agent_on in order {
                 let agent = agent_on.then(|| {
                     let port = free_port();
@@ -138,7 +170,10 @@ fn main() {
             off.push(pair_values[0]);
             on.push(pair_values[1]);
             ratio.push(pair_values[1] / pair_values[0]);
-            eprintln!("{name} round {round}: off {:.3} on {:.3} {unit}", pair_values[0], pair_values[1]);
+            eprintln!(
+                "{name} round {round}: off {:.3} on {:.3} {unit}",
+                pair_values[0], pair_values[1]
+            );
         }
         println!(
             "{name}: off {:.3} {unit}, on {:.3} {unit}, ratio on/off {:.3} (median of {rounds} rounds of {seconds} s)",

@@ -4,7 +4,10 @@
 //! to a veth on the node that the agent hooks. Truth is the injected delay
 //! and what the applications and the kernel measured themselves (connect
 //! time, `TCP_INFO` RTT, `nstat` retransmits, DNS response times).
-#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fathom_tests::{Agent, ChildGuard, build_fixture, free_port, kernel_lock, kernel_tests_possible};
+use fathom_tests::{
+    Agent, ChildGuard, build_fixture, free_port, kernel_lock, kernel_tests_possible,
+};
 
 /// Runs a command, panicking on failure; returns stdout.
 fn run(args: &[&str]) -> String {
@@ -53,15 +58,46 @@ impl Topology {
         let (w1, w2, p) = (format!("{tag}w1"), format!("{tag}w2"), format!("{tag}p"));
         run(&["ip", "netns", "add", &t.wire]);
         run(&["ip", "netns", "add", &t.pod]);
-        run(&["ip", "link", "add", &t.host_if, "type", "veth", "peer", "name", &w1, "netns", &t.wire]);
-        run(&["ip", "link", "add", &p, "netns", &t.pod, "type", "veth", "peer", "name", &w2, "netns", &t.wire]);
-        run(&["ip", "addr", "add", &format!("{}/24", t.host_ip), "dev", &t.host_if]);
+        run(&[
+            "ip", "link", "add", &t.host_if, "type", "veth", "peer", "name", &w1, "netns", &t.wire,
+        ]);
+        run(&[
+            "ip", "link", "add", &p, "netns", &t.pod, "type", "veth", "peer", "name", &w2, "netns",
+            &t.wire,
+        ]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", t.host_ip),
+            "dev",
+            &t.host_if,
+        ]);
         // One segment per packet: the relay forwards frames as they are.
         run(&["ip", "link", "set", &t.host_if, "up", "gso_max_segs", "1"]);
         run(&["ip", "-n", &t.wire, "link", "set", &w1, "up"]);
         run(&["ip", "-n", &t.wire, "link", "set", &w2, "up"]);
-        run(&["ip", "-n", &t.pod, "addr", "add", &format!("{}/24", t.pod_ip), "dev", &p]);
-        run(&["ip", "-n", &t.pod, "link", "set", &p, "up", "gso_max_segs", "1"]);
+        run(&[
+            "ip",
+            "-n",
+            &t.pod,
+            "addr",
+            "add",
+            &format!("{}/24", t.pod_ip),
+            "dev",
+            &p,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &t.pod,
+            "link",
+            "set",
+            &p,
+            "up",
+            "gso_max_segs",
+            "1",
+        ]);
         run(&["ip", "-n", &t.pod, "link", "set", "lo", "up"]);
         t
     }
@@ -146,10 +182,15 @@ fn agent(interfaces: &str, dir: &Path) -> (Agent, u16) {
 
 /// `/metrics` as (name, labels) → value.
 fn scrape(port: u16) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
-    let body = fathom_tests::chain::http_get(port, "/metrics").unwrap().body;
+    let body = fathom_tests::chain::http_get(port, "/metrics")
+        .unwrap()
+        .body;
     let text = String::from_utf8(body).unwrap();
     let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (series, value) = line.rsplit_once(' ').unwrap();
         let (name, labels) = match series.split_once('{') {
             Some((n, l)) => (n, l.trim_end_matches('}')),
@@ -175,7 +216,10 @@ fn value(
 ) -> f64 {
     m.iter()
         .filter(|((n, l), _)| {
-            n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
         })
         .map(|(_, v)| v)
         .sum()
@@ -275,10 +319,20 @@ fn spawn_server(topo: &Topology, name: &str, ports: &[u16]) -> ChildGuard {
 fn run_client(topo: &Topology, name: &str, port: u16, n: u32) -> (f64, f64) {
     let out = Command::new("python3")
         .env("OTEL_SERVICE_NAME", name)
-        .args(["-c", ECHO_CLIENT, &topo.pod_ip, &port.to_string(), &n.to_string()])
+        .args([
+            "-c",
+            ECHO_CLIENT,
+            &topo.pod_ip,
+            &port.to_string(),
+            &n.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut f = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
     (f.next().unwrap(), f.next().unwrap())
@@ -318,7 +372,8 @@ fn encode(q: &str) -> String {
 
 /// A PromQL instant query's single value.
 fn promql(port: u16, q: &str) -> Option<f64> {
-    let resp = fathom_tests::chain::http_get(port, &format!("/api/v1/query?query={}", encode(q))).ok()?;
+    let resp =
+        fathom_tests::chain::http_get(port, &format!("/api/v1/query?query={}", encode(q))).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&resp.body).ok()?;
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
@@ -351,8 +406,14 @@ fn handshake_and_rtt_follow_the_injected_delay() {
     // The agent starts before the interface exists.
     let (agent, port) = agent(&format!("{tag}*h"), dir.path());
     let mut topo = Topology::new(&tag, subnet(0), &relay);
-    agent.wait_for_log(&format!("network hooks attached interface={tag}h"), Duration::from_secs(20));
-    assert_eq!(tcx_programs(&topo.host_if), ["net_tc_ingress", "net_tc_egress"]);
+    agent.wait_for_log(
+        &format!("network hooks attached interface={tag}h"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        tcx_programs(&topo.host_if),
+        ["net_tc_ingress", "net_tc_egress"]
+    );
 
     let prom_port = free_port();
     let config = dir.path().join("prometheus.yml");
@@ -366,7 +427,10 @@ fn handshake_and_rtt_follow_the_injected_delay() {
     let _prometheus = ChildGuard::spawn(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("prom").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("prom").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
@@ -381,7 +445,9 @@ fn handshake_and_rtt_follow_the_injected_delay() {
         let client = format!("{tag}-client-{delay_ms}");
         let n = 10;
         let (connect_ms, rtt_ms) = run_client(&topo, &client, server_port, n);
-        eprintln!("delay {delay_ms} ms: client measured connect {connect_ms:.3} ms, TCP_INFO rtt {rtt_ms:.3} ms");
+        eprintln!(
+            "delay {delay_ms} ms: client measured connect {connect_ms:.3} ms, TCP_INFO rtt {rtt_ms:.3} ms"
+        );
         let sp = server_port.to_string();
         let client_side = [
             ("job", client.as_str()),
@@ -399,13 +465,29 @@ fn handshake_and_rtt_follow_the_injected_delay() {
         wait_count(port, &format!("{hs}_count"), &client_side, f64::from(n));
         wait_count(port, &format!("{hs}_count"), &server_side, f64::from(n));
         let m = scrape(port);
-        assert_eq!(value(&m, &format!("{hs}_count"), &client_side), f64::from(n));
-        assert_eq!(value(&m, &format!("{hs}_count"), &server_side), f64::from(n));
+        assert_eq!(
+            value(&m, &format!("{hs}_count"), &client_side),
+            f64::from(n)
+        );
+        assert_eq!(
+            value(&m, &format!("{hs}_count"), &server_side),
+            f64::from(n)
+        );
         for (side, labels) in [("client", &client_side), ("server", &server_side)] {
             let mean = value(&m, &format!("{hs}_sum"), labels) / f64::from(n) * 1000.0;
             eprintln!("  handshake {side}: {mean:.3} ms");
-            within(&format!("{side} handshake vs injected"), mean, delay_ms, 0.05);
-            within(&format!("{side} handshake vs the client's"), mean, connect_ms, 0.05);
+            within(
+                &format!("{side} handshake vs injected"),
+                mean,
+                delay_ms,
+                0.05,
+            );
+            within(
+                &format!("{side} handshake vs the client's"),
+                mean,
+                connect_ms,
+                0.05,
+            );
         }
         let rtt = "fathom_tcp_rtt_seconds";
         let samples = value(&m, &format!("{rtt}_count"), &client_side);
@@ -419,20 +501,33 @@ fn handshake_and_rtt_follow_the_injected_delay() {
         let tx = value(
             &m,
             "fathom_network_bytes_total",
-            &[client_side[0], client_side[1], client_side[3], ("network_io_direction", "transmit")],
+            &[
+                client_side[0],
+                client_side[1],
+                client_side[3],
+                ("network_io_direction", "transmit"),
+            ],
         );
         assert!(tx >= f64::from(n) * 1000.0, "client transmit bytes {tx}");
 
         // Prometheus has the same: the mean and the median from buckets.
         let sel = format!("{{job=\"{client}\",direction=\"client\",server_port=\"{sp}\"}}");
-        let mean = promql_until(prom_port, &format!("sum({hs}_sum{sel}) / sum({hs}_count{sel})"), |_| true);
+        let mean = promql_until(
+            prom_port,
+            &format!("sum({hs}_sum{sel}) / sum({hs}_count{sel})"),
+            |_| true,
+        );
         within("Prometheus handshake mean", mean * 1000.0, delay_ms, 0.05);
         let p50 = promql_until(
             prom_port,
             &format!("histogram_quantile(0.5, sum by (le) ({hs}_bucket{sel}))"),
             |_| true,
         );
-        eprintln!("  prometheus: mean {:.3} ms, p50 {:.3} ms", mean * 1000.0, p50 * 1000.0);
+        eprintln!(
+            "  prometheus: mean {:.3} ms, p50 {:.3} ms",
+            mean * 1000.0,
+            p50 * 1000.0
+        );
         within("Prometheus handshake p50", p50 * 1000.0, delay_ms, 0.05);
         let p50 = promql_until(
             prom_port,
@@ -445,7 +540,10 @@ fn handshake_and_rtt_follow_the_injected_delay() {
     // The interface goes: forgotten; the agent leaves nothing behind.
     let host_if = topo.host_if.clone();
     drop(topo);
-    agent.wait_for_log(&format!("network hooks removed interface={host_if}"), Duration::from_secs(20));
+    agent.wait_for_log(
+        &format!("network hooks removed interface={host_if}"),
+        Duration::from_secs(20),
+    );
     agent.signal("TERM");
     let (status, _) = agent.finish(Duration::from_secs(30));
     assert!(status.success());
@@ -490,7 +588,9 @@ c.recv(1)
         .stdout(Stdio::piped());
     let mut server = ChildGuard::spawn(&mut cmd);
     let mut line = String::new();
-    BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let mut client = std::net::TcpStream::connect((topo.pod_ip.as_str(), 18100)).unwrap();
     // Loss from here on (the handshake is done: no SYN-ACK retransmits,
     // which the kernel counts and `tcp_retransmit_skb` does not see).
@@ -504,7 +604,15 @@ c.recv(1)
     }
     // Everything acknowledged before the counters are compared.
     std::thread::sleep(Duration::from_secs(3));
-    let nstat = run(&["ip", "netns", "exec", &topo.pod, "nstat", "-az", "TcpRetransSegs"]);
+    let nstat = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &topo.pod,
+        "nstat",
+        "-az",
+        "TcpRetransSegs",
+    ]);
     let kernel: f64 = nstat
         .lines()
         .find(|l| l.starts_with("TcpRetransSegs"))
@@ -513,8 +621,15 @@ c.recv(1)
         .parse()
         .unwrap();
     eprintln!("kernel TcpRetransSegs in the server's namespace: {kernel}");
-    assert!(kernel >= 20.0, "5% loss of ~3000 segments: {kernel} retransmits");
-    let labels = [("job", server_name.as_str()), ("direction", "server"), ("server_port", "18100")];
+    assert!(
+        kernel >= 20.0,
+        "5% loss of ~3000 segments: {kernel} retransmits"
+    );
+    let labels = [
+        ("job", server_name.as_str()),
+        ("direction", "server"),
+        ("server_port", "18100"),
+    ];
     wait_count(port, "fathom_tcp_retransmits_total", &labels, kernel);
     std::thread::sleep(Duration::from_secs(2));
     let ours = value(&scrape(port), "fathom_tcp_retransmits_total", &labels);
@@ -536,7 +651,10 @@ fn dns_latency_and_rcodes() {
     topo.set_link(20_000, 0);
     topo.warm_arp();
     let (agent, port) = agent(&topo.host_if.clone(), dir.path());
-    assert_eq!(tcx_programs(&topo.host_if), ["net_tc_ingress", "net_tc_egress"]);
+    assert_eq!(
+        tcx_programs(&topo.host_if),
+        ["net_tc_ingress", "net_tc_egress"]
+    );
     let mut dnsmasq = topo.in_pod("dnsmasq");
     dnsmasq
         .args([
@@ -550,7 +668,10 @@ fn dns_latency_and_rcodes() {
             "--address=/ok.fathom.test/10.9.9.9",
             "--local=/fathom.test/",
         ])
-        .arg(format!("--pid-file={}", dir.path().join("dnsmasq.pid").display()))
+        .arg(format!(
+            "--pid-file={}",
+            dir.path().join("dnsmasq.pid").display()
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let _dnsmasq = ChildGuard::spawn(&mut dnsmasq);
@@ -582,7 +703,11 @@ print(sum(times) / len(times), " ".join(map(str, rcodes)), flush=True)
         .args(&names)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut f = text.split_whitespace();
     let mean_ms: f64 = f.next().unwrap().parse().unwrap();
@@ -598,10 +723,17 @@ print(sum(times) / len(times), " ".join(map(str, rcodes)), flush=True)
         // From the node's own address: no process is known for the
         // short-lived resolver socket.
         assert_eq!(
-            value(&m, &format!("{d}_count"), &[labels[0], labels[1], ("job", "unknown")]),
+            value(
+                &m,
+                &format!("{d}_count"),
+                &[labels[0], labels[1], ("job", "unknown")]
+            ),
             10.0,
             "{:#?}",
-            m.iter().filter(|((n, _), _)| n.starts_with(d)).filter(|((n, _), _)| n.ends_with("_count")).collect::<Vec<_>>()
+            m.iter()
+                .filter(|((n, _), _)| n.starts_with(d))
+                .filter(|((n, _), _)| n.ends_with("_count"))
+                .collect::<Vec<_>>()
         );
         let mean = value(&m, &format!("{d}_sum"), &labels) / 10.0 * 1000.0;
         eprintln!("  {rcode}: {mean:.3} ms");

@@ -94,7 +94,11 @@ fn server_peer(snap: &Snapshot, addr: IpAddr, port: u16) -> Peer {
 
 /// The local ends of a flow (keyed client → server): for each, who it is
 /// and whether the client-to-server bytes are its transmit (else receive).
-pub fn attribute_flow(key: &FlowKey, client_tgid: u32, snap: &Snapshot) -> Vec<(Attribution, bool)> {
+pub fn attribute_flow(
+    key: &FlowKey,
+    client_tgid: u32,
+    snap: &Snapshot,
+) -> Vec<(Attribution, bool)> {
     let client = addr(key.family, &key.local);
     let server = addr(key.family, &key.remote);
     let port = key.remote_port;
@@ -203,7 +207,10 @@ mod tests {
     #[test]
     fn both_ends_of_a_connection() {
         let s = snap();
-        let client = attribute_agg(&key(metric::HANDSHAKE, direction::CLIENT, 40, HOST, POD), &s);
+        let client = attribute_agg(
+            &key(metric::HANDSHAKE, direction::CLIENT, 40, HOST, POD),
+            &s,
+        );
         assert_eq!(
             client,
             Some(Attribution {
@@ -227,7 +234,10 @@ mod tests {
         let rtt = attribute_agg(&key(metric::RTT, direction::UNKNOWN, 0, POD, HOST), &s);
         assert_eq!(rtt.and_then(|a| a.direction), Some("server"));
         let rtt = attribute_agg(&key(metric::RTT, direction::UNKNOWN, 0, HOST, POD), &s);
-        assert_eq!(rtt.map(|a| (a.direction, a.local)), Some((Some("client"), Some(40))));
+        assert_eq!(
+            rtt.map(|a| (a.direction, a.local)),
+            Some((Some("client"), Some(40)))
+        );
         // A handshake to a remote server seen at TC is nobody's here.
         let remote = attribute_agg(
             &key(metric::HANDSHAKE, direction::SERVER, 0, [8, 8, 8, 8], HOST),

@@ -88,8 +88,16 @@ mod tests {
         // Every bucket's values lie below its bound and at or above the
         // previous one.
         for ns in [
-            1u64, 16_383, 16_384, 20_000, 1_000_000, 20_000_000, 20_150_000, 50_000_000,
-            999_999_999, 30_000_000_000,
+            1u64,
+            16_383,
+            16_384,
+            20_000,
+            1_000_000,
+            20_000_000,
+            20_150_000,
+            50_000_000,
+            999_999_999,
+            30_000_000_000,
         ] {
             let i = bucket_index(ns);
             let s = ns as f64 / 1e9;

@@ -231,7 +231,8 @@ impl NetMetrics {
         if delta.count == 0 {
             return;
         }
-        if let Some(Value::Hist(h)) = self.slot(resource, series, || Value::Hist(HistSum::default()))
+        if let Some(Value::Hist(h)) =
+            self.slot(resource, series, || Value::Hist(HistSum::default()))
         {
             h.merge(delta);
         }
@@ -460,8 +461,9 @@ mod tests {
         }
         // 20 ms and 20.2 ms fall in the bucket [18.87 ms, 20.97 ms).
         for (le, n) in [("0.018874368", 0), ("0.02097152", 2)] {
-            let line =
-                format!("fathom_tcp_handshake_duration_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n");
+            let line = format!(
+                "fathom_tcp_handshake_duration_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n"
+            );
             assert!(text.contains(&line), "{line} in\n{text}");
         }
     }

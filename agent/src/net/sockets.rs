@@ -274,7 +274,10 @@ fn ns_inode(link: &str) -> Option<u64> {
 
 /// `socket:[123]` → 123.
 fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

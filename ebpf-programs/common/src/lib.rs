@@ -21,8 +21,8 @@ pub(crate) use assert_size;
 #[cfg(feature = "user")]
 mod pod {
     use crate::{
-        net::{AggKey, Connecting, DnsKey, FlowKey, FlowStats, Handshake, Hist, Owner},
         http::{ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, TraceContext},
+        net::{AggKey, Connecting, DnsKey, FlowKey, FlowStats, Handshake, Hist, Owner},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
         unwind::{UnwindMapping, UnwindProcess, UnwindRow},
     };

@@ -315,7 +315,10 @@ mod tests {
 
     #[test]
     fn dns_headers() {
-        assert_eq!(dns_header(&[0x12, 0x34, 0x81, 0x83]), Some((0x1234, true, 3)));
+        assert_eq!(
+            dns_header(&[0x12, 0x34, 0x81, 0x83]),
+            Some((0x1234, true, 3))
+        );
         assert_eq!(dns_header(&[0, 1, 0x01, 0x00, 9]), Some((1, false, 0)));
         assert_eq!(dns_header(&[0, 1, 0]), None);
     }

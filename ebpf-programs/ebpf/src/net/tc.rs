@@ -4,10 +4,7 @@
 //! response in). They never change or drop a packet.
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
-    helpers::bpf_ktime_get_ns,
-    macros::classifier,
-    programs::TcContext,
+    bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
 };
 use fathom_common::net::{
     AggKey, DnsKey, FAMILY_V4, FAMILY_V6, FlowKey, FlowStats, Handshake, NetCounter, direction,

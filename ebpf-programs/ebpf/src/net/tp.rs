@@ -89,7 +89,12 @@ fn normalize(family: &mut u8, addr: &mut [u8; 16]) {
 /// (family, local, remote) from a record with `saddr[4] daddr[4]` at `v4`
 /// and `saddr_v6[16] daddr_v6[16]` at `v6`.
 #[inline(always)]
-fn addrs(ctx: &TracePointContext, af: u16, v4: usize, v6: usize) -> Option<(u8, [u8; 16], [u8; 16])> {
+fn addrs(
+    ctx: &TracePointContext,
+    af: u16,
+    v4: usize,
+    v6: usize,
+) -> Option<(u8, [u8; 16], [u8; 16])> {
     let mut local = [0u8; 16];
     let mut remote = [0u8; 16];
     let mut family;
