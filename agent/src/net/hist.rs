@@ -117,9 +117,11 @@ mod tests {
 
     #[test]
     fn deltas() {
-        let mut h = Hist::default();
-        h.count = 2;
-        h.sum_ns = 40_000_000;
+        let mut h = Hist {
+            count: 2,
+            sum_ns: 40_000_000,
+            ..Hist::default()
+        };
         h.buckets[bucket_index(20_000_000)] = 2;
         let mut sum = HistSum::default();
         sum.add_delta(&h, None);
@@ -132,9 +134,11 @@ mod tests {
         assert_eq!(sum.sum_ns, 90_000_000);
         assert_eq!(sum.buckets.iter().sum::<u64>(), 3);
         // Made again from zero: counted from zero.
-        let mut fresh = Hist::default();
-        fresh.count = 1;
-        fresh.sum_ns = 1_000;
+        let mut fresh = Hist {
+            count: 1,
+            sum_ns: 1_000,
+            ..Hist::default()
+        };
         fresh.buckets[0] = 1;
         sum.add_delta(&fresh, Some(&h));
         assert_eq!((sum.count, sum.sum_ns), (4, 90_001_000));
