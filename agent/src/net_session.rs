@@ -42,6 +42,9 @@ pub struct NetConfig {
     pub rescan_every: Duration,
     /// A DNS query unanswered this long counts as `timeout`.
     pub dns_timeout: Duration,
+    /// A kernel key unchanged this long leaves the kernel's maps (its sums
+    /// stay in the series), so keys of clients long gone make room.
+    pub idle_key: Duration,
     /// Flushes a key stays unattributed (its process not found yet) before
     /// it is counted as `unknown`.
     pub attribution_tries: u32,
@@ -59,6 +62,7 @@ impl Default for NetConfig {
             rescan_every: Duration::from_secs(2),
             dns_timeout: Duration::from_secs(5),
             attribution_tries: 3,
+            idle_key: Duration::from_secs(300),
             proc_root: PathBuf::from("/proc"),
             node: crate::export::node_name(),
         }
@@ -115,6 +119,8 @@ struct Worker {
     last_hists: HashMap<AggKey, Hist>,
     last_counts: HashMap<AggKey, u64>,
     last_flows: HashMap<FlowKey, FlowStats>,
+    /// When each kernel key last changed.
+    changed: HashMap<AggKey, Instant>,
     /// Keys attributed (or given up on: local `None`).
     agg_owner: HashMap<AggKey, Option<Attribution>>,
     flow_owner: HashMap<FlowKey, Vec<(Attribution, bool)>>,
@@ -136,6 +142,7 @@ impl Worker {
             last_hists: HashMap::new(),
             last_counts: HashMap::new(),
             last_flows: HashMap::new(),
+            changed: HashMap::new(),
             agg_owner: HashMap::new(),
             flow_owner: HashMap::new(),
             tries: HashMap::new(),
@@ -272,6 +279,7 @@ impl Worker {
             };
             let before = self.last_hists.get(&key).copied();
             self.last_hists.insert(key, hist);
+            self.changed.insert(key, Instant::now());
             let Some(a) = owner else {
                 self.not_local += 1;
                 continue;
@@ -297,6 +305,7 @@ impl Worker {
                 continue;
             };
             self.last_counts.insert(key, n);
+            self.changed.insert(key, Instant::now());
             let Some(a) = owner else {
                 self.not_local += 1;
                 continue;
@@ -412,15 +421,20 @@ impl Worker {
         }
     }
 
-    /// Keys of processes that exited leave the kernel's maps (their sums
-    /// stay here).
+    /// Keys of processes that exited, and keys idle for `idle_key`, leave
+    /// the kernel's maps (their sums stay here).
     fn forget_exited(&mut self) {
         let root = self.config.proc_root.clone();
+        let idle = self.config.idle_key;
+        let changed = &self.changed;
         let gone: Vec<AggKey> = self
             .last_hists
             .keys()
             .chain(self.last_counts.keys())
-            .filter(|k| k.tgid != 0 && !Path::new(&root).join(k.tgid.to_string()).exists())
+            .filter(|k| {
+                (k.tgid != 0 && !Path::new(&root).join(k.tgid.to_string()).exists())
+                    || changed.get(k).is_none_or(|t| t.elapsed() >= idle)
+            })
             .copied()
             .collect();
         if gone.is_empty() {
@@ -431,7 +445,10 @@ impl Worker {
             self.last_hists.remove(k);
             self.last_counts.remove(k);
             self.agg_owner.remove(k);
-            self.resources.remove(&k.tgid);
+            self.changed.remove(k);
+            if k.tgid != 0 {
+                self.resources.remove(&k.tgid);
+            }
         }
     }
 

@@ -84,7 +84,7 @@ pub fn parse_fib_trie_locals(text: &str) -> Vec<IpAddr> {
     out.into_iter().collect()
 }
 
-/// The addresses in `/proc/net/if_inet6`.
+/// The addresses in `/proc/net/if_inet6` (v4-mapped ones as IPv4).
 pub fn parse_if_inet6(text: &str) -> Vec<IpAddr> {
     text.lines()
         .filter_map(|line| {
@@ -96,7 +96,7 @@ pub fn parse_if_inet6(text: &str) -> Vec<IpAddr> {
             for (i, slot) in b.iter_mut().enumerate() {
                 *slot = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
             }
-            Some(IpAddr::V6(Ipv6Addr::from(b)))
+            Some(canonical(IpAddr::V6(Ipv6Addr::from(b))))
         })
         .collect()
 }
