@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         }
         fs::write(&object, [])?;
         fs::write(out_dir.join("fathom-http"), [])?;
+        fs::write(out_dir.join("fathom-net"), [])?;
         return Ok(());
     }
 

@@ -21,6 +21,16 @@ pub fn http_object() -> Result<&'static [u8], MissingObject> {
     }
 }
 
+/// The eBPF object with the network programs (`fathom_common::net`).
+pub fn net_object() -> Result<&'static [u8], MissingObject> {
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fathom-net"));
+    if OBJECT.is_empty() {
+        Err(MissingObject)
+    } else {
+        Ok(OBJECT)
+    }
+}
+
 /// The agent was built where bpf-linker was missing.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error(

@@ -11,6 +11,7 @@ use fathom_agent::{
     export::{EmbeddedSink, RemoteSink, RemoteTraceSink},
     health::{Health, HealthServer, HealthState},
     k8s,
+    net_session::{NetConfig, NetSession},
     pprof::{self, CpuProfileMeta},
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
@@ -137,16 +138,18 @@ struct DaemonArgs {
     #[arg(long, env = "FATHOM_BUFFER_BYTES", default_value_t = 64 << 20)]
     buffer_bytes: u64,
     /// Signals to collect: `profiles` (CPU profiles), `traces` (HTTP spans
-    /// and RED metrics of every process, with `traceparent` propagation).
-    /// Traces go to the embedded collector (which exports them to any OTLP
-    /// endpoint, `--otlp-endpoint`) or, with --collector-url, over OTLP/HTTP
-    /// to that collector.
+    /// and RED metrics of every process, with `traceparent` propagation),
+    /// `network` (TCP handshake, RTT, retransmits, bytes, DNS latency per
+    /// workload, from TC hooks and tracepoints).
+    /// Spans and metrics go to the embedded collector (which exports them to
+    /// any OTLP endpoint, `--otlp-endpoint`) or, with --collector-url, over
+    /// OTLP/HTTP to that collector.
     #[arg(
         long,
         env = "FATHOM_SIGNALS",
         value_delimiter = ',',
-        default_value = "profiles,traces",
-        value_parser = ["profiles", "traces"]
+        default_value = "profiles,traces,network",
+        value_parser = ["profiles", "traces", "network"]
     )]
     signals: Vec<String>,
     /// Insert a W3C `traceparent` header into outgoing HTTP/1.x requests of
@@ -162,6 +165,11 @@ struct DaemonArgs {
     /// programs are attached, 503 before and while stopping. Off by default.
     #[arg(long, env = "FATHOM_HEALTH_LISTEN")]
     health_listen: Option<std::net::SocketAddr>,
+    /// Interfaces whose traffic the network signal measures: names or `*`
+    /// patterns (e.g. `eth0,veth*,cali*`); empty: the default route's
+    /// interface and every veth. New interfaces are picked up while running.
+    #[arg(long, env = "FATHOM_NET_INTERFACES", value_delimiter = ',')]
+    net_interfaces: Vec<String>,
     /// Embedded collector (used unless --output-dir or --collector-url is given).
     #[command(flatten, next_help_heading = "Embedded collector")]
     collector: CollectorArgs,
@@ -285,12 +293,12 @@ fn parse_ratio(v: &str) -> Result<f64, String> {
 }
 
 /// Starts HTTP tracing into `sink`. When it cannot start (no tracepoints,
-/// verifier refusal, …) and `profiles_go_on`, the reason is logged and the
-/// agent keeps profiling without it; otherwise it is an error.
+/// verifier refusal, …) and other signals go on, the reason is logged and
+/// the agent goes on without it; otherwise it is an error.
 fn start_tracing(
     args: &DaemonArgs,
     sink: Box<dyn TraceSink>,
-    profiles_go_on: bool,
+    others_go_on: bool,
 ) -> anyhow::Result<Option<TraceSession>> {
     let mut trace_config = TraceConfig::default();
     trace_config.capture.pids = args.sampling.pids.clone();
@@ -298,11 +306,30 @@ fn start_tracing(
     trace_config.sample_ratio = args.trace_sample_ratio;
     match TraceSession::start(trace_config, sink) {
         Ok(session) => Ok(Some(session)),
-        Err(e) if profiles_go_on => {
-            tracing::error!(error = %e, "HTTP tracing could not start: profiling without it");
+        Err(e) if others_go_on => {
+            tracing::error!(error = %e, "HTTP tracing could not start: going on without it");
             Ok(None)
         }
         Err(e) => Err(anyhow::Error::new(e).context("starting HTTP tracing")),
+    }
+}
+
+/// Starts the network metrics into `sink`; like [`start_tracing`], a
+/// failure to start is logged and skipped when other signals go on.
+fn start_network(
+    args: &DaemonArgs,
+    sink: Box<dyn TraceSink>,
+    others_go_on: bool,
+) -> anyhow::Result<Option<NetSession>> {
+    let mut net_config = NetConfig::default();
+    net_config.capture.interfaces = args.net_interfaces.clone();
+    match NetSession::start(net_config, sink) {
+        Ok(session) => Ok(Some(session)),
+        Err(e) if others_go_on => {
+            tracing::error!(error = %e, "network metrics could not start: going on without them");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("starting network metrics")),
     }
 }
 
@@ -380,7 +407,8 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     };
     let profiles = args.signals.iter().any(|s| s == "profiles");
     let traces = args.signals.iter().any(|s| s == "traces");
-    if !profiles && !traces {
+    let network = args.signals.iter().any(|s| s == "network");
+    if !profiles && !traces && !network {
         bail!("--signals: nothing to collect");
     }
     if args.output_dir.is_some() && !profiles {
@@ -388,6 +416,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if args.output_dir.is_some() && traces {
         tracing::warn!("--output-dir writes profiles only: not tracing");
+    }
+    if args.output_dir.is_some() && network {
+        tracing::warn!("--output-dir writes profiles only: no network metrics");
     }
     // Before any signal: they look their pods up in it.
     let _k8s = start_k8s(&args.k8s)?;
@@ -406,11 +437,18 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             bail!("--collector-url {url:?} must start with http:// or https://");
         }
         let stop = stop_on_signals()?;
-        // Spans and RED metrics go over OTLP/HTTP to the collector's HTTP port.
+        // Spans and metrics go over OTLP/HTTP to the collector's HTTP port.
         let _traces = if traces {
             let sink =
                 RemoteTraceSink::new(url, args.collector_token.as_deref(), args.buffer_bytes)?;
-            start_tracing(&args, Box::new(sink), profiles)?
+            start_tracing(&args, Box::new(sink), profiles || network)?
+        } else {
+            None
+        };
+        let _network = if network {
+            let sink =
+                RemoteTraceSink::new(url, args.collector_token.as_deref(), args.buffer_bytes)?;
+            start_network(&args, Box::new(sink), profiles || traces)?
         } else {
             None
         };
@@ -469,7 +507,16 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             start_tracing(
                 &args,
                 Box::new(EmbeddedTraceSink(collector.ingest())),
-                profiles,
+                profiles || network,
+            )?
+        } else {
+            None
+        };
+        let _network = if network {
+            start_network(
+                &args,
+                Box::new(EmbeddedTraceSink(collector.ingest())),
+                profiles || traces,
             )?
         } else {
             None

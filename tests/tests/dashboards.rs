@@ -23,8 +23,7 @@ use fathom_tests::{
     cgroups::{Cgroups, cgroup2_root, spawn_in},
     dashboards, free_port,
     k8s_replay::{ApiMode, K8sReplay, NODE, TOKEN, ids},
-    kernel_lock, kernel_tests_possible, require_found, require_tool, wait_for_port,
-    workspace_root,
+    kernel_lock, kernel_tests_possible, require_found, require_tool, wait_for_port, workspace_root,
 };
 
 fn local(port: u16) -> std::net::SocketAddr {

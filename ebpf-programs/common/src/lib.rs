@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod http;
+pub mod net;
 pub mod profiler;
 pub mod unwind;
 
@@ -21,6 +22,7 @@ pub(crate) use assert_size;
 mod pod {
     use crate::{
         http::{ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, TraceContext},
+        net::{AggKey, Connecting, DnsKey, FlowKey, FlowStats, Handshake, Hist, Owner},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
         unwind::{UnwindMapping, UnwindProcess, UnwindRow},
     };
@@ -41,4 +43,12 @@ mod pod {
     unsafe impl aya::Pod for SockAddr {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for DataEvent {}
+    unsafe impl aya::Pod for AggKey {}
+    unsafe impl aya::Pod for Hist {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for Owner {}
+    unsafe impl aya::Pod for Connecting {}
+    unsafe impl aya::Pod for Handshake {}
+    unsafe impl aya::Pod for DnsKey {}
 }

@@ -1,0 +1,510 @@
+//! Loads the network programs (`fathom-net` object), attaches the
+//! tracepoints and the TC classifiers (tcx on Linux ≥ 6.6, ingress and
+//! egress) on the chosen interfaces — picking up new interfaces and
+//! forgetting removed ones on [`NetCapture::sync_interfaces`] — and reads
+//! the kernel's maps. The contract is `fathom_common::net`; the maps'
+//! contents are turned into metrics by [`crate::net`].
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::Path,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TracePoint, tc::SchedClassifierLinkId,
+    },
+};
+use fathom_common::net::{
+    AggKey, DnsKey, FlowKey, FlowStats, Hist, NetCounter, Owner, globals, names,
+};
+
+use crate::{ebpf, preflight, profiler::field_offset};
+
+/// What the network programs watch.
+#[derive(Clone, Debug)]
+pub struct NetCaptureConfig {
+    /// Interface names or `*` patterns; empty: the default route's
+    /// interface and every veth.
+    pub interfaces: Vec<String>,
+    /// Minimum time between two RTT samples of one connection.
+    pub rtt_sample_ns: u64,
+    /// Aggregation keys (histograms; counters have as many).
+    pub keys: u32,
+    /// Flows tracked at once (LRU).
+    pub flows: u32,
+}
+
+impl Default for NetCaptureConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            rtt_sample_ns: 10_000_000,
+            keys: 2048,
+            flows: 65536,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetCaptureError {
+    #[error(transparent)]
+    MissingObject(#[from] ebpf::MissingObject),
+    #[error("loading the network programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("tracepoint format {path}: {reason}")]
+    TracepointFormat { path: String, reason: String },
+}
+
+/// An interface of this network namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    /// A veth (virtual, paired with another device, no DEVTYPE).
+    pub veth: bool,
+    /// Ethernet framing (ARPHRD_ETHER): the only kind the programs parse.
+    pub ether: bool,
+}
+
+/// The interfaces under `/sys/class/net`.
+pub fn list_interfaces(sys_class_net: &Path) -> Vec<Interface> {
+    let Ok(dir) = fs::read_dir(sys_class_net) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Interface> = dir
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let path = e.path();
+            let read = |f: &str| fs::read_to_string(path.join(f)).ok();
+            let ifindex: u32 = read("ifindex")?.trim().parse().ok()?;
+            let iflink: u32 = read("iflink")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(ifindex);
+            let virtual_dev = fs::read_link(&path)
+                .is_ok_and(|l| l.to_string_lossy().contains("/devices/virtual/"));
+            let devtype = read("uevent").is_some_and(|u| u.contains("DEVTYPE="));
+            let ether = read("type").is_some_and(|t| t.trim() == "1");
+            Some(Interface {
+                veth: virtual_dev && iflink != ifindex && !devtype && ether,
+                name,
+                ifindex,
+                ether,
+            })
+        })
+        .collect();
+    out.sort_by_key(|i| i.ifindex);
+    out
+}
+
+/// The interfaces of the IPv4 default routes in a `/proc/net/route` table.
+pub fn default_route_interfaces(route: &str) -> Vec<String> {
+    route
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000"))
+                .then(|| f[0].to_string())
+        })
+        .collect()
+}
+
+/// Whether `name` matches a pattern with `*` wildcards.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(part) else {
+                return false;
+            };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            let Some(at) = rest.find(part) else {
+                return false;
+            };
+            rest = &rest[at + part.len()..];
+        }
+    }
+    true
+}
+
+/// The interfaces to hook: those matching `patterns`, or (no patterns) the
+/// default route's and every veth. Only Ethernet-framed ones.
+pub fn select_interfaces(
+    all: &[Interface],
+    patterns: &[String],
+    default_route: &[String],
+) -> Vec<Interface> {
+    all.iter()
+        .filter(|i| i.ether)
+        .filter(|i| {
+            if patterns.is_empty() {
+                i.veth || default_route.contains(&i.name)
+            } else {
+                patterns.iter().any(|p| glob_match(p, &i.name))
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// The loaded programs. Dropping it detaches everything.
+pub struct NetCapture {
+    config: NetCaptureConfig,
+    hists: BpfHashMap<MapData, AggKey, Hist>,
+    counts: BpfHashMap<MapData, AggKey, u64>,
+    flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    dns: BpfHashMap<MapData, DnsKey, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    owners: BpfHashMap<MapData, FlowKey, Owner>,
+    /// Hooked interfaces: (name, ifindex) → (ingress, egress) links.
+    attached: BTreeMap<(String, u32), (SchedClassifierLinkId, SchedClassifierLinkId)>,
+    ebpf: Ebpf,
+}
+
+/// Tracepoints: (program, category, name).
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("net_sock_state", "sock", "inet_sock_set_state"),
+    ("net_tcp_probe", "tcp", "tcp_probe"),
+    ("net_retransmit", "tcp", "tcp_retransmit_skb"),
+];
+
+/// Globals set from format files: (global, tracepoint, field).
+const OFFSETS: &[(&str, &str, &str)] = &[
+    (globals::STATE_SKADDR, "sock/inet_sock_set_state", "skaddr"),
+    (
+        globals::STATE_OLDSTATE,
+        "sock/inet_sock_set_state",
+        "oldstate",
+    ),
+    (globals::STATE_SPORT, "sock/inet_sock_set_state", "sport"),
+    (globals::STATE_FAMILY, "sock/inet_sock_set_state", "family"),
+    (globals::STATE_SADDR, "sock/inet_sock_set_state", "saddr"),
+    (
+        globals::STATE_SADDR_V6,
+        "sock/inet_sock_set_state",
+        "saddr_v6",
+    ),
+    (globals::PROBE_SADDR, "tcp/tcp_probe", "saddr"),
+    (globals::PROBE_DADDR, "tcp/tcp_probe", "daddr"),
+    (globals::PROBE_SPORT, "tcp/tcp_probe", "sport"),
+    (globals::PROBE_FAMILY, "tcp/tcp_probe", "family"),
+    (globals::PROBE_SRTT, "tcp/tcp_probe", "srtt"),
+    (globals::RETRANS_SPORT, "tcp/tcp_retransmit_skb", "sport"),
+    (globals::RETRANS_FAMILY, "tcp/tcp_retransmit_skb", "family"),
+    (globals::RETRANS_SADDR, "tcp/tcp_retransmit_skb", "saddr"),
+    (
+        globals::RETRANS_SADDR_V6,
+        "tcp/tcp_retransmit_skb",
+        "saddr_v6",
+    ),
+];
+
+impl NetCapture {
+    /// Loads the programs and attaches the tracepoints; interfaces are
+    /// hooked by [`Self::sync_interfaces`].
+    pub fn start(config: &NetCaptureConfig) -> Result<Self, NetCaptureError> {
+        preflight::ensure_tracefs().map_err(|reason| NetCaptureError::TracepointFormat {
+            path: preflight::TRACEFS.into(),
+            reason,
+        })?;
+        let mut offsets = Vec::new();
+        for &(global, tp, field) in OFFSETS {
+            let path = Path::new(preflight::TRACEFS)
+                .join("events")
+                .join(tp)
+                .join("format");
+            let format =
+                fs::read_to_string(&path).map_err(|e| NetCaptureError::TracepointFormat {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            let off =
+                field_offset(&format, field).ok_or_else(|| NetCaptureError::TracepointFormat {
+                    path: path.display().to_string(),
+                    reason: format!("no {field} field"),
+                })?;
+            offsets.push((global, off));
+        }
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(globals::RTT_SAMPLE_NS, &config.rtt_sample_ns, true)
+            .map_max_entries(names::HISTS, config.keys.max(1))
+            .map_max_entries(names::COUNTS, config.keys.max(1))
+            .map_max_entries(names::FLOWS, config.flows.max(1));
+        for (global, off) in &offsets {
+            loader.override_global(global, off, true);
+        }
+        let mut ebpf = loader.load(ebpf::net_object()?)?;
+        for &(name, category, tracepoint) in TRACEPOINTS {
+            let program: &mut TracePoint = program(&mut ebpf, name)?;
+            program
+                .load()
+                .and_then(|()| program.attach(category, tracepoint).map(|_| ()))
+                .map_err(|source| NetCaptureError::Program { name, source })?;
+        }
+        for name in ["net_tc_ingress", "net_tc_egress"] {
+            let program: &mut SchedClassifier = program(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| NetCaptureError::Program { name, source })?;
+        }
+        Ok(Self {
+            config: config.clone(),
+            hists: take(&mut ebpf, names::HISTS)?,
+            counts: take(&mut ebpf, names::COUNTS)?,
+            flows: take(&mut ebpf, names::FLOWS)?,
+            dns: take(&mut ebpf, names::DNS_PENDING)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            owners: take(&mut ebpf, names::OWNERS)?,
+            attached: BTreeMap::new(),
+            ebpf,
+        })
+    }
+
+    /// Hooks the interfaces that match and are not hooked yet, and forgets
+    /// those that are gone. Returns the hooked names.
+    pub fn sync_interfaces(&mut self) -> Vec<String> {
+        let all = list_interfaces(Path::new("/sys/class/net"));
+        let route = fs::read_to_string("/proc/net/route").unwrap_or_default();
+        let wanted = select_interfaces(
+            &all,
+            &self.config.interfaces,
+            &default_route_interfaces(&route),
+        );
+        let wanted_keys: BTreeSet<(String, u32)> =
+            wanted.iter().map(|i| (i.name.clone(), i.ifindex)).collect();
+        let gone: Vec<_> = self
+            .attached
+            .keys()
+            .filter(|k| !wanted_keys.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some((ingress, egress)) = self.attached.remove(&key) {
+                // The kernel already dropped the links of a removed device;
+                // detaching what is left of them may fail harmlessly.
+                for (name, link) in [("net_tc_ingress", ingress), ("net_tc_egress", egress)] {
+                    if let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, name) {
+                        let _ = p.detach(link);
+                    }
+                }
+                tracing::info!(interface = %key.0, "network hooks removed");
+            }
+        }
+        for key in wanted_keys {
+            if self.attached.contains_key(&key) {
+                continue;
+            }
+            match self.attach(&key.0) {
+                Ok(links) => {
+                    tracing::info!(interface = %key.0, "network hooks attached");
+                    self.attached.insert(key, links);
+                }
+                Err(e) => {
+                    tracing::warn!(interface = %key.0, error = %e, "network hooks not attached")
+                }
+            }
+        }
+        self.attached.keys().map(|k| k.0.clone()).collect()
+    }
+
+    fn attach(
+        &mut self,
+        interface: &str,
+    ) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId), ProgramError> {
+        let ingress = program::<SchedClassifier>(&mut self.ebpf, "net_tc_ingress")
+            .map_err(|_| ProgramError::NotLoaded)?
+            .attach(interface, TcAttachType::Ingress)?;
+        let egress = match program::<SchedClassifier>(&mut self.ebpf, "net_tc_egress")
+            .map_err(|_| ProgramError::NotLoaded)?
+            .attach(interface, TcAttachType::Egress)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                if let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, "net_tc_ingress") {
+                    let _ = p.detach(ingress);
+                }
+                return Err(e);
+            }
+        };
+        Ok((ingress, egress))
+    }
+
+    /// Every histogram.
+    pub fn hists(&self) -> Vec<(AggKey, Hist)> {
+        self.hists.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The processes the kernel named in its keys (connecting clients).
+    pub fn key_tgids(&self) -> std::collections::HashSet<u32> {
+        self.hists
+            .keys()
+            .chain(self.counts.keys())
+            .filter_map(Result::ok)
+            .map(|k| k.tgid)
+            .filter(|t| *t != 0)
+            .collect()
+    }
+
+    /// What the kernel knows of one TCP connection, keyed as its local end
+    /// sees it ([`FlowKey`] with `local` = this socket's address, protocol
+    /// 6): owner, latest smoothed RTT, retransmits so far, connect time.
+    /// For an HTTP span: look the connection up at the span's start and end
+    /// (retransmits during the span = the difference).
+    pub fn connection(&self, key: &FlowKey) -> Option<Owner> {
+        self.owners.get(key, 0).ok()
+    }
+
+    /// Every counter.
+    pub fn counts(&self) -> Vec<(AggKey, u64)> {
+        self.counts.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every tracked flow.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
+        self.flows.iter().filter_map(Result::ok).collect()
+    }
+
+    /// DNS queries waiting for a response (kernel time of the query).
+    pub fn dns_pending(&self) -> Vec<(DnsKey, u64)> {
+        self.dns.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Forgets a DNS query (timed out).
+    pub fn forget_dns(&mut self, key: &DnsKey) {
+        let _ = self.dns.remove(key);
+    }
+
+    /// Removes the entries of a process that exited (their sums are kept
+    /// in user space).
+    pub fn forget_keys(&mut self, keys: &[AggKey]) {
+        for k in keys {
+            let _ = self.hists.remove(k);
+            let _ = self.counts.remove(k);
+        }
+    }
+
+    /// The kernel's counters, summed over CPUs.
+    pub fn counters(&self) -> [u64; NetCounter::COUNT as usize] {
+        let mut out = [0; NetCounter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, NetCaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(NetCaptureError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| NetCaptureError::Program { name, source })
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, NetCaptureError> {
+    let map = ebpf.take_map(name).ok_or(NetCaptureError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| NetCaptureError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface(name: &str, veth: bool) -> Interface {
+        Interface {
+            name: name.into(),
+            ifindex: 1,
+            veth,
+            ether: true,
+        }
+    }
+
+    #[test]
+    fn interface_selection() {
+        let all = vec![
+            iface("lo", false),
+            iface("eth0", false),
+            iface("veth1a2b", true),
+            iface("cali123", true),
+            Interface {
+                ether: false,
+                ..iface("wg0", false)
+            },
+        ];
+        let names = |v: Vec<Interface>| v.into_iter().map(|i| i.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(select_interfaces(&all, &[], &["eth0".into()])),
+            ["eth0", "veth1a2b", "cali123"]
+        );
+        assert_eq!(
+            names(select_interfaces(&all, &["cali*".into(), "lo".into()], &[])),
+            ["lo", "cali123"]
+        );
+        assert_eq!(
+            names(select_interfaces(&all, &["wg*".into()], &[])),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("veth*", "veth0"));
+        assert!(glob_match("*0", "eth0"));
+        assert!(glob_match("e*h*", "eth0"));
+        assert!(glob_match("*", "x"));
+        assert!(!glob_match("veth*", "eth0"));
+        assert!(!glob_match("eth0", "eth01"));
+        assert!(!glob_match("a*b*c", "acb"));
+    }
+
+    #[test]
+    fn default_routes() {
+        let route = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     ens4\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     ens4\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(default_route_interfaces(route), ["ens4"]);
+        assert!(default_route_interfaces("").is_empty());
+    }
+
+    #[test]
+    fn this_machine_lists_loopback() {
+        let all = list_interfaces(Path::new("/sys/class/net"));
+        let lo = all.iter().find(|i| i.name == "lo").expect("lo listed");
+        assert!(!lo.veth);
+    }
+}

@@ -1,0 +1,185 @@
+//! Cost of the network signal on the data path: iperf3 over a veth pair
+//! (node ↔ a namespace this bench creates), with the agent off and on
+//! (`--signals network`, TC programs on both directions of the veth plus the
+//! TCP tracepoints), in interleaved rounds (one run of each mode per round,
+//! rotating which goes first) so slow drifts of a noisy machine hit both.
+//!
+//! Two loads: TCP throughput (`iperf3 -c … -t S`, one stream) and small
+//! packets (`iperf3 -u -l 64 -b 0`: UDP datagrams of 64 bytes as fast as
+//! the sender can, received packets per second).
+//!
+//! Printed: per load and mode the median, and the median of the per-round
+//! ratio on/off (goal ≥ 0.97).
+//!
+//!   cargo bench -p fathom-tests --bench network
+//!
+//! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 5).
+#![allow(
+    clippy::unwrap_used,
+    reason = "benchmark: a failed unwrap is a failed run"
+)]
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use fathom_tests::{
+    Agent, ChildGuard, free_port, kernel_tests_possible, median, release_agent_binary,
+};
+
+fn run(args: &[&str]) {
+    let ok = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{args:?} failed");
+}
+
+/// A namespace with a veth to the node; removed on drop.
+struct Pair {
+    ns: String,
+    host: String,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let p = Pair {
+            ns: format!("fathom-bench-{id}"),
+            host: format!("fb{id}h"),
+        };
+        let peer = format!("fb{id}p");
+        run(&["ip", "netns", "add", &p.ns]);
+        run(&[
+            "ip", "link", "add", &p.host, "type", "veth", "peer", "name", &peer, "netns", &p.ns,
+        ]);
+        run(&["ip", "addr", "add", "10.214.0.1/24", "dev", &p.host]);
+        run(&["ip", "link", "set", &p.host, "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &p.ns,
+            "addr",
+            "add",
+            "10.214.0.2/24",
+            "dev",
+            &peer,
+        ]);
+        run(&["ip", "-n", &p.ns, "link", "set", &peer, "up"]);
+        run(&["ip", "-n", &p.ns, "link", "set", "lo", "up"]);
+        p
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// One iperf3 run; returns (bits/s received) for TCP or (packets/s
+/// received) for UDP.
+fn iperf(udp: bool, seconds: u32) -> f64 {
+    let mut cmd = Command::new("iperf3");
+    cmd.args(["-c", "10.214.0.2", "-J", "-t", &seconds.to_string()]);
+    if udp {
+        cmd.args(["-u", "-l", "64", "-b", "0"]);
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().unwrap();
+    assert!(out.status.success(), "iperf3 failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if udp {
+        let sum = &v["end"]["sum"];
+        let packets = sum["packets"].as_f64().unwrap() - sum["lost_packets"].as_f64().unwrap();
+        packets / sum["seconds"].as_f64().unwrap()
+    } else {
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap()
+    }
+}
+
+fn main() {
+    if !kernel_tests_possible("network bench") {
+        return;
+    }
+    let rounds: usize = std::env::var("FATHOM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seconds: u32 = std::env::var("FATHOM_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let agent_bin = release_agent_binary();
+    let pair = Pair::new();
+    let _server = ChildGuard::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &pair.ns, "iperf3", "-s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    for (name, udp, unit) in [
+        ("TCP throughput", false, "Gbit/s"),
+        ("64-byte UDP", true, "kpackets/s"),
+    ] {
+        let scale = if udp { 1e3 } else { 1e9 };
+        let (mut off, mut on, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let mut pair_values = [0.0; 2];
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for agent_on in order {
+                let agent = agent_on.then(|| {
+                    let port = free_port();
+                    let a = Agent::spawn_binary(
+                        &agent_bin,
+                        &[
+                            "--signals",
+                            "network",
+                            "--net-interfaces",
+                            &pair.host,
+                            "--http-listen",
+                            &format!("127.0.0.1:{port}"),
+                            "--otlp-grpc-listen",
+                            "off",
+                            "--otlp-http-listen",
+                            "off",
+                            "--store-path",
+                            dir.path().join("store.redb").to_str().unwrap(),
+                        ],
+                        false,
+                    );
+                    a.wait_for_log("network metrics attached", Duration::from_secs(60));
+                    a
+                });
+                let v = iperf(udp, seconds) / scale;
+                pair_values[usize::from(agent_on)] = v;
+                if let Some(a) = agent {
+                    a.signal("TERM");
+                    let _ = a.finish(Duration::from_secs(30));
+                }
+            }
+            off.push(pair_values[0]);
+            on.push(pair_values[1]);
+            ratio.push(pair_values[1] / pair_values[0]);
+            eprintln!(
+                "{name} round {round}: off {:.3} on {:.3} {unit}",
+                pair_values[0], pair_values[1]
+            );
+        }
+        println!(
+            "{name}: off {:.3} {unit}, on {:.3} {unit}, ratio on/off {:.3} (median of {rounds} rounds of {seconds} s)",
+            median(&off),
+            median(&on),
+            median(&ratio)
+        );
+    }
+}
