@@ -135,12 +135,7 @@ pub enum RemoteError {
 impl RemoteSink {
     /// `window`: the daemon's interval (each profile covers one).
     pub fn new(config: &PyroscopeConfig, window: Duration) -> Result<Self, RemoteError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .thread_name("fathom-push")
-            .build()
-            .map_err(RemoteError::Runtime)?;
+        let runtime = exporter_runtime("fathom-push")?;
         let exporter = {
             let _enter = runtime.enter();
             PyroscopeExporter::new(config)?
@@ -230,6 +225,16 @@ impl Drop for RemoteSink {
     }
 }
 
+/// The one-thread runtime an exporter of a remote sink runs on.
+fn exporter_runtime(thread_name: &str) -> Result<tokio::runtime::Runtime, RemoteError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name(thread_name)
+        .build()
+        .map_err(RemoteError::Runtime)
+}
+
 fn prost_encode(p: &pprof::protos::Profile) -> Vec<u8> {
     use pprof::protos::Message as _;
     p.encode_to_vec()
@@ -248,12 +253,7 @@ pub struct RemoteTraceSink {
 
 impl RemoteTraceSink {
     pub fn new(url: &str, token: Option<&str>, buffer_bytes: u64) -> Result<Self, RemoteError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .thread_name("fathom-otlp-push")
-            .build()
-            .map_err(RemoteError::Runtime)?;
+        let runtime = exporter_runtime("fathom-otlp-push")?;
         let config = fathom_collector::config::OtlpExporterConfig {
             endpoint: url.to_string(),
             protocol: fathom_collector::config::OtlpProtocol::HttpProtobuf,

@@ -209,12 +209,12 @@ impl Worker {
             self.resources
                 .entry(pid)
                 .or_insert_with(|| {
+                    // The same resource as the process's spans (service
+                    // name rule, container, pod), without the pid: series
+                    // are per workload.
                     ProcessMeta::read(&root, pid).map(|m| ResourceInfo {
-                        service_name: m.service_name,
                         pid: None,
-                        executable_name: Some(m.executable_name),
-                        container_id: m.container_id,
-                        extra: vec![("host.name".into(), node.clone())],
+                        ..crate::traces::process_resource(Some(&m), pid, &node)
                     })
                 })
                 .clone()

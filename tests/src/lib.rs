@@ -24,6 +24,7 @@ pub mod cgroups;
 pub mod chain;
 pub mod dashboards;
 pub mod k8s_replay;
+pub mod netns;
 
 /// Serializes tests that load programs into the kernel or measure CPU.
 pub fn kernel_lock() -> MutexGuard<'static, ()> {

@@ -1,5 +1,7 @@
 //! The Grafana dashboards against what the agent really exports: the agent
-//! (embedded collector) watches real HTTP traffic and real CPU work, a real
+//! (embedded collector) watches real HTTP traffic, real CPU work and real
+//! network traffic through a delayed, lossy link (workloads in cgroups of a
+//! pod from the replayed API server), a real
 //! `prometheus` scrapes its `/metrics` (`honor_labels: true`, as the Helm
 //! chart's ServiceMonitor does), and then
 //! - every metric and label any dashboard's PromQL names is on `/metrics`,
@@ -23,7 +25,9 @@ use fathom_tests::{
     cgroups::{Cgroups, cgroup2_root, spawn_in},
     dashboards, free_port,
     k8s_replay::{ApiMode, K8sReplay, NODE, TOKEN, ids},
-    kernel_lock, kernel_tests_possible, require_found, require_tool, wait_for_port, workspace_root,
+    kernel_lock, kernel_tests_possible,
+    netns::Topology,
+    require_found, require_tool, wait_for_port, workspace_root,
 };
 
 fn local(port: u16) -> std::net::SocketAddr {
@@ -83,6 +87,42 @@ fn python(
     )
 }
 
+/// From the pod's `app` container: TCP connections through the delayed,
+/// lossy link to a server in another namespace (handshakes, RTT,
+/// retransmits, bytes), connects to a closed port there (failed connects),
+/// and DNS queries to dnsmasq there (NOERROR and NXDOMAIN).
+const NET_CLIENT: &str = r#"
+import random, socket, struct, sys, time
+server, port, closed = sys.argv[2], int(sys.argv[1]), int(sys.argv[3])
+def dns(name):
+    q = struct.pack(">HHHHHH", random.randrange(65536), 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    try:
+        s.sendto(q, (server, 53))
+        s.recv(512)
+    except OSError:
+        pass
+    s.close()
+while True:
+    try:
+        c = socket.create_connection((server, port), timeout=5)
+        c.sendall(b"GET /big.bin HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+        while c.recv(65536):
+            pass
+        c.close()
+    except OSError:
+        pass
+    try:
+        socket.create_connection((server, closed), timeout=2).close()
+    except OSError:
+        pass
+    dns("ok.fathom.test")
+    dns("nx.fathom.test")
+    time.sleep(0.1)
+"#;
+
 fn get_text(url: &str) -> Option<String> {
     let resp = reqwest::blocking::get(url).ok()?;
     resp.status().is_success().then(|| resp.text().ok())?
@@ -121,8 +161,10 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
     ) else {
         return;
     };
-    if require_tool(TEST, "python3").is_none() {
-        return;
+    for tool in ["python3", "dnsmasq", "ip", "chrt", fathom_tests::FIXTURE_CC] {
+        if require_tool(TEST, tool).is_none() {
+            return;
+        }
     }
     let Some(v2) = cgroup2_root() else {
         require_found(TEST, "a mounted cgroup2 hierarchy", None);
@@ -176,6 +218,7 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
         token.to_str().unwrap(),
     ]);
     agent.wait_for_log("http tracing attached", Duration::from_secs(120));
+    agent.wait_for_log("network metrics attached", Duration::from_secs(60));
     agent.wait_for_log("kubernetes metadata: pods listed", Duration::from_secs(30));
 
     let port = free_port();
@@ -192,6 +235,46 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
         CLIENT,
         port,
         &[("OTEL_SERVICE_NAME", "dash-client")],
+    );
+
+    // Network: a pod namespace behind a 20 ms link that drops 5% of frames.
+    let relay = build_fixture("delay_link", dir.path());
+    let tag = format!("fd{}", std::process::id() % 100_000);
+    let subnet = ((std::process::id() % 60) * 4 + 3) as u8;
+    let mut topo = Topology::new(&tag, subnet, &relay);
+    topo.set_link(20_000, 50_000);
+    topo.warm_arp();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("big.bin"), vec![b'x'; 200_000]).unwrap();
+    let pod_port = free_port();
+    let _pod_server = ChildGuard::spawn(
+        topo.in_pod("python3")
+            .args([
+                "-m",
+                "http.server",
+                &pod_port.to_string(),
+                "--bind",
+                &topo.pod_ip,
+            ])
+            .current_dir(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let _dnsmasq = topo.dnsmasq(&dir.path().join("dnsmasq.pid"));
+    let net_client_path = dir.path().join("net_client.py");
+    std::fs::write(&net_client_path, NET_CLIENT).unwrap();
+    let closed_port = free_port();
+    let _net_client = spawn_in(
+        Some(&app),
+        &fathom_tests::require_tool("python3", "python3").unwrap(),
+        &[
+            net_client_path.to_str().unwrap(),
+            &pod_port.to_string(),
+            &topo.pod_ip,
+            &closed_port.to_string(),
+        ],
+        &[("OTEL_SERVICE_NAME", "dash-net-client")],
     );
 
     let config = dir.path().join("prometheus.yml");
@@ -383,4 +466,5 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
     }
     drop(agent);
     drop(cgroups);
+    drop(topo);
 }

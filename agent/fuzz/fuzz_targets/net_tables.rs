@@ -6,12 +6,12 @@
 //! panic.
 #![no_main]
 
-#[path = "../../src/net/sockets.rs"]
-#[allow(dead_code)]
-mod sockets;
 #[path = "../../src/net/hist.rs"]
 #[allow(dead_code)]
 mod hist;
+#[path = "../../src/net/sockets.rs"]
+#[allow(dead_code)]
+mod sockets;
 
 use std::{collections::HashMap, net::IpAddr};
 

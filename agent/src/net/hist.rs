@@ -43,28 +43,33 @@ impl HistSum {
     pub fn add_delta(&mut self, now: &Hist, before: Option<&Hist>) {
         let reset = before.is_some_and(|b| now.count < b.count);
         let before = before.filter(|_| !reset);
-        self.count += now.count - before.map_or(0, |b| b.count.min(now.count));
-        self.sum_ns += now
-            .sum_ns
-            .saturating_sub(before.map_or(0, |b| b.sum_ns.min(now.sum_ns)));
+        // Saturating: kernel values are not trusted to stay small.
+        self.count = self
+            .count
+            .saturating_add(now.count - before.map_or(0, |b| b.count.min(now.count)));
+        self.sum_ns = self.sum_ns.saturating_add(
+            now.sum_ns
+                .saturating_sub(before.map_or(0, |b| b.sum_ns.min(now.sum_ns))),
+        );
         for (i, slot) in self.buckets.iter_mut().enumerate() {
             let b = before.map_or(0, |b| b.buckets[i]);
-            *slot += now.buckets[i].saturating_sub(b);
+            *slot = slot.saturating_add(now.buckets[i].saturating_sub(b));
         }
     }
 
     /// Adds one observation (user-space-made, e.g. a DNS timeout).
     pub fn observe(&mut self, ns: u64) {
-        self.count += 1;
-        self.sum_ns += ns;
-        self.buckets[fathom_common::net::bucket_index(ns)] += 1;
+        self.count = self.count.saturating_add(1);
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        let slot = &mut self.buckets[fathom_common::net::bucket_index(ns)];
+        *slot = slot.saturating_add(1);
     }
 
     pub fn merge(&mut self, other: &HistSum) {
-        self.count += other.count;
-        self.sum_ns += other.sum_ns;
+        self.count = self.count.saturating_add(other.count);
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
         for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
     }
 
@@ -78,6 +83,27 @@ impl HistSum {
 mod tests {
     use super::*;
     use fathom_common::net::bucket_index;
+
+    /// The fuzzer's find: kernel values near u64::MAX overflowed the sums.
+    #[test]
+    fn huge_kernel_values_saturate() {
+        let mut h = Hist {
+            count: u64::MAX,
+            sum_ns: u64::MAX,
+            ..Hist::default()
+        };
+        h.buckets[0] = u64::MAX;
+        let mut sum = HistSum::default();
+        sum.add_delta(&h, None);
+        sum.add_delta(&h, None);
+        sum.observe(1);
+        let other = sum.clone();
+        sum.merge(&other);
+        assert_eq!(
+            (sum.count, sum.sum_ns, sum.buckets[0]),
+            (u64::MAX, u64::MAX, u64::MAX)
+        );
+    }
 
     #[test]
     fn bounds_match_the_kernel_buckets() {
