@@ -115,10 +115,7 @@ impl ProfileSink for EmbeddedSink {
 /// buffer while the collector is down (oldest dropped first, counted),
 /// backoff, and the same sample IDs on retries so nothing counts twice.
 pub struct RemoteSink {
-    runtime: tokio::runtime::Runtime,
-    tx: Option<mpsc::Sender<Batch>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    stats: Arc<ExporterStats>,
+    pusher: Pusher,
     node: String,
     window: Duration,
     failures: u64,
@@ -135,22 +132,15 @@ pub enum RemoteError {
 impl RemoteSink {
     /// `window`: the daemon's interval (each profile covers one).
     pub fn new(config: &PyroscopeConfig, window: Duration) -> Result<Self, RemoteError> {
-        let runtime = exporter_runtime("fathom-push")?;
-        let exporter = {
-            let _enter = runtime.enter();
-            PyroscopeExporter::new(config)?
-        };
-        let stats = Arc::new(ExporterStats {
-            name: "collector".into(),
-            ..ExporterStats::default()
-        });
-        let (tx, rx) = mpsc::channel(4);
-        let task = runtime.spawn(exporter.run(rx, stats.clone(), Duration::from_secs(10)));
+        let pusher = Pusher::start(
+            "fathom-push",
+            "collector",
+            "remote collector",
+            4,
+            |rx, stats| Ok(PyroscopeExporter::new(config)?.run(rx, stats, Duration::from_secs(10))),
+        )?;
         Ok(Self {
-            runtime,
-            tx: Some(tx),
-            task: Some(task),
-            stats,
+            pusher,
             node: node_name(),
             window,
             failures: 0,
@@ -159,11 +149,7 @@ impl RemoteSink {
 
     /// Profiles delivered, dropped by the buffer bound, and waiting.
     pub fn delivery(&self) -> (u64, u64, u64) {
-        (
-            self.stats.sent.get(),
-            self.stats.dropped.get(),
-            self.stats.buffered_items.get(),
-        )
+        self.pusher.delivery()
     }
 }
 
@@ -196,6 +182,7 @@ impl ProfileSink for RemoteSink {
         // The exporter moves batches into its buffer at once; this only waits
         // when it is busy encoding.
         match self
+            .pusher
             .tx
             .as_ref()
             .map(|tx| tx.blocking_send(Batch::Profiles(Arc::new(batch))))
@@ -209,30 +196,80 @@ impl ProfileSink for RemoteSink {
     }
 
     fn failures(&self) -> u64 {
-        self.failures + self.stats.dropped.get()
+        self.failures + self.pusher.stats.dropped.get()
     }
 }
 
-impl Drop for RemoteSink {
-    /// Flushes what is buffered (the exporter gives up after its deadline).
+/// One exporter of the collector crate on a one-thread runtime of its own,
+/// fed through a small channel (the exporter moves batches into its
+/// byte-bounded buffer at once). Dropping it flushes what is buffered (the
+/// exporter gives up after its deadline) and logs the delivery.
+struct Pusher {
+    runtime: tokio::runtime::Runtime,
+    tx: Option<mpsc::Sender<Batch>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stats: Arc<ExporterStats>,
+    /// What the exit log line names.
+    what: &'static str,
+}
+
+impl Pusher {
+    /// `exporter` builds the exporter (inside the runtime) and returns its
+    /// run future for the channel's receiver and the stats.
+    fn start<F>(
+        thread_name: &str,
+        stats_name: &str,
+        what: &'static str,
+        capacity: usize,
+        exporter: impl FnOnce(mpsc::Receiver<Batch>, Arc<ExporterStats>) -> Result<F, RemoteError>,
+    ) -> Result<Self, RemoteError>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name(thread_name)
+            .build()
+            .map_err(RemoteError::Runtime)?;
+        let stats = Arc::new(ExporterStats {
+            name: stats_name.into(),
+            ..ExporterStats::default()
+        });
+        let (tx, rx) = mpsc::channel(capacity);
+        let run = {
+            let _enter = runtime.enter();
+            exporter(rx, stats.clone())?
+        };
+        let task = runtime.spawn(run);
+        Ok(Self {
+            runtime,
+            tx: Some(tx),
+            task: Some(task),
+            stats,
+            what,
+        })
+    }
+
+    /// Batches delivered, dropped by the buffer bound, and waiting.
+    fn delivery(&self) -> (u64, u64, u64) {
+        (
+            self.stats.sent.get(),
+            self.stats.dropped.get(),
+            self.stats.buffered_items.get(),
+        )
+    }
+}
+
+impl Drop for Pusher {
     fn drop(&mut self) {
         self.tx.take();
         if let Some(task) = self.task.take() {
             let _ = self.runtime.block_on(task);
         }
         let (sent, dropped, waiting) = self.delivery();
-        tracing::info!(sent, dropped, waiting, "remote collector: delivery at exit");
+        tracing::info!(sent, dropped, waiting, "{}: delivery at exit", self.what);
     }
-}
-
-/// The one-thread runtime an exporter of a remote sink runs on.
-fn exporter_runtime(thread_name: &str) -> Result<tokio::runtime::Runtime, RemoteError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name(thread_name)
-        .build()
-        .map_err(RemoteError::Runtime)
 }
 
 fn prost_encode(p: &pprof::protos::Profile) -> Vec<u8> {
@@ -244,16 +281,10 @@ fn prost_encode(p: &pprof::protos::Profile) -> Vec<u8> {
 /// `<url>/v1/traces` and `<url>/v1/metrics` on its HTTP port), with the
 /// collector crate's exporter: retried while the collector is down, kept up
 /// to `buffer_bytes`, drops counted.
-pub struct RemoteTraceSink {
-    runtime: tokio::runtime::Runtime,
-    tx: Option<mpsc::Sender<Batch>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    stats: Arc<ExporterStats>,
-}
+pub struct RemoteTraceSink(Pusher);
 
 impl RemoteTraceSink {
     pub fn new(url: &str, token: Option<&str>, buffer_bytes: u64) -> Result<Self, RemoteError> {
-        let runtime = exporter_runtime("fathom-otlp-push")?;
         let config = fathom_collector::config::OtlpExporterConfig {
             endpoint: url.to_string(),
             protocol: fathom_collector::config::OtlpProtocol::HttpProtobuf,
@@ -265,29 +296,29 @@ impl RemoteTraceSink {
             buffer_bytes,
             metrics: true,
         };
-        let exporter = {
-            let _enter = runtime.enter();
-            fathom_collector::exporters::otlp::OtlpExporter::new(&config)?
-        };
-        let stats = Arc::new(ExporterStats {
-            name: "collector-otlp".into(),
-            ..ExporterStats::default()
-        });
-        // Small: the exporter moves batches into its byte-bounded buffer at once.
-        let (tx, rx) = mpsc::channel(16);
-        let task = runtime.spawn(exporter.run(rx, stats.clone(), Duration::from_secs(10)));
-        Ok(Self {
-            runtime,
-            tx: Some(tx),
-            task: Some(task),
-            stats,
-        })
+        let pusher = Pusher::start(
+            "fathom-otlp-push",
+            "collector-otlp",
+            "remote collector (spans, metrics)",
+            16,
+            |rx, stats| {
+                Ok(
+                    fathom_collector::exporters::otlp::OtlpExporter::new(&config)?.run(
+                        rx,
+                        stats,
+                        Duration::from_secs(10),
+                    ),
+                )
+            },
+        )?;
+        Ok(Self(pusher))
     }
 
     fn send(&mut self, batch: Batch) -> bool {
         // Never blocks the tracing thread: a busy exporter means the batch
         // is counted as undelivered by the session.
-        self.tx
+        self.0
+            .tx
             .as_ref()
             .is_some_and(|tx| tx.try_send(batch).is_ok())
     }
@@ -306,21 +337,5 @@ impl crate::traces::TraceSink for RemoteTraceSink {
         req: opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
     ) -> bool {
         self.send(Batch::Metrics(Arc::new(req)))
-    }
-}
-
-impl Drop for RemoteTraceSink {
-    /// Flushes what is buffered (the exporter gives up after its deadline).
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(task) = self.task.take() {
-            let _ = self.runtime.block_on(task);
-        }
-        tracing::info!(
-            sent = self.stats.sent.get(),
-            dropped = self.stats.dropped.get(),
-            waiting = self.stats.buffered_items.get(),
-            "remote collector (spans, metrics): delivery at exit"
-        );
     }
 }
