@@ -132,9 +132,9 @@ struct DaemonArgs {
         requires = "collector_url"
     )]
     collector_token: Option<String>,
-    /// With --collector-url: profiles kept (bytes) while the collector is
-    /// unreachable, and as much again for spans and metrics; beyond it the
-    /// oldest are dropped and counted.
+    /// With --collector-url: bytes kept while the collector is unreachable,
+    /// for each of profiles, spans with RED metrics, and network metrics;
+    /// beyond it the oldest are dropped and counted.
     #[arg(long, env = "FATHOM_BUFFER_BYTES", default_value_t = 64 << 20)]
     buffer_bytes: u64,
     /// Signals to collect: `profiles` (CPU profiles), `traces` (HTTP spans
