@@ -210,6 +210,7 @@ const OFFSETS: &[(&str, &str, &str)] = &[
     (globals::PROBE_SPORT, "tcp/tcp_probe", "sport"),
     (globals::PROBE_FAMILY, "tcp/tcp_probe", "family"),
     (globals::PROBE_SRTT, "tcp/tcp_probe", "srtt"),
+    (globals::PROBE_COOKIE, "tcp/tcp_probe", "sock_cookie"),
     (globals::RETRANS_SPORT, "tcp/tcp_retransmit_skb", "sport"),
     (globals::RETRANS_FAMILY, "tcp/tcp_retransmit_skb", "family"),
     (globals::RETRANS_SADDR, "tcp/tcp_retransmit_skb", "saddr"),

@@ -9,7 +9,11 @@
 //! the sender can, received packets per second).
 //!
 //! Printed: per load and mode the median, and the median of the per-round
-//! ratio on/off (goal ≥ 0.97).
+//! ratio on/off (goal ≥ 0.97). Throughput over a veth swings by ±15% from
+//! run to run on a 2-CPU VM, so the bench also measures the cost directly:
+//! one more run per load with `kernel.bpf_stats_enabled`, printing the
+//! time the kernel spent in the agent's programs per run and as a share of
+//! the machine's CPU time during the run.
 //!
 //!   cargo bench -p fathom-tests --bench network
 //!
@@ -25,7 +29,8 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, free_port, kernel_tests_possible, median, release_agent_binary,
+    Agent, BpfStats, ChildGuard, bpf_run_totals, free_port, kernel_tests_possible, median,
+    release_agent_binary,
 };
 
 fn run(args: &[&str]) {
@@ -101,6 +106,31 @@ fn iperf(udp: bool, seconds: u32) -> f64 {
     }
 }
 
+/// The agent with the network signal on the pair's host end, attached.
+fn start_agent(agent_bin: &std::path::Path, pair: &Pair, dir: &std::path::Path) -> Agent {
+    let port = free_port();
+    let a = Agent::spawn_binary(
+        agent_bin,
+        &[
+            "--signals",
+            "network",
+            "--net-interfaces",
+            &pair.host,
+            "--http-listen",
+            &format!("127.0.0.1:{port}"),
+            "--otlp-grpc-listen",
+            "off",
+            "--otlp-http-listen",
+            "off",
+            "--store-path",
+            dir.join("store.redb").to_str().unwrap(),
+        ],
+        false,
+    );
+    a.wait_for_log("network metrics attached", Duration::from_secs(60));
+    a
+}
+
 fn main() {
     if !kernel_tests_possible("network bench") {
         return;
@@ -137,29 +167,7 @@ fn main() {
                 [true, false]
             };
             for agent_on in order {
-                let agent = agent_on.then(|| {
-                    let port = free_port();
-                    let a = Agent::spawn_binary(
-                        &agent_bin,
-                        &[
-                            "--signals",
-                            "network",
-                            "--net-interfaces",
-                            &pair.host,
-                            "--http-listen",
-                            &format!("127.0.0.1:{port}"),
-                            "--otlp-grpc-listen",
-                            "off",
-                            "--otlp-http-listen",
-                            "off",
-                            "--store-path",
-                            dir.path().join("store.redb").to_str().unwrap(),
-                        ],
-                        false,
-                    );
-                    a.wait_for_log("network metrics attached", Duration::from_secs(60));
-                    a
-                });
+                let agent = agent_on.then(|| start_agent(&agent_bin, &pair, dir.path()));
                 let v = iperf(udp, seconds) / scale;
                 pair_values[usize::from(agent_on)] = v;
                 if let Some(a) = agent {
@@ -180,6 +188,24 @@ fn main() {
             median(&off),
             median(&on),
             median(&ratio)
+        );
+
+        // The programs' own time, from the kernel's statistics.
+        let stats = BpfStats::enable();
+        let agent = start_agent(&agent_bin, &pair, dir.path());
+        let ours = |name: &str| name.starts_with("net_");
+        let (t0, n0, _) = bpf_run_totals(agent.pid(), ours);
+        let v = iperf(udp, seconds) / scale;
+        let (t1, n1, names) = bpf_run_totals(agent.pid(), ours);
+        agent.signal("TERM");
+        let _ = agent.finish(Duration::from_secs(30));
+        drop(stats);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "{name}: BPF time (kernel.bpf_stats_enabled, programs {names:?}): {:.0} ns per run over {:.0} runs, {:.2}% of the {cpus} CPUs' time during a run at {v:.3} {unit}",
+            (t1 - t0) / (n1 - n0).max(1.0),
+            n1 - n0,
+            100.0 * (t1 - t0) / (f64::from(seconds) * 1e9 * cpus)
         );
     }
 }

@@ -33,8 +33,9 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, chain::StaticNginx, cpu_seconds, free_port, kernel_tests_possible, median,
-    release_agent_binary, require_tool, rotel_agent_path, wait_for_port,
+    Agent, BpfStats, ChildGuard, bpf_run_totals, chain::StaticNginx, cpu_seconds, free_port,
+    kernel_tests_possible, median, release_agent_binary, require_tool, rotel_agent_path,
+    wait_for_port,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -185,32 +186,6 @@ fn peak_rss_mb(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// Run time and count of the BPF programs `pid` holds (bpftool's `pids`).
-fn bpf_run_time_ns(pid: u32) -> (f64, f64, Vec<String>) {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut total = (0.0, 0.0, Vec::new());
-    for p in progs.as_array().into_iter().flatten() {
-        // bpftool lists owner pids only when built with BPF skeletons
-        // (Debian's is not): then the agent's programs are known by name.
-        let name = p["name"].as_str().unwrap_or("");
-        let owned = match p["pids"].as_array() {
-            Some(a) => a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid))),
-            None => name.starts_with("http_") || name.starts_with("fathom_s"),
-        };
-        if owned {
-            total.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
-            total.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
-            total.2.push(p["name"].as_str().unwrap_or("?").to_owned());
-        }
-    }
-    total
-}
-
 fn main() {
     if !kernel_tests_possible("tracing bench") {
         std::process::exit(1);
@@ -328,15 +303,14 @@ fn main() {
     );
 
     // BPF time per request, from the kernel's statistics.
-    let sysctl = "/proc/sys/kernel/bpf_stats_enabled";
-    let before = std::fs::read_to_string(sysctl).unwrap();
-    std::fs::write(sysctl, "1").unwrap();
+    let stats = BpfStats::enable();
     let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"));
-    let (t0, _, _) = bpf_run_time_ns(agent.pid());
+    let ours = |name: &str| name.starts_with("http_") || name.starts_with("fathom_s");
+    let (t0, _, _) = bpf_run_totals(agent.pid(), ours);
     let run = run_wrk(&url, seconds);
-    let (t1, runs_count, names) = bpf_run_time_ns(agent.pid());
+    let (t1, runs_count, names) = bpf_run_totals(agent.pid(), ours);
     let _ = stop_agent(agent);
-    std::fs::write(sysctl, before.trim()).unwrap();
+    drop(stats);
     println!(
         "BPF run time per request (kernel.bpf_stats_enabled, programs {names:?}, {runs_count:.0} runs): {:.0} ns",
         (t1 - t0) / run.requests.max(1.0)

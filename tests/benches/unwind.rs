@@ -38,8 +38,8 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, cpu_seconds, flatten, kernel_tests_possible, median, read_profile,
-    release_agent_binary,
+    Agent, BPF_STATS_SYSCTL, BpfStats, ChildGuard, cpu_seconds, flatten, kernel_tests_possible,
+    median, read_profile, release_agent_binary,
 };
 
 /// Total user frames of the measured stacks.
@@ -75,33 +75,6 @@ fn build_deep(dir: &Path) -> PathBuf {
         .unwrap();
     assert!(status.success(), "gcc failed for {}", source.display());
     out
-}
-
-/// `kernel.bpf_stats_enabled` set to 1 while alive, restored when dropped
-/// (also when the bench panics).
-struct BpfStats {
-    old: String,
-}
-
-const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-impl BpfStats {
-    fn enable() -> Self {
-        let old = std::fs::read_to_string(BPF_STATS_SYSCTL)
-            .unwrap()
-            .trim()
-            .to_owned();
-        std::fs::write(BPF_STATS_SYSCTL, "1").unwrap();
-        Self { old }
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(BPF_STATS_SYSCTL, &self.old) {
-            eprintln!("restoring kernel.bpf_stats_enabled={}: {e}", self.old);
-        }
-    }
 }
 
 /// Run statistics of one BPF program, as `/proc/PID/fdinfo` shows them.

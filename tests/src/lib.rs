@@ -580,6 +580,60 @@ pub fn loaded_bpf_programs() -> Vec<String> {
 
 /// The path of an external tool (searched in `PATH`) a test needs. Missing:
 /// prints why the test skips, or fails under `CI=true`.
+/// `kernel.bpf_stats_enabled` set to 1 while alive (the kernel then times
+/// every BPF program run), restored when dropped, also on a panic.
+pub struct BpfStats {
+    old: String,
+}
+
+pub const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> Self {
+        let old = std::fs::read_to_string(BPF_STATS_SYSCTL)
+            .expect("reading kernel.bpf_stats_enabled")
+            .trim()
+            .to_owned();
+        std::fs::write(BPF_STATS_SYSCTL, "1").expect("setting kernel.bpf_stats_enabled");
+        Self { old }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS_SYSCTL, &self.old) {
+            eprintln!("restoring kernel.bpf_stats_enabled={}: {e}", self.old);
+        }
+    }
+}
+
+/// Summed `run_time_ns` and `run_cnt`, and the names, of the loaded BPF
+/// programs `pid` holds (`bpftool prog show`). bpftool lists owner pids
+/// only when built with BPF skeletons (Debian's is not): then programs
+/// whose name satisfies `name_is_ours` count.
+pub fn bpf_run_totals(pid: u32, name_is_ours: impl Fn(&str) -> bool) -> (f64, f64, Vec<String>) {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool prog show failed");
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    let mut total = (0.0, 0.0, Vec::new());
+    for p in progs.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("");
+        let owned = match p["pids"].as_array() {
+            Some(a) => a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid))),
+            None => name_is_ours(name),
+        };
+        if owned {
+            total.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
+            total.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
+            total.2.push(name.to_owned());
+        }
+    }
+    total
+}
+
 pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)

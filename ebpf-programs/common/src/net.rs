@@ -33,6 +33,7 @@ pub mod globals {
     pub const PROBE_SPORT: &str = "NET_PROBE_SPORT";
     pub const PROBE_FAMILY: &str = "NET_PROBE_FAMILY";
     pub const PROBE_SRTT: &str = "NET_PROBE_SRTT";
+    pub const PROBE_COOKIE: &str = "NET_PROBE_COOKIE";
     /// Offsets in the `inet_sock_set_state` record.
     pub const STATE_SKADDR: &str = "NET_STATE_SKADDR";
     pub const STATE_OLDSTATE: &str = "NET_STATE_OLDSTATE";

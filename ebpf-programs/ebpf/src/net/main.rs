@@ -40,6 +40,12 @@ pub static NET_DNS_PENDING: LruHashMap<DnsKey, u64> = LruHashMap::with_max_entri
 /// (too large for the BPF stack).
 #[map]
 pub static NET_ZERO: Array<Hist> = Array::with_max_entries(1, 0);
+/// Slots of `tcp_probe`'s sampling table (a power of two).
+pub const RTT_SLOTS: u32 = 4096;
+/// `tcp_probe`'s sampling table: (socket cookie, last sample ns)
+/// per slot, indexed by the cookie's low bits.
+#[map]
+pub static NET_RTT_SLOTS: Array<[u64; 2]> = Array::with_max_entries(RTT_SLOTS, 0);
 #[map]
 pub static NET_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NetCounter::COUNT, 0);
 

@@ -35,9 +35,107 @@ pub fn net_tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// What the programs read from a packet's headers.
+struct Headers {
+    family: u8,
+    proto: u8,
+    /// Offset of the L4 header.
+    l4: usize,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    /// TCP flags (0 for UDP).
+    flags: u8,
+}
+
+/// The start of the packet's linear data when it holds more than `n`
+/// bytes. (One byte more than needed: LLVM may rewrite the bound as a
+/// strict comparison, which the verifier counts one byte short.)
 #[inline(always)]
-fn handle(ctx: &TcContext) -> Option<()> {
-    count(NetCounter::Packets);
+fn linear(ctx: &TcContext, n: usize) -> Option<usize> {
+    let start = ctx.data();
+    if start + n + 1 > ctx.data_end() {
+        return None;
+    }
+    Some(start)
+}
+
+/// Reads a `T` at a constant offset of checked linear data.
+///
+/// # Safety
+/// `[base + off, base + off + size_of::<T>())` must lie within what
+/// [`linear`] checked.
+#[inline(always)]
+unsafe fn at<T: Copy>(base: usize, off: usize) -> T {
+    // SAFETY: the caller's bound.
+    unsafe { core::ptr::read_unaligned((base + off) as *const T) }
+}
+
+/// The common packets (IPv4 without options, IPv6 without extension
+/// headers, TCP or UDP) read straight from the linear data, with constant
+/// offsets the verifier can check; `None` sends the packet to [`slow`].
+#[inline(always)]
+fn fast(ctx: &TcContext) -> Option<Headers> {
+    const V4_L4: usize = ETH_HLEN + 20;
+    const V6_L4: usize = ETH_HLEN + 40;
+    let b = linear(ctx, V4_L4 + 14)?;
+    // SAFETY: within the checked bytes (as every read below).
+    let proto = u16::from_be(unsafe { at::<u16>(b, 12) });
+    let mut h = Headers {
+        family: FAMILY_V4,
+        proto: 0,
+        l4: V4_L4,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        flags: 0,
+    };
+    if proto == ETH_P_IP {
+        // SAFETY: as above.
+        unsafe {
+            if at::<u8>(b, ETH_HLEN) != 0x45
+                || u16::from_be(at::<u16>(b, ETH_HLEN + 6)) & 0x1fff != 0
+            {
+                return None;
+            }
+            h.proto = at::<u8>(b, ETH_HLEN + 9);
+            h.src[..4].copy_from_slice(&at::<[u8; 4]>(b, ETH_HLEN + 12));
+            h.dst[..4].copy_from_slice(&at::<[u8; 4]>(b, ETH_HLEN + 16));
+            h.sport = u16::from_be(at::<u16>(b, V4_L4));
+            h.dport = u16::from_be(at::<u16>(b, V4_L4 + 2));
+            if h.proto == IPPROTO_TCP {
+                h.flags = at::<u8>(b, V4_L4 + 13);
+            }
+        }
+    } else if proto == ETH_P_IPV6 {
+        let b = linear(ctx, V6_L4 + 14)?;
+        h.family = FAMILY_V6;
+        h.l4 = V6_L4;
+        // SAFETY: as above, for the IPv6 bound.
+        unsafe {
+            h.proto = at::<u8>(b, ETH_HLEN + 6);
+            h.src = at::<[u8; 16]>(b, ETH_HLEN + 8);
+            h.dst = at::<[u8; 16]>(b, ETH_HLEN + 24);
+            h.sport = u16::from_be(at::<u16>(b, V6_L4));
+            h.dport = u16::from_be(at::<u16>(b, V6_L4 + 2));
+            if h.proto == IPPROTO_TCP {
+                h.flags = at::<u8>(b, V6_L4 + 13);
+            }
+        }
+    } else {
+        return None;
+    }
+    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP {
+        return None;
+    }
+    Some(h)
+}
+
+/// Any other packet, through `bpf_skb_load_bytes`.
+#[inline(always)]
+fn slow(ctx: &TcContext) -> Option<Headers> {
     let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
@@ -63,12 +161,37 @@ fn handle(ctx: &TcContext) -> Option<()> {
     if l4_proto != IPPROTO_TCP && l4_proto != IPPROTO_UDP {
         return None;
     }
-    let sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
-    let dport = u16::from_be(ctx.load::<u16>(l4 + 2).ok()?);
-    let flags = if l4_proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4 + 13).ok()?
-    } else {
-        0
+    Some(Headers {
+        family,
+        proto: l4_proto,
+        l4,
+        src,
+        dst,
+        sport: u16::from_be(ctx.load::<u16>(l4).ok()?),
+        dport: u16::from_be(ctx.load::<u16>(l4 + 2).ok()?),
+        flags: if l4_proto == IPPROTO_TCP {
+            ctx.load::<u8>(l4 + 13).ok()?
+        } else {
+            0
+        },
+    })
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext) -> Option<()> {
+    count(NetCounter::Packets);
+    let Headers {
+        family,
+        proto: l4_proto,
+        l4,
+        src,
+        dst,
+        sport,
+        dport,
+        flags,
+    } = match fast(ctx) {
+        Some(h) => h,
+        None => slow(ctx)?,
     };
     let fwd = FlowKey {
         family,
@@ -90,13 +213,23 @@ fn handle(ctx: &TcContext) -> Option<()> {
     };
     // SAFETY: a plain read of the context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let now = unsafe { bpf_ktime_get_ns() };
     // Which end is the client: an existing flow says, else the SYN flags,
-    // else the sockets' owners, else the lower port is the server's.
-    let (c2s, stats) = if let Some(s) = NET_FLOWS.get_ptr_mut(&fwd) {
-        (true, s)
-    } else if let Some(s) = NET_FLOWS.get_ptr_mut(&rev) {
-        (false, s)
+    // else the sockets' owners, else the lower port is the server's. The
+    // orientation with the higher port as the client is tried first: most
+    // packets then find their flow with one lookup.
+    let found = if sport >= dport {
+        NET_FLOWS
+            .get_ptr_mut(&fwd)
+            .map(|s| (true, s))
+            .or_else(|| NET_FLOWS.get_ptr_mut(&rev).map(|s| (false, s)))
+    } else {
+        NET_FLOWS
+            .get_ptr_mut(&rev)
+            .map(|s| (false, s))
+            .or_else(|| NET_FLOWS.get_ptr_mut(&fwd).map(|s| (true, s)))
+    };
+    let (c2s, stats) = if let Some(found) = found {
+        found
     } else {
         let c2s = if l4_proto == IPPROTO_TCP && flags & TCP_SYN != 0 {
             flags & TCP_ACK == 0
@@ -135,8 +268,9 @@ fn handle(ctx: &TcContext) -> Option<()> {
         }
     }
     if l4_proto == IPPROTO_TCP {
-        tcp_handshake(key, stats, c2s, flags, now);
+        tcp_handshake(key, stats, c2s, flags);
     } else if dport == DNS_PORT || sport == DNS_PORT {
+        let now = now();
         let head = ctx.load::<[u8; 4]>(l4 + 8).ok()?;
         let (id, response, rcode) = dns_header(&head)?;
         if !response && dport == DNS_PORT {
@@ -184,12 +318,12 @@ fn handle(ctx: &TcContext) -> Option<()> {
 /// The server side of a handshake, timed at the hook: SYN → the client's
 /// first ACK after the SYN-ACK.
 #[inline(always)]
-fn tcp_handshake(key: &FlowKey, stats: *mut FlowStats, c2s: bool, flags: u8, now: u64) {
+fn tcp_handshake(key: &FlowKey, stats: *mut FlowStats, c2s: bool, flags: u8) {
     let syn = flags & TCP_SYN != 0;
     let ack = flags & TCP_ACK != 0;
     if syn && !ack && c2s {
         let h = Handshake {
-            syn_ns: now,
+            syn_ns: now(),
             synack: 0,
             _pad: 0,
         };
@@ -239,6 +373,12 @@ fn tcp_handshake(key: &FlowKey, stats: *mut FlowStats, c2s: bool, flags: u8, now
             local: key.remote,
             remote: key.local,
         };
-        observe(&agg, now.saturating_sub(h.syn_ns));
+        observe(&agg, now().saturating_sub(h.syn_ns));
     }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
 }

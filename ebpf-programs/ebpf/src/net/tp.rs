@@ -14,7 +14,7 @@ use fathom_common::net::{
     AggKey, Connecting, FAMILY_V4, FAMILY_V6, FlowKey, NetCounter, Owner, direction, metric,
 };
 
-use crate::{NET_CONNECTING, NET_FLOWS, NET_OWNERS, add, count, observe};
+use crate::{NET_CONNECTING, NET_FLOWS, NET_OWNERS, NET_RTT_SLOTS, RTT_SLOTS, add, count, observe};
 
 // Offsets the loader reads from the format files (defaults: Linux 6.18).
 #[unsafe(no_mangle)]
@@ -41,6 +41,8 @@ static NET_PROBE_SPORT: u32 = 64;
 static NET_PROBE_FAMILY: u32 = 68;
 #[unsafe(no_mangle)]
 static NET_PROBE_SRTT: u32 = 100;
+#[unsafe(no_mangle)]
+static NET_PROBE_COOKIE: u32 = 112;
 #[unsafe(no_mangle)]
 static NET_RETRANS_SPORT: u32 = 28;
 #[unsafe(no_mangle)]
@@ -270,8 +272,29 @@ pub fn net_tcp_probe(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `tcp_probe` fires on every incoming segment of every connection: the
+/// common case must be cheap. A direct-mapped table of (socket cookie, last
+/// sample time) decides first, with one read of the record and no hashing
+/// of the 4-tuple; only a connection's first segment after the sampling
+/// period goes on to find its owner and record the smoothed RTT. Two
+/// connections sharing a slot are each sampled more often, never less.
 #[inline(always)]
 fn tcp_probe(ctx: &TracePointContext) -> Option<()> {
+    // SAFETY: offsets from the format file.
+    let cookie = unsafe { ctx.read_at::<u64>(global(&NET_PROBE_COOKIE)) }.ok()?;
+    // (The coarse clock would do, but tracing programs may not read it.)
+    let t = now();
+    // SAFETY: a plain read of a loader-set global.
+    let every = unsafe { read_volatile(&NET_RTT_SAMPLE_NS) };
+    let slot = NET_RTT_SLOTS.get_ptr_mut((cookie as u32) & (RTT_SLOTS - 1))?;
+    // SAFETY: a valid map value; racing CPUs at worst both sample.
+    unsafe {
+        if (*slot)[0] == cookie && t.saturating_sub((*slot)[1]) < every {
+            return Some(());
+        }
+        (*slot)[0] = cookie;
+        (*slot)[1] = t;
+    }
     let port_off = global(&NET_PROBE_SPORT);
     // SAFETY: offsets from the format file.
     let af = unsafe { ctx.read_at::<u16>(global(&NET_PROBE_FAMILY)) }.ok()?;
@@ -314,18 +337,9 @@ fn tcp_probe(ctx: &TracePointContext) -> Option<()> {
     if srtt_us == 0 {
         return Some(());
     }
-    // SAFETY: a valid map value.
-    unsafe { (*o).srtt_us = srtt_us };
-    let t = now();
-    // SAFETY: a valid map value.
-    let last = unsafe { (*o).last_rtt_ns };
-    // SAFETY: a plain read of a loader-set global.
-    let every = unsafe { read_volatile(&NET_RTT_SAMPLE_NS) };
-    if last != 0 && t.saturating_sub(last) < every {
-        return Some(());
-    }
-    // SAFETY: a valid map value.
+    // SAFETY: a valid map value, copied after the update.
     let o = unsafe {
+        (*o).srtt_us = srtt_us;
         (*o).last_rtt_ns = t;
         *o
     };
