@@ -254,6 +254,13 @@ fn start_server(topo: &Topology, service: &str, port: u16, oracle: &Path) -> Chi
     server
 }
 
+/// Requests before any bulk transfer on their connection: their RTT is the
+/// injected delay and nothing was lost. A bulk response queues frames in
+/// the relay (its RTT, as the kernel and the span measure it, grows) and
+/// overflows it at times (retransmits even without injected loss); the
+/// comparisons with the end's own `TCP_INFO` hold for every request.
+const BEFORE_BULK: [&str; 3] = ["/r/a/0/100", "/r/a/1/2000", "/r/b/0/100"];
+
 /// 20 ms injected: each span's smoothed RTT is the kernel's own (the end's
 /// `tcpi_rtt` right after its last event) and the delay; a client span's
 /// connect time is the client's own `connect()`; with 5% loss on the
@@ -336,10 +343,11 @@ fn http_spans_carry_rtt_retransmits_and_connect_time() {
             truth.retrans_after - truth.retrans_before,
             "{path}: server span retransmits"
         );
-        if path.starts_with("/r/a/") {
+        if BEFORE_BULK.contains(&path.as_str()) {
             within(&format!("{path} server srtt vs delay"), srtt, 20_000.0, 0.05);
-            assert_eq!(retransmits, 0, "{path}: no loss, no retransmit");
-        } else {
+            assert_eq!(retransmits, 0, "{path}: nothing lost yet");
+        }
+        if path.starts_with("/r/b/") {
             lossy_retransmits += retransmits;
         }
         // The server's handshake is not per connection in the network
