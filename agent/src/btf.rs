@@ -75,7 +75,7 @@ impl KernelBtf {
                     })?;
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::BitField {
                 strukt: strukt.into(),
                 member: path.into(),
@@ -202,9 +202,12 @@ mod tests {
 
     /// An independent reading of the same BTF: `bpftool btf dump ... format
     /// raw` (libbpf's parser), resolved here by walking its text.
+    /// A type of the dump: (kind, name, type_id, members (name, type_id,
+    /// bits_offset)).
+    type RawType = (String, String, u32, Vec<(String, u32, u64)>);
+
     struct RawDump {
-        /// id → (kind, name, type_id, members (name, type_id, bits_offset)).
-        types: HashMap<u32, (String, String, u32, Vec<(String, u32, u64)>)>,
+        types: HashMap<u32, RawType>,
         by_name: HashMap<String, Vec<u32>>,
     }
 
@@ -238,7 +241,11 @@ mod tests {
                     && line.contains("bits_offset=")
                 {
                     let name = line.split('\'').nth(1).unwrap_or("").to_string();
-                    let name = if name == "(anon)" { String::new() } else { name };
+                    let name = if name == "(anon)" {
+                        String::new()
+                    } else {
+                        name
+                    };
                     let member = (
                         name,
                         field(line, "type_id=").unwrap() as u32,
@@ -369,7 +376,12 @@ mod tests {
         assert!(matches!(e, BtfError::BitField { .. }), "{e}");
         let e = btf.member_offset("tcp_sock", "srtt_us.x").unwrap_err();
         assert!(matches!(e, BtfError::NotAggregate { .. }), "{e}");
-        let e = KernelBtf::open(Path::new("/nonexistent/btf")).err().unwrap();
-        assert!(e.to_string().starts_with("reading kernel BTF /nonexistent/btf"));
+        let e = KernelBtf::open(Path::new("/nonexistent/btf"))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("reading kernel BTF /nonexistent/btf")
+        );
     }
 }

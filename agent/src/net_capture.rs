@@ -412,10 +412,12 @@ impl NetCapture {
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| map_err(MapError::SyscallError(aya::sys::SyscallError {
-                call: "dup",
-                io_error: e,
-            })))?;
+            .map_err(|e| {
+                map_err(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                }))
+            })?;
         let data = MapData::from_fd(fd).map_err(map_err)?;
         let owners = BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
         Ok(OwnersReader { owners })

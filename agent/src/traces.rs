@@ -585,12 +585,21 @@ mod tests {
             "[::ffff:10.9.8.7]:80".parse().unwrap(),
         );
         assert_eq!(mapped, Some(want));
-        let v6 = tcp_flow_key("[fd00::1]:5".parse().unwrap(), "[fd00::2]:6".parse().unwrap())
-            .unwrap();
+        let v6 = tcp_flow_key(
+            "[fd00::1]:5".parse().unwrap(),
+            "[fd00::2]:6".parse().unwrap(),
+        )
+        .unwrap();
         assert_eq!(v6.family, FAMILY_V6);
-        assert_eq!(v6.local, "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
         assert_eq!(
-            tcp_flow_key("[fd00::1]:5".parse().unwrap(), "10.0.0.1:6".parse().unwrap()),
+            v6.local,
+            "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(
+            tcp_flow_key(
+                "[fd00::1]:5".parse().unwrap(),
+                "10.0.0.1:6".parse().unwrap()
+            ),
             None
         );
         assert_eq!(NoConnections.connect_ns(&want), None);

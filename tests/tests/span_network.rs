@@ -337,14 +337,24 @@ fn http_spans_carry_rtt_retransmits_and_connect_time() {
              tcpi_rtt {} µs, total_retrans {} → {}",
             truth.rtt_us, truth.retrans_before, truth.retrans_after
         );
-        within(&format!("{path} server srtt vs tcpi_rtt"), srtt, truth.rtt_us, 0.05);
+        within(
+            &format!("{path} server srtt vs tcpi_rtt"),
+            srtt,
+            truth.rtt_us,
+            0.05,
+        );
         assert_eq!(
             retransmits,
             truth.retrans_after - truth.retrans_before,
             "{path}: server span retransmits"
         );
         if BEFORE_BULK.contains(&path.as_str()) {
-            within(&format!("{path} server srtt vs delay"), srtt, 20_000.0, 0.05);
+            within(
+                &format!("{path} server srtt vs delay"),
+                srtt,
+                20_000.0,
+                0.05,
+            );
             assert_eq!(retransmits, 0, "{path}: nothing lost yet");
         }
         if path.starts_with("/r/b/") {
@@ -366,16 +376,36 @@ fn http_spans_carry_rtt_retransmits_and_connect_time() {
             "client {path}: span srtt {srtt} µs, connect {connect} µs; tcpi_rtt {} µs",
             truth.rtt_us
         );
-        within(&format!("{path} client srtt vs tcpi_rtt"), srtt, truth.rtt_us, 0.05);
+        within(
+            &format!("{path} client srtt vs tcpi_rtt"),
+            srtt,
+            truth.rtt_us,
+            0.05,
+        );
         assert_eq!(
             c.int("fathom.tcp.retransmits").unwrap(),
             truth.retrans_after - truth.retrans_before,
             "{path}: client span retransmits"
         );
-        within(&format!("{path} client connect vs delay"), connect, 20_000.0, 0.05);
+        within(
+            &format!("{path} client connect vs delay"),
+            connect,
+            20_000.0,
+            0.05,
+        );
         if path.starts_with("/r/a/") {
-            within(&format!("{path} connect vs connect()"), connect, connect_us, 0.05);
-            within(&format!("{path} client srtt vs delay"), srtt, 20_000.0, 0.05);
+            within(
+                &format!("{path} connect vs connect()"),
+                connect,
+                connect_us,
+                0.05,
+            );
+            within(
+                &format!("{path} client srtt vs delay"),
+                srtt,
+                20_000.0,
+                0.05,
+            );
         }
     }
     // Every request of a connection has the connection's one connect time.

@@ -450,7 +450,10 @@ pub(crate) mod tests {
         });
         s.connect_us = Some(20_300);
         let a = attrs(&span_to_otlp(&s, 0));
-        let tcp: Vec<_> = a.iter().filter(|(k, _)| k.starts_with("fathom.tcp.")).collect();
+        let tcp: Vec<_> = a
+            .iter()
+            .filter(|(k, _)| k.starts_with("fathom.tcp."))
+            .collect();
         assert_eq!(
             tcp,
             [

@@ -1105,10 +1105,18 @@ pub(crate) mod tests {
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc";
         t.on_data(&with_tcp(data(1, R, 11, (2_500, 3_000), head), 20_000, 9));
         assert!(t.take_finished().is_empty());
-        t.on_data(&with_tcp(data(1, R, 11, (3_500, 4_000), b"def"), 20_400, 12));
+        t.on_data(&with_tcp(
+            data(1, R, 11, (3_500, 4_000), b"def"),
+            20_400,
+            12,
+        ));
         // Second request: its own first sample; no TCP state on its last
         // event (the kernel could not read it): no TCP attributes.
-        t.on_data(&with_tcp(data(1, W, 11, (5_000, 5_100), CURL_GET), 20_400, 12));
+        t.on_data(&with_tcp(
+            data(1, W, 11, (5_000, 5_100), CURL_GET),
+            20_400,
+            12,
+        ));
         t.on_data(&data(1, R, 11, (6_000, 6_100), NGINX_200));
         // Third: the retransmit counter as the kernel has it, wrapping.
         t.on_data(&with_tcp(
