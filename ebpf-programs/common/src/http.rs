@@ -28,6 +28,12 @@
 //!   ids reach user space in the [`DataEvent::ctx`] of that write
 //!   ([`ctx_flags::CLIENT_INJECTED`]).
 //!
+//! Connection state: with [`SockOffsets`] set (from the kernel's BTF),
+//! `accept`/`connect` exit also finds the socket's `struct sock` (kept in
+//! [`ConnInfo::sk`]) and this end's address ([`ConnEvent::local`]); every
+//! data event then carries the connection's smoothed RTT and retransmit
+//! count ([`DataEvent::srtt_us`], [`DataEvent::total_retrans`]).
+//!
 //! User space parses the byte streams (several requests per connection,
 //! pipelining, bodies by length or chunked) and builds spans; it takes ids
 //! from `ctx` when the kernel chose them.
