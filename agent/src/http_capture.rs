@@ -8,9 +8,11 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
-use fathom_common::http::{ConnEvent, ConnKey, DataEvent, HttpCounter, event_kind, globals, names};
+use fathom_common::http::{
+    ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, event_kind, globals, names,
+};
 
-use crate::{ebpf, preflight, profiler::field_offset, sys};
+use crate::{btf, ebpf, preflight, profiler::field_offset, sys};
 
 /// What the capture programs trace.
 #[derive(Clone, Debug)]
@@ -215,7 +217,9 @@ impl HttpCapture {
         let child_offset = offset("child_pid")?;
         let filter = u8::from(!config.pids.is_empty());
         let inject = u8::from(config.inject);
+        let sock = sock_offsets();
         let mut ebpf = EbpfLoader::new()
+            .override_global(globals::SOCK_OFFSETS, &sock, true)
             .override_global(globals::FILTER_PIDS, &filter, true)
             .override_global(globals::INJECT, &inject, true)
             .override_global(globals::FORK_PARENT_OFFSET, &parent_offset, true)
@@ -313,6 +317,19 @@ impl HttpCapture {
     }
 }
 
+/// The kernel offsets for reading a connection's socket (RTT, retransmits,
+/// local address); without them (no BTF) spans go without the `fathom.tcp.*`
+/// attributes, and the reason is logged once.
+fn sock_offsets() -> SockOffsets {
+    match btf::KernelBtf::open(Path::new(btf::VMLINUX)).and_then(|b| btf::sock_offsets(&b)) {
+        Ok(offsets) => offsets,
+        Err(e) => {
+            tracing::warn!(error = %e, "HTTP spans go without TCP attributes (fathom.tcp.*)");
+            SockOffsets::default()
+        }
+    }
+}
+
 /// A program of the object as its type, loaded into the kernel the first
 /// time it is asked for (`loaded` remembers which were).
 fn loaded_program<'a, T>(
@@ -400,6 +417,7 @@ mod tests {
             peer: SockAddr::default(),
             listen_fd: 4,
             _reserved2: 0,
+            local: SockAddr::default(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! connection events (`http`, pure logic), pod metadata (`k8s`) and running
 //! it all (`session`).
 
+pub mod btf;
 pub mod ebpf;
 pub mod export;
 pub mod health;

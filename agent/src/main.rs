@@ -16,7 +16,9 @@ use fathom_agent::{
     preflight,
     profiler::{ProfilerConfig, UnwindMapSizes},
     session::{self, DirSink, Session, Stop},
-    traces::{EmbeddedTraceSink, TraceConfig, TraceSession, TraceSink},
+    traces::{
+        ConnectionLookup, EmbeddedTraceSink, NoConnections, TraceConfig, TraceSession, TraceSink,
+    },
     unwinder::UnwinderConfig,
 };
 use fathom_collector::{Collector, CollectorArgs};
@@ -299,12 +301,18 @@ fn start_tracing(
     args: &DaemonArgs,
     sink: Box<dyn TraceSink>,
     others_go_on: bool,
+    network: Option<&mut NetSession>,
 ) -> anyhow::Result<Option<TraceSession>> {
     let mut trace_config = TraceConfig::default();
     trace_config.capture.pids = args.sampling.pids.clone();
     trace_config.capture.inject = args.trace_inject;
     trace_config.sample_ratio = args.trace_sample_ratio;
-    match TraceSession::start(trace_config, sink) {
+    // With the network signal, client spans carry their connect time.
+    let connections: Box<dyn ConnectionLookup> = match network.and_then(|n| n.take_connections()) {
+        Some(reader) => Box::new(reader),
+        None => Box::new(NoConnections),
+    };
+    match TraceSession::start_with(trace_config, sink, connections) {
         Ok(session) => Ok(Some(session)),
         Err(e) if others_go_on => {
             tracing::error!(error = %e, "HTTP tracing could not start: going on without it");
@@ -438,20 +446,27 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         }
         let stop = stop_on_signals()?;
         // Spans and metrics go over OTLP/HTTP to the collector's HTTP port.
-        let _traces = if traces {
-            let sink =
-                RemoteTraceSink::new(url, args.collector_token.as_deref(), args.buffer_bytes)?;
-            start_tracing(&args, Box::new(sink), profiles || network)?
-        } else {
-            None
-        };
-        let _network = if network {
+        // The network signal first: tracing reads its connections.
+        let mut network_session = if network {
             let sink =
                 RemoteTraceSink::new(url, args.collector_token.as_deref(), args.buffer_bytes)?;
             start_network(&args, Box::new(sink), profiles || traces)?
         } else {
             None
         };
+        let _traces = if traces {
+            let sink =
+                RemoteTraceSink::new(url, args.collector_token.as_deref(), args.buffer_bytes)?;
+            start_tracing(
+                &args,
+                Box::new(sink),
+                profiles || network,
+                network_session.as_mut(),
+            )?
+        } else {
+            None
+        };
+        let _network = network_session;
         if profiles {
             let remote = fathom_collector::config::PyroscopeConfig {
                 url: url.clone(),
@@ -503,16 +518,8 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     let result = (|| {
         let stop = stop_on_signals()?;
-        let _traces = if traces {
-            start_tracing(
-                &args,
-                Box::new(EmbeddedTraceSink(collector.ingest())),
-                profiles || network,
-            )?
-        } else {
-            None
-        };
-        let _network = if network {
+        // The network signal first: tracing reads its connections.
+        let mut network_session = if network {
             start_network(
                 &args,
                 Box::new(EmbeddedTraceSink(collector.ingest())),
@@ -521,6 +528,17 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         } else {
             None
         };
+        let _traces = if traces {
+            start_tracing(
+                &args,
+                Box::new(EmbeddedTraceSink(collector.ingest())),
+                profiles || network,
+                network_session.as_mut(),
+            )?
+        } else {
+            None
+        };
+        let _network = network_session;
         if profiles {
             let mut session = Session::start(config, &args.sampling.symbolizer())?;
             let mut sink = EmbeddedSink::new(collector.ingest());

@@ -68,6 +68,27 @@ pub enum NetCaptureError {
     TracepointFormat { path: String, reason: String },
 }
 
+/// Reads the kernel's connections map (`NET_OWNERS`) from any thread: what
+/// HTTP spans learn of their connection ([`crate::traces::ConnectionLookup`]).
+pub struct OwnersReader {
+    owners: BpfHashMap<MapData, FlowKey, Owner>,
+}
+
+impl OwnersReader {
+    /// The connection whose local end sees `key` ([`NetCapture::connection`]).
+    pub fn connection(&self, key: &FlowKey) -> Option<Owner> {
+        self.owners.get(key, 0).ok()
+    }
+}
+
+impl crate::traces::ConnectionLookup for OwnersReader {
+    fn connect_ns(&self, key: &FlowKey) -> Option<u64> {
+        self.connection(key)
+            .map(|o| o.connect_ns)
+            .filter(|ns| *ns > 0)
+    }
+}
+
 /// An interface of this network namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
@@ -375,6 +396,32 @@ impl NetCapture {
     /// (retransmits during the span = the difference).
     pub fn connection(&self, key: &FlowKey) -> Option<Owner> {
         self.owners.get(key, 0).ok()
+    }
+
+    /// A second handle on the connections map ([`Self::connection`]) for
+    /// another thread (HTTP spans look their connection's handshake up).
+    pub fn owners_reader(&self) -> Result<OwnersReader, NetCaptureError> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let map_err = |source| NetCaptureError::Map {
+            name: names::OWNERS,
+            source,
+        };
+        let fd = self
+            .owners
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| {
+                map_err(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                }))
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_err)?;
+        let owners = BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
+        Ok(OwnersReader { owners })
     }
 
     /// Every counter.

@@ -24,7 +24,7 @@ use crate::{
         hist::HistSum,
         metrics::{NetMetric, rcode_name},
     },
-    net_capture::{NetCapture, NetCaptureConfig, NetCaptureError},
+    net_capture::{NetCapture, NetCaptureConfig, NetCaptureError, OwnersReader},
     process_meta::ProcessMeta,
     sys,
     traces::TraceSink,
@@ -82,12 +82,17 @@ pub enum NetError {
 pub struct NetSession {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    connections: Option<OwnersReader>,
 }
 
 impl NetSession {
     pub fn start(config: NetConfig, sink: Box<dyn TraceSink>) -> Result<Self, NetError> {
         let mut capture = NetCapture::start(&config.capture)?;
         let hooked = capture.sync_interfaces();
+        let connections = capture
+            .owners_reader()
+            .inspect_err(|e| tracing::warn!(error = %e, "HTTP spans go without connect times"))
+            .ok();
         tracing::info!(interfaces = ?hooked, "network metrics attached");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -98,7 +103,14 @@ impl NetSession {
         Ok(Self {
             stop,
             handle: Some(handle),
+            connections,
         })
+    }
+
+    /// A reader of the kernel's per-connection state for the tracing
+    /// session (`fathom.tcp.connect_us` on client spans); once.
+    pub fn take_connections(&mut self) -> Option<OwnersReader> {
+        self.connections.take()
     }
 }
 

@@ -3,6 +3,7 @@
 //! traces) and the RED metrics (OTLP metrics) to a [`TraceSink`].
 use std::{
     collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
         Arc,
@@ -13,13 +14,19 @@ use std::{
 };
 
 use fathom_collector::Ingest;
-use fathom_common::http::{HttpCounter, role};
+use fathom_common::{
+    http::{HttpCounter, role},
+    net::{FAMILY_V4, FAMILY_V6, FlowKey},
+};
 use opentelemetry_proto::tonic::collector::{
     metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
 };
 
 use crate::{
-    http::{HttpMetrics, HttpTracer, MetricsConfig, ResourceInfo, TracerConfig, traces_request},
+    http::{
+        HttpMetrics, HttpTracer, MetricsConfig, ResourceInfo, TracerConfig, spans::sock_addr,
+        traces_request,
+    },
     http_capture::{HttpCapture, HttpCaptureConfig, HttpCaptureError, HttpEvent},
     process_meta::{ProcessMeta, local_port},
     sys,
@@ -39,6 +46,50 @@ pub fn trace_id_ratio_keeps(trace_id: &[u8; 16], ratio: f64) -> bool {
     let x = u64::from_be_bytes(low) >> 1;
     // 2^63 as f64 is exact; the product is below it.
     x < (ratio * 9_223_372_036_854_775_808.0) as u64
+}
+
+/// What another signal knows of a TCP connection, for HTTP spans: the
+/// network signal's per-connection state (`crate::net_capture::OwnersReader`),
+/// or nothing ([`NoConnections`]) when it does not run.
+pub trait ConnectionLookup: Send {
+    /// The connect's SYN → ESTABLISHED time of the connection whose local
+    /// end sees `key` (client connections), nanoseconds.
+    fn connect_ns(&self, key: &FlowKey) -> Option<u64>;
+}
+
+/// No network signal: spans carry no connect time.
+pub struct NoConnections;
+
+impl ConnectionLookup for NoConnections {
+    fn connect_ns(&self, _key: &FlowKey) -> Option<u64> {
+        None
+    }
+}
+
+/// The network signal's key of a TCP connection as its local end sees it:
+/// IPv4-mapped IPv6 addresses as IPv4 (as the network programs key them);
+/// `None` when the two ends are of different families.
+pub fn tcp_flow_key(local: SocketAddr, peer: SocketAddr) -> Option<FlowKey> {
+    let (family, local_ip, remote_ip) = match (local.ip().to_canonical(), peer.ip().to_canonical())
+    {
+        (IpAddr::V4(l), IpAddr::V4(r)) => {
+            let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+            a[..4].copy_from_slice(&l.octets());
+            b[..4].copy_from_slice(&r.octets());
+            (FAMILY_V4, a, b)
+        }
+        (IpAddr::V6(l), IpAddr::V6(r)) => (FAMILY_V6, l.octets(), r.octets()),
+        _ => return None,
+    };
+    Some(FlowKey {
+        family,
+        protocol: 6,
+        local_port: local.port(),
+        remote_port: peer.port(),
+        _pad: 0,
+        local: local_ip,
+        remote: remote_ip,
+    })
 }
 
 /// Finished spans that are delivered at once, without waiting for the timer.
@@ -116,6 +167,16 @@ impl TraceSession {
     /// Loads and attaches the capture (and `traceparent` injection when
     /// configured), then starts the thread.
     pub fn start(config: TraceConfig, sink: Box<dyn TraceSink>) -> Result<Self, TraceError> {
+        Self::start_with(config, sink, Box::new(NoConnections))
+    }
+
+    /// [`Self::start`], with client spans' connect times from `connections`
+    /// (looked up once per connection, at its first data).
+    pub fn start_with(
+        config: TraceConfig,
+        sink: Box<dyn TraceSink>,
+        connections: Box<dyn ConnectionLookup>,
+    ) -> Result<Self, TraceError> {
         let mut capture = HttpCapture::start(&config.capture)?;
         let injection = if config.capture.inject {
             Some(crate::inject::attach(capture.ebpf_mut())?)
@@ -128,7 +189,7 @@ impl TraceSession {
         let handle = std::thread::Builder::new()
             .name("fathom-traces".into())
             .spawn(move || {
-                Worker::new(config, capture, sink).run(&flag);
+                Worker::new(config, capture, sink, connections).run(&flag);
                 // Injection detaches after the capture's last events were read.
                 drop(injection);
             })
@@ -180,6 +241,10 @@ struct Worker {
     open: HashMap<u32, HashSet<u32>>,
     /// Local port of (process, listening fd).
     ports: HashMap<(u32, u32), Option<u16>>,
+    connections: Box<dyn ConnectionLookup>,
+    /// Client connections whose connect time is looked up at their first
+    /// data event (conn id → key).
+    connect_pending: HashMap<u64, (u32, FlowKey)>,
     malformed: u64,
     undelivered: Undelivered,
     spans_delivered: u64,
@@ -187,7 +252,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(config: TraceConfig, capture: HttpCapture, sink: Box<dyn TraceSink>) -> Self {
+    fn new(
+        config: TraceConfig,
+        capture: HttpCapture,
+        sink: Box<dyn TraceSink>,
+        connections: Box<dyn ConnectionLookup>,
+    ) -> Self {
         Self {
             tracer: HttpTracer::new(config.tracer.clone()),
             metrics: HttpMetrics::new(config.metrics.clone(), unix_now_ns()),
@@ -200,6 +270,8 @@ impl Worker {
             exited: Vec::new(),
             open: HashMap::new(),
             ports: HashMap::new(),
+            connections,
+            connect_pending: HashMap::new(),
             malformed: 0,
             undelivered: Undelivered::default(),
             spans_delivered: 0,
@@ -255,7 +327,15 @@ impl Worker {
                 self.resource(c.tgid);
                 self.open.entry(c.tgid).or_default().insert(c.fd);
                 self.tracer.on_conn_open(&c);
-                if c.role == role::SERVER && c.listen_fd != u32::MAX {
+                let local = sock_addr(&c.local);
+                if c.role == role::CLIENT
+                    && let Some(key) = local
+                        .zip(sock_addr(&c.peer))
+                        .and_then(|(l, p)| tcp_flow_key(l, p))
+                {
+                    self.connect_pending.insert(c.conn_id, (c.tgid, key));
+                }
+                if c.role == role::SERVER && c.listen_fd != u32::MAX && local.is_none() {
                     let root = &self.config.proc_root;
                     let port = *self
                         .ports
@@ -268,12 +348,20 @@ impl Worker {
             }
             HttpEvent::Data(d) => {
                 self.resource(d.tgid);
+                // Once per connection, at its first data: the handshake
+                // is over by then (also for non-blocking connects).
+                if let Some((_, key)) = self.connect_pending.remove(&d.conn_id)
+                    && let Some(ns) = self.connections.connect_ns(&key)
+                {
+                    self.tracer.set_connect_us(d.conn_id, ns / 1000);
+                }
                 self.tracer.on_data(&d);
             }
             HttpEvent::Close(c) => {
                 if let Some(fds) = self.open.get_mut(&c.tgid) {
                     fds.remove(&c.fd);
                 }
+                self.connect_pending.remove(&c.conn_id);
                 self.tracer.on_conn_close(&c);
             }
             HttpEvent::ProcessExit(c) => {
@@ -281,6 +369,7 @@ impl Worker {
                     self.capture.forget(c.tgid, fds.iter().copied());
                 }
                 self.ports.retain(|(pid, _), _| *pid != c.tgid);
+                self.connect_pending.retain(|_, (pid, _)| *pid != c.tgid);
                 self.exited.push(c.tgid);
             }
         }
@@ -467,6 +556,53 @@ mod tests {
         let mut t = [0xab; 16];
         t[8..].copy_from_slice(&low.to_be_bytes());
         t
+    }
+
+    #[test]
+    fn flow_keys_as_the_network_programs_key_them() {
+        let k = tcp_flow_key(
+            "10.1.2.3:40000".parse().unwrap(),
+            "10.9.8.7:80".parse().unwrap(),
+        )
+        .unwrap();
+        let mut local = [0u8; 16];
+        local[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let mut remote = [0u8; 16];
+        remote[..4].copy_from_slice(&[10, 9, 8, 7]);
+        let want = FlowKey {
+            family: FAMILY_V4,
+            protocol: 6,
+            local_port: 40000,
+            remote_port: 80,
+            _pad: 0,
+            local,
+            remote,
+        };
+        assert_eq!(k, want);
+        // A dual-stack socket talking IPv4: keyed as IPv4.
+        let mapped = tcp_flow_key(
+            "[::ffff:10.1.2.3]:40000".parse().unwrap(),
+            "[::ffff:10.9.8.7]:80".parse().unwrap(),
+        );
+        assert_eq!(mapped, Some(want));
+        let v6 = tcp_flow_key(
+            "[fd00::1]:5".parse().unwrap(),
+            "[fd00::2]:6".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v6.family, FAMILY_V6);
+        assert_eq!(
+            v6.local,
+            "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(
+            tcp_flow_key(
+                "[fd00::1]:5".parse().unwrap(),
+                "10.0.0.1:6".parse().unwrap()
+            ),
+            None
+        );
+        assert_eq!(NoConnections.connect_ns(&want), None);
     }
 
     #[test]

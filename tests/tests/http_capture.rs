@@ -10,7 +10,8 @@ use std::{
 
 use fathom_agent::http_capture::{HttpCapture, HttpCaptureConfig, HttpEvent};
 use fathom_common::http::{
-    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, ctx_flags, direction, role,
+    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, SockAddr, ctx_flags, data_flags,
+    direction, role,
 };
 use fathom_tests::{ChildGuard, free_port, kernel_lock, kernel_tests_possible};
 
@@ -128,6 +129,15 @@ fn captures_requests_responses_and_context_of_a_real_server() {
         .find(|c| c.tgid == server_pid && c.role == role::SERVER && c.peer.port == client_port)
         .expect("accepted connection registered");
     assert_ne!(server_open.listen_fd, u32::MAX);
+    // This end of each, read from the socket itself (BTF offsets).
+    let loopback = |port: u16| SockAddr {
+        addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        family: 2,
+        port,
+        _reserved: 0,
+    };
+    assert_eq!(client_open.local, loopback(client_port));
+    assert_eq!(server_open.local, loopback(port));
     assert!(
         seen.closes.iter().any(|c| c.conn_id == client_open.conn_id),
         "client close seen"
@@ -145,6 +155,11 @@ fn captures_requests_responses_and_context_of_a_real_server() {
         .map(|d| d.len)
         .sum();
     assert_eq!(read_bytes, response.len() as u64);
+    // Every read and write carries the connection's TCP state.
+    assert!(
+        ours.iter().all(|d| d.flags & data_flags::TCP != 0),
+        "data events without TCP state"
+    );
 
     // The server's read: the same bytes, and the context chosen in the
     // kernel from our traceparent (any case of the header name).
@@ -171,6 +186,7 @@ fn captures_requests_responses_and_context_of_a_real_server() {
         .map(|d| d.len)
         .sum();
     assert_eq!(written, response.len() as u64);
+    assert!(served.iter().all(|d| d.flags & data_flags::TCP != 0));
     let body_write = served
         .iter()
         .find(|d| d.direction == direction::WRITE && d.head().starts_with(&body[..64]))

@@ -993,7 +993,22 @@ fn https_front_request_joins_the_downstream_trace() {
         front_port: world.chain.front_https_port,
         ..Expect::get(&world.chain, "/api/s1", "/leaf/s1")
     };
-    expect_traces(&world, &[e], &all);
+    let traces = expect_traces(&world, &[e], &all);
+    // Every hop's socket was read at accept/connect, the HTTPS one
+    // (OpenSSL's plaintext) too: the TCP state is on each span. Tracing
+    // alone (no network signal): no connect time.
+    for s in traces[0].in_order() {
+        for key in ["fathom.tcp.srtt_us", "fathom.tcp.retransmits"] {
+            let v = s.attributes.get(key);
+            assert!(
+                v.is_some_and(|v| v.starts_with("Int(")),
+                "{} {}: {key} {v:?}",
+                service_of(s),
+                s.kind
+            );
+        }
+        assert_eq!(s.attributes.get("fathom.tcp.connect_us"), None);
+    }
 }
 
 const GIVEN_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

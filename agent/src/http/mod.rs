@@ -16,4 +16,4 @@ pub mod spans;
 
 pub use metrics::{HttpMetrics, MetricsConfig};
 pub use otlp::{ResourceInfo, traces_request};
-pub use spans::{HttpSpan, HttpTracer, Scheme, SpanKind, TracerConfig, TracerStats};
+pub use spans::{HttpSpan, HttpTracer, Scheme, SpanKind, TcpSpan, TracerConfig, TracerStats};

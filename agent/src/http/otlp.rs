@@ -236,6 +236,13 @@ pub fn span_to_otlp(s: &HttpSpan, unix_offset_ns: i64) -> Span {
     if let (SpanKind::Server, Some(ua)) = (s.kind, &s.user_agent) {
         attrs.push(kv_str("user_agent.original", ua));
     }
+    if let Some(tcp) = s.tcp {
+        attrs.push(kv_int("fathom.tcp.srtt_us", i64::from(tcp.srtt_us)));
+        attrs.push(kv_int("fathom.tcp.retransmits", i64::from(tcp.retransmits)));
+    }
+    if let Some(us) = s.connect_us {
+        attrs.push(kv_int("fathom.tcp.connect_us", clamp_i64(us)));
+    }
     if s.request_body_bytes > 0 {
         attrs.push(kv_int(
             "http.request.body.size",
@@ -388,6 +395,8 @@ pub(crate) mod tests {
             response_body_bytes: 12,
             peer: Some("[::ffff:10.1.2.3]:54321".parse().unwrap()),
             local_port: Some(8080),
+            tcp: None,
+            connect_us: None,
             truncated: false,
             error: true,
         }
@@ -430,6 +439,32 @@ pub(crate) mod tests {
                 ("error.type", "503"),
             ])
         );
+    }
+
+    #[test]
+    fn tcp_attributes() {
+        let mut s = server_span();
+        s.tcp = Some(crate::http::TcpSpan {
+            srtt_us: 20_125,
+            retransmits: 3,
+        });
+        s.connect_us = Some(20_300);
+        let a = attrs(&span_to_otlp(&s, 0));
+        let tcp: Vec<_> = a
+            .iter()
+            .filter(|(k, _)| k.starts_with("fathom.tcp."))
+            .collect();
+        assert_eq!(
+            tcp,
+            [
+                &("fathom.tcp.srtt_us".to_string(), "int:20125".to_string()),
+                &("fathom.tcp.retransmits".to_string(), "int:3".to_string()),
+                &("fathom.tcp.connect_us".to_string(), "int:20300".to_string()),
+            ]
+        );
+        // Unknown: no attribute (not zero).
+        let a = attrs(&span_to_otlp(&server_span(), 0));
+        assert!(!a.iter().any(|(k, _)| k.starts_with("fathom.tcp.")));
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use fathom_common::http::{
-    ConnEvent, DataEvent, SockAddr, TraceContext, ctx_flags, direction, syscall,
+    ConnEvent, DataEvent, SockAddr, TraceContext, ctx_flags, data_flags, direction, syscall,
 };
 
 use super::parse::{
@@ -184,10 +184,54 @@ pub struct HttpSpan {
     pub peer: Option<SocketAddr>,
     /// This end's port, when known ([`HttpTracer::set_local_port`]).
     pub local_port: Option<u16>,
+    /// The connection's TCP state over the span, when the kernel read its
+    /// socket.
+    pub tcp: Option<TcpSpan>,
+    /// The connection's handshake (SYN → ESTABLISHED) in microseconds, for
+    /// client spans when the network signal measured it
+    /// ([`HttpTracer::set_connect_us`]).
+    pub connect_us: Option<u64>,
     /// The request head went on past the captured bytes.
     pub truncated: bool,
     /// Status Error in OpenTelemetry terms: 5xx, or 4xx on a client span.
     pub error: bool,
+}
+
+/// The connection's TCP state over one span (`fathom.tcp.*` attributes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSpan {
+    /// Smoothed RTT at the span's last event, microseconds.
+    pub srtt_us: u32,
+    /// Segments the connection retransmitted between the span's first and
+    /// last events.
+    pub retransmits: u32,
+}
+
+/// The connection's TCP state at one syscall (from a [`DataEvent`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TcpSample {
+    srtt_us: u32,
+    total_retrans: u32,
+}
+
+impl TcpSample {
+    fn of(ev: &DataEvent) -> Option<TcpSample> {
+        (ev.flags & data_flags::TCP != 0).then_some(TcpSample {
+            srtt_us: ev.srtt_us,
+            total_retrans: ev.total_retrans,
+        })
+    }
+
+    /// The span from its first sample to its last.
+    fn span(first: Option<TcpSample>, last: Option<TcpSample>) -> Option<TcpSpan> {
+        let (first, last) = (first?, last?);
+        Some(TcpSpan {
+            srtt_us: last.srtt_us,
+            // A counter of one socket: it does not go back (wrapping after
+            // 2^32 segments).
+            retransmits: last.total_retrans.wrapping_sub(first.total_retrans),
+        })
+    }
 }
 
 impl HttpSpan {
@@ -214,12 +258,15 @@ struct Origin {
     end_ns: u64,
     tid: u32,
     ctx: TraceContext,
+    tcp: Option<TcpSample>,
 }
 
 #[derive(Debug)]
 struct Pending {
     seq: u64,
     span: HttpSpan,
+    /// TCP state at the span's first event.
+    first_tcp: Option<TcpSample>,
 }
 
 #[derive(Debug, Default)]
@@ -239,6 +286,7 @@ struct Side {
     parser: MessageParser<Origin>,
     current: Current,
     last_end_ns: u64,
+    last_tcp: Option<TcpSample>,
 }
 
 #[derive(Debug)]
@@ -247,6 +295,7 @@ struct Core {
     tgid: u32,
     peer: Option<SocketAddr>,
     local_port: Option<u16>,
+    connect_us: Option<u64>,
     /// Plaintext comes from OpenSSL: socket bytes are ignored.
     tls: bool,
     last_ns: u64,
@@ -380,6 +429,8 @@ struct SideSink<'a> {
     dir: u8,
     /// End of the syscall being parsed (or of the last one, at close).
     end_ns: u64,
+    /// TCP state at that syscall.
+    tcp: Option<TcpSample>,
     current: &'a mut Current,
     core: &'a mut Core,
     shared: &'a mut Shared,
@@ -474,6 +525,8 @@ impl SideSink<'_> {
             response_body_bytes: 0,
             peer: self.core.peer,
             local_port: self.core.local_port,
+            tcp: None,
+            connect_us: self.core.connect_us,
             truncated: head.truncated,
             error: false,
         };
@@ -501,7 +554,11 @@ impl SideSink<'_> {
                 remote_parent,
             });
         }
-        queue.push_back(Pending { seq, span });
+        queue.push_back(Pending {
+            seq,
+            span,
+            first_tcp: origin.tcp,
+        });
         *self.current = Current::Request(seq);
     }
 
@@ -563,6 +620,7 @@ impl Sink<Origin> for SideSink<'_> {
             }
             Current::Response(mut p) => {
                 p.span.end_ns = self.end_ns;
+                p.span.tcp = TcpSample::span(p.first_tcp, self.tcp);
                 p.span.response_body_bytes = body_len;
                 p.span.error = is_error_status(p.span.kind, p.span.status);
                 self.shared.finish(p.span);
@@ -662,6 +720,7 @@ fn ensure_conn<'a>(
                     tgid,
                     peer: None,
                     local_port: None,
+                    connect_us: None,
                     tls: false,
                     last_ns: ts,
                     next_seq: 0,
@@ -730,6 +789,7 @@ impl HttpTracer {
             ev.ts_ns,
         ) {
             c.core.peer = sock_addr(&ev.peer);
+            c.core.local_port = sock_addr(&ev.local).map(|a| a.port());
         }
     }
 
@@ -739,6 +799,17 @@ impl HttpTracer {
             c.core.local_port = Some(port);
             for p in c.core.served.iter_mut().chain(c.core.sent.iter_mut()) {
                 p.span.local_port = Some(port);
+            }
+        }
+    }
+
+    /// The connection's handshake time (client connections, from the
+    /// network signal).
+    pub fn set_connect_us(&mut self, conn_id: u64, us: u64) {
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            c.core.connect_us = Some(us);
+            for p in c.core.served.iter_mut().chain(c.core.sent.iter_mut()) {
+                p.span.connect_us = Some(us);
             }
         }
     }
@@ -779,16 +850,20 @@ impl HttpTracer {
             return;
         }
         side.last_end_ns = ev.end_ns;
+        let tcp = TcpSample::of(ev);
+        side.last_tcp = tcp;
         let frag = Fragment::new(ev.head(), ev.tail(), ev.len);
         let origin = Origin {
             start_ns: ev.start_ns,
             end_ns: ev.end_ns,
             tid: ev.tid,
             ctx: ev.ctx,
+            tcp,
         };
         let mut sink = SideSink {
             dir: ev.direction,
             end_ns: ev.end_ns,
+            tcp,
             current: &mut side.current,
             core,
             shared: &mut self.shared,
@@ -819,6 +894,7 @@ impl HttpTracer {
             let mut sink = SideSink {
                 dir,
                 end_ns: side.last_end_ns,
+                tcp: side.last_tcp,
                 current: &mut side.current,
                 core,
                 shared: &mut self.shared,
@@ -917,7 +993,7 @@ pub(crate) mod tests {
             } else {
                 syscall::WRITE
             },
-            _reserved: 0,
+            flags: 0,
             tgid: PID,
             tid,
             fd: 5,
@@ -927,6 +1003,8 @@ pub(crate) mod tests {
             len,
             head_len: head.len().min(CAPTURE_HEAD) as u32,
             tail_len: tail.len().min(CAPTURE_TAIL) as u32,
+            srtt_us: 0,
+            total_retrans: 0,
             ctx: TraceContext::default(),
             head: [0; CAPTURE_HEAD],
             tail: [0; CAPTURE_TAIL],
@@ -964,6 +1042,7 @@ pub(crate) mod tests {
             peer: addr,
             listen_fd: u32::MAX,
             _reserved2: 0,
+            local: SockAddr::default(),
         }
     }
 
@@ -1004,6 +1083,88 @@ pub(crate) mod tests {
 
     fn tracer() -> HttpTracer {
         HttpTracer::with_seed(TracerConfig::default(), 7)
+    }
+
+    fn with_tcp(mut ev: DataEvent, srtt_us: u32, total_retrans: u32) -> DataEvent {
+        ev.flags = data_flags::TCP;
+        ev.srtt_us = srtt_us;
+        ev.total_retrans = total_retrans;
+        ev
+    }
+
+    /// RTT at the last event, retransmits between the first and the last
+    /// (a response in several writes, the last one in the middle of a
+    /// close-delimited body too), connect time on the connection's spans.
+    #[test]
+    fn tcp_state_over_the_span() {
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::CLIENT, "10.0.0.2:80"));
+        t.on_data(&with_tcp(data(1, W, 11, (1_000, 2_000), CURL_GET), 300, 7));
+        // Known once the first data came (the session looks it up then).
+        t.set_connect_us(1, 20_150);
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc";
+        t.on_data(&with_tcp(data(1, R, 11, (2_500, 3_000), head), 20_000, 9));
+        assert!(t.take_finished().is_empty());
+        t.on_data(&with_tcp(
+            data(1, R, 11, (3_500, 4_000), b"def"),
+            20_400,
+            12,
+        ));
+        // Second request: its own first sample; no TCP state on its last
+        // event (the kernel could not read it): no TCP attributes.
+        t.on_data(&with_tcp(
+            data(1, W, 11, (5_000, 5_100), CURL_GET),
+            20_400,
+            12,
+        ));
+        t.on_data(&data(1, R, 11, (6_000, 6_100), NGINX_200));
+        // Third: the retransmit counter as the kernel has it, wrapping.
+        t.on_data(&with_tcp(
+            data(1, W, 11, (7_000, 7_100), CURL_GET),
+            1,
+            u32::MAX - 1,
+        ));
+        t.on_data(&with_tcp(data(1, R, 11, (8_000, 8_100), NGINX_200), 2, 3));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 3);
+        assert_eq!(
+            spans[0].tcp,
+            Some(TcpSpan {
+                srtt_us: 20_400,
+                retransmits: 5
+            })
+        );
+        assert_eq!(spans[0].connect_us, Some(20_150));
+        assert_eq!(spans[1].tcp, None);
+        assert_eq!(spans[1].connect_us, Some(20_150));
+        assert_eq!(
+            spans[2].tcp,
+            Some(TcpSpan {
+                srtt_us: 2,
+                retransmits: 5
+            })
+        );
+
+        // A server span whose response ends with the close: the last
+        // write's state.
+        t.on_conn_open(&open(2, role::SERVER, "10.0.0.3:5555"));
+        t.on_data(&with_tcp(data(2, R, 12, (1_000, 2_000), CURL_GET), 100, 0));
+        t.on_data(&with_tcp(
+            data(2, W, 12, (2_500, 2_600), b"HTTP/1.0 200 OK\r\n\r\nxyz"),
+            150,
+            4,
+        ));
+        t.on_conn_close(&close(2));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            spans[0].tcp,
+            Some(TcpSpan {
+                srtt_us: 150,
+                retransmits: 4
+            })
+        );
+        assert_eq!(spans[0].connect_us, None);
     }
 
     #[test]
@@ -1062,6 +1223,8 @@ pub(crate) mod tests {
                 response_body_bytes: 12,
                 peer: Some("127.0.0.1:54321".parse().unwrap()),
                 local_port: Some(8080),
+                tcp: None,
+                connect_us: None,
                 truncated: false,
                 error: false,
             }

@@ -28,6 +28,12 @@
 //!   ids reach user space in the [`DataEvent::ctx`] of that write
 //!   ([`ctx_flags::CLIENT_INJECTED`]).
 //!
+//! Connection state: with [`SockOffsets`] set (from the kernel's BTF),
+//! `accept`/`connect` exit also finds the socket's `struct sock` (kept in
+//! [`ConnInfo::sk`]) and this end's address ([`ConnEvent::local`]); every
+//! data event then carries the connection's smoothed RTT and retransmit
+//! count ([`DataEvent::srtt_us`], [`DataEvent::total_retrans`]).
+//!
 //! User space parses the byte streams (several requests per connection,
 //! pipelining, bodies by length or chunked) and builds spans; it takes ids
 //! from `ctx` when the kernel chose them.
@@ -66,7 +72,38 @@ pub mod globals {
     /// record (from its format file).
     pub const FORK_PARENT_OFFSET: &str = "HTTP_FORK_PARENT_OFFSET";
     pub const FORK_CHILD_OFFSET: &str = "HTTP_FORK_CHILD_OFFSET";
+    /// A [`super::SockOffsets`]: kernel struct member offsets (from BTF) for
+    /// reading a connection's socket; `enabled == 0` turns that off.
+    pub const SOCK_OFFSETS: &str = "HTTP_SOCK_OFFSETS";
 }
+
+/// Byte offsets of the kernel struct members the capture reads to find a
+/// connection's `struct sock` (current task → `files` → `fdt` → `fd[fd]` →
+/// `file.private_data` (a `struct socket`) → `sk`) and, from it, the local
+/// address and TCP state. The loader reads them from the kernel's BTF
+/// (`agent/src/btf.rs`); with `enabled == 0` (no BTF) nothing is read and
+/// events carry no socket information.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub enabled: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// `struct sock_common` is at offset 0 of `struct sock`
+    /// (`__sk_common`); these are from the start of `struct sock`.
+    pub skc_family: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_num: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct tcp_sock` starts with its `struct sock`.
+    pub tcp_srtt_us: u32,
+    pub tcp_total_retrans: u32,
+}
+assert_size!(SockOffsets, 13 * 4);
 
 /// Kinds of records in the ring buffer; the first byte of every record.
 pub mod event_kind {
@@ -229,8 +266,11 @@ pub struct ConnInfo {
     /// A [`proto`].
     pub proto: u8,
     pub _reserved: [u8; 6],
+    /// The socket's `struct sock` (kernel address; 0: unknown), read at
+    /// `accept`/`connect` exit. Only ever read with `bpf_probe_read_kernel`.
+    pub sk: u64,
 }
-assert_size!(ConnInfo, 16);
+assert_size!(ConnInfo, 24);
 
 /// W3C trace context chosen in the kernel. All zero: none.
 #[repr(C)]
@@ -292,8 +332,10 @@ pub struct ConnEvent {
     /// the local port from it). Else `u32::MAX`.
     pub listen_fd: u32,
     pub _reserved2: u32,
+    /// This end (from the socket, [`SockOffsets`]); all zero: unknown.
+    pub local: SockAddr,
 }
-assert_size!(ConnEvent, 4 + 4 + 4 + 4 + 8 + 8 + 24 + 8);
+assert_size!(ConnEvent, 4 + 4 + 4 + 4 + 8 + 8 + 24 + 8 + 24);
 
 /// Bytes moved by one syscall on a registered connection
 /// ([`event_kind::DATA`]).
@@ -305,7 +347,8 @@ pub struct DataEvent {
     pub direction: u8,
     /// A [`syscall`].
     pub syscall: u8,
-    pub _reserved: u8,
+    /// [`data_flags`].
+    pub flags: u8,
     pub tgid: u32,
     pub tid: u32,
     pub fd: u32,
@@ -321,6 +364,12 @@ pub struct DataEvent {
     /// Valid bytes in `tail`: the last `tail_len` bytes moved (0 when
     /// `len <= CAPTURE_HEAD`, the head has them all).
     pub tail_len: u32,
+    /// The connection's smoothed RTT at the syscall's exit, microseconds
+    /// (`tcp_sock.srtt_us >> 3`); valid with [`data_flags::TCP`].
+    pub srtt_us: u32,
+    /// The connection's `tcp_sock.total_retrans` at the syscall's exit
+    /// (segments retransmitted so far); valid with [`data_flags::TCP`].
+    pub total_retrans: u32,
     pub ctx: TraceContext,
     pub tail: [u8; CAPTURE_TAIL],
     /// Last, so that a record in the ring buffer can end after `head_len`
@@ -329,8 +378,14 @@ pub struct DataEvent {
 }
 assert_size!(
     DataEvent,
-    4 + 4 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 40 + CAPTURE_TAIL + CAPTURE_HEAD
+    4 + 4 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 8 + 40 + CAPTURE_TAIL + CAPTURE_HEAD
 );
+
+/// Flags of [`DataEvent::flags`].
+pub mod data_flags {
+    /// `srtt_us` and `total_retrans` were read from the connection's socket.
+    pub const TCP: u8 = 1;
+}
 
 impl DataEvent {
     /// Bytes of a record before `head`.
@@ -350,7 +405,7 @@ impl DataEvent {
             kind: 0,
             direction: 0,
             syscall: 0,
-            _reserved: 0,
+            flags: 0,
             tgid: 0,
             tid: 0,
             fd: 0,
@@ -360,6 +415,8 @@ impl DataEvent {
             len: 0,
             head_len: 0,
             tail_len: 0,
+            srtt_us: 0,
+            total_retrans: 0,
             ctx: TraceContext::default(),
             tail: [0; CAPTURE_TAIL],
             head: [0; CAPTURE_HEAD],

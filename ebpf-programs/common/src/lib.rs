@@ -21,7 +21,9 @@ pub(crate) use assert_size;
 #[cfg(feature = "user")]
 mod pod {
     use crate::{
-        http::{ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, TraceContext},
+        http::{
+            ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, SockOffsets, TraceContext,
+        },
         net::{AggKey, Connecting, DnsKey, FlowKey, FlowStats, Handshake, Hist, Owner},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
         unwind::{UnwindMapping, UnwindProcess, UnwindRow},
@@ -43,6 +45,7 @@ mod pod {
     unsafe impl aya::Pod for SockAddr {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for DataEvent {}
+    unsafe impl aya::Pod for SockOffsets {}
     unsafe impl aya::Pod for AggKey {}
     unsafe impl aya::Pod for Hist {}
     unsafe impl aya::Pod for FlowKey {}

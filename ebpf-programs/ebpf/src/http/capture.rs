@@ -9,8 +9,8 @@ use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user,
-        bpf_probe_read_user_buf, generated::bpf_loop,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -18,8 +18,8 @@ use aya_ebpf::{
 };
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, Serving,
-    SockAddr, TraceContext, ctx_flags, direction, event_kind, is_request_start, is_response_start,
-    parse_traceparent, proto, role, syscall,
+    SockAddr, SockOffsets, TraceContext, ctx_flags, data_flags, direction, event_kind,
+    is_request_start, is_response_start, parse_traceparent, proto, role, syscall,
 };
 
 use crate::maps::{
@@ -33,6 +33,24 @@ use crate::maps::{
 static HTTP_FORK_PARENT_OFFSET: u32 = 12;
 #[unsafe(no_mangle)]
 static HTTP_FORK_CHILD_OFFSET: u32 = 20;
+/// Kernel struct member offsets from BTF (`fathom_common::http::SockOffsets`);
+/// the loader sets them, `enabled == 0` leaves sockets unread.
+#[unsafe(no_mangle)]
+static HTTP_SOCK_OFFSETS: SockOffsets = SockOffsets {
+    enabled: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_fd: 0,
+    fdt_max_fds: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    skc_family: 0,
+    skc_rcv_saddr: 0,
+    skc_num: 0,
+    skc_v6_rcv_saddr: 0,
+    tcp_srtt_us: 0,
+    tcp_total_retrans: 0,
+};
 
 /// Syscall arguments start here in `sys_enter_*` records; `ret` is here in
 /// `sys_exit_*` records.
@@ -185,14 +203,96 @@ fn read_sockaddr(addr: u64) -> SockAddr {
     out
 }
 
+/// One loader-set offset of `HTTP_SOCK_OFFSETS` (read field by field: the
+/// whole struct would cost stack).
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: a plain read of a loader-set global.
+        (unsafe { core::ptr::read_volatile(&HTTP_SOCK_OFFSETS.$field) } as u64)
+    };
+}
+
+#[inline(always)]
+fn read_kernel<T>(addr: u64) -> Option<T> {
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: the helper checks the kernel address.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// The `struct sock` behind the current task's `fd` (current → files →
+/// fdt → fd[fd] → file.private_data → socket.sk), with this end's address
+/// written to `local`; 0 when the offsets are not set or it is not an
+/// IPv4/IPv6 socket. Called at `accept`/`connect` exit, in the task's own
+/// context.
+#[inline(always)]
+fn sock_of_fd(fd: u32, local: &mut SockAddr) -> u64 {
+    try_sock_of_fd(fd, local).unwrap_or(0)
+}
+
+#[inline(always)]
+fn try_sock_of_fd(fd: u32, local: &mut SockAddr) -> Option<u64> {
+    if offset!(enabled) == 0 {
+        return None;
+    }
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read_kernel(task + offset!(task_files))?;
+    let fdt: u64 = read_kernel(files + offset!(files_fdt))?;
+    let max_fds: u32 = read_kernel(fdt + offset!(fdt_max_fds))?;
+    if fd >= max_fds {
+        return None;
+    }
+    let fds: u64 = read_kernel(fdt + offset!(fdt_fd))?;
+    let file: u64 = read_kernel(fds + 8 * fd as u64)?;
+    let socket: u64 = read_kernel(file + offset!(file_private_data))?;
+    let sk: u64 = read_kernel(socket + offset!(socket_sk))?;
+    let family: u16 = read_kernel(sk + offset!(skc_family))?;
+    if family == AF_INET {
+        let a: [u8; 4] = read_kernel(sk + offset!(skc_rcv_saddr))?;
+        local.addr[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        local.addr = read_kernel(sk + offset!(skc_v6_rcv_saddr))?;
+    } else {
+        return None;
+    }
+    local.port = read_kernel(sk + offset!(skc_num))?;
+    local.family = family;
+    Some(sk)
+}
+
+/// The connection's smoothed RTT (µs) and retransmits so far into `event`,
+/// when its socket is known.
+#[inline(always)]
+fn read_tcp(event: &mut DataEvent, sk: u64) {
+    event.flags = 0;
+    event.srtt_us = 0;
+    event.total_retrans = 0;
+    if sk == 0 {
+        return;
+    }
+    let srtt: Option<u32> = read_kernel(sk + offset!(tcp_srtt_us));
+    let retrans: Option<u32> = read_kernel(sk + offset!(tcp_total_retrans));
+    if let (Some(srtt), Some(retrans)) = (srtt, retrans) {
+        // The kernel keeps srtt << 3.
+        event.srtt_us = srtt >> 3;
+        event.total_retrans = retrans;
+        event.flags = data_flags::TCP;
+    }
+}
+
 #[inline(always)]
 fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen_fd: u32) {
     let conn_id = next_conn_id();
+    let mut local = SockAddr::default();
+    let sk = sock_of_fd(fd, &mut local);
     let info = ConnInfo {
         conn_id,
         role: conn_role,
         proto: proto::UNKNOWN,
         _reserved: [0; 6],
+        sk,
     };
     if CONNS.insert(&ConnKey { tgid, fd }, &info, 0).is_err() {
         count(HttpCounter::ConnsFull);
@@ -212,6 +312,7 @@ fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen
         peer: *peer,
         listen_fd,
         _reserved2: 0,
+        local,
     });
 }
 
@@ -315,6 +416,7 @@ pub fn http_enter_close(ctx: TracePointContext) -> u32 {
         peer: SockAddr::default(),
         listen_fd: u32::MAX,
         _reserved2: 0,
+        local: SockAddr::default(),
     });
     0
 }
@@ -365,6 +467,7 @@ pub fn http_exit_thread(ctx: TracePointContext) -> u32 {
             peer: SockAddr::default(),
             listen_fd: u32::MAX,
             _reserved2: 0,
+            local: SockAddr::default(),
         });
     }
     0
@@ -504,7 +607,6 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
     event.kind = event_kind::DATA;
     event.direction = active.direction;
     event.syscall = active.syscall;
-    event._reserved = 0;
     event.tgid = tgid;
     event.tid = tid;
     event.fd = active.fd;
@@ -515,6 +617,7 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
     event.len = moved;
     event.head_len = 0;
     event.tail_len = 0;
+    read_tcp(event, info.sk);
     event.ctx = TraceContext::default();
     if active.syscall != syscall::SENDFILE {
         if active.vectored != 0 {
@@ -971,7 +1074,6 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     } else {
         syscall::SSL_WRITE
     };
-    event._reserved = 0;
     event.tgid = tgid;
     event.tid = tid;
     event.fd = active.fd;
@@ -982,6 +1084,7 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     event.len = moved;
     event.head_len = 0;
     event.tail_len = 0;
+    read_tcp(event, info.sk);
     event.ctx = TraceContext::default();
     capture_plain(scratch, active.buf, moved);
     track_server_request(scratch, tid, info.conn_id);
