@@ -161,6 +161,36 @@ impl KernelBtf {
     }
 }
 
+/// Offset of `sock_common.member` from a `struct sock` pointer.
+pub fn sock_member(btf: &KernelBtf, member: &str) -> Result<u32, BtfError> {
+    Ok(btf.member_offset("sock", "__sk_common")? + btf.member_offset("sock_common", member)?)
+}
+
+/// Offset of `tcp_sock.member` from the `struct sock` pointer of the same
+/// socket.
+pub fn tcp_sock_member(btf: &KernelBtf, member: &str) -> Result<u32, BtfError> {
+    let base = btf.member_offset("tcp_sock", "inet_conn.icsk_inet.sk")?;
+    btf.member_offset("tcp_sock", member)?
+        .checked_sub(base)
+        .ok_or_else(|| BtfError::Malformed(format!("tcp_sock.{member} before its sock")))
+}
+
+/// The network programs' `NET_SK_*` globals (`fathom_common::net::globals`):
+/// (global, offset from the `struct sock` pointer).
+pub fn net_sock_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>, BtfError> {
+    use fathom_common::net::globals as g;
+    Ok(vec![
+        (g::SK_FAMILY, sock_member(btf, "skc_family")?),
+        (g::SK_RCV_SADDR, sock_member(btf, "skc_rcv_saddr")?),
+        (g::SK_DADDR, sock_member(btf, "skc_daddr")?),
+        (g::SK_NUM, sock_member(btf, "skc_num")?),
+        (g::SK_DPORT, sock_member(btf, "skc_dport")?),
+        (g::SK_V6_RCV_SADDR, sock_member(btf, "skc_v6_rcv_saddr")?),
+        (g::SK_V6_DADDR, sock_member(btf, "skc_v6_daddr")?),
+        (g::SK_SRTT_US, tcp_sock_member(btf, "srtt_us")?),
+    ])
+}
+
 /// The offsets the HTTP capture needs to read a connection's socket
 /// (`fathom_common::http::SockOffsets`), `enabled` set.
 pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
@@ -168,16 +198,8 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
     // `inet_connection_sock` → `inet_sock` → `sock`: offsets below are
     // from the `struct sock` pointer, taken through those paths so that a
     // kernel where they are not at 0 is still right.
-    let common = btf.member_offset("sock", "__sk_common")?;
-    let skc = |member: &str| -> Result<u32, BtfError> {
-        Ok(common + btf.member_offset("sock_common", member)?)
-    };
-    let tcp_sock_base = btf.member_offset("tcp_sock", "inet_conn.icsk_inet.sk")?;
-    let tcp = |member: &str| -> Result<u32, BtfError> {
-        btf.member_offset("tcp_sock", member)?
-            .checked_sub(tcp_sock_base)
-            .ok_or_else(|| BtfError::Malformed(format!("tcp_sock.{member} before its sock")))
-    };
+    let skc = |member: &str| sock_member(btf, member);
+    let tcp = |member: &str| tcp_sock_member(btf, member);
     Ok(SockOffsets {
         enabled: 1,
         task_files: btf.member_offset("task_struct", "files")?,

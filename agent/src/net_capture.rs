@@ -14,7 +14,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, TracePoint, tc::SchedClassifierLinkId,
+        BtfTracePoint, ProgramError, SchedClassifier, TcAttachType, TracePoint,
+        tc::SchedClassifierLinkId,
     },
 };
 use fathom_common::net::{
@@ -203,6 +204,29 @@ pub struct NetCapture {
     ebpf: Ebpf,
 }
 
+/// Loads and attaches `net_tcp_probe_btf`; `false` (logged) when the
+/// kernel refuses it, and the classic `net_tcp_probe` runs instead.
+fn attach_btf_probe(ebpf: &mut Ebpf) -> bool {
+    let result = (|| -> Result<(), String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut("net_tcp_probe_btf")
+            .ok_or("no program net_tcp_probe_btf")?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        program.load("tcp_probe", &btf).map_err(|e| e.to_string())?;
+        program.attach().map_err(|e| e.to_string())?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "tcp_probe as a BTF tracepoint failed: using the classic tracepoint");
+            false
+        }
+    }
+}
+
 /// Tracepoints: (program, category, name).
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("net_sock_state", "sock", "inet_sock_set_state"),
@@ -277,8 +301,28 @@ impl NetCapture {
         for (global, off) in &offsets {
             loader.override_global(global, off, true);
         }
+        // `tcp_probe` runs on every incoming TCP segment: as a BTF tracepoint
+        // (reading the socket at offsets from the kernel's BTF) the kernel
+        // does not build the classic tracepoint's record each time.
+        let sk_offsets = crate::btf::KernelBtf::open(Path::new(crate::btf::VMLINUX))
+            .and_then(|btf| crate::btf::net_sock_offsets(&btf));
+        match &sk_offsets {
+            Ok(sk) => {
+                for (global, off) in sk {
+                    loader.override_global(global, off, true);
+                }
+            }
+            Err(e) => tracing::info!(
+                error = %e,
+                "no socket offsets from BTF: tcp_probe runs as a classic tracepoint"
+            ),
+        }
         let mut ebpf = loader.load(ebpf::net_object()?)?;
+        let btf_probe = sk_offsets.is_ok() && attach_btf_probe(&mut ebpf);
         for &(name, category, tracepoint) in TRACEPOINTS {
+            if btf_probe && name == "net_tcp_probe" {
+                continue;
+            }
             let program: &mut TracePoint = program(&mut ebpf, name)?;
             program
                 .load()

@@ -8,8 +8,13 @@
 //! packets (`iperf3 -u -l 64 -b 0`: UDP datagrams of 64 bytes as fast as
 //! the sender can, received packets per second).
 //!
+//! A third mode attaches a classifier that does nothing
+//! (`tests/fixtures/tc_noop.c`, tcx like the agent's): the floor any TC
+//! hook costs before a program does any work.
+//!
 //! Printed: per load and mode the median, and the median of the per-round
-//! ratio on/off (goal ≥ 0.97). Throughput over a veth swings by ±15% from
+//! ratio on/off (goal ≥ 0.97), no-op hook/off and on/no-op hook (the
+//! agent's own cost above the floor). Throughput over a veth swings by ±15% from
 //! run to run on a 2-CPU VM, so the bench also measures the cost directly:
 //! one more run per load with `kernel.bpf_stats_enabled`, printing the
 //! time the kernel spent in the agent's programs per run and as a share of
@@ -106,6 +111,39 @@ fn iperf(udp: bool, seconds: u32) -> f64 {
     }
 }
 
+/// `tests/fixtures/tc_noop.c` compiled for BPF.
+fn noop_object(dir: &std::path::Path) -> Vec<u8> {
+    let src = fathom_tests::workspace_root().join("tests/fixtures/tc_noop.c");
+    let out = dir.join("tc_noop.o");
+    run(&[
+        "clang",
+        "-O2",
+        "-target",
+        "bpf",
+        "-c",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+/// The no-op classifier on both directions of an interface (tcx), detached
+/// when dropped.
+struct NoopHook(#[allow(dead_code, reason = "held: dropping detaches")] aya::Ebpf);
+
+impl NoopHook {
+    fn attach(object: &[u8], interface: &str) -> Self {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let mut ebpf = aya::Ebpf::load(object).unwrap();
+        let program: &mut SchedClassifier = ebpf.program_mut("noop").unwrap().try_into().unwrap();
+        program.load().unwrap();
+        program.attach(interface, TcAttachType::Ingress).unwrap();
+        program.attach(interface, TcAttachType::Egress).unwrap();
+        Self(ebpf)
+    }
+}
+
 /// The agent with the network signal on the pair's host end, attached.
 fn start_agent(agent_bin: &std::path::Path, pair: &Pair, dir: &std::path::Path) -> Agent {
     let port = free_port();
@@ -153,41 +191,48 @@ fn main() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let dir = tempfile::tempdir().unwrap();
+    let noop = noop_object(dir.path());
     for (name, udp, unit) in [
         ("TCP throughput", false, "Gbit/s"),
         ("64-byte UDP", true, "kpackets/s"),
     ] {
         let scale = if udp { 1e3 } else { 1e9 };
-        let (mut off, mut on, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        // Per mode (off, no-op hook, agent): values and ratios to off.
+        let mut values: [Vec<f64>; 3] = Default::default();
+        let (mut ratio, mut floor, mut above) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
-            let mut pair_values = [0.0; 2];
-            let order = if round % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for agent_on in order {
-                let agent = agent_on.then(|| start_agent(&agent_bin, &pair, dir.path()));
-                let v = iperf(udp, seconds) / scale;
-                pair_values[usize::from(agent_on)] = v;
+            let mut v = [0.0; 3];
+            // Rotate which mode goes first.
+            for i in 0..3 {
+                let mode = (round + i) % 3;
+                let agent = (mode == 2).then(|| start_agent(&agent_bin, &pair, dir.path()));
+                let hook = (mode == 1).then(|| NoopHook::attach(&noop, &pair.host));
+                v[mode] = iperf(udp, seconds) / scale;
+                drop(hook);
                 if let Some(a) = agent {
                     a.signal("TERM");
                     let _ = a.finish(Duration::from_secs(30));
                 }
             }
-            off.push(pair_values[0]);
-            on.push(pair_values[1]);
-            ratio.push(pair_values[1] / pair_values[0]);
+            for (m, x) in v.iter().enumerate() {
+                values[m].push(*x);
+            }
+            ratio.push(v[2] / v[0]);
+            floor.push(v[1] / v[0]);
+            above.push(v[2] / v[1]);
             eprintln!(
-                "{name} round {round}: off {:.3} on {:.3} {unit}",
-                pair_values[0], pair_values[1]
+                "{name} round {round}: off {:.3}, no-op hook {:.3}, agent {:.3} {unit}",
+                v[0], v[1], v[2]
             );
         }
         println!(
-            "{name}: off {:.3} {unit}, on {:.3} {unit}, ratio on/off {:.3} (median of {rounds} rounds of {seconds} s)",
-            median(&off),
-            median(&on),
-            median(&ratio)
+            "{name}: off {:.3} {unit}, no-op hook {:.3} {unit}, agent {:.3} {unit}; ratio agent/off {:.3}, no-op hook/off {:.3}, agent/no-op hook {:.3} (medians of {rounds} rounds of {seconds} s)",
+            median(&values[0]),
+            median(&values[1]),
+            median(&values[2]),
+            median(&ratio),
+            median(&floor),
+            median(&above)
         );
 
         // The programs' own time, from the kernel's statistics.

@@ -34,6 +34,18 @@ pub mod globals {
     pub const PROBE_FAMILY: &str = "NET_PROBE_FAMILY";
     pub const PROBE_SRTT: &str = "NET_PROBE_SRTT";
     pub const PROBE_COOKIE: &str = "NET_PROBE_COOKIE";
+    /// `struct sock` / `tcp_sock` member offsets (from the `struct sock`
+    /// pointer, read from the kernel's BTF) for `tcp_probe` as a BTF
+    /// tracepoint (`net_tcp_probe_btf`), which skips the classic
+    /// tracepoint's record building on every incoming segment.
+    pub const SK_FAMILY: &str = "NET_SK_FAMILY";
+    pub const SK_RCV_SADDR: &str = "NET_SK_RCV_SADDR";
+    pub const SK_DADDR: &str = "NET_SK_DADDR";
+    pub const SK_NUM: &str = "NET_SK_NUM";
+    pub const SK_DPORT: &str = "NET_SK_DPORT";
+    pub const SK_V6_RCV_SADDR: &str = "NET_SK_V6_RCV_SADDR";
+    pub const SK_V6_DADDR: &str = "NET_SK_V6_DADDR";
+    pub const SK_SRTT_US: &str = "NET_SK_SRTT_US";
     /// Offsets in the `inet_sock_set_state` record.
     pub const STATE_SKADDR: &str = "NET_STATE_SKADDR";
     pub const STATE_OLDSTATE: &str = "NET_STATE_OLDSTATE";

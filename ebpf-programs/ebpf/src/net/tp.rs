@@ -6,9 +6,11 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    EbpfContext,
+    helpers::bpf_probe_read_kernel,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use fathom_common::net::{
     AggKey, Connecting, FAMILY_V4, FAMILY_V6, FlowKey, NetCounter, Owner, direction, metric,
@@ -43,6 +45,24 @@ static NET_PROBE_FAMILY: u32 = 68;
 static NET_PROBE_SRTT: u32 = 100;
 #[unsafe(no_mangle)]
 static NET_PROBE_COOKIE: u32 = 112;
+// `struct sock` / `tcp_sock` offsets from BTF (defaults: this kernel);
+// only `net_tcp_probe_btf` reads them.
+#[unsafe(no_mangle)]
+static NET_SK_FAMILY: u32 = 16;
+#[unsafe(no_mangle)]
+static NET_SK_RCV_SADDR: u32 = 4;
+#[unsafe(no_mangle)]
+static NET_SK_DADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static NET_SK_NUM: u32 = 14;
+#[unsafe(no_mangle)]
+static NET_SK_DPORT: u32 = 12;
+#[unsafe(no_mangle)]
+static NET_SK_V6_RCV_SADDR: u32 = 72;
+#[unsafe(no_mangle)]
+static NET_SK_V6_DADDR: u32 = 56;
+#[unsafe(no_mangle)]
+static NET_SK_SRTT_US: u32 = 0;
 #[unsafe(no_mangle)]
 static NET_RETRANS_SPORT: u32 = 28;
 #[unsafe(no_mangle)]
@@ -266,34 +286,120 @@ fn agg(flow: &FlowKey, o: &Owner, metric: u8) -> AggKey {
     }
 }
 
+/// `tcp_probe` fires on every incoming segment of every connection: the
+/// common case must be cheap. A direct-mapped table of (socket, last sample
+/// time) decides first, with no hashing of the 4-tuple; only a
+/// connection's first segment after the sampling period goes on to find
+/// its owner and record the smoothed RTT. Two connections sharing a slot
+/// are each sampled more often, never less. `true`: sample now.
+#[inline(always)]
+fn rtt_due(socket: u64, t: u64) -> bool {
+    // SAFETY: a plain read of a loader-set global.
+    let every = unsafe { read_volatile(&NET_RTT_SAMPLE_NS) };
+    let index = ((socket ^ (socket >> 12) ^ (socket >> 24)) as u32) & (RTT_SLOTS - 1);
+    let Some(slot) = NET_RTT_SLOTS.get_ptr_mut(index) else {
+        return false;
+    };
+    // SAFETY: a valid map value; racing CPUs at worst both sample.
+    unsafe {
+        if (*slot)[0] == socket && t.saturating_sub((*slot)[1]) < every {
+            return false;
+        }
+        (*slot)[0] = socket;
+        (*slot)[1] = t;
+    }
+    true
+}
+
+/// Records one smoothed-RTT sample of the connection `flow`.
+#[inline(always)]
+fn record_rtt(flow: &FlowKey, srtt_us: u32, t: u64) -> Option<()> {
+    if srtt_us == 0 {
+        return Some(());
+    }
+    let o = owner(flow)?;
+    // SAFETY: a valid map value, copied after the update.
+    let o = unsafe {
+        (*o).srtt_us = srtt_us;
+        (*o).last_rtt_ns = t;
+        *o
+    };
+    observe(&agg(flow, &o, metric::RTT), u64::from(srtt_us) * 1000);
+    Some(())
+}
+
+/// `tcp_probe` as a BTF tracepoint: the kernel passes the socket itself,
+/// without building the classic tracepoint's record for every segment; the
+/// connection is read from the socket at offsets the loader took from the
+/// kernel's BTF. The loader runs this or [`net_tcp_probe`], never both.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn net_tcp_probe_btf(ctx: BtfTracePointContext) -> u32 {
+    let _ = tcp_probe_btf(&ctx);
+    0
+}
+
+#[inline(always)]
+fn kernel<T>(addr: u64) -> Option<T> {
+    // SAFETY: the helper checks the address.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+#[inline(always)]
+fn tcp_probe_btf(ctx: &BtfTracePointContext) -> Option<()> {
+    // The socket's address as a plain number (read from the context, not
+    // loaded as the verifier's trusted pointer, on which it forbids the
+    // arithmetic below): every read through it is a checked probe read.
+    let sk: u64 = kernel(ctx.as_ptr() as u64)?;
+    let t = now();
+    if sk == 0 || !rtt_due(sk, t) {
+        return Some(());
+    }
+    let af: u16 = kernel(sk + global(&NET_SK_FAMILY) as u64)?;
+    let mut local = [0u8; 16];
+    let mut remote = [0u8; 16];
+    let mut family;
+    if af == AF_INET {
+        family = FAMILY_V4;
+        local[..4].copy_from_slice(&kernel::<[u8; 4]>(sk + global(&NET_SK_RCV_SADDR) as u64)?);
+        remote[..4].copy_from_slice(&kernel::<[u8; 4]>(sk + global(&NET_SK_DADDR) as u64)?);
+    } else if af == AF_INET6 {
+        family = FAMILY_V6;
+        local = kernel(sk + global(&NET_SK_V6_RCV_SADDR) as u64)?;
+        remote = kernel(sk + global(&NET_SK_V6_DADDR) as u64)?;
+        let mut f2 = family;
+        normalize(&mut family, &mut local);
+        normalize(&mut f2, &mut remote);
+    } else {
+        return None;
+    }
+    let flow = FlowKey {
+        family,
+        protocol: IPPROTO_TCP as u8,
+        local_port: kernel(sk + global(&NET_SK_NUM) as u64)?,
+        remote_port: u16::from_be(kernel(sk + global(&NET_SK_DPORT) as u64)?),
+        _pad: 0,
+        local,
+        remote,
+    };
+    // The kernel keeps srtt << 3.
+    let srtt: u32 = kernel(sk + global(&NET_SK_SRTT_US) as u64)?;
+    record_rtt(&flow, srtt >> 3, t)
+}
+
 #[tracepoint]
 pub fn net_tcp_probe(ctx: TracePointContext) -> u32 {
     let _ = tcp_probe(&ctx);
     0
 }
 
-/// `tcp_probe` fires on every incoming segment of every connection: the
-/// common case must be cheap. A direct-mapped table of (socket cookie, last
-/// sample time) decides first, with one read of the record and no hashing
-/// of the 4-tuple; only a connection's first segment after the sampling
-/// period goes on to find its owner and record the smoothed RTT. Two
-/// connections sharing a slot are each sampled more often, never less.
+/// `tcp_probe` as a classic tracepoint (kernels without BTF offsets).
 #[inline(always)]
 fn tcp_probe(ctx: &TracePointContext) -> Option<()> {
     // SAFETY: offsets from the format file.
     let cookie = unsafe { ctx.read_at::<u64>(global(&NET_PROBE_COOKIE)) }.ok()?;
-    // (The coarse clock would do, but tracing programs may not read it.)
     let t = now();
-    // SAFETY: a plain read of a loader-set global.
-    let every = unsafe { read_volatile(&NET_RTT_SAMPLE_NS) };
-    let slot = NET_RTT_SLOTS.get_ptr_mut((cookie as u32) & (RTT_SLOTS - 1))?;
-    // SAFETY: a valid map value; racing CPUs at worst both sample.
-    unsafe {
-        if (*slot)[0] == cookie && t.saturating_sub((*slot)[1]) < every {
-            return Some(());
-        }
-        (*slot)[0] = cookie;
-        (*slot)[1] = t;
+    if !rtt_due(cookie, t) {
+        return Some(());
     }
     let port_off = global(&NET_PROBE_SPORT);
     // SAFETY: offsets from the format file.
@@ -331,20 +437,9 @@ fn tcp_probe(ctx: &TracePointContext) -> Option<()> {
         local,
         remote,
     };
-    let o = owner(&flow)?;
     // SAFETY: offsets from the format file.
     let srtt_us = unsafe { ctx.read_at::<u32>(global(&NET_PROBE_SRTT)) }.ok()?;
-    if srtt_us == 0 {
-        return Some(());
-    }
-    // SAFETY: a valid map value, copied after the update.
-    let o = unsafe {
-        (*o).srtt_us = srtt_us;
-        (*o).last_rtt_ns = t;
-        *o
-    };
-    observe(&agg(&flow, &o, metric::RTT), u64::from(srtt_us) * 1000);
-    Some(())
+    record_rtt(&flow, srtt_us, t)
 }
 
 #[tracepoint]
