@@ -77,6 +77,11 @@ fn conn_event(kind: u8, conn_id: u64, b: u8, now: u64) -> ConnEvent {
         peer,
         listen_fd: u32::MAX,
         _reserved2: 0,
+        // This end: the peer's family, another port (or none).
+        local: SockAddr {
+            port: u16::from(b).wrapping_mul(3),
+            ..peer
+        },
     }
 }
 
@@ -162,7 +167,9 @@ fuzz_target!(|data: &[u8]| {
                         2 => syscall::SENDFILE,
                         _ => syscall::SSL_READ,
                     },
-                    _reserved: 0,
+                    // Sometimes with the connection's TCP state, which
+                    // varies (retransmit counters may go backwards or wrap).
+                    flags: (flags >> 5) & 1,
                     tgid: 100,
                     tid,
                     fd: 3,
@@ -172,6 +179,8 @@ fuzz_target!(|data: &[u8]| {
                     len: head.len() as u64 + extra,
                     head_len: head.len() as u32,
                     tail_len: tail.len() as u32,
+                    srtt_us: u32::from(flags) * 1000,
+                    total_retrans: u32::from(op).wrapping_mul(0x0101_0101),
                     ctx: TraceContext {
                         trace_id: [op | 1; 16],
                         span_id: [flags | 1; 8],
