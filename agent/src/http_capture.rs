@@ -64,6 +64,8 @@ pub enum HttpCaptureError {
     TracepointFormat { path: String, reason: String },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("waiting on the event ring buffer: {0}")]
+    Wait(std::io::Error),
 }
 
 /// An event of the capture programs.
@@ -74,6 +76,16 @@ pub enum HttpEvent {
     /// A process exited: its connections are gone.
     ProcessExit(ConnEvent),
     Data(Box<DataEvent>),
+}
+
+/// What one [`HttpCapture::read`] took from the ring buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    pub records: u64,
+    /// Bytes of the records (headers not included).
+    pub bytes: u64,
+    /// Records that did not parse (counted by the caller).
+    pub malformed: u64,
 }
 
 /// Parses one ring-buffer record strictly; `None` for anything malformed.
@@ -180,6 +192,7 @@ pub struct HttpCapture {
     // Maps taken out of the object stay alive with it; programs detach when
     // `ebpf` drops (after the maps).
     events: RingBuf<MapData>,
+    notified: sys::EdgeWait,
     counters: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, ConnKey, fathom_common::http::ConnInfo>,
     ebpf: Ebpf,
@@ -263,33 +276,41 @@ impl HttpCapture {
             }
             tracing::info!(path = %path.display(), probes = attached, "https capture attached");
         }
-        let events = take(&mut ebpf, names::EVENTS)?;
+        let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
+        let notified = sys::EdgeWait::new(events.as_fd()).map_err(HttpCaptureError::Wait)?;
         let counters = take(&mut ebpf, names::COUNTERS)?;
         let conns = take(&mut ebpf, names::CONNS)?;
         Ok(Self {
             events,
+            notified,
             counters,
             conns,
             ebpf,
         })
     }
 
-    /// Hands every queued event to `f`; returns how many records were
-    /// malformed (counted by the caller).
-    pub fn read(&mut self, mut f: impl FnMut(HttpEvent)) -> u64 {
-        let mut malformed = 0;
+    /// Hands every queued event to `f`.
+    pub fn read(&mut self, mut f: impl FnMut(HttpEvent)) -> Drained {
+        let mut drained = Drained::default();
         while let Some(item) = self.events.next() {
+            drained.records += 1;
+            drained.bytes += item.len() as u64;
             match parse_record(&item) {
                 Some(event) => f(event),
-                None => malformed += 1,
+                None => drained.malformed += 1,
             }
         }
-        malformed
+        drained
     }
 
-    /// Waits up to `timeout` for events.
+    /// Sleeps up to `timeout`, or until the programs report a new
+    /// connection. Data records wake no one (a wake-up per record was the
+    /// largest single cost under load: an inter-processor interrupt, in a VM
+    /// an exit to the hypervisor, each): the reader drains on a timer. A new
+    /// connection wakes it at once so that a short-lived client's process
+    /// is read in `/proc` before it exits.
     pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
-        sys::poll_readable(self.events.as_fd(), timeout)
+        self.notified.wait(timeout)
     }
 
     /// Forgets the sockets of an exited process (the kernel cannot list them).

@@ -136,6 +136,64 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> 
     }
 }
 
+/// Sleeps until a descriptor's wait queue is woken — a notification, not
+/// the readable level: an edge-triggered epoll — or a timeout passes. For a
+/// BPF ring buffer whose producers skip most wake-ups, this sleeps through
+/// records written without one.
+#[derive(Debug)]
+pub struct EdgeWait {
+    epoll: OwnedFd,
+}
+
+impl EdgeWait {
+    pub fn new(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        // SAFETY: no pointer arguments.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new descriptor we own.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: valid descriptors and one valid event.
+        let ret = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { epoll })
+    }
+
+    /// Waits up to `timeout`; true when woken by a notification.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: room for one event.
+        let ret = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, ms) };
+        match ret {
+            0 => Ok(false),
+            n if n > 0 => Ok(true),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    Ok(false)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+}
+
 /// An anonymous in-memory file (`memfd_create`), closed on exec.
 pub fn memfd(name: &str) -> io::Result<std::fs::File> {
     let name = CString::new(name)?;

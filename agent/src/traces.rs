@@ -95,6 +95,14 @@ pub fn tcp_flow_key(local: SocketAddr, peer: SocketAddr) -> Option<FlowKey> {
 /// Finished spans that are delivered at once, without waiting for the timer.
 const SPAN_BATCH: usize = 1024;
 
+/// How long the reader sleeps between drains of the ring buffer (the
+/// programs wake it only for new connections). Ten milliseconds of events at 100k requests/s
+/// is well under a megabyte; a drain that took more than
+/// [`BACKLOG_SHARE`] of the ring is followed by another at once.
+const READ_INTERVAL: Duration = Duration::from_millis(10);
+/// Share of the ring (1/N) that counts as a backlog.
+const BACKLOG_SHARE: u64 = 8;
+
 /// Configuration of HTTP tracing.
 #[derive(Clone, Debug)]
 pub struct TraceConfig {
@@ -284,7 +292,7 @@ impl Worker {
         let mut next_log = Instant::now() + Duration::from_secs(10);
         loop {
             let stopping = stop.load(Ordering::Relaxed);
-            self.drain();
+            let drained = self.drain();
             // Spans leave in batches as they finish, not only on the timer:
             // converting a second's worth at once (tens of thousands under
             // load) stalled the ring buffer's reader long enough for the
@@ -306,19 +314,24 @@ impl Worker {
                 self.log_stats();
                 next_log = now + Duration::from_secs(10);
             }
-            if let Err(e) = self.capture.wait(Duration::from_millis(100)) {
-                tracing::error!(error = %e, "polling http events");
-                std::thread::sleep(Duration::from_millis(100));
+            if drained < u64::from(self.config.capture.ring_bytes) / BACKLOG_SHARE
+                && let Err(e) = self.capture.wait(READ_INTERVAL)
+            {
+                tracing::error!(error = %e, "waiting for http events");
+                std::thread::sleep(READ_INTERVAL);
             }
         }
     }
 
-    fn drain(&mut self) {
+    /// Handles every queued event; returns the bytes read.
+    fn drain(&mut self) -> u64 {
         let mut events = Vec::new();
-        self.malformed += self.capture.read(|e| events.push(e));
+        let drained = self.capture.read(|e| events.push(e));
+        self.malformed += drained.malformed;
         for event in events {
             self.handle(event);
         }
+        drained.bytes
     }
 
     fn handle(&mut self, event: HttpEvent) {

@@ -22,7 +22,10 @@
 //!
 //!   cargo bench -p fathom-tests --bench network
 //!
-//! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 5).
+//! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 5),
+//! FATHOM_BENCH_LOADS (`tcp,udp` by default), FATHOM_BENCH_PERF (a path
+//! prefix: `perf record -a -g` of each load's first agent run goes to
+//! `PREFIX-tcp.data` / `PREFIX-udp.data`).
 #![allow(
     clippy::unwrap_used,
     reason = "benchmark: a failed unwrap is a failed run"
@@ -34,8 +37,8 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, BpfStats, ChildGuard, bpf_run_totals, free_port, kernel_tests_possible, median,
-    release_agent_binary,
+    Agent, BpfStats, ChildGuard, bpf_run_totals, cpu_seconds, free_port, kernel_tests_possible,
+    median, release_agent_binary,
 };
 
 fn run(args: &[&str]) {
@@ -192,11 +195,19 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let dir = tempfile::tempdir().unwrap();
     let noop = noop_object(dir.path());
+    let loads = std::env::var("FATHOM_BENCH_LOADS").unwrap_or_else(|_| "tcp,udp".into());
+    let perf_prefix = std::env::var("FATHOM_BENCH_PERF").ok();
     for (name, udp, unit) in [
         ("TCP throughput", false, "Gbit/s"),
         ("64-byte UDP", true, "kpackets/s"),
     ] {
+        let load = if udp { "udp" } else { "tcp" };
+        if !loads.split(',').any(|l| l.trim() == load) {
+            continue;
+        }
         let scale = if udp { 1e3 } else { 1e9 };
+        // The agent's own CPU (user + system, all threads) per agent run.
+        let mut agent_cpu = Vec::new();
         // Per mode (off, no-op hook, agent): values and ratios to off.
         let mut values: [Vec<f64>; 3] = Default::default();
         let (mut ratio, mut floor, mut above) = (Vec::new(), Vec::new(), Vec::new());
@@ -207,7 +218,29 @@ fn main() {
                 let mode = (round + i) % 3;
                 let agent = (mode == 2).then(|| start_agent(&agent_bin, &pair, dir.path()));
                 let hook = (mode == 1).then(|| NoopHook::attach(&noop, &pair.host));
+                let perf = perf_prefix
+                    .as_ref()
+                    .filter(|_| round == 0 && mode == 2)
+                    .map(|prefix| {
+                        let out = format!("{prefix}-{load}.data");
+                        eprintln!("recording perf to {out}");
+                        ChildGuard::spawn(
+                            Command::new("perf")
+                                .args(["record", "-a", "-g", "-F", "999", "-o", &out])
+                                .args(["--", "sleep"])
+                                .arg(seconds.saturating_sub(1).max(1).to_string())
+                                .stdout(Stdio::null())
+                                .stderr(Stdio::null()),
+                        )
+                    });
+                let cpu_before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
                 v[mode] = iperf(udp, seconds) / scale;
+                if let (Some(a), Some(before)) = (&agent, cpu_before) {
+                    agent_cpu.push(cpu_seconds(a.pid()) - before);
+                }
+                if let Some(mut perf) = perf {
+                    perf.wait_timeout(Duration::from_secs(30));
+                }
                 drop(hook);
                 if let Some(a) = agent {
                     a.signal("TERM");
@@ -233,6 +266,10 @@ fn main() {
             median(&ratio),
             median(&floor),
             median(&above)
+        );
+        println!(
+            "{name}: the agent's own CPU (all threads) during its runs: {:.2}% of one CPU (median)",
+            100.0 * median(&agent_cpu) / f64::from(seconds)
         );
 
         // The programs' own time, from the kernel's statistics.

@@ -19,7 +19,8 @@
 //!   cargo bench -p fathom-tests --bench tracing
 //!
 //! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 10: the
-//! length of one wrk run).
+//! length of one wrk run), FATHOM_BENCH_PERF (a file: `perf record -a -g`
+//! of the first agent-on run goes there).
 #![allow(
     clippy::unwrap_used,
     reason = "benchmark: a failed unwrap is a failed run"
@@ -231,7 +232,27 @@ fn main() {
                 .then(|| start_agent(&agent_bin, rotel_addr, &dir.path().join("agent")));
             let before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
             let rotel_before = cpu_seconds(rotel.pid());
+            // FATHOM_BENCH_PERF: a system-wide profile of the first agent-on
+            // run, to see where the cost goes.
+            let perf = (round == 0 && agent.is_some())
+                .then(|| std::env::var_os("FATHOM_BENCH_PERF"))
+                .flatten()
+                .map(|out| {
+                    eprintln!("recording perf to {}", Path::new(&out).display());
+                    ChildGuard::spawn(
+                        Command::new("perf")
+                            .args(["record", "-a", "-g", "-F", "999", "-o"])
+                            .arg(&out)
+                            .args(["--", "sleep"])
+                            .arg(seconds.saturating_sub(2).max(1).to_string())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null()),
+                    )
+                });
             let run = run_wrk(&url, seconds);
+            if let Some(mut perf) = perf {
+                perf.wait_timeout(Duration::from_secs(30));
+            }
             if let Some(agent) = agent {
                 agent_cpu.push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
                 rotel_cpu.push(cpu_seconds(rotel.pid()) - rotel_before);

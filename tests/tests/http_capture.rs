@@ -25,13 +25,13 @@ fn collect(capture: &mut HttpCapture, seen: &mut Seen, for_: Duration) {
     let end = Instant::now() + for_;
     while Instant::now() < end {
         let _ = capture.wait(Duration::from_millis(50));
-        let malformed = capture.read(|e| match e {
+        let drained = capture.read(|e| match e {
             HttpEvent::Open(c) => seen.opens.push(c),
             HttpEvent::Close(c) => seen.closes.push(c),
             HttpEvent::ProcessExit(_) => {}
             HttpEvent::Data(d) => seen.data.push(*d),
         });
-        assert_eq!(malformed, 0, "malformed records");
+        assert_eq!(drained.malformed, 0, "malformed records");
     }
 }
 

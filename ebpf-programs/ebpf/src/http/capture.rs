@@ -23,7 +23,7 @@ use fathom_common::http::{
 };
 
 use crate::maps::{
-    CONNS, HTTP_EVENTS, INJECTED, SERVING, count, inject_enabled, monitored, random_id,
+    CONNS, HTTP_EVENTS, INJECTED, RING_FLAGS, SERVING, count, inject_enabled, monitored, random_id,
 };
 
 /// Offsets of `parent_pid` and `child_pid` in the `sched_process_fork`
@@ -317,7 +317,14 @@ fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen
 }
 
 fn send_conn(event: ConnEvent) {
-    if HTTP_EVENTS.output::<ConnEvent>(&event, 0).is_err() {
+    // A new connection wakes the reader: it reads the process in /proc
+    // before a short-lived client exits.
+    let flags = if event.kind == event_kind::CONN_OPEN {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        RING_FLAGS
+    };
+    if HTTP_EVENTS.output::<ConnEvent>(&event, flags).is_err() {
         count(HttpCounter::EventsLost);
     }
 }
@@ -664,7 +671,7 @@ fn send_data(scratch: &Scratch) {
     let bytes = unsafe {
         core::slice::from_raw_parts((&scratch.event as *const DataEvent).cast::<u8>(), size)
     };
-    if HTTP_EVENTS.output::<[u8]>(bytes, 0).is_err() {
+    if HTTP_EVENTS.output::<[u8]>(bytes, RING_FLAGS).is_err() {
         count(HttpCounter::EventsLost);
     } else {
         count(HttpCounter::DataEvents);
