@@ -626,8 +626,10 @@ for p in sys.argv[2:]:
 print("listening", flush=True)
 threading.Event().wait()
 "#;
+    let sink_name = format!("{tag}-udp-sink");
     let mut cmd = topo.in_pod("python3");
-    cmd.args(["-c", sink, &topo.pod_ip])
+    cmd.env("OTEL_SERVICE_NAME", &sink_name)
+        .args(["-c", sink, &topo.pod_ip])
         .args([plain_port.to_string(), options_port.to_string()])
         .stdout(Stdio::piped());
     let mut sink = ChildGuard::spawn(&mut cmd);
@@ -638,7 +640,8 @@ threading.Event().wait()
     assert_eq!(line.trim(), "listening");
 
     // N datagrams of 100 bytes to each port; the second socket's carry four
-    // bytes of IPv4 options (NOP NOP NOP EOL: a 24-byte IP header).
+    // bytes of IPv4 options (NOP NOP NOP EOL: a 24-byte IP header). The
+    // client stays, so that its sockets name it.
     const N: u32 = 40;
     let client = r#"
 import socket, sys, time
@@ -651,31 +654,43 @@ for _ in range(n):
     b.sendto(b"o" * 100, (host, options))
     time.sleep(0.005)
 print("sent", flush=True)
+time.sleep(300)
 "#;
-    let out = Command::new("python3")
-        .args(["-c", client, &topo.pod_ip])
-        .args([
-            plain_port.to_string(),
-            options_port.to_string(),
-            N.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && out.stdout == b"sent\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let client_name = format!("{tag}-udp-client");
+    let mut client = ChildGuard::spawn(
+        Command::new("python3")
+            .env("OTEL_SERVICE_NAME", &client_name)
+            .args(["-c", client, &topo.pod_ip])
+            .args([
+                plain_port.to_string(),
+                options_port.to_string(),
+                N.to_string(),
+            ])
+            .stdout(Stdio::piped()),
     );
+    let mut line = String::new();
+    BufReader::new(client.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "sent");
 
     // Bytes as the hook sees them: Ethernet 14 + IPv4 (20, or 24 with the
-    // options) + UDP 8 + 100 of payload. (UDP sockets are not attributed to
-    // processes — README, limitations — so the series are selected by port
-    // and direction, whatever their job.)
+    // options) + UDP 8 + 100 of payload; on both ends, each named by its
+    // bound socket: the client's transmit is the sink's receive.
     for (server_port, ip_header) in [(plain_port, 20u32), (options_port, 24)] {
         let sp = server_port.to_string();
         let labels = |metric: &'static str| {
             [
+                ("job", client_name.as_str()),
                 ("direction", "client"),
+                ("server_port", sp.as_str()),
+                ("network_io_direction", metric),
+            ]
+        };
+        let server_labels = |metric: &'static str| {
+            [
+                ("job", sink_name.as_str()),
+                ("direction", "server"),
                 ("server_port", sp.as_str()),
                 ("network_io_direction", metric),
             ]
@@ -713,6 +728,17 @@ print("sent", flush=True)
             "nothing came back from port {sp}: {}",
             context()
         );
+        for (name, want) in [
+            (packets, f64::from(N)),
+            (bytes, f64::from(N * (14 + ip_header + 8 + 100))),
+        ] {
+            assert_eq!(
+                value(&m, name, &server_labels("receive")),
+                want,
+                "{name}: the sink's receive on port {sp}: {}",
+                context()
+            );
+        }
         eprintln!(
             "  port {sp}: {N} datagrams, {} bytes, IP header {ip_header}",
             value(&m, bytes, &labels("transmit"))

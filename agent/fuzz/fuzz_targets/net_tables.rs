@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         netns: vec![sockets::Netns {
             id: 2,
             sockets: sockets.clone(),
+            udp: sockets.clone(),
             local_addrs: local_addrs.clone(),
             pids: vec![1],
         }],

@@ -102,16 +102,24 @@ pub fn attribute_flow(
     let client = addr(key.family, &key.local);
     let server = addr(key.family, &key.remote);
     let port = key.remote_port;
-    let tcp = key.protocol == 6;
+    let (tcp, udp) = (key.protocol == 6, key.protocol == 17);
     let mut out = Vec::new();
     let client_pid = if client_tgid != 0 {
         Some(client_tgid)
     } else if tcp {
         snap.connection(client, Some(key.local_port), server, port)
+    } else if udp {
+        snap.udp(client, key.local_port)
     } else {
         None
     };
-    let server_pid = if tcp { snap.server(server, port) } else { None };
+    let server_pid = if tcp {
+        snap.server(server, port)
+    } else if udp {
+        snap.udp(server, port)
+    } else {
+        None
+    };
     if snap.is_local(server) || server_pid.is_some() {
         out.push((
             Attribution {
@@ -173,6 +181,8 @@ mod tests {
                 Netns {
                     id: 1,
                     sockets: vec![sock(ip(HOST), 40000, ip(POD), 8080, TCP_ESTABLISHED, 4)],
+                    // An unconnected UDP client socket.
+                    udp: vec![sock(any, 40001, any, 0, 7, 6)],
                     local_addrs: vec![ip(HOST)],
                     pids: vec![1, 40],
                 },
@@ -182,11 +192,13 @@ mod tests {
                         sock(any, 8080, any, 0, TCP_LISTEN, 3),
                         sock(ip(POD), 8080, ip(HOST), 40000, TCP_ESTABLISHED, 5),
                     ],
+                    // A UDP server on the wildcard address.
+                    udp: vec![sock(any, 8080, any, 0, 7, 7)],
                     local_addrs: vec![ip(POD)],
                     pids: vec![29, 30],
                 },
             ],
-            inode_pid: HashMap::from([(3, 30), (4, 40), (5, 30)]),
+            inode_pid: HashMap::from([(3, 30), (4, 40), (5, 30), (6, 40), (7, 30)]),
             root_netns: 1,
         }
     }
@@ -281,5 +293,29 @@ mod tests {
             ..flow
         };
         assert!(attribute_flow(&routed, 0, &s).is_empty());
+        // UDP: both ends from the bound sockets (the client's unconnected,
+        // the server's on the wildcard address).
+        let udp = FlowKey {
+            protocol: 17,
+            local_port: 40001,
+            ..flow
+        };
+        let ends = attribute_flow(&udp, 0, &s);
+        assert_eq!(ends.len(), 2);
+        assert_eq!(
+            (ends[0].0.local, ends[0].0.peer),
+            (Some(30), Peer::Process(40))
+        );
+        assert_eq!(
+            (ends[1].0.local, ends[1].0.peer),
+            (Some(40), Peer::Process(30))
+        );
+        // A TCP flow on the UDP ports is not theirs.
+        let tcp = FlowKey {
+            protocol: 6,
+            local_port: 40001,
+            ..flow
+        };
+        assert_eq!(attribute_flow(&tcp, 0, &s)[1].0.local, None);
     }
 }

@@ -1,5 +1,5 @@
 //! Who is behind an address and port on this node: a snapshot of every
-//! network namespace's TCP sockets (`/proc/<pid>/net/tcp{,6}`), local
+//! network namespace's TCP and UDP sockets (`/proc/<pid>/net/{tcp,udp}{,6}`), local
 //! addresses (`net/fib_trie`, `net/if_inet6`) and the processes holding
 //! each socket (`/proc/<pid>/fd`). The parsers take the files' text, so
 //! they are tested and fuzzed without `/proc`.
@@ -46,8 +46,8 @@ fn parse_endpoint(s: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// The sockets of a `/proc/net/tcp` or `tcp6` table; malformed lines are
-/// skipped.
+/// The sockets of a `/proc/net/tcp`, `tcp6`, `udp` or `udp6` table (the
+/// same columns); malformed lines are skipped.
 pub fn parse_tcp_table(text: &str) -> Vec<SocketEntry> {
     text.lines()
         .skip(1)
@@ -114,7 +114,10 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 pub struct Netns {
     /// The namespace's inode (`/proc/<pid>/ns/net`).
     pub id: u64,
+    /// TCP sockets.
     pub sockets: Vec<SocketEntry>,
+    /// UDP sockets (bound or connected).
+    pub udp: Vec<SocketEntry>,
     pub local_addrs: Vec<IpAddr>,
     /// Processes in it (not kernel threads), ascending.
     pub pids: Vec<u32>,
@@ -163,11 +166,14 @@ impl Snapshot {
                 let read = |f: &str| fs::read_to_string(pdir.join(f)).unwrap_or_default();
                 let mut sockets = parse_tcp_table(&read("net/tcp"));
                 sockets.extend(parse_tcp_table(&read("net/tcp6")));
+                let mut udp = parse_tcp_table(&read("net/udp"));
+                udp.extend(parse_tcp_table(&read("net/udp6")));
                 let mut local_addrs = parse_fib_trie_locals(&read("net/fib_trie"));
                 local_addrs.extend(parse_if_inet6(&read("net/if_inet6")));
                 snap.netns.push(Netns {
                     id: ns,
                     sockets,
+                    udp,
                     local_addrs,
                     pids: Vec::new(),
                 });
@@ -254,6 +260,28 @@ impl Snapshot {
             .and_then(|s| self.pid(s.inode))
     }
 
+    /// The process holding the UDP socket bound to `addr:port` — or, failing
+    /// that, to the wildcard address on `port` — in a namespace that owns
+    /// `addr`: either end of a UDP flow (a client's socket, connected or not,
+    /// or a server's).
+    pub fn udp(&self, addr: IpAddr, port: u16) -> Option<u32> {
+        let addr = canonical(addr);
+        let bound = |exact: bool| {
+            self.owning(addr)
+                .flat_map(|ns| ns.udp.iter())
+                .filter(|s| {
+                    s.local_port == port
+                        && if exact {
+                            s.local == addr
+                        } else {
+                            s.local.is_unspecified()
+                        }
+                })
+                .find_map(|s| self.pid(s.inode))
+        };
+        bound(true).or_else(|| bound(false))
+    }
+
     /// The first process of the namespace that owns `addr`, when that is
     /// not the node's own namespace (a pod, a container): what a DNS query
     /// from that address is attributed to.
@@ -291,6 +319,15 @@ mod tests {
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 0000000000000000FFFF00000101A8C0:A000 0000000000000000FFFF00000201A8C0:1F90 01 00000000:00000000 00:00000000 00000000     0        0 2001 1 0 20 4 30 10 -1\n\
    1: 00000000000000000000000001000000:0035 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2002 1 0 20 4 30 10 -1\n";
+    // UDP: port 53 on the wildcard address and on 192.168.1.2; port 5000
+    // only on the wildcard; an unconnected dual-stack client socket on
+    // port 0xa001.
+    const UDP: &str = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  100: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3001 2 0000000000000000 0\n\
+  101: 0201A8C0:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3002 2 0000000000000000 0\n\
+  102: 00000000:1388 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3001 2 0000000000000000 0\n";
+    const UDP6: &str = "   sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  200: 00000000000000000000000000000000:A001 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3003 2 0000000000000000 0\n";
     const FIB: &str = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     +-- 192.168.1.0/24 2 0 2\n        |-- 192.168.1.0\n           /24 link UNICAST\n        |-- 192.168.1.2\n           /32 host LOCAL\nLocal:\n  |-- 192.168.1.2\n     /32 host LOCAL\n";
 
     #[test]
@@ -326,17 +363,22 @@ mod tests {
         inode_pid.insert(1001, 10); // the server's listener
         inode_pid.insert(1002, 10);
         inode_pid.insert(2001, 20); // the client
+        inode_pid.insert(3001, 30); // a UDP server on the wildcard address
+        inode_pid.insert(3002, 31); // ... and one on 192.168.1.2 itself
+        inode_pid.insert(3003, 20); // the client's UDP socket (dual-stack)
         Snapshot {
             netns: vec![
                 Netns {
                     id: 1,
                     sockets: parse_tcp_table(TCP6),
+                    udp: parse_tcp_table(UDP6),
                     local_addrs: vec!["192.168.1.1".parse().unwrap()],
                     pids: vec![1, 20],
                 },
                 Netns {
                     id: 2,
                     sockets: parse_tcp_table(TCP),
+                    udp: parse_tcp_table(UDP),
                     local_addrs: parse_fib_trie_locals(FIB),
                     pids: vec![9, 10],
                 },
@@ -361,6 +403,25 @@ mod tests {
         assert!(s.is_local(server) && !s.is_local("10.9.9.9".parse().unwrap()));
         assert_eq!(s.namespace_process(server), Some(9));
         assert_eq!(s.namespace_process(client), None);
+        // UDP: the exact address before the wildcard; only in a namespace
+        // owning the address.
+        assert_eq!(s.udp(server, 53), Some(31));
+        assert_eq!(s.udp(server, 5000), Some(30));
+        assert_eq!(s.udp(server, 5001), None);
+        assert_eq!(s.udp(client, 5000), None);
+        assert_eq!(s.udp(client, 0xa001), Some(20));
+        assert_eq!(s.udp(server, 0xa001), None);
+    }
+
+    #[test]
+    fn this_process_sends_udp() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let s = Snapshot::read(Path::new("/proc"));
+        assert_eq!(
+            s.udp("127.0.0.1".parse().unwrap(), port),
+            Some(std::process::id())
+        );
     }
 
     #[test]
