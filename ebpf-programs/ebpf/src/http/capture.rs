@@ -58,8 +58,12 @@ const ARGS: usize = 16;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const EINPROGRESS: i64 = 115;
-/// iovecs looked at per vectored call.
-const MAX_IOV: usize = 4;
+/// iovecs looked at per vectored call: past the head, only to find where the
+/// transfer ends (its tail). nginx reads a proxied body with `readv` into
+/// up to `proxy_buffers` buffers; with 4, a read that filled more (a slow
+/// or busy reader) had no tail, and a chunked body whose framing was lost
+/// never saw its last chunk (`tests/tests/tracing.rs`, chunked responses).
+const MAX_IOV: usize = 16;
 
 /// `accept`'s arguments, between entry and exit.
 #[repr(C)]
