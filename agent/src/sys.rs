@@ -122,6 +122,12 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> 
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: one valid pollfd.
     let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+    ready(ret)
+}
+
+/// A `poll`/`epoll_wait` result: true when something is ready; a signal's
+/// interruption counts as a timeout.
+fn ready(ret: libc::c_int) -> io::Result<bool> {
     match ret {
         0 => Ok(false),
         n if n > 0 => Ok(true),
@@ -179,18 +185,7 @@ impl EdgeWait {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: room for one event.
         let ret = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, ms) };
-        match ret {
-            0 => Ok(false),
-            n if n > 0 => Ok(true),
-            _ => {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    Ok(false)
-                } else {
-                    Err(err)
-                }
-            }
-        }
+        ready(ret)
     }
 }
 
