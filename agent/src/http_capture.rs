@@ -81,7 +81,6 @@ pub enum HttpEvent {
 /// What one [`HttpCapture::read`] took from the ring buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Drained {
-    pub records: u64,
     /// Bytes of the records (headers not included).
     pub bytes: u64,
     /// Records that did not parse (counted by the caller).
@@ -293,7 +292,6 @@ impl HttpCapture {
     pub fn read(&mut self, mut f: impl FnMut(HttpEvent)) -> Drained {
         let mut drained = Drained::default();
         while let Some(item) = self.events.next() {
-            drained.records += 1;
             drained.bytes += item.len() as u64;
             match parse_record(&item) {
                 Some(event) => f(event),

@@ -96,8 +96,7 @@ pub fn tcp_flow_key(local: SocketAddr, peer: SocketAddr) -> Option<FlowKey> {
 const SPAN_BATCH: usize = 1024;
 
 /// How long the reader sleeps between drains of the ring buffer (the
-/// programs wake it only for new connections). Ten milliseconds of events at 100k requests/s
-/// is well under a megabyte; a drain that took more than
+/// programs wake it only for new connections); a drain that took more than
 /// [`BACKLOG_SHARE`] of the ring is followed by another at once.
 const READ_INTERVAL: Duration = Duration::from_millis(10);
 /// Share of the ring (1/N) that counts as a backlog.

@@ -167,6 +167,18 @@ impl ChildGuard {
         self.0.id()
     }
 
+    /// The first line the child prints (its stdout must be piped), trimmed;
+    /// the rest of its output is not read.
+    pub fn first_line(&mut self) -> String {
+        use std::io::BufRead as _;
+        let stdout = self.0.stdout.take().expect("the child's stdout is piped");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("reading the child's first line: {e}"));
+        line.trim().to_string()
+    }
+
     /// Waits for exit up to `timeout`; panics when it takes longer.
     pub fn wait_timeout(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;

@@ -2,7 +2,6 @@
 //! through a "wire" namespace running `delay_link` (a delay-and-loss relay:
 //! this kernel has no netem), to a veth on the node. Removed on drop.
 use std::{
-    io::{BufRead as _, BufReader},
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -109,11 +108,7 @@ impl Topology {
                 ])
                 .stdout(Stdio::piped()),
         );
-        let mut line = String::new();
-        BufReader::new(relay.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
+        assert_eq!(relay.first_line(), "ready");
         self.relay = Some(relay);
     }
 

@@ -172,11 +172,7 @@ fn spawn_server(topo: &Topology, name: &str, ports: &[u16]) -> ChildGuard {
         .args(ports.iter().map(u16::to_string))
         .stdout(Stdio::piped());
     let mut server = ChildGuard::spawn(&mut cmd);
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "listening");
+    assert_eq!(server.first_line(), "listening");
     server
 }
 
@@ -633,11 +629,7 @@ threading.Event().wait()
         .args([plain_port.to_string(), options_port.to_string()])
         .stdout(Stdio::piped());
     let mut sink = ChildGuard::spawn(&mut cmd);
-    let mut line = String::new();
-    BufReader::new(sink.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "listening");
+    assert_eq!(sink.first_line(), "listening");
 
     // N datagrams of 100 bytes to each port; the second socket's carry four
     // bytes of IPv4 options (NOP NOP NOP EOL: a 24-byte IP header). The
@@ -668,11 +660,7 @@ time.sleep(300)
             ])
             .stdout(Stdio::piped()),
     );
-    let mut line = String::new();
-    BufReader::new(client.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "sent");
+    assert_eq!(client.first_line(), "sent");
 
     // Bytes as the hook sees them: Ethernet 14 + IPv4 (20, or 24 with the
     // options) + UDP 8 + 100 of payload; on both ends, each named by its

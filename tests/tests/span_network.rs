@@ -21,7 +21,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -270,11 +269,7 @@ fn start_server(topo: &Topology, service: &str, port: u16, oracle: &Path) -> Chi
         .arg(oracle)
         .stdout(Stdio::piped());
     let mut server = ChildGuard::spawn(&mut cmd);
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "listening");
+    assert_eq!(server.first_line(), "listening");
     server
 }
 

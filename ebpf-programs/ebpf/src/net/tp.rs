@@ -108,6 +108,16 @@ fn normalize(family: &mut u8, addr: &mut [u8; 16]) {
     }
 }
 
+/// The family of an IPv6 address pair: IPv4 when the local address is
+/// IPv4-mapped (both addresses are then rewritten as IPv4).
+#[inline(always)]
+fn normalize_pair(local: &mut [u8; 16], remote: &mut [u8; 16]) -> u8 {
+    let (mut family, mut other) = (FAMILY_V6, FAMILY_V6);
+    normalize(&mut family, local);
+    normalize(&mut other, remote);
+    family
+}
+
 /// (family, local, remote) from a record with `saddr[4] daddr[4]` at `v4`
 /// and `saddr_v6[16] daddr_v6[16]` at `v6`.
 #[inline(always)]
@@ -119,7 +129,7 @@ fn addrs(
 ) -> Option<(u8, [u8; 16], [u8; 16])> {
     let mut local = [0u8; 16];
     let mut remote = [0u8; 16];
-    let mut family;
+    let family;
     if af == AF_INET {
         family = FAMILY_V4;
         // SAFETY: offsets from the format file.
@@ -129,14 +139,11 @@ fn addrs(
         local[..4].copy_from_slice(&s);
         remote[..4].copy_from_slice(&d);
     } else if af == AF_INET6 {
-        family = FAMILY_V6;
         // SAFETY: as above.
         local = unsafe { ctx.read_at::<[u8; 16]>(v6) }.ok()?;
         // SAFETY: as above.
         remote = unsafe { ctx.read_at::<[u8; 16]>(v6 + 16) }.ok()?;
-        let mut f2 = family;
-        normalize(&mut family, &mut local);
-        normalize(&mut f2, &mut remote);
+        family = normalize_pair(&mut local, &mut remote);
     } else {
         return None;
     }
@@ -357,18 +364,15 @@ fn tcp_probe_btf(ctx: &BtfTracePointContext) -> Option<()> {
     let af: u16 = kernel(sk + global(&NET_SK_FAMILY) as u64)?;
     let mut local = [0u8; 16];
     let mut remote = [0u8; 16];
-    let mut family;
+    let family;
     if af == AF_INET {
         family = FAMILY_V4;
         local[..4].copy_from_slice(&kernel::<[u8; 4]>(sk + global(&NET_SK_RCV_SADDR) as u64)?);
         remote[..4].copy_from_slice(&kernel::<[u8; 4]>(sk + global(&NET_SK_DADDR) as u64)?);
     } else if af == AF_INET6 {
-        family = FAMILY_V6;
         local = kernel(sk + global(&NET_SK_V6_RCV_SADDR) as u64)?;
         remote = kernel(sk + global(&NET_SK_V6_DADDR) as u64)?;
-        let mut f2 = family;
-        normalize(&mut family, &mut local);
-        normalize(&mut f2, &mut remote);
+        family = normalize_pair(&mut local, &mut remote);
     } else {
         return None;
     }
@@ -407,7 +411,7 @@ fn tcp_probe(ctx: &TracePointContext) -> Option<()> {
     let (s, d) = (global(&NET_PROBE_SADDR), global(&NET_PROBE_DADDR));
     let mut local = [0u8; 16];
     let mut remote = [0u8; 16];
-    let mut family;
+    let family;
     if af == AF_INET {
         family = FAMILY_V4;
         // SAFETY: sockaddr_in: the address at +4.
@@ -415,14 +419,11 @@ fn tcp_probe(ctx: &TracePointContext) -> Option<()> {
         // SAFETY: as above.
         remote[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(d + 4) }.ok()?);
     } else if af == AF_INET6 {
-        family = FAMILY_V6;
         // SAFETY: sockaddr_in6: the address at +8.
         local = unsafe { ctx.read_at::<[u8; 16]>(s + 8) }.ok()?;
         // SAFETY: as above.
         remote = unsafe { ctx.read_at::<[u8; 16]>(d + 8) }.ok()?;
-        let mut f2 = family;
-        normalize(&mut family, &mut local);
-        normalize(&mut f2, &mut remote);
+        family = normalize_pair(&mut local, &mut remote);
     } else {
         return None;
     }
