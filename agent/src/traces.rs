@@ -505,6 +505,7 @@ impl Worker {
             injected = k(HttpCounter::Injected),
             parent_rewritten = k(HttpCounter::ParentRewritten),
             sockets_released = k(HttpCounter::SocketsReleased),
+            late_parents = k(HttpCounter::LateParents),
             inject_failed = k(HttpCounter::InjectFailed),
             malformed = self.malformed,
             "http tracing"

@@ -29,6 +29,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::MutexGuard,
@@ -1044,6 +1045,71 @@ fn incoming_traceparent_is_continued() {
         );
     }
     assert_eq!(t[0].nginx_server.parent_id, GIVEN_SPAN);
+}
+
+/// A head that arrives in two segments, the `traceparent` in the second (as
+/// a client's request does when `sk_msg` inserted a header into it, on a
+/// loaded machine), still continues the incoming trace: the server span's
+/// parent, and the trace its own client request carries downstream.
+#[test]
+fn a_head_read_in_pieces_keeps_its_incoming_parent() {
+    let Some((_lock, rotel_bin)) = prepare("a_head_read_in_pieces_keeps_its_incoming_parent")
+    else {
+        return;
+    };
+    let world = World::start(&rotel_bin, true);
+    let mut conn =
+        std::net::TcpStream::connect(local(world.chain.python_port)).expect("connect to middle");
+    conn.set_nodelay(true).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // The first segment ends inside the request line, so that the agent
+    // (which monitors this test too) inserts no traceparent of its own.
+    conn.write_all(b"GET /api/split HTT").unwrap();
+    // The server reads the first segment alone.
+    std::thread::sleep(Duration::from_millis(300));
+    conn.write_all(
+        format!(
+            "P/1.1\r\nHost: 127.0.0.1\r\n{}\r\nConnection: close\r\n\r\n",
+            given_traceparent()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"service\":\"leaf-go\""), "{reply}");
+
+    let all = world.wait_for_chain_spans(3);
+    let pids = world.chain.pids();
+    let one = |service: &str, kind: &str| -> RotelSpan {
+        let found: Vec<&RotelSpan> = all
+            .iter()
+            .filter(|s| pid_of(s).and_then(|p| pids.get(&p)) == Some(&service) && s.kind == kind)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "expected one {kind} span of {service}:\n{}",
+            describe(all.iter())
+        );
+        found[0].clone()
+    };
+    let server = one(MIDDLE_SERVICE, "SPAN_KIND_SERVER");
+    let client = one(MIDDLE_SERVICE, "SPAN_KIND_CLIENT");
+    let leaf = one(LEAF_SERVICE, "SPAN_KIND_SERVER");
+    let trace = describe([&server, &client, &leaf].into_iter());
+    for s in [&server, &client, &leaf] {
+        assert_eq!(
+            s.trace_id, GIVEN_TRACE,
+            "a span left the given trace:\n{trace}"
+        );
+    }
+    assert_eq!(server.parent_id, GIVEN_SPAN, "{trace}");
+    assert_eq!(client.parent_id, server.span_id, "{trace}");
+    assert_eq!(leaf.parent_id, client.span_id, "{trace}");
 }
 
 /// Splits an `/echo` reply (a raw request head) into lines without CRLF.

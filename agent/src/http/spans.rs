@@ -16,8 +16,10 @@
 //! Ids:
 //! - Server span: the kernel's ([`ctx_flags::SERVER`] on the read that
 //!   started the request: trace id, span id, and the parent when
-//!   [`ctx_flags::REMOTE_PARENT`]), else the request's `traceparent` (trace
-//!   id and parent, a new span id), else a new trace.
+//!   [`ctx_flags::REMOTE_PARENT`]; when the kernel found no parent but the
+//!   parsed head has a `traceparent`, its trace id and parent with the
+//!   kernel's span id), else the request's `traceparent` (trace id and
+//!   parent, a new span id), else a new trace.
 //! - Client span: the kernel's ([`ctx_flags::CLIENT_INJECTED`] on the write
 //!   that started the request: the injected trace id and span id, the
 //!   parent when [`ctx_flags::LOCAL_PARENT`]). Else, when the request
@@ -447,12 +449,19 @@ impl SideSink<'_> {
         let (trace_id, span_id, parent_span_id, remote_parent) = if server {
             if first && ctx.flags & ctx_flags::SERVER != 0 {
                 let remote = ctx.flags & ctx_flags::REMOTE_PARENT != 0;
-                (
-                    ctx.trace_id,
-                    ctx.span_id,
-                    remote.then_some(ctx.parent_span_id),
-                    remote,
-                )
+                match head.traceparent {
+                    // The kernel saw no `traceparent` in the read that started
+                    // the request: the head came in pieces. It found the
+                    // header in a later read (and gave the thread's client
+                    // requests that trace) or, past its capture, not at all.
+                    Some((trace, parent, _)) if !remote => (trace, ctx.span_id, Some(parent), true),
+                    _ => (
+                        ctx.trace_id,
+                        ctx.span_id,
+                        remote.then_some(ctx.parent_span_id),
+                        remote,
+                    ),
+                }
             } else if let Some((trace, parent, _)) = head.traceparent {
                 (trace, shared.span_id(), Some(parent), true)
             } else {
@@ -1245,6 +1254,43 @@ pub(crate) mod tests {
             (s.conns, s.pending, s.spans_finished, s.requests_unanswered),
             (0, 0, 2, 0)
         );
+    }
+
+    #[test]
+    fn server_head_in_two_reads_takes_its_parent_from_the_second() {
+        let mut t = tracer();
+        // The kernel opened the request on the first read, where it saw no
+        // traceparent: its ids, no parent.
+        t.on_data(&with_ctx(
+            data(1, R, 5, (0, 10), b"GET /a HTTP/1.1\r\nHost: a\r\n"),
+            ctx(ctx_flags::SERVER, 0x11, 0x22, 0),
+        ));
+        t.on_data(&data(
+            1,
+            R,
+            5,
+            (12, 20),
+            b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n",
+        ));
+        t.on_data(&data(
+            1,
+            W,
+            5,
+            (30, 40),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 1);
+        let (trace, parent, _) = fathom_common::http::parse_traceparent(
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .unwrap();
+        let s = &spans[0];
+        assert_eq!(
+            (s.trace_id, s.span_id, s.parent_span_id, s.remote_parent),
+            (trace, [0x22; 8], Some(parent), true)
+        );
+        assert_eq!((s.start_ns, s.end_ns), (10, 40));
     }
 
     #[test]

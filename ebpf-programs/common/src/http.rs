@@ -19,6 +19,11 @@
 //!   bytes carry one (else a new trace id). The ids are in the
 //!   [`DataEvent::ctx`] of that read ([`ctx_flags::SERVER`]) and in
 //!   `SERVING[tid]` until a write on the same connection starts a response.
+//!   When that read ends neither the head nor carries the header, the
+//!   following reads on the connection are searched until the head ends; a
+//!   `traceparent` found there becomes the parent of the open server request
+//!   ([`head_state::AWAITING_PARENT`]). The read's `ctx` stays that of the
+//!   start: user space takes the parent from the parsed head.
 //! - `sched_process_fork` copies `SERVING` of the parent thread to a new
 //!   thread, so work handed to a thread finds its parent.
 //! - `sk_msg` on client sockets of monitored processes inserts
@@ -161,6 +166,17 @@ pub mod proto {
     pub const OTHER: u8 = 2;
 }
 
+/// Where a server request's head stands on a connection ([`ConnInfo::head`]).
+pub mod head_state {
+    /// No request head in progress, or its trace context is settled.
+    pub const SETTLED: u8 = 0;
+    /// A request started in a read that neither ended its head nor carried
+    /// a `traceparent`: the following reads are searched until one does
+    /// (a head sent in several segments, as `sk_msg` inserting a header
+    /// makes it, may be read in pieces).
+    pub const AWAITING_PARENT: u8 = 1;
+}
+
 /// Flags of [`TraceContext::flags`].
 pub mod ctx_flags {
     /// The read that carries this context opened a server request.
@@ -209,10 +225,13 @@ pub enum HttpCounter {
     /// kernel (`tcp_bpf_ioctl` counts only the sockmap's own queue), which
     /// stalls readers that trust it, nginx among them.
     SocketsReleased,
+    /// Server requests whose `traceparent` came in a read after the one that
+    /// started the request.
+    LateParents,
 }
 
 impl HttpCounter {
-    pub const COUNT: u32 = HttpCounter::SocketsReleased as u32 + 1;
+    pub const COUNT: u32 = HttpCounter::LateParents as u32 + 1;
     pub const ALL: [HttpCounter; HttpCounter::COUNT as usize] = [
         HttpCounter::DataEvents,
         HttpCounter::EventsLost,
@@ -226,6 +245,7 @@ impl HttpCounter {
         HttpCounter::SocketsAdded,
         HttpCounter::ParentRewritten,
         HttpCounter::SocketsReleased,
+        HttpCounter::LateParents,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -242,6 +262,7 @@ impl HttpCounter {
             HttpCounter::SocketsAdded => "sockets_added",
             HttpCounter::ParentRewritten => "parent_rewritten",
             HttpCounter::SocketsReleased => "sockets_released",
+            HttpCounter::LateParents => "late_parents",
         }
     }
 }
@@ -265,7 +286,12 @@ pub struct ConnInfo {
     pub role: u8,
     /// A [`proto`].
     pub proto: u8,
-    pub _reserved: [u8; 6],
+    /// A [`head_state`].
+    pub head: u8,
+    pub _reserved: u8,
+    /// The thread that opened the server request whose head is arriving
+    /// ([`head_state::AWAITING_PARENT`]).
+    pub server_tid: u32,
     /// The socket's `struct sock` (kernel address; 0: unknown), read at
     /// `accept`/`connect` exit. Only ever read with `bpf_probe_read_kernel`.
     pub sk: u64,

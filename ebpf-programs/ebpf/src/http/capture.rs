@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, Serving,
-    SockAddr, SockOffsets, TraceContext, ctx_flags, data_flags, direction, event_kind,
+    SockAddr, SockOffsets, TraceContext, ctx_flags, data_flags, direction, event_kind, head_state,
     is_request_start, is_response_start, parse_traceparent, proto, role, syscall,
 };
 
@@ -111,6 +111,10 @@ struct Scratch {
     found: u32,
     /// Head bytes to search.
     search_len: u32,
+    /// Where the search found the empty line that ends a head (index into
+    /// head), or u32::MAX.
+    head_end: u32,
+    _pad: u32,
 }
 
 #[map]
@@ -295,7 +299,9 @@ fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen
         conn_id,
         role: conn_role,
         proto: proto::UNKNOWN,
-        _reserved: [0; 6],
+        head: head_state::SETTLED,
+        _reserved: 0,
+        server_tid: 0,
         sk,
     };
     if CONNS.insert(&ConnKey { tgid, fd }, &info, 0).is_err() {
@@ -649,7 +655,7 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
             return Ok(());
         }
     }
-    track_server_request(scratch, tid, info.conn_id);
+    track_server_request(scratch, tid, info);
     if active.direction == direction::WRITE
         && inject_enabled()
         // SAFETY: copied out before the entry is removed.
@@ -832,77 +838,55 @@ fn message_start(event: &DataEvent) -> (bool, bool) {
 
 /// The server side of the trace context, for the event in `scratch` (both
 /// the socket and the OpenSSL captures): a request read opens a server
-/// request on the thread; a final response written ends it (`HTTP/1.1 1xx`,
-/// such as 100 Continue, comes before the final response: the request is
-/// still being served).
+/// request on the thread; the reads that continue its head are searched for
+/// its `traceparent` until the head ends; a final response written ends it
+/// (`HTTP/1.1 1xx`, such as 100 Continue, comes before the final response:
+/// the request is still being served).
 #[inline(always)]
-fn track_server_request(scratch: &mut Scratch, tid: u32, conn_id: u64) {
+fn track_server_request(scratch: &mut Scratch, tid: u32, info: &mut ConnInfo) {
     let (request, response) = message_start(&scratch.event);
-    if scratch.event.direction == direction::READ && request {
-        open_server_request(scratch, tid, conn_id);
+    if scratch.event.direction == direction::READ {
+        if request {
+            open_server_request(scratch, tid, info);
+        } else if info.head == head_state::AWAITING_PARENT {
+            continue_server_request(scratch, info);
+        }
     } else if scratch.event.direction == direction::WRITE
         && response
         && !(scratch.event.head_len > 9 && scratch.event.head[9] == b'1')
     {
+        info.head = head_state::SETTLED;
         close_server_request(tid);
     }
 }
 
 /// A request arrived on `conn_id`: choose its ids and mark the thread as
 /// serving it.
-fn open_server_request(scratch: &mut Scratch, tid: u32, conn_id: u64) {
+fn open_server_request(scratch: &mut Scratch, tid: u32, info: &mut ConnInfo) {
     count(HttpCounter::ServerRequests);
+    let conn_id = info.conn_id;
     let mut ctx = TraceContext {
         flags: ctx_flags::SERVER,
         ..TraceContext::default()
     };
     random_id(&mut ctx.span_id);
-    // The callback writes `found` through its own pointer to this scratch:
-    // volatile accesses keep the compiler from assuming it unchanged.
-    // SAFETY: plain stores and loads of fields of a valid map value.
-    unsafe {
-        core::ptr::write_volatile(&mut scratch.found, u32::MAX);
-        core::ptr::write_volatile(&mut scratch.search_len, scratch.event.head_len);
-    }
-    // SAFETY: `search_step` has the callback signature bpf_loop requires.
-    unsafe {
-        bpf_loop(
-            (CAPTURE_HEAD / 8) as u32,
-            search_step as *mut c_void,
-            null_mut(),
-            0,
-        )
-    };
-    let mut remote = false;
-    // SAFETY: as above.
-    let found = unsafe { core::ptr::read_volatile(&scratch.found) };
-    if found != u32::MAX {
-        let start = (found as usize & (CAPTURE_HEAD - 1)) + 12;
-        let mut value = [0u8; 56];
-        let mut skip = 0;
-        // Optional whitespace after the colon.
-        while skip < 2 && scratch.event.head[(start + skip) & (CAPTURE_HEAD - 1)] == b' ' {
-            skip += 1;
-        }
-        let from = (start + skip) & (CAPTURE_HEAD - 1);
-        // SAFETY: from < CAPTURE_HEAD and the overflow area follows head.
-        let src = unsafe { scratch.event.head.as_ptr().add(from) };
-        // SAFETY: 56 bytes from `src` are inside the scratch value.
-        unsafe { core::ptr::copy_nonoverlapping(src, value.as_mut_ptr(), 56) };
-        let end = value[55];
-        if (end == b'\r' || end == b'\n' || end == b' ' || end == b'\t')
-            && (from + 55) as u32 <= scratch.event.head_len
-            && let Some((trace, parent, _)) = parse_traceparent(&value[..55])
-        {
+    let (parent, ended) = search_head(scratch);
+    match parent {
+        Some((trace, parent)) => {
             ctx.trace_id = trace;
             ctx.parent_span_id = parent;
             ctx.flags |= ctx_flags::REMOTE_PARENT;
-            remote = true;
         }
+        None => random_id(&mut ctx.trace_id),
     }
-    if !remote {
-        random_id(&mut ctx.trace_id);
-    }
+    // Only a read captured whole was searched whole: past the capture, the
+    // rest of a long head is not seen, and a body must not be searched.
+    info.head = if parent.is_none() && !ended && scratch.event.len <= CAPTURE_HEAD as u64 {
+        head_state::AWAITING_PARENT
+    } else {
+        head_state::SETTLED
+    };
+    info.server_tid = tid;
     scratch.event.ctx = ctx;
     let serving = match SERVING.get_ptr_mut(&tid) {
         // SAFETY: a valid map value.
@@ -930,6 +914,106 @@ fn open_server_request(scratch: &mut Scratch, tid: u32, conn_id: u64) {
     let _ = SERVING.insert(&tid, &serving, 0);
 }
 
+/// A read that continues the head of a server request opened without a
+/// parent: a `traceparent` in it becomes the parent of that request, for
+/// the client requests its thread sends from now on.
+fn continue_server_request(scratch: &mut Scratch, info: &mut ConnInfo) {
+    let (parent, ended) = search_head(scratch);
+    if let Some((trace, parent)) = parent {
+        info.head = head_state::SETTLED;
+        count(HttpCounter::LateParents);
+        if let Some(s) = SERVING.get_ptr_mut(&info.server_tid) {
+            // SAFETY: a valid map value.
+            unsafe {
+                if (*s).conn_id == info.conn_id && (*s).ctx.flags & ctx_flags::REMOTE_PARENT == 0 {
+                    (*s).ctx.trace_id = trace;
+                    (*s).ctx.parent_span_id = parent;
+                    (*s).ctx.flags |= ctx_flags::REMOTE_PARENT;
+                }
+            }
+        }
+    } else if ended || scratch.event.len > CAPTURE_HEAD as u64 {
+        info.head = head_state::SETTLED;
+    }
+}
+
+/// Searches the captured head of the event in `scratch`, from its first
+/// byte, for a `traceparent` header line and for the empty line that ends
+/// a head: the header's trace id and parent span id (when valid), and
+/// whether the head ended before it.
+#[inline(always)]
+fn search_head(scratch: &mut Scratch) -> (Option<([u8; 16], [u8; 8])>, bool) {
+    let len = scratch.event.head_len;
+    // A line that starts the read (the read before ended with its newline).
+    let (first, first8) = {
+        let h = &scratch.event.head;
+        (
+            u16::from_le_bytes([h[0], h[1]]),
+            u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]),
+        )
+    };
+    let first4 = u32::from_le_bytes([
+        scratch.event.head[8],
+        scratch.event.head[9],
+        scratch.event.head[10],
+        scratch.event.head[11],
+    ]);
+    let mut found = u32::MAX;
+    let mut head_end = u32::MAX;
+    if len >= 2 && first == CRLF {
+        head_end = 0;
+    } else if len >= 12 && first8 | 0x2020_2020_2020_2020 == TRACEPAR && first4 | 0x0020_2020 == ENT
+    {
+        found = 0;
+    } else {
+        // The callback writes through its own pointer to this scratch:
+        // volatile accesses keep the compiler from assuming it unchanged.
+        // SAFETY: plain stores and loads of fields of a valid map value.
+        unsafe {
+            core::ptr::write_volatile(&mut scratch.found, u32::MAX);
+            core::ptr::write_volatile(&mut scratch.head_end, u32::MAX);
+            core::ptr::write_volatile(&mut scratch.search_len, len);
+        }
+        // SAFETY: `search_step` has the callback signature bpf_loop requires.
+        unsafe {
+            bpf_loop(
+                (CAPTURE_HEAD / 8) as u32,
+                search_step as *mut c_void,
+                null_mut(),
+                0,
+            )
+        };
+        // SAFETY: as above.
+        unsafe {
+            found = core::ptr::read_volatile(&scratch.found);
+            head_end = core::ptr::read_volatile(&scratch.head_end);
+        }
+    }
+    if found == u32::MAX {
+        return (None, head_end != u32::MAX);
+    }
+    let start = (found as usize & (CAPTURE_HEAD - 1)) + 12;
+    let mut value = [0u8; 56];
+    let mut skip = 0;
+    // Optional whitespace after the colon.
+    while skip < 2 && scratch.event.head[(start + skip) & (CAPTURE_HEAD - 1)] == b' ' {
+        skip += 1;
+    }
+    let from = (start + skip) & (CAPTURE_HEAD - 1);
+    // SAFETY: from < CAPTURE_HEAD and the overflow area follows head.
+    let src = unsafe { scratch.event.head.as_ptr().add(from) };
+    // SAFETY: 56 bytes from `src` are inside the scratch value.
+    unsafe { core::ptr::copy_nonoverlapping(src, value.as_mut_ptr(), 56) };
+    let end = value[55];
+    if (end == b'\r' || end == b'\n' || end == b' ' || end == b'\t')
+        && (from + 55) as u32 <= len
+        && let Some((trace, parent, _)) = parse_traceparent(&value[..55])
+    {
+        return (Some((trace, parent)), false);
+    }
+    (None, false)
+}
+
 /// A response started on the thread: its server request is done.
 fn close_server_request(tid: u32) {
     if let Some(s) = SERVING.get_ptr_mut(&tid) {
@@ -950,9 +1034,12 @@ const HIGH: u64 = 0x8080_8080_8080_8080;
 /// `tracepar` and `ent:` as little-endian words (lower case).
 const TRACEPAR: u64 = u64::from_le_bytes(*b"tracepar");
 const ENT: u32 = u32::from_le_bytes(*b"ent:");
+/// An empty line (after a newline): the end of a head.
+const CRLF: u16 = u16::from_le_bytes(*b"\r\n");
 
 /// One word of the `traceparent:` search: stops at a header line named
-/// `traceparent` (any case) or at the end of the captured head.
+/// `traceparent` (any case), at the empty line that ends the head, or at the
+/// end of the captured head.
 extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -982,6 +1069,10 @@ extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
         };
         if a | 0x2020_2020_2020_2020 == TRACEPAR && b | 0x0020_2020 == ENT {
             scratch.found = pos as u32;
+            return 1;
+        }
+        if a as u16 == CRLF && pos as u32 + 2 <= scratch.search_len {
+            scratch.head_end = pos as u32;
             return 1;
         }
         hits &= hits - 1;
@@ -1072,11 +1163,10 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
         tgid,
         fd: active.fd,
     };
-    // SAFETY: copied out.
-    let info = unsafe { CONNS.get(&key) }.copied().ok_or(())?;
+    let info = CONNS.get_ptr_mut(&key).ok_or(())?;
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
-    // SAFETY: this CPU's scratch is ours until we return.
-    let scratch = unsafe { &mut *scratch };
+    // SAFETY: valid map values; this CPU's scratch is ours until we return.
+    let (info, scratch) = unsafe { (&mut *info, &mut *scratch) };
     let event = &mut scratch.event;
     event.kind = event_kind::DATA;
     event.direction = active.direction;
@@ -1098,7 +1188,7 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     read_tcp(event, info.sk);
     event.ctx = TraceContext::default();
     capture_plain(scratch, active.buf, moved);
-    track_server_request(scratch, tid, info.conn_id);
+    track_server_request(scratch, tid, info);
     send_data(scratch);
     Ok(())
 }
