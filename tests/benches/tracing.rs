@@ -1,8 +1,11 @@
 //! Cost of zero-code HTTP tracing: nginx serving a small static file under
 //! `wrk` with keep-alive (`wrk -t1 -c16 -d10s --latency`), with the agent
 //! off and on (traces only, exported over OTLP/gRPC to rotel, which drops
-//! them), in interleaved rounds (one run of each mode per round, rotating
-//! which goes first), so that slow drifts of a noisy machine hit both alike.
+//! them), and a third mode, the floor: a program that does nothing
+//! (`tests/fixtures/tp_noop.c`) attached to every tracepoint the capture
+//! uses, which is what any capture on these tracepoints costs before it does
+//! any work. Interleaved rounds (one run of each mode per round, rotating
+//! which goes first), so that slow drifts of a noisy machine hit all alike.
 //!
 //! With the agent on, every request is traced on both sides (wrk is a
 //! process like any other: its requests get a client span and a
@@ -43,9 +46,52 @@ use fathom_tests::{
 enum Mode {
     Off,
     On,
+    Floor,
 }
 
-const MODES: [Mode; 2] = [Mode::Off, Mode::On];
+const MODES: [Mode; 3] = [Mode::Off, Mode::On, Mode::Floor];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "agent off",
+            Mode::On => "agent on",
+            Mode::Floor => "no-op tracepoints",
+        }
+    }
+}
+
+/// `tests/fixtures/tp_noop.c` compiled for BPF.
+fn noop_object(dir: &Path) -> Vec<u8> {
+    let src = fathom_tests::workspace_root().join("tests/fixtures/tp_noop.c");
+    let out = dir.join("tp_noop.o");
+    let status = Command::new("clang")
+        .args(["-O2", "-target", "bpf", "-c"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "clang failed on {}", src.display());
+    std::fs::read(out).unwrap()
+}
+
+/// The no-op program on every tracepoint of the HTTP capture, detached
+/// when dropped.
+struct NoopTracepoints(#[allow(dead_code, reason = "held: dropping detaches")] aya::Ebpf);
+
+impl NoopTracepoints {
+    fn attach(object: &[u8]) -> Self {
+        use aya::programs::TracePoint;
+        let mut ebpf = aya::Ebpf::load(object).unwrap();
+        let program: &mut TracePoint = ebpf.program_mut("noop").unwrap().try_into().unwrap();
+        program.load().unwrap();
+        for &(_, category, name) in fathom_agent::http_capture::TRACEPOINTS {
+            program.attach(category, name).unwrap();
+        }
+        Self(ebpf)
+    }
+}
 
 /// What one wrk run measured.
 #[derive(Clone, Copy, Debug, Default)]
@@ -191,7 +237,7 @@ fn main() {
     if !kernel_tests_possible("tracing bench") {
         std::process::exit(1);
     }
-    for tool in ["nginx", "wrk", "bpftool"] {
+    for tool in ["nginx", "wrk", "bpftool", "clang"] {
         if require_tool("tracing bench", tool).is_none() {
             std::process::exit(1);
         }
@@ -215,6 +261,7 @@ fn main() {
     let nginx = StaticNginx::start(&dir.path().join("nginx"), body, 1);
     let url = format!("http://127.0.0.1:{}/index.txt", nginx.port);
     let (rotel, rotel_addr) = start_rotel(dir.path());
+    let noop = noop_object(dir.path());
     eprintln!(
         "nginx (1 worker) serving {} bytes at {url}; wrk -t1 -c16 -d{seconds}s; {rounds} interleaved rounds",
         body.len()
@@ -230,6 +277,7 @@ fn main() {
             let i = (round + k) % MODES.len();
             let agent = (MODES[i] == Mode::On)
                 .then(|| start_agent(&agent_bin, rotel_addr, &dir.path().join("agent")));
+            let floor = (MODES[i] == Mode::Floor).then(|| NoopTracepoints::attach(&noop));
             let before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
             let rotel_before = cpu_seconds(rotel.pid());
             // FATHOM_BENCH_PERF: a system-wide profile of the first agent-on
@@ -261,10 +309,11 @@ fn main() {
                 events_sent += sent;
                 events_lost += lost;
             }
+            drop(floor);
             eprintln!(
-                "round {:>2}/{rounds} {:>3}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs",
+                "round {:>2}/{rounds} {:>17}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs",
                 round + 1,
-                if MODES[i] == Mode::On { "on" } else { "off" },
+                MODES[i].name(),
                 run.requests_per_s,
                 run.p50_us,
                 run.p99_us
@@ -273,9 +322,17 @@ fn main() {
         }
     }
 
-    let (off, on) = (&runs[0], &runs[1]);
+    let (off, on, floor) = (&runs[0], &runs[1], &runs[2]);
     let per_round = |f: &dyn Fn(&WrkRun, &WrkRun) -> f64| -> f64 {
         median(&on.iter().zip(off).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
+    };
+    let ratio = |a: &[WrkRun], b: &[WrkRun]| -> f64 {
+        median(
+            &a.iter()
+                .zip(b)
+                .map(|(a, b)| a.requests_per_s / b.requests_per_s)
+                .collect::<Vec<_>>(),
+        )
     };
     let throughput_ratio = per_round(&|a, b| a.requests_per_s / b.requests_per_s);
     let p50_added = per_round(&|a, b| a.p50_us - b.p50_us);
@@ -293,11 +350,7 @@ fn main() {
         let m = |f: fn(&WrkRun) -> f64| median(&runs[i].iter().map(f).collect::<Vec<_>>());
         println!(
             "| {} | {:.0} | {:.1} µs | {:.1} µs |",
-            if *mode == Mode::On {
-                "agent on"
-            } else {
-                "agent off"
-            },
+            mode.name(),
             m(|r| r.requests_per_s),
             m(|r| r.p50_us),
             m(|r| r.p99_us)
@@ -307,6 +360,11 @@ fn main() {
         "throughput on/off (median of rounds): {:.3} ({:+.1}%); p50 added {p50_added:+.1} µs; p99 added {p99_added:+.1} µs",
         throughput_ratio,
         (throughput_ratio - 1.0) * 100.0
+    );
+    println!(
+        "throughput no-op tracepoints/off: {:.3}; agent on/no-op tracepoints: {:.3}",
+        ratio(floor, off),
+        ratio(on, floor)
     );
     println!(
         "agent CPU: {:.1}% of one CPU at {on_rps:.0} req/s = {:.1} millicores per 1k req/s; peak RSS {agent_rss:.1} MB; \
