@@ -98,7 +98,12 @@ fn cargo_build_bin(name: &str, release: bool) -> PathBuf {
         .args(["build", "-p", name, "--bin", name, "--message-format=json"])
         .stderr(Stdio::inherit());
     if release {
-        cmd.arg("--release");
+        // Its own target directory: `cargo build -p NAME` unifies features
+        // unlike `cargo bench -p fathom-tests`, so sharing `target/release`
+        // rebuilt the dependencies of both at every other bench run.
+        cmd.arg("--release")
+            .arg("--target-dir")
+            .arg(workspace_root().join("target/bench-bins"));
     }
     let output = cmd.output().unwrap();
     assert!(output.status.success(), "building {name} failed");
