@@ -19,7 +19,7 @@ use aya::{
     },
 };
 use fathom_common::net::{
-    AggKey, DnsKey, FlowKey, FlowStats, Hist, NetCounter, Owner, globals, names,
+    AggKey, DnsKey, FlowCache, FlowKey, FlowStats, Hist, NetCounter, Owner, globals, names,
 };
 
 use crate::{ebpf, preflight, profiler::field_offset};
@@ -196,6 +196,7 @@ pub struct NetCapture {
     hists: BpfHashMap<MapData, AggKey, Hist>,
     counts: BpfHashMap<MapData, AggKey, u64>,
     flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    flow_cache: PerCpuArray<MapData, FlowCache>,
     dns: BpfHashMap<MapData, DnsKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     owners: BpfHashMap<MapData, FlowKey, Owner>,
@@ -340,6 +341,7 @@ impl NetCapture {
             hists: take(&mut ebpf, names::HISTS)?,
             counts: take(&mut ebpf, names::COUNTS)?,
             flows: take(&mut ebpf, names::FLOWS)?,
+            flow_cache: take(&mut ebpf, names::FLOW_CACHE)?,
             dns: take(&mut ebpf, names::DNS_PENDING)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             owners: take(&mut ebpf, names::OWNERS)?,
@@ -473,9 +475,16 @@ impl NetCapture {
         self.counts.iter().filter_map(Result::ok).collect()
     }
 
-    /// Every tracked flow.
-    pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
-        self.flows.iter().filter_map(Result::ok).collect()
+    /// Every tracked flow, with the counts the CPUs' flow caches hold for
+    /// it (see [`FlowRead`]).
+    pub fn flows(&self) -> Vec<FlowRead> {
+        let caches = |m: &PerCpuArray<MapData, FlowCache>| -> Vec<FlowCache> {
+            m.get(&0, 0).map(|v| v.to_vec()).unwrap_or_default()
+        };
+        let before = caches(&self.flow_cache);
+        let stored: Vec<(FlowKey, FlowStats)> = self.flows.iter().filter_map(Result::ok).collect();
+        let after = caches(&self.flow_cache);
+        add_pending(stored, &before, &after)
     }
 
     /// DNS queries waiting for a response (kernel time of the query).
@@ -520,6 +529,93 @@ where
         })?
         .try_into()
         .map_err(|source| NetCaptureError::Program { name, source })
+}
+
+/// A flow as read from the kernel: `stored` in `FLOWS` (it only grows, but
+/// for an evicted and re-created flow), `total` with what the CPUs' flow
+/// caches held for it and had not yet added to `FLOWS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowRead {
+    pub key: FlowKey,
+    pub stored: FlowStats,
+    pub total: FlowStats,
+}
+
+/// Adds to each flow the pending counts of the CPUs whose cache did not
+/// flush between `before` (read before `FLOWS`) and `after` (read after):
+/// those counts were not in `FLOWS` when it was read. A CPU that flushed
+/// meanwhile may have moved its counts into `FLOWS` before or after the
+/// read, so they are left for the next read: `total` is never more than
+/// the truth, and may be less for a moment.
+pub fn add_pending(
+    stored: Vec<(FlowKey, FlowStats)>,
+    before: &[FlowCache],
+    after: &[FlowCache],
+) -> Vec<FlowRead> {
+    let mut reads: Vec<FlowRead> = stored
+        .into_iter()
+        .map(|(key, s)| FlowRead {
+            key,
+            stored: s,
+            total: s,
+        })
+        .collect();
+    let index: std::collections::HashMap<FlowKey, usize> =
+        reads.iter().enumerate().map(|(i, r)| (r.key, i)).collect();
+    for (b, a) in before.iter().zip(after) {
+        if a.valid == 0 || b.flushes != a.flushes {
+            continue;
+        }
+        if let Some(&i) = index.get(&a.key) {
+            let t = &mut reads[i].total;
+            t.c2s_bytes += a.c2s_bytes;
+            t.c2s_packets += a.c2s_packets;
+            t.s2c_bytes += a.s2c_bytes;
+            t.s2c_packets += a.s2c_packets;
+        }
+    }
+    reads
+}
+
+/// A flow's counts as `[c2s bytes, c2s packets, s2c bytes, s2c packets]`.
+pub type FlowCounts = [u64; 4];
+
+/// What the previous read of a flow left: its `stored` counts and the
+/// totals already counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSeen {
+    pub stored: FlowStats,
+    pub counted: FlowCounts,
+}
+
+/// What a read of a flow adds since `last`, and what to remember. Stored
+/// counts that went down mean the flow was evicted and made again: it
+/// counts from zero. Totals that went down (a CPU's pending counts left for
+/// the next read) add nothing until they are back above what was counted.
+pub fn flow_delta(last: Option<&FlowSeen>, read: &FlowRead) -> (FlowCounts, FlowSeen) {
+    let t = &read.total;
+    let total = [t.c2s_bytes, t.c2s_packets, t.s2c_bytes, t.s2c_packets];
+    let reset = last.is_some_and(|l| {
+        read.stored.c2s_packets < l.stored.c2s_packets
+            || read.stored.s2c_packets < l.stored.s2c_packets
+    });
+    let counted = match last {
+        Some(l) if !reset => l.counted,
+        _ => [0; 4],
+    };
+    let mut delta = [0; 4];
+    let mut now = counted;
+    for i in 0..4 {
+        delta[i] = total[i].saturating_sub(counted[i]);
+        now[i] = counted[i].max(total[i]);
+    }
+    (
+        delta,
+        FlowSeen {
+            stored: read.stored,
+            counted: now,
+        },
+    )
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -598,5 +694,85 @@ mod tests {
         let all = list_interfaces(Path::new("/sys/class/net"));
         let lo = all.iter().find(|i| i.name == "lo").expect("lo listed");
         assert!(!lo.veth);
+    }
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            family: fathom_common::net::FAMILY_V4,
+            protocol: 17,
+            local_port: port,
+            remote_port: 53,
+            ..FlowKey::default()
+        }
+    }
+
+    fn stats(c2s_packets: u64, s2c_packets: u64) -> FlowStats {
+        FlowStats {
+            c2s_bytes: 100 * c2s_packets,
+            c2s_packets,
+            s2c_bytes: 100 * s2c_packets,
+            s2c_packets,
+            ..FlowStats::default()
+        }
+    }
+
+    fn cache(port: u16, c2s_packets: u64, s2c_packets: u64, flushes: u64) -> FlowCache {
+        FlowCache {
+            key: key(port),
+            valid: 1,
+            c2s_bytes: 100 * c2s_packets,
+            c2s_packets,
+            s2c_bytes: 100 * s2c_packets,
+            s2c_packets,
+            flushes,
+            ..FlowCache::default()
+        }
+    }
+
+    #[test]
+    fn pending_counts_of_steady_caches_are_added() {
+        let stored = vec![(key(1), stats(10, 5)), (key(2), stats(3, 3))];
+        // CPU 0 caches flow 1 and did not flush between the reads (its count
+        // grew: the later read counts); CPU 1 flushed meanwhile (left out);
+        // CPU 2 caches a flow FLOWS does not hold (evicted: dropped); CPU 3
+        // holds nothing.
+        let before = [
+            cache(1, 2, 1, 7),
+            cache(2, 4, 0, 1),
+            cache(9, 1, 0, 0),
+            FlowCache::default(),
+        ];
+        let after = [
+            cache(1, 3, 1, 7),
+            cache(2, 0, 1, 2),
+            cache(9, 2, 0, 0),
+            FlowCache::default(),
+        ];
+        let reads = add_pending(stored, &before, &after);
+        assert_eq!(reads.len(), 2);
+        assert_eq!(reads[0].stored, stats(10, 5));
+        assert_eq!(reads[0].total, stats(13, 6));
+        assert_eq!(reads[1].total, stats(3, 3));
+    }
+
+    #[test]
+    fn flow_deltas_count_each_packet_once() {
+        let read = |stored: FlowStats, total: FlowStats| FlowRead {
+            key: key(1),
+            stored,
+            total,
+        };
+        let (d, seen) = flow_delta(None, &read(stats(10, 0), stats(12, 0)));
+        assert_eq!(d, [1200, 12, 0, 0]);
+        // The pending 2 were left out of this read (their CPU flushed
+        // meanwhile): nothing is taken back, nothing added.
+        let (d, seen) = flow_delta(Some(&seen), &read(stats(10, 0), stats(10, 0)));
+        assert_eq!(d, [0; 4]);
+        // They reached FLOWS, with 3 more packets.
+        let (d, seen) = flow_delta(Some(&seen), &read(stats(15, 1), stats(15, 1)));
+        assert_eq!(d, [300, 3, 100, 1]);
+        // Evicted and made again: counts from zero.
+        let (d, _) = flow_delta(Some(&seen), &read(stats(2, 0), stats(4, 0)));
+        assert_eq!(d, [400, 4, 0, 0]);
     }
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use fathom_common::net::{AggKey, DnsKey, FlowKey, FlowStats, Hist, NetCounter, metric};
+use fathom_common::net::{AggKey, DnsKey, FlowKey, Hist, NetCounter, metric};
 
 use crate::{
     http::ResourceInfo,
@@ -24,7 +24,9 @@ use crate::{
         hist::HistSum,
         metrics::{NetMetric, rcode_name},
     },
-    net_capture::{NetCapture, NetCaptureConfig, NetCaptureError, OwnersReader},
+    net_capture::{
+        FlowSeen, NetCapture, NetCaptureConfig, NetCaptureError, OwnersReader, flow_delta,
+    },
     process_meta::ProcessMeta,
     sys,
     traces::TraceSink,
@@ -130,7 +132,7 @@ struct Worker {
     metrics: NetMetrics,
     last_hists: HashMap<AggKey, Hist>,
     last_counts: HashMap<AggKey, u64>,
-    last_flows: HashMap<FlowKey, FlowStats>,
+    last_flows: HashMap<FlowKey, FlowSeen>,
     /// When each kernel key last changed.
     changed: HashMap<AggKey, Instant>,
     /// Keys attributed (or given up on: local `None`).
@@ -348,19 +350,11 @@ impl Worker {
 
     fn flush_flows(&mut self) {
         let flows = self.capture.flows();
-        let present: HashSet<FlowKey> = flows.iter().map(|(k, _)| *k).collect();
-        for (key, stats) in flows {
-            let before = self.last_flows.get(&key).copied().unwrap_or_default();
-            // A flow evicted and made again counts from zero.
-            let reset =
-                stats.c2s_packets < before.c2s_packets || stats.s2c_packets < before.s2c_packets;
-            let before = if reset { FlowStats::default() } else { before };
-            let d = [
-                stats.c2s_bytes - before.c2s_bytes,
-                stats.c2s_packets - before.c2s_packets,
-                stats.s2c_bytes - before.s2c_bytes,
-                stats.s2c_packets - before.s2c_packets,
-            ];
+        let present: HashSet<FlowKey> = flows.iter().map(|r| r.key).collect();
+        for read in flows {
+            let key = read.key;
+            let stats = read.stored;
+            let (d, seen) = flow_delta(self.last_flows.get(&key), &read);
             if d[1] == 0 && d[3] == 0 {
                 continue;
             }
@@ -376,7 +370,7 @@ impl Worker {
                 self.flow_tries.remove(&key);
                 self.flow_owner.insert(key, ends);
             }
-            self.last_flows.insert(key, stats);
+            self.last_flows.insert(key, seen);
             let ends = self.flow_owner.get(&key).cloned().unwrap_or_default();
             for (a, c2s_is_transmit) in ends {
                 let resource = self.resource(a.local);

@@ -24,7 +24,7 @@ mod pod {
         http::{
             ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, SockOffsets, TraceContext,
         },
-        net::{AggKey, Connecting, DnsKey, FlowKey, FlowStats, Handshake, Hist, Owner},
+        net::{AggKey, Connecting, DnsKey, FlowCache, FlowKey, FlowStats, Handshake, Hist, Owner},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
         unwind::{UnwindMapping, UnwindProcess, UnwindRow},
     };
@@ -50,6 +50,7 @@ mod pod {
     unsafe impl aya::Pod for Hist {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for FlowCache {}
     unsafe impl aya::Pod for Owner {}
     unsafe impl aya::Pod for Connecting {}
     unsafe impl aya::Pod for Handshake {}

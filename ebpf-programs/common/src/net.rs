@@ -21,6 +21,7 @@ pub mod names {
     pub const DNS_PENDING: &str = "NET_DNS_PENDING";
     pub const ZERO: &str = "NET_ZERO";
     pub const COUNTERS: &str = "NET_COUNTERS";
+    pub const FLOW_CACHE: &str = "NET_FLOW_CACHE";
 }
 
 /// Globals the loader sets before loading.
@@ -274,6 +275,41 @@ pub struct FlowStats {
     pub _pad: u32,
 }
 assert_size!(FlowStats, 48);
+
+/// `FLOW_CACHE` value, one per CPU: a flow this CPU's TC programs count
+/// without looking it up in `FLOWS` (the hash lookup is most of a
+/// program's work per packet), and what they counted since it was last
+/// added to `FLOWS`. A flow is cached when its packet took the full path on
+/// this CPU, was counted on this interface, is not DNS and has no handshake
+/// in progress; a cached packet must also not carry SYN or RST. Any SYN
+/// seen by the programs bumps a global generation, which invalidates every
+/// cache (a new connection on a reused 4-tuple takes the full path). The
+/// cached flow is replaced (its counts added to `FLOWS`) at most once per
+/// jiffy, so interleaved flows do not thrash it.
+///
+/// User space adds the pending counts of each CPU to `FLOWS` when a read of
+/// the caches before and after reading `FLOWS` shows the same `flushes`
+/// (else that CPU's counts are left for the next read).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCache {
+    /// The flow, oriented client → server as in `FLOWS`.
+    pub key: FlowKey,
+    pub ifindex: u32,
+    /// Non-zero: `key` is a cached flow.
+    pub valid: u32,
+    /// The generation it was cached in.
+    pub generation: u64,
+    /// `bpf_jiffies64` when it was cached.
+    pub since: u64,
+    pub c2s_bytes: u64,
+    pub c2s_packets: u64,
+    pub s2c_bytes: u64,
+    pub s2c_packets: u64,
+    /// Times pending counts were added to `FLOWS` (and zeroed) on this CPU.
+    pub flushes: u64,
+}
+assert_size!(FlowCache, 40 + 8 + 8 + 8 + 32 + 8);
 
 /// A DNS query waiting for its response (`DNS_PENDING`).
 #[repr(C)]

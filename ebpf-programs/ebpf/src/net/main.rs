@@ -17,7 +17,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use fathom_common::net::{
-    AggKey, Connecting, DnsKey, FlowKey, FlowStats, Handshake, Hist, NetCounter, Owner,
+    AggKey, Connecting, DnsKey, FlowCache, FlowKey, FlowStats, Handshake, Hist, NetCounter, Owner,
     bucket_index,
 };
 
@@ -48,6 +48,13 @@ pub const RTT_SLOTS: u32 = 4096;
 pub static NET_RTT_SLOTS: Array<[u64; 2]> = Array::with_max_entries(RTT_SLOTS, 0);
 #[map]
 pub static NET_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NetCounter::COUNT, 0);
+/// Per CPU: the flow the TC programs count without a `NET_FLOWS` lookup
+/// (see `FlowCache`).
+#[map]
+pub static NET_FLOW_CACHE: PerCpuArray<FlowCache> = PerCpuArray::with_max_entries(1, 0);
+/// The flow caches' generation: bumped by every SYN the TC programs see.
+#[map]
+pub static NET_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Adds `n` to the u64 at `p` atomically (BPF `lock xadd`): programs on
 /// several CPUs update one shared entry.

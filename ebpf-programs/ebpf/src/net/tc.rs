@@ -4,14 +4,20 @@
 //! response in). They never change or drop a packet.
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
+    bindings::TC_ACT_UNSPEC,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    macros::classifier,
+    programs::TcContext,
 };
 use fathom_common::net::{
-    AggKey, DnsKey, FAMILY_V4, FAMILY_V6, FlowKey, FlowStats, Handshake, NetCounter, direction,
-    dns_header, metric,
+    AggKey, DnsKey, FAMILY_V4, FAMILY_V6, FlowCache, FlowKey, FlowStats, Handshake, NetCounter,
+    direction, dns_header, metric,
 };
 
-use crate::{NET_DNS_PENDING, NET_FLOWS, NET_HANDSHAKES, NET_OWNERS, count, observe};
+use crate::{
+    NET_DNS_PENDING, NET_FLOW_CACHE, NET_FLOWS, NET_GENERATION, NET_HANDSHAKES, NET_OWNERS, count,
+    observe,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -213,6 +219,28 @@ fn handle(ctx: &TcContext) -> Option<()> {
     };
     // SAFETY: a plain read of the context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = u64::from(ctx.len());
+    let dns = l4_proto != IPPROTO_TCP && (dport == DNS_PORT || sport == DNS_PORT);
+    let special = dns || (l4_proto == IPPROTO_TCP && flags & (TCP_SYN | TCP_RST) != 0);
+    let cache = NET_FLOW_CACHE.get_ptr_mut(0)?;
+    // SAFETY: a plain read of a map value.
+    let generation = unsafe { *NET_GENERATION.get_ptr(0)? };
+    if !special {
+        // SAFETY: this CPU's cache; the programs on one CPU do not nest.
+        let c = unsafe { &mut *cache };
+        if c.valid != 0 && c.ifindex == ifindex && c.generation == generation {
+            if same_flow(&c.key, &fwd) {
+                c.c2s_bytes += len;
+                c.c2s_packets += 1;
+                return Some(());
+            }
+            if same_flow(&c.key, &rev) {
+                c.s2c_bytes += len;
+                c.s2c_packets += 1;
+                return Some(());
+            }
+        }
+    }
     // Which end is the client: an existing flow says, else the SYN flags,
     // else the sockets' owners, else the lower port is the server's. The
     // orientation with the higher port as the client is tried first: most
@@ -257,7 +285,6 @@ fn handle(ctx: &TcContext) -> Option<()> {
     // SAFETY: a valid map value; atomic adds (several CPUs, one flow).
     unsafe {
         if (*stats).ifindex == ifindex {
-            let len = u64::from(ctx.len());
             let (b, p) = if c2s {
                 (&raw mut (*stats).c2s_bytes, &raw mut (*stats).c2s_packets)
             } else {
@@ -269,7 +296,20 @@ fn handle(ctx: &TcContext) -> Option<()> {
     }
     if l4_proto == IPPROTO_TCP {
         tcp_handshake(key, stats, c2s, flags);
-    } else if dport == DNS_PORT || sport == DNS_PORT {
+        if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+            // A new connection, maybe on a 4-tuple some CPU has cached.
+            if let Some(g) = NET_GENERATION.get_ptr_mut(0) {
+                // SAFETY: a valid map value.
+                unsafe { crate::atomic_add(g, 1) };
+            }
+        }
+    }
+    // SAFETY: a valid map value.
+    if !special && unsafe { (*stats).ifindex == ifindex && (*stats).handshake == 0 } {
+        // SAFETY: this CPU's cache, as above.
+        cache_flow(unsafe { &mut *cache }, key, ifindex, generation);
+    }
+    if dns {
         let now = now();
         let head = ctx.load::<[u8; 4]>(l4 + 8).ok()?;
         let (id, response, rcode) = dns_header(&head)?;
@@ -313,6 +353,57 @@ fn handle(ctx: &TcContext) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// Whether two flow keys are equal, word by word (a derived comparison may
+/// call `bcmp`, which BPF does not have).
+#[inline(always)]
+fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    let a = (a as *const FlowKey).cast::<u64>();
+    let b = (b as *const FlowKey).cast::<u64>();
+    let mut i = 0;
+    while i < core::mem::size_of::<FlowKey>() / 8 {
+        // SAFETY: i < 5 words of two 40-byte keys.
+        if unsafe { core::ptr::read_unaligned(a.add(i)) != core::ptr::read_unaligned(b.add(i)) } {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Makes `key` this CPU's cached flow unless another flow with counts is
+/// cached there since this jiffy (interleaved flows would thrash it); the
+/// counts of the flow it replaces are added to `NET_FLOWS`.
+#[inline(always)]
+fn cache_flow(c: &mut FlowCache, key: &FlowKey, ifindex: u32, generation: u64) {
+    let pending = c.c2s_packets | c.s2c_packets;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_jiffies64() };
+    if c.valid != 0 && pending != 0 && now == c.since && c.generation == generation {
+        return;
+    }
+    if c.valid != 0 && pending != 0 {
+        if let Some(s) = NET_FLOWS.get_ptr_mut(&c.key) {
+            // SAFETY: a valid map value; atomic adds (several CPUs, one flow).
+            unsafe {
+                crate::atomic_add(&raw mut (*s).c2s_bytes, c.c2s_bytes);
+                crate::atomic_add(&raw mut (*s).c2s_packets, c.c2s_packets);
+                crate::atomic_add(&raw mut (*s).s2c_bytes, c.s2c_bytes);
+                crate::atomic_add(&raw mut (*s).s2c_packets, c.s2c_packets);
+            }
+        }
+        c.flushes += 1;
+    }
+    c.key = *key;
+    c.ifindex = ifindex;
+    c.valid = 1;
+    c.generation = generation;
+    c.since = now;
+    c.c2s_bytes = 0;
+    c.c2s_packets = 0;
+    c.s2c_bytes = 0;
+    c.s2c_packets = 0;
 }
 
 /// The server side of a handshake, timed at the hook: SYN → the client's
