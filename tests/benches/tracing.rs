@@ -23,7 +23,8 @@
 //!
 //! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 10: the
 //! length of one wrk run), FATHOM_BENCH_PERF (a file: `perf record -a -g`
-//! of the first agent-on run goes there).
+//! of the first agent-on run goes there), FATHOM_BENCH_CONNECTION_CLOSE=1
+//! (wrk sends `Connection: close`: a new connection per request).
 #![allow(
     clippy::unwrap_used,
     reason = "benchmark: a failed unwrap is a failed run"
@@ -137,10 +138,12 @@ fn parse_wrk(text: &str) -> WrkRun {
 }
 
 fn run_wrk(url: &str, seconds: u32) -> WrkRun {
-    let out = Command::new("wrk")
-        .args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency", url])
-        .output()
-        .unwrap();
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency", url]);
+    if connection_close() {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "wrk failed: {text}");
     assert!(
@@ -148,6 +151,11 @@ fn run_wrk(url: &str, seconds: u32) -> WrkRun {
         "wrk saw errors:\n{text}"
     );
     parse_wrk(&text)
+}
+
+/// FATHOM_BENCH_CONNECTION_CLOSE=1: a new connection per request.
+fn connection_close() -> bool {
+    std::env::var("FATHOM_BENCH_CONNECTION_CLOSE").is_ok_and(|v| v == "1")
 }
 
 /// rotel receiving OTLP and dropping it (no debug log: printing 10⁵ spans/s
@@ -342,7 +350,12 @@ fn main() {
     let rotel_share = median(&rotel_cpu) / f64::from(seconds);
     println!();
     println!(
-        "HTTP tracing overhead: nginx static file, wrk -t1 -c16 -d{seconds}s keep-alive, {rounds} interleaved rounds"
+        "HTTP tracing overhead: nginx static file, wrk -t1 -c16 -d{seconds}s {}, {rounds} interleaved rounds",
+        if connection_close() {
+            "Connection: close"
+        } else {
+            "keep-alive"
+        }
     );
     println!("| mode | req/s (median) | p50 | p99 |");
     println!("|---|---|---|---|");

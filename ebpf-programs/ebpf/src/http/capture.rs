@@ -148,6 +148,11 @@ static SSL_ACTIVE: HashMap<u32, SslActive> = HashMap::with_max_entries(16384, 0)
 #[map]
 static SSL_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
 
+/// Processes whose first connection woke the reader (tgid -> 1), until
+/// they exit.
+#[map]
+static WOKEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
 /// Per-CPU connection counter: conn ids are `counter << 16 | cpu`.
 #[map]
 static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -327,9 +332,15 @@ fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen
 }
 
 fn send_conn(event: ConnEvent) {
-    // A new connection wakes the reader: it reads the process in /proc
-    // before a short-lived client exits.
-    let flags = if event.kind == event_kind::CONN_OPEN {
+    // The first connection of a process wakes the reader: it reads the
+    // process in /proc before a short-lived client exits. Later ones do not
+    // (a wake-up is an inter-processor interrupt: one per connection would
+    // tax every short connection of a busy service).
+    let flags = if event.kind == event_kind::CONN_OPEN
+        // SAFETY: a plain lookup.
+        && unsafe { WOKEN.get(&event.tgid) }.is_none()
+    {
+        let _ = WOKEN.insert(&event.tgid, &1, 0);
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
     } else {
         RING_FLAGS
@@ -470,6 +481,9 @@ pub fn http_exit_thread(ctx: TracePointContext) -> u32 {
     let _ = INJECTED.remove(&tid);
     // SAFETY: `group_dead` of the sched_process_exit record.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0);
+    if group_dead != 0 {
+        let _ = WOKEN.remove(&tgid);
+    }
     if group_dead != 0 && monitored(tgid) {
         send_conn(ConnEvent {
             kind: event_kind::PROCESS_EXIT,
