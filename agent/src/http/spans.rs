@@ -1256,6 +1256,16 @@ pub(crate) mod tests {
         );
     }
 
+    /// The trace id and parent id of the W3C Trace Context example
+    /// `00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01`.
+    fn w3c_example() -> ([u8; 16], [u8; 8]) {
+        let (trace, parent, _) = fathom_common::http::parse_traceparent(
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .unwrap();
+        (trace, parent)
+    }
+
     #[test]
     fn server_head_in_two_reads_takes_its_parent_from_the_second() {
         let mut t = tracer();
@@ -1281,10 +1291,7 @@ pub(crate) mod tests {
         ));
         let spans = t.take_finished();
         assert_eq!(spans.len(), 1);
-        let (trace, parent, _) = fathom_common::http::parse_traceparent(
-            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
-        .unwrap();
+        let (trace, parent) = w3c_example();
         let s = &spans[0];
         assert_eq!(
             (s.trace_id, s.span_id, s.parent_span_id, s.remote_parent),
@@ -1335,10 +1342,7 @@ pub(crate) mod tests {
         );
         // 404 is not an error on a server span.
         assert!(!spans[0].error);
-        let (trace, parent, _) = fathom_common::http::parse_traceparent(
-            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
-        .unwrap();
+        let (trace, parent) = w3c_example();
         assert_eq!(
             (
                 spans[1].trace_id,
@@ -1483,10 +1487,7 @@ pub(crate) mod tests {
         assert_eq!(spans.len(), 4);
         assert_eq!(spans[0].parent_span_id, None);
         assert!(spans[0].trace_id != [1; 16] && spans[0].trace_id != [4; 16]);
-        let (trace, parent, _) = fathom_common::http::parse_traceparent(
-            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
-        .unwrap();
+        let (trace, parent) = w3c_example();
         assert_eq!(
             (spans[1].trace_id, spans[1].parent_span_id),
             (trace, Some(parent))
