@@ -331,20 +331,15 @@ fn main() {
     }
 
     let (off, on, floor) = (&runs[0], &runs[1], &runs[2]);
-    let per_round = |f: &dyn Fn(&WrkRun, &WrkRun) -> f64| -> f64 {
-        median(&on.iter().zip(off).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
+    // Medians over rounds of a per-round comparison of two modes.
+    let per_round = |a: &[WrkRun], b: &[WrkRun], f: &dyn Fn(&WrkRun, &WrkRun) -> f64| -> f64 {
+        median(&a.iter().zip(b).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
     };
-    let ratio = |a: &[WrkRun], b: &[WrkRun]| -> f64 {
-        median(
-            &a.iter()
-                .zip(b)
-                .map(|(a, b)| a.requests_per_s / b.requests_per_s)
-                .collect::<Vec<_>>(),
-        )
-    };
-    let throughput_ratio = per_round(&|a, b| a.requests_per_s / b.requests_per_s);
-    let p50_added = per_round(&|a, b| a.p50_us - b.p50_us);
-    let p99_added = per_round(&|a, b| a.p99_us - b.p99_us);
+    let ratio =
+        |a: &[WrkRun], b: &[WrkRun]| per_round(a, b, &|a, b| a.requests_per_s / b.requests_per_s);
+    let throughput_ratio = ratio(on, off);
+    let p50_added = per_round(on, off, &|a, b| a.p50_us - b.p50_us);
+    let p99_added = per_round(on, off, &|a, b| a.p99_us - b.p99_us);
     let on_rps = median(&on.iter().map(|r| r.requests_per_s).collect::<Vec<_>>());
     let agent_share = median(&agent_cpu) / f64::from(seconds);
     let rotel_share = median(&rotel_cpu) / f64::from(seconds);

@@ -667,22 +667,16 @@ time.sleep(300)
     // bound socket: the client's transmit is the sink's receive.
     for (server_port, ip_header) in [(plain_port, 20u32), (options_port, 24)] {
         let sp = server_port.to_string();
-        let labels = |metric: &'static str| {
+        let end_labels = |job, direction, io: &'static str| {
             [
-                ("job", client_name.as_str()),
-                ("direction", "client"),
+                ("job", job),
+                ("direction", direction),
                 ("server_port", sp.as_str()),
-                ("network_io_direction", metric),
+                ("network_io_direction", io),
             ]
         };
-        let server_labels = |metric: &'static str| {
-            [
-                ("job", sink_name.as_str()),
-                ("direction", "server"),
-                ("server_port", sp.as_str()),
-                ("network_io_direction", metric),
-            ]
-        };
+        let labels = |io| end_labels(client_name.as_str(), "client", io);
+        let server_labels = |io| end_labels(sink_name.as_str(), "server", io);
         let packets = "fathom_network_packets_total";
         let bytes = "fathom_network_bytes_total";
         wait_count(port, packets, &labels("transmit"), f64::from(N));

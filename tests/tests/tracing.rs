@@ -363,6 +363,28 @@ impl ChainTrace {
     }
 }
 
+/// The one span of `kind` (`SPAN_KIND_SERVER`, ...) that a process of
+/// `service` sent among `spans`; panics, with `context()`, unless there is
+/// exactly one.
+fn only_span<'a>(
+    spans: impl Iterator<Item = &'a RotelSpan>,
+    pids: &BTreeMap<u32, &'static str>,
+    service: &str,
+    kind: &str,
+    context: impl Fn() -> String,
+) -> RotelSpan {
+    let found: Vec<&RotelSpan> = spans
+        .filter(|s| pid_of(s).and_then(|p| pids.get(&p)) == Some(&service) && s.kind == kind)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind} span of {service}; {}",
+        context()
+    );
+    found[0].clone()
+}
+
 /// Groups the chain's spans by trace id (traces without any chain span are
 /// left out).
 fn chain_traces<'a>(
@@ -394,19 +416,8 @@ fn check_chain_trace(
             describe(trace.iter().copied())
         )
     };
-    let one = |service: &str, kind: &str| -> RotelSpan {
-        let found: Vec<&&RotelSpan> = trace
-            .iter()
-            .filter(|s| pid_of(s).and_then(|p| pids.get(&p)) == Some(&service) && s.kind == kind)
-            .collect();
-        assert_eq!(
-            found.len(),
-            1,
-            "expected exactly one {kind} span of {service}; {}",
-            ctx()
-        );
-        (*found[0]).clone()
-    };
+    let one =
+        |service: &str, kind: &str| only_span(trace.iter().copied(), pids, service, kind, ctx);
     assert_eq!(trace.len(), 5, "expected 5 spans in the trace; {}", ctx());
     let t = ChainTrace {
         nginx_server: one(FRONT_SERVICE, "SPAN_KIND_SERVER"),
@@ -1048,7 +1059,7 @@ fn incoming_traceparent_is_continued() {
 }
 
 /// A head that arrives in two segments, the `traceparent` in the second (as
-/// a client's request does when `sk_msg` inserted a header into it, on a
+/// a client's request may when `sk_msg` inserted a header into it, on a
 /// loaded machine), still continues the incoming trace: the server span's
 /// parent, and the trace its own client request carries downstream.
 #[test]
@@ -1084,18 +1095,8 @@ fn a_head_read_in_pieces_keeps_its_incoming_parent() {
 
     let all = world.wait_for_chain_spans(3);
     let pids = world.chain.pids();
-    let one = |service: &str, kind: &str| -> RotelSpan {
-        let found: Vec<&RotelSpan> = all
-            .iter()
-            .filter(|s| pid_of(s).and_then(|p| pids.get(&p)) == Some(&service) && s.kind == kind)
-            .collect();
-        assert_eq!(
-            found.len(),
-            1,
-            "expected one {kind} span of {service}:\n{}",
-            describe(all.iter())
-        );
-        found[0].clone()
+    let one = |service: &str, kind: &str| {
+        only_span(all.iter(), &pids, service, kind, || describe(all.iter()))
     };
     let server = one(MIDDLE_SERVICE, "SPAN_KIND_SERVER");
     let client = one(MIDDLE_SERVICE, "SPAN_KIND_CLIENT");

@@ -958,26 +958,14 @@ fn continue_server_request(scratch: &mut Scratch, info: &mut ConnInfo) {
 #[inline(always)]
 fn search_head(scratch: &mut Scratch) -> (Option<([u8; 16], [u8; 8])>, bool) {
     let len = scratch.event.head_len;
-    // A line that starts the read (the read before ended with its newline).
-    let (first, first8) = {
-        let h = &scratch.event.head;
-        (
-            u16::from_le_bytes([h[0], h[1]]),
-            u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]),
-        )
-    };
-    let first4 = u32::from_le_bytes([
-        scratch.event.head[8],
-        scratch.event.head[9],
-        scratch.event.head[10],
-        scratch.event.head[11],
-    ]);
+    // A line that starts the read (the read before ended with its newline);
+    // the search below looks only at lines after a newline.
+    let (a, b) = line_words(&scratch.event, 0);
     let mut found = u32::MAX;
     let mut head_end = u32::MAX;
-    if len >= 2 && first == CRLF {
+    if len >= 2 && is_head_end(a) {
         head_end = 0;
-    } else if len >= 12 && first8 | 0x2020_2020_2020_2020 == TRACEPAR && first4 | 0x0020_2020 == ENT
-    {
+    } else if len >= 12 && is_traceparent(a, b) {
         found = 0;
     } else {
         // The callback writes through its own pointer to this scratch:
@@ -1048,8 +1036,36 @@ const HIGH: u64 = 0x8080_8080_8080_8080;
 /// `tracepar` and `ent:` as little-endian words (lower case).
 const TRACEPAR: u64 = u64::from_le_bytes(*b"tracepar");
 const ENT: u32 = u32::from_le_bytes(*b"ent:");
-/// An empty line (after a newline): the end of a head.
+/// `\r\n` as a little-endian word.
 const CRLF: u16 = u16::from_le_bytes(*b"\r\n");
+
+/// The first 12 bytes of the line at `pos` of the captured head, as the
+/// words [`is_traceparent`] and [`is_head_end`] look at.
+#[inline(always)]
+fn line_words(event: &DataEvent, pos: usize) -> (u64, u32) {
+    let pos = pos & (CAPTURE_HEAD - 1);
+    // SAFETY: pos < CAPTURE_HEAD; the scratch's overflow area follows head,
+    // so 12 bytes from `pos` stay inside the map value.
+    unsafe {
+        let p = event.head.as_ptr().add(pos);
+        (
+            core::ptr::read_unaligned(p.cast::<u64>()),
+            core::ptr::read_unaligned(p.add(8).cast::<u32>()),
+        )
+    }
+}
+
+/// A header line named `traceparent` (any case).
+#[inline(always)]
+fn is_traceparent(a: u64, b: u32) -> bool {
+    a | 0x2020_2020_2020_2020 == TRACEPAR && b | 0x0020_2020 == ENT
+}
+
+/// An empty line: the end of a head.
+#[inline(always)]
+fn is_head_end(a: u64) -> bool {
+    a as u16 == CRLF
+}
 
 /// One word of the `traceparent:` search: stops at a header line named
 /// `traceparent` (any case), at the empty line that ends the head, or at the
@@ -1073,19 +1089,12 @@ extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
     while hits != 0 && n < 8 {
         let pos = base + (hits.trailing_zeros() as usize / 8) + 1;
         let pos = pos & (CAPTURE_HEAD - 1);
-        // SAFETY: pos < CAPTURE_HEAD; the overflow area follows head.
-        let (a, b) = unsafe {
-            let p = scratch.event.head.as_ptr().add(pos);
-            (
-                core::ptr::read_unaligned(p.cast::<u64>()),
-                core::ptr::read_unaligned(p.add(8).cast::<u32>()),
-            )
-        };
-        if a | 0x2020_2020_2020_2020 == TRACEPAR && b | 0x0020_2020 == ENT {
+        let (a, b) = line_words(&scratch.event, pos);
+        if is_traceparent(a, b) {
             scratch.found = pos as u32;
             return 1;
         }
-        if a as u16 == CRLF && pos as u32 + 2 <= scratch.search_len {
+        if is_head_end(a) && pos as u32 + 2 <= scratch.search_len {
             scratch.head_end = pos as u32;
             return 1;
         }
