@@ -140,8 +140,11 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("http_exit_io", "syscalls", "sys_exit_sendfile64"),
 ];
 
-/// OpenSSL functions whose plaintext is captured: (program, symbol).
+/// OpenSSL functions whose plaintext is captured (and the handshake, which
+/// names the socket of an `SSL *`): (program, symbol).
 const SSL_PROBES: &[(&str, &str)] = &[
+    ("http_ssl_handshake", "SSL_do_handshake"),
+    ("http_ssl_exit", "SSL_do_handshake"),
     ("http_ssl_read", "SSL_read"),
     ("http_ssl_read_ex", "SSL_read_ex"),
     ("http_ssl_write", "SSL_write"),

@@ -1113,6 +1113,65 @@ fn a_head_read_in_pieces_keeps_its_incoming_parent() {
     assert_eq!(leaf.parent_id, client.span_id, "{trace}");
 }
 
+/// The CI failure of 2026-11-23: nginx's handshake read (it reads ahead)
+/// took the request record with the client's Finished, its `SSL_read`
+/// answered from OpenSSL's buffer, and the agent, which had learned no socket
+/// for that `SSL *`, dropped the request: no nginx server span, a new trace
+/// downstream. Here the request is sent in the Finished's segment on purpose.
+#[test]
+fn an_https_request_sent_with_the_handshake_is_traced() {
+    let Some((_lock, rotel_bin)) = prepare("an_https_request_sent_with_the_handshake_is_traced")
+    else {
+        return;
+    };
+    let world = World::start(&rotel_bin, true);
+    let request = world.dir.path().join("early-request");
+    std::fs::write(
+        &request,
+        format!(
+            "GET /api/s1 HTTP/1.1\r\nHost: localhost\r\n{}\r\nConnection: close\r\n\r\n",
+            given_traceparent()
+        ),
+    )
+    .unwrap();
+    let out = world.dir.path().join("early-response");
+    let mut child = fathom_tests::ChildGuard::spawn(
+        Command::new("python3")
+            .arg(http_fixture("tls_early_request.py"))
+            .args(["--port", &world.chain.front_https_port.to_string()])
+            .arg("--request")
+            .arg(&request)
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::null()),
+    );
+    let status = child.wait_timeout(Duration::from_secs(60));
+    assert!(status.success(), "tls_early_request.py failed: {status}");
+    let reply = std::fs::read(&out).unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"service\":\"leaf-go\""), "{reply}");
+
+    let all = world.wait_for_chain_spans(5);
+    let pids = world.chain.pids();
+    let one = |service: &str, kind: &str| {
+        only_span(all.iter(), &pids, service, kind, || describe(all.iter()))
+    };
+    let front = one(FRONT_SERVICE, "SPAN_KIND_SERVER");
+    let front_client = one(FRONT_SERVICE, "SPAN_KIND_CLIENT");
+    let leaf = one(LEAF_SERVICE, "SPAN_KIND_SERVER");
+    let trace = describe(all.iter());
+    assert_eq!(
+        front.attributes.get("url.scheme").map(String::as_str),
+        Some("Str(https)"),
+        "{trace}"
+    );
+    assert_eq!(front.trace_id, GIVEN_TRACE, "{trace}");
+    assert_eq!(front.parent_id, GIVEN_SPAN, "{trace}");
+    assert_eq!(front_client.parent_id, front.span_id, "{trace}");
+    assert_eq!(leaf.trace_id, GIVEN_TRACE, "{trace}");
+}
+
 /// Splits an `/echo` reply (a raw request head) into lines without CRLF.
 fn head_lines(body: &[u8]) -> Vec<String> {
     let text = std::str::from_utf8(body).unwrap_or_else(|_| panic!("not UTF-8: {body:?}"));

@@ -125,7 +125,8 @@ static CONNECTS: HashMap<u32, ConnectArgs> = HashMap::with_max_entries(16384, 0)
 static ACTIVE: HashMap<u32, Active> = HashMap::with_max_entries(16384, 0);
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-/// An OpenSSL `SSL_read`/`SSL_write` (or `_ex`) in progress.
+/// An OpenSSL `SSL_read`/`SSL_write` (or `_ex`) in progress, or an
+/// `SSL_do_handshake` (`direction` [`HANDSHAKE`]) that only learns the socket.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct SslActive {
@@ -140,6 +141,9 @@ struct SslActive {
     direction: u8,
     _pad: [u8; 3],
 }
+
+/// `SslActive::direction` of a handshake: nothing is emitted at its return.
+const HANDSHAKE: u8 = u8::MAX;
 
 #[map]
 static SSL_ACTIVE: HashMap<u32, SslActive> = HashMap::with_max_entries(16384, 0);
@@ -1154,7 +1158,38 @@ pub fn http_ssl_write_ex(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Return of any of the four: the plaintext moved, as a data event of the
+/// `SSL_do_handshake` (which `SSL_accept` and `SSL_connect` call): the
+/// syscalls under it name the socket of this `SSL *`. A server that reads
+/// ahead (nginx) may take the first request record with the client's
+/// Finished, and its first `SSL_read` then makes no syscall at all.
+#[uprobe]
+pub fn http_ssl_handshake(ctx: ProbeContext) -> u32 {
+    let (tgid, tid) = ids();
+    if !monitored(tgid) {
+        return 0;
+    }
+    // SAFETY: only read.
+    if unsafe { SSL_ACTIVE.get(&tid) }.is_some() {
+        // Under a read or write of ours: that call learns the socket.
+        return 0;
+    }
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    // A freed `SSL *` may come back for another socket.
+    let _ = SSL_FDS.remove(&ssl);
+    let active = SslActive {
+        ssl,
+        buf: 0,
+        count_ptr: 0,
+        start_ns: 0,
+        fd: u32::MAX,
+        direction: HANDSHAKE,
+        _pad: [0; 3],
+    };
+    let _ = SSL_ACTIVE.insert(&tid, &active, 0);
+    0
+}
+
+/// Return of any of the four (or of a handshake): the plaintext moved, as a data event of the
 /// socket's connection (whatever the socket's own bytes were classified as).
 #[uretprobe]
 pub fn http_ssl_exit(ctx: RetProbeContext) -> u32 {
@@ -1167,6 +1202,9 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     // SAFETY: copied out before the entry is removed.
     let active = unsafe { SSL_ACTIVE.get(&tid) }.copied().ok_or(())?;
     let _ = SSL_ACTIVE.remove(&tid);
+    if active.direction == HANDSHAKE {
+        return Ok(());
+    }
     let ret: i64 = ctx.ret();
     let moved = if active.count_ptr != 0 {
         if ret != 1 {
