@@ -506,6 +506,13 @@ impl NetCapture {
         }
     }
 
+    /// The packets the TC programs looked at, summed over CPUs.
+    pub fn tc_packets(&self) -> u64 {
+        self.flow_cache
+            .get(&0, 0)
+            .map_or(0, |v| v.iter().map(|c| c.packets).sum())
+    }
+
     /// The kernel's counters, summed over CPUs.
     pub fn counters(&self) -> [u64; NetCounter::COUNT as usize] {
         let mut out = [0; NetCounter::COUNT as usize];

@@ -468,7 +468,7 @@ impl Worker {
             not_local = self.not_local,
             kernel_keys_full = k[NetCounter::AggFull as usize],
             kernel_no_owner = k[NetCounter::NoOwner as usize],
-            kernel_packets = k[NetCounter::Packets as usize],
+            kernel_packets = self.capture.tc_packets(),
             "network metrics"
         );
     }

@@ -632,7 +632,10 @@ threading.Event().wait()
     assert_eq!(sink.first_line(), "listening");
 
     // N datagrams of 100 bytes to each port; the second socket's carry four
-    // bytes of IPv4 options (NOP NOP NOP EOL: a 24-byte IP header). The
+    // bytes of IPv4 options (NOP NOP NOP EOL: a 24-byte IP header). Half
+    // interleaved and paced (each packet replaces the CPU's cached flow),
+    // half in a burst per socket (the programs' cached-flow paths: header
+    // words for the plain one, its key for the one with options). The
     // client stays, so that its sockets name it.
     const N: u32 = 40;
     let client = r#"
@@ -641,10 +644,14 @@ host, plain, options, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(s
 a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 b.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([1, 1, 1, 0]))
-for _ in range(n):
+for _ in range(n // 2):
     a.sendto(b"u" * 100, (host, plain))
     b.sendto(b"o" * 100, (host, options))
     time.sleep(0.005)
+for s, port, byte in [(a, plain, b"u"), (b, options, b"o")]:
+    for _ in range(n - n // 2):
+        s.sendto(byte * 100, (host, port))
+    time.sleep(0.05)
 print("sent", flush=True)
 time.sleep(300)
 "#;

@@ -94,12 +94,10 @@ pub enum NetCounter {
     AggFull = 0,
     /// An RTT sample or retransmit of a socket with no known owner.
     NoOwner = 1,
-    /// TC packets looked at.
-    Packets = 2,
 }
 
 impl NetCounter {
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 2;
 }
 
 /// Address families in keys (not the kernel's `AF_*`).
@@ -290,6 +288,10 @@ assert_size!(FlowStats, 48);
 /// User space adds the pending counts of each CPU to `FLOWS` when a read of
 /// the caches before and after reading `FLOWS` shows the same `flushes`
 /// (else that CPU's counts are left for the next read).
+///
+/// An IPv4 flow is also kept as the words its packets carry (addresses and
+/// ports as they lie in the headers, in each direction), so that a packet
+/// of the cached flow is matched by comparing two words, with no key built.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCache {
@@ -308,8 +310,48 @@ pub struct FlowCache {
     pub s2c_packets: u64,
     /// Times pending counts were added to `FLOWS` (and zeroed) on this CPU.
     pub flushes: u64,
+    /// Every packet the TC programs looked at on this CPU.
+    pub packets: u64,
+    /// [`V4Words`] of `key` when it is an IPv4 flow (`v4` non-zero).
+    pub words: V4Words,
+    pub v4: u8,
+    pub _pad: [u8; 7],
 }
-assert_size!(FlowCache, 40 + 8 + 8 + 8 + 32 + 8);
+assert_size!(FlowCache, 40 + 8 + 8 + 8 + 32 + 8 + 8 + 24 + 8);
+
+/// An IPv4 flow as its packets carry it: the 8 bytes of source and
+/// destination address and the 4 bytes of source and destination port,
+/// read as native-endian words straight from the headers, for packets
+/// going client → server and server → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4Words {
+    pub c2s_addrs: u64,
+    pub s2c_addrs: u64,
+    pub c2s_ports: u32,
+    pub s2c_ports: u32,
+}
+assert_size!(V4Words, 24);
+
+impl V4Words {
+    /// The words of `key` (oriented client → server; an IPv4 key).
+    #[inline(always)]
+    pub fn of(key: &FlowKey) -> Self {
+        let addrs = |s: &[u8; 16], d: &[u8; 16]| {
+            u64::from_ne_bytes([s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3]])
+        };
+        let ports = |s: u16, d: u16| {
+            let (s, d) = (s.to_be_bytes(), d.to_be_bytes());
+            u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+        };
+        Self {
+            c2s_addrs: addrs(&key.local, &key.remote),
+            s2c_addrs: addrs(&key.remote, &key.local),
+            c2s_ports: ports(key.local_port, key.remote_port),
+            s2c_ports: ports(key.remote_port, key.local_port),
+        }
+    }
+}
 
 /// A DNS query waiting for its response (`DNS_PENDING`).
 #[repr(C)]
@@ -339,6 +381,32 @@ pub fn dns_header(bytes: &[u8]) -> Option<(u16, bool, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The words of a key are the bytes of its packets' headers.
+    #[test]
+    fn v4_words_are_the_header_bytes() {
+        let key = FlowKey {
+            family: FAMILY_V4,
+            protocol: 17,
+            local_port: 40000,
+            remote_port: 53,
+            _pad: 0,
+            local: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote: [192, 168, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        let w = V4Words::of(&key);
+        // IPv4 header bytes 12..20 and UDP header bytes 0..4 of a packet
+        // client → server, then server → client.
+        let c2s_ip = [10, 1, 2, 3, 192, 168, 0, 9];
+        let c2s_udp = [0x9c, 0x40, 0x00, 0x35];
+        assert_eq!(w.c2s_addrs, u64::from_ne_bytes(c2s_ip));
+        assert_eq!(w.c2s_ports, u32::from_ne_bytes(c2s_udp));
+        assert_eq!(
+            w.s2c_addrs,
+            u64::from_ne_bytes([192, 168, 0, 9, 10, 1, 2, 3])
+        );
+        assert_eq!(w.s2c_ports, u32::from_ne_bytes([0x00, 0x35, 0x9c, 0x40]));
+    }
 
     #[test]
     fn buckets_are_log_linear() {
