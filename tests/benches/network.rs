@@ -18,7 +18,8 @@
 //! run to run on a 2-CPU VM, so the bench also measures the cost directly:
 //! one more run per load with `kernel.bpf_stats_enabled`, printing the
 //! time the kernel spent in the agent's programs per run and as a share of
-//! the machine's CPU time during the run.
+//! the machine's CPU time during the run, next to the same figure for the
+//! no-op classifier (what the statistics' clock reads add to every run).
 //!
 //!   cargo bench -p fathom-tests --bench network
 //!
@@ -282,12 +283,24 @@ fn main() {
         agent.signal("TERM");
         let _ = agent.finish(Duration::from_secs(30));
         drop(stats);
+        // The same for the no-op classifier: what the statistics themselves
+        // add to each run (two clock reads), the floor of the figure above.
+        let stats = BpfStats::enable();
+        let hook = NoopHook::attach(&noop, &pair.host);
+        let noop_name = |name: &str| name == "noop";
+        let (u0, m0, _) = bpf_run_totals(std::process::id(), noop_name);
+        iperf(udp, seconds);
+        let (u1, m1, _) = bpf_run_totals(std::process::id(), noop_name);
+        drop(hook);
+        drop(stats);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let per_run = (t1 - t0) / (n1 - n0).max(1.0);
+        let noop_per_run = (u1 - u0) / (m1 - m0).max(1.0);
         println!(
-            "{name}: BPF time (kernel.bpf_stats_enabled, programs {names:?}): {:.0} ns per run over {:.0} runs, {:.2}% of the {cpus} CPUs' time during a run at {v:.3} {unit}",
-            (t1 - t0) / (n1 - n0).max(1.0),
+            "{name}: BPF time (kernel.bpf_stats_enabled, programs {names:?}): {per_run:.0} ns per run over {:.0} runs, {:.2}% of the {cpus} CPUs' time during a run at {v:.3} {unit}; the no-op classifier: {noop_per_run:.0} ns per run (the statistics' own cost), so the agent's programs do {:.0} ns of work per run",
             n1 - n0,
-            100.0 * (t1 - t0) / (f64::from(seconds) * 1e9 * cpus)
+            100.0 * (t1 - t0) / (f64::from(seconds) * 1e9 * cpus),
+            per_run - noop_per_run
         );
     }
 }
