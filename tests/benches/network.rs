@@ -23,6 +23,12 @@
 //!
 //!   cargo bench -p fathom-tests --bench network
 //!
+//! On a 2-CPU VM the unpinned runs fall into a fast or a slow state (about
+//! ±10% per run, whatever the mode), more than the cost measured. With
+//! FATHOM_BENCH_CPU=N both iperf3 ends (and so the softirq work of the
+//! veth) run on CPU N: every packet's whole cost, sender to receiver, is
+//! paid on one CPU, and runs repeat within about ±1%.
+//!
 //! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 5),
 //! FATHOM_BENCH_LOADS (`tcp,udp` by default), FATHOM_BENCH_PERF (a path
 //! prefix: `perf record -a -g` of each load's first agent run goes to
@@ -93,10 +99,29 @@ impl Drop for Pair {
     }
 }
 
+/// `FATHOM_BENCH_CPU`, when set: the CPU both iperf3 ends are pinned to.
+fn bench_cpu() -> Option<String> {
+    std::env::var("FATHOM_BENCH_CPU")
+        .ok()
+        .filter(|c| !c.is_empty())
+}
+
+/// `program`, pinned to `FATHOM_BENCH_CPU` when set.
+fn pinned(program: &str) -> Command {
+    match bench_cpu() {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &cpu, program]);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
 /// One iperf3 run; returns (bits/s received) for TCP or (packets/s
 /// received) for UDP.
 fn iperf(udp: bool, seconds: u32) -> f64 {
-    let mut cmd = Command::new("iperf3");
+    let mut cmd = pinned("iperf3");
     cmd.args(["-c", "10.214.0.2", "-J", "-t", &seconds.to_string()]);
     if udp {
         cmd.args(["-u", "-l", "64", "-b", "0"]);
@@ -187,9 +212,14 @@ fn main() {
         .unwrap_or(5);
     let agent_bin = release_agent_binary();
     let pair = Pair::new();
+    let mut server = Command::new("ip");
+    server.args(["netns", "exec", &pair.ns]);
+    if let Some(cpu) = bench_cpu() {
+        server.args(["taskset", "-c", &cpu]);
+    }
     let _server = ChildGuard::spawn(
-        Command::new("ip")
-            .args(["netns", "exec", &pair.ns, "iperf3", "-s"])
+        server
+            .args(["iperf3", "-s"])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
@@ -260,13 +290,16 @@ fn main() {
             );
         }
         println!(
-            "{name}: off {:.3} {unit}, no-op hook {:.3} {unit}, agent {:.3} {unit}; ratio agent/off {:.3}, no-op hook/off {:.3}, agent/no-op hook {:.3} (medians of {rounds} rounds of {seconds} s)",
+            "{name}: off {:.3} {unit}, no-op hook {:.3} {unit}, agent {:.3} {unit}; ratio agent/off {:.3}, no-op hook/off {:.3}, agent/no-op hook {:.3} (medians of {rounds} rounds of {seconds} s{})",
             median(&values[0]),
             median(&values[1]),
             median(&values[2]),
             median(&ratio),
             median(&floor),
-            median(&above)
+            median(&above),
+            bench_cpu()
+                .map(|c| format!("; both iperf3 ends on CPU {c}"))
+                .unwrap_or_default()
         );
         println!(
             "{name}: the agent's own CPU (all threads) during its runs: {:.2}% of one CPU (median)",
