@@ -192,6 +192,23 @@ impl World {
     }
 }
 
+impl World {
+    /// The one span of `service` and `kind` among `all` from the chain's
+    /// processes (panics otherwise, listing `all`).
+    fn only_span(&self, all: &[RotelSpan], service: &str, kind: &str) -> RotelSpan {
+        only_span(all.iter(), &self.chain.pids(), service, kind, || {
+            describe(all.iter())
+        })
+    }
+}
+
+/// A raw HTTP reply from the chain's leaf: 200 and the leaf's body.
+fn assert_leaf_reply(reply: &[u8]) {
+    let reply = String::from_utf8_lossy(reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"service\":\"leaf-go\""), "{reply}");
+}
+
 /// The result of one URL of a curl run.
 #[derive(Debug)]
 struct CurlResult {
@@ -1089,15 +1106,10 @@ fn a_head_read_in_pieces_keeps_its_incoming_parent() {
     .unwrap();
     let mut reply = Vec::new();
     conn.read_to_end(&mut reply).unwrap();
-    let reply = String::from_utf8_lossy(&reply);
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert!(reply.contains("\"service\":\"leaf-go\""), "{reply}");
+    assert_leaf_reply(&reply);
 
     let all = world.wait_for_chain_spans(3);
-    let pids = world.chain.pids();
-    let one = |service: &str, kind: &str| {
-        only_span(all.iter(), &pids, service, kind, || describe(all.iter()))
-    };
+    let one = |service: &str, kind: &str| world.only_span(&all, service, kind);
     let server = one(MIDDLE_SERVICE, "SPAN_KIND_SERVER");
     let client = one(MIDDLE_SERVICE, "SPAN_KIND_CLIENT");
     let leaf = one(LEAF_SERVICE, "SPAN_KIND_SERVER");
@@ -1147,16 +1159,10 @@ fn an_https_request_sent_with_the_handshake_is_traced() {
     );
     let status = child.wait_timeout(Duration::from_secs(60));
     assert!(status.success(), "tls_early_request.py failed: {status}");
-    let reply = std::fs::read(&out).unwrap();
-    let reply = String::from_utf8_lossy(&reply);
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert!(reply.contains("\"service\":\"leaf-go\""), "{reply}");
+    assert_leaf_reply(&std::fs::read(&out).unwrap());
 
     let all = world.wait_for_chain_spans(5);
-    let pids = world.chain.pids();
-    let one = |service: &str, kind: &str| {
-        only_span(all.iter(), &pids, service, kind, || describe(all.iter()))
-    };
+    let one = |service: &str, kind: &str| world.only_span(&all, service, kind);
     let front = one(FRONT_SERVICE, "SPAN_KIND_SERVER");
     let front_client = one(FRONT_SERVICE, "SPAN_KIND_CLIENT");
     let leaf = one(LEAF_SERVICE, "SPAN_KIND_SERVER");
