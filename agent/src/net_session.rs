@@ -120,6 +120,8 @@ impl Drop for NetSession {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.handle.take() {
+            // It sleeps until its next task: wake it now.
+            handle.thread().unpark();
             let _ = handle.join();
         }
     }
@@ -196,7 +198,10 @@ impl Worker {
                 self.log_stats();
                 next_log = now + Duration::from_secs(10);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // Until the next task (a stop unparks it; a spurious wake-up
+            // only goes round the loop once more).
+            let next = next_flush.min(next_prime).min(next_scan).min(next_log);
+            std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
         }
     }
 
