@@ -144,7 +144,7 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
 /// names the socket of an `SSL *`): (program, symbol).
 const SSL_PROBES: &[(&str, &str)] = &[
     ("http_ssl_handshake", "SSL_do_handshake"),
-    ("http_ssl_exit", "SSL_do_handshake"),
+    ("http_ssl_handshake_exit", "SSL_do_handshake"),
     ("http_ssl_read", "SSL_read"),
     ("http_ssl_read_ex", "SSL_read_ex"),
     ("http_ssl_write", "SSL_write"),

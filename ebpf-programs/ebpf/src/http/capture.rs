@@ -1189,7 +1189,20 @@ pub fn http_ssl_handshake(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Return of any of the four (or of a handshake): the plaintext moved, as a data event of the
+/// Return of `SSL_do_handshake`: forgets its entry, and only its own (its
+/// own exit program, so that a handshake entered under a read of ours, which
+/// records nothing, cannot take that read's entry away).
+#[uretprobe]
+pub fn http_ssl_handshake_exit(_ctx: RetProbeContext) -> u32 {
+    let (_, tid) = ids();
+    // SAFETY: only read.
+    if unsafe { SSL_ACTIVE.get(&tid) }.is_some_and(|a| a.direction == HANDSHAKE) {
+        let _ = SSL_ACTIVE.remove(&tid);
+    }
+    0
+}
+
+/// Return of any of the four: the plaintext moved, as a data event of the
 /// socket's connection (whatever the socket's own bytes were classified as).
 #[uretprobe]
 pub fn http_ssl_exit(ctx: RetProbeContext) -> u32 {
@@ -1202,9 +1215,6 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     // SAFETY: copied out before the entry is removed.
     let active = unsafe { SSL_ACTIVE.get(&tid) }.copied().ok_or(())?;
     let _ = SSL_ACTIVE.remove(&tid);
-    if active.direction == HANDSHAKE {
-        return Ok(());
-    }
     let ret: i64 = ctx.ret();
     let moved = if active.count_ptr != 0 {
         if ret != 1 {
