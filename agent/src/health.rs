@@ -1,6 +1,8 @@
 //! The agent's health endpoint (`--health-listen`): `GET /healthz` answers
 //! 200 once the eBPF programs are attached and 503 before that, after a
-//! failure and while stopping — what Kubernetes probes ask.
+//! failure and while stopping — what Kubernetes probes ask — with one line
+//! per signal saying whether it runs, in which mode, and why not;
+//! `GET /metrics` says the same as `fathom_agent_signal_up{signal,mode}`.
 //!
 //! A thread with a blocking std listener: it works in every daemon mode
 //! (there is no async runtime with `--collector-url` or `--output-dir`) and
@@ -29,32 +31,94 @@ pub enum HealthState {
     Failed(String),
 }
 
+/// One signal as it runs (or does not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalStatus {
+    /// `profiles`, `traces`, `network`.
+    pub signal: &'static str,
+    /// How it runs (`tables`, `frame-pointers`, `capture+inject`,
+    /// `capture`, …), or `off` when it does not.
+    pub mode: String,
+    pub up: bool,
+    /// Why it is down or degraded, in one sentence.
+    pub reason: Option<String>,
+}
+
 /// Shared handle the daemon updates; cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Health(Arc<Mutex<HealthState>>);
+pub struct Health(Arc<Mutex<(HealthState, Vec<SignalStatus>)>>);
 
 impl Default for Health {
     fn default() -> Self {
-        Self(Arc::new(Mutex::new(HealthState::Starting)))
+        Self(Arc::new(Mutex::new((HealthState::Starting, Vec::new()))))
     }
 }
 
 impl Health {
     pub fn set(&self, state: HealthState) {
         if let Ok(mut s) = self.0.lock() {
-            if *s != state {
+            if s.0 != state {
                 tracing::info!(state = ?state, "health");
             }
-            *s = state;
+            s.0 = state;
         }
     }
 
     pub fn state(&self) -> HealthState {
         self.0
             .lock()
-            .map(|s| s.clone())
+            .map(|s| s.0.clone())
             .unwrap_or_else(|_| HealthState::Failed("health state poisoned".into()))
     }
+
+    /// Records how a signal runs, replacing what was said of it before.
+    pub fn set_signal(&self, status: SignalStatus) {
+        if let Ok(mut s) = self.0.lock() {
+            s.1.retain(|x| x.signal != status.signal);
+            s.1.push(status);
+        }
+    }
+
+    pub fn signals(&self) -> Vec<SignalStatus> {
+        self.0.lock().map(|s| s.1.clone()).unwrap_or_default()
+    }
+}
+
+/// `/metrics`: one `fathom_agent_signal_up` sample per signal.
+pub fn signal_metrics(signals: &[SignalStatus]) -> String {
+    let mut out = String::from(
+        "# HELP fathom_agent_signal_up Whether a signal runs (1) or not (0), and in which mode.\n\
+         # TYPE fathom_agent_signal_up gauge\n",
+    );
+    for s in signals {
+        out.push_str(&format!(
+            "fathom_agent_signal_up{{signal=\"{}\",mode=\"{}\"}} {}\n",
+            s.signal,
+            s.mode,
+            u8::from(s.up)
+        ));
+    }
+    out
+}
+
+/// `/healthz`'s lines after the first: one per signal.
+fn signal_lines(signals: &[SignalStatus]) -> String {
+    let mut out = String::new();
+    for s in signals {
+        let state = if !s.up {
+            "down"
+        } else if s.reason.is_some() {
+            "degraded"
+        } else {
+            "up"
+        };
+        out.push_str(&format!("{}: {state} ({})", s.signal, s.mode));
+        if let Some(reason) = &s.reason {
+            out.push_str(&format!(": {reason}"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Largest request head read; probes send a few hundred bytes.
@@ -63,6 +127,11 @@ const MAX_HEAD: usize = 4096;
 /// The response to one request head (`GET /healthz HTTP/1.1\r\n...`): status
 /// code and body. Pure, so it is tested without sockets.
 pub fn respond(head: &[u8], state: &HealthState) -> (u16, String) {
+    respond_with(head, state, &[])
+}
+
+/// [`respond`], with the signals' lines and `/metrics`.
+pub fn respond_with(head: &[u8], state: &HealthState, signals: &[SignalStatus]) -> (u16, String) {
     let line_end = head
         .windows(2)
         .position(|w| w == b"\r\n")
@@ -80,18 +149,22 @@ pub fn respond(head: &[u8], state: &HealthState) -> (u16, String) {
         return (400, "bad request\n".into());
     }
     let path = target.split('?').next().unwrap_or(target);
-    if path != "/healthz" {
+    if path != "/healthz" && path != "/metrics" {
         return (404, "not found\n".into());
     }
     if method != "GET" && method != "HEAD" {
         return (405, "method not allowed\n".into());
     }
-    match state {
+    if path == "/metrics" {
+        return (200, signal_metrics(signals));
+    }
+    let (code, first) = match state {
         HealthState::Ready => (200, "ok\n".into()),
         HealthState::Starting => (503, "starting\n".into()),
         HealthState::Stopping => (503, "stopping\n".into()),
         HealthState::Failed(why) => (503, format!("failed: {why}\n")),
-    }
+    };
+    (code, first + &signal_lines(signals))
 }
 
 fn reason(code: u16) -> &'static str {
@@ -183,7 +256,7 @@ fn serve_one(mut stream: TcpStream, health: &Health) -> io::Result<()> {
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let (code, body) = respond(&head, &health.state());
+    let (code, body) = respond_with(&head, &health.state(), &health.signals());
     let head_only = head.starts_with(b"HEAD ");
     let mut out = format!(
         "HTTP/1.1 {code} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -229,7 +302,7 @@ mod tests {
             200
         );
         assert_eq!(
-            respond(b"GET /metrics HTTP/1.1\r\n\r\n", &HealthState::Ready).0,
+            respond(b"GET /metricz HTTP/1.1\r\n\r\n", &HealthState::Ready).0,
             404
         );
         assert_eq!(
@@ -245,6 +318,54 @@ mod tests {
         ] {
             assert_eq!(respond(bad, &HealthState::Ready).0, 400, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn signals_show_in_healthz_and_metrics() {
+        let signals = [
+            SignalStatus {
+                signal: "profiles",
+                mode: "frame-pointers".into(),
+                up: true,
+                reason: Some("the table unwinder could not load".into()),
+            },
+            SignalStatus {
+                signal: "traces",
+                mode: "off".into(),
+                up: false,
+                reason: Some("no tracefs".into()),
+            },
+            SignalStatus {
+                signal: "network",
+                mode: "tc".into(),
+                up: true,
+                reason: None,
+            },
+        ];
+        let (code, body) = respond_with(
+            b"GET /healthz HTTP/1.1\r\n\r\n",
+            &HealthState::Ready,
+            &signals,
+        );
+        assert_eq!(code, 200);
+        assert_eq!(
+            body,
+            "ok\nprofiles: degraded (frame-pointers): the table unwinder could not load\n\
+             traces: down (off): no tracefs\nnetwork: up (tc)\n"
+        );
+        let (code, body) = respond_with(
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            &HealthState::Ready,
+            &signals,
+        );
+        assert_eq!(code, 200);
+        assert!(
+            body.contains(
+                "fathom_agent_signal_up{signal=\"profiles\",mode=\"frame-pointers\"} 1\n"
+            )
+        );
+        assert!(body.contains("fathom_agent_signal_up{signal=\"traces\",mode=\"off\"} 0\n"));
+        assert!(body.contains("fathom_agent_signal_up{signal=\"network\",mode=\"tc\"} 1\n"));
     }
 
     #[test]

@@ -4,15 +4,18 @@
 use std::{fs, os::fd::AsFd, path::Path, time::Duration};
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    Ebpf, EbpfLoader, VerifierLogLevel,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use fathom_common::http::{
-    ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, event_kind, globals, names,
+    ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, event_kind, globals, names, stage,
 };
 
 use crate::{btf, ebpf, preflight, profiler::field_offset, sys};
+
+/// The eBPF object of this signal, as named in verifier figures.
+pub const OBJECT: &str = "fathom-http";
 
 /// What the capture programs trace.
 #[derive(Clone, Debug)]
@@ -54,6 +57,8 @@ pub enum HttpCaptureError {
         name: &'static str,
         source: ProgramError,
     },
+    #[error("eBPF program {0}")]
+    Rejected(#[from] ebpf::LoadError),
     #[error("attaching {name} to tracepoint {tracepoint}: {source}")]
     Attach {
         name: &'static str,
@@ -206,6 +211,13 @@ impl HttpCapture {
     /// capture. With `inject`, the kernel side expects the injection programs
     /// to be attached next (see [`crate::inject`]).
     pub fn start(config: &HttpCaptureConfig) -> Result<Self, HttpCaptureError> {
+        let ebpf = Self::open_object(config)?;
+        Self::start_with(config, ebpf)
+    }
+
+    /// The `fathom-http` object, its globals and map sizes set from
+    /// `config` as [`HttpCapture::start`] sets them, no program loaded.
+    pub fn open_object(config: &HttpCaptureConfig) -> Result<Ebpf, HttpCaptureError> {
         if !config.ring_bytes.is_power_of_two() || config.ring_bytes < 4096 {
             return Err(HttpCaptureError::Config(format!(
                 "ring buffer size {} is not a power of two of at least 4096",
@@ -234,7 +246,8 @@ impl HttpCapture {
         let filter = u8::from(!config.pids.is_empty());
         let inject = u8::from(config.inject);
         let sock = sock_offsets();
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
+            .verifier_log_level(VerifierLogLevel::STATS)
             .override_global(globals::SOCK_OFFSETS, &sock, true)
             .override_global(globals::FILTER_PIDS, &filter, true)
             .override_global(globals::INJECT, &inject, true)
@@ -243,6 +256,10 @@ impl HttpCapture {
             .map_max_entries(names::EVENTS, config.ring_bytes)
             .map_max_entries(names::CONNS, config.connections.max(1))
             .load(ebpf::http_object()?)?;
+        Ok(ebpf)
+    }
+
+    fn start_with(config: &HttpCaptureConfig, mut ebpf: Ebpf) -> Result<Self, HttpCaptureError> {
         {
             let mut monitored: BpfHashMap<_, u32, u8> =
                 BpfHashMap::try_from(map_mut(&mut ebpf, names::MONITORED)?)
@@ -254,6 +271,23 @@ impl HttpCapture {
             }
         }
         let mut loaded = std::collections::HashSet::new();
+        // The second stages first: the first ones tail-call them.
+        let process = {
+            let program: &mut TracePoint = loaded_program(&mut ebpf, &mut loaded, names::PROCESS)?;
+            clone_fd(program.fd(), names::PROCESS)?
+        };
+        let ssl_process = {
+            let program: &mut UProbe = loaded_program(&mut ebpf, &mut loaded, names::SSL_PROCESS)?;
+            clone_fd(program.fd(), names::SSL_PROCESS)?
+        };
+        for (map, index, fd) in [
+            (names::STAGES, stage::PROCESS, &process),
+            (names::SSL_STAGES, stage::SSL_PROCESS, &ssl_process),
+        ] {
+            let mut stages: ProgramArray<&mut MapData> =
+                ProgramArray::try_from(map_mut(&mut ebpf, map)?).map_err(map_err(map))?;
+            stages.set(index, fd, 0).map_err(map_err(map))?;
+        }
         for &(name, category, tracepoint) in TRACEPOINTS {
             let program: &mut TracePoint = loaded_program(&mut ebpf, &mut loaded, name)?;
             program
@@ -373,11 +407,18 @@ where
         .try_into()
         .map_err(|source| HttpCaptureError::Program { name, source })?;
     if loaded.insert(name) {
-        program
-            .load_program()
-            .map_err(|source| HttpCaptureError::Program { name, source })?;
+        ebpf::load_program(OBJECT, name, || program.load_program())?;
     }
     Ok(program)
+}
+
+/// A loaded program's descriptor, owned (to fill a `ProgramArray`).
+fn clone_fd(
+    fd: Result<&aya::programs::ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<aya::programs::ProgramFd, HttpCaptureError> {
+    fd.and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+        .map_err(|source| HttpCaptureError::Program { name, source })
 }
 
 /// The `load` of the program types used here (aya has no common trait).

@@ -55,6 +55,8 @@ pub enum InjectError {
         #[source]
         source: MapError,
     },
+    #[error("eBPF program {0}")]
+    Rejected(#[from] crate::ebpf::LoadError),
 }
 
 /// The attached injection programs. Dropping it detaches them.
@@ -131,7 +133,7 @@ pub fn attach_to(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Injection, InjectErro
         .try_into()
         .map_err(program_err(names::SK_MSG))?;
     if sk_msg.fd().is_err() {
-        sk_msg.load().map_err(program_err(names::SK_MSG))?;
+        crate::ebpf::load_program(crate::http_capture::OBJECT, names::SK_MSG, || sk_msg.load())?;
     }
     let sock_ops: &mut SockOps = ebpf
         .program_mut(names::SOCK_OPS)
@@ -139,7 +141,9 @@ pub fn attach_to(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Injection, InjectErro
         .try_into()
         .map_err(program_err(names::SOCK_OPS))?;
     if sock_ops.fd().is_err() {
-        sock_ops.load().map_err(program_err(names::SOCK_OPS))?;
+        crate::ebpf::load_program(crate::http_capture::OBJECT, names::SOCK_OPS, || {
+            sock_ops.load()
+        })?;
     }
 
     let map = ebpf

@@ -9,6 +9,7 @@
 //! it all (`session`).
 
 pub mod btf;
+pub mod check;
 pub mod ebpf;
 pub mod export;
 pub mod health;

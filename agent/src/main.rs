@@ -9,12 +9,12 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fathom_agent::{
     export::{EmbeddedSink, RemoteSink, RemoteTraceSink},
-    health::{Health, HealthServer, HealthState},
+    health::{Health, HealthServer, HealthState, SignalStatus},
     k8s,
     net_session::{NetConfig, NetSession},
     pprof::{self, CpuProfileMeta},
     preflight,
-    profiler::{ProfilerConfig, UnwindMapSizes},
+    profiler::{ProfilerConfig, UnwindMapSizes, UnwindMode},
     session::{self, DirSink, Session, Stop},
     traces::{
         ConnectionLookup, EmbeddedTraceSink, NoConnections, TraceConfig, TraceSession, TraceSink,
@@ -47,7 +47,15 @@ struct Cli {
 enum Command {
     /// Profile once, write one pprof file and exit.
     Profile(ProfileArgs),
+    /// Say what this kernel lets the agent do: load every eBPF program the
+    /// way the agent does and print the verifier's figures against the
+    /// verification budget, then which signals run, in which mode, and why
+    /// not. Exits 1 when a program is rejected or over the budget.
+    Check(CheckArgs),
 }
+
+#[derive(Args, Debug)]
+struct CheckArgs {}
 
 #[derive(Args, Debug)]
 struct SamplingArgs {
@@ -254,6 +262,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Some(Command::Profile(args)) => profile(args),
+        Some(Command::Check(args)) => check(args),
         None => daemon(cli.daemon),
     };
     match result {
@@ -302,6 +311,7 @@ fn start_tracing(
     sink: Box<dyn TraceSink>,
     others_go_on: bool,
     network: Option<&mut NetSession>,
+    health: &Health,
 ) -> anyhow::Result<Option<TraceSession>> {
     let mut trace_config = TraceConfig::default();
     trace_config.capture.pids = args.sampling.pids.clone();
@@ -313,9 +323,13 @@ fn start_tracing(
         None => Box::new(NoConnections),
     };
     match TraceSession::start_with(trace_config, sink, connections) {
-        Ok(session) => Ok(Some(session)),
+        Ok(session) => {
+            traces_status(health, Some(&session), None);
+            Ok(Some(session))
+        }
         Err(e) if others_go_on => {
-            tracing::error!(error = %e, "HTTP tracing could not start: going on without it");
+            tracing::error!("HTTP tracing could not start, going on without it: {e}");
+            traces_status(health, None, Some(e.to_string()));
             Ok(None)
         }
         Err(e) => Err(anyhow::Error::new(e).context("starting HTTP tracing")),
@@ -328,17 +342,98 @@ fn start_network(
     args: &DaemonArgs,
     sink: Box<dyn TraceSink>,
     others_go_on: bool,
+    health: &Health,
 ) -> anyhow::Result<Option<NetSession>> {
     let mut net_config = NetConfig::default();
     net_config.capture.interfaces = args.net_interfaces.clone();
     match NetSession::start(net_config, sink) {
-        Ok(session) => Ok(Some(session)),
+        Ok(session) => {
+            network_status(health, true, None);
+            Ok(Some(session))
+        }
         Err(e) if others_go_on => {
-            tracing::error!(error = %e, "network metrics could not start: going on without them");
+            tracing::error!("network metrics could not start, going on without them: {e}");
+            network_status(health, false, Some(e.to_string()));
             Ok(None)
         }
         Err(e) => Err(anyhow::Error::new(e).context("starting network metrics")),
     }
+}
+
+/// Starts the profiling session; when it cannot start and other signals
+/// run, says why in one line and goes on without it.
+fn start_profiles(
+    config: ProfilerConfig,
+    sampling: &SamplingArgs,
+    others_go_on: bool,
+    health: &Health,
+) -> anyhow::Result<Option<Session>> {
+    match Session::start(config, &sampling.symbolizer()) {
+        Ok(session) => {
+            profiles_up(health, &session);
+            Ok(Some(session))
+        }
+        Err(e) if others_go_on => {
+            tracing::error!("profiling could not start, going on without it: {e}");
+            health.set_signal(SignalStatus {
+                signal: "profiles",
+                mode: "off".into(),
+                up: false,
+                reason: Some(e.to_string()),
+            });
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("starting the profiler")),
+    }
+}
+
+/// Records in `health` how the profiling session runs.
+fn profiles_up(health: &Health, session: &Session) {
+    let mode = session.unwind_mode();
+    let reason = match mode {
+        UnwindMode::FramePointers { reason: Some(r) } => {
+            Some(format!("user stacks by frame pointers only: {r}"))
+        }
+        _ => None,
+    };
+    health.set_signal(SignalStatus {
+        signal: "profiles",
+        mode: mode.name().into(),
+        up: true,
+        reason,
+    });
+}
+
+/// Records in `health` how tracing runs, or that it does not.
+fn traces_status(health: &Health, session: Option<&TraceSession>, failure: Option<String>) {
+    let status = match session {
+        Some(s) => {
+            let (mode, why) = s.mode();
+            SignalStatus {
+                signal: "traces",
+                mode: mode.into(),
+                up: true,
+                reason: why.map(|w| format!("no traceparent injection: {w}")),
+            }
+        }
+        None => SignalStatus {
+            signal: "traces",
+            mode: "off".into(),
+            up: false,
+            reason: failure,
+        },
+    };
+    health.set_signal(status);
+}
+
+/// Records in `health` whether the network signal runs.
+fn network_status(health: &Health, up: bool, failure: Option<String>) {
+    health.set_signal(SignalStatus {
+        signal: "network",
+        mode: if up { "tc+tracepoints" } else { "off" }.into(),
+        up,
+        reason: failure,
+    });
 }
 
 /// SIGINT/SIGTERM stop the work; a second signal exits at once.
@@ -361,6 +456,16 @@ fn stop_on_signals() -> anyhow::Result<Stop> {
             }
         })?;
     Ok(stop)
+}
+
+fn check(_args: CheckArgs) -> anyhow::Result<()> {
+    let programs = fathom_agent::check::check_programs();
+    print!("{}", fathom_agent::check::programs_table(&programs));
+    let bad = programs.iter().filter(|c| !c.ok()).count();
+    if bad > 0 {
+        bail!("{bad} program load(s) rejected or over the verification budget");
+    }
+    Ok(())
 }
 
 fn profile(args: ProfileArgs) -> anyhow::Result<()> {
@@ -434,6 +539,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         let mut sink = DirSink::new(dir, args.retention)?;
         let stop = stop_on_signals()?;
         let mut session = Session::start(config, &args.sampling.symbolizer())?;
+        profiles_up(&health, &session);
         tracing::info!(dir = %dir.display(), interval = %humantime::format_duration(args.interval), "writing per-process profiles");
         health.set(HealthState::Ready);
         session.run_daemon(args.interval, &mut sink, &stop)?;
@@ -450,7 +556,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         let mut network_session = if network {
             let sink =
                 RemoteTraceSink::new(url, args.collector_token.as_deref(), args.buffer_bytes)?;
-            start_network(&args, Box::new(sink), profiles || traces)?
+            start_network(&args, Box::new(sink), profiles || traces, &health)?
         } else {
             None
         };
@@ -462,6 +568,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
                 Box::new(sink),
                 profiles || network,
                 network_session.as_mut(),
+                &health,
             )?
         } else {
             None
@@ -477,12 +584,21 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
                 buffer_bytes: args.buffer_bytes,
             };
             let mut sink = RemoteSink::new(&remote, args.interval)?;
-            let mut session = Session::start(config, &args.sampling.symbolizer())?;
-            tracing::info!(%url, interval = %humantime::format_duration(args.interval), "sending profiles to the collector");
-            health.set(HealthState::Ready);
-            session.run_daemon(args.interval, &mut sink, &stop)?;
-            health.set(HealthState::Stopping);
-            drop(session);
+            let others = _traces.is_some() || _network.is_some();
+            match start_profiles(config, &args.sampling, others, &health)? {
+                Some(mut session) => {
+                    tracing::info!(%url, interval = %humantime::format_duration(args.interval), "sending profiles to the collector");
+                    health.set(HealthState::Ready);
+                    session.run_daemon(args.interval, &mut sink, &stop)?;
+                    health.set(HealthState::Stopping);
+                    drop(session);
+                }
+                None => {
+                    health.set(HealthState::Ready);
+                    while !stop.wait(Duration::from_secs(1)) {}
+                    health.set(HealthState::Stopping);
+                }
+            }
             drop(sink);
         } else {
             health.set(HealthState::Ready);
@@ -524,6 +640,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
                 &args,
                 Box::new(EmbeddedTraceSink(collector.ingest())),
                 profiles || traces,
+                &health,
             )?
         } else {
             None
@@ -534,13 +651,19 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
                 Box::new(EmbeddedTraceSink(collector.ingest())),
                 profiles || network,
                 network_session.as_mut(),
+                &health,
             )?
         } else {
             None
         };
+        let others = _traces.is_some() || network_session.is_some();
         let _network = network_session;
-        if profiles {
-            let mut session = Session::start(config, &args.sampling.symbolizer())?;
+        let session = if profiles {
+            start_profiles(config, &args.sampling, others, &health)?
+        } else {
+            None
+        };
+        if let Some(mut session) = session {
             let mut sink = EmbeddedSink::new(collector.ingest());
             health.set(HealthState::Ready);
             session.run_daemon(args.interval, &mut sink, &stop)?;

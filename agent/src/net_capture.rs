@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
     programs::{
         BtfTracePoint, ProgramError, SchedClassifier, TcAttachType, TracePoint,
@@ -23,6 +23,9 @@ use fathom_common::net::{
 };
 
 use crate::{ebpf, preflight, profiler::field_offset};
+
+/// The eBPF object of this signal, as named in verifier figures.
+pub const OBJECT: &str = "fathom-net";
 
 /// What the network programs watch.
 #[derive(Clone, Debug)]
@@ -65,6 +68,8 @@ pub enum NetCaptureError {
         name: &'static str,
         source: ProgramError,
     },
+    #[error("eBPF program {0}")]
+    Rejected(#[from] ebpf::LoadError),
     #[error("tracepoint format {path}: {reason}")]
     TracepointFormat { path: String, reason: String },
 }
@@ -215,7 +220,10 @@ fn attach_btf_probe(ebpf: &mut Ebpf) -> bool {
             .ok_or("no program net_tcp_probe_btf")?
             .try_into()
             .map_err(|e: ProgramError| e.to_string())?;
-        program.load("tcp_probe", &btf).map_err(|e| e.to_string())?;
+        ebpf::load_program(OBJECT, "net_tcp_probe_btf", || {
+            program.load("tcp_probe", &btf)
+        })
+        .map_err(|e| e.to_string())?;
         program.attach().map_err(|e| e.to_string())?;
         Ok(())
     })();
@@ -271,6 +279,14 @@ impl NetCapture {
     /// Loads the programs and attaches the tracepoints; interfaces are
     /// hooked by [`Self::sync_interfaces`].
     pub fn start(config: &NetCaptureConfig) -> Result<Self, NetCaptureError> {
+        let (ebpf, sk_offsets) = Self::open_object(config)?;
+        Self::start_with(config, ebpf, sk_offsets)
+    }
+
+    /// The `fathom-net` object, its globals and map sizes set from `config`
+    /// as [`NetCapture::start`] sets them, no program loaded; and whether
+    /// the kernel's BTF gave the socket offsets `net_tcp_probe_btf` needs.
+    pub fn open_object(config: &NetCaptureConfig) -> Result<(Ebpf, bool), NetCaptureError> {
         preflight::ensure_tracefs().map_err(|reason| NetCaptureError::TracepointFormat {
             path: preflight::TRACEFS.into(),
             reason,
@@ -295,6 +311,7 @@ impl NetCapture {
         }
         let mut loader = EbpfLoader::new();
         loader
+            .verifier_log_level(VerifierLogLevel::STATS)
             .override_global(globals::RTT_SAMPLE_NS, &config.rtt_sample_ns, true)
             .map_max_entries(names::HISTS, config.keys.max(1))
             .map_max_entries(names::COUNTS, config.keys.max(1))
@@ -318,23 +335,29 @@ impl NetCapture {
                 "no socket offsets from BTF: tcp_probe runs as a classic tracepoint"
             ),
         }
-        let mut ebpf = loader.load(ebpf::net_object()?)?;
-        let btf_probe = sk_offsets.is_ok() && attach_btf_probe(&mut ebpf);
+        let ebpf = loader.load(ebpf::net_object()?)?;
+        Ok((ebpf, sk_offsets.is_ok()))
+    }
+
+    fn start_with(
+        config: &NetCaptureConfig,
+        mut ebpf: Ebpf,
+        sk_offsets: bool,
+    ) -> Result<Self, NetCaptureError> {
+        let btf_probe = sk_offsets && attach_btf_probe(&mut ebpf);
         for &(name, category, tracepoint) in TRACEPOINTS {
             if btf_probe && name == "net_tcp_probe" {
                 continue;
             }
             let program: &mut TracePoint = program(&mut ebpf, name)?;
+            ebpf::load_program(OBJECT, name, || program.load())?;
             program
-                .load()
-                .and_then(|()| program.attach(category, tracepoint).map(|_| ()))
+                .attach(category, tracepoint)
                 .map_err(|source| NetCaptureError::Program { name, source })?;
         }
         for name in ["net_tc_ingress", "net_tc_egress"] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| NetCaptureError::Program { name, source })?;
+            ebpf::load_program(OBJECT, name, || program.load())?;
         }
         Ok(Self {
             config: config.clone(),

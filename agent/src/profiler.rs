@@ -9,8 +9,11 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    Ebpf, EbpfLoader, VerifierLogLevel,
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, ProgramArray,
+        RingBuf,
+    },
     programs::{
         PerfEvent, ProgramError, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -18,12 +21,16 @@ use aya::{
 };
 use fathom_common::{
     profiler::{
-        Counter, STACK_CHUNK_WORDS, SampleKey, StackChunk, StackSlot, names, stack_chunks, stack_id,
+        Counter, STACK_CHUNK_WORDS, SampleKey, StackChunk, StackSlot, names, stack_chunks,
+        stack_id, stage,
     },
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
 
 use crate::{ebpf, preflight};
+
+/// The eBPF object of this signal, as named in verifier figures.
+pub const OBJECT: &str = "fathom";
 
 /// What the profiler samples.
 #[derive(Clone, Debug)]
@@ -171,6 +178,8 @@ pub enum ProfilerError {
         name: &'static str,
         source: ProgramError,
     },
+    #[error("eBPF program {0}")]
+    Rejected(#[from] ebpf::LoadError),
     #[error("attaching to cpu-clock on CPU {cpu}: {source}")]
     AttachCpu { cpu: u32, source: ProgramError },
     #[error("listing online CPUs: {0}")]
@@ -248,8 +257,98 @@ pub struct Profiler {
     ack_timeout: Duration,
     frequency_hz: u64,
     pids: Vec<u32>,
+    mode: UnwindMode,
     // Owns the programs and their links; declared last so maps go first.
     ebpf: Ebpf,
+}
+
+/// How user stacks are walked, as loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnwindMode {
+    /// By unwind tables, with frame pointers where a binary has none.
+    Tables,
+    /// By frame pointers only (`reason`: why not by tables, when they were
+    /// asked for).
+    FramePointers { reason: Option<String> },
+}
+
+impl UnwindMode {
+    /// The mode's name (`tables`, `frame-pointers`), as `/metrics` and
+    /// `fathom-agent check` say it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Tables => "tables",
+            Self::FramePointers { .. } => "frame-pointers",
+        }
+    }
+}
+
+/// Loads the sampling chain (see the `fathom` object's `profiler` module):
+/// the recording stage and, with `tables`, the table unwinder into
+/// `PROFILE_STAGES`, then the entry program. A table unwinder the kernel
+/// rejects leaves user stacks to frame pointers, said in one log line.
+fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, ProfilerError> {
+    let record = {
+        let program: &mut PerfEvent = program(ebpf, names::PROGRAM_RECORD)?;
+        ebpf::load_program(OBJECT, names::PROGRAM_RECORD, || program.load())?;
+        program
+            .fd()
+            .map_err(program_err(names::PROGRAM_RECORD))?
+            .try_clone()
+    }
+    .map_err(|e| ProfilerError::Program {
+        name: names::PROGRAM_RECORD,
+        source: ProgramError::IOError(e),
+    })?;
+    let unwind = if tables {
+        let program: &mut PerfEvent = program(ebpf, names::PROGRAM_UNWIND)?;
+        match ebpf::load_program(OBJECT, names::PROGRAM_UNWIND, || program.load()) {
+            Ok(_) => Ok(Some(
+                program
+                    .fd()
+                    .map_err(program_err(names::PROGRAM_UNWIND))?
+                    .try_clone()
+                    .map_err(|e| ProfilerError::Program {
+                        name: names::PROGRAM_UNWIND,
+                        source: ProgramError::IOError(e),
+                    })?,
+            )),
+            Err(e) => {
+                tracing::warn!(
+                    "profiling degraded: user stacks by frame pointers only, because the table                      unwinder could not load: {e}"
+                );
+                Err(e.reason)
+            }
+        }
+    } else {
+        Ok(None)
+    };
+    let mut stages: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(ebpf.map_mut(names::STAGES).ok_or(ProfilerError::Map {
+            name: names::STAGES,
+            source: MapError::InvalidName {
+                name: names::STAGES.into(),
+            },
+        })?)
+        .map_err(map_err(names::STAGES))?;
+    stages
+        .set(stage::RECORD, &record, 0)
+        .map_err(map_err(names::STAGES))?;
+    let mode = match unwind {
+        Ok(Some(fd)) => {
+            stages
+                .set(stage::UNWIND, &fd, 0)
+                .map_err(map_err(names::STAGES))?;
+            UnwindMode::Tables
+        }
+        Ok(None) => UnwindMode::FramePointers { reason: None },
+        Err(reason) => UnwindMode::FramePointers {
+            reason: Some(reason),
+        },
+    };
+    let program: &mut PerfEvent = program(ebpf, names::PROGRAM_PERF)?;
+    ebpf::load_program(OBJECT, names::PROGRAM_PERF, || program.load())?;
+    Ok(mode)
 }
 
 impl std::fmt::Debug for Profiler {
@@ -301,6 +400,14 @@ impl Profiler {
     pub fn start(
         config: &ProfilerConfig,
     ) -> Result<(Self, RingBuf<MapData>, UnwindMaps), ProfilerError> {
+        let ebpf = Self::open_object(config)?;
+        let unwind = config.unwind;
+        Self::start_with(config, unwind, ebpf)
+    }
+
+    /// The profiler's eBPF object, its globals and map sizes set from
+    /// `config` as [`Profiler::start`] sets them, no program loaded.
+    pub fn open_object(config: &ProfilerConfig) -> Result<Ebpf, ProfilerError> {
         if config.frequency_hz == 0 || config.frequency_hz > 100_000 {
             return Err(ProfilerError::Config(format!(
                 "frequency {} Hz is outside 1..=100000",
@@ -339,7 +446,8 @@ impl Profiler {
             "profiler maps (two sets of stacks and counts; all preallocated)"
         );
         let filter: u8 = u8::from(!config.pids.is_empty());
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
+            .verifier_log_level(VerifierLogLevel::STATS)
             .override_global(names::GLOBAL_FILTER_PIDS, &filter, true)
             .override_global(names::GLOBAL_FORK_CHILD_PID_OFFSET, &child_pid_offset, true)
             .map_max_entries(names::COUNTS[0], sizes.sample_keys)
@@ -352,7 +460,14 @@ impl Profiler {
             .map_max_entries(names::UNWIND_MAPPINGS, unwind.mappings.max(1))
             .map_max_entries(names::UNWIND_PROCS, unwind.processes.max(1))
             .load(ebpf::object()?)?;
+        Ok(ebpf)
+    }
 
+    fn start_with(
+        config: &ProfilerConfig,
+        unwind: UnwindMapSizes,
+        mut ebpf: Ebpf,
+    ) -> Result<(Self, RingBuf<MapData>, UnwindMaps), ProfilerError> {
         {
             let mut pid_filter: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(
                 ebpf.map_mut(names::PID_FILTER).ok_or(ProfilerError::Map {
@@ -376,11 +491,13 @@ impl Profiler {
             (names::PROGRAM_EXEC, "sched_process_exec"),
         ] {
             let program: &mut TracePoint = program(&mut ebpf, name)?;
-            program.load().map_err(program_err(name))?;
+            ebpf::load_program(OBJECT, name, || program.load())?;
             program
                 .attach("sched", tracepoint)
                 .map_err(program_err(name))?;
         }
+
+        let mode = load_sampling_chain(&mut ebpf, config.unwinder.enabled)?;
 
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
         let counts = [
@@ -424,9 +541,15 @@ impl Profiler {
             ack_timeout,
             frequency_hz: config.frequency_hz,
             pids: config.pids.clone(),
+            mode,
             ebpf,
         };
         Ok((profiler, events, unwind_maps))
+    }
+
+    /// How user stacks are walked, as loaded.
+    pub fn unwind_mode(&self) -> &UnwindMode {
+        &self.mode
     }
 
     /// Starts sampling: attaches the perf-event program to every online CPU
@@ -434,7 +557,6 @@ impl Profiler {
     /// tables of the processes it names first).
     pub fn sample(&mut self) -> Result<(), ProfilerError> {
         let program: &mut PerfEvent = program(&mut self.ebpf, names::PROGRAM_PERF)?;
-        program.load().map_err(program_err(names::PROGRAM_PERF))?;
         for &cpu in &self.cpus {
             program
                 .attach(

@@ -253,7 +253,8 @@ impl Session {
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
         let (mut profiler, events, unwind_maps) = Profiler::start(&config)?;
-        let (unwinder, unused_maps) = if config.unwinder.enabled {
+        let tables = *profiler.unwind_mode() == crate::profiler::UnwindMode::Tables;
+        let (unwinder, unused_maps) = if tables {
             let unwinder = Unwinder::new(unwind_maps, &config.unwinder)?;
             (Some(Arc::new(Mutex::new(unwinder))), None)
         } else {
@@ -356,6 +357,11 @@ impl Session {
     }
 
     /// How user stacks were walked since start, per executable.
+    /// How user stacks are walked, as loaded.
+    pub fn unwind_mode(&self) -> &crate::profiler::UnwindMode {
+        self.profiler.unwind_mode()
+    }
+
     pub fn unwind_stats(&self) -> &UnwindStats {
         &self.unwind_stats
     }

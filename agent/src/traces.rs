@@ -168,9 +168,22 @@ struct Undelivered {
 pub struct TraceSession {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    inject: bool,
+    inject_failure: Option<String>,
 }
 
 impl TraceSession {
+    /// How tracing runs: `capture+inject` or `capture`, and why injection
+    /// is off when it was asked for and could not attach.
+    pub fn mode(&self) -> (&'static str, Option<&str>) {
+        let mode = if self.inject {
+            "capture+inject"
+        } else {
+            "capture"
+        };
+        (mode, self.inject_failure.as_deref())
+    }
+
     /// Loads and attaches the capture (and `traceparent` injection when
     /// configured), then starts the thread.
     pub fn start(config: TraceConfig, sink: Box<dyn TraceSink>) -> Result<Self, TraceError> {
@@ -185,10 +198,21 @@ impl TraceSession {
         connections: Box<dyn ConnectionLookup>,
     ) -> Result<Self, TraceError> {
         let mut capture = HttpCapture::start(&config.capture)?;
-        let injection = if config.capture.inject {
-            Some(crate::inject::attach(capture.ebpf_mut())?)
+        // Injection that cannot attach (a kernel that rejects its programs,
+        // no cgroup v2) leaves the capture running without it.
+        let (injection, inject_failure) = if config.capture.inject {
+            match crate::inject::attach(capture.ebpf_mut()) {
+                Ok(injection) => (Some(injection), None),
+                Err(e) => {
+                    tracing::warn!(
+                        "tracing degraded: spans are captured, but no traceparent is inserted \
+                         into outgoing requests, because injection could not attach: {e}"
+                    );
+                    (None, Some(e.to_string()))
+                }
+            }
         } else {
-            None
+            (None, None)
         };
         let inject = injection.is_some();
         let stop = Arc::new(AtomicBool::new(false));
@@ -205,6 +229,8 @@ impl TraceSession {
         Ok(Self {
             stop,
             handle: Some(handle),
+            inject,
+            inject_failure,
         })
     }
 }

@@ -65,6 +65,26 @@ pub mod names {
     pub const SOCKETS: &str = "CLIENT_SOCKETS";
     pub const SOCK_OPS: &str = "fathom_sock_ops";
     pub const SK_MSG: &str = "fathom_sk_msg";
+    /// The `ProgramArray`s of the data path's second stages ([`stage`]):
+    /// one per program type (a program array serves programs of one type).
+    pub const STAGES: &str = "HTTP_STAGES";
+    pub const SSL_STAGES: &str = "HTTP_SSL_STAGES";
+    /// Second stage of `http_exit_io` (a tracepoint program).
+    pub const PROCESS: &str = "http_exit_process";
+    /// Second stage of `http_ssl_exit` (a uretprobe program).
+    pub const SSL_PROCESS: &str = "http_ssl_process";
+}
+
+/// Indexes in `HTTP_STAGES`. A data event is captured by one program (the
+/// syscall's exit, or OpenSSL's return), then classified, matched to its
+/// server request and sent by a second, tail-called one of the same type,
+/// so that each verifies in bounded effort on every kernel.
+pub mod stage {
+    /// In `HTTP_STAGES`.
+    pub const PROCESS: u32 = 0;
+    /// In `HTTP_SSL_STAGES`.
+    pub const SSL_PROCESS: u32 = 0;
+    pub const COUNT: u32 = 1;
 }
 
 /// Globals the loader sets in the `fathom-http` object.
@@ -228,10 +248,13 @@ pub enum HttpCounter {
     /// Server requests whose `traceparent` came in a read after the one that
     /// started the request.
     LateParents,
+    /// Data events lost because the processing stage was not there to
+    /// tail-call.
+    StageMissing,
 }
 
 impl HttpCounter {
-    pub const COUNT: u32 = HttpCounter::LateParents as u32 + 1;
+    pub const COUNT: u32 = HttpCounter::StageMissing as u32 + 1;
     pub const ALL: [HttpCounter; HttpCounter::COUNT as usize] = [
         HttpCounter::DataEvents,
         HttpCounter::EventsLost,
@@ -246,10 +269,12 @@ impl HttpCounter {
         HttpCounter::ParentRewritten,
         HttpCounter::SocketsReleased,
         HttpCounter::LateParents,
+        HttpCounter::StageMissing,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
+            HttpCounter::StageMissing => "stage_missing",
             HttpCounter::DataEvents => "data_events",
             HttpCounter::EventsLost => "events_lost",
             HttpCounter::Conns => "conns",

@@ -128,11 +128,15 @@ pub enum Counter {
     ProcessEvents,
     /// Process events lost because the ring buffer was full.
     ProcessEventsLost,
+    /// A stage of the sampling chain was not there to tail-call (the table
+    /// unwinder when it could not load: the sample's user stack was then
+    /// walked by frame pointers; the recording stage: the sample is lost).
+    StageMissing,
 }
 
 impl Counter {
     /// Number of counters (length of `COUNTERS`).
-    pub const COUNT: u32 = Counter::ProcessEventsLost as u32 + 1;
+    pub const COUNT: u32 = Counter::StageMissing as u32 + 1;
 
     /// All counters, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -148,6 +152,7 @@ impl Counter {
         Counter::CountMapFull,
         Counter::ProcessEvents,
         Counter::ProcessEventsLost,
+        Counter::StageMissing,
     ];
 
     /// Counter of samples recorded into `set` (0 or 1).
@@ -177,9 +182,24 @@ impl ProcessEvent {
     pub const NEW: u32 = 1;
 }
 
+/// Indexes of the sampling chain's stages in `PROFILE_STAGES`.
+pub mod stage {
+    pub const UNWIND: u32 = 0;
+    pub const RECORD: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
 /// Names of the profiler's maps and programs in the BPF object.
 pub mod names {
+    /// The perf-event program attached to every CPU: the first stage of the
+    /// sampling chain (filter, kernel stack, frame-pointer user stack).
     pub const PROGRAM_PERF: &str = "profile_cpu";
+    /// Stage 2, tail-called when the process has unwind tables.
+    pub const PROGRAM_UNWIND: &str = "profile_unwind";
+    /// Stage 3, tail-called last: stores the stacks and counts the sample.
+    pub const PROGRAM_RECORD: &str = "profile_record";
+    /// The `ProgramArray` of the stages, at [`stage`] indexes.
+    pub const STAGES: &str = "PROFILE_STAGES";
     pub const PROGRAM_FORK: &str = "profile_fork";
     pub const PROGRAM_EXEC: &str = "profile_exec";
     pub const COUNTS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];

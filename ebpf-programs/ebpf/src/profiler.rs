@@ -1,7 +1,17 @@
-//! CPU profiler: a perf-event program sampling stacks into double-buffered
-//! maps, plus two scheduler tracepoints that keep process discovery right
-//! across fork and exec. The contract is documented in
+//! CPU profiler: a chain of perf-event programs sampling stacks into
+//! double-buffered maps, plus two scheduler tracepoints that keep process
+//! discovery right across fork and exec. The contract is documented in
 //! `fathom_common::profiler`.
+//!
+//! A sample runs through up to three small programs, chained by tail calls
+//! (as the OpenTelemetry eBPF profiler chains its unwinders) so that each
+//! verifies in bounded effort on every kernel: `profile_cpu` (attached to
+//! every CPU) filters, takes the kernel stack and, for a process without
+//! unwind tables, the user stack by frame pointers; `profile_unwind` walks
+//! the user stack by its tables; `profile_record` stores both stacks and
+//! counts the sample. The sample in progress lives in this CPU's `SAMPLE`.
+//! Without `profile_unwind` (it could not load) user stacks are walked by
+//! frame pointers; the chain acknowledges the generation in its last stage.
 
 use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
@@ -10,16 +20,16 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_stack},
     macros::{map, perf_event, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use fathom_common::{
     profiler::{
         COMM_LEN, Counter, HASH_SEED_KERNEL, HASH_SEED_USER, MAX_STACK_CHUNKS, MAX_STACK_DEPTH,
         ProcessEvent, STACK_CHUNK_WORDS, SampleKey, Stack, StackChunk, StackSlot, finish_hash,
-        hash_step, stack_chunks, stack_id,
+        hash_step, stack_chunks, stack_id, stage,
     },
-    unwind::status,
+    unwind::{UnwindProcess, status},
 };
 
 use crate::unwind;
@@ -72,10 +82,41 @@ static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 static KNOWN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-/// Per-CPU scratch space for a stack the kernel walks (too large for the
-/// 512-byte BPF stack).
+/// The stages of the sampling chain after `profile_cpu` (`stage` indexes),
+/// filled by user space.
 #[map]
-static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
+static PROFILE_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::COUNT, 0);
+/// Per CPU: the sample going through the chain (too large for the 512-byte
+/// BPF stack; perf-event programs do not nest on a CPU).
+#[map]
+pub static SAMPLE: PerCpuArray<Sample> = PerCpuArray::with_max_entries(1, 0);
+
+/// A sample in progress.
+#[repr(C)]
+pub struct Sample {
+    /// The generation read by `profile_cpu`, acknowledged by the last stage.
+    generation: u64,
+    pid: u32,
+    tid: u32,
+    comm: [u8; COMM_LEN],
+    /// A `status` of the user stack's walk.
+    user_unwind: u32,
+    /// Frames in `walk.stack`; [`NO_STACK`] or [`WALK_FAILED`] when none.
+    user_len: i32,
+    /// Frames in `kernel`; likewise.
+    kernel_len: i32,
+    _pad: u32,
+    /// The process's unwind tables, for `profile_unwind`.
+    pub process: UnwindProcess,
+    /// The user stack's walk (its frames: `walk.stack`).
+    pub walk: unwind::Walk,
+    pub kernel: Stack,
+}
+
+/// `Sample::user_len`/`kernel_len`: the sample has no such stack.
+const NO_STACK: i32 = 0;
+/// `Sample::user_len`/`kernel_len`: the walk failed.
+const WALK_FAILED: i32 = -1;
 
 /// One set of the stack store.
 struct StackStore {
@@ -88,33 +129,115 @@ struct StackStore {
 pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
     bump(Counter::Samples);
     let generation = CONTROL.get(0).copied().unwrap_or(0);
-    // Errors are already counted where they happen.
-    let _ = try_profile_cpu(&ctx, generation);
+    if let Ok(next) = try_profile_cpu(&ctx, generation) {
+        if next == stage::UNWIND {
+            tail_call(&ctx, stage::UNWIND);
+            // No table unwinder: walk the user stack by frame pointers.
+            if let Some(sample) = SAMPLE.get_ptr_mut(0) {
+                // SAFETY: this CPU's sample, ours until the chain ends.
+                frame_pointer_user_stack(&ctx, unsafe { &mut *sample });
+            }
+        }
+        if next != NONE {
+            tail_call(&ctx, stage::RECORD);
+        }
+    }
     // Acknowledge last: once user space sees the new generation here, no run
     // on this CPU can still be writing the old set.
+    acknowledge(generation);
+    0
+}
+
+/// No further stage: the sample is not recorded.
+const NONE: u32 = u32::MAX;
+
+/// Tail-calls a stage; returns (counted) when it is not there.
+#[inline(always)]
+fn tail_call(ctx: &PerfEventContext, stage: u32) {
+    // SAFETY: on success the stage replaces this program; its context is
+    // this one (all stages are perf-event programs).
+    unsafe { PROFILE_STAGES.tail_call(ctx, stage) };
+    bump(Counter::StageMissing);
+}
+
+#[inline(always)]
+fn acknowledge(generation: u64) {
     if let Some(ack) = ACK.get_ptr_mut(0) {
         // SAFETY: a valid per-CPU map value; perf-event programs do not nest.
         unsafe { *ack = generation };
     }
-    0
 }
 
-fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<(), ()> {
+/// The first stage: the sample's process and kernel stack. Returns the next
+/// stage, or [`NONE`].
+fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<u32, ()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
     if pid == 0 {
         bump(Counter::Idle);
-        return Ok(());
+        return Ok(NONE);
     }
     // SAFETY: a plain read of a loader-set global.
     if unsafe { read_volatile(&FILTER_PIDS) } != 0 && PID_FILTER.get_ptr(pid).is_none() {
         bump(Counter::Filtered);
-        return Ok(());
+        return Ok(NONE);
     }
     notice_process(pid);
+    let sample = SAMPLE.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's sample; perf-event programs do not nest on a CPU.
+    let sample = unsafe { &mut *sample };
+    sample.generation = generation;
+    sample.pid = pid;
+    sample.tid = tid;
+    sample.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    sample.kernel_len = kernel_walk(ctx, &mut sample.kernel, 0);
+    if let Some(process) = unwind::wants(pid) {
+        sample.process = process;
+        return Ok(stage::UNWIND);
+    }
+    frame_pointer_user_stack(ctx, sample);
+    Ok(stage::RECORD)
+}
 
-    let set = generation & 1;
+/// The user stack as the kernel walks it, by frame pointers.
+#[inline(always)]
+fn frame_pointer_user_stack(ctx: &PerfEventContext, sample: &mut Sample) {
+    sample.user_unwind = status::KERNEL_FRAME_POINTERS;
+    sample.user_len = kernel_walk(ctx, &mut sample.walk.stack, BPF_F_USER_STACK as u64);
+}
+
+/// The second stage: the user stack walked by the process's unwind tables.
+#[perf_event]
+pub fn profile_unwind(ctx: PerfEventContext) -> u32 {
+    let Some(sample) = SAMPLE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's sample, filled by `profile_cpu`.
+    let sample = unsafe { &mut *sample };
+    let (status, frames) = unwind::walk_user_stack(ctx.ctx, sample.process);
+    sample.user_unwind = status;
+    sample.user_len = frames.map_or(NO_STACK, |n| n as i32);
+    tail_call(&ctx, stage::RECORD);
+    acknowledge(sample.generation);
+    0
+}
+
+/// The last stage: stores the sample's stacks and counts it.
+#[perf_event]
+pub fn profile_record(_ctx: PerfEventContext) -> u32 {
+    let Some(sample) = SAMPLE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's sample, filled by the stages before.
+    let sample = unsafe { &mut *sample };
+    let _ = try_profile_record(sample);
+    acknowledge(sample.generation);
+    0
+}
+
+fn try_profile_record(sample: &mut Sample) -> Result<(), ()> {
+    let set = sample.generation & 1;
     let (counts, store) = if set == 0 {
         (
             &COUNTS_0,
@@ -134,32 +257,15 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<(), ()> {
             },
         )
     };
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
-    let (user_unwind, user_stack) = match unwind::wants(pid) {
-        Some(process) => match unwind::walk_user_stack(ctx.ctx, process) {
-            (status, Some((stack, len))) => {
-                (status, store_stack(&store, stack, len, HASH_SEED_USER))
-            }
-            (status, None) => (status, stack_id::EMPTY),
-        },
-        None => (
-            status::KERNEL_FRAME_POINTERS,
-            kernel_walk(ctx, scratch, BPF_F_USER_STACK as u64)
-                .map_or(stack_id::WALK_FAILED, |len| {
-                    store_stack(&store, scratch, len, HASH_SEED_USER)
-                }),
-        ),
-    };
-    let kernel_stack = kernel_walk(ctx, scratch, 0).map_or(stack_id::WALK_FAILED, |len| {
-        store_stack(&store, scratch, len, HASH_SEED_KERNEL)
-    });
+    let user_stack = stored(&store, &sample.walk.stack, sample.user_len, HASH_SEED_USER);
+    let kernel_stack = stored(&store, &sample.kernel, sample.kernel_len, HASH_SEED_KERNEL);
     let key = SampleKey {
-        pid,
-        tid,
+        pid: sample.pid,
+        tid: sample.tid,
         user_stack,
         kernel_stack,
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-        user_unwind,
+        comm: sample.comm,
+        user_unwind: sample.user_unwind,
         _reserved: 0,
     };
     count_sample(counts, &key)?;
@@ -167,15 +273,25 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<(), ()> {
     Ok(())
 }
 
+/// The stack's id in the store: its hash, or a `stack_id` marker.
+#[inline(always)]
+fn stored(store: &StackStore, stack: &Stack, len: i32, seed: u64) -> u64 {
+    match len {
+        WALK_FAILED => stack_id::WALK_FAILED,
+        n if n <= NO_STACK => stack_id::EMPTY,
+        n => store_stack(store, stack, n as u32, seed),
+    }
+}
+
 /// Lets the kernel walk a stack (by frame pointers for user stacks) into
-/// the scratch buffer, zero-filled past its end. Returns its length.
-fn kernel_walk(ctx: &PerfEventContext, scratch: *mut Stack, flags: u64) -> Result<u32, ()> {
-    // SAFETY: `scratch` points at this CPU's map value, large enough for
-    // MAX_STACK_DEPTH entries.
+/// `stack`, zero-filled past its end. Returns its length, or [`WALK_FAILED`].
+#[inline(always)]
+fn kernel_walk(ctx: &PerfEventContext, stack: &mut Stack, flags: u64) -> i32 {
+    // SAFETY: `stack` is a map value of MAX_STACK_DEPTH entries.
     let ret = unsafe {
         bpf_get_stack(
             ctx.as_ptr(),
-            (*scratch).ips.as_mut_ptr() as *mut c_void,
+            stack.ips.as_mut_ptr() as *mut c_void,
             (MAX_STACK_DEPTH * size_of::<u64>()) as u32,
             flags,
         )
@@ -186,16 +302,14 @@ fn kernel_walk(ctx: &PerfEventContext, scratch: *mut Stack, flags: u64) -> Resul
         } else {
             Counter::UserStackFailed
         });
-        return Err(());
+        return WALK_FAILED;
     }
-    Ok((ret as usize / size_of::<u64>()) as u32)
+    (ret as usize / size_of::<u64>()) as i32
 }
 
 /// Stores a stack of `len` entries (zero-filled past its end) under its
 /// hash. Returns the hash, or a `stack_id` marker saying why there is none.
-fn store_stack(store: &StackStore, stack: *mut Stack, len: u32, seed: u64) -> u64 {
-    // SAFETY: a per-CPU map value of this program.
-    let stack = unsafe { &*stack };
+fn store_stack(store: &StackStore, stack: &Stack, len: u32, seed: u64) -> u64 {
     if len == 0 || len > MAX_STACK_DEPTH as u32 {
         return stack_id::EMPTY;
     }

@@ -2,11 +2,17 @@
 //! per mapping, as user space describes each process in `UNWIND_PROCS`. The
 //! contract is documented in `fathom_common::unwind`.
 //!
-//! One frame per `bpf_loop` iteration: the callback is verified once, so the
-//! walk can be [`MAX_STACK_DEPTH`] frames deep without unrolling.
+//! The walk is one flat `bpf_loop` whose callback makes one small step of a
+//! state machine kept in a map value: start a frame, one step of the binary
+//! search for the frame's mapping, or one step of the search for its unwind
+//! row (the last one applies the row). No loop is nested in another and every
+//! value the callback reads comes from map memory, so the verifier checks the
+//! callback once, in a few hundred instructions, on every kernel; the walk
+//! can still be [`MAX_STACK_DEPTH`] frames deep with tables of 2^20 rows.
 
 use core::{ffi::c_void, ptr::null_mut};
 
+use crate::profiler::SAMPLE;
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, bpf_perf_event_data},
     helpers::{
@@ -14,7 +20,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap},
 };
 use fathom_common::{
     profiler::{MAX_STACK_DEPTH, Stack},
@@ -33,13 +39,11 @@ static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(1, BPF_F_
 /// Processes whose user stacks are walked here (the others by the kernel).
 #[map]
 pub static UNWIND_PROCS: HashMap<u32, UnwindProcess> = HashMap::with_max_entries(1, 0);
-/// Per-CPU state of the walk in progress (the `bpf_loop` callback's).
-#[map]
-static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
-/// Registers of the frame being unwound, and the walk's progress.
+/// Registers of the frame being unwound, and the walk's progress (in this
+/// CPU's `SAMPLE`, where the `bpf_loop` callback finds it).
 #[repr(C)]
-struct Walk {
+pub struct Walk {
     ip: u64,
     sp: u64,
     bp: u64,
@@ -56,13 +60,35 @@ struct Walk {
     /// `mapping` holds the last mapping found (consecutive frames are
     /// mostly in one file: no search for them).
     mapping_valid: u8,
-    _pad: [u8; 5],
+    /// A [`phase`].
+    phase: u8,
+    _pad: [u8; 4],
+    /// The binary search in progress: the answer is in `lo..hi` of the
+    /// searched entries; `target` is the key looked for.
+    lo: u32,
+    hi: u32,
+    target: u64,
     mapping: UnwindMapping,
     /// The frames, zero-filled past the last.
-    stack: Stack,
+    pub stack: Stack,
 }
 
 const IN_PROGRESS: u32 = u32::MAX;
+
+/// What the next step of the walk does.
+mod phase {
+    /// Record `ip` as a frame and find its mapping.
+    pub const FRAME: u8 = 0;
+    /// Search the process's mappings for `ip`.
+    pub const MAPPING: u8 = 1;
+    /// Search the mapping's unwind rows, then apply the row found.
+    pub const ROW: u8 = 2;
+}
+
+/// Steps of the whole walk: per frame, one to start it and at most
+/// `MAX_SEARCH_STEPS + 1` for each of the two searches; plus one that only
+/// says "truncated".
+const MAX_STEPS: u32 = MAX_STACK_DEPTH as u32 * (1 + 2 * (MAX_SEARCH_STEPS + 1)) + 1;
 
 /// x86-64 `struct pt_regs` offsets, for the registers the kernel saved.
 mod regs {
@@ -79,21 +105,19 @@ pub fn wants(pid: u32) -> Option<UnwindProcess> {
     UNWIND_PROCS.get_ptr(pid).map(|p| unsafe { *p })
 }
 
-/// Walks the current task's user stack. Returns a `status` and, unless the
-/// task has no user stack, the frames (this CPU's buffer, valid until the
-/// next walk on this CPU) and their number.
+/// Walks the current task's user stack into this CPU's `SAMPLE.walk`.
+/// Returns a `status` and, unless the task has no user stack, the number of
+/// frames.
 pub fn walk_user_stack(
     ctx: *mut bpf_perf_event_data,
     process: UnwindProcess,
-) -> (u32, Option<(*mut Stack, u32)>) {
-    let Some(walk) = WALK.get_ptr_mut(0) else {
+) -> (u32, Option<u32>) {
+    let Some(walk) = walk() else {
         return (status::READ_FAILED, None);
     };
     let Some((ip, sp, bp)) = user_registers(ctx) else {
         return (status::NO_USER_STACK, None);
     };
-    // SAFETY: this CPU's map value; perf-event programs do not nest on a CPU.
-    let walk = unsafe { &mut *walk };
     for slot in walk.stack.ips.iter_mut() {
         *slot = 0;
     }
@@ -107,22 +131,24 @@ pub fn walk_user_stack(
     walk.bp_known = 1;
     walk.ip_exact = 1;
     walk.mapping_valid = 0;
-    // One more iteration than frames: the last one only says "truncated".
+    walk.phase = phase::FRAME;
     // SAFETY: `step` has the callback signature bpf_loop requires.
-    unsafe {
-        bpf_loop(
-            MAX_STACK_DEPTH as u32 + 1,
-            step as *mut c_void,
-            null_mut(),
-            0,
-        )
-    };
+    unsafe { bpf_loop(MAX_STEPS, step as *mut c_void, null_mut(), 0) };
     let outcome = if walk.status == IN_PROGRESS {
         status::TRUNCATED
     } else {
         walk.status
     };
-    (outcome, Some((&mut walk.stack as *mut Stack, walk.frames)))
+    (outcome, Some(walk.frames))
+}
+
+/// This CPU's walk.
+#[inline(always)]
+fn walk() -> Option<&'static mut Walk> {
+    let sample = SAMPLE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's map value; perf-event programs do not nest on a
+    // CPU, and the walk runs inside one program run.
+    Some(unsafe { &mut (*sample).walk })
 }
 
 /// The user-mode registers at the sample: the interrupted ones when the CPU
@@ -152,15 +178,17 @@ fn user_registers(ctx: *mut bpf_perf_event_data) -> Option<(u64, u64, u64)> {
     ))
 }
 
-/// One frame: records `walk.ip`, then finds the caller's registers.
-/// Returns 0 to go on, 1 to stop.
+/// One step of the walk (see [`phase`]). Returns 0 to go on, 1 to stop.
 extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(walk) = WALK.get_ptr_mut(0) else {
+    let Some(walk) = walk() else {
         return 1;
     };
-    // SAFETY: this CPU's map value; the walk runs inside one program run.
-    let walk = unsafe { &mut *walk };
-    match try_step(walk) {
+    let result = match walk.phase {
+        phase::MAPPING => mapping_step(walk),
+        phase::ROW => row_step(walk),
+        _ => frame_step(walk),
+    };
+    match result {
         Ok(()) => 0,
         Err(outcome) => {
             walk.status = outcome;
@@ -169,35 +197,118 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     }
 }
 
+/// Records `walk.ip` as a frame and starts looking for its mapping (none
+/// to look for when the last frame's mapping holds it).
 #[inline(always)]
-fn try_step(walk: &mut Walk) -> Result<(), u32> {
+fn frame_step(walk: &mut Walk) -> Result<(), u32> {
     let n = walk.frames as usize;
     if n >= MAX_STACK_DEPTH {
         return Err(IN_PROGRESS); // truncated: the caller says so
     }
     walk.stack.ips[n] = walk.ip;
     walk.frames += 1;
+    if walk.mapping_valid != 0 && walk.mapping.start <= walk.ip && walk.ip < walk.mapping.end {
+        return mapping_found(walk);
+    }
+    start_search(walk, walk.mappings_len, walk.ip, phase::MAPPING);
+    Ok(())
+}
 
-    let mapping =
-        if walk.mapping_valid != 0 && walk.mapping.start <= walk.ip && walk.ip < walk.mapping.end {
-            walk.mapping
-        } else {
-            let found = find_mapping(walk).ok_or(status::NO_MAPPING)?;
-            walk.mapping = found;
-            walk.mapping_valid = 1;
-            found
-        };
-    if mapping.kind == mapping_kind::FRAME_POINTER {
+#[inline(always)]
+fn start_search(walk: &mut Walk, len: u32, target: u64, next: u8) {
+    walk.lo = 0;
+    walk.hi = len;
+    walk.target = target;
+    walk.phase = next;
+}
+
+/// One step of a binary search for the last entry whose key is at or below
+/// `walk.target`, with `key` of entry `mid`; `None` while searching, else
+/// the index of that entry plus one (0: every key is above the target).
+#[inline(always)]
+fn search_step(walk: &mut Walk, key: impl Fn(u32) -> Option<u64>) -> Result<Option<u32>, u32> {
+    if walk.lo >= walk.hi {
+        return Ok(Some(walk.lo));
+    }
+    let mid = walk.lo + (walk.hi - walk.lo) / 2;
+    if key(mid).ok_or(status::READ_FAILED)? <= walk.target {
+        walk.lo = mid + 1;
+    } else {
+        walk.hi = mid;
+    }
+    Ok(None)
+}
+
+/// One step of the search for the mapping that holds `walk.ip` (mappings
+/// are sorted by start and do not overlap).
+#[inline(always)]
+fn mapping_step(walk: &mut Walk) -> Result<(), u32> {
+    let start = walk.mappings_start;
+    let Some(found) = search_step(walk, |i| {
+        UNWIND_MAPPINGS.get(start.wrapping_add(i)).map(|m| m.start)
+    })?
+    else {
+        return Ok(());
+    };
+    if found == 0 {
+        return Err(status::NO_MAPPING);
+    }
+    let mapping = *UNWIND_MAPPINGS
+        .get(start.wrapping_add(found - 1))
+        .ok_or(status::NO_MAPPING)?;
+    if walk.ip >= mapping.end {
+        return Err(status::NO_MAPPING);
+    }
+    walk.mapping = mapping;
+    walk.mapping_valid = 1;
+    mapping_found(walk)
+}
+
+/// `walk.mapping` holds `walk.ip`: unwind by frame pointers, or start
+/// looking for the unwind row.
+#[inline(always)]
+fn mapping_found(walk: &mut Walk) -> Result<(), u32> {
+    if walk.mapping.kind == mapping_kind::FRAME_POINTER {
+        walk.phase = phase::FRAME;
         return frame_pointer_step(walk);
     }
     let lookup = walk
         .ip
-        .wrapping_sub(mapping.bias)
+        .wrapping_sub(walk.mapping.bias)
         .wrapping_sub(if walk.ip_exact != 0 { 0 } else { 1 });
     if lookup > u64::from(u32::MAX) {
         return Err(status::NO_UNWIND_INFO);
     }
-    let row = find_row(&mapping, lookup as u32).ok_or(status::NO_UNWIND_INFO)?;
+    start_search(walk, walk.mapping.rows_len, lookup, phase::ROW);
+    Ok(())
+}
+
+/// One step of the search for the last row at or before the lookup
+/// address in the mapping's table; the last step applies it.
+#[inline(always)]
+fn row_step(walk: &mut Walk) -> Result<(), u32> {
+    let start = walk.mapping.rows_start;
+    let Some(found) = search_step(walk, |i| {
+        UNWIND_ROWS
+            .get(start.wrapping_add(i))
+            .map(|r| u64::from(r.pc))
+    })?
+    else {
+        return Ok(());
+    };
+    if found == 0 {
+        return Err(status::NO_UNWIND_INFO);
+    }
+    let row = *UNWIND_ROWS
+        .get(start.wrapping_add(found - 1))
+        .ok_or(status::NO_UNWIND_INFO)?;
+    walk.phase = phase::FRAME;
+    apply_row(walk, &row)
+}
+
+/// Finds the caller's registers by the row's rules.
+#[inline(always)]
+fn apply_row(walk: &mut Walk, row: &UnwindRow) -> Result<(), u32> {
     let cfa = match row.cfa_rule() {
         cfa::RSP => walk.sp.wrapping_add(u64::from(row.cfa_offset)),
         cfa::RBP => {
@@ -287,61 +398,6 @@ fn signal_step(walk: &mut Walk) -> Result<(), u32> {
 fn read_user(addr: u64) -> Result<u64, u32> {
     // SAFETY: the helper checks the address; a fault is an error value.
     unsafe { bpf_probe_read_user(addr as *const u64) }.map_err(|_| status::READ_FAILED)
-}
-
-/// The last of `len` entries `start..start + len` of `array` whose key is at
-/// or below `target` (entries sorted by key), by binary search in at most
-/// [`MAX_SEARCH_STEPS`] steps.
-#[inline(always)]
-fn last_at_or_below<T: Copy>(
-    array: &Array<T>,
-    start: u32,
-    len: u32,
-    target: u64,
-    key: impl Fn(&T) -> u64,
-) -> Option<T> {
-    let (mut lo, mut hi) = (0u32, len);
-    for _ in 0..MAX_SEARCH_STEPS {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        if key(array.get(start.wrapping_add(mid))?) <= target {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    if lo == 0 {
-        return None;
-    }
-    array.get(start.wrapping_add(lo - 1)).copied()
-}
-
-/// The process's mapping containing `walk.ip` (mappings are sorted by start
-/// and do not overlap).
-#[inline(always)]
-fn find_mapping(walk: &Walk) -> Option<UnwindMapping> {
-    let mapping = last_at_or_below(
-        &UNWIND_MAPPINGS,
-        walk.mappings_start,
-        walk.mappings_len,
-        walk.ip,
-        |m| m.start,
-    )?;
-    (walk.ip < mapping.end).then_some(mapping)
-}
-
-/// The last row at or before `pc` in the mapping's table.
-#[inline(always)]
-fn find_row(mapping: &UnwindMapping, pc: u32) -> Option<UnwindRow> {
-    last_at_or_below(
-        &UNWIND_ROWS,
-        mapping.rows_start,
-        mapping.rows_len,
-        u64::from(pc),
-        |r| u64::from(r.pc),
-    )
 }
 
 /// A forked child or an exec'd image must not be walked with its parent's

@@ -8,18 +8,19 @@
 use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, Serving,
     SockAddr, SockOffsets, TraceContext, ctx_flags, data_flags, direction, event_kind, head_state,
-    is_request_start, is_response_start, parse_traceparent, proto, role, syscall,
+    is_request_start, is_response_start, parse_traceparent, proto, role, stage, syscall,
 };
 
 use crate::maps::{
@@ -115,6 +116,23 @@ struct Scratch {
     /// head), or u32::MAX.
     head_end: u32,
     _pad: u32,
+    /// A vectored transfer's capture in progress (see `capture_vectored`).
+    vec: Vectored,
+}
+
+/// The state of `iov_step`, one iovec a step, in map memory (the verifier
+/// checks the callback once, not once per iovec).
+#[repr(C)]
+struct Vectored {
+    iov: u64,
+    iovcnt: u64,
+    /// Bytes of the transfer not yet accounted to an iovec.
+    left: u64,
+    /// Head bytes captured so far.
+    off: u64,
+    /// The last two iovecs used: (base, bytes used).
+    last: (u64, u64),
+    prev: (u64, u64),
 }
 
 #[map]
@@ -125,6 +143,13 @@ static CONNECTS: HashMap<u32, ConnectArgs> = HashMap::with_max_entries(16384, 0)
 static ACTIVE: HashMap<u32, Active> = HashMap::with_max_entries(16384, 0);
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// The second stages of the data path ([`stage`] indexes), filled by user
+/// space.
+#[map]
+static HTTP_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::COUNT, 0);
+/// Likewise for the uretprobe programs (a program array serves one type).
+#[map]
+static HTTP_SSL_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::COUNT, 0);
 /// An OpenSSL `SSL_read`/`SSL_write` (or `_ex`) in progress, or an
 /// `SSL_do_handshake` (`direction` [`HANDSHAKE`]) that only learns the socket.
 #[repr(C)]
@@ -661,20 +686,66 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
             capture_plain(scratch, active.buf, moved);
         }
     }
-    let (request, response) = message_start(&scratch.event);
-    if info.proto == proto::UNKNOWN {
-        if request || response {
-            info.proto = proto::HTTP1;
-        } else if active.syscall != syscall::SENDFILE {
-            // Not HTTP/1.x: leave this connection alone from now on.
-            info.proto = proto::OTHER;
-            return Ok(());
-        } else {
-            return Ok(());
+    tail_call(ctx, &HTTP_STAGES, stage::PROCESS);
+    Ok(())
+}
+
+/// Tail-calls a second stage of `stages`; returns (counted) when it is not
+/// there.
+#[inline(always)]
+fn tail_call<C: EbpfContext>(ctx: &C, stages: &ProgramArray, index: u32) {
+    // SAFETY: on success the stage replaces this program; its context is
+    // this one (each array holds stages of its callers' program type).
+    unsafe { stages.tail_call(ctx, index) };
+    count(HttpCounter::StageMissing);
+}
+
+/// Second stage of `http_exit_io`: the scratch event's connection is
+/// classified, matched to its server request and sent.
+#[tracepoint]
+pub fn http_exit_process(_ctx: TracePointContext) -> u32 {
+    let _ = try_process(false);
+    0
+}
+
+/// Second stage of `http_ssl_exit`, likewise (OpenSSL's plaintext does not
+/// classify its socket, and its writes are not injected).
+#[uretprobe]
+pub fn http_ssl_process(_ctx: RetProbeContext) -> u32 {
+    let _ = try_process(true);
+    0
+}
+
+#[inline(always)]
+fn try_process(ssl: bool) -> Result<(), ()> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's scratch, filled by the first stage.
+    let scratch = unsafe { &mut *scratch };
+    let key = ConnKey {
+        tgid: scratch.event.tgid,
+        fd: scratch.event.fd,
+    };
+    let tid = scratch.event.tid;
+    let info = CONNS.get_ptr_mut(&key).ok_or(())?;
+    // SAFETY: a valid map value.
+    let info = unsafe { &mut *info };
+    if !ssl {
+        let (request, response) = message_start(&scratch.event);
+        if info.proto == proto::UNKNOWN {
+            if request || response {
+                info.proto = proto::HTTP1;
+            } else if scratch.event.syscall != syscall::SENDFILE {
+                // Not HTTP/1.x: leave this connection alone from now on.
+                info.proto = proto::OTHER;
+                return Ok(());
+            } else {
+                return Ok(());
+            }
         }
     }
     track_server_request(scratch, tid, info);
-    if active.direction == direction::WRITE
+    if !ssl
+        && scratch.event.direction == direction::WRITE
         && inject_enabled()
         // SAFETY: copied out before the entry is removed.
         && let Some(injected) = unsafe { INJECTED.get(&tid) }.copied()
@@ -725,49 +796,66 @@ fn capture_plain(scratch: &mut Scratch, buf: u64, moved: u64) {
 }
 
 /// Copies the head (and tail, when the end is in one of the first iovecs) of
-/// a vectored transfer.
+/// a vectored transfer: one `bpf_loop` step per iovec.
 #[inline(always)]
 fn capture_vectored(scratch: &mut Scratch, iov: u64, iovcnt: u64, moved: u64) {
-    let mut off: usize = 0;
-    let mut left = moved;
-    let mut i = 0;
-    // The last two iovecs used: (base, bytes used).
-    let mut last = (0u64, 0u64);
-    let mut prev = (0u64, 0u64);
-    while i < MAX_IOV {
-        if i as u64 >= iovcnt || left == 0 {
-            break;
-        }
-        // SAFETY: the helper checks the user address.
-        let base = unsafe { bpf_probe_read_user((iov + 16 * i as u64) as *const u64) };
-        // SAFETY: as above.
-        let len = unsafe { bpf_probe_read_user((iov + 16 * i as u64 + 8) as *const u64) };
-        let (Ok(base), Ok(len)) = (base, len) else {
-            break;
-        };
-        let used = if len < left { len } else { left };
-        if off < CAPTURE_HEAD {
-            let room = (CAPTURE_HEAD - off) as u64;
-            let n = if used < room { used } else { room } as usize;
-            if !read_into(&mut scratch.event.head, off, base, n) {
-                break;
-            }
-            off += n;
-        }
-        left -= used;
-        if used > 0 {
-            prev = last;
-            last = (base, used);
-        }
-        i += 1;
-    }
-    scratch.event.head_len = off as u32;
-    if left == 0
+    scratch.vec = Vectored {
+        iov,
+        iovcnt,
+        left: moved,
+        off: 0,
+        last: (0, 0),
+        prev: (0, 0),
+    };
+    // SAFETY: `iov_step` has the callback signature bpf_loop requires.
+    unsafe { bpf_loop(MAX_IOV as u32, iov_step as *mut c_void, null_mut(), 0) };
+    // SAFETY: the callback wrote it through its own pointer to this value.
+    let vec = unsafe { core::ptr::read_volatile(&scratch.vec) };
+    scratch.event.head_len = vec.off as u32;
+    if vec.left == 0
         && moved > CAPTURE_HEAD as u64
-        && read_split_tail(&mut scratch.event.tail, prev, last)
+        && read_split_tail(&mut scratch.event.tail, vec.prev, vec.last)
     {
         scratch.event.tail_len = CAPTURE_TAIL as u32;
     }
+}
+
+/// One iovec of `capture_vectored`. Returns 0 to go on, 1 to stop.
+extern "C" fn iov_step(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch, owned by the running program.
+    let scratch = unsafe { &mut *scratch };
+    let vec = &mut scratch.vec;
+    if index >= vec.iovcnt || vec.left == 0 {
+        return 1;
+    }
+    let at = vec.iov + 16 * index;
+    // SAFETY: the helper checks the user address.
+    let base = unsafe { bpf_probe_read_user(at as *const u64) };
+    // SAFETY: as above.
+    let len = unsafe { bpf_probe_read_user((at + 8) as *const u64) };
+    let (Ok(base), Ok(len)) = (base, len) else {
+        return 1;
+    };
+    let used = if len < vec.left { len } else { vec.left };
+    let off = vec.off;
+    if off < CAPTURE_HEAD as u64 {
+        let room = CAPTURE_HEAD as u64 - off;
+        let n = if used < room { used } else { room };
+        if !read_into(&mut scratch.event.head, off as usize, base, n as usize) {
+            return 1;
+        }
+        scratch.vec.off = off + n;
+    }
+    let vec = &mut scratch.vec;
+    vec.left -= used;
+    if used > 0 {
+        vec.prev = vec.last;
+        vec.last = (base, used);
+    }
+    0
 }
 
 /// The last `CAPTURE_TAIL` bytes of a transfer whose end is in `last` and,
@@ -1259,7 +1347,6 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     read_tcp(event, info.sk);
     event.ctx = TraceContext::default();
     capture_plain(scratch, active.buf, moved);
-    track_server_request(scratch, tid, info);
-    send_data(scratch);
+    tail_call(ctx, &HTTP_SSL_STAGES, stage::SSL_PROCESS);
     Ok(())
 }

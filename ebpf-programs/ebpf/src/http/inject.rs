@@ -37,7 +37,7 @@ use aya_ebpf::{
         generated::{bpf_get_socket_cookie, bpf_loop, bpf_msg_pull_data},
     },
     macros::{map, sk_msg, sock_ops},
-    maps::{LruHashMap, SockHash},
+    maps::{LruHashMap, PerCpuArray, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use fathom_common::http::{
@@ -46,6 +46,18 @@ use fathom_common::http::{
 };
 
 use super::maps::{INJECTED, SERVING, count, inject_enabled, monitored, random_id};
+
+/// Per CPU: the request-head scan in progress (sk_msg programs do not nest
+/// on a CPU).
+#[map]
+static SCAN: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the scan's `bpf_loop` callback gets: the message, which only a
+/// pointer on the BPF stack can carry.
+#[repr(C)]
+struct ScanCtx {
+    msg: *mut sk_msg_md,
+}
 
 /// Client sockets of monitored processes (socket cookie -> socket). The
 /// kernel requires a 4-byte value.
@@ -181,10 +193,12 @@ enum Outcome {
     Other,
 }
 
-/// The request-head scan, shared with the `bpf_loop` callback.
+/// The request-head scan's state, in this CPU's `SCAN` (not on the BPF
+/// stack: the callback reads it from map memory, so the verifier checks the
+/// callback once for any cursor instead of once per distinct cursor value,
+/// which exhausted it on 6.1 and 6.18).
 #[repr(C)]
 struct Scan {
-    msg: *mut sk_msg_md,
     /// Bytes to inspect, linear from `msg->data`.
     len: u64,
     /// Where the search for the next LF starts.
@@ -222,25 +236,32 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
     if ctx.data() + len as usize > ctx.data_end() && pull(ctx, 0, len).is_err() {
         return Outcome::Failed;
     }
-    let mut scan = Scan {
-        msg: ctx.msg,
+    let Some(scan) = SCAN.get_ptr_mut(0) else {
+        return Outcome::Failed;
+    };
+    // SAFETY: this CPU's map value, ours for this run.
+    let scan = unsafe { &mut *scan };
+    *scan = Scan {
         len: len as u64,
         cursor: 0,
         line_end: 0,
         verdict: verdict::SCANNING,
         existing_at: 0,
     };
+    let mut scan_ctx = ScanCtx { msg: ctx.msg };
     // At most one step per LF plus one per LF-free word.
     // SAFETY: `scan_step` has the callback signature bpf_loop requires and
-    // `scan` outlives the call.
+    // `scan_ctx` outlives the call.
     unsafe {
         bpf_loop(
             len,
             scan_step as *mut c_void,
-            &mut scan as *mut Scan as *mut c_void,
+            &mut scan_ctx as *mut ScanCtx as *mut c_void,
             0,
         )
     };
+    // SAFETY: as above; the callback wrote it through its own pointer.
+    let scan = unsafe { core::ptr::read_volatile(scan) };
     match scan.verdict {
         verdict::HEAD_COMPLETE if scan.line_end != 0 => insert(ctx, scan.line_end as u32),
         verdict::EXISTING => forward(ctx, scan.existing_at, scan.len),
@@ -428,8 +449,13 @@ fn read<const N: usize>(msg: *mut sk_msg_md, off: u64, out: &mut [u8; N]) -> boo
 /// One LF per call and no loop inside: the verifier checks a single path
 /// through `on_lf` instead of every combination of LFs in a word.
 extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the caller's `Scan`, alive for the whole loop.
-    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    // SAFETY: `ctx` is the caller's `ScanCtx`, alive for the whole loop.
+    let msg = unsafe { (*(ctx as *mut ScanCtx)).msg };
+    let Some(scan) = SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's map value, ours for the whole loop.
+    let scan = unsafe { &mut *scan };
     let cursor = scan.cursor;
     if cursor >= scan.len {
         return 1;
@@ -442,7 +468,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
         cursor
     };
     let mut bytes = [0u8; 8];
-    if !read(scan.msg, start, &mut bytes) {
+    if !read(msg, start, &mut bytes) {
         return 1;
     }
     let word = u64::from_le_bytes(bytes);
@@ -460,7 +486,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
     // without branches, are 8 * index + 7.
     let pos = start + (popcount((zeros & zeros.wrapping_neg()) - 1) >> 3);
     scan.cursor = pos + 1;
-    if on_lf(scan, pos) { 1 } else { 0 }
+    if on_lf(msg, scan, pos) { 1 } else { 0 }
 }
 
 /// Set bits of `x` (SWAR; BPF has no popcount instruction).
@@ -474,7 +500,7 @@ fn popcount(x: u64) -> u64 {
 
 /// Handles the LF at `pos`. Returns true when the scan is decided.
 #[inline(always)]
-fn on_lf(scan: &mut Scan, pos: u64) -> bool {
+fn on_lf(msg: *mut sk_msg_md, scan: &mut Scan, pos: u64) -> bool {
     if scan.line_end == 0 {
         // The request line: `... HTTP/1.x\r\n`.
         if pos < MIN_LINE_LF {
@@ -482,7 +508,7 @@ fn on_lf(scan: &mut Scan, pos: u64) -> bool {
             return true;
         }
         let mut tail = [0u8; 10];
-        if !read(scan.msg, pos - 10, &mut tail)
+        if !read(msg, pos - 10, &mut tail)
             || &tail[..8] != b" HTTP/1."
             || !tail[8].is_ascii_digit()
             || tail[9] != b'\r'
@@ -494,7 +520,7 @@ fn on_lf(scan: &mut Scan, pos: u64) -> bool {
     } else {
         // A header line: must end in CRLF too.
         let mut cr = [0u8; 1];
-        if !read(scan.msg, pos - 1, &mut cr) || cr[0] != b'\r' {
+        if !read(msg, pos - 1, &mut cr) || cr[0] != b'\r' {
             scan.verdict = verdict::NOT_HTTP;
             return true;
         }
@@ -505,12 +531,12 @@ fn on_lf(scan: &mut Scan, pos: u64) -> bool {
         return false;
     }
     let mut blank = [0u8; 2];
-    if read(scan.msg, next, &mut blank) && blank == *b"\r\n" {
+    if read(msg, next, &mut blank) && blank == *b"\r\n" {
         scan.verdict = verdict::HEAD_COMPLETE;
         return true;
     }
     let mut name = [0u8; 12];
-    if next + 12 <= scan.len && read(scan.msg, next, &mut name) && is_traceparent_name(&name) {
+    if next + 12 <= scan.len && read(msg, next, &mut name) && is_traceparent_name(&name) {
         scan.verdict = verdict::EXISTING;
         scan.existing_at = next;
         return true;

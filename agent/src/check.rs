@@ -1,0 +1,212 @@
+//! `fathom-agent check`: what this kernel lets the agent do.
+//!
+//! Every program of the three eBPF objects is loaded the way the agent
+//! loads it, in each configuration the agent uses (the pid filter on and
+//! off, `traceparent` injection on and off), with the verifier's figures
+//! compared to the verification budget; then each signal is started as the
+//! daemon starts it, to say in which mode it runs, or why not.
+use std::fmt::Write as _;
+
+use aya::{Btf, Ebpf, programs::Program};
+
+use crate::{
+    ebpf::{self, BUDGET_PEAK_STATES, BUDGET_PROCESSED_INSNS, LoadError, VerifierStats},
+    http_capture::{self, HttpCapture, HttpCaptureConfig},
+    net_capture::{self, NetCapture, NetCaptureConfig},
+    profiler::{self, Profiler, ProfilerConfig},
+};
+
+/// One program loaded in one configuration.
+#[derive(Clone, Debug)]
+pub struct ProgramCheck {
+    pub object: &'static str,
+    /// The configuration's name (`default`, `pids`, `inject+pids`, …).
+    pub config: &'static str,
+    pub program: String,
+    pub outcome: Result<Option<VerifierStats>, String>,
+}
+
+impl ProgramCheck {
+    /// Loaded, with figures within the budget.
+    pub fn ok(&self) -> bool {
+        matches!(&self.outcome, Ok(Some(s)) if s.within_budget())
+    }
+}
+
+/// The configurations of each object that the agent loads.
+fn configurations() -> Vec<(&'static str, &'static str, Configured)> {
+    let me = std::process::id();
+    let profiler = |pids: Vec<u32>| ProfilerConfig {
+        pids,
+        ..ProfilerConfig::default()
+    };
+    let http = |inject: bool, pids: Vec<u32>| HttpCaptureConfig {
+        inject,
+        pids,
+        ..HttpCaptureConfig::default()
+    };
+    vec![
+        (
+            profiler::OBJECT,
+            "default",
+            Configured::Profiler(profiler(vec![])),
+        ),
+        (
+            profiler::OBJECT,
+            "pids",
+            Configured::Profiler(profiler(vec![me])),
+        ),
+        (
+            http_capture::OBJECT,
+            "default",
+            Configured::Http(http(false, vec![])),
+        ),
+        (
+            http_capture::OBJECT,
+            "pids",
+            Configured::Http(http(false, vec![me])),
+        ),
+        (
+            http_capture::OBJECT,
+            "inject",
+            Configured::Http(http(true, vec![])),
+        ),
+        (
+            http_capture::OBJECT,
+            "inject+pids",
+            Configured::Http(http(true, vec![me])),
+        ),
+        (
+            net_capture::OBJECT,
+            "default",
+            Configured::Net(NetCaptureConfig::default()),
+        ),
+    ]
+}
+
+enum Configured {
+    Profiler(ProfilerConfig),
+    Http(HttpCaptureConfig),
+    Net(NetCaptureConfig),
+}
+
+/// Loads every program of every object in every configuration.
+pub fn check_programs() -> Vec<ProgramCheck> {
+    let btf = Btf::from_sys_fs().ok();
+    let mut checks = Vec::new();
+    for (object, config, configured) in configurations() {
+        let opened: Result<Ebpf, String> = match &configured {
+            Configured::Profiler(c) => Profiler::open_object(c).map_err(|e| e.to_string()),
+            Configured::Http(c) => HttpCapture::open_object(c).map_err(|e| e.to_string()),
+            Configured::Net(c) => NetCapture::open_object(c)
+                .map(|(ebpf, _)| ebpf)
+                .map_err(|e| e.to_string()),
+        };
+        let mut ebpf = match opened {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                checks.push(ProgramCheck {
+                    object,
+                    config,
+                    program: "(object)".into(),
+                    outcome: Err(e),
+                });
+                continue;
+            }
+        };
+        let mut names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        for name in names {
+            let Some(program) = ebpf.program_mut(&name) else {
+                continue;
+            };
+            let outcome = load_any(object, &name, program, btf.as_ref()).map_err(|e| e.to_string());
+            checks.push(ProgramCheck {
+                object,
+                config,
+                program: name,
+                outcome,
+            });
+        }
+    }
+    checks
+}
+
+/// The kernel function a BTF tracepoint program of ours attaches to.
+fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
+    match program {
+        "net_tcp_probe_btf" => Some("tcp_probe"),
+        _ => None,
+    }
+}
+
+/// Loads a program of any type the objects have.
+fn load_any(
+    object: &'static str,
+    name: &str,
+    program: &mut Program,
+    btf: Option<&Btf>,
+) -> Result<Option<VerifierStats>, LoadError> {
+    match program {
+        Program::TracePoint(p) => ebpf::load_program(object, name, || p.load()),
+        Program::PerfEvent(p) => ebpf::load_program(object, name, || p.load()),
+        Program::UProbe(p) => ebpf::load_program(object, name, || p.load()),
+        Program::SockOps(p) => ebpf::load_program(object, name, || p.load()),
+        Program::SkMsg(p) => ebpf::load_program(object, name, || p.load()),
+        Program::SchedClassifier(p) => ebpf::load_program(object, name, || p.load()),
+        Program::BtfTracePoint(p) => {
+            let tracepoint = btf_tracepoint_of(name).unwrap_or("unknown");
+            match btf {
+                Some(btf) => ebpf::load_program(object, name, || p.load(tracepoint, btf)),
+                None => ebpf::load_program(object, name, || {
+                    Err(aya::programs::ProgramError::UnexpectedProgramType)
+                }),
+            }
+        }
+        _ => ebpf::load_program(object, name, || {
+            Err(aya::programs::ProgramError::UnexpectedProgramType)
+        }),
+    }
+}
+
+/// The figures as a table, one program and configuration a line.
+pub fn programs_table(checks: &[ProgramCheck]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<12} {:<28} {:>10} {:>8} {:>10}  verdict",
+        "object", "config", "program", "insns", "states", "time"
+    );
+    for c in checks {
+        let (insns, states, time, verdict) = match &c.outcome {
+            Ok(Some(s)) => (
+                s.processed_insns.to_string(),
+                s.peak_states.to_string(),
+                format!("{:.1} ms", s.verification_time.as_secs_f64() * 1e3),
+                if s.within_budget() {
+                    "ok".to_string()
+                } else {
+                    "OVER BUDGET".to_string()
+                },
+            ),
+            Ok(None) => (
+                "?".into(),
+                "?".into(),
+                "?".into(),
+                "loaded, no figures".into(),
+            ),
+            Err(e) => ("-".into(), "-".into(), "-".into(), format!("REJECTED: {e}")),
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<12} {:<28} {:>10} {:>8} {:>10}  {verdict}",
+            c.object, c.config, c.program, insns, states, time
+        );
+    }
+    let _ = writeln!(
+        out,
+        "budget: {BUDGET_PROCESSED_INSNS} instructions processed and {BUDGET_PEAK_STATES} peak \
+         states per program"
+    );
+    out
+}
