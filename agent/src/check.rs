@@ -90,11 +90,16 @@ enum Configured {
     Net(NetCaptureConfig),
 }
 
-/// Loads every program of every object in every configuration.
-pub fn check_programs() -> Vec<ProgramCheck> {
+/// Loads every program of every object in every configuration; with
+/// `objects` or `configs` not empty, only those named.
+pub fn check_programs(objects: &[String], configs: &[String]) -> Vec<ProgramCheck> {
     let btf = Btf::from_sys_fs().ok();
     let mut checks = Vec::new();
+    let wanted = |list: &[String], name: &str| list.is_empty() || list.iter().any(|n| n == name);
     for (object, config, configured) in configurations() {
+        if !wanted(objects, object) || !wanted(configs, config) {
+            continue;
+        }
         let opened: Result<Ebpf, String> = match &configured {
             Configured::Profiler(c) => Profiler::open_object(c).map_err(|e| e.to_string()),
             Configured::Http(c) => HttpCapture::open_object(c).map_err(|e| e.to_string()),

@@ -55,7 +55,16 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
-struct CheckArgs {}
+struct CheckArgs {
+    /// Only this eBPF object (`fathom`, `fathom-http`, `fathom-net`;
+    /// repeatable).
+    #[arg(long = "object")]
+    objects: Vec<String>,
+    /// Only this configuration (`default`, `pids`, `inject`, `inject+pids`;
+    /// repeatable).
+    #[arg(long = "config")]
+    configs: Vec<String>,
+}
 
 #[derive(Args, Debug)]
 struct SamplingArgs {
@@ -458,8 +467,8 @@ fn stop_on_signals() -> anyhow::Result<Stop> {
     Ok(stop)
 }
 
-fn check(_args: CheckArgs) -> anyhow::Result<()> {
-    let programs = fathom_agent::check::check_programs();
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let programs = fathom_agent::check::check_programs(&args.objects, &args.configs);
     print!("{}", fathom_agent::check::programs_table(&programs));
     let bad = programs.iter().filter(|c| !c.ok()).count();
     if bad > 0 {

@@ -558,51 +558,96 @@ pub fn hex_lower(bytes: &[u8], out: &mut [u8]) {
 /// Parses a `traceparent` value (`00-{32 hex}-{16 hex}-{2 hex}`), returning
 /// (trace id, parent span id, flags). All-zero ids and version `ff` are
 /// invalid, per W3C Trace Context.
+///
+/// The digits are decoded without a branch per digit (the eBPF programs
+/// share this code: a branch per digit multiplies the paths the verifier
+/// walks, which exhausted it on Linux 6.1); one check at the end decides.
 pub fn parse_traceparent(value: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
     if value.len() < 55 {
         return None;
     }
-    let version = hex_byte(value[0], value[1])?;
-    if version == 0xff || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
-        return None;
-    }
+    let mut bad = 0u64;
+    let version = hex_byte(value[0], value[1], &mut bad);
     // Version 00 is exactly 55 bytes; later versions may append fields.
-    if version == 0 && value.len() > 55 {
-        return None;
-    }
+    let longer = value.len() > 55;
     let mut trace = [0u8; 16];
-    for (i, t) in trace.iter_mut().enumerate() {
-        *t = hex_byte(value[3 + 2 * i], value[4 + 2 * i])?;
+    let mut i = 0;
+    while i < 16 {
+        trace[i] = hex_byte(value[3 + 2 * i], value[4 + 2 * i], &mut bad);
+        i += 1;
     }
     let mut span = [0u8; 8];
-    for (i, s) in span.iter_mut().enumerate() {
-        *s = hex_byte(value[36 + 2 * i], value[37 + 2 * i])?;
+    let mut i = 0;
+    while i < 8 {
+        span[i] = hex_byte(value[36 + 2 * i], value[37 + 2 * i], &mut bad);
+        i += 1;
     }
-    let flags = hex_byte(value[53], value[54])?;
-    if trace == [0; 16] || span == [0; 8] {
+    let flags = hex_byte(value[53], value[54], &mut bad);
+    let dashes =
+        u64::from(value[2] ^ b'-') | u64::from(value[35] ^ b'-') | u64::from(value[52] ^ b'-');
+    if bad != 0
+        || dashes != 0
+        || version == 0xff
+        || (version == 0 && longer)
+        || trace == [0; 16]
+        || span == [0; 8]
+    {
         return None;
     }
     Some((trace, span, flags))
 }
 
+/// 1 when `x < bound` (both below 2^63), else 0, without a branch.
 #[inline(always)]
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        // Upper case is not valid in traceparent.
-        _ => None,
-    }
+const fn below(x: u64, bound: u64) -> u64 {
+    x.wrapping_sub(bound) >> 63
+}
+
+/// A lower-case hex digit's value; anything else sets `bad`. Upper case is
+/// not valid in traceparent.
+#[inline(always)]
+fn hex_digit(c: u8, bad: &mut u64) -> u8 {
+    let digit = u64::from(c).wrapping_sub(u64::from(b'0'));
+    let letter = u64::from(c).wrapping_sub(u64::from(b'a'));
+    let is_digit = below(digit & 0xff, 10) & below(u64::from(c), u64::from(b'9') + 1);
+    let is_letter = below(letter & 0xff, 6) & below(u64::from(c), u64::from(b'f') + 1);
+    *bad |= 1 ^ (is_digit | is_letter);
+    ((digit & 0xf).wrapping_mul(is_digit) + (letter.wrapping_add(10) & 0xf).wrapping_mul(is_letter))
+        as u8
 }
 
 #[inline(always)]
-fn hex_byte(hi: u8, lo: u8) -> Option<u8> {
-    Some(hex_digit(hi)? << 4 | hex_digit(lo)?)
+fn hex_byte(hi: u8, lo: u8, bad: &mut u64) -> u8 {
+    (hex_digit(hi, bad) << 4) | hex_digit(lo, bad)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hex_digit_ref(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+
+    fn c_value(c: u8) -> u8 {
+        hex_digit_ref(c).unwrap_or(0)
+    }
+
+    #[test]
+    fn hex_digits_match_a_plain_decoder() {
+        for c in 0..=255u8 {
+            let mut bad = 0;
+            let v = hex_digit(c, &mut bad);
+            match hex_digit_ref(c) {
+                Some(expected) => assert_eq!((v, bad), (expected, 0), "{c:#x}"),
+                None => assert_eq!(bad, 1, "{c:#x}"),
+            }
+        }
+    }
 
     #[test]
     fn traceparent_round_trip() {
@@ -623,6 +668,31 @@ mod tests {
         );
         assert!(
             parse_traceparent(b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01").is_none()
+        );
+        // Every byte that is not a lower-case hex digit is refused, in
+        // every digit position; every digit decodes to its value.
+        let good = *b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        for pos in (0..55).filter(|p| ![2, 35, 52].contains(p)) {
+            for c in 0..=255u8 {
+                let mut v = good;
+                v[pos] = c;
+                match (hex_digit_ref(c), parse_traceparent(&v)) {
+                    (None, parsed) => assert!(parsed.is_none(), "byte {c:#x} at {pos}"),
+                    (Some(d), Some((t, s, f))) if pos >= 3 => {
+                        let (got, high) = match pos {
+                            3..=34 => (t[(pos - 3) / 2], pos % 2 == 1),
+                            36..=51 => (s[(pos - 36) / 2], pos % 2 == 0),
+                            _ => (f, pos == 53),
+                        };
+                        let shift = if high { 4 } else { 0 };
+                        assert_eq!((got >> shift) & 0xf, d, "byte {c:#x} at {pos}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            parse_traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").is_some()
         );
         assert!(
             parse_traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x")

@@ -20,11 +20,12 @@ use aya_ebpf::{
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, Serving,
     SockAddr, SockOffsets, TraceContext, ctx_flags, data_flags, direction, event_kind, head_state,
-    is_request_start, is_response_start, parse_traceparent, proto, role, stage, syscall,
+    parse_traceparent, proto, role, stage, syscall,
 };
 
 use crate::maps::{
     CONNS, HTTP_EVENTS, INJECTED, RING_FLAGS, SERVING, count, inject_enabled, monitored, random_id,
+    starts_message,
 };
 
 /// Offsets of `parent_pid` and `child_pid` in the `sched_process_fork`
@@ -909,8 +910,11 @@ fn read_into(head: &mut [u8; CAPTURE_HEAD], off: usize, src: u64, n: usize) -> b
     if n == 0 {
         return true;
     }
-    let off = off & (CAPTURE_HEAD - 1);
-    let n = n & (CAPTURE_HEAD * 2 - 1);
+    // Opaque to LLVM, which otherwise drops the mask when it knows a bound
+    // the verifier does not (6.1 then rejects the size as unbounded).
+    // SAFETY: reads of locals.
+    let off = unsafe { core::ptr::read_volatile(&off) } & (CAPTURE_HEAD - 1);
+    let n = unsafe { core::ptr::read_volatile(&n) } & (CAPTURE_HEAD * 2 - 1);
     if n > CAPTURE_HEAD {
         return false;
     }
@@ -937,9 +941,9 @@ fn read_tail(tail: &mut [u8; CAPTURE_TAIL], src: u64) -> bool {
 /// response (any status).
 #[inline(always)]
 fn message_start(event: &DataEvent) -> (bool, bool) {
-    let head = &event.head[..(event.head_len as usize).min(CAPTURE_HEAD)];
-    let request = is_request_start(head);
-    (request, !request && is_response_start(head))
+    // SAFETY: the head has CAPTURE_HEAD (>= 8) bytes.
+    let word = unsafe { core::ptr::read_unaligned(event.head.as_ptr().cast::<u64>()) };
+    starts_message(word, event.head_len)
 }
 
 /// The server side of the trace context, for the event in `scratch` (both

@@ -41,11 +41,12 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use fathom_common::http::{
-    HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, hex_lower, is_request_start,
-    parse_traceparent,
+    HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, hex_lower, parse_traceparent,
 };
 
-use super::maps::{INJECTED, SERVING, count, inject_enabled, monitored, random_id};
+use super::maps::{
+    INJECTED, SERVING, count, filter_pids, inject_enabled, monitored, random_id, starts_message,
+};
 
 /// Per CPU: the request-head scan in progress (sk_msg programs do not nest
 /// on a CPU).
@@ -109,11 +110,19 @@ fn try_sock_ops(ctx: &SockOpsContext) {
             if !inject_enabled() {
                 return;
             }
-            // The connecting thread is current here.
-            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            if tgid == 0 || !monitored(tgid) {
-                return;
-            }
+            // The connecting thread is current here. Only the pid filter
+            // asks which process it is: Linux 6.1 does not allow
+            // `bpf_get_current_pid_tgid` in sock_ops, so without the filter
+            // the program loads there too.
+            let tgid = if filter_pids() {
+                let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                if tgid == 0 || !monitored(tgid) {
+                    return;
+                }
+                tgid
+            } else {
+                0
+            };
             // SAFETY: the program's context is a `bpf_sock_ops`.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // A full LRU evicts the oldest; nothing to count.
@@ -230,7 +239,7 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
     if !read(ctx.msg, 0, &mut first) {
         return Outcome::Other;
     }
-    if !is_request_start(&first) {
+    if !starts_message(u64::from_le_bytes(first), 8).0 {
         return Outcome::Other;
     }
     if ctx.data() + len as usize > ctx.data_end() && pull(ctx, 0, len).is_err() {

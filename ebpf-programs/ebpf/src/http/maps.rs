@@ -54,6 +54,13 @@ pub fn count(c: HttpCounter) {
     }
 }
 
+/// Whether only the processes in `MONITORED` are traced.
+#[inline(always)]
+pub fn filter_pids() -> bool {
+    // SAFETY: a plain read of a loader-set global.
+    unsafe { read_volatile(&HTTP_FILTER_PIDS) != 0 }
+}
+
 /// Whether the process `tgid` is traced.
 #[inline(always)]
 pub fn monitored(tgid: u32) -> bool {
@@ -88,5 +95,45 @@ pub fn random_id(out: &mut [u8]) {
     }
     if out.iter().all(|b| *b == 0) {
         out[0] = 1;
+    }
+}
+
+/// Whether bytes whose first eight are `word` (little-endian; `len` of them
+/// valid) start an HTTP/1.x request, and whether they start a response:
+/// `fathom_common::http::is_request_start` and `is_response_start` on one
+/// word, with no `memcmp` loop for the verifier to walk.
+#[inline(always)]
+pub fn starts_message(word: u64, len: u32) -> (bool, bool) {
+    let starts = |(text, n): (u64, u32)| len >= n && word & mask(n) == text;
+    let request = starts(word_of(b"GET "))
+        || starts(word_of(b"POST "))
+        || starts(word_of(b"PUT "))
+        || starts(word_of(b"PATCH "))
+        || starts(word_of(b"DELETE "))
+        || starts(word_of(b"HEAD "))
+        || starts(word_of(b"OPTIONS "))
+        || starts(word_of(b"CONNECT "))
+        || starts(word_of(b"TRACE "));
+    (request, !request && starts(word_of(b"HTTP/1.")))
+}
+
+/// Up to 8 bytes as a little-endian word, and their number.
+const fn word_of(text: &[u8]) -> (u64, u32) {
+    let mut word = 0u64;
+    let mut i = 0;
+    while i < text.len() {
+        word |= (text[i] as u64) << (8 * i);
+        i += 1;
+    }
+    (word, text.len() as u32)
+}
+
+/// The low `n` bytes of a word.
+#[inline(always)]
+const fn mask(n: u32) -> u64 {
+    if n >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * n)) - 1
     }
 }
