@@ -49,9 +49,20 @@ enum Command {
     Profile(ProfileArgs),
     /// Say what this kernel lets the agent do: load every eBPF program the
     /// way the agent does and print the verifier's figures against the
-    /// verification budget, then which signals run, in which mode, and why
-    /// not. Exits 1 when a program is rejected or over the budget.
+    /// verification budget (and, with --smoke, run each signal against a
+    /// workload). Exits 1 when a program is over the budget, a program a
+    /// signal needs is rejected, or a smoke check fails; a rejected program
+    /// the agent can do without is shown as DEGRADED.
     Check(CheckArgs),
+    /// A workload of `check --smoke` (internal).
+    #[command(hide = true)]
+    CheckWorkload(WorkloadArgs),
+}
+
+#[derive(Args, Debug)]
+struct WorkloadArgs {
+    /// `spin SECONDS`, or `serve ADDR UPSTREAM|- REQUESTS`.
+    args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +75,14 @@ struct CheckArgs {
     /// repeatable).
     #[arg(long = "config")]
     configs: Vec<String>,
+    /// Then run each signal against a small workload of its own (a busy
+    /// loop, two HTTP services and a client, TCP connections on loopback)
+    /// and check what it produced.
+    #[arg(long)]
+    smoke: bool,
+    /// Fail on a rejected program the agent can do without, too.
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +291,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Profile(args)) => profile(args),
         Some(Command::Check(args)) => check(args),
+        Some(Command::CheckWorkload(args)) => check_workload(args),
         None => daemon(cli.daemon),
     };
     match result {
@@ -470,9 +490,43 @@ fn stop_on_signals() -> anyhow::Result<Stop> {
 fn check(args: CheckArgs) -> anyhow::Result<()> {
     let programs = fathom_agent::check::check_programs(&args.objects, &args.configs);
     print!("{}", fathom_agent::check::programs_table(&programs));
-    let bad = programs.iter().filter(|c| !c.ok()).count();
-    if bad > 0 {
-        bail!("{bad} program load(s) rejected or over the verification budget");
+    let bad = programs
+        .iter()
+        .filter(|c| !c.ok() && (args.strict || c.degraded().is_none()))
+        .count();
+    let smoke_failed = if args.smoke {
+        let smoke = fathom_agent::check::check_smoke();
+        print!("{}", fathom_agent::check::smoke_table(&smoke));
+        smoke.iter().filter(|s| s.outcome.is_err()).count()
+    } else {
+        0
+    };
+    if bad > 0 || smoke_failed > 0 {
+        bail!(
+            "{bad} program load(s) rejected or over the verification budget, \
+             {smoke_failed} smoke check(s) failed"
+        );
+    }
+    Ok(())
+}
+
+fn check_workload(args: WorkloadArgs) -> anyhow::Result<()> {
+    use fathom_agent::check::workload;
+    let arg = |i: usize| args.args.get(i).map(String::as_str).unwrap_or("");
+    match arg(0) {
+        "spin" => workload::spin(arg(1).parse().context("spin SECONDS")?),
+        "serve" => {
+            let upstream = match arg(2) {
+                "-" => None,
+                up => Some(up.parse().context("serve: upstream address")?),
+            };
+            workload::serve(
+                arg(1).parse().context("serve: listen address")?,
+                upstream,
+                arg(3).parse().context("serve: request count")?,
+            )?
+        }
+        other => bail!("unknown workload {other:?}"),
     }
     Ok(())
 }

@@ -338,7 +338,7 @@ fn parse_basic_auth(s: &str) -> Result<BasicAuth, String> {
 /// Flags (each mirrored by a `FATHOM_*` variable) that override the file.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CollectorArgs {
-    /// TOML configuration file (see the README); flags override it.
+    /// TOML configuration file (see `docs/collector.md`); flags override it.
     #[arg(long = "config", env = "FATHOM_CONFIG")]
     pub config: Option<PathBuf>,
     /// OTLP gRPC listen address, or `off` [default: 0.0.0.0:4317].
@@ -615,11 +615,11 @@ url = "http://pyro:4040"
         assert!(CollectorConfig::default().store_enabled());
     }
 
-    /// The README's configuration block is the defaults, and with every
+    /// The documented configuration block (docs/collector.md) is the defaults, and with every
     /// commented-out setting enabled it still parses and validates.
     #[test]
     fn readme_config_example_is_true() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/collector.md");
         let start = readme.find("```toml\n").unwrap() + "```toml\n".len();
         let block = &readme[start..start + readme[start..].find("```").unwrap()];
         let c: CollectorConfig = toml::from_str(block).unwrap();

@@ -6,7 +6,7 @@ use clap::Parser;
 use fathom_collector::{Collector, CollectorArgs};
 
 /// Fathom's collector. Every flag has a `FATHOM_*` environment variable; a
-/// TOML file (`--config`) can hold all settings (see the README).
+/// TOML file (`--config`) can hold all settings (see `docs/collector.md`).
 #[derive(Parser, Debug)]
 #[command(name = "fathom-collector", version)]
 struct Cli {

@@ -241,7 +241,13 @@ impl Agent {
     /// Starts `binary` (e.g. the release agent) with `args`; `echo` copies
     /// its log to stderr as it comes.
     pub fn spawn_binary(binary: &Path, args: &[&str], echo: bool) -> Self {
+        Self::spawn_env(binary, args, &[], echo)
+    }
+
+    /// [`Agent::spawn_binary`] with environment variables set.
+    pub fn spawn_env(binary: &Path, args: &[&str], env: &[(&str, &str)], echo: bool) -> Self {
         let mut cmd = Command::new(binary);
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .env("FATHOM_LOG", "info")
             .stdout(Stdio::null())

@@ -100,6 +100,14 @@ fn record(load: ProgramLoad) {
     }
 }
 
+/// Programs named here (comma-separated) fail to load without reaching the
+/// kernel, so that tests can force each degradation.
+pub const FAIL_LOAD_ENV: &str = "FATHOM_FAIL_LOAD";
+
+fn forced_to_fail(program: &str) -> bool {
+    std::env::var(FAIL_LOAD_ENV).is_ok_and(|names| names.split(',').any(|n| n.trim() == program))
+}
+
 /// Where the verbose logs of rejected programs go: `$FATHOM_VERIFIER_LOG_DIR`,
 /// else `fathom-verifier` in the temporary directory.
 pub fn verifier_log_dir() -> PathBuf {
@@ -137,6 +145,22 @@ pub fn load_program(
     program: &str,
     mut load: impl FnMut() -> Result<(), ProgramError>,
 ) -> Result<Option<VerifierStats>, LoadError> {
+    if forced_to_fail(program) {
+        record(ProgramLoad {
+            object,
+            program: program.to_string(),
+            loaded: false,
+            stats: None,
+        });
+        return Err(LoadError {
+            object,
+            program: program.to_string(),
+            reason: format!("not loaded: {FAIL_LOAD_ENV} names it (a test of degradation)"),
+            log_file: None,
+            stats: None,
+            source: ProgramError::IOError(std::io::Error::other("load failure forced")),
+        });
+    }
     let result = load();
     let log = take_verifier_log().unwrap_or_default();
     let stats = parse_stats(&log);

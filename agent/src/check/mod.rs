@@ -5,6 +5,9 @@
 //! off, `traceparent` injection on and off), with the verifier's figures
 //! compared to the verification budget; then each signal is started as the
 //! daemon starts it, to say in which mode it runs, or why not.
+pub mod smoke;
+pub mod workload;
+
 use std::fmt::Write as _;
 
 use aya::{Btf, Ebpf, programs::Program};
@@ -30,6 +33,23 @@ impl ProgramCheck {
     /// Loaded, with figures within the budget.
     pub fn ok(&self) -> bool {
         matches!(&self.outcome, Ok(Some(s)) if s.within_budget())
+    }
+
+    /// Rejected, but the agent runs its signal without it (see
+    /// [`degradation`]).
+    pub fn degraded(&self) -> Option<&'static str> {
+        self.outcome.as_ref().err().and(degradation(&self.program))
+    }
+}
+
+/// What the agent does without a program it could not load, for the
+/// programs a signal can do without; `None` for the ones it needs.
+pub fn degradation(program: &str) -> Option<&'static str> {
+    match program {
+        "profile_unwind" => Some("profiles: user stacks by frame pointers only"),
+        "fathom_sk_msg" | "fathom_sock_ops" => Some("traces: captured, no traceparent injected"),
+        "net_tcp_probe_btf" => Some("network: tcp_probe as a classic tracepoint"),
+        _ => None,
     }
 }
 
@@ -200,7 +220,15 @@ pub fn programs_table(checks: &[ProgramCheck]) -> String {
                 "?".into(),
                 "loaded, no figures".into(),
             ),
-            Err(e) => ("-".into(), "-".into(), "-".into(), format!("REJECTED: {e}")),
+            Err(e) => match degradation(&c.program) {
+                Some(then) => (
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("DEGRADED ({then}): {e}"),
+                ),
+                None => ("-".into(), "-".into(), "-".into(), format!("REJECTED: {e}")),
+            },
         };
         let _ = writeln!(
             out,
@@ -213,5 +241,40 @@ pub fn programs_table(checks: &[ProgramCheck]) -> String {
         "budget: {BUDGET_PROCESSED_INSNS} instructions processed and {BUDGET_PEAK_STATES} peak \
          states per program"
     );
+    out
+}
+
+/// One signal's smoke check: what was seen, or why it failed.
+#[derive(Clone, Debug)]
+pub struct SmokeCheck {
+    pub signal: &'static str,
+    pub outcome: Result<String, String>,
+}
+
+/// Runs each signal's smoke check in turn.
+pub fn check_smoke() -> Vec<SmokeCheck> {
+    let checks: [(&'static str, fn() -> Result<String, String>); 3] = [
+        ("profiles", smoke::profiles),
+        ("traces", smoke::traces),
+        ("network", smoke::network),
+    ];
+    checks
+        .into_iter()
+        .map(|(signal, check)| SmokeCheck {
+            signal,
+            outcome: check(),
+        })
+        .collect()
+}
+
+/// One line per smoke check.
+pub fn smoke_table(checks: &[SmokeCheck]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let _ = match &c.outcome {
+            Ok(said) => writeln!(out, "smoke {:<9} ok: {said}", c.signal),
+            Err(why) => writeln!(out, "smoke {:<9} FAILED: {why}", c.signal),
+        };
+    }
     out
 }
