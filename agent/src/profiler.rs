@@ -317,7 +317,7 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
                 tracing::warn!(
                     "profiling degraded: user stacks by frame pointers only, because the table                      unwinder could not load: {e}"
                 );
-                Err(e.reason)
+                Err(e.reason.clone())
             }
         }
     } else {

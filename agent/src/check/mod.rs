@@ -253,7 +253,8 @@ pub struct SmokeCheck {
 
 /// Runs each signal's smoke check in turn.
 pub fn check_smoke() -> Vec<SmokeCheck> {
-    let checks: [(&'static str, fn() -> Result<String, String>); 3] = [
+    type Smoke = fn() -> Result<String, String>;
+    let checks: [(&'static str, Smoke); 3] = [
         ("profiles", smoke::profiles),
         ("traces", smoke::traces),
         ("network", smoke::network),

@@ -116,10 +116,23 @@ pub fn verifier_log_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("fathom-verifier"))
 }
 
-/// A program the kernel did not load.
+/// A program the kernel did not load (boxed: errors stay small).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct LoadError(Box<LoadFailure>);
+
+impl std::ops::Deref for LoadError {
+    type Target = LoadFailure;
+
+    fn deref(&self) -> &LoadFailure {
+        &self.0
+    }
+}
+
+/// What [`LoadError`] says.
 #[derive(Debug, thiserror::Error)]
 #[error("{object}/{program}: {reason}{}", log_hint(.log_file))]
-pub struct LoadError {
+pub struct LoadFailure {
     pub object: &'static str,
     pub program: String,
     /// One sentence: why.
@@ -152,14 +165,14 @@ pub fn load_program(
             loaded: false,
             stats: None,
         });
-        return Err(LoadError {
+        return Err(LoadError(Box::new(LoadFailure {
             object,
             program: program.to_string(),
             reason: format!("not loaded: {FAIL_LOAD_ENV} names it (a test of degradation)"),
             log_file: None,
             stats: None,
             source: ProgramError::IOError(std::io::Error::other("load failure forced")),
-        });
+        })));
     }
     let result = load();
     let log = take_verifier_log().unwrap_or_default();
@@ -208,14 +221,14 @@ pub fn load_program(
         }
         _ => (source.to_string(), None),
     };
-    Err(LoadError {
+    Err(LoadError(Box::new(LoadFailure {
         object,
         program: program.to_string(),
         reason,
         log_file,
         stats,
         source,
-    })
+    })))
 }
 
 /// The verifier's own last complaint: the line just before its statistics,

@@ -633,10 +633,6 @@ mod tests {
         }
     }
 
-    fn c_value(c: u8) -> u8 {
-        hex_digit_ref(c).unwrap_or(0)
-    }
-
     #[test]
     fn hex_digits_match_a_plain_decoder() {
         for c in 0..=255u8 {
