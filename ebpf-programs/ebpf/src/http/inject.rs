@@ -34,7 +34,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_pid_tgid,
-        generated::{bpf_get_socket_cookie, bpf_loop, bpf_msg_pull_data},
+        generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_loop, bpf_msg_pull_data},
     },
     macros::{map, sk_msg, sock_ops},
     maps::{LruHashMap, PerCpuArray, SockHash},
@@ -218,6 +218,11 @@ struct Scan {
     verdict: u64,
     /// With [`verdict::EXISTING`]: offset of the `traceparent` header line.
     existing_at: u64,
+    /// Chosen at random by the run that owns the scan. On a kernel that
+    /// preempts BPF programs, another message's scan on this CPU may
+    /// overwrite this state while ours is preempted; a changed owner then
+    /// leaves the message untouched (never a header at a wrong offset).
+    owner: u64,
 }
 
 #[inline(always)]
@@ -250,12 +255,16 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
     };
     // SAFETY: this CPU's map value, ours for this run.
     let scan = unsafe { &mut *scan };
+    // SAFETY: helpers without arguments.
+    let owner =
+        unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) };
     *scan = Scan {
         len: len as u64,
         cursor: 0,
         line_end: 0,
         verdict: verdict::SCANNING,
         existing_at: 0,
+        owner,
     };
     let mut scan_ctx = ScanCtx { msg: ctx.msg };
     // At most one step per LF plus one per LF-free word.
@@ -271,6 +280,9 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
     };
     // SAFETY: as above; the callback wrote it through its own pointer.
     let scan = unsafe { core::ptr::read_volatile(scan) };
+    if scan.owner != owner || scan.len != len as u64 {
+        return Outcome::Failed;
+    }
     match scan.verdict {
         verdict::HEAD_COMPLETE if scan.line_end != 0 => insert(ctx, scan.line_end as u32),
         verdict::EXISTING => forward(ctx, scan.existing_at, scan.len),
