@@ -248,10 +248,25 @@ fn run_with_chart_env(env_file: &Path, dir: &Path) {
     loop {
         match get(health_port, "/healthz") {
             Some((200, body)) => {
-                assert_eq!(body, "ok\n");
+                // "ok", then one line per signal the chart turned on: each
+                // runs in full on this kernel.
+                let mut lines = body.lines();
+                assert_eq!(lines.next(), Some("ok"), "{body}");
+                let signals: Vec<&str> = lines.collect();
+                assert!(!signals.is_empty(), "{body}");
+                for line in signals {
+                    assert!(line.contains(": up ("), "{body}");
+                }
                 break;
             }
-            Some((503, body)) => assert_eq!(body, "starting\n", "before ready"),
+            Some((503, body)) => {
+                // Signals are listed as they start.
+                let mut lines = body.lines();
+                assert_eq!(lines.next(), Some("starting"), "before ready: {body}");
+                for line in lines {
+                    assert!(line.contains(": up ("), "before ready: {body}");
+                }
+            }
             other => assert!(other.is_none(), "unexpected health answer {other:?}"),
         }
         assert!(
