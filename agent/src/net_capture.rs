@@ -210,20 +210,22 @@ pub struct NetCapture {
     ebpf: Ebpf,
 }
 
+/// The BTF tracepoint program and the kernel tracepoint it attaches to.
+pub const BTF_PROBE: (&str, &str) = ("net_tcp_probe_btf", "tcp_probe");
+
 /// Loads and attaches `net_tcp_probe_btf`; `false` (logged) when the
 /// kernel refuses it, and the classic `net_tcp_probe` runs instead.
 fn attach_btf_probe(ebpf: &mut Ebpf) -> bool {
     let result = (|| -> Result<(), String> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+        let (name, tracepoint) = BTF_PROBE;
         let program: &mut BtfTracePoint = ebpf
-            .program_mut("net_tcp_probe_btf")
+            .program_mut(name)
             .ok_or("no program net_tcp_probe_btf")?
             .try_into()
             .map_err(|e: ProgramError| e.to_string())?;
-        ebpf::load_program(OBJECT, "net_tcp_probe_btf", || {
-            program.load("tcp_probe", &btf)
-        })
-        .map_err(|e| e.to_string())?;
+        ebpf::load_program(OBJECT, name, || program.load(tracepoint, &btf))
+            .map_err(|e| e.to_string())?;
         program.attach().map_err(|e| e.to_string())?;
         Ok(())
     })();

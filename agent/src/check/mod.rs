@@ -3,8 +3,9 @@
 //! Every program of the three eBPF objects is loaded the way the agent
 //! loads it, in each configuration the agent uses (the pid filter on and
 //! off, `traceparent` injection on and off), with the verifier's figures
-//! compared to the verification budget; then each signal is started as the
-//! daemon starts it, to say in which mode it runs, or why not.
+//! compared to the verification budget. With `--smoke`, each signal is then
+//! started as the daemon starts it and driven by a workload of the agent's
+//! own binary (`smoke`, `workload`), and what it produced is checked.
 pub mod smoke;
 pub mod workload;
 
@@ -157,12 +158,10 @@ pub fn check_programs(objects: &[String], configs: &[String]) -> Vec<ProgramChec
     checks
 }
 
-/// The kernel function a BTF tracepoint program of ours attaches to.
+/// The kernel tracepoint a BTF tracepoint program of ours attaches to.
 fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
-    match program {
-        "net_tcp_probe_btf" => Some("tcp_probe"),
-        _ => None,
-    }
+    let (name, tracepoint) = net_capture::BTF_PROBE;
+    (program == name).then_some(tracepoint)
 }
 
 /// Loads a program of any type the objects have.

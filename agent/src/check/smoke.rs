@@ -15,6 +15,7 @@ use std::{
 use fathom_symbolizer::SymbolizerConfig;
 use opentelemetry_proto::tonic::{
     collector::{metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest},
+    common::v1::{KeyValue, any_value},
     metrics::v1::metric::Data,
     trace::v1::span::SpanKind,
 };
@@ -246,6 +247,18 @@ pub fn traces() -> Result<String, String> {
     }
 }
 
+/// Whether a data point is of connections to `port` (its `server_port`),
+/// so that other traffic on the machine does not count.
+fn to_our_port(attributes: &[KeyValue], port: u16) -> bool {
+    attributes.iter().any(|kv| {
+        kv.key == "server_port"
+            && matches!(
+                kv.value.as_ref().and_then(|v| v.value.as_ref()),
+                Some(any_value::Value::IntValue(p)) if *p == i64::from(port)
+            )
+    })
+}
+
 fn hex(text: &str) -> Vec<u8> {
     (0..text.len() / 2)
         .filter_map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
@@ -280,9 +293,13 @@ pub fn network() -> Result<String, String> {
             .flat_map(|s| &s.metrics)
             .filter(|m| m.name == "fathom.tcp.handshake.duration")
             .filter_map(|m| match &m.data {
-                Some(Data::Histogram(h)) => {
-                    Some(h.data_points.iter().map(|p| p.count).sum::<u64>())
-                }
+                Some(Data::Histogram(h)) => Some(
+                    h.data_points
+                        .iter()
+                        .filter(|p| to_our_port(&p.attributes, addr.port()))
+                        .map(|p| p.count)
+                        .sum::<u64>(),
+                ),
                 _ => None,
             })
             .max()?;
@@ -290,7 +307,8 @@ pub fn network() -> Result<String, String> {
     });
     match handshakes {
         Some(n) => Ok(format!(
-            "{n} TCP handshakes on loopback in fathom.tcp.handshake.duration"
+            "{n} TCP handshakes to port {} on loopback in fathom.tcp.handshake.duration",
+            addr.port()
         )),
         None => Err("3 TCP connections on loopback, no handshake measured".into()),
     }

@@ -2,15 +2,16 @@
 //!
 //! Every program is loaded at the verifier's statistics log level (a short
 //! log: one line of instructions processed and states, and the time). The
-//! figures are kept for `fathom-agent check` and `/metrics`, and checked
-//! against the verification budget: a program near the verifier's limit
-//! breaks on the next kernel patch release or toolchain build.
+//! figures are returned to the caller (`fathom-agent check` prints them)
+//! and checked against the verification budget: a program near the
+//! verifier's limit breaks on the next kernel patch release or toolchain
+//! build.
 //!
 //! A rejected program becomes one [`LoadError`] with a one-sentence reason;
 //! unless the verifier ran out of its budget, the program is loaded once
 //! more at the verbose level and the whole log is written to a file named in
 //! the error.
-use std::{path::PathBuf, sync::Mutex, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use aya::{
     VerifierLogLevel,
@@ -75,31 +76,6 @@ pub fn parse_stats(log: &str) -> Option<VerifierStats> {
     found.then_some(stats)
 }
 
-/// One program load: which, and what the verifier said.
-#[derive(Clone, Debug)]
-pub struct ProgramLoad {
-    /// The object (`fathom`, `fathom-http`, `fathom-net`).
-    pub object: &'static str,
-    pub program: String,
-    /// Whether the kernel accepted it.
-    pub loaded: bool,
-    /// The statistics line, when the log had one.
-    pub stats: Option<VerifierStats>,
-}
-
-static LOADS: Mutex<Vec<ProgramLoad>> = Mutex::new(Vec::new());
-
-/// Every program load of this process so far, in order.
-pub fn loads() -> Vec<ProgramLoad> {
-    LOADS.lock().map(|l| l.clone()).unwrap_or_default()
-}
-
-fn record(load: ProgramLoad) {
-    if let Ok(mut loads) = LOADS.lock() {
-        loads.push(load);
-    }
-}
-
 /// Programs named here (comma-separated) fail to load without reaching the
 /// kernel, so that tests can force each degradation.
 pub const FAIL_LOAD_ENV: &str = "FATHOM_FAIL_LOAD";
@@ -151,20 +127,15 @@ fn log_hint(file: &Option<PathBuf>) -> String {
 }
 
 /// Loads one program with `load` (the program's own `load` call, on a
-/// loader set to [`VerifierLogLevel::STATS`]), records the verifier's
-/// figures, and turns a rejection into a [`LoadError`].
+/// loader set to [`VerifierLogLevel::STATS`]), returns the verifier's
+/// figures (warning when they are over the budget), and turns a rejection
+/// into a [`LoadError`].
 pub fn load_program(
     object: &'static str,
     program: &str,
     mut load: impl FnMut() -> Result<(), ProgramError>,
 ) -> Result<Option<VerifierStats>, LoadError> {
     if forced_to_fail(program) {
-        record(ProgramLoad {
-            object,
-            program: program.to_string(),
-            loaded: false,
-            stats: None,
-        });
         return Err(LoadError(Box::new(LoadFailure {
             object,
             program: program.to_string(),
@@ -177,12 +148,6 @@ pub fn load_program(
     let result = load();
     let log = take_verifier_log().unwrap_or_default();
     let stats = parse_stats(&log);
-    record(ProgramLoad {
-        object,
-        program: program.to_string(),
-        loaded: result.is_ok(),
-        stats,
-    });
     let source = match result {
         Ok(()) => {
             if let Some(s) = stats.filter(|s| !s.within_budget()) {

@@ -5,7 +5,7 @@ mod load;
 mod object;
 
 pub use load::{
-    BUDGET_PEAK_STATES, BUDGET_PROCESSED_INSNS, FAIL_LOAD_ENV, LoadError, LoadFailure, ProgramLoad,
-    VerifierStats, load_program, loads, parse_stats, verifier_log_dir,
+    BUDGET_PEAK_STATES, BUDGET_PROCESSED_INSNS, FAIL_LOAD_ENV, LoadError, LoadFailure,
+    VerifierStats, load_program, parse_stats, verifier_log_dir,
 };
 pub use object::{MissingObject, http_object, net_object, object};
