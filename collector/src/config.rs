@@ -404,10 +404,21 @@ impl CollectorArgs {
         &self,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<CollectorConfig, ConfigError> {
-        let mut c = match &self.config {
+        let base = match &self.config {
             Some(path) => CollectorConfig::from_file(path)?,
             None => CollectorConfig::default(),
         };
+        self.resolve_onto(base, env)
+    }
+
+    /// The flags over `base` (a configuration read elsewhere, e.g. the
+    /// `[collector]` table of the agent's file); `self.config` is not read.
+    pub fn resolve_onto(
+        &self,
+        base: CollectorConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<CollectorConfig, ConfigError> {
+        let mut c = base;
         if let Some(a) = self.otlp_grpc_listen {
             c.listen.otlp_grpc = a.0;
         }

@@ -337,6 +337,15 @@ impl Collector {
             in_time,
             "collector stopped"
         );
+        for e in s.exporters() {
+            tracing::info!(
+                exporter = %e.name,
+                sent = e.sent.get(),
+                dropped = e.dropped.get(),
+                waiting = e.buffered_items.get(),
+                "delivery at exit"
+            );
+        }
         in_time
     }
 }

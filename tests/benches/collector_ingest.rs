@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use fathom_agent::pprof::{CpuProfileMeta, Location, Mapping, ProfileBuilder};
+use fathom_agent::profiles::pprof::{CpuProfileMeta, Location, Mapping, ProfileBuilder};
 use fathom_collector::proto::{
     otlp::{
         collector::trace::v1::ExportTraceServiceRequest,
@@ -232,7 +232,7 @@ fn cpu_profile(seed: u64) -> Vec<u8> {
             .collect();
         b.add_sample(&stack, 1 + x % 5, &[]);
     }
-    fathom_agent::pprof::encode_gzip(&b.build())
+    fathom_agent::profiles::pprof::encode_gzip(&b.build())
 }
 
 fn push_request(seed: u64) -> Vec<u8> {

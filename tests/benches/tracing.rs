@@ -87,7 +87,7 @@ impl NoopTracepoints {
         let mut ebpf = aya::Ebpf::load(object).unwrap();
         let program: &mut TracePoint = ebpf.program_mut("noop").unwrap().try_into().unwrap();
         program.load().unwrap();
-        for &(_, category, name) in fathom_agent::http_capture::TRACEPOINTS {
+        for &(_, category, name) in fathom_agent::traces::capture::TRACEPOINTS {
             program.attach(category, name).unwrap();
         }
         Self(ebpf)

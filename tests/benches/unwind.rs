@@ -15,7 +15,7 @@
 //!    walk of the same depth.
 //! 2. **Table build time and memory** per MiB of executable text for libc,
 //!    python3, nginx (when installed) and the release agent itself, through
-//!    `fathom_agent::unwind::build` in this (release) process.
+//!    `fathom_agent::profiles::unwind::build` in this (release) process.
 //! 3. **Workload slowdown** at 99 Hz: the fixture doing a fixed amount of
 //!    work at depth 64 on every CPU, timed alone and while the release agent
 //!    profiles the whole system with tables, in five alternating pairs.
@@ -373,7 +373,7 @@ fn table_costs(agent: &Path) -> Vec<TableRow> {
         let mut table = None;
         for _ in 0..5 {
             let started = Instant::now();
-            let built = fathom_agent::unwind::build(&bytes)
+            let built = fathom_agent::profiles::unwind::build(&bytes)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             times.push(started.elapsed().as_secs_f64() * 1e3);
             table = Some(built);
@@ -586,7 +586,7 @@ fn cost_table(md: &mut String, filtered_ns: f64, costs: &[CostRow], cpus: usize)
 fn table_table(md: &mut String, tables: &[TableRow]) {
     writeln!(
         md,
-        "\n### Unwind table build (`fathom_agent::unwind::build`, median of 5)\n"
+        "\n### Unwind table build (`fathom_agent::profiles::unwind::build`, median of 5)\n"
     )
     .unwrap();
     writeln!(

@@ -425,7 +425,7 @@ fn api_series(raw_profile: Vec<u8>, id: &str) -> RawProfileSeries {
 
 /// A small real CPU profile, as the agent writes it.
 fn agent_profile(function: &str, count: i64) -> Vec<u8> {
-    use fathom_agent::pprof::{CpuProfileMeta, Location, Mapping, ProfileBuilder};
+    use fathom_agent::profiles::pprof::{CpuProfileMeta, Location, Mapping, ProfileBuilder};
     let mut b = ProfileBuilder::new(CpuProfileMeta {
         frequency_hz: 99,
         start: std::time::SystemTime::now(),
@@ -455,7 +455,7 @@ fn agent_profile(function: &str, count: i64) -> Vec<u8> {
         frames: vec![frame("main")],
     });
     b.add_sample(&[leaf, main], count as u64, &[]);
-    fathom_agent::pprof::encode_gzip(&b.build())
+    fathom_agent::profiles::pprof::encode_gzip(&b.build())
 }
 
 #[test]

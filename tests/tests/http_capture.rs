@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fathom_agent::http_capture::{HttpCapture, HttpCaptureConfig, HttpEvent};
+use fathom_agent::traces::capture::{HttpCapture, HttpCaptureConfig, HttpEvent};
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, SockAddr, ctx_flags, data_flags,
     direction, role,

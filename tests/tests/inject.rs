@@ -22,7 +22,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, PerCpuArray},
     programs::{SkMsg, SockOps},
 };
-use fathom_agent::{ebpf::http_object, inject};
+use fathom_agent::{ebpf::http_object, traces::inject};
 use fathom_common::http::{
     HttpCounter, Serving, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, globals, names,
     parse_traceparent,

@@ -15,9 +15,11 @@ use std::{
     time::Duration,
 };
 
-use fathom_agent::{profiler::ProfilerConfig, session::Session};
+use fathom_agent::profiles::{
+    capture::ProfilerConfig,
+    session::{ProfilesConfig, Session},
+};
 use fathom_common::profiler::{Counter, HASH_SEED_KERNEL, HASH_SEED_USER, stack_hash, stack_id};
-use fathom_symbolizer::SymbolizerConfig;
 use fathom_tests::*;
 
 /// The C fixtures, compiled once per run into the target's temp dir.
@@ -682,7 +684,11 @@ fn drains_neither_lose_nor_double_count() {
         frequency_hz: 999,
         ..ProfilerConfig::default()
     };
-    let mut session = Session::start(config, &SymbolizerConfig::default()).unwrap();
+    let mut session = Session::start(&ProfilesConfig {
+        profiler: config,
+        ..ProfilesConfig::default()
+    })
+    .unwrap();
     let (mut recorded, mut counted, mut windows_with_samples) = (0, 0, 0);
     for _ in 0..60 {
         std::thread::sleep(Duration::from_millis(50));
@@ -750,7 +756,11 @@ fn pid_filter_is_applied_in_the_kernel() {
         pids: vec![alpha.pid()],
         ..ProfilerConfig::default()
     };
-    let mut session = Session::start(config, &SymbolizerConfig::default()).unwrap();
+    let mut session = Session::start(&ProfilesConfig {
+        profiler: config,
+        ..ProfilesConfig::default()
+    })
+    .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let window = session.drain().unwrap();
     assert!(window.counted() > 300, "{}", window.counted());

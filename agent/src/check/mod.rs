@@ -15,9 +15,9 @@ use aya::{Btf, Ebpf, programs::Program};
 
 use crate::{
     ebpf::{self, BUDGET_PEAK_STATES, BUDGET_PROCESSED_INSNS, LoadError, VerifierStats},
-    http_capture::{self, HttpCapture, HttpCaptureConfig},
-    net_capture::{self, NetCapture, NetCaptureConfig},
-    profiler::{self, Profiler, ProfilerConfig},
+    network::capture::{self as net_capture, NetCapture, NetCaptureConfig},
+    profiles::capture::{self as profiler, Profiler, ProfilerConfig},
+    traces::capture::{self as http_capture, HttpCapture, HttpCaptureConfig},
 };
 
 /// One program loaded in one configuration.

@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use fathom_symbolizer::SymbolizerConfig;
 use opentelemetry_proto::tonic::{
     collector::{metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest},
     common::v1::{KeyValue, any_value},
@@ -22,11 +21,15 @@ use opentelemetry_proto::tonic::{
 
 use super::workload;
 use crate::{
-    net_session::{NetConfig, NetSession},
-    pprof::CpuProfileMeta,
-    profiler::ProfilerConfig,
-    session::{Session, Stop},
-    traces::{TraceConfig, TraceSession, TraceSink},
+    network::session::{NetConfig, NetSession},
+    profiles::{
+        capture::ProfilerConfig,
+        pprof::CpuProfileMeta,
+        session::{ProfilesConfig, Session},
+    },
+    sink::OtlpSink,
+    stop::Stop,
+    traces::session::{TraceConfig, TraceSession},
 };
 
 /// A workload child, killed when dropped.
@@ -73,12 +76,14 @@ impl Drop for Workload {
 /// A busy loop's profile: the share of its samples in its hot function.
 pub fn profiles() -> Result<String, String> {
     let spin = Workload::spawn(&["spin", "30"])?;
-    let config = ProfilerConfig {
-        pids: vec![spin.pid()],
-        ..ProfilerConfig::default()
+    let config = ProfilesConfig {
+        profiler: ProfilerConfig {
+            pids: vec![spin.pid()],
+            ..ProfilerConfig::default()
+        },
+        ..ProfilesConfig::default()
     };
-    let mut session =
-        Session::start(config, &SymbolizerConfig::default()).map_err(|e| e.to_string())?;
+    let mut session = Session::start(&config).map_err(|e| e.to_string())?;
     let mode = session.unwind_mode().name();
     let start = SystemTime::now();
     let collected = session
@@ -152,7 +157,7 @@ struct Received(
     >,
 );
 
-impl TraceSink for Received {
+impl OtlpSink for Received {
     fn spans(&mut self, req: ExportTraceServiceRequest) -> bool {
         if let Ok(mut r) = self.0.lock() {
             r.0.push(req);

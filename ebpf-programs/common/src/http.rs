@@ -445,42 +445,12 @@ impl DataEvent {
     /// Reads a ring-buffer record, which ends after the captured head
     /// bytes. `None` when the record is shorter than its fixed part or than
     /// the head it claims, or is not a data event.
+    #[cfg(feature = "user")]
     pub fn from_record(bytes: &[u8]) -> Option<DataEvent> {
-        if bytes.len() < Self::HEAD_OFFSET
-            || bytes.len() > core::mem::size_of::<DataEvent>()
-            || bytes[0] != event_kind::DATA
-        {
+        if bytes.first() != Some(&event_kind::DATA) {
             return None;
         }
-        let mut event = DataEvent {
-            kind: 0,
-            direction: 0,
-            syscall: 0,
-            flags: 0,
-            tgid: 0,
-            tid: 0,
-            fd: 0,
-            conn_id: 0,
-            start_ns: 0,
-            end_ns: 0,
-            len: 0,
-            head_len: 0,
-            tail_len: 0,
-            srtt_us: 0,
-            total_retrans: 0,
-            ctx: TraceContext::default(),
-            tail: [0; CAPTURE_TAIL],
-            head: [0; CAPTURE_HEAD],
-        };
-        // SAFETY: DataEvent is repr(C), padding-free and valid for any bytes;
-        // at most size_of::<DataEvent>() bytes are copied into it.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                (&mut event as *mut DataEvent).cast::<u8>(),
-                bytes.len(),
-            );
-        }
+        let event: DataEvent = crate::record::read_prefix(bytes, Self::HEAD_OFFSET)?;
         if event.head_len as usize > CAPTURE_HEAD
             || Self::HEAD_OFFSET + event.head_len as usize > bytes.len()
             || event.tail_len as usize > CAPTURE_TAIL

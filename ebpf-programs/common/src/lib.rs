@@ -18,6 +18,51 @@ macro_rules! assert_size {
 }
 pub(crate) use assert_size;
 
+/// Ring-buffer records and map values as typed values, in user space: the
+/// one place that turns bytes into the `#[repr(C)]` types, checking the
+/// length first.
+#[cfg(feature = "user")]
+pub mod record {
+    use core::mem::size_of;
+
+    /// A record of exactly `size_of::<T>()` bytes as a `T`; `None` for any
+    /// other length.
+    pub fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+        if bytes.len() != size_of::<T>() {
+            return None;
+        }
+        // SAFETY: `Pod` types are valid for any bytes; the length was
+        // checked, and the read is unaligned.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+
+    /// A record that may end early (a fixed part, then a variable-length
+    /// tail the writer trims): the bytes present, zeroes after them. `None`
+    /// when shorter than `min` or longer than `T`.
+    pub fn read_prefix<T: aya::Pod>(bytes: &[u8], min: usize) -> Option<T> {
+        if bytes.len() < min || bytes.len() > size_of::<T>() {
+            return None;
+        }
+        // SAFETY: `Pod` types are valid for any bytes, zeroes included; at
+        // most `size_of::<T>()` bytes are copied into the value.
+        unsafe {
+            let mut value: T = core::mem::zeroed();
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (&mut value as *mut T).cast::<u8>(),
+                bytes.len(),
+            );
+            Some(value)
+        }
+    }
+
+    /// The bytes of a value (for map keys built in user space and tests).
+    pub fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
+        // SAFETY: `Pod` types have no padding; the slice borrows `value`.
+        unsafe { core::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use crate::{

@@ -10,14 +10,4 @@ mod capture;
 mod inject;
 mod maps;
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable: the verifier rejects programs with reachable panics.
-    loop {}
-}
-
-/// `bpf_probe_read_user` is a GPL-only helper.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+fathom_ebpf::object!();

@@ -19,8 +19,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_stack},
-    macros::{map, perf_event, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    macros::{perf_event, tracepoint},
+    maps::{PerCpuArray, PerCpuHashMap},
     programs::{PerfEventContext, TracePointContext},
 };
 use fathom_common::{
@@ -32,7 +32,7 @@ use fathom_common::{
     unwind::{UnwindProcess, status},
 };
 
-use crate::unwind;
+use super::{maps::*, unwind};
 
 /// Non-zero: sample only processes in `PID_FILTER`. Set by the loader.
 #[unsafe(no_mangle)]
@@ -43,53 +43,6 @@ static FILTER_PIDS: u8 = 0;
 static FORK_CHILD_PID_OFFSET: u32 = 20;
 
 const EEXIST: i32 = 17;
-
-// Sizes are defaults; the loader sets them from the agent's configuration.
-// Every map the sampling path writes is preallocated: an insert fails only
-// when the map is full. (Without preallocation the kernel allocates elements
-// from per-CPU caches refilled with GFP_NOWAIT and charged to the agent's
-// memory cgroup, and an insert can fail on a nearly empty map.)
-/// Per-CPU values: counting needs no atomics; user space sums the CPUs.
-#[map]
-static COUNTS_0: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
-#[map]
-static COUNTS_1: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(1024, 0);
-/// Stack hash -> where this CPU stored the stack (see `fathom_common::profiler`).
-#[map]
-static STACK_INDEX_0: PerCpuHashMap<u64, StackSlot> = PerCpuHashMap::with_max_entries(1024, 0);
-#[map]
-static STACK_INDEX_1: PerCpuHashMap<u64, StackSlot> = PerCpuHashMap::with_max_entries(1024, 0);
-/// Per-CPU arenas of stack chunks.
-#[map]
-static STACK_CHUNKS_0: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
-#[map]
-static STACK_CHUNKS_1: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
-/// `[set]`: this CPU's next free chunk in `STACK_CHUNKS_set`.
-#[map]
-static STACK_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
-/// `[0]`: generation; its low bit selects the set being written.
-#[map]
-static CONTROL: Array<u64> = Array::with_max_entries(1, 0);
-/// Per CPU: the generation the last completed program run on it saw.
-#[map]
-static ACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-#[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
-#[map]
-static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
-/// Processes user space has been told about.
-#[map]
-static KNOWN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
-#[map]
-static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-/// The stages of the sampling chain after `profile_cpu` (`stage` indexes),
-/// filled by user space.
-#[map]
-static PROFILE_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::COUNT, 0);
-/// Per CPU: the sample going through the chain (too large for the 512-byte
-/// BPF stack; perf-event programs do not nest on a CPU).
-#[map]
-pub static SAMPLE: PerCpuArray<Sample> = PerCpuArray::with_max_entries(1, 0);
 
 /// A sample in progress.
 #[repr(C)]

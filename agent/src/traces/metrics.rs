@@ -21,8 +21,9 @@ use opentelemetry_proto::tonic::{
     },
 };
 
-use super::otlp::{ResourceInfo, kv_bool, kv_int, kv_str, method_attr, scope};
+use super::otlp::{method_attr, scope};
 use super::spans::{HttpSpan, Scheme, SpanKind};
+use crate::otlp::{ResourceInfo, kv_bool, kv_int, kv_str};
 
 /// Bucket boundaries (seconds) advised for HTTP durations.
 pub const DURATION_BOUNDS: [f64; 14] = [
@@ -268,11 +269,11 @@ mod tests {
     use fathom_collector::stats::Stats;
 
     fn span(kind: SpanKind, method: &str, status: u16, ms: f64) -> HttpSpan {
-        let mut s = crate::http::otlp::tests::server_span();
+        let mut s = crate::traces::otlp::tests::server_span();
         s.kind = kind;
         s.method = method.into();
         s.status = Some(status);
-        s.error = crate::http::spans::is_error_status(kind, Some(status));
+        s.error = crate::traces::spans::is_error_status(kind, Some(status));
         s.start_ns = 1_000;
         s.end_ns = 1_000 + (ms * 1e6) as u64;
         s

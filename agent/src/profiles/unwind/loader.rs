@@ -16,19 +16,18 @@ use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData};
 use fathom_common::unwind::{UnwindMapping, UnwindProcess, UnwindRow, mapping_kind};
 use fathom_symbolizer::ObjectKey;
 
+use super::{TableCache, TableError, UnwindTable};
 use crate::{
-    process::{Vma, VmaKind},
-    profiler::{UnwindMapSizes, UnwindMaps},
+    profiles::{
+        capture::{UnwindMapSizes, UnwindMaps},
+        process::{Vma, VmaKind},
+    },
     sys::SharedArray,
-    unwind::{TableCache, TableError, UnwindTable},
 };
 
-/// How user stacks are walked.
+/// Where the table unwinder keeps the tables it builds.
 #[derive(Clone, Debug)]
 pub struct UnwinderConfig {
-    /// Walk user stacks from unwind tables (else the kernel's frame-pointer
-    /// walk, as for processes whose tables are not loaded yet).
-    pub enabled: bool,
     /// Where built tables are kept across restarts; none: memory only.
     pub cache_dir: Option<PathBuf>,
     /// Bound of the in-memory table cache (tables of files no process maps
@@ -39,7 +38,6 @@ pub struct UnwinderConfig {
 impl Default for UnwinderConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
             cache_dir: None,
             cache_bytes: 64 << 20,
         }

@@ -25,8 +25,7 @@ use opentelemetry_proto::tonic::{
 };
 
 use super::hist::{HistSum, bounds_seconds};
-use crate::http::ResourceInfo;
-use crate::http::otlp::{kv_bool, kv_int, kv_str};
+use crate::otlp::{ResourceInfo, kv_bool, kv_int, kv_str};
 
 pub const SCOPE_NAME: &str = "fathom.network";
 

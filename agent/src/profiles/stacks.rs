@@ -13,10 +13,10 @@ use fathom_symbolizer::{
     Addressing, Frame, ObjectRequest, Request, Response, Symbol, SymbolizerService, elf,
 };
 
-use crate::{
+use super::{
+    capture::stack_marker_reason,
     pprof::{Location, Mapping},
     process::{ObjectFile, ProcessTable, UserAddress},
-    profiler::stack_marker_reason,
 };
 
 /// A sample ready for the pprof builder.
@@ -367,7 +367,7 @@ fn kernel_mapping() -> Mapping {
         .and_then(|notes| gnu_build_id(&notes))
         .map(|id| elf::hex(&id));
     Mapping {
-        filename: crate::pprof::KERNEL_MAPPING.into(),
+        filename: crate::profiles::pprof::KERNEL_MAPPING.into(),
         build_id: build_id.unwrap_or_default(),
         memory_start: 0xffff_8000_0000_0000,
         memory_limit: u64::MAX,

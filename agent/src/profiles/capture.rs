@@ -52,8 +52,9 @@ pub struct ProfilerConfig {
     pub max_sample_keys: u32,
     /// Sizes of the unwinder's maps (user stacks from `.eh_frame`).
     pub unwind: UnwindMapSizes,
-    /// Whether and how user stacks are walked from unwind tables.
-    pub unwinder: crate::unwinder::UnwinderConfig,
+    /// Walk user stacks from unwind tables (the table unwinder program and
+    /// its maps); else the kernel's frame-pointer walk only.
+    pub unwind_tables: bool,
 }
 
 /// Entries of the unwinder's maps, shared by all processes.
@@ -70,7 +71,7 @@ pub struct UnwindMapSizes {
 impl Default for UnwindMapSizes {
     fn default() -> Self {
         Self {
-            rows: 1 << 21,
+            rows: crate::config::DEFAULT_UNWIND_TABLE_ROWS,
             mappings: 1 << 15,
             processes: 1 << 13,
         }
@@ -97,7 +98,7 @@ impl Default for ProfilerConfig {
             stack_chunks_per_cpu: 0,
             max_sample_keys: 0,
             unwind: UnwindMapSizes::default(),
-            unwinder: crate::unwinder::UnwinderConfig::default(),
+            unwind_tables: true,
         }
     }
 }
@@ -422,7 +423,9 @@ impl Profiler {
             Path::new(preflight::TRACEFS).join("events/sched/sched_process_fork/format");
         let child_pid_offset = fs::read_to_string(&fork_format)
             .map_err(|e| e.to_string())
-            .and_then(|f| field_offset(&f, "child_pid").ok_or_else(|| "no child_pid field".into()))
+            .and_then(|f| {
+                ebpf::field_offset(&f, "child_pid").ok_or_else(|| "no child_pid field".into())
+            })
             .map_err(|reason| ProfilerError::TracepointFormat {
                 path: fork_format.display().to_string(),
                 reason,
@@ -497,7 +500,7 @@ impl Profiler {
                 .map_err(program_err(name))?;
         }
 
-        let mode = load_sampling_chain(&mut ebpf, config.unwinder.enabled)?;
+        let mode = load_sampling_chain(&mut ebpf, config.unwind_tables)?;
 
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
         let counts = [
@@ -727,21 +730,6 @@ impl Profiler {
     }
 }
 
-/// The offset of a field in a tracepoint `format` file.
-pub fn field_offset(format: &str, field: &str) -> Option<u32> {
-    format.lines().find_map(|line| {
-        let line = line.trim();
-        let decl = line.strip_prefix("field:")?.split(';').next()?;
-        let name = decl.rsplit([' ', '*']).next()?;
-        let name = name.split('[').next()?;
-        if name != field {
-            return None;
-        }
-        line.split(';')
-            .find_map(|part| part.trim().strip_prefix("offset:")?.parse().ok())
-    })
-}
-
 /// Human-readable name of a stack marker, for synthetic frames.
 pub fn stack_marker_reason(id: u64) -> Option<&'static str> {
     match id {
@@ -818,19 +806,6 @@ mod tests {
                 sample_keys: 1024
             }
         );
-    }
-
-    #[test]
-    fn finds_tracepoint_field_offsets() {
-        let format = "name: sched_process_fork\nID: 366\nformat:\n\
-            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
-            \tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\
-            \tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\
-            \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
-        assert_eq!(field_offset(format, "child_pid"), Some(20));
-        assert_eq!(field_offset(format, "parent_comm"), Some(8));
-        assert_eq!(field_offset(format, "common_type"), Some(0));
-        assert_eq!(field_offset(format, "pid"), None);
     }
 
     #[test]

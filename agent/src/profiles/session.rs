@@ -8,7 +8,7 @@ use std::{
     io::{self, Write as _},
     path::{Path, PathBuf},
     sync::{
-        Arc, Condvar, Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
@@ -20,46 +20,17 @@ use fathom_common::profiler::{ProcessEvent, SampleKey};
 use fathom_symbolizer::{SymbolizerConfig, SymbolizerService};
 use pprof::protos::Profile;
 
-use crate::{
+use super::{
+    capture::{KernelCounters, Profiler, ProfilerConfig, ProfilerError, Window},
     pprof::{self as pp, CpuProfileMeta, LabelValue, ProfileBuilder},
     process::{ProcessTable, Snapshot},
-    process_meta::ProcessMeta,
-    profiler::{KernelCounters, Profiler, ProfilerConfig, ProfilerError, Window},
     stacks::{ResolvedSample, StackResolver},
-    sys,
-    unwind_stats::UnwindStats,
-    unwinder::{Unwinder, UnwinderStats},
+    unwind::{
+        loader::{Unwinder, UnwinderConfig, UnwinderStats},
+        stats::UnwindStats,
+    },
 };
-
-/// A stop request that sleeping loops wake up for.
-#[derive(Clone, Debug, Default)]
-pub struct Stop(Arc<(Mutex<bool>, Condvar)>);
-
-impl Stop {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn trigger(&self) {
-        let (flag, cv) = &*self.0;
-        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        cv.notify_all();
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.0.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Sleeps up to `timeout`; true when stopped.
-    pub fn wait(&self, timeout: Duration) -> bool {
-        let (flag, cv) = &*self.0;
-        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
-        let (guard, _) = cv
-            .wait_timeout_while(guard, timeout, |stopped| !*stopped)
-            .unwrap_or_else(|e| e.into_inner());
-        *guard
-    }
-}
+use crate::{process_meta::ProcessMeta, stop::Stop, sys};
 
 /// Samples of several drain windows added together. Stack hashes depend only
 /// on the stack, so they stay valid across windows.
@@ -200,9 +171,8 @@ fn observe(table: &Mutex<ProcessTable>, pid: u32) -> Option<Arc<Snapshot>> {
 }
 
 fn parse_event(bytes: &[u8]) -> Option<ProcessEvent> {
-    let kind = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
-    let pid = u32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?);
-    (kind == ProcessEvent::NEW).then_some(ProcessEvent { kind, pid })
+    let event: ProcessEvent = fathom_common::record::read(bytes)?;
+    (event.kind == ProcessEvent::NEW).then_some(event)
 }
 
 /// Errors of a profiling session.
@@ -221,7 +191,7 @@ pub enum SessionError {
     #[error(transparent)]
     Symbolizer(#[from] fathom_symbolizer::ServiceError),
     #[error(transparent)]
-    Unwinder(#[from] crate::unwinder::UnwinderError),
+    Unwinder(#[from] crate::profiles::unwind::loader::UnwinderError),
 }
 
 /// The profiler and everything it needs, on the calling thread.
@@ -232,7 +202,7 @@ pub struct Session {
     unwinder: Option<Arc<Mutex<Unwinder>>>,
     /// Without tables the unwinder's maps stay empty, but the programs
     /// refer to them.
-    _unused_maps: Option<crate::profiler::UnwindMaps>,
+    _unused_maps: Option<crate::profiles::capture::UnwindMaps>,
     /// Processes whose tables were not loaded: the loader's queue was full.
     unwind_queue_full: Arc<AtomicU64>,
     unwind_stats: UnwindStats,
@@ -243,19 +213,48 @@ pub struct Session {
     write_failures: u64,
 }
 
+/// Everything a profiling session is configured with.
+#[derive(Clone, Debug, Default)]
+pub struct ProfilesConfig {
+    pub profiler: ProfilerConfig,
+    pub unwinder: UnwinderConfig,
+    pub symbolizer: SymbolizerConfig,
+}
+
+impl From<&crate::config::SamplingConfig> for ProfilesConfig {
+    fn from(s: &crate::config::SamplingConfig) -> Self {
+        Self {
+            profiler: ProfilerConfig {
+                frequency_hz: s.frequency_hz,
+                pids: s.pids.clone(),
+                unwind: crate::profiles::capture::UnwindMapSizes {
+                    rows: s.unwind_table_rows,
+                    ..Default::default()
+                },
+                unwind_tables: s.unwind == crate::config::UnwindChoice::Tables,
+                ..ProfilerConfig::default()
+            },
+            unwinder: UnwinderConfig {
+                cache_dir: s.unwind_cache_dir.clone(),
+                ..UnwinderConfig::default()
+            },
+            symbolizer: s.symbolizer.clone(),
+        }
+    }
+}
+
 impl Session {
-    pub fn start(
-        config: ProfilerConfig,
-        symbolizer: &SymbolizerConfig,
-    ) -> Result<Self, SessionError> {
+    pub fn start(profiles: &ProfilesConfig) -> Result<Self, SessionError> {
+        let config = profiles.profiler.clone();
+        let symbolizer = &profiles.symbolizer;
         match sys::raise_nofile_limit() {
             Ok(limit) => tracing::debug!(limit, "open-file limit"),
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
         let (mut profiler, events, unwind_maps) = Profiler::start(&config)?;
-        let tables = *profiler.unwind_mode() == crate::profiler::UnwindMode::Tables;
+        let tables = *profiler.unwind_mode() == crate::profiles::capture::UnwindMode::Tables;
         let (unwinder, unused_maps) = if tables {
-            let unwinder = Unwinder::new(unwind_maps, &config.unwinder)?;
+            let unwinder = Unwinder::new(unwind_maps, &profiles.unwinder)?;
             (Some(Arc::new(Mutex::new(unwinder))), None)
         } else {
             (None, Some(unwind_maps))
@@ -350,7 +349,7 @@ impl Session {
             let name = table.process(key.pid).and_then(|p| p.exe.as_deref());
             let name = match name {
                 Some(exe) => exe.rsplit('/').next().unwrap_or(exe).to_owned(),
-                None => crate::stacks::comm(&key.comm),
+                None => crate::profiles::stacks::comm(&key.comm),
             };
             self.unwind_stats.add(&name, key.user_unwind, *n);
         }
@@ -358,7 +357,7 @@ impl Session {
 
     /// How user stacks were walked since start, per executable.
     /// How user stacks are walked, as loaded.
-    pub fn unwind_mode(&self) -> &crate::profiler::UnwindMode {
+    pub fn unwind_mode(&self) -> &crate::profiles::capture::UnwindMode {
         self.profiler.unwind_mode()
     }
 
@@ -767,18 +766,6 @@ fn is_profile_file(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stop_wakes_waiters() {
-        let stop = Stop::new();
-        let waiter = stop.clone();
-        let t = std::thread::spawn(move || waiter.wait(Duration::from_secs(30)));
-        std::thread::sleep(Duration::from_millis(20));
-        stop.trigger();
-        assert!(t.join().unwrap());
-        assert!(stop.wait(Duration::from_secs(30)));
-        assert!(!Stop::new().wait(Duration::from_millis(1)));
-    }
 
     #[test]
     fn collected_adds_windows() {

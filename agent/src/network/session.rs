@@ -1,35 +1,30 @@
 //! The network session: a thread that every `flush_every` reads the
 //! network programs' maps ([`NetCapture`]), attributes what changed to
-//! workloads ([`crate::net::attribute`]) and hands the cumulative metrics
+//! workloads ([`crate::network::attribute`]) and hands the cumulative metrics
 //! to a [`TraceSink`] (the embedded collector), and every `rescan_every`
 //! hooks new interfaces and forgets removed ones.
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use fathom_common::net::{AggKey, DnsKey, FlowKey, Hist, NetCounter, metric};
 
+use super::{
+    NetMetrics, NetMetricsConfig, Series, Snapshot,
+    attribute::{Attribution, Peer, addr, attribute_agg, attribute_flow},
+    capture::{FlowSeen, NetCapture, NetCaptureConfig, NetCaptureError, OwnersReader, flow_delta},
+    hist::HistSum,
+    metrics::{NetMetric, rcode_name},
+};
 use crate::{
-    http::ResourceInfo,
-    net::{
-        NetMetrics, NetMetricsConfig, Series, Snapshot,
-        attribute::{Attribution, Peer, addr, attribute_agg, attribute_flow},
-        hist::HistSum,
-        metrics::{NetMetric, rcode_name},
-    },
-    net_capture::{
-        FlowSeen, NetCapture, NetCaptureConfig, NetCaptureError, OwnersReader, flow_delta,
-    },
+    otlp::{ResourceInfo, unix_now_ns},
     process_meta::ProcessMeta,
+    sink::OtlpSink,
+    stop::Stop,
     sys,
-    traces::TraceSink,
 };
 
 /// Configuration of the network metrics.
@@ -66,7 +61,7 @@ impl Default for NetConfig {
             attribution_tries: 3,
             idle_key: Duration::from_secs(300),
             proc_root: PathBuf::from("/proc"),
-            node: crate::export::node_name(),
+            node: crate::otlp::node_name(),
         }
     }
 }
@@ -82,13 +77,13 @@ pub enum NetError {
 /// The running network thread. Dropping it stops the thread (after a last
 /// flush) and detaches the programs.
 pub struct NetSession {
-    stop: Arc<AtomicBool>,
+    stop: Stop,
     handle: Option<JoinHandle<()>>,
     connections: Option<OwnersReader>,
 }
 
 impl NetSession {
-    pub fn start(config: NetConfig, sink: Box<dyn TraceSink>) -> Result<Self, NetError> {
+    pub fn start(config: NetConfig, sink: Box<dyn OtlpSink>) -> Result<Self, NetError> {
         let mut capture = NetCapture::start(&config.capture)?;
         let hooked = capture.sync_interfaces();
         let connections = capture
@@ -96,8 +91,8 @@ impl NetSession {
             .inspect_err(|e| tracing::warn!(error = %e, "HTTP spans go without connect times"))
             .ok();
         tracing::info!(interfaces = ?hooked, "network metrics attached");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let stop = Stop::new();
+        let flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("fathom-net".into())
             .spawn(move || Worker::new(config, capture, sink).run(&flag))
@@ -116,12 +111,19 @@ impl NetSession {
     }
 }
 
+impl NetSession {
+    /// Stops the thread (after a last flush) and detaches the programs;
+    /// false when the thread did not end by `deadline` (it is left behind).
+    pub fn stop(mut self, deadline: Instant) -> bool {
+        self.stop.trigger();
+        crate::stop::join_by(self.handle.take(), deadline, "network")
+    }
+}
+
 impl Drop for NetSession {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.trigger();
         if let Some(handle) = self.handle.take() {
-            // It sleeps until its next task: wake it now.
-            handle.thread().unpark();
             let _ = handle.join();
         }
     }
@@ -130,7 +132,7 @@ impl Drop for NetSession {
 struct Worker {
     config: NetConfig,
     capture: NetCapture,
-    sink: Box<dyn TraceSink>,
+    sink: Box<dyn OtlpSink>,
     metrics: NetMetrics,
     last_hists: HashMap<AggKey, Hist>,
     last_counts: HashMap<AggKey, u64>,
@@ -149,7 +151,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(config: NetConfig, capture: NetCapture, sink: Box<dyn TraceSink>) -> Self {
+    fn new(config: NetConfig, capture: NetCapture, sink: Box<dyn OtlpSink>) -> Self {
         Self {
             metrics: NetMetrics::new(config.metrics.clone(), unix_now_ns()),
             config,
@@ -170,13 +172,13 @@ impl Worker {
         }
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &Stop) {
         let mut next_flush = Instant::now() + self.config.flush_every;
         let mut next_scan = Instant::now() + self.config.rescan_every;
         let mut next_log = Instant::now() + Duration::from_secs(10);
         let mut next_prime = Instant::now();
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if stop.is_triggered() {
                 self.flush();
                 self.log_stats();
                 break;
@@ -198,10 +200,9 @@ impl Worker {
                 self.log_stats();
                 next_log = now + Duration::from_secs(10);
             }
-            // Until the next task (a stop unparks it; a spurious wake-up
-            // only goes round the loop once more).
+            // Until the next task, or a stop.
             let next = next_flush.min(next_prime).min(next_scan).min(next_log);
-            std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
+            stop.wait(next.saturating_duration_since(Instant::now()));
         }
     }
 
@@ -233,7 +234,7 @@ impl Worker {
                     // are per workload.
                     ProcessMeta::read(&root, pid).map(|m| ResourceInfo {
                         pid: None,
-                        ..crate::traces::process_resource(Some(&m), pid, &node)
+                        ..crate::otlp::process_resource(Some(&m), pid, &node)
                     })
                 })
                 .clone()
@@ -477,11 +478,4 @@ impl Worker {
             "network metrics"
         );
     }
-}
-
-fn unix_now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }

@@ -1,9 +1,13 @@
 //! User-space half of the eBPF DWARF unwinder: turning an executable's
 //! call-frame information into the sorted rows the BPF program
-//! binary-searches (`table`), and keeping built tables for reuse (`cache`).
+//! binary-searches (`table`), keeping built tables for reuse (`cache`),
+//! loading them into the kernel's maps per process (`loader`), and counting
+//! how stacks were walked (`stats`).
 //! The row format is the contract in `fathom_common::unwind`.
 
 mod cache;
+pub mod loader;
+pub mod stats;
 mod table;
 
 pub use cache::{CacheStats, TableCache, file_name as cache_file_name};

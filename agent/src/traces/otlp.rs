@@ -12,12 +12,12 @@ use std::net::IpAddr;
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
-    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
-    resource::v1::Resource,
+    common::v1::InstrumentationScope,
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status},
 };
 
 use super::spans::{HttpSpan, SpanKind};
+use crate::otlp::{ResourceInfo, kv_int, kv_str};
 
 /// Instrumentation scope of Fathom's HTTP spans and metrics.
 pub const SCOPE_NAME: &str = "fathom.http";
@@ -37,85 +37,12 @@ const FLAG_SAMPLED: u32 = 0x01;
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_IS_REMOTE: u32 = 0x200;
 
-/// The resource of a process, as the caller knows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ResourceInfo {
-    /// `service.name`.
-    pub service_name: String,
-    /// `process.pid`.
-    pub pid: Option<u32>,
-    /// `process.executable.name`.
-    pub executable_name: Option<String>,
-    /// `container.id`.
-    pub container_id: Option<String>,
-    /// More string attributes (`service.namespace`, `k8s.*`, `host.name`).
-    pub extra: Vec<(String, String)>,
-}
-
-impl ResourceInfo {
-    /// Whether it carries a pod (`k8s.pod.name`).
-    pub fn has_pod(&self) -> bool {
-        self.extra.iter().any(|(k, _)| k == "k8s.pod.name")
-    }
-
-    /// As an OTLP resource.
-    pub fn to_otlp(&self) -> Resource {
-        let mut attributes = vec![kv_str("service.name", &self.service_name)];
-        if let Some(pid) = self.pid {
-            attributes.push(kv_int("process.pid", i64::from(pid)));
-        }
-        if let Some(exe) = &self.executable_name {
-            attributes.push(kv_str("process.executable.name", exe));
-        }
-        if let Some(id) = &self.container_id {
-            attributes.push(kv_str("container.id", id));
-        }
-        for (k, v) in &self.extra {
-            attributes.push(kv_str(k, v));
-        }
-        Resource {
-            attributes,
-            ..Resource::default()
-        }
-    }
-}
-
 /// The instrumentation scope of spans and metrics.
 pub fn scope() -> InstrumentationScope {
     InstrumentationScope {
         name: SCOPE_NAME.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         ..InstrumentationScope::default()
-    }
-}
-
-pub(crate) fn kv_str(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_string())),
-        }),
-        ..KeyValue::default()
-    }
-}
-
-pub(crate) fn kv_int(key: &str, value: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(value)),
-        }),
-        ..KeyValue::default()
-    }
-}
-
-pub(crate) fn kv_bool(key: &str, value: bool) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::BoolValue(value)),
-        }),
-        ..KeyValue::default()
     }
 }
 
@@ -347,8 +274,9 @@ pub fn traces_request(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::http::parse::Version;
-    use crate::http::spans::Scheme;
+    use crate::traces::parse::Version;
+    use crate::traces::spans::Scheme;
+    use opentelemetry_proto::tonic::common::v1::any_value;
 
     fn attrs(s: &Span) -> Vec<(String, String)> {
         s.attributes
@@ -444,7 +372,7 @@ pub(crate) mod tests {
     #[test]
     fn tcp_attributes() {
         let mut s = server_span();
-        s.tcp = Some(crate::http::TcpSpan {
+        s.tcp = Some(crate::traces::TcpSpan {
             srtt_us: 20_125,
             retransmits: 3,
         });

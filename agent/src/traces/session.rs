@@ -3,32 +3,29 @@
 //! traces) and the RED metrics (OTLP metrics) to a [`TraceSink`].
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use fathom_collector::Ingest;
 use fathom_common::{
     http::{HttpCounter, role},
-    net::{FAMILY_V4, FAMILY_V6, FlowKey},
-};
-use opentelemetry_proto::tonic::collector::{
-    metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
+    net::FlowKey,
 };
 
+use super::{
+    HttpMetrics, HttpTracer, MetricsConfig, TracerConfig,
+    capture::{HttpCapture, HttpCaptureConfig, HttpCaptureError, HttpEvent},
+    inject::InjectError,
+    spans::sock_addr,
+    traces_request,
+};
 use crate::{
-    http::{
-        HttpMetrics, HttpTracer, MetricsConfig, ResourceInfo, TracerConfig, spans::sock_addr,
-        traces_request,
-    },
-    http_capture::{HttpCapture, HttpCaptureConfig, HttpCaptureError, HttpEvent},
+    connections::{ConnectionLookup, NoConnections, tcp_flow_key},
+    otlp::{ResourceInfo, process_resource, unix_now_ns},
     process_meta::{ProcessMeta, local_port},
+    sink::OtlpSink,
+    stop::Stop,
     sys,
 };
 
@@ -46,50 +43,6 @@ pub fn trace_id_ratio_keeps(trace_id: &[u8; 16], ratio: f64) -> bool {
     let x = u64::from_be_bytes(low) >> 1;
     // 2^63 as f64 is exact; the product is below it.
     x < (ratio * 9_223_372_036_854_775_808.0) as u64
-}
-
-/// What another signal knows of a TCP connection, for HTTP spans: the
-/// network signal's per-connection state (`crate::net_capture::OwnersReader`),
-/// or nothing ([`NoConnections`]) when it does not run.
-pub trait ConnectionLookup: Send {
-    /// The connect's SYN → ESTABLISHED time of the connection whose local
-    /// end sees `key` (client connections), nanoseconds.
-    fn connect_ns(&self, key: &FlowKey) -> Option<u64>;
-}
-
-/// No network signal: spans carry no connect time.
-pub struct NoConnections;
-
-impl ConnectionLookup for NoConnections {
-    fn connect_ns(&self, _key: &FlowKey) -> Option<u64> {
-        None
-    }
-}
-
-/// The network signal's key of a TCP connection as its local end sees it:
-/// IPv4-mapped IPv6 addresses as IPv4 (as the network programs key them);
-/// `None` when the two ends are of different families.
-pub fn tcp_flow_key(local: SocketAddr, peer: SocketAddr) -> Option<FlowKey> {
-    let (family, local_ip, remote_ip) = match (local.ip().to_canonical(), peer.ip().to_canonical())
-    {
-        (IpAddr::V4(l), IpAddr::V4(r)) => {
-            let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
-            a[..4].copy_from_slice(&l.octets());
-            b[..4].copy_from_slice(&r.octets());
-            (FAMILY_V4, a, b)
-        }
-        (IpAddr::V6(l), IpAddr::V6(r)) => (FAMILY_V6, l.octets(), r.octets()),
-        _ => return None,
-    };
-    Some(FlowKey {
-        family,
-        protocol: 6,
-        local_port: local.port(),
-        remote_port: peer.port(),
-        _pad: 0,
-        local: local_ip,
-        remote: remote_ip,
-    })
 }
 
 /// Finished spans that are delivered at once, without waiting for the timer.
@@ -128,31 +81,9 @@ impl Default for TraceConfig {
             metrics: MetricsConfig::default(),
             flush_every: Duration::from_secs(1),
             proc_root: PathBuf::from("/proc"),
-            node: crate::export::node_name(),
+            node: crate::otlp::node_name(),
             sample_ratio: 1.0,
         }
-    }
-}
-
-/// Where spans and metrics go.
-pub trait TraceSink: Send {
-    /// Delivers spans; false when they were not accepted (counted by the
-    /// session).
-    fn spans(&mut self, req: ExportTraceServiceRequest) -> bool;
-    /// Delivers the cumulative RED metrics.
-    fn metrics(&mut self, req: ExportMetricsServiceRequest) -> bool;
-}
-
-/// The collector embedded in the agent.
-pub struct EmbeddedTraceSink(pub Ingest);
-
-impl TraceSink for EmbeddedTraceSink {
-    fn spans(&mut self, req: ExportTraceServiceRequest) -> bool {
-        self.0.spans(req).is_ok()
-    }
-
-    fn metrics(&mut self, req: ExportMetricsServiceRequest) -> bool {
-        self.0.metrics(req).is_ok()
     }
 }
 
@@ -166,7 +97,7 @@ struct Undelivered {
 /// The running tracing thread. Dropping it stops the thread (after a last
 /// flush) and detaches the programs.
 pub struct TraceSession {
-    stop: Arc<AtomicBool>,
+    stop: Stop,
     handle: Option<JoinHandle<()>>,
     inject: bool,
     inject_failure: Option<String>,
@@ -186,7 +117,7 @@ impl TraceSession {
 
     /// Loads and attaches the capture (and `traceparent` injection when
     /// configured), then starts the thread.
-    pub fn start(config: TraceConfig, sink: Box<dyn TraceSink>) -> Result<Self, TraceError> {
+    pub fn start(config: TraceConfig, sink: Box<dyn OtlpSink>) -> Result<Self, TraceError> {
         Self::start_with(config, sink, Box::new(NoConnections))
     }
 
@@ -194,14 +125,14 @@ impl TraceSession {
     /// (looked up once per connection, at its first data).
     pub fn start_with(
         config: TraceConfig,
-        sink: Box<dyn TraceSink>,
+        sink: Box<dyn OtlpSink>,
         connections: Box<dyn ConnectionLookup>,
     ) -> Result<Self, TraceError> {
         let mut capture = HttpCapture::start(&config.capture)?;
         // Injection that cannot attach (a kernel that rejects its programs,
         // no cgroup v2) leaves the capture running without it.
         let (injection, inject_failure) = if config.capture.inject {
-            match crate::inject::attach(capture.ebpf_mut()) {
+            match super::inject::attach(capture.ebpf_mut()) {
                 Ok(injection) => (Some(injection), None),
                 Err(e) => {
                     tracing::warn!(
@@ -215,8 +146,8 @@ impl TraceSession {
             (None, None)
         };
         let inject = injection.is_some();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let stop = Stop::new();
+        let flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("fathom-traces".into())
             .spawn(move || {
@@ -235,9 +166,18 @@ impl TraceSession {
     }
 }
 
+impl TraceSession {
+    /// Stops the thread (after a last flush) and detaches the programs;
+    /// false when the thread did not end by `deadline` (it is left behind).
+    pub fn stop(mut self, deadline: Instant) -> bool {
+        self.stop.trigger();
+        crate::stop::join_by(self.handle.take(), deadline, "traces")
+    }
+}
+
 impl Drop for TraceSession {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.trigger();
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
         }
@@ -249,7 +189,7 @@ pub enum TraceError {
     #[error(transparent)]
     Capture(#[from] HttpCaptureError),
     #[error("traceparent injection (turn it off with --trace-inject false): {0}")]
-    Inject(#[from] crate::inject::InjectError),
+    Inject(#[from] InjectError),
     #[error("starting the tracing thread: {0}")]
     Thread(std::io::Error),
 }
@@ -257,7 +197,7 @@ pub enum TraceError {
 struct Worker {
     config: TraceConfig,
     capture: HttpCapture,
-    sink: Box<dyn TraceSink>,
+    sink: Box<dyn OtlpSink>,
     tracer: HttpTracer,
     metrics: HttpMetrics,
     resources: HashMap<u32, ResourceInfo>,
@@ -288,7 +228,7 @@ impl Worker {
     fn new(
         config: TraceConfig,
         capture: HttpCapture,
-        sink: Box<dyn TraceSink>,
+        sink: Box<dyn OtlpSink>,
         connections: Box<dyn ConnectionLookup>,
     ) -> Self {
         Self {
@@ -312,11 +252,11 @@ impl Worker {
         }
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &Stop) {
         let mut next_flush = Instant::now() + self.config.flush_every;
         let mut next_log = Instant::now() + Duration::from_secs(10);
         loop {
-            let stopping = stop.load(Ordering::Relaxed);
+            let stopping = stop.is_triggered();
             let drained = self.drain();
             // Spans leave in batches as they finish, not only on the timer:
             // converting a second's worth at once (tens of thousands under
@@ -539,49 +479,6 @@ impl Worker {
     }
 }
 
-/// The OTel resource of a process's spans and metrics: `service.name`
-/// (`OTEL_SERVICE_NAME`, else the pod's `app.kubernetes.io/name`, else its
-/// owner workload, else the executable), `process.pid`,
-/// `process.executable.name`, `container.id`, `host.name`, and the pod's
-/// `k8s.*` attributes when the Kubernetes metadata knows the container.
-/// `None` (the process is gone): `unknown_service` with the pid.
-pub fn process_resource(meta: Option<&ProcessMeta>, pid: u32, node: &str) -> ResourceInfo {
-    let mut extra = vec![("host.name".to_string(), node.to_string())];
-    match meta {
-        Some(m) => {
-            let pod = m.pod();
-            if let Some(pod) = &pod {
-                extra.extend(
-                    pod.otel_attributes()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v)),
-                );
-            }
-            ResourceInfo {
-                service_name: m.service_name_in(pod.as_deref()),
-                pid: Some(pid),
-                executable_name: Some(m.executable_name.clone()),
-                container_id: m.container_id.clone(),
-                extra,
-            }
-        }
-        None => ResourceInfo {
-            service_name: "unknown_service".into(),
-            pid: Some(pid),
-            executable_name: None,
-            container_id: None,
-            extra,
-        },
-    }
-}
-
-fn unix_now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 /// Unix time minus CLOCK_MONOTONIC (the kernel's `bpf_ktime_get_ns`).
 fn unix_offset_ns() -> i64 {
     unix_now_ns() as i64 - sys::monotonic_ns() as i64
@@ -595,53 +492,6 @@ mod tests {
         let mut t = [0xab; 16];
         t[8..].copy_from_slice(&low.to_be_bytes());
         t
-    }
-
-    #[test]
-    fn flow_keys_as_the_network_programs_key_them() {
-        let k = tcp_flow_key(
-            "10.1.2.3:40000".parse().unwrap(),
-            "10.9.8.7:80".parse().unwrap(),
-        )
-        .unwrap();
-        let mut local = [0u8; 16];
-        local[..4].copy_from_slice(&[10, 1, 2, 3]);
-        let mut remote = [0u8; 16];
-        remote[..4].copy_from_slice(&[10, 9, 8, 7]);
-        let want = FlowKey {
-            family: FAMILY_V4,
-            protocol: 6,
-            local_port: 40000,
-            remote_port: 80,
-            _pad: 0,
-            local,
-            remote,
-        };
-        assert_eq!(k, want);
-        // A dual-stack socket talking IPv4: keyed as IPv4.
-        let mapped = tcp_flow_key(
-            "[::ffff:10.1.2.3]:40000".parse().unwrap(),
-            "[::ffff:10.9.8.7]:80".parse().unwrap(),
-        );
-        assert_eq!(mapped, Some(want));
-        let v6 = tcp_flow_key(
-            "[fd00::1]:5".parse().unwrap(),
-            "[fd00::2]:6".parse().unwrap(),
-        )
-        .unwrap();
-        assert_eq!(v6.family, FAMILY_V6);
-        assert_eq!(
-            v6.local,
-            "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
-        );
-        assert_eq!(
-            tcp_flow_key(
-                "[fd00::1]:5".parse().unwrap(),
-                "10.0.0.1:6".parse().unwrap()
-            ),
-            None
-        );
-        assert_eq!(NoConnections.connect_ns(&want), None);
     }
 
     #[test]

@@ -20,10 +20,8 @@ use fathom_symbolizer::{
     perf_map::PerfMap,
 };
 
-use crate::{
-    pprof::Mapping,
-    procfs::{self, MapsPath},
-};
+use super::pprof::Mapping;
+use crate::procfs::{self, MapsPath};
 
 /// Snapshots kept per process (a process that `exec`s or `dlopen`s gets a new
 /// one; older ones still resolve samples taken before the change).

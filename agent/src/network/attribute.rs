@@ -148,7 +148,7 @@ pub fn attribute_flow(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::sockets::{Netns, SocketEntry, TCP_ESTABLISHED, TCP_LISTEN};
+    use crate::network::sockets::{Netns, SocketEntry, TCP_ESTABLISHED, TCP_LISTEN};
     use std::collections::HashMap;
 
     const POD: [u8; 4] = [10, 77, 0, 2];

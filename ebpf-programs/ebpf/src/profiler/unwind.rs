@@ -12,15 +12,13 @@
 
 use core::{ffi::c_void, ptr::null_mut};
 
-use crate::profiler::SAMPLE;
+use super::maps::{SAMPLE, UNWIND_MAPPINGS, UNWIND_PROCS, UNWIND_ROWS};
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, bpf_perf_event_data},
+    bindings::bpf_perf_event_data,
     helpers::{
         bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
-    macros::map,
-    maps::{Array, HashMap},
 };
 use fathom_common::{
     profiler::{MAX_STACK_DEPTH, Stack},
@@ -29,16 +27,6 @@ use fathom_common::{
         signal_frame, status,
     },
 };
-
-// Sizes are defaults; the loader sets them from the agent's configuration.
-// The tables are mmapable: user space writes them with plain stores.
-#[map]
-static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
-#[map]
-static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(1, BPF_F_MMAPABLE);
-/// Processes whose user stacks are walked here (the others by the kernel).
-#[map]
-pub static UNWIND_PROCS: HashMap<u32, UnwindProcess> = HashMap::with_max_entries(1, 0);
 
 /// Registers of the frame being unwound, and the walk's progress (in this
 /// CPU's `SAMPLE`, where the `bpf_loop` callback finds it).

@@ -3,7 +3,7 @@
 //! egress) on the chosen interfaces — picking up new interfaces and
 //! forgetting removed ones on [`NetCapture::sync_interfaces`] — and reads
 //! the kernel's maps. The contract is `fathom_common::net`; the maps'
-//! contents are turned into metrics by [`crate::net`].
+//! contents are turned into metrics by [`crate::network`] (`metrics`).
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -22,7 +22,7 @@ use fathom_common::net::{
     AggKey, DnsKey, FlowCache, FlowKey, FlowStats, Hist, NetCounter, Owner, globals, names,
 };
 
-use crate::{ebpf, preflight, profiler::field_offset};
+use crate::{ebpf, ebpf::field_offset, preflight};
 
 /// The eBPF object of this signal, as named in verifier figures.
 pub const OBJECT: &str = "fathom-net";
@@ -75,7 +75,7 @@ pub enum NetCaptureError {
 }
 
 /// Reads the kernel's connections map (`NET_OWNERS`) from any thread: what
-/// HTTP spans learn of their connection ([`crate::traces::ConnectionLookup`]).
+/// HTTP spans learn of their connection ([`crate::connections::ConnectionLookup`]).
 pub struct OwnersReader {
     owners: BpfHashMap<MapData, FlowKey, Owner>,
 }
@@ -87,7 +87,7 @@ impl OwnersReader {
     }
 }
 
-impl crate::traces::ConnectionLookup for OwnersReader {
+impl crate::connections::ConnectionLookup for OwnersReader {
     fn connect_ns(&self, key: &FlowKey) -> Option<u64> {
         self.connection(key)
             .map(|o| o.connect_ns)

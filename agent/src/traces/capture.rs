@@ -1,6 +1,6 @@
 //! Loads and attaches the HTTP capture programs (`fathom-http` object) and
 //! reads their events. The kernel/user-space contract is
-//! `fathom_common::http`; the bytes are parsed by [`crate::http`].
+//! `fathom_common::http`; the bytes are parsed by [`crate::traces`] (`parse`, `spans`).
 use std::{fs, os::fd::AsFd, path::Path, time::Duration};
 
 use aya::{
@@ -12,7 +12,7 @@ use fathom_common::http::{
     ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, event_kind, globals, names, stage,
 };
 
-use crate::{btf, ebpf, preflight, profiler::field_offset, sys};
+use crate::{btf, ebpf, ebpf::field_offset, preflight, sys};
 
 /// The eBPF object of this signal, as named in verifier figures.
 pub const OBJECT: &str = "fathom-http";
@@ -97,12 +97,7 @@ pub fn parse_record(bytes: &[u8]) -> Option<HttpEvent> {
     match *bytes.first()? {
         event_kind::DATA => DataEvent::from_record(bytes).map(|e| HttpEvent::Data(Box::new(e))),
         kind @ (event_kind::CONN_OPEN | event_kind::CONN_CLOSE | event_kind::PROCESS_EXIT) => {
-            if bytes.len() != size_of::<ConnEvent>() {
-                return None;
-            }
-            // SAFETY: ConnEvent is repr(C), padding-free and valid for any
-            // bytes; the length was checked.
-            let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnEvent>()) };
+            let event: ConnEvent = fathom_common::record::read(bytes)?;
             Some(match kind {
                 event_kind::CONN_OPEN => HttpEvent::Open(event),
                 event_kind::CONN_CLOSE => HttpEvent::Close(event),
@@ -485,9 +480,8 @@ mod tests {
         }
     }
 
-    fn bytes_of<T>(v: &T) -> Vec<u8> {
-        // SAFETY: test-only view of padding-free repr(C) values.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    fn bytes_of<T: aya::Pod>(v: &T) -> Vec<u8> {
+        fathom_common::record::bytes_of(v).to_vec()
     }
 
     #[test]

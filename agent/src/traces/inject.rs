@@ -133,7 +133,9 @@ pub fn attach_to(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Injection, InjectErro
         .try_into()
         .map_err(program_err(names::SK_MSG))?;
     if sk_msg.fd().is_err() {
-        crate::ebpf::load_program(crate::http_capture::OBJECT, names::SK_MSG, || sk_msg.load())?;
+        crate::ebpf::load_program(crate::traces::capture::OBJECT, names::SK_MSG, || {
+            sk_msg.load()
+        })?;
     }
     let sock_ops: &mut SockOps = ebpf
         .program_mut(names::SOCK_OPS)
@@ -141,7 +143,7 @@ pub fn attach_to(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Injection, InjectErro
         .try_into()
         .map_err(program_err(names::SOCK_OPS))?;
     if sock_ops.fd().is_err() {
-        crate::ebpf::load_program(crate::http_capture::OBJECT, names::SOCK_OPS, || {
+        crate::ebpf::load_program(crate::traces::capture::OBJECT, names::SOCK_OPS, || {
             sock_ops.load()
         })?;
     }

@@ -1,0 +1,111 @@
+//! The profiling signal: CPU stacks sampled by perf-event eBPF programs
+//! (`capture`), the daemon's per-window loop that drains, symbolizes and
+//! builds one pprof per process (`session`), the pure logic it uses (`stacks`,
+//! `pprof`, `process` for the objects mapped by each process, `unwind` for
+//! the eBPF DWARF unwinder's tables), and delivery to the collector
+//! (`export`).
+
+pub mod capture;
+pub mod export;
+pub mod pprof;
+pub mod process;
+pub mod session;
+pub mod stacks;
+pub mod unwind;
+
+use std::{sync::mpsc, thread::JoinHandle, time::Instant};
+
+use crate::{
+    config::SignalKind,
+    health::SignalStatus,
+    signal::{Delivery, Signal, StartContext, StartError},
+    stop::Stop,
+};
+use capture::UnwindMode;
+use session::{DirSink, ProfileSink, ProfilesConfig, Session};
+
+/// The profiling signal: a thread that runs the [`Session`], delivering one
+/// profile per process every interval.
+pub struct ProfilesSignal {
+    stop: Stop,
+    handle: Option<JoinHandle<()>>,
+    mode: UnwindMode,
+}
+
+impl Signal for ProfilesSignal {
+    fn start(ctx: &mut StartContext<'_>) -> Result<Self, StartError> {
+        let config = ProfilesConfig::from(&ctx.config.sampling);
+        let interval = ctx.config.interval;
+        let mut sink: Box<dyn ProfileSink + Send> = match &ctx.delivery {
+            Delivery::Collector(ingest) => Box::new(export::EmbeddedSink::new(ingest.clone())),
+            Delivery::Directory { dir, retention } => {
+                tracing::info!(dir = %dir.display(), "writing per-process profiles");
+                Box::new(DirSink::new(dir, *retention)?)
+            }
+        };
+        let stop = Stop::new();
+        let flag = stop.clone();
+        let health = ctx.health.clone();
+        // The session is built on its own thread (it stays there); the
+        // thread says whether it started.
+        let (started, result) = mpsc::sync_channel::<Result<UnwindMode, String>>(1);
+        let handle = std::thread::Builder::new()
+            .name("fathom-profiles".into())
+            .spawn(move || {
+                let mut session = match Session::start(&config) {
+                    Ok(session) => session,
+                    Err(e) => {
+                        let _ = started.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(session.unwind_mode().clone()));
+                if let Err(e) = session.run_daemon(interval, &mut *sink, &flag) {
+                    tracing::error!("profiling stopped: {e}");
+                    health.set_signal(crate::signal::off(
+                        SignalKind::Profiles,
+                        format!("stopped: {e}"),
+                    ));
+                }
+            })?;
+        match result.recv() {
+            Ok(Ok(mode)) => Ok(Self {
+                stop,
+                handle: Some(handle),
+                mode,
+            }),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e.into())
+            }
+            Err(_) => {
+                let _ = handle.join();
+                Err("the profiling thread ended before it started".into())
+            }
+        }
+    }
+
+    fn kind(&self) -> SignalKind {
+        SignalKind::Profiles
+    }
+
+    fn status(&self) -> SignalStatus {
+        let reason = match &self.mode {
+            UnwindMode::FramePointers { reason: Some(r) } => {
+                Some(format!("user stacks by frame pointers only: {r}"))
+            }
+            _ => None,
+        };
+        SignalStatus {
+            signal: SignalKind::Profiles.name(),
+            mode: self.mode.name().into(),
+            up: true,
+            reason,
+        }
+    }
+
+    fn stop(mut self: Box<Self>, deadline: Instant) -> bool {
+        self.stop.trigger();
+        crate::stop::join_by(self.handle.take(), deadline, "profiles")
+    }
+}
