@@ -955,7 +955,7 @@ fn agent_sends_to_a_remote_collector() {
     assert!(status.success(), "{log}");
     let delivery = log
         .lines()
-        .find(|l| l.contains("delivery at exit"))
+        .find(|l| l.contains("delivery at exit exporter=pyroscope"))
         .unwrap_or_default();
     assert!(delivery.contains("dropped=0"), "{log}");
     drop(collector);

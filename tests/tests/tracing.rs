@@ -1730,7 +1730,7 @@ fn spans_and_metrics_reach_a_remote_collector() {
     assert!(status.success(), "{log}");
     let delivery = log
         .lines()
-        .find(|l| l.contains("remote collector (spans, metrics): delivery at exit"))
+        .find(|l| l.contains("delivery at exit exporter=otlp"))
         .unwrap_or_default();
     assert!(delivery.contains("dropped=0"), "{log}");
 }

@@ -22,7 +22,10 @@ use fathom_common::net::{
     AggKey, DnsKey, FlowCache, FlowKey, FlowStats, Hist, NetCounter, Owner, globals, names,
 };
 
-use crate::{ebpf, ebpf::field_offset, preflight};
+use crate::{
+    ebpf::{self, field_offset, program, take_map as take},
+    preflight,
+};
 
 /// The eBPF object of this signal, as named in verifier figures.
 pub const OBJECT: &str = "fathom-net";
@@ -55,24 +58,10 @@ impl Default for NetCaptureConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum NetCaptureError {
     #[error(transparent)]
-    MissingObject(#[from] ebpf::MissingObject),
-    #[error("loading the network programs: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
-    #[error("eBPF program {0}")]
-    Rejected(#[from] ebpf::LoadError),
-    #[error("tracepoint format {path}: {reason}")]
-    TracepointFormat { path: String, reason: String },
+    Kernel(#[from] ebpf::KernelError),
 }
+
+crate::wraps_kernel_error!(NetCaptureError);
 
 /// Reads the kernel's connections map (`NET_OWNERS`) from any thread: what
 /// HTTP spans learn of their connection ([`crate::connections::ConnectionLookup`]).
@@ -289,7 +278,7 @@ impl NetCapture {
     /// as [`NetCapture::start`] sets them, no program loaded; and whether
     /// the kernel's BTF gave the socket offsets `net_tcp_probe_btf` needs.
     pub fn open_object(config: &NetCaptureConfig) -> Result<(Ebpf, bool), NetCaptureError> {
-        preflight::ensure_tracefs().map_err(|reason| NetCaptureError::TracepointFormat {
+        preflight::ensure_tracefs().map_err(|reason| ebpf::KernelError::TracepointFormat {
             path: preflight::TRACEFS.into(),
             reason,
         })?;
@@ -300,15 +289,16 @@ impl NetCapture {
                 .join(tp)
                 .join("format");
             let format =
-                fs::read_to_string(&path).map_err(|e| NetCaptureError::TracepointFormat {
+                fs::read_to_string(&path).map_err(|e| ebpf::KernelError::TracepointFormat {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
-            let off =
-                field_offset(&format, field).ok_or_else(|| NetCaptureError::TracepointFormat {
+            let off = field_offset(&format, field).ok_or_else(|| {
+                ebpf::KernelError::TracepointFormat {
                     path: path.display().to_string(),
                     reason: format!("no {field} field"),
-                })?;
+                }
+            })?;
             offsets.push((global, off));
         }
         let mut loader = EbpfLoader::new();
@@ -355,7 +345,7 @@ impl NetCapture {
             ebpf::load_program(OBJECT, name, || program.load())?;
             program
                 .attach(category, tracepoint)
-                .map_err(|source| NetCaptureError::Program { name, source })?;
+                .map_err(|source| ebpf::KernelError::Program { name, source })?;
         }
         for name in ["net_tc_ingress", "net_tc_egress"] {
             let program: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -474,7 +464,7 @@ impl NetCapture {
     pub fn owners_reader(&self) -> Result<OwnersReader, NetCaptureError> {
         use aya::maps::IterableMap as _;
         use std::os::fd::AsFd as _;
-        let map_err = |source| NetCaptureError::Map {
+        let map_err = |source| ebpf::KernelError::Map {
             name: names::OWNERS,
             source,
         };
@@ -548,19 +538,6 @@ impl NetCapture {
         }
         out
     }
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, NetCaptureError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(NetCaptureError::Program {
-            name,
-            source: ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(|source| NetCaptureError::Program { name, source })
 }
 
 /// A flow as read from the kernel: `stored` in `FLOWS` (it only grows, but
@@ -648,17 +625,6 @@ pub fn flow_delta(last: Option<&FlowSeen>, read: &FlowRead) -> (FlowCounts, Flow
             counted: now,
         },
     )
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, NetCaptureError> {
-    let map = ebpf.take_map(name).ok_or(NetCaptureError::Map {
-        name,
-        source: MapError::InvalidName { name: name.into() },
-    })?;
-    T::try_from(map).map_err(|source| NetCaptureError::Map { name, source })
 }
 
 #[cfg(test)]

@@ -27,7 +27,10 @@ use fathom_common::{
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
 
-use crate::{ebpf, preflight};
+use crate::{
+    ebpf::{self, map_err, program, program_err, take_map as take},
+    preflight,
+};
 
 /// The eBPF object of this signal, as named in verifier figures.
 pub const OBJECT: &str = "fathom";
@@ -166,30 +169,16 @@ impl ProfilerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ProfilerError {
     #[error(transparent)]
-    MissingObject(#[from] ebpf::MissingObject),
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
-    #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
-    #[error("eBPF program {0}")]
-    Rejected(#[from] ebpf::LoadError),
+    Kernel(#[from] ebpf::KernelError),
     #[error("attaching to cpu-clock on CPU {cpu}: {source}")]
     AttachCpu { cpu: u32, source: ProgramError },
     #[error("listing online CPUs: {0}")]
     Cpus(String),
-    #[error("tracepoint format {path}: {reason}")]
-    TracepointFormat { path: String, reason: String },
     #[error("invalid configuration: {0}")]
     Config(String),
 }
+
+crate::wraps_kernel_error!(ProfilerError);
 
 /// Totals of the kernel-side counters, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -297,7 +286,7 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
             .map_err(program_err(names::PROGRAM_RECORD))?
             .try_clone()
     }
-    .map_err(|e| ProfilerError::Program {
+    .map_err(|e| ebpf::KernelError::Program {
         name: names::PROGRAM_RECORD,
         source: ProgramError::IOError(e),
     })?;
@@ -309,7 +298,7 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
                     .fd()
                     .map_err(program_err(names::PROGRAM_UNWIND))?
                     .try_clone()
-                    .map_err(|e| ProfilerError::Program {
+                    .map_err(|e| ebpf::KernelError::Program {
                         name: names::PROGRAM_UNWIND,
                         source: ProgramError::IOError(e),
                     })?,
@@ -325,7 +314,7 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
         Ok(None)
     };
     let mut stages: ProgramArray<&mut MapData> =
-        ProgramArray::try_from(ebpf.map_mut(names::STAGES).ok_or(ProfilerError::Map {
+        ProgramArray::try_from(ebpf.map_mut(names::STAGES).ok_or(ebpf::KernelError::Map {
             name: names::STAGES,
             source: MapError::InvalidName {
                 name: names::STAGES.into(),
@@ -361,39 +350,6 @@ impl std::fmt::Debug for Profiler {
     }
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> ProfilerError {
-    move |source| ProfilerError::Map { name, source }
-}
-
-fn program_err(name: &'static str) -> impl Fn(ProgramError) -> ProfilerError {
-    move |source| ProfilerError::Program { name, source }
-}
-
-/// A program of the object, as its type.
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProfilerError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(ProfilerError::Program {
-            name,
-            source: ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(program_err(name))
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, ProfilerError> {
-    let map = ebpf.take_map(name).ok_or(ProfilerError::Map {
-        name,
-        source: MapError::InvalidName { name: name.into() },
-    })?;
-    T::try_from(map).map_err(map_err(name))
-}
-
 impl Profiler {
     /// Loads the programs and attaches process discovery; returns the
     /// profiler with the ring buffer of process events and the unwinder's
@@ -415,7 +371,7 @@ impl Profiler {
                 config.frequency_hz
             )));
         }
-        preflight::ensure_tracefs().map_err(|reason| ProfilerError::TracepointFormat {
+        preflight::ensure_tracefs().map_err(|reason| ebpf::KernelError::TracepointFormat {
             path: preflight::TRACEFS.into(),
             reason,
         })?;
@@ -426,7 +382,7 @@ impl Profiler {
             .and_then(|f| {
                 ebpf::field_offset(&f, "child_pid").ok_or_else(|| "no child_pid field".into())
             })
-            .map_err(|reason| ProfilerError::TracepointFormat {
+            .map_err(|reason| ebpf::KernelError::TracepointFormat {
                 path: fork_format.display().to_string(),
                 reason,
             })?;
@@ -473,12 +429,13 @@ impl Profiler {
     ) -> Result<(Self, RingBuf<MapData>, UnwindMaps), ProfilerError> {
         {
             let mut pid_filter: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(
-                ebpf.map_mut(names::PID_FILTER).ok_or(ProfilerError::Map {
-                    name: names::PID_FILTER,
-                    source: MapError::InvalidName {
-                        name: names::PID_FILTER.into(),
-                    },
-                })?,
+                ebpf.map_mut(names::PID_FILTER)
+                    .ok_or(ebpf::KernelError::Map {
+                        name: names::PID_FILTER,
+                        source: MapError::InvalidName {
+                            name: names::PID_FILTER.into(),
+                        },
+                    })?,
             )
             .map_err(map_err(names::PID_FILTER))?;
             for pid in &config.pids {
@@ -679,7 +636,7 @@ impl Profiler {
                 .map_err(map_err(names::STACK_INDEX[set]))?;
         }
         let zeros = aya::maps::PerCpuValues::try_from(vec![0u32; used.len()]).map_err(|e| {
-            ProfilerError::Map {
+            ebpf::KernelError::Map {
                 name: names::STACK_NEXT,
                 source: MapError::IoError(e),
             }

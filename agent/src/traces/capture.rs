@@ -5,14 +5,18 @@ use std::{fs, os::fd::AsFd, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use fathom_common::http::{
     ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, event_kind, globals, names, stage,
 };
 
-use crate::{btf, ebpf, ebpf::field_offset, preflight, sys};
+use crate::{
+    btf,
+    ebpf::{self, field_offset, map_err, map_mut, take_map as take},
+    preflight, sys,
+};
 
 /// The eBPF object of this signal, as named in verifier figures.
 pub const OBJECT: &str = "fathom-http";
@@ -44,34 +48,20 @@ impl Default for HttpCaptureConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum HttpCaptureError {
     #[error(transparent)]
-    MissingObject(#[from] ebpf::MissingObject),
-    #[error("loading the HTTP programs: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
-    #[error("eBPF program {0}")]
-    Rejected(#[from] ebpf::LoadError),
+    Kernel(#[from] ebpf::KernelError),
     #[error("attaching {name} to tracepoint {tracepoint}: {source}")]
     Attach {
         name: &'static str,
         tracepoint: &'static str,
         source: ProgramError,
     },
-    #[error("tracepoint format {path}: {reason}")]
-    TracepointFormat { path: String, reason: String },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("waiting on the event ring buffer: {0}")]
     Wait(std::io::Error),
 }
+
+crate::wraps_kernel_error!(HttpCaptureError);
 
 /// An event of the capture programs.
 #[derive(Clone)]
@@ -219,19 +209,19 @@ impl HttpCapture {
                 config.ring_bytes
             )));
         }
-        preflight::ensure_tracefs().map_err(|reason| HttpCaptureError::TracepointFormat {
+        preflight::ensure_tracefs().map_err(|reason| ebpf::KernelError::TracepointFormat {
             path: preflight::TRACEFS.into(),
             reason,
         })?;
         let fork_format =
             Path::new(preflight::TRACEFS).join("events/sched/sched_process_fork/format");
         let format =
-            fs::read_to_string(&fork_format).map_err(|e| HttpCaptureError::TracepointFormat {
+            fs::read_to_string(&fork_format).map_err(|e| ebpf::KernelError::TracepointFormat {
                 path: fork_format.display().to_string(),
                 reason: e.to_string(),
             })?;
         let offset = |field: &str| {
-            field_offset(&format, field).ok_or_else(|| HttpCaptureError::TracepointFormat {
+            field_offset(&format, field).ok_or_else(|| ebpf::KernelError::TracepointFormat {
                 path: fork_format.display().to_string(),
                 reason: format!("no {field} field"),
             })
@@ -395,12 +385,12 @@ where
 {
     let program: &mut T = ebpf
         .program_mut(name)
-        .ok_or(HttpCaptureError::Program {
+        .ok_or(ebpf::KernelError::Program {
             name,
             source: ProgramError::NotLoaded,
         })?
         .try_into()
-        .map_err(|source| HttpCaptureError::Program { name, source })?;
+        .map_err(|source| ebpf::KernelError::Program { name, source })?;
     if loaded.insert(name) {
         ebpf::load_program(OBJECT, name, || program.load_program())?;
     }
@@ -412,8 +402,9 @@ fn clone_fd(
     fd: Result<&aya::programs::ProgramFd, ProgramError>,
     name: &'static str,
 ) -> Result<aya::programs::ProgramFd, HttpCaptureError> {
-    fd.and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
-        .map_err(|source| HttpCaptureError::Program { name, source })
+    Ok(fd
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+        .map_err(|source| ebpf::KernelError::Program { name, source })?)
 }
 
 /// The `load` of the program types used here (aya has no common trait).
@@ -431,31 +422,6 @@ impl LoadProgram for UProbe {
     fn load_program(&mut self) -> Result<(), ProgramError> {
         self.load()
     }
-}
-
-fn map_err(name: &'static str) -> impl Fn(MapError) -> HttpCaptureError {
-    move |source| HttpCaptureError::Map { name, source }
-}
-
-fn map_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::maps::Map, HttpCaptureError> {
-    ebpf.map_mut(name).ok_or(HttpCaptureError::Map {
-        name,
-        source: MapError::InvalidName { name: name.into() },
-    })
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, HttpCaptureError> {
-    let map = ebpf.take_map(name).ok_or(HttpCaptureError::Map {
-        name,
-        source: MapError::InvalidName { name: name.into() },
-    })?;
-    T::try_from(map).map_err(map_err(name))
 }
 
 #[cfg(test)]

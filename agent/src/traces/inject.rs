@@ -19,7 +19,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{MapData, MapError, SockHash},
-    programs::{CgroupAttachMode, ProgramError, SkMsg, SockOps, sk_msg::SkMsgLink},
+    programs::{CgroupAttachMode, SkMsg, SockOps, sk_msg::SkMsgLink},
 };
 use fathom_common::http::names;
 
@@ -43,21 +43,11 @@ pub enum InjectError {
     MissingProgram(&'static str),
     #[error("the fathom-http object has no map {0} (or it was already taken)")]
     MissingMap(&'static str),
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("eBPF program {0}")]
-    Rejected(#[from] crate::ebpf::LoadError),
+    #[error(transparent)]
+    Kernel(#[from] crate::ebpf::KernelError),
 }
+
+crate::wraps_kernel_error!(InjectError);
 
 /// The attached injection programs. Dropping it detaches them.
 pub struct Injection {
@@ -125,7 +115,7 @@ pub fn attach_to(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Injection, InjectErro
         path: cgroup.to_path_buf(),
         source,
     })?;
-    let program_err = |name| move |source| InjectError::Program { name, source };
+    let program_err = crate::ebpf::program_err;
 
     let sk_msg: &mut SkMsg = ebpf
         .program_mut(names::SK_MSG)
@@ -152,7 +142,7 @@ pub fn attach_to(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Injection, InjectErro
         .take_map(names::SOCKETS)
         .ok_or(InjectError::MissingMap(names::SOCKETS))?;
     let sockets: SockHash<MapData, u64> =
-        SockHash::try_from(map).map_err(|source| InjectError::Map {
+        SockHash::try_from(map).map_err(|source| crate::ebpf::KernelError::Map {
             name: names::SOCKETS,
             source,
         })?;
