@@ -1,13 +1,13 @@
 //! What every signal's OpenTelemetry output shares: the resource of a
-//! process (service, pid, container, pod, node), key-values, and the clock.
+//! process (service, pid, container, pod, node; filled from `/proc` by
+//! [`crate::process_meta::process_resource`]), key-values, and the clock.
+//! Pure: no I/O.
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value},
     resource::v1::Resource,
 };
-
-use crate::process_meta::ProcessMeta;
 
 /// The resource of a process, as the caller knows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,42 +49,6 @@ impl ResourceInfo {
             attributes,
             ..Resource::default()
         }
-    }
-}
-
-/// The OTel resource of a process's spans and metrics: `service.name`
-/// (`OTEL_SERVICE_NAME`, else the pod's `app.kubernetes.io/name`, else its
-/// owner workload, else the executable), `process.pid`,
-/// `process.executable.name`, `container.id`, `host.name`, and the pod's
-/// `k8s.*` attributes when the Kubernetes metadata knows the container.
-/// `None` (the process is gone): `unknown_service` with the pid.
-pub fn process_resource(meta: Option<&ProcessMeta>, pid: u32, node: &str) -> ResourceInfo {
-    let mut extra = vec![("host.name".to_string(), node.to_string())];
-    match meta {
-        Some(m) => {
-            let pod = m.pod();
-            if let Some(pod) = &pod {
-                extra.extend(
-                    pod.otel_attributes()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v)),
-                );
-            }
-            ResourceInfo {
-                service_name: m.service_name_in(pod.as_deref()),
-                pid: Some(pid),
-                executable_name: Some(m.executable_name.clone()),
-                container_id: m.container_id.clone(),
-                extra,
-            }
-        }
-        None => ResourceInfo {
-            service_name: "unknown_service".into(),
-            pid: Some(pid),
-            executable_name: None,
-            container_id: None,
-            extra,
-        },
     }
 }
 

@@ -2,6 +2,7 @@
 //! the OTel resource (`service.name`, `process.*`, `container.id`, and the
 //! pod's `k8s.*` when the Kubernetes metadata module runs), read from
 //! `/proc`, and the local port of a listening socket.
+use crate::otlp::ResourceInfo;
 use std::{fs, path::Path, sync::Arc};
 
 use crate::k8s::{self, ContainerMeta};
@@ -205,6 +206,42 @@ pub fn tcp_table_port(text: &str, inode: u64) -> Option<u16> {
         let port = fields.get(1)?.rsplit(':').next()?;
         u16::from_str_radix(port, 16).ok()
     })
+}
+
+/// The OTel resource of a process's spans and metrics: `service.name`
+/// (`OTEL_SERVICE_NAME`, else the pod's `app.kubernetes.io/name`, else its
+/// owner workload, else the executable), `process.pid`,
+/// `process.executable.name`, `container.id`, `host.name`, and the pod's
+/// `k8s.*` attributes when the Kubernetes metadata knows the container.
+/// `None` (the process is gone): `unknown_service` with the pid.
+pub fn process_resource(meta: Option<&ProcessMeta>, pid: u32, node: &str) -> ResourceInfo {
+    let mut extra = vec![("host.name".to_string(), node.to_string())];
+    match meta {
+        Some(m) => {
+            let pod = m.pod();
+            if let Some(pod) = &pod {
+                extra.extend(
+                    pod.otel_attributes()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v)),
+                );
+            }
+            ResourceInfo {
+                service_name: m.service_name_in(pod.as_deref()),
+                pid: Some(pid),
+                executable_name: Some(m.executable_name.clone()),
+                container_id: m.container_id.clone(),
+                extra,
+            }
+        }
+        None => ResourceInfo {
+            service_name: "unknown_service".into(),
+            pid: Some(pid),
+            executable_name: None,
+            container_id: None,
+            extra,
+        },
+    }
 }
 
 #[cfg(test)]

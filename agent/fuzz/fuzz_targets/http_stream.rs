@@ -1,4 +1,4 @@
-//! The HTTP tracer (`agent/src/http`) on arbitrary event sequences, decoded
+//! The HTTP tracer (`agent/src/traces`: parse, spans, otlp, metrics) on arbitrary event sequences, decoded
 //! from the input as records (see `make-seeds`, which writes realistic
 //! ones): connection opens and closes, reads and writes with captured heads,
 //! uncaptured middles and tails, kernel trace contexts, expiry; finished
@@ -6,14 +6,32 @@
 //! panic, and what is kept stays within the configured bounds.
 #![no_main]
 
-#[path = "../../src/http/mod.rs"]
+// The tracing signal's pure modules, and the shared OTLP helpers they use,
+// at the paths they have in the agent (`crate::otlp`, `crate::traces::*`).
+#[path = "../../src/otlp.rs"]
+#[allow(dead_code)]
+mod otlp;
 #[allow(dead_code, unused_imports)]
-mod http;
+mod traces {
+    #[path = "../../../src/traces/metrics.rs"]
+    pub mod metrics;
+    #[path = "../../../src/traces/otlp.rs"]
+    pub mod otlp;
+    #[path = "../../../src/traces/parse.rs"]
+    pub mod parse;
+    #[path = "../../../src/traces/spans.rs"]
+    pub mod spans;
+
+    pub use metrics::{HttpMetrics, MetricsConfig};
+    pub use otlp::traces_request;
+    pub use spans::{HttpTracer, TracerConfig};
+}
 
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, SockAddr, TraceContext, event_kind, syscall,
 };
-use http::{HttpMetrics, HttpTracer, MetricsConfig, ResourceInfo, TracerConfig, traces_request};
+use otlp::ResourceInfo;
+use traces::{HttpMetrics, HttpTracer, MetricsConfig, TracerConfig, traces_request};
 use libfuzzer_sys::fuzz_target;
 use opentelemetry_proto::tonic::metrics::v1::metric;
 
@@ -204,7 +222,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(s.pending <= (MAX_CONNS * 2 * MAX_PENDING) as u64);
         assert!(
             s.buffered_bytes
-                <= (MAX_CONNS * 2 * (http::parse::MAX_HEAD_BYTES + 4 + 1024)) as u64 * 2
+                <= (MAX_CONNS * 2 * (traces::parse::MAX_HEAD_BYTES + 4 + 1024)) as u64 * 2
         );
     }
     let _ = spans_seen;

@@ -1,15 +1,15 @@
-//! The network attribution's `/proc` parsers (`agent/src/net/sockets.rs`:
+//! The network attribution's `/proc` parsers (`agent/src/network/sockets.rs`:
 //! `net/tcp{,6}`, `net/fib_trie`, `net/if_inet6`) on arbitrary text, and
 //! lookups in a snapshot built from what they parsed; the histogram deltas
-//! (`agent/src/net/hist.rs`) on arbitrary kernel values. The input is split
+//! (`agent/src/network/hist.rs`) on arbitrary kernel values. The input is split
 //! at the first two NUL bytes: tcp table, fib_trie, if_inet6. Nothing may
 //! panic.
 #![no_main]
 
-#[path = "../../src/net/hist.rs"]
+#[path = "../../src/network/hist.rs"]
 #[allow(dead_code)]
 mod hist;
-#[path = "../../src/net/sockets.rs"]
+#[path = "../../src/network/sockets.rs"]
 #[allow(dead_code)]
 mod sockets;
 

@@ -5,7 +5,7 @@
 //! is what `lookup` finds at its address, and it survives `to_bytes`.
 #![no_main]
 
-#[path = "../../src/unwind/table.rs"]
+#[path = "../../src/profiles/unwind/table.rs"]
 #[allow(dead_code)]
 mod table;
 

@@ -234,7 +234,7 @@ impl Worker {
                     // are per workload.
                     ProcessMeta::read(&root, pid).map(|m| ResourceInfo {
                         pid: None,
-                        ..crate::otlp::process_resource(Some(&m), pid, &node)
+                        ..crate::process_meta::process_resource(Some(&m), pid, &node)
                     })
                 })
                 .clone()

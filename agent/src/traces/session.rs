@@ -22,7 +22,8 @@ use super::{
 };
 use crate::{
     connections::{ConnectionLookup, NoConnections, tcp_flow_key},
-    otlp::{ResourceInfo, process_resource, unix_now_ns},
+    otlp::{ResourceInfo, unix_now_ns},
+    process_meta::process_resource,
     process_meta::{ProcessMeta, local_port},
     sink::OtlpSink,
     stop::Stop,
