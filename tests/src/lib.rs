@@ -27,13 +27,100 @@ pub mod k8s_replay;
 pub mod netns;
 
 /// Serializes tests that load programs into the kernel or measure CPU.
-pub fn kernel_lock() -> MutexGuard<'static, ()> {
+/// Tests take it through [`KernelTest`].
+fn kernel_lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The right of a kernel test to run: while alive it holds the lock that
+/// serializes the tests of this binary that load BPF or measure CPU.
+///
+/// Every constructor returns `None` (the test then returns at once, i.e.
+/// skips) after printing a loud `*** SKIPPED test: reason ***` line when
+/// this machine cannot run the test: not root, no kernel BTF, no `bpf()`,
+/// an agent built without its eBPF objects, or a missing tool. Under
+/// `CI=true` each of those fails the test instead.
+///
+/// ```ignore
+/// let Some(kernel) = KernelTest::with_tools("my_test", &["curl", "bpftool"]) else {
+///     return;
+/// };
+/// let curl: &Path = kernel.path("curl");
+/// ```
+#[must_use = "the kernel lock is held only while the guard lives"]
+pub struct KernelTest {
+    test: String,
+    /// Tools resolved by [`KernelTest::tools`], by name.
+    tools: HashMap<String, PathBuf>,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl KernelTest {
+    /// Takes the kernel lock (waiting for the test holding it), then checks
+    /// that this machine can load BPF.
+    pub fn acquire(test: &str) -> Option<Self> {
+        let lock = kernel_lock();
+        kernel_tests_possible(test).then(|| Self {
+            test: test.to_owned(),
+            tools: HashMap::new(),
+            _lock: lock,
+        })
+    }
+
+    /// [`KernelTest::acquire`], then [`KernelTest::tools`].
+    pub fn with_tools(test: &str, tools: &[&str]) -> Option<Self> {
+        Self::acquire(test)?.tools(tools)
+    }
+
+    /// Requires every tool of `tools` (see [`find_tool`]); their paths are
+    /// then [`KernelTest::path`]. A missing one: skip (the lock is released).
+    pub fn tools(mut self, tools: &[&str]) -> Option<Self> {
+        for tool in tools {
+            let path = self.tool(tool)?;
+            self.tools.insert((*tool).to_owned(), path);
+        }
+        Some(self)
+    }
+
+    /// The path of a tool required by [`KernelTest::tools`].
+    ///
+    /// # Panics
+    /// When `tool` was not required.
+    pub fn path(&self, tool: &str) -> &Path {
+        self.tools
+            .get(tool)
+            .unwrap_or_else(|| panic!("{}: {tool} was not required by tools()", self.test))
+    }
+
+    /// Requires one tool (see [`find_tool`]): its path, or `None` (skip).
+    pub fn tool(&self, tool: &str) -> Option<PathBuf> {
+        require_tool(&self.test, tool)
+    }
+
+    /// Requires a peer found some other way (`found`), described as `what`
+    /// in the skip message: its path, or `None` (skip).
+    pub fn require(&self, what: &str, found: Option<PathBuf>) -> Option<PathBuf> {
+        require_found(&self.test, what, found)
+    }
+
+    /// Builds the agent binary now, before the test starts any workload
+    /// (a first build can take minutes).
+    pub fn agent(self) -> Self {
+        agent_binary();
+        self
+    }
+
+    /// The test's name, as given.
+    pub fn name(&self) -> &str {
+        &self.test
+    }
+}
+
 /// Whether this test can load BPF here. Elsewhere it prints why it skips;
-/// under `CI=true` a missing capability fails the test instead.
+/// under `CI=true` a missing capability fails the test instead. Tests use
+/// [`KernelTest`], which also serializes them; benchmarks (one per binary)
+/// call this.
 pub fn kernel_tests_possible(test: &str) -> bool {
     let reason = if fathom_agent::sys::effective_uid() != 0 {
         Some("not running as root".to_owned())
@@ -225,7 +312,9 @@ struct AgentLog {
     closed: bool,
 }
 
-/// A running `fathom-agent` whose log (stderr) the test can wait on.
+/// A running `fathom-agent` whose log (stderr) the test can wait on: the
+/// fixture tests and benchmarks start the agent with. Killed (and reaped)
+/// when dropped, also when the test panics.
 pub struct Agent {
     child: ChildGuard,
     log: Arc<(Mutex<AgentLog>, Condvar)>,
@@ -601,8 +690,6 @@ pub fn loaded_bpf_programs() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The path of an external tool (searched in `PATH`) a test needs. Missing:
-/// prints why the test skips, or fails under `CI=true`.
 /// `kernel.bpf_stats_enabled` set to 1 while alive (the kernel then times
 /// every BPF program run), restored when dropped, also on a panic.
 pub struct BpfStats {
@@ -657,13 +744,35 @@ pub fn bpf_run_totals(pid: u32, name_is_ours: impl Fn(&str) -> bool) -> (f64, f6
     total
 }
 
+/// The path of an external tool a test needs (see [`find_tool`]). Missing:
+/// prints why the test skips, or fails under `CI=true`.
 pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(tool))
-            .find(|p| p.is_file())
-    });
-    require_found(test, tool, found)
+    let what = if tool == ROTEL_AGENT {
+        "rotel-agent (pip package rotel)"
+    } else {
+        tool
+    };
+    require_found(test, what, find_tool(tool))
+}
+
+/// `rotel-agent`, which [`find_tool`] also finds in the `rotel` pip package.
+pub const ROTEL_AGENT: &str = "rotel-agent";
+
+/// A tool's path: the first file named `tool` in a directory of `PATH`,
+/// or, for [`ROTEL_AGENT`], the binary of the `rotel` pip package.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+        })
+        .or_else(|| {
+            (tool == ROTEL_AGENT)
+                .then(rotel_agent_path)
+                .flatten()
+                .filter(|p| p.is_file())
+        })
 }
 
 /// Cargo's target directory of this build (`target/` or `CARGO_TARGET_DIR`):

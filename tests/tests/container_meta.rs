@@ -19,8 +19,8 @@
 //! pod, namespace, container, node and owner, and `service.name` from the
 //! pod's `app.kubernetes.io/name` label.
 //!
-//! Needs root and BPF (holds `kernel_lock()`); skips with a printed reason
-//! elsewhere, fails under `CI=true`.
+//! Needs root and BPF (holds a `KernelTest`, the kernel lock); skips with a
+//! printed reason elsewhere, fails under `CI=true`.
 #![allow(
     clippy::unwrap_used,
     reason = "tests: a failed unwrap is a failed test"
@@ -30,37 +30,24 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
-    sync::MutexGuard,
     time::{Duration, Instant},
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, build_fixture,
+    Agent, ChildGuard, KernelTest, build_fixture,
     cgroups::{Cgroups, cgroup1_root, cgroup2_root, spawn_in},
     chain::http_get,
     free_port,
     k8s_replay::{ApiMode, K8sReplay, NODE, TOKEN, ids},
-    kernel_lock, kernel_tests_possible, require_tool, wait_for_port,
+    wait_for_port,
 };
 use serde_json::Value;
 
 /// How long signals may take to show up in the agent's API.
 const SIGNAL_WAIT: Duration = Duration::from_secs(90);
 
-fn prepare(test: &str) -> Option<MutexGuard<'static, ()>> {
-    let lock = kernel_lock();
-    if !kernel_tests_possible(test) {
-        return None;
-    }
-    for tool in ["python3", "curl", fathom_tests::FIXTURE_CC] {
-        require_tool(test, tool)?;
-    }
-    if cgroup2_root().is_none() {
-        fathom_tests::require_found(test, "a mounted cgroup2 hierarchy", None)?;
-    }
-    fathom_tests::agent_binary();
-    Some(lock)
-}
+/// What both tests need besides BPF.
+const TOOLS: &[&str] = &["python3", "curl", fathom_tests::FIXTURE_CC];
 
 /// A 64-hex-digit container id unique to this run.
 fn fake_id(tag: &str) -> String {
@@ -265,11 +252,14 @@ fn get<'a>(labels: &'a BTreeMap<String, String>, k: &str) -> Option<&'a str> {
 
 #[test]
 fn container_ids_on_every_signal() {
-    let Some(_lock) = prepare("container_ids_on_every_signal") else {
+    let Some(kernel) = KernelTest::with_tools("container_ids_on_every_signal", TOOLS) else {
         return;
     };
+    let Some(v2) = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root()) else {
+        return;
+    };
+    let _kernel = kernel.agent();
     let dir = tempfile::tempdir().unwrap();
-    let v2 = cgroup2_root().unwrap();
     let pid = std::process::id();
     let mut cgroups = Cgroups::default();
     let containerd_id = fake_id("containerd");
@@ -361,15 +351,18 @@ fn container_ids_on_every_signal() {
 
 #[test]
 fn pods_on_every_signal() {
-    let Some(_lock) = prepare("pods_on_every_signal") else {
+    let Some(kernel) = KernelTest::with_tools("pods_on_every_signal", TOOLS) else {
         return;
     };
+    let Some(v2) = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root()) else {
+        return;
+    };
+    let _kernel = kernel.agent();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
     let replay = K8sReplay::start(ApiMode::Serve);
     replay.release_all();
-    let v2 = cgroup2_root().unwrap();
     let pid = std::process::id();
     let mut cgroups = Cgroups::default();
     // As the kubelet's systemd driver names them.

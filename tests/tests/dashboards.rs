@@ -21,13 +21,12 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, agent_binary, build_fixture,
+    Agent, ChildGuard, KernelTest, build_fixture,
     cgroups::{Cgroups, cgroup2_root, spawn_in},
     dashboards, free_port,
     k8s_replay::{ApiMode, K8sReplay, NODE, TOKEN, ids},
-    kernel_lock, kernel_tests_possible,
     netns::Topology,
-    require_found, require_tool, wait_for_port, workspace_root,
+    wait_for_port, workspace_root,
 };
 
 fn local(port: u16) -> std::net::SocketAddr {
@@ -150,27 +149,24 @@ fn prom_query(prom: std::net::SocketAddr, q: &str) -> Result<usize, String> {
 #[test]
 fn every_dashboard_query_refers_to_what_the_agent_exports() {
     const TEST: &str = "every_dashboard_query_refers_to_what_the_agent_exports";
-    let _lock = kernel_lock();
-    if !kernel_tests_possible(TEST) {
+    let Some(kernel) = KernelTest::acquire(TEST) else {
         return;
-    }
-    let Some(prom_bin) = require_found(
-        TEST,
+    };
+    let Some(prom_bin) = kernel.require(
         "prometheus (Debian package prometheus)",
         Some("/usr/bin/prometheus".into()),
     ) else {
         return;
     };
-    for tool in ["python3", "dnsmasq", "ip", "chrt", fathom_tests::FIXTURE_CC] {
-        if require_tool(TEST, tool).is_none() {
-            return;
-        }
-    }
-    let Some(v2) = cgroup2_root() else {
-        require_found(TEST, "a mounted cgroup2 hierarchy", None);
+    let Some(kernel) =
+        kernel.tools(&["python3", "dnsmasq", "ip", "chrt", fathom_tests::FIXTURE_CC])
+    else {
         return;
     };
-    agent_binary();
+    let Some(v2) = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root()) else {
+        return;
+    };
+    let _kernel = kernel.agent();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let all = dashboards::load(&workspace_root().join("dashboards"));
     let dir = tempfile::tempdir().unwrap();

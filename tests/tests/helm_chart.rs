@@ -25,9 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fathom_tests::{
-    ChildGuard, agent_binary, collector_binary, kernel_lock, kernel_tests_possible, workspace_root,
-};
+use fathom_tests::{ChildGuard, KernelTest, agent_binary, collector_binary, workspace_root};
 
 fn tools_missing() -> Option<String> {
     let found = |cmd: &str, arg: &str| {
@@ -95,8 +93,9 @@ fn chart_renders_validates_and_uses_only_real_flags() {
     assert_eq!((rendered, rejected), (4, 6), "{stdout}");
     assert!(stdout.ends_with("chart-check: all passed\n"), "{stdout}");
 
-    if kernel_tests_possible("helm_chart (agent and collector with the chart's settings)") {
-        let _lock = kernel_lock();
+    if let Some(_kernel) =
+        KernelTest::acquire("helm_chart (agent and collector with the chart's settings)")
+    {
         run_with_chart_env(&env_dir.join("privileged.json"), dir.path());
     }
 }

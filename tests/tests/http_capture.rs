@@ -13,7 +13,7 @@ use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, SockAddr, ctx_flags, data_flags,
     direction, role,
 };
-use fathom_tests::{ChildGuard, free_port, kernel_lock, kernel_tests_possible};
+use fathom_tests::{ChildGuard, KernelTest, free_port};
 
 struct Seen {
     opens: Vec<ConnEvent>,
@@ -45,10 +45,12 @@ fn wait_listening(port: u16) {
 
 #[test]
 fn captures_requests_responses_and_context_of_a_real_server() {
-    let _lock = kernel_lock();
-    if !kernel_tests_possible("captures_requests_responses_and_context_of_a_real_server") {
+    let Some(_kernel) = KernelTest::with_tools(
+        "captures_requests_responses_and_context_of_a_real_server",
+        &["python3"],
+    ) else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     // A body longer than the captured head: head and tail are both checked.
     let body: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect();

@@ -2,8 +2,9 @@
 //! kernel, with real processes: Python's `http.client` and `curl` as
 //! clients, a Python server that records the exact bytes it receives.
 //!
-//! Every test loads BPF and so holds `kernel_lock()`; without root/BPF they
-//! skip with a printed reason, and under `CI=true` they fail instead.
+//! Every test loads BPF and so holds a `KernelTest` (the kernel lock);
+//! without root/BPF they skip with a printed reason, and under `CI=true`
+//! they fail instead.
 #![allow(
     clippy::unwrap_used,
     reason = "tests: a failed unwrap is a failed test"
@@ -13,7 +14,6 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{ChildStdin, ChildStdout, Command, Stdio},
-    sync::MutexGuard,
     time::{Duration, Instant},
 };
 
@@ -30,15 +30,8 @@ use fathom_common::http::{
 use fathom_tests::*;
 use serde_json::{Value, json};
 
-fn prepare(test: &str) -> Option<MutexGuard<'static, ()>> {
-    let lock = kernel_lock();
-    if !kernel_tests_possible(test) {
-        return None;
-    }
-    require_found(test, "curl", Some(PathBuf::from("/usr/bin/curl")))?;
-    require_found(test, "bpftool", Some(PathBuf::from("/usr/sbin/bpftool")))?;
-    Some(lock)
-}
+/// The tools every test here runs.
+const TOOLS: &[&str] = &["curl", "bpftool"];
 
 /// The `fathom-http` object with injection on and the PID filter on.
 fn load() -> Ebpf {
@@ -328,7 +321,8 @@ fn wait_sockets(injection: &inject::Injection, n: usize) {
 
 #[test]
 fn python_client_requests_get_one_traceparent() {
-    let Some(_lock) = prepare("python_client_requests_get_one_traceparent") else {
+    let Some(_kernel) = KernelTest::with_tools("python_client_requests_get_one_traceparent", TOOLS)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -421,7 +415,7 @@ fn python_client_requests_get_one_traceparent() {
 
 #[test]
 fn curl_request_is_injected() {
-    let Some(_lock) = prepare("curl_request_is_injected") else {
+    let Some(_kernel) = KernelTest::with_tools("curl_request_is_injected", TOOLS) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -464,7 +458,8 @@ fn curl_request_is_injected() {
 
 #[test]
 fn unmonitored_and_non_http_pass_untouched() {
-    let Some(_lock) = prepare("unmonitored_and_non_http_pass_untouched") else {
+    let Some(_kernel) = KernelTest::with_tools("unmonitored_and_non_http_pass_untouched", TOOLS)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -589,7 +584,7 @@ fn server_ctx(trace: [u8; 16], span: [u8; 8]) -> TraceContext {
 
 #[test]
 fn serving_thread_lends_its_trace() {
-    let Some(_lock) = prepare("serving_thread_lends_its_trace") else {
+    let Some(_kernel) = KernelTest::with_tools("serving_thread_lends_its_trace", TOOLS) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -667,7 +662,9 @@ fn assert_parent_rewritten(received: &[u8], sent: &[u8], forwarded: &str) -> [u8
 
 #[test]
 fn forwarded_traceparent_gets_this_hops_parent() {
-    let Some(_lock) = prepare("forwarded_traceparent_gets_this_hops_parent") else {
+    let Some(_kernel) =
+        KernelTest::with_tools("forwarded_traceparent_gets_this_hops_parent", TOOLS)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -763,7 +760,9 @@ fn forwarded_traceparent_gets_this_hops_parent() {
 
 #[test]
 fn fionread_counts_the_response_of_a_monitored_client() {
-    let Some(_lock) = prepare("fionread_counts_the_response_of_a_monitored_client") else {
+    let Some(_kernel) =
+        KernelTest::with_tools("fionread_counts_the_response_of_a_monitored_client", TOOLS)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -826,7 +825,8 @@ fn loaded_program_ids() -> Vec<u64> {
 
 #[test]
 fn dropping_the_guard_detaches_everything() {
-    let Some(_lock) = prepare("dropping_the_guard_detaches_everything") else {
+    let Some(_kernel) = KernelTest::with_tools("dropping_the_guard_detaches_everything", TOOLS)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -18,7 +18,7 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, build_fixture, free_port, kernel_lock, kernel_tests_possible,
+    Agent, ChildGuard, KernelTest, build_fixture, free_port,
     netns::{Topology, run},
 };
 
@@ -257,10 +257,9 @@ fn promql_until(port: u16, q: &str, ok: impl Fn(f64) -> bool) -> f64 {
 /// and leave nothing behind.
 #[test]
 fn handshake_and_rtt_follow_the_injected_delay() {
-    if !kernel_tests_possible("handshake_and_rtt_follow_the_injected_delay") {
+    let Some(_kernel) = KernelTest::acquire("handshake_and_rtt_follow_the_injected_delay") else {
         return;
-    }
-    let _lock = kernel_lock();
+    };
     let dir = tempfile::tempdir().unwrap();
     let relay = build_fixture("delay_link", dir.path());
     let tag = tag();
@@ -416,10 +415,9 @@ fn handshake_and_rtt_follow_the_injected_delay() {
 /// in the server's namespace.
 #[test]
 fn retransmits_match_the_kernel_counters() {
-    if !kernel_tests_possible("retransmits_match_the_kernel_counters") {
+    let Some(_kernel) = KernelTest::acquire("retransmits_match_the_kernel_counters") else {
         return;
-    }
-    let _lock = kernel_lock();
+    };
     let dir = tempfile::tempdir().unwrap();
     let relay = build_fixture("delay_link", dir.path());
     let tag = tag();
@@ -501,10 +499,9 @@ c.recv(1)
 /// A DNS server behind a delayed link: latency and response codes.
 #[test]
 fn dns_latency_and_rcodes() {
-    if !kernel_tests_possible("dns_latency_and_rcodes") {
+    let Some(_kernel) = KernelTest::acquire("dns_latency_and_rcodes") else {
         return;
-    }
-    let _lock = kernel_lock();
+    };
     let dir = tempfile::tempdir().unwrap();
     let relay = build_fixture("delay_link", dir.path());
     let tag = tag();
@@ -598,10 +595,9 @@ print(sum(times) / len(times), " ".join(map(str, rcodes)), flush=True)
 /// `bpf_skb_load_bytes`): the oracle is the datagrams the client sent.
 #[test]
 fn udp_bytes_and_packets_are_exact() {
-    if !kernel_tests_possible("udp_bytes_and_packets_are_exact") {
+    let Some(_kernel) = KernelTest::acquire("udp_bytes_and_packets_are_exact") else {
         return;
-    }
-    let _lock = kernel_lock();
+    };
     let dir = tempfile::tempdir().unwrap();
     let relay = build_fixture("delay_link", dir.path());
     let tag = tag();

@@ -15,7 +15,6 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     process::Command,
-    sync::MutexGuard,
     time::{Duration, Instant},
 };
 
@@ -25,14 +24,10 @@ use fathom_agent::{
 };
 use fathom_tests::*;
 
-fn prepare(test: &str) -> Option<MutexGuard<'static, ()>> {
-    let lock = kernel_lock();
-    kernel_tests_possible(test).then_some(lock)
-}
-
 #[test]
 fn every_program_verifies_within_the_budget_in_every_configuration() {
-    let Some(_lock) = prepare("every_program_verifies_within_the_budget_in_every_configuration")
+    let Some(_kernel) =
+        KernelTest::acquire("every_program_verifies_within_the_budget_in_every_configuration")
     else {
         return;
     };
@@ -53,7 +48,7 @@ fn every_program_verifies_within_the_budget_in_every_configuration() {
 
 #[test]
 fn check_smoke_runs_every_signal_on_this_kernel() {
-    let Some(_lock) = prepare("check_smoke_runs_every_signal_on_this_kernel") else {
+    let Some(_kernel) = KernelTest::acquire("check_smoke_runs_every_signal_on_this_kernel") else {
         return;
     };
     let out = Command::new(agent_binary())
@@ -139,7 +134,9 @@ fn degraded_lines(log: &str) -> Vec<&str> {
 
 #[test]
 fn a_rejected_table_unwinder_leaves_frame_pointer_profiles() {
-    let Some(_lock) = prepare("a_rejected_table_unwinder_leaves_frame_pointer_profiles") else {
+    let Some(_kernel) =
+        KernelTest::acquire("a_rejected_table_unwinder_leaves_frame_pointer_profiles")
+    else {
         return;
     };
     let (healthz, metrics, log) = daemon_with_failures("profile_unwind");
@@ -161,7 +158,7 @@ fn a_rejected_table_unwinder_leaves_frame_pointer_profiles() {
 
 #[test]
 fn rejected_injection_leaves_capture() {
-    let Some(_lock) = prepare("rejected_injection_leaves_capture") else {
+    let Some(_kernel) = KernelTest::acquire("rejected_injection_leaves_capture") else {
         return;
     };
     let (healthz, metrics, log) = daemon_with_failures("fathom_sk_msg");
@@ -178,7 +175,8 @@ fn rejected_injection_leaves_capture() {
 
 #[test]
 fn signals_that_cannot_start_leave_the_others_running() {
-    let Some(_lock) = prepare("signals_that_cannot_start_leave_the_others_running") else {
+    let Some(_kernel) = KernelTest::acquire("signals_that_cannot_start_leave_the_others_running")
+    else {
         return;
     };
     let (healthz, metrics, log) = daemon_with_failures("profile_record,net_sock_state");

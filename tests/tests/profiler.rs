@@ -1,7 +1,8 @@
 //! The CPU profiler on the real kernel, against `perf` as the oracle.
 //!
-//! Every test loads BPF and so holds `kernel_lock()`; without root/BPF they
-//! skip with a printed reason, and under `CI=true` they fail instead.
+//! Every test loads BPF and so holds a `KernelTest` (the kernel lock);
+//! without root/BPF they skip with a printed reason, and under `CI=true`
+//! they fail instead.
 #![allow(
     clippy::unwrap_used,
     reason = "tests: a failed unwrap is a failed test"
@@ -36,19 +37,6 @@ fn fixture(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// Everything a kernel test needs before it starts any workload: the kernel
-/// lock, the capability gate, the fixtures and the agent binary (whose first
-/// build can take a minute on a clean checkout). `None`: skip the test.
-fn prepare(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
-    let lock = kernel_lock();
-    if !kernel_tests_possible(test) {
-        return None;
-    }
-    fixture("spin");
-    agent_binary();
-    Some(lock)
-}
-
 fn quiet(cmd: &mut Command) -> &mut Command {
     cmd.stdout(Stdio::null()).stderr(Stdio::null())
 }
@@ -69,7 +57,9 @@ fn profile_with_perf(
 
 #[test]
 fn per_function_shares_match_perf() {
-    let Some(_lock) = prepare("per_function_shares_match_perf") else {
+    let Some(_kernel) =
+        KernelTest::acquire("per_function_shares_match_perf").map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -144,7 +134,9 @@ fn per_function_shares_match_perf() {
 
 #[test]
 fn syscall_heavy_workload_shows_kernel_frames() {
-    let Some(_lock) = prepare("syscall_heavy_workload_shows_kernel_frames") else {
+    let Some(_kernel) =
+        KernelTest::acquire("syscall_heavy_workload_shows_kernel_frames").map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -231,7 +223,9 @@ fn syscall_heavy_workload_shows_kernel_frames() {
 
 #[test]
 fn processes_are_kept_apart_by_pid() {
-    let Some(_lock) = prepare("processes_are_kept_apart_by_pid") else {
+    let Some(_kernel) =
+        KernelTest::acquire("processes_are_kept_apart_by_pid").map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -306,7 +300,9 @@ fn processes_are_kept_apart_by_pid() {
 
 #[test]
 fn exited_and_deleted_process_is_symbolized() {
-    let Some(_lock) = prepare("exited_and_deleted_process_is_symbolized") else {
+    let Some(_kernel) =
+        KernelTest::acquire("exited_and_deleted_process_is_symbolized").map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -417,7 +413,10 @@ fn profile_pid(pid: u32, dir: &Path, name: &str) -> PathBuf {
 /// the unstripped binary is by addr2line.
 #[test]
 fn process_in_another_mount_namespace_uses_its_debug_file() {
-    let Some(_lock) = prepare("process_in_another_mount_namespace_uses_its_debug_file") else {
+    let Some(_kernel) =
+        KernelTest::acquire("process_in_another_mount_namespace_uses_its_debug_file")
+            .map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -504,7 +503,9 @@ fn process_in_another_mount_namespace_uses_its_debug_file() {
 /// JIT code in anonymous memory is named by the process's perf map.
 #[test]
 fn jit_code_is_named_by_the_perf_map() {
-    let Some(_lock) = prepare("jit_code_is_named_by_the_perf_map") else {
+    let Some(_kernel) =
+        KernelTest::acquire("jit_code_is_named_by_the_perf_map").map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -544,7 +545,10 @@ fn our_programs_loaded() -> Vec<String> {
 
 #[test]
 fn daemon_writes_per_process_profiles_and_detaches_on_sigterm() {
-    let Some(_lock) = prepare("daemon_writes_per_process_profiles_and_detaches_on_sigterm") else {
+    let Some(_kernel) =
+        KernelTest::acquire("daemon_writes_per_process_profiles_and_detaches_on_sigterm")
+            .map(KernelTest::agent)
+    else {
         return;
     };
     assert_eq!(
@@ -613,7 +617,9 @@ fn daemon_writes_per_process_profiles_and_detaches_on_sigterm() {
 
 #[test]
 fn profile_stops_early_on_sigint_and_detaches() {
-    let Some(_lock) = prepare("profile_stops_early_on_sigint_and_detaches") else {
+    let Some(_kernel) =
+        KernelTest::acquire("profile_stops_early_on_sigint_and_detaches").map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -676,7 +682,9 @@ fn refuses_to_run_without_privileges_and_says_why() {
 
 #[test]
 fn drains_neither_lose_nor_double_count() {
-    let Some(_lock) = prepare("drains_neither_lose_nor_double_count") else {
+    let Some(_kernel) =
+        KernelTest::acquire("drains_neither_lose_nor_double_count").map(KernelTest::agent)
+    else {
         return;
     };
     let _workload = ChildGuard::spawn(quiet(Command::new(fixture("shares")).args(["600", "2"])));
@@ -746,7 +754,9 @@ fn drains_neither_lose_nor_double_count() {
 
 #[test]
 fn pid_filter_is_applied_in_the_kernel() {
-    let Some(_lock) = prepare("pid_filter_is_applied_in_the_kernel") else {
+    let Some(_kernel) =
+        KernelTest::acquire("pid_filter_is_applied_in_the_kernel").map(KernelTest::agent)
+    else {
         return;
     };
     let alpha = ChildGuard::spawn(quiet(Command::new(fixture("spin")).args(["alpha", "600"])));
@@ -780,7 +790,8 @@ fn pid_filter_is_applied_in_the_kernel() {
 
 #[test]
 fn daemon_survives_a_full_disk() {
-    let Some(_lock) = prepare("daemon_survives_a_full_disk") else {
+    let Some(_kernel) = KernelTest::acquire("daemon_survives_a_full_disk").map(KernelTest::agent)
+    else {
         return;
     };
     // A 32 KiB tmpfs fills up after a few profiles.
@@ -831,9 +842,9 @@ fn daemon_survives_a_full_disk() {
 #[test]
 fn unusable_output_path_fails_before_profiling() {
     // Preflight needs privileges, so this runs where kernel tests run.
-    if !kernel_tests_possible("unusable_output_path_fails_before_profiling") {
+    let Some(_kernel) = KernelTest::acquire("unusable_output_path_fails_before_profiling") else {
         return;
-    }
+    };
     let started = std::time::Instant::now();
     let out = Command::new(agent_binary())
         .args([
@@ -882,7 +893,10 @@ fn collector_top(http: u16, service: &str, function: &str, timeout: Duration) ->
 /// read here by `go tool pprof`).
 #[test]
 fn agent_serves_the_nodes_profiles_from_its_embedded_collector() {
-    let Some(_lock) = prepare("agent_serves_the_nodes_profiles_from_its_embedded_collector") else {
+    let Some(_kernel) =
+        KernelTest::acquire("agent_serves_the_nodes_profiles_from_its_embedded_collector")
+            .map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -919,7 +933,9 @@ fn agent_serves_the_nodes_profiles_from_its_embedded_collector() {
 /// An agent sending to a separate `fathom-collector` with a bearer token.
 #[test]
 fn agent_sends_to_a_remote_collector() {
-    let Some(_lock) = prepare("agent_sends_to_a_remote_collector") else {
+    let Some(_kernel) =
+        KernelTest::acquire("agent_sends_to_a_remote_collector").map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -12,8 +12,8 @@
 //! reading it, and right after the response was sent / read; the client
 //! times its own `connect()`.
 //!
-//! Needs root and BPF (holds `kernel_lock()`); skips with a printed reason
-//! elsewhere, fails under `CI=true`.
+//! Needs root and BPF (holds a `KernelTest`, the kernel lock); skips with a
+//! printed reason elsewhere, fails under `CI=true`.
 #![allow(
     clippy::unwrap_used,
     reason = "test code: a failed unwrap is a failed test"
@@ -27,8 +27,7 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, build_fixture, chain::http_get, free_port, kernel_lock,
-    kernel_tests_possible, netns::Topology,
+    Agent, ChildGuard, KernelTest, build_fixture, chain::http_get, free_port, netns::Topology,
 };
 use serde_json::Value;
 
@@ -294,10 +293,10 @@ const BEFORE_BULK: [&str; 5] = [
 /// the request and sending the response.
 #[test]
 fn http_spans_carry_rtt_retransmits_and_connect_time() {
-    if !kernel_tests_possible("http_spans_carry_rtt_retransmits_and_connect_time") {
+    let Some(_kernel) = KernelTest::acquire("http_spans_carry_rtt_retransmits_and_connect_time")
+    else {
         return;
-    }
-    let _lock = kernel_lock();
+    };
     let dir = tempfile::tempdir().unwrap();
     let relay = build_fixture("delay_link", dir.path());
     let pid = std::process::id();

@@ -19,9 +19,9 @@
 //! process) may be traced too; their spans are allowed only as the parent of
 //! nginx's server span.
 //!
-//! Every test loads BPF and so holds `kernel_lock()`; without root/BPF they
-//! skip with a printed reason, and under `CI=true` they fail instead. Every
-//! wait is bounded.
+//! Every test loads BPF and so holds a `KernelTest` (the kernel lock);
+//! without root/BPF they skip with a printed reason, and under `CI=true`
+//! they fail instead. Every wait is bounded.
 #![allow(
     clippy::unwrap_used,
     reason = "tests: a failed unwrap is a failed test"
@@ -30,20 +30,18 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
-    sync::MutexGuard,
     time::{Duration, Instant},
 };
 
 use fathom_tests::{
-    Agent, Rotel, RotelSpan, agent_binary,
+    Agent, KernelTest, ROTEL_AGENT, Rotel, RotelSpan,
     chain::{
         FRONT_SERVICE, LEAF_SERVICE, MIDDLE_SERVICE, RedisServer, ServiceChain, http_exchange,
-        http_fixture, leaf_binary,
+        http_fixture,
     },
-    free_port, kernel_lock, kernel_tests_possible, loaded_bpf_programs, require_found,
-    require_tool, rotel_agent_path,
+    free_port, loaded_bpf_programs, require_tool,
 };
 
 /// `OTEL_SERVICE_NAME` of the curl processes the tests run.
@@ -56,32 +54,17 @@ const SETTLE: Duration = Duration::from_millis(2500);
 /// Tolerance of "a child lies inside its parent in time".
 const TIME_TOLERANCE_NS: u64 = 1_000_000;
 
-/// The kernel lock, or `None` (skip) when BPF or a peer tool is missing.
-/// Builds the agent and the Go leaf first (the first build takes a while).
-fn prepare(test: &str) -> Option<(MutexGuard<'static, ()>, PathBuf)> {
-    let lock = kernel_lock();
-    if !kernel_tests_possible(test) {
-        return None;
-    }
-    if let Err(e) = fathom_agent::ebpf::http_object() {
-        require_found(test, &format!("the fathom-http eBPF object ({e})"), None)?;
-    }
-    for tool in [
-        "nginx",
-        "curl",
-        "openssl",
-        "go",
-        "python3",
-        "bpftool",
-        "redis-server",
-    ] {
-        require_tool(test, tool)?;
-    }
-    let rotel = require_found(test, "rotel-agent (pip package rotel)", rotel_agent_path())?;
-    leaf_binary();
-    agent_binary();
-    Some((lock, rotel))
-}
+/// The peers every kernel test here runs against (rotel-agent from pip).
+const PEERS: &[&str] = &[
+    "nginx",
+    "curl",
+    "openssl",
+    "go",
+    "python3",
+    "bpftool",
+    "redis-server",
+    ROTEL_AGENT,
+];
 
 fn local(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
@@ -737,10 +720,13 @@ fn service_chain_serves_every_endpoint_over_http_and_https() {
 
 #[test]
 fn one_trace_per_front_request() {
-    let Some((_lock, rotel_bin)) = prepare("one_trace_per_front_request") else {
+    let Some(kernel) =
+        KernelTest::with_tools("one_trace_per_front_request", PEERS).map(KernelTest::agent)
+    else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     const N: usize = 5;
     let mut results = Vec::new();
     for i in 0..N {
@@ -776,12 +762,15 @@ fn one_trace_per_front_request() {
 
 #[test]
 fn keep_alive_requests_share_a_connection_and_get_a_trace_each() {
-    let Some((_lock, rotel_bin)) =
-        prepare("keep_alive_requests_share_a_connection_and_get_a_trace_each")
-    else {
+    let Some(kernel) = KernelTest::with_tools(
+        "keep_alive_requests_share_a_connection_and_get_a_trace_each",
+        PEERS,
+    )
+    .map(KernelTest::agent) else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let ids = ["k1", "k2", "k3", "k4"];
     let urls: Vec<String> = ids
         .iter()
@@ -811,11 +800,14 @@ fn keep_alive_requests_share_a_connection_and_get_a_trace_each() {
 
 #[test]
 fn pipelined_requests_in_one_write_get_a_trace_each() {
-    let Some((_lock, rotel_bin)) = prepare("pipelined_requests_in_one_write_get_a_trace_each")
+    let Some(kernel) =
+        KernelTest::with_tools("pipelined_requests_in_one_write_get_a_trace_each", PEERS)
+            .map(KernelTest::agent)
     else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let port = world.chain.front_http_port;
     let ids = ["p1", "p2", "p3"];
     let request: String = ids
@@ -887,10 +879,13 @@ fn chunked_body(kib: usize) -> Vec<u8> {
 
 #[test]
 fn chunked_response_is_one_span_per_hop() {
-    let Some((_lock, rotel_bin)) = prepare("chunked_response_is_one_span_per_hop") else {
+    let Some(kernel) = KernelTest::with_tools("chunked_response_is_one_span_per_hop", PEERS)
+        .map(KernelTest::agent)
+    else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let kib = 256;
     let target = format!("/api/chunked?kib={kib}");
     let r = world.curl(&[], &[world.chain.front_url(&target)]);
@@ -932,10 +927,14 @@ fn sha256sum(path: &Path) -> String {
 
 #[test]
 fn eight_mib_upload_arrives_intact_in_one_trace() {
-    let Some((_lock, rotel_bin)) = prepare("eight_mib_upload_arrives_intact_in_one_trace") else {
+    let Some(kernel) =
+        KernelTest::with_tools("eight_mib_upload_arrives_intact_in_one_trace", PEERS)
+            .map(KernelTest::agent)
+    else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     const SIZE: usize = 8 << 20;
     let file = world.dir.path().join("upload.bin");
     let mut body = pseudo_random(SIZE, 0x9e37_79b9_7f4a_7c15);
@@ -979,10 +978,13 @@ fn eight_mib_upload_arrives_intact_in_one_trace() {
 
 #[test]
 fn status_codes_map_to_span_status() {
-    let Some((_lock, rotel_bin)) = prepare("status_codes_map_to_span_status") else {
+    let Some(kernel) =
+        KernelTest::with_tools("status_codes_map_to_span_status", PEERS).map(KernelTest::agent)
+    else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let codes = [404u16, 500, 503, 201];
     for code in codes {
         let r = world.curl(
@@ -1009,10 +1011,14 @@ fn status_codes_map_to_span_status() {
 
 #[test]
 fn https_front_request_joins_the_downstream_trace() {
-    let Some((_lock, rotel_bin)) = prepare("https_front_request_joins_the_downstream_trace") else {
+    let Some(kernel) =
+        KernelTest::with_tools("https_front_request_joins_the_downstream_trace", PEERS)
+            .map(KernelTest::agent)
+    else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let r = world.curl(&["-k"], &[world.chain.front_https_url("/api/s1")]);
     assert_eq!(r[0].status, 200);
     assert_eq!(r[0].body, b"{\"id\":\"s1\",\"service\":\"leaf-go\"}\n");
@@ -1049,10 +1055,13 @@ fn given_traceparent() -> String {
 
 #[test]
 fn incoming_traceparent_is_continued() {
-    let Some((_lock, rotel_bin)) = prepare("incoming_traceparent_is_continued") else {
+    let Some(kernel) =
+        KernelTest::with_tools("incoming_traceparent_is_continued", PEERS).map(KernelTest::agent)
+    else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let r = world.curl(
         &["-H", &given_traceparent()],
         &[world.chain.front_url("/api/t1")],
@@ -1081,11 +1090,14 @@ fn incoming_traceparent_is_continued() {
 /// parent, and the trace its own client request carries downstream.
 #[test]
 fn a_head_read_in_pieces_keeps_its_incoming_parent() {
-    let Some((_lock, rotel_bin)) = prepare("a_head_read_in_pieces_keeps_its_incoming_parent")
+    let Some(kernel) =
+        KernelTest::with_tools("a_head_read_in_pieces_keeps_its_incoming_parent", PEERS)
+            .map(KernelTest::agent)
     else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let mut conn =
         std::net::TcpStream::connect(local(world.chain.python_port)).expect("connect to middle");
     conn.set_nodelay(true).unwrap();
@@ -1132,11 +1144,14 @@ fn a_head_read_in_pieces_keeps_its_incoming_parent() {
 /// downstream. Here the request is sent in the Finished's segment on purpose.
 #[test]
 fn an_https_request_sent_with_the_handshake_is_traced() {
-    let Some((_lock, rotel_bin)) = prepare("an_https_request_sent_with_the_handshake_is_traced")
+    let Some(kernel) =
+        KernelTest::with_tools("an_https_request_sent_with_the_handshake_is_traced", PEERS)
+            .map(KernelTest::agent)
     else {
         return;
     };
-    let world = World::start(&rotel_bin, true);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let world = World::start(rotel_bin, true);
     let request = world.dir.path().join("early-request");
     std::fs::write(
         &request,
@@ -1229,12 +1244,15 @@ fn one_added_traceparent(without: &[u8], with: &[u8], what: &str) -> (String, St
 
 #[test]
 fn apps_see_their_requests_unchanged_but_for_one_traceparent() {
-    let Some((_lock, rotel_bin)) =
-        prepare("apps_see_their_requests_unchanged_but_for_one_traceparent")
-    else {
+    let Some(kernel) = KernelTest::with_tools(
+        "apps_see_their_requests_unchanged_but_for_one_traceparent",
+        PEERS,
+    )
+    .map(KernelTest::agent) else {
         return;
     };
-    let mut world = World::start(&rotel_bin, false);
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let mut world = World::start(rotel_bin, false);
     let leaf_echo = format!("http://127.0.0.1:{}/echo", world.chain.go_port);
     let chain_echo = world.chain.front_url("/api/echo");
     let given = given_traceparent();
@@ -1343,9 +1361,13 @@ fn run_redis_client(port: u16, value: &Path, dir: &Path, name: &str) -> (u32, Ve
 
 #[test]
 fn redis_traffic_is_byte_identical_with_the_agent() {
-    let Some((_lock, rotel_bin)) = prepare("redis_traffic_is_byte_identical_with_the_agent") else {
+    let Some(kernel) =
+        KernelTest::with_tools("redis_traffic_is_byte_identical_with_the_agent", PEERS)
+            .map(KernelTest::agent)
+    else {
         return;
     };
+    let rotel_bin = kernel.path(ROTEL_AGENT);
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path());
     // A value that looks like HTTP and is binary; 1 MiB.
@@ -1361,7 +1383,7 @@ fn redis_traffic_is_byte_identical_with_the_agent() {
         "redis replies differ without the agent"
     );
 
-    let rotel = start_rotel(&rotel_bin, dir.path());
+    let rotel = start_rotel(rotel_bin, dir.path());
     let agent = start_agent(&rotel, dir.path());
     let (client_pid, with) = run_redis_client(redis.port, &value_file, dir.path(), "with");
     let first_difference = with.iter().zip(&expected).position(|(a, b)| a != b);
@@ -1417,9 +1439,12 @@ fn loaded_bpf_maps() -> Vec<String> {
 
 #[test]
 fn agent_leaves_nothing_attached_after_exit() {
-    let Some((_lock, rotel_bin)) = prepare("agent_leaves_nothing_attached_after_exit") else {
+    let Some(kernel) = KernelTest::with_tools("agent_leaves_nothing_attached_after_exit", PEERS)
+        .map(KernelTest::agent)
+    else {
         return;
     };
+    let rotel_bin = kernel.path(ROTEL_AGENT);
     use fathom_common::http::names;
     let dir = tempfile::tempdir().unwrap();
     let ours = |names: Vec<String>| -> Vec<String> {
@@ -1446,7 +1471,7 @@ fn agent_leaves_nothing_attached_after_exit() {
         our_maps()
     );
 
-    let rotel = start_rotel(&rotel_bin, dir.path());
+    let rotel = start_rotel(rotel_bin, dir.path());
     let agent = start_agent(&rotel, dir.path());
     let running = ours(loaded_bpf_programs());
     for p in [names::SOCK_OPS, names::SK_MSG] {
@@ -1638,7 +1663,9 @@ fn chain_trace_checker_accepts_a_correct_trace_and_rejects_defects() {
 /// that collector's HTTP port, with its bearer token.
 #[test]
 fn spans_and_metrics_reach_a_remote_collector() {
-    let Some((_lock, _rotel)) = prepare("spans_and_metrics_reach_a_remote_collector") else {
+    let Some(_kernel) = KernelTest::with_tools("spans_and_metrics_reach_a_remote_collector", PEERS)
+        .map(KernelTest::agent)
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -13,8 +13,9 @@
 //! flags and without frame pointers; the system programs (python3, nginx)
 //! are Debian's stripped binaries, which ship `.eh_frame`.
 //!
-//! Every test loads BPF and so holds `kernel_lock()`; without root/BPF (or
-//! perf) they skip with a printed reason, and under `CI=true` they fail.
+//! Every test loads BPF and so holds a `KernelTest` (the kernel lock);
+//! without root/BPF (or perf) they skip with a printed reason, and under
+//! `CI=true` they fail.
 #![allow(
     clippy::unwrap_used,
     reason = "tests: a failed unwrap is a failed test"
@@ -102,18 +103,6 @@ fn unwind_fixture(name: &str) -> PathBuf {
     assert!(status.success(), "building {name}: {cmd:?}");
     built.insert(name.to_owned(), out.clone());
     out
-}
-
-/// Everything a test needs before it starts a workload: the kernel lock,
-/// the capability gate, perf and the agent binary. `None`: skip the test.
-fn prepare(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
-    let lock = kernel_lock();
-    if !kernel_tests_possible(test) {
-        return None;
-    }
-    require_tool(test, "perf")?;
-    agent_binary();
-    Some(lock)
 }
 
 fn quiet(cmd: &mut Command) -> &mut Command {
@@ -510,7 +499,10 @@ fn check_tree(what: &str, binary: &Path, own: &[&str], libc: &[&str], roots: &[&
 /// branch_b -> mid -> leaf_work, branch_c}.
 #[test]
 fn c_without_frame_pointers_matches_perf_dwarf() {
-    let Some(_lock) = prepare("c_without_frame_pointers_matches_perf_dwarf") else {
+    let Some(_kernel) =
+        KernelTest::with_tools("c_without_frame_pointers_matches_perf_dwarf", &["perf"])
+            .map(KernelTest::agent)
+    else {
         return;
     };
     check_tree(
@@ -535,7 +527,11 @@ fn c_without_frame_pointers_matches_perf_dwarf() {
 /// thread routine (stripped), libc's `start_thread` and `clone3`.
 #[test]
 fn cpp_thread_without_frame_pointers_matches_perf_dwarf() {
-    let Some(_lock) = prepare("cpp_thread_without_frame_pointers_matches_perf_dwarf") else {
+    let Some(_kernel) = KernelTest::with_tools(
+        "cpp_thread_without_frame_pointers_matches_perf_dwarf",
+        &["perf"],
+    )
+    .map(KernelTest::agent) else {
         return;
     };
     check_tree(
@@ -558,7 +554,10 @@ fn cpp_thread_without_frame_pointers_matches_perf_dwarf() {
 /// standard library's start-up (`std::rt::lang_start_internal`).
 #[test]
 fn rust_without_frame_pointers_matches_perf_dwarf() {
-    let Some(_lock) = prepare("rust_without_frame_pointers_matches_perf_dwarf") else {
+    let Some(_kernel) =
+        KernelTest::with_tools("rust_without_frame_pointers_matches_perf_dwarf", &["perf"])
+            .map(KernelTest::agent)
+    else {
         return;
     };
     check_tree(
@@ -583,7 +582,9 @@ fn rust_without_frame_pointers_matches_perf_dwarf() {
 /// goes through all of them to `main`.
 #[test]
 fn deep_recursion_is_walked_to_main() {
-    let Some(_lock) = prepare("deep_recursion_is_walked_to_main") else {
+    let Some(_kernel) = KernelTest::with_tools("deep_recursion_is_walked_to_main", &["perf"])
+        .map(KernelTest::agent)
+    else {
         return;
     };
     let binary = unwind_fixture("recursion");
@@ -629,7 +630,10 @@ fn deep_recursion_is_walked_to_main() {
 /// msort_with_tmp (recursive) <- qsort_r <- sort_round <- run <- main.
 #[test]
 fn callback_through_libc_qsort_is_walked_to_main() {
-    let Some(_lock) = prepare("callback_through_libc_qsort_is_walked_to_main") else {
+    let Some(_kernel) =
+        KernelTest::with_tools("callback_through_libc_qsort_is_walked_to_main", &["perf"])
+            .map(KernelTest::agent)
+    else {
         return;
     };
     let binary = unwind_fixture("qsort");
@@ -689,12 +693,13 @@ fn callback_through_libc_qsort_is_walked_to_main() {
 /// from C (`sum(map(...))`). Functions compared are those `.dynsym` names.
 #[test]
 fn stripped_python3_is_walked_to_main() {
-    let Some(_lock) = prepare("stripped_python3_is_walked_to_main") else {
+    let Some(kernel) = KernelTest::with_tools("stripped_python3_is_walked_to_main", &["perf"])
+        .map(KernelTest::agent)
+    else {
         return;
     };
     // Debian's own interpreter, not whatever `python3` PATH finds first.
-    let Some(python) = require_found(
-        "stripped_python3_is_walked_to_main",
+    let Some(python) = kernel.require(
         "Debian's /usr/bin/python3",
         Some(PathBuf::from("/usr/bin/python3")),
     ) else {
@@ -805,15 +810,13 @@ fn gzip_page() -> String {
 #[test]
 fn stripped_nginx_worker_is_walked_to_main() {
     let test = "stripped_nginx_worker_is_walked_to_main";
-    let Some(_lock) = prepare(test) else {
+    let Some(kernel) = KernelTest::with_tools(test, &["perf", "wrk"]).map(KernelTest::agent) else {
         return;
     };
-    let Some(nginx) = require_found(test, "nginx", Some(PathBuf::from("/usr/sbin/nginx"))) else {
+    let Some(nginx) = kernel.require("nginx", Some(PathBuf::from("/usr/sbin/nginx"))) else {
         return;
     };
-    let Some(wrk) = require_tool(test, "wrk") else {
-        return;
-    };
+    let wrk = kernel.path("wrk");
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path();
     let port = free_port();
@@ -875,7 +878,7 @@ http {{
 
     let url = format!("http://127.0.0.1:{port}/page.txt");
     let _load = ChildGuard::spawn(quiet(
-        Command::new(&wrk)
+        Command::new(wrk)
             .args(["-t1", "-c4", "-d30s", "-H", "Accept-Encoding: gzip"])
             .arg(&url),
     ));

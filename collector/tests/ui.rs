@@ -17,7 +17,6 @@ use fathom_collector::{
     pprof,
     proto::pprof::{Function, Line, Location, Mapping, Profile, Sample, ValueType},
 };
-use fathom_tests::{ChildGuard, require_tool, target_dir, workspace_root};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
@@ -25,6 +24,9 @@ use opentelemetry_proto::tonic::{
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind},
 };
 use tokio::runtime::Runtime;
+
+mod common;
+use common::{ChildGuard, fixture, require_tool, target_dir};
 
 struct Running {
     rt: Runtime,
@@ -154,13 +156,13 @@ fn go_pprof_top(sources: &[&str], extra: &[&str], tmp: &Path) -> String {
     stdout[start..].to_string()
 }
 
-/// Two real CPU profiles of a Go program (`tests/fixtures/cpuprofile.go`).
+/// Two real CPU profiles of a Go program (`collector/tests/fixtures/cpuprofile.go`).
 fn go_cpu_profiles(tmp: &Path) -> (PathBuf, PathBuf) {
     let a = tmp.join("first.pprof");
     let b = tmp.join("second.pprof");
     let status = Command::new("go")
         .arg("run")
-        .arg(workspace_root().join("tests/fixtures/cpuprofile.go"))
+        .arg(fixture("cpuprofile.go"))
         .args([&a, &b])
         .status()
         .unwrap();

@@ -33,6 +33,8 @@ use opentelemetry::{
 use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use prost::Message as _;
 
+mod common;
+
 fn local() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -423,39 +425,30 @@ fn api_series(raw_profile: Vec<u8>, id: &str) -> RawProfileSeries {
     }
 }
 
-/// A small real CPU profile, as the agent writes it.
+/// A small CPU profile shaped as the agent writes it: `function` called by
+/// `main`, `count` samples.
 fn agent_profile(function: &str, count: i64) -> Vec<u8> {
-    use fathom_agent::profiles::pprof::{CpuProfileMeta, Location, Mapping, ProfileBuilder};
-    let mut b = ProfileBuilder::new(CpuProfileMeta {
+    let frame = |address: u64, name: &str| common::Frame {
+        address,
+        function: name.into(),
+        system_name: name.into(),
+        file: "api.c".into(),
+        line: 10,
+    };
+    common::CpuProfile {
         frequency_hz: 99,
-        start: std::time::SystemTime::now(),
         duration: Duration::from_secs(1),
-    });
-    let mapping = Arc::new(Mapping {
-        filename: "/usr/bin/api".into(),
+        mapping_file: "/usr/bin/api".into(),
         build_id: "abcd".into(),
         memory_start: 0x1000,
         memory_limit: 0x9000,
-        file_offset: 0,
-    });
-    let frame = |name: &str| fathom_symbolizer::Frame {
-        function: name.into(),
-        system_name: name.into(),
-        file: Some("api.c".into()),
-        line: Some(10),
-    };
-    let leaf = Arc::new(Location {
-        mapping: Some(mapping.clone()),
-        address: 0x1100 + function.len() as u64,
-        frames: vec![frame(function)],
-    });
-    let main = Arc::new(Location {
-        mapping: Some(mapping),
-        address: 0x1000,
-        frames: vec![frame("main")],
-    });
-    b.add_sample(&[leaf, main], count as u64, &[]);
-    fathom_agent::profiles::pprof::encode_gzip(&b.build())
+        frames: vec![
+            frame(0x1100 + function.len() as u64, function),
+            frame(0x1000, "main"),
+        ],
+        samples: vec![(vec![0, 1], count)],
+    }
+    .gzip()
 }
 
 #[test]

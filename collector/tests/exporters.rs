@@ -16,7 +16,6 @@ use fathom_collector::{
     pipeline::Batch,
     stats::{ExporterStats, Stats},
 };
-use fathom_tests::{Rotel, RotelSpan, free_port, require_found, rotel_agent_path};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{AnyValue, KeyValue, any_value::Value},
@@ -24,6 +23,9 @@ use opentelemetry_proto::tonic::{
     trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind},
 };
 use tokio::sync::mpsc;
+
+mod common;
+use common::{Rotel, RotelSpan, free_port, require_found, rotel_agent_path};
 
 fn kv(key: &str, value: Value) -> KeyValue {
     KeyValue {
@@ -559,7 +561,7 @@ mod prom {
         )
         .unwrap();
         let prom = local(free_port());
-        let _prometheus = fathom_tests::ChildGuard::spawn(
+        let _prometheus = crate::common::ChildGuard::spawn(
             std::process::Command::new(prom_bin)
                 .arg(format!("--config.file={}", config.display()))
                 .arg(format!(
@@ -570,7 +572,7 @@ mod prom {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null()),
         );
-        fathom_tests::wait_for_port(prom, Duration::from_secs(30));
+        crate::common::wait_for_port(prom, Duration::from_secs(30));
         let client = reqwest::Client::new();
 
         // The scrape itself succeeded (our exposition parsed).
@@ -653,7 +655,6 @@ mod pyro {
         exporters::pyroscope::PyroscopeExporter,
         model::{MergedProfile, SeriesLabels},
     };
-    use fathom_tests::workspace_root;
     use pprof::protos::{
         Function, Line, Location, Mapping, Message as _, Profile, Sample, ValueType,
     };
@@ -863,7 +864,7 @@ mod pyro {
 
     /// Decodes a push body with protoc and the upstream message definitions.
     fn protoc_decode(body: &[u8]) -> Vec<DecodedSeries> {
-        let protos = workspace_root().join("tests/fixtures/proto");
+        let protos = crate::common::fixture("proto");
         let mut child = Command::new("python3")
             .args(["-m", "grpc_tools.protoc", "--decode=push.v1.PushRequest"])
             .arg(format!("-I{}", protos.display()))

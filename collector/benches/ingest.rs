@@ -10,12 +10,11 @@
 //! runs twice: with no sink (receivers + pipeline) and with the embedded store
 //! (the default when no exporter is configured), and prints the ratio.
 //!
-//! `cargo bench -p fathom-tests --bench collector_ingest`
+//! `cargo bench -p fathom-collector --bench ingest`
 //! (`FATHOM_BENCH_SECONDS`, default 10 per phase).
 #![allow(clippy::unwrap_used, reason = "benchmark")]
 
 use std::{
-    net::TcpListener,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -24,7 +23,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use fathom_agent::profiles::pprof::{CpuProfileMeta, Location, Mapping, ProfileBuilder};
 use fathom_collector::proto::{
     otlp::{
         collector::trace::v1::ExportTraceServiceRequest,
@@ -36,16 +34,12 @@ use fathom_collector::proto::{
 };
 use prost::Message as _;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::free_port;
+
 const CLIENTS: usize = 4;
 const SPANS_PER_CALL: usize = 500;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn pin_self(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
@@ -65,7 +59,8 @@ struct Collector {
 impl Collector {
     fn start(store: Option<&std::path::Path>) -> Self {
         let (otlp_http, http) = (free_port(), free_port());
-        let bin = fathom_tests::release_collector_binary();
+        // Built by cargo with this benchmark's profile (release).
+        let bin = env!("CARGO_BIN_EXE_fathom-collector");
         let mut cmd = Command::new("taskset");
         cmd.args(["-c", "0"])
             .arg(bin)
@@ -193,46 +188,43 @@ fn span_request(seed: u64) -> ExportTraceServiceRequest {
     }
 }
 
+/// A real-shaped CPU profile: 300 samples of stacks 20 deep over 200
+/// functions (drawn by xorshift from `seed`).
 fn cpu_profile(seed: u64) -> Vec<u8> {
-    let mut b = ProfileBuilder::new(CpuProfileMeta {
-        frequency_hz: 99,
-        start: SystemTime::now(),
-        duration: Duration::from_secs(10),
-    });
-    let mapping = std::sync::Arc::new(Mapping {
-        filename: "/usr/bin/api".into(),
-        build_id: "0123456789abcdef".into(),
-        memory_start: 0x40_0000,
-        memory_limit: 0x80_0000,
-        file_offset: 0,
-    });
-    let locations: Vec<_> = (0..200u64)
-        .map(|f| {
-            std::sync::Arc::new(Location {
-                mapping: Some(mapping.clone()),
-                address: 0x40_1000 + f * 0x40,
-                frames: vec![fathom_symbolizer::Frame {
-                    function: format!("api::module{}::function_{f}", f % 17),
-                    system_name: format!("_ZN3api8module{}10function_{f}E", f % 17),
-                    file: Some(format!("src/module{}.rs", f % 17)),
-                    line: Some(10 + f as u32),
-                }],
-            })
+    let frames = (0..200u64)
+        .map(|f| common::Frame {
+            address: 0x40_1000 + f * 0x40,
+            function: format!("api::module{}::function_{f}", f % 17),
+            system_name: format!("_ZN3api8module{}10function_{f}E", f % 17),
+            file: format!("src/module{}.rs", f % 17),
+            line: 10 + f as i64,
         })
         .collect();
     let mut x = seed | 1;
-    for _ in 0..300 {
-        let stack: Vec<_> = (0..20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                locations[(x % 200) as usize].clone()
-            })
-            .collect();
-        b.add_sample(&stack, 1 + x % 5, &[]);
+    let samples = (0..300)
+        .map(|_| {
+            let stack = (0..20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 200) as usize
+                })
+                .collect();
+            (stack, 1 + (x % 5) as i64)
+        })
+        .collect();
+    common::CpuProfile {
+        frequency_hz: 99,
+        duration: Duration::from_secs(10),
+        mapping_file: "/usr/bin/api".into(),
+        build_id: "0123456789abcdef".into(),
+        memory_start: 0x40_0000,
+        memory_limit: 0x80_0000,
+        frames,
+        samples,
     }
-    fathom_agent::profiles::pprof::encode_gzip(&b.build())
+    .gzip()
 }
 
 fn push_request(seed: u64) -> Vec<u8> {
