@@ -11,15 +11,12 @@
 #[path = "../../src/otlp.rs"]
 #[allow(dead_code)]
 mod otlp;
+#[path = "../../src/traces"]
 #[allow(dead_code, unused_imports)]
 mod traces {
-    #[path = "../../../src/traces/metrics.rs"]
     pub mod metrics;
-    #[path = "../../../src/traces/otlp.rs"]
     pub mod otlp;
-    #[path = "../../../src/traces/parse.rs"]
     pub mod parse;
-    #[path = "../../../src/traces/spans.rs"]
     pub mod spans;
 
     pub use metrics::{HttpMetrics, MetricsConfig};
