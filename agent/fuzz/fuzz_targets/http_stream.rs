@@ -27,10 +27,10 @@ mod traces {
 use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, SockAddr, TraceContext, event_kind, syscall,
 };
-use otlp::ResourceInfo;
-use traces::{HttpMetrics, HttpTracer, MetricsConfig, TracerConfig, traces_request};
 use libfuzzer_sys::fuzz_target;
 use opentelemetry_proto::tonic::metrics::v1::metric;
+use otlp::ResourceInfo;
+use traces::{HttpMetrics, HttpTracer, MetricsConfig, TracerConfig, traces_request};
 
 const MAX_CONNS: usize = 4;
 const MAX_PENDING: usize = 3;
