@@ -511,7 +511,11 @@ impl DaemonArgs {
         };
         let t = &file.traces;
         let sample_ratio = self.trace_sample_ratio.or(t.sample_ratio).unwrap_or(1.0);
-        parse_ratio(&sample_ratio.to_string()).map_err(ConfigError::Invalid)?;
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            return Err(ConfigError::Invalid(format!(
+                "traces.sample_ratio {sample_ratio} is not a number from 0 to 1"
+            )));
+        }
         let k = &self.k8s;
         let kf = &file.kubernetes;
         Ok(AgentConfig {
@@ -718,5 +722,11 @@ path = "/tmp/x.redb"
         assert!(resolve(&["--output-dir", "/tmp/p", "--signals", "traces"]).is_err());
         let c = resolve(&["--output-dir", "/tmp/p"]).unwrap();
         assert_eq!(c.signals, [SignalKind::Profiles]);
+        // The file's values are checked like the flags'.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "[traces]\nsample_ratio = 2.0\n").unwrap();
+        let e = resolve(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("sample_ratio"), "{e}");
     }
 }

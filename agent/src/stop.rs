@@ -37,24 +37,75 @@ impl Stop {
     }
 }
 
-/// Waits for a stopping thread until `deadline`; false (and a log line
-/// naming `what`) when it is still running then: it is left behind, and
-/// the process exit ends it.
-pub fn join_by<T>(handle: Option<JoinHandle<T>>, deadline: Instant, what: &str) -> bool {
-    let Some(handle) = handle else {
-        return true;
-    };
-    while !handle.is_finished() {
-        if Instant::now() >= deadline {
-            tracing::warn!("{what}: not stopped by the shutdown deadline, leaving it");
-            return false;
+/// A thread that runs until its [`Stop`] is triggered: each signal's
+/// worker. [`StoppableThread::stop`] waits for it by a deadline; dropping it
+/// stops it and waits for it (errors and panics unwinding included).
+#[derive(Debug)]
+pub struct StoppableThread {
+    stop: Stop,
+    handle: Option<JoinHandle<()>>,
+    /// What the log lines name.
+    what: &'static str,
+}
+
+impl StoppableThread {
+    /// Starts `run` on a thread named `name` with the stop it must watch.
+    pub fn spawn(
+        name: &str,
+        what: &'static str,
+        run: impl FnOnce(Stop) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let stop = Stop::new();
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(flag))?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+            what,
+        })
+    }
+
+    /// Asks the thread to stop and waits until `deadline`; false (and a log
+    /// line) when it is still running then: it is left behind, and the
+    /// process exit ends it.
+    pub fn stop(mut self, deadline: Instant) -> bool {
+        self.stop.trigger();
+        let Some(handle) = self.handle.take() else {
+            return true;
+        };
+        while !handle.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "{}: not stopped by the shutdown deadline, leaving it",
+                    self.what
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(5));
+        if handle.join().is_err() {
+            tracing::error!("{}: its thread panicked", self.what);
+        }
+        true
     }
-    if handle.join().is_err() {
-        tracing::error!("{what}: its thread panicked");
+
+    /// Waits for a thread that ends on its own (it failed to start).
+    pub fn join(mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
     }
-    true
+}
+
+impl Drop for StoppableThread {
+    fn drop(&mut self) {
+        self.stop.trigger();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
 }
 
 #[cfg(test)]

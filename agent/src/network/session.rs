@@ -6,7 +6,6 @@
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -23,7 +22,7 @@ use crate::{
     otlp::{ResourceInfo, unix_now_ns},
     process_meta::ProcessMeta,
     sink::OtlpSink,
-    stop::Stop,
+    stop::{Stop, StoppableThread},
     sys,
 };
 
@@ -77,8 +76,7 @@ pub enum NetError {
 /// The running network thread. Dropping it stops the thread (after a last
 /// flush) and detaches the programs.
 pub struct NetSession {
-    stop: Stop,
-    handle: Option<JoinHandle<()>>,
+    thread: StoppableThread,
     connections: Option<OwnersReader>,
 }
 
@@ -91,15 +89,12 @@ impl NetSession {
             .inspect_err(|e| tracing::warn!(error = %e, "HTTP spans go without connect times"))
             .ok();
         tracing::info!(interfaces = ?hooked, "network metrics attached");
-        let stop = Stop::new();
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("fathom-net".into())
-            .spawn(move || Worker::new(config, capture, sink).run(&flag))
-            .map_err(NetError::Thread)?;
+        let thread = StoppableThread::spawn("fathom-net", "network", move |stop| {
+            Worker::new(config, capture, sink).run(&stop)
+        })
+        .map_err(NetError::Thread)?;
         Ok(Self {
-            stop,
-            handle: Some(handle),
+            thread,
             connections,
         })
     }
@@ -114,18 +109,8 @@ impl NetSession {
 impl NetSession {
     /// Stops the thread (after a last flush) and detaches the programs;
     /// false when the thread did not end by `deadline` (it is left behind).
-    pub fn stop(mut self, deadline: Instant) -> bool {
-        self.stop.trigger();
-        crate::stop::join_by(self.handle.take(), deadline, "network")
-    }
-}
-
-impl Drop for NetSession {
-    fn drop(&mut self) {
-        self.stop.trigger();
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+    pub fn stop(self, deadline: Instant) -> bool {
+        self.thread.stop(deadline)
     }
 }
 

@@ -13,13 +13,13 @@ pub mod session;
 pub mod stacks;
 pub mod unwind;
 
-use std::{sync::mpsc, thread::JoinHandle, time::Instant};
+use std::{sync::mpsc, time::Instant};
 
 use crate::{
     config::SignalKind,
     health::SignalStatus,
     signal::{Delivery, Signal, StartContext, StartError},
-    stop::Stop,
+    stop::StoppableThread,
 };
 use capture::UnwindMode;
 use session::{DirSink, ProfileSink, ProfilesConfig, Session};
@@ -27,8 +27,7 @@ use session::{DirSink, ProfileSink, ProfilesConfig, Session};
 /// The profiling signal: a thread that runs the [`Session`], delivering one
 /// profile per process every interval.
 pub struct ProfilesSignal {
-    stop: Stop,
-    handle: Option<JoinHandle<()>>,
+    thread: StoppableThread,
     mode: UnwindMode,
 }
 
@@ -43,43 +42,35 @@ impl Signal for ProfilesSignal {
                 Box::new(DirSink::new(dir, *retention)?)
             }
         };
-        let stop = Stop::new();
-        let flag = stop.clone();
         let health = ctx.health.clone();
         // The session is built on its own thread (it stays there); the
         // thread says whether it started.
         let (started, result) = mpsc::sync_channel::<Result<UnwindMode, String>>(1);
-        let handle = std::thread::Builder::new()
-            .name("fathom-profiles".into())
-            .spawn(move || {
-                let mut session = match Session::start(&config) {
-                    Ok(session) => session,
-                    Err(e) => {
-                        let _ = started.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                let _ = started.send(Ok(session.unwind_mode().clone()));
-                if let Err(e) = session.run_daemon(interval, &mut *sink, &flag) {
-                    tracing::error!("profiling stopped: {e}");
-                    health.set_signal(crate::signal::off(
-                        SignalKind::Profiles,
-                        format!("stopped: {e}"),
-                    ));
+        let thread = StoppableThread::spawn("fathom-profiles", "profiles", move |stop| {
+            let mut session = match Session::start(&config) {
+                Ok(session) => session,
+                Err(e) => {
+                    let _ = started.send(Err(e.to_string()));
+                    return;
                 }
-            })?;
+            };
+            let _ = started.send(Ok(session.unwind_mode().clone()));
+            if let Err(e) = session.run_daemon(interval, &mut *sink, &stop) {
+                tracing::error!("profiling stopped: {e}");
+                health.set_signal(crate::signal::off(
+                    SignalKind::Profiles,
+                    format!("stopped: {e}"),
+                ));
+            }
+        })?;
         match result.recv() {
-            Ok(Ok(mode)) => Ok(Self {
-                stop,
-                handle: Some(handle),
-                mode,
-            }),
+            Ok(Ok(mode)) => Ok(Self { thread, mode }),
             Ok(Err(e)) => {
-                let _ = handle.join();
+                thread.join();
                 Err(e.into())
             }
             Err(_) => {
-                let _ = handle.join();
+                thread.join();
                 Err("the profiling thread ended before it started".into())
             }
         }
@@ -104,8 +95,7 @@ impl Signal for ProfilesSignal {
         }
     }
 
-    fn stop(mut self: Box<Self>, deadline: Instant) -> bool {
-        self.stop.trigger();
-        crate::stop::join_by(self.handle.take(), deadline, "profiles")
+    fn stop(self: Box<Self>, deadline: Instant) -> bool {
+        self.thread.stop(deadline)
     }
 }

@@ -4,7 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -26,7 +25,7 @@ use crate::{
     process_meta::process_resource,
     process_meta::{ProcessMeta, local_port},
     sink::OtlpSink,
-    stop::Stop,
+    stop::{Stop, StoppableThread},
     sys,
 };
 
@@ -98,8 +97,7 @@ struct Undelivered {
 /// The running tracing thread. Dropping it stops the thread (after a last
 /// flush) and detaches the programs.
 pub struct TraceSession {
-    stop: Stop,
-    handle: Option<JoinHandle<()>>,
+    thread: StoppableThread,
     inject: bool,
     inject_failure: Option<String>,
 }
@@ -147,20 +145,15 @@ impl TraceSession {
             (None, None)
         };
         let inject = injection.is_some();
-        let stop = Stop::new();
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("fathom-traces".into())
-            .spawn(move || {
-                Worker::new(config, capture, sink, connections).run(&flag);
-                // Injection detaches after the capture's last events were read.
-                drop(injection);
-            })
-            .map_err(TraceError::Thread)?;
+        let thread = StoppableThread::spawn("fathom-traces", "traces", move |stop| {
+            Worker::new(config, capture, sink, connections).run(&stop);
+            // Injection detaches after the capture's last events were read.
+            drop(injection);
+        })
+        .map_err(TraceError::Thread)?;
         tracing::info!(inject, "http tracing attached");
         Ok(Self {
-            stop,
-            handle: Some(handle),
+            thread,
             inject,
             inject_failure,
         })
@@ -170,18 +163,8 @@ impl TraceSession {
 impl TraceSession {
     /// Stops the thread (after a last flush) and detaches the programs;
     /// false when the thread did not end by `deadline` (it is left behind).
-    pub fn stop(mut self, deadline: Instant) -> bool {
-        self.stop.trigger();
-        crate::stop::join_by(self.handle.take(), deadline, "traces")
-    }
-}
-
-impl Drop for TraceSession {
-    fn drop(&mut self) {
-        self.stop.trigger();
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
+    pub fn stop(self, deadline: Instant) -> bool {
+        self.thread.stop(deadline)
     }
 }
 
