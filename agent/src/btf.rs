@@ -87,6 +87,14 @@ impl KernelBtf {
         })
     }
 
+    /// Whether the kernel has a typedef named `name` (`btf_trace_<tp>`: a
+    /// tracepoint that BTF tracepoint programs can attach to).
+    pub fn has_typedef(&self, name: &str) -> bool {
+        self.btf
+            .resolve_types_by_name(name)
+            .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Typedef(_))))
+    }
+
     /// The members of the (complete) struct named `name`.
     fn struct_members(&self, name: &str) -> Result<Vec<btf_rs::Member>, BtfError> {
         let types = self
@@ -214,6 +222,10 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
         skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
         tcp_srtt_us: tcp("srtt_us")?,
         tcp_total_retrans: tcp("total_retrans")?,
+        skc_daddr: skc("skc_daddr")?,
+        skc_dport: skc("skc_dport")?,
+        skc_v6_daddr: skc("skc_v6_daddr")?,
+        sk_protocol: btf.member_offset("sock", "sk_protocol")?,
     })
 }
 
@@ -374,6 +386,8 @@ mod tests {
         assert_eq!(o.enabled, 1);
         assert_eq!(o.skc_num, dump.offset("sock_common", "skc_num"));
         assert_eq!(o.tcp_srtt_us, dump.offset("tcp_sock", "srtt_us"));
+        assert_eq!(o.sk_protocol, dump.offset("sock", "sk_protocol"));
+        assert_eq!(o.skc_dport, dump.offset("sock_common", "skc_dport"));
         // Members of anonymous unions are found at their real place: the
         // two ports share a 32-bit word, the destination first.
         assert_eq!(

@@ -60,6 +60,23 @@ pub enum UnwindChoice {
     FramePointers,
 }
 
+/// Which kernel hooks carry the HTTP capture's data path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HttpHooks {
+    /// Socket tracepoints where the kernel has them (Linux 6.5 and later),
+    /// else syscall tracepoints.
+    #[default]
+    Auto,
+    /// `sock_recv_length`/`sock_send_length` BTF tracepoints; an error on a
+    /// kernel without them.
+    Sockets,
+    /// The read/write-family syscall tracepoints (every syscall of every
+    /// process then takes the kernel's slow path: about 10% of a busy
+    /// server's throughput).
+    Syscalls,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -128,6 +145,7 @@ pub struct ProfilesFile {
 #[serde(deny_unknown_fields)]
 pub struct TracesFile {
     pub inject: Option<bool>,
+    pub hooks: Option<HttpHooks>,
     pub sample_ratio: Option<f64>,
 }
 
@@ -300,6 +318,11 @@ pub struct DaemonArgs {
     /// traces). RED metrics count every request regardless [default: 1].
     #[arg(long, env = "FATHOM_TRACE_SAMPLE_RATIO", value_parser = parse_ratio)]
     pub trace_sample_ratio: Option<f64>,
+    /// Kernel hooks of the HTTP capture: `auto` (socket tracepoints where
+    /// the kernel has them, else syscall tracepoints), `sockets`, `syscalls`
+    /// [default: auto].
+    #[arg(long, env = "FATHOM_TRACE_HOOKS", value_enum)]
+    pub trace_hooks: Option<HttpHooks>,
     /// Serve `GET /healthz` and `/metrics` on this address (`HOST:PORT`):
     /// 200 once the eBPF programs are attached, 503 before and while
     /// stopping. Off by default.
@@ -368,6 +391,7 @@ pub enum Output {
 #[derive(Clone, Debug)]
 pub struct TracesSettings {
     pub inject: bool,
+    pub hooks: HttpHooks,
     pub sample_ratio: f64,
 }
 
@@ -525,6 +549,7 @@ impl DaemonArgs {
             output,
             traces: TracesSettings {
                 inject: self.trace_inject.or(t.inject).unwrap_or(true),
+                hooks: self.trace_hooks.or(t.hooks).unwrap_or_default(),
                 sample_ratio,
             },
             network: NetworkSettings {

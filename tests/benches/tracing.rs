@@ -1,28 +1,36 @@
 //! Cost of zero-code HTTP tracing: nginx serving a small static file under
-//! `wrk` with keep-alive (`wrk -t1 -c16 -d10s --latency`), with the agent
-//! off and on (traces only, exported over OTLP/gRPC to rotel, which drops
-//! them), and a third mode, the floor: a program that does nothing
-//! (`tests/fixtures/tp_noop.c`) attached to every tracepoint the capture
-//! uses, which is what any capture on these tracepoints costs before it does
-//! any work. Interleaved rounds (one run of each mode per round, rotating
-//! which goes first), so that slow drifts of a noisy machine hit all alike.
+//! `wrk` with keep-alive (`wrk -t1 -c16 -d10s --latency`), in four modes:
+//! the agent off; the floor, programs that do nothing attached to the hooks
+//! the capture's data path uses (`tests/fixtures/sock_noop.c` on the socket
+//! tracepoints, or `tp_noop.c` on the syscall tracepoints with
+//! FATHOM_BENCH_HOOKS=syscalls), which is what any capture on those hooks
+//! costs before it does any work; the agent tracing every process (traces
+//! only, exported over OTLP/gRPC to rotel, which drops them); and the agent
+//! tracing nginx only (`--pid`: the realistic deployment, where the load
+//! generator is not a service). Interleaved rounds (one run of each mode per
+//! round, rotating which goes first), so that slow drifts of a noisy machine
+//! hit all alike.
 //!
-//! With the agent on, every request is traced on both sides (wrk is a
-//! process like any other: its requests get a client span and a
-//! `traceparent`), and nginx's server span: two spans per request.
+//! With every process traced, every request is traced on both sides (wrk
+//! is a process like any other: its requests get a client span and a
+//! `traceparent`), and nginx's server span: two spans per request; with
+//! `--pid`, one.
 //!
 //! Printed: per mode the median throughput and p50/p99 latency; the medians
 //! of the per-round throughput ratio and of the added p50 and p99; the
-//! agent's CPU (from /proc/PID/stat over the run) as a share of one CPU and
-//! per 1k requests/s, its peak RSS, rotel's CPU, the share of data events
-//! the kernel dropped because the agent fell behind; and, in a separate pass
-//! (the statistics cost time themselves), the BPF run time per request from
-//! the kernel's own statistics.
+//! agent's CPU (from /proc/PID/stat over the run) as a share of one CPU, per
+//! 1k requests/s and per request, its peak RSS, rotel's CPU, the share of
+//! data events the kernel dropped because the agent fell behind; and, in a
+//! separate pass per agent mode (the statistics cost time themselves), the
+//! BPF run time per request from the kernel's own statistics, and the whole
+//! cost per request (BPF time + agent CPU).
 //!
 //!   cargo bench -p fathom-tests --bench tracing
 //!
 //! FATHOM_BENCH_ROUNDS (default 5), FATHOM_BENCH_SECONDS (default 10: the
-//! length of one wrk run), FATHOM_BENCH_PERF (a file: `perf record -a -g`
+//! length of one wrk run), FATHOM_BENCH_HOOKS (`sockets`, the default on
+//! kernels that have them, or `syscalls`: the agent's `--trace-hooks` and
+//! the floor's hooks), FATHOM_BENCH_PERF (a file: `perf record -a -g`
 //! of the first agent-on run goes there), FATHOM_BENCH_CONNECTION_CLOSE=1
 //! (wrk sends `Connection: close`: a new connection per request).
 #![allow(
@@ -46,26 +54,33 @@ use fathom_tests::{
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
     Off,
-    On,
     Floor,
+    On,
+    OnPid,
 }
 
-const MODES: [Mode; 3] = [Mode::Off, Mode::On, Mode::Floor];
+const MODES: [Mode; 4] = [Mode::Off, Mode::Floor, Mode::On, Mode::OnPid];
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Off => "agent off",
-            Mode::On => "agent on",
-            Mode::Floor => "no-op tracepoints",
+            Mode::Floor => "no-op on the hooks",
+            Mode::On => "agent, every process",
+            Mode::OnPid => "agent, --pid nginx",
         }
     }
 }
 
-/// `tests/fixtures/tp_noop.c` compiled for BPF.
-fn noop_object(dir: &Path) -> Vec<u8> {
-    let src = fathom_tests::workspace_root().join("tests/fixtures/tp_noop.c");
-    let out = dir.join("tp_noop.o");
+/// FATHOM_BENCH_HOOKS=syscalls: the syscall-tracepoint data path.
+fn syscall_hooks() -> bool {
+    std::env::var("FATHOM_BENCH_HOOKS").is_ok_and(|v| v == "syscalls")
+}
+
+/// A fixture of `tests/fixtures` compiled for BPF.
+fn fixture_object(dir: &Path, name: &str) -> Vec<u8> {
+    let src = fathom_tests::workspace_root().join(format!("tests/fixtures/{name}.c"));
+    let out = dir.join(format!("{name}.o"));
     let status = Command::new("clang")
         .args(["-O2", "-target", "bpf", "-c"])
         .arg(&src)
@@ -77,20 +92,38 @@ fn noop_object(dir: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
-/// The no-op program on every tracepoint of the HTTP capture, detached
-/// when dropped.
-struct NoopTracepoints(#[allow(dead_code, reason = "held: dropping detaches")] aya::Ebpf);
+/// No-op programs on every hook of the capture's data path (and the sched
+/// tracepoints both paths use), detached when dropped.
+struct NoopHooks(#[allow(dead_code, reason = "held: dropping detaches")] Vec<aya::Ebpf>);
 
-impl NoopTracepoints {
-    fn attach(object: &[u8]) -> Self {
-        use aya::programs::TracePoint;
-        let mut ebpf = aya::Ebpf::load(object).unwrap();
-        let program: &mut TracePoint = ebpf.program_mut("noop").unwrap().try_into().unwrap();
+impl NoopHooks {
+    fn attach(dir: &Path) -> Self {
+        use aya::programs::{BtfTracePoint, TracePoint};
+        let mut tracepoints = aya::Ebpf::load(&fixture_object(dir, "tp_noop")).unwrap();
+        let program: &mut TracePoint = tracepoints.program_mut("noop").unwrap().try_into().unwrap();
         program.load().unwrap();
         for &(_, category, name) in fathom_agent::traces::capture::TRACEPOINTS {
-            program.attach(category, name).unwrap();
+            if category != "syscalls" || syscall_hooks() {
+                program.attach(category, name).unwrap();
+            }
         }
-        Self(ebpf)
+        let mut held = vec![tracepoints];
+        if !syscall_hooks() {
+            let mut sockets = aya::Ebpf::load(&fixture_object(dir, "sock_noop")).unwrap();
+            let btf = aya::Btf::from_sys_fs().unwrap();
+            for (program, hook) in [
+                ("noop_recv", "sock_recv_length"),
+                ("noop_send", "sock_send_length"),
+                ("noop_state", "inet_sock_set_state"),
+            ] {
+                let program: &mut BtfTracePoint =
+                    sockets.program_mut(program).unwrap().try_into().unwrap();
+                program.load(hook, &btf).unwrap();
+                program.attach().unwrap();
+            }
+            held.push(sockets);
+        }
+        Self(held)
     }
 }
 
@@ -182,7 +215,17 @@ fn start_rotel(dir: &Path) -> (ChildGuard, SocketAddr) {
     (guard, grpc)
 }
 
-fn start_agent(binary: &Path, rotel: SocketAddr, dir: &Path) -> Agent {
+fn start_agent(binary: &Path, rotel: SocketAddr, dir: &Path, pid: Option<u32>) -> Agent {
+    let pid_arg = pid.map(|p| p.to_string());
+    let hooks = if syscall_hooks() {
+        "syscalls"
+    } else {
+        "sockets"
+    };
+    let mut extra: Vec<&str> = vec!["--trace-hooks", hooks];
+    if let Some(p) = &pid_arg {
+        extra.extend(["--pid", p]);
+    }
     let http_listen = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
     let store = dir.join("store.redb");
     let endpoint = format!("http://{rotel}");
@@ -203,7 +246,10 @@ fn start_agent(binary: &Path, rotel: SocketAddr, dir: &Path) -> Agent {
             &endpoint,
             "--otlp-protocol",
             "grpc",
-        ],
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect::<Vec<_>>(),
         false,
     );
     agent.wait_for_log("http tracing attached", Duration::from_secs(120));
@@ -269,28 +315,37 @@ fn main() {
     let nginx = StaticNginx::start(&dir.path().join("nginx"), body, 1);
     let url = format!("http://127.0.0.1:{}/index.txt", nginx.port);
     let (rotel, rotel_addr) = start_rotel(dir.path());
-    let noop = noop_object(dir.path());
     eprintln!(
         "nginx (1 worker) serving {} bytes at {url}; wrk -t1 -c16 -d{seconds}s; {rounds} interleaved rounds",
         body.len()
     );
 
+    let nginx_pid = nginx.worker_pid();
     let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); MODES.len()];
-    let mut agent_cpu = Vec::new();
+    // Per agent mode (On, OnPid): CPU seconds per run, peak RSS, events.
+    let mut agent_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut rotel_cpu = Vec::new();
-    let mut agent_rss = 0.0f64;
+    let mut agent_rss = [0.0f64; 2];
     let (mut events_sent, mut events_lost) = (0.0, 0.0);
+    let agent_slot = |m: Mode| match m {
+        Mode::On => Some(0),
+        Mode::OnPid => Some(1),
+        _ => None,
+    };
     for round in 0..rounds {
         for k in 0..MODES.len() {
             let i = (round + k) % MODES.len();
-            let agent = (MODES[i] == Mode::On)
-                .then(|| start_agent(&agent_bin, rotel_addr, &dir.path().join("agent")));
-            let floor = (MODES[i] == Mode::Floor).then(|| NoopTracepoints::attach(&noop));
+            let mode = MODES[i];
+            let agent = agent_slot(mode).map(|slot| {
+                let pid = (slot == 1).then_some(nginx_pid);
+                start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid)
+            });
+            let floor = (mode == Mode::Floor).then(|| NoopHooks::attach(dir.path()));
             let before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
             let rotel_before = cpu_seconds(rotel.pid());
-            // FATHOM_BENCH_PERF: a system-wide profile of the first agent-on
-            // run, to see where the cost goes.
-            let perf = (round == 0 && agent.is_some())
+            // FATHOM_BENCH_PERF: a system-wide profile of the first
+            // every-process run, to see where the cost goes.
+            let perf = (round == 0 && mode == Mode::On)
                 .then(|| std::env::var_os("FATHOM_BENCH_PERF"))
                 .flatten()
                 .map(|out| {
@@ -309,19 +364,21 @@ fn main() {
             if let Some(mut perf) = perf {
                 perf.wait_timeout(Duration::from_secs(30));
             }
-            if let Some(agent) = agent {
-                agent_cpu.push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
-                rotel_cpu.push(cpu_seconds(rotel.pid()) - rotel_before);
-                agent_rss = agent_rss.max(peak_rss_mb(agent.pid()));
+            if let (Some(agent), Some(slot)) = (agent, agent_slot(mode)) {
+                agent_cpu[slot].push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
+                if slot == 0 {
+                    rotel_cpu.push(cpu_seconds(rotel.pid()) - rotel_before);
+                }
+                agent_rss[slot] = agent_rss[slot].max(peak_rss_mb(agent.pid()));
                 let (sent, lost) = stop_agent(agent);
                 events_sent += sent;
                 events_lost += lost;
             }
             drop(floor);
             eprintln!(
-                "round {:>2}/{rounds} {:>17}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs",
+                "round {:>2}/{rounds} {:>20}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs",
                 round + 1,
-                MODES[i].name(),
+                mode.name(),
                 run.requests_per_s,
                 run.p50_us,
                 run.p99_us
@@ -330,56 +387,62 @@ fn main() {
         }
     }
 
-    let (off, on, floor) = (&runs[0], &runs[1], &runs[2]);
+    let (off, floor) = (&runs[0], &runs[1]);
     // Medians over rounds of a per-round comparison of two modes.
     let per_round = |a: &[WrkRun], b: &[WrkRun], f: &dyn Fn(&WrkRun, &WrkRun) -> f64| -> f64 {
         median(&a.iter().zip(b).map(|(a, b)| f(a, b)).collect::<Vec<_>>())
     };
     let ratio =
         |a: &[WrkRun], b: &[WrkRun]| per_round(a, b, &|a, b| a.requests_per_s / b.requests_per_s);
-    let throughput_ratio = ratio(on, off);
-    let p50_added = per_round(on, off, &|a, b| a.p50_us - b.p50_us);
-    let p99_added = per_round(on, off, &|a, b| a.p99_us - b.p99_us);
-    let on_rps = median(&on.iter().map(|r| r.requests_per_s).collect::<Vec<_>>());
-    let agent_share = median(&agent_cpu) / f64::from(seconds);
-    let rotel_share = median(&rotel_cpu) / f64::from(seconds);
     println!();
     println!(
-        "HTTP tracing overhead: nginx static file, wrk -t1 -c16 -d{seconds}s {}, {rounds} interleaved rounds",
+        "HTTP tracing overhead: nginx static file, wrk -t1 -c16 -d{seconds}s {}, {rounds} interleaved rounds, {} hooks",
         if connection_close() {
             "Connection: close"
         } else {
             "keep-alive"
-        }
+        },
+        if syscall_hooks() { "syscall" } else { "socket" }
     );
-    println!("| mode | req/s (median) | p50 | p99 |");
-    println!("|---|---|---|---|");
+    println!("| mode | req/s (median) | p50 | p99 | throughput vs off |");
+    println!("|---|---|---|---|---|");
     for (i, mode) in MODES.iter().enumerate() {
         let m = |f: fn(&WrkRun) -> f64| median(&runs[i].iter().map(f).collect::<Vec<_>>());
         println!(
-            "| {} | {:.0} | {:.1} µs | {:.1} µs |",
+            "| {} | {:.0} | {:.1} µs | {:.1} µs | {:.3} |",
             mode.name(),
             m(|r| r.requests_per_s),
             m(|r| r.p50_us),
-            m(|r| r.p99_us)
+            m(|r| r.p99_us),
+            ratio(&runs[i], off)
+        );
+    }
+    println!("throughput no-op hooks/off: {:.3}", ratio(floor, off));
+    let mut cpu_per_request = [0.0f64; 2];
+    for (slot, mode) in [(0usize, Mode::On), (1, Mode::OnPid)] {
+        let i = MODES.iter().position(|m| *m == mode).unwrap();
+        let on = &runs[i];
+        let throughput_ratio = ratio(on, off);
+        let p50_added = per_round(on, off, &|a, b| a.p50_us - b.p50_us);
+        let p99_added = per_round(on, off, &|a, b| a.p99_us - b.p99_us);
+        let on_rps = median(&on.iter().map(|r| r.requests_per_s).collect::<Vec<_>>());
+        let agent_share = median(&agent_cpu[slot]) / f64::from(seconds);
+        cpu_per_request[slot] = agent_share * 1e6 / on_rps.max(1.0);
+        println!(
+            "{}: throughput/off {:.3} ({:+.1}%), p50 added {p50_added:+.1} µs, p99 added {p99_added:+.1} µs; \
+             agent CPU {:.1}% of one CPU at {on_rps:.0} req/s = {:.1} millicores per 1k req/s = {:.2} µs per request; peak RSS {:.1} MB",
+            mode.name(),
+            throughput_ratio,
+            (throughput_ratio - 1.0) * 100.0,
+            agent_share * 100.0,
+            agent_share * 1000.0 / (on_rps / 1000.0),
+            cpu_per_request[slot],
+            agent_rss[slot]
         );
     }
     println!(
-        "throughput on/off (median of rounds): {:.3} ({:+.1}%); p50 added {p50_added:+.1} µs; p99 added {p99_added:+.1} µs",
-        throughput_ratio,
-        (throughput_ratio - 1.0) * 100.0
-    );
-    println!(
-        "throughput no-op tracepoints/off: {:.3}; agent on/no-op tracepoints: {:.3}",
-        ratio(floor, off),
-        ratio(on, floor)
-    );
-    println!(
-        "agent CPU: {:.1}% of one CPU at {on_rps:.0} req/s = {:.1} millicores per 1k req/s; peak RSS {agent_rss:.1} MB; \
-         rotel (receiving the spans) {:.1}% of one CPU",
-        agent_share * 100.0,
-        agent_share * 1000.0 / (on_rps / 1000.0),
-        rotel_share * 100.0
+        "rotel (receiving the spans, every process traced): {:.1}% of one CPU",
+        median(&rotel_cpu) / f64::from(seconds) * 100.0
     );
     // Events the kernel could not queue were never parsed: the agent's CPU
     // above is for the share it received.
@@ -389,19 +452,26 @@ fn main() {
         events_sent + events_lost
     );
 
-    // BPF time per request, from the kernel's statistics.
-    let stats = BpfStats::enable();
-    let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"));
-    let ours = |name: &str| name.starts_with("http_") || name.starts_with("fathom_s");
-    let (t0, _, _) = bpf_run_totals(agent.pid(), ours);
-    let run = run_wrk(&url, seconds);
-    let (t1, runs_count, names) = bpf_run_totals(agent.pid(), ours);
-    let _ = stop_agent(agent);
-    drop(stats);
-    println!(
-        "BPF run time per request (kernel.bpf_stats_enabled, programs {names:?}, {runs_count:.0} runs): {:.0} ns",
-        (t1 - t0) / run.requests.max(1.0)
-    );
+    // BPF time per request, from the kernel's statistics, and the whole
+    // cost per request (BPF time + the agent's CPU above).
+    for (slot, mode) in [(0usize, Mode::On), (1, Mode::OnPid)] {
+        let stats = BpfStats::enable();
+        let pid = (slot == 1).then_some(nginx_pid);
+        let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid);
+        let ours = |name: &str| name.starts_with("http_") || name.starts_with("fathom_s");
+        let (t0, _, _) = bpf_run_totals(agent.pid(), ours);
+        let run = run_wrk(&url, seconds);
+        let (t1, runs_count, names) = bpf_run_totals(agent.pid(), ours);
+        let _ = stop_agent(agent);
+        drop(stats);
+        let bpf_ns = (t1 - t0) / run.requests.max(1.0);
+        println!(
+            "{}: BPF run time per request {bpf_ns:.0} ns (kernel.bpf_stats_enabled, {runs_count:.0} runs of {names:?}); \
+             whole cost per request (BPF + agent CPU): {:.2} µs",
+            mode.name(),
+            bpf_ns / 1000.0 + cpu_per_request[slot]
+        );
+    }
     drop(rotel);
     drop(nginx);
 }

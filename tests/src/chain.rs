@@ -404,6 +404,29 @@ pub struct StaticNginx {
 }
 
 impl StaticNginx {
+    /// The worker process (the first child of the master): the one that
+    /// serves (started with one worker).
+    pub fn worker_pid(&self) -> u32 {
+        let path = format!("/proc/{0}/task/{0}/children", self.pid);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let children = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+            {
+                return pid;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "nginx {} has no worker",
+                self.pid
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn start(dir: &Path, body: &[u8], workers: u32) -> Self {
         let www = dir.join("www");
         std::fs::create_dir_all(&www).unwrap_or_else(|e| panic!("{}: {e}", www.display()));

@@ -50,6 +50,11 @@ pub fn degradation(program: &str) -> Option<&'static str> {
         "profile_unwind" => Some("profiles: user stacks by frame pointers only"),
         "fathom_sk_msg" | "fathom_sock_ops" => Some("traces: captured, no traceparent injected"),
         "net_tcp_probe_btf" => Some("network: tcp_probe as a classic tracepoint"),
+        "http_sock_recv"
+        | "http_sock_send"
+        | "http_sock_recv_process"
+        | "http_sock_send_process"
+        | "http_sock_state" => Some("traces: captured on syscall tracepoints (slower)"),
         _ => None,
     }
 }
@@ -161,7 +166,9 @@ pub fn check_programs(objects: &[String], configs: &[String]) -> Vec<ProgramChec
 /// The kernel tracepoint a BTF tracepoint program of ours attaches to.
 fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
     let (name, tracepoint) = net_capture::BTF_PROBE;
-    (program == name).then_some(tracepoint)
+    (program == name)
+        .then_some(tracepoint)
+        .or_else(|| http_capture::btf_tracepoint_of(program))
 }
 
 /// Loads a program of any type the objects have.

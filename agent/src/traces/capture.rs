@@ -6,12 +6,13 @@ use std::{fs, os::fd::AsFd, path::Path, time::Duration};
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
-    programs::{ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{BtfTracePoint, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use fathom_common::http::{
     ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, event_kind, globals, names, stage,
 };
 
+pub use crate::config::HttpHooks;
 use crate::{
     btf,
     ebpf::{self, field_offset, map_err, map_mut, take_map as take},
@@ -32,6 +33,8 @@ pub struct HttpCaptureConfig {
     pub ring_bytes: u32,
     /// Sockets tracked at once.
     pub connections: u32,
+    /// Which hooks carry the data path.
+    pub hooks: HttpHooks,
 }
 
 impl Default for HttpCaptureConfig {
@@ -41,6 +44,7 @@ impl Default for HttpCaptureConfig {
             inject: true,
             ring_bytes: 8 << 20,
             connections: 65536,
+            hooks: HttpHooks::Auto,
         }
     }
 }
@@ -59,6 +63,8 @@ pub enum HttpCaptureError {
     Config(String),
     #[error("waiting on the event ring buffer: {0}")]
     Wait(std::io::Error),
+    #[error("socket tracepoints asked for, but {0}")]
+    NoSocketHooks(String),
 }
 
 crate::wraps_kernel_error!(HttpCaptureError);
@@ -130,6 +136,80 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("http_exit_io", "syscalls", "sys_exit_sendfile64"),
 ];
 
+/// The syscall tracepoints of the data path's fallback (the rest of
+/// [`TRACEPOINTS`] runs on every kernel).
+pub fn syscall_tracepoints()
+-> impl Iterator<Item = &'static (&'static str, &'static str, &'static str)> {
+    TRACEPOINTS
+        .iter()
+        .filter(|(_, category, _)| *category == "syscalls")
+}
+
+/// BTF tracepoints of the socket data path: (program, tracepoint). Public
+/// for the tracing bench, which measures what attaching to them costs alone,
+/// and for `check`.
+pub const SOCKET_TRACEPOINTS: &[(&str, &str)] = &[
+    (names::SOCK_RECV, "sock_recv_length"),
+    (names::SOCK_SEND, "sock_send_length"),
+    (names::SOCK_STATE, "inet_sock_set_state"),
+];
+
+/// Second stages of the socket data path: (program, its hook, its array).
+const SOCKET_STAGES: &[(&str, &str, &str)] = &[
+    (
+        names::SOCK_RECV_PROCESS,
+        "sock_recv_length",
+        names::SOCK_RECV_STAGES,
+    ),
+    (
+        names::SOCK_SEND_PROCESS,
+        "sock_send_length",
+        names::SOCK_SEND_STAGES,
+    ),
+];
+
+/// The kernel hook a BTF tracepoint program of this object attaches to (or
+/// is loaded for).
+pub fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
+    SOCKET_TRACEPOINTS
+        .iter()
+        .map(|&(p, t)| (p, t))
+        .chain(SOCKET_STAGES.iter().map(|&(p, t, _)| (p, t)))
+        .find(|(p, _)| *p == program)
+        .map(|(_, t)| t)
+}
+
+/// Whether this kernel can run the socket data path: the
+/// `sock_recv_length`/`sock_send_length` tracepoints in its BTF (Linux 6.3)
+/// and `sendfile`/`splice` into a socket going through `sock_sendmsg`
+/// (Linux 6.5; before, their bytes would pass unseen and a response sent
+/// with `sendfile` would never end). `Err` says what is missing.
+pub fn socket_hooks_supported(btf: &btf::KernelBtf) -> Result<(), String> {
+    for tracepoint in ["sock_recv_length", "sock_send_length"] {
+        if !btf.has_typedef(&format!("btf_trace_{tracepoint}")) {
+            return Err(format!(
+                "the kernel has no {tracepoint} tracepoint (Linux 6.3+)"
+            ));
+        }
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    match kernel_version(&release) {
+        Some(v) if v >= (6, 5) => Ok(()),
+        Some((major, minor)) => Err(format!(
+            "kernel {major}.{minor} sends sendfile/splice bytes around the socket tracepoints (Linux 6.5+)"
+        )),
+        None => Err(format!("unreadable kernel release {:?}", release.trim())),
+    }
+}
+
+/// (major, minor) of a kernel release string (`6.18.44-cloud-amd64`).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// OpenSSL functions whose plaintext is captured (and the handshake, which
 /// names the socket of an `SSL *`): (program, symbol).
 const SSL_PROBES: &[(&str, &str)] = &[
@@ -188,6 +268,7 @@ pub struct HttpCapture {
     notified: sys::EdgeWait,
     counters: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, ConnKey, fathom_common::http::ConnInfo>,
+    hooks: &'static str,
     ebpf: Ebpf,
 }
 
@@ -256,24 +337,50 @@ impl HttpCapture {
             }
         }
         let mut loaded = std::collections::HashSet::new();
-        // The second stages first: the first ones tail-call them.
-        let process = {
-            let program: &mut TracePoint = loaded_program(&mut ebpf, &mut loaded, names::PROCESS)?;
-            clone_fd(program.fd(), names::PROCESS)?
-        };
+        let sockets = choose_hooks(config.hooks)?;
+        // SSL's second stage first: its first stages tail-call it.
         let ssl_process = {
             let program: &mut UProbe = loaded_program(&mut ebpf, &mut loaded, names::SSL_PROCESS)?;
             clone_fd(program.fd(), names::SSL_PROCESS)?
         };
-        for (map, index, fd) in [
-            (names::STAGES, stage::PROCESS, &process),
-            (names::SSL_STAGES, stage::SSL_PROCESS, &ssl_process),
-        ] {
-            let mut stages: ProgramArray<&mut MapData> =
-                ProgramArray::try_from(map_mut(&mut ebpf, map)?).map_err(map_err(map))?;
-            stages.set(index, fd, 0).map_err(map_err(map))?;
+        set_stage(
+            &mut ebpf,
+            names::SSL_STAGES,
+            stage::SSL_PROCESS,
+            &ssl_process,
+        )?;
+        if sockets {
+            let btf = aya::Btf::from_sys_fs()
+                .map_err(|e| HttpCaptureError::NoSocketHooks(format!("kernel BTF: {e}")))?;
+            for &(name, hook, map) in SOCKET_STAGES {
+                let fd = {
+                    let program = load_btf_program(&mut ebpf, &btf, name, hook)?;
+                    clone_fd(program.fd(), name)?
+                };
+                set_stage(&mut ebpf, map, stage::PROCESS, &fd)?;
+            }
+            for &(name, hook) in SOCKET_TRACEPOINTS {
+                let program = load_btf_program(&mut ebpf, &btf, name, hook)?;
+                program
+                    .attach()
+                    .map_err(|source| HttpCaptureError::Attach {
+                        name,
+                        tracepoint: hook,
+                        source,
+                    })?;
+            }
+        } else {
+            let process = {
+                let program: &mut TracePoint =
+                    loaded_program(&mut ebpf, &mut loaded, names::PROCESS)?;
+                clone_fd(program.fd(), names::PROCESS)?
+            };
+            set_stage(&mut ebpf, names::STAGES, stage::PROCESS, &process)?;
         }
         for &(name, category, tracepoint) in TRACEPOINTS {
+            if sockets && category == "syscalls" {
+                continue;
+            }
             let program: &mut TracePoint = loaded_program(&mut ebpf, &mut loaded, name)?;
             program
                 .attach(category, tracepoint)
@@ -283,6 +390,8 @@ impl HttpCapture {
                     source,
                 })?;
         }
+        let hooks = if sockets { "sockets" } else { "syscalls" };
+        tracing::info!(hooks, "http capture attached");
         // HTTPS: OpenSSL's plaintext, in every libssl found now.
         for path in libssl_paths(Path::new("/proc")) {
             let mut attached = 0;
@@ -307,8 +416,14 @@ impl HttpCapture {
             notified,
             counters,
             conns,
+            hooks,
             ebpf,
         })
+    }
+
+    /// The data path's hooks: `sockets` or `syscalls`.
+    pub fn hooks(&self) -> &'static str {
+        self.hooks
     }
 
     /// Hands every queued event to `f`.
@@ -357,6 +472,57 @@ impl HttpCapture {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// Whether the data path runs on socket tracepoints (`true`) or syscall
+/// tracepoints, for `hooks`.
+fn choose_hooks(hooks: HttpHooks) -> Result<bool, HttpCaptureError> {
+    if hooks == HttpHooks::Syscalls {
+        return Ok(false);
+    }
+    let supported = btf::KernelBtf::open(Path::new(btf::VMLINUX))
+        .map_err(|e| e.to_string())
+        .and_then(|b| socket_hooks_supported(&b));
+    match (hooks, supported) {
+        (_, Ok(())) => Ok(true),
+        (HttpHooks::Sockets, Err(reason)) => Err(HttpCaptureError::NoSocketHooks(reason)),
+        (_, Err(reason)) => {
+            tracing::info!(%reason, "http capture on syscall tracepoints (every syscall then takes the kernel's slow path)");
+            Ok(false)
+        }
+    }
+}
+
+/// Puts the program `fd` at `index` of the program array `map`.
+fn set_stage(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    index: u32,
+    fd: &aya::programs::ProgramFd,
+) -> Result<(), HttpCaptureError> {
+    let mut stages: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(map_mut(ebpf, map)?).map_err(map_err(map))?;
+    stages.set(index, fd, 0).map_err(map_err(map))?;
+    Ok(())
+}
+
+/// A BTF tracepoint program of the object, loaded for `hook`.
+fn load_btf_program<'a>(
+    ebpf: &'a mut Ebpf,
+    btf: &aya::Btf,
+    name: &'static str,
+    hook: &'static str,
+) -> Result<&'a mut BtfTracePoint, HttpCaptureError> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ebpf::KernelError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| ebpf::KernelError::Program { name, source })?;
+    ebpf::load_program(OBJECT, name, || program.load(hook, btf))?;
+    Ok(program)
 }
 
 /// The kernel offsets for reading a connection's socket (RTT, retransmits,

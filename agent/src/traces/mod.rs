@@ -48,6 +48,7 @@ impl Signal for TracesSignal {
         let mut config = TraceConfig::default();
         config.capture.pids = ctx.config.sampling.pids.clone();
         config.capture.inject = ctx.config.traces.inject;
+        config.capture.hooks = ctx.config.traces.hooks;
         config.sample_ratio = ctx.config.traces.sample_ratio;
         // With the network signal, client spans carry their connect time.
         let connections: Box<dyn ConnectionLookup> = ctx

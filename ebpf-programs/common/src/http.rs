@@ -73,6 +73,17 @@ pub mod names {
     pub const PROCESS: &str = "http_exit_process";
     /// Second stage of `http_ssl_exit` (a uretprobe program).
     pub const SSL_PROCESS: &str = "http_ssl_process";
+    /// The socket-tracepoint capture: first stages on `sock_recv_length` /
+    /// `sock_send_length`, their second stages (a BTF tracepoint program may
+    /// only tail-call programs of its own hook: one array per hook), and
+    /// the close on `inet_sock_set_state`.
+    pub const SOCK_RECV: &str = "http_sock_recv";
+    pub const SOCK_SEND: &str = "http_sock_send";
+    pub const SOCK_RECV_PROCESS: &str = "http_sock_recv_process";
+    pub const SOCK_SEND_PROCESS: &str = "http_sock_send_process";
+    pub const SOCK_STATE: &str = "http_sock_state";
+    pub const SOCK_RECV_STAGES: &str = "HTTP_SOCK_RECV_STAGES";
+    pub const SOCK_SEND_STAGES: &str = "HTTP_SOCK_SEND_STAGES";
 }
 
 /// Indexes in `HTTP_STAGES`. A data event is captured by one program (the
@@ -127,8 +138,15 @@ pub struct SockOffsets {
     /// `struct tcp_sock` starts with its `struct sock`.
     pub tcp_srtt_us: u32,
     pub tcp_total_retrans: u32,
+    /// The peer's address and port (`__be16`), for the socket-tracepoint
+    /// capture, which sees no `accept`/`connect` address argument.
+    pub skc_daddr: u32,
+    pub skc_dport: u32,
+    pub skc_v6_daddr: u32,
+    /// `struct sock.sk_protocol` (a `u16`): only TCP sockets are tracked.
+    pub sk_protocol: u32,
 }
-assert_size!(SockOffsets, 13 * 4);
+assert_size!(SockOffsets, 17 * 4);
 
 /// Kinds of records in the ring buffer; the first byte of every record.
 pub mod event_kind {
@@ -159,6 +177,7 @@ pub mod syscall {
     pub const WRITEV: u8 = 6;
     pub const SENDTO: u8 = 7;
     pub const SENDMSG: u8 = 8;
+    /// `sendfile` or `splice` into the socket: no user buffer.
     pub const SENDFILE: u8 = 9;
     /// OpenSSL `SSL_read`/`SSL_read_ex` (plaintext).
     pub const SSL_READ: u8 = 10;

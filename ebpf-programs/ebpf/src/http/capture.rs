@@ -38,7 +38,7 @@ static HTTP_FORK_CHILD_OFFSET: u32 = 20;
 /// Kernel struct member offsets from BTF (`fathom_common::http::SockOffsets`);
 /// the loader sets them, `enabled == 0` leaves sockets unread.
 #[unsafe(no_mangle)]
-static HTTP_SOCK_OFFSETS: SockOffsets = SockOffsets {
+pub(crate) static HTTP_SOCK_OFFSETS: SockOffsets = SockOffsets {
     enabled: 0,
     task_files: 0,
     files_fdt: 0,
@@ -52,13 +52,17 @@ static HTTP_SOCK_OFFSETS: SockOffsets = SockOffsets {
     skc_v6_rcv_saddr: 0,
     tcp_srtt_us: 0,
     tcp_total_retrans: 0,
+    skc_daddr: 0,
+    skc_dport: 0,
+    skc_v6_daddr: 0,
+    sk_protocol: 0,
 };
 
 /// Syscall arguments start here in `sys_enter_*` records; `ret` is here in
 /// `sys_exit_*` records.
 const ARGS: usize = 16;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
+pub(crate) const AF_INET: u16 = 2;
+pub(crate) const AF_INET6: u16 = 10;
 const EINPROGRESS: i64 = 115;
 /// iovecs looked at per vectored call: past the head, only to find where the
 /// transfer ends (its tail). nginx reads a proxied body with `readv` into
@@ -105,8 +109,8 @@ struct Active {
 /// The event being built, with room past `head` so that bounded copies at
 /// any offset below `CAPTURE_HEAD` stay inside the map value.
 #[repr(C)]
-struct Scratch {
-    event: DataEvent,
+pub(crate) struct Scratch {
+    pub(crate) event: DataEvent,
     overflow: [u8; CAPTURE_HEAD],
     /// Where the traceparent search found `traceparent:` (index into head),
     /// or u32::MAX.
@@ -143,7 +147,7 @@ static CONNECTS: HashMap<u32, ConnectArgs> = HashMap::with_max_entries(16384, 0)
 #[map]
 static ACTIVE: HashMap<u32, Active> = HashMap::with_max_entries(16384, 0);
 #[map]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// The second stages of the data path ([`stage`] indexes), filled by user
 /// space.
 #[map]
@@ -155,15 +159,15 @@ static HTTP_SSL_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::COU
 /// `SSL_do_handshake` (`direction` [`HANDSHAKE`]) that only learns the socket.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SslActive {
-    ssl: u64,
+pub(crate) struct SslActive {
+    pub(crate) ssl: u64,
     buf: u64,
     /// `_ex` variants: where the byte count is written; else 0.
     count_ptr: u64,
     start_ns: u64,
     /// The socket, learned from the syscall OpenSSL makes inside the call
     /// or from an earlier call on the same `SSL *`; u32::MAX: unknown.
-    fd: u32,
+    pub(crate) fd: u32,
     direction: u8,
     _pad: [u8; 3],
 }
@@ -172,11 +176,11 @@ struct SslActive {
 const HANDSHAKE: u8 = u8::MAX;
 
 #[map]
-static SSL_ACTIVE: HashMap<u32, SslActive> = HashMap::with_max_entries(16384, 0);
+pub(crate) static SSL_ACTIVE: HashMap<u32, SslActive> = HashMap::with_max_entries(16384, 0);
 /// `SSL *` -> its socket's fd (OpenSSL may answer from its buffer without
 /// a syscall).
 #[map]
-static SSL_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+pub(crate) static SSL_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
 
 /// Processes whose first connection woke the reader (tgid -> 1), until
 /// they exit.
@@ -200,12 +204,12 @@ fn ret(ctx: &TracePointContext) -> i64 {
 }
 
 #[inline(always)]
-fn ids() -> (u32, u32) {
+pub(crate) fn ids() -> (u32, u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     ((pid_tgid >> 32) as u32, pid_tgid as u32)
 }
 
-fn next_conn_id() -> u64 {
+pub(crate) fn next_conn_id() -> u64 {
     // SAFETY: a plain helper call.
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
     match CONN_SEQ.get_ptr_mut(0) {
@@ -256,7 +260,7 @@ macro_rules! offset {
 }
 
 #[inline(always)]
-fn read_kernel<T>(addr: u64) -> Option<T> {
+pub(crate) fn read_kernel<T>(addr: u64) -> Option<T> {
     if addr == 0 {
         return None;
     }
@@ -308,7 +312,7 @@ fn try_sock_of_fd(fd: u32, local: &mut SockAddr) -> Option<u64> {
 /// The connection's smoothed RTT (µs) and retransmits so far into `event`,
 /// when its socket is known.
 #[inline(always)]
-fn read_tcp(event: &mut DataEvent, sk: u64) {
+pub(crate) fn read_tcp(event: &mut DataEvent, sk: u64) {
     event.flags = 0;
     event.srtt_us = 0;
     event.total_retrans = 0;
@@ -361,7 +365,7 @@ fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen
     });
 }
 
-fn send_conn(event: ConnEvent) {
+pub(crate) fn send_conn(event: ConnEvent) {
     // The first connection of a process wakes the reader: it reads the
     // process in /proc before a short-lived client exits. Later ones do not
     // (a wake-up is an inter-processor interrupt: one per connection would
@@ -694,7 +698,7 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
 /// Tail-calls a second stage of `stages`; returns (counted) when it is not
 /// there.
 #[inline(always)]
-fn tail_call<C: EbpfContext>(ctx: &C, stages: &ProgramArray, index: u32) {
+pub(crate) fn tail_call<C: EbpfContext>(ctx: &C, stages: &ProgramArray, index: u32) {
     // SAFETY: on success the stage replaces this program; its context is
     // this one (each array holds stages of its callers' program type).
     unsafe { stages.tail_call(ctx, index) };
@@ -718,7 +722,7 @@ pub fn http_ssl_process(_ctx: RetProbeContext) -> u32 {
 }
 
 #[inline(always)]
-fn try_process(ssl: bool) -> Result<(), ()> {
+pub(crate) fn try_process(ssl: bool) -> Result<(), ()> {
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's scratch, filled by the first stage.
     let scratch = unsafe { &mut *scratch };
@@ -780,7 +784,7 @@ fn send_data(scratch: &Scratch) {
 
 /// Copies the head and tail of one contiguous user buffer.
 #[inline(always)]
-fn capture_plain(scratch: &mut Scratch, buf: u64, moved: u64) {
+pub(crate) fn capture_plain(scratch: &mut Scratch, buf: u64, moved: u64) {
     let n = if moved > CAPTURE_HEAD as u64 {
         CAPTURE_HEAD
     } else {
@@ -799,7 +803,7 @@ fn capture_plain(scratch: &mut Scratch, buf: u64, moved: u64) {
 /// Copies the head (and tail, when the end is in one of the first iovecs) of
 /// a vectored transfer: one `bpf_loop` step per iovec.
 #[inline(always)]
-fn capture_vectored(scratch: &mut Scratch, iov: u64, iovcnt: u64, moved: u64) {
+pub(crate) fn capture_vectored(scratch: &mut Scratch, iov: u64, iovcnt: u64, moved: u64) {
     scratch.vec = Vectored {
         iov,
         iovcnt,
@@ -940,7 +944,7 @@ fn read_tail(tail: &mut [u8; CAPTURE_TAIL], src: u64) -> bool {
 /// Whether the captured bytes start a request, and whether they start a
 /// response (any status).
 #[inline(always)]
-fn message_start(event: &DataEvent) -> (bool, bool) {
+pub(crate) fn message_start(event: &DataEvent) -> (bool, bool) {
     // SAFETY: the head has CAPTURE_HEAD (>= 8) bytes.
     let word = unsafe { core::ptr::read_unaligned(event.head.as_ptr().cast::<u64>()) };
     starts_message(word, event.head_len)
@@ -1351,6 +1355,8 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     read_tcp(event, info.sk);
     event.ctx = TraceContext::default();
     capture_plain(scratch, active.buf, moved);
+    // Registered by the socket-tracepoint capture: open at its first message.
+    crate::sock::open_by_first_message(info, &scratch.event);
     tail_call(ctx, &HTTP_SSL_STAGES, stage::SSL_PROCESS);
     Ok(())
 }

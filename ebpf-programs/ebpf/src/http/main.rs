@@ -1,6 +1,7 @@
 //! Fathom's zero-code HTTP tracing programs (the `fathom-http` object):
-//! syscall tracepoints that capture HTTP/1.x bytes of monitored processes
-//! (`capture`), and `sock_ops` + `sk_msg` that insert `traceparent` into
+//! socket tracepoints (`sock`) or, on kernels without them, syscall
+//! tracepoints (`capture`) that capture HTTP/1.x bytes of monitored
+//! processes, and `sock_ops` + `sk_msg` that insert `traceparent` into
 //! their outgoing requests (`inject`). The contract is documented in
 //! `fathom_common::http`.
 #![no_std]
@@ -9,5 +10,6 @@
 mod capture;
 mod inject;
 mod maps;
+mod sock;
 
 fathom_ebpf::object!();
