@@ -43,9 +43,17 @@ pub fn decode_errors_are_invalid_argument<B>(
 ) -> HttpResponse<B> {
     let h = resp.headers();
     let internal = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"13");
+    // grpc-message is percent-encoded on the wire (`failed%20to%20decode…`).
     let decode = h.get("grpc-message").is_some_and(|m| {
         let m = m.as_bytes();
-        m.starts_with(b"failed to decode") || m.starts_with(b"Error decompressing")
+        [
+            b"failed%20to%20decode".as_slice(),
+            b"Error%20decompressing",
+            b"failed to decode",
+            b"Error decompressing",
+        ]
+        .iter()
+        .any(|p| m.starts_with(p))
     });
     if internal && decode {
         resp.headers_mut()
