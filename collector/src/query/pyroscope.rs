@@ -481,7 +481,7 @@ pub fn profile_json(p: &Profile) -> serde_json::Value {
         "location": p.location.iter().map(|l| json!({
             "id": u(l.id), "mappingId": u(l.mapping_id), "address": u(l.address),
             "line": l.line.iter().map(|x| json!({
-                "functionId": u(x.function_id), "line": s(x.line), "column": s(x.column),
+                "functionId": u(x.function_id), "line": s(x.line),
             })).collect::<Vec<_>>(),
             "isFolded": l.is_folded,
         })).collect::<Vec<_>>(),
