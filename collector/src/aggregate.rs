@@ -82,31 +82,20 @@ impl ProfileAggregator {
         out
     }
 
-    /// Applies the label-value length and series-count bounds.
+    /// Applies the label-value length and series-count bounds: a series with
+    /// a label value longer than `max_label_value_len` (`__name__` and
+    /// `service_name` excepted), or beyond `max_series` in this window, is
+    /// folded into `{__name__, service_name}` and counted — never dropped.
     fn bound(&mut self, labels: SeriesLabels) -> SeriesLabels {
         let max_len = self.config.max_label_value_len;
-        // `__name__` and `service_name` are never cut: they name the series.
-        let cuttable = |n: &str| n != NAME_LABEL && n != SERVICE_LABEL;
-        let labels = if labels
+        let too_long = labels
             .pairs()
             .iter()
-            .any(|(n, v)| cuttable(n) && v.len() > max_len)
-        {
+            .any(|(n, v)| n != NAME_LABEL && n != SERVICE_LABEL && v.len() > max_len);
+        if too_long {
             self.stats.series_folded.inc();
-            let cut = labels.pairs().iter().map(|(n, v)| {
-                if !cuttable(n) {
-                    return (n.clone(), v.clone());
-                }
-                let mut end = v.len().min(max_len);
-                while !v.is_char_boundary(end) {
-                    end -= 1;
-                }
-                (n.clone(), v[..end].to_string())
-            });
-            SeriesLabels::new(cut).unwrap_or(labels)
-        } else {
-            labels
-        };
+            return labels.essential();
+        }
         if self.seen.contains(&labels) {
             return labels;
         }
@@ -140,8 +129,14 @@ impl ProfileAggregator {
                         .duration_since(UNIX_EPOCH)
                         .unwrap_or_default()
                         .as_nanos();
-                    profile.time_nanos = i64::try_from(start_ns).unwrap_or(i64::MAX);
-                    profile.duration_nanos = i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
+                    // The time the inputs cover (from the first one's start
+                    // to the last one's end, as the merger computed it);
+                    // the window when they carry no times.
+                    if profile.time_nanos <= 0 || profile.duration_nanos <= 0 {
+                        profile.time_nanos = i64::try_from(start_ns).unwrap_or(i64::MAX);
+                        profile.duration_nanos =
+                            i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
+                    }
                     MergedProfile {
                         labels: o.labels,
                         window_start: start,
@@ -349,7 +344,11 @@ mod tests {
         assert_eq!(api.inputs, 2);
         assert_eq!(api.window_start, UNIX_EPOCH + Duration::from_secs(15));
         assert_eq!(folded(&api.profile, 0), vec![("main;a".to_string(), 5)]);
-        assert_eq!(api.profile.time_nanos, 15_000_000_000);
+        // The inputs' own times (cpu_profile: 1000 ns for 10 ns).
+        assert_eq!(
+            (api.profile.time_nanos, api.profile.duration_nanos),
+            (1_000, 10)
+        );
         let rest = agg.flush();
         assert_eq!(rest.len(), 1);
         assert_eq!(folded(&rest[0].profile, 0), vec![("main;a".to_string(), 7)]);
@@ -394,7 +393,61 @@ mod tests {
             folded_total, 3,
             "nothing lost: p3, p4 and the cut one are in the service series"
         );
-        assert_eq!(stats.series_folded.get(), 4);
+        // p3, p4 (over the bound) and the long value: one count each.
+        assert_eq!(stats.series_folded.get(), 3);
+    }
+
+    #[test]
+    fn long_label_values_fold_the_series_into_the_service() {
+        let stats = Arc::new(Stats::default());
+        let config = AggregationConfig {
+            max_label_value_len: 256,
+            ..AggregationConfig::default()
+        };
+        let mut agg = ProfileAggregator::new(config, stats.clone());
+        let long = "x".repeat(300);
+        agg.add(raw("api", &[("pod", long.as_str())], 15, &[(&["main"], 2)]));
+        agg.add(raw("api", &[("pod", "p1")], 15, &[(&["main"], 1)]));
+        let out = agg.flush();
+        let mut selectors: Vec<String> = out.iter().map(|m| m.labels.selector()).collect();
+        selectors.sort();
+        assert_eq!(
+            selectors,
+            vec![
+                r#"process_cpu{pod="p1",service_name="api"}"#,
+                r#"process_cpu{service_name="api"}"#,
+            ],
+            "folded whole, not cut to 256 bytes"
+        );
+        assert_eq!(stats.series_folded.get(), 1);
+    }
+
+    #[test]
+    fn merged_duration_covers_the_inputs() {
+        let stats = Arc::new(Stats::default());
+        let mut agg = ProfileAggregator::new(AggregationConfig::default(), stats);
+        // One 22 s profile received in a 15 s window.
+        let mut p = raw("api", &[], 16, &[(&["main"], 1)]);
+        p.profile.time_nanos = 1_000_000_000;
+        p.profile.duration_nanos = 22_000_000_000;
+        agg.add(p);
+        // And one without times.
+        let mut q = raw("db", &[], 16, &[(&["main"], 1)]);
+        q.profile.time_nanos = 0;
+        q.profile.duration_nanos = 0;
+        agg.add(q);
+        let out = agg.flush();
+        let api = out.iter().find(|m| m.labels.service() == "api").unwrap();
+        assert_eq!(
+            (api.profile.time_nanos, api.profile.duration_nanos),
+            (1_000_000_000, 22_000_000_000)
+        );
+        let db = out.iter().find(|m| m.labels.service() == "db").unwrap();
+        assert_eq!(
+            (db.profile.time_nanos, db.profile.duration_nanos),
+            (15_000_000_000, 15_000_000_000),
+            "the window"
+        );
     }
 
     #[test]

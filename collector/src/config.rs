@@ -125,7 +125,8 @@ pub struct AggregationConfig {
     /// Distinct profile series per window; beyond it, new series are folded
     /// into `{__name__, service_name}` (counted).
     pub max_series: usize,
-    /// Label values longer than this are cut (counted as folded).
+    /// A series with a label value longer than this is folded into
+    /// `{__name__, service_name}` (counted as folded).
     pub max_label_value_len: usize,
     /// Spans are forwarded in batches of at most this many...
     pub span_batch_size: usize,

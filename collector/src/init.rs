@@ -21,7 +21,8 @@ use crate::{
     },
     model::MetricsView,
     pipeline::{Batch, Budget, Fanout, Ingest, Sink},
-    receivers::{auth::BearerAuth, otlp_grpc, otlp_http, pyroscope, tls},
+    query,
+    receivers::{auth::BearerAuth, ingest as legacy_ingest, otlp_grpc, otlp_http, pyroscope, tls},
     stats::Stats,
     store::{self, Store},
     ui::{self, UiState},
@@ -187,7 +188,19 @@ impl Collector {
             });
             sinks_set.spawn(store::run_sink(store.clone(), rx, stats.exporter("store")));
             let metrics: Arc<dyn MetricsView> = registry.clone();
-            http_routes = http_routes.merge(ui::router(UiState { store, metrics }));
+            tracing::info!(
+                path = %store.path().display(),
+                retention = %humantime::format_duration(config.store.retention),
+                max_bytes = config.store.max_bytes,
+                "store open"
+            );
+            http_routes = http_routes
+                .merge(ui::router(UiState {
+                    store: store.clone(),
+                    metrics,
+                }))
+                .merge(query::pyroscope::router(store.clone()))
+                .merge(query::jaeger::router(store));
         }
         sinks.extend(extra_sinks);
 
@@ -270,6 +283,7 @@ impl Collector {
             // agents with --collector-url send everything to this one port.
             http_routes = http_routes
                 .merge(pyroscope::router(ingest.clone(), auth.clone(), max))
+                .merge(legacy_ingest::router(ingest.clone(), auth.clone(), max))
                 .merge(otlp_http::router(ingest.clone(), auth.clone(), max))
                 .route("/healthz", get(|| async { "ok\n" }));
             spawn_http(
@@ -289,6 +303,18 @@ impl Collector {
             auth = config.auth.bearer_token.is_some(),
             "collector listening"
         );
+        if let Some(http) = addrs.http {
+            let url = http_url(http, config.tls.is_some());
+            if config.store_enabled() {
+                tracing::info!(
+                    "UI at {url} (Grafana data sources: Pyroscope and Jaeger, URL {url}); send profiles to {url}push.v1.PusherService/Push or {url}ingest, OTLP to {url}v1/traces, or to the OTLP ports"
+                );
+            } else {
+                tracing::info!(
+                    "no store (exporters configured): no UI; send profiles to {url}push.v1.PusherService/Push or {url}ingest, OTLP to {url}v1/traces, or to the OTLP ports"
+                );
+            }
+        }
         Ok(Self {
             ingest,
             registry,
@@ -347,6 +373,16 @@ impl Collector {
             );
         }
         in_time
+    }
+}
+
+/// The URL a user opens for a listener (`localhost` for a wildcard address).
+pub fn http_url(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    if addr.ip().is_unspecified() {
+        format!("{scheme}://localhost:{}/", addr.port())
+    } else {
+        format!("{scheme}://{addr}/")
     }
 }
 

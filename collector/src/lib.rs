@@ -6,7 +6,8 @@
 //! Layout (after rotel): `receivers/` (OTLP gRPC + HTTP, Pyroscope push),
 //! `pipeline` (bounded queues, fan-out), `aggregate` (profile windows, span
 //! batches), `exporters/` (Pyroscope, OTLP, Prometheus), `store` + `ui` (the
-//! embedded default), `init` (start-up and ordered shutdown). Pure logic
+//! embedded default) + `query/` (Pyroscope's and Jaeger's query APIs over
+//! the store), `init` (start-up and ordered shutdown). Pure logic
 //! (`pprof`, `model`, `aggregate`) has no I/O.
 
 pub mod aggregate;
@@ -17,7 +18,9 @@ pub mod model;
 pub mod pipeline;
 pub mod pprof;
 pub mod proto;
+pub mod query;
 pub mod receivers;
+pub mod selector;
 pub mod stats;
 pub mod store;
 pub mod ui;

@@ -632,6 +632,288 @@ pub fn top(p: &Profile, sample_index: usize) -> (Vec<TopEntry>, i64) {
     (out, total)
 }
 
+/// The profile with only its sample type `index` (samples of value 0 left
+/// out), so that profiles whose sample types differ but share this one merge.
+pub fn project(p: &Profile, index: usize) -> Profile {
+    let mut out = Profile {
+        sample: p
+            .sample
+            .iter()
+            .filter_map(|s| {
+                let v = s.value.get(index).copied().unwrap_or(0);
+                (v != 0).then(|| Sample {
+                    location_id: s.location_id.clone(),
+                    value: vec![v],
+                    label: s.label.clone(),
+                })
+            })
+            .collect(),
+        ..p.clone()
+    };
+    out.sample_type = p.sample_type.get(index).copied().into_iter().collect();
+    out.default_sample_type = out.sample_type.first().map_or(0, |vt| vt.r#type);
+    out
+}
+
+/// Adds string labels to every sample (e.g. the series labels that tell
+/// merged series apart, for `go tool pprof -tagfocus`); a key a sample
+/// already has is left as it is.
+pub fn add_labels(p: &mut Profile, labels: &[(String, String)]) {
+    if labels.is_empty() {
+        return;
+    }
+    let mut index: HashMap<String, i64> = map(p.string_table.len());
+    for (i, s) in p.string_table.iter().enumerate() {
+        index.entry(s.clone()).or_insert(i as i64);
+    }
+    let mut intern = |p: &mut Profile, s: &str| -> i64 {
+        if let Some(&i) = index.get(s) {
+            return i;
+        }
+        let i = p.string_table.len() as i64;
+        p.string_table.push(s.to_string());
+        index.insert(s.to_string(), i);
+        i
+    };
+    let ids: Vec<(i64, i64)> = labels
+        .iter()
+        .map(|(k, v)| (intern(p, k), intern(p, v)))
+        .collect();
+    for s in &mut p.sample {
+        for &(key, str) in &ids {
+            if !s.label.iter().any(|l| l.key == key) {
+                s.label.push(Label {
+                    key,
+                    str,
+                    num: 0,
+                    num_unit: 0,
+                });
+            }
+        }
+    }
+}
+
+/// Builds a profile of one sample type from folded stacks (`root;…;leaf`
+/// and a value), as Pyroscope's legacy `/ingest` does for the collapsed
+/// format: one function and location per distinct frame name, no mappings.
+pub fn from_folded(
+    stacks: &[(String, i64)],
+    sample_type: (&str, &str),
+    period: Option<((&str, &str), i64)>,
+    time_nanos: i64,
+    duration_nanos: i64,
+) -> Profile {
+    let mut p = Profile {
+        string_table: vec![String::new()],
+        time_nanos,
+        duration_nanos,
+        ..Profile::default()
+    };
+    let mut strings: HashMap<String, i64> = map(64);
+    let mut intern = |p: &mut Profile, s: &str| -> i64 {
+        if let Some(&i) = strings.get(s) {
+            return i;
+        }
+        let i = p.string_table.len() as i64;
+        p.string_table.push(s.to_string());
+        strings.insert(s.to_string(), i);
+        i
+    };
+    p.sample_type = vec![ValueType {
+        r#type: intern(&mut p, sample_type.0),
+        unit: intern(&mut p, sample_type.1),
+    }];
+    if let Some(((ty, unit), period)) = period {
+        p.period_type = Some(ValueType {
+            r#type: intern(&mut p, ty),
+            unit: intern(&mut p, unit),
+        });
+        p.period = period;
+    }
+    let mut locations: HashMap<String, u64> = map(256);
+    let mut samples: HashMap<Vec<u64>, usize> = map(stacks.len());
+    for (stack, value) in stacks {
+        let mut ids: Vec<u64> = Vec::new();
+        for frame in stack.split(';').filter(|f| !f.is_empty()) {
+            let id = match locations.get(frame) {
+                Some(&id) => id,
+                None => {
+                    let id = p.location.len() as u64 + 1;
+                    let name = intern(&mut p, frame);
+                    p.function.push(Function {
+                        id,
+                        name,
+                        system_name: name,
+                        filename: 0,
+                        start_line: 0,
+                    });
+                    p.location.push(Location {
+                        id,
+                        mapping_id: 0,
+                        address: 0,
+                        line: vec![Line {
+                            function_id: id,
+                            line: 0,
+                            column: 0,
+                        }],
+                        is_folded: false,
+                    });
+                    locations.insert(frame.to_string(), id);
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        if ids.is_empty() || *value == 0 {
+            continue;
+        }
+        ids.reverse(); // pprof: leaf first
+        match samples.get(&ids) {
+            Some(&i) => {
+                let v = &mut p.sample[i].value[0];
+                *v = v.saturating_add(*value);
+            }
+            None => {
+                samples.insert(ids.clone(), p.sample.len());
+                p.sample.push(Sample {
+                    location_id: ids,
+                    value: vec![*value],
+                    label: Vec::new(),
+                });
+            }
+        }
+    }
+    p
+}
+
+/// Pyroscope's flame graph of one sample type (`querier.v1.FlameGraph`):
+/// one level per depth, each node `[x offset delta, total, self, name
+/// index]`, children ordered by name and placed after their parent's self
+/// value, nodes below the `max_nodes` largest totals folded into `other`
+/// (as `model.NewFlameGraph` does; `max_nodes <= 0`: no bound).
+pub fn flamegraph(p: &Profile, sample_index: usize, max_nodes: i64) -> FlameGraphData {
+    struct Node<'a> {
+        name: &'a str,
+        total: i64,
+        self_: i64,
+        children: std::collections::BTreeMap<&'a str, usize>,
+    }
+    let (locs, fns) = indexes(p);
+    let mut nodes: Vec<Node<'_>> = vec![Node {
+        name: "total",
+        total: 0,
+        self_: 0,
+        children: std::collections::BTreeMap::new(),
+    }];
+    for s in &p.sample {
+        let v = s.value.get(sample_index).copied().unwrap_or(0);
+        if v == 0 {
+            continue;
+        }
+        let mut cur = 0usize;
+        nodes[0].total = nodes[0].total.saturating_add(v);
+        for f in frames_root_first(p, &locs, &fns, s) {
+            let next = match nodes[cur].children.get(f) {
+                Some(&n) => n,
+                None => {
+                    nodes.push(Node {
+                        name: f,
+                        total: 0,
+                        self_: 0,
+                        children: std::collections::BTreeMap::new(),
+                    });
+                    let n = nodes.len() - 1;
+                    nodes[cur].children.insert(f, n);
+                    n
+                }
+            };
+            nodes[next].total = nodes[next].total.saturating_add(v);
+            cur = next;
+        }
+        nodes[cur].self_ = nodes[cur].self_.saturating_add(v);
+    }
+    // The smallest total that still gets its own node.
+    let min_value = {
+        let bound = usize::try_from(max_nodes).unwrap_or(0);
+        if bound == 0 || nodes.len() - 1 <= bound {
+            0
+        } else {
+            let mut totals: Vec<i64> = nodes[1..].iter().map(|n| n.total).collect();
+            totals.sort_unstable_by(|a, b| b.cmp(a));
+            totals[bound - 1]
+        }
+    };
+    // Depth first, the last child first (Pyroscope's order: names are
+    // numbered in this order); each level is reversed at the end.
+    enum Item {
+        Node(usize),
+        Other(i64),
+    }
+    let mut names: Vec<String> = Vec::new();
+    let mut name_index: HashMap<&str, i64> = map(nodes.len());
+    let mut levels: Vec<Vec<[i64; 4]>> = Vec::new();
+    let mut max_self = 0i64;
+    let mut stack: Vec<(Item, usize, i64)> = vec![(Item::Node(0), 0, 0)];
+    while let Some((item, level, x)) = stack.pop() {
+        let (name, total, self_) = match &item {
+            Item::Node(i) => (nodes[*i].name, nodes[*i].total, nodes[*i].self_),
+            Item::Other(v) => ("other", *v, *v),
+        };
+        max_self = max_self.max(self_);
+        let idx = *name_index.entry(name).or_insert_with(|| {
+            names.push(name.to_string());
+            names.len() as i64 - 1
+        });
+        if levels.len() == level {
+            levels.push(Vec::new());
+        }
+        levels[level].push([x, total, self_, idx]);
+        let Item::Node(i) = item else { continue };
+        let mut child_x = x.saturating_add(self_);
+        let mut other = 0i64;
+        for &c in nodes[i].children.values() {
+            if nodes[c].total >= min_value && nodes[c].name != "other" {
+                stack.push((Item::Node(c), level + 1, child_x));
+                child_x = child_x.saturating_add(nodes[c].total);
+            } else {
+                other = other.saturating_add(nodes[c].total);
+            }
+        }
+        if other != 0 {
+            stack.push((Item::Other(other), level + 1, child_x));
+        }
+    }
+    let levels = levels
+        .into_iter()
+        .map(|mut l| {
+            l.reverse();
+            let mut prev_end = 0i64;
+            l.into_iter()
+                .flat_map(|[x, total, self_, name]| {
+                    let delta = x - prev_end;
+                    prev_end = x + total;
+                    [delta, total, self_, name]
+                })
+                .collect()
+        })
+        .collect();
+    FlameGraphData {
+        names,
+        levels,
+        total: nodes[0].total,
+        max_self,
+    }
+}
+
+/// See [`flamegraph`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlameGraphData {
+    pub names: Vec<String>,
+    pub levels: Vec<Vec<i64>>,
+    pub total: i64,
+    pub max_self: i64,
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
@@ -897,5 +1179,92 @@ pub(crate) mod tests {
         );
         validate(&p).unwrap();
         assert_eq!(folded(&p, 0), vec![("main;leaf;inner".to_string(), 1)]);
+    }
+
+    #[test]
+    fn flamegraph_is_pyroscopes() {
+        // The example of Pyroscope's model.Test_ExportToFlamebearer: stacks
+        // a;b;e 1, a;c 2, a;c;d 1 (root first).
+        let p = cpu_profile(
+            &[
+                (&["a", "b", "e"], 1),
+                (&["a", "c"], 2),
+                (&["a", "c", "d"], 1),
+            ],
+            1,
+        );
+        let fg = flamegraph(&p, 0, -1);
+        assert_eq!(fg.names, ["total", "a", "c", "d", "b", "e"]);
+        assert_eq!(
+            fg.levels,
+            [
+                vec![0, 4, 0, 0],
+                vec![0, 4, 0, 1],
+                vec![0, 1, 0, 4, 0, 3, 2, 2],
+                vec![0, 1, 1, 5, 2, 1, 1, 3],
+            ]
+        );
+        assert_eq!((fg.total, fg.max_self), (4, 2));
+        // Two nodes at most (a and c): b with its subtree, and d, become
+        // "other" nodes.
+        let fg = flamegraph(&p, 0, 2);
+        assert_eq!(fg.names, ["total", "a", "other", "c"]);
+        assert_eq!(
+            fg.levels,
+            [
+                vec![0, 4, 0, 0],
+                vec![0, 4, 0, 1],
+                vec![0, 3, 2, 3, 0, 1, 1, 2],
+                vec![2, 1, 1, 2],
+            ]
+        );
+        // Ties at the bound are kept, as in Pyroscope.
+        assert_eq!(flamegraph(&p, 0, 3), flamegraph(&p, 0, 0));
+        assert_eq!(
+            flamegraph(&Profile::default(), 0, 0).levels,
+            [vec![0, 0, 0, 0]]
+        );
+    }
+
+    #[test]
+    fn projection_labels_and_folded_input() {
+        let p = cpu_profile(&[(&["main", "work"], 3), (&["main", "idle"], 0)], 1);
+        let one = project(&p, 1);
+        assert_eq!(sample_types_signature(&one), "cpu/nanoseconds");
+        assert_eq!(one.sample.len(), 1);
+        validate(&one).unwrap();
+        assert_eq!(folded(&one, 0), folded(&p, 1));
+
+        let mut l = one.clone();
+        add_labels(&mut l, &[("pod".into(), "api-1".into())]);
+        validate(&l).unwrap();
+        let s = &l.sample[0];
+        assert!(
+            s.label
+                .iter()
+                .any(|x| string(&l, x.key) == "pod" && string(&l, x.str) == "api-1")
+        );
+
+        let f = from_folded(
+            &[
+                ("main;work".into(), 3),
+                ("main;idle".into(), 2),
+                ("main;work".into(), 1),
+            ],
+            ("cpu", "nanoseconds"),
+            Some((("cpu", "nanoseconds"), 10_000_000)),
+            5,
+            10,
+        );
+        validate(&f).unwrap();
+        assert_eq!(
+            folded(&f, 0),
+            [("main;idle".to_string(), 2), ("main;work".to_string(), 4)]
+        );
+        assert_eq!(sample_types_signature(&f), "cpu/nanoseconds");
+        assert_eq!(
+            (f.time_nanos, f.duration_nanos, f.period),
+            (5, 10, 10_000_000)
+        );
     }
 }

@@ -166,11 +166,379 @@ pub mod push {
         pub id: String,
     }
 
-    #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Message)]
+    #[derive(
+        Clone,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        prost::Message,
+        serde::Serialize,
+        serde::Deserialize,
+    )]
     pub struct LabelPair {
         #[prost(string, tag = "1")]
+        #[serde(default)]
         pub name: String,
         #[prost(string, tag = "2")]
+        #[serde(default)]
         pub value: String,
+    }
+}
+
+/// protojson details the connect JSON encoding needs: 64-bit integers are
+/// written as strings and read from strings or numbers; enums are read from
+/// their names or numbers.
+pub mod protojson {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum IntOrString {
+        Int(i64),
+        Float(f64),
+        Str(String),
+    }
+
+    fn int(v: IntOrString) -> Result<i64, String> {
+        match v {
+            IntOrString::Int(i) => Ok(i),
+            IntOrString::Float(f) if f.fract() == 0.0 => Ok(f as i64),
+            IntOrString::Float(f) => Err(format!("{f} is not an integer")),
+            IntOrString::Str(s) => s.parse().map_err(|_| format!("{s:?} is not an integer")),
+        }
+    }
+
+    pub fn de_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        int(IntOrString::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    pub fn de_opt_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Option::<IntOrString>::deserialize(d)?
+            .map(int)
+            .transpose()
+            .map_err(D::Error::custom)
+    }
+
+    pub fn ser_i64<S: Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+
+    pub fn ser_vec_i64<S: Serializer>(v: &[i64], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|x| x.to_string()))
+    }
+
+    /// An enum by name (`names[i]` is value `i`) or number.
+    pub fn de_enum<'de, D: Deserializer<'de>>(
+        d: D,
+        names: &[&str],
+    ) -> Result<Option<i32>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum E {
+            N(i32),
+            S(String),
+        }
+        match Option::<E>::deserialize(d)? {
+            None => Ok(None),
+            Some(E::N(n)) => Ok(Some(n)),
+            Some(E::S(s)) => names
+                .iter()
+                .position(|n| *n == s)
+                .map(|i| Some(i as i32))
+                .ok_or_else(|| D::Error::custom(format!("unknown enum value {s:?}"))),
+        }
+    }
+}
+
+/// grafana/pyroscope `querier.v1` (api/querier/v1/querier.proto) and the
+/// `types.v1` messages it uses (api/types/v1/types.proto): what Grafana's
+/// Pyroscope data source calls. Requests are read from binary protobuf or
+/// protojson (camelCase or the proto's own field names), responses written
+/// to either.
+pub mod querier {
+    use serde::{Deserialize, Serialize};
+
+    use super::protojson::{de_enum, de_i64, de_opt_i64, ser_i64, ser_vec_i64};
+    pub use super::push::LabelPair;
+
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct ProfileTypesRequest {
+        #[prost(int64, tag = "1")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "2")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ProfileTypesResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub profile_types: Vec<ProfileType>,
+    }
+
+    /// `types.v1.ProfileType`; `ID` is `name:sample_type:sample_unit:period_type:period_unit`.
+    #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, prost::Message, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ProfileType {
+        #[prost(string, tag = "1")]
+        #[serde(rename = "ID")]
+        pub id: String,
+        #[prost(string, tag = "2")]
+        pub name: String,
+        #[prost(string, tag = "4")]
+        pub sample_type: String,
+        #[prost(string, tag = "5")]
+        pub sample_unit: String,
+        #[prost(string, tag = "6")]
+        pub period_type: String,
+        #[prost(string, tag = "7")]
+        pub period_unit: String,
+    }
+
+    /// `types.v1.LabelValuesRequest`.
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct LabelValuesRequest {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, repeated, tag = "2")]
+        pub matchers: Vec<String>,
+        #[prost(int64, tag = "3")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+    }
+
+    /// `types.v1.LabelValuesResponse` and `types.v1.LabelNamesResponse`.
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    pub struct NamesResponse {
+        #[prost(string, repeated, tag = "1")]
+        pub names: Vec<String>,
+    }
+
+    /// `types.v1.LabelNamesRequest`.
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct LabelNamesRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub matchers: Vec<String>,
+        #[prost(int64, tag = "2")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "3")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct SeriesRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub matchers: Vec<String>,
+        #[prost(string, repeated, tag = "2")]
+        #[serde(alias = "labelNames", alias = "label_names")]
+        pub label_names: Vec<String>,
+        #[prost(int64, tag = "3")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct SeriesResponse {
+        #[prost(message, repeated, tag = "2")]
+        pub labels_set: Vec<Labels>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    pub struct Labels {
+        #[prost(message, repeated, tag = "1")]
+        pub labels: Vec<LabelPair>,
+    }
+
+    /// `ProfileFormat` names, by number.
+    pub const PROFILE_FORMATS: &[&str] = &[
+        "PROFILE_FORMAT_UNSPECIFIED",
+        "PROFILE_FORMAT_FLAMEGRAPH",
+        "PROFILE_FORMAT_TREE",
+        "PROFILE_FORMAT_DOT",
+        "PROFILE_FORMAT_PPROF",
+    ];
+    pub const FORMAT_UNSPECIFIED: i32 = 0;
+    pub const FORMAT_FLAMEGRAPH: i32 = 1;
+
+    fn de_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        Ok(de_enum(d, PROFILE_FORMATS)?.unwrap_or(0))
+    }
+
+    /// `types.v1.TimeSeriesAggregationType` names, by number.
+    pub const AGGREGATIONS: &[&str] = &[
+        "TIME_SERIES_AGGREGATION_TYPE_SUM",
+        "TIME_SERIES_AGGREGATION_TYPE_AVERAGE",
+    ];
+    pub const AGGREGATION_AVERAGE: i32 = 1;
+
+    fn de_aggregation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+        de_enum(d, AGGREGATIONS)
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct SelectMergeStacktracesRequest {
+        #[prost(string, tag = "1")]
+        #[serde(rename = "profileTypeID", alias = "profile_typeID")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        #[serde(rename = "labelSelector", alias = "label_selector")]
+        pub label_selector: String,
+        #[prost(int64, tag = "3")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+        #[prost(int64, optional, tag = "5")]
+        #[serde(
+            rename = "maxNodes",
+            alias = "max_nodes",
+            deserialize_with = "de_opt_i64"
+        )]
+        pub max_nodes: Option<i64>,
+        #[prost(int32, tag = "6")]
+        #[serde(deserialize_with = "de_format")]
+        pub format: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    pub struct SelectMergeStacktracesResponse {
+        #[prost(message, optional, tag = "1")]
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub flamegraph: Option<FlameGraph>,
+    }
+
+    /// Levels of `[x offset (delta to the previous node's end), total, self,
+    /// name index]` quadruples, as Pyroscope's `model.NewFlameGraph` writes.
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct FlameGraph {
+        #[prost(string, repeated, tag = "1")]
+        pub names: Vec<String>,
+        #[prost(message, repeated, tag = "2")]
+        pub levels: Vec<Level>,
+        #[prost(int64, tag = "3")]
+        #[serde(serialize_with = "ser_i64")]
+        pub total: i64,
+        #[prost(int64, tag = "4")]
+        #[serde(serialize_with = "ser_i64")]
+        pub max_self: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    pub struct Level {
+        #[prost(int64, repeated, tag = "1")]
+        #[serde(serialize_with = "ser_vec_i64")]
+        pub values: Vec<i64>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct SelectMergeProfileRequest {
+        #[prost(string, tag = "1")]
+        #[serde(rename = "profileTypeID", alias = "profile_typeID")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        #[serde(rename = "labelSelector", alias = "label_selector")]
+        pub label_selector: String,
+        #[prost(int64, tag = "3")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+        #[prost(int64, optional, tag = "5")]
+        #[serde(
+            rename = "maxNodes",
+            alias = "max_nodes",
+            deserialize_with = "de_opt_i64"
+        )]
+        pub max_nodes: Option<i64>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct SelectSeriesRequest {
+        #[prost(string, tag = "1")]
+        #[serde(rename = "profileTypeID", alias = "profile_typeID")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        #[serde(rename = "labelSelector", alias = "label_selector")]
+        pub label_selector: String,
+        #[prost(int64, tag = "3")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+        #[prost(string, repeated, tag = "5")]
+        #[serde(rename = "groupBy", alias = "group_by")]
+        pub group_by: Vec<String>,
+        #[prost(double, tag = "6")]
+        pub step: f64,
+        #[prost(int32, optional, tag = "7")]
+        #[serde(deserialize_with = "de_aggregation")]
+        pub aggregation: Option<i32>,
+        #[prost(int64, optional, tag = "9")]
+        #[serde(deserialize_with = "de_opt_i64")]
+        pub limit: Option<i64>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    pub struct SelectSeriesResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub series: Vec<Series>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    pub struct Series {
+        #[prost(message, repeated, tag = "1")]
+        pub labels: Vec<LabelPair>,
+        #[prost(message, repeated, tag = "2")]
+        pub points: Vec<Point>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    pub struct Point {
+        #[prost(double, tag = "1")]
+        pub value: f64,
+        /// Unix milliseconds.
+        #[prost(int64, tag = "2")]
+        #[serde(serialize_with = "ser_i64")]
+        pub timestamp: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    pub struct GetProfileStatsRequest {}
+
+    #[derive(Clone, PartialEq, prost::Message, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct GetProfileStatsResponse {
+        #[prost(bool, tag = "1")]
+        pub data_ingested: bool,
+        #[prost(int64, tag = "2")]
+        #[serde(serialize_with = "ser_i64")]
+        pub oldest_profile_time: i64,
+        #[prost(int64, tag = "3")]
+        #[serde(serialize_with = "ser_i64")]
+        pub newest_profile_time: i64,
     }
 }

@@ -7,12 +7,14 @@
 //!   inputs, gzipped pprof)
 //! - `profile_time`: (window start ns, selector, sample types) → record bytes
 //!   (oldest-first eviction)
-//! - `series`: (selector, sample types) → labels (JSON)
+//! - `series`: (selector, sample types) → labels and period type (JSON)
 //! - `spans`: (trace id, span id) → one span as a prost-encoded OTLP
 //!   `ResourceSpans` (its resource and scope included)
 //! - `traces`: trace id → summary (JSON: start, end, root span, services, …)
 //! - `trace_time`: (trace start ns, trace id) → ()
 //! - `trace_services`: (service, trace start ns, trace id) → ()
+//! - `operations`: (service, span name, span kind) → last start ns (kept
+//!   for the retention after the last span of that name)
 //! - `meta`: `"bytes"` → the logical size of everything stored
 //!
 //! Size: every record's keys and values are counted (`stored_bytes`). Writes
@@ -46,6 +48,7 @@ use crate::{
     pipeline::{Batch, span_count},
     pprof::{self, Merger, PprofError, sample_types_signature},
     proto::pprof::Profile,
+    selector::Selector,
     stats::ExporterStats,
 };
 
@@ -58,6 +61,7 @@ const TRACES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("traces");
 const TRACE_TIME: TableDefinition<(u64, [u8; 16]), ()> = TableDefinition::new("trace_time");
 const TRACE_SERVICES: TableDefinition<(&str, u64, [u8; 16]), ()> =
     TableDefinition::new("trace_services");
+const OPERATIONS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("operations");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BYTES_KEY: &str = "bytes";
 
@@ -114,6 +118,9 @@ pub struct SeriesInfo {
     /// `type/unit,…` of the stored profiles.
     pub sample_types: String,
     pub labels: Vec<(String, String)>,
+    /// `type/unit` of the profiles' period (empty when they have none, or
+    /// the series was stored by an older version).
+    pub period_type: String,
     /// Start of the first and end of the last stored window (unix ms).
     pub first_ms: u64,
     pub last_ms: u64,
@@ -129,11 +136,12 @@ pub struct ServiceInfo {
     pub has_traces: bool,
 }
 
-/// Which profiles to merge: one series (`selector`), or every series of a
-/// service with a profile name; windows overlapping [from, until].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Which profiles to merge: the series a label selector (`selector`)
+/// matches, or every series of a service with a profile name; windows
+/// overlapping [from, until].
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProfileQuery {
-    pub selector: Option<String>,
+    pub selector: Option<Selector>,
     pub service: Option<String>,
     pub profile_name: Option<String>,
     /// Restrict to series with these sample types; by default the sample
@@ -186,6 +194,175 @@ pub struct TraceQuery {
     pub limit: usize,
 }
 
+/// A trace search (Jaeger's semantics): traces starting in [from, until]
+/// with one span that satisfies everything given at once — of `service`,
+/// named `operation`, lasting within the bounds, having every tag (as a
+/// span attribute, a resource attribute or an event attribute; values
+/// compared as text) and, with `errors_only`, an error status. Newest
+/// first; `offset` traces skipped, `limit` returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceSearch {
+    pub service: Option<String>,
+    pub operation: Option<String>,
+    pub tags: Vec<(String, String)>,
+    pub min_duration: Option<Duration>,
+    pub max_duration: Option<Duration>,
+    pub errors_only: bool,
+    pub from: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+impl TraceSearch {
+    /// Whether only the time and service indexes are needed (no span has to
+    /// be read to decide).
+    fn index_only(&self) -> bool {
+        self.operation.is_none()
+            && self.tags.is_empty()
+            && self.min_duration.is_none()
+            && self.max_duration.is_none()
+            && !self.errors_only
+    }
+
+    fn span_matches(&self, rs: &ResourceSpans, service: &str, span: &Span) -> bool {
+        if self.service.as_deref().is_some_and(|s| s != service) {
+            return false;
+        }
+        if self.operation.as_deref().is_some_and(|o| o != span.name) {
+            return false;
+        }
+        let d = Duration::from_nanos(
+            span.end_time_unix_nano
+                .saturating_sub(span.start_time_unix_nano),
+        );
+        if self.min_duration.is_some_and(|m| d < m) || self.max_duration.is_some_and(|m| d > m) {
+            return false;
+        }
+        if self.errors_only && !is_error(span) {
+            return false;
+        }
+        let resource = rs.resource.as_ref().map(|r| r.attributes.as_slice());
+        self.tags.iter().all(|(k, v)| {
+            let has = |kvs: &[KeyValue]| {
+                kvs.iter().any(|kv| {
+                    kv.key == *k && kv.value.as_ref().map(any_value_string).as_deref() == Some(v)
+                })
+            };
+            has(&span.attributes)
+                || resource.is_some_and(has)
+                || span.events.iter().any(|e| has(&e.attributes))
+                || (k == "span.kind" && kind_name(span.kind) == v)
+                || (k == "error" && v == "true" && is_error(span))
+        })
+    }
+}
+
+/// What a search found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceSearchResult {
+    pub traces: Vec<TraceSummary>,
+    /// Traces that match in all (beyond the page).
+    pub total: u64,
+    /// False when counting stopped at [`MAX_SEARCH_SCAN`] traces read
+    /// (`total` is then a lower bound).
+    pub total_exact: bool,
+}
+
+/// Most traces whose spans a search reads to count matches past its page.
+pub const MAX_SEARCH_SCAN: usize = 20_000;
+
+/// A stored trace as received: its summary and every span record (one
+/// span per `ResourceSpans`, with its resource and scope).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawTrace {
+    pub summary: TraceSummary,
+    pub spans: Vec<ResourceSpans>,
+}
+
+/// A span name of a service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Operation {
+    pub name: String,
+    /// `server`, `client`, `internal`, `producer`, `consumer` or `unspecified`.
+    pub kind: String,
+}
+
+/// One profile series seen per sample type, the way Pyroscope models it:
+/// its labels plus the virtual `__profile_type__`, `__type__`, `__unit__`,
+/// `__period_type__` and `__period_unit__`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypedSeries {
+    pub info: SeriesInfo,
+    /// Index of the sample type in the stored profiles.
+    pub index: usize,
+    /// `name:type:unit:period type:period unit`.
+    pub type_id: String,
+    /// Sorted by name; the virtual labels included.
+    pub labels: Vec<(String, String)>,
+}
+
+impl TypedSeries {
+    pub fn from_info(info: &SeriesInfo) -> Vec<TypedSeries> {
+        let (pt, pu) = info.period_type.split_once('/').unwrap_or(("", ""));
+        info.sample_types
+            .split(',')
+            .enumerate()
+            .map(|(index, st)| {
+                let (t, u) = st.split_once('/').unwrap_or((st, ""));
+                let type_id = format!("{}:{t}:{u}:{pt}:{pu}", info.profile_name);
+                let mut labels = info.labels.clone();
+                labels.extend([
+                    ("__profile_type__".to_string(), type_id.clone()),
+                    ("__type__".to_string(), t.to_string()),
+                    ("__unit__".to_string(), u.to_string()),
+                    ("__period_type__".to_string(), pt.to_string()),
+                    ("__period_unit__".to_string(), pu.to_string()),
+                ]);
+                labels.sort();
+                TypedSeries {
+                    info: info.clone(),
+                    index,
+                    type_id,
+                    labels,
+                }
+            })
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the series has windows overlapping [from, until] (unix ms; 0:
+    /// unbounded).
+    pub fn overlaps(&self, from_ms: i64, until_ms: i64) -> bool {
+        (until_ms <= 0 || self.info.first_ms as i64 <= until_ms)
+            && (from_ms <= 0 || self.info.last_ms as i64 >= from_ms)
+    }
+}
+
+/// What `Store::select` merges: series of one profile type that a selector
+/// matches, windows overlapping [from, until].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SelectQuery {
+    pub profile_type: String,
+    pub selector: Selector,
+    pub from: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+}
+
+/// One window's total of one sample type, for time series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowTotal {
+    pub labels: Vec<(String, String)>,
+    pub start_ms: i64,
+    pub total: i64,
+}
+
 /// One span as the UI shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SpanView {
@@ -204,6 +381,7 @@ pub struct SpanView {
     pub status_message: String,
     pub attributes: Vec<(String, String)>,
     pub resource: Vec<(String, String)>,
+    /// `+offset ms name key=value …` (the event's attributes included).
     pub events: Vec<String>,
 }
 
@@ -366,6 +544,7 @@ struct Tables<'t> {
     traces: redb::Table<'t, [u8; 16], &'static [u8]>,
     trace_time: redb::Table<'t, (u64, [u8; 16]), ()>,
     trace_services: redb::Table<'t, (&'static str, u64, [u8; 16]), ()>,
+    operations: redb::Table<'t, (&'static str, &'static str, &'static str), u64>,
     meta: redb::Table<'t, &'static str, u64>,
 }
 
@@ -379,6 +558,7 @@ impl<'t> Tables<'t> {
             traces: txn.open_table(TRACES)?,
             trace_time: txn.open_table(TRACE_TIME)?,
             trace_services: txn.open_table(TRACE_SERVICES)?,
+            operations: txn.open_table(OPERATIONS)?,
             meta: txn.open_table(META)?,
         })
     }
@@ -477,8 +657,25 @@ impl<'t> Tables<'t> {
     }
 }
 
+/// A `series` record: labels and period type (older records: labels only).
 #[derive(Serialize, Deserialize)]
-struct StoredLabels(Vec<(String, String)>);
+#[serde(untagged)]
+enum StoredSeries {
+    V2 {
+        labels: Vec<(String, String)>,
+        period: String,
+    },
+    V1(Vec<(String, String)>),
+}
+
+impl StoredSeries {
+    fn into_parts(self) -> (Vec<(String, String)>, String) {
+        match self {
+            Self::V2 { labels, period } => (labels, period),
+            Self::V1(labels) => (labels, String::new()),
+        }
+    }
+}
 
 impl Store {
     /// Opens (or creates) the store file, creating its directory.
@@ -594,8 +791,24 @@ impl Store {
                 t.profile_time
                     .insert((start, sel.as_str(), sig.as_str()), size)?;
                 if t.series.get((sel.as_str(), sig.as_str()))?.is_none() {
-                    let labels = serde_json::to_string(&StoredLabels(mp.labels.pairs().to_vec()))
+                    let period = mp
+                        .profile
+                        .period_type
+                        .map(|vt| {
+                            let s = |i: i64| {
+                                usize::try_from(i)
+                                    .ok()
+                                    .and_then(|i| mp.profile.string_table.get(i))
+                                    .map_or("", String::as_str)
+                            };
+                            format!("{}/{}", s(vt.r#type), s(vt.unit))
+                        })
                         .unwrap_or_default();
+                    let labels = serde_json::to_string(&StoredSeries::V2 {
+                        labels: mp.labels.pairs().to_vec(),
+                        period,
+                    })
+                    .unwrap_or_default();
                     t.series
                         .insert((sel.as_str(), sig.as_str()), labels.as_str())?;
                 }
@@ -697,6 +910,11 @@ impl Store {
                             .end_unix_nano
                             .max(span.end_time_unix_nano.max(span.start_time_unix_nano));
                         s.error |= is_error(span);
+                        let op = (service.as_str(), span.name.as_str(), kind_name(span.kind));
+                        let seen = t.operations.get(op)?.map_or(0, |g| g.value());
+                        if span.start_time_unix_nano > seen {
+                            t.operations.insert(op, span.start_time_unix_nano)?;
+                        }
                         if !s.services.contains(&service) {
                             s.services.push(service.clone());
                         }
@@ -745,6 +963,7 @@ impl Store {
                 let cutoff = nanos(now.checked_sub(self.retention).unwrap_or(UNIX_EPOCH));
                 let limit = self.logical_limit();
                 t.evict(Some(cutoff), Some(limit), &mut done)?;
+                t.operations.retain(|_, last| last >= cutoff)?;
             }
             txn.commit()?;
         }
@@ -773,11 +992,11 @@ impl Store {
         for row in series.iter()? {
             let (k, v) = row?;
             let (sel, sig) = k.value();
-            let labels: StoredLabels = serde_json::from_str(v.value())
+            let stored: StoredSeries = serde_json::from_str(v.value())
                 .map_err(|e| StoreError::Corrupt(format!("series labels: {e}")))?;
+            let (labels, period_type) = stored.into_parts();
             let get = |n: &str| {
                 labels
-                    .0
                     .iter()
                     .find(|(k, _)| k == n)
                     .map(|(_, v)| v.clone())
@@ -806,7 +1025,8 @@ impl Store {
                 sample_types: sig.to_string(),
                 first_ms: first.unwrap_or(0) / 1_000_000,
                 last_ms: last.unwrap_or(0) / 1_000_000,
-                labels: labels.0,
+                labels,
+                period_type,
             });
         }
         Ok(out)
@@ -864,7 +1084,11 @@ impl Store {
         let candidates: Vec<SeriesInfo> = self
             .series(q.service.as_deref())?
             .into_iter()
-            .filter(|s| q.selector.as_ref().is_none_or(|sel| *sel == s.selector))
+            .filter(|s| {
+                q.selector
+                    .as_ref()
+                    .is_none_or(|sel| sel.matches_pairs(&s.labels))
+            })
             .filter(|s| q.profile_name.as_ref().is_none_or(|n| *n == s.profile_name))
             .filter(|s| q.sample_types.as_ref().is_none_or(|t| *t == s.sample_types))
             .collect();
@@ -914,6 +1138,292 @@ impl Store {
             series,
             windows: n,
         }))
+    }
+
+    /// Every series per sample type (see [`TypedSeries`]) that `selector`
+    /// matches and that has windows overlapping [from, until] (unix ms; 0:
+    /// unbounded).
+    pub fn typed_series(
+        &self,
+        selector: &Selector,
+        from_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<TypedSeries>, StoreError> {
+        Ok(self
+            .series(selector.equal(SERVICE_LABEL))?
+            .iter()
+            .flat_map(TypedSeries::from_info)
+            .filter(|t| t.overlaps(from_ms, until_ms) && selector.matches_pairs(&t.labels))
+            .collect())
+    }
+
+    /// Calls `f` with every stored window of `series` overlapping [from,
+    /// until] (unix ns), decoded.
+    fn each_window(
+        &self,
+        series: &[TypedSeries],
+        from: u64,
+        until: u64,
+        mut f: impl FnMut(&TypedSeries, u64, &Profile) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let lookback = u64::try_from(MAX_WINDOW_LOOKBACK.as_nanos()).unwrap_or(0);
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let profiles = txn.open_table(PROFILES)?;
+        let mut n = 0;
+        for t in series {
+            let (sel, sig) = (t.info.selector.as_str(), t.info.sample_types.as_str());
+            for row in
+                profiles.range((sel, sig, from.saturating_sub(lookback))..=(sel, sig, until))?
+            {
+                let (k, v) = row?;
+                let start = k.value().2;
+                let (window, _, bytes) = v.value();
+                if start.saturating_add(window.max(1)) <= from || start > until {
+                    continue;
+                }
+                let p = pprof::decode(bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("profile {sel} at {start}: {e}")))?;
+                f(t, start, &p)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Merges one profile type of the series `q` selects, reduced to that
+    /// sample type (so series with different sample-type lists merge); when
+    /// several series are merged, the labels that tell them apart are added
+    /// to their samples. `None` when nothing matches.
+    pub fn select(&self, q: &SelectQuery) -> Result<Option<ProfileResult>, StoreError> {
+        let from = q.from.map_or(0, nanos);
+        let until = q.until.map_or(u64::MAX, nanos);
+        let selector = q.selector.clone().and(Selector(vec![
+            crate::selector::Matcher::new(
+                "__profile_type__",
+                crate::selector::Op::Eq,
+                &q.profile_type,
+            )
+            .map_err(StoreError::Corrupt)?,
+        ]));
+        let series = self.typed_series(&selector, 0, 0)?;
+        // Labels common to every selected series are not repeated per sample.
+        let common: Vec<(String, String)> = series
+            .first()
+            .map(|f| {
+                f.info
+                    .labels
+                    .iter()
+                    .filter(|l| series.iter().all(|t| t.info.labels.contains(l)))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut merger = Merger::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut sample_types = String::new();
+        let n = self.each_window(&series, from, until, |t, _, p| {
+            let mut one = pprof::project(p, t.index);
+            let distinct: Vec<(String, String)> = t
+                .info
+                .labels
+                .iter()
+                .filter(|l| l.0 != NAME_LABEL && !common.contains(l))
+                .cloned()
+                .collect();
+            pprof::add_labels(&mut one, &distinct);
+            if sample_types.is_empty() {
+                sample_types = sample_types_signature(&one);
+            }
+            merger.add(&one)?;
+            if !names.contains(&t.info.selector) {
+                names.push(t.info.selector.clone());
+            }
+            Ok(())
+        })?;
+        Ok(merger.finish().map(|profile| ProfileResult {
+            profile,
+            sample_types,
+            series: names,
+            windows: n,
+        }))
+    }
+
+    /// The total of one profile type per stored window of the series
+    /// `selector` matches, in [from, until]; each with the series' labels.
+    pub fn window_totals(
+        &self,
+        profile_type: &str,
+        selector: &Selector,
+        from: Option<SystemTime>,
+        until: Option<SystemTime>,
+    ) -> Result<Vec<WindowTotal>, StoreError> {
+        let selector = selector.clone().and(Selector(vec![
+            crate::selector::Matcher::new(
+                "__profile_type__",
+                crate::selector::Op::Eq,
+                profile_type,
+            )
+            .map_err(StoreError::Corrupt)?,
+        ]));
+        let series = self.typed_series(&selector, 0, 0)?;
+        let mut out = Vec::new();
+        self.each_window(
+            &series,
+            from.map_or(0, nanos),
+            until.map_or(u64::MAX, nanos),
+            |t, start, p| {
+                let total = p
+                    .sample
+                    .iter()
+                    .map(|s| s.value.get(t.index).copied().unwrap_or(0))
+                    .fold(0i64, i64::saturating_add);
+                out.push(WindowTotal {
+                    labels: t.info.labels.clone(),
+                    start_ms: i64::try_from(start / 1_000_000).unwrap_or(i64::MAX),
+                    total,
+                });
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Services with stored traces, by name.
+    pub fn trace_services(&self) -> Result<Vec<String>, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let idx = txn.open_table(TRACE_SERVICES)?;
+        let mut out = Vec::new();
+        // Skip-scan: one lookup per distinct service.
+        let mut next = idx.first()?.map(|(k, _)| k.value().0.to_string());
+        while let Some(svc) = next {
+            next = idx
+                .range((
+                    std::ops::Bound::Excluded((svc.as_str(), u64::MAX, [0xffu8; 16])),
+                    std::ops::Bound::Unbounded,
+                ))?
+                .next()
+                .transpose()?
+                .map(|(k, _)| k.value().0.to_string());
+            out.push(svc);
+        }
+        Ok(out)
+    }
+
+    /// The span names (and kinds) of a service, by name.
+    pub fn operations(&self, service: &str) -> Result<Vec<Operation>, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let t = txn.open_table(OPERATIONS)?;
+        let mut out = Vec::new();
+        for row in t.range((service, "", "")..)? {
+            let (k, _) = row?;
+            let (svc, name, kind) = k.value();
+            if svc != service {
+                break;
+            }
+            out.push(Operation {
+                name: name.to_string(),
+                kind: kind.to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Searches traces (see [`TraceSearch`]).
+    pub fn search_traces(&self, q: &TraceSearch) -> Result<TraceSearchResult, StoreError> {
+        let from = q.from.map_or(0, nanos);
+        let until = q.until.map_or(u64::MAX, nanos);
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let traces = txn.open_table(TRACES)?;
+        let spans_t = txn.open_table(SPANS)?;
+        // Candidate ids, newest first.
+        let mut candidates: Vec<[u8; 16]> = Vec::new();
+        match &q.service {
+            Some(svc) => {
+                let idx = txn.open_table(TRACE_SERVICES)?;
+                for row in idx
+                    .range((svc.as_str(), from, [0u8; 16])..=(svc.as_str(), until, [0xffu8; 16]))?
+                    .rev()
+                {
+                    candidates.push(row?.0.value().2);
+                }
+            }
+            None => {
+                let idx = txn.open_table(TRACE_TIME)?;
+                for row in idx.range((from, [0u8; 16])..=(until, [0xffu8; 16]))?.rev() {
+                    candidates.push(row?.0.value().1);
+                }
+            }
+        }
+        let mut out = TraceSearchResult {
+            total_exact: true,
+            ..TraceSearchResult::default()
+        };
+        let wanted = q.offset.saturating_add(q.limit);
+        let mut scanned = 0usize;
+        for tid in candidates {
+            let matched = if q.index_only() {
+                true
+            } else {
+                if scanned >= MAX_SEARCH_SCAN && out.total as usize >= wanted {
+                    out.total_exact = false;
+                    break;
+                }
+                scanned += 1;
+                let mut any = false;
+                for row in spans_t.range((tid, [0u8; 8])..=(tid, [0xffu8; 8]))? {
+                    let (_, v) = row?;
+                    let rs = ResourceSpans::decode(v.value())
+                        .map_err(|e| StoreError::Corrupt(format!("span record: {e}")))?;
+                    let service = service_of(&rs);
+                    any = rs
+                        .scope_spans
+                        .iter()
+                        .flat_map(|ss| &ss.spans)
+                        .any(|span| q.span_matches(&rs, &service, span));
+                    if any {
+                        break;
+                    }
+                }
+                any
+            };
+            if !matched {
+                continue;
+            }
+            out.total += 1;
+            if out.total as usize > q.offset
+                && out.traces.len() < q.limit
+                && let Some(g) = traces.get(tid)?
+            {
+                out.traces.push(decode_summary(g.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One trace as stored; `None` when unknown.
+    pub fn trace_raw(&self, tid: [u8; 16]) -> Result<Option<RawTrace>, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let Some(summary) = txn.open_table(TRACES)?.get(tid)? else {
+            return Ok(None);
+        };
+        let summary = decode_summary(summary.value())?;
+        let mut spans = Vec::new();
+        for row in txn
+            .open_table(SPANS)?
+            .range((tid, [0u8; 8])..=(tid, [0xffu8; 8]))?
+        {
+            let (_, v) = row?;
+            spans.push(
+                ResourceSpans::decode(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("span record: {e}")))?,
+            );
+        }
+        Ok(Some(RawTrace { summary, spans }))
     }
 
     /// Traces starting in [from, until], newest first, at most `limit`.
@@ -1006,11 +1516,15 @@ impl Store {
                             .events
                             .iter()
                             .map(|e| {
-                                format!(
+                                let mut line = format!(
                                     "+{:.3} ms {}",
                                     e.time_unix_nano.saturating_sub(start) as f64 / 1e6,
                                     e.name
-                                )
+                                );
+                                for (k, v) in attributes(&e.attributes) {
+                                    line.push_str(&format!(" {k}={v}"));
+                                }
+                                line
                             })
                             .collect(),
                     });
@@ -1402,7 +1916,7 @@ pub(crate) mod tests {
 
         let one = store
             .profile(&ProfileQuery {
-                selector: Some(p1.selector.clone()),
+                selector: Some(Selector::parse(&p1.selector).unwrap()),
                 ..ProfileQuery::default()
             })
             .unwrap()
@@ -1412,7 +1926,7 @@ pub(crate) mod tests {
 
         let later = store
             .profile(&ProfileQuery {
-                selector: Some(p1.selector.clone()),
+                selector: Some(Selector::parse(&p1.selector).unwrap()),
                 from: Some(at(110)),
                 ..ProfileQuery::default()
             })

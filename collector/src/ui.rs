@@ -1,7 +1,10 @@
-//! The collector's own web UI and its JSON/pprof API, on the HTTP listener:
-//! flame graphs (inferno), top functions, pprof downloads (`go tool pprof`
-//! can fetch `/api/profile` directly), traces with a waterfall, and the
-//! current metrics. The page and its assets are embedded in the binary.
+//! The collector's own web UI and its JSON/pprof API under `/ui/api/`, on
+//! the HTTP listener: flame graphs (inferno), top functions, pprof downloads
+//! (`go tool pprof` can fetch `/ui/api/profile` — or `/api/profile`, kept —
+//! directly), traces with a waterfall, and the current metrics. The page and
+//! its assets are embedded in the binary. `/api/*` otherwise belongs to
+//! Jaeger's query API (`query::jaeger`). Query parameters an endpoint does
+//! not know are refused with 400.
 use std::{
     collections::HashMap,
     sync::Arc,
@@ -20,8 +23,10 @@ use serde::Serialize;
 use crate::{
     model::{MetricKind, MetricPoint, MetricsView},
     pprof,
+    query::jaeger::parse_go_duration,
+    selector::Selector,
     store::{
-        ProfileQuery, ProfileResult, Store, StoreError, TraceQuery, TraceSummary, parse_trace_id,
+        ProfileQuery, ProfileResult, Store, StoreError, TraceSearch, TraceSummary, parse_trace_id,
     },
 };
 
@@ -40,21 +45,59 @@ pub struct UiState {
     pub metrics: Arc<dyn MetricsView>,
 }
 
-/// The UI's routes: `/`, `/ui/*` assets and `/api/*`.
+/// The UI's routes: `/`, `/ui/*` assets and `/ui/api/*`; `/api/profile`
+/// and `/api/series` stay where they were (they clash with nothing, and
+/// `go tool pprof` URLs name `/api/profile`).
 pub fn router(state: UiState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/ui/app.js", get(app_js))
         .route("/ui/style.css", get(style_css))
-        .route("/api/services", get(services))
-        .route("/api/series", get(series))
-        .route("/api/flamegraph.svg", get(flamegraph))
-        .route("/api/top", get(top))
+        .route("/ui/api/services", get(services))
+        .route("/ui/api/series", get(series))
+        .route("/ui/api/flamegraph.svg", get(flamegraph))
+        .route("/ui/api/top", get(top))
+        .route("/ui/api/profile", get(profile))
+        .route("/ui/api/traces", get(traces))
+        .route("/ui/api/traces/{trace_id}", get(trace))
+        .route("/ui/api/metrics", get(metrics))
         .route("/api/profile", get(profile))
-        .route("/api/traces", get(traces))
-        .route("/api/traces/{trace_id}", get(trace))
-        .route("/api/metrics", get(metrics))
+        .route("/api/series", get(series))
         .with_state(state)
+}
+
+/// Parameters of the profile endpoints (`seconds` is what `go tool pprof
+/// -seconds` appends; it is ignored).
+const PROFILE_PARAMS: &[&str] = &[
+    "series",
+    "service",
+    "name",
+    "sample_types",
+    "from",
+    "until",
+    "range",
+    "seconds",
+];
+
+/// Refuses query parameters an endpoint does not take.
+fn only(q: &HashMap<String, String>, allowed: &[&[&str]]) -> Result<(), ApiError> {
+    let known = |k: &str| allowed.iter().any(|set| set.contains(&k));
+    let mut unknown: Vec<&str> = q.keys().map(String::as_str).filter(|k| !known(k)).collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort_unstable();
+    let accepted: Vec<&str> = allowed.iter().flat_map(|s| s.iter().copied()).collect();
+    Err(ApiError::bad(format!(
+        "unknown query parameter{} {} (accepted: {})",
+        if unknown.len() > 1 { "s" } else { "" },
+        unknown.join(", "),
+        if accepted.is_empty() {
+            "none".to_string()
+        } else {
+            accepted.join(", ")
+        }
+    )))
 }
 
 /// An API error: a status and a message for the client.
@@ -173,7 +216,9 @@ fn time_range(
 
 fn profile_query(q: &HashMap<String, String>) -> Result<ProfileQuery, ApiError> {
     let (from, until) = time_range(q, SystemTime::now())?;
-    let selector = param(q, "series").map(str::to_string);
+    let selector = param(q, "series")
+        .map(|s| Selector::parse(s).map_err(|e| ApiError::bad(format!("series: {e}"))))
+        .transpose()?;
     let service = param(q, "service").map(str::to_string);
     if selector.is_none() && service.is_none() {
         return Err(ApiError::bad(
@@ -223,19 +268,28 @@ fn sample_type(
     Ok((i, name.to_string(), unit.to_string()))
 }
 
-async fn services(State(s): State<UiState>) -> Result<Response, ApiError> {
+async fn services(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    only(&q, &[])?;
     let store = s.store.clone();
     Ok(Json(blocking(move || store.services()).await?).into_response())
 }
 
 async fn series(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    only(&q, &[&["service"]])?;
     let store = s.store.clone();
     let service = param(&q, "service").map(str::to_string);
     Ok(Json(blocking(move || store.series(service.as_deref())).await?).into_response())
 }
 
 async fn profile(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
-    let r = query_profile(s.store.clone(), &q).await?;
+    only(&q, &[PROFILE_PARAMS, &["type"]])?;
+    let mut r = query_profile(s.store.clone(), &q).await?;
+    if param(&q, "type").is_some() {
+        // `type=` becomes the profile's default sample type (what `go tool
+        // pprof` shows first).
+        let (i, _, _) = sample_type(&r, &q)?;
+        r.profile.default_sample_type = r.profile.sample_type.get(i).map_or(0, |vt| vt.r#type);
+    }
     let body = pprof::encode_gzip(&r.profile);
     Ok((
         [
@@ -266,6 +320,7 @@ struct TopResponse {
 }
 
 async fn top(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    only(&q, &[PROFILE_PARAMS, &["type", "limit"]])?;
     let limit = match param(&q, "limit") {
         Some(l) => l
             .parse::<usize>()
@@ -308,6 +363,7 @@ pub fn render_flamegraph(
 }
 
 async fn flamegraph(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    only(&q, &[PROFILE_PARAMS, &["type", "width"]])?;
     let width = match param(&q, "width") {
         Some(w) => Some(
             w.parse::<usize>()
@@ -369,7 +425,28 @@ impl From<TraceSummary> for TraceItem {
     }
 }
 
+/// Traces, newest first: `service`, `operation`, `tags` (a JSON object of
+/// strings), `minDuration`/`maxDuration` (e.g. `100ms`), `error=true`, a time
+/// range, `limit` and `offset`. The body is the page; `X-Total-Count` says
+/// how many traces match in all (`X-Total-Count-Exact: false` when counting
+/// stopped early, the figure then being a lower bound).
 async fn traces(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    only(
+        &q,
+        &[&[
+            "service",
+            "operation",
+            "tags",
+            "minDuration",
+            "maxDuration",
+            "error",
+            "from",
+            "until",
+            "range",
+            "limit",
+            "offset",
+        ]],
+    )?;
     let (from, until) = time_range(&q, SystemTime::now())?;
     let limit = match param(&q, "limit") {
         Some(l) => l
@@ -379,18 +456,78 @@ async fn traces(State(s): State<UiState>, Query(q): Params) -> Result<Response, 
             .ok_or_else(|| ApiError::bad(format!("limit={l:?}: expected 1..{MAX_TRACE_LIMIT}")))?,
         None => DEFAULT_TRACE_LIMIT,
     };
-    let tq = TraceQuery {
+    let offset = match param(&q, "offset") {
+        Some(o) => o
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad(format!("offset={o:?}: expected a number")))?,
+        None => 0,
+    };
+    let duration = |name: &str| {
+        param(&q, name)
+            .map(|v| {
+                parse_go_duration(v).ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "{name}={v:?}: expected a duration such as 100ms or 1.5s"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let mut tags = Vec::new();
+    if let Some(t) = param(&q, "tags") {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(t)
+            .map_err(|e| ApiError::bad(format!("tags={t:?}: expected a JSON object ({e})")))?;
+        for (k, v) in map {
+            let v = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            tags.push((k, v));
+        }
+    }
+    let errors_only = match param(&q, "error") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => {
+            return Err(ApiError::bad(format!(
+                "error={v:?}: expected true or false"
+            )));
+        }
+    };
+    let search = TraceSearch {
         service: param(&q, "service").map(str::to_string),
+        operation: param(&q, "operation").map(str::to_string),
+        tags,
+        min_duration: duration("minDuration")?,
+        max_duration: duration("maxDuration")?,
+        errors_only,
         from,
         until,
         limit,
+        offset,
     };
     let store = s.store.clone();
-    let list = blocking(move || store.traces(&tq)).await?;
-    Ok(Json(list.into_iter().map(TraceItem::from).collect::<Vec<_>>()).into_response())
+    let found = blocking(move || store.search_traces(&search)).await?;
+    let items: Vec<TraceItem> = found.traces.into_iter().map(TraceItem::from).collect();
+    let mut resp = Json(items).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::HeaderName::from_static("x-total-count"),
+        header::HeaderValue::from(found.total),
+    );
+    h.insert(
+        header::HeaderName::from_static("x-total-count-exact"),
+        header::HeaderValue::from_static(if found.total_exact { "true" } else { "false" }),
+    );
+    Ok(resp)
 }
 
-async fn trace(State(s): State<UiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn trace(
+    State(s): State<UiState>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    only(&q, &[])?;
     let tid = parse_trace_id(&id)
         .ok_or_else(|| ApiError::bad(format!("trace id {id:?}: expected 32 hexadecimal digits")))?;
     let store = s.store.clone();
@@ -478,7 +615,8 @@ pub fn metric_rows(points: Vec<MetricPoint>) -> Vec<MetricRow> {
     rows
 }
 
-async fn metrics(State(s): State<UiState>) -> Result<Response, ApiError> {
+async fn metrics(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    only(&q, &[])?;
     let view = s.metrics.clone();
     let points = tokio::task::spawn_blocking(move || view.snapshot())
         .await
@@ -611,22 +749,18 @@ mod tests {
     async fn profile_endpoints() {
         let dir = tempfile::tempdir().unwrap();
         let (r, _) = app(dir.path(), Vec::new());
-        let (s, _, body) = get(&r, "/api/services").await;
+        let (s, _, body) = get(&r, "/ui/api/services").await;
         assert_eq!(s, StatusCode::OK);
         let v = json(&body);
         assert_eq!(v[0]["name"], "api");
         assert_eq!(v[0]["profile_series"], 2);
         assert_eq!(v[0]["has_traces"], true);
 
-        let (_, _, body) = get(&r, "/api/series?service=api").await;
+        let (_, _, body) = get(&r, "/ui/api/series?service=api").await;
         assert_eq!(json(&body).as_array().unwrap().len(), 2);
 
         // All series of the service: both stacks; `type=samples` counts.
-        let (s, _, body) = get(
-            &r,
-            "/api/top?service=api&name=process_cpu&type=samples&unknown=1",
-        )
-        .await;
+        let (s, _, body) = get(&r, "/ui/api/top?service=api&name=process_cpu&type=samples").await;
         assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let v = json(&body);
         assert_eq!(v["total"], 9);
@@ -634,22 +768,53 @@ mod tests {
         assert_eq!(v["functions"][0]["name"], "parse_json");
         assert_eq!(v["functions"][0]["flat"], 6);
         // Default sample type (the last, cpu nanoseconds).
-        let (_, _, body) = get(&r, "/api/top?service=api").await;
+        let (_, _, body) = get(&r, "/ui/api/top?service=api").await;
         assert_eq!(json(&body)["total"], 90_000_000);
         // One series, by its selector.
         let sel = "process_cpu{pod=\"p2\",service_name=\"api\"}";
-        let uri = format!("/api/top?series={}&type=samples", urlencode(sel));
+        let uri = format!("/ui/api/top?series={}&type=samples", urlencode(sel));
         let (_, _, body) = get(&r, &uri).await;
         assert_eq!(json(&body)["functions"][0]["name"], "write_db");
 
-        let (s, ct, body) = get(&r, "/api/flamegraph.svg?service=api&width=800&seconds=30").await;
+        // `series=` is a label selector: one matcher selects p2 only; `=~`
+        // both; `/api/profile` is still there for `go tool pprof` URLs.
+        for (sel, want) in [
+            (r#"{pod="p2"}"#, vec!["main;handle;write_db"]),
+            (
+                r#"process_cpu{pod=~"p[12]"}"#,
+                vec!["main;handle;parse_json", "main;handle;write_db"],
+            ),
+        ] {
+            let uri = format!("/api/profile?series={}", urlencode(sel));
+            let (s, _, body) = get(&r, &uri).await;
+            assert_eq!(s, StatusCode::OK, "{sel}");
+            let p = pprof::decode(&body).unwrap();
+            let stacks: Vec<String> = pprof::folded(&p, 0).into_iter().map(|x| x.0).collect();
+            assert_eq!(stacks, want, "{sel}");
+        }
+        let (s, _, _) = get(
+            &r,
+            &format!("/ui/api/profile?series={}", urlencode(r#"{pod="p3"}"#)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        // type= becomes the default sample type of the download.
+        let (_, _, body) = get(&r, "/ui/api/profile?service=api&type=samples").await;
+        let p = pprof::decode(&body).unwrap();
+        assert_eq!(p.string_table[p.default_sample_type as usize], "samples");
+
+        let (s, ct, body) = get(
+            &r,
+            "/ui/api/flamegraph.svg?service=api&width=800&seconds=30",
+        )
+        .await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(ct, "image/svg+xml");
         let svg = String::from_utf8(body).unwrap();
         assert!(svg.contains("<svg") && svg.contains("parse_json") && svg.contains("write_db"));
         assert!(svg.contains("width=\"800\""));
 
-        let (s, ct, body) = get(&r, "/api/profile?service=api&seconds=30").await;
+        let (s, ct, body) = get(&r, "/ui/api/profile?service=api&seconds=30").await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(ct, "application/octet-stream");
         assert_eq!(&body[..2], &[0x1f, 0x8b], "gzip");
@@ -662,7 +827,7 @@ mod tests {
             ]
         );
         // Time range: only the first window (starts at 100 s).
-        let (_, _, body) = get(&r, "/api/profile?service=api&from=0&until=105000").await;
+        let (_, _, body) = get(&r, "/ui/api/profile?service=api&from=0&until=105000").await;
         let p = pprof::decode(&body).unwrap();
         assert_eq!(
             pprof::folded(&p, 0),
@@ -675,24 +840,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (r, _) = app(dir.path(), Vec::new());
         for (uri, needle) in [
-            ("/api/profile", "give series="),
+            ("/ui/api/profile", "give series="),
             (
-                "/api/profile?service=api&range=forever",
+                "/ui/api/profile?service=api&range=forever",
                 "range=\"forever\"",
             ),
             (
-                "/api/profile?service=api&from=yesterday",
+                "/ui/api/profile?service=api&from=yesterday",
                 "from=\"yesterday\"",
             ),
             (
-                "/api/profile?service=api&from=2000&until=1000",
+                "/ui/api/profile?service=api&from=2000&until=1000",
                 "from is after until",
             ),
-            ("/api/top?service=api&type=alloc", "type=\"alloc\""),
-            ("/api/top?service=api&limit=x", "limit=\"x\""),
-            ("/api/flamegraph.svg?service=api&width=5", "width=\"5\""),
-            ("/api/traces?limit=0", "limit=\"0\""),
-            ("/api/traces/xyz", "32 hexadecimal"),
+            ("/ui/api/top?service=api&type=alloc", "type=\"alloc\""),
+            ("/ui/api/top?service=api&limit=x", "limit=\"x\""),
+            ("/ui/api/flamegraph.svg?service=api&width=5", "width=\"5\""),
+            ("/ui/api/traces?limit=0", "limit=\"0\""),
+            ("/ui/api/traces/xyz", "32 hexadecimal"),
+            (
+                "/ui/api/top?service=api&unknown=1",
+                "unknown query parameter unknown",
+            ),
+            (
+                "/ui/api/traces?service=api&lookback=1h",
+                "unknown query parameter lookback",
+            ),
+            ("/ui/api/traces?minDuration=fast", "minDuration=\"fast\""),
+            ("/ui/api/traces?tags=x", "tags="),
+            ("/ui/api/services?x=1", "accepted: none"),
+            ("/ui/api/profile?series=%7Bpod%3D", "series: label selector"),
         ] {
             let (s, ct, body) = get(&r, uri).await;
             let body = String::from_utf8(body).unwrap();
@@ -700,10 +877,10 @@ mod tests {
             assert!(ct.starts_with("text/plain"));
             assert!(body.contains(needle), "{uri}: {body}");
         }
-        let (s, _, body) = get(&r, &format!("/api/traces/{}", "ab".repeat(16))).await;
+        let (s, _, body) = get(&r, &format!("/ui/api/traces/{}", "ab".repeat(16))).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert!(String::from_utf8(body).unwrap().contains("not stored"));
-        let (s, _, _) = get(&r, "/api/profile?service=nobody").await;
+        let (s, _, _) = get(&r, "/ui/api/profile?service=nobody").await;
         assert_eq!(s, StatusCode::NOT_FOUND);
     }
 
@@ -711,7 +888,7 @@ mod tests {
     async fn trace_endpoints() {
         let dir = tempfile::tempdir().unwrap();
         let (r, _) = app(dir.path(), Vec::new());
-        let (s, _, body) = get(&r, "/api/traces?service=api&limit=5").await;
+        let (s, _, body) = get(&r, "/ui/api/traces?service=api&limit=5").await;
         assert_eq!(s, StatusCode::OK);
         let v = json(&body);
         assert_eq!(v.as_array().unwrap().len(), 1);
@@ -721,10 +898,10 @@ mod tests {
         assert_eq!(v[0]["duration_ms"], 20.0);
         assert_eq!(v[0]["start_unix_ms"], 1000.0);
         let id = v[0]["trace_id"].as_str().unwrap().to_string();
-        let (_, _, body) = get(&r, "/api/traces?service=other").await;
+        let (_, _, body) = get(&r, "/ui/api/traces?service=other").await;
         assert_eq!(json(&body).as_array().unwrap().len(), 0);
 
-        let (s, _, body) = get(&r, &format!("/api/traces/{id}")).await;
+        let (s, _, body) = get(&r, &format!("/ui/api/traces/{id}")).await;
         assert_eq!(s, StatusCode::OK);
         let v = json(&body);
         let spans = v["spans"].as_array().unwrap();
@@ -734,6 +911,76 @@ mod tests {
         assert_eq!(spans[1]["offset_ms"], 2.0);
         assert_eq!(spans[1]["status"], "error");
         assert_eq!(spans[1]["kind"], "server");
+    }
+
+    #[tokio::test]
+    async fn trace_search_counts_pages_and_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, store) = app(dir.path(), Vec::new());
+        let specs: Vec<SpanSpec<'_>> = (0..5u8)
+            .map(|i| SpanSpec {
+                trace: 20 + i,
+                id: 1,
+                parent: None,
+                name: if i % 2 == 0 { "GET /a" } else { "GET /b" },
+                start_ms: 5_000 + u64::from(i) * 1_000,
+                dur_ms: 10 * (u64::from(i) + 1),
+                error: i == 4,
+            })
+            .collect();
+        store.put_spans(&spans("web", &specs)).unwrap();
+        let page = |uri: &str| {
+            let r = r.clone();
+            let uri = uri.to_string();
+            async move {
+                let resp = r
+                    .oneshot(Request::get(&uri).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+                let total = resp.headers()["x-total-count"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let body = to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+                let names: Vec<String> = json(&body)
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{}@{}",
+                            t["root_name"].as_str().unwrap(),
+                            t["start_unix_ms"]
+                        )
+                    })
+                    .collect();
+                (total, names)
+            }
+        };
+        // Newest first, 2 per page, 5 in all.
+        let (total, names) = page("/ui/api/traces?service=web&limit=2&offset=2").await;
+        assert_eq!(total, "5");
+        assert_eq!(names, ["GET /a@7000.0", "GET /b@6000.0"]);
+        let (total, names) = page("/ui/api/traces?service=web&operation=GET%20/a").await;
+        assert_eq!((total.as_str(), names.len()), ("3", 3));
+        let (total, names) =
+            page("/ui/api/traces?service=web&minDuration=25ms&maxDuration=45ms").await;
+        assert_eq!(total, "2", "{names:?}");
+        let (total, names) = page("/ui/api/traces?service=web&error=true").await;
+        assert_eq!(
+            (total.as_str(), names),
+            ("1", vec!["GET /a@9000.0".to_string()])
+        );
+        let tags = urlencode(r#"{"http.request.method":"GET"}"#);
+        let (total, _) = page(&format!("/ui/api/traces?service=web&tags={tags}")).await;
+        assert_eq!(total, "5");
+        let tags = urlencode(r#"{"http.request.method":"POST"}"#);
+        let (total, _) = page(&format!("/ui/api/traces?service=web&tags={tags}")).await;
+        assert_eq!(total, "0");
+        // Every service: api's trace too.
+        let (total, _) = page("/ui/api/traces").await;
+        assert_eq!(total, "6");
     }
 
     #[tokio::test]
@@ -768,7 +1015,7 @@ mod tests {
                 ),
             ],
         );
-        let (s, _, body) = get(&r, "/api/metrics").await;
+        let (s, _, body) = get(&r, "/ui/api/metrics").await;
         assert_eq!(s, StatusCode::OK);
         let v = json(&body);
         assert_eq!(v[0]["name"], "fathom_tcp_retransmits_total");

@@ -376,6 +376,37 @@ fn malformed_input_is_refused_with_the_reason() {
         "{}",
         status.message()
     );
+    // gRPC: bytes that are not an ExportTraceServiceRequest (nor gzip) →
+    // INVALID_ARGUMENT (tonic's own codec says INTERNAL), counted.
+    let grpc = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (compressed, payload) in [(0u8, &[0xffu8, 0xff, 0xff][..]), (1, b"not gzip")] {
+        let mut frame = vec![compressed];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        let r = grpc
+            .post(format!(
+                "http://{}/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                addrs.otlp_grpc.unwrap()
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-encoding", "gzip")
+            .body(frame)
+            .send()
+            .unwrap();
+        let status = r
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_string());
+        let message = r
+            .headers()
+            .get("grpc-message")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(status.as_deref(), Some("3"), "{message:?}");
+    }
     // Push: a sample that is not pprof → 400 naming series and sample.
     let req = PushRequest {
         series: vec![api_series(b"\x1f\x8bjunk".to_vec(), "")],
@@ -399,7 +430,7 @@ fn malformed_input_is_refused_with_the_reason() {
             .starts_with("series[0].samples[0]: gzip"),
         "{body}"
     );
-    assert_eq!(collector.stats().spans.invalid_requests.get(), 3);
+    assert_eq!(collector.stats().spans.invalid_requests.get(), 5);
     assert_eq!(collector.stats().profiles.invalid_requests.get(), 1);
     assert_eq!(collector.stats().spans.accepted.get(), 0);
     assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));

@@ -206,7 +206,7 @@ fn go_pprof_fetches_the_merged_profile_of_a_service() {
         pprof::decode(&std::fs::read(&a).unwrap()).unwrap(),
     );
     let q = "service=shop&name=process_cpu";
-    let top = run.wait_json(&format!("/api/top?{q}&type=samples"), |v| {
+    let top = run.wait_json(&format!("/ui/api/top?{q}&type=samples"), |v| {
         v["total"].as_i64() == Some(expected_samples)
     });
     assert_eq!(top["series"].as_array().unwrap().len(), 2);
@@ -483,10 +483,10 @@ fn chromium_renders_the_flame_graph_and_a_trace_waterfall() {
         .ingest()
         .spans(checkout_trace(trace_id, t0))
         .unwrap();
-    run.wait_json("/api/top?service=shop", |v| {
+    run.wait_json("/ui/api/top?service=shop", |v| {
         v["total"].as_i64() == Some(1_000_000_000)
     });
-    run.wait_json(&format!("/api/traces/{hex}"), |v| {
+    run.wait_json(&format!("/ui/api/traces/{hex}"), |v| {
         v["spans"].as_array().is_some_and(|s| s.len() == 5)
     });
 

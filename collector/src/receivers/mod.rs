@@ -1,12 +1,38 @@
 //! Ingest endpoints, each speaking an existing protocol so that any client of
 //! it can send: OTLP gRPC (`otlp_grpc`), OTLP HTTP (`otlp_http`), Pyroscope's
-//! connect push (`pyroscope`). Shared: bearer-token auth (`auth`) and TLS
+//! connect push (`pyroscope`) and legacy `/ingest` (`ingest`). Shared: bearer-token auth (`auth`) and TLS
 //! (`tls`).
 pub mod auth;
+pub mod ingest;
 pub mod otlp_grpc;
 pub mod otlp_http;
 pub mod pyroscope;
 pub mod tls;
+
+/// A connect-protocol error: JSON `{code, message}` and the HTTP status the
+/// connect protocol gives that code.
+pub(crate) fn connect_error(code: &str, message: impl Into<String>) -> axum::response::Response {
+    use axum::{
+        http::{StatusCode, header},
+        response::IntoResponse as _,
+    };
+    let status = match code {
+        "invalid_argument" | "failed_precondition" | "out_of_range" => StatusCode::BAD_REQUEST,
+        "unauthenticated" => StatusCode::UNAUTHORIZED,
+        "permission_denied" => StatusCode::FORBIDDEN,
+        "not_found" => StatusCode::NOT_FOUND,
+        "resource_exhausted" => StatusCode::TOO_MANY_REQUESTS,
+        "unimplemented" => StatusCode::NOT_IMPLEMENTED,
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({ "code": code, "message": message.into() }).to_string(),
+    )
+        .into_response()
+}
 
 /// Reads a whole body that may be gzip-compressed (`Content-Encoding: gzip`),
 /// refusing more than `max` bytes after decompression.

@@ -1,7 +1,11 @@
 //! OTLP gRPC receiver: `TraceService/Export` and `MetricsService/Export`
 //! (the opentelemetry-proto services on tonic), gzip accepted, bearer auth and
-//! TLS optional.
-use std::net::SocketAddr;
+//! TLS optional. A request that is not a decodable message (garbage protobuf,
+//! a broken gzip stream) is `INVALID_ARGUMENT` and counted as invalid, like
+//! any other malformed request (tonic's codec itself answers `INTERNAL`).
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::http::{HeaderValue, Response as HttpResponse};
 
 use opentelemetry_proto::tonic::collector::{
     metrics::v1::{
@@ -20,7 +24,48 @@ use tonic::{
 };
 
 use super::{auth::BearerAuth, tls::TlsMaterial, validate_traces};
-use crate::pipeline::{Ingest, IngestError};
+use crate::{
+    pipeline::{Ingest, IngestError},
+    stats::Stats,
+};
+
+const TRACES_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Turns the `INTERNAL` status tonic's codec gives an undecodable request
+/// (`failed to decode Protobuf message: …`, `Error decompressing: …`, sent
+/// trailers-only, in the response headers) into `INVALID_ARGUMENT` with the
+/// same message, and counts the request as invalid for its signal. Our own
+/// handlers never answer `INTERNAL`.
+pub fn decode_errors_are_invalid_argument<B>(
+    stats: &Stats,
+    path: &str,
+    mut resp: HttpResponse<B>,
+) -> HttpResponse<B> {
+    let h = resp.headers();
+    let internal = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"13");
+    // grpc-message is percent-encoded on the wire (`failed%20to%20decode…`).
+    let decode = h.get("grpc-message").is_some_and(|m| {
+        let m = m.as_bytes();
+        [
+            b"failed%20to%20decode".as_slice(),
+            b"Error%20decompressing",
+            b"failed to decode",
+            b"Error decompressing",
+        ]
+        .iter()
+        .any(|p| m.starts_with(p))
+    });
+    if internal && decode {
+        resp.headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("3"));
+        if path == TRACES_PATH {
+            stats.spans.invalid_requests.inc();
+        } else {
+            stats.metrics.invalid_requests.inc();
+        }
+    }
+    resp
+}
 
 /// Back-pressure as gRPC status: a full queue is `RESOURCE_EXHAUSTED` (OTLP
 /// clients retry it with backoff), shutting down is `UNAVAILABLE`.
@@ -69,6 +114,42 @@ impl MetricsService for Otlp {
     }
 }
 
+/// The service wrapper applying [`decode_errors_are_invalid_argument`].
+#[derive(Clone)]
+struct InvalidArgument<S> {
+    inner: S,
+    stats: Arc<Stats>,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<axum::http::Request<ReqBody>> for InvalidArgument<S>
+where
+    S: tower::Service<axum::http::Request<ReqBody>, Response = HttpResponse<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse<ResBody>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<ReqBody>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let stats = self.stats.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(decode_errors_are_invalid_argument(&stats, &path, resp))
+        })
+    }
+}
+
 /// Serves until `cancel`, then finishes in-flight calls.
 pub async fn serve(
     listener: TcpListener,
@@ -80,6 +161,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let svc = Otlp { ingest };
     let stats = svc.ingest.stats.clone();
+    let svc_stats = stats.clone();
     let intercept = move |req: Request<()>| {
         auth.intercept(req).inspect_err(|_| {
             stats.spans.unauthenticated.inc();
@@ -97,7 +179,12 @@ pub async fn serve(
             .max_decoding_message_size(max_request_bytes),
         intercept,
     );
-    let mut builder = tonic::transport::Server::builder();
+    let stats = svc_stats;
+    let layer = tower::ServiceBuilder::new().layer_fn(move |inner| InvalidArgument {
+        inner,
+        stats: stats.clone(),
+    });
+    let mut builder = tonic::transport::Server::builder().layer(layer);
     if let Some(tls) = tls {
         let identity = tonic::transport::Identity::from_pem(tls.cert_pem, tls.key_pem);
         builder =

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::{
     Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
@@ -99,7 +99,7 @@ const UNAUTHENTICATED: i32 = 16;
 fn prepare(
     ctx: &Ctx,
     headers: &HeaderMap,
-    body: &Bytes,
+    body: &Result<Bytes, BytesRejection>,
     stats: &SignalStats,
 ) -> Result<(Encoding, Vec<u8>), Response> {
     let content_type = headers
@@ -133,6 +133,13 @@ fn prepare(
             "missing or wrong bearer token (Authorization: Bearer <token>)".into(),
         ));
     }
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => {
+            stats.invalid_requests.inc();
+            return Err(body_error(enc, r, ctx.max_bytes));
+        }
+    };
     let gzip = match headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -154,6 +161,22 @@ fn prepare(
         error(enc, StatusCode::BAD_REQUEST, INVALID_ARGUMENT, m)
     })?;
     Ok((enc, body))
+}
+
+/// A body that could not be read — over `max_request_bytes` (413) — in the
+/// OTLP error format (`google.rpc.Status`, `RESOURCE_EXHAUSTED`).
+fn body_error(enc: Encoding, r: &BytesRejection, max: usize) -> Response {
+    let status = r.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        error(
+            enc,
+            status,
+            RESOURCE_EXHAUSTED,
+            format!("request body larger than {max} bytes (queues.max_request_bytes)"),
+        )
+    } else {
+        error(enc, status, INVALID_ARGUMENT, r.body_text())
+    }
 }
 
 fn decode<T: prost::Message + Default + serde::de::DeserializeOwned>(
@@ -195,7 +218,11 @@ fn ok<T: prost::Message>(enc: Encoding, resp: T) -> Response {
     }
 }
 
-async fn traces(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn traces(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let stats = &ctx.ingest.stats.spans;
     let (enc, body) = match prepare(&ctx, &headers, &body, stats) {
         Ok(x) => x,
@@ -223,7 +250,11 @@ async fn traces(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Bytes) ->
     }
 }
 
-async fn metrics(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn metrics(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let stats = &ctx.ingest.stats.metrics;
     let (enc, body) = match prepare(&ctx, &headers, &body, stats) {
         Ok(x) => x,

@@ -12,15 +12,15 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
-    http::{HeaderMap, StatusCode, header},
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
+    http::{HeaderMap, header},
     response::{IntoResponse, Response},
     routing::post,
 };
 use base64::Engine as _;
 use prost::Message as _;
 
-use super::{auth::BearerAuth, decompress};
+use super::{auth::BearerAuth, connect_error, decompress};
 use crate::{
     model::{RawProfile, SeriesLabels},
     pipeline::{Ingest, IngestError},
@@ -53,23 +53,6 @@ pub fn router(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Rou
         .route(PUSH_PATH, post(push))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .with_state(ctx)
-}
-
-/// A connect-protocol error: JSON `{code, message}` and the matching HTTP status.
-fn connect_error(code: &str, message: impl Into<String>) -> Response {
-    let status = match code {
-        "invalid_argument" => StatusCode::BAD_REQUEST,
-        "unauthenticated" => StatusCode::UNAUTHORIZED,
-        "resource_exhausted" => StatusCode::TOO_MANY_REQUESTS,
-        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::json!({ "code": code, "message": message.into() }).to_string(),
-    )
-        .into_response()
 }
 
 /// protojson of `PushRequest` (camelCase names, bytes as base64).
@@ -161,7 +144,11 @@ pub fn decode_push(
     Ok((out, ids))
 }
 
-async fn push(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn push(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let stats = &ctx.ingest.stats.profiles;
     if !ctx
         .auth
@@ -189,6 +176,24 @@ async fn push(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Bytes) -> R
     let invalid = |m: String| {
         stats.invalid_requests.inc();
         connect_error("invalid_argument", m)
+    };
+    // Over `max_request_bytes`: connect's `resource_exhausted` (the code
+    // connect servers give a message over their read limit), with HTTP 413.
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            stats.invalid_requests.inc();
+            let mut resp = connect_error(
+                "resource_exhausted",
+                format!(
+                    "request body larger than {} bytes (queues.max_request_bytes)",
+                    ctx.max_bytes
+                ),
+            );
+            *resp.status_mut() = axum::http::StatusCode::PAYLOAD_TOO_LARGE;
+            return resp;
+        }
+        Err(r) => return invalid(r.body_text()),
     };
     let body = match decompress(&body, gzip, ctx.max_bytes) {
         Ok(b) => b,

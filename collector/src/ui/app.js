@@ -1,4 +1,4 @@
-// Fathom collector UI: vanilla JS over /api/*. State lives in the URL
+// Fathom collector UI: vanilla JS over /ui/api/*. State lives in the URL
 // (?service=&series=|name=&type=&range=&trace=) so a view can be linked.
 "use strict";
 
@@ -84,7 +84,7 @@ function profileParams() {
 }
 
 async function loadServices() {
-  const services = await getJson("/api/services");
+  const services = await getJson("/ui/api/services");
   const sel = $("service");
   sel.replaceChildren(...services.map((s) => el("option", { value: s.name }, s.name)));
   if (!services.length) {
@@ -98,7 +98,7 @@ async function loadServices() {
 }
 
 async function loadSeries() {
-  seriesList = state.service ? await getJson("/api/series?service=" + encodeURIComponent(state.service)) : [];
+  seriesList = state.service ? await getJson("/ui/api/series?service=" + encodeURIComponent(state.service)) : [];
   const sel = $("series");
   const opts = [];
   const names = [...new Set(seriesList.map((s) => s.profile_name))];
@@ -129,10 +129,10 @@ async function loadProfile() {
     return;
   }
   const p = profileParams();
-  $("download").href = "/api/profile?" + p.toString();
+  $("download").href = "/ui/api/profile?" + p.toString();
   let top;
   try {
-    top = await getJson("/api/top?limit=40&" + p.toString());
+    top = await getJson("/ui/api/top?limit=40&" + p.toString());
   } catch (e) {
     flame.replaceChildren(el("p", { class: "empty" }, "No flame graph: " + e.message));
     tbody.replaceChildren();
@@ -140,7 +140,7 @@ async function loadProfile() {
     return;
   }
   const width = Math.max(400, Math.floor(flame.clientWidth));
-  const frame = el("iframe", { title: "flame graph", src: `/api/flamegraph.svg?width=${width}&` + p.toString() });
+  const frame = el("iframe", { title: "flame graph", src: `/ui/api/flamegraph.svg?width=${width}&` + p.toString() });
   frame.addEventListener("load", () => {
     const svg = frame.contentDocument && frame.contentDocument.documentElement;
     const h = svg && parseInt(svg.getAttribute("height"), 10);
@@ -165,7 +165,7 @@ async function loadTraces() {
   const p = new URLSearchParams({ limit: "100" });
   if (state.service) p.set("service", state.service);
   if (state.range && state.range !== "all") p.set("range", state.range);
-  const traces = await getJson("/api/traces?" + p.toString());
+  const traces = await getJson("/ui/api/traces?" + p.toString());
   const tbody = $("traces").tBodies[0];
   tbody.replaceChildren(...traces.map((t) => {
     const tr = el("tr", { "data-trace": t.trace_id, onclick: () => selectTrace(t.trace_id) },
@@ -235,7 +235,7 @@ async function loadTrace() {
   if (row) row.classList.add("selected");
   let t;
   try {
-    t = await getJson("/api/traces/" + encodeURIComponent(state.trace));
+    t = await getJson("/ui/api/traces/" + encodeURIComponent(state.trace));
   } catch (e) {
     wf.replaceChildren(el("p", { class: "empty" }, e.message));
     return;
@@ -265,7 +265,7 @@ async function loadTrace() {
 // ---- metrics ----
 
 async function loadMetrics() {
-  const rows = await getJson("/api/metrics");
+  const rows = await getJson("/ui/api/metrics");
   const tbody = $("metrics").tBodies[0];
   if (!rows.length) {
     tbody.replaceChildren(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "No metrics.")));
