@@ -8,7 +8,7 @@
 //! inside them (moved in before they exec, as a runtime does): a CPU
 //! burner (profiles), an HTTP server and a curl loop (spans and RED
 //! metrics), plus the same workloads outside any container. The real agent
-//! (embedded collector) runs; its API (`/api/series`, `/api/traces`) and
+//! (embedded collector) runs; its API (`/api/series`, `/ui/api/traces`) and
 //! `/metrics` must show the right `container.id` for the contained
 //! processes, and none for the others.
 //!
@@ -141,14 +141,14 @@ fn span_resources(port: u16, service: &str, kind: &str) -> Vec<BTreeMap<String, 
     loop {
         let list = api_json(
             port,
-            &format!("/api/traces?service={service}&range=1h&limit=20"),
+            &format!("/ui/api/traces?service={service}&range=1h&limit=20"),
         );
         let mut out = Vec::new();
         for t in list.as_array().into_iter().flatten() {
             let Some(id) = t["trace_id"].as_str() else {
                 continue;
             };
-            let detail = api_json(port, &format!("/api/traces/{id}"));
+            let detail = api_json(port, &format!("/ui/api/traces/{id}"));
             for span in detail["spans"].as_array().into_iter().flatten() {
                 let resource = pairs(&span["resource"]);
                 if span["kind"] == kind

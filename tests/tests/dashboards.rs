@@ -453,7 +453,9 @@ fn every_dashboard_query_refers_to_what_the_agent_exports() {
         .any(|q| matches!(q, dashboards::Query::Jaeger { service, .. } if service == "$service"))
     {
         for job in &jobs {
-            let traces = get_json(&format!("http://{http}/api/traces?service={job}&range=15m"));
+            let traces = get_json(&format!(
+                "http://{http}/ui/api/traces?service={job}&range=15m"
+            ));
             assert!(
                 traces.as_array().is_some_and(|t| !t.is_empty()),
                 "job {job} offered by the dashboard has no traces under that service name"

@@ -80,7 +80,10 @@ fn socket_hooks() -> Result<(), String> {
     fathom_agent::traces::capture::socket_hooks_supported(&btf)
 }
 
-#[allow(clippy::unwrap_used, reason = "test body: a failed unwrap is a failed test")]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test body: a failed unwrap is a failed test"
+)]
 fn captures_requests_responses_and_context_of_a_real_server(hooks: HttpHooks) {
     let sockets = hooks == HttpHooks::Sockets;
     let dir = tempfile::tempdir().unwrap();

@@ -215,13 +215,13 @@ fn spans_of(port: u16, service: &str, want: usize) -> BTreeMap<String, Span> {
         let mut out = BTreeMap::new();
         let list = api_json(
             port,
-            &format!("/api/traces?service={service}&range=1h&limit=100"),
+            &format!("/ui/api/traces?service={service}&range=1h&limit=100"),
         );
         for t in list.as_array().into_iter().flatten() {
             let Some(id) = t["trace_id"].as_str() else {
                 continue;
             };
-            let detail = api_json(port, &format!("/api/traces/{id}"));
+            let detail = api_json(port, &format!("/ui/api/traces/{id}"));
             for s in detail["spans"].as_array().into_iter().flatten() {
                 if s["service"] != service {
                     continue;

@@ -1728,7 +1728,7 @@ fn spans_and_metrics_reach_a_remote_collector() {
     let deadline = Instant::now() + SPAN_WAIT;
     let (traces, metrics) = loop {
         let traces: serde_json::Value =
-            serde_json::from_str(&get("/api/traces?service=remote-shop&range=15m"))
+            serde_json::from_str(&get("/ui/api/traces?service=remote-shop&range=15m"))
                 .unwrap_or_default();
         let metrics = get("/metrics");
         let done =
