@@ -69,14 +69,15 @@ pub enum HttpCaptureError {
 
 crate::wraps_kernel_error!(HttpCaptureError);
 
-/// An event of the capture programs.
-#[derive(Clone)]
-pub enum HttpEvent {
+/// An event of the capture programs. A data event is lent: the reader
+/// decodes every record into one reused [`DataEvent`].
+#[derive(Clone, Copy)]
+pub enum HttpEvent<'a> {
     Open(ConnEvent),
     Close(ConnEvent),
     /// A process exited: its connections are gone.
     ProcessExit(ConnEvent),
-    Data(Box<DataEvent>),
+    Data(&'a DataEvent),
 }
 
 /// What one [`HttpCapture::read`] took from the ring buffer.
@@ -88,10 +89,13 @@ pub struct Drained {
     pub malformed: u64,
 }
 
-/// Parses one ring-buffer record strictly; `None` for anything malformed.
-pub fn parse_record(bytes: &[u8]) -> Option<HttpEvent> {
+/// Parses one ring-buffer record strictly (a data record into `scratch`);
+/// `None` for anything malformed.
+pub fn parse_record<'a>(bytes: &[u8], scratch: &'a mut DataEvent) -> Option<HttpEvent<'a>> {
     match *bytes.first()? {
-        event_kind::DATA => DataEvent::from_record(bytes).map(|e| HttpEvent::Data(Box::new(e))),
+        event_kind::DATA => scratch
+            .read_record(bytes)
+            .then_some(HttpEvent::Data(scratch)),
         kind @ (event_kind::CONN_OPEN | event_kind::CONN_CLOSE | event_kind::PROCESS_EXIT) => {
             let event: ConnEvent = fathom_common::record::read(bytes)?;
             Some(match kind {
@@ -102,6 +106,17 @@ pub fn parse_record(bytes: &[u8]) -> Option<HttpEvent> {
         }
         _ => None,
     }
+}
+
+/// A zeroed data event (the reader's scratch).
+fn empty_data_event() -> Box<DataEvent> {
+    let mut record = vec![0u8; DataEvent::HEAD_OFFSET];
+    record[0] = event_kind::DATA;
+    let mut event = Box::new(
+        DataEvent::from_record(&record).unwrap_or_else(|| unreachable!("a valid empty record")),
+    );
+    event.kind = event_kind::DATA;
+    event
 }
 
 /// Tracepoints of the capture: (program, category, tracepoint). Public for
@@ -269,6 +284,7 @@ pub struct HttpCapture {
     counters: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, ConnKey, fathom_common::http::ConnInfo>,
     hooks: &'static str,
+    scratch: Box<DataEvent>,
     ebpf: Ebpf,
 }
 
@@ -417,6 +433,7 @@ impl HttpCapture {
             counters,
             conns,
             hooks,
+            scratch: empty_data_event(),
             ebpf,
         })
     }
@@ -426,12 +443,13 @@ impl HttpCapture {
         self.hooks
     }
 
-    /// Hands every queued event to `f`.
-    pub fn read(&mut self, mut f: impl FnMut(HttpEvent)) -> Drained {
+    /// Hands every queued event to `f`, straight from the ring buffer (one
+    /// reused data event, no allocation per record).
+    pub fn read(&mut self, mut f: impl FnMut(HttpEvent<'_>)) -> Drained {
         let mut drained = Drained::default();
         while let Some(item) = self.events.next() {
             drained.bytes += item.len() as u64;
-            match parse_record(&item) {
+            match parse_record(&item, &mut self.scratch) {
                 Some(event) => f(event),
                 None => drained.malformed += 1,
             }
@@ -618,16 +636,19 @@ mod tests {
 
     #[test]
     fn records_parse_strictly() {
+        let scratch = &mut empty_data_event();
         let open = bytes_of(&conn(event_kind::CONN_OPEN));
-        assert!(matches!(parse_record(&open), Some(HttpEvent::Open(e)) if e.conn_id == 99));
-        assert!(parse_record(&open[..open.len() - 1]).is_none());
+        assert!(
+            matches!(parse_record(&open, scratch), Some(HttpEvent::Open(e)) if e.conn_id == 99)
+        );
+        assert!(parse_record(&open[..open.len() - 1], scratch).is_none());
         let exit = bytes_of(&conn(event_kind::PROCESS_EXIT));
         assert!(matches!(
-            parse_record(&exit),
+            parse_record(&exit, scratch),
             Some(HttpEvent::ProcessExit(_))
         ));
-        assert!(parse_record(&[]).is_none());
-        assert!(parse_record(&[42; 80]).is_none());
+        assert!(parse_record(&[], scratch).is_none());
+        assert!(parse_record(&[42; 80], scratch).is_none());
 
         let mut data = DataEvent::from_record(&{
             let mut b = vec![0u8; DataEvent::HEAD_OFFSET];
@@ -639,12 +660,20 @@ mod tests {
         data.head[..5].copy_from_slice(b"GET /");
         let full = bytes_of(&data);
         let record = &full[..DataEvent::HEAD_OFFSET + 5];
-        match parse_record(record) {
+        match parse_record(record, scratch) {
             Some(HttpEvent::Data(e)) => assert_eq!(e.head(), b"GET /"),
             _ => panic!("data record not parsed"),
         }
         // Claims more head than the record has.
-        assert!(parse_record(&full[..DataEvent::HEAD_OFFSET + 4]).is_none());
-        assert!(parse_record(&full[..DataEvent::HEAD_OFFSET + CAPTURE_HEAD]).is_some());
+        assert!(parse_record(&full[..DataEvent::HEAD_OFFSET + 4], scratch).is_none());
+        assert!(parse_record(&full[..DataEvent::HEAD_OFFSET + CAPTURE_HEAD], scratch).is_some());
+        // A shorter record after a longer one: only its own head is seen.
+        data.head_len = 3;
+        data.head[..3].copy_from_slice(b"PUT");
+        let short = bytes_of(&data);
+        match parse_record(&short[..DataEvent::HEAD_OFFSET + 3], scratch) {
+            Some(HttpEvent::Data(e)) => assert_eq!(e.head(), b"PUT"),
+            _ => panic!("data record not parsed"),
+        }
     }
 }

@@ -180,7 +180,8 @@ pub enum TraceError {
 
 struct Worker {
     config: TraceConfig,
-    capture: HttpCapture,
+    /// Taken out while it is being read ([`Worker::drain`]).
+    capture: Option<HttpCapture>,
     sink: Box<dyn OtlpSink>,
     tracer: HttpTracer,
     metrics: HttpMetrics,
@@ -219,7 +220,7 @@ impl Worker {
             tracer: HttpTracer::new(config.tracer.clone()),
             metrics: HttpMetrics::new(config.metrics.clone(), unix_now_ns()),
             config,
-            capture,
+            capture: Some(capture),
             sink,
             resources: HashMap::new(),
             metas: HashMap::new(),
@@ -264,7 +265,8 @@ impl Worker {
                 next_log = now + Duration::from_secs(10);
             }
             if drained < u64::from(self.config.capture.ring_bytes) / BACKLOG_SHARE
-                && let Err(e) = self.capture.wait(READ_INTERVAL)
+                && let Some(capture) = &self.capture
+                && let Err(e) = capture.wait(READ_INTERVAL)
             {
                 tracing::error!(error = %e, "waiting for http events");
                 std::thread::sleep(READ_INTERVAL);
@@ -274,16 +276,24 @@ impl Worker {
 
     /// Handles every queued event; returns the bytes read.
     fn drain(&mut self) -> u64 {
-        let mut events = Vec::new();
-        let drained = self.capture.read(|e| events.push(e));
-        self.malformed += drained.malformed;
-        for event in events {
-            self.handle(event);
+        // Events are handled as they are read, straight from the ring
+        // buffer; what needs the capture itself (forgetting an exited
+        // process's sockets) waits until the read is over.
+        let Some(mut capture) = self.capture.take() else {
+            return 0;
+        };
+        let mut exited = Vec::new();
+        let drained = capture.read(|e| self.handle(e, &mut exited));
+        for (tgid, fds) in exited {
+            capture.forget(tgid, fds);
         }
+        self.capture = Some(capture);
+        self.malformed += drained.malformed;
         drained.bytes
     }
 
-    fn handle(&mut self, event: HttpEvent) {
+    /// Handles one event; an exited process's open sockets go to `exited`.
+    fn handle(&mut self, event: HttpEvent<'_>, exited: &mut Vec<(u32, Vec<u32>)>) {
         match event {
             HttpEvent::Open(c) => {
                 self.resource(c.tgid);
@@ -317,7 +327,7 @@ impl Worker {
                 {
                     self.tracer.set_connect_us(d.conn_id, ns / 1000);
                 }
-                self.tracer.on_data(&d);
+                self.tracer.on_data(d);
             }
             HttpEvent::Close(c) => {
                 if let Some(fds) = self.open.get_mut(&c.tgid) {
@@ -328,7 +338,7 @@ impl Worker {
             }
             HttpEvent::ProcessExit(c) => {
                 if let Some(fds) = self.open.remove(&c.tgid) {
-                    self.capture.forget(c.tgid, fds.iter().copied());
+                    exited.push((c.tgid, fds.into_iter().collect()));
                 }
                 self.ports.retain(|(pid, _), _| *pid != c.tgid);
                 self.connect_pending.retain(|_, (pid, _)| *pid != c.tgid);
@@ -431,7 +441,11 @@ impl Worker {
     }
 
     fn log_stats(&self) {
-        let kernel = self.capture.counters();
+        let kernel = self
+            .capture
+            .as_ref()
+            .map(HttpCapture::counters)
+            .unwrap_or_default();
         let stats = self.tracer.stats();
         let k = |c: HttpCounter| kernel[c as usize];
         tracing::info!(

@@ -56,6 +56,26 @@ pub mod record {
         }
     }
 
+    /// [`read_prefix`] into an existing value, without zeroing it first:
+    /// the bytes past the record keep what they held (the caller reads only
+    /// what the record's own lengths say is valid). `false` (and `out`
+    /// untouched) when the length is out of range.
+    pub fn read_prefix_into<T: aya::Pod>(bytes: &[u8], min: usize, out: &mut T) -> bool {
+        if bytes.len() < min || bytes.len() > size_of::<T>() {
+            return false;
+        }
+        // SAFETY: `Pod` types are valid for any bytes; at most
+        // `size_of::<T>()` bytes are copied into the value.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (out as *mut T).cast::<u8>(),
+                bytes.len(),
+            );
+        }
+        true
+    }
+
     /// The bytes of a value (for map keys built in user space and tests).
     pub fn bytes_of<T: aya::Pod>(value: &T) -> &[u8] {
         // SAFETY: `Pod` types have no padding; the slice borrows `value`.
