@@ -175,6 +175,14 @@ fn try_sock_io(ctx: &BtfTracePointContext, dir: u8, stages: &ProgramArray) -> Re
     // The socket's address as a plain number (not loaded as the verifier's
     // trusted pointer): every read through it is a checked probe read.
     let sk: u64 = read_kernel(ctx.as_ptr() as u64).ok_or(())?;
+    // Unix and other sockets (most of a desktop's or a container runtime's
+    // socket traffic) stop here, before the syscall's registers are read.
+    if !matches!(
+        read_kernel::<u16>(sk + offset!(skc_family)),
+        Some(AF_INET | AF_INET6)
+    ) {
+        return Ok(());
+    }
     // SAFETY: helpers on the current task, which this tracepoint runs in.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
     let (code, fd, buf, n, vectored) = syscall_args(regs, dir).ok_or(())?;
