@@ -96,10 +96,22 @@ fn fixture_object(dir: &Path, name: &str) -> Vec<u8> {
 /// tracepoints both paths use), detached when dropped.
 struct NoopHooks(#[allow(dead_code, reason = "held: dropping detaches")] Vec<aya::Ebpf>);
 
+/// The no-op fixtures, compiled once: (`tp_noop`, `sock_noop`).
+struct NoopObjects(Vec<u8>, Vec<u8>);
+
+impl NoopObjects {
+    fn build(dir: &Path) -> Self {
+        Self(
+            fixture_object(dir, "tp_noop"),
+            fixture_object(dir, "sock_noop"),
+        )
+    }
+}
+
 impl NoopHooks {
-    fn attach(dir: &Path) -> Self {
+    fn attach(objects: &NoopObjects) -> Self {
         use aya::programs::{BtfTracePoint, TracePoint};
-        let mut tracepoints = aya::Ebpf::load(&fixture_object(dir, "tp_noop")).unwrap();
+        let mut tracepoints = aya::Ebpf::load(&objects.0).unwrap();
         let program: &mut TracePoint = tracepoints.program_mut("noop").unwrap().try_into().unwrap();
         program.load().unwrap();
         for &(_, category, name) in fathom_agent::traces::capture::TRACEPOINTS {
@@ -109,7 +121,7 @@ impl NoopHooks {
         }
         let mut held = vec![tracepoints];
         if !syscall_hooks() {
-            let mut sockets = aya::Ebpf::load(&fixture_object(dir, "sock_noop")).unwrap();
+            let mut sockets = aya::Ebpf::load(&objects.1).unwrap();
             let btf = aya::Btf::from_sys_fs().unwrap();
             for (program, hook) in [
                 ("noop_recv", "sock_recv_length"),
@@ -321,6 +333,7 @@ fn main() {
     );
 
     let nginx_pid = nginx.worker_pid();
+    let noop = NoopObjects::build(dir.path());
     let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); MODES.len()];
     // Per agent mode (On, OnPid): CPU seconds per run, peak RSS, events.
     let mut agent_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
@@ -340,7 +353,7 @@ fn main() {
                 let pid = (slot == 1).then_some(nginx_pid);
                 start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid)
             });
-            let floor = (mode == Mode::Floor).then(|| NoopHooks::attach(dir.path()));
+            let floor = (mode == Mode::Floor).then(|| NoopHooks::attach(&noop));
             let before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
             let rotel_before = cpu_seconds(rotel.pid());
             // FATHOM_BENCH_PERF: a system-wide profile of the first

@@ -108,17 +108,6 @@ pub fn parse_record<'a>(bytes: &[u8], scratch: &'a mut DataEvent) -> Option<Http
     }
 }
 
-/// A zeroed data event (the reader's scratch).
-fn empty_data_event() -> Box<DataEvent> {
-    let mut record = vec![0u8; DataEvent::HEAD_OFFSET];
-    record[0] = event_kind::DATA;
-    let mut event = Box::new(
-        DataEvent::from_record(&record).unwrap_or_else(|| unreachable!("a valid empty record")),
-    );
-    event.kind = event_kind::DATA;
-    event
-}
-
 /// Tracepoints of the capture: (program, category, tracepoint). Public for
 /// the tracing bench, which measures what attaching to them costs alone.
 pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
@@ -150,15 +139,6 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("http_exit_io", "syscalls", "sys_exit_sendmsg"),
     ("http_exit_io", "syscalls", "sys_exit_sendfile64"),
 ];
-
-/// The syscall tracepoints of the data path's fallback (the rest of
-/// [`TRACEPOINTS`] runs on every kernel).
-pub fn syscall_tracepoints()
--> impl Iterator<Item = &'static (&'static str, &'static str, &'static str)> {
-    TRACEPOINTS
-        .iter()
-        .filter(|(_, category, _)| *category == "syscalls")
-}
 
 /// BTF tracepoints of the socket data path: (program, tracepoint). Public
 /// for the tracing bench, which measures what attaching to them costs alone,
@@ -433,7 +413,7 @@ impl HttpCapture {
             counters,
             conns,
             hooks,
-            scratch: empty_data_event(),
+            scratch: Box::new(DataEvent::EMPTY),
             ebpf,
         })
     }
@@ -636,7 +616,8 @@ mod tests {
 
     #[test]
     fn records_parse_strictly() {
-        let scratch = &mut empty_data_event();
+        let mut empty = DataEvent::EMPTY;
+        let scratch = &mut empty;
         let open = bytes_of(&conn(event_kind::CONN_OPEN));
         assert!(
             matches!(parse_record(&open, scratch), Some(HttpEvent::Open(e)) if e.conn_id == 99)
@@ -650,12 +631,7 @@ mod tests {
         assert!(parse_record(&[], scratch).is_none());
         assert!(parse_record(&[42; 80], scratch).is_none());
 
-        let mut data = DataEvent::from_record(&{
-            let mut b = vec![0u8; DataEvent::HEAD_OFFSET];
-            b[0] = event_kind::DATA;
-            b
-        })
-        .unwrap();
+        let mut data = DataEvent::EMPTY;
         data.head_len = 5;
         data.head[..5].copy_from_slice(b"GET /");
         let full = bytes_of(&data);

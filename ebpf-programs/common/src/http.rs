@@ -461,6 +461,34 @@ impl DataEvent {
     /// Bytes of a record before `head`.
     pub const HEAD_OFFSET: usize = core::mem::size_of::<DataEvent>() - CAPTURE_HEAD;
 
+    /// A data event with nothing in it (a reader's reusable scratch).
+    pub const EMPTY: DataEvent = DataEvent {
+        kind: event_kind::DATA,
+        direction: 0,
+        syscall: 0,
+        flags: 0,
+        tgid: 0,
+        tid: 0,
+        fd: 0,
+        conn_id: 0,
+        start_ns: 0,
+        end_ns: 0,
+        len: 0,
+        head_len: 0,
+        tail_len: 0,
+        srtt_us: 0,
+        total_retrans: 0,
+        ctx: TraceContext {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            parent_span_id: [0; 8],
+            flags: 0,
+            _reserved: [0; 7],
+        },
+        tail: [0; CAPTURE_TAIL],
+        head: [0; CAPTURE_HEAD],
+    };
+
     /// Reads a ring-buffer record, which ends after the captured head
     /// bytes. `None` when the record is shorter than its fixed part or than
     /// the head it claims, or is not a data event.
