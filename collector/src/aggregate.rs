@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::AggregationConfig,
     model::{MergedProfile, NAME_LABEL, RawProfile, SERVICE_LABEL, SeriesLabels},
-    pipeline::{Batch, Fanout, Queued, span_count},
+    pipeline::{Batch, EncodedSpans, Fanout, Queued, SpanRequest, span_count},
     pprof::{Merger, sample_types_signature},
     stats::Stats,
 };
@@ -197,36 +197,57 @@ pub async fn run_profiles(
     }
 }
 
-/// Accumulates span export requests into batches.
+/// Accumulates span export requests into batches: decoded requests merged
+/// into one, encoded ones concatenated (never decoded here).
 #[derive(Default)]
 pub struct SpanBatcher {
     pending: ExportTraceServiceRequest,
+    encoded: Vec<u8>,
+    encoded_spans: u64,
     spans: u64,
 }
 
 impl SpanBatcher {
-    pub fn add(&mut self, req: ExportTraceServiceRequest) {
-        self.spans += span_count(&req);
-        self.pending.resource_spans.extend(req.resource_spans);
+    pub fn add(&mut self, req: SpanRequest) {
+        match req {
+            SpanRequest::Decoded(req) => {
+                self.spans += span_count(&req);
+                self.pending.resource_spans.extend(req.resource_spans);
+            }
+            SpanRequest::Encoded(e) => {
+                self.spans += e.spans;
+                self.encoded_spans += e.spans;
+                self.encoded.extend_from_slice(&e.bytes);
+            }
+        }
     }
     pub fn len(&self) -> u64 {
         self.spans
     }
     pub fn is_empty(&self) -> bool {
-        self.pending.resource_spans.is_empty()
+        self.pending.resource_spans.is_empty() && self.encoded.is_empty()
     }
-    pub fn take(&mut self) -> Option<ExportTraceServiceRequest> {
-        if self.is_empty() {
-            return None;
+    /// The batch: at most one decoded and one encoded part.
+    pub fn take(&mut self) -> Vec<Batch> {
+        let mut out = Vec::new();
+        if !self.pending.resource_spans.is_empty() {
+            out.push(Batch::Spans(Arc::new(std::mem::take(&mut self.pending))));
+        }
+        if !self.encoded.is_empty() {
+            out.push(Batch::EncodedSpans(Arc::new(EncodedSpans::new(
+                std::mem::take(&mut self.encoded),
+                self.encoded_spans,
+            ))));
         }
         self.spans = 0;
-        Some(std::mem::take(&mut self.pending))
+        self.encoded_spans = 0;
+        out
     }
 }
 
 /// Batches spans (by size or timeout) until `cancel`, then drains and flushes.
 pub async fn run_spans(
-    mut rx: mpsc::Receiver<Queued<ExportTraceServiceRequest>>,
+    mut rx: mpsc::Receiver<Queued<SpanRequest>>,
     config: AggregationConfig,
     fanout: Fanout,
     cancel: CancellationToken,
@@ -247,19 +268,19 @@ pub async fn run_spans(
                         deadline = Some(tokio::time::Instant::now() + config.span_batch_timeout);
                     }
                     batcher.add(req.item);
-                    if batcher.len() >= config.span_batch_size as u64
-                        && let Some(b) = batcher.take()
-                    {
+                    if batcher.len() >= config.span_batch_size as u64 {
                         deadline = None;
-                        fanout.send(Batch::Spans(Arc::new(b))).await;
+                        for b in batcher.take() {
+                            fanout.send(b).await;
+                        }
                     }
                 }
                 None => break,
             },
             () = sleep => {
                 deadline = None;
-                if let Some(b) = batcher.take() {
-                    fanout.send(Batch::Spans(Arc::new(b))).await;
+                for b in batcher.take() {
+                    fanout.send(b).await;
                 }
             }
             () = cancel.cancelled() => break,
@@ -269,8 +290,8 @@ pub async fn run_spans(
     while let Some(req) = rx.recv().await {
         batcher.add(req.item);
     }
-    if let Some(b) = batcher.take() {
-        fanout.send(Batch::Spans(Arc::new(b))).await;
+    for b in batcher.take() {
+        fanout.send(b).await;
     }
 }
 
@@ -303,6 +324,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use crate::pprof::{folded, tests::cpu_profile};
+    use prost::Message as _;
 
     fn raw(
         service: &str,
@@ -463,11 +485,29 @@ mod tests {
             }],
         };
         let mut b = SpanBatcher::default();
-        b.add(req(3));
-        b.add(req(4));
-        assert_eq!(b.len(), 7);
-        let out = b.take().unwrap();
-        assert_eq!(span_count(&out), 7);
-        assert!(b.take().is_none());
+        b.add(SpanRequest::Decoded(req(3)));
+        b.add(SpanRequest::Decoded(req(4)));
+        // Encoded requests are concatenated: still one valid request.
+        b.add(SpanRequest::Encoded(EncodedSpans::new(
+            req(2).encode_to_vec(),
+            2,
+        )));
+        b.add(SpanRequest::Encoded(EncodedSpans::new(
+            req(5).encode_to_vec(),
+            5,
+        )));
+        assert_eq!(b.len(), 14);
+        let out = b.take();
+        assert_eq!(out.len(), 2);
+        let Batch::Spans(decoded) = &out[0] else {
+            panic!("{:?}", out[0]);
+        };
+        assert_eq!(span_count(decoded), 7);
+        let Batch::EncodedSpans(encoded) = &out[1] else {
+            panic!("{:?}", out[1]);
+        };
+        assert_eq!(encoded.spans, 7);
+        assert_eq!(span_count(&encoded.decode().unwrap()), 7);
+        assert!(b.take().is_empty());
     }
 }

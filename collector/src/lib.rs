@@ -27,4 +27,4 @@ pub mod ui;
 
 pub use config::{CollectorArgs, CollectorConfig};
 pub use init::{BoundAddrs, Collector, StartError, init_logging};
-pub use pipeline::{Ingest, IngestError};
+pub use pipeline::{EncodedSpans, Ingest, IngestError};

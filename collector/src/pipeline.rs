@@ -27,7 +27,41 @@ use crate::{
 pub enum Batch {
     Profiles(Arc<Vec<MergedProfile>>),
     Spans(Arc<ExportTraceServiceRequest>),
+    /// Spans that arrived already encoded (the agent's tracing signal in
+    /// this process): exporters send the bytes as they are; the store
+    /// decodes them.
+    EncodedSpans(Arc<EncodedSpans>),
     Metrics(Arc<ExportMetricsServiceRequest>),
+}
+
+/// An OTLP `ExportTraceServiceRequest` already encoded as protobuf, and how
+/// many spans it holds. Two of them end to end are one request with the
+/// spans of both (protobuf's repeated fields concatenate).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncodedSpans {
+    pub bytes: bytes::Bytes,
+    pub spans: u64,
+}
+
+impl EncodedSpans {
+    pub fn new(bytes: Vec<u8>, spans: u64) -> Self {
+        Self {
+            bytes: bytes.into(),
+            spans,
+        }
+    }
+
+    /// The request, decoded.
+    pub fn decode(&self) -> Result<ExportTraceServiceRequest, prost::DecodeError> {
+        ExportTraceServiceRequest::decode(self.bytes.clone())
+    }
+}
+
+/// What the span queue carries.
+#[derive(Debug)]
+pub enum SpanRequest {
+    Decoded(ExportTraceServiceRequest),
+    Encoded(EncodedSpans),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,7 +126,7 @@ impl Budget {
 #[derive(Clone, Debug)]
 pub struct Ingest {
     pub(crate) profiles: mpsc::Sender<Queued<RawProfile>>,
-    pub(crate) spans: mpsc::Sender<Queued<ExportTraceServiceRequest>>,
+    pub(crate) spans: mpsc::Sender<Queued<SpanRequest>>,
     pub(crate) metrics: mpsc::Sender<Queued<ExportMetricsServiceRequest>>,
     pub(crate) budget: Budget,
     pub stats: Arc<Stats>,
@@ -210,6 +244,18 @@ impl Ingest {
     pub fn spans(&self, req: ExportTraceServiceRequest) -> Result<(), IngestError> {
         let n = span_count(&req);
         let bytes = req.encoded_len();
+        self.span_request(SpanRequest::Decoded(req), n, bytes)
+    }
+
+    /// Spans already encoded (by the agent in this process): they travel
+    /// to the exporters without being decoded and encoded again.
+    pub fn encoded_spans(&self, spans: EncodedSpans) -> Result<(), IngestError> {
+        let n = spans.spans;
+        let bytes = spans.bytes.len();
+        self.span_request(SpanRequest::Encoded(spans), n, bytes)
+    }
+
+    fn span_request(&self, req: SpanRequest, n: u64, bytes: usize) -> Result<(), IngestError> {
         let Some(q) = self.queued(req, bytes) else {
             self.stats.spans.refused_full.add(n);
             return Err(IngestError::Full("span"));

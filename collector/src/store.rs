@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::StoreConfig,
     model::{MergedProfile, NAME_LABEL, SERVICE_LABEL},
-    pipeline::{Batch, span_count},
+    pipeline::{Batch, EncodedSpans, span_count},
     pprof::{self, Merger, PprofError, sample_types_signature},
     proto::pprof::Profile,
     selector::Selector,
@@ -1570,9 +1570,16 @@ pub async fn run_sink(store: Arc<Store>, mut rx: mpsc::Receiver<Batch>, stats: A
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
-                let Batch::Spans(first) = batch else {
-                    write_batch(&store, batch, &stats).await;
-                    continue;
+                let first = match batch {
+                    Batch::Spans(first) => first,
+                    Batch::EncodedSpans(e) => match decode_spans(&e, &stats) {
+                        Some(first) => first,
+                        None => continue,
+                    },
+                    batch => {
+                        write_batch(&store, batch, &stats).await;
+                        continue;
+                    }
                 };
                 // Span batches already waiting join this one: one commit
                 // (fsync) for all of them.
@@ -1581,6 +1588,7 @@ pub async fn run_sink(store: Arc<Store>, mut rx: mpsc::Receiver<Batch>, stats: A
                 while spans.len() < MAX_SPAN_BATCHES_PER_COMMIT {
                     match rx.try_recv() {
                         Ok(Batch::Spans(more)) => spans.push(more),
+                        Ok(Batch::EncodedSpans(e)) => spans.extend(decode_spans(&e, &stats)),
                         Ok(b) => {
                             other = Some(b);
                             break;
@@ -1663,6 +1671,19 @@ fn span_record(
 /// Span batches written in one transaction at most.
 const MAX_SPAN_BATCHES_PER_COMMIT: usize = 8;
 
+/// Encoded spans as the store takes them; `None` (counted as dropped, and
+/// logged) when they do not decode.
+fn decode_spans(e: &EncodedSpans, stats: &ExporterStats) -> Option<Arc<ExportTraceServiceRequest>> {
+    match e.decode() {
+        Ok(req) => Some(Arc::new(req)),
+        Err(err) => {
+            tracing::warn!(error = %err, spans = e.spans, "store: encoded spans do not decode");
+            stats.dropped.add(e.spans);
+            None
+        }
+    }
+}
+
 async fn write_spans(
     store: &Arc<Store>,
     batches: Vec<Arc<ExportTraceServiceRequest>>,
@@ -1715,6 +1736,11 @@ async fn write_batch(store: &Arc<Store>, batch: Batch, stats: &ExporterStats) {
             }
         }
         Batch::Spans(req) => write_spans(store, vec![req], stats).await,
+        Batch::EncodedSpans(e) => {
+            if let Some(req) = decode_spans(&e, stats) {
+                write_spans(store, vec![req], stats).await;
+            }
+        }
         Batch::Metrics(_) => {}
     }
 }

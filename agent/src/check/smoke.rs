@@ -19,6 +19,8 @@ use opentelemetry_proto::tonic::{
     trace::v1::span::SpanKind,
 };
 
+use fathom_collector::EncodedSpans;
+
 use super::workload;
 use crate::{
     network::session::{NetConfig, NetSession},
@@ -158,7 +160,10 @@ struct Received(
 );
 
 impl OtlpSink for Received {
-    fn spans(&mut self, req: ExportTraceServiceRequest) -> bool {
+    fn spans(&mut self, spans: EncodedSpans) -> bool {
+        let Ok(req) = spans.decode() else {
+            return false;
+        };
         if let Ok(mut r) = self.0.lock() {
             r.0.push(req);
         }

@@ -23,7 +23,7 @@ pub mod session;
 pub mod spans;
 
 pub use metrics::{HttpMetrics, MetricsConfig};
-pub use otlp::traces_request;
+pub use otlp::SpanEncoder;
 pub use spans::{HttpSpan, HttpTracer, Scheme, SpanKind, TcpSpan, TracerConfig, TracerStats};
 
 use std::time::Instant;

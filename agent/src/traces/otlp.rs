@@ -7,17 +7,14 @@
 //! and for 4xx on client spans, with `error.type` the status code; Unset
 //! otherwise.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::ExportTraceServiceRequest,
     common::v1::InstrumentationScope,
-    trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status},
+    trace::v1::{span, status},
 };
 
 use super::spans::{HttpSpan, SpanKind};
-use crate::otlp::{ResourceInfo, kv_int, kv_str};
+use crate::otlp::ResourceInfo;
+use fathom_collector::EncodedSpans;
 
 /// Instrumentation scope of Fathom's HTTP spans and metrics.
 pub const SCOPE_NAME: &str = "fathom.http";
@@ -78,140 +75,286 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// The query with the values of the redacted keys replaced.
-fn redact_query(query: &str) -> String {
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if REDACTED_QUERY_KEYS.contains(&k) => format!("{k}=REDACTED"),
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+/// The query with the values of the redacted keys replaced, appended to
+/// `out`.
+fn redact_query_into(query: &str, out: &mut String) {
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((k, _)) if REDACTED_QUERY_KEYS.contains(&k) => {
+                out.push_str(k);
+                out.push_str("=REDACTED");
+            }
+            _ => out.push_str(pair),
+        }
+    }
 }
 
-fn ip_string(ip: IpAddr) -> String {
-    ip.to_canonical().to_string()
+/// Protobuf wire types used here.
+const LEN: u32 = 2;
+const VARINT: u32 = 0;
+const I64: u32 = 1;
+const I32: u32 = 5;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
-/// One span in OTLP form; times shifted by `unix_offset_ns`.
-pub fn span_to_otlp(s: &HttpSpan, unix_offset_ns: i64) -> Span {
-    let method = method_attr(&s.method);
-    let name = if method == "_OTHER" { "HTTP" } else { method };
-    // Up to 14 attributes: one allocation for the vector.
-    let mut attrs = Vec::with_capacity(14);
-    attrs.push(kv_str("http.request.method", method));
-    let peer_ip = s.peer.map(|p| ip_string(p.ip()));
-    if method == "_OTHER" {
-        attrs.push(kv_str("http.request.method_original", &s.method));
-    }
-    let host = s.host.as_deref().or(s.target_authority.as_deref());
-    let (host_name, host_port) = match host {
-        Some(h) => {
-            let (n, p) = split_host_port(h);
-            (Some(n).filter(|n| !n.is_empty()), p)
+fn varint_len(v: u64) -> usize {
+    // 1 byte per 7 bits, at least one.
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
+    put_varint(out, u64::from((field << 3) | wire));
+}
+
+/// A length-delimited field (bytes, string or a message already encoded).
+fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    put_key(out, field, LEN);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Length of a length-delimited field with a one-byte key.
+fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// `Span.attributes` (field 9): a string `KeyValue`.
+fn put_kv_str(out: &mut Vec<u8>, key: &str, value: &str) {
+    // AnyValue { string_value (1) }: a oneof, written even when empty.
+    let any = field_len(value.len());
+    put_key(out, 9, LEN);
+    put_varint(out, (field_len(key.len()) + field_len(any)) as u64);
+    put_bytes(out, 1, key.as_bytes());
+    put_key(out, 2, LEN);
+    put_varint(out, any as u64);
+    put_bytes(out, 1, value.as_bytes());
+}
+
+/// `Span.attributes` (field 9): an integer `KeyValue`.
+fn put_kv_int(out: &mut Vec<u8>, key: &str, value: i64) {
+    // AnyValue { int_value (3) }.
+    let any = 1 + varint_len(value as u64);
+    put_key(out, 9, LEN);
+    put_varint(out, (field_len(key.len()) + field_len(any)) as u64);
+    put_bytes(out, 1, key.as_bytes());
+    put_key(out, 2, LEN);
+    put_varint(out, any as u64);
+    put_key(out, 3, VARINT);
+    put_varint(out, value as u64);
+}
+
+/// Encodes finished [`HttpSpan`]s straight to OTLP protobuf bytes: no
+/// message structs per span or attribute, buffers reused from one call to
+/// the next. The bytes are what prost would write for the same spans (a
+/// test decodes and re-encodes them), so any OTLP receiver reads them.
+#[derive(Default)]
+pub struct SpanEncoder {
+    /// The span being encoded.
+    span: Vec<u8>,
+    /// The `ScopeSpans` of one process.
+    scope_spans: Vec<u8>,
+    /// Text built for one attribute (`url.full`, an address, a query).
+    text: String,
+    /// A peer address as text.
+    ip: String,
+    /// Span indices ordered by process.
+    order: Vec<usize>,
+    /// The scope message, encoded once.
+    scope: Vec<u8>,
+}
+
+impl SpanEncoder {
+    /// Spans as one request: a `ResourceSpans` per process (ordered by
+    /// pid, spans in their order) with the resource `resource_of(pid)`, one
+    /// scope ([`SCOPE_NAME`]). `unix_offset_ns` is Unix time minus
+    /// CLOCK_MONOTONIC.
+    pub fn request(
+        &mut self,
+        spans: &[HttpSpan],
+        mut resource_of: impl FnMut(u32) -> ResourceInfo,
+        unix_offset_ns: i64,
+    ) -> EncodedSpans {
+        use prost::Message;
+        if self.scope.is_empty() {
+            self.scope = scope().encode_to_vec();
         }
-        None => (None, None),
-    };
-    match s.kind {
-        SpanKind::Server => {
-            if !s.path.is_empty() {
-                attrs.push(kv_str("url.path", &s.path));
+        self.order.clear();
+        self.order.extend(0..spans.len());
+        self.order.sort_by_key(|&i| spans[i].pid);
+        let mut out = Vec::with_capacity(spans.len() * 400);
+        let mut i = 0;
+        while i < self.order.len() {
+            let pid = spans[self.order[i]].pid;
+            self.scope_spans.clear();
+            put_bytes(&mut self.scope_spans, 1, &self.scope);
+            while i < self.order.len() && spans[self.order[i]].pid == pid {
+                let mut span = std::mem::take(&mut self.span);
+                span.clear();
+                self.encode_span(&spans[self.order[i]], unix_offset_ns, &mut span);
+                put_bytes(&mut self.scope_spans, 2, &span);
+                self.span = span;
+                i += 1;
             }
-            if let Some(q) = &s.query {
-                attrs.push(kv_str("url.query", &redact_query(q)));
-            }
-            attrs.push(kv_str("url.scheme", s.scheme.as_str()));
-            if let Some(h) = host_name {
-                attrs.push(kv_str("server.address", h));
-            }
-            if let Some(p) = host_port.or(s.local_port) {
-                attrs.push(kv_int("server.port", i64::from(p)));
-            }
-            if let Some(ip) = &peer_ip {
-                attrs.push(kv_str("client.address", ip));
+            let resource = resource_of(pid).to_otlp().encode_to_vec();
+            // ResourceSpans { resource (1), scope_spans (2) }.
+            put_key(&mut out, 1, LEN);
+            put_varint(
+                &mut out,
+                (field_len(resource.len()) + field_len(self.scope_spans.len())) as u64,
+            );
+            put_bytes(&mut out, 1, &resource);
+            put_bytes(&mut out, 2, &self.scope_spans);
+        }
+        EncodedSpans::new(out, spans.len() as u64)
+    }
+
+    /// One `Span` message's fields (without its own key and length), in
+    /// field order, default values left out as prost does.
+    fn encode_span(&mut self, s: &HttpSpan, unix_offset_ns: i64, out: &mut Vec<u8>) {
+        use std::fmt::Write;
+        let method = method_attr(&s.method);
+        let name = if method == "_OTHER" { "HTTP" } else { method };
+        put_bytes(out, 1, &s.trace_id);
+        put_bytes(out, 2, &s.span_id);
+        if let Some(parent) = &s.parent_span_id {
+            put_bytes(out, 4, parent);
+        }
+        put_bytes(out, 5, name.as_bytes());
+        let kind = match s.kind {
+            SpanKind::Server => span::SpanKind::Server,
+            SpanKind::Client => span::SpanKind::Client,
+        };
+        put_key(out, 6, VARINT);
+        put_varint(out, kind as u64);
+        let start = unix_ns(s.start_ns, unix_offset_ns);
+        let end = unix_ns(s.end_ns.max(s.start_ns), unix_offset_ns);
+        for (field, t) in [(7, start), (8, end)] {
+            if t != 0 {
+                put_key(out, field, I64);
+                out.extend_from_slice(&t.to_le_bytes());
             }
         }
-        SpanKind::Client => {
-            let address = host_name.map(str::to_string).or_else(|| peer_ip.clone());
-            let port = host_port
-                .or(if host_name.is_some() {
-                    None
-                } else {
-                    s.peer.map(|p| p.port())
-                })
-                .or(host_name.map(|_| s.scheme.default_port()));
-            if let Some(a) = &address {
-                attrs.push(kv_str("server.address", a));
+
+        put_kv_str(out, "http.request.method", method);
+        self.ip.clear();
+        if let Some(p) = s.peer {
+            let _ = write!(self.ip, "{}", p.ip().to_canonical());
+        }
+        let peer_ip = s.peer.map(|_| self.ip.as_str());
+        if method == "_OTHER" {
+            put_kv_str(out, "http.request.method_original", &s.method);
+        }
+        let host = s.host.as_deref().or(s.target_authority.as_deref());
+        let (host_name, host_port) = match host {
+            Some(h) => {
+                let (n, p) = split_host_port(h);
+                (Some(n).filter(|n| !n.is_empty()), p)
             }
-            if let Some(p) = port {
-                attrs.push(kv_int("server.port", i64::from(p)));
+            None => (None, None),
+        };
+        match s.kind {
+            SpanKind::Server => {
+                if !s.path.is_empty() {
+                    put_kv_str(out, "url.path", &s.path);
+                }
+                if let Some(q) = &s.query {
+                    self.text.clear();
+                    redact_query_into(q, &mut self.text);
+                    put_kv_str(out, "url.query", &self.text);
+                }
+                put_kv_str(out, "url.scheme", s.scheme.as_str());
+                if let Some(h) = host_name {
+                    put_kv_str(out, "server.address", h);
+                }
+                if let Some(p) = host_port.or(s.local_port) {
+                    put_kv_int(out, "server.port", i64::from(p));
+                }
+                if let Some(ip) = peer_ip {
+                    put_kv_str(out, "client.address", ip);
+                }
             }
-            if let (Some(a), false) = (&address, s.method == "CONNECT") {
-                attrs.push(kv_str("url.full", &url_full(s, a, port)));
+            SpanKind::Client => {
+                let address = host_name.or(peer_ip);
+                let port = host_port
+                    .or(if host_name.is_some() {
+                        None
+                    } else {
+                        s.peer.map(|p| p.port())
+                    })
+                    .or(host_name.map(|_| s.scheme.default_port()));
+                if let Some(a) = address {
+                    put_kv_str(out, "server.address", a);
+                }
+                if let Some(p) = port {
+                    put_kv_int(out, "server.port", i64::from(p));
+                }
+                if let (Some(a), false) = (address, s.method == "CONNECT") {
+                    self.text.clear();
+                    url_full_into(s, a, port, &mut self.text);
+                    put_kv_str(out, "url.full", &self.text);
+                }
             }
         }
-    }
-    if let Some(code) = s.status {
-        attrs.push(kv_int("http.response.status_code", i64::from(code)));
-    }
-    if let (Some(peer), Some(ip)) = (s.peer, peer_ip) {
-        attrs.push(kv_str("network.peer.address", &ip));
-        attrs.push(kv_int("network.peer.port", i64::from(peer.port())));
-    }
-    attrs.push(kv_str("network.protocol.version", s.version.as_str()));
-    if let (SpanKind::Server, Some(ua)) = (s.kind, &s.user_agent) {
-        attrs.push(kv_str("user_agent.original", ua));
-    }
-    if let Some(tcp) = s.tcp {
-        attrs.push(kv_int("fathom.tcp.srtt_us", i64::from(tcp.srtt_us)));
-        attrs.push(kv_int("fathom.tcp.retransmits", i64::from(tcp.retransmits)));
-    }
-    if let Some(us) = s.connect_us {
-        attrs.push(kv_int("fathom.tcp.connect_us", clamp_i64(us)));
-    }
-    if s.request_body_bytes > 0 {
-        attrs.push(kv_int(
-            "http.request.body.size",
-            clamp_i64(s.request_body_bytes),
-        ));
-    }
-    if s.response_body_bytes > 0 {
-        attrs.push(kv_int(
-            "http.response.body.size",
-            clamp_i64(s.response_body_bytes),
-        ));
-    }
-    let status = if s.error {
         if let Some(code) = s.status {
-            attrs.push(kv_str("error.type", &code.to_string()));
+            put_kv_int(out, "http.response.status_code", i64::from(code));
         }
-        Some(Status {
-            code: status::StatusCode::Error as i32,
-            message: String::new(),
-        })
-    } else {
-        None
-    };
-    let mut flags = FLAG_SAMPLED | FLAG_HAS_IS_REMOTE;
-    if s.remote_parent {
-        flags |= FLAG_IS_REMOTE;
-    }
-    Span {
-        trace_id: s.trace_id.to_vec(),
-        span_id: s.span_id.to_vec(),
-        parent_span_id: s.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
-        flags,
-        name: name.to_string(),
-        kind: match s.kind {
-            SpanKind::Server => span::SpanKind::Server as i32,
-            SpanKind::Client => span::SpanKind::Client as i32,
-        },
-        start_time_unix_nano: unix_ns(s.start_ns, unix_offset_ns),
-        end_time_unix_nano: unix_ns(s.end_ns.max(s.start_ns), unix_offset_ns),
-        attributes: attrs,
-        status,
-        ..Span::default()
+        if let (Some(peer), Some(ip)) = (s.peer, peer_ip) {
+            put_kv_str(out, "network.peer.address", ip);
+            put_kv_int(out, "network.peer.port", i64::from(peer.port()));
+        }
+        put_kv_str(out, "network.protocol.version", s.version.as_str());
+        if let (SpanKind::Server, Some(ua)) = (s.kind, &s.user_agent) {
+            put_kv_str(out, "user_agent.original", ua);
+        }
+        if let Some(tcp) = s.tcp {
+            put_kv_int(out, "fathom.tcp.srtt_us", i64::from(tcp.srtt_us));
+            put_kv_int(out, "fathom.tcp.retransmits", i64::from(tcp.retransmits));
+        }
+        if let Some(us) = s.connect_us {
+            put_kv_int(out, "fathom.tcp.connect_us", clamp_i64(us));
+        }
+        if s.request_body_bytes > 0 {
+            put_kv_int(
+                out,
+                "http.request.body.size",
+                clamp_i64(s.request_body_bytes),
+            );
+        }
+        if s.response_body_bytes > 0 {
+            put_kv_int(
+                out,
+                "http.response.body.size",
+                clamp_i64(s.response_body_bytes),
+            );
+        }
+        if s.error {
+            if let Some(code) = s.status {
+                self.text.clear();
+                let _ = write!(self.text, "{code}");
+                put_kv_str(out, "error.type", &self.text);
+            }
+            // Status { code (3) = Error }.
+            let code = status::StatusCode::Error as u64;
+            put_key(out, 15, LEN);
+            put_varint(out, (1 + varint_len(code)) as u64);
+            put_key(out, 3, VARINT);
+            put_varint(out, code);
+        }
+        let mut flags = FLAG_SAMPLED | FLAG_HAS_IS_REMOTE;
+        if s.remote_parent {
+            flags |= FLAG_IS_REMOTE;
+        }
+        put_key(out, 16, I32);
+        out.extend_from_slice(&flags.to_le_bytes());
     }
 }
 
@@ -221,53 +364,24 @@ fn clamp_i64(v: u64) -> i64 {
 
 /// `url.full` of a client span: scheme, authority (the port only when not
 /// the scheme's default), path and query (with redactions).
-fn url_full(s: &HttpSpan, address: &str, port: Option<u16>) -> String {
-    let host = if address.contains(':') {
-        format!("[{address}]")
+fn url_full_into(s: &HttpSpan, address: &str, port: Option<u16>, url: &mut String) {
+    use std::fmt::Write;
+    url.push_str(s.scheme.as_str());
+    url.push_str("://");
+    if address.contains(':') {
+        let _ = write!(url, "[{address}]");
     } else {
-        address.to_string()
-    };
-    let authority = match port {
-        Some(p) if p != s.scheme.default_port() => format!("{host}:{p}"),
-        _ => host,
-    };
-    let path = if s.path.is_empty() { "/" } else { &s.path };
-    let mut url = format!("{}://{authority}{path}", s.scheme.as_str());
+        url.push_str(address);
+    }
+    if let Some(p) = port
+        && p != s.scheme.default_port()
+    {
+        let _ = write!(url, ":{p}");
+    }
+    url.push_str(if s.path.is_empty() { "/" } else { &s.path });
     if let Some(q) = &s.query {
         url.push('?');
-        url.push_str(&redact_query(q));
-    }
-    url
-}
-
-/// Spans as one OTLP request: a `ResourceSpans` per process (ordered by
-/// pid) with the resource `resource_of(pid)`, one scope
-/// ([`SCOPE_NAME`]). `unix_offset_ns` is Unix time minus CLOCK_MONOTONIC.
-pub fn traces_request(
-    spans: &[HttpSpan],
-    mut resource_of: impl FnMut(u32) -> ResourceInfo,
-    unix_offset_ns: i64,
-) -> ExportTraceServiceRequest {
-    let mut by_pid: BTreeMap<u32, Vec<Span>> = BTreeMap::new();
-    for s in spans {
-        by_pid
-            .entry(s.pid)
-            .or_default()
-            .push(span_to_otlp(s, unix_offset_ns));
-    }
-    ExportTraceServiceRequest {
-        resource_spans: by_pid
-            .into_iter()
-            .map(|(pid, spans)| ResourceSpans {
-                resource: Some(resource_of(pid).to_otlp()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(scope()),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            })
-            .collect(),
+        redact_query_into(q, url);
     }
 }
 
@@ -276,7 +390,51 @@ pub(crate) mod tests {
     use super::*;
     use crate::traces::parse::Version;
     use crate::traces::spans::Scheme;
-    use opentelemetry_proto::tonic::common::v1::any_value;
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::ExportTraceServiceRequest,
+        common::v1::any_value,
+        trace::v1::{Span, Status},
+    };
+    use prost::Message;
+
+    /// The encoder's bytes, decoded by prost; prost writes the same bytes
+    /// back (the encoding is canonical, field by field).
+    fn decoded(e: &EncodedSpans) -> ExportTraceServiceRequest {
+        let req = e.decode().unwrap();
+        assert_eq!(req.encode_to_vec(), e.bytes, "not prost's encoding");
+        let n: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        assert_eq!(n as u64, e.spans);
+        req
+    }
+
+    /// Spans as one OTLP request (see [`SpanEncoder::request`]).
+    fn traces_request(
+        spans: &[HttpSpan],
+        resource_of: impl FnMut(u32) -> ResourceInfo,
+        unix_offset_ns: i64,
+    ) -> EncodedSpans {
+        SpanEncoder::default().request(spans, resource_of, unix_offset_ns)
+    }
+
+    /// One span through the encoder, decoded.
+    fn span_to_otlp(s: &HttpSpan, unix_offset_ns: i64) -> Span {
+        let mut req = decoded(&traces_request(
+            std::slice::from_ref(s),
+            |_| ResourceInfo::default(),
+            unix_offset_ns,
+        ));
+        req.resource_spans
+            .remove(0)
+            .scope_spans
+            .remove(0)
+            .spans
+            .remove(0)
+    }
 
     fn attrs(s: &Span) -> Vec<(String, String)> {
         s.attributes
@@ -471,8 +629,111 @@ pub(crate) mod tests {
         assert_eq!(split_host_port("::1"), ("::1", None));
         assert_eq!(split_host_port("u:p@h:1"), ("h", Some(1)));
         assert_eq!(split_host_port("h:x"), ("h", None));
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(out.len(), varint_len(v), "{v}");
+            assert_eq!(out.len(), prost::encoding::encoded_len_varint(v), "{v}");
+        }
         assert_eq!(unix_ns(5, -10), 0);
         assert_eq!(unix_ns(u64::MAX, 10), u64::MAX);
+    }
+
+    /// Every optional field present and absent, odd methods, extreme
+    /// numbers: prost decodes the bytes and writes them back unchanged
+    /// ([`decoded`]), span for span.
+    #[test]
+    fn encoding_is_prosts_for_every_shape() {
+        let mut spans = Vec::new();
+        for i in 0..64u32 {
+            let mut s = server_span();
+            s.pid = i % 5;
+            s.span_id = [i as u8; 8];
+            if i & 1 != 0 {
+                s.kind = SpanKind::Client;
+            }
+            if i & 2 != 0 {
+                s.peer = None;
+                s.parent_span_id = None;
+            }
+            if i & 4 != 0 {
+                s.peer = Some("192.0.2.9:80".parse().unwrap());
+                s.host = None;
+                s.target_authority = Some("[2001:db8::1]:8443".into());
+            }
+            if i & 8 != 0 {
+                s.method = ["CONNECT", "", "M-SEARCH", "post"][(i as usize / 8) % 4].into();
+                s.path.clear();
+                s.query = Some(String::new());
+            }
+            if i & 16 != 0 {
+                s.status = None;
+                s.user_agent = None;
+                s.tcp = Some(crate::traces::TcpSpan {
+                    srtt_us: u32::MAX,
+                    retransmits: 0,
+                });
+                s.connect_us = Some(u64::MAX);
+                s.request_body_bytes = u64::MAX;
+                s.start_ns = 0;
+                s.end_ns = 0;
+            }
+            if i & 32 != 0 {
+                s.error = false;
+                s.response_body_bytes = 0;
+                s.local_port = None;
+                s.path = "/é/ünïcode".into();
+            }
+            spans.push(s);
+        }
+        let mut encoder = SpanEncoder::default();
+        for offset in [0, -1, i64::MAX] {
+            // The same encoder, reused: nothing of one request leaks into
+            // the next.
+            let once = encoder.request(
+                &spans,
+                |pid| ResourceInfo {
+                    service_name: format!("svc-{pid}"),
+                    pid: Some(pid),
+                    ..ResourceInfo::default()
+                },
+                offset,
+            );
+            let req = decoded(&once);
+            assert_eq!(req.resource_spans.len(), 5);
+            for (pid, rs) in req.resource_spans.iter().enumerate() {
+                let ids: Vec<u8> = rs.scope_spans[0]
+                    .spans
+                    .iter()
+                    .map(|s| s.span_id[0])
+                    .collect();
+                let want: Vec<u8> = (0..64u8).filter(|i| usize::from(*i) % 5 == pid).collect();
+                assert_eq!(ids, want);
+            }
+            let again = decoded(&encoder.request(
+                &spans,
+                |pid| ResourceInfo {
+                    service_name: format!("svc-{pid}"),
+                    pid: Some(pid),
+                    ..ResourceInfo::default()
+                },
+                offset,
+            ));
+            assert_eq!(again, req);
+        }
+        assert_eq!(
+            encoder.request(&[], |_| ResourceInfo::default(), 0).spans,
+            0
+        );
     }
 
     #[test]
@@ -481,7 +742,7 @@ pub(crate) mod tests {
         let mut b = server_span();
         b.pid = 3;
         b.span_id = [1; 8];
-        let req = traces_request(
+        let req = decoded(&traces_request(
             &[a.clone(), b, a],
             |pid| ResourceInfo {
                 service_name: format!("svc-{pid}"),
@@ -491,7 +752,7 @@ pub(crate) mod tests {
                 extra: vec![("service.namespace".into(), "shop".into())],
             },
             0,
-        );
+        ));
         assert_eq!(req.resource_spans.len(), 2);
         let r0 = &req.resource_spans[0];
         let res = r0.resource.as_ref().unwrap();

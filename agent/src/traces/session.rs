@@ -16,8 +16,8 @@ use super::{
     HttpMetrics, HttpTracer, MetricsConfig, TracerConfig,
     capture::{HttpCapture, HttpCaptureConfig, HttpCaptureError, HttpEvent},
     inject::InjectError,
+    otlp::SpanEncoder,
     spans::sock_addr,
-    traces_request,
 };
 use crate::{
     connections::{ConnectionLookup, NoConnections, tcp_flow_key},
@@ -207,6 +207,8 @@ struct Worker {
     undelivered: Undelivered,
     spans_delivered: u64,
     spans_sampled_out: u64,
+    /// Spans to OTLP bytes, its buffers kept from one flush to the next.
+    encoder: SpanEncoder,
 }
 
 impl Worker {
@@ -222,6 +224,7 @@ impl Worker {
             config,
             capture: Some(capture),
             sink,
+            encoder: SpanEncoder::default(),
             resources: HashMap::new(),
             metas: HashMap::new(),
             unresolved: HashSet::new(),
@@ -427,7 +430,7 @@ impl Worker {
             }
             let offset = unix_offset_ns();
             let resources = &self.resources;
-            let req = traces_request(
+            let req = self.encoder.request(
                 &spans,
                 |pid| resources.get(&pid).cloned().unwrap_or_default(),
                 offset,

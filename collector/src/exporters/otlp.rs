@@ -164,7 +164,7 @@ impl OtlpExporter {
         })
     }
 
-    /// Forwards `Batch::Spans` (and `Batch::Metrics` unless `metrics = false`)
+    /// Forwards `Batch::Spans` and `Batch::EncodedSpans` (and `Batch::Metrics` unless `metrics = false`)
     /// until `rx` closes, then delivers what is buffered until
     /// `shutdown_deadline`; the rest is counted as dropped.
     pub async fn run(
@@ -183,10 +183,16 @@ impl Delivery for OtlpExporter {
 
     fn encode(&mut self, batch: &Batch) -> Vec<Entry<OtlpItem>> {
         let (signal, body, count) = match batch {
-            Batch::Spans(req) => (Signal::Traces, req.encode_to_vec(), span_count(req)),
+            Batch::Spans(req) => (
+                Signal::Traces,
+                Bytes::from(req.encode_to_vec()),
+                span_count(req),
+            ),
+            // Sent as they came: no decoding, no encoding.
+            Batch::EncodedSpans(e) => (Signal::Traces, e.bytes.clone(), e.spans),
             Batch::Metrics(req) if self.metrics => (
                 Signal::Metrics,
-                req.encode_to_vec(),
+                Bytes::from(req.encode_to_vec()),
                 metric_point_count(req),
             ),
             _ => return Vec::new(),
@@ -197,10 +203,7 @@ impl Delivery for OtlpExporter {
         vec![Entry {
             bytes: body.len() as u64,
             count,
-            item: OtlpItem {
-                signal,
-                body: Bytes::from(body),
-            },
+            item: OtlpItem { signal, body },
         }]
     }
 
