@@ -1005,6 +1005,11 @@ mod tests {
             ("/ui/api/traces?minDuration=fast", "minDuration=\"fast\""),
             ("/ui/api/traces?tags=x", "tags="),
             ("/ui/api/services?x=1", "accepted: none"),
+            ("/ui/api/traces?sort=random", "sort=\"random\""),
+            (
+                "/ui/api/metrics?service=api&x=1",
+                "unknown query parameter x",
+            ),
             ("/ui/api/profile?series=%7Bpod%3D", "series: label selector"),
         ] {
             let (s, ct, body) = get(&r, uri).await;
@@ -1114,6 +1119,21 @@ mod tests {
         let tags = urlencode(r#"{"http.request.method":"POST"}"#);
         let (total, _) = page(&format!("/ui/api/traces?service=web&tags={tags}")).await;
         assert_eq!(total, "0");
+        // Sorted: longest first (50 ms), shortest first; paged after sorting.
+        let (total, names) = page("/ui/api/traces?service=web&sort=longest&limit=2").await;
+        assert_eq!(
+            (total.as_str(), names),
+            (
+                "5",
+                vec!["GET /a@9000.0".to_string(), "GET /b@8000.0".to_string()]
+            )
+        );
+        let (_, names) = page("/ui/api/traces?service=web&sort=shortest&limit=1&offset=1").await;
+        assert_eq!(names, ["GET /b@6000.0"]);
+        let (_, names) = page("/ui/api/traces?sort=most_spans&limit=1").await;
+        assert_eq!(names, ["GET /users@1000.0"]);
+        let (_, names) = page("/ui/api/traces?service=web&sort=oldest&limit=1").await;
+        assert_eq!(names, ["GET /a@5000.0"]);
         // Every service: api's trace too.
         let (total, _) = page("/ui/api/traces").await;
         assert_eq!(total, "6");
