@@ -38,6 +38,12 @@ const shot = (p, name) => p.screenshot({ path: join(SHOTS, name + ".png"), fullP
 const text = (p, sel) => p.locator(sel).first().innerText();
 async function status(p, url) { return p.evaluate(async (u) => (await fetch(u)).status, url); }
 async function settle(p) { await p.waitForTimeout(400); }
+/// Waits (up to 5 s) for `sel`'s data-`attr` to be `want`, then checks it.
+async function expectAttr(p, sel, attr, want, what) {
+  await p.waitForFunction(([s, a, w]) => document.querySelector(s)?.getAttribute(a) === w, [sel, attr, String(want)], { timeout: 5000 }).catch(() => {});
+  const got = await p.locator(sel).getAttribute(attr);
+  check(got === String(want), what, got);
+}
 
 try {
   if (PHASE === "empty") {
@@ -169,7 +175,7 @@ try {
     await p.waitForFunction(() => document.querySelector("#t-operation").options.length > 1);
     await p.click("#t-find");
     await settle(p);
-    check(await count() === EXPECT.traces_frontend, `frontend: ${EXPECT.traces_frontend} traces`, await count());
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_frontend, `frontend: ${EXPECT.traces_frontend} traces`);
     check((await text(p, "#t-page")) === "page 1 of 2", "20 per page: page 1 of 2", await text(p, "#t-page"));
     check(await p.locator("#t-results tbody tr").count() === 20, "20 rows on page 1");
     await p.click("#t-next");
@@ -186,10 +192,10 @@ try {
     // span that satisfies everything, as Jaeger's does).
     await p.check("#t-errors");
     await settle(p);
-    check(await count() === 0, "errors only of frontend: none", await count());
+    await expectAttr(p, "#t-count", "data-total", 0, "errors only of frontend: none");
     await p.selectOption("#t-service", "");
     await settle(p);
-    check(await count() === EXPECT.traces_errors, `errors only, all services: ${EXPECT.traces_errors}`, await count());
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_errors, `errors only, all services: ${EXPECT.traces_errors}`);
     await p.uncheck("#t-errors");
     await p.selectOption("#t-service", "frontend");
     await settle(p);
@@ -197,20 +203,20 @@ try {
     await p.fill("#t-tags", "http.status_code=500");
     await p.click("#t-find");
     await settle(p);
-    check(await count() === EXPECT.traces_errors, "tags http.status_code=500", await count());
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_errors, "tags http.status_code=500");
     await p.fill("#t-tags", "");
     // Min duration.
     await p.fill("#t-min", "120ms");
     await p.click("#t-find");
     await settle(p);
-    check(await count() === EXPECT.traces_min_120ms, `minDuration 120ms: ${EXPECT.traces_min_120ms}`, await count());
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_min_120ms, `minDuration 120ms: ${EXPECT.traces_min_120ms}`);
     await p.fill("#t-min", "");
     // Operation of another service.
     await p.selectOption("#t-service", "payment");
     await p.waitForFunction(() => [...document.querySelector("#t-operation").options].some((o) => o.value === "charge"));
     await p.selectOption("#t-operation", "charge");
     await settle(p);
-    check(await count() === EXPECT.traces_frontend, "payment / charge: every trace", await count());
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_frontend, "payment / charge: every trace");
     await shot(p, "traces-search");
     // Unknown parameters are refused.
     check(await status(p, "/ui/api/traces?service=frontend&bogus=1") === 400, "/ui/api/traces: unknown parameter → 400");
@@ -264,8 +270,7 @@ try {
     await open(p, "?view=metrics&m.range=1h");
     await p.selectOption("#m-service", "checkout");
     await settle(p);
-    const n = Number(await p.locator("#m-count").getAttribute("data-count"));
-    check(n === 3, "checkout: 3 series", n);
+    await expectAttr(p, "#m-count", "data-count", 3, "checkout: 3 series");
     const gauge = await text(p, '.metric[data-metric="queue_depth"]');
     check(gauge.includes(EXPECT.gauge_last) && gauge.includes(`${EXPECT.metric_points} points`), `gauge: last ${EXPECT.gauge_last}, ${EXPECT.metric_points} points`, gauge);
     const hist = await text(p, '.metric[data-metric="http_server_request_duration_seconds"]');
@@ -277,7 +282,7 @@ try {
     await p.fill("#m-name", "queue");
     await p.press("#m-name", "Enter");
     await settle(p);
-    check(Number(await p.locator("#m-count").getAttribute("data-count")) === 1, "name filter: 1 series");
+    await expectAttr(p, "#m-count", "data-count", 1, "name filter: 1 series");
     await p.fill("#m-name", "");
     await p.press("#m-name", "Enter");
     await settle(p);
