@@ -176,6 +176,7 @@ impl Collector {
             });
             sinks_set.spawn(exporter.run(rx, stats.exporter("pyroscope"), EXPORT_FLUSH_DEADLINE));
         }
+        let mut ui_addrs = None;
         if config.store_enabled() {
             let store = Arc::new(
                 Store::open(&config.store)
@@ -194,11 +195,11 @@ impl Collector {
                 max_bytes = config.store.max_bytes,
                 "store open"
             );
+            let ui_state = UiState::new(store.clone(), metrics.clone());
+            ui_state.history.spawn_sampler(metrics);
+            ui_addrs = Some(ui_state.addrs.clone());
             http_routes = http_routes
-                .merge(ui::router(UiState {
-                    store: store.clone(),
-                    metrics,
-                }))
+                .merge(ui::router(ui_state))
                 .merge(query::pyroscope::router(store.clone()))
                 .merge(query::jaeger::router(store));
         }
@@ -294,6 +295,9 @@ impl Collector {
                 tls_http.as_ref(),
                 stop_receivers.clone(),
             )?;
+        }
+        if let Some(a) = &ui_addrs {
+            a.set(addrs).ok();
         }
         tracing::info!(
             otlp_grpc = ?addrs.otlp_grpc,

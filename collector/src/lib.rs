@@ -14,6 +14,7 @@ pub mod aggregate;
 pub mod config;
 pub mod exporters;
 pub mod init;
+pub mod metrics_history;
 pub mod model;
 pub mod pipeline;
 pub mod pprof;

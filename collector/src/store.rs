@@ -212,6 +212,35 @@ pub struct TraceSearch {
     pub until: Option<SystemTime>,
     pub limit: usize,
     pub offset: usize,
+    /// Order of the results (newest first by default).
+    pub sort: TraceSort,
+}
+
+/// How search results are ordered. Any order but `Newest` reads every
+/// match (up to [`MAX_SEARCH_SCAN`] traces) before paging.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TraceSort {
+    #[default]
+    Newest,
+    Oldest,
+    Longest,
+    Shortest,
+    MostSpans,
+}
+
+impl TraceSort {
+    pub const NAMES: &[&str] = &["newest", "oldest", "longest", "shortest", "most_spans"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "newest" => Self::Newest,
+            "oldest" => Self::Oldest,
+            "longest" => Self::Longest,
+            "shortest" => Self::Shortest,
+            "most_spans" => Self::MostSpans,
+            _ => return None,
+        })
+    }
 }
 
 impl TraceSearch {
@@ -381,8 +410,17 @@ pub struct SpanView {
     pub status_message: String,
     pub attributes: Vec<(String, String)>,
     pub resource: Vec<(String, String)>,
-    /// `+offset ms name key=value …` (the event's attributes included).
-    pub events: Vec<String>,
+    /// The span's events with their attributes, by time.
+    pub events: Vec<EventView>,
+}
+
+/// One span event as the UI shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EventView {
+    /// From the span's start.
+    pub offset_ms: f64,
+    pub name: String,
+    pub attributes: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -709,6 +747,11 @@ impl Store {
         self.db
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long data is kept.
+    pub fn retention(&self) -> Duration {
+        self.retention
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -1362,7 +1405,16 @@ impl Store {
             total_exact: true,
             ..TraceSearchResult::default()
         };
-        let wanted = q.offset.saturating_add(q.limit);
+        let sorted = q.sort != TraceSort::Newest;
+        if q.sort == TraceSort::Oldest {
+            candidates.reverse();
+        }
+        let mut all: Vec<TraceSummary> = Vec::new();
+        let wanted = if sorted {
+            MAX_SEARCH_SCAN
+        } else {
+            q.offset.saturating_add(q.limit)
+        };
         let mut scanned = 0usize;
         for tid in candidates {
             let matched = if q.index_only() {
@@ -1394,12 +1446,46 @@ impl Store {
                 continue;
             }
             out.total += 1;
-            if out.total as usize > q.offset
+            if sorted {
+                if all.len() < MAX_SEARCH_SCAN {
+                    if let Some(g) = traces.get(tid)? {
+                        all.push(decode_summary(g.value())?);
+                    }
+                } else {
+                    out.total_exact = false;
+                    break;
+                }
+            } else if out.total as usize > q.offset
                 && out.traces.len() < q.limit
                 && let Some(g) = traces.get(tid)?
             {
                 out.traces.push(decode_summary(g.value())?);
             }
+        }
+        if sorted {
+            let newest =
+                |a: &TraceSummary, b: &TraceSummary| b.start_unix_nano.cmp(&a.start_unix_nano);
+            match q.sort {
+                TraceSort::Newest | TraceSort::Oldest => {}
+                TraceSort::Longest => {
+                    all.sort_by(|a, b| {
+                        b.duration_nanos()
+                            .cmp(&a.duration_nanos())
+                            .then(newest(a, b))
+                    });
+                }
+                TraceSort::Shortest => {
+                    all.sort_by(|a, b| {
+                        a.duration_nanos()
+                            .cmp(&b.duration_nanos())
+                            .then(newest(a, b))
+                    });
+                }
+                TraceSort::MostSpans => {
+                    all.sort_by(|a, b| b.span_count.cmp(&a.span_count).then(newest(a, b)));
+                }
+            }
+            out.traces = all.into_iter().skip(q.offset).take(q.limit).collect();
         }
         Ok(out)
     }
@@ -1515,16 +1601,10 @@ impl Store {
                         events: span
                             .events
                             .iter()
-                            .map(|e| {
-                                let mut line = format!(
-                                    "+{:.3} ms {}",
-                                    e.time_unix_nano.saturating_sub(start) as f64 / 1e6,
-                                    e.name
-                                );
-                                for (k, v) in attributes(&e.attributes) {
-                                    line.push_str(&format!(" {k}={v}"));
-                                }
-                                line
+                            .map(|e| EventView {
+                                offset_ms: e.time_unix_nano.saturating_sub(start) as f64 / 1e6,
+                                name: e.name.clone(),
+                                attributes: attributes(&e.attributes),
                             })
                             .collect(),
                     });

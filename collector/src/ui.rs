@@ -7,7 +7,7 @@
 //! not know are refused with 400.
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -21,12 +21,15 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    model::{MetricKind, MetricPoint, MetricsView},
+    init::BoundAddrs,
+    metrics_history::MetricsHistory,
+    model::{MetricPoint, MetricsView},
     pprof,
     query::jaeger::parse_go_duration,
     selector::Selector,
     store::{
-        ProfileQuery, ProfileResult, Store, StoreError, TraceSearch, TraceSummary, parse_trace_id,
+        ProfileQuery, ProfileResult, Store, StoreError, TraceSearch, TraceSort, TraceSummary,
+        parse_trace_id,
     },
 };
 
@@ -43,6 +46,24 @@ const DEFAULT_TOP_LIMIT: usize = 50;
 pub struct UiState {
     pub store: Arc<Store>,
     pub metrics: Arc<dyn MetricsView>,
+    /// Metric points over the store's retention (see `metrics_history`).
+    pub history: Arc<MetricsHistory>,
+    /// The listeners' addresses, once bound (for the onboarding hints).
+    pub addrs: Arc<OnceLock<BoundAddrs>>,
+}
+
+impl UiState {
+    /// A UI over `store` and `metrics`, with a metric history as long as the
+    /// store's retention (not sampled in the background: see
+    /// [`MetricsHistory::spawn_sampler`]).
+    pub fn new(store: Arc<Store>, metrics: Arc<dyn MetricsView>) -> Self {
+        Self {
+            history: Arc::new(MetricsHistory::new(store.retention())),
+            store,
+            metrics,
+            addrs: Arc::new(OnceLock::new()),
+        }
+    }
 }
 
 /// The UI's routes: `/`, `/ui/*` assets and `/ui/api/*`; `/api/profile`
@@ -53,6 +74,7 @@ pub fn router(state: UiState) -> Router {
         .route("/", get(index))
         .route("/ui/app.js", get(app_js))
         .route("/ui/style.css", get(style_css))
+        .route("/ui/api/status", get(status))
         .route("/ui/api/services", get(services))
         .route("/ui/api/series", get(series))
         .route("/ui/api/flamegraph.svg", get(flamegraph))
@@ -445,8 +467,18 @@ async fn traces(State(s): State<UiState>, Query(q): Params) -> Result<Response, 
             "range",
             "limit",
             "offset",
+            "sort",
         ]],
     )?;
+    let sort = match param(&q, "sort") {
+        Some(v) => TraceSort::parse(v).ok_or_else(|| {
+            ApiError::bad(format!(
+                "sort={v:?}: expected one of {}",
+                TraceSort::NAMES.join(", ")
+            ))
+        })?,
+        None => TraceSort::Newest,
+    };
     let (from, until) = time_range(&q, SystemTime::now())?;
     let limit = match param(&q, "limit") {
         Some(l) => l
@@ -505,6 +537,7 @@ async fn traces(State(s): State<UiState>, Query(q): Params) -> Result<Response, 
         until,
         limit,
         offset,
+        sort,
     };
     let store = s.store.clone();
     let found = blocking(move || store.search_traces(&search)).await?;
@@ -537,25 +570,29 @@ async fn trace(
     Ok(Json(t).into_response())
 }
 
-/// One metric row of the UI.
+/// One metric series of the UI: its current value (when the registry still
+/// has it) or its last recorded one, and its history.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MetricRow {
     pub name: String,
     pub kind: &'static str,
     pub help: String,
+    /// From the name's suffix: `s`, `ms`, `bytes`, `ratio`, … or empty.
+    pub unit: &'static str,
     pub labels: Vec<(String, String)>,
     /// Counter/gauge value; a histogram's sum.
     pub value: f64,
     pub count: Option<u64>,
     pub p50: Option<f64>,
     pub p99: Option<f64>,
+    /// Whether the registry still holds the series (false: it was not
+    /// updated for the staleness period; its history remains).
+    pub current: bool,
+    /// Time of the last point (unix ms).
+    pub last_ms: u64,
+    pub points: Vec<crate::metrics_history::HistoryPoint>,
 }
 
-/// The `q` quantile of a histogram from cumulative buckets `(upper bound,
-/// count)`, interpolated linearly inside the bucket as Prometheus'
-/// `histogram_quantile` does; the lower bound of the first bucket is 0 (or
-/// its bound when negative); a quantile in the `+Inf` bucket is the largest
-/// finite bound.
 pub fn histogram_quantile(q: f64, buckets: &[(f64, u64)]) -> Option<f64> {
     let total = buckets.last()?.1;
     if total == 0 || !(0.0..=1.0).contains(&q) {
@@ -582,46 +619,147 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, u64)]) -> Option<f64> {
     Some(prev_bound)
 }
 
-pub fn metric_rows(points: Vec<MetricPoint>) -> Vec<MetricRow> {
-    let mut rows: Vec<MetricRow> = points
+/// The rows of the series in `history` that match, the current values
+/// taken from `current` (a registry snapshot) when it has the series.
+pub fn metric_rows(
+    current: &[MetricPoint],
+    history: Vec<crate::metrics_history::SeriesHistory>,
+) -> Vec<MetricRow> {
+    type Labels = [(String, String)];
+    let now: HashMap<(&str, &Labels), &MetricPoint> = current
+        .iter()
+        .map(|p| ((p.name.as_str(), p.labels.as_slice()), p))
+        .collect();
+    history
         .into_iter()
-        .map(|p| {
-            let hist = p.kind == MetricKind::Histogram;
+        .map(|h| {
+            let cur = now.get(&(h.name.as_str(), h.labels.as_slice())).copied();
+            let last = h.points.last().copied();
+            let hist = h.kind == "histogram";
+            let (value, count, p50, p99) = match cur {
+                Some(p) => (
+                    p.value,
+                    hist.then_some(p.count),
+                    hist.then(|| histogram_quantile(0.5, &p.buckets)).flatten(),
+                    hist.then(|| histogram_quantile(0.99, &p.buckets)).flatten(),
+                ),
+                None => (
+                    last.map_or(0.0, |p| p.v),
+                    None,
+                    last.and_then(|p| p.p50),
+                    last.and_then(|p| p.p99),
+                ),
+            };
             MetricRow {
-                kind: match p.kind {
-                    MetricKind::Counter => "counter",
-                    MetricKind::Gauge => "gauge",
-                    MetricKind::Histogram => "histogram",
-                },
-                count: hist.then_some(p.count),
-                p50: if hist {
-                    histogram_quantile(0.5, &p.buckets)
-                } else {
-                    None
-                },
-                p99: if hist {
-                    histogram_quantile(0.99, &p.buckets)
-                } else {
-                    None
-                },
-                name: p.name,
-                help: p.help,
-                labels: p.labels,
-                value: p.value,
+                kind: h.kind,
+                unit: h.unit,
+                current: cur.is_some(),
+                last_ms: last.map_or(0, |p| p.t),
+                name: h.name,
+                help: h.help,
+                labels: h.labels,
+                value,
+                count,
+                p50,
+                p99,
+                points: h.points,
             }
         })
-        .collect();
-    rows.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.labels.cmp(&b.labels)));
-    rows
+        .collect()
 }
 
+/// Metric series with their history: `service` (the `service_name` label),
+/// `name` (a part of the metric name), a time range.
 async fn metrics(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
-    only(&q, &[])?;
+    only(&q, &[&["service", "name", "from", "until", "range"]])?;
+    let (from, until) = time_range(&q, SystemTime::now())?;
     let view = s.metrics.clone();
     let points = tokio::task::spawn_blocking(move || view.snapshot())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(metric_rows(points)).into_response())
+    s.history.record(points.clone(), SystemTime::now());
+    let ms = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    };
+    let history = s.history.query(
+        param(&q, "service"),
+        param(&q, "name"),
+        from.map_or(0, ms),
+        until.map_or(u64::MAX, ms),
+    );
+    Ok(Json(metric_rows(&points, history)).into_response())
+}
+
+#[derive(Serialize)]
+struct Endpoint {
+    what: &'static str,
+    address: String,
+}
+
+#[derive(Serialize)]
+struct StatusResponse {
+    store_path: String,
+    retention: String,
+    profile_series: usize,
+    spans: u64,
+    metric_series: usize,
+    /// Services of the stored profiles and traces, and of the metrics.
+    profile_services: Vec<String>,
+    trace_services: Vec<String>,
+    metric_services: Vec<String>,
+    /// Where to send data (the addresses bound; empty until then).
+    endpoints: Vec<Endpoint>,
+}
+
+/// What is stored and where to send data (the UI's onboarding).
+async fn status(State(s): State<UiState>, Query(q): Params) -> Result<Response, ApiError> {
+    only(&q, &[])?;
+    let store = s.store.clone();
+    let (series, spans, trace_services) = blocking(move || {
+        Ok((
+            store.series(None)?,
+            store.span_count()?,
+            store.trace_services()?,
+        ))
+    })
+    .await?;
+    let mut profile_services: Vec<String> = series.iter().map(|s| s.service.clone()).collect();
+    profile_services.sort();
+    profile_services.dedup();
+    let mut endpoints = Vec::new();
+    if let Some(a) = s.addrs.get() {
+        if let Some(g) = a.otlp_grpc {
+            endpoints.push(Endpoint {
+                what: "OTLP gRPC (traces, metrics; Pyroscope push.v1 over gRPC)",
+                address: g.to_string(),
+            });
+        }
+        if let Some(h) = a.otlp_http {
+            endpoints.push(Endpoint {
+                what: "OTLP HTTP (/v1/traces, /v1/metrics)",
+                address: h.to_string(),
+            });
+        }
+        if let Some(h) = a.http {
+            endpoints.push(Endpoint {
+                what: "HTTP: Pyroscope push (/push.v1.PusherService/Push, /ingest), OTLP HTTP, this UI",
+                address: h.to_string(),
+            });
+        }
+    }
+    Ok(Json(StatusResponse {
+        store_path: s.store.path().display().to_string(),
+        retention: humantime::format_duration(s.store.retention()).to_string(),
+        profile_series: series.len(),
+        spans,
+        metric_series: s.history.query(None, None, 0, u64::MAX).len(),
+        profile_services,
+        trace_services,
+        metric_services: s.history.services(),
+        endpoints,
+    })
+    .into_response())
 }
 
 #[cfg(test)]
@@ -632,6 +770,7 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
+    use crate::model::MetricKind;
     use crate::store::tests::{SpanSpec, config, merged, spans};
 
     struct Points(Vec<MetricPoint>);
@@ -674,10 +813,7 @@ mod tests {
                 ],
             ))
             .unwrap();
-        let r = router(UiState {
-            store: store.clone(),
-            metrics: Arc::new(Points(metrics)),
-        });
+        let r = router(UiState::new(store.clone(), Arc::new(Points(metrics))));
         (r, store)
     }
 
@@ -869,6 +1005,11 @@ mod tests {
             ("/ui/api/traces?minDuration=fast", "minDuration=\"fast\""),
             ("/ui/api/traces?tags=x", "tags="),
             ("/ui/api/services?x=1", "accepted: none"),
+            ("/ui/api/traces?sort=random", "sort=\"random\""),
+            (
+                "/ui/api/metrics?service=api&x=1",
+                "unknown query parameter x",
+            ),
             ("/ui/api/profile?series=%7Bpod%3D", "series: label selector"),
         ] {
             let (s, ct, body) = get(&r, uri).await;
@@ -978,6 +1119,21 @@ mod tests {
         let tags = urlencode(r#"{"http.request.method":"POST"}"#);
         let (total, _) = page(&format!("/ui/api/traces?service=web&tags={tags}")).await;
         assert_eq!(total, "0");
+        // Sorted: longest first (50 ms), shortest first; paged after sorting.
+        let (total, names) = page("/ui/api/traces?service=web&sort=longest&limit=2").await;
+        assert_eq!(
+            (total.as_str(), names),
+            (
+                "5",
+                vec!["GET /a@9000.0".to_string(), "GET /b@8000.0".to_string()]
+            )
+        );
+        let (_, names) = page("/ui/api/traces?service=web&sort=shortest&limit=1&offset=1").await;
+        assert_eq!(names, ["GET /b@6000.0"]);
+        let (_, names) = page("/ui/api/traces?sort=most_spans&limit=1").await;
+        assert_eq!(names, ["GET /users@1000.0"]);
+        let (_, names) = page("/ui/api/traces?service=web&sort=oldest&limit=1").await;
+        assert_eq!(names, ["GET /a@5000.0"]);
         // Every service: api's trace too.
         let (total, _) = page("/ui/api/traces").await;
         assert_eq!(total, "6");

@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::{
 use tokio::runtime::Runtime;
 
 mod common;
-use common::{ChildGuard, fixture, require_tool, target_dir};
+use common::{fixture, require_tool, target_dir};
 
 struct Running {
     rt: Runtime,
@@ -338,25 +338,50 @@ fn kv(k: &str, v: &str) -> KeyValue {
     }
 }
 
-/// A checkout trace over two services: (span id, parent, name, kind,
-/// start offset ms, duration ms, error).
-fn checkout_trace(trace_id: [u8; 16], t0: u64) -> ExportTraceServiceRequest {
-    let span =
-        |id: u8, parent: u8, name: &str, kind: SpanKind, off: u64, dur: u64, error: bool| Span {
-            trace_id: trace_id.to_vec(),
-            span_id: vec![id; 8],
-            parent_span_id: if parent == 0 { vec![] } else { vec![parent; 8] },
-            name: name.into(),
-            kind: kind as i32,
-            start_time_unix_nano: t0 + off * 1_000_000,
-            end_time_unix_nano: t0 + (off + dur) * 1_000_000,
-            attributes: vec![kv("http.request.method", "POST")],
-            status: error.then(|| Status {
-                code: 2,
-                message: "payment declined".into(),
-            }),
-            ..Span::default()
-        };
+/// A trace of three services: `frontend` (root, `GET /checkout`, 100 + i
+/// ms), `payment` (`charge`, an error with an exception event on every
+/// fifth trace) and `inventory` (`SELECT stock`, 6.5 ms ending with the
+/// root: its duration must stay readable at the waterfall's right edge).
+fn shop_trace(i: u64, t0: u64) -> ExportTraceServiceRequest {
+    let tid = {
+        let mut t = [0xabu8; 16];
+        t[8..].copy_from_slice(&(i + 1).to_be_bytes());
+        t
+    };
+    let error = i.is_multiple_of(5);
+    let root_ms = 100 + i;
+    let span = |id: u8, parent: u8, name: &str, kind: SpanKind, off_us: u64, dur_us: u64| Span {
+        trace_id: tid.to_vec(),
+        span_id: vec![id; 8],
+        parent_span_id: if parent == 0 { vec![] } else { vec![parent; 8] },
+        name: name.into(),
+        kind: kind as i32,
+        start_time_unix_nano: t0 + off_us * 1_000,
+        end_time_unix_nano: t0 + (off_us + dur_us) * 1_000,
+        attributes: vec![kv(
+            "http.status_code",
+            if error && id <= 2 { "500" } else { "200" },
+        )],
+        ..Span::default()
+    };
+    let mut charge = span(2, 1, "charge", SpanKind::Client, 10_000, 40_000);
+    if error {
+        charge.status = Some(Status {
+            code: 2,
+            message: "card declined".into(),
+        });
+        charge
+            .events
+            .push(opentelemetry_proto::tonic::trace::v1::span::Event {
+                time_unix_nano: t0 + 30_000_000,
+                name: "exception".into(),
+                attributes: vec![
+                    kv("exception.type", "CardDeclinedError"),
+                    kv("exception.message", "card declined: insufficient funds"),
+                ],
+                dropped_attributes_count: 0,
+            });
+    }
     let rs = |service: &str, spans: Vec<Span>| ResourceSpans {
         resource: Some(Resource {
             attributes: vec![kv("service.name", service)],
@@ -364,7 +389,7 @@ fn checkout_trace(trace_id: [u8; 16], t0: u64) -> ExportTraceServiceRequest {
         }),
         scope_spans: vec![ScopeSpans {
             scope: Some(InstrumentationScope {
-                name: "fathom".into(),
+                name: "shop".into(),
                 ..InstrumentationScope::default()
             }),
             spans,
@@ -375,226 +400,236 @@ fn checkout_trace(trace_id: [u8; 16], t0: u64) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {
         resource_spans: vec![
             rs(
-                "shop",
-                vec![
-                    span(1, 0, "POST /checkout", SpanKind::Server, 0, 120, false),
-                    span(2, 1, "SELECT cart", SpanKind::Client, 5, 25, false),
-                    span(3, 1, "POST /charge", SpanKind::Client, 40, 70, true),
-                ],
+                "frontend",
+                vec![span(
+                    1,
+                    0,
+                    "GET /checkout",
+                    SpanKind::Server,
+                    0,
+                    root_ms * 1_000,
+                )],
             ),
+            rs("payment", vec![charge]),
             rs(
-                "payments",
-                vec![
-                    span(4, 3, "POST /charge", SpanKind::Server, 45, 60, true),
-                    span(5, 4, "INSERT payment", SpanKind::Client, 60, 30, false),
-                ],
+                "inventory",
+                vec![span(
+                    3,
+                    1,
+                    "SELECT stock",
+                    SpanKind::Client,
+                    root_ms * 1_000 - 6_500,
+                    6_500,
+                )],
             ),
         ],
     }
 }
 
-/// `x,y,w,h` of the element with `id` from its `data-rect` in the DOM.
-fn rect_of(dom: &str, id: &str) -> (u32, u32, u32, u32) {
-    let at = dom
-        .find(&format!("id=\"{id}\""))
-        .unwrap_or_else(|| panic!("no #{id} in the DOM"));
-    let tag_start = dom[..at].rfind('<').unwrap();
-    let tag = &dom[tag_start..tag_start + dom[tag_start..].find('>').unwrap()];
-    let r = tag
-        .split("data-rect=\"")
-        .nth(1)
-        .unwrap_or_else(|| panic!("#{id} has no data-rect (not rendered): {tag}"));
-    let v: Vec<u32> = r[..r.find('"').unwrap()]
-        .split(',')
-        .map(|n| n.trim().parse::<i64>().unwrap().max(0) as u32)
-        .collect();
-    (v[0], v[1], v[2], v[3])
+/// OTLP metrics of `checkout` at `t` (unix ns): a gauge, a counter and a
+/// histogram in seconds.
+fn shop_metrics(
+    t: u64,
+    step: u64,
+) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+    use opentelemetry_proto::tonic::{
+        collector::metrics::v1::ExportMetricsServiceRequest,
+        metrics::v1::{
+            AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+            ResourceMetrics, ScopeMetrics, Sum, metric::Data, number_data_point::Value,
+        },
+    };
+    let number = |v: f64| NumberDataPoint {
+        time_unix_nano: t,
+        start_time_unix_nano: t - step * 60_000_000_000 - 1,
+        value: Some(Value::AsDouble(v)),
+        ..NumberDataPoint::default()
+    };
+    // Cumulative: 10 observations per step, all at 0.1-0.25 s.
+    let n = 10 * (step + 1);
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "checkout")],
+                ..Resource::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![
+                    Metric {
+                        name: "queue.depth".into(),
+                        description: "jobs waiting".into(),
+                        data: Some(Data::Gauge(Gauge {
+                            data_points: vec![number(4.0 + step as f64)],
+                        })),
+                        ..Metric::default()
+                    },
+                    Metric {
+                        name: "orders".into(),
+                        description: "orders placed".into(),
+                        data: Some(Data::Sum(Sum {
+                            data_points: vec![number(60.0 * (step + 1) as f64)],
+                            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                            is_monotonic: true,
+                        })),
+                        ..Metric::default()
+                    },
+                    Metric {
+                        name: "http.server.request.duration".into(),
+                        description: "request latency".into(),
+                        unit: "s".into(),
+                        data: Some(Data::Histogram(Histogram {
+                            data_points: vec![HistogramDataPoint {
+                                time_unix_nano: t,
+                                start_time_unix_nano: t - step * 60_000_000_000 - 1,
+                                count: n,
+                                sum: Some(0.2 * n as f64),
+                                bucket_counts: vec![0, n, 0],
+                                explicit_bounds: vec![0.1, 0.25],
+                                ..HistogramDataPoint::default()
+                            }],
+                            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                        })),
+                        ..Metric::default()
+                    },
+                ],
+                ..ScopeMetrics::default()
+            }],
+            ..ResourceMetrics::default()
+        }],
+    }
 }
 
-fn chromium(
-    chromium: &Path,
-    profile_dir: &Path,
-    args: &[&str],
-    url: &str,
-    stdout: Stdio,
-) -> ChildGuard {
-    let mut cmd = Command::new(chromium);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        "--force-device-scale-factor=1",
-        "--window-size=1400,1000",
-        "--virtual-time-budget=8000",
-    ])
-    .arg(format!("--user-data-dir={}", profile_dir.display()))
-    .args(args)
-    .arg(url)
-    .stdout(stdout)
-    .stderr(Stdio::null());
-    ChildGuard::spawn(&mut cmd)
+/// `npm ci` in `collector/tests/browser` when its `node_modules` is missing
+/// (scripts/setup runs it too).
+fn browser_deps(dir: &Path) {
+    if dir.join("node_modules/playwright-core").is_dir() {
+        return;
+    }
+    let ok = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "npm ci in {} failed", dir.display());
 }
 
+fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Value, shots: &Path) {
+    let out = Command::new("node")
+        .arg(script)
+        .env("BASE", base)
+        .env("PHASE", phase)
+        .env("EXPECT", expect.to_string())
+        .env("SHOTS", shots)
+        .env("CHROMIUM", "/usr/bin/chromium")
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap();
+    assert!(out.success(), "browser checks ({phase}) failed");
+}
+
+/// Headless Chromium drives the three views (playwright-core): onboarding
+/// on the empty store, then profiles (flame graph labels and units after
+/// zoom and search, table, top-down, label chips, timeline brush, diff,
+/// download), traces (search by service, operation, tags, durations,
+/// errors; counts, paging, sorting; trace id box; waterfall ruler,
+/// collapsing, right-edge durations, event attributes; 400s) and metrics
+/// (history, units, service filter), light and dark. Screenshots go to
+/// `<target>/ui-screenshots`.
 #[test]
-fn chromium_renders_the_flame_graph_and_a_trace_waterfall() {
-    let Some(chromium_bin) = require_tool(
-        "chromium_renders_the_flame_graph_and_a_trace_waterfall",
+fn browser_drives_profiles_traces_and_metrics_views() {
+    const TEST: &str = "browser_drives_profiles_traces_and_metrics_views";
+    let chromium = fathom_test_support::require_found(
+        TEST,
         "chromium",
-    ) else {
+        Some(PathBuf::from("/usr/bin/chromium")),
+    );
+    let Some(_chromium) = chromium else { return };
+    let Some(_node) = require_tool(TEST, "node") else {
         return;
     };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    browser_deps(&dir);
+    let script = dir.join("ui.mjs");
+    let shots = target_dir().join("ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
     let run = Running::start();
-    let profile = cpu_profile(&[
-        (
-            &[
-                "main",
-                "shop::serve",
-                "shop::checkout",
-                "serde_json::from_slice",
-            ],
-            40,
-        ),
-        (
-            &["main", "shop::serve", "shop::checkout", "sqlx::query"],
-            25,
-        ),
-        (&["main", "shop::serve", "shop::render_cart"], 20),
-        (&["main", "tokio::runtime::park"], 15),
-    ]);
-    run.put_profile(
-        &[("__name__", "process_cpu"), ("service_name", "shop")],
-        profile,
-    );
-    let trace_id: [u8; 16] = [
-        0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47,
-        0x36,
-    ];
-    let hex: String = trace_id.iter().map(|b| format!("{b:02x}")).collect();
-    let t0 = SystemTime::now()
+    // 1. The empty store: onboarding names the bound ports.
+    let addrs = run.collector().addrs();
+    let expect = serde_json::json!({
+        "otlp_grpc_port": addrs.otlp_grpc.unwrap().port(),
+        "otlp_http_port": addrs.otlp_http.unwrap().port(),
+    });
+    run_browser(&script, &run.base, "empty", &expect, &shots);
+
+    // 2. Data: profiles of two pods (pod api-1 only runs `compress`), 30
+    // traces, metrics at four times over the last 3 minutes.
+    let now_ns = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    run.collector()
-        .ingest()
-        .spans(checkout_trace(trace_id, t0))
-        .unwrap();
-    run.wait_json("/ui/api/top?service=shop", |v| {
-        v["total"].as_i64() == Some(1_000_000_000)
-    });
-    run.wait_json(&format!("/ui/api/traces/{hex}"), |v| {
-        v["spans"].as_array().is_some_and(|s| s.len() == 5)
-    });
-
-    let out_dir = target_dir().join("collector-ui");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let shot = out_dir.join("collector-ui.png");
-    let _ = std::fs::remove_file(&shot);
-    let url = format!("{}/?service=shop&trace={hex}", run.base);
-
-    // The DOM after the page's scripts ran.
-    let dom_file = out_dir.join("collector-ui.html");
-    let profile_dir = tempfile::tempdir().unwrap();
-    let mut c = chromium(
-        &chromium_bin,
-        profile_dir.path(),
-        &["--dump-dom"],
-        &url,
-        Stdio::from(std::fs::File::create(&dom_file).unwrap()),
+    let base_stacks: &[(&[&str], i64)] = &[
+        (&["main", "api::serve", "api::parse_json"], 60),
+        (&["main", "api::serve", "db::query"], 30),
+        (&["main", "runtime::park"], 10),
+    ];
+    run.put_profile(
+        &[
+            ("__name__", "process_cpu"),
+            ("service_name", "api"),
+            ("pod", "api-0"),
+        ],
+        cpu_profile(base_stacks),
     );
-    assert!(
-        c.wait_timeout(Duration::from_secs(90)).success(),
-        "chromium --dump-dom failed"
+    run.put_profile(
+        &[
+            ("__name__", "process_cpu"),
+            ("service_name", "api"),
+            ("pod", "api-1"),
+        ],
+        cpu_profile(&[(&["main", "api::serve", "zstd::compress"], 50)]),
     );
-    let dom = std::fs::read_to_string(&dom_file).unwrap();
-    for needle in [
-        "serde_json::from_slice",
-        "sqlx::query",
-        "shop::render_cart",
-        "POST /checkout",
-        "SELECT cart",
-        "INSERT payment",
-        "payments · server",
-    ] {
-        assert!(
-            dom.contains(needle),
-            "{needle:?} not in the page's DOM ({})",
-            dom_file.display()
-        );
+    for i in 0..30u64 {
+        let t0 = now_ns - (30 - i) * 20_000_000_000;
+        run.collector().ingest().spans(shop_trace(i, t0)).unwrap();
     }
-    assert!(
-        dom.contains("data-loaded=\"true\""),
-        "page did not finish loading"
+    for step in 0..4u64 {
+        let t = now_ns - (3 - step) * 60_000_000_000;
+        run.collector()
+            .ingest()
+            .metrics(shop_metrics(t, step))
+            .unwrap();
+        // Each push is seen (and recorded) before the next.
+        let want = 4.0 + step as f64;
+        run.wait_json("/ui/api/metrics?name=queue_depth", |v| {
+            v[0]["value"].as_f64() == Some(want)
+        });
+    }
+    run.wait_json(
+        &format!("/ui/api/top?series={}", urlencode("{service_name=\"api\"}")),
+        |v| v["total"].as_i64() == Some(1_500_000_000),
     );
-    let flame = rect_of(&dom, "flame");
-    let waterfall = rect_of(&dom, "waterfall");
+    run.wait_json("/ui/api/status", |v| v["spans"].as_u64() == Some(90));
 
-    // The screenshot, with the same window: count the flame graph's colours
-    // (inferno's "hot" palette: r 205-255, g 0-230, b 0-55) and the
-    // waterfall bars' (#3b82f6, errors #c026d3) in their regions.
-    let profile_dir = tempfile::tempdir().unwrap();
-    let mut c = chromium(
-        &chromium_bin,
-        profile_dir.path(),
-        &[&format!("--screenshot={}", shot.display())],
-        &url,
-        Stdio::null(),
-    );
-    assert!(
-        c.wait_timeout(Duration::from_secs(90)).success(),
-        "chromium --screenshot failed"
-    );
-    println!("screenshot: {}", shot.display());
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let channels = info.color_type.samples();
-    assert!(channels >= 3, "{:?}", info.color_type);
-    let pixel = |x: u32, y: u32| {
-        let i = (y as usize * info.width as usize + x as usize) * channels;
-        (buf[i], buf[i + 1], buf[i + 2])
-    };
-    let count = |(x, y, w, h): (u32, u32, u32, u32), is: &dyn Fn((u8, u8, u8)) -> bool| {
-        let mut n = 0u64;
-        for py in y..(y + h).min(info.height) {
-            for px in x..(x + w).min(info.width) {
-                n += u64::from(is(pixel(px, py)));
-            }
-        }
-        n
-    };
-    let hot = |(r, g, b): (u8, u8, u8)| r >= 205 && g <= 230 && b <= 55;
-    let bar = |(r, g, b): (u8, u8, u8)| {
-        let near = |c: (i32, i32, i32)| {
-            (i32::from(r) - c.0).abs() <= 12
-                && (i32::from(g) - c.1).abs() <= 12
-                && (i32::from(b) - c.2).abs() <= 12
-        };
-        near((0x3b, 0x82, 0xf6)) || near((0xc0, 0x26, 0xd3))
-    };
-    let flame_hot = count(flame, &hot);
-    let flame_area = u64::from(flame.2) * u64::from(flame.3);
-    let wf_bars = count(waterfall, &bar);
-    let wf_hot = count(waterfall, &hot);
-    let flame_bars = count(flame, &bar);
-    println!(
-        "flame graph {flame:?}: {flame_hot} flame-coloured pixels of {flame_area}; \
-         waterfall {waterfall:?}: {wf_bars} bar-coloured pixels"
-    );
-    // Four stacks, 5 levels, 16 px frames across the width: thousands of
-    // pixels, and none of the bar colours there (and vice versa).
-    assert!(
-        flame_hot > flame_area / 20,
-        "flame graph not drawn: {flame_hot} of {flame_area}"
-    );
-    assert!(wf_bars > 2_000, "waterfall bars not drawn: {wf_bars}");
-    assert!(
-        flame_bars < 50 && wf_hot < 50,
-        "regions mixed up: {flame_bars} {wf_hot}"
-    );
+    // What the views must show, from the data above.
+    let durations: Vec<u64> = (0..30).map(|i| 100 + i).collect();
+    let expect = serde_json::json!({
+        // 150 samples of 10 ms; api-0 100, api-1 50; parse_json 60.
+        "total_all": "1.5 s",
+        "total_api1": "500 ms",
+        "parse_json_self": "600 ms",
+        "parse_json_pct": "40%",
+        "functions": ["api::parse_json", "db::query", "runtime::park", "zstd::compress", "api::serve", "main"],
+        "traces_frontend": 30,
+        "traces_errors": 6,
+        "traces_min_120ms": durations.iter().filter(|d| **d >= 120).count(),
+        "longest": format!("{} ms", durations.iter().max().unwrap()),
+        "error_trace": format!("{}{:016x}", "ab".repeat(8), 1),
+        "short_span": "6.5 ms",
+        "exception_message": "card declined: insufficient funds",
+        "metric_points": 4,
+        "gauge_last": "7",
+    });
+    run_browser(&script, &run.base, "data", &expect, &shots);
 }

@@ -35,7 +35,7 @@ use prost::Message as _;
 use serde_json::{Value, json};
 
 use crate::store::{
-    RawTrace, Store, StoreError, TraceSearch, UNKNOWN_SERVICE, any_value_string, hex,
+    RawTrace, Store, StoreError, TraceSearch, TraceSort, UNKNOWN_SERVICE, any_value_string, hex,
 };
 
 /// Traces a search returns when it sets no limit (Jaeger's default).
@@ -319,6 +319,7 @@ pub fn parse_search(p: &[(String, String)], now: SystemTime) -> Result<TraceSear
         until,
         limit,
         offset: 0,
+        sort: TraceSort::Newest,
     })
 }
 

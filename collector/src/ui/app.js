@@ -1,17 +1,21 @@
-// Fathom collector UI: vanilla JS over /ui/api/*. State lives in the URL
-// (?service=&series=|name=&type=&range=&trace=) so a view can be linked.
+// Fathom collector UI: vanilla JS, three views (Profiles, Traces, Metrics),
+// each with its own selectors, all state in the URL (?view=…&p.…/t.…/m.…)
+// so a view can be linked. Profiles use the Pyroscope querier (connect
+// JSON: ProfileTypes, LabelNames, LabelValues, SelectSeries,
+// SelectMergeStacktraces), traces and metrics /ui/api/*.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const state = {
-  service: params.get("service") || "",
-  series: params.get("series") || "",
-  name: params.get("name") || "",
-  type: params.get("type") || "",
-  range: params.get("range") || "all",
-  trace: params.get("trace") || "",
-};
+const S = {}; // URL state
+for (const [k, v] of params) S[k] = v;
+S.view = S.view || "profiles";
+
+function saveUrl() {
+  const p = new URLSearchParams();
+  for (const [k, v] of Object.entries(S)) if (v !== "" && v !== undefined && v !== null) p.set(k, v);
+  history.replaceState(null, "", "?" + p.toString());
+}
 
 function setStatus(msg, isError) {
   const s = $("status");
@@ -19,304 +23,957 @@ function setStatus(msg, isError) {
   s.className = isError ? "error" : "";
 }
 
-function saveUrl() {
-  const p = new URLSearchParams();
-  for (const [k, v] of Object.entries(state)) if (v) p.set(k, v);
-  history.replaceState(null, "", "?" + p.toString());
-}
-
 async function getJson(url) {
   const r = await fetch(url);
   if (!r.ok) throw new Error((await r.text()).trim() || r.statusText);
-  return r.json();
+  return r;
+}
+
+async function querier(method, body) {
+  const r = await fetch("/querier.v1.QuerierService/" + method, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  const j = await r.json();
+  if (!r.ok) throw new Error(j.message || r.statusText);
+  return j;
 }
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
     if (k === "class") e.className = v;
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v);
   }
-  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  for (const c of children) if (c !== null && c !== undefined) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return e;
 }
+const svgEl = (tag, attrs, ...children) => {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+};
 
-function fmtNum(v) {
-  if (v === null || v === undefined) return "";
-  if (Number.isInteger(v)) return v.toLocaleString("en-US");
+// ---- units ----
+
+function trimNum(v, digits) {
+  return Number(v.toFixed(digits)).toString();
+}
+function fmtInt(v) { return Math.round(v).toLocaleString("en-US"); }
+
+/// A duration in nanoseconds, human: 850 ns, 12.3 µs, 4.56 ms, 1.23 s, 2m 5s, 1h 2m.
+function fmtNs(ns) {
+  const a = Math.abs(ns);
+  if (a < 1e3) return trimNum(ns, 0) + " ns";
+  if (a < 1e6) return trimNum(ns / 1e3, a < 1e4 ? 2 : 1) + " µs";
+  if (a < 1e9) return trimNum(ns / 1e6, a < 1e7 ? 2 : 1) + " ms";
+  if (a < 60e9) return trimNum(ns / 1e9, 2) + " s";
+  const s = Math.round(ns / 1e9);
+  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+  return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+}
+function fmtMs(ms) { return fmtNs(ms * 1e6); }
+function fmtBytes(b) {
+  const a = Math.abs(b);
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  let v = b;
+  while (Math.abs(v) >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return (i === 0 ? trimNum(v, 0) : trimNum(v, a >= 10 * 1024 ** i ? 1 : 2)) + " " + units[i];
+}
+function fmtShort(v) {
   const a = Math.abs(v);
-  return a !== 0 && (a < 0.001 || a >= 1e9) ? v.toExponential(3) : v.toPrecision(4).replace(/\.?0+$/, "");
+  if (a >= 1e9) return trimNum(v / 1e9, 2) + "G";
+  if (a >= 1e6) return trimNum(v / 1e6, 2) + "M";
+  if (a >= 1e4) return trimNum(v / 1e3, 1) + "k";
+  return Number.isInteger(v) ? fmtInt(v) : trimNum(v, a < 0.01 ? 5 : 3);
 }
-
-function fmtMs(ms) {
-  if (ms < 1) return (ms * 1000).toFixed(0) + " µs";
-  if (ms < 1000) return ms.toFixed(ms < 10 ? 2 : 1) + " ms";
-  return (ms / 1000).toFixed(2) + " s";
+/// A value of a profile's sample unit.
+function fmtUnit(v, unit) {
+  if (unit === "nanoseconds") return fmtNs(v);
+  if (unit === "microseconds") return fmtNs(v * 1e3);
+  if (unit === "milliseconds") return fmtNs(v * 1e6);
+  if (unit === "seconds") return fmtNs(v * 1e9);
+  if (unit === "bytes") return fmtBytes(v);
+  if (unit === "count" || unit === "samples" || !unit) return fmtShort(v);
+  return fmtShort(v) + " " + unit;
 }
+/// A metric value of the unit its name carries.
+function fmtMetric(v, unit) {
+  if (v === null || v === undefined || Number.isNaN(v)) return "–";
+  switch (unit) {
+    case "s": return fmtNs(v * 1e9);
+    case "ms": return fmtNs(v * 1e6);
+    case "us": return fmtNs(v * 1e3);
+    case "ns": return fmtNs(v);
+    case "bytes": return fmtBytes(v);
+    case "ratio": return trimNum(v * 100, 2) + "%";
+    case "percent": return trimNum(v, 2) + "%";
+    default: return fmtShort(v);
+  }
+}
+function pct(v, total) { return total > 0 ? trimNum((100 * v) / total, 2) + "%" : "–"; }
 
 function fmtTime(ms) {
   const d = new Date(ms);
-  return d.toLocaleDateString("en-CA") + " " + d.toLocaleTimeString("en-GB", { hour12: false }) +
-    "." + String(Math.floor(ms % 1000)).padStart(3, "0");
+  return d.toLocaleDateString("en-CA") + " " + d.toLocaleTimeString("en-GB", { hour12: false });
+}
+function fmtClock(ms) { return new Date(ms).toLocaleTimeString("en-GB", { hour12: false }); }
+/// datetime-local value <-> unix ms (local time).
+function toLocalInput(ms) {
+  if (!ms) return "";
+  const d = new Date(ms - new Date(ms).getTimezoneOffset() * 60000);
+  return d.toISOString().slice(0, 19);
+}
+function fromLocalInput(v) { return v ? new Date(v).getTime() : 0; }
+
+const RANGES = [["15m", "last 15 min"], ["1h", "last hour"], ["6h", "last 6 hours"], ["24h", "last 24 hours"],
+  ["7d", "last 7 days"], ["all", "all stored"], ["custom", "custom (from/until)"]];
+const RANGE_MS = { "15m": 9e5, "1h": 36e5, "6h": 216e5, "24h": 864e5, "7d": 6048e5 };
+for (const sel of document.querySelectorAll("select.range")) {
+  sel.replaceChildren(...RANGES.filter(([v]) => v !== "custom" || sel.id === "p-range").map(([v, t]) => el("option", { value: v }, t)));
 }
 
-/// Records where a section is drawn (for tests and debugging).
-function markRect(e) {
-  const r = e.getBoundingClientRect();
-  e.dataset.rect = [r.left, r.top, r.width, r.height].map(Math.round).join(",");
-}
-
-// ---- profiles ----
-
-let seriesList = [];
-
-function profileParams() {
-  const p = new URLSearchParams();
-  if (state.series) p.set("series", state.series);
-  else {
-    p.set("service", state.service);
-    if (state.name) p.set("name", state.name);
-  }
-  if (state.type) p.set("type", state.type);
-  if (state.range && state.range !== "all") p.set("range", state.range);
-  return p;
-}
-
-async function loadServices() {
-  const services = await getJson("/ui/api/services");
-  const sel = $("service");
-  sel.replaceChildren(...services.map((s) => el("option", { value: s.name }, s.name)));
-  if (!services.length) {
-    sel.append(el("option", { value: "" }, "(nothing stored yet)"));
-    state.service = "";
-  } else if (!services.some((s) => s.name === state.service)) {
-    const withProfiles = services.find((s) => s.profile_series > 0);
-    state.service = (withProfiles || services[0]).name;
-  }
-  sel.value = state.service;
-}
-
-async function loadSeries() {
-  seriesList = state.service ? await getJson("/ui/api/series?service=" + encodeURIComponent(state.service)) : [];
-  const sel = $("series");
-  const opts = [];
-  const names = [...new Set(seriesList.map((s) => s.profile_name))];
-  for (const n of names) opts.push(el("option", { value: "name:" + n }, `${n} — all series`));
-  for (const s of seriesList) opts.push(el("option", { value: "series:" + s.selector }, s.selector));
-  if (!opts.length) opts.push(el("option", { value: "" }, "(no profiles)"));
+function fillSelect(sel, values, current, empty) {
+  const opts = values.map((v) => (Array.isArray(v) ? el("option", { value: v[0] }, v[1]) : el("option", { value: v }, v)));
+  if (empty !== undefined) opts.unshift(el("option", { value: "" }, empty));
   sel.replaceChildren(...opts);
-  if (state.series && seriesList.some((s) => s.selector === state.series)) sel.value = "series:" + state.series;
-  else {
-    state.series = "";
-    if (!names.includes(state.name)) state.name = names[0] || "";
-    sel.value = state.name ? "name:" + state.name : "";
-  }
-  // Value types of the chosen series (or the first of the profile name).
-  const chosen = seriesList.find((s) => (state.series ? s.selector === state.series : s.profile_name === state.name));
-  const types = chosen ? chosen.sample_types.split(",").map((t) => t.split("/")[0]) : [];
-  $("type").replaceChildren(...types.map((t) => el("option", { value: t }, t)));
-  if (!types.includes(state.type)) state.type = types.length ? types[types.length - 1] : "";
-  $("type").value = state.type;
+  const vals = values.map((v) => (Array.isArray(v) ? v[0] : v));
+  sel.value = vals.includes(current) || (empty !== undefined && current === "") ? current : (empty !== undefined ? "" : vals[0] || "");
+  return sel.value;
 }
 
-async function loadProfile() {
-  const flame = $("flame");
-  const tbody = $("top").tBodies[0];
-  if (!state.service && !state.series) {
-    flame.replaceChildren(el("p", { class: "empty" }, "No profiles stored."));
-    tbody.replaceChildren();
-    return;
-  }
-  const p = profileParams();
-  $("download").href = "/ui/api/profile?" + p.toString();
-  let top;
-  try {
-    top = await getJson("/ui/api/top?limit=40&" + p.toString());
-  } catch (e) {
-    flame.replaceChildren(el("p", { class: "empty" }, "No flame graph: " + e.message));
-    tbody.replaceChildren();
-    flame.dataset.state = "empty";
-    return;
-  }
-  const width = Math.max(400, Math.floor(flame.clientWidth));
-  const frame = el("iframe", { title: "flame graph", src: `/ui/api/flamegraph.svg?width=${width}&` + p.toString() });
-  frame.addEventListener("load", () => {
-    const svg = frame.contentDocument && frame.contentDocument.documentElement;
-    const h = svg && parseInt(svg.getAttribute("height"), 10);
-    if (h > 0) frame.style.height = Math.min(h, 600) + "px";
-    flame.dataset.state = "ok";
-    markRect(flame);
-  });
-  flame.replaceChildren(frame);
-  const total = top.total || 1;
-  tbody.replaceChildren(...top.functions.map((f) => el("tr", {},
-    el("td", { class: "num" }, fmtNum(f.flat)),
-    el("td", { class: "num" }, (100 * f.flat / total).toFixed(1) + "%"),
-    el("td", { class: "num" }, fmtNum(f.cum)),
-    el("td", { class: "num" }, (100 * f.cum / total).toFixed(1) + "%"),
-    el("td", { class: "name" }, f.name))));
-  setStatus(`${top.windows} profile window(s) of ${top.series.length} series, total ${fmtNum(top.total)} ${top.unit}`);
+// ---- status / onboarding ----
+
+let STATUS = null;
+
+async function loadStatus() {
+  STATUS = await (await getJson("/ui/api/status")).json();
+  return STATUS;
 }
 
-// ---- traces ----
-
-async function loadTraces() {
-  const p = new URLSearchParams({ limit: "100" });
-  if (state.service) p.set("service", state.service);
-  if (state.range && state.range !== "all") p.set("range", state.range);
-  const traces = await getJson("/ui/api/traces?" + p.toString());
-  const tbody = $("traces").tBodies[0];
-  tbody.replaceChildren(...traces.map((t) => {
-    const tr = el("tr", { "data-trace": t.trace_id, onclick: () => selectTrace(t.trace_id) },
-      el("td", {}, fmtTime(t.start_unix_ms)),
-      el("td", {}, t.root_name),
-      el("td", {}, t.service),
-      el("td", { class: "num" }, fmtMs(t.duration_ms)),
-      el("td", { class: "num" }, t.span_count));
-    if (t.error) tr.classList.add("error");
-    return tr;
-  }));
-  if (!state.trace && traces.length) state.trace = traces[0].trace_id;
-  if (!traces.length && !state.trace) {
-    $("waterfall").replaceChildren(el("p", { class: "empty" }, "No traces stored for this service."));
-  }
+function onboarding(what) {
+  const box = $("onboarding");
+  const s = STATUS;
+  const empty = s && {
+    profiles: s.profile_series === 0, traces: s.spans === 0, metrics: s.metric_series === 0,
+  }[what];
+  if (!s || !empty) { box.hidden = true; return; }
+  const host = location.hostname;
+  const ep = s.endpoints.map((e) => el("li", {}, el("code", {}, e.address.replace(/^0\.0\.0\.0|^\[::\]/, host)), " — ", e.what));
+  const http = location.origin;
+  const examples = {
+    profiles: `# Any Pyroscope SDK: server address ${http}\n# e.g. pyroscope-io (Python): pyroscope.configure(application_name="my-app", server_address="${http}")\n# or push a pprof file:\ncurl --data-binary @cpu.pb.gz "${http}/ingest?name=my-app&format=pprof"\n# or run fathom-agent with --collector-url ${http}`,
+    traces: `# Any OpenTelemetry SDK:\nexport OTEL_EXPORTER_OTLP_ENDPOINT=http://${host}:${(s.endpoints.find((e) => e.what.startsWith("OTLP HTTP")) || {}).address?.split(":").pop() || "4318"}\n# (gRPC: port ${(s.endpoints.find((e) => e.what.startsWith("OTLP gRPC")) || {}).address?.split(":").pop() || "4317"}), or fathom-agent --collector-url ${http}`,
+    metrics: `# OTLP metrics from any OpenTelemetry SDK or collector:\nexport OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=${http}/v1/metrics\n# History is kept for the store's retention (${s.retention}), in memory.`,
+  }[what];
+  box.replaceChildren(
+    el("h2", {}, `No ${what} stored yet — where to send data`),
+    el("ul", {}, ...ep),
+    el("pre", {}, examples),
+    el("p", { class: "muted" }, `Store: ${s.store_path}, retention ${s.retention}.`));
+  box.hidden = false;
 }
 
-function selectTrace(id) {
-  state.trace = id;
+// ---- views ----
+
+const VIEWS = ["profiles", "traces", "metrics"];
+const loaded = {};
+
+async function showView(v) {
+  if (!VIEWS.includes(v)) v = "profiles";
+  S.view = v;
+  for (const a of document.querySelectorAll("#tabs a")) a.classList.toggle("active", a.dataset.view === v);
+  for (const name of VIEWS) $("view-" + name).hidden = name !== v;
   saveUrl();
-  loadTrace().catch((e) => setStatus(e.message, true));
-}
-
-/// Spans in tree order (children after their parent, by start), with depth.
-function treeOrder(spans) {
-  const ids = new Set(spans.map((s) => s.span_id));
-  const children = new Map();
-  const roots = [];
-  for (const s of spans) {
-    if (s.parent_span_id && ids.has(s.parent_span_id)) {
-      if (!children.has(s.parent_span_id)) children.set(s.parent_span_id, []);
-      children.get(s.parent_span_id).push(s);
-    } else roots.push(s);
-  }
-  const out = [];
-  const walk = (s, depth) => {
-    out.push([s, depth]);
-    for (const c of children.get(s.span_id) || []) walk(c, depth + 1);
-  };
-  for (const r of roots) walk(r, 0);
-  return out;
-}
-
-function showSpan(s, row) {
-  for (const r of document.querySelectorAll(".wf-row.selected")) r.classList.remove("selected");
-  row.classList.add("selected");
-  const d = $("span-detail");
-  const rows = [
-    ["name", s.name], ["service", s.service], ["kind", s.kind],
-    ["status", s.status + (s.status_message ? ": " + s.status_message : "")],
-    ["start", fmtTime(s.start_unix_nano / 1e6)], ["duration", fmtMs(s.duration_ms)],
-    ["span id", s.span_id], ["parent", s.parent_span_id || "(root)"], ["scope", s.scope],
-    ...s.attributes.map(([k, v]) => [k, v]),
-    ...s.events.map((e) => ["event", e]),
-    ...s.resource.map(([k, v]) => ["resource " + k, v]),
-  ];
-  d.replaceChildren(el("table", {}, el("tbody", {}, ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))))));
-  d.hidden = false;
-}
-
-async function loadTrace() {
-  const wf = $("waterfall");
-  $("span-detail").hidden = true;
-  for (const r of document.querySelectorAll("#traces tr.selected")) r.classList.remove("selected");
-  if (!state.trace) return;
-  const row = document.querySelector(`#traces tr[data-trace="${state.trace}"]`);
-  if (row) row.classList.add("selected");
-  let t;
-  try {
-    t = await getJson("/ui/api/traces/" + encodeURIComponent(state.trace));
-  } catch (e) {
-    wf.replaceChildren(el("p", { class: "empty" }, e.message));
-    return;
-  }
-  const total = Math.max(t.summary.end_unix_nano - t.summary.start_unix_nano, 1) / 1e6;
-  $("trace-title").textContent = `${t.summary.root_name} · ${t.summary.trace_id} · ${fmtMs(total)}`;
-  wf.replaceChildren(...treeOrder(t.spans).map(([s, depth]) => {
-    const left = (100 * s.offset_ms) / total;
-    const width = Math.max((100 * s.duration_ms) / total, 0.2);
-    const title = `${s.name} (${s.kind}, ${s.status}) ${fmtMs(s.duration_ms)} at +${fmtMs(s.offset_ms)}`;
-    const row = el("div", { class: "wf-row", title },
-      el("div", { class: "wf-label", style: `padding-left:${8 + depth * 14}px` },
-        s.name, " ", el("span", { class: "svc" }, `${s.service} · ${s.kind}`)),
-      el("div", { class: "wf-track" },
-        el("div", { class: "wf-bar" + (s.status === "error" ? " error" : ""), style: `left:${left}%;width:${width}%` }),
-        // The duration after the bar, or inside its end when there is no room.
-        left + width > 82
-          ? el("span", { class: "wf-time inside", style: `right:${Math.max(100 - left - width, 0)}%` }, fmtMs(s.duration_ms))
-          : el("span", { class: "wf-time", style: `left:${left + width}%` }, fmtMs(s.duration_ms))));
-    row.addEventListener("click", () => showSpan(s, row));
-    return row;
-  }));
-  wf.dataset.state = "ok";
-  markRect(wf);
-}
-
-// ---- metrics ----
-
-async function loadMetrics() {
-  const rows = await getJson("/ui/api/metrics");
-  const tbody = $("metrics").tBodies[0];
-  if (!rows.length) {
-    tbody.replaceChildren(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "No metrics.")));
-    return;
-  }
-  tbody.replaceChildren(...rows.map((m) => el("tr", { title: m.help },
-    el("td", { class: "name" }, m.name),
-    el("td", { class: "name" }, m.labels.map(([k, v]) => `${k}="${v}"`).join(", ")),
-    el("td", { class: "num" }, fmtNum(m.value)),
-    el("td", { class: "num" }, m.count === null ? "" : fmtNum(m.count)),
-    el("td", { class: "num" }, m.p50 === null ? "" : fmtNum(m.p50)),
-    el("td", { class: "num" }, m.p99 === null ? "" : fmtNum(m.p99)))));
-}
-
-// ---- wiring ----
-
-async function refresh() {
+  document.body.dataset.loaded = "false";
   setStatus("loading…");
   try {
-    await loadServices();
-    await loadSeries();
-    saveUrl();
-    const results = await Promise.allSettled([
-      loadProfile(),
-      loadTraces().then(loadTrace),
-      loadMetrics(),
-    ]);
-    const failed = results.find((r) => r.status === "rejected");
-    if (failed) setStatus(failed.reason.message, true);
-    else if ($("status").textContent === "loading…") setStatus("");
-    saveUrl();
+    await loadStatus();
+    onboarding(v);
+    if (v === "profiles") await profiles.init();
+    if (v === "traces") await traces.init();
+    if (v === "metrics") await metrics.load();
+    if ($("status").textContent === "loading…") setStatus("");
   } catch (e) {
     setStatus(e.message, true);
   }
   document.body.dataset.loaded = "true";
 }
 
-$("range").value = state.range;
-$("service").addEventListener("change", (e) => {
-  state.service = e.target.value;
-  state.series = "";
-  state.trace = "";
-  refresh();
+for (const a of document.querySelectorAll("#tabs a")) {
+  a.addEventListener("click", (e) => { e.preventDefault(); showView(a.dataset.view); });
+}
+
+function applyTheme() {
+  const t = S.theme || (matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light");
+  document.documentElement.dataset.theme = t;
+}
+$("theme").addEventListener("click", () => {
+  S.theme = document.documentElement.dataset.theme === "dark" ? "light" : "dark";
+  applyTheme();
+  saveUrl();
 });
-$("series").addEventListener("change", (e) => {
-  const v = e.target.value;
-  state.series = v.startsWith("series:") ? v.slice(7) : "";
-  state.name = v.startsWith("name:") ? v.slice(5) : state.name;
-  refresh();
-});
-$("type").addEventListener("change", (e) => { state.type = e.target.value; refresh(); });
-$("range").addEventListener("change", (e) => { state.range = e.target.value; state.trace = ""; refresh(); });
-$("refresh").addEventListener("click", refresh);
-refresh();
+applyTheme();
+
+// ---- flame graph ----
+
+/// Pyroscope's flame graph (levels of [x delta, total, self, name]) as a
+/// tree of {name, total, self, x, depth, children, parent}.
+function treeFromLevels(fg) {
+  const names = fg.names || [];
+  const levels = (fg.levels || []).map((l) => (l.values || []).map(Number));
+  let prev = [];
+  let root = null;
+  for (let d = 0; d < levels.length; d++) {
+    const v = levels[d];
+    const row = [];
+    let end = 0;
+    let pi = 0;
+    for (let i = 0; i + 3 < v.length; i += 4) {
+      const x = end + v[i];
+      const n = { name: names[v[i + 3]] ?? "?", total: v[i + 1], self: v[i + 2], x, depth: d, children: [], parent: null };
+      end = x + n.total;
+      while (pi < prev.length && prev[pi].x + prev[pi].total <= x) pi++;
+      if (d > 0 && pi < prev.length) { n.parent = prev[pi]; prev[pi].children.push(n); }
+      if (d === 0 && !root) root = n;
+      row.push(n);
+    }
+    prev = row;
+  }
+  return root;
+}
+
+/// Per function: self and total (counted once per stack), from a tree.
+function functionTable(root) {
+  const m = new Map();
+  const walk = (n, onPath) => {
+    let r = m.get(n.name);
+    if (!r) m.set(n.name, (r = { name: n.name, self: 0, total: 0 }));
+    r.self += n.self;
+    const first = !onPath.has(n.name);
+    if (first) { r.total += n.total; onPath.add(n.name); }
+    for (const c of n.children) walk(c, onPath);
+    if (first) onPath.delete(n.name);
+  };
+  if (root) for (const c of root.children) walk(c, new Set());
+  return [...m.values()];
+}
+
+function hashHue(name) {
+  let h = 0;
+  for (let i = 0; i < name.length; i++) h = (h * 31 + name.charCodeAt(i)) >>> 0;
+  return h;
+}
+function nodeColor(name) {
+  const h = hashHue(name.replace(/\(.*$/, ""));
+  return `hsl(${10 + (h % 40)}, ${70 + (h >> 8) % 20}%, ${58 + (h >> 16) % 14}%)`;
+}
+function diffColor(a, b) {
+  // Share in A vs B: red grew, green shrank.
+  const d = b - a;
+  const k = Math.min(1, Math.abs(d) / 0.2);
+  if (Math.abs(d) < 0.001) return "hsl(220, 10%, 72%)";
+  return d > 0 ? `hsl(0, ${40 + 50 * k}%, ${78 - 22 * k}%)` : `hsl(130, ${40 + 40 * k}%, ${76 - 22 * k}%)`;
+}
+
+const flame = {
+  root: null, focus: null, unit: "", total: 0, diff: null,
+
+  set(root, unit, diff) {
+    this.root = root;
+    this.focus = root;
+    this.unit = unit;
+    this.total = root ? root.total : 0;
+    this.diff = diff || null;
+    this.render();
+  },
+
+  render() {
+    const box = $("flame");
+    if (!this.root || this.root.total <= 0) {
+      box.replaceChildren(el("p", { class: "empty" }, "No samples for this selection."));
+      box.style.height = "";
+      box.dataset.state = "empty";
+      return;
+    }
+    const W = box.clientWidth || 800;
+    const F = this.focus;
+    const topDown = $("p-topdown").checked;
+    let re = null;
+    const q = $("p-search").value.trim();
+    if (q) { try { re = new RegExp(q, "i"); } catch { re = null; } }
+    const nodes = [];
+    for (let a = F.parent; a; a = a.parent) nodes.push([a, 0, W, true]);
+    const walk = (n) => {
+      const w = (n.total / F.total) * W;
+      if (w < 0.6) return;
+      nodes.push([n, ((n.x - F.x) / F.total) * W, w, false]);
+      for (const c of n.children) walk(c);
+    };
+    walk(F);
+    const maxDepth = nodes.reduce((m, [n]) => Math.max(m, n.depth), 0);
+    const H = 18;
+    const frag = document.createDocumentFragment();
+    for (const [n, left, w, anc] of nodes) {
+      const top = topDown ? n.depth * H : (maxDepth - n.depth) * H;
+      const d = el("div", {
+        class: "fg-node" + (anc ? " ancestor" : "") + (re ? (re.test(n.name) ? " match" : " faded") : ""),
+        style: `left:${left}px;width:${w}px;top:${top}px;background:${this.diff ? diffColor(n.shareA || 0, n.shareB || 0) : nodeColor(n.name)}`,
+        "data-name": n.name,
+      }, w > 28 ? n.name : "");
+      d.addEventListener("click", () => { this.focus = n === this.focus ? (n.parent || n) : n; this.render(); });
+      d.addEventListener("mousemove", (e) => this.tip(e, n));
+      d.addEventListener("mouseleave", () => { $("fg-tip").hidden = true; });
+      frag.append(d);
+    }
+    box.replaceChildren(frag);
+    box.style.height = (maxDepth + 1) * H + 2 + "px";
+    box.dataset.state = "ok";
+    box.dataset.focus = F.name;
+  },
+
+  describe(n) {
+    if (this.diff) {
+      return `${n.name}\nA: ${fmtUnit(n.a || 0, this.unit)} (${pct(n.a || 0, this.diff.totalA)})\n` +
+        `B: ${fmtUnit(n.b || 0, this.unit)} (${pct(n.b || 0, this.diff.totalB)})`;
+    }
+    return `${n.name}\nTotal: ${fmtUnit(n.total, this.unit)} (${pct(n.total, this.total)})\n` +
+      `Self: ${fmtUnit(n.self, this.unit)} (${pct(n.self, this.total)})`;
+  },
+
+  tip(e, n) {
+    const t = $("fg-tip");
+    t.textContent = this.describe(n);
+    t.hidden = false;
+    const x = Math.min(e.clientX + 14, innerWidth - t.offsetWidth - 8);
+    t.style.left = x + "px";
+    t.style.top = e.clientY + 16 + "px";
+  },
+};
+
+/// A diff tree of two trees (by stack path): {name, a, b, total, self,
+/// shareA, shareB}; widths by the sum of both shares.
+function diffTree(ra, rb) {
+  const ta = ra ? ra.total : 0;
+  const tb = rb ? rb.total : 0;
+  const SCALE = 1e6;
+  const merge = (na, nb, name, depth, x, parent) => {
+    const a = na ? na.total : 0;
+    const b = nb ? nb.total : 0;
+    const shareA = ta ? a / ta : 0;
+    const shareB = tb ? b / tb : 0;
+    const n = { name, a, b, shareA, shareB, depth, x, parent, children: [], total: Math.round(((shareA + shareB) / 2) * SCALE), self: 0 };
+    const kids = new Map();
+    for (const c of na ? na.children : []) kids.set(c.name, [c, null]);
+    for (const c of nb ? nb.children : []) kids.set(c.name, [(kids.get(c.name) || [null])[0], c]);
+    let cx = x;
+    for (const [k, [ca, cb]] of [...kids.entries()].sort()) {
+      const c = merge(ca, cb, k, depth + 1, cx, n);
+      cx += c.total;
+      n.children.push(c);
+    }
+    return n;
+  };
+  return merge(ra, rb, "total", 0, 0, null);
+}
+
+// ---- timeline ----
+
+function drawTimeline(box, series, start, end, brushes, onBrush) {
+  const W = box.clientWidth || 800;
+  const H = box.clientHeight || 110;
+  const pad = { l: 56, r: 8, t: 6, b: 16 };
+  const pts = series;
+  const maxV = Math.max(1, ...pts.map((p) => p[1]));
+  const X = (t) => pad.l + ((t - start) / Math.max(end - start, 1)) * (W - pad.l - pad.r);
+  const Y = (v) => H - pad.b - (v / maxV) * (H - pad.t - pad.b);
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}` });
+  for (let i = 0; i <= 4; i++) {
+    const t = start + ((end - start) * i) / 4;
+    svg.append(svgEl("line", { class: "grid", x1: X(t), x2: X(t), y1: pad.t, y2: H - pad.b }));
+    svg.append(svgEl("text", { class: "axis", x: X(t) + 2, y: H - 4 }, fmtClock(t)));
+  }
+  svg.append(svgEl("text", { class: "axis", x: 2, y: pad.t + 9 }, fmtUnit(maxV, box.dataset.unit)));
+  // One bar per step (a line would not show a single window).
+  const stepMs = Number(box.dataset.step) || 1000;
+  const bw = Math.max(2, (stepMs / Math.max(end - start, 1)) * (W - pad.l - pad.r) - 1);
+  for (const [t, v] of pts) {
+    svg.append(svgEl("rect", { class: "bar", x: Math.min(X(t), W - pad.r - bw), width: bw, y: Y(v), height: Math.max(1, Y(0) - Y(v)) },
+      svgEl("title", {}, `${fmtTime(t)}: ${fmtUnit(v, box.dataset.unit)}`)));
+  }
+  for (const [cls, a, b] of brushes) {
+    if (a && b && b > a) svg.append(svgEl("rect", { class: cls, x: X(Math.max(a, start)), width: Math.max(2, X(Math.min(b, end)) - X(Math.max(a, start))), y: pad.t, height: H - pad.t - pad.b }));
+  }
+  const sel = svgEl("rect", { class: "brush", y: pad.t, height: H - pad.t - pad.b, width: 0, x: 0 });
+  svg.append(sel);
+  const T = (clientX) => {
+    const r = svg.getBoundingClientRect();
+    const x = ((clientX - r.left) / r.width) * W;
+    return start + ((Math.min(Math.max(x, pad.l), W - pad.r) - pad.l) / (W - pad.l - pad.r)) * (end - start);
+  };
+  let from = null;
+  svg.addEventListener("mousedown", (e) => { from = T(e.clientX); e.preventDefault(); });
+  svg.addEventListener("mousemove", (e) => {
+    if (from === null) return;
+    const to = T(e.clientX);
+    sel.setAttribute("x", X(Math.min(from, to)));
+    sel.setAttribute("width", Math.abs(X(to) - X(from)));
+  });
+  const done = (e) => {
+    if (from === null) return;
+    const to = T(e.clientX);
+    const [a, b] = [Math.min(from, to), Math.max(from, to)];
+    from = null;
+    if (X(b) - X(a) > 3) onBrush(Math.floor(a), Math.ceil(b));
+  };
+  svg.addEventListener("mouseup", done);
+  svg.addEventListener("mouseleave", done);
+  box.replaceChildren(svg);
+  box.dataset.points = String(pts.length);
+}
+
+// ---- profiles view ----
+
+/// A selector's matchers as [name, op, value] (simple parser for chips).
+function parseMatchers(sel) {
+  const out = [];
+  const re = /([A-Za-z_][\w.]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"/g;
+  let m;
+  while ((m = re.exec(sel || ""))) out.push([m[1], m[2], m[3]]);
+  return out;
+}
+function buildSelector(ms) {
+  return "{" + ms.map(([n, op, v]) => `${n}${op}"${v.replace(/\\/g, "\\\\").replace(/"/g, '\\"')}"`).join(",") + "}";
+}
+
+const profiles = {
+  types: [],
+  seriesInfo: [],
+
+  range() {
+    const r = S["p.range"] || "1h";
+    if (r === "custom") return [Number(S["p.from"]) || 0, Number(S["p.until"]) || Date.now()];
+    if (r === "all") {
+      const first = Math.min(...this.seriesInfo.map((s) => s.first_ms), Date.now() - 36e5);
+      const last = Math.max(...this.seriesInfo.map((s) => s.last_ms), first + 1000);
+      return [first - 1000, Math.max(last + 1000, Date.now())];
+    }
+    return [Date.now() - (RANGE_MS[r] || 36e5), Date.now()];
+  },
+
+  typeInfo() { return this.types.find((t) => t.ID === S["p.type"]); },
+
+  async init() {
+    if (!this.wired) this.wire();
+    const [resp, series] = await Promise.all([
+      querier("ProfileTypes", { start: 0, end: 0 }),
+      getJson("/ui/api/series").then((r) => r.json()),
+    ]);
+    this.types = resp.profileTypes || [];
+    this.seriesInfo = series;
+    if (!this.types.length) {
+      $("p-type").replaceChildren(el("option", { value: "" }, "(no profiles stored)"));
+      flame.set(null, "");
+      $("p-timeline").replaceChildren(el("p", { class: "empty" }, "No profiles stored."));
+      return;
+    }
+    // Default: a CPU type when there is one.
+    const def = (this.types.find((t) => t.sampleType === "cpu") || this.types[0]).ID;
+    S["p.type"] = fillSelect($("p-type"), this.types.map((t) => [t.ID, `${t.name} · ${t.sampleType} (${t.sampleUnit})`]), S["p.type"] || def);
+    if (S["p.q"] === undefined) {
+      const svc = series.find((s) => s.profile_name === this.typeInfo()?.name);
+      S["p.q"] = svc ? buildSelector([["service_name", "=", svc.service]]) : "{}";
+    }
+    $("p-query").value = S["p.q"];
+    $("p-range").value = S["p.range"] || "1h";
+    await this.labelNames();
+    await this.load();
+  },
+
+  async labelNames() {
+    const r = await querier("LabelNames", { matchers: [`{__profile_type__="${S["p.type"]}"}`], start: 0, end: 0 });
+    const names = (r.names || []).filter((n) => !n.startsWith("__"));
+    fillSelect($("p-label-name"), names, $("p-label-name").value || "service_name", "(label)");
+    await this.labelValues();
+  },
+
+  async labelValues() {
+    const name = $("p-label-name").value;
+    if (!name) { $("p-label-value").replaceChildren(el("option", { value: "" }, "(value)")); return; }
+    const r = await querier("LabelValues", { name, matchers: [`{__profile_type__="${S["p.type"]}"}`], start: 0, end: 0 });
+    fillSelect($("p-label-value"), r.names || [], "", "(value)");
+  },
+
+  chips() {
+    const ms = parseMatchers(S["p.q"]);
+    $("p-chips").replaceChildren(...ms.map((m, i) => el("span", { class: "chip", "data-label": m[0] },
+      `${m[0]}${m[1]}"${m[2]}"`,
+      el("button", { type: "button", title: "remove", onclick: () => {
+        ms.splice(i, 1);
+        S["p.q"] = buildSelector(ms);
+        $("p-query").value = S["p.q"];
+        this.load();
+      } }, "×"))));
+  },
+
+  profileParams(from, until) {
+    const t = this.typeInfo();
+    const p = new URLSearchParams({ series: S["p.q"] || "{}", name: t.name, type: t.sampleType, from: String(Math.max(from, 0)), until: String(until) });
+    return p;
+  },
+
+  async merge(from, until) {
+    const r = await querier("SelectMergeStacktraces", {
+      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start: from, end: until, maxNodes: 8192,
+    });
+    return r.flamegraph ? treeFromLevels(r.flamegraph) : null;
+  },
+
+  async load() {
+    saveUrl();
+    this.chips();
+    const t = this.typeInfo();
+    if (!t) return;
+    const unit = t.sampleUnit;
+    const [start, end] = this.range();
+    $("p-from").value = toLocalInput(start);
+    $("p-until").value = toLocalInput(end);
+    const step = Math.max(1, Math.round((end - start) / 1000 / 120));
+    // The timeline: one summed series of the selection.
+    const ts = await querier("SelectSeries", {
+      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start, end, step, groupBy: [],
+    });
+    const sum = new Map();
+    for (const s of ts.series || []) for (const p of s.points || []) {
+      const k = Number(p.timestamp);
+      sum.set(k, (sum.get(k) || 0) + Number(p.value));
+    }
+    const pts = [...sum.entries()].sort((a, b) => a[0] - b[0]);
+    const box = $("p-timeline");
+    box.dataset.unit = unit;
+    box.dataset.step = String(step * 1000);
+    const diff = $("p-diff").checked;
+    $("p-diff-controls").hidden = !diff;
+    const brushes = diff ? [["brush", fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value)],
+      ["brush-b", fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value)]] : [];
+    drawTimeline(box, pts, start, end, brushes, (a, b) => {
+      if ($("p-diff").checked) {
+        const which = document.querySelector('input[name="p-brush"]:checked').value;
+        $(`p-${which}-from`).value = toLocalInput(a);
+        $(`p-${which}-until`).value = toLocalInput(b);
+      } else {
+        S["p.range"] = "custom"; S["p.from"] = String(a); S["p.until"] = String(b);
+        $("p-range").value = "custom";
+      }
+      this.load().catch((e) => setStatus(e.message, true));
+    });
+    const dl = $("p-download");
+    if (diff) {
+      if (!$("p-a-from").value) {
+        const mid = Math.round((start + end) / 2);
+        $("p-a-from").value = toLocalInput(start); $("p-a-until").value = toLocalInput(mid);
+        $("p-b-from").value = toLocalInput(mid); $("p-b-until").value = toLocalInput(end);
+        return this.load();
+      }
+      const [ra, rb] = await Promise.all([
+        this.merge(fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value)),
+        this.merge(fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value)),
+      ]);
+      const d = diffTree(ra, rb);
+      flame.set(d, unit, { totalA: ra ? ra.total : 0, totalB: rb ? rb.total : 0 });
+      $("p-total").textContent = `A: ${fmtUnit(ra ? ra.total : 0, unit)} · B: ${fmtUnit(rb ? rb.total : 0, unit)} (red: larger share in B)`;
+      this.table(null);
+      dl.classList.add("disabled");
+      dl.removeAttribute("href");
+      return;
+    }
+    const root = await this.merge(start, end);
+    flame.set(root, unit);
+    this.table(root);
+    const total = root ? root.total : 0;
+    $("p-total").textContent = total ? `Total ${fmtUnit(total, unit)} of ${t.sampleType}` : "";
+    $("p-total").dataset.total = String(total);
+    if (total > 0) {
+      dl.href = "/ui/api/profile?" + this.profileParams(start, end).toString();
+      dl.setAttribute("download", "profile.pb.gz");
+      dl.classList.remove("disabled");
+      dl.removeAttribute("aria-disabled");
+    } else {
+      dl.removeAttribute("href");
+      dl.classList.add("disabled");
+      dl.setAttribute("aria-disabled", "true");
+    }
+    setStatus(total ? "" : "No samples of this type in the range for this selector.");
+  },
+
+  table(root) {
+    const tb = $("p-table").tBodies[0];
+    if (!root) { tb.replaceChildren(); return; }
+    const unit = this.typeInfo().sampleUnit;
+    const rows = functionTable(root);
+    const key = S["p.sort"] || "self";
+    rows.sort((a, b) => (key === "name" ? a.name.localeCompare(b.name) : b[key] - a[key]));
+    tb.replaceChildren(...rows.slice(0, 500).map((f) => el("tr", { "data-name": f.name, onclick: () => { $("p-search").value = "^" + f.name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "$"; flame.render(); } },
+      el("td", { class: "name" }, f.name),
+      el("td", { class: "num" }, fmtUnit(f.self, unit)),
+      el("td", { class: "num" }, pct(f.self, root.total)),
+      el("td", { class: "num" }, fmtUnit(f.total, unit)),
+      el("td", { class: "num" }, pct(f.total, root.total)))));
+  },
+
+  mode() {
+    const m = S["p.mode"] || "both";
+    $("p-body").className = "pbody" + (m === "flame" ? " flame-only" : m === "table" ? " table-only" : "");
+    for (const b of document.querySelectorAll("#p-mode button")) b.classList.toggle("on", b.dataset.mode === m);
+  },
+
+  wire() {
+    this.wired = true;
+    const reload = () => this.load().catch((e) => setStatus(e.message, true));
+    $("p-type").addEventListener("change", async (e) => { S["p.type"] = e.target.value; await this.labelNames(); reload(); });
+    $("p-label-name").addEventListener("change", () => this.labelValues());
+    $("p-label-value").addEventListener("change", (e) => {
+      const name = $("p-label-name").value;
+      if (!name || !e.target.value) return;
+      const ms = parseMatchers(S["p.q"]).filter((m) => m[0] !== name);
+      ms.push([name, "=", e.target.value]);
+      S["p.q"] = buildSelector(ms);
+      $("p-query").value = S["p.q"];
+      reload();
+    });
+    $("p-query").addEventListener("keydown", (e) => { if (e.key === "Enter") { S["p.q"] = $("p-query").value.trim() || "{}"; reload(); } });
+    $("p-apply").addEventListener("click", () => {
+      S["p.q"] = $("p-query").value.trim() || "{}";
+      const a = fromLocalInput($("p-from").value);
+      const b = fromLocalInput($("p-until").value);
+      const [s0, e0] = this.range();
+      if (S["p.range"] === "custom" || a !== s0 || b !== e0) {
+        if (a && b && a < b) { S["p.range"] = "custom"; S["p.from"] = String(a); S["p.until"] = String(b); $("p-range").value = "custom"; }
+      }
+      reload();
+    });
+    $("p-range").addEventListener("change", (e) => { S["p.range"] = e.target.value; delete S["p.from"]; delete S["p.until"]; reload(); });
+    $("p-diff").addEventListener("change", reload);
+    for (const id of ["p-a-from", "p-a-until", "p-b-from", "p-b-until"]) $(id).addEventListener("change", reload);
+    $("p-topdown").checked = S["p.dir"] !== "up";
+    $("p-topdown").addEventListener("change", (e) => { S["p.dir"] = e.target.checked ? "" : "up"; saveUrl(); flame.render(); });
+    $("p-search").value = S["p.search"] || "";
+    $("p-search").addEventListener("input", (e) => { S["p.search"] = e.target.value; saveUrl(); flame.render(); });
+    $("p-reset").addEventListener("click", () => { flame.focus = flame.root; flame.render(); });
+    for (const b of document.querySelectorAll("#p-mode button")) b.addEventListener("click", () => { S["p.mode"] = b.dataset.mode; saveUrl(); this.mode(); flame.render(); });
+    for (const th of document.querySelectorAll("#p-table th[data-sort]")) th.addEventListener("click", () => { S["p.sort"] = th.dataset.sort; saveUrl(); this.load(); });
+    this.mode();
+    addEventListener("resize", () => flame.render());
+  },
+};
+
+// ---- traces view ----
+
+/// Jaeger-style tags: `k=v k2="v w"` (logfmt) → JSON object.
+function parseTags(s) {
+  const out = {};
+  const re = /([^\s=]+)=(?:"((?:[^"\\]|\\.)*)"|(\S*))/g;
+  let m;
+  let rest = s;
+  while ((m = re.exec(s))) { out[m[1]] = m[2] !== undefined ? m[2] : m[3]; rest = rest.replace(m[0], ""); }
+  if (rest.trim()) throw new Error(`tags: cannot read ${JSON.stringify(rest.trim())} (write key=value, space separated)`);
+  return out;
+}
+
+const traces = {
+  async init() {
+    if (!this.wired) this.wire();
+    const services = STATUS.trace_services;
+    S["t.service"] = fillSelect($("t-service"), services, S["t.service"] ?? (services[0] || ""), "(all services)");
+    await this.operations();
+    $("t-tags").value = S["t.tags"] || "";
+    $("t-min").value = S["t.min"] || "";
+    $("t-max").value = S["t.max"] || "";
+    $("t-errors").checked = S["t.errors"] === "true";
+    $("t-range").value = S["t.range"] || "1h";
+    $("t-limit").value = S["t.limit"] || "20";
+    $("t-sort").value = S["t.sort"] || "newest";
+    await this.search();
+    if (S.trace) await this.open(S.trace);
+  },
+
+  async operations() {
+    const svc = $("t-service").value;
+    let ops = [];
+    if (svc) {
+      const r = await (await getJson("/api/services/" + encodeURIComponent(svc) + "/operations")).json();
+      ops = [...new Set((r.data || []).map((o) => (typeof o === "string" ? o : o.name)))].sort();
+    }
+    S["t.op"] = fillSelect($("t-operation"), ops, S["t.op"] || "", "(all operations)");
+  },
+
+  form() {
+    S["t.service"] = $("t-service").value;
+    S["t.op"] = $("t-operation").value;
+    S["t.tags"] = $("t-tags").value.trim();
+    S["t.min"] = $("t-min").value.trim();
+    S["t.max"] = $("t-max").value.trim();
+    S["t.errors"] = $("t-errors").checked ? "true" : "";
+    S["t.range"] = $("t-range").value;
+    S["t.limit"] = $("t-limit").value;
+    S["t.sort"] = $("t-sort").value;
+  },
+
+  async search() {
+    const limit = Number(S["t.limit"] || 20);
+    const page = Number(S["t.page"] || 0);
+    const p = new URLSearchParams({ limit: String(limit), offset: String(page * limit) });
+    if (S["t.service"]) p.set("service", S["t.service"]);
+    if (S["t.op"]) p.set("operation", S["t.op"]);
+    if (S["t.tags"]) p.set("tags", JSON.stringify(parseTags(S["t.tags"])));
+    if (S["t.min"]) p.set("minDuration", S["t.min"]);
+    if (S["t.max"]) p.set("maxDuration", S["t.max"]);
+    if (S["t.errors"]) p.set("error", "true");
+    if (S["t.range"] && S["t.range"] !== "all") p.set("range", S["t.range"]);
+    if (S["t.sort"] && S["t.sort"] !== "newest") p.set("sort", S["t.sort"]);
+    saveUrl();
+    const r = await getJson("/ui/api/traces?" + p.toString());
+    const total = Number(r.headers.get("x-total-count") || 0);
+    const exact = r.headers.get("x-total-count-exact") !== "false";
+    const list = await r.json();
+    $("t-count").textContent = `${total.toLocaleString("en-US")}${exact ? "" : "+"} trace${total === 1 ? "" : "s"}`;
+    $("t-count").dataset.total = String(total);
+    const pages = Math.max(1, Math.ceil(total / limit));
+    $("t-page").textContent = `page ${page + 1} of ${pages}`;
+    $("t-prev").disabled = page === 0;
+    $("t-next").disabled = page + 1 >= pages;
+    const tbody = $("t-results").tBodies[0];
+    tbody.replaceChildren(...list.map((t) => {
+      const tr = el("tr", { "data-trace": t.trace_id, onclick: () => this.open(t.trace_id) },
+        el("td", {}, fmtTime(t.start_unix_ms)),
+        el("td", {}, `${t.service}: ${t.root_name}`),
+        el("td", {}, t.services.join(", ")),
+        el("td", { class: "num" }, fmtMs(t.duration_ms)),
+        el("td", { class: "num" }, t.span_count));
+      if (t.error) tr.classList.add("error");
+      if (t.trace_id === S.trace) tr.classList.add("selected");
+      return tr;
+    }));
+    if (!list.length) tbody.append(el("tr", {}, el("td", { colspan: "5", class: "muted" }, "No traces match.")));
+  },
+
+  async open(id) {
+    id = id.trim().toLowerCase();
+    S.trace = id;
+    saveUrl();
+    for (const r of document.querySelectorAll("#t-results tr")) r.classList.toggle("selected", r.dataset.trace === id);
+    const wf = $("waterfall");
+    $("span-detail").hidden = true;
+    let t;
+    try {
+      t = await (await getJson("/ui/api/traces/" + encodeURIComponent(id))).json();
+    } catch (e) {
+      wf.replaceChildren(el("p", { class: "empty" }, e.message));
+      wf.dataset.state = "error";
+      $("trace-title").textContent = "";
+      return;
+    }
+    this.trace = t;
+    this.collapsed = new Set();
+    this.render();
+  },
+
+  render() {
+    const t = this.trace;
+    const wf = $("waterfall");
+    const total = Math.max(t.summary.end_unix_nano - t.summary.start_unix_nano, 1) / 1e6;
+    $("trace-title").textContent = `${t.summary.root_name} · ${t.summary.trace_id} · ${fmtMs(total)} · ${t.spans.length} spans`;
+    const ids = new Set(t.spans.map((s) => s.span_id));
+    const children = new Map();
+    const roots = [];
+    for (const s of t.spans) {
+      if (s.parent_span_id && ids.has(s.parent_span_id)) {
+        if (!children.has(s.parent_span_id)) children.set(s.parent_span_id, []);
+        children.get(s.parent_span_id).push(s);
+      } else roots.push(s);
+    }
+    const rows = [];
+    // The ruler: 5 ticks over the trace's duration.
+    const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) => el("span", { class: "wf-tick", style: `left:${f * 100}%` }, fmtMs(f * total)));
+    rows.push(el("div", { class: "wf-ruler" }, el("div", { class: "wf-label" }, "Service · operation"), el("div", { class: "wf-ticks" }, ...ticks)));
+    const walk = (s, depth) => {
+      const kids = children.get(s.span_id) || [];
+      const closed = this.collapsed.has(s.span_id);
+      const left = (100 * s.offset_ms) / total;
+      const width = Math.max((100 * s.duration_ms) / total, 0.15);
+      // The duration after the bar, or before it when the bar ends near the right edge.
+      const after = left + width < 80;
+      const time = after
+        ? el("span", { class: "wf-time", style: `left:${left + width}%` }, fmtMs(s.duration_ms))
+        : el("span", { class: "wf-time", style: `right:${100 - left}%` }, fmtMs(s.duration_ms));
+      const events = s.events.map((e) => el("span", { class: "wf-event", title: e.name, style: `left:${(100 * (s.offset_ms + e.offset_ms)) / total}%` }));
+      const caret = el("span", { class: "wf-caret" }, kids.length ? (closed ? "▸" : "▾") : "");
+      if (kids.length) caret.addEventListener("click", (e) => { e.stopPropagation(); this.toggle(s.span_id); });
+      const row = el("div", { class: "wf-row", "data-span": s.span_id, title: `${s.name} (${s.kind}, ${s.status}) ${fmtMs(s.duration_ms)} at +${fmtMs(s.offset_ms)}` },
+        el("div", { class: "wf-label", style: `padding-left:${4 + depth * 14}px` },
+          caret, el("span", { class: "svc" }, s.service + " "), s.name, kids.length && closed ? el("span", { class: "svc" }, ` (+${this.count(s.span_id, children)})`) : ""),
+        el("div", { class: "wf-track" },
+          el("div", { class: "wf-bar" + (s.status === "error" ? " error" : ""), style: `left:${left}%;width:${width}%` }),
+          ...events, time));
+      row.addEventListener("click", () => this.detail(s, row));
+      rows.push(row);
+      if (!closed) for (const c of kids) walk(c, depth + 1);
+    };
+    for (const r of roots) walk(r, 0);
+    wf.replaceChildren(...rows);
+    wf.dataset.state = "ok";
+    this.children = children;
+  },
+
+  count(id, children) {
+    let n = 0;
+    for (const c of children.get(id) || []) n += 1 + this.count(c.span_id, children);
+    return n;
+  },
+
+  toggle(id) {
+    if (this.collapsed.has(id)) this.collapsed.delete(id);
+    else this.collapsed.add(id);
+    this.render();
+  },
+
+  detail(s, row) {
+    for (const r of document.querySelectorAll(".wf-row.selected")) r.classList.remove("selected");
+    row.classList.add("selected");
+    const kv = (rows) => el("table", {}, el("tbody", {}, ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
+    const d = $("span-detail");
+    d.replaceChildren(
+      el("h3", {}, `${s.service}: ${s.name}`),
+      kv([["kind", s.kind], ["status", s.status + (s.status_message ? ": " + s.status_message : "")],
+        ["start", fmtTime(s.start_unix_nano / 1e6)], ["duration", fmtMs(s.duration_ms)], ["offset", "+" + fmtMs(s.offset_ms)],
+        ["span id", s.span_id], ["parent", s.parent_span_id || "(root)"], ["scope", s.scope]]),
+      el("h3", {}, "Attributes"), kv(s.attributes),
+      ...(s.events.length ? [el("h3", {}, `Events (${s.events.length})`), ...s.events.map((e) => el("div", { class: "event" },
+        el("b", {}, `+${fmtMs(e.offset_ms)} ${e.name}`), kv(e.attributes)))] : []),
+      el("h3", {}, "Resource"), kv(s.resource));
+    d.hidden = false;
+  },
+
+  wire() {
+    this.wired = true;
+    const run = (resetPage) => {
+      this.form();
+      if (resetPage) S["t.page"] = "";
+      this.search().catch((e) => setStatus(e.message, true));
+    };
+    $("t-service").addEventListener("change", async () => { S["t.op"] = ""; S["t.service"] = $("t-service").value; await this.operations(); run(true); });
+    $("t-find").addEventListener("click", () => { setStatus(""); run(true); });
+    for (const id of ["t-tags", "t-min", "t-max"]) $(id).addEventListener("keydown", (e) => { if (e.key === "Enter") run(true); });
+    for (const id of ["t-sort", "t-limit", "t-operation", "t-errors", "t-range"]) $(id).addEventListener("change", () => run(true));
+    $("t-prev").addEventListener("click", () => { S["t.page"] = String(Math.max(0, Number(S["t.page"] || 0) - 1)); run(false); });
+    $("t-next").addEventListener("click", () => { S["t.page"] = String(Number(S["t.page"] || 0) + 1); run(false); });
+    const openId = () => { const v = $("t-id").value.trim(); if (v) this.open(v); };
+    $("t-open").addEventListener("click", openId);
+    $("t-id").addEventListener("keydown", (e) => { if (e.key === "Enter") openId(); });
+    $("wf-expand").addEventListener("click", () => { if (this.trace) { this.collapsed.clear(); this.render(); } });
+    $("wf-collapse").addEventListener("click", () => {
+      if (!this.trace) return;
+      for (const id of this.children.keys()) this.collapsed.add(id);
+      this.render();
+    });
+  },
+};
+
+// ---- metrics view ----
+
+function chart(points, series, unit) {
+  const W = 400;
+  const H = 90;
+  const pad = { l: 58, r: 4, t: 4, b: 14 };
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" });
+  const all = series.flatMap(([, pts]) => pts.map((p) => p[1])).filter((v) => Number.isFinite(v));
+  if (!points.length || !all.length) return svg;
+  const t0 = points[0].t;
+  const t1 = Math.max(points[points.length - 1].t, t0 + 1);
+  const lo = Math.min(0, ...all);
+  const hi = Math.max(...all, lo + 1e-12);
+  const X = (t) => pad.l + ((t - t0) / (t1 - t0)) * (W - pad.l - pad.r);
+  const Y = (v) => H - pad.b - ((v - lo) / (hi - lo)) * (H - pad.t - pad.b);
+  svg.append(svgEl("text", { class: "axis", x: 2, y: pad.t + 8 }, fmtMetric(hi, unit)));
+  svg.append(svgEl("text", { class: "axis", x: 2, y: H - pad.b }, fmtMetric(lo, unit)));
+  svg.append(svgEl("text", { class: "axis", x: pad.l, y: H - 2 }, fmtClock(t0)));
+  svg.append(svgEl("text", { class: "axis", x: W - 50, y: H - 2 }, fmtClock(t1)));
+  for (const [cls, pts] of series) {
+    const ok = pts.filter((p) => Number.isFinite(p[1]));
+    if (!ok.length) continue;
+    const d = ok.map((p, i) => `${i ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
+    svg.append(svgEl("path", { class: cls, d: ok.length === 1 ? d + `h2` : d }));
+  }
+  return svg;
+}
+
+const metrics = {
+  async load() {
+    if (!this.wired) this.wire();
+    const services = STATUS.metric_services;
+    S["m.service"] = fillSelect($("m-service"), services, S["m.service"] || "", "(all services)");
+    $("m-name").value = S["m.name"] || "";
+    $("m-range").value = S["m.range"] || "1h";
+    const p = new URLSearchParams();
+    if (S["m.service"]) p.set("service", S["m.service"]);
+    if (S["m.name"]) p.set("name", S["m.name"]);
+    if ((S["m.range"] || "1h") !== "all") p.set("range", S["m.range"] || "1h");
+    saveUrl();
+    const rows = await (await getJson("/ui/api/metrics?" + p.toString())).json();
+    $("m-count").textContent = `${rows.length} series`;
+    $("m-count").dataset.count = String(rows.length);
+    const list = $("m-list");
+    if (!rows.length) { list.replaceChildren(el("p", { class: "empty" }, "No metrics match.")); return; }
+    list.replaceChildren(...rows.map((m) => {
+      const pts = m.points;
+      let series;
+      let value;
+      let what;
+      if (m.kind === "histogram") {
+        series = [["line", pts.map((p) => [p.t, p.p50 ?? NaN])], ["line2", pts.map((p) => [p.t, p.p99 ?? NaN])]];
+        value = `p50 ${fmtMetric(m.p50, m.unit)} · p99 ${fmtMetric(m.p99, m.unit)}`;
+        what = `histogram · ${m.count ?? "–"} observations · p50 (blue) / p99 (orange) per interval`;
+      } else if (m.kind === "counter") {
+        // Per-second rate between points (resets read as a restart).
+        const rate = [];
+        for (let i = 1; i < pts.length; i++) {
+          const dv = pts[i].v - pts[i - 1].v;
+          const dt = (pts[i].t - pts[i - 1].t) / 1000;
+          if (dt > 0) rate.push([pts[i].t, (dv >= 0 ? dv : pts[i].v) / dt]);
+        }
+        series = [["line", rate]];
+        value = fmtMetric(m.value, m.unit);
+        what = `counter · rate per second${m.unit ? " (" + m.unit + "/s)" : ""}`;
+      } else {
+        series = [["line", pts.map((p) => [p.t, p.v])]];
+        value = fmtMetric(m.value, m.unit);
+        what = "gauge";
+      }
+      return el("div", { class: "panel metric", "data-metric": m.name, title: m.help },
+        el("div", { class: "mname" }, m.name),
+        el("div", { class: "mlabels" }, m.labels.map(([k, v]) => `${k}="${v}"`).join(", ")),
+        el("div", { class: "mvalue" }, value, m.current ? "" : el("span", { class: "stale" }, ` (last update ${fmtTime(m.last_ms)})`)),
+        el("div", { class: "muted" }, `${what} · ${pts.length} point${pts.length === 1 ? "" : "s"}`),
+        chart(pts, series, m.unit));
+    }));
+  },
+
+  wire() {
+    this.wired = true;
+    const run = () => {
+      S["m.service"] = $("m-service").value;
+      S["m.name"] = $("m-name").value.trim();
+      S["m.range"] = $("m-range").value;
+      this.load().catch((e) => setStatus(e.message, true));
+    };
+    $("m-apply").addEventListener("click", run);
+    $("m-service").addEventListener("change", run);
+    $("m-range").addEventListener("change", run);
+    $("m-name").addEventListener("keydown", (e) => { if (e.key === "Enter") run(); });
+  },
+};
+
+showView(S.view);

@@ -1,0 +1,305 @@
+// Drives the collector's UI in headless Chromium (run by
+// collector/tests/ui.rs: BASE, PHASE = empty | data, EXPECT (JSON), SHOTS,
+// CHROMIUM). Every check compares what the page shows with what the test
+// sent; a failed check exits 1.
+import { chromium } from "playwright-core";
+import { join } from "node:path";
+
+const BASE = process.env.BASE;
+const PHASE = process.env.PHASE;
+const EXPECT = JSON.parse(process.env.EXPECT || "{}");
+const SHOTS = process.env.SHOTS;
+
+let failures = 0;
+function check(ok, what, got) {
+  if (ok) console.log("  ok   " + what);
+  else { failures++; console.log("  FAIL " + what + (got === undefined ? "" : " — got " + JSON.stringify(got))); }
+}
+
+// launch() gives Chromium a fresh temporary profile (--user-data-dir) of
+// its own and removes it on close.
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+
+async function page(scheme) {
+  const ctx = await browser.newContext({ viewport: { width: 1500, height: 1000 }, colorScheme: scheme || "light" });
+  const p = await ctx.newPage();
+  p.on("pageerror", (e) => { failures++; console.log("  FAIL page error: " + e.message); });
+  return p;
+}
+async function open(p, query) {
+  await p.goto(BASE + "/" + query);
+  await p.waitForSelector('body[data-loaded="true"]', { timeout: 20000 });
+}
+const shot = (p, name) => p.screenshot({ path: join(SHOTS, name + ".png"), fullPage: true });
+const text = (p, sel) => p.locator(sel).first().innerText();
+async function status(p, url) { return p.evaluate(async (u) => (await fetch(u)).status, url); }
+async function settle(p) { await p.waitForTimeout(400); }
+/// Waits (up to 5 s) for `sel`'s data-`attr` to be `want`, then checks it.
+async function expectAttr(p, sel, attr, want, what) {
+  await p.waitForFunction(([s, a, w]) => document.querySelector(s)?.getAttribute(a) === w, [sel, attr, String(want)], { timeout: 5000 }).catch(() => {});
+  const got = await p.locator(sel).getAttribute(attr);
+  check(got === String(want), what, got);
+}
+
+try {
+  if (PHASE === "empty") {
+    console.log("empty store: onboarding");
+    for (const view of ["profiles", "traces", "metrics"]) {
+      const p = await page();
+      await open(p, "?view=" + view);
+      const box = await text(p, "#onboarding");
+      check(box.includes(`No ${view} stored yet`), `${view}: onboarding shown`, box.slice(0, 80));
+      check(box.includes(":" + EXPECT.otlp_grpc_port) && box.includes(":" + EXPECT.otlp_http_port),
+        `${view}: onboarding names the OTLP ports ${EXPECT.otlp_grpc_port}/${EXPECT.otlp_http_port}`);
+      check(box.includes("/ingest") || box.includes("v1/"), `${view}: onboarding says what to send`);
+      if (view === "profiles") {
+        const dl = await p.locator("#p-download").getAttribute("href");
+        check(dl === null, "no Download pprof link without a profile", dl);
+        await shot(p, "empty-profiles");
+      }
+      await p.context().close();
+    }
+  } else {
+    // ---------------- profiles ----------------
+    console.log("profiles view");
+    let p = await page();
+    await open(p, '?view=profiles&p.q={service_name="api"}');
+    await p.waitForSelector('#flame[data-state="ok"]');
+    check(await p.locator("#onboarding").isHidden(), "no onboarding once data is stored");
+    const typeText = await p.locator("#p-type option:checked").innerText();
+    check(typeText.includes("cpu") && typeText.includes("nanoseconds"), "profile type: cpu (nanoseconds) chosen", typeText);
+    const total = await text(p, "#p-total");
+    check(total.includes(EXPECT.total_all), `total in human units (${EXPECT.total_all})`, total);
+    const names = await p.locator("#flame .fg-node").evaluateAll((ns) => ns.map((n) => n.dataset.name));
+    for (const f of EXPECT.functions) check(names.includes(f), `flame graph has ${f}`);
+    // Labels are the function names (never the count name, never cut at the left).
+    const labelsOk = async () => p.locator("#flame .fg-node").evaluateAll((ns) => ns
+      .filter((n) => n.textContent)
+      .every((n) => n.textContent === n.dataset.name && !/cpu|nanoseconds|^\.\./.test(n.textContent)));
+    check(await labelsOk(), "labels are whole function names");
+    // Hover: a tooltip with human units and %.
+    await p.locator('#flame .fg-node[data-name="api::parse_json"]').hover();
+    const tip = await text(p, "#fg-tip");
+    check(tip.includes(`Self: ${EXPECT.parse_json_self} (${EXPECT.parse_json_pct})`), "tooltip: self in ms and %", tip);
+    // Click-zoom on api::serve: it spans the width, labels stay whole.
+    await p.locator('#flame .fg-node[data-name="api::serve"]').click();
+    await settle(p);
+    const serveW = await p.locator('#flame .fg-node[data-name="api::serve"]').evaluate((n) => n.getBoundingClientRect().width);
+    const flameW = await p.locator("#flame").evaluate((n) => n.clientWidth);
+    check(Math.abs(serveW - flameW) < 3, "zoomed node spans the flame graph", [serveW, flameW]);
+    check(await labelsOk(), "labels after zoom are whole function names");
+    const parseText = await p.locator('#flame .fg-node[data-name="api::parse_json"]').innerText();
+    check(parseText === "api::parse_json", "api::parse_json label readable after zoom", parseText);
+    await shot(p, "profiles-zoomed");
+    // Search: matches highlighted, labels intact.
+    await p.fill("#p-search", "parse");
+    await settle(p);
+    const matches = await p.locator("#flame .fg-node.match").evaluateAll((ns) => ns.map((n) => n.dataset.name));
+    check(matches.length === 1 && matches[0] === "api::parse_json", "search highlights api::parse_json", matches);
+    check(await labelsOk(), "labels after search are whole function names");
+    await p.fill("#p-search", "");
+    await p.click("#p-reset");
+    // Table: self/total in units.
+    const row = await p.locator('#p-table tr[data-name="api::parse_json"]').innerText();
+    check(row.includes(EXPECT.parse_json_self) && row.includes(EXPECT.parse_json_pct), "table: parse_json self 600 ms 40%", row);
+    // Top-down vs bottom-up: main at the top, then at the bottom.
+    const tops = () => p.locator("#flame .fg-node").evaluateAll((ns) => Object.fromEntries(ns.map((n) => [n.dataset.name, n.offsetTop])));
+    let t = await tops();
+    check(t.total === 0 && t.main < t["api::serve"], "top-down: root at the top, callees below", t);
+    await p.click("#p-topdown");
+    t = await tops();
+    check(t.total > 0 && t.main > t["api::serve"], "bottom-up: root at the bottom, callees above", t);
+    await p.click("#p-topdown");
+    // Label chips: pick pod=api-1.
+    await p.selectOption("#p-label-name", "pod");
+    await p.waitForFunction(() => document.querySelectorAll("#p-label-value option").length > 2);
+    await p.selectOption("#p-label-value", "api-1");
+    await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_api1);
+    const chips = await p.locator("#p-chips .chip").evaluateAll((cs) => cs.map((c) => c.dataset.label));
+    check(chips.includes("pod") && chips.includes("service_name"), "chips: service_name and pod", chips);
+    check((await p.locator("#p-query").inputValue()).includes('pod="api-1"'), "selector has pod=\"api-1\"");
+    check(new URL(p.url()).searchParams.get("p.q").includes("api-1"), "selector in the URL");
+    const only = await p.locator("#flame .fg-node").evaluateAll((ns) => ns.map((n) => n.dataset.name));
+    check(only.includes("zstd::compress") && !only.includes("api::parse_json"), "pod api-1: only its stacks", only);
+    const dl = await p.locator("#p-download").getAttribute("href");
+    check(dl && (await status(p, dl)) === 200, "Download pprof link answers 200", dl);
+    // A selector nothing matches: no link, no 404.
+    await p.fill("#p-query", '{pod="nope"}');
+    await p.press("#p-query", "Enter");
+    await p.waitForSelector('#flame[data-state="empty"]');
+    check((await p.locator("#p-download").getAttribute("href")) === null, "no Download pprof link when nothing matches");
+    // Remove the chip: back to everything of api.
+    await p.fill("#p-query", '{service_name="api"}');
+    await p.press("#p-query", "Enter");
+    await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_all);
+    // Timeline with points; brushing selects a custom range.
+    const pts = Number(await p.locator("#p-timeline").getAttribute("data-points"));
+    check(pts > 0, "timeline has points", pts);
+    const tl = await p.locator("#p-timeline svg").boundingBox();
+    await p.mouse.move(tl.x + tl.width * 0.3, tl.y + 40);
+    await p.mouse.down();
+    await p.mouse.move(tl.x + tl.width * 0.995, tl.y + 40, { steps: 5 });
+    await p.mouse.up();
+    await p.waitForFunction(() => new URLSearchParams(location.search).get("p.range") === "custom");
+    check(true, "brush sets a custom range in the URL");
+    check((await p.locator("#p-from").inputValue()) !== "", "absolute range inputs filled");
+    await shot(p, "profiles");
+    // Diff between two ranges.
+    await p.click("#p-diff");
+    await p.waitForSelector('#flame[data-state="ok"]');
+    await settle(p);
+    check((await text(p, "#p-total")).startsWith("A:"), "diff view shows A and B totals", await text(p, "#p-total"));
+    await shot(p, "profiles-diff");
+    await p.context().close();
+
+    // Dark mode: no white box.
+    p = await page("dark");
+    await open(p, '?view=profiles&p.q={service_name="api"}');
+    await p.waitForSelector('#flame[data-state="ok"]');
+    const bgs = await p.evaluate(() => ["body", "#flame", "#p-table-wrap", "header"].map((s) => getComputedStyle(document.querySelector(s)).backgroundColor));
+    const dark = (c) => { const [r, g, b] = c.match(/\d+/g).map(Number); return r + g + b < 200; };
+    check(bgs.every(dark), "dark mode: body, flame graph, table, header are dark", bgs);
+    await shot(p, "profiles-dark");
+    await p.context().close();
+
+    // ---------------- traces ----------------
+    console.log("traces view");
+    p = await page();
+    await open(p, "?view=traces&t.range=1h");
+    const count = async () => Number(await p.locator("#t-count").getAttribute("data-total"));
+    await p.selectOption("#t-service", "frontend");
+    await p.waitForFunction(() => document.querySelector("#t-operation").options.length > 1);
+    await p.click("#t-find");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_frontend, `frontend: ${EXPECT.traces_frontend} traces`);
+    check((await text(p, "#t-page")) === "page 1 of 2", "20 per page: page 1 of 2", await text(p, "#t-page"));
+    check(await p.locator("#t-results tbody tr").count() === 20, "20 rows on page 1");
+    await p.click("#t-next");
+    await settle(p);
+    check(await p.locator("#t-results tbody tr").count() === EXPECT.traces_frontend - 20, "rest on page 2");
+    // Sort: longest first.
+    await p.selectOption("#t-sort", "longest");
+    await settle(p);
+    const first = await p.locator("#t-results tbody tr").first().locator("td").nth(3).innerText();
+    check(first === EXPECT.longest, `longest first: ${EXPECT.longest}`, first);
+    check(new URL(p.url()).searchParams.get("t.sort") === "longest", "sort in the URL");
+    await p.selectOption("#t-sort", "newest");
+    // Errors only: the errors are payment's spans (a search matches one
+    // span that satisfies everything, as Jaeger's does).
+    await p.check("#t-errors");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", 0, "errors only of frontend: none");
+    await p.selectOption("#t-service", "");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_errors, `errors only, all services: ${EXPECT.traces_errors}`);
+    await p.uncheck("#t-errors");
+    await p.selectOption("#t-service", "frontend");
+    await settle(p);
+    // Tags.
+    await p.fill("#t-tags", "http.status_code=500");
+    await p.click("#t-find");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_errors, "tags http.status_code=500");
+    await p.fill("#t-tags", "");
+    // Min duration.
+    await p.fill("#t-min", "120ms");
+    await p.click("#t-find");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_min_120ms, `minDuration 120ms: ${EXPECT.traces_min_120ms}`);
+    await p.fill("#t-min", "");
+    // Operation of another service.
+    await p.selectOption("#t-service", "payment");
+    await p.waitForFunction(() => [...document.querySelector("#t-operation").options].some((o) => o.value === "charge"));
+    await p.selectOption("#t-operation", "charge");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_frontend, "payment / charge: every trace");
+    await shot(p, "traces-search");
+    // Unknown parameters are refused.
+    check(await status(p, "/ui/api/traces?service=frontend&bogus=1") === 400, "/ui/api/traces: unknown parameter → 400");
+    check(await status(p, "/api/traces?service=frontend&bogus=1") === 400, "/api/traces: unknown parameter → 400");
+    check(await status(p, "/ui/api/traces?sort=random") === 400, "/ui/api/traces: bad sort → 400");
+    // Trace id box.
+    await p.fill("#t-id", EXPECT.error_trace);
+    await p.click("#t-open");
+    await p.waitForSelector('#waterfall[data-state="ok"]');
+    check(await p.locator("#waterfall .wf-row").count() === 3, "waterfall: 3 spans");
+    check(await p.locator("#waterfall .wf-tick").count() === 5, "time ruler with 5 ticks");
+    // The short span at the right edge: its duration is readable.
+    const short = p.locator('#waterfall .wf-row:has-text("SELECT stock") .wf-time');
+    check((await short.innerText()) === EXPECT.short_span, `short span reads ${EXPECT.short_span}`, await short.innerText());
+    const vis = await short.evaluate((n) => {
+      const r = n.getBoundingClientRect();
+      const track = n.parentElement.getBoundingClientRect();
+      const bar = n.parentElement.querySelector(".wf-bar").getBoundingClientRect();
+      const c = getComputedStyle(n).color.match(/\d+/g).map(Number);
+      return { inside: r.left >= track.left - 1 && r.right <= track.right + 71, overBar: r.right > bar.left + 1 && r.left < bar.right - 1, white: c[0] > 240 && c[1] > 240 && c[2] > 240 };
+    });
+    check(vis.inside && !vis.overBar && !vis.white, "short span's duration is beside its bar, not white", vis);
+    // Collapse the root.
+    await p.locator("#waterfall .wf-row").first().locator(".wf-caret").click();
+    check(await p.locator("#waterfall .wf-row").count() === 1, "collapsed root: 1 row");
+    await p.click("#wf-expand");
+    check(await p.locator("#waterfall .wf-row").count() === 3, "expanded: 3 rows");
+    // The error span's event attributes.
+    await p.locator('#waterfall .wf-row:has-text("charge")').click();
+    const detail = await text(p, "#span-detail");
+    check(detail.includes("exception.message") && detail.includes(EXPECT.exception_message), "event attribute exception.message shown", detail.slice(0, 300));
+    check(detail.includes("exception.type") && detail.includes("CardDeclinedError"), "event attribute exception.type shown");
+    check(new URL(p.url()).searchParams.get("trace") === EXPECT.error_trace, "trace id in the URL");
+    await shot(p, "traces-waterfall");
+    // An unknown trace id: a message, no crash.
+    await p.fill("#t-id", "00000000000000000000000000000001");
+    await p.click("#t-open");
+    await p.waitForSelector('#waterfall[data-state="error"]');
+    check((await text(p, "#waterfall")).includes("not stored"), "unknown trace id: not stored");
+    await p.context().close();
+
+    p = await page("dark");
+    await open(p, `?view=traces&t.service=frontend&trace=${EXPECT.error_trace}`);
+    await p.waitForSelector('#waterfall[data-state="ok"]');
+    await shot(p, "traces-dark");
+    await p.context().close();
+
+    // ---------------- metrics ----------------
+    console.log("metrics view");
+    p = await page();
+    await open(p, "?view=metrics&m.range=1h");
+    await p.selectOption("#m-service", "checkout");
+    await settle(p);
+    await expectAttr(p, "#m-count", "data-count", 3, "checkout: 3 series");
+    const gauge = await text(p, '.metric[data-metric="queue_depth"]');
+    check(gauge.includes(EXPECT.gauge_last) && gauge.includes(`${EXPECT.metric_points} points`), `gauge: last ${EXPECT.gauge_last}, ${EXPECT.metric_points} points`, gauge);
+    const hist = await text(p, '.metric[data-metric="http_server_request_duration_seconds"]');
+    check(/p50 \d+(\.\d+)? ms/.test(hist) && hist.includes(`${EXPECT.metric_points} points`), "histogram: p50 in ms, history", hist);
+    const ctr = await text(p, '.metric[data-metric="orders_total"]');
+    check(ctr.includes("rate per second"), "counter shown as a rate", ctr);
+    const paths = await p.locator(".metric svg path").count();
+    check(paths >= 3, "charts drawn", paths);
+    await p.fill("#m-name", "queue");
+    await p.press("#m-name", "Enter");
+    await settle(p);
+    await expectAttr(p, "#m-count", "data-count", 1, "name filter: 1 series");
+    await p.fill("#m-name", "");
+    await p.press("#m-name", "Enter");
+    await settle(p);
+    await shot(p, "metrics");
+    await p.selectOption("#m-service", "");
+    await settle(p);
+    await p.context().close();
+    p = await page("dark");
+    await open(p, "?view=metrics&m.service=checkout");
+    await shot(p, "metrics-dark");
+    await p.context().close();
+  }
+} catch (e) {
+  failures++;
+  console.log("  FAIL " + (e.stack || e));
+} finally {
+  await browser.close();
+}
+console.log(failures ? `${failures} check(s) failed` : "all checks passed");
+process.exit(failures ? 1 : 0);
