@@ -227,6 +227,25 @@ fn start_rotel(dir: &Path) -> (ChildGuard, SocketAddr) {
     (guard, grpc)
 }
 
+/// FATHOM_BENCH_NICE=N: the agent's and rotel's threads at nice N.
+fn bench_nice() -> Option<i32> {
+    std::env::var("FATHOM_BENCH_NICE").ok()?.parse().ok()
+}
+
+/// Every thread of `pid` at nice `n` (`renice` applies to one thread).
+fn renice_tasks(pid: u32, n: i32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let _ = Command::new("renice")
+            .args(["-n", &n.to_string(), "-p"])
+            .arg(t.file_name())
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
 fn start_agent(binary: &Path, rotel: SocketAddr, dir: &Path, pid: Option<u32>) -> Agent {
     let pid_arg = pid.map(|p| p.to_string());
     let hooks = if syscall_hooks() {
@@ -353,6 +372,10 @@ fn main() {
                 let pid = (slot == 1).then_some(nginx_pid);
                 start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid)
             });
+            if let (Some(a), Some(n)) = (&agent, bench_nice()) {
+                renice_tasks(a.pid(), n);
+                renice_tasks(rotel.pid(), n);
+            }
             let floor = (mode == Mode::Floor).then(|| NoopHooks::attach(&noop));
             let before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
             let rotel_before = cpu_seconds(rotel.pid());

@@ -394,6 +394,13 @@ impl<O: Copy> MessageParser<O> {
                 }
                 let first = !*started;
                 *started = true;
+                // The whole head in this syscall (the common case): parsed
+                // where it lies, not copied into a buffer.
+                let take = known.len().min(MAX_HEAD_BYTES + 4);
+                if let Some(end) = head_end(&known[..take]) {
+                    self.complete_head(&known[..end], origin, first, false, sink);
+                    return Some(pos + end as u64);
+                }
                 self.state = State::Head {
                     buf: Vec::new(),
                     origin,
@@ -525,7 +532,20 @@ impl<O: Copy> MessageParser<O> {
             let keep = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             buf.truncate(keep);
         }
-        let Some(mut head) = parse_head(&buf) else {
+        self.complete_head(&buf, origin, first, truncated, sink)
+    }
+
+    /// A whole head (`bytes`): the message it starts, and the state after
+    /// it. The parser is idle when called.
+    fn complete_head(
+        &mut self,
+        bytes: &[u8],
+        origin: O,
+        first: bool,
+        truncated: bool,
+        sink: &mut impl Sink<O>,
+    ) -> bool {
+        let Some(mut head) = parse_head(bytes) else {
             self.state = State::Desync;
             sink.error(StreamError::BadHead);
             return false;
