@@ -46,7 +46,7 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, BpfStats, ChildGuard, bpf_run_totals, chain::StaticNginx, cpu_seconds, free_port,
+    Agent, BpfStats, ChildGuard, bpf_runs_by_program, chain::StaticNginx, cpu_seconds, free_port,
     kernel_tests_possible, median, release_agent_binary, require_tool, rotel_agent_path,
     wait_for_port,
 };
@@ -495,18 +495,38 @@ fn main() {
         let pid = (slot == 1).then_some(nginx_pid);
         let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid);
         let ours = |name: &str| name.starts_with("http_") || name.starts_with("fathom_s");
-        let (t0, _, _) = bpf_run_totals(agent.pid(), ours);
+        let before = bpf_runs_by_program(agent.pid(), ours);
         let run = run_wrk(&url, seconds);
-        let (t1, runs_count, names) = bpf_run_totals(agent.pid(), ours);
+        let after = bpf_runs_by_program(agent.pid(), ours);
         let _ = stop_agent(agent);
         drop(stats);
-        let bpf_ns = (t1 - t0) / run.requests.max(1.0);
+        let requests = run.requests.max(1.0);
+        // Per program over the wrk run: ns and runs per request.
+        let mut per: Vec<(String, f64, f64)> = after
+            .into_iter()
+            .map(|(name, ns, runs)| {
+                let (ns0, runs0) = before
+                    .iter()
+                    .find(|(n, _, _)| *n == name)
+                    .map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
+                (name, (ns - ns0) / requests, (runs - runs0) / requests)
+            })
+            .filter(|(_, _, runs)| *runs > 0.0)
+            .collect();
+        per.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let bpf_ns: f64 = per.iter().map(|(_, ns, _)| ns).sum();
         println!(
-            "{}: BPF run time per request {bpf_ns:.0} ns (kernel.bpf_stats_enabled, {runs_count:.0} runs of {names:?}); \
+            "{}: BPF run time per request {bpf_ns:.0} ns (kernel.bpf_stats_enabled); \
              whole cost per request (BPF + agent CPU): {:.2} µs",
             mode.name(),
             bpf_ns / 1000.0 + cpu_per_request[slot]
         );
+        for (name, ns, runs) in &per {
+            println!(
+                "    {name:<24} {ns:>6.0} ns per request, {runs:.2} runs per request, {:.0} ns per run",
+                ns / runs.max(f64::MIN_POSITIVE)
+            );
+        }
     }
     drop(rotel);
     drop(nginx);

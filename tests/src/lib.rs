@@ -663,13 +663,28 @@ impl Drop for BpfStats {
 /// only when built with BPF skeletons (Debian's is not): then programs
 /// whose name satisfies `name_is_ours` count.
 pub fn bpf_run_totals(pid: u32, name_is_ours: impl Fn(&str) -> bool) -> (f64, f64, Vec<String>) {
+    let mut total = (0.0, 0.0, Vec::new());
+    for (name, ns, runs) in bpf_runs_by_program(pid, name_is_ours) {
+        total.0 += ns;
+        total.1 += runs;
+        total.2.push(name);
+    }
+    total
+}
+
+/// `run_time_ns` and `run_cnt` of each of the programs [`bpf_run_totals`]
+/// sums (same program names summed).
+pub fn bpf_runs_by_program(
+    pid: u32,
+    name_is_ours: impl Fn(&str) -> bool,
+) -> Vec<(String, f64, f64)> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
         .expect("running bpftool");
     assert!(out.status.success(), "bpftool prog show failed");
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
-    let mut total = (0.0, 0.0, Vec::new());
+    let mut by: Vec<(String, f64, f64)> = Vec::new();
     for p in progs.as_array().into_iter().flatten() {
         let name = p["name"].as_str().unwrap_or("");
         let owned = match p["pids"].as_array() {
@@ -677,12 +692,18 @@ pub fn bpf_run_totals(pid: u32, name_is_ours: impl Fn(&str) -> bool) -> (f64, f6
             None => name_is_ours(name),
         };
         if owned {
-            total.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
-            total.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
-            total.2.push(name.to_owned());
+            let ns = p["run_time_ns"].as_f64().unwrap_or(0.0);
+            let runs = p["run_cnt"].as_f64().unwrap_or(0.0);
+            match by.iter_mut().find(|(n, _, _)| n == name) {
+                Some(e) => {
+                    e.1 += ns;
+                    e.2 += runs;
+                }
+                None => by.push((name.to_owned(), ns, runs)),
+            }
         }
     }
-    total
+    by
 }
 
 /// Cargo's target directory of this build (`target/` or `CARGO_TARGET_DIR`):
