@@ -695,19 +695,16 @@ pub(crate) mod tests {
             }
             spans.push(s);
         }
+        let resource = |pid| ResourceInfo {
+            service_name: format!("svc-{pid}"),
+            pid: Some(pid),
+            ..ResourceInfo::default()
+        };
         let mut encoder = SpanEncoder::default();
         for offset in [0, -1, i64::MAX] {
             // The same encoder, reused: nothing of one request leaks into
             // the next.
-            let once = encoder.request(
-                &spans,
-                |pid| ResourceInfo {
-                    service_name: format!("svc-{pid}"),
-                    pid: Some(pid),
-                    ..ResourceInfo::default()
-                },
-                offset,
-            );
+            let once = encoder.request(&spans, resource, offset);
             let req = decoded(&once);
             assert_eq!(req.resource_spans.len(), 5);
             for (pid, rs) in req.resource_spans.iter().enumerate() {
@@ -719,15 +716,7 @@ pub(crate) mod tests {
                 let want: Vec<u8> = (0..64u8).filter(|i| usize::from(*i) % 5 == pid).collect();
                 assert_eq!(ids, want);
             }
-            let again = decoded(&encoder.request(
-                &spans,
-                |pid| ResourceInfo {
-                    service_name: format!("svc-{pid}"),
-                    pid: Some(pid),
-                    ..ResourceInfo::default()
-                },
-                offset,
-            ));
+            let again = decoded(&encoder.request(&spans, resource, offset));
             assert_eq!(again, req);
         }
         assert_eq!(
