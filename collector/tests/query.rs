@@ -6,6 +6,9 @@
 //!   Pyroscope data source makes, encoded and decoded by a connect client
 //!   built from Pyroscope's own `.proto` files (grpcio-tools' protoc), in
 //!   both connect encodings; and the queries of `dashboards/` replayed.
+//! - The Pyroscope Node.js SDK (`@pyroscope/nodejs` from npm) in a real
+//!   Node program pushing to `/ingest`, its profiles read back through the
+//!   querier (connect JSON) and `/api/profile`.
 //! - Jaeger: spans from the OpenTelemetry SDK over OTLP, read back through
 //!   Jaeger's HTTP query API and checked against Jaeger's JSON shapes.
 //! - Oversize bodies answered in each protocol's error format.
@@ -775,4 +778,206 @@ fn oversize_bodies_are_answered_in_each_protocols_error_format() {
             .any(|l| l.starts_with("fathom_collector_requests_invalid_total") && l.ends_with(" 2")),
         "{metrics}"
     );
+}
+
+/// Calls a querier method in connect's JSON encoding (as Grafana's
+/// Pyroscope data source can), asserting a 200.
+fn connect_json(base: &str, method: &str, request: &Value) -> Value {
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{base}/querier.v1.QuerierService/{method}"))
+        .header("Content-Type", "application/json")
+        .body(request.to_string())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    assert_eq!(status, 200, "{method}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `node` and `@pyroscope/nodejs` (collector/tests/pyroscope-nodejs, `npm
+/// ci` there when its node_modules is missing, as scripts/setup does).
+fn pyroscope_nodejs(test: &str) -> Option<PathBuf> {
+    let node = require_tool(test, "node")?;
+    let dir = workspace_root().join("collector/tests/pyroscope-nodejs");
+    if !dir.join("node_modules/@pyroscope/nodejs").is_dir() {
+        let _ = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status();
+    }
+    require_found(
+        test,
+        "@pyroscope/nodejs (npm ci in collector/tests/pyroscope-nodejs)",
+        Some(dir.join("node_modules/@pyroscope/nodejs")),
+    )?;
+    Some(node)
+}
+
+/// The Pyroscope Node.js SDK (`@pyroscope/nodejs` from npm, in a real Node
+/// program) pushes its wall/CPU and heap profiles to `/ingest`; the CPU
+/// burnt in a named function comes out of the querier, with the SDK's
+/// labels as series labels.
+#[test]
+fn pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves() {
+    let test = "pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves";
+    let Some(node) = pyroscope_nodejs(test) else {
+        return;
+    };
+    let run = Running::start();
+    let start = ms(SystemTime::now()) - 60_000;
+    let out = Command::new(node)
+        .arg(workspace_root().join("collector/tests/pyroscope-nodejs/push.cjs"))
+        .arg(&run.base)
+        .arg("3")
+        .env("DEBUG", "pyroscope")
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "node push.cjs: {log}");
+    // The SDK logs refusals only under DEBUG and carries on: none may occur.
+    assert!(
+        !log.contains("rejected") && !log.contains("Error sending"),
+        "{log}"
+    );
+
+    let sdk = "{service_name=\"fathom-nodejs-test\"}";
+    run.wait_json("/api/series", |v| {
+        v.as_array().is_some_and(|a| {
+            ["wall", "memory"].iter().all(|n| {
+                a.iter()
+                    .any(|s| s["profile_name"] == *n && s["service"] == "fathom-nodejs-test")
+            })
+        })
+    });
+    let end = ms(SystemTime::now()) + 60_000;
+    let range = |mut v: Value| {
+        v["start"] = json!(start.to_string());
+        v["end"] = json!(end.to_string());
+        v
+    };
+    let types = connect_json(&run.base, "ProfileTypes", &range(json!({})));
+    let ids: Vec<&str> = types["profileTypes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["ID"].as_str())
+        .collect();
+    let cpu = "wall:cpu:nanoseconds:wall:nanoseconds";
+    for id in [
+        cpu,
+        "wall:wall:nanoseconds:wall:nanoseconds",
+        "memory:inuse_space:bytes:inuse_space:bytes",
+    ] {
+        assert!(ids.contains(&id), "{id} not in {ids:?}");
+    }
+    // The SDK's tags and its own (otel.scope.name …, dots folded to '_').
+    let values = connect_json(
+        &run.base,
+        "LabelValues",
+        &range(json!({"name": "region", "matchers": [sdk]})),
+    );
+    assert_eq!(values["names"], json!(["eu-west"]), "{values}");
+    let names = connect_json(&run.base, "LabelNames", &range(json!({"matchers": [sdk]})));
+    for n in ["otel_scope_name", "process_runtime_name", "pyroscope_spy"] {
+        assert!(names["names"].to_string().contains(n), "{n}: {names}");
+    }
+
+    // CPU time: what the process used while burning (it says), most of
+    // it in the busy function; windows still open are awaited.
+    let cpu_ms: i64 = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("cpu_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no cpu_ms= in {log}"));
+    assert!(cpu_ms > 300, "the busy loop got {cpu_ms} ms of CPU");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let merged = loop {
+        let m = connect_json(
+            &run.base,
+            "SelectMergeStacktraces",
+            &range(json!({"profileTypeID": cpu, "labelSelector": sdk})),
+        );
+        let total: i64 = m["flamegraph"]["total"]
+            .as_str()
+            .map_or(0, |t| t.parse().unwrap());
+        if total >= cpu_ms * 1_000_000 * 8 / 10 || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let fg = &merged["flamegraph"];
+    let names: Vec<&str> = fg["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let leaf = names
+        .iter()
+        .position(|n| n.contains("fathomNodeBusyLeaf"))
+        .unwrap_or_else(|| panic!("fathomNodeBusyLeaf not in {names:?}"));
+    let total: i64 = fg["total"].as_str().unwrap().parse().unwrap();
+    // The SDK samples CPU time per wall sample: within 20% of what the
+    // process measured (the profile also holds the SDK's own start-up).
+    assert!(
+        total >= cpu_ms * 1_000_000 * 8 / 10 && total <= cpu_ms * 1_000_000 * 2,
+        "profiled CPU {total} ns, the process used {cpu_ms} ms"
+    );
+    // Flame graph levels: [x offset, total, self, name index] per node.
+    let leaf_self: i64 = fg["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| {
+            let v: Vec<i64> = l["values"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            x.as_str()
+                                .map_or_else(|| x.as_i64().unwrap(), |s| s.parse().unwrap())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.chunks(4)
+                .filter(|c| c.len() == 4 && c[3] == leaf as i64)
+                .map(|c| c[2])
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(
+        leaf_self * 2 > total,
+        "fathomNodeBusyLeaf's self time {leaf_self} of {total}"
+    );
+
+    // The same as pprof, from /api/profile (`go tool pprof`'s URL).
+    let pprof = reqwest::blocking::get(format!(
+        "{}/api/profile?series=wall%7Bservice_name%3D%22fathom-nodejs-test%22%7D",
+        run.base
+    ))
+    .unwrap();
+    assert_eq!(pprof.status().as_u16(), 200);
+    let body = pprof.bytes().unwrap();
+    let text = String::from_utf8_lossy(&flate2_gunzip(&body)).to_string();
+    assert!(
+        text.contains("fathomNodeBusyLeaf"),
+        "pprof lacks the function"
+    );
+    // wrapWithLabels' sample label stays on the samples (`-tagfocus`).
+    assert!(
+        text.contains("endpoint") && text.contains("/busy"),
+        "pprof lacks the SDK's sample label endpoint=/busy"
+    );
+}
+
+fn flate2_gunzip(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(b), &mut out).unwrap();
+    out
 }
