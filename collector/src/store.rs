@@ -16,6 +16,10 @@
 //! - `operations`: (service, span name, span kind) → last start ns (kept
 //!   for the retention after the last span of that name)
 //! - `meta`: `"bytes"` → the logical size of everything stored
+//! - `metric_series`: series id → the UI's metric series (JSON), and
+//!   `metric_points`: (series id, unix ms) → one point; written and expired
+//!   by `metrics_history` (retention, at most 4096 × 720 points; not in
+//!   `stored_bytes`)
 //!
 //! Size: every record's keys and values are counted (`stored_bytes`). Writes
 //! keep that under half of `max_bytes` (redb's B-tree pages, copy-on-write
@@ -63,6 +67,11 @@ const TRACE_SERVICES: TableDefinition<(&str, u64, [u8; 16]), ()> =
     TableDefinition::new("trace_services");
 const OPERATIONS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("operations");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The UI's metric history (`metrics_history`): series id → the series
+/// (name, labels, kind…), and (series id, unix ms) → one point; encoded
+/// by `metrics_history`, kept for the retention by it.
+const METRIC_SERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("metric_series");
+const METRIC_POINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("metric_points");
 const BYTES_KEY: &str = "bytes";
 
 /// The service of spans whose resource has no `service.name` (OTel's default).
@@ -446,6 +455,32 @@ pub struct Maintenance {
     pub compacted: bool,
 }
 
+/// A change of the metric history (`Store::put_metric_history`); the bytes
+/// are `metrics_history`'s encoding.
+#[derive(Debug, Default)]
+pub struct MetricHistoryWrite {
+    pub series: Vec<(u64, Vec<u8>)>,
+    pub points: Vec<(u64, u64, Vec<u8>)>,
+    pub deleted_points: Vec<(u64, u64)>,
+    pub deleted_series: Vec<u64>,
+}
+
+impl MetricHistoryWrite {
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+            && self.points.is_empty()
+            && self.deleted_points.is_empty()
+            && self.deleted_series.is_empty()
+    }
+}
+
+/// The stored metric history (`Store::metric_history`).
+#[derive(Debug, Default)]
+pub struct MetricHistoryRead {
+    pub series: Vec<(u64, Vec<u8>)>,
+    pub points: Vec<(u64, u64, Vec<u8>)>,
+}
+
 pub struct Store {
     db: RwLock<Database>,
     path: PathBuf,
@@ -734,6 +769,8 @@ impl Store {
             })?;
         let txn = db.begin_write()?;
         Tables::open(&txn)?;
+        txn.open_table(METRIC_SERIES)?;
+        txn.open_table(METRIC_POINTS)?;
         txn.commit()?;
         Ok(Self {
             db: RwLock::new(db),
@@ -1023,6 +1060,53 @@ impl Store {
             );
         }
         Ok(done)
+    }
+
+    /// Writes one change of the metric history in one transaction: series
+    /// (re)written, points added, points and whole series deleted.
+    pub fn put_metric_history(&self, w: &MetricHistoryWrite) -> Result<(), StoreError> {
+        if w.is_empty() {
+            return Ok(());
+        }
+        let db = self.db();
+        let txn = db.begin_write()?;
+        {
+            let mut series = txn.open_table(METRIC_SERIES)?;
+            let mut points = txn.open_table(METRIC_POINTS)?;
+            for (id, bytes) in &w.series {
+                series.insert(*id, bytes.as_slice())?;
+            }
+            for (id, t, bytes) in &w.points {
+                points.insert((*id, *t), bytes.as_slice())?;
+            }
+            for (id, t) in &w.deleted_points {
+                points.remove((*id, *t))?;
+            }
+            for id in &w.deleted_series {
+                series.remove(*id)?;
+                points.retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The whole metric history as stored: series, then points by series
+    /// and time.
+    pub fn metric_history(&self) -> Result<MetricHistoryRead, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let mut out = MetricHistoryRead::default();
+        for row in txn.open_table(METRIC_SERIES)?.iter()? {
+            let (k, v) = row?;
+            out.series.push((k.value(), v.value().to_vec()));
+        }
+        for row in txn.open_table(METRIC_POINTS)?.iter()? {
+            let (k, v) = row?;
+            let (id, t) = k.value();
+            out.points.push((id, t, v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Every profile series, by selector; only those of `service` if given.
