@@ -310,6 +310,9 @@ pub struct TraceSearchResult {
 /// Most traces whose spans a search reads to count matches past its page.
 pub const MAX_SEARCH_SCAN: usize = 20_000;
 
+/// Most traces a dependency query reads (the newest of its range).
+pub const MAX_DEPENDENCY_TRACES: usize = 100_000;
+
 /// A stored trace as received: its summary and every span record (one
 /// span per `ResourceSpans`, with its resource and scope).
 #[derive(Clone, Debug, PartialEq)]
@@ -1594,6 +1597,53 @@ impl Store {
             );
         }
         Ok(Some(RawTrace { summary, spans }))
+    }
+
+    /// Service dependencies as Jaeger computes them: for each span whose
+    /// parent span (same trace) is of another service, one call from the
+    /// parent's service to the span's; over the traces starting in [from,
+    /// until] (the newest [`MAX_DEPENDENCY_TRACES`]). Sorted by parent,
+    /// child.
+    pub fn dependencies(
+        &self,
+        from: SystemTime,
+        until: SystemTime,
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let (from, until) = (nanos(from), nanos(until));
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let idx = txn.open_table(TRACE_TIME)?;
+        let spans = txn.open_table(SPANS)?;
+        let mut calls: BTreeMap<(String, String), u64> = BTreeMap::new();
+        let range = idx.range((from, [0u8; 16])..=(until, [0xffu8; 16]))?;
+        for row in range.rev().take(MAX_DEPENDENCY_TRACES) {
+            let tid = row?.0.value().1;
+            // (span id, parent span id, service) of the trace's spans.
+            let mut trace: Vec<([u8; 8], Vec<u8>, String)> = Vec::new();
+            for row in spans.range((tid, [0u8; 8])..=(tid, [0xffu8; 8]))? {
+                let (k, v) = row?;
+                let rs = ResourceSpans::decode(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("span record: {e}")))?;
+                let service = service_of(&rs);
+                for span in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
+                    trace.push((k.value().1, span.parent_span_id.clone(), service.clone()));
+                }
+            }
+            let service: HashMap<&[u8], &str> = trace
+                .iter()
+                .map(|(id, _, svc)| (id.as_slice(), svc.as_str()))
+                .collect();
+            for (_, parent, child) in &trace {
+                if let Some(parent) = service.get(parent.as_slice())
+                    && parent != child
+                {
+                    *calls
+                        .entry(((*parent).to_string(), child.clone()))
+                        .or_default() += 1;
+                }
+            }
+        }
+        Ok(calls.into_iter().map(|((p, c), n)| (p, c, n)).collect())
     }
 
     /// Traces starting in [from, until], newest first, at most `limit`.

@@ -981,3 +981,111 @@ fn flate2_gunzip(b: &[u8]) -> Vec<u8> {
     std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(b), &mut out).unwrap();
     out
 }
+
+/// An OpenTelemetry SDK tracer provider of `service` exporting over
+/// OTLP/HTTP, spans sent as they end.
+fn otel_provider(otlp_http: &str, service: &str) -> opentelemetry_sdk::trace::SdkTracerProvider {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!("{otlp_http}/v1/traces"))
+        .build()
+        .unwrap();
+    opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_string())
+                .build(),
+        )
+        .build()
+}
+
+/// Jaeger's `/api/dependencies`: calls between services from spans whose
+/// parent span is of another service (OpenTelemetry SDK spans of three
+/// services, the context handed across as in-process propagation would),
+/// in Jaeger's shape, bounded by `endTs` and `lookback`.
+#[test]
+fn jaeger_dependencies_from_parent_and_child_services() {
+    let run = Running::start();
+    let before_ms = ms(SystemTime::now());
+    let providers: Vec<_> = ["frontend", "checkout", "payments"]
+        .iter()
+        .map(|s| otel_provider(&run.otlp_http, s))
+        .collect();
+    let tracer = |i: usize| providers[i].tracer("fathom-test");
+    for i in 0..3 {
+        let root = tracer(0)
+            .span_builder("GET /buy")
+            .with_kind(SpanKind::Server)
+            .start(&tracer(0));
+        let cx = opentelemetry::Context::current_with_span(root);
+        // frontend → checkout (a server span of checkout), which queries
+        // its own database (same service: no dependency).
+        let checkout = tracer(1)
+            .span_builder("POST /checkout")
+            .with_kind(SpanKind::Server)
+            .start_with_context(&tracer(1), &cx);
+        let ccx = cx.with_span(checkout);
+        tracer(1)
+            .span_builder("SELECT orders")
+            .with_kind(SpanKind::Client)
+            .start_with_context(&tracer(1), &ccx)
+            .end();
+        if i == 0 {
+            // checkout → payments, once.
+            tracer(2)
+                .span_builder("POST /charge")
+                .with_kind(SpanKind::Server)
+                .start_with_context(&tracer(2), &ccx)
+                .end();
+        }
+        ccx.span().end();
+        cx.span().end();
+    }
+    for p in &providers {
+        p.force_flush().unwrap();
+    }
+    run.wait_json("/api/traces?service=frontend&lookback=1h", |v| {
+        v["data"].as_array().is_some_and(|d| {
+            d.len() == 3
+                && d.iter()
+                    .map(|t| t["spans"].as_array().map_or(0, Vec::len))
+                    .sum::<usize>()
+                    == 10
+        })
+    });
+    let after_ms = ms(SystemTime::now()) + 1000;
+    let (status, v) = run.get_json(&format!(
+        "/api/dependencies?endTs={after_ms}&lookback={}",
+        after_ms - before_ms + 1000
+    ));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["errors"], Value::Null, "{v}");
+    assert_eq!(
+        v["data"],
+        json!([
+            {"parent": "checkout", "child": "payments", "callCount": 1},
+            {"parent": "frontend", "child": "checkout", "callCount": 3},
+        ]),
+        "{v}"
+    );
+    assert_eq!(v["total"], 2);
+    // Defaults: now, 24 h.
+    let (_, v) = run.get_json("/api/dependencies");
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2), "{v}");
+    // A window that ends before the traces began: none.
+    let (status, v) = run.get_json(&format!(
+        "/api/dependencies?endTs={}&lookback=3600000",
+        before_ms - 60_000
+    ));
+    assert_eq!((status, v["data"].clone()), (200, json!([])), "{v}");
+    for bad in ["endTs=soon", "lookback=-1", "service=frontend"] {
+        let (status, v) = run.get_json(&format!("/api/dependencies?{bad}"));
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert_eq!(v["errors"][0]["code"], 400, "{v}");
+    }
+    for p in providers {
+        let _ = p.shutdown();
+    }
+}
