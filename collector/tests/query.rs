@@ -1089,3 +1089,134 @@ fn jaeger_dependencies_from_parent_and_child_services() {
         let _ = p.shutdown();
     }
 }
+
+/// A Go-shaped CPU profile whose samples carry `span_id` labels as
+/// Pyroscope's SDKs set them (otel-profiling): `spans` are (span id or
+/// none, leaf function, samples at 100 Hz).
+fn span_profile(spans: &[(Option<&str>, &str, i64)]) -> Vec<u8> {
+    use pprof::protos::{self, Message as _};
+    let frame = |i: usize, function: &str| Frame {
+        address: 0x40_1000 + i as u64 * 0x100,
+        function: function.to_string(),
+        system_name: function.to_string(),
+        file: "main.go".into(),
+        line: 10,
+    };
+    let mut frames: Vec<Frame> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, (_, leaf, _))| frame(i, leaf))
+        .collect();
+    frames.push(frame(spans.len(), "main.main"));
+    let mut p = CpuProfile {
+        frequency_hz: 100,
+        duration: Duration::from_secs(10),
+        mapping_file: "/app/server".into(),
+        build_id: "abc".into(),
+        memory_start: 0x40_0000,
+        memory_limit: 0x80_0000,
+        frames,
+        samples: spans
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, n))| (vec![i, spans.len()], *n))
+            .collect(),
+    }
+    .build();
+    let key = p.string_table.len() as i64;
+    p.string_table.push("span_id".into());
+    for (s, (span, _, _)) in p.sample.iter_mut().zip(spans) {
+        if let Some(span) = span {
+            s.label.push(protos::Label {
+                key,
+                str: p.string_table.len() as i64,
+                num: 0,
+                num_unit: 0,
+            });
+            p.string_table.push(span.to_string());
+        }
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&p.encode_to_vec()).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Grafana's traces-to-profiles: `SelectMergeSpanProfile` with span ids
+/// merges only the samples labelled with those spans, from profiles pushed
+/// through `/ingest` (two pushes: the same span in both is summed), in both
+/// connect encodings of Pyroscope's own protos.
+#[test]
+fn select_merge_span_profile_merges_the_samples_of_the_given_spans() {
+    let test = "select_merge_span_profile_merges_the_samples_of_the_given_spans";
+    let Some(py) = python(test) else { return };
+    let run = Running::start();
+    let start = ms(SystemTime::now()) - 60_000;
+    let push = |body: Vec<u8>| {
+        let r = reqwest::blocking::Client::new()
+            .post(format!(
+                "{}/ingest?name=shop%7Benv%3Dprod%7D&format=pprof&spyName=gospy",
+                run.base
+            ))
+            .header("Content-Type", "application/octet-stream")
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+    };
+    let (a, b, c) = ("0123456789abcdef", "fedcba9876543210", "00000000000000aa");
+    push(span_profile(&[
+        (Some(a), "main.checkout", 30),
+        (Some(b), "main.render", 20),
+        (Some(c), "main.other", 7),
+        (None, "main.background", 50),
+    ]));
+    push(span_profile(&[(Some(a), "main.checkout", 10)]));
+    let cpu = "process_cpu:cpu:nanoseconds:cpu:nanoseconds";
+    let sel = "{service_name=\"shop\"}";
+    // Both pushes merged (the window closes), 117 samples in all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = connect_json(
+            &run.base,
+            "SelectMergeStacktraces",
+            &json!({"profileTypeID": cpu, "labelSelector": sel, "start": start.to_string(), "end": "0"}),
+        );
+        if r["flamegraph"]["total"] == "1170000000" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let end = ms(SystemTime::now()) + 60_000;
+    let req = |spans: Value| {
+        json!({"profileTypeID": cpu, "labelSelector": sel, "spanSelector": spans,
+               "start": start.to_string(), "end": end.to_string()})
+    };
+    for encoding in ["proto", "json"] {
+        let calls = json!([
+            {"method": "SelectMergeSpanProfile", "request": req(json!([a])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!([a, b.to_uppercase()])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!(["1111111111111111"])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!([])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!(["span-1"])), "encoding": encoding},
+        ]);
+        let r = querier(&py, &run.base, &calls);
+        let (names, total) = flame(&r[0]);
+        assert_eq!(total, 400_000_000, "{encoding}: span a, 30 + 10 samples");
+        assert!(names.contains(&"main.checkout".to_string()), "{names:?}");
+        assert!(
+            !names.contains(&"main.render".to_string())
+                && !names.contains(&"main.background".to_string()),
+            "{names:?}"
+        );
+        let (names, total) = flame(&r[1]);
+        assert_eq!(total, 600_000_000, "{encoding}: spans a and b");
+        assert!(names.contains(&"main.render".to_string()), "{names:?}");
+        assert!(!names.contains(&"main.other".to_string()), "{names:?}");
+        assert_eq!(flame(&r[2]).1, 0, "{encoding}: an unknown span");
+        for bad in &r[3..] {
+            assert_eq!(bad["status"], 400, "{encoding}: {bad}");
+            assert_eq!(bad["error"]["code"], "invalid_argument", "{bad}");
+        }
+    }
+}
