@@ -10,7 +10,10 @@
 //! made, the same bounds and retention), so a restart reads it back.
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -64,6 +67,8 @@ pub struct MetricsHistory {
     series: Mutex<HashMap<Key, Series>>,
     /// Where the history is persisted (none: memory only).
     store: Option<Arc<Store>>,
+    /// The next series id: never one a write still in flight may name.
+    next_id: AtomicU64,
 }
 
 /// A series as stored (its points are stored one by one).
@@ -182,6 +187,7 @@ impl MetricsHistory {
             retention,
             series: Mutex::new(HashMap::new()),
             store: None,
+            next_id: AtomicU64::new(1),
         }
     }
 
@@ -189,10 +195,12 @@ impl MetricsHistory {
     /// what the store holds; an unreadable store starts an empty history.
     pub fn open(store: Arc<Store>) -> Self {
         let mut series = HashMap::new();
+        let mut next_id = 1;
         match store.metric_history() {
             Ok(read) => {
                 let mut by_id: HashMap<u64, (Key, Series)> = HashMap::new();
                 for (id, bytes) in read.series {
+                    next_id = next_id.max(id + 1);
                     let Ok(st) = serde_json::from_slice::<StoredSeries>(&bytes) else {
                         continue;
                     };
@@ -226,6 +234,7 @@ impl MetricsHistory {
             retention: store.retention(),
             series: Mutex::new(series),
             store: Some(store),
+            next_id: AtomicU64::new(next_id),
         }
     }
 
@@ -255,7 +264,6 @@ impl MetricsHistory {
         let mut all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         let mut w = MetricHistoryWrite::default();
         let persist = self.store.is_some();
-        let mut next_id = all.values().map(|s| s.id + 1).max().unwrap_or(1);
         for p in points {
             let t = match ms(p.timestamp) {
                 0 => now_ms,
@@ -266,15 +274,12 @@ impl MetricsHistory {
                 continue;
             }
             let new = !all.contains_key(&key);
-            let s = all.entry(key.clone()).or_insert_with(|| {
-                next_id += 1;
-                Series {
-                    id: next_id - 1,
-                    kind: p.kind,
-                    help: p.help.clone(),
-                    last_buckets: Vec::new(),
-                    points: VecDeque::new(),
-                }
+            let s = all.entry(key.clone()).or_insert_with(|| Series {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                kind: p.kind,
+                help: p.help.clone(),
+                last_buckets: Vec::new(),
+                points: VecDeque::new(),
             });
             if s.points.back().is_some_and(|last| last.t >= t) {
                 continue;
