@@ -817,7 +817,7 @@ fn pyroscope_nodejs(test: &str) -> Option<PathBuf> {
 /// The Pyroscope Node.js SDK (`@pyroscope/nodejs` from npm, in a real Node
 /// program) pushes its wall/CPU and heap profiles to `/ingest`; the CPU
 /// burnt in a named function comes out of the querier, with the SDK's
-/// labels as series labels.
+/// labels and its sample labels (`wrapWithLabels`) as series labels.
 #[test]
 fn pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves() {
     let test = "pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves";
@@ -956,6 +956,32 @@ fn pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves() {
         "fathomNodeBusyLeaf's self time {leaf_self} of {total}"
     );
 
+    // wrapWithLabels' sample label is a series label, as in Pyroscope.
+    let values = connect_json(
+        &run.base,
+        "LabelValues",
+        &range(json!({"name": "endpoint", "matchers": [sdk]})),
+    );
+    assert_eq!(values["names"], json!(["/busy"]), "{values}");
+    let busy = connect_json(
+        &run.base,
+        "SelectMergeStacktraces",
+        &range(json!({"profileTypeID": cpu,
+            "labelSelector": "{service_name=\"fathom-nodejs-test\",endpoint=\"/busy\"}"})),
+    );
+    let busy_total: i64 = busy["flamegraph"]["total"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        busy["flamegraph"]["names"]
+            .to_string()
+            .contains("fathomNodeBusyLeaf")
+            && busy_total * 2 > total,
+        "endpoint=/busy: {busy_total} of {total}"
+    );
+
     // The same as pprof, from /api/profile (`go tool pprof`'s URL).
     let pprof = reqwest::blocking::get(format!(
         "{}/api/profile?series=wall%7Bservice_name%3D%22fathom-nodejs-test%22%7D",
@@ -969,11 +995,37 @@ fn pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves() {
         text.contains("fathomNodeBusyLeaf"),
         "pprof lacks the function"
     );
-    // wrapWithLabels' sample label stays on the samples (`-tagfocus`).
-    assert!(
-        text.contains("endpoint") && text.contains("/busy"),
-        "pprof lacks the SDK's sample label endpoint=/busy"
+    // SelectMergeProfile's pprof: the label telling the merged series
+    // apart is on their samples (`go tool pprof -tagfocus endpoint=/busy`).
+    let merged = connect_json(
+        &run.base,
+        "SelectMergeProfile",
+        &range(json!({"profileTypeID": cpu, "labelSelector": sdk})),
     );
+    let strings: Vec<&str> = merged["stringTable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let tagged: usize = merged["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|smp| {
+            smp["label"].as_array().is_some_and(|ls| {
+                ls.iter().any(|l| {
+                    let at = |f: &str| {
+                        l[f].as_str()
+                            .and_then(|i| i.parse::<usize>().ok())
+                            .and_then(|i| strings.get(i).copied())
+                    };
+                    at("key") == Some("endpoint") && at("str") == Some("/busy")
+                })
+            })
+        })
+        .count();
+    assert!(tagged > 0, "no sample labelled endpoint=/busy: {merged}");
 }
 
 fn flate2_gunzip(b: &[u8]) -> Vec<u8> {
