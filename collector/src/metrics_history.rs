@@ -5,11 +5,15 @@
 //! holds the p50/p99 of the observations since the previous point (from the
 //! difference of cumulative buckets). Bounded: at most [`MAX_SERIES`]
 //! series; past [`MAX_POINTS`] points a series keeps every other point, so
-//! its whole retention stays covered at a coarser step. Not persisted: a
-//! restart starts an empty history.
+//! its whole retention stays covered at a coarser step. Persisted in the
+//! store (`metric_series`, `metric_points`: each change written as it is
+//! made, the same bounds and retention), so a restart reads it back.
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -17,6 +21,7 @@ use serde::Serialize;
 
 use crate::{
     model::{MetricKind, MetricPoint, MetricsView},
+    store::{MetricHistoryWrite, Store},
     ui::histogram_quantile,
 };
 
@@ -46,6 +51,8 @@ pub struct HistoryPoint {
 }
 
 struct Series {
+    /// The series' key in the store.
+    id: u64,
     kind: MetricKind,
     help: String,
     last_buckets: Vec<(f64, u64)>,
@@ -58,6 +65,75 @@ type Key = (String, Vec<(String, String)>);
 pub struct MetricsHistory {
     retention: Duration,
     series: Mutex<HashMap<Key, Series>>,
+    /// Where the history is persisted (none: memory only).
+    store: Option<Arc<Store>>,
+    /// The next series id: never one a write still in flight may name.
+    next_id: AtomicU64,
+}
+
+/// A series as stored (its points are stored one by one).
+#[derive(serde::Deserialize, Serialize)]
+struct StoredSeries {
+    name: String,
+    labels: Vec<(String, String)>,
+    kind: String,
+    help: String,
+    /// Bucket bounds as `f64::to_bits` (+Inf has no JSON number).
+    last_buckets: Vec<(u64, u64)>,
+}
+
+impl StoredSeries {
+    fn encode(key: &Key, s: &Series) -> Vec<u8> {
+        serde_json::to_vec(&StoredSeries {
+            name: key.0.clone(),
+            labels: key.1.clone(),
+            kind: kind_name(s.kind).to_string(),
+            help: s.help.clone(),
+            last_buckets: s
+                .last_buckets
+                .iter()
+                .map(|(b, n)| (b.to_bits(), *n))
+                .collect(),
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// A point as stored: `v`, then `count`, `p50`, `p99` (little-endian, 8
+/// bytes each) and a byte of which of the three are present.
+fn encode_point(p: &HistoryPoint) -> Vec<u8> {
+    let mut out = Vec::with_capacity(33);
+    out.extend_from_slice(&p.v.to_le_bytes());
+    out.extend_from_slice(&p.count.unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&p.p50.unwrap_or(0.0).to_le_bytes());
+    out.extend_from_slice(&p.p99.unwrap_or(0.0).to_le_bytes());
+    out.push(
+        u8::from(p.count.is_some())
+            | u8::from(p.p50.is_some()) << 1
+            | u8::from(p.p99.is_some()) << 2,
+    );
+    out
+}
+
+fn decode_point(t: u64, b: &[u8]) -> Option<HistoryPoint> {
+    let word = |i: usize| -> Option<[u8; 8]> { b.get(i * 8..i * 8 + 8)?.try_into().ok() };
+    let flags = *b.get(32)?;
+    Some(HistoryPoint {
+        t,
+        v: f64::from_le_bytes(word(0)?),
+        count: (flags & 1 != 0).then(|| u64::from_le_bytes(word(1).unwrap_or_default())),
+        p50: (flags & 2 != 0).then(|| f64::from_le_bytes(word(2).unwrap_or_default())),
+        p99: (flags & 4 != 0).then(|| f64::from_le_bytes(word(3).unwrap_or_default())),
+    })
+}
+
+fn kind_from(name: &str) -> Option<MetricKind> {
+    Some(match name {
+        "counter" => MetricKind::Counter,
+        "gauge" => MetricKind::Gauge,
+        "histogram" => MetricKind::Histogram,
+        _ => return None,
+    })
 }
 
 /// One series and its points, for the UI.
@@ -105,10 +181,60 @@ fn kind_name(k: MetricKind) -> &'static str {
 }
 
 impl MetricsHistory {
+    /// A history in memory only.
     pub fn new(retention: Duration) -> Self {
         Self {
             retention,
             series: Mutex::new(HashMap::new()),
+            store: None,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A history persisted in `store` (with its retention), starting from
+    /// what the store holds; an unreadable store starts an empty history.
+    pub fn open(store: Arc<Store>) -> Self {
+        let mut series = HashMap::new();
+        let mut next_id = 1;
+        match store.metric_history() {
+            Ok(read) => {
+                let mut by_id: HashMap<u64, (Key, Series)> = HashMap::new();
+                for (id, bytes) in read.series {
+                    next_id = next_id.max(id + 1);
+                    let Ok(st) = serde_json::from_slice::<StoredSeries>(&bytes) else {
+                        continue;
+                    };
+                    let Some(kind) = kind_from(&st.kind) else {
+                        continue;
+                    };
+                    let s = Series {
+                        id,
+                        kind,
+                        help: st.help,
+                        last_buckets: st
+                            .last_buckets
+                            .into_iter()
+                            .map(|(b, n)| (f64::from_bits(b), n))
+                            .collect(),
+                        points: VecDeque::new(),
+                    };
+                    by_id.insert(id, ((st.name, st.labels), s));
+                }
+                // Points come by series and time: in order.
+                for (id, t, bytes) in read.points {
+                    if let (Some((_, s)), Some(p)) = (by_id.get_mut(&id), decode_point(t, &bytes)) {
+                        s.points.push_back(p);
+                    }
+                }
+                series = by_id.into_values().collect();
+            }
+            Err(e) => tracing::warn!("metric history: cannot read the store ({e}); starting empty"),
+        }
+        Self {
+            retention: store.retention(),
+            series: Mutex::new(series),
+            store: Some(store),
+            next_id: AtomicU64::new(next_id),
         }
     }
 
@@ -136,6 +262,8 @@ impl MetricsHistory {
         let now_ms = ms(now);
         let horizon = now_ms.saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(0));
         let mut all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut w = MetricHistoryWrite::default();
+        let persist = self.store.is_some();
         for p in points {
             let t = match ms(p.timestamp) {
                 0 => now_ms,
@@ -145,7 +273,9 @@ impl MetricsHistory {
             if !all.contains_key(&key) && all.len() >= MAX_SERIES {
                 continue;
             }
-            let s = all.entry(key).or_insert_with(|| Series {
+            let new = !all.contains_key(&key);
+            let s = all.entry(key.clone()).or_insert_with(|| Series {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 kind: p.kind,
                 help: p.help.clone(),
                 last_buckets: Vec::new(),
@@ -183,23 +313,49 @@ impl MetricsHistory {
                 point.p99 = histogram_quantile(0.99, &window);
                 s.last_buckets = p.buckets;
             }
+            let changed =
+                new || s.kind != p.kind || s.help != p.help || p.kind == MetricKind::Histogram;
             s.kind = p.kind;
             s.help = p.help;
             s.points.push_back(point);
+            if persist {
+                if changed {
+                    w.series.push((s.id, StoredSeries::encode(&key, s)));
+                }
+                w.points.push((s.id, point.t, encode_point(&point)));
+            }
             if s.points.len() > MAX_POINTS {
                 let mut i = 0usize;
-                s.points.retain(|_| {
+                let id = s.id;
+                s.points.retain(|p| {
                     i += 1;
-                    !i.is_multiple_of(2)
+                    let keep = !i.is_multiple_of(2);
+                    if !keep && persist {
+                        w.deleted_points.push((id, p.t));
+                    }
+                    keep
                 });
             }
         }
         for s in all.values_mut() {
             while s.points.front().is_some_and(|p| p.t < horizon) {
-                s.points.pop_front();
+                if let Some(p) = s.points.pop_front()
+                    && persist
+                {
+                    w.deleted_points.push((s.id, p.t));
+                }
+            }
+            if s.points.is_empty() && persist {
+                w.deleted_series.push(s.id);
             }
         }
         all.retain(|_, s| !s.points.is_empty());
+        drop(all);
+        if let Some(store) = &self.store
+            && let Err(e) = store.put_metric_history(&w)
+        {
+            tracing::warn!("metric history: cannot write the store: {e}");
+        }
     }
 
     /// Series whose `service_name` (or `service.name`/`job`) is `service`
@@ -308,6 +464,54 @@ mod tests {
         assert_eq!(h.query(None, None, 0, u64::MAX)[0].points.len(), 1);
         h.record(vec![], now + Duration::from_secs(7_200));
         assert!(h.query(None, None, 0, u64::MAX).is_empty());
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used, reason = "test")]
+    fn the_store_holds_what_memory_holds_thinned_and_expired_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::StoreConfig {
+            path: dir.path().join("s.redb"),
+            retention: Duration::from_secs(100_000),
+            ..crate::config::StoreConfig::default()
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(1 << 29);
+        let t0 = (1u64 << 29) - 50_000;
+        {
+            let h = MetricsHistory::open(Arc::new(Store::open(&config).unwrap()));
+            let inf = f64::INFINITY;
+            h.record(vec![point(1.0, t0, vec![(0.1, 10), (inf, 10)])], now);
+            // Past MAX_POINTS: thinned in memory and in the store.
+            for i in 1..(MAX_POINTS as u64 + 10) {
+                let mut g = point(i as f64, t0 + i, vec![]);
+                g.name = "queue_depth".into();
+                h.record(vec![g], now);
+            }
+            let all = h.query(None, None, 0, u64::MAX);
+            assert_eq!(all.len(), 2);
+        }
+        let reopened = || MetricsHistory::open(Arc::new(Store::open(&config).unwrap()));
+        let h = reopened();
+        let all = h.series.lock().unwrap();
+        let gauge = &all[&(
+            "queue_depth".to_string(),
+            vec![("service_name".into(), "api".into())],
+        )];
+        assert!(gauge.points.len() <= MAX_POINTS, "{}", gauge.points.len());
+        assert_eq!(gauge.points.front().unwrap().t, (t0 + 1) * 1000);
+        let hist = &all[&(
+            "req_seconds".to_string(),
+            vec![("service_name".into(), "api".into())],
+        )];
+        assert_eq!(hist.last_buckets, [(0.1, 10), (f64::INFINITY, 10)]);
+        assert_eq!(hist.points[0].count, Some(10));
+        drop(all);
+        // Past the retention: gone from the store too.
+        h.record(vec![], now + Duration::from_secs(200_000));
+        drop(h);
+        assert!(reopened().query(None, None, 0, u64::MAX).is_empty());
+        let read = Store::open(&config).unwrap().metric_history().unwrap();
+        assert!(read.series.is_empty() && read.points.is_empty());
     }
 
     #[test]

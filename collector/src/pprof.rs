@@ -655,6 +655,28 @@ pub fn project(p: &Profile, index: usize) -> Profile {
     out
 }
 
+/// Keeps the samples that have the string label `key` with one of
+/// `values` (compared case-insensitively, as hexadecimal span ids are).
+pub fn retain_labelled(p: &mut Profile, key: &str, values: &[String]) {
+    let wanted: std::collections::HashSet<String> =
+        values.iter().map(|v| v.to_ascii_lowercase()).collect();
+    let Some(key) = p.string_table.iter().position(|s| s == key) else {
+        p.sample.clear();
+        return;
+    };
+    let key = key as i64;
+    let table = &p.string_table;
+    p.sample.retain(|s| {
+        s.label.iter().any(|l| {
+            l.key == key
+                && usize::try_from(l.str)
+                    .ok()
+                    .and_then(|i| table.get(i))
+                    .is_some_and(|v| wanted.contains(&v.to_ascii_lowercase()))
+        })
+    });
+}
+
 /// Adds string labels to every sample (e.g. the series labels that tell
 /// merged series apart, for `go tool pprof -tagfocus`); a key a sample
 /// already has is left as it is.

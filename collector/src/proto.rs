@@ -419,6 +419,38 @@ pub mod querier {
         pub format: i32,
     }
 
+    /// `SelectMergeSpanProfile`: the samples whose `span_id` label is one of
+    /// `span_selector` (Grafana's traces-to-profiles).
+    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
+    #[serde(default)]
+    pub struct SelectMergeSpanProfileRequest {
+        #[prost(string, tag = "1")]
+        #[serde(rename = "profileTypeID", alias = "profile_typeID")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        #[serde(rename = "labelSelector", alias = "label_selector")]
+        pub label_selector: String,
+        #[prost(string, repeated, tag = "3")]
+        #[serde(rename = "spanSelector", alias = "span_selector")]
+        pub span_selector: Vec<String>,
+        #[prost(int64, tag = "4")]
+        #[serde(deserialize_with = "de_i64")]
+        pub start: i64,
+        #[prost(int64, tag = "5")]
+        #[serde(deserialize_with = "de_i64")]
+        pub end: i64,
+        #[prost(int64, optional, tag = "6")]
+        #[serde(
+            rename = "maxNodes",
+            alias = "max_nodes",
+            deserialize_with = "de_opt_i64"
+        )]
+        pub max_nodes: Option<i64>,
+        #[prost(int32, tag = "7")]
+        #[serde(deserialize_with = "de_format")]
+        pub format: i32,
+    }
+
     #[derive(Clone, PartialEq, prost::Message, Serialize)]
     pub struct SelectMergeStacktracesResponse {
         #[prost(message, optional, tag = "1")]

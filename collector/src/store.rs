@@ -16,6 +16,10 @@
 //! - `operations`: (service, span name, span kind) → last start ns (kept
 //!   for the retention after the last span of that name)
 //! - `meta`: `"bytes"` → the logical size of everything stored
+//! - `metric_series`: series id → the UI's metric series (JSON), and
+//!   `metric_points`: (series id, unix ms) → one point; written and expired
+//!   by `metrics_history` (retention, at most 4096 × 720 points; not in
+//!   `stored_bytes`)
 //!
 //! Size: every record's keys and values are counted (`stored_bytes`). Writes
 //! keep that under half of `max_bytes` (redb's B-tree pages, copy-on-write
@@ -63,6 +67,11 @@ const TRACE_SERVICES: TableDefinition<(&str, u64, [u8; 16]), ()> =
     TableDefinition::new("trace_services");
 const OPERATIONS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("operations");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The UI's metric history (`metrics_history`): series id → the series
+/// (name, labels, kind…), and (series id, unix ms) → one point; encoded
+/// by `metrics_history`, kept for the retention by it.
+const METRIC_SERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("metric_series");
+const METRIC_POINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("metric_points");
 const BYTES_KEY: &str = "bytes";
 
 /// The service of spans whose resource has no `service.name` (OTel's default).
@@ -301,6 +310,9 @@ pub struct TraceSearchResult {
 /// Most traces whose spans a search reads to count matches past its page.
 pub const MAX_SEARCH_SCAN: usize = 20_000;
 
+/// Most traces a dependency query reads (the newest of its range).
+pub const MAX_DEPENDENCY_TRACES: usize = 100_000;
+
 /// A stored trace as received: its summary and every span record (one
 /// span per `ResourceSpans`, with its resource and scope).
 #[derive(Clone, Debug, PartialEq)]
@@ -444,6 +456,32 @@ pub struct Maintenance {
     pub profiles_deleted: u64,
     pub traces_deleted: u64,
     pub compacted: bool,
+}
+
+/// A change of the metric history (`Store::put_metric_history`); the bytes
+/// are `metrics_history`'s encoding.
+#[derive(Debug, Default)]
+pub struct MetricHistoryWrite {
+    pub series: Vec<(u64, Vec<u8>)>,
+    pub points: Vec<(u64, u64, Vec<u8>)>,
+    pub deleted_points: Vec<(u64, u64)>,
+    pub deleted_series: Vec<u64>,
+}
+
+impl MetricHistoryWrite {
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+            && self.points.is_empty()
+            && self.deleted_points.is_empty()
+            && self.deleted_series.is_empty()
+    }
+}
+
+/// The stored metric history (`Store::metric_history`).
+#[derive(Debug, Default)]
+pub struct MetricHistoryRead {
+    pub series: Vec<(u64, Vec<u8>)>,
+    pub points: Vec<(u64, u64, Vec<u8>)>,
 }
 
 pub struct Store {
@@ -734,6 +772,8 @@ impl Store {
             })?;
         let txn = db.begin_write()?;
         Tables::open(&txn)?;
+        txn.open_table(METRIC_SERIES)?;
+        txn.open_table(METRIC_POINTS)?;
         txn.commit()?;
         Ok(Self {
             db: RwLock::new(db),
@@ -1023,6 +1063,53 @@ impl Store {
             );
         }
         Ok(done)
+    }
+
+    /// Writes one change of the metric history in one transaction: series
+    /// (re)written, points added, points and whole series deleted.
+    pub fn put_metric_history(&self, w: &MetricHistoryWrite) -> Result<(), StoreError> {
+        if w.is_empty() {
+            return Ok(());
+        }
+        let db = self.db();
+        let txn = db.begin_write()?;
+        {
+            let mut series = txn.open_table(METRIC_SERIES)?;
+            let mut points = txn.open_table(METRIC_POINTS)?;
+            for (id, bytes) in &w.series {
+                series.insert(*id, bytes.as_slice())?;
+            }
+            for (id, t, bytes) in &w.points {
+                points.insert((*id, *t), bytes.as_slice())?;
+            }
+            for (id, t) in &w.deleted_points {
+                points.remove((*id, *t))?;
+            }
+            for id in &w.deleted_series {
+                series.remove(*id)?;
+                points.retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The whole metric history as stored: series, then points by series
+    /// and time.
+    pub fn metric_history(&self) -> Result<MetricHistoryRead, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let mut out = MetricHistoryRead::default();
+        for row in txn.open_table(METRIC_SERIES)?.iter()? {
+            let (k, v) = row?;
+            out.series.push((k.value(), v.value().to_vec()));
+        }
+        for row in txn.open_table(METRIC_POINTS)?.iter()? {
+            let (k, v) = row?;
+            let (id, t) = k.value();
+            out.points.push((id, t, v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Every profile series, by selector; only those of `service` if given.
@@ -1510,6 +1597,53 @@ impl Store {
             );
         }
         Ok(Some(RawTrace { summary, spans }))
+    }
+
+    /// Service dependencies as Jaeger computes them: for each span whose
+    /// parent span (same trace) is of another service, one call from the
+    /// parent's service to the span's; over the traces starting in [from,
+    /// until] (the newest [`MAX_DEPENDENCY_TRACES`]). Sorted by parent,
+    /// child.
+    pub fn dependencies(
+        &self,
+        from: SystemTime,
+        until: SystemTime,
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let (from, until) = (nanos(from), nanos(until));
+        let db = self.db();
+        let txn = db.begin_read()?;
+        let idx = txn.open_table(TRACE_TIME)?;
+        let spans = txn.open_table(SPANS)?;
+        let mut calls: BTreeMap<(String, String), u64> = BTreeMap::new();
+        let range = idx.range((from, [0u8; 16])..=(until, [0xffu8; 16]))?;
+        for row in range.rev().take(MAX_DEPENDENCY_TRACES) {
+            let tid = row?.0.value().1;
+            // (span id, parent span id, service) of the trace's spans.
+            let mut trace: Vec<([u8; 8], Vec<u8>, String)> = Vec::new();
+            for row in spans.range((tid, [0u8; 8])..=(tid, [0xffu8; 8]))? {
+                let (k, v) = row?;
+                let rs = ResourceSpans::decode(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("span record: {e}")))?;
+                let service = service_of(&rs);
+                for span in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
+                    trace.push((k.value().1, span.parent_span_id.clone(), service.clone()));
+                }
+            }
+            let service: HashMap<&[u8], &str> = trace
+                .iter()
+                .map(|(id, _, svc)| (id.as_slice(), svc.as_str()))
+                .collect();
+            for (_, parent, child) in &trace {
+                if let Some(parent) = service.get(parent.as_slice())
+                    && parent != child
+                {
+                    *calls
+                        .entry(((*parent).to_string(), child.clone()))
+                        .or_default() += 1;
+                }
+            }
+        }
+        Ok(calls.into_iter().map(|((p, c), n)| (p, c, n)).collect())
     }
 
     /// Traces starting in [from, until], newest first, at most `limit`.

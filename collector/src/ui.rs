@@ -53,12 +53,12 @@ pub struct UiState {
 }
 
 impl UiState {
-    /// A UI over `store` and `metrics`, with a metric history as long as the
-    /// store's retention (not sampled in the background: see
+    /// A UI over `store` and `metrics`, with a metric history kept in the
+    /// store for its retention (read back from it; not sampled in the background: see
     /// [`MetricsHistory::spawn_sampler`]).
     pub fn new(store: Arc<Store>, metrics: Arc<dyn MetricsView>) -> Self {
         Self {
-            history: Arc::new(MetricsHistory::new(store.retention())),
+            history: Arc::new(MetricsHistory::open(store.clone())),
             store,
             metrics,
             addrs: Arc::new(OnceLock::new()),

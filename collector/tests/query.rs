@@ -6,6 +6,9 @@
 //!   Pyroscope data source makes, encoded and decoded by a connect client
 //!   built from Pyroscope's own `.proto` files (grpcio-tools' protoc), in
 //!   both connect encodings; and the queries of `dashboards/` replayed.
+//! - The Pyroscope Node.js SDK (`@pyroscope/nodejs` from npm) in a real
+//!   Node program pushing to `/ingest`, its profiles read back through the
+//!   querier (connect JSON) and `/api/profile`.
 //! - Jaeger: spans from the OpenTelemetry SDK over OTLP, read back through
 //!   Jaeger's HTTP query API and checked against Jaeger's JSON shapes.
 //! - Oversize bodies answered in each protocol's error format.
@@ -775,4 +778,497 @@ fn oversize_bodies_are_answered_in_each_protocols_error_format() {
             .any(|l| l.starts_with("fathom_collector_requests_invalid_total") && l.ends_with(" 2")),
         "{metrics}"
     );
+}
+
+/// Calls a querier method in connect's JSON encoding (as Grafana's
+/// Pyroscope data source can), asserting a 200.
+fn connect_json(base: &str, method: &str, request: &Value) -> Value {
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{base}/querier.v1.QuerierService/{method}"))
+        .header("Content-Type", "application/json")
+        .body(request.to_string())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    assert_eq!(status, 200, "{method}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `node` and `@pyroscope/nodejs` (collector/tests/pyroscope-nodejs, `npm
+/// ci` there when its node_modules is missing, as scripts/setup does).
+fn pyroscope_nodejs(test: &str) -> Option<PathBuf> {
+    let node = require_tool(test, "node")?;
+    let dir = workspace_root().join("collector/tests/pyroscope-nodejs");
+    if !dir.join("node_modules/@pyroscope/nodejs").is_dir() {
+        let _ = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status();
+    }
+    require_found(
+        test,
+        "@pyroscope/nodejs (npm ci in collector/tests/pyroscope-nodejs)",
+        Some(dir.join("node_modules/@pyroscope/nodejs")),
+    )?;
+    Some(node)
+}
+
+/// The Pyroscope Node.js SDK (`@pyroscope/nodejs` from npm, in a real Node
+/// program) pushes its wall/CPU and heap profiles to `/ingest`; the CPU
+/// burnt in a named function comes out of the querier, with the SDK's
+/// labels and its sample labels (`wrapWithLabels`) as series labels.
+#[test]
+fn pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves() {
+    let test = "pyroscope_nodejs_sdk_pushes_profiles_that_the_querier_serves";
+    let Some(node) = pyroscope_nodejs(test) else {
+        return;
+    };
+    let run = Running::start();
+    let start = ms(SystemTime::now()) - 60_000;
+    let out = Command::new(node)
+        .arg(workspace_root().join("collector/tests/pyroscope-nodejs/push.cjs"))
+        .arg(&run.base)
+        .arg("3")
+        .env("DEBUG", "pyroscope")
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "node push.cjs: {log}");
+    // The SDK logs refusals only under DEBUG and carries on: none may occur.
+    assert!(
+        !log.contains("rejected") && !log.contains("Error sending"),
+        "{log}"
+    );
+
+    let sdk = "{service_name=\"fathom-nodejs-test\"}";
+    run.wait_json("/api/series", |v| {
+        v.as_array().is_some_and(|a| {
+            ["wall", "memory"].iter().all(|n| {
+                a.iter()
+                    .any(|s| s["profile_name"] == *n && s["service"] == "fathom-nodejs-test")
+            })
+        })
+    });
+    let end = ms(SystemTime::now()) + 60_000;
+    let range = |mut v: Value| {
+        v["start"] = json!(start.to_string());
+        v["end"] = json!(end.to_string());
+        v
+    };
+    let types = connect_json(&run.base, "ProfileTypes", &range(json!({})));
+    let ids: Vec<&str> = types["profileTypes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["ID"].as_str())
+        .collect();
+    let cpu = "wall:cpu:nanoseconds:wall:nanoseconds";
+    for id in [
+        cpu,
+        "wall:wall:nanoseconds:wall:nanoseconds",
+        "memory:inuse_space:bytes:inuse_space:bytes",
+    ] {
+        assert!(ids.contains(&id), "{id} not in {ids:?}");
+    }
+    // The SDK's tags and its own (otel.scope.name …, dots folded to '_').
+    let values = connect_json(
+        &run.base,
+        "LabelValues",
+        &range(json!({"name": "region", "matchers": [sdk]})),
+    );
+    assert_eq!(values["names"], json!(["eu-west"]), "{values}");
+    let names = connect_json(&run.base, "LabelNames", &range(json!({"matchers": [sdk]})));
+    for n in ["otel_scope_name", "process_runtime_name", "pyroscope_spy"] {
+        assert!(names["names"].to_string().contains(n), "{n}: {names}");
+    }
+
+    // CPU time: what the process used while burning (it says), most of
+    // it in the busy function; windows still open are awaited.
+    let cpu_ms: i64 = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("cpu_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no cpu_ms= in {log}"));
+    assert!(cpu_ms > 300, "the busy loop got {cpu_ms} ms of CPU");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let merged = loop {
+        let m = connect_json(
+            &run.base,
+            "SelectMergeStacktraces",
+            &range(json!({"profileTypeID": cpu, "labelSelector": sdk})),
+        );
+        let total: i64 = m["flamegraph"]["total"]
+            .as_str()
+            .map_or(0, |t| t.parse().unwrap());
+        if total >= cpu_ms * 1_000_000 * 8 / 10 || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let fg = &merged["flamegraph"];
+    let names: Vec<&str> = fg["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let leaf = names
+        .iter()
+        .position(|n| n.contains("fathomNodeBusyLeaf"))
+        .unwrap_or_else(|| panic!("fathomNodeBusyLeaf not in {names:?}"));
+    let total: i64 = fg["total"].as_str().unwrap().parse().unwrap();
+    // The SDK samples CPU time per wall sample: within 20% of what the
+    // process measured (the profile also holds the SDK's own start-up).
+    assert!(
+        total >= cpu_ms * 1_000_000 * 8 / 10 && total <= cpu_ms * 1_000_000 * 2,
+        "profiled CPU {total} ns, the process used {cpu_ms} ms"
+    );
+    // Flame graph levels: [x offset, total, self, name index] per node.
+    let leaf_self: i64 = fg["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| {
+            let v: Vec<i64> = l["values"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            x.as_str()
+                                .map_or_else(|| x.as_i64().unwrap(), |s| s.parse().unwrap())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.chunks(4)
+                .filter(|c| c.len() == 4 && c[3] == leaf as i64)
+                .map(|c| c[2])
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(
+        leaf_self * 2 > total,
+        "fathomNodeBusyLeaf's self time {leaf_self} of {total}"
+    );
+
+    // wrapWithLabels' sample label is a series label, as in Pyroscope.
+    let values = connect_json(
+        &run.base,
+        "LabelValues",
+        &range(json!({"name": "endpoint", "matchers": [sdk]})),
+    );
+    assert_eq!(values["names"], json!(["/busy"]), "{values}");
+    let busy = connect_json(
+        &run.base,
+        "SelectMergeStacktraces",
+        &range(json!({"profileTypeID": cpu,
+            "labelSelector": "{service_name=\"fathom-nodejs-test\",endpoint=\"/busy\"}"})),
+    );
+    let busy_total: i64 = busy["flamegraph"]["total"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        busy["flamegraph"]["names"]
+            .to_string()
+            .contains("fathomNodeBusyLeaf")
+            && busy_total * 2 > total,
+        "endpoint=/busy: {busy_total} of {total}"
+    );
+
+    // The same as pprof, from /api/profile (`go tool pprof`'s URL).
+    let pprof = reqwest::blocking::get(format!(
+        "{}/api/profile?series=wall%7Bservice_name%3D%22fathom-nodejs-test%22%7D",
+        run.base
+    ))
+    .unwrap();
+    assert_eq!(pprof.status().as_u16(), 200);
+    let body = pprof.bytes().unwrap();
+    let text = String::from_utf8_lossy(&flate2_gunzip(&body)).to_string();
+    assert!(
+        text.contains("fathomNodeBusyLeaf"),
+        "pprof lacks the function"
+    );
+    // SelectMergeProfile's pprof: the label telling the merged series
+    // apart is on their samples (`go tool pprof -tagfocus endpoint=/busy`).
+    let merged = connect_json(
+        &run.base,
+        "SelectMergeProfile",
+        &range(json!({"profileTypeID": cpu, "labelSelector": sdk})),
+    );
+    let strings: Vec<&str> = merged["stringTable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let tagged: usize = merged["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|smp| {
+            smp["label"].as_array().is_some_and(|ls| {
+                ls.iter().any(|l| {
+                    let at = |f: &str| {
+                        l[f].as_str()
+                            .and_then(|i| i.parse::<usize>().ok())
+                            .and_then(|i| strings.get(i).copied())
+                    };
+                    at("key") == Some("endpoint") && at("str") == Some("/busy")
+                })
+            })
+        })
+        .count();
+    assert!(tagged > 0, "no sample labelled endpoint=/busy: {merged}");
+}
+
+fn flate2_gunzip(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(b), &mut out).unwrap();
+    out
+}
+
+/// An OpenTelemetry SDK tracer provider of `service` exporting over
+/// OTLP/HTTP, spans sent as they end.
+fn otel_provider(otlp_http: &str, service: &str) -> opentelemetry_sdk::trace::SdkTracerProvider {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!("{otlp_http}/v1/traces"))
+        .build()
+        .unwrap();
+    opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_string())
+                .build(),
+        )
+        .build()
+}
+
+/// Jaeger's `/api/dependencies`: calls between services from spans whose
+/// parent span is of another service (OpenTelemetry SDK spans of three
+/// services, the context handed across as in-process propagation would),
+/// in Jaeger's shape, bounded by `endTs` and `lookback`.
+#[test]
+fn jaeger_dependencies_from_parent_and_child_services() {
+    let run = Running::start();
+    let before_ms = ms(SystemTime::now());
+    let providers: Vec<_> = ["frontend", "checkout", "payments"]
+        .iter()
+        .map(|s| otel_provider(&run.otlp_http, s))
+        .collect();
+    let tracer = |i: usize| providers[i].tracer("fathom-test");
+    for i in 0..3 {
+        let root = tracer(0)
+            .span_builder("GET /buy")
+            .with_kind(SpanKind::Server)
+            .start(&tracer(0));
+        let cx = opentelemetry::Context::current_with_span(root);
+        // frontend → checkout (a server span of checkout), which queries
+        // its own database (same service: no dependency).
+        let checkout = tracer(1)
+            .span_builder("POST /checkout")
+            .with_kind(SpanKind::Server)
+            .start_with_context(&tracer(1), &cx);
+        let ccx = cx.with_span(checkout);
+        tracer(1)
+            .span_builder("SELECT orders")
+            .with_kind(SpanKind::Client)
+            .start_with_context(&tracer(1), &ccx)
+            .end();
+        if i == 0 {
+            // checkout → payments, once.
+            tracer(2)
+                .span_builder("POST /charge")
+                .with_kind(SpanKind::Server)
+                .start_with_context(&tracer(2), &ccx)
+                .end();
+        }
+        ccx.span().end();
+        cx.span().end();
+    }
+    for p in &providers {
+        p.force_flush().unwrap();
+    }
+    run.wait_json("/api/traces?service=frontend&lookback=1h", |v| {
+        v["data"].as_array().is_some_and(|d| {
+            d.len() == 3
+                && d.iter()
+                    .map(|t| t["spans"].as_array().map_or(0, Vec::len))
+                    .sum::<usize>()
+                    == 10
+        })
+    });
+    let after_ms = ms(SystemTime::now()) + 1000;
+    let (status, v) = run.get_json(&format!(
+        "/api/dependencies?endTs={after_ms}&lookback={}",
+        after_ms - before_ms + 1000
+    ));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["errors"], Value::Null, "{v}");
+    assert_eq!(
+        v["data"],
+        json!([
+            {"parent": "checkout", "child": "payments", "callCount": 1},
+            {"parent": "frontend", "child": "checkout", "callCount": 3},
+        ]),
+        "{v}"
+    );
+    assert_eq!(v["total"], 2);
+    // Defaults: now, 24 h.
+    let (_, v) = run.get_json("/api/dependencies");
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2), "{v}");
+    // A window that ends before the traces began: none.
+    let (status, v) = run.get_json(&format!(
+        "/api/dependencies?endTs={}&lookback=3600000",
+        before_ms - 60_000
+    ));
+    assert_eq!((status, v["data"].clone()), (200, json!([])), "{v}");
+    for bad in ["endTs=soon", "lookback=-1", "service=frontend"] {
+        let (status, v) = run.get_json(&format!("/api/dependencies?{bad}"));
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert_eq!(v["errors"][0]["code"], 400, "{v}");
+    }
+    for p in providers {
+        let _ = p.shutdown();
+    }
+}
+
+/// A Go-shaped CPU profile whose samples carry `span_id` labels as
+/// Pyroscope's SDKs set them (otel-profiling): `spans` are (span id or
+/// none, leaf function, samples at 100 Hz).
+fn span_profile(spans: &[(Option<&str>, &str, i64)]) -> Vec<u8> {
+    use pprof::protos::{self, Message as _};
+    let frame = |i: usize, function: &str| Frame {
+        address: 0x40_1000 + i as u64 * 0x100,
+        function: function.to_string(),
+        system_name: function.to_string(),
+        file: "main.go".into(),
+        line: 10,
+    };
+    let mut frames: Vec<Frame> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, (_, leaf, _))| frame(i, leaf))
+        .collect();
+    frames.push(frame(spans.len(), "main.main"));
+    let mut p = CpuProfile {
+        frequency_hz: 100,
+        duration: Duration::from_secs(10),
+        mapping_file: "/app/server".into(),
+        build_id: "abc".into(),
+        memory_start: 0x40_0000,
+        memory_limit: 0x80_0000,
+        frames,
+        samples: spans
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, n))| (vec![i, spans.len()], *n))
+            .collect(),
+    }
+    .build();
+    let key = p.string_table.len() as i64;
+    p.string_table.push("span_id".into());
+    for (s, (span, _, _)) in p.sample.iter_mut().zip(spans) {
+        if let Some(span) = span {
+            s.label.push(protos::Label {
+                key,
+                str: p.string_table.len() as i64,
+                num: 0,
+                num_unit: 0,
+            });
+            p.string_table.push(span.to_string());
+        }
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&p.encode_to_vec()).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Grafana's traces-to-profiles: `SelectMergeSpanProfile` with span ids
+/// merges only the samples labelled with those spans, from profiles pushed
+/// through `/ingest` (two pushes: the same span in both is summed), in both
+/// connect encodings of Pyroscope's own protos.
+#[test]
+fn select_merge_span_profile_merges_the_samples_of_the_given_spans() {
+    let test = "select_merge_span_profile_merges_the_samples_of_the_given_spans";
+    let Some(py) = python(test) else { return };
+    let run = Running::start();
+    let start = ms(SystemTime::now()) - 60_000;
+    let push = |body: Vec<u8>| {
+        let r = reqwest::blocking::Client::new()
+            .post(format!(
+                "{}/ingest?name=shop%7Benv%3Dprod%7D&format=pprof&spyName=gospy",
+                run.base
+            ))
+            .header("Content-Type", "application/octet-stream")
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+    };
+    let (a, b, c) = ("0123456789abcdef", "fedcba9876543210", "00000000000000aa");
+    push(span_profile(&[
+        (Some(a), "main.checkout", 30),
+        (Some(b), "main.render", 20),
+        (Some(c), "main.other", 7),
+        (None, "main.background", 50),
+    ]));
+    push(span_profile(&[(Some(a), "main.checkout", 10)]));
+    let cpu = "process_cpu:cpu:nanoseconds:cpu:nanoseconds";
+    let sel = "{service_name=\"shop\"}";
+    // Both pushes merged (the window closes), 117 samples in all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = connect_json(
+            &run.base,
+            "SelectMergeStacktraces",
+            &json!({"profileTypeID": cpu, "labelSelector": sel, "start": start.to_string(), "end": "0"}),
+        );
+        if r["flamegraph"]["total"] == "1170000000" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let end = ms(SystemTime::now()) + 60_000;
+    let req = |spans: Value| {
+        json!({"profileTypeID": cpu, "labelSelector": sel, "spanSelector": spans,
+               "start": start.to_string(), "end": end.to_string()})
+    };
+    for encoding in ["proto", "json"] {
+        let calls = json!([
+            {"method": "SelectMergeSpanProfile", "request": req(json!([a])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!([a, b.to_uppercase()])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!(["1111111111111111"])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!([])), "encoding": encoding},
+            {"method": "SelectMergeSpanProfile", "request": req(json!(["span-1"])), "encoding": encoding},
+        ]);
+        let r = querier(&py, &run.base, &calls);
+        let (names, total) = flame(&r[0]);
+        assert_eq!(total, 400_000_000, "{encoding}: span a, 30 + 10 samples");
+        assert!(names.contains(&"main.checkout".to_string()), "{names:?}");
+        assert!(
+            !names.contains(&"main.render".to_string())
+                && !names.contains(&"main.background".to_string()),
+            "{names:?}"
+        );
+        let (names, total) = flame(&r[1]);
+        assert_eq!(total, 600_000_000, "{encoding}: spans a and b");
+        assert!(names.contains(&"main.render".to_string()), "{names:?}");
+        assert!(!names.contains(&"main.other".to_string()), "{names:?}");
+        assert_eq!(flame(&r[2]).1, 0, "{encoding}: an unknown span");
+        for bad in &r[3..] {
+            assert_eq!(bad["status"], 400, "{encoding}: {bad}");
+            assert_eq!(bad["error"]["code"], "invalid_argument", "{bad}");
+        }
+    }
 }

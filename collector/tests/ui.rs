@@ -39,12 +39,16 @@ impl Running {
     /// A collector with only the embedded store (no exporters), every
     /// listener on a free port of 127.0.0.1, 1 s profile windows.
     fn start() -> Self {
+        Self::start_in(tempfile::tempdir().unwrap())
+    }
+
+    /// [`Running::start`] on the store in `dir` (kept from a stopped one).
+    fn start_in(dir: tempfile::TempDir) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let mut config = CollectorConfig::default();
         let local = "127.0.0.1:0".parse().unwrap();
         config.listen.otlp_grpc = Some(local);
@@ -63,8 +67,23 @@ impl Running {
         }
     }
 
+    /// Shuts the collector down, handing back its store's directory.
+    fn stop(mut self) -> tempfile::TempDir {
+        if let Some(c) = self.collector.take() {
+            self.rt.block_on(c.shutdown(Duration::from_secs(5)));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self._dir, dir)
+    }
+
     fn collector(&self) -> &Collector {
         self.collector.as_ref().unwrap()
+    }
+
+    fn get_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
     }
 
     fn get(&self, path: &str) -> (u16, Vec<u8>) {
@@ -497,6 +516,81 @@ fn shop_metrics(
             ..ResourceMetrics::default()
         }],
     }
+}
+
+/// The metric history is kept in the store: after a restart (the registry
+/// then empty) the series and every point are still there, and new points
+/// add to them.
+#[test]
+fn metric_history_survives_a_restart() {
+    let run = Running::start();
+    let now_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    for step in 0..3u64 {
+        let t = now_ns - (3 - step) * 60_000_000_000;
+        run.collector()
+            .ingest()
+            .metrics(shop_metrics(t, step))
+            .unwrap();
+        let want = 4.0 + step as f64;
+        run.wait_json("/ui/api/metrics?name=queue_depth", |v| {
+            v[0]["value"].as_f64() == Some(want)
+        });
+    }
+    let query = "/ui/api/metrics?service=checkout&range=1h";
+    let before = run.wait_json(query, |v| v.as_array().is_some_and(|a| a.len() == 3));
+    let points = |v: &serde_json::Value, name: &str| -> Vec<serde_json::Value> {
+        let row = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {v}"));
+        row["points"].as_array().unwrap().clone()
+    };
+    let gauge = points(&before, "queue_depth");
+    let values: Vec<f64> = gauge.iter().map(|p| p["v"].as_f64().unwrap()).collect();
+    assert_eq!(values, [4.0, 5.0, 6.0], "{before}");
+    let latency = points(&before, "http_server_request_duration");
+    assert_eq!(latency.len(), 3);
+    assert!(latency[1]["p50"].as_f64().is_some(), "{latency:?}");
+
+    let dir = run.stop();
+    let run = Running::start_in(dir);
+    let after = run.get_json(query);
+    assert_eq!(after.as_array().map(Vec::len), Some(3), "{after}");
+    assert_eq!(points(&after, "queue_depth"), gauge, "gauge after restart");
+    assert_eq!(
+        points(&after, "http_server_request_duration"),
+        latency,
+        "histogram after restart"
+    );
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["current"] == false),
+        "the registry is new: {after}"
+    );
+    // A new point adds to the history read back (the histogram's window
+    // from the stored buckets: 10 observations).
+    run.collector()
+        .ingest()
+        .metrics(shop_metrics(now_ns, 3))
+        .unwrap();
+    let grown = run.wait_json(query, |v| {
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|r| r["points"].as_array().is_some_and(|p| p.len() == 4))
+        })
+    });
+    let latency = points(&grown, "http_server_request_duration");
+    assert_eq!(latency[3]["count"].as_u64(), Some(10), "{latency:?}");
+    let dir = run.stop();
+    drop(dir);
 }
 
 /// `npm ci` in `collector/tests/browser` when its `node_modules` is missing

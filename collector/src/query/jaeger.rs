@@ -7,7 +7,10 @@
 //!   [&minDuration=100ms][&maxDuration=1s][&start=µs][&end=µs][&lookback=1h]
 //!   [&limit=N]` or `?traceID=…[&traceID=…]`
 //! - `GET /api/traces/{traceID}`
+//! - `GET /api/dependencies[?endTs=<unix ms>][&lookback=<ms>]`: calls
+//!   between services (a span whose parent span is of another service)
 //!
+
 //! Every answer is `{"data": …, "total": N, "limit": 0, "offset": 0,
 //! "errors": null}`; a failure has `data: null` and `errors: [{code, msg}]`
 //! with the HTTP status. Spans are converted from OTLP the way Jaeger's own
@@ -71,6 +74,7 @@ pub fn router(store: Arc<Store>) -> Router {
         .route("/api/operations", get(operations))
         .route("/api/traces", get(search))
         .route("/api/traces/{trace_id}", get(trace))
+        .route("/api/dependencies", get(dependencies))
         .with_state(store)
 }
 
@@ -391,6 +395,43 @@ async fn search(
     .await?;
     let n = traces.len();
     Ok(envelope(json!(traces), n))
+}
+
+/// A unix-millisecond parameter.
+fn millis(name: &str, v: &str) -> Result<u64, JaegerError> {
+    v.parse::<u64>().map_err(|_| {
+        JaegerError::bad(format!(
+            "{name}={v:?}: expected milliseconds (unix time for endTs, a span of time for lookback)"
+        ))
+    })
+}
+
+/// `GET /api/dependencies?endTs=<unix ms>&lookback=<ms>`: the calls between
+/// services of the traces that started in [endTs - lookback, endTs]
+/// (defaults: now, 24 h), in Jaeger's shape `{"data": [{"parent",
+/// "child", "callCount"}]}`.
+async fn dependencies(
+    State(store): State<Arc<Store>>,
+    Query(p): Params,
+) -> Result<Response, JaegerError> {
+    only(&p, &["endTs", "lookback"])?;
+    let now = SystemTime::now();
+    let end = match one(&p, "endTs") {
+        Some(v) => UNIX_EPOCH + Duration::from_millis(millis("endTs", v)?),
+        None => now,
+    };
+    let lookback = match one(&p, "lookback") {
+        Some(v) => Duration::from_millis(millis("lookback", v)?),
+        None => Duration::from_secs(24 * 3600),
+    };
+    let start = end.checked_sub(lookback).unwrap_or(UNIX_EPOCH);
+    let deps = blocking(move || Ok(store.dependencies(start, end)?)).await?;
+    let data: Vec<Value> = deps
+        .into_iter()
+        .map(|(parent, child, n)| json!({"parent": parent, "child": child, "callCount": n}))
+        .collect();
+    let n = data.len();
+    Ok(envelope(json!(data), n))
 }
 
 async fn trace(

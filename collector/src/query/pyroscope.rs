@@ -1,7 +1,8 @@
 //! Pyroscope's query API over the connect protocol, as Grafana's Pyroscope
 //! data source calls it: `POST /querier.v1.QuerierService/{ProfileTypes,
 //! LabelNames, LabelValues, Series, SelectMergeStacktraces,
-//! SelectMergeProfile, SelectSeries, GetProfileStats}`, each a unary call in
+//! SelectMergeProfile, SelectMergeSpanProfile, SelectSeries,
+//! GetProfileStats}`, each a unary call in
 //! binary protobuf (`application/proto`) or protojson (`application/json`),
 //! gzip request bodies accepted; errors are connect errors (`{code,
 //! message}`). The other querier methods answer `unimplemented`.
@@ -36,8 +37,9 @@ use crate::{
             FORMAT_FLAMEGRAPH, FORMAT_UNSPECIFIED, FlameGraph, GetProfileStatsRequest,
             GetProfileStatsResponse, LabelNamesRequest, LabelPair, LabelValuesRequest, Labels,
             Level, NamesResponse, PROFILE_FORMATS, Point, ProfileType, ProfileTypesRequest,
-            ProfileTypesResponse, SelectMergeProfileRequest, SelectMergeStacktracesRequest,
-            SelectSeriesRequest, SelectSeriesResponse, Series, SeriesRequest, SeriesResponse,
+            ProfileTypesResponse, SelectMergeProfileRequest, SelectMergeSpanProfileRequest,
+            SelectMergeStacktracesRequest, SelectSeriesRequest, SelectSeriesResponse, Series,
+            SeriesRequest, SeriesResponse,
         },
     },
     receivers::{connect_error, decompress},
@@ -182,7 +184,10 @@ async fn call(
             "SelectMergeProfile" => Box::new(select_merge_profile(s, decode(enc, &body)?)?),
             "SelectSeries" => Box::new(select_series(s, decode(enc, &body)?)?),
             "GetProfileStats" => Box::new(profile_stats(s, decode(enc, &body)?)?),
-            "SelectMergeSpanProfile" | "SelectHeatmap" | "Diff" | "AnalyzeQuery" => {
+            "SelectMergeSpanProfile" => {
+                Box::new(select_merge_span_profile(s, decode(enc, &body)?)?)
+            }
+            "SelectHeatmap" | "Diff" | "AnalyzeQuery" => {
                 return Err(CallError(
                     "unimplemented",
                     format!("{SERVICE}/{method} is not implemented by the Fathom collector"),
@@ -343,8 +348,15 @@ pub fn select_merge_stacktraces(
     s: &Store,
     r: SelectMergeStacktracesRequest,
 ) -> Result<crate::proto::querier::SelectMergeStacktracesResponse, CallError> {
-    if r.format != FORMAT_UNSPECIFIED && r.format != FORMAT_FLAMEGRAPH {
-        let name = usize::try_from(r.format)
+    check_format(r.format)?;
+    let profile =
+        select(s, &r.profile_type_id, &r.label_selector, r.start, r.end)?.unwrap_or_default();
+    Ok(flame_response(&profile, r.max_nodes))
+}
+
+fn check_format(format: i32) -> Result<(), CallError> {
+    if format != FORMAT_UNSPECIFIED && format != FORMAT_FLAMEGRAPH {
+        let name = usize::try_from(format)
             .ok()
             .and_then(|i| PROFILE_FORMATS.get(i))
             .copied()
@@ -353,11 +365,16 @@ pub fn select_merge_stacktraces(
             "format {name} is not supported: use PROFILE_FORMAT_FLAMEGRAPH (or SelectMergeProfile for pprof)"
         )));
     }
-    let profile =
-        select(s, &r.profile_type_id, &r.label_selector, r.start, r.end)?.unwrap_or_default();
-    let max_nodes = r.max_nodes.filter(|&n| n > 0).unwrap_or(DEFAULT_MAX_NODES);
-    let fg = pprof::flamegraph(&profile, 0, max_nodes);
-    Ok(crate::proto::querier::SelectMergeStacktracesResponse {
+    Ok(())
+}
+
+fn flame_response(
+    profile: &Profile,
+    max_nodes: Option<i64>,
+) -> crate::proto::querier::SelectMergeStacktracesResponse {
+    let max_nodes = max_nodes.filter(|&n| n > 0).unwrap_or(DEFAULT_MAX_NODES);
+    let fg = pprof::flamegraph(profile, 0, max_nodes);
+    crate::proto::querier::SelectMergeStacktracesResponse {
         flamegraph: Some(FlameGraph {
             names: fg.names,
             levels: fg
@@ -368,8 +385,39 @@ pub fn select_merge_stacktraces(
             total: fg.total,
             max_self: fg.max_self,
         }),
-    })
+    }
 }
+
+/// The samples of the selection whose `span_id` label (16 hexadecimal
+/// digits, as Pyroscope's SDKs set it) is one of the span selector's, as a
+/// flame graph (the response's `tree` is left empty).
+pub fn select_merge_span_profile(
+    s: &Store,
+    r: SelectMergeSpanProfileRequest,
+) -> Result<crate::proto::querier::SelectMergeStacktracesResponse, CallError> {
+    check_format(r.format)?;
+    if r.span_selector.is_empty() {
+        return Err(CallError::invalid(
+            "span_selector is empty: give the span ids (16 hexadecimal digits) whose samples to merge",
+        ));
+    }
+    if let Some(bad) = r
+        .span_selector
+        .iter()
+        .find(|id| id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(CallError::invalid(format!(
+            "span_selector: {bad:?} is not a span id (16 hexadecimal digits)"
+        )));
+    }
+    let mut profile =
+        select(s, &r.profile_type_id, &r.label_selector, r.start, r.end)?.unwrap_or_default();
+    pprof::retain_labelled(&mut profile, SPAN_ID_LABEL, &r.span_selector);
+    Ok(flame_response(&profile, r.max_nodes))
+}
+
+/// The sample label that holds a span id.
+pub const SPAN_ID_LABEL: &str = "span_id";
 
 fn select_merge_profile(s: &Store, r: SelectMergeProfileRequest) -> Result<PprofReply, CallError> {
     let profile = select(s, &r.profile_type_id, &r.label_selector, r.start, r.end)?;

@@ -11,9 +11,13 @@
 //!   `spyName` (the `pyroscope_spy` label), `units`, `aggregationType`.
 //!
 //! The series is labelled as Pyroscope labels it (`__name__` from the type,
-//! `service_name` = the application unless a label sets it). Errors are
-//! plain text with the status Pyroscope gives (400, 413, 429, 503).
+//! `service_name` = the application unless a label sets it); a pprof's
+//! sample labels (the Node.js SDK's `wrapWithLabels`, Go's `pprof.Do`) make
+//! series of their own, as Pyroscope's distributor splits them, except
+//! span and profile ids, which stay on the samples. Errors are plain text
+//! with the status Pyroscope gives (400, 413, 429, 503).
 use std::{
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -362,6 +366,100 @@ pub fn decode_ingest(
     })
 }
 
+/// Sample labels that stay on the samples instead of making series (one
+/// series per span or profile would be one per request).
+pub const SAMPLE_ONLY_LABELS: &[&str] = &["span_id", "span_name", "profile_id", "trace_id"];
+
+/// Pyroscope's series from sample labels: the samples grouped by their
+/// string labels (but [`SAMPLE_ONLY_LABELS`] and names the series already
+/// has), each group a series with those labels added and taken off its
+/// samples; samples without such labels stay in the request's series. A
+/// group whose labels cannot be series labels (a bad name, too many) stays
+/// in the request's series with its sample labels.
+pub fn split_by_sample_labels(raw: RawProfile) -> Vec<RawProfile> {
+    let p = &raw.profile;
+    let string = |i: i64| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| p.string_table.get(i))
+            .map(String::as_str)
+    };
+    let mut groups: BTreeMap<Vec<(String, String)>, Vec<usize>> = BTreeMap::new();
+    for (i, sample) in p.sample.iter().enumerate() {
+        let mut key: Vec<(String, String)> = sample
+            .label
+            .iter()
+            .filter_map(|l| {
+                let (k, v) = (string(l.key)?, string(l.str)?);
+                let own = !k.is_empty()
+                    && !v.is_empty()
+                    && !SAMPLE_ONLY_LABELS.contains(&k)
+                    && raw.labels.get(&k.replace('.', "_")).is_none();
+                own.then(|| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        key.sort();
+        key.dedup_by(|a, b| a.0 == b.0);
+        groups.entry(key).or_default().push(i);
+    }
+    if groups.keys().all(Vec::is_empty) {
+        return vec![raw];
+    }
+    let mut out: Vec<RawProfile> = Vec::new();
+    let mut unsplit: Vec<usize> = Vec::new();
+    for (key, samples) in groups {
+        let labels = if key.is_empty() {
+            None
+        } else {
+            SeriesLabels::new(
+                raw.labels
+                    .pairs()
+                    .iter()
+                    .cloned()
+                    .chain(key.iter().cloned()),
+            )
+            .ok()
+        };
+        let Some(labels) = labels else {
+            unsplit.extend(samples);
+            continue;
+        };
+        let keys: Vec<&str> = key.iter().map(|(k, _)| k.as_str()).collect();
+        let mut profile = Profile {
+            sample: Vec::new(),
+            ..p.clone()
+        };
+        profile.sample = samples
+            .iter()
+            .map(|&i| {
+                let mut s = p.sample[i].clone();
+                s.label
+                    .retain(|l| string(l.key).is_none_or(|k| !keys.contains(&k)));
+                s
+            })
+            .collect();
+        out.push(RawProfile {
+            labels,
+            profile,
+            received: raw.received,
+        });
+    }
+    if !unsplit.is_empty() {
+        unsplit.sort_unstable();
+        let mut profile = Profile {
+            sample: Vec::new(),
+            ..p.clone()
+        };
+        profile.sample = unsplit.iter().map(|&i| p.sample[i].clone()).collect();
+        out.push(RawProfile {
+            labels: raw.labels.clone(),
+            profile,
+            received: raw.received,
+        });
+    }
+    out
+}
+
 async fn handle(
     State(ctx): State<Arc<Ctx>>,
     Query(params): Query<Vec<(String, String)>>,
@@ -397,7 +495,7 @@ async fn handle(
             return text(StatusCode::BAD_REQUEST, m);
         }
     };
-    match ctx.ingest.profiles_all(vec![profile]) {
+    match ctx.ingest.profiles_all(split_by_sample_labels(profile)) {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e @ IngestError::Full(_)) => {
             let mut r = text(StatusCode::TOO_MANY_REQUESTS, e.to_string());
@@ -468,6 +566,85 @@ mod tests {
             pprof::folded(&lines.profile, 0),
             [("a;b".to_string(), 2), ("a;c".to_string(), 1)]
         );
+    }
+
+    #[test]
+    fn sample_labels_make_series_but_span_ids_stay_on_samples() {
+        use crate::proto::pprof::Label;
+        let now = UNIX_EPOCH + Duration::from_secs(2_000);
+        let mut p = pprof::tests::cpu_profile(
+            &[
+                (&["main", "a"], 3),
+                (&["main", "b"], 2),
+                (&["main", "c"], 1),
+                (&["main", "d"], 4),
+            ],
+            1,
+        );
+        let mut intern = |s: &str| {
+            p.string_table.push(s.to_string());
+            p.string_table.len() as i64 - 1
+        };
+        let (endpoint, busy, idle, span, id, env, other) = (
+            intern("endpoint"),
+            intern("/busy"),
+            intern("/idle"),
+            intern("span_id"),
+            intern("0123456789abcdef"),
+            intern("env"),
+            intern("staging"),
+        );
+        let label = |key, str| Label {
+            key,
+            str,
+            num: 0,
+            num_unit: 0,
+        };
+        p.sample[0].label = vec![label(endpoint, busy), label(span, id)];
+        p.sample[1].label = vec![label(endpoint, idle)];
+        // `env` is a series label already: it stays on the sample.
+        p.sample[3].label = vec![label(env, other)];
+        let raw = decode_ingest(
+            &q(&[("name", "shop{env=prod}"), ("format", "pprof")]),
+            "application/octet-stream",
+            &pprof::encode_gzip(&p),
+            now,
+        )
+        .unwrap();
+        let split = split_by_sample_labels(raw);
+        let by: Vec<(String, Vec<(String, i64)>)> = split
+            .iter()
+            .map(|r| (r.labels.selector(), pprof::folded(&r.profile, 0)))
+            .collect();
+        assert_eq!(split.len(), 3, "{by:?}");
+        let base = r#"process_cpu{env="prod",pyroscope_spy="unknown",service_name="shop"}"#;
+        let busy_sel = r#"process_cpu{endpoint="/busy",env="prod",pyroscope_spy="unknown",service_name="shop"}"#;
+        let get = |sel: &str| split.iter().find(|r| r.labels.selector() == sel).unwrap();
+        assert_eq!(
+            pprof::folded(&get(busy_sel).profile, 0),
+            [("main;a".to_string(), 3)]
+        );
+        // The span id stays; the label now a series label is gone.
+        let keys: Vec<&str> = get(busy_sel).profile.sample[0]
+            .label
+            .iter()
+            .map(|l| get(busy_sel).profile.string_table[l.key as usize].as_str())
+            .collect();
+        assert_eq!(keys, ["span_id"]);
+        assert_eq!(
+            pprof::folded(&get(base).profile, 0),
+            [("main;c".to_string(), 1), ("main;d".to_string(), 4)]
+        );
+        // Without sample labels: one series, as sent.
+        let plain = pprof::tests::cpu_profile(&[(&["main", "a"], 3)], 1);
+        let raw = decode_ingest(
+            &q(&[("name", "shop"), ("format", "pprof")]),
+            "",
+            &pprof::encode_gzip(&plain),
+            now,
+        )
+        .unwrap();
+        assert_eq!(split_by_sample_labels(raw).len(), 1);
     }
 
     #[test]
