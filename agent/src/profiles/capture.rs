@@ -392,12 +392,11 @@ fn load_off_cpu(ebpf: &mut Ebpf) -> Result<(), String> {
     {
         return Err("kernel BTF: no task_struct.pid".into());
     }
-    let program: &mut BtfTracePoint =
-        program(ebpf, names::PROGRAM_OFF_CPU).map_err(|e| e.to_string())?;
-    ebpf::load_program(OBJECT, names::PROGRAM_OFF_CPU, || {
-        program.load("sched_switch", &btf)
-    })
-    .map_err(|e| e.reason.clone())?;
+    for name in names::PROGRAMS_OFF_CPU {
+        let program: &mut BtfTracePoint = program(ebpf, name).map_err(|e| e.to_string())?;
+        ebpf::load_program(OBJECT, name, || program.load("sched_switch", &btf))
+            .map_err(|e| e.reason.clone())?;
+    }
     Ok(())
 }
 
@@ -653,10 +652,12 @@ impl Profiler {
             .map_err(|source| ProfilerError::AttachCpu { cpu, source })?;
         }
         if self.off_cpu.is_some() {
-            let off_cpu: &mut BtfTracePoint = program(&mut self.ebpf, names::PROGRAM_OFF_CPU)?;
-            off_cpu
-                .attach()
-                .map_err(program_err(names::PROGRAM_OFF_CPU))?;
+            // Returns first: a start is never left without its end; the store
+            // after the capture it stores.
+            for name in names::PROGRAMS_OFF_CPU {
+                let off_cpu: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
+                off_cpu.attach().map_err(program_err(name))?;
+            }
         }
         tracing::info!(
             cpus = self.cpus.len(),

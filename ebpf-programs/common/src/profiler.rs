@@ -272,8 +272,15 @@ pub mod names {
     pub const EVENTS: &str = "PROCESS_EVENTS";
     /// Global: non-zero when only pids in `PID_FILTER` are sampled.
     pub const GLOBAL_FILTER_PIDS: &str = "FILTER_PIDS";
-    /// The off-CPU program on the `sched_switch` BTF tracepoint.
+    /// The off-CPU programs on the `sched_switch` BTF tracepoint: a thread
+    /// leaving the CPU (stacks stored), a thread coming back (time counted).
     pub const PROGRAM_OFF_CPU: &str = "offcpu_switch";
+    pub const PROGRAM_OFF_CPU_IN: &str = "offcpu_switch_in";
+    /// Stores what `offcpu_switch` captured; attached after it.
+    pub const PROGRAM_OFF_CPU_STORE: &str = "offcpu_store";
+    /// The off-CPU programs in load and attach order.
+    pub const PROGRAMS_OFF_CPU: [&str; 3] =
+        [PROGRAM_OFF_CPU_IN, PROGRAM_OFF_CPU, PROGRAM_OFF_CPU_STORE];
     pub const OFF_CPU_COUNTS: [&str; 2] = ["OFFCPU_COUNTS_0", "OFFCPU_COUNTS_1"];
     pub const OFF_CPU_STACK_INDEX: [&str; 2] = ["OFFCPU_STACK_INDEX_0", "OFFCPU_STACK_INDEX_1"];
     pub const OFF_CPU_STACK_CHUNKS: [&str; 2] = ["OFFCPU_STACK_CHUNKS_0", "OFFCPU_STACK_CHUNKS_1"];

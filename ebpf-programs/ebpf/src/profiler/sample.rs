@@ -49,8 +49,8 @@ const EEXIST: i32 = 17;
 pub struct Sample {
     /// The generation read by `profile_cpu`, acknowledged by the last stage.
     generation: u64,
-    pid: u32,
-    tid: u32,
+    pub pid: u32,
+    pub tid: u32,
     comm: [u8; COMM_LEN],
     /// A `status` of the user stack's walk.
     pub user_unwind: u32,
@@ -58,7 +58,10 @@ pub struct Sample {
     pub user_len: i32,
     /// Frames in `kernel`; likewise.
     pub kernel_len: i32,
-    _pad: u32,
+    /// Off-CPU: non-zero from `offcpu_switch` capturing the stacks of the
+    /// thread leaving the CPU to `offcpu_store` storing them (the sampling
+    /// chain leaves it alone).
+    pub off_cpu_pending: u32,
     /// The process's unwind tables, for `profile_unwind`.
     pub process: UnwindProcess,
     /// The user stack's walk (its frames: `walk.stack`).
