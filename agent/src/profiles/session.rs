@@ -90,6 +90,9 @@ fn sorted(map: &HashMap<SampleKey, u64>) -> Vec<(SampleKey, u64)> {
 /// `[lost stack]`.
 const OFF_CPU_STACKS_KEPT: usize = 1 << 16;
 
+/// Stacks by hash, leaf first.
+type StackMap = HashMap<u64, Vec<u64>>;
+
 /// Content-addressed stacks, the older half dropped when full.
 #[derive(Debug, Default)]
 struct StackCache {
@@ -456,7 +459,7 @@ impl Session {
         &self,
         collected: &Collected,
         kind: ProfileKind,
-    ) -> (Vec<(SampleKey, u64)>, Option<HashMap<u64, Vec<u64>>>) {
+    ) -> (Vec<(SampleKey, u64)>, Option<StackMap>) {
         match kind {
             ProfileKind::Cpu => (collected.sample_list(), None),
             ProfileKind::OffCpu => {
@@ -920,14 +923,20 @@ mod tests {
             stacks: stacks.clone(),
             recorded: 3,
             synced: true,
+            off_cpu: vec![(key(1), 4_000_000)],
+            ..Window::default()
         });
         c.add(Window {
             samples: vec![(key(1), 5)],
             stacks,
             recorded: 5,
             synced: false,
+            off_cpu: vec![(key(1), 1_000_000), (key(2), 2_000_000)],
+            ..Window::default()
         });
         assert_eq!(c.samples[&key(1)], 7);
+        assert_eq!(c.off_cpu[&key(1)], 5_000_000);
+        assert_eq!(c.off_cpu_ns(), 7_000_000);
         assert_eq!(
             (c.recorded, c.counted, c.windows, c.unsynced_windows),
             (8, 8, 2, 1)
