@@ -24,6 +24,8 @@ use serde::Deserialize;
 /// Unwind rows the kernel holds for all binaries together, by default
 /// (16 MiB).
 pub const DEFAULT_UNWIND_TABLE_ROWS: u32 = 1 << 21;
+/// Shortest off-CPU interval counted by default.
+pub const DEFAULT_OFF_CPU_THRESHOLD: Duration = Duration::from_millis(1);
 
 /// A signal the agent collects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Deserialize)]
@@ -139,6 +141,9 @@ pub struct ProfilesFile {
     pub unwind: Option<UnwindChoice>,
     pub unwind_table_rows: Option<u32>,
     pub unwind_cache_dir: Option<PathBuf>,
+    pub off_cpu: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub off_cpu_threshold: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,6 +214,13 @@ pub struct SamplingArgs {
     /// Directory where built unwind tables are kept across restarts.
     #[arg(long, env = "FATHOM_UNWIND_CACHE_DIR")]
     pub unwind_cache_dir: Option<PathBuf>,
+    /// Also profile off-CPU time (where threads wait: sleeps, locks, I/O),
+    /// delivered as its own profile type `off_cpu` [default: false].
+    #[arg(long, env = "FATHOM_OFF_CPU", num_args = 0..=1, default_missing_value = "true")]
+    pub off_cpu: Option<bool>,
+    /// Shortest off-CPU interval counted [default: 1ms].
+    #[arg(long, env = "FATHOM_OFF_CPU_THRESHOLD", value_parser = humantime::parse_duration)]
+    pub off_cpu_threshold: Option<Duration>,
 }
 
 /// What the profiler samples and how its stacks are resolved.
@@ -220,6 +232,8 @@ pub struct SamplingConfig {
     pub unwind_table_rows: u32,
     pub unwind_cache_dir: Option<PathBuf>,
     pub symbolizer: SymbolizerConfig,
+    /// Off-CPU profiling, with its threshold; `None`: off.
+    pub off_cpu: Option<Duration>,
 }
 
 impl SamplingArgs {
@@ -250,7 +264,17 @@ impl SamplingArgs {
             self.debug_dirs.clone()
         };
         let defaults = SymbolizerConfig::default();
+        let off_cpu_threshold = self
+            .off_cpu_threshold
+            .or(p.off_cpu_threshold)
+            .unwrap_or(DEFAULT_OFF_CPU_THRESHOLD);
+        let off_cpu = self
+            .off_cpu
+            .or(p.off_cpu)
+            .unwrap_or(false)
+            .then_some(off_cpu_threshold);
         Ok(SamplingConfig {
+            off_cpu,
             frequency_hz,
             pids,
             unwind: self.unwind.or(p.unwind).unwrap_or_default(),

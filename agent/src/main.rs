@@ -11,7 +11,8 @@ use fathom_agent::{
     config::{AgentFile, DaemonArgs, SamplingArgs},
     daemon, preflight,
     profiles::{
-        pprof::{self, CpuProfileMeta},
+        capture::OffCpuMode,
+        pprof::{self, CpuProfileMeta, ProfileKind},
         session::{self, ProfilesConfig, Session},
     },
     stop::Stop,
@@ -88,6 +89,16 @@ struct ProfileArgs {
     /// Where to write the gzipped pprof profile.
     #[arg(long, short)]
     output: PathBuf,
+    /// What to profile: `cpu` (sampled CPU time) or `off-cpu` (time threads
+    /// spend off the CPU, intervals of at least `--off-cpu-threshold`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    event: ProfileEvent,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ProfileEvent {
+    Cpu,
+    OffCpu,
 }
 
 fn main() -> ExitCode {
@@ -183,7 +194,19 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
         .sampling
         .resolve(&AgentFile::default())
         .context("configuration")?;
-    let config = ProfilesConfig::from(&sampling);
+    let mut config = ProfilesConfig::from(&sampling);
+    let kind = match args.event {
+        ProfileEvent::Cpu => ProfileKind::Cpu,
+        ProfileEvent::OffCpu => {
+            config.profiler.off_cpu = Some(
+                sampling
+                    .off_cpu
+                    .or(args.sampling.off_cpu_threshold)
+                    .unwrap_or(fathom_agent::config::DEFAULT_OFF_CPU_THRESHOLD),
+            );
+            ProfileKind::OffCpu
+        }
+    };
     // Fail now, not after the whole duration.
     let parent = args.output.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = parent
@@ -197,6 +220,11 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
     }
     let stop = stop_on_signals()?;
     let mut session = Session::start(&config)?;
+    if let OffCpuMode::Degraded(reason) = session.off_cpu_mode()
+        && kind == ProfileKind::OffCpu
+    {
+        bail!("off-CPU profiling is not available on this kernel: {reason}");
+    }
     let started = SystemTime::now();
     tracing::info!(duration = %humantime::format_duration(args.duration), "profiling");
     let collected = session.collect(args.duration, &stop)?;
@@ -207,7 +235,7 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
             .duration_since(started)
             .unwrap_or_default(),
     };
-    let profile = session.profile(&collected, meta)?;
+    let profile = session.profile_of(&collected, meta, kind)?;
     let lost = session.loss_summary()?;
     tracing::info!(unwind = %session.unwind_stats().summary(10), "unwinding");
     drop(session); // detach before writing
@@ -215,6 +243,7 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
     tracing::info!(
         samples = collected.counted,
         recorded = collected.recorded,
+        off_cpu_ns = collected.off_cpu_ns(),
         %lost,
         output = %args.output.display(),
         "profile written"

@@ -48,6 +48,9 @@ impl ProgramCheck {
 pub fn degradation(program: &str) -> Option<&'static str> {
     match program {
         "profile_unwind" => Some("profiles: user stacks by frame pointers only"),
+        "offcpu_switch" | "offcpu_switch_in" | "offcpu_store" => {
+            Some("profiles: no off-CPU profiles (CPU profiles run on)")
+        }
         "fathom_sk_msg" | "fathom_sock_ops" => Some("traces: captured, no traceparent injected"),
         "net_tcp_probe_btf" => Some("network: tcp_probe as a classic tracepoint"),
         "http_sock_recv"
@@ -168,6 +171,11 @@ fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
     let (name, tracepoint) = net_capture::BTF_PROBE;
     (program == name)
         .then_some(tracepoint)
+        .or_else(|| {
+            fathom_common::profiler::names::PROGRAMS_OFF_CPU
+                .contains(&program)
+                .then_some("sched_switch")
+        })
         .or_else(|| http_capture::btf_tracepoint_of(program))
 }
 

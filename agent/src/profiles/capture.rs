@@ -15,14 +15,14 @@ use aya::{
         RingBuf,
     },
     programs::{
-        PerfEvent, ProgramError, TracePoint,
+        BtfTracePoint, PerfEvent, ProgramError, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
 use fathom_common::{
     profiler::{
-        Counter, STACK_CHUNK_WORDS, SampleKey, StackChunk, StackSlot, names, stack_chunks,
-        stack_id, stage,
+        Counter, STACK_CHUNK_WORDS, SampleKey, StackChunk, StackSlot, names, off_cpu_stack_next,
+        stack_chunks, stack_id, stage,
     },
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
@@ -58,6 +58,32 @@ pub struct ProfilerConfig {
     /// Walk user stacks from unwind tables (the table unwinder program and
     /// its maps); else the kernel's frame-pointer walk only.
     pub unwind_tables: bool,
+    /// Off-CPU profiling with this threshold (shortest interval counted);
+    /// `None`: off, and its maps take one entry each.
+    pub off_cpu: Option<Duration>,
+}
+
+/// Off-CPU profiling, as loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OffCpuMode {
+    /// Not asked for.
+    Off,
+    /// Loaded; attached with [`Profiler::sample`].
+    On,
+    /// Asked for, but the program could not load (CPU profiling runs on).
+    Degraded(String),
+}
+
+/// Entries of the off-CPU maps when it is on.
+pub mod off_cpu_sizes {
+    /// Distinct (thread, stacks) keys per set.
+    pub const KEYS: u32 = 4096;
+    /// Distinct stacks per set.
+    pub const STACKS: u32 = 4096;
+    /// Stack chunks per CPU per set.
+    pub const CHUNKS: u32 = 8192;
+    /// Threads away from a CPU at once.
+    pub const STARTS: u32 = 16384;
 }
 
 /// Entries of the unwinder's maps, shared by all processes.
@@ -102,6 +128,7 @@ impl Default for ProfilerConfig {
             max_sample_keys: 0,
             unwind: UnwindMapSizes::default(),
             unwind_tables: true,
+            off_cpu: None,
         }
     }
 }
@@ -211,6 +238,11 @@ pub struct Window {
     pub samples: Vec<(SampleKey, u64)>,
     /// Stacks by hash, leaf first.
     pub stacks: HashMap<u64, Vec<u64>>,
+    /// Off-CPU: nanoseconds away from a CPU per key (empty when off).
+    pub off_cpu: Vec<(SampleKey, u64)>,
+    /// Off-CPU stacks stored in this window, by hash. A key's stacks may
+    /// have been stored in an earlier window (when its thread left the CPU).
+    pub off_cpu_stacks: HashMap<u64, Vec<u64>>,
     /// Samples the kernel says it recorded into this window.
     pub recorded: u64,
     /// Whether every CPU acknowledged the switch before the window was read.
@@ -248,8 +280,17 @@ pub struct Profiler {
     frequency_hz: u64,
     pids: Vec<u32>,
     mode: UnwindMode,
+    off_cpu: Option<OffCpuMaps>,
+    off_cpu_mode: OffCpuMode,
     // Owns the programs and their links; declared last so maps go first.
     ebpf: Ebpf,
+}
+
+/// The off-CPU program's maps (see `fathom_common::profiler::OffCpuStart`).
+struct OffCpuMaps {
+    counts: [PerCpuHashMap<MapData, SampleKey, u64>; 2],
+    stack_index: [PerCpuHashMap<MapData, u64, StackSlot>; 2],
+    stack_chunks: [PerCpuArray<MapData, StackChunk>; 2],
 }
 
 /// How user stacks are walked, as loaded.
@@ -341,6 +382,24 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
     Ok(mode)
 }
 
+/// Loads the off-CPU program on the `sched_switch` BTF tracepoint. Returns
+/// why it could not load.
+fn load_off_cpu(ebpf: &mut Ebpf) -> Result<(), String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    if crate::btf::KernelBtf::open(Path::new(crate::btf::VMLINUX))
+        .and_then(|b| b.member_offset("task_struct", "pid"))
+        .is_err()
+    {
+        return Err("kernel BTF: no task_struct.pid".into());
+    }
+    for name in names::PROGRAMS_OFF_CPU {
+        let program: &mut BtfTracePoint = program(ebpf, name).map_err(|e| e.to_string())?;
+        ebpf::load_program(OBJECT, name, || program.load("sched_switch", &btf))
+            .map_err(|e| e.reason.clone())?;
+    }
+    Ok(())
+}
+
 impl std::fmt::Debug for Profiler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Profiler")
@@ -405,9 +464,36 @@ impl Profiler {
             "profiler maps (two sets of stacks and counts; all preallocated)"
         );
         let filter: u8 = u8::from(!config.pids.is_empty());
+        // Off-CPU needs `task_struct.pid` from the kernel's BTF; without it
+        // the program is left out (and says why when it is asked for).
+        let task_pid_offset: u32 = crate::btf::KernelBtf::open(Path::new(crate::btf::VMLINUX))
+            .and_then(|btf| btf.member_offset("task_struct", "pid"))
+            .unwrap_or(0);
+        let off_cpu_min_ns: u64 = config
+            .off_cpu
+            .map_or(u64::MAX, |t| t.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let (oc_keys, oc_stacks, oc_chunks, oc_starts) = if config.off_cpu.is_some() {
+            (
+                off_cpu_sizes::KEYS,
+                off_cpu_sizes::STACKS,
+                off_cpu_sizes::CHUNKS,
+                off_cpu_sizes::STARTS,
+            )
+        } else {
+            (1, 1, 1, possible as u32)
+        };
         let ebpf = EbpfLoader::new()
             .verifier_log_level(VerifierLogLevel::STATS)
             .override_global(names::GLOBAL_FILTER_PIDS, &filter, true)
+            .override_global(names::GLOBAL_TASK_PID_OFFSET, &task_pid_offset, true)
+            .override_global(names::GLOBAL_OFF_CPU_MIN_NS, &off_cpu_min_ns, true)
+            .map_max_entries(names::OFF_CPU_COUNTS[0], oc_keys)
+            .map_max_entries(names::OFF_CPU_COUNTS[1], oc_keys)
+            .map_max_entries(names::OFF_CPU_STACK_INDEX[0], oc_stacks)
+            .map_max_entries(names::OFF_CPU_STACK_INDEX[1], oc_stacks)
+            .map_max_entries(names::OFF_CPU_STACK_CHUNKS[0], oc_chunks)
+            .map_max_entries(names::OFF_CPU_STACK_CHUNKS[1], oc_chunks)
+            .map_max_entries(names::OFF_CPU_START, oc_starts)
             .override_global(names::GLOBAL_FORK_CHILD_PID_OFFSET, &child_pid_offset, true)
             .map_max_entries(names::COUNTS[0], sizes.sample_keys)
             .map_max_entries(names::COUNTS[1], sizes.sample_keys)
@@ -458,6 +544,38 @@ impl Profiler {
         }
 
         let mode = load_sampling_chain(&mut ebpf, config.unwind_tables)?;
+        let off_cpu_mode = if config.off_cpu.is_some() {
+            match load_off_cpu(&mut ebpf) {
+                Ok(()) => OffCpuMode::On,
+                Err(reason) => {
+                    tracing::warn!(
+                        "off-CPU profiling degraded: off, because its program could not load \
+                         (CPU profiling runs on): {reason}"
+                    );
+                    OffCpuMode::Degraded(reason)
+                }
+            }
+        } else {
+            OffCpuMode::Off
+        };
+        let off_cpu = if off_cpu_mode == OffCpuMode::On {
+            Some(OffCpuMaps {
+                counts: [
+                    take(&mut ebpf, names::OFF_CPU_COUNTS[0])?,
+                    take(&mut ebpf, names::OFF_CPU_COUNTS[1])?,
+                ],
+                stack_index: [
+                    take(&mut ebpf, names::OFF_CPU_STACK_INDEX[0])?,
+                    take(&mut ebpf, names::OFF_CPU_STACK_INDEX[1])?,
+                ],
+                stack_chunks: [
+                    take(&mut ebpf, names::OFF_CPU_STACK_CHUNKS[0])?,
+                    take(&mut ebpf, names::OFF_CPU_STACK_CHUNKS[1])?,
+                ],
+            })
+        } else {
+            None
+        };
 
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
         let counts = [
@@ -502,6 +620,8 @@ impl Profiler {
             frequency_hz: config.frequency_hz,
             pids: config.pids.clone(),
             mode,
+            off_cpu,
+            off_cpu_mode,
             ebpf,
         };
         Ok((profiler, events, unwind_maps))
@@ -512,22 +632,40 @@ impl Profiler {
         &self.mode
     }
 
+    /// Off-CPU profiling, as loaded.
+    pub fn off_cpu_mode(&self) -> &OffCpuMode {
+        &self.off_cpu_mode
+    }
+
     /// Starts sampling: attaches the perf-event program to every online CPU
     /// (separate from [`Profiler::start`] so the caller can load unwind
     /// tables of the processes it names first).
     pub fn sample(&mut self) -> Result<(), ProfilerError> {
-        let program: &mut PerfEvent = program(&mut self.ebpf, names::PROGRAM_PERF)?;
+        let perf: &mut PerfEvent = program(&mut self.ebpf, names::PROGRAM_PERF)?;
         for &cpu in &self.cpus {
-            program
-                .attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(self.frequency_hz),
-                    false,
-                )
-                .map_err(|source| ProfilerError::AttachCpu { cpu, source })?;
+            perf.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(self.frequency_hz),
+                false,
+            )
+            .map_err(|source| ProfilerError::AttachCpu { cpu, source })?;
         }
-        tracing::info!(cpus = self.cpus.len(), hz = self.frequency_hz, pids = ?self.pids, "profiler attached");
+        if self.off_cpu.is_some() {
+            // Returns first: a start is never left without its end; the store
+            // after the capture it stores.
+            for name in names::PROGRAMS_OFF_CPU {
+                let off_cpu: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
+                off_cpu.attach().map_err(program_err(name))?;
+            }
+        }
+        tracing::info!(
+            cpus = self.cpus.len(),
+            hz = self.frequency_hz,
+            pids = ?self.pids,
+            off_cpu = self.off_cpu.is_some(),
+            "profiler attached"
+        );
         Ok(())
     }
 
@@ -556,10 +694,46 @@ impl Profiler {
             samples.push((key, values.iter().sum()));
             counts.remove(&key).map_err(map_err(names::COUNTS[set]))?;
         }
-        let stacks = self.drain_stacks(set)?;
+        let stacks = drain_stacks(
+            &mut self.stack_index[set],
+            &self.stack_chunks[set],
+            &mut self.stack_next,
+            set as u32,
+            (names::STACK_INDEX[set], names::STACK_CHUNKS[set]),
+        )?;
+        let (off_cpu, off_cpu_stacks) = match &mut self.off_cpu {
+            Some(maps) => {
+                let counts = &mut maps.counts[set];
+                let name = names::OFF_CPU_COUNTS[set];
+                let keys = counts
+                    .keys()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(map_err(name))?;
+                let mut off_cpu = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let values = counts.get(&key, 0).map_err(map_err(name))?;
+                    off_cpu.push((key, values.iter().sum()));
+                    counts.remove(&key).map_err(map_err(name))?;
+                }
+                let stacks = drain_stacks(
+                    &mut maps.stack_index[set],
+                    &maps.stack_chunks[set],
+                    &mut self.stack_next,
+                    off_cpu_stack_next(set as u64),
+                    (
+                        names::OFF_CPU_STACK_INDEX[set],
+                        names::OFF_CPU_STACK_CHUNKS[set],
+                    ),
+                )?;
+                (off_cpu, stacks)
+            }
+            None => Default::default(),
+        };
         let window = Window {
             samples,
             stacks,
+            off_cpu,
+            off_cpu_stacks,
             recorded,
             synced,
         };
@@ -571,80 +745,6 @@ impl Profiler {
             );
         }
         Ok(window)
-    }
-
-    /// Reads and empties the stack store of `set`: every CPU's stacks by
-    /// hash. Two CPUs storing different stacks under one hash (a 64-bit
-    /// collision, or a bug) keeps the first and says so.
-    fn drain_stacks(&mut self, set: usize) -> Result<HashMap<u64, Vec<u64>>, ProfilerError> {
-        let index = &mut self.stack_index[set];
-        let chunks = &self.stack_chunks[set];
-        let used = self
-            .stack_next
-            .get(&(set as u32), 0)
-            .map_err(map_err(names::STACK_NEXT))?;
-        let used_max = used.iter().copied().max().unwrap_or(0);
-        // One read per chunk index returns it for every CPU.
-        let mut arena: Vec<Vec<StackChunk>> = Vec::with_capacity(used_max as usize);
-        for i in 0..used_max {
-            let per_cpu = chunks
-                .get(&i, 0)
-                .map_err(map_err(names::STACK_CHUNKS[set]))?;
-            arena.push(per_cpu.iter().copied().collect());
-        }
-        let hashes = index
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(names::STACK_INDEX[set]))?;
-        let mut stacks = HashMap::with_capacity(hashes.len());
-        for hash in hashes {
-            let slots = index
-                .get(&hash, 0)
-                .map_err(map_err(names::STACK_INDEX[set]))?;
-            for (cpu, slot) in slots.iter().enumerate() {
-                if slot.first == 0 {
-                    continue;
-                }
-                let len = slot.len as usize;
-                let first = slot.first as usize - 1;
-                let mut ips = Vec::with_capacity(len);
-                for c in 0..stack_chunks(len) {
-                    let Some(chunk) = arena.get(first + c).and_then(|per_cpu| per_cpu.get(cpu))
-                    else {
-                        break;
-                    };
-                    let take = (len - c * STACK_CHUNK_WORDS).min(STACK_CHUNK_WORDS);
-                    ips.extend_from_slice(&chunk.ips[..take]);
-                }
-                if ips.len() != len {
-                    tracing::warn!(hash, cpu, len, "stored stack beyond its CPU's arena");
-                    continue;
-                }
-                match stacks.entry(hash) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(ips);
-                    }
-                    std::collections::hash_map::Entry::Occupied(o) => {
-                        if *o.get() != ips {
-                            tracing::warn!(hash, "two CPUs stored different stacks under one hash");
-                        }
-                    }
-                }
-            }
-            index
-                .remove(&hash)
-                .map_err(map_err(names::STACK_INDEX[set]))?;
-        }
-        let zeros = aya::maps::PerCpuValues::try_from(vec![0u32; used.len()]).map_err(|e| {
-            ebpf::KernelError::Map {
-                name: names::STACK_NEXT,
-                source: MapError::IoError(e),
-            }
-        })?;
-        self.stack_next
-            .set(set as u32, zeros, 0)
-            .map_err(map_err(names::STACK_NEXT))?;
-        Ok(stacks)
     }
 
     /// Waits until every CPU ran the program with the current generation.
@@ -685,6 +785,76 @@ impl Profiler {
         }
         Ok(totals)
     }
+}
+
+/// Reads and empties a stack store (its arena cursor at `STACK_NEXT[next]`): every CPU's stacks by
+/// hash. Two CPUs storing different stacks under one hash (a 64-bit
+/// collision, or a bug) keeps the first and says so.
+fn drain_stacks(
+    index: &mut PerCpuHashMap<MapData, u64, StackSlot>,
+    chunks: &PerCpuArray<MapData, StackChunk>,
+    stack_next: &mut PerCpuArray<MapData, u32>,
+    next: u32,
+    (index_name, chunks_name): (&'static str, &'static str),
+) -> Result<HashMap<u64, Vec<u64>>, ProfilerError> {
+    let used = stack_next
+        .get(&next, 0)
+        .map_err(map_err(names::STACK_NEXT))?;
+    let used_max = used.iter().copied().max().unwrap_or(0);
+    // One read per chunk index returns it for every CPU.
+    let mut arena: Vec<Vec<StackChunk>> = Vec::with_capacity(used_max as usize);
+    for i in 0..used_max {
+        let per_cpu = chunks.get(&i, 0).map_err(map_err(chunks_name))?;
+        arena.push(per_cpu.iter().copied().collect());
+    }
+    let hashes = index
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(index_name))?;
+    let mut stacks = HashMap::with_capacity(hashes.len());
+    for hash in hashes {
+        let slots = index.get(&hash, 0).map_err(map_err(index_name))?;
+        for (cpu, slot) in slots.iter().enumerate() {
+            if slot.first == 0 {
+                continue;
+            }
+            let len = slot.len as usize;
+            let first = slot.first as usize - 1;
+            let mut ips = Vec::with_capacity(len);
+            for c in 0..stack_chunks(len) {
+                let Some(chunk) = arena.get(first + c).and_then(|per_cpu| per_cpu.get(cpu)) else {
+                    break;
+                };
+                let take = (len - c * STACK_CHUNK_WORDS).min(STACK_CHUNK_WORDS);
+                ips.extend_from_slice(&chunk.ips[..take]);
+            }
+            if ips.len() != len {
+                tracing::warn!(hash, cpu, len, "stored stack beyond its CPU's arena");
+                continue;
+            }
+            match stacks.entry(hash) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(ips);
+                }
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    if *o.get() != ips {
+                        tracing::warn!(hash, "two CPUs stored different stacks under one hash");
+                    }
+                }
+            }
+        }
+        index.remove(&hash).map_err(map_err(index_name))?;
+    }
+    let zeros = aya::maps::PerCpuValues::try_from(vec![0u32; used.len()]).map_err(|e| {
+        ebpf::KernelError::Map {
+            name: names::STACK_NEXT,
+            source: MapError::IoError(e),
+        }
+    })?;
+    stack_next
+        .set(next, zeros, 0)
+        .map_err(map_err(names::STACK_NEXT))?;
+    Ok(stacks)
 }
 
 /// Human-readable name of a stack marker, for synthetic frames.

@@ -14,13 +14,13 @@ use super::{
 };
 use crate::otlp::node_name;
 
-/// The series labels of a process's CPU profile: Pyroscope's `process_cpu`
-/// name, the service, this node, and its container and pod when known
+/// The series labels of a process's profile: Pyroscope's `process_cpu` (or
+/// `off_cpu`) name, the service, this node, and its container and pod when known
 /// ([`ProcessProfile::labels`]).
 pub fn series_labels(p: &ProcessProfile, node: &str) -> Option<SeriesLabels> {
     let labels = p.labels(node);
     SeriesLabels::new(
-        std::iter::once(("__name__", "process_cpu".to_string()))
+        std::iter::once(("__name__", p.kind.pyroscope_name().to_string()))
             .chain(labels.iter().map(|(k, v)| (k.as_str(), v.clone()))),
     )
     .ok()

@@ -60,10 +60,32 @@ impl CpuProfileMeta {
     }
 }
 
+/// What a profile measures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProfileKind {
+    /// CPU time, sampled: `samples/count` + `cpu/nanoseconds`.
+    #[default]
+    Cpu,
+    /// Time threads spent off a CPU (blocked, sleeping, waiting to run), in
+    /// intervals at least the threshold long: `off_cpu/nanoseconds`.
+    OffCpu,
+}
+
+impl ProfileKind {
+    /// Pyroscope's `__name__` of the series.
+    pub fn pyroscope_name(self) -> &'static str {
+        match self {
+            Self::Cpu => "process_cpu",
+            Self::OffCpu => "off_cpu",
+        }
+    }
+}
+
 /// Accumulates samples; [`ProfileBuilder::build`] produces the profile.
 #[derive(Debug)]
 pub struct ProfileBuilder {
     meta: CpuProfileMeta,
+    kind: ProfileKind,
     strings: Vec<String>,
     string_ids: HashMap<String, i64>,
     mappings: HashMap<Arc<Mapping>, u64>,
@@ -82,8 +104,16 @@ pub const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
 
 impl ProfileBuilder {
     pub fn new(meta: CpuProfileMeta) -> Self {
+        Self::of_kind(meta, ProfileKind::Cpu)
+    }
+
+    /// A builder of a profile of `kind`. For [`ProfileKind::OffCpu`] a
+    /// sample's count is nanoseconds off the CPU (`meta.frequency_hz` is
+    /// not used).
+    pub fn of_kind(meta: CpuProfileMeta, kind: ProfileKind) -> Self {
         let mut builder = Self {
             meta,
+            kind,
             strings: Vec::new(),
             string_ids: HashMap::new(),
             mappings: HashMap::new(),
@@ -217,7 +247,10 @@ impl ProfileBuilder {
         let count = count as i64;
         self.samples.push(protos::Sample {
             location_id,
-            value: vec![count, count.saturating_mul(self.meta.period_ns())],
+            value: match self.kind {
+                ProfileKind::Cpu => vec![count, count.saturating_mul(self.meta.period_ns())],
+                ProfileKind::OffCpu => vec![count],
+            },
             label,
         });
     }
@@ -269,26 +302,49 @@ impl ProfileBuilder {
 
     pub fn build(mut self) -> protos::Profile {
         self.order_mappings();
-        let samples = self.string("samples");
-        let count = self.string("count");
-        let cpu = self.string("cpu");
         let nanoseconds = self.string("nanoseconds");
+        let (sample_type, period_type, period, default_sample_type) = match self.kind {
+            ProfileKind::Cpu => {
+                let samples = self.string("samples");
+                let count = self.string("count");
+                let cpu = self.string("cpu");
+                (
+                    vec![
+                        protos::ValueType {
+                            ty: samples,
+                            unit: count,
+                        },
+                        protos::ValueType {
+                            ty: cpu,
+                            unit: nanoseconds,
+                        },
+                    ],
+                    cpu,
+                    self.meta.period_ns(),
+                    cpu,
+                )
+            }
+            // Each sample's value is the time itself: a period of 1 ns.
+            ProfileKind::OffCpu => {
+                let off_cpu = self.string("off_cpu");
+                (
+                    vec![protos::ValueType {
+                        ty: off_cpu,
+                        unit: nanoseconds,
+                    }],
+                    off_cpu,
+                    1,
+                    off_cpu,
+                )
+            }
+        };
         let time_nanos = self
             .meta
             .start
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
         protos::Profile {
-            sample_type: vec![
-                protos::ValueType {
-                    ty: samples,
-                    unit: count,
-                },
-                protos::ValueType {
-                    ty: cpu,
-                    unit: nanoseconds,
-                },
-            ],
+            sample_type,
             sample: self.samples,
             mapping: self.mapping_list,
             location: self.location_list,
@@ -299,12 +355,12 @@ impl ProfileBuilder {
             time_nanos,
             duration_nanos: self.meta.duration.as_nanos() as i64,
             period_type: Some(protos::ValueType {
-                ty: cpu,
+                ty: period_type,
                 unit: nanoseconds,
             }),
-            period: self.meta.period_ns(),
+            period,
             comment: self.comments,
-            default_sample_type: cpu,
+            default_sample_type,
         }
     }
 }

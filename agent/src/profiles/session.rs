@@ -22,7 +22,7 @@ use pprof::protos::Profile;
 
 use super::{
     capture::{KernelCounters, Profiler, ProfilerConfig, ProfilerError, Window},
-    pprof::{self as pp, CpuProfileMeta, LabelValue, ProfileBuilder},
+    pprof::{self as pp, CpuProfileMeta, LabelValue, ProfileBuilder, ProfileKind},
     process::{ProcessTable, Snapshot},
     stacks::{ResolvedSample, StackResolver},
     unwind::{
@@ -37,6 +37,9 @@ use crate::{process_meta::ProcessMeta, stop::Stop, sys};
 #[derive(Debug, Default)]
 pub struct Collected {
     pub samples: HashMap<SampleKey, u64>,
+    /// Off-CPU nanoseconds per key (their stacks: [`Session`]'s off-CPU
+    /// stacks).
+    pub off_cpu: HashMap<SampleKey, u64>,
     pub stacks: HashMap<u64, Vec<u64>>,
     /// Samples the kernel recorded / that were read back.
     pub recorded: u64,
@@ -56,12 +59,68 @@ impl Collected {
             *self.samples.entry(key).or_default() += n;
         }
         self.stacks.extend(window.stacks);
+        for (key, ns) in window.off_cpu {
+            *self.off_cpu.entry(key).or_default() += ns;
+        }
     }
 
     pub fn sample_list(&self) -> Vec<(SampleKey, u64)> {
-        let mut list: Vec<_> = self.samples.iter().map(|(k, n)| (*k, *n)).collect();
-        list.sort_by_key(|(k, _)| (k.pid, k.tid));
-        list
+        sorted(&self.samples)
+    }
+
+    pub fn off_cpu_list(&self) -> Vec<(SampleKey, u64)> {
+        sorted(&self.off_cpu)
+    }
+
+    /// Off-CPU nanoseconds in total.
+    pub fn off_cpu_ns(&self) -> u64 {
+        self.off_cpu.values().sum()
+    }
+}
+
+fn sorted(map: &HashMap<SampleKey, u64>) -> Vec<(SampleKey, u64)> {
+    let mut list: Vec<_> = map.iter().map(|(k, n)| (*k, *n)).collect();
+    list.sort_by_key(|(k, _)| (k.pid, k.tid));
+    list
+}
+
+/// Off-CPU stacks kept across windows (a thread's stacks are stored when it
+/// leaves the CPU, its time counted when it comes back, maybe windows
+/// later). Beyond this many the oldest go: a thread away that long shows
+/// `[lost stack]`.
+const OFF_CPU_STACKS_KEPT: usize = 1 << 16;
+
+/// Stacks by hash, leaf first.
+type StackMap = HashMap<u64, Vec<u64>>;
+
+/// Content-addressed stacks, the older half dropped when full.
+#[derive(Debug, Default)]
+struct StackCache {
+    current: HashMap<u64, Vec<u64>>,
+    previous: HashMap<u64, Vec<u64>>,
+}
+
+impl StackCache {
+    fn extend(&mut self, stacks: HashMap<u64, Vec<u64>>) {
+        for (hash, ips) in stacks {
+            if self.current.len() >= OFF_CPU_STACKS_KEPT / 2 {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            self.current.insert(hash, ips);
+        }
+    }
+
+    /// The stacks `samples` refer to.
+    fn for_samples(&self, samples: &[(SampleKey, u64)]) -> HashMap<u64, Vec<u64>> {
+        let mut out = HashMap::new();
+        for (key, _) in samples {
+            for hash in [key.user_stack, key.kernel_stack] {
+                if let Some(ips) = self.current.get(&hash).or_else(|| self.previous.get(&hash)) {
+                    out.insert(hash, ips.clone());
+                }
+            }
+        }
+        out
     }
 }
 
@@ -211,6 +270,7 @@ pub struct Session {
     config: ProfilerConfig,
     /// Daemon profiles that could not be delivered.
     write_failures: u64,
+    off_cpu_stacks: StackCache,
 }
 
 /// Everything a profiling session is configured with.
@@ -232,6 +292,7 @@ impl From<&crate::config::SamplingConfig> for ProfilesConfig {
                     ..Default::default()
                 },
                 unwind_tables: s.unwind == crate::config::UnwindChoice::Tables,
+                off_cpu: s.off_cpu,
                 ..ProfilerConfig::default()
             },
             unwinder: UnwinderConfig {
@@ -295,6 +356,7 @@ impl Session {
             resolver: StackResolver::new(service),
             config,
             write_failures: 0,
+            off_cpu_stacks: StackCache::default(),
         })
     }
 
@@ -375,8 +437,10 @@ impl Session {
             let now = Instant::now();
             let next = (now + self.config.drain_every).min(end);
             let stopped = stop.wait(next.saturating_duration_since(now));
-            let window = self.drain()?;
+            let mut window = self.drain()?;
             self.count_unwinds(&window.samples);
+            self.off_cpu_stacks
+                .extend(std::mem::take(&mut window.off_cpu_stacks));
             collected.add(window);
             if stopped || Instant::now() >= end {
                 break;
@@ -385,14 +449,46 @@ impl Session {
         Ok(collected)
     }
 
+    /// Off-CPU profiling, as loaded.
+    pub fn off_cpu_mode(&self) -> &crate::profiles::capture::OffCpuMode {
+        self.profiler.off_cpu_mode()
+    }
+
+    /// The samples of `kind` and the stacks they refer to.
+    fn samples_of(
+        &self,
+        collected: &Collected,
+        kind: ProfileKind,
+    ) -> (Vec<(SampleKey, u64)>, Option<StackMap>) {
+        match kind {
+            ProfileKind::Cpu => (collected.sample_list(), None),
+            ProfileKind::OffCpu => {
+                let list = collected.off_cpu_list();
+                let stacks = self.off_cpu_stacks.for_samples(&list);
+                (list, Some(stacks))
+            }
+        }
+    }
+
     /// One profile of everything collected.
     pub fn profile(
         &mut self,
         collected: &Collected,
         meta: CpuProfileMeta,
     ) -> Result<Profile, SessionError> {
-        let resolved = self.resolve(&collected.sample_list(), &collected.stacks);
-        let mut builder = ProfileBuilder::new(meta);
+        self.profile_of(collected, meta, ProfileKind::Cpu)
+    }
+
+    /// One profile of `kind` of everything collected.
+    pub fn profile_of(
+        &mut self,
+        collected: &Collected,
+        meta: CpuProfileMeta,
+        kind: ProfileKind,
+    ) -> Result<Profile, SessionError> {
+        let (list, stacks) = self.samples_of(collected, kind);
+        let resolved = self.resolve(&list, stacks.as_ref().unwrap_or(&collected.stacks));
+        let mut builder = ProfileBuilder::of_kind(meta, kind);
         // Profiling one process: its executable is the profile's main binary.
         if let [pid] = self.config.pids[..] {
             let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -403,12 +499,19 @@ impl Session {
         for sample in &resolved {
             add_sample(&mut builder, sample);
         }
-        let samples = format!(
-            "samples recorded={} read={} unwinding: {}",
-            collected.recorded,
-            collected.counted,
-            self.unwind_stats.summary(5)
-        );
+        let samples = match kind {
+            ProfileKind::Cpu => format!(
+                "samples recorded={} read={} unwinding: {}",
+                collected.recorded,
+                collected.counted,
+                self.unwind_stats.summary(5)
+            ),
+            ProfileKind::OffCpu => format!(
+                "off-CPU: {} intervals' keys, {} ns",
+                collected.off_cpu.len(),
+                collected.off_cpu_ns()
+            ),
+        };
         add_comments(&mut builder, &samples, &self.loss_summary()?);
         Ok(builder.build())
     }
@@ -490,13 +593,28 @@ impl Session {
         }
     }
 
-    /// One profile per process of a drained window.
+    /// One profile per process of a drained window: CPU, and off-CPU when
+    /// it is on.
     pub fn per_process(
         &mut self,
         window: &Collected,
         meta: CpuProfileMeta,
     ) -> Result<Vec<ProcessProfile>, SessionError> {
-        let resolved = self.resolve(&window.sample_list(), &window.stacks);
+        let mut out = self.per_process_of(window, meta, ProfileKind::Cpu)?;
+        if !window.off_cpu.is_empty() {
+            out.extend(self.per_process_of(window, meta, ProfileKind::OffCpu)?);
+        }
+        Ok(out)
+    }
+
+    fn per_process_of(
+        &mut self,
+        window: &Collected,
+        meta: CpuProfileMeta,
+        kind: ProfileKind,
+    ) -> Result<Vec<ProcessProfile>, SessionError> {
+        let (list, stacks) = self.samples_of(window, kind);
+        let resolved = self.resolve(&list, stacks.as_ref().unwrap_or(&window.stacks));
         let mut by_pid: BTreeMap<u32, Vec<&ResolvedSample>> = BTreeMap::new();
         for sample in &resolved {
             by_pid.entry(sample.pid).or_default().push(sample);
@@ -522,15 +640,23 @@ impl Session {
         };
         let mut out = Vec::with_capacity(by_pid.len());
         for (pid, samples) in &by_pid {
-            let mut builder = ProfileBuilder::new(meta);
+            let mut builder = ProfileBuilder::of_kind(meta, kind);
             for sample in samples {
                 add_sample(&mut builder, sample);
             }
             let count: u64 = samples.iter().map(|s| s.count).sum();
-            let line = format!(
-                "samples of this process={count}; window: recorded={} read={}",
-                window.recorded, window.counted
-            );
+            let line = match kind {
+                ProfileKind::Cpu => format!(
+                    "samples of this process={count}; window: recorded={} read={}",
+                    window.recorded, window.counted
+                ),
+                ProfileKind::OffCpu => {
+                    format!(
+                        "off-CPU ns of this process={count}; window: {}",
+                        window.off_cpu_ns()
+                    )
+                }
+            };
             add_comments(&mut builder, &line, &losses);
             let (comm, exe, meta) = names[pid].clone();
             if let Some(exe) = &exe {
@@ -543,6 +669,7 @@ impl Session {
                 samples: count,
                 profile: builder.build(),
                 meta,
+                kind,
             });
         }
         Ok(out)
@@ -561,6 +688,8 @@ pub struct ProcessProfile {
     /// Its resource (service name, container id; the pod through
     /// [`ProcessMeta::pod`]), when the process was observed.
     pub meta: Option<ProcessMeta>,
+    /// What the profile measures (its series' `__name__`).
+    pub kind: ProfileKind,
 }
 
 impl ProcessProfile {
@@ -632,7 +761,16 @@ impl ProfileSink for DirSink {
         let stamp = file_stamp(window_start);
         let mut written = 0;
         for p in profiles {
-            let path = dir.join(format!("{stamp}_{}_{}.pb.gz", sanitize(&p.comm), p.pid));
+            // Off-CPU profiles beside the CPU ones: `..._off_cpu.pb.gz`.
+            let suffix = match p.kind {
+                ProfileKind::Cpu => "",
+                ProfileKind::OffCpu => "_off_cpu",
+            };
+            let path = dir.join(format!(
+                "{stamp}_{}_{}{suffix}.pb.gz",
+                sanitize(&p.comm),
+                p.pid
+            ));
             // A full or failing disk costs this profile, not the daemon.
             match write_atomically(&path, &pp::encode_gzip(&p.profile)) {
                 Ok(()) => {
@@ -785,14 +923,20 @@ mod tests {
             stacks: stacks.clone(),
             recorded: 3,
             synced: true,
+            off_cpu: vec![(key(1), 4_000_000)],
+            ..Window::default()
         });
         c.add(Window {
             samples: vec![(key(1), 5)],
             stacks,
             recorded: 5,
             synced: false,
+            off_cpu: vec![(key(1), 1_000_000), (key(2), 2_000_000)],
+            ..Window::default()
         });
         assert_eq!(c.samples[&key(1)], 7);
+        assert_eq!(c.off_cpu[&key(1)], 5_000_000);
+        assert_eq!(c.off_cpu_ns(), 7_000_000);
         assert_eq!(
             (c.recorded, c.counted, c.windows, c.unsynced_windows),
             (8, 8, 2, 1)

@@ -137,6 +137,10 @@ fn pprof_metric(p: &Profile) -> String {
     if types.contains(&"wall") {
         return "wall".into();
     }
+    // Before the `cpu` match below: `off_cpu` contains it.
+    if types.contains(&"off_cpu") {
+        return "off_cpu".into();
+    }
     for st in &types {
         if st.contains("cpu") {
             return "process_cpu".into();

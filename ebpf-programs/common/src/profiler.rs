@@ -132,11 +132,21 @@ pub enum Counter {
     /// unwinder when it could not load: the sample's user stack was then
     /// walked by frame pointers; the recording stage: the sample is lost).
     StageMissing,
+    /// Off-CPU: threads seen leaving the CPU (their start recorded).
+    OffCpuSwitchOuts,
+    /// Off-CPU: blocked intervals counted into set 0 / set 1 (at least the
+    /// threshold long).
+    OffCpuRecorded0,
+    OffCpuRecorded1,
+    /// Off-CPU: blocked intervals shorter than the threshold, not counted.
+    OffCpuShort,
+    /// Off-CPU: intervals lost because `OFFCPU_COUNTS_n` was full.
+    OffCpuCountMapFull,
 }
 
 impl Counter {
     /// Number of counters (length of `COUNTERS`).
-    pub const COUNT: u32 = Counter::StageMissing as u32 + 1;
+    pub const COUNT: u32 = Counter::OffCpuCountMapFull as u32 + 1;
 
     /// All counters, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -153,6 +163,11 @@ impl Counter {
         Counter::ProcessEvents,
         Counter::ProcessEventsLost,
         Counter::StageMissing,
+        Counter::OffCpuSwitchOuts,
+        Counter::OffCpuRecorded0,
+        Counter::OffCpuRecorded1,
+        Counter::OffCpuShort,
+        Counter::OffCpuCountMapFull,
     ];
 
     /// Counter of samples recorded into `set` (0 or 1).
@@ -163,6 +178,45 @@ impl Counter {
             Counter::Recorded1
         }
     }
+
+    /// Counter of off-CPU intervals recorded into `set` (0 or 1).
+    pub const fn off_cpu_recorded(set: u64) -> Counter {
+        if set & 1 == 0 {
+            Counter::OffCpuRecorded0
+        } else {
+            Counter::OffCpuRecorded1
+        }
+    }
+}
+
+/// Off-CPU profiling (the `offcpu_switch` program on the `sched_switch` BTF
+/// tracepoint). When a thread of a profiled process leaves a CPU, its kernel
+/// and user stacks are stored in the off-CPU stack store of the current set
+/// (`OFFCPU_STACK_INDEX_n` + `OFFCPU_STACK_CHUNKS_n`, laid out like the CPU
+/// profiler's, its arena cursor at `STACK_NEXT[2 + n]`) and an
+/// [`OffCpuStart`] under its thread id in `OFFCPU_START`. When the thread is
+/// switched back in, the time it was away, if at least the threshold, is
+/// added (in nanoseconds) to `OFFCPU_COUNTS_n[SampleKey]` of the set current
+/// *then*, and the start is removed. Its stacks may so be in an earlier
+/// set's store than its count: stack hashes depend only on the stack, and
+/// user space keeps the off-CPU stacks it drained across windows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffCpuStart {
+    /// `bpf_ktime_get_ns` when the thread left the CPU.
+    pub at_ns: u64,
+    /// As in [`SampleKey`].
+    pub user_stack: u64,
+    pub kernel_stack: u64,
+    pub pid: u32,
+    pub user_unwind: u32,
+    pub comm: [u8; COMM_LEN],
+}
+assert_size!(OffCpuStart, 8 * 3 + 8 + COMM_LEN);
+
+/// `STACK_NEXT` index of the off-CPU store of `set`.
+pub const fn off_cpu_stack_next(set: u64) -> u32 {
+    2 + (set & 1) as u32
 }
 
 /// A process user space should look at (read its mappings now, while it runs).
@@ -218,6 +272,24 @@ pub mod names {
     pub const EVENTS: &str = "PROCESS_EVENTS";
     /// Global: non-zero when only pids in `PID_FILTER` are sampled.
     pub const GLOBAL_FILTER_PIDS: &str = "FILTER_PIDS";
+    /// The off-CPU programs on the `sched_switch` BTF tracepoint: a thread
+    /// leaving the CPU (stacks stored), a thread coming back (time counted).
+    pub const PROGRAM_OFF_CPU: &str = "offcpu_switch";
+    pub const PROGRAM_OFF_CPU_IN: &str = "offcpu_switch_in";
+    /// Stores what `offcpu_switch` captured; attached after it.
+    pub const PROGRAM_OFF_CPU_STORE: &str = "offcpu_store";
+    /// The off-CPU programs in load and attach order.
+    pub const PROGRAMS_OFF_CPU: [&str; 3] =
+        [PROGRAM_OFF_CPU_IN, PROGRAM_OFF_CPU, PROGRAM_OFF_CPU_STORE];
+    pub const OFF_CPU_COUNTS: [&str; 2] = ["OFFCPU_COUNTS_0", "OFFCPU_COUNTS_1"];
+    pub const OFF_CPU_STACK_INDEX: [&str; 2] = ["OFFCPU_STACK_INDEX_0", "OFFCPU_STACK_INDEX_1"];
+    pub const OFF_CPU_STACK_CHUNKS: [&str; 2] = ["OFFCPU_STACK_CHUNKS_0", "OFFCPU_STACK_CHUNKS_1"];
+    pub const OFF_CPU_START: &str = "OFFCPU_START";
+    /// Global: shortest blocked interval counted, in nanoseconds.
+    pub const GLOBAL_OFF_CPU_MIN_NS: &str = "OFFCPU_MIN_NS";
+    /// Global: offset of `pid` (the thread id) in `struct task_struct`, from
+    /// the kernel's BTF.
+    pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
     /// Global: offset of `child_pid` in the `sched_process_fork` record.
     pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
 }

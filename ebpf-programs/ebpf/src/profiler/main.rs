@@ -8,6 +8,7 @@
 #![no_main]
 
 mod maps;
+mod offcpu;
 mod sample;
 mod unwind;
 

@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use fathom_common::{
-    profiler::{Counter, SampleKey, StackChunk, StackSlot, stage},
+    profiler::{Counter, OffCpuStart, SampleKey, StackChunk, StackSlot, stage},
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
 
@@ -34,9 +34,10 @@ pub static STACK_INDEX_1: PerCpuHashMap<u64, StackSlot> = PerCpuHashMap::with_ma
 pub static STACK_CHUNKS_0: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
 #[map]
 pub static STACK_CHUNKS_1: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
-/// `[set]`: this CPU's next free chunk in `STACK_CHUNKS_set`.
+/// `[set]`: this CPU's next free chunk in `STACK_CHUNKS_set`; `[2 + set]`:
+/// in `OFFCPU_STACK_CHUNKS_set`.
 #[map]
-pub static STACK_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+pub static STACK_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(4, 0);
 /// `[0]`: generation; its low bit selects the set being written.
 #[map]
 pub static CONTROL: Array<u64> = Array::with_max_entries(1, 0);
@@ -67,3 +68,27 @@ pub static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(1, BP
 /// Processes whose user stacks are walked here (the others by the kernel).
 #[map]
 pub static UNWIND_PROCS: HashMap<u32, UnwindProcess> = HashMap::with_max_entries(1, 0);
+
+/// Off-CPU (see `fathom_common::profiler::OffCpuStart`): blocked nanoseconds
+/// per key, per set; sized to one entry by the loader when off-CPU is off.
+#[map]
+pub static OFFCPU_COUNTS_0: PerCpuHashMap<SampleKey, u64> =
+    PerCpuHashMap::with_max_entries(1024, 0);
+#[map]
+pub static OFFCPU_COUNTS_1: PerCpuHashMap<SampleKey, u64> =
+    PerCpuHashMap::with_max_entries(1024, 0);
+/// The off-CPU stack store, laid out like the CPU profiler's.
+#[map]
+pub static OFFCPU_STACK_INDEX_0: PerCpuHashMap<u64, StackSlot> =
+    PerCpuHashMap::with_max_entries(1024, 0);
+#[map]
+pub static OFFCPU_STACK_INDEX_1: PerCpuHashMap<u64, StackSlot> =
+    PerCpuHashMap::with_max_entries(1024, 0);
+#[map]
+pub static OFFCPU_STACK_CHUNKS_0: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
+#[map]
+pub static OFFCPU_STACK_CHUNKS_1: PerCpuArray<StackChunk> = PerCpuArray::with_max_entries(1024, 0);
+/// Thread id -> when and with which stacks it left the CPU. LRU: a thread
+/// that exits never comes back to remove its entry.
+#[map]
+pub static OFFCPU_START: LruHashMap<u32, OffCpuStart> = LruHashMap::with_max_entries(16384, 0);

@@ -49,16 +49,19 @@ const EEXIST: i32 = 17;
 pub struct Sample {
     /// The generation read by `profile_cpu`, acknowledged by the last stage.
     generation: u64,
-    pid: u32,
-    tid: u32,
+    pub pid: u32,
+    pub tid: u32,
     comm: [u8; COMM_LEN],
     /// A `status` of the user stack's walk.
-    user_unwind: u32,
+    pub user_unwind: u32,
     /// Frames in `walk.stack`; [`NO_STACK`] or [`WALK_FAILED`] when none.
-    user_len: i32,
+    pub user_len: i32,
     /// Frames in `kernel`; likewise.
-    kernel_len: i32,
-    _pad: u32,
+    pub kernel_len: i32,
+    /// Off-CPU: non-zero from `offcpu_switch` capturing the stacks of the
+    /// thread leaving the CPU to `offcpu_store` storing them (the sampling
+    /// chain leaves it alone).
+    pub off_cpu_pending: u32,
     /// The process's unwind tables, for `profile_unwind`.
     pub process: UnwindProcess,
     /// The user stack's walk (its frames: `walk.stack`).
@@ -67,15 +70,16 @@ pub struct Sample {
 }
 
 /// `Sample::user_len`/`kernel_len`: the sample has no such stack.
-const NO_STACK: i32 = 0;
+pub const NO_STACK: i32 = 0;
 /// `Sample::user_len`/`kernel_len`: the walk failed.
-const WALK_FAILED: i32 = -1;
+pub const WALK_FAILED: i32 = -1;
 
 /// One set of the stack store.
-struct StackStore {
-    set: u32,
-    index: &'static PerCpuHashMap<u64, StackSlot>,
-    chunks: &'static PerCpuArray<StackChunk>,
+pub struct StackStore {
+    /// Index of this store's arena cursor in `STACK_NEXT`.
+    pub set: u32,
+    pub index: &'static PerCpuHashMap<u64, StackSlot>,
+    pub chunks: &'static PerCpuArray<StackChunk>,
 }
 
 #[perf_event]
@@ -114,7 +118,7 @@ fn tail_call(ctx: &PerfEventContext, stage: u32) {
 }
 
 #[inline(always)]
-fn acknowledge(generation: u64) {
+pub fn acknowledge(generation: u64) {
     if let Some(ack) = ACK.get_ptr_mut(0) {
         // SAFETY: a valid per-CPU map value; perf-event programs do not nest.
         unsafe { *ack = generation };
@@ -131,8 +135,7 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<u32, ()> {
         bump(Counter::Idle);
         return Ok(NONE);
     }
-    // SAFETY: a plain read of a loader-set global.
-    if unsafe { read_volatile(&FILTER_PIDS) } != 0 && PID_FILTER.get_ptr(pid).is_none() {
+    if filtered_out(pid) {
         bump(Counter::Filtered);
         return Ok(NONE);
     }
@@ -151,6 +154,14 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<u32, ()> {
     }
     frame_pointer_user_stack(ctx, sample);
     Ok(stage::RECORD)
+}
+
+/// Whether `pid` is outside the pid filter (when there is one).
+#[inline(always)]
+pub fn filtered_out(pid: u32) -> bool {
+    // SAFETY: a plain read of a loader-set global.
+    let filter = unsafe { read_volatile(&FILTER_PIDS) };
+    filter != 0 && PID_FILTER.get_ptr(pid).is_none()
 }
 
 /// The user stack as the kernel walks it, by frame pointers.
@@ -228,7 +239,7 @@ fn try_profile_record(sample: &mut Sample) -> Result<(), ()> {
 
 /// The stack's id in the store: its hash, or a `stack_id` marker.
 #[inline(always)]
-fn stored(store: &StackStore, stack: &Stack, len: i32, seed: u64) -> u64 {
+pub fn stored(store: &StackStore, stack: &Stack, len: i32, seed: u64) -> u64 {
     match len {
         WALK_FAILED => stack_id::WALK_FAILED,
         n if n <= NO_STACK => stack_id::EMPTY,
@@ -397,7 +408,7 @@ fn add_one(count: *mut u64) {
 }
 
 /// Tells user space about a process the first time one of its samples is seen.
-fn notice_process(pid: u32) {
+pub fn notice_process(pid: u32) {
     if KNOWN_PIDS.get_ptr(pid).is_some() {
         return;
     }
@@ -418,7 +429,7 @@ fn notice_process(pid: u32) {
 }
 
 #[inline(always)]
-fn bump(counter: Counter) {
+pub fn bump(counter: Counter) {
     if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: this CPU's value; BPF tracing programs do not nest on a CPU.
         unsafe { *value += 1 };

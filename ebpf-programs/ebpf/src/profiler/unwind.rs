@@ -93,8 +93,10 @@ pub fn wants(pid: u32) -> Option<UnwindProcess> {
     UNWIND_PROCS.get_ptr(pid).map(|p| unsafe { *p })
 }
 
-/// Walks the current task's user stack into this CPU's `SAMPLE.walk`.
-/// Returns a `status` and, unless the task has no user stack, the number of
+/// Walks the current task's user stack into this CPU's `SAMPLE.walk`,
+/// from the sampled registers of `ctx` when they are user-mode ones, else
+/// (and always when `ctx` is null) from the ones saved on entry to the
+/// kernel. Returns a `status` and, unless the task has no user stack, the number of
 /// frames.
 pub fn walk_user_stack(
     ctx: *mut bpf_perf_event_data,
@@ -143,10 +145,12 @@ fn walk() -> Option<&'static mut Walk> {
 /// was in user mode, else the ones saved on entry to the kernel.
 #[inline(always)]
 fn user_registers(ctx: *mut bpf_perf_event_data) -> Option<(u64, u64, u64)> {
-    // SAFETY: the program's context: the verifier allows reading its regs.
-    let sampled = unsafe { &(*ctx).regs };
-    if sampled.cs & 3 == 3 {
-        return Some((sampled.rip, sampled.rsp, sampled.rbp));
+    if !ctx.is_null() {
+        // SAFETY: the program's context: the verifier allows reading its regs.
+        let sampled = unsafe { &(*ctx).regs };
+        if sampled.cs & 3 == 3 {
+            return Some((sampled.rip, sampled.rsp, sampled.rbp));
+        }
     }
     let at = |base: *const u8, offset: usize| -> Option<u64> {
         // SAFETY: reads a u64 of a `pt_regs`; a fault is an error value.

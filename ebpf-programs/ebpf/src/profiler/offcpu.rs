@@ -1,0 +1,242 @@
+//! Off-CPU profiling: one program on the `sched_switch` BTF tracepoint. The
+//! contract is documented in `fathom_common::profiler::OffCpuStart`.
+//!
+//! At this hook `current` is still `prev`: the thread leaving the CPU. Its
+//! kernel stack (into `__schedule`) and its user stack (by its unwind tables
+//! when user space loaded them, else by frame pointers, from the registers
+//! saved on entry to the kernel) are where it waits; they are stored with
+//! the time. When `next` is a thread with a start, it is coming back: the
+//! time away, if at least `OFFCPU_MIN_NS`, is counted under those stacks.
+//!
+//! The program runs inside the scheduler with interrupts off, so it never
+//! nests with the perf-event chain on a CPU (that runs in a timer interrupt):
+//! both share this CPU's `SAMPLE` scratch and `ACK`.
+
+use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_get_stack,
+    },
+    macros::btf_tracepoint,
+    maps::PerCpuHashMap,
+    programs::BtfTracePointContext,
+};
+use fathom_common::{
+    profiler::{
+        COMM_LEN, Counter, HASH_SEED_KERNEL, HASH_SEED_USER, MAX_STACK_DEPTH, OffCpuStart,
+        SampleKey, Stack, off_cpu_stack_next,
+    },
+    unwind::status,
+};
+
+use super::{
+    maps::*,
+    sample::{
+        NO_STACK, StackStore, WALK_FAILED, acknowledge, bump, filtered_out, notice_process, stored,
+    },
+    unwind,
+};
+
+/// Shortest blocked interval counted. Set by the loader.
+#[unsafe(no_mangle)]
+static OFFCPU_MIN_NS: u64 = 1_000_000;
+/// Offset of `pid` (thread id) in `struct task_struct`. Set by the loader
+/// from the kernel's BTF.
+#[unsafe(no_mangle)]
+static TASK_PID_OFFSET: u32 = 0;
+
+const EEXIST: i32 = 17;
+
+/// `next` comes back. A program of its own (both are attached to
+/// `sched_switch`; `prev` and `next` are different threads, so their order
+/// does not matter): together with `offcpu_switch` the verifier's effort
+/// on 6.1 was over the budget, the paths of one multiplying the other's.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_switch_in(ctx: BtfTracePointContext) -> u32 {
+    let generation = CONTROL.get(0).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = switch_in(&ctx, generation, now);
+    acknowledge(generation);
+    0
+}
+
+/// `prev` leaves the CPU: its stacks into this CPU's `SAMPLE`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_switch(ctx: BtfTracePointContext) -> u32 {
+    let _ = switch_out(&ctx);
+    0
+}
+
+/// Stores the stacks `offcpu_switch` captured and the start. A third
+/// program, attached after it (the programs of a tracepoint run in attach
+/// order, here one after the other with interrupts off): in one program the
+/// walk's two ways (tables or frame pointers) doubled the verifier's effort
+/// on storing, past the budget on 6.1.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_store(_ctx: BtfTracePointContext) -> u32 {
+    let generation = CONTROL.get(0).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = store(generation, now);
+    acknowledge(generation);
+    0
+}
+
+/// `next` comes back: counts the time it was away.
+fn switch_in(ctx: &BtfTracePointContext, generation: u64, now: u64) -> Result<(), ()> {
+    // sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
+    let next: *const u8 = ctx.arg(2);
+    // SAFETY: reads a loader-set global, then an i32 of `next` through the
+    // helper (a fault is an error value).
+    let offset = unsafe { read_volatile(&TASK_PID_OFFSET) } as usize;
+    let tid = unsafe { bpf_probe_read_kernel(next.wrapping_add(offset) as *const i32) }
+        .map_err(|_| ())? as u32;
+    if tid == 0 {
+        return Ok(());
+    }
+    // SAFETY: a map value; copied before the entry is removed.
+    let start = unsafe { *OFFCPU_START.get_ptr(tid).ok_or(())? };
+    let _ = OFFCPU_START.remove(tid);
+    let away = now.saturating_sub(start.at_ns);
+    // SAFETY: a plain read of a loader-set global.
+    if away < unsafe { read_volatile(&OFFCPU_MIN_NS) } {
+        bump(Counter::OffCpuShort);
+        return Ok(());
+    }
+    let set = generation & 1;
+    let counts = if set == 0 {
+        &OFFCPU_COUNTS_0
+    } else {
+        &OFFCPU_COUNTS_1
+    };
+    let key = SampleKey {
+        pid: start.pid,
+        tid,
+        user_stack: start.user_stack,
+        kernel_stack: start.kernel_stack,
+        comm: start.comm,
+        user_unwind: start.user_unwind,
+        _reserved: 0,
+    };
+    add(counts, &key, away)?;
+    bump(Counter::off_cpu_recorded(set));
+    Ok(())
+}
+
+fn add(counts: &PerCpuHashMap<SampleKey, u64>, key: &SampleKey, ns: u64) -> Result<(), ()> {
+    if let Some(value) = counts.get_ptr_mut(key) {
+        // SAFETY: this CPU's value; programs do not nest on a CPU.
+        unsafe { *value += ns };
+        return Ok(());
+    }
+    match counts.insert(key, ns, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(()),
+        Err(e) if e == -EEXIST => {
+            let value = counts.get_ptr_mut(key).ok_or(())?;
+            // SAFETY: as above.
+            unsafe { *value += ns };
+            Ok(())
+        }
+        Err(_) => {
+            bump(Counter::OffCpuCountMapFull);
+            Err(())
+        }
+    }
+}
+
+/// `prev` (the current task) leaves the CPU: captures its stacks.
+fn switch_out(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if pid == 0 || filtered_out(pid) {
+        return Ok(());
+    }
+    notice_process(pid);
+    let sample = SAMPLE.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's scratch sample; nothing else runs on this CPU now.
+    let sample = unsafe { &mut *sample };
+    sample.kernel_len = walk(ctx, &mut sample.kernel, 0);
+    if let Some(process) = unwind::wants(pid) {
+        let (status, frames) = unwind::walk_user_stack(core::ptr::null_mut(), process);
+        sample.user_unwind = status;
+        sample.user_len = frames.map_or(NO_STACK, |n| n as i32);
+    } else {
+        sample.user_unwind = status::KERNEL_FRAME_POINTERS;
+        sample.user_len = walk(ctx, &mut sample.walk.stack, BPF_F_USER_STACK as u64);
+    }
+    sample.pid = pid;
+    sample.tid = tid;
+    sample.off_cpu_pending = 1;
+    Ok(())
+}
+
+/// Stores the captured stacks and the start of the current thread.
+fn store(generation: u64, now: u64) -> Result<(), ()> {
+    let sample = SAMPLE.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's scratch sample; nothing else runs on this CPU now.
+    let sample = unsafe { &mut *sample };
+    if sample.off_cpu_pending == 0 {
+        return Ok(());
+    }
+    sample.off_cpu_pending = 0;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if sample.pid != pid || sample.tid != tid {
+        return Err(());
+    }
+    let set = generation & 1;
+    let store = if set == 0 {
+        StackStore {
+            set: off_cpu_stack_next(0),
+            index: &OFFCPU_STACK_INDEX_0,
+            chunks: &OFFCPU_STACK_CHUNKS_0,
+        }
+    } else {
+        StackStore {
+            set: off_cpu_stack_next(1),
+            index: &OFFCPU_STACK_INDEX_1,
+            chunks: &OFFCPU_STACK_CHUNKS_1,
+        }
+    };
+    let start = OffCpuStart {
+        at_ns: now,
+        user_stack: stored(&store, &sample.walk.stack, sample.user_len, HASH_SEED_USER),
+        kernel_stack: stored(&store, &sample.kernel, sample.kernel_len, HASH_SEED_KERNEL),
+        pid,
+        user_unwind: sample.user_unwind,
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    };
+    OFFCPU_START.insert(tid, start, 0).map_err(|_| ())?;
+    bump(Counter::OffCpuSwitchOuts);
+    Ok(())
+}
+
+/// Lets the kernel walk a stack of the current task (by frame pointers for
+/// user stacks) into `stack`. Returns its length, or [`WALK_FAILED`].
+#[inline(always)]
+fn walk(ctx: &BtfTracePointContext, stack: &mut Stack, flags: u64) -> i32 {
+    // SAFETY: `stack` is a map value of MAX_STACK_DEPTH entries.
+    let ret = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            stack.ips.as_mut_ptr() as *mut c_void,
+            (MAX_STACK_DEPTH * size_of::<u64>()) as u32,
+            flags,
+        )
+    };
+    if ret < 0 {
+        bump(if flags == 0 {
+            Counter::KernelStackFailed
+        } else {
+            Counter::UserStackFailed
+        });
+        return WALK_FAILED;
+    }
+    (ret as usize / size_of::<u64>()) as i32
+}

@@ -1,0 +1,152 @@
+//! Off-CPU profiles on the real kernel, against a workload whose blocked time
+//! is known by construction (`fixtures/offcpu.c`: sleeps and pipe waits of
+//! fixed length).
+//!
+//! Every test loads BPF and so holds a `KernelTest` (the kernel lock);
+//! without root/BPF they skip with a printed reason, and under `CI=true`
+//! they fail instead.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests: a failed unwrap is a failed test"
+)]
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use fathom_tests::*;
+
+const ROUNDS: u64 = 30;
+const SLEEP_MS: u64 = 40;
+const PIPE_MS: u64 = 25;
+
+/// Nanoseconds of the samples whose stack holds `function`.
+fn inclusive_ns(samples: &[FlatSample], function: &str) -> i64 {
+    samples
+        .iter()
+        .filter(|s| s.functions.iter().any(|f| f == function))
+        .map(|s| s.count)
+        .sum()
+}
+
+#[test]
+fn off_cpu_time_per_function_matches_the_constructed_waits() {
+    let Some(_kernel) =
+        KernelTest::acquire("off_cpu_time_per_function_matches_the_constructed_waits")
+            .map(KernelTest::agent)
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let binary = build_fixture("offcpu", dir.path());
+    let measured = dir.path().join("measured");
+    let mut workload = ChildGuard::spawn(
+        Command::new(&binary)
+            .args([
+                ROUNDS.to_string(),
+                SLEEP_MS.to_string(),
+                PIPE_MS.to_string(),
+                measured.display().to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    assert_eq!(workload.first_line(), "ready");
+    let pid = workload.pid();
+    let output = dir.path().join("off.pb.gz");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--event",
+        "off-cpu",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        "6s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profiler attached", Duration::from_secs(60));
+    workload.signal("USR1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !measured.exists() {
+        assert!(Instant::now() < deadline, "the workload did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+
+    let text = std::fs::read_to_string(&measured).unwrap();
+    let wall: Vec<i64> = text
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let profile = read_profile(&output);
+    let types: Vec<(String, String)> = profile
+        .sample_type
+        .iter()
+        .map(|t| {
+            (
+                profile.string_table[t.ty as usize].clone(),
+                profile.string_table[t.unit as usize].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [("off_cpu".to_string(), "nanoseconds".to_string())],
+        "sample types"
+    );
+    let samples: Vec<FlatSample> = flatten(&profile)
+        .into_iter()
+        .filter(|s| s.pid == i64::from(pid))
+        .collect();
+    println!("phase        constructed      wall(workload)   fathom");
+    for (function, per_round, wall) in [
+        ("sleep_phase", SLEEP_MS, wall[0]),
+        ("pipe_phase", PIPE_MS, wall[1]),
+    ] {
+        let constructed = (ROUNDS * per_round * 1_000_000) as i64;
+        let ours = inclusive_ns(&samples, function);
+        println!(
+            "{function:12} {:>8.1} ms {:>12.1} ms {:>10.1} ms",
+            constructed as f64 / 1e6,
+            wall as f64 / 1e6,
+            ours as f64 / 1e6
+        );
+        let error = (ours - constructed).abs() as f64 / constructed as f64;
+        assert!(
+            error <= 0.10,
+            "{function}: {ours} ns off-CPU vs {constructed} ns constructed ({:.1}% off); \
+             samples: {:?}",
+            error * 100.0,
+            samples
+                .iter()
+                .map(|s| (s.count, s.functions.join(";")))
+                .collect::<Vec<_>>()
+        );
+    }
+    // The two phases never share a stack.
+    assert!(
+        !samples.iter().any(|s| {
+            s.functions.iter().any(|f| f == "sleep_phase")
+                && s.functions.iter().any(|f| f == "pipe_phase")
+        }),
+        "a stack with both phases"
+    );
+    // The waits are in the kernel's scheduler, under the syscall.
+    let with_schedule = samples
+        .iter()
+        .filter(|s| s.functions.iter().any(|f| f.contains("schedule")))
+        .map(|s| s.count)
+        .sum::<i64>();
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    assert!(
+        with_schedule as f64 >= 0.9 * total as f64,
+        "{with_schedule} of {total} ns have the scheduler on their stack"
+    );
+    let top = go_pprof_top(&output);
+    assert!(top.contains("off_cpu"), "{top}");
+    let _ = Path::new(&output);
+}
