@@ -346,7 +346,7 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
             )),
             Err(e) => {
                 tracing::warn!(
-                    "profiling degraded: user stacks by frame pointers only, because the table                      unwinder could not load: {e}"
+                    "profiling degraded: user stacks by frame pointers only, because the table unwinder could not load: {e}"
                 );
                 Err(e.reason.clone())
             }

@@ -522,6 +522,30 @@ mod tests {
             .collect()
     }
 
+    /// `__name__` from sample types: `off_cpu` is not `process_cpu`, though
+    /// it contains "cpu".
+    #[test]
+    fn pprof_names_follow_sample_types() {
+        let profile = |types: &[&str]| {
+            let mut p = Profile {
+                string_table: vec![String::new()],
+                ..Profile::default()
+            };
+            for t in types {
+                p.string_table.push((*t).to_string());
+                p.sample_type.push(crate::proto::pprof::ValueType {
+                    r#type: (p.string_table.len() - 1) as i64,
+                    unit: 0,
+                });
+            }
+            p
+        };
+        assert_eq!(pprof_metric(&profile(&["off_cpu"])), "off_cpu");
+        assert_eq!(pprof_metric(&profile(&["samples", "cpu"])), "process_cpu");
+        assert_eq!(pprof_metric(&profile(&["wall", "cpu"])), "wall");
+        assert_eq!(pprof_metric(&profile(&["alloc_space"])), "memory");
+    }
+
     #[test]
     fn folded_cpu_becomes_nanoseconds_with_pyroscopes_labels() {
         let now = UNIX_EPOCH + Duration::from_secs(2_000);
