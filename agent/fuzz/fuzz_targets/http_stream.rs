@@ -20,7 +20,7 @@ mod traces {
     pub mod spans;
 
     pub use metrics::{HttpMetrics, MetricsConfig};
-    pub use otlp::traces_request;
+    pub use otlp::SpanEncoder;
     pub use spans::{HttpTracer, TracerConfig};
 }
 
@@ -28,9 +28,11 @@ use fathom_common::http::{
     CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, SockAddr, TraceContext, event_kind, syscall,
 };
 use libfuzzer_sys::fuzz_target;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::metric;
 use otlp::ResourceInfo;
-use traces::{HttpMetrics, HttpTracer, MetricsConfig, TracerConfig, traces_request};
+use prost::Message;
+use traces::{HttpMetrics, HttpTracer, MetricsConfig, SpanEncoder, TracerConfig};
 
 const MAX_CONNS: usize = 4;
 const MAX_PENDING: usize = 3;
@@ -135,7 +137,12 @@ fuzz_target!(|data: &[u8]| {
                 for s in &spans {
                     metrics.record(&resource(s.pid), s);
                 }
-                let req = traces_request(&spans, resource, i64::from(input.byte()) - 128);
+                let bytes =
+                    SpanEncoder::default().request(&spans, resource, i64::from(input.byte()) - 128);
+                // prost reads the encoder's bytes and writes the same ones.
+                let req = ExportTraceServiceRequest::decode(bytes.as_slice())
+                    .expect("the encoder's bytes decode");
+                assert_eq!(req.encode_to_vec(), bytes);
                 let n: usize = req
                     .resource_spans
                     .iter()

@@ -14,7 +14,6 @@ use opentelemetry_proto::tonic::{
 
 use super::spans::{HttpSpan, SpanKind};
 use crate::otlp::ResourceInfo;
-use fathom_collector::EncodedSpans;
 
 /// Instrumentation scope of Fathom's HTTP spans and metrics.
 pub const SCOPE_NAME: &str = "fathom.http";
@@ -173,16 +172,16 @@ pub struct SpanEncoder {
 }
 
 impl SpanEncoder {
-    /// Spans as one request: a `ResourceSpans` per process (ordered by
-    /// pid, spans in their order) with the resource `resource_of(pid)`, one
-    /// scope ([`SCOPE_NAME`]). `unix_offset_ns` is Unix time minus
-    /// CLOCK_MONOTONIC.
+    /// Spans as one encoded `ExportTraceServiceRequest`: a `ResourceSpans`
+    /// per process (ordered by pid, spans in their order) with the resource
+    /// `resource_of(pid)`, one scope ([`SCOPE_NAME`]). `unix_offset_ns` is
+    /// Unix time minus CLOCK_MONOTONIC.
     pub fn request(
         &mut self,
         spans: &[HttpSpan],
         mut resource_of: impl FnMut(u32) -> ResourceInfo,
         unix_offset_ns: i64,
-    ) -> EncodedSpans {
+    ) -> Vec<u8> {
         use prost::Message;
         if self.scope.is_empty() {
             self.scope = scope().encode_to_vec();
@@ -214,7 +213,7 @@ impl SpanEncoder {
             put_bytes(&mut out, 1, &resource);
             put_bytes(&mut out, 2, &self.scope_spans);
         }
-        EncodedSpans::new(out, spans.len() as u64)
+        out
     }
 
     /// One `Span` message's fields (without its own key and length), in
@@ -399,16 +398,16 @@ pub(crate) mod tests {
 
     /// The encoder's bytes, decoded by prost; prost writes the same bytes
     /// back (the encoding is canonical, field by field).
-    fn decoded(e: &EncodedSpans) -> ExportTraceServiceRequest {
-        let req = e.decode().unwrap();
-        assert_eq!(req.encode_to_vec(), e.bytes, "not prost's encoding");
+    fn decoded(e: &(Vec<u8>, u64)) -> ExportTraceServiceRequest {
+        let req = ExportTraceServiceRequest::decode(e.0.as_slice()).unwrap();
+        assert_eq!(req.encode_to_vec(), e.0, "not prost's encoding");
         let n: usize = req
             .resource_spans
             .iter()
             .flat_map(|r| &r.scope_spans)
             .map(|s| s.spans.len())
             .sum();
-        assert_eq!(n as u64, e.spans);
+        assert_eq!(n as u64, e.1);
         req
     }
 
@@ -417,8 +416,11 @@ pub(crate) mod tests {
         spans: &[HttpSpan],
         resource_of: impl FnMut(u32) -> ResourceInfo,
         unix_offset_ns: i64,
-    ) -> EncodedSpans {
-        SpanEncoder::default().request(spans, resource_of, unix_offset_ns)
+    ) -> (Vec<u8>, u64) {
+        (
+            SpanEncoder::default().request(spans, resource_of, unix_offset_ns),
+            spans.len() as u64,
+        )
     }
 
     /// One span through the encoder, decoded.
@@ -704,7 +706,7 @@ pub(crate) mod tests {
         for offset in [0, -1, i64::MAX] {
             // The same encoder, reused: nothing of one request leaks into
             // the next.
-            let once = encoder.request(&spans, resource, offset);
+            let once = (encoder.request(&spans, resource, offset), 64);
             let req = decoded(&once);
             assert_eq!(req.resource_spans.len(), 5);
             for (pid, rs) in req.resource_spans.iter().enumerate() {
@@ -716,12 +718,13 @@ pub(crate) mod tests {
                 let want: Vec<u8> = (0..64u8).filter(|i| usize::from(*i) % 5 == pid).collect();
                 assert_eq!(ids, want);
             }
-            let again = decoded(&encoder.request(&spans, resource, offset));
+            let again = decoded(&(encoder.request(&spans, resource, offset), 64));
             assert_eq!(again, req);
         }
-        assert_eq!(
-            encoder.request(&[], |_| ResourceInfo::default(), 0).spans,
-            0
+        assert!(
+            encoder
+                .request(&[], |_| ResourceInfo::default(), 0)
+                .is_empty()
         );
     }
 

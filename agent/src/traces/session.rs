@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fathom_collector::EncodedSpans;
 use fathom_common::{
     http::{HttpCounter, role},
     net::FlowKey,
@@ -430,12 +431,15 @@ impl Worker {
             }
             let offset = unix_offset_ns();
             let resources = &self.resources;
-            let req = self.encoder.request(
+            let bytes = self.encoder.request(
                 &spans,
                 |pid| resources.get(&pid).cloned().unwrap_or_default(),
                 offset,
             );
-            if self.sink.spans(req) {
+            if self
+                .sink
+                .spans(EncodedSpans::new(bytes, spans.len() as u64))
+            {
                 self.spans_delivered += spans.len() as u64;
             } else {
                 self.undelivered.span_batches += 1;
