@@ -388,6 +388,25 @@ pub fn record_with_perf(
     (output, perf_data)
 }
 
+/// Profiles one process for 3 s with `fathom-agent profile` into
+/// `dir/name`.
+#[allow(clippy::unwrap_used, reason = "test helper; a temp path is UTF-8")]
+pub fn profile_pid(pid: u32, dir: &Path, name: &str) -> PathBuf {
+    let output = dir.join(name);
+    let agent = Agent::spawn(&[
+        "profile",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        "3s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    output
+}
+
 /// CPU seconds (user + system) a process used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();

@@ -51,18 +51,7 @@ fn node_jit_functions_are_named_by_its_perf_map() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let output = dir.path().join("node.pb.gz");
-    let agent = Agent::spawn(&[
-        "profile",
-        "--pid",
-        &pid.to_string(),
-        "--duration",
-        "3s",
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    let (status, log) = agent.finish(Duration::from_secs(60));
-    assert!(status.success(), "{log}");
+    let output = profile_pid(pid, dir.path(), "node.pb.gz");
 
     // The names the map gives hotFunction's code (`JS:*hotFunction <file>:<line>:<col>`).
     let named: Vec<String> = std::fs::read_to_string(&map)

@@ -390,24 +390,6 @@ fn assert_locations_match_addr2line(
     }
 }
 
-/// Profiles one process for 3 s with `fathom-agent profile` into
-/// `dir/name`.
-fn profile_pid(pid: u32, dir: &Path, name: &str) -> PathBuf {
-    let output = dir.join(name);
-    let agent = Agent::spawn(&[
-        "profile",
-        "--pid",
-        &pid.to_string(),
-        "--duration",
-        "3s",
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    let (status, log) = agent.finish(Duration::from_secs(60));
-    assert!(status.success(), "{log}");
-    output
-}
-
 /// A stripped binary seen only inside another mount namespace, with its
 /// debug file next to it there (`.gnu_debuglink`), is symbolized exactly like
 /// the unstripped binary is by addr2line.
