@@ -12,14 +12,12 @@
 //! nests with the perf-event chain on a CPU (that runs in a timer interrupt):
 //! both share this CPU's `SAMPLE` scratch and `ACK`.
 
-use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_get_stack,
     },
     macros::btf_tracepoint,
     maps::PerCpuHashMap,
@@ -27,8 +25,8 @@ use aya_ebpf::{
 };
 use fathom_common::{
     profiler::{
-        COMM_LEN, Counter, HASH_SEED_KERNEL, HASH_SEED_USER, MAX_STACK_DEPTH, OffCpuStart,
-        SampleKey, Stack, off_cpu_stack_next,
+        COMM_LEN, Counter, HASH_SEED_KERNEL, HASH_SEED_USER, OffCpuStart, SampleKey,
+        off_cpu_stack_next,
     },
     unwind::status,
 };
@@ -36,7 +34,7 @@ use fathom_common::{
 use super::{
     maps::*,
     sample::{
-        NO_STACK, StackStore, WALK_FAILED, acknowledge, bump, filtered_out, notice_process, stored,
+        NO_STACK, StackStore, acknowledge, bump, filtered_out, kernel_walk, notice_process, stored,
     },
     unwind,
 };
@@ -161,14 +159,14 @@ fn switch_out(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let sample = SAMPLE.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's scratch sample; nothing else runs on this CPU now.
     let sample = unsafe { &mut *sample };
-    sample.kernel_len = walk(ctx, &mut sample.kernel, 0);
+    sample.kernel_len = kernel_walk(ctx, &mut sample.kernel, 0);
     if let Some(process) = unwind::wants(pid) {
         let (status, frames) = unwind::walk_user_stack(core::ptr::null_mut(), process);
         sample.user_unwind = status;
         sample.user_len = frames.map_or(NO_STACK, |n| n as i32);
     } else {
         sample.user_unwind = status::KERNEL_FRAME_POINTERS;
-        sample.user_len = walk(ctx, &mut sample.walk.stack, BPF_F_USER_STACK as u64);
+        sample.user_len = kernel_walk(ctx, &mut sample.walk.stack, BPF_F_USER_STACK as u64);
     }
     sample.pid = pid;
     sample.tid = tid;
@@ -215,28 +213,4 @@ fn store(generation: u64, now: u64) -> Result<(), ()> {
     OFFCPU_START.insert(tid, start, 0).map_err(|_| ())?;
     bump(Counter::OffCpuSwitchOuts);
     Ok(())
-}
-
-/// Lets the kernel walk a stack of the current task (by frame pointers for
-/// user stacks) into `stack`. Returns its length, or [`WALK_FAILED`].
-#[inline(always)]
-fn walk(ctx: &BtfTracePointContext, stack: &mut Stack, flags: u64) -> i32 {
-    // SAFETY: `stack` is a map value of MAX_STACK_DEPTH entries.
-    let ret = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            stack.ips.as_mut_ptr() as *mut c_void,
-            (MAX_STACK_DEPTH * size_of::<u64>()) as u32,
-            flags,
-        )
-    };
-    if ret < 0 {
-        bump(if flags == 0 {
-            Counter::KernelStackFailed
-        } else {
-            Counter::UserStackFailed
-        });
-        return WALK_FAILED;
-    }
-    (ret as usize / size_of::<u64>()) as i32
 }

@@ -250,7 +250,7 @@ pub fn stored(store: &StackStore, stack: &Stack, len: i32, seed: u64) -> u64 {
 /// Lets the kernel walk a stack (by frame pointers for user stacks) into
 /// `stack`, zero-filled past its end. Returns its length, or [`WALK_FAILED`].
 #[inline(always)]
-fn kernel_walk(ctx: &PerfEventContext, stack: &mut Stack, flags: u64) -> i32 {
+pub(crate) fn kernel_walk<C: EbpfContext>(ctx: &C, stack: &mut Stack, flags: u64) -> i32 {
     // SAFETY: `stack` is a map value of MAX_STACK_DEPTH entries.
     let ret = unsafe {
         bpf_get_stack(
