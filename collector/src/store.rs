@@ -1682,18 +1682,15 @@ impl Store {
 
     /// One trace with all its stored spans; `None` when unknown.
     pub fn trace(&self, tid: [u8; 16]) -> Result<Option<TraceDetail>, StoreError> {
-        let db = self.db();
-        let txn = db.begin_read()?;
-        let Some(summary) = txn.open_table(TRACES)?.get(tid)? else {
+        let Some(RawTrace {
+            summary,
+            spans: records,
+        }) = self.trace_raw(tid)?
+        else {
             return Ok(None);
         };
-        let summary = decode_summary(summary.value())?;
-        let spans_t = txn.open_table(SPANS)?;
         let mut spans = Vec::new();
-        for row in spans_t.range((tid, [0u8; 8])..=(tid, [0xffu8; 8]))? {
-            let (_, v) = row?;
-            let rs = ResourceSpans::decode(v.value())
-                .map_err(|e| StoreError::Corrupt(format!("span record: {e}")))?;
+        for rs in records {
             let service = service_of(&rs);
             let resource = rs
                 .resource
