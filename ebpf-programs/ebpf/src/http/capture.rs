@@ -255,9 +255,10 @@ fn read_sockaddr(addr: u64) -> SockAddr {
 macro_rules! offset {
     ($field:ident) => {
         // SAFETY: a plain read of a loader-set global.
-        (unsafe { core::ptr::read_volatile(&HTTP_SOCK_OFFSETS.$field) } as u64)
+        (unsafe { core::ptr::read_volatile(&$crate::capture::HTTP_SOCK_OFFSETS.$field) } as u64)
     };
 }
+pub(crate) use offset;
 
 #[inline(always)]
 pub(crate) fn read_kernel<T>(addr: u64) -> Option<T> {

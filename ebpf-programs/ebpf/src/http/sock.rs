@@ -35,9 +35,8 @@ use fathom_common::http::{
 
 use crate::{
     capture::{
-        AF_INET, AF_INET6, HTTP_SOCK_OFFSETS, SCRATCH, SSL_ACTIVE, SSL_FDS, capture_plain,
-        capture_vectored, ids, message_start, next_conn_id, read_kernel, read_tcp, send_conn,
-        tail_call,
+        AF_INET, AF_INET6, SCRATCH, SSL_ACTIVE, SSL_FDS, capture_plain, capture_vectored, ids,
+        message_start, next_conn_id, offset, read_kernel, read_tcp, send_conn, tail_call,
     },
     maps::{CONNS, count, monitored},
 };
@@ -76,14 +75,6 @@ mod nr {
     pub const SENDMSG: u64 = 46;
     pub const RECVMSG: u64 = 47;
     pub const SPLICE: u64 = 275;
-}
-
-/// One loader-set offset of `HTTP_SOCK_OFFSETS`.
-macro_rules! offset {
-    ($field:ident) => {
-        // SAFETY: a plain read of a loader-set global.
-        (unsafe { core::ptr::read_volatile(&HTTP_SOCK_OFFSETS.$field) } as u64)
-    };
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
