@@ -32,7 +32,10 @@
 //! kernels that have them, or `syscalls`: the agent's `--trace-hooks` and
 //! the floor's hooks), FATHOM_BENCH_PERF (a file: `perf record -a -g`
 //! of the first agent-on run goes there), FATHOM_BENCH_CONNECTION_CLOSE=1
-//! (wrk sends `Connection: close`: a new connection per request).
+//! (wrk sends `Connection: close`: a new connection per request),
+//! FATHOM_BENCH_NICE=N (the agent's and rotel's threads at nice N: an
+//! experiment; the agent then falls behind and the share of kernel events
+//! lost, printed, says by how much).
 #![allow(
     clippy::unwrap_used,
     reason = "benchmark: a failed unwrap is a failed run"
