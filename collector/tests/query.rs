@@ -780,6 +780,35 @@ fn oversize_bodies_are_answered_in_each_protocols_error_format() {
     );
 }
 
+/// A client that pauses in the middle of an oversize body still gets its 413:
+/// the collector reads the rest before it answers and closes, so the kernel
+/// does not reset the connection under the response (it did, now and then,
+/// in the test above).
+#[test]
+fn an_oversize_body_sent_slowly_still_gets_its_answer() {
+    use std::io::{Read as _, Write as _};
+    let run = Running::start();
+    let addr = run.otlp_http.trim_start_matches("http://").to_string();
+    let len = 3 << 20;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/traces HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    s.write_all(&chunk).unwrap();
+    s.write_all(&chunk[..(1 << 19)]).unwrap();
+    // The collector has read past its 1 MiB limit and answered by now.
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(&chunk[..(1 << 19)]).unwrap();
+    s.write_all(&chunk).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
+}
+
 /// Calls a querier method in connect's JSON encoding (as Grafana's
 /// Pyroscope data source can), asserting a 200.
 fn connect_json(base: &str, method: &str, request: &Value) -> Value {

@@ -63,6 +63,7 @@ pub fn router(store: Arc<Store>) -> Router {
     Router::new()
         .route("/querier.v1.QuerierService/{method}", post(call))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(axum::middleware::from_fn(crate::receivers::linger))
         .with_state(Arc::new(Ctx { store }))
 }
 

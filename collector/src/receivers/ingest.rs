@@ -51,6 +51,7 @@ pub fn router(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Rou
     Router::new()
         .route(INGEST_PATH, post(handle))
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        .layer(axum::middleware::from_fn(crate::receivers::linger))
         .with_state(Arc::new(Ctx { ingest, auth }))
 }
 

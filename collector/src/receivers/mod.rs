@@ -89,6 +89,93 @@ pub fn validate_traces(
     Ok(())
 }
 
+/// Reads what a handler left of a request body before the response leaves,
+/// as nginx's lingering close does.
+///
+/// A handler that answers early — 413 over `max_request_bytes`, 401 before
+/// the body — leaves the rest of the body unread. Closing a socket with
+/// unread data makes the kernel send a reset, and a client still writing its
+/// body then loses the response (`IncompleteMessage` instead of the 413).
+/// So the rest is read and thrown away, at most [`LINGER_BYTES`] or for
+/// [`LINGER_TIME`]; past that the connection is closed as before.
+pub(crate) async fn linger(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let (back, mut returned) = tokio::sync::oneshot::channel();
+    let req = req.map(|inner| {
+        axum::body::Body::new(Returning {
+            inner: Some(inner),
+            back: Some(back),
+        })
+    });
+    let resp = next.run(req).await;
+    // Handlers drop the body before they answer; one that handed it on
+    // (none does) keeps reading it itself.
+    if let Ok(mut rest) = returned.try_recv() {
+        use http_body::Body as _;
+        use http_body_util::BodyExt as _;
+        if !rest.is_end_stream() {
+            let drain = async {
+                let mut read = 0usize;
+                while let Some(Ok(frame)) = rest.frame().await {
+                    read += frame.data_ref().map_or(0, bytes::Bytes::len);
+                    if read > LINGER_BYTES {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        }
+    }
+    resp
+}
+
+/// The most of an unread body [`linger`] reads and discards.
+const LINGER_BYTES: usize = 64 << 20;
+/// The longest [`linger`] waits for the rest of a body.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A request body that gives itself back to [`linger`] when the handler drops
+/// it, read or not.
+struct Returning {
+    inner: Option<axum::body::Body>,
+    back: Option<tokio::sync::oneshot::Sender<axum::body::Body>>,
+}
+
+impl http_body::Body for Returning {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.inner.as_mut() {
+            Some(inner) => std::pin::Pin::new(inner).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        if let (Some(inner), Some(back)) = (self.inner.take(), self.back.take()) {
+            let _ = back.send(inner);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]

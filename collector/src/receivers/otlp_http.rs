@@ -56,6 +56,7 @@ pub fn router(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Rou
         .route("/v1/traces", post(traces))
         .route("/v1/metrics", post(metrics))
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        .layer(axum::middleware::from_fn(crate::receivers::linger))
         .with_state(ctx)
 }
 

@@ -52,6 +52,7 @@ pub fn router(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Rou
     Router::new()
         .route(PUSH_PATH, post(push))
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        .layer(axum::middleware::from_fn(crate::receivers::linger))
         .with_state(ctx)
 }
 
