@@ -125,6 +125,9 @@ pub struct EbpfLoader<'a> {
     // Map pin path overrides the pin path of the map that matches the provided name before
     // it is created.
     map_pin_path_by_name: HashMap<&'a str, Cow<'a, Path>>,
+    // Maps of another loaded object to use instead of creating new ones
+    // (Fathom's patch, see FATHOM-PATCH.md).
+    reused_maps: HashMap<&'a str, std::os::fd::BorrowedFd<'a>>,
 
     extensions: HashSet<&'a str>,
     verifier_log_level: VerifierLogLevel,
@@ -165,6 +168,7 @@ impl<'a> EbpfLoader<'a> {
             globals: HashMap::new(),
             max_entries: HashMap::new(),
             map_pin_path_by_name: HashMap::new(),
+            reused_maps: HashMap::new(),
             extensions: HashSet::new(),
             verifier_log_level: VerifierLogLevel::default(),
             allow_unsupported_maps: false,
@@ -342,6 +346,17 @@ impl<'a> EbpfLoader<'a> {
         self
     }
 
+    /// Uses an existing map (of another object that is loaded) for the map
+    /// called `name`, instead of creating one: both objects' programs then
+    /// share it. Loading fails when its type, key size or value size differ
+    /// from the map this object declares.
+    ///
+    /// (Fathom's patch, see FATHOM-PATCH.md.)
+    pub fn reuse_map(&mut self, name: &'a str, fd: std::os::fd::BorrowedFd<'a>) -> &mut Self {
+        self.reused_maps.insert(name, fd);
+        self
+    }
+
     /// Treat the provided program as an [`Extension`]
     ///
     /// When attempting to load the program with the provided `name`
@@ -426,6 +441,7 @@ impl<'a> EbpfLoader<'a> {
             verifier_log_level,
             allow_unsupported_maps,
             map_pin_path_by_name,
+            reused_maps,
         } = self;
         let mut obj = Object::parse(data)?;
         obj.patch_map_data(globals.clone())?;
@@ -562,7 +578,9 @@ impl<'a> EbpfLoader<'a> {
             } else {
                 None
             };
-            let mut map = if let Some(pin_path) = map_pin_path_by_name.get(name.as_str()) {
+            let mut map = if let Some(fd) = reused_maps.get(name.as_str()) {
+                MapData::reuse(*fd, map_obj)?
+            } else if let Some(pin_path) = map_pin_path_by_name.get(name.as_str()) {
                 MapData::create_pinned_by_name(pin_path, map_obj, &name, btf_fd, inner_map_obj)?
             } else {
                 match map_obj.pinning() {

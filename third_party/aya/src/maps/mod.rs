@@ -961,6 +961,37 @@ impl MapData {
         })
     }
 
+    /// `obj` backed by an existing map: a duplicate of `fd`, whose type and
+    /// key and value sizes must be those of `obj` (Fathom's patch).
+    pub(crate) fn reuse(fd: BorrowedFd<'_>, obj: aya_obj::Map) -> Result<Self, MapError> {
+        let fd = fd.try_clone_to_owned().map_err(|io_error| SyscallError {
+            call: "fcntl(F_DUPFD_CLOEXEC)",
+            io_error,
+        })?;
+        let MapInfo(info) = MapInfo::new_from_fd(fd.as_fd())?;
+        if info.type_ != obj.map_type() {
+            return Err(MapError::InvalidMapType {
+                map_type: info.type_,
+            });
+        }
+        if info.key_size != obj.key_size() {
+            return Err(MapError::InvalidKeySize {
+                size: info.key_size as usize,
+                expected: obj.key_size() as usize,
+            });
+        }
+        if info.value_size != obj.value_size() {
+            return Err(MapError::InvalidValueSize {
+                size: info.value_size as usize,
+                expected: obj.value_size() as usize,
+            });
+        }
+        Ok(Self {
+            obj,
+            fd: MapFd::from_fd(crate::MockableFd::from_fd(fd)),
+        })
+    }
+
     /// Loads a map from a file descriptor.
     ///
     /// If loading from a BPF Filesystem (bpffs) you should use [`Map::from_pin`](crate::maps::MapData::from_pin).
