@@ -121,6 +121,7 @@ fn run_signals(
         delivery,
         health: health.clone(),
         connections: None,
+        serving: None,
     };
     let mut running = Running::default();
     let mut failures = Vec::new();

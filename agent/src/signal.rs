@@ -35,6 +35,9 @@ pub struct StartContext<'a> {
     /// The network signal's per-connection state, once it started: the
     /// tracing signal takes it (client spans' connect times).
     pub connections: Option<Box<dyn ConnectionLookup>>,
+    /// The tracing signal's map of which thread serves which span, once it
+    /// started: the profiling signal shares it, so samples carry their span.
+    pub serving: Option<std::os::fd::OwnedFd>,
 }
 
 /// A running signal.

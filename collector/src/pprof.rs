@@ -677,6 +677,16 @@ pub fn retain_labelled(p: &mut Profile, key: &str, values: &[String]) {
     });
 }
 
+/// Removes the label `key` from every sample.
+pub fn drop_label(p: &mut Profile, key: &str) {
+    let Some(key) = p.string_table.iter().position(|s| s == key) else {
+        return;
+    };
+    for s in &mut p.sample {
+        s.label.retain(|l| l.key != key as i64);
+    }
+}
+
 /// Adds string labels to every sample (e.g. the series labels that tell
 /// merged series apart, for `go tool pprof -tagfocus`); a key a sample
 /// already has is left as it is.

@@ -137,8 +137,12 @@ fuzz_target!(|data: &[u8]| {
                 for s in &spans {
                     metrics.record(&resource(s.pid), s);
                 }
-                let bytes =
-                    SpanEncoder::default().request(&spans, resource, i64::from(input.byte()) - 128);
+                let mut encoder = if input.byte() & 1 == 0 {
+                    SpanEncoder::linking_profiles()
+                } else {
+                    SpanEncoder::default()
+                };
+                let bytes = encoder.request(&spans, resource, i64::from(input.byte()) - 128);
                 // prost reads the encoder's bytes and writes the same ones.
                 let req = ExportTraceServiceRequest::decode(bytes.as_slice())
                     .expect("the encoder's bytes decode");

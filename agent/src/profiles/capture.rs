@@ -61,6 +61,9 @@ pub struct ProfilerConfig {
     /// Off-CPU profiling with this threshold (shortest interval counted);
     /// `None`: off, and its maps take one entry each.
     pub off_cpu: Option<Duration>,
+    /// The HTTP tracer's `SERVING` map (which thread serves which span),
+    /// when tracing runs: samples then carry the span they served.
+    pub serving: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Off-CPU profiling, as loaded.
@@ -129,6 +132,7 @@ impl Default for ProfilerConfig {
             unwind: UnwindMapSizes::default(),
             unwind_tables: true,
             off_cpu: None,
+            serving: None,
         }
     }
 }
@@ -482,7 +486,12 @@ impl Profiler {
         } else {
             (1, 1, 1, possible as u32)
         };
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(serving) = &config.serving {
+            use std::os::fd::AsFd as _;
+            loader.reuse_map(names::SERVING, serving.as_fd());
+        }
+        let ebpf = loader
             .verifier_log_level(VerifierLogLevel::STATS)
             .override_global(names::GLOBAL_FILTER_PIDS, &filter, true)
             .override_global(names::GLOBAL_TASK_PID_OFFSET, &task_pid_offset, true)
@@ -889,7 +898,7 @@ mod tests {
         );
         assert_eq!(
             sizes.kernel_bytes(2),
-            2 * (2048 * (48 + 8 + 2 * 8) + 4096 * 2 * 128 + 1024 * (48 + 48 + 16))
+            2 * (2048 * (48 + 8 + 2 * 8) + 4096 * 2 * 128 + 1024 * (48 + 72 + 16))
         );
         // 999 Hz * 2 CPUs: 7992 samples.
         let fast = ProfilerConfig {

@@ -33,7 +33,10 @@ pub struct ProfilesSignal {
 
 impl Signal for ProfilesSignal {
     fn start(ctx: &mut StartContext<'_>) -> Result<Self, StartError> {
-        let config = ProfilesConfig::from(&ctx.config.sampling);
+        let mut config = ProfilesConfig::from(&ctx.config.sampling);
+        // Started after tracing: share its map of which thread serves which
+        // span, so samples carry their span.
+        config.profiler.serving = ctx.serving.take().map(std::sync::Arc::new);
         let interval = ctx.config.interval;
         let mut sink: Box<dyn ProfileSink + Send> = match &ctx.delivery {
             Delivery::Collector(ingest) => Box::new(export::EmbeddedSink::new(ingest.clone())),

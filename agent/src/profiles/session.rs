@@ -797,16 +797,30 @@ fn add_comments(builder: &mut ProfileBuilder, samples: &str, losses: &str) {
     builder.add_comment(&format!("{samples}; since start: {losses}"));
 }
 
+/// A sample with its labels: `pid`, `tid`, `comm`, and `span_id` and
+/// `trace_id` (lower-case hex, Pyroscope's span-profile convention) while
+/// the thread served a span.
 fn add_sample(builder: &mut ProfileBuilder, sample: &ResolvedSample) {
-    builder.add_sample(
-        &sample.stack,
-        sample.count,
-        &[
-            ("pid", LabelValue::Num(i64::from(sample.pid))),
-            ("tid", LabelValue::Num(i64::from(sample.tid))),
-            ("comm", LabelValue::Str(sample.comm.clone())),
-        ],
-    );
+    let mut labels = vec![
+        ("pid", LabelValue::Num(i64::from(sample.pid))),
+        ("tid", LabelValue::Num(i64::from(sample.tid))),
+        ("comm", LabelValue::Str(sample.comm.clone())),
+    ];
+    if let Some((trace_id, span_id)) = &sample.span {
+        labels.push(("span_id", LabelValue::Str(hex(span_id))));
+        labels.push(("trace_id", LabelValue::Str(hex(trace_id))));
+    }
+    builder.add_sample(&sample.stack, sample.count, &labels);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Writes through a temporary file and a rename, so readers never see half;
@@ -915,6 +929,8 @@ mod tests {
             comm: [0; 16],
             user_unwind: 0,
             _reserved: 0,
+            trace_id: [0; 16],
+            span_id: [0; 8],
         };
         let mut c = Collected::default();
         let stacks: HashMap<u64, Vec<u64>> = [(16, vec![1, 2])].into();

@@ -28,6 +28,9 @@ pub struct ResolvedSample {
     /// Leaf first: kernel frames, then user frames.
     pub stack: Vec<Arc<Location>>,
     pub count: u64,
+    /// The server span the thread was serving (trace id, span id), when the
+    /// tracer shared which.
+    pub span: Option<([u8; 16], [u8; 8])>,
 }
 
 /// Counters of what was resolved.
@@ -273,6 +276,7 @@ impl StackResolver {
                 comm: comm(&key.comm),
                 stack,
                 count: *count,
+                span: (key.span_id != [0; 8]).then_some((key.trace_id, key.span_id)),
             });
         }
         resolved
@@ -437,6 +441,8 @@ mod tests {
             comm: *b"tester\0\0\0\0\0\0\0\0\0\0",
             user_unwind: 0,
             _reserved: 0,
+            trace_id: [0; 16],
+            span_id: [0; 8],
         };
         let table = Mutex::new(ProcessTable::default());
         let mut resolver = StackResolver::new(

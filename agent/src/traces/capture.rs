@@ -465,6 +465,16 @@ impl HttpCapture {
         out
     }
 
+    /// A handle on the `SERVING` map (thread -> the server span it serves),
+    /// for the profiler to share: its samples then carry their span.
+    pub fn serving_map(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+        match self.ebpf.map(names::SERVING)? {
+            aya::maps::Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned().ok(),
+            _ => None,
+        }
+    }
+
     /// The loaded object: the injection programs attach from it
     /// ([`crate::inject`]), when `inject` was set.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {

@@ -50,16 +50,20 @@ impl Signal for TracesSignal {
         config.capture.inject = ctx.config.traces.inject;
         config.capture.hooks = ctx.config.traces.hooks;
         config.sample_ratio = ctx.config.traces.sample_ratio;
+        // Profiles start after traces and share the map of which thread
+        // serves which span.
+        config.link_profiles = ctx.config.signals.contains(&SignalKind::Profiles);
         // With the network signal, client spans carry their connect time.
         let connections: Box<dyn ConnectionLookup> = ctx
             .connections
             .take()
             .unwrap_or_else(|| Box::new(NoConnections));
-        let session = TraceSession::start_with(
+        let mut session = TraceSession::start_with(
             config,
             Box::new(EmbeddedOtlpSink(ingest.clone())),
             connections,
         )?;
+        ctx.serving = session.take_serving_map();
         Ok(Self(session))
     }
 

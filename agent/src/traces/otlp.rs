@@ -169,9 +169,21 @@ pub struct SpanEncoder {
     order: Vec<usize>,
     /// The scope message, encoded once.
     scope: Vec<u8>,
+    /// Whether [`HttpSpan::profiled`] spans carry `pyroscope.profile.id`.
+    link_profiles: bool,
 }
 
 impl SpanEncoder {
+    /// An encoder that puts `pyroscope.profile.id` (the span's own id, as
+    /// Grafana's traces-to-profiles looks it up) on server spans whose
+    /// thread's CPU samples carry their span id: the profiler runs too.
+    pub fn linking_profiles() -> Self {
+        Self {
+            link_profiles: true,
+            ..Self::default()
+        }
+    }
+
     /// Spans as one encoded `ExportTraceServiceRequest`: a `ResourceSpans`
     /// per process (ordered by pid, spans in their order) with the resource
     /// `resource_of(pid)`, one scope ([`SCOPE_NAME`]). `unix_offset_ns` is
@@ -313,6 +325,13 @@ impl SpanEncoder {
         put_kv_str(out, "network.protocol.version", s.version.as_str());
         if let (SpanKind::Server, Some(ua)) = (s.kind, &s.user_agent) {
             put_kv_str(out, "user_agent.original", ua);
+        }
+        if self.link_profiles && s.profiled && s.kind == SpanKind::Server {
+            self.text.clear();
+            for b in s.span_id {
+                let _ = write!(self.text, "{b:02x}");
+            }
+            put_kv_str(out, "pyroscope.profile.id", &self.text);
         }
         if let Some(tcp) = s.tcp {
             put_kv_int(out, "fathom.tcp.srtt_us", i64::from(tcp.srtt_us));
@@ -487,6 +506,7 @@ pub(crate) mod tests {
             connect_us: None,
             truncated: false,
             error: true,
+            profiled: true,
         }
     }
 
@@ -620,6 +640,33 @@ pub(crate) mod tests {
             s.status.map(|s| s.code),
             Some(status::StatusCode::Error as i32)
         );
+    }
+
+    /// `pyroscope.profile.id` (the span's own id) only on server spans the
+    /// profiler labels its samples with, and only when it runs.
+    #[test]
+    fn profile_id_on_profiled_server_spans_when_profiling() {
+        let server = server_span();
+        let mut client = server_span();
+        client.kind = SpanKind::Client;
+        let mut unprofiled = server_span();
+        unprofiled.profiled = false;
+        let profile_id = |encoder: &mut SpanEncoder, s: &HttpSpan| {
+            let bytes = encoder.request(std::slice::from_ref(s), |_| ResourceInfo::default(), 0);
+            let span = decoded(&(bytes, 1)).resource_spans[0].scope_spans[0].spans[0].clone();
+            attrs(&span)
+                .into_iter()
+                .find(|(k, _)| k == "pyroscope.profile.id")
+                .map(|(_, v)| v)
+        };
+        let mut linking = SpanEncoder::linking_profiles();
+        assert_eq!(
+            profile_id(&mut linking, &server).as_deref(),
+            Some("bbbbbbbbbbbbbbbb")
+        );
+        assert_eq!(profile_id(&mut linking, &client), None);
+        assert_eq!(profile_id(&mut linking, &unprofiled), None);
+        assert_eq!(profile_id(&mut SpanEncoder::default(), &server), None);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct TraceConfig {
     /// request): the OpenTelemetry `traceidratio` rule, so every agent (and
     /// any SDK with the same ratio) keeps the same traces.
     pub sample_ratio: f64,
+    /// The profiler runs beside: server spans whose samples carry their id
+    /// get `pyroscope.profile.id`.
+    pub link_profiles: bool,
 }
 
 impl Default for TraceConfig {
@@ -84,6 +87,7 @@ impl Default for TraceConfig {
             proc_root: PathBuf::from("/proc"),
             node: crate::otlp::node_name(),
             sample_ratio: 1.0,
+            link_profiles: false,
         }
     }
 }
@@ -101,6 +105,7 @@ pub struct TraceSession {
     thread: StoppableThread,
     inject: bool,
     inject_failure: Option<String>,
+    serving: Option<std::os::fd::OwnedFd>,
 }
 
 impl TraceSession {
@@ -146,6 +151,7 @@ impl TraceSession {
             (None, None)
         };
         let inject = injection.is_some();
+        let serving = capture.serving_map();
         let thread = StoppableThread::spawn("fathom-traces", "traces", move |stop| {
             Worker::new(config, capture, sink, connections).run(&stop);
             // Injection detaches after the capture's last events were read.
@@ -157,11 +163,18 @@ impl TraceSession {
             thread,
             inject,
             inject_failure,
+            serving,
         })
     }
 }
 
 impl TraceSession {
+    /// The kernel's map of which thread serves which server span, for the
+    /// profiler to share (once).
+    pub fn take_serving_map(&mut self) -> Option<std::os::fd::OwnedFd> {
+        self.serving.take()
+    }
+
     /// Stops the thread (after a last flush) and detaches the programs;
     /// false when the thread did not end by `deadline` (it is left behind).
     pub fn stop(self, deadline: Instant) -> bool {
@@ -219,13 +232,18 @@ impl Worker {
         sink: Box<dyn OtlpSink>,
         connections: Box<dyn ConnectionLookup>,
     ) -> Self {
+        let encoder = if config.link_profiles {
+            SpanEncoder::linking_profiles()
+        } else {
+            SpanEncoder::default()
+        };
         Self {
             tracer: HttpTracer::new(config.tracer.clone()),
             metrics: HttpMetrics::new(config.metrics.clone(), unix_now_ns()),
             config,
             capture: Some(capture),
             sink,
-            encoder: SpanEncoder::default(),
+            encoder,
             resources: HashMap::new(),
             metas: HashMap::new(),
             unresolved: HashSet::new(),

@@ -197,6 +197,10 @@ pub struct HttpSpan {
     pub truncated: bool,
     /// Status Error in OpenTelemetry terms: 5xx, or 4xx on a client span.
     pub error: bool,
+    /// A server span whose ids the kernel chose and kept in `SERVING` while
+    /// its thread served it: that thread's CPU samples carry its span id
+    /// (when the profiler runs beside the tracer).
+    pub profiled: bool,
 }
 
 /// The connection's TCP state over one span (`fathom.tcp.*` attributes).
@@ -446,8 +450,9 @@ impl SideSink<'_> {
         let server = self.dir == direction::READ;
         let ctx = origin.ctx;
         let shared = &mut *self.shared;
+        let profiled = server && first && ctx.flags & ctx_flags::SERVER != 0;
         let (trace_id, span_id, parent_span_id, remote_parent) = if server {
-            if first && ctx.flags & ctx_flags::SERVER != 0 {
+            if profiled {
                 let remote = ctx.flags & ctx_flags::REMOTE_PARENT != 0;
                 match head.traceparent {
                     // The kernel saw no `traceparent` in the read that started
@@ -538,6 +543,7 @@ impl SideSink<'_> {
             connect_us: self.core.connect_us,
             truncated: head.truncated,
             error: false,
+            profiled,
         };
         let seq = self.core.next_seq;
         self.core.next_seq += 1;
@@ -1236,6 +1242,7 @@ pub(crate) mod tests {
                 connect_us: None,
                 truncated: false,
                 error: false,
+                profiled: true,
             }
         );
         let b = &spans[1];

@@ -23,6 +23,12 @@ use crate::{
     stats::ExporterStats,
 };
 
+/// Sample labels left out of what Pyroscope receives: Pyroscope makes a
+/// series of each distinct set of sample labels (but keeps `span_id` on
+/// samples, for its span profiles), so a trace id would make a series per
+/// trace.
+const NOT_FOR_PYROSCOPE: &[&str] = &["trace_id"];
+
 /// The push request for some merged profiles.
 pub fn push_request(profiles: &[MergedProfile]) -> PushRequest {
     PushRequest {
@@ -39,12 +45,27 @@ pub fn push_request(profiles: &[MergedProfile]) -> PushRequest {
                     })
                     .collect(),
                 samples: vec![RawSample {
-                    raw_profile: pprof::encode_gzip(&p.profile),
+                    raw_profile: pprof::encode_gzip(&for_pyroscope(&p.profile)),
                     id: uuid::Uuid::new_v4().to_string(),
                 }],
             })
             .collect(),
     }
+}
+
+/// `profile` without the [`NOT_FOR_PYROSCOPE`] sample labels.
+fn for_pyroscope(
+    profile: &crate::proto::pprof::Profile,
+) -> std::borrow::Cow<'_, crate::proto::pprof::Profile> {
+    let has = |key: &&str| profile.string_table.iter().any(|s| s == key);
+    if !NOT_FOR_PYROSCOPE.iter().any(has) {
+        return std::borrow::Cow::Borrowed(profile);
+    }
+    let mut p = profile.clone();
+    for key in NOT_FOR_PYROSCOPE {
+        pprof::drop_label(&mut p, key);
+    }
+    std::borrow::Cow::Owned(p)
 }
 
 /// A configured Pyroscope exporter (see [`PyroscopeExporter::run`]).
@@ -244,6 +265,43 @@ mod tests {
         assert_eq!(&s.samples[0].raw_profile[..2], &[0x1f, 0x8b], "gzipped");
         assert!(uuid::Uuid::parse_str(&s.samples[0].id).is_ok());
         assert_ne!(req.series[0].samples[0].id, s.samples[0].id);
+    }
+
+    #[test]
+    fn span_ids_stay_on_samples_and_trace_ids_do_not_reach_pyroscope() {
+        use crate::proto::pprof::{Label, Sample};
+        let mut m = merged("a");
+        m.profile.string_table.extend(
+            [
+                "span_id",
+                "trace_id",
+                "00f067aa0ba902b7",
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+            ]
+            .map(String::from),
+        );
+        let label = |key, str| Label {
+            key,
+            str,
+            ..Label::default()
+        };
+        m.profile.sample = vec![
+            Sample {
+                value: vec![1],
+                label: vec![label(3, 5), label(4, 6)],
+                ..Sample::default()
+            },
+            Sample {
+                value: vec![2],
+                ..Sample::default()
+            },
+        ];
+        let req = push_request(std::slice::from_ref(&m));
+        let back = pprof::decode(&req.series[0].samples[0].raw_profile).unwrap();
+        assert_eq!(back.sample[0].label, vec![label(3, 5)]);
+        assert_eq!(back.sample[1].value, vec![2]);
+        // What the store keeps is untouched.
+        assert_eq!(m.profile.sample[0].label.len(), 2);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub const MAX_STACK_CHUNKS: usize = MAX_STACK_DEPTH / STACK_CHUNK_WORDS;
 pub const COMM_LEN: usize = 16;
 
 /// Key of the in-kernel sample counts: one entry per distinct
-/// (thread, comm, user stack, kernel stack).
+/// (thread, comm, user stack, kernel stack, span served).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SampleKey {
@@ -47,8 +47,12 @@ pub struct SampleKey {
     /// How the user stack was walked: a [`crate::unwind::status`].
     pub user_unwind: u32,
     pub _reserved: u32,
+    /// The server span the thread was serving (the HTTP tracer's `SERVING`
+    /// entry, when it is the thread's only open request); all zero: none.
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
 }
-assert_size!(SampleKey, 4 + 4 + 8 + 8 + COMM_LEN + 8);
+assert_size!(SampleKey, 4 + 4 + 8 + 8 + COMM_LEN + 8 + 16 + 8);
 
 /// A stack: instruction pointers, leaf first, zero-filled past its end (no
 /// frame is at address zero).
@@ -292,6 +296,10 @@ pub mod names {
     pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
     /// Global: offset of `child_pid` in the `sched_process_fork` record.
     pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+    /// Which thread serves which span: the `fathom-http` object's map of
+    /// the same name ([`crate::http::names::SERVING`]), shared when both
+    /// run.
+    pub const SERVING: &str = "SERVING";
 }
 
 /// FNV-1a style mixing of one stack entry into a running hash. Shared so user

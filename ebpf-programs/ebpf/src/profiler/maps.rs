@@ -13,6 +13,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use fathom_common::{
+    http::Serving,
     profiler::{Counter, OffCpuStart, SampleKey, StackChunk, StackSlot, stage},
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
@@ -92,3 +93,9 @@ pub static OFFCPU_STACK_CHUNKS_1: PerCpuArray<StackChunk> = PerCpuArray::with_ma
 /// that exits never comes back to remove its entry.
 #[map]
 pub static OFFCPU_START: LruHashMap<u32, OffCpuStart> = LruHashMap::with_max_entries(16384, 0);
+
+/// Thread id -> the server request it is serving: the HTTP tracer's map of
+/// that name, shared by the loader when tracing runs (samples then carry
+/// their span). Otherwise this object's own, empty.
+#[map]
+pub static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(1, 0);

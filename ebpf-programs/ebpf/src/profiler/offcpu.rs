@@ -34,7 +34,8 @@ use fathom_common::{
 use super::{
     maps::*,
     sample::{
-        NO_STACK, StackStore, acknowledge, bump, filtered_out, kernel_walk, notice_process, stored,
+        NO_STACK, StackStore, acknowledge, bump, filtered_out, kernel_walk, notice_process,
+        serving_span, stored,
     },
     unwind,
 };
@@ -112,6 +113,8 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u64, now: u64) -> Result<()
     } else {
         &OFFCPU_COUNTS_1
     };
+    // The span it served when it left: it has not run since.
+    let (trace_id, span_id) = serving_span(tid);
     let key = SampleKey {
         pid: start.pid,
         tid,
@@ -120,6 +123,8 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u64, now: u64) -> Result<()
         comm: start.comm,
         user_unwind: start.user_unwind,
         _reserved: 0,
+        trace_id,
+        span_id,
     };
     add(counts, &key, away)?;
     bump(Counter::off_cpu_recorded(set));

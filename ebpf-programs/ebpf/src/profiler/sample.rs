@@ -52,6 +52,9 @@ pub struct Sample {
     pub pid: u32,
     pub tid: u32,
     comm: [u8; COMM_LEN],
+    /// The span the thread serves ([`serving_span`]).
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
     /// A `status` of the user stack's walk.
     pub user_unwind: u32,
     /// Frames in `walk.stack`; [`NO_STACK`] or [`WALK_FAILED`] when none.
@@ -147,6 +150,7 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<u32, ()> {
     sample.pid = pid;
     sample.tid = tid;
     sample.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    (sample.trace_id, sample.span_id) = serving_span(tid);
     sample.kernel_len = kernel_walk(ctx, &mut sample.kernel, 0);
     if let Some(process) = unwind::wants(pid) {
         sample.process = process;
@@ -154,6 +158,19 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<u32, ()> {
     }
     frame_pointer_user_stack(ctx, sample);
     Ok(stage::RECORD)
+}
+
+/// The trace and span ids of the server request thread `tid` serves, when
+/// it serves exactly one (the HTTP tracer's `SERVING`); zeros otherwise. A
+/// thread with several open requests (an event loop) gets none rather than
+/// a guess.
+#[inline(always)]
+pub fn serving_span(tid: u32) -> ([u8; 16], [u8; 8]) {
+    // SAFETY: copied out of the map value at once.
+    match unsafe { SERVING.get(&tid) } {
+        Some(s) if s.open == 1 => (s.ctx.trace_id, s.ctx.span_id),
+        _ => ([0; 16], [0; 8]),
+    }
 }
 
 /// Whether `pid` is outside the pid filter (when there is one).
@@ -231,6 +248,8 @@ fn try_profile_record(sample: &mut Sample) -> Result<(), ()> {
         comm: sample.comm,
         user_unwind: sample.user_unwind,
         _reserved: 0,
+        trace_id: sample.trace_id,
+        span_id: sample.span_id,
     };
     count_sample(counts, &key)?;
     bump(Counter::recorded(set));
