@@ -144,6 +144,7 @@ pub struct ProfilesFile {
     pub off_cpu: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub off_cpu_threshold: Option<Duration>,
+    pub off_cpu_max_stacks: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +222,11 @@ pub struct SamplingArgs {
     /// Shortest off-CPU interval counted [default: 1ms].
     #[arg(long, env = "FATHOM_OFF_CPU_THRESHOLD", value_parser = humantime::parse_duration)]
     pub off_cpu_threshold: Option<Duration>,
+    /// Off-CPU stack captures per CPU per second; past it, blocked time is
+    /// still counted, under a "capture budget used up" frame (0: no limit)
+    /// [default: 2000].
+    #[arg(long, env = "FATHOM_OFF_CPU_MAX_STACKS")]
+    pub off_cpu_max_stacks: Option<u32>,
 }
 
 /// What the profiler samples and how its stacks are resolved.
@@ -234,6 +240,8 @@ pub struct SamplingConfig {
     pub symbolizer: SymbolizerConfig,
     /// Off-CPU profiling, with its threshold; `None`: off.
     pub off_cpu: Option<Duration>,
+    /// Off-CPU stack captures per CPU per second (0: no limit).
+    pub off_cpu_max_stacks: u32,
 }
 
 impl SamplingArgs {
@@ -275,6 +283,10 @@ impl SamplingArgs {
             .then_some(off_cpu_threshold);
         Ok(SamplingConfig {
             off_cpu,
+            off_cpu_max_stacks: self
+                .off_cpu_max_stacks
+                .or(p.off_cpu_max_stacks)
+                .unwrap_or(crate::profiles::capture::DEFAULT_OFF_CPU_MAX_STACKS),
             frequency_hz,
             pids,
             unwind: self.unwind.or(p.unwind).unwrap_or_default(),

@@ -150,3 +150,88 @@ fn off_cpu_time_per_function_matches_the_constructed_waits() {
     assert!(top.contains("off_cpu"), "{top}");
     let _ = Path::new(&output);
 }
+
+/// A storm of short waits (two processes bouncing a byte through pipes,
+/// hundreds of thousands of switches a second) against a tiny capture
+/// budget: the stacks of most switch-outs are not walked, and their time is
+/// still counted, under a frame that says why. Oracle: the workload's
+/// lifetime minus its CPU time (`/usr/bin/time`, parent and child).
+#[test]
+fn over_the_capture_budget_blocked_time_is_still_counted() {
+    let Some(_kernel) =
+        KernelTest::acquire("over_the_capture_budget_blocked_time_is_still_counted")
+            .map(KernelTest::agent)
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let binary = build_fixture("pingpong", dir.path());
+    let output = dir.path().join("off.pb.gz");
+    let agent = Agent::spawn(&[
+        "profile",
+        "--event",
+        "off-cpu",
+        "--off-cpu-threshold",
+        "1ns",
+        "--off-cpu-max-stacks",
+        "100",
+        "--duration",
+        "6s",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    agent.wait_for_log("profiler attached", Duration::from_secs(60));
+    let run = Command::new("/usr/bin/time")
+        .args(["-f", "TIME %e %U %S"])
+        .arg(&binary)
+        .arg("2")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let t: Vec<f64> = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("TIME "))
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (status, log) = agent.finish(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    // Both processes live through the run: blocked = 2 lifetimes - CPU.
+    let expected = (2.0 * t[0] - t[1] - t[2]) * 1e9;
+    let samples: Vec<FlatSample> = flatten(&read_profile(&output))
+        .into_iter()
+        .filter(|s| s.comm == "pingpong")
+        .collect();
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let budget = "[lost user stack: off-CPU capture budget used up]";
+    let uncaptured: i64 = samples
+        .iter()
+        .filter(|s| s.functions.iter().any(|f| f == budget))
+        .map(|s| s.count)
+        .sum();
+    println!(
+        "pingpong: {:.3} s off-CPU counted, {:.3} s expected (2 x {:.3} s - {:.3} s CPU); \
+         {:.1}% under {budget:?}",
+        total as f64 / 1e9,
+        expected / 1e9,
+        t[0],
+        t[1] + t[2],
+        100.0 * uncaptured as f64 / total.max(1) as f64
+    );
+    let error = (total as f64 - expected).abs() / expected;
+    assert!(error <= 0.15, "{:.1}% off", error * 100.0);
+    assert!(
+        uncaptured as f64 >= 0.9 * total as f64,
+        "only {uncaptured} of {total} ns without stacks at 100 captures per CPU per second"
+    );
+    // Some stacks were still walked: the budget is a rate, not a switch.
+    assert!(
+        samples
+            .iter()
+            .any(|s| !s.functions.iter().any(|f| f.contains("capture budget"))),
+        "no captured stack at all"
+    );
+}

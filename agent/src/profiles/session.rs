@@ -293,6 +293,7 @@ impl From<&crate::config::SamplingConfig> for ProfilesConfig {
                 },
                 unwind_tables: s.unwind == crate::config::UnwindChoice::Tables,
                 off_cpu: s.off_cpu,
+                off_cpu_max_stacks: s.off_cpu_max_stacks,
                 ..ProfilerConfig::default()
             },
             unwinder: UnwinderConfig {

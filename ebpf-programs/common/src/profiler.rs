@@ -99,6 +99,10 @@ pub mod stack_id {
     pub const MAP_FULL: u64 = 2;
     /// A different stack with the same 64-bit hash was already stored.
     pub const COLLISION: u64 = 3;
+    /// Off-CPU: the thread left the CPU when this CPU had used its budget of
+    /// stack captures for the moment (`OFFCPU_MAX_STACKS`); its time is
+    /// counted, its stacks not walked.
+    pub const NOT_CAPTURED: u64 = 4;
     /// The smallest value that is a real hash. Hashes below it are moved up.
     pub const FIRST_HASH: u64 = 16;
 }
@@ -146,11 +150,14 @@ pub enum Counter {
     OffCpuShort,
     /// Off-CPU: intervals lost because `OFFCPU_COUNTS_n` was full.
     OffCpuCountMapFull,
+    /// Off-CPU: switch-outs whose stacks were not walked (over the capture
+    /// budget).
+    OffCpuNotCaptured,
 }
 
 impl Counter {
     /// Number of counters (length of `COUNTERS`).
-    pub const COUNT: u32 = Counter::OffCpuCountMapFull as u32 + 1;
+    pub const COUNT: u32 = Counter::OffCpuNotCaptured as u32 + 1;
 
     /// All counters, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -172,6 +179,7 @@ impl Counter {
         Counter::OffCpuRecorded1,
         Counter::OffCpuShort,
         Counter::OffCpuCountMapFull,
+        Counter::OffCpuNotCaptured,
     ];
 
     /// Counter of samples recorded into `set` (0 or 1).
@@ -291,6 +299,8 @@ pub mod names {
     pub const OFF_CPU_START: &str = "OFFCPU_START";
     /// Global: shortest blocked interval counted, in nanoseconds.
     pub const GLOBAL_OFF_CPU_MIN_NS: &str = "OFFCPU_MIN_NS";
+    /// Global: stack captures per CPU per 100 ms (0: no limit).
+    pub const GLOBAL_OFF_CPU_MAX_STACKS: &str = "OFFCPU_MAX_STACKS";
     /// Global: offset of `pid` (the thread id) in `struct task_struct`, from
     /// the kernel's BTF.
     pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";

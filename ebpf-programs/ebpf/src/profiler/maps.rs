@@ -99,3 +99,8 @@ pub static OFFCPU_START: LruHashMap<u32, OffCpuStart> = LruHashMap::with_max_ent
 /// their span). Otherwise this object's own, empty.
 #[map]
 pub static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(1, 0);
+
+/// Off-CPU capture budget of this CPU: `[0]` start of the current 100 ms
+/// period, `[1]` stack captures in it.
+#[map]
+pub static OFFCPU_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);

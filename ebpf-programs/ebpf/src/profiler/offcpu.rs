@@ -34,8 +34,8 @@ use fathom_common::{
 use super::{
     maps::*,
     sample::{
-        NO_STACK, StackStore, acknowledge, bump, filtered_out, kernel_walk, notice_process,
-        serving_span, stored,
+        NO_STACK, NOT_CAPTURED, StackStore, acknowledge, bump, filtered_out, kernel_walk,
+        notice_process, serving_span, stored,
     },
     unwind,
 };
@@ -43,6 +43,12 @@ use super::{
 /// Shortest blocked interval counted. Set by the loader.
 #[unsafe(no_mangle)]
 static OFFCPU_MIN_NS: u64 = 1_000_000;
+/// Stack captures allowed per CPU per [`BUDGET_PERIOD_NS`] (0: no limit).
+/// Set by the loader.
+#[unsafe(no_mangle)]
+static OFFCPU_MAX_STACKS: u64 = 0;
+const BUDGET_PERIOD_NS: u64 = 100_000_000;
+
 /// Offset of `pid` (thread id) in `struct task_struct`. Set by the loader
 /// from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -164,6 +170,17 @@ fn switch_out(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let sample = SAMPLE.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's scratch sample; nothing else runs on this CPU now.
     let sample = unsafe { &mut *sample };
+    sample.pid = pid;
+    sample.tid = tid;
+    sample.off_cpu_pending = 1;
+    if !within_budget() {
+        // Timed all the same; its stacks say why they are missing.
+        bump(Counter::OffCpuNotCaptured);
+        sample.kernel_len = NOT_CAPTURED;
+        sample.user_len = NOT_CAPTURED;
+        sample.user_unwind = status::KERNEL_FRAME_POINTERS;
+        return Ok(());
+    }
     sample.kernel_len = kernel_walk(ctx, &mut sample.kernel, 0);
     if let Some(process) = unwind::wants(pid) {
         let (status, frames) = unwind::walk_user_stack(core::ptr::null_mut(), process);
@@ -173,10 +190,35 @@ fn switch_out(ctx: &BtfTracePointContext) -> Result<(), ()> {
         sample.user_unwind = status::KERNEL_FRAME_POINTERS;
         sample.user_len = kernel_walk(ctx, &mut sample.walk.stack, BPF_F_USER_STACK as u64);
     }
-    sample.pid = pid;
-    sample.tid = tid;
-    sample.off_cpu_pending = 1;
     Ok(())
+}
+
+/// Whether this CPU may walk one more pair of stacks in the current
+/// period (and counts it). Walking costs microseconds per switch; a storm
+/// of short waits would otherwise cost a CPU.
+#[inline(always)]
+fn within_budget() -> bool {
+    // SAFETY: a plain read of a loader-set global.
+    let max = unsafe { read_volatile(&OFFCPU_MAX_STACKS) };
+    if max == 0 {
+        return true;
+    }
+    let Some(budget) = OFFCPU_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's value; the scheduler does not nest on a CPU.
+    let budget = unsafe { &mut *budget };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(budget[0]) >= BUDGET_PERIOD_NS {
+        budget[0] = now;
+        budget[1] = 0;
+    }
+    if budget[1] >= max {
+        return false;
+    }
+    budget[1] += 1;
+    true
 }
 
 /// Stores the captured stacks and the start of the current thread.

@@ -76,6 +76,8 @@ pub struct Sample {
 pub const NO_STACK: i32 = 0;
 /// `Sample::user_len`/`kernel_len`: the walk failed.
 pub const WALK_FAILED: i32 = -1;
+/// `Sample::user_len`/`kernel_len`: not walked (off-CPU capture budget).
+pub const NOT_CAPTURED: i32 = -2;
 
 /// One set of the stack store.
 pub struct StackStore {
@@ -261,6 +263,7 @@ fn try_profile_record(sample: &mut Sample) -> Result<(), ()> {
 pub fn stored(store: &StackStore, stack: &Stack, len: i32, seed: u64) -> u64 {
     match len {
         WALK_FAILED => stack_id::WALK_FAILED,
+        NOT_CAPTURED => stack_id::NOT_CAPTURED,
         n if n <= NO_STACK => stack_id::EMPTY,
         n => store_stack(store, stack, n as u32, seed),
     }
