@@ -321,6 +321,45 @@ pub struct RawTrace {
     pub spans: Vec<ResourceSpans>,
 }
 
+/// The span attribute that names a span's profile (Pyroscope's convention:
+/// the span id whose `span_id`-labelled samples are its profile).
+pub const PROFILE_ID_ATTRIBUTE: &str = "pyroscope.profile.id";
+
+/// 16 hexadecimal digits (a span id as sample labels carry it).
+pub fn is_span_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl RawTrace {
+    /// The ids (lowercase hexadecimal) whose samples belong to this trace:
+    /// every span's id and every `pyroscope.profile.id` attribute's value
+    /// that is a span id.
+    pub fn profile_span_ids(&self) -> std::collections::HashSet<String> {
+        let mut ids = std::collections::HashSet::new();
+        for span in self
+            .spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+        {
+            if span.span_id.len() == 8 {
+                ids.insert(hex(&span.span_id));
+            }
+            for kv in span
+                .attributes
+                .iter()
+                .filter(|kv| kv.key == PROFILE_ID_ATTRIBUTE)
+            {
+                let v = kv.value.as_ref().map(any_value_string).unwrap_or_default();
+                if is_span_id(&v) {
+                    ids.insert(v.to_ascii_lowercase());
+                }
+            }
+        }
+        ids
+    }
+}
+
 /// A span name of a service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Operation {
@@ -403,6 +442,26 @@ pub struct WindowTotal {
     pub start_ms: i64,
     pub total: i64,
 }
+
+/// The profile samples of some spans, of one profile type (see
+/// [`Store::span_profile_totals`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SpanProfileTotals {
+    /// `name:type:unit:period type:period unit`.
+    pub type_id: String,
+    pub name: String,
+    pub sample_type: String,
+    pub unit: String,
+    pub total: i64,
+    /// Span id (lowercase hexadecimal) → total of its samples.
+    pub spans: BTreeMap<String, i64>,
+}
+
+/// The pprof sample label that holds the id of the span a sample was taken
+/// in (16 hexadecimal digits; Pyroscope's SDKs and the agent set it).
+pub const SPAN_ID_LABEL: &str = "span_id";
+/// The pprof sample label that holds the trace id (32 hexadecimal digits).
+pub const TRACE_ID_LABEL: &str = "trace_id";
 
 /// One span as the UI shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -1416,6 +1475,69 @@ impl Store {
                 Ok(())
             },
         )?;
+        Ok(out)
+    }
+
+    /// Per profile type, the samples in [from, until] whose `span_id` label
+    /// is one of `span_ids` or whose `trace_id` label is `trace_id`
+    /// (lowercase hexadecimal): their total and their total per span id
+    /// (samples labelled with the trace but no span id count under "").
+    /// Types without such samples are left out; by total, largest first.
+    pub fn span_profile_totals(
+        &self,
+        span_ids: &std::collections::HashSet<String>,
+        trace_id: Option<&str>,
+        from: Option<SystemTime>,
+        until: Option<SystemTime>,
+    ) -> Result<Vec<SpanProfileTotals>, StoreError> {
+        let series = self.typed_series(&Selector::default(), 0, 0)?;
+        let mut by_type: BTreeMap<String, SpanProfileTotals> = BTreeMap::new();
+        self.each_window(
+            &series,
+            from.map_or(0, nanos),
+            until.map_or(u64::MAX, nanos),
+            |t, _, p| {
+                let key = |k: &str| p.string_table.iter().position(|s| s == k);
+                let span_key = key(SPAN_ID_LABEL).map(|i| i as i64);
+                let trace_key = key(TRACE_ID_LABEL).map(|i| i as i64);
+                if span_key.is_none() && trace_key.is_none() {
+                    return Ok(());
+                }
+                for s in &p.sample {
+                    let value = s.value.get(t.index).copied().unwrap_or(0);
+                    if value == 0 {
+                        continue;
+                    }
+                    let span = span_key
+                        .and_then(|k| pprof::label_str(p, s, k))
+                        .map(str::to_ascii_lowercase);
+                    let in_trace = trace_id.is_some_and(|tid| {
+                        trace_key
+                            .and_then(|k| pprof::label_str(p, s, k))
+                            .is_some_and(|v| v.eq_ignore_ascii_case(tid))
+                    });
+                    if !(in_trace || span.as_ref().is_some_and(|id| span_ids.contains(id))) {
+                        continue;
+                    }
+                    let e = by_type
+                        .entry(t.type_id.clone())
+                        .or_insert_with(|| SpanProfileTotals {
+                            type_id: t.type_id.clone(),
+                            name: t.info.profile_name.clone(),
+                            sample_type: t.get("__type__").unwrap_or_default().to_string(),
+                            unit: t.get("__unit__").unwrap_or_default().to_string(),
+                            total: 0,
+                            spans: BTreeMap::new(),
+                        });
+                    e.total = e.total.saturating_add(value);
+                    let per = e.spans.entry(span.unwrap_or_default()).or_insert(0);
+                    *per = per.saturating_add(value);
+                }
+                Ok(())
+            },
+        )?;
+        let mut out: Vec<SpanProfileTotals> = by_type.into_values().collect();
+        out.sort_by(|a, b| b.total.cmp(&a.total).then(a.type_id.cmp(&b.type_id)));
         Ok(out)
     }
 

@@ -2,7 +2,7 @@
 // each with its own selectors, all state in the URL (?view=…&p.…/t.…/m.…)
 // so a view can be linked. Profiles use the Pyroscope querier (connect
 // JSON: ProfileTypes, LabelNames, LabelValues, SelectSeries,
-// SelectMergeStacktraces), traces and metrics /ui/api/*.
+// SelectMergeStacktraces, SelectMergeSpanProfile), traces and metrics /ui/api/*.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -294,7 +294,7 @@ const flame = {
   render() {
     const box = $("flame");
     if (!this.root || this.root.total <= 0) {
-      box.replaceChildren(el("p", { class: "empty" }, "No samples for this selection."));
+      box.replaceChildren(el("p", { class: "empty" }, this.emptyText || "No samples for this selection."));
       box.style.height = "";
       box.dataset.state = "empty";
       return;
@@ -474,6 +474,7 @@ const profiles = {
     ]);
     this.types = resp.profileTypes || [];
     this.seriesInfo = series;
+    this.spanBanner();
     if (!this.types.length) {
       $("p-type").replaceChildren(el("option", { value: "" }, "(no profiles stored)"));
       flame.set(null, "");
@@ -525,7 +526,33 @@ const profiles = {
     return p;
   },
 
+  /// Span ids the view is restricted to ("Profile of this span/trace"), or [].
+  spans() { return (S["p.spans"] || "").split(",").map((x) => x.trim()).filter(Boolean); },
+
+  /// The banner of the span mode: what is shown, back to the trace, or all samples.
+  spanBanner() {
+    const ids = this.spans();
+    const b = $("p-span");
+    if (!ids.length) { b.hidden = true; return; }
+    b.replaceChildren(
+      el("b", {}, "Profile of " + (S["p.what"] || "span " + ids.join(", "))),
+      el("span", { class: "muted" }, ` — only samples labelled span_id=${ids.length > 3 ? ids.slice(0, 3).join(", ") + ` … (${ids.length} spans)` : ids.join(", ")}`),
+      S["p.trace"] ? el("a", { id: "p-span-back", href: "?" + new URLSearchParams({ view: "traces", trace: S["p.trace"], ...(S.theme ? { theme: S.theme } : {}) }) }, "Back to the trace") : "",
+      el("button", { type: "button", id: "p-span-clear", onclick: () => {
+        for (const k of ["p.spans", "p.what", "p.trace"]) delete S[k];
+        this.load().catch((e) => setStatus(e.message, true));
+      } }, "Show all samples"));
+    b.hidden = false;
+  },
+
   async merge(from, until) {
+    const spans = this.spans();
+    if (spans.length) {
+      const r = await querier("SelectMergeSpanProfile", {
+        profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", spanSelector: spans, start: from, end: until, maxNodes: 8192,
+      });
+      return r.flamegraph ? treeFromLevels(r.flamegraph) : null;
+    }
     const r = await querier("SelectMergeStacktraces", {
       profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start: from, end: until, maxNodes: 8192,
     });
@@ -535,8 +562,15 @@ const profiles = {
   async load() {
     saveUrl();
     this.chips();
+    this.spanBanner();
     const t = this.typeInfo();
     if (!t) return;
+    const spans = this.spans();
+    // A span's samples have no timeline of their own, and no diff.
+    $("p-timeline").hidden = spans.length > 0;
+    $("p-diff").disabled = spans.length > 0;
+    if (spans.length) $("p-diff").checked = false;
+    else flame.emptyText = null;
     const unit = t.sampleUnit;
     const [start, end] = this.range();
     $("p-from").value = toLocalInput(start);
@@ -591,13 +625,22 @@ const profiles = {
       return;
     }
     const root = await this.merge(start, end);
+    // An honest empty state for a span: why it may have no samples.
+    flame.emptyText = spans.length
+      ? `No ${t.sampleType} samples carry span_id ${spans.join(", ")} between ${fmtTime(start)} and ${fmtTime(end)}. ` +
+        "Samples are labelled with a span only while a profiled thread runs that span's work: the span may be shorter " +
+        "than the sampling interval (about 10 ms at 99 Hz), may have waited rather than run on a CPU, or its process " +
+        "is not profiled (or not profiled with span labels)."
+      : null;
     flame.set(root, unit);
     this.table(root);
     const total = root ? root.total : 0;
-    $("p-total").textContent = total ? `Total ${fmtUnit(total, unit)} of ${t.sampleType}` : "";
+    $("p-total").textContent = total ? `Total ${fmtUnit(total, unit)} of ${t.sampleType}${spans.length ? (spans.length > 1 ? " in these spans" : " in this span") : ""}` : "";
     $("p-total").dataset.total = String(total);
     if (total > 0) {
-      dl.href = "/ui/api/profile?" + this.profileParams(start, end).toString();
+      const params = this.profileParams(start, end);
+      if (spans.length) params.set("span_id", spans.join(","));
+      dl.href = "/ui/api/profile?" + params.toString();
       dl.setAttribute("download", "profile.pb.gz");
       dl.classList.remove("disabled");
       dl.removeAttribute("aria-disabled");
@@ -606,7 +649,7 @@ const profiles = {
       dl.classList.add("disabled");
       dl.setAttribute("aria-disabled", "true");
     }
-    setStatus(total ? "" : "No samples of this type in the range for this selector.");
+    setStatus(total ? "" : spans.length ? "No samples carry this span." : "No samples of this type in the range for this selector.");
   },
 
   table(root) {
@@ -774,11 +817,61 @@ const traces = {
       wf.replaceChildren(el("p", { class: "empty" }, e.message));
       wf.dataset.state = "error";
       $("trace-title").textContent = "";
+      $("trace-profile").hidden = true;
       return;
     }
     this.trace = t;
+    this.prof = null;
+    this.selected = null;
     this.collapsed = new Set();
     this.render();
+    await this.loadProfiles(t);
+  },
+
+  /// Which spans of the trace have profile samples (span_id sample labels),
+  /// per profile type: marks them in the waterfall and links their flame
+  /// graphs.
+  async loadProfiles(t) {
+    let r;
+    try {
+      r = await (await getJson("/ui/api/traces/" + encodeURIComponent(t.summary.trace_id) + "/profiles")).json();
+    } catch (e) {
+      setStatus("profile samples of this trace: " + e.message, true);
+      return;
+    }
+    if (this.trace !== t) return;
+    this.prof = { from: r.from_ms, until: r.until_ms, type: r.types[0] || null };
+    this.render();
+    const sel = this.selected && document.querySelector(`#waterfall .wf-row[data-span="${this.selected}"]`);
+    const span = this.selected && t.spans.find((s) => s.span_id === this.selected);
+    if (sel && span) this.detail(span, sel);
+    $("waterfall").dataset.profiles = r.types.length ? "yes" : "no";
+  },
+
+  /// The profile id a span names (`pyroscope.profile.id`, a span id), if any.
+  profileId(s) {
+    const a = s.attributes.find(([k]) => k === "pyroscope.profile.id");
+    return a && /^[0-9a-fA-F]{16}$/.test(a[1]) ? a[1].toLowerCase() : null;
+  },
+
+  /// The span's samples' total in the trace's main profile type (0: none).
+  spanTotal(s) {
+    const spans = this.prof && this.prof.type ? this.prof.type.spans : {};
+    const id = this.profileId(s);
+    return (spans[s.span_id] || 0) + (id && id !== s.span_id ? spans[id] || 0 : 0);
+  },
+
+  /// A Profiles view link: the flame graph of the samples labelled with
+  /// `ids` over the trace's range.
+  profileHref(ids, what) {
+    const t = this.trace;
+    const from = this.prof ? this.prof.from : Math.floor(t.summary.start_unix_nano / 1e6) - 15000;
+    const until = this.prof ? this.prof.until : Math.ceil(t.summary.end_unix_nano / 1e6) + 15000;
+    const p = new URLSearchParams({ view: "profiles", "p.spans": ids.join(","), "p.what": what, "p.trace": t.summary.trace_id,
+      "p.q": "{}", "p.range": "custom", "p.from": String(from), "p.until": String(until) });
+    if (this.prof && this.prof.type) p.set("p.type", this.prof.type.type_id);
+    if (S.theme) p.set("theme", S.theme);
+    return "?" + p.toString();
   },
 
   render() {
@@ -786,6 +879,18 @@ const traces = {
     const wf = $("waterfall");
     const total = Math.max(t.summary.end_unix_nano - t.summary.start_unix_nano, 1) / 1e6;
     $("trace-title").textContent = `${t.summary.root_name} · ${t.summary.trace_id} · ${fmtMs(total)} · ${t.spans.length} spans`;
+    // Profile of this trace: every span id with samples, and those named by pyroscope.profile.id.
+    const ty = this.prof && this.prof.type;
+    const profIds = new Set(Object.keys(ty ? ty.spans : {}).filter((k) => k));
+    for (const s of t.spans) { const id = this.profileId(s); if (id) profIds.add(id); }
+    const tl = $("trace-profile");
+    if (profIds.size) {
+      tl.href = this.profileHref([...profIds].sort(), `trace ${t.summary.trace_id} (${t.summary.root_name})`);
+      // The samples of its spans (those labelled with the trace only are no span's).
+      const spansTotal = ty ? Object.entries(ty.spans).reduce((a, [k, v]) => a + (k ? v : 0), 0) : 0;
+      tl.textContent = "Profile of this trace" + (spansTotal ? ` (${fmtUnit(spansTotal, ty.unit)} ${ty.sample_type})` : "");
+      tl.hidden = false;
+    } else tl.hidden = true;
     const ids = new Set(t.spans.map((s) => s.span_id));
     const children = new Map();
     const roots = [];
@@ -810,11 +915,13 @@ const traces = {
         ? el("span", { class: "wf-time", style: `left:${left + width}%` }, fmtMs(s.duration_ms))
         : el("span", { class: "wf-time", style: `right:${100 - left}%` }, fmtMs(s.duration_ms));
       const events = s.events.map((e) => el("span", { class: "wf-event", title: e.name, style: `left:${(100 * (s.offset_ms + e.offset_ms)) / total}%` }));
+      const spanTotal = this.spanTotal(s);
+      const mark = spanTotal > 0 ? el("span", { class: "wf-prof", title: `profile: ${fmtUnit(spanTotal, ty.unit)} of ${ty.sample_type} samples in this span` }) : "";
       const caret = el("span", { class: "wf-caret" }, kids.length ? (closed ? "▸" : "▾") : "");
       if (kids.length) caret.addEventListener("click", (e) => { e.stopPropagation(); this.toggle(s.span_id); });
-      const row = el("div", { class: "wf-row", "data-span": s.span_id, title: `${s.name} (${s.kind}, ${s.status}) ${fmtMs(s.duration_ms)} at +${fmtMs(s.offset_ms)}` },
+      const row = el("div", { class: "wf-row" + (s.span_id === this.selected ? " selected" : ""), "data-span": s.span_id, "data-profile": spanTotal > 0 ? String(spanTotal) : null, title: `${s.name} (${s.kind}, ${s.status}) ${fmtMs(s.duration_ms)} at +${fmtMs(s.offset_ms)}` },
         el("div", { class: "wf-label", style: `padding-left:${4 + depth * 14}px` },
-          caret, el("span", { class: "svc" }, s.service + " "), s.name, kids.length && closed ? el("span", { class: "svc" }, ` (+${this.count(s.span_id, children)})`) : ""),
+          caret, mark, el("span", { class: "svc" }, s.service + " "), s.name, kids.length && closed ? el("span", { class: "svc" }, ` (+${this.count(s.span_id, children)})`) : ""),
         el("div", { class: "wf-track" },
           el("div", { class: "wf-bar" + (s.status === "error" ? " error" : ""), style: `left:${left}%;width:${width}%` }),
           ...events, time));
@@ -843,10 +950,22 @@ const traces = {
   detail(s, row) {
     for (const r of document.querySelectorAll(".wf-row.selected")) r.classList.remove("selected");
     row.classList.add("selected");
+    this.selected = s.span_id;
+    // Profile of this span: when it names a profile (pyroscope.profile.id)
+    // or samples carry its id.
+    const ty = this.prof && this.prof.type;
+    const spanTotal = this.spanTotal(s);
+    const pid = this.profileId(s);
+    const ids = [...new Set([s.span_id, pid].filter((x) => x && (x === pid || (ty && ty.spans[x]))))];
+    const profLink = ids.length
+      ? el("p", { class: "span-profile" }, el("a", { id: "span-profile", href: this.profileHref(ids, `span ${s.service}: ${s.name} (${ids.join(", ")})`) },
+        "Profile of this span"), " ", el("span", { class: "muted" }, spanTotal > 0 ? `${fmtUnit(spanTotal, ty.unit)} of ${ty.sample_type} samples` : (this.prof ? "no samples found yet" : "")))
+      : null;
     const kv = (rows) => el("table", {}, el("tbody", {}, ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
     const d = $("span-detail");
     d.replaceChildren(
       el("h3", {}, `${s.service}: ${s.name}`),
+      profLink,
       kv([["kind", s.kind], ["status", s.status + (s.status_message ? ": " + s.status_message : "")],
         ["start", fmtTime(s.start_unix_nano / 1e6)], ["duration", fmtMs(s.duration_ms)], ["offset", "+" + fmtMs(s.offset_ms)],
         ["span id", s.span_id], ["parent", s.parent_span_id || "(root)"], ["scope", s.scope]]),
