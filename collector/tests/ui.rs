@@ -755,6 +755,148 @@ fn span_and_trace_ids_select_the_labelled_samples() {
     assert_eq!(status, 400);
 }
 
+/// `POST` of a connect JSON call to the Pyroscope querier; its JSON answer.
+fn querier_json(run: &Running, method: &str, req: serde_json::Value) -> serde_json::Value {
+    let url = format!("{}/querier.v1.QuerierService/{method}", run.base);
+    run.rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(req.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 200, "{method}: {text}");
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// `push.v1` splits a profile into series by its string sample labels (Go's
+/// `pprof.Do`, the SDKs' tag wrappers), as Pyroscope's distributor and
+/// `/ingest` do: the label is selectable in the querier and the totals per
+/// series are the labelled samples'; span ids and numeric labels stay on
+/// the samples (span filter, `-tagfocus`).
+#[test]
+fn push_splits_series_by_sample_labels() {
+    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+    use prost::Message as _;
+    let run = Running::start();
+    let mut p = cpu_profile(&[
+        (&["main", "handle", "busy_loop"], 30),
+        (&["main", "handle", "idle_wait"], 20),
+        (&["main", "gc"], 5),
+    ]);
+    label_samples(
+        &mut p,
+        &[
+            (0, &[("endpoint", "/busy"), ("span_id", SPAN_A)]),
+            (1, &[("endpoint", "/idle")]),
+        ],
+    );
+    // A numeric label, as the agent's pid/tid.
+    let pid = p.string_table.len() as i64;
+    p.string_table.push("pid".into());
+    p.sample[2]
+        .label
+        .push(fathom_collector::proto::pprof::Label {
+            key: pid,
+            str: 0,
+            num: 4242,
+            num_unit: 0,
+        });
+    let push = PushRequest {
+        series: vec![RawProfileSeries {
+            labels: [("__name__", "process_cpu"), ("service_name", "shop")]
+                .iter()
+                .map(|(n, v)| LabelPair {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            samples: vec![RawSample {
+                raw_profile: pprof::encode_gzip(&p),
+                id: String::new(),
+            }],
+        }],
+    };
+    run.rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{}/push.v1.PusherService/Push", run.base))
+            .header("content-type", "application/proto")
+            .body(push.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    run.wait_json("/ui/api/top?service=shop&type=samples", |v| {
+        v["total"].as_i64() == Some(55)
+    });
+    let cpu = "process_cpu:cpu:nanoseconds:cpu:nanoseconds";
+    let values = querier_json(
+        &run,
+        "LabelValues",
+        serde_json::json!({"name": "endpoint", "matchers": ["{service_name=\"shop\"}"]}),
+    );
+    assert_eq!(values["names"], serde_json::json!(["/busy", "/idle"]));
+    let names = querier_json(&run, "LabelNames", serde_json::json!({}));
+    let names: Vec<&str> = names["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"endpoint") && !names.contains(&"span_id") && !names.contains(&"pid"),
+        "{names:?}"
+    );
+    let series = querier_json(
+        &run,
+        "Series",
+        serde_json::json!({"matchers": ["{service_name=\"shop\",__profile_type__=\"process_cpu:cpu:nanoseconds:cpu:nanoseconds\"}"]}),
+    );
+    assert_eq!(series["labelsSet"].as_array().unwrap().len(), 3, "{series}");
+    let total = |sel: &str| -> i64 {
+        let r = querier_json(
+            &run,
+            "SelectMergeStacktraces",
+            serde_json::json!({"profileTypeID": cpu, "labelSelector": sel, "start": "0", "end": "0"}),
+        );
+        r["flamegraph"]["total"]
+            .as_str()
+            .map_or(0, |t| t.parse().unwrap())
+    };
+    assert_eq!(
+        total("{service_name=\"shop\",endpoint=\"/busy\"}"),
+        300_000_000
+    );
+    assert_eq!(
+        total("{service_name=\"shop\",endpoint=\"/idle\"}"),
+        200_000_000
+    );
+    assert_eq!(total("{service_name=\"shop\",endpoint=\"\"}"), 50_000_000);
+    assert_eq!(total("{service_name=\"shop\"}"), 550_000_000);
+    // The span id stays on its sample: the span's profile is found.
+    let top = run.get_json(&format!(
+        "/ui/api/top?service=shop&type=samples&span_id={SPAN_A}"
+    ));
+    assert_eq!(top["total"].as_i64(), Some(30), "{top}");
+    // The numeric pid stays on its sample in the pprof served.
+    let (status, body) = run.get("/api/profile?series=%7Bservice_name%3D%22shop%22%7D");
+    assert_eq!(status, 200);
+    let served = pprof::decode(&body).unwrap();
+    let pid_key = served.string_table.iter().position(|s| s == "pid").unwrap() as i64;
+    assert!(
+        served
+            .sample
+            .iter()
+            .any(|s| s.label.iter().any(|l| l.key == pid_key && l.num == 4242)),
+        "pid label kept"
+    );
+}
+
 /// OTLP metrics of `checkout` at `t` (unix ns): a gauge, a counter and a
 /// histogram in seconds.
 fn shop_metrics(
