@@ -1633,24 +1633,31 @@ impl Store {
         from: Option<SystemTime>,
         until: Option<SystemTime>,
     ) -> Result<Vec<SpanProfileTotals>, StoreError> {
-        let series = self.typed_series(&Selector::default(), 0, 0)?;
+        // Each stored window is read once, for all its sample types.
+        let mut typed: BTreeMap<(String, String), Vec<TypedSeries>> = BTreeMap::new();
+        for t in self.typed_series(&Selector::default(), 0, 0)? {
+            typed
+                .entry((t.info.selector.clone(), t.info.sample_types.clone()))
+                .or_default()
+                .push(t);
+        }
+        let firsts: Vec<TypedSeries> = typed.values().filter_map(|v| v.first().cloned()).collect();
         let mut by_type: BTreeMap<String, SpanProfileTotals> = BTreeMap::new();
         self.each_window(
-            &series,
+            &firsts,
             from.map_or(0, nanos),
             until.map_or(u64::MAX, nanos),
-            |t, _, p| {
+            |first, _, p| {
                 let key = |k: &str| p.string_table.iter().position(|s| s == k);
                 let span_key = key(SPAN_ID_LABEL).map(|i| i as i64);
                 let trace_key = key(TRACE_ID_LABEL).map(|i| i as i64);
                 if span_key.is_none() && trace_key.is_none() {
                     return Ok(());
                 }
+                let all = typed
+                    .get(&(first.info.selector.clone(), first.info.sample_types.clone()))
+                    .map_or(&[][..], Vec::as_slice);
                 for s in &p.sample {
-                    let value = s.value.get(t.index).copied().unwrap_or(0);
-                    if value == 0 {
-                        continue;
-                    }
                     let span = span_key
                         .and_then(|k| pprof::label_str(p, s, k))
                         .map(str::to_ascii_lowercase);
@@ -1662,19 +1669,26 @@ impl Store {
                     if !(in_trace || span.as_ref().is_some_and(|id| span_ids.contains(id))) {
                         continue;
                     }
-                    let e = by_type
-                        .entry(t.type_id.clone())
-                        .or_insert_with(|| SpanProfileTotals {
-                            type_id: t.type_id.clone(),
-                            name: t.info.profile_name.clone(),
-                            sample_type: t.get("__type__").unwrap_or_default().to_string(),
-                            unit: t.get("__unit__").unwrap_or_default().to_string(),
-                            total: 0,
-                            spans: BTreeMap::new(),
-                        });
-                    e.total = e.total.saturating_add(value);
-                    let per = e.spans.entry(span.unwrap_or_default()).or_insert(0);
-                    *per = per.saturating_add(value);
+                    for t in all {
+                        let value = s.value.get(t.index).copied().unwrap_or(0);
+                        if value == 0 {
+                            continue;
+                        }
+                        let e =
+                            by_type
+                                .entry(t.type_id.clone())
+                                .or_insert_with(|| SpanProfileTotals {
+                                    type_id: t.type_id.clone(),
+                                    name: t.info.profile_name.clone(),
+                                    sample_type: t.get("__type__").unwrap_or_default().to_string(),
+                                    unit: t.get("__unit__").unwrap_or_default().to_string(),
+                                    total: 0,
+                                    spans: BTreeMap::new(),
+                                });
+                        e.total = e.total.saturating_add(value);
+                        let per = e.spans.entry(span.clone().unwrap_or_default()).or_insert(0);
+                        *per = per.saturating_add(value);
+                    }
                 }
                 Ok(())
             },
