@@ -1168,6 +1168,9 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         // 150 samples of 10 ms; api-0 100, api-1 50; parse_json 60.
         "total_all": "1.5 s",
         "total_api1": "500 ms",
+        "total_api0": "1 s",
+        "selector_a": "{service_name=\"api\",pod=\"api-0\"}",
+        "selector_b": "{service_name=\"api\",pod=\"api-1\"}",
         "parse_json_self": "600 ms",
         "parse_json_pct": "40%",
         "functions": ["api::parse_json", "db::query", "runtime::park", "zstd::compress", "api::serve", "main"],

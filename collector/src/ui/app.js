@@ -545,7 +545,7 @@ const profiles = {
     b.hidden = false;
   },
 
-  async merge(from, until) {
+  async merge(from, until, selector) {
     const spans = this.spans();
     if (spans.length) {
       const r = await querier("SelectMergeSpanProfile", {
@@ -554,7 +554,7 @@ const profiles = {
       return r.flamegraph ? treeFromLevels(r.flamegraph) : null;
     }
     const r = await querier("SelectMergeStacktraces", {
-      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start: from, end: until, maxNodes: 8192,
+      profileTypeID: S["p.type"], labelSelector: selector || S["p.q"] || "{}", start: from, end: until, maxNodes: 8192,
     });
     return r.flamegraph ? treeFromLevels(r.flamegraph) : null;
   },
@@ -612,13 +612,19 @@ const profiles = {
         $("p-b-from").value = toLocalInput(mid); $("p-b-until").value = toLocalInput(end);
         return this.load();
       }
+      // Two ranges, two label sets, or both: each side its own selector.
+      const selA = S["p.aq"] || S["p.q"] || "{}";
+      const selB = S["p.bq"] || S["p.q"] || "{}";
+      $("p-a-q").value = S["p.aq"] || "";
+      $("p-b-q").value = S["p.bq"] || "";
       const [ra, rb] = await Promise.all([
-        this.merge(fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value)),
-        this.merge(fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value)),
+        this.merge(fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value), selA),
+        this.merge(fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value), selB),
       ]);
       const d = diffTree(ra, rb);
       flame.set(d, unit, { totalA: ra ? ra.total : 0, totalB: rb ? rb.total : 0 });
-      $("p-total").textContent = `A: ${fmtUnit(ra ? ra.total : 0, unit)} · B: ${fmtUnit(rb ? rb.total : 0, unit)} (red: larger share in B)`;
+      const side = (sel) => (selA !== selB ? ` ${sel}` : "");
+      $("p-total").textContent = `A${side(selA)}: ${fmtUnit(ra ? ra.total : 0, unit)} · B${side(selB)}: ${fmtUnit(rb ? rb.total : 0, unit)} (red: larger share in B)`;
       this.table(null);
       dl.classList.add("disabled");
       dl.removeAttribute("href");
@@ -701,6 +707,16 @@ const profiles = {
     $("p-range").addEventListener("change", (e) => { S["p.range"] = e.target.value; delete S["p.from"]; delete S["p.until"]; reload(); });
     $("p-diff").addEventListener("change", reload);
     for (const id of ["p-a-from", "p-a-until", "p-b-from", "p-b-until"]) $(id).addEventListener("change", reload);
+    for (const [id, key] of [["p-a-q", "p.aq"], ["p-b-q", "p.bq"]]) {
+      const set = () => { S[key] = $(id).value.trim(); reload(); };
+      $(id).addEventListener("change", set);
+      $(id).addEventListener("keydown", (e) => { if (e.key === "Enter") set(); });
+    }
+    $("p-ab-whole").addEventListener("click", () => {
+      const [a, b] = this.range();
+      for (const w of ["a", "b"]) { $(`p-${w}-from`).value = toLocalInput(a); $(`p-${w}-until`).value = toLocalInput(b); }
+      reload();
+    });
     $("p-topdown").checked = S["p.dir"] !== "up";
     $("p-topdown").addEventListener("change", (e) => { S["p.dir"] = e.target.checked ? "" : "up"; saveUrl(); flame.render(); });
     $("p-search").value = S["p.search"] || "";

@@ -154,6 +154,22 @@ try {
     await settle(p);
     check((await text(p, "#p-total")).startsWith("A:"), "diff view shows A and B totals", await text(p, "#p-total"));
     await shot(p, "profiles-diff");
+    // Diff of two label sets (pods) over the same range.
+    await p.click("#p-ab-whole");
+    await p.fill("#p-a-q", EXPECT.selector_a);
+    await p.press("#p-a-q", "Enter");
+    await p.fill("#p-b-q", EXPECT.selector_b);
+    await p.press("#p-b-q", "Enter");
+    const want = `A ${EXPECT.selector_a}: ${EXPECT.total_api0} · B ${EXPECT.selector_b}: ${EXPECT.total_api1}`;
+    await p.waitForFunction((w) => document.querySelector("#p-total").textContent.startsWith(w), want, { timeout: 5000 }).catch(() => {});
+    check((await text(p, "#p-total")).startsWith(want), `label-set diff totals: ${want}`, await text(p, "#p-total"));
+    const hue = (name) => p.locator(`#flame .fg-node[data-name="${name}"]`).evaluate((n) => getComputedStyle(n).backgroundColor.match(/\d+/g).map(Number));
+    const [cr, cg] = await hue("zstd::compress");
+    const [pr, pg] = await hue("api::parse_json");
+    check(cr > cg + 40, "zstd::compress (only in B) is red", [cr, cg]);
+    check(pg > pr + 20, "api::parse_json (only in A) is green", [pr, pg]);
+    check(new URL(p.url()).searchParams.get("p.bq") === EXPECT.selector_b, "B selector in the URL");
+    await shot(p, "profiles-diff-labels");
     await p.context().close();
 
     // Dark mode: no white box.
