@@ -382,11 +382,18 @@ function diffTree(ra, rb) {
 
 // ---- timeline ----
 
-function drawTimeline(box, series, start, end, brushes, onBrush) {
+/// Colours of grouped timeline series (Pyroscope-like, distinct in light and dark).
+const GROUP_COLORS = ["#3b82f6", "#f97316", "#10b981", "#e11d48", "#8b5cf6", "#eab308", "#06b6d4", "#ec4899", "#84cc16", "#64748b", "#a16207"];
+
+/// `groups`: [{pts: [[t, v]…], color}] stacked per step (one group: the
+/// accent colour).
+function drawTimeline(box, groups, start, end, brushes, onBrush) {
   const W = box.clientWidth || 800;
   const H = box.clientHeight || 110;
   const pad = { l: 56, r: 8, t: 6, b: 16 };
-  const pts = series;
+  const stack = new Map();
+  for (const g of groups) for (const [t, v] of g.pts) stack.set(t, (stack.get(t) || 0) + v);
+  const pts = [...stack.entries()].sort((a, b) => a[0] - b[0]);
   const maxV = Math.max(1, ...pts.map((p) => p[1]));
   const X = (t) => pad.l + ((t - start) / Math.max(end - start, 1)) * (W - pad.l - pad.r);
   const Y = (v) => H - pad.b - (v / maxV) * (H - pad.t - pad.b);
@@ -400,9 +407,16 @@ function drawTimeline(box, series, start, end, brushes, onBrush) {
   // One bar per step (a line would not show a single window).
   const stepMs = Number(box.dataset.step) || 1000;
   const bw = Math.max(2, (stepMs / Math.max(end - start, 1)) * (W - pad.l - pad.r) - 1);
-  for (const [t, v] of pts) {
-    svg.append(svgEl("rect", { class: "bar", x: Math.min(X(t), W - pad.r - bw), width: bw, y: Y(v), height: Math.max(1, Y(0) - Y(v)) },
-      svgEl("title", {}, `${fmtTime(t)}: ${fmtUnit(v, box.dataset.unit)}`)));
+  const base = new Map();
+  for (const g of groups) {
+    for (const [t, v] of g.pts) {
+      const below = base.get(t) || 0;
+      base.set(t, below + v);
+      const attrs = { class: "bar", x: Math.min(X(t), W - pad.r - bw), width: bw, y: Y(below + v), height: Math.max(1, Y(below) - Y(below + v)) };
+      if (g.color) { attrs.style = `fill:${g.color}`; attrs["data-group"] = g.label; }
+      svg.append(svgEl("rect", attrs,
+        svgEl("title", {}, `${fmtTime(t)}${g.color ? " · " + g.label : ""}: ${fmtUnit(v, box.dataset.unit)}`)));
+    }
   }
   for (const [cls, a, b] of brushes) {
     if (a && b && b > a) svg.append(svgEl("rect", { class: cls, x: X(Math.max(a, start)), width: Math.max(2, X(Math.min(b, end)) - X(Math.max(a, start))), y: pad.t, height: H - pad.t - pad.b }));
@@ -498,6 +512,7 @@ const profiles = {
     const r = await querier("LabelNames", { matchers: [`{__profile_type__="${S["p.type"]}"}`], start: 0, end: 0 });
     const names = (r.names || []).filter((n) => !n.startsWith("__"));
     fillSelect($("p-label-name"), names, $("p-label-name").value || "service_name", "(label)");
+    S["p.group"] = fillSelect($("p-group"), names, S["p.group"] || "", "(none)");
     await this.labelValues();
   },
 
@@ -576,16 +591,31 @@ const profiles = {
     $("p-from").value = toLocalInput(start);
     $("p-until").value = toLocalInput(end);
     const step = Math.max(1, Math.round((end - start) / 1000 / 120));
-    // The timeline: one summed series of the selection.
+    // The timeline: the selection summed, or one stacked series per value
+    // of the group-by label (the 10 largest), as Pyroscope's group by.
+    const group = S["p.group"] || "";
     const ts = await querier("SelectSeries", {
-      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start, end, step, groupBy: [],
+      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start, end, step,
+      groupBy: group ? [group] : [], ...(group ? { limit: 10 } : {}),
     });
-    const sum = new Map();
-    for (const s of ts.series || []) for (const p of s.points || []) {
-      const k = Number(p.timestamp);
-      sum.set(k, (sum.get(k) || 0) + Number(p.value));
+    let groups;
+    if (group) {
+      groups = (ts.series || []).map((s, i) => {
+        const lv = (s.labels || []).find((l) => l.name === group);
+        const pts = (s.points || []).map((p) => [Number(p.timestamp), Number(p.value)]);
+        return { value: lv ? lv.value : null, label: lv ? lv.value : `(no ${group})`, pts, total: pts.reduce((a, p) => a + p[1], 0) };
+      });
+      groups.sort((a, b) => b.total - a.total);
+      groups.forEach((g, i) => { g.color = GROUP_COLORS[i % GROUP_COLORS.length]; });
+    } else {
+      const sum = new Map();
+      for (const s of ts.series || []) for (const p of s.points || []) {
+        const k = Number(p.timestamp);
+        sum.set(k, (sum.get(k) || 0) + Number(p.value));
+      }
+      groups = [{ pts: [...sum.entries()] }];
     }
-    const pts = [...sum.entries()].sort((a, b) => a[0] - b[0]);
+    this.legend(group, groups, unit);
     const box = $("p-timeline");
     box.dataset.unit = unit;
     box.dataset.step = String(step * 1000);
@@ -593,7 +623,7 @@ const profiles = {
     $("p-diff-controls").hidden = !diff;
     const brushes = diff ? [["brush", fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value)],
       ["brush-b", fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value)]] : [];
-    drawTimeline(box, pts, start, end, brushes, (a, b) => {
+    drawTimeline(box, groups, start, end, brushes, (a, b) => {
       if ($("p-diff").checked) {
         const which = document.querySelector('input[name="p-brush"]:checked').value;
         $(`p-${which}-from`).value = toLocalInput(a);
@@ -658,6 +688,27 @@ const profiles = {
     setStatus(total ? "" : spans.length ? "No samples carry this span." : "No samples of this type in the range for this selector.");
   },
 
+  /// The group-by legend: each value's colour and total; a click selects it
+  /// (adds the label to the selector).
+  legend(group, groups, unit) {
+    const box = $("p-legend");
+    box.dataset.groups = group ? String(groups.length) : "";
+    if (!group || this.spans().length) { box.hidden = true; box.replaceChildren(); return; }
+    box.replaceChildren(el("span", { class: "muted" }, `by ${group}${groups.length >= 10 ? " (10 largest)" : ""}:`),
+      ...groups.map((g) => el("button", {
+        type: "button", class: "legend-item", "data-value": g.label, title: g.value === null ? "" : `select ${group}="${g.value}"`,
+        onclick: () => {
+          if (g.value === null) return;
+          const ms = parseMatchers(S["p.q"]).filter((m) => m[0] !== group);
+          ms.push([group, "=", g.value]);
+          S["p.q"] = buildSelector(ms);
+          $("p-query").value = S["p.q"];
+          this.load().catch((e) => setStatus(e.message, true));
+        },
+      }, el("span", { class: "swatch", style: `background:${g.color}` }), `${g.label} `, el("span", { class: "muted" }, fmtUnit(g.total, unit)))));
+    box.hidden = false;
+  },
+
   table(root) {
     const tb = $("p-table").tBodies[0];
     if (!root) { tb.replaceChildren(); return; }
@@ -684,6 +735,7 @@ const profiles = {
     const reload = () => this.load().catch((e) => setStatus(e.message, true));
     $("p-type").addEventListener("change", async (e) => { S["p.type"] = e.target.value; await this.labelNames(); reload(); });
     $("p-label-name").addEventListener("change", () => this.labelValues());
+    $("p-group").addEventListener("change", (e) => { S["p.group"] = e.target.value; reload(); });
     $("p-label-value").addEventListener("change", (e) => {
       const name = $("p-label-name").value;
       if (!name || !e.target.value) return;

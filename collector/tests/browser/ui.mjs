@@ -136,6 +136,24 @@ try {
     await p.fill("#p-query", '{service_name="api"}');
     await p.press("#p-query", "Enter");
     await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_all);
+    // Group by pod: one stacked series per pod, a legend with their totals;
+    // a click on a pod selects it.
+    await p.selectOption("#p-group", "pod");
+    await p.waitForSelector('#p-legend[data-groups="2"]', { timeout: 5000 }).catch(() => {});
+    const legend = await p.locator("#p-legend .legend-item").evaluateAll((bs) => bs.map((b) => b.textContent));
+    check(JSON.stringify(legend) === JSON.stringify([`api-0 ${EXPECT.total_api0}`, `api-1 ${EXPECT.total_api1}`]), "group by pod: legend api-0 1 s, api-1 500 ms", legend);
+    const fills = await p.locator("#p-timeline rect.bar").evaluateAll((rs) => [...new Set(rs.map((r) => r.dataset.group))].sort());
+    check(JSON.stringify(fills) === JSON.stringify(["api-0", "api-1"]), "timeline bars of both pods", fills);
+    check(new URL(p.url()).searchParams.get("p.group") === "pod", "group by in the URL");
+    await shot(p, "profiles-group-by");
+    await p.click('#p-legend .legend-item[data-value="api-1"]');
+    await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_api1, { timeout: 5000 }).catch(() => {});
+    check((await p.locator("#p-query").inputValue()).includes('pod="api-1"') && (await text(p, "#p-total")).includes(EXPECT.total_api1), "legend click selects pod api-1", await text(p, "#p-total"));
+    await p.selectOption("#p-group", "");
+    await p.waitForSelector("#p-legend", { state: "hidden" });
+    await p.fill("#p-query", '{service_name="api"}');
+    await p.press("#p-query", "Enter");
+    await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_all);
     // Timeline with points; brushing selects a custom range.
     const pts = Number(await p.locator("#p-timeline").getAttribute("data-points"));
     check(pts > 0, "timeline has points", pts);
