@@ -1159,8 +1159,21 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         |v| v["total"].as_i64() == Some(1_500_000_000),
     );
     run.wait_json("/ui/api/status", |v| v["spans"].as_u64() == Some(90));
-    // Span-labelled samples of `checkout` and its trace T (4 spans).
+    // Span-labelled samples of `checkout` and its trace T (4 spans), and
+    // an off-CPU profile whose blocked time in span A (10 s) is larger than
+    // its CPU: the span's link still opens the CPU profile.
     push_span_data(&run);
+    let mut off_cpu = cpu_profile(&[(&["main", "serve", "futex_wait"], 1_000)]);
+    off_cpu.string_table[3] = "off_cpu".into();
+    label_samples(&mut off_cpu, &[(0, &[("span_id", SPAN_A)])]);
+    run.put_profile(
+        &[("__name__", "off_cpu"), ("service_name", "checkout")],
+        off_cpu,
+    );
+    run.wait_json(&format!("/ui/api/traces/{TRACE_T}/profiles"), |v| {
+        v["types"].as_array().is_some_and(|t| t.len() == 4)
+            && v["types"][0]["type_id"] == "off_cpu:off_cpu:nanoseconds:off_cpu:nanoseconds"
+    });
 
     // What the views must show, from the data above.
     let durations: Vec<u64> = (0..30).map(|i| 100 + i).collect();

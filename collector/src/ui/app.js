@@ -908,7 +908,9 @@ const traces = {
       return;
     }
     if (this.trace !== t) return;
-    this.prof = { from: r.from_ms, until: r.until_ms, type: r.types[0] || null };
+    // CPU first (what a span's profile means in Pyroscope and Grafana; an
+    // off-CPU type's blocked time may be larger), else the largest type.
+    this.prof = { from: r.from_ms, until: r.until_ms, type: r.types.find((x) => x.sample_type === "cpu") || r.types[0] || null };
     this.render();
     const sel = this.selected && document.querySelector(`#waterfall .wf-row[data-span="${this.selected}"]`);
     const span = this.selected && t.spans.find((s) => s.span_id === this.selected);
