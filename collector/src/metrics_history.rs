@@ -7,7 +7,9 @@
 //! series; past [`MAX_POINTS`] points a series keeps every other point, so
 //! its whole retention stays covered at a coarser step. Persisted in the
 //! store (`metric_series`, `metric_points`: each change written as it is
-//! made, the same bounds and retention), so a restart reads it back.
+//! made, the same bounds and retention), so a restart reads it back; it
+//! counts in the store's `max_bytes`, and the points the store evicts for
+//! it (oldest first, with profiles and traces) leave the memory too.
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
@@ -260,7 +262,9 @@ impl MetricsHistory {
     /// Adds the points whose timestamp is newer than their series' last.
     pub fn record(&self, points: Vec<MetricPoint>, now: SystemTime) {
         let now_ms = ms(now);
-        let horizon = now_ms.saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(0));
+        let horizon = now_ms
+            .saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(0))
+            .max(self.floor().saturating_add(1));
         let mut all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         let mut w = MetricHistoryWrite::default();
         let persist = self.store.is_some();
@@ -358,6 +362,12 @@ impl MetricsHistory {
         }
     }
 
+    /// Points at or before this time (unix ms) were evicted from the store
+    /// (its size bound): they are no longer kept (0: none).
+    fn floor(&self) -> u64 {
+        self.store.as_ref().map_or(0, |s| s.metric_floor_ms())
+    }
+
     /// Series whose `service_name` (or `service.name`/`job`) is `service`
     /// and whose name contains `name`, by name and labels; points in [from,
     /// until] (unix ms), at most [`MAX_ANSWER_POINTS`] each.
@@ -368,6 +378,7 @@ impl MetricsHistory {
         from: u64,
         until: u64,
     ) -> Vec<SeriesHistory> {
+        let from = from.max(self.floor().saturating_add(1));
         let all = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out: Vec<SeriesHistory> = all
             .iter()
@@ -512,6 +523,118 @@ mod tests {
         assert!(reopened().query(None, None, 0, u64::MAX).is_empty());
         let read = Store::open(&config).unwrap().metric_history().unwrap();
         assert!(read.series.is_empty() && read.points.is_empty());
+    }
+
+    /// The history counts in the store's `max_bytes`: however much is
+    /// recorded the store stays within its bound, its count is exactly what
+    /// the history's records take, the oldest data (a profile window older
+    /// than every point, then the oldest points) is evicted first while a
+    /// newer profile stays, and the memory keeps exactly what the store kept.
+    #[test]
+    #[allow(clippy::unwrap_used, reason = "test")]
+    fn history_counts_in_the_store_size_bound_and_is_evicted_oldest_first() {
+        use crate::store::tests::{at, config, merged};
+        let dir = tempfile::tempdir().unwrap();
+        let max_bytes = 1 << 20;
+        let store = Arc::new(
+            Store::open(&crate::config::StoreConfig {
+                max_bytes,
+                retention: Duration::from_secs(1 << 30),
+                ..config(dir.path())
+            })
+            .unwrap(),
+        );
+        store
+            .put_profiles(&[merged("api", "p1", 1_000, &[(&["main", "old"], 3)])])
+            .unwrap();
+        let h = MetricsHistory::open(store.clone());
+        let now = at(100_000);
+        let (series, steps) = (300u64, 120u64);
+        for step in 0..steps {
+            let points = (0..series)
+                .map(|i| {
+                    let mut p = point(i as f64, 2_000 + step * 10, vec![]);
+                    p.name = format!("queue_depth_{i}");
+                    p
+                })
+                .collect();
+            h.record(points, now);
+            let stored = store.stored_bytes().unwrap();
+            assert!(stored <= max_bytes / 2, "step {step}: {stored} bytes");
+            if step % 20 == 19 {
+                store.maintain(now).unwrap();
+                let file = store.file_bytes();
+                assert!(file <= max_bytes, "step {step}: file {file} bytes");
+            }
+        }
+        assert_eq!(
+            store.profile_windows().unwrap(),
+            0,
+            "the older window went first"
+        );
+        // The count is exactly the history's records.
+        let read = store.metric_history().unwrap();
+        let recount: u64 = read
+            .series
+            .iter()
+            .map(|(_, b)| b.len() as u64 + 8)
+            .sum::<u64>()
+            + read
+                .points
+                .iter()
+                .map(|(_, _, b)| b.len() as u64 + 32)
+                .sum::<u64>();
+        assert_eq!(store.stored_bytes().unwrap(), recount);
+        let kept = read.points.len();
+        assert!(
+            kept > 1_000 && kept < (series * steps) as usize / 2,
+            "{kept} of {} points kept",
+            series * steps
+        );
+        // Oldest first: what is left is the newest, in the store and in memory.
+        let oldest_stored = read.points.iter().map(|p| p.1).min().unwrap();
+        assert!(oldest_stored > 2_000_000, "{oldest_stored}");
+        assert!(store.metric_floor_ms() < oldest_stored);
+        assert!(store.metric_floor_ms() >= 2_000_000);
+        assert!(
+            read.points
+                .iter()
+                .any(|p| p.1 == (2_000 + (steps - 1) * 10) * 1000)
+        );
+        {
+            let all = h.series.lock().unwrap();
+            let in_memory: usize = all.values().map(|s| s.points.len()).sum();
+            assert_eq!(in_memory, kept, "memory holds what the store holds");
+            let oldest_memory = all
+                .values()
+                .filter_map(|s| s.points.front())
+                .map(|p| p.t)
+                .min();
+            assert_eq!(oldest_memory, Some(oldest_stored));
+        }
+        eprintln!(
+            "max_bytes {max_bytes}: {kept} of {} points kept, {} logical bytes, floor {} ms, file {} bytes",
+            series * steps,
+            store.stored_bytes().unwrap(),
+            store.metric_floor_ms(),
+            store.file_bytes()
+        );
+        // A newer profile window stays (metric points are older).
+        store
+            .put_profiles(&[merged(
+                "api",
+                "p1",
+                2_000 + steps * 10,
+                &[(&["main", "new"], 3)],
+            )])
+            .unwrap();
+        assert_eq!(store.profile_windows().unwrap(), 1);
+        store.maintain(now).unwrap();
+        assert!(
+            store.file_bytes() <= max_bytes,
+            "file {}",
+            store.file_bytes()
+        );
     }
 
     #[test]

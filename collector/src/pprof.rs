@@ -2,7 +2,7 @@
 //! profiles into one, and derive flame-graph stacks and top functions.
 //! Pure functions on bytes and structs: unit-tested and fuzzed without a
 //! network.
-use std::io::Read as _;
+use std::{collections::HashSet, io::Read as _};
 
 // foldhash: several times faster than SipHash on these small keys, seeded per
 // map (not the fixed-seed FxHash), so crafted inputs cannot pick collisions.
@@ -658,21 +658,38 @@ pub fn project(p: &Profile, index: usize) -> Profile {
 /// Keeps the samples that have the string label `key` with one of
 /// `values` (compared case-insensitively, as hexadecimal span ids are).
 pub fn retain_labelled(p: &mut Profile, key: &str, values: &[String]) {
-    let wanted: std::collections::HashSet<String> =
-        values.iter().map(|v| v.to_ascii_lowercase()).collect();
-    let Some(key) = p.string_table.iter().position(|s| s == key) else {
+    let wanted: HashSet<String> = values.iter().map(|v| v.to_ascii_lowercase()).collect();
+    retain_any_labelled(p, &[(key, &wanted)]);
+}
+
+/// Keeps the samples that have, for any `(key, values)` of `wanted`, the
+/// string label `key` with a value in `values` (lowercase; sample values are
+/// compared case-insensitively). E.g. `span_id` in a trace's span ids, or
+/// `trace_id` that trace's id.
+pub fn retain_any_labelled(p: &mut Profile, wanted: &[(&str, &HashSet<String>)]) {
+    let keys: Vec<(i64, &HashSet<String>)> = wanted
+        .iter()
+        .filter_map(|(k, v)| {
+            p.string_table
+                .iter()
+                .position(|s| s == k)
+                .map(|i| (i as i64, *v))
+        })
+        .collect();
+    if keys.is_empty() {
         p.sample.clear();
         return;
-    };
-    let key = key as i64;
+    }
     let table = &p.string_table;
     p.sample.retain(|s| {
         s.label.iter().any(|l| {
-            l.key == key
-                && usize::try_from(l.str)
-                    .ok()
-                    .and_then(|i| table.get(i))
-                    .is_some_and(|v| wanted.contains(&v.to_ascii_lowercase()))
+            keys.iter().any(|(key, values)| {
+                l.key == *key
+                    && usize::try_from(l.str)
+                        .ok()
+                        .and_then(|i| table.get(i))
+                        .is_some_and(|v| values.contains(&v.to_ascii_lowercase()))
+            })
         })
     });
 }
@@ -685,6 +702,17 @@ pub fn drop_label(p: &mut Profile, key: &str) {
     for s in &mut p.sample {
         s.label.retain(|l| l.key != key as i64);
     }
+}
+
+/// The string value of a sample's label `key` (its index in the string
+/// table given as `key`), if it has one.
+pub fn label_str<'a>(p: &'a Profile, s: &Sample, key: i64) -> Option<&'a str> {
+    s.label
+        .iter()
+        .find(|l| l.key == key && l.str != 0)
+        .and_then(|l| usize::try_from(l.str).ok())
+        .and_then(|i| p.string_table.get(i))
+        .map(String::as_str)
 }
 
 /// Adds string labels to every sample (e.g. the series labels that tell

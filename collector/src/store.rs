@@ -17,11 +17,14 @@
 //!   for the retention after the last span of that name)
 //! - `meta`: `"bytes"` → the logical size of everything stored
 //! - `metric_series`: series id → the UI's metric series (JSON), and
-//!   `metric_points`: (series id, unix ms) → one point; written and expired
-//!   by `metrics_history` (retention, at most 4096 × 720 points; not in
-//!   `stored_bytes`)
+//!   `metric_points`: (series id, unix ms) → one point, `metric_time`:
+//!   (unix ms, series id) → () (oldest-first eviction); written and expired
+//!   by `metrics_history` (retention, at most 4096 × 720 points), evicted
+//!   here with the rest (the history then drops what was evicted:
+//!   [`Store::metric_floor_ms`])
 //!
-//! Size: every record's keys and values are counted (`stored_bytes`). Writes
+//! Size: every record's keys and values are counted (`stored_bytes`),
+//! the metric history's included. Writes
 //! keep that under half of `max_bytes` (redb's B-tree pages, copy-on-write
 //! and free-page reuse need the rest, measured in the tests); `maintain`
 //! compacts the file when it is still larger than `max_bytes`.
@@ -30,7 +33,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::{Arc, RwLock, RwLockReadGuard},
+    sync::{
+        Arc, RwLock, RwLockReadGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -72,7 +78,12 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// by `metrics_history`, kept for the retention by it.
 const METRIC_SERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("metric_series");
 const METRIC_POINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("metric_points");
+/// (unix ms, series id) of every metric point: oldest-first eviction.
+const METRIC_TIME: TableDefinition<(u64, u64), ()> = TableDefinition::new("metric_time");
 const BYTES_KEY: &str = "bytes";
+/// Set once the metric history is counted in `bytes` and indexed in
+/// `metric_time` (stores written before that are counted at open).
+const METRIC_COUNTED_KEY: &str = "metric_counted";
 
 /// The service of spans whose resource has no `service.name` (OTel's default).
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
@@ -321,6 +332,45 @@ pub struct RawTrace {
     pub spans: Vec<ResourceSpans>,
 }
 
+/// The span attribute that names a span's profile (Pyroscope's convention:
+/// the span id whose `span_id`-labelled samples are its profile).
+pub const PROFILE_ID_ATTRIBUTE: &str = "pyroscope.profile.id";
+
+/// 16 hexadecimal digits (a span id as sample labels carry it).
+pub fn is_span_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl RawTrace {
+    /// The ids (lowercase hexadecimal) whose samples belong to this trace:
+    /// every span's id and every `pyroscope.profile.id` attribute's value
+    /// that is a span id.
+    pub fn profile_span_ids(&self) -> std::collections::HashSet<String> {
+        let mut ids = std::collections::HashSet::new();
+        for span in self
+            .spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+        {
+            if span.span_id.len() == 8 {
+                ids.insert(hex(&span.span_id));
+            }
+            for kv in span
+                .attributes
+                .iter()
+                .filter(|kv| kv.key == PROFILE_ID_ATTRIBUTE)
+            {
+                let v = kv.value.as_ref().map(any_value_string).unwrap_or_default();
+                if is_span_id(&v) {
+                    ids.insert(v.to_ascii_lowercase());
+                }
+            }
+        }
+        ids
+    }
+}
+
 /// A span name of a service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Operation {
@@ -404,6 +454,26 @@ pub struct WindowTotal {
     pub total: i64,
 }
 
+/// The profile samples of some spans, of one profile type (see
+/// [`Store::span_profile_totals`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SpanProfileTotals {
+    /// `name:type:unit:period type:period unit`.
+    pub type_id: String,
+    pub name: String,
+    pub sample_type: String,
+    pub unit: String,
+    pub total: i64,
+    /// Span id (lowercase hexadecimal) → total of its samples.
+    pub spans: BTreeMap<String, i64>,
+}
+
+/// The pprof sample label that holds the id of the span a sample was taken
+/// in (16 hexadecimal digits; Pyroscope's SDKs and the agent set it).
+pub const SPAN_ID_LABEL: &str = "span_id";
+/// The pprof sample label that holds the trace id (32 hexadecimal digits).
+pub const TRACE_ID_LABEL: &str = "trace_id";
+
 /// One span as the UI shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SpanView {
@@ -450,11 +520,15 @@ pub struct SpanPut {
     pub invalid: u64,
 }
 
-/// What `maintain` did.
+/// What `maintain` (or a write over the size bound) did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Maintenance {
     pub profiles_deleted: u64,
     pub traces_deleted: u64,
+    pub metric_points_deleted: u64,
+    /// The time (unix ms) of the newest metric points evicted: every point
+    /// at or before it is gone.
+    pub metric_floor_ms: Option<u64>,
     pub compacted: bool,
 }
 
@@ -489,6 +563,8 @@ pub struct Store {
     path: PathBuf,
     retention: Duration,
     max_bytes: u64,
+    /// See [`Store::metric_floor_ms`].
+    metric_floor: AtomicU64,
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -523,6 +599,16 @@ fn profile_record_bytes(selector: &str, sig: &str, value_len: usize) -> u64 {
 
 fn span_record_bytes(value_len: usize) -> u64 {
     value_len as u64 + 24
+}
+
+/// A metric point: its key, value and `metric_time` key.
+fn metric_point_bytes(value_len: usize) -> u64 {
+    value_len as u64 + 32
+}
+
+/// A metric series record: its key and value.
+fn metric_series_bytes(value_len: usize) -> u64 {
+    value_len as u64 + 8
 }
 
 pub fn any_value_string(v: &AnyValue) -> String {
@@ -622,6 +708,9 @@ struct Tables<'t> {
     trace_services: redb::Table<'t, (&'static str, u64, [u8; 16]), ()>,
     operations: redb::Table<'t, (&'static str, &'static str, &'static str), u64>,
     meta: redb::Table<'t, &'static str, u64>,
+    metric_series: redb::Table<'t, u64, &'static [u8]>,
+    metric_points: redb::Table<'t, (u64, u64), &'static [u8]>,
+    metric_time: redb::Table<'t, (u64, u64), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -636,7 +725,97 @@ impl<'t> Tables<'t> {
             trace_services: txn.open_table(TRACE_SERVICES)?,
             operations: txn.open_table(OPERATIONS)?,
             meta: txn.open_table(META)?,
+            metric_series: txn.open_table(METRIC_SERIES)?,
+            metric_points: txn.open_table(METRIC_POINTS)?,
+            metric_time: txn.open_table(METRIC_TIME)?,
         })
+    }
+
+    /// Counts the metric history in `bytes` and indexes it in
+    /// `metric_time`, once (stores written before it was counted).
+    fn count_metric_history(&mut self) -> Result<(), StoreError> {
+        if self.meta.get(METRIC_COUNTED_KEY)?.is_some() {
+            return Ok(());
+        }
+        let mut add = 0;
+        for row in self.metric_series.iter()? {
+            add += metric_series_bytes(row?.1.value().len());
+        }
+        let mut points = Vec::new();
+        for row in self.metric_points.iter()? {
+            let (k, v) = row?;
+            points.push(k.value());
+            add += metric_point_bytes(v.value().len());
+        }
+        for (id, t) in points {
+            self.metric_time.insert((t, id), ())?;
+        }
+        let total = self.bytes()? + add;
+        self.set_bytes(total)?;
+        self.meta.insert(METRIC_COUNTED_KEY, 1)?;
+        Ok(())
+    }
+
+    /// Applies one change of the metric history; returns the bytes added
+    /// and removed.
+    fn put_metric_history(&mut self, w: &MetricHistoryWrite) -> Result<(u64, u64), StoreError> {
+        let (mut added, mut removed) = (0, 0);
+        for (id, bytes) in &w.series {
+            added += metric_series_bytes(bytes.len());
+            if let Some(old) = self.metric_series.insert(*id, bytes.as_slice())? {
+                removed += metric_series_bytes(old.value().len());
+            }
+        }
+        for (id, t, bytes) in &w.points {
+            added += metric_point_bytes(bytes.len());
+            if let Some(old) = self.metric_points.insert((*id, *t), bytes.as_slice())? {
+                removed += metric_point_bytes(old.value().len());
+            }
+            self.metric_time.insert((*t, *id), ())?;
+        }
+        for (id, t) in &w.deleted_points {
+            removed += self.delete_metric_point(*id, *t)?;
+        }
+        for id in &w.deleted_series {
+            if let Some(old) = self.metric_series.remove(*id)? {
+                removed += metric_series_bytes(old.value().len());
+            }
+            let mut times = Vec::new();
+            for row in self.metric_points.range((*id, 0)..=(*id, u64::MAX))? {
+                times.push(row?.0.value().1);
+            }
+            for t in times {
+                removed += self.delete_metric_point(*id, t)?;
+            }
+        }
+        Ok((added, removed))
+    }
+
+    /// Deletes one metric point; returns its bytes (0 when it was not there).
+    fn delete_metric_point(&mut self, id: u64, t: u64) -> Result<u64, StoreError> {
+        self.metric_time.remove((t, id))?;
+        Ok(self
+            .metric_points
+            .remove((id, t))?
+            .map_or(0, |old| metric_point_bytes(old.value().len())))
+    }
+
+    fn oldest_metric(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.metric_time.first()?.map(|(k, _)| k.value().0))
+    }
+
+    /// Deletes every metric point of time `t` (unix ms); returns their
+    /// count and bytes.
+    fn delete_metric_points_at(&mut self, t: u64) -> Result<(u64, u64), StoreError> {
+        let mut ids = Vec::new();
+        for row in self.metric_time.range((t, 0)..=(t, u64::MAX))? {
+            ids.push(row?.0.value().1);
+        }
+        let mut freed = 0;
+        for &id in &ids {
+            freed += self.delete_metric_point(id, t)?;
+        }
+        Ok((ids.len() as u64, freed))
     }
 
     fn bytes(&self) -> Result<u64, StoreError> {
@@ -693,8 +872,9 @@ impl<'t> Tables<'t> {
         Ok(summary.bytes)
     }
 
-    /// Deletes the oldest data (profile windows and whole traces, by start
-    /// time) while it starts before `cutoff` or the total exceeds `target`.
+    /// Deletes the oldest data (profile windows, whole traces and the metric
+    /// points of one time, by start time) while it starts before `cutoff` or
+    /// the total exceeds `target`.
     fn evict(
         &mut self,
         cutoff: Option<u64>,
@@ -706,24 +886,36 @@ impl<'t> Tables<'t> {
             let over = target.is_some_and(|t| total > t);
             let p = self.oldest_profile()?;
             let t = self.oldest_trace()?;
+            let m = self.oldest_metric()?;
             let p_start = p.as_ref().map_or(u64::MAX, |p| p.0);
             let t_start = t.map_or(u64::MAX, |t| t.0);
-            let oldest = p_start.min(t_start);
+            let m_start = m.map_or(u64::MAX, |ms| ms.saturating_mul(1_000_000));
+            let oldest = p_start.min(t_start).min(m_start);
             if oldest == u64::MAX {
+                // Nothing left but metric series records (their points gone).
                 total = 0;
+                for row in self.metric_series.iter()? {
+                    total += metric_series_bytes(row?.1.value().len());
+                }
                 break;
             }
             if !(over || cutoff.is_some_and(|c| oldest < c)) {
                 break;
             }
-            let freed = match (p, t) {
-                (Some((start, sel, sig, _)), _) if start <= t_start => {
+            let freed = match (p, t, m) {
+                (Some((start, sel, sig, _)), _, _) if start == oldest => {
                     done.profiles_deleted += 1;
                     self.delete_profile(start, &sel, &sig)?
                 }
-                (_, Some((_, tid))) => {
+                (_, Some((start, tid)), _) if start == oldest => {
                     done.traces_deleted += 1;
                     self.delete_trace(tid)?
+                }
+                (_, _, Some(ms)) => {
+                    let (n, freed) = self.delete_metric_points_at(ms)?;
+                    done.metric_points_deleted += n;
+                    done.metric_floor_ms = Some(done.metric_floor_ms.map_or(ms, |f| f.max(ms)));
+                    freed
                 }
                 _ => break,
             };
@@ -771,15 +963,14 @@ impl Store {
                 source,
             })?;
         let txn = db.begin_write()?;
-        Tables::open(&txn)?;
-        txn.open_table(METRIC_SERIES)?;
-        txn.open_table(METRIC_POINTS)?;
+        Tables::open(&txn)?.count_metric_history()?;
         txn.commit()?;
         Ok(Self {
             db: RwLock::new(db),
             path,
             retention: config.retention,
             max_bytes: config.max_bytes,
+            metric_floor: AtomicU64::new(0),
         })
     }
 
@@ -818,15 +1009,28 @@ impl Store {
     }
 
     /// After a write: evict the oldest data down to 90% of the logical limit
-    /// when over it.
-    fn bound(&self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
+    /// when over it. Call [`Store::evicted`] with what it did once committed.
+    fn bound(&self, tables: &mut Tables<'_>) -> Result<Maintenance, StoreError> {
         let limit = self.logical_limit();
+        let mut done = Maintenance::default();
         if tables.bytes()? > limit {
-            let mut done = Maintenance::default();
             tables.evict(None, Some(limit / 10 * 9), &mut done)?;
             tracing::debug!(?done, "store over its size bound: oldest data evicted");
         }
-        Ok(())
+        Ok(done)
+    }
+
+    /// Notes what a committed eviction did (the metric floor).
+    fn evicted(&self, done: &Maintenance) {
+        if let Some(ms) = done.metric_floor_ms {
+            self.metric_floor.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// The time (unix ms) up to which metric points were evicted (0: none):
+    /// the metric history in memory drops its points at or before it.
+    pub fn metric_floor_ms(&self) -> u64 {
+        self.metric_floor.load(Ordering::Relaxed)
     }
 
     /// Stores merged profiles, each keyed by (series, sample types, window
@@ -837,6 +1041,7 @@ impl Store {
         }
         let db = self.db();
         let txn = db.begin_write()?;
+        let done;
         {
             let mut t = Tables::open(&txn)?;
             let mut total = t.bytes()?;
@@ -898,9 +1103,10 @@ impl Store {
                 total += size;
             }
             t.set_bytes(total)?;
-            self.bound(&mut t)?;
+            done = self.bound(&mut t)?;
         }
         txn.commit()?;
+        self.evicted(&done);
         Ok(())
     }
 
@@ -922,6 +1128,7 @@ impl Store {
         }
         let db = self.db();
         let txn = db.begin_write()?;
+        let done;
         {
             let mut t = Tables::open(&txn)?;
             let mut total = t.bytes()?;
@@ -1028,9 +1235,10 @@ impl Store {
                 t.traces.insert(tid, encode_summary(&now).as_slice())?;
             }
             t.set_bytes(total)?;
-            self.bound(&mut t)?;
+            done = self.bound(&mut t)?;
         }
         txn.commit()?;
+        self.evicted(&done);
         Ok(put)
     }
 
@@ -1049,6 +1257,7 @@ impl Store {
                 t.operations.retain(|_, last| last >= cutoff)?;
             }
             txn.commit()?;
+            self.evicted(&done);
         }
         if self.file_bytes() > self.max_bytes {
             let mut db = self
@@ -1066,31 +1275,24 @@ impl Store {
     }
 
     /// Writes one change of the metric history in one transaction: series
-    /// (re)written, points added, points and whole series deleted.
+    /// (re)written, points added, points and whole series deleted; counted
+    /// in the size bound like the rest.
     pub fn put_metric_history(&self, w: &MetricHistoryWrite) -> Result<(), StoreError> {
         if w.is_empty() {
             return Ok(());
         }
         let db = self.db();
         let txn = db.begin_write()?;
+        let done;
         {
-            let mut series = txn.open_table(METRIC_SERIES)?;
-            let mut points = txn.open_table(METRIC_POINTS)?;
-            for (id, bytes) in &w.series {
-                series.insert(*id, bytes.as_slice())?;
-            }
-            for (id, t, bytes) in &w.points {
-                points.insert((*id, *t), bytes.as_slice())?;
-            }
-            for (id, t) in &w.deleted_points {
-                points.remove((*id, *t))?;
-            }
-            for id in &w.deleted_series {
-                series.remove(*id)?;
-                points.retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
-            }
+            let mut t = Tables::open(&txn)?;
+            let (added, removed) = t.put_metric_history(w)?;
+            let total = (t.bytes()? + added).saturating_sub(removed);
+            t.set_bytes(total)?;
+            done = self.bound(&mut t)?;
         }
         txn.commit()?;
+        self.evicted(&done);
         Ok(())
     }
 
@@ -1416,6 +1618,83 @@ impl Store {
                 Ok(())
             },
         )?;
+        Ok(out)
+    }
+
+    /// Per profile type, the samples in [from, until] whose `span_id` label
+    /// is one of `span_ids` or whose `trace_id` label is `trace_id`
+    /// (lowercase hexadecimal): their total and their total per span id
+    /// (samples labelled with the trace but no span id count under "").
+    /// Types without such samples are left out; by total, largest first.
+    pub fn span_profile_totals(
+        &self,
+        span_ids: &std::collections::HashSet<String>,
+        trace_id: Option<&str>,
+        from: Option<SystemTime>,
+        until: Option<SystemTime>,
+    ) -> Result<Vec<SpanProfileTotals>, StoreError> {
+        // Each stored window is read once, for all its sample types.
+        let mut typed: BTreeMap<(String, String), Vec<TypedSeries>> = BTreeMap::new();
+        for t in self.typed_series(&Selector::default(), 0, 0)? {
+            typed
+                .entry((t.info.selector.clone(), t.info.sample_types.clone()))
+                .or_default()
+                .push(t);
+        }
+        let firsts: Vec<TypedSeries> = typed.values().filter_map(|v| v.first().cloned()).collect();
+        let mut by_type: BTreeMap<String, SpanProfileTotals> = BTreeMap::new();
+        self.each_window(
+            &firsts,
+            from.map_or(0, nanos),
+            until.map_or(u64::MAX, nanos),
+            |first, _, p| {
+                let key = |k: &str| p.string_table.iter().position(|s| s == k);
+                let span_key = key(SPAN_ID_LABEL).map(|i| i as i64);
+                let trace_key = key(TRACE_ID_LABEL).map(|i| i as i64);
+                if span_key.is_none() && trace_key.is_none() {
+                    return Ok(());
+                }
+                let all = typed
+                    .get(&(first.info.selector.clone(), first.info.sample_types.clone()))
+                    .map_or(&[][..], Vec::as_slice);
+                for s in &p.sample {
+                    let span = span_key
+                        .and_then(|k| pprof::label_str(p, s, k))
+                        .map(str::to_ascii_lowercase);
+                    let in_trace = trace_id.is_some_and(|tid| {
+                        trace_key
+                            .and_then(|k| pprof::label_str(p, s, k))
+                            .is_some_and(|v| v.eq_ignore_ascii_case(tid))
+                    });
+                    if !(in_trace || span.as_ref().is_some_and(|id| span_ids.contains(id))) {
+                        continue;
+                    }
+                    for t in all {
+                        let value = s.value.get(t.index).copied().unwrap_or(0);
+                        if value == 0 {
+                            continue;
+                        }
+                        let e =
+                            by_type
+                                .entry(t.type_id.clone())
+                                .or_insert_with(|| SpanProfileTotals {
+                                    type_id: t.type_id.clone(),
+                                    name: t.info.profile_name.clone(),
+                                    sample_type: t.get("__type__").unwrap_or_default().to_string(),
+                                    unit: t.get("__unit__").unwrap_or_default().to_string(),
+                                    total: 0,
+                                    spans: BTreeMap::new(),
+                                });
+                        e.total = e.total.saturating_add(value);
+                        let per = e.spans.entry(span.clone().unwrap_or_default()).or_insert(0);
+                        *per = per.saturating_add(value);
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let mut out: Vec<SpanProfileTotals> = by_type.into_values().collect();
+        out.sort_by(|a, b| b.total.cmp(&a.total).then(a.type_id.cmp(&b.type_id)));
         Ok(out)
     }
 
@@ -2433,6 +2712,48 @@ pub(crate) mod tests {
         );
         assert!(file <= max_bytes, "file {file} > {max_bytes}");
         assert!(max_file <= max_bytes, "file {max_file} > {max_bytes}");
+    }
+
+    /// A store written before the metric history was counted (no
+    /// `metric_time`, `bytes` without it) is counted and indexed at open,
+    /// and its points are then evicted like the rest.
+    #[test]
+    fn metric_history_of_an_older_store_is_counted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let series = br#"{"name":"queue_depth"}"#.to_vec();
+        let w = MetricHistoryWrite {
+            series: vec![(1, series.clone())],
+            points: vec![(1, 5_000, vec![0; 33]), (1, 6_000, vec![1; 33])],
+            ..MetricHistoryWrite::default()
+        };
+        let counted = metric_series_bytes(series.len()) + 2 * metric_point_bytes(33);
+        {
+            let s = Store::open(&cfg).unwrap();
+            s.put_metric_history(&w).unwrap();
+            assert_eq!(s.stored_bytes().unwrap(), counted);
+            // Rewriting a point and the series counts the difference only.
+            s.put_metric_history(&w).unwrap();
+            assert_eq!(s.stored_bytes().unwrap(), counted);
+            let db = s.db();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = Tables::open(&txn).unwrap();
+                t.meta.remove(METRIC_COUNTED_KEY).unwrap();
+                t.metric_time.retain(|_, _| false).unwrap();
+                t.set_bytes(0).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = Store::open(&cfg).unwrap();
+        assert_eq!(s.stored_bytes().unwrap(), counted);
+        // Retention (1 h before 10,000 s): both points go, the floor moves.
+        let done = s.maintain(at(10_000)).unwrap();
+        assert_eq!(done.metric_points_deleted, 2, "{done:?}");
+        assert_eq!(done.metric_floor_ms, Some(6_000));
+        assert_eq!(s.metric_floor_ms(), 6_000);
+        assert_eq!(s.stored_bytes().unwrap(), metric_series_bytes(series.len()));
+        assert!(s.metric_history().unwrap().points.is_empty());
     }
 
     #[test]

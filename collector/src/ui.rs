@@ -6,7 +6,7 @@
 //! Jaeger's query API (`query::jaeger`). Query parameters an endpoint does
 //! not know are refused with 400.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, OnceLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -28,8 +28,8 @@ use crate::{
     query::jaeger::parse_go_duration,
     selector::Selector,
     store::{
-        ProfileQuery, ProfileResult, Store, StoreError, TraceSearch, TraceSort, TraceSummary,
-        parse_trace_id,
+        ProfileQuery, ProfileResult, SPAN_ID_LABEL, SpanProfileTotals, Store, StoreError,
+        TRACE_ID_LABEL, TraceSearch, TraceSort, TraceSummary, hex, is_span_id, parse_trace_id,
     },
 };
 
@@ -82,6 +82,7 @@ pub fn router(state: UiState) -> Router {
         .route("/ui/api/profile", get(profile))
         .route("/ui/api/traces", get(traces))
         .route("/ui/api/traces/{trace_id}", get(trace))
+        .route("/ui/api/traces/{trace_id}/profiles", get(trace_profiles))
         .route("/ui/api/metrics", get(metrics))
         .route("/api/profile", get(profile))
         .route("/api/series", get(series))
@@ -99,7 +100,13 @@ const PROFILE_PARAMS: &[&str] = &[
     "until",
     "range",
     "seconds",
+    "span_id",
+    "trace_id",
 ];
+
+/// How far around a trace's own start and end its profile samples are
+/// looked for (profile windows and span times come from different clocks).
+const TRACE_PROFILE_MARGIN: Duration = Duration::from_secs(15);
 
 /// Refuses query parameters an endpoint does not take.
 fn only(q: &HashMap<String, String>, allowed: &[&[&str]]) -> Result<(), ApiError> {
@@ -236,16 +243,20 @@ fn time_range(
     Ok((from, until))
 }
 
-fn profile_query(q: &HashMap<String, String>) -> Result<ProfileQuery, ApiError> {
+fn profile_query(q: &HashMap<String, String>, filtered: bool) -> Result<ProfileQuery, ApiError> {
     let (from, until) = time_range(q, SystemTime::now())?;
-    let selector = param(q, "series")
+    let mut selector = param(q, "series")
         .map(|s| Selector::parse(s).map_err(|e| ApiError::bad(format!("series: {e}"))))
         .transpose()?;
     let service = param(q, "service").map(str::to_string);
     if selector.is_none() && service.is_none() {
-        return Err(ApiError::bad(
-            "give series=<selector> or service=<service_name> (and optionally name=<profile name>)",
-        ));
+        if !filtered {
+            return Err(ApiError::bad(
+                "give series=<selector>, service=<service_name>, span_id=<span ids> or trace_id=<trace id> (and optionally name=<profile name>)",
+            ));
+        }
+        // Only the span or trace filter: every series.
+        selector = Some(Selector::default());
     }
     Ok(ProfileQuery {
         selector,
@@ -257,14 +268,92 @@ fn profile_query(q: &HashMap<String, String>) -> Result<ProfileQuery, ApiError> 
     })
 }
 
+/// `span_id=` (span ids, comma-separated) and `trace_id=`: only the samples
+/// taken in those spans (sample label `span_id`) or in that trace (sample
+/// label `trace_id`, or `span_id` of one of its stored spans).
+struct SampleFilter {
+    span_ids: HashSet<String>,
+    trace_id: Option<[u8; 16]>,
+}
+
+impl SampleFilter {
+    fn parse(q: &HashMap<String, String>) -> Result<Option<Self>, ApiError> {
+        let mut span_ids = HashSet::new();
+        if let Some(v) = param(q, "span_id") {
+            for id in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                if !is_span_id(id) {
+                    return Err(ApiError::bad(format!(
+                        "span_id: {id:?} is not a span id (16 hexadecimal digits; several: comma-separated)"
+                    )));
+                }
+                span_ids.insert(id.to_ascii_lowercase());
+            }
+        }
+        let trace_id = param(q, "trace_id")
+            .map(|v| {
+                parse_trace_id(v).ok_or_else(|| {
+                    ApiError::bad(format!("trace_id={v:?}: expected 32 hexadecimal digits"))
+                })
+            })
+            .transpose()?;
+        Ok((!span_ids.is_empty() || trace_id.is_some()).then_some(Self { span_ids, trace_id }))
+    }
+
+    /// Keeps the samples the filter selects (the stored trace's span ids
+    /// read from `store`).
+    fn apply(
+        mut self,
+        store: &Store,
+        p: &mut crate::proto::pprof::Profile,
+    ) -> Result<(), StoreError> {
+        let trace = self.trace_id.map(|t| hex(&t));
+        if let Some(tid) = self.trace_id
+            && let Some(raw) = store.trace_raw(tid)?
+        {
+            self.span_ids.extend(raw.profile_span_ids());
+        }
+        let traces: HashSet<String> = trace.into_iter().collect();
+        pprof::retain_any_labelled(
+            p,
+            &[(SPAN_ID_LABEL, &self.span_ids), (TRACE_ID_LABEL, &traces)],
+        );
+        Ok(())
+    }
+
+    fn describe(q: &HashMap<String, String>) -> String {
+        ["span_id", "trace_id"]
+            .iter()
+            .filter_map(|k| param(q, k).map(|v| format!("{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    }
+}
+
 async fn query_profile(
     store: Arc<Store>,
     q: &HashMap<String, String>,
 ) -> Result<ProfileResult, ApiError> {
-    let pq = profile_query(q)?;
-    blocking(move || store.profile(&pq))
-        .await?
-        .ok_or_else(|| ApiError::not_found("no stored profile matches this query"))
+    let filter = SampleFilter::parse(q)?;
+    let filtered = filter.is_some();
+    let pq = profile_query(q, filtered)?;
+    let r = blocking(move || {
+        let Some(mut r) = store.profile(&pq)? else {
+            return Ok(None);
+        };
+        if let Some(f) = filter {
+            f.apply(&store, &mut r.profile)?;
+        }
+        Ok(Some(r))
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found("no stored profile matches this query"))?;
+    if filtered && r.profile.sample.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no sample of the selected profiles carries {} in this range",
+            SampleFilter::describe(q)
+        )));
+    }
+    Ok(r)
 }
 
 /// The sample index for `type=` (e.g. `cpu`, `samples`), and its name/unit.
@@ -568,6 +657,63 @@ async fn trace(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("trace {id} is not stored")))?;
     Ok(Json(t).into_response())
+}
+
+/// The profile samples taken in a trace's spans.
+#[derive(Serialize)]
+struct TraceProfiles {
+    trace_id: String,
+    /// The range searched (unix ms): the trace's, widened by
+    /// [`TRACE_PROFILE_MARGIN`].
+    from_ms: u64,
+    until_ms: u64,
+    /// Per profile type with such samples, largest total first.
+    types: Vec<SpanProfileTotals>,
+}
+
+/// `GET /ui/api/traces/{id}/profiles`: which of the trace's spans have
+/// profile samples (`span_id` label of a span of the trace or of a
+/// `pyroscope.profile.id` attribute's value, or `trace_id` label), and how
+/// much, per profile type.
+async fn trace_profiles(
+    State(s): State<UiState>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    only(&q, &[])?;
+    let tid = parse_trace_id(&id)
+        .ok_or_else(|| ApiError::bad(format!("trace id {id:?}: expected 32 hexadecimal digits")))?;
+    let store = s.store.clone();
+    let r = blocking(move || {
+        let Some(raw) = store.trace_raw(tid)? else {
+            return Ok(None);
+        };
+        let ns = |n: u64| UNIX_EPOCH + Duration::from_nanos(n);
+        let from = ns(raw.summary.start_unix_nano)
+            .checked_sub(TRACE_PROFILE_MARGIN)
+            .unwrap_or(UNIX_EPOCH);
+        let until = ns(raw.summary.end_unix_nano) + TRACE_PROFILE_MARGIN;
+        let ms = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        };
+        let trace_id = hex(&tid);
+        let types = store.span_profile_totals(
+            &raw.profile_span_ids(),
+            Some(&trace_id),
+            Some(from),
+            Some(until),
+        )?;
+        Ok(Some(TraceProfiles {
+            trace_id,
+            from_ms: ms(from),
+            until_ms: ms(until),
+            types,
+        }))
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("trace {id} is not stored")))?;
+    Ok(Json(r).into_response())
 }
 
 /// One metric series of the UI: its current value (when the registry still

@@ -445,6 +445,458 @@ fn shop_trace(i: u64, t0: u64) -> ExportTraceServiceRequest {
     }
 }
 
+/// Adds string labels to samples of `p`: `(sample index, [(key, value)])`.
+fn label_samples(p: &mut Profile, labels: &[(usize, &[(&str, &str)])]) {
+    let intern = |p: &mut Profile, s: &str| -> i64 {
+        match p.string_table.iter().position(|x| x == s) {
+            Some(i) => i as i64,
+            None => {
+                p.string_table.push(s.to_string());
+                p.string_table.len() as i64 - 1
+            }
+        }
+    };
+    for (i, kvs) in labels {
+        for (k, v) in *kvs {
+            let (key, str) = (intern(p, k), intern(p, v));
+            p.sample[*i]
+                .label
+                .push(fathom_collector::proto::pprof::Label {
+                    key,
+                    str,
+                    num: 0,
+                    num_unit: 0,
+                });
+        }
+    }
+}
+
+const SPAN_A: &str = "a1a1a1a1a1a1a1a1";
+const SPAN_B: &str = "b2b2b2b2b2b2b2b2";
+const SPAN_C: &str = "c3c3c3c3c3c3c3c3";
+const SPAN_D: &str = "d4d4d4d4d4d4d4d4";
+const SPAN_E: &str = "e5e5e5e5e5e5e5e5";
+const TRACE_T: &str = "7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e7e";
+const TRACE_OTHER: &str = "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f";
+
+/// A CPU profile of `checkout` whose samples carry span and trace ids as the
+/// agent and Pyroscope's SDKs label them: span A (`price` 30, `tax` 10),
+/// span B (`payment_call` 20), trace T without a span (`async_flush` 5),
+/// span C of another trace (`other_request` 7), and unlabelled `gc` (40).
+/// Samples of 10 ms.
+fn span_labelled_profile() -> Profile {
+    let mut p = cpu_profile(&[
+        (&["main", "serve", "checkout_handler", "price"], 30),
+        (&["main", "serve", "checkout_handler", "tax"], 10),
+        (&["main", "serve", "payment_call"], 20),
+        (&["main", "serve", "async_flush"], 5),
+        (&["main", "serve", "other_request"], 7),
+        (&["main", "gc"], 40),
+    ]);
+    label_samples(
+        &mut p,
+        &[
+            (0, &[("span_id", SPAN_A), ("trace_id", TRACE_T)]),
+            (1, &[("span_id", SPAN_A), ("trace_id", TRACE_T)]),
+            (2, &[("span_id", SPAN_B), ("trace_id", TRACE_T)]),
+            (3, &[("trace_id", TRACE_T)]),
+            (4, &[("span_id", SPAN_C), ("trace_id", TRACE_OTHER)]),
+        ],
+    );
+    p
+}
+
+fn unhex<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}
+
+/// Trace T of `checkout` starting at `t0` (unix ns): server span A (root,
+/// `POST /checkout`, 80 ms, `pyroscope.profile.id` = A), its client span B
+/// (`charge card`, 30 ms), span D (`render receipt`, 5 ms,
+/// `pyroscope.profile.id` = D, no samples) and span E (`load cart`, 10 ms,
+/// neither attribute nor samples).
+fn span_trace(t0: u64) -> ExportTraceServiceRequest {
+    let span =
+        |id: &str, parent: Option<&str>, name: &str, kind: SpanKind, off_ms: u64, ms: u64| {
+            let mut attributes = vec![kv("http.route", "/checkout")];
+            if kind == SpanKind::Server || id == SPAN_D {
+                attributes.push(kv("pyroscope.profile.id", id));
+            }
+            Span {
+                trace_id: unhex::<16>(TRACE_T).to_vec(),
+                span_id: unhex::<8>(id).to_vec(),
+                parent_span_id: parent.map(|p| unhex::<8>(p).to_vec()).unwrap_or_default(),
+                name: name.into(),
+                kind: kind as i32,
+                start_time_unix_nano: t0 + off_ms * 1_000_000,
+                end_time_unix_nano: t0 + (off_ms + ms) * 1_000_000,
+                attributes,
+                ..Span::default()
+            }
+        };
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "checkout")],
+                ..Resource::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: None,
+                spans: vec![
+                    span(SPAN_A, None, "POST /checkout", SpanKind::Server, 0, 80),
+                    span(
+                        SPAN_B,
+                        Some(SPAN_A),
+                        "charge card",
+                        SpanKind::Client,
+                        20,
+                        30,
+                    ),
+                    span(
+                        SPAN_D,
+                        Some(SPAN_A),
+                        "render receipt",
+                        SpanKind::Internal,
+                        70,
+                        5,
+                    ),
+                    span(SPAN_E, Some(SPAN_A), "load cart", SpanKind::Internal, 2, 10),
+                ],
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
+/// Sends the span-labelled profile over `push.v1` and trace T over OTLP/HTTP
+/// (both real protocol requests), and waits until both are stored.
+fn push_span_data(run: &Running) {
+    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+    use prost::Message as _;
+    let now_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let push = PushRequest {
+        series: vec![RawProfileSeries {
+            labels: [("__name__", "process_cpu"), ("service_name", "checkout")]
+                .iter()
+                .map(|(n, v)| LabelPair {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            samples: vec![RawSample {
+                raw_profile: pprof::encode_gzip(&span_labelled_profile()),
+                id: String::new(),
+            }],
+        }],
+    };
+    let otlp = format!(
+        "http://{}/v1/traces",
+        run.collector().addrs().otlp_http.unwrap()
+    );
+    run.rt.block_on(async {
+        let c = reqwest::Client::new();
+        let r = c
+            .post(format!("{}/push.v1.PusherService/Push", run.base))
+            .header("content-type", "application/proto")
+            .body(push.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "push: {}", r.text().await.unwrap());
+        let r = c
+            .post(&otlp)
+            .header("content-type", "application/x-protobuf")
+            .body(span_trace(now_ns - 2_000_000_000).encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "OTLP: {}", r.text().await.unwrap());
+    });
+    run.wait_json("/ui/api/top?service=checkout&type=samples", |v| {
+        v["total"].as_i64() == Some(112)
+    });
+    run.wait_json(&format!("/ui/api/traces/{TRACE_T}"), |v| {
+        v["spans"].as_array().is_some_and(|s| s.len() == 4)
+    });
+}
+
+/// The span and trace filters of the profile API, on samples labelled as
+/// the agent and Pyroscope's SDKs label them (sent over `push.v1`): only
+/// the labelled samples' frames and totals come out, in pprof that `go tool
+/// pprof` reads; a span without samples is a 404 that says so, a malformed
+/// id a 400; `/ui/api/traces/{id}/profiles` gives each span's total.
+#[test]
+fn span_and_trace_ids_select_the_labelled_samples() {
+    let run = Running::start();
+    push_span_data(&run);
+    // Fetched and decoded as the pprof it is: samples and function names.
+    let fetch = |q: &str| -> (u16, Option<Profile>, String) {
+        let (status, body) = run.get(&format!("/api/profile?{q}"));
+        if status != 200 {
+            return (status, None, String::from_utf8_lossy(&body).into_owned());
+        }
+        (status, Some(pprof::decode(&body).unwrap()), String::new())
+    };
+    let summary = |p: &Profile| -> (i64, Vec<String>) {
+        let i = pprof::sample_index(p, Some("samples"));
+        let (top, total) = pprof::top(p, i);
+        let mut names: Vec<String> = top.into_iter().map(|f| f.name).collect();
+        names.sort();
+        (total, names)
+    };
+    let names = |v: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    // Span A: its two stacks only.
+    let (status, p, msg) = fetch(&format!("service=checkout&span_id={SPAN_A}"));
+    assert_eq!(status, 200, "{msg}");
+    let p = p.unwrap();
+    assert_eq!(
+        summary(&p),
+        (
+            40,
+            names(&["main", "serve", "checkout_handler", "price", "tax"])
+        )
+    );
+    // Upper-case ids, several ids, and no series selector (every series).
+    let (_, p, _) = fetch(&format!("span_id={},{SPAN_B}", SPAN_A.to_ascii_uppercase()));
+    assert_eq!(
+        summary(&p.unwrap()),
+        (
+            60,
+            names(&[
+                "main",
+                "serve",
+                "checkout_handler",
+                "price",
+                "tax",
+                "payment_call"
+            ])
+        )
+    );
+    // The trace: its stored spans' samples and those labelled only with its
+    // trace id; never the other trace's or the unlabelled ones.
+    let (_, p, _) = fetch(&format!("service=checkout&trace_id={TRACE_T}"));
+    let (total, fns) = summary(&p.unwrap());
+    assert_eq!(total, 65, "{fns:?}");
+    assert!(
+        fns.contains(&"async_flush".to_string())
+            && !fns.contains(&"gc".to_string())
+            && !fns.contains(&"other_request".to_string()),
+        "{fns:?}"
+    );
+    // Unfiltered: everything.
+    let (_, p, _) = fetch("service=checkout");
+    assert_eq!(summary(&p.unwrap()).0, 112);
+    // The same filter on the JSON and SVG endpoints.
+    let top = run.get_json(&format!(
+        "/ui/api/top?service=checkout&type=cpu&span_id={SPAN_B}"
+    ));
+    assert_eq!(top["total"].as_i64(), Some(200_000_000), "{top}");
+    let (status, svg) = run.get(&format!(
+        "/ui/api/flamegraph.svg?service=checkout&span_id={SPAN_B}"
+    ));
+    let svg = String::from_utf8_lossy(&svg);
+    assert_eq!(status, 200);
+    assert!(svg.contains("payment_call") && !svg.contains("price"));
+    // A span without samples: 404 saying so; malformed ids: 400.
+    let (status, _, msg) = fetch(&format!("service=checkout&span_id={SPAN_D}"));
+    assert_eq!(status, 404);
+    assert!(msg.contains("no sample") && msg.contains(SPAN_D), "{msg}");
+    for bad in ["span_id=xyz", "span_id=a1a1a1a1a1a1a1a1a1", "trace_id=123"] {
+        let (status, _, msg) = fetch(&format!("service=checkout&{bad}"));
+        assert_eq!(status, 400, "{bad}: {msg}");
+    }
+    // go tool pprof reads the filtered profile from the URL.
+    if require_tool("span_and_trace_ids_select_the_labelled_samples", "go").is_some() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("{}/api/profile?service=checkout&span_id={SPAN_A}", run.base);
+        let top = go_pprof_top(&[&url], &["-sample_index=samples"], tmp.path());
+        println!("go tool pprof -top {url}:\n{top}");
+        assert!(top.contains("40 total"), "{top}");
+        assert!(top.contains(" price") && top.contains(" tax"), "{top}");
+        assert!(
+            !top.contains(" gc") && !top.contains("payment_call"),
+            "{top}"
+        );
+    }
+    // Per span of the trace, per profile type (cpu first: the largest).
+    let tp = run.get_json(&format!("/ui/api/traces/{TRACE_T}/profiles"));
+    let cpu = &tp["types"][0];
+    assert_eq!(
+        cpu["type_id"], "process_cpu:cpu:nanoseconds:cpu:nanoseconds",
+        "{tp}"
+    );
+    assert_eq!(
+        cpu["spans"],
+        serde_json::json!({ "": 50_000_000, SPAN_A: 400_000_000, SPAN_B: 200_000_000 }),
+        "{tp}"
+    );
+    assert_eq!(cpu["total"].as_i64(), Some(650_000_000));
+    assert_eq!(tp["types"][1]["spans"][SPAN_A].as_i64(), Some(40), "{tp}");
+    let (from, until) = (
+        tp["from_ms"].as_u64().unwrap(),
+        tp["until_ms"].as_u64().unwrap(),
+    );
+    assert!(until > from && until - from >= 30_000, "{tp}");
+    let (status, _) = run.get("/ui/api/traces/00000000000000000000000000000001/profiles");
+    assert_eq!(status, 404);
+    let (status, _) = run.get(&format!("/ui/api/traces/{TRACE_T}/profiles?x=1"));
+    assert_eq!(status, 400);
+}
+
+/// `POST` of a connect JSON call to the Pyroscope querier; its JSON answer.
+fn querier_json(run: &Running, method: &str, req: serde_json::Value) -> serde_json::Value {
+    let url = format!("{}/querier.v1.QuerierService/{method}", run.base);
+    run.rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(req.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 200, "{method}: {text}");
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// `push.v1` splits a profile into series by its string sample labels (Go's
+/// `pprof.Do`, the SDKs' tag wrappers), as Pyroscope's distributor and
+/// `/ingest` do: the label is selectable in the querier and the totals per
+/// series are the labelled samples'; span ids and numeric labels stay on
+/// the samples (span filter, `-tagfocus`).
+#[test]
+fn push_splits_series_by_sample_labels() {
+    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+    use prost::Message as _;
+    let run = Running::start();
+    let mut p = cpu_profile(&[
+        (&["main", "handle", "busy_loop"], 30),
+        (&["main", "handle", "idle_wait"], 20),
+        (&["main", "gc"], 5),
+    ]);
+    label_samples(
+        &mut p,
+        &[
+            (0, &[("endpoint", "/busy"), ("span_id", SPAN_A)]),
+            (1, &[("endpoint", "/idle")]),
+        ],
+    );
+    // A numeric label, as the agent's pid/tid.
+    let pid = p.string_table.len() as i64;
+    p.string_table.push("pid".into());
+    p.sample[2]
+        .label
+        .push(fathom_collector::proto::pprof::Label {
+            key: pid,
+            str: 0,
+            num: 4242,
+            num_unit: 0,
+        });
+    let push = PushRequest {
+        series: vec![RawProfileSeries {
+            labels: [("__name__", "process_cpu"), ("service_name", "shop")]
+                .iter()
+                .map(|(n, v)| LabelPair {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            samples: vec![RawSample {
+                raw_profile: pprof::encode_gzip(&p),
+                id: String::new(),
+            }],
+        }],
+    };
+    run.rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{}/push.v1.PusherService/Push", run.base))
+            .header("content-type", "application/proto")
+            .body(push.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    run.wait_json("/ui/api/top?service=shop&type=samples", |v| {
+        v["total"].as_i64() == Some(55)
+    });
+    let cpu = "process_cpu:cpu:nanoseconds:cpu:nanoseconds";
+    let values = querier_json(
+        &run,
+        "LabelValues",
+        serde_json::json!({"name": "endpoint", "matchers": ["{service_name=\"shop\"}"]}),
+    );
+    assert_eq!(values["names"], serde_json::json!(["/busy", "/idle"]));
+    let names = querier_json(&run, "LabelNames", serde_json::json!({}));
+    let names: Vec<&str> = names["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"endpoint") && !names.contains(&"span_id") && !names.contains(&"pid"),
+        "{names:?}"
+    );
+    let series = querier_json(
+        &run,
+        "Series",
+        serde_json::json!({"matchers": ["{service_name=\"shop\",__profile_type__=\"process_cpu:cpu:nanoseconds:cpu:nanoseconds\"}"]}),
+    );
+    assert_eq!(series["labelsSet"].as_array().unwrap().len(), 3, "{series}");
+    let total = |sel: &str| -> i64 {
+        let r = querier_json(
+            &run,
+            "SelectMergeStacktraces",
+            serde_json::json!({"profileTypeID": cpu, "labelSelector": sel, "start": "0", "end": "0"}),
+        );
+        r["flamegraph"]["total"]
+            .as_str()
+            .map_or(0, |t| t.parse().unwrap())
+    };
+    assert_eq!(
+        total("{service_name=\"shop\",endpoint=\"/busy\"}"),
+        300_000_000
+    );
+    assert_eq!(
+        total("{service_name=\"shop\",endpoint=\"/idle\"}"),
+        200_000_000
+    );
+    assert_eq!(total("{service_name=\"shop\",endpoint=\"\"}"), 50_000_000);
+    assert_eq!(total("{service_name=\"shop\"}"), 550_000_000);
+    // The span id stays on its sample: the span's profile is found.
+    let top = run.get_json(&format!(
+        "/ui/api/top?service=shop&type=samples&span_id={SPAN_A}"
+    ));
+    assert_eq!(top["total"].as_i64(), Some(30), "{top}");
+    // The numeric pid stays on its sample in the pprof served.
+    let (status, body) = run.get("/api/profile?series=%7Bservice_name%3D%22shop%22%7D");
+    assert_eq!(status, 200);
+    let served = pprof::decode(&body).unwrap();
+    let pid_key = served.string_table.iter().position(|s| s == "pid").unwrap() as i64;
+    assert!(
+        served
+            .sample
+            .iter()
+            .any(|s| s.label.iter().any(|l| l.key == pid_key && l.num == 4242)),
+        "pid label kept"
+    );
+}
+
 /// OTLP metrics of `checkout` at `t` (unix ns): a gauge, a counter and a
 /// histogram in seconds.
 fn shop_metrics(
@@ -627,8 +1079,10 @@ fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Valu
 /// zoom and search, table, top-down, label chips, timeline brush, diff,
 /// download), traces (search by service, operation, tags, durations,
 /// errors; counts, paging, sorting; trace id box; waterfall ruler,
-/// collapsing, right-edge durations, event attributes; 400s) and metrics
-/// (history, units, service filter), light and dark. Screenshots go to
+/// collapsing, right-edge durations, event attributes; 400s), span and
+/// trace → flame graph links (only the span-labelled samples; an honest
+/// empty state) and metrics (history, units, service filter), light and
+/// dark. Screenshots go to
 /// `<target>/ui-screenshots`.
 #[test]
 fn browser_drives_profiles_traces_and_metrics_views() {
@@ -705,6 +1159,21 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         |v| v["total"].as_i64() == Some(1_500_000_000),
     );
     run.wait_json("/ui/api/status", |v| v["spans"].as_u64() == Some(90));
+    // Span-labelled samples of `checkout` and its trace T (4 spans), and
+    // an off-CPU profile whose blocked time in span A (10 s) is larger than
+    // its CPU: the span's link still opens the CPU profile.
+    push_span_data(&run);
+    let mut off_cpu = cpu_profile(&[(&["main", "serve", "futex_wait"], 1_000)]);
+    off_cpu.string_table[3] = "off_cpu".into();
+    label_samples(&mut off_cpu, &[(0, &[("span_id", SPAN_A)])]);
+    run.put_profile(
+        &[("__name__", "off_cpu"), ("service_name", "checkout")],
+        off_cpu,
+    );
+    run.wait_json(&format!("/ui/api/traces/{TRACE_T}/profiles"), |v| {
+        v["types"].as_array().is_some_and(|t| t.len() == 4)
+            && v["types"][0]["type_id"] == "off_cpu:off_cpu:nanoseconds:off_cpu:nanoseconds"
+    });
 
     // What the views must show, from the data above.
     let durations: Vec<u64> = (0..30).map(|i| 100 + i).collect();
@@ -712,6 +1181,9 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         // 150 samples of 10 ms; api-0 100, api-1 50; parse_json 60.
         "total_all": "1.5 s",
         "total_api1": "500 ms",
+        "total_api0": "1 s",
+        "selector_a": "{service_name=\"api\",pod=\"api-0\"}",
+        "selector_b": "{service_name=\"api\",pod=\"api-1\"}",
         "parse_json_self": "600 ms",
         "parse_json_pct": "40%",
         "functions": ["api::parse_json", "db::query", "runtime::park", "zstd::compress", "api::serve", "main"],
@@ -724,6 +1196,18 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "exception_message": "card declined: insufficient funds",
         "metric_points": 4,
         "gauge_last": "7",
+        // Span → flame graph: span A 40 samples (price 30, tax 10), span B
+        // 20, span D none; the trace's spans 60 (its trace-only sample is
+        // not a span's).
+        "span_trace": TRACE_T,
+        "span_a": SPAN_A,
+        "span_b": SPAN_B,
+        "span_d": SPAN_D,
+        "span_e": SPAN_E,
+        "span_a_total": "400 ms",
+        "span_a_price": "300 ms",
+        "span_a_price_pct": "75%",
+        "trace_total": "600 ms",
     });
     run_browser(&script, &run.base, "data", &expect, &shots);
 }

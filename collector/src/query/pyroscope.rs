@@ -418,7 +418,7 @@ pub fn select_merge_span_profile(
 }
 
 /// The sample label that holds a span id.
-pub const SPAN_ID_LABEL: &str = "span_id";
+pub use crate::store::SPAN_ID_LABEL;
 
 fn select_merge_profile(s: &Store, r: SelectMergeProfileRequest) -> Result<PprofReply, CallError> {
     let profile = select(s, &r.profile_type_id, &r.label_selector, r.start, r.end)?;

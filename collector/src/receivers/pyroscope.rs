@@ -2,7 +2,11 @@
 //! `POST /push.v1.PusherService/Push` (`application/proto` or
 //! `application/json`), as Grafana Alloy and Pyroscope SDKs send it. A
 //! request is accepted or refused whole; retried samples (same `ID`) are
-//! acknowledged and not counted twice.
+//! acknowledged and not counted twice. A pprof's string sample labels (Go's
+//! `pprof.Do`, the SDKs' tag wrappers) make series of their own, as
+//! Pyroscope's distributor splits them and as `/ingest` does
+//! ([`split_by_sample_labels`]); span, trace and profile ids stay on the
+//! samples.
 use std::{
     num::NonZeroUsize,
     sync::{Arc, Mutex},
@@ -20,7 +24,7 @@ use axum::{
 use base64::Engine as _;
 use prost::Message as _;
 
-use super::{auth::BearerAuth, connect_error, decompress};
+use super::{auth::BearerAuth, connect_error, decompress, ingest::split_by_sample_labels};
 use crate::{
     model::{RawProfile, SeriesLabels},
     pipeline::{Ingest, IngestError},
@@ -115,7 +119,8 @@ fn from_json(body: &[u8]) -> Result<PushRequest, String> {
 }
 
 /// Validates and decodes a whole push request: every series' labels, every
-/// sample's pprof. `seen` filters out retried sample IDs.
+/// sample's pprof, split into series by its sample labels. `seen` filters
+/// out retried sample IDs.
 pub fn decode_push(
     req: PushRequest,
     received: SystemTime,
@@ -135,11 +140,11 @@ pub fn decode_push(
             if !sample.id.is_empty() {
                 ids.push(sample.id);
             }
-            out.push(RawProfile {
+            out.extend(split_by_sample_labels(RawProfile {
                 labels: labels.clone(),
                 profile,
                 received,
-            });
+            }));
         }
     }
     Ok((out, ids))
@@ -288,5 +293,83 @@ mod tests {
             (1, 0),
             "the retried sample is skipped"
         );
+    }
+
+    #[test]
+    fn sample_labels_split_series_but_ids_and_numbers_stay_on_samples() {
+        use crate::proto::{pprof::Label, push::RawSample};
+        let mut p = pprof::tests::cpu_profile(
+            &[
+                (&["main", "a"], 3),
+                (&["main", "b"], 2),
+                (&["main", "c"], 1),
+            ],
+            1,
+        );
+        let mut intern = |s: &str| {
+            p.string_table.push(s.to_string());
+            p.string_table.len() as i64 - 1
+        };
+        let (endpoint, busy, span, id, pid) = (
+            intern("endpoint"),
+            intern("/busy"),
+            intern("span_id"),
+            intern("0123456789abcdef"),
+            intern("pid"),
+        );
+        let label = |key, str, num| Label {
+            key,
+            str,
+            num,
+            num_unit: 0,
+        };
+        p.sample[0].label = vec![label(endpoint, busy, 0), label(span, id, 0)];
+        // A numeric label (the agent's pid, tid) is no series label.
+        p.sample[1].label = vec![label(pid, 0, 42)];
+        let req = PushRequest {
+            series: vec![RawProfileSeries {
+                labels: vec![
+                    LabelPair {
+                        name: "__name__".into(),
+                        value: "process_cpu".into(),
+                    },
+                    LabelPair {
+                        name: "service_name".into(),
+                        value: "shop".into(),
+                    },
+                ],
+                samples: vec![RawSample {
+                    raw_profile: pprof::encode_gzip(&p),
+                    id: String::new(),
+                }],
+            }],
+        };
+        let (profiles, _) = decode_push(req, SystemTime::now(), |_| false).unwrap();
+        let by: Vec<(String, Vec<(String, i64)>)> = profiles
+            .iter()
+            .map(|r| (r.labels.selector(), pprof::folded(&r.profile, 0)))
+            .collect();
+        assert_eq!(
+            by,
+            [
+                (
+                    r#"process_cpu{endpoint="/busy",service_name="shop"}"#.to_string(),
+                    vec![("main;a".to_string(), 3)]
+                ),
+                (
+                    r#"process_cpu{service_name="shop"}"#.to_string(),
+                    vec![("main;b".to_string(), 2), ("main;c".to_string(), 1)]
+                ),
+            ]
+        );
+        let keys = |r: &RawProfile, i: usize| -> Vec<String> {
+            r.profile.sample[i]
+                .label
+                .iter()
+                .map(|l| r.profile.string_table[l.key as usize].clone())
+                .collect()
+        };
+        assert_eq!(keys(&profiles[0], 0), ["span_id"]);
+        assert_eq!(keys(&profiles[1], 0), ["pid"]);
     }
 }

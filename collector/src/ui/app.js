@@ -2,7 +2,7 @@
 // each with its own selectors, all state in the URL (?view=…&p.…/t.…/m.…)
 // so a view can be linked. Profiles use the Pyroscope querier (connect
 // JSON: ProfileTypes, LabelNames, LabelValues, SelectSeries,
-// SelectMergeStacktraces), traces and metrics /ui/api/*.
+// SelectMergeStacktraces, SelectMergeSpanProfile), traces and metrics /ui/api/*.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -294,7 +294,7 @@ const flame = {
   render() {
     const box = $("flame");
     if (!this.root || this.root.total <= 0) {
-      box.replaceChildren(el("p", { class: "empty" }, "No samples for this selection."));
+      box.replaceChildren(el("p", { class: "empty" }, this.emptyText || "No samples for this selection."));
       box.style.height = "";
       box.dataset.state = "empty";
       return;
@@ -382,11 +382,18 @@ function diffTree(ra, rb) {
 
 // ---- timeline ----
 
-function drawTimeline(box, series, start, end, brushes, onBrush) {
+/// Colours of grouped timeline series (Pyroscope-like, distinct in light and dark).
+const GROUP_COLORS = ["#3b82f6", "#f97316", "#10b981", "#e11d48", "#8b5cf6", "#eab308", "#06b6d4", "#ec4899", "#84cc16", "#64748b", "#a16207"];
+
+/// `groups`: [{pts: [[t, v]…], color}] stacked per step (one group: the
+/// accent colour).
+function drawTimeline(box, groups, start, end, brushes, onBrush) {
   const W = box.clientWidth || 800;
   const H = box.clientHeight || 110;
   const pad = { l: 56, r: 8, t: 6, b: 16 };
-  const pts = series;
+  const stack = new Map();
+  for (const g of groups) for (const [t, v] of g.pts) stack.set(t, (stack.get(t) || 0) + v);
+  const pts = [...stack.entries()].sort((a, b) => a[0] - b[0]);
   const maxV = Math.max(1, ...pts.map((p) => p[1]));
   const X = (t) => pad.l + ((t - start) / Math.max(end - start, 1)) * (W - pad.l - pad.r);
   const Y = (v) => H - pad.b - (v / maxV) * (H - pad.t - pad.b);
@@ -400,9 +407,16 @@ function drawTimeline(box, series, start, end, brushes, onBrush) {
   // One bar per step (a line would not show a single window).
   const stepMs = Number(box.dataset.step) || 1000;
   const bw = Math.max(2, (stepMs / Math.max(end - start, 1)) * (W - pad.l - pad.r) - 1);
-  for (const [t, v] of pts) {
-    svg.append(svgEl("rect", { class: "bar", x: Math.min(X(t), W - pad.r - bw), width: bw, y: Y(v), height: Math.max(1, Y(0) - Y(v)) },
-      svgEl("title", {}, `${fmtTime(t)}: ${fmtUnit(v, box.dataset.unit)}`)));
+  const base = new Map();
+  for (const g of groups) {
+    for (const [t, v] of g.pts) {
+      const below = base.get(t) || 0;
+      base.set(t, below + v);
+      const attrs = { class: "bar", x: Math.min(X(t), W - pad.r - bw), width: bw, y: Y(below + v), height: Math.max(1, Y(below) - Y(below + v)) };
+      if (g.color) { attrs.style = `fill:${g.color}`; attrs["data-group"] = g.label; }
+      svg.append(svgEl("rect", attrs,
+        svgEl("title", {}, `${fmtTime(t)}${g.color ? " · " + g.label : ""}: ${fmtUnit(v, box.dataset.unit)}`)));
+    }
   }
   for (const [cls, a, b] of brushes) {
     if (a && b && b > a) svg.append(svgEl("rect", { class: cls, x: X(Math.max(a, start)), width: Math.max(2, X(Math.min(b, end)) - X(Math.max(a, start))), y: pad.t, height: H - pad.t - pad.b }));
@@ -474,6 +488,7 @@ const profiles = {
     ]);
     this.types = resp.profileTypes || [];
     this.seriesInfo = series;
+    this.spanBanner();
     if (!this.types.length) {
       $("p-type").replaceChildren(el("option", { value: "" }, "(no profiles stored)"));
       flame.set(null, "");
@@ -497,6 +512,7 @@ const profiles = {
     const r = await querier("LabelNames", { matchers: [`{__profile_type__="${S["p.type"]}"}`], start: 0, end: 0 });
     const names = (r.names || []).filter((n) => !n.startsWith("__"));
     fillSelect($("p-label-name"), names, $("p-label-name").value || "service_name", "(label)");
+    S["p.group"] = fillSelect($("p-group"), names, S["p.group"] || "", "(none)");
     await this.labelValues();
   },
 
@@ -525,9 +541,35 @@ const profiles = {
     return p;
   },
 
-  async merge(from, until) {
+  /// Span ids the view is restricted to ("Profile of this span/trace"), or [].
+  spans() { return (S["p.spans"] || "").split(",").map((x) => x.trim()).filter(Boolean); },
+
+  /// The banner of the span mode: what is shown, back to the trace, or all samples.
+  spanBanner() {
+    const ids = this.spans();
+    const b = $("p-span");
+    if (!ids.length) { b.hidden = true; return; }
+    b.replaceChildren(
+      el("b", {}, "Profile of " + (S["p.what"] || "span " + ids.join(", "))),
+      el("span", { class: "muted" }, ` — only samples labelled span_id=${ids.length > 3 ? ids.slice(0, 3).join(", ") + ` … (${ids.length} spans)` : ids.join(", ")}`),
+      S["p.trace"] ? el("a", { id: "p-span-back", href: "?" + new URLSearchParams({ view: "traces", trace: S["p.trace"], ...(S.theme ? { theme: S.theme } : {}) }) }, "Back to the trace") : "",
+      el("button", { type: "button", id: "p-span-clear", onclick: () => {
+        for (const k of ["p.spans", "p.what", "p.trace"]) delete S[k];
+        this.load().catch((e) => setStatus(e.message, true));
+      } }, "Show all samples"));
+    b.hidden = false;
+  },
+
+  async merge(from, until, selector) {
+    const spans = this.spans();
+    if (spans.length) {
+      const r = await querier("SelectMergeSpanProfile", {
+        profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", spanSelector: spans, start: from, end: until, maxNodes: 8192,
+      });
+      return r.flamegraph ? treeFromLevels(r.flamegraph) : null;
+    }
     const r = await querier("SelectMergeStacktraces", {
-      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start: from, end: until, maxNodes: 8192,
+      profileTypeID: S["p.type"], labelSelector: selector || S["p.q"] || "{}", start: from, end: until, maxNodes: 8192,
     });
     return r.flamegraph ? treeFromLevels(r.flamegraph) : null;
   },
@@ -535,23 +577,45 @@ const profiles = {
   async load() {
     saveUrl();
     this.chips();
+    this.spanBanner();
     const t = this.typeInfo();
     if (!t) return;
+    const spans = this.spans();
+    // A span's samples have no timeline of their own, and no diff.
+    $("p-timeline").hidden = spans.length > 0;
+    $("p-diff").disabled = spans.length > 0;
+    if (spans.length) $("p-diff").checked = false;
+    else flame.emptyText = null;
     const unit = t.sampleUnit;
     const [start, end] = this.range();
     $("p-from").value = toLocalInput(start);
     $("p-until").value = toLocalInput(end);
     const step = Math.max(1, Math.round((end - start) / 1000 / 120));
-    // The timeline: one summed series of the selection.
+    // The timeline: the selection summed, or one stacked series per value
+    // of the group-by label (the 10 largest), as Pyroscope's group by.
+    const group = S["p.group"] || "";
     const ts = await querier("SelectSeries", {
-      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start, end, step, groupBy: [],
+      profileTypeID: S["p.type"], labelSelector: S["p.q"] || "{}", start, end, step,
+      groupBy: group ? [group] : [], ...(group ? { limit: 10 } : {}),
     });
-    const sum = new Map();
-    for (const s of ts.series || []) for (const p of s.points || []) {
-      const k = Number(p.timestamp);
-      sum.set(k, (sum.get(k) || 0) + Number(p.value));
+    let groups;
+    if (group) {
+      groups = (ts.series || []).map((s, i) => {
+        const lv = (s.labels || []).find((l) => l.name === group);
+        const pts = (s.points || []).map((p) => [Number(p.timestamp), Number(p.value)]);
+        return { value: lv ? lv.value : null, label: lv ? lv.value : `(no ${group})`, pts, total: pts.reduce((a, p) => a + p[1], 0) };
+      });
+      groups.sort((a, b) => b.total - a.total);
+      groups.forEach((g, i) => { g.color = GROUP_COLORS[i % GROUP_COLORS.length]; });
+    } else {
+      const sum = new Map();
+      for (const s of ts.series || []) for (const p of s.points || []) {
+        const k = Number(p.timestamp);
+        sum.set(k, (sum.get(k) || 0) + Number(p.value));
+      }
+      groups = [{ pts: [...sum.entries()] }];
     }
-    const pts = [...sum.entries()].sort((a, b) => a[0] - b[0]);
+    this.legend(group, groups, unit);
     const box = $("p-timeline");
     box.dataset.unit = unit;
     box.dataset.step = String(step * 1000);
@@ -559,7 +623,7 @@ const profiles = {
     $("p-diff-controls").hidden = !diff;
     const brushes = diff ? [["brush", fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value)],
       ["brush-b", fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value)]] : [];
-    drawTimeline(box, pts, start, end, brushes, (a, b) => {
+    drawTimeline(box, groups, start, end, brushes, (a, b) => {
       if ($("p-diff").checked) {
         const which = document.querySelector('input[name="p-brush"]:checked').value;
         $(`p-${which}-from`).value = toLocalInput(a);
@@ -578,26 +642,41 @@ const profiles = {
         $("p-b-from").value = toLocalInput(mid); $("p-b-until").value = toLocalInput(end);
         return this.load();
       }
+      // Two ranges, two label sets, or both: each side its own selector.
+      const selA = S["p.aq"] || S["p.q"] || "{}";
+      const selB = S["p.bq"] || S["p.q"] || "{}";
+      $("p-a-q").value = S["p.aq"] || "";
+      $("p-b-q").value = S["p.bq"] || "";
       const [ra, rb] = await Promise.all([
-        this.merge(fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value)),
-        this.merge(fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value)),
+        this.merge(fromLocalInput($("p-a-from").value), fromLocalInput($("p-a-until").value), selA),
+        this.merge(fromLocalInput($("p-b-from").value), fromLocalInput($("p-b-until").value), selB),
       ]);
       const d = diffTree(ra, rb);
       flame.set(d, unit, { totalA: ra ? ra.total : 0, totalB: rb ? rb.total : 0 });
-      $("p-total").textContent = `A: ${fmtUnit(ra ? ra.total : 0, unit)} · B: ${fmtUnit(rb ? rb.total : 0, unit)} (red: larger share in B)`;
+      const side = (sel) => (selA !== selB ? ` ${sel}` : "");
+      $("p-total").textContent = `A${side(selA)}: ${fmtUnit(ra ? ra.total : 0, unit)} · B${side(selB)}: ${fmtUnit(rb ? rb.total : 0, unit)} (red: larger share in B)`;
       this.table(null);
       dl.classList.add("disabled");
       dl.removeAttribute("href");
       return;
     }
     const root = await this.merge(start, end);
+    // An honest empty state for a span: why it may have no samples.
+    flame.emptyText = spans.length
+      ? `No ${t.sampleType} samples carry span_id ${spans.join(", ")} between ${fmtTime(start)} and ${fmtTime(end)}. ` +
+        "Samples are labelled with a span only while a profiled thread runs that span's work: the span may be shorter " +
+        "than the sampling interval (about 10 ms at 99 Hz), may have waited rather than run on a CPU, or its process " +
+        "is not profiled (or not profiled with span labels)."
+      : null;
     flame.set(root, unit);
     this.table(root);
     const total = root ? root.total : 0;
-    $("p-total").textContent = total ? `Total ${fmtUnit(total, unit)} of ${t.sampleType}` : "";
+    $("p-total").textContent = total ? `Total ${fmtUnit(total, unit)} of ${t.sampleType}${spans.length ? (spans.length > 1 ? " in these spans" : " in this span") : ""}` : "";
     $("p-total").dataset.total = String(total);
     if (total > 0) {
-      dl.href = "/ui/api/profile?" + this.profileParams(start, end).toString();
+      const params = this.profileParams(start, end);
+      if (spans.length) params.set("span_id", spans.join(","));
+      dl.href = "/ui/api/profile?" + params.toString();
       dl.setAttribute("download", "profile.pb.gz");
       dl.classList.remove("disabled");
       dl.removeAttribute("aria-disabled");
@@ -606,7 +685,28 @@ const profiles = {
       dl.classList.add("disabled");
       dl.setAttribute("aria-disabled", "true");
     }
-    setStatus(total ? "" : "No samples of this type in the range for this selector.");
+    setStatus(total ? "" : spans.length ? "No samples carry this span." : "No samples of this type in the range for this selector.");
+  },
+
+  /// The group-by legend: each value's colour and total; a click selects it
+  /// (adds the label to the selector).
+  legend(group, groups, unit) {
+    const box = $("p-legend");
+    box.dataset.groups = group ? String(groups.length) : "";
+    if (!group || this.spans().length) { box.hidden = true; box.replaceChildren(); return; }
+    box.replaceChildren(el("span", { class: "muted" }, `by ${group}${groups.length >= 10 ? " (10 largest)" : ""}:`),
+      ...groups.map((g) => el("button", {
+        type: "button", class: "legend-item", "data-value": g.label, title: g.value === null ? "" : `select ${group}="${g.value}"`,
+        onclick: () => {
+          if (g.value === null) return;
+          const ms = parseMatchers(S["p.q"]).filter((m) => m[0] !== group);
+          ms.push([group, "=", g.value]);
+          S["p.q"] = buildSelector(ms);
+          $("p-query").value = S["p.q"];
+          this.load().catch((e) => setStatus(e.message, true));
+        },
+      }, el("span", { class: "swatch", style: `background:${g.color}` }), `${g.label} `, el("span", { class: "muted" }, fmtUnit(g.total, unit)))));
+    box.hidden = false;
   },
 
   table(root) {
@@ -635,6 +735,7 @@ const profiles = {
     const reload = () => this.load().catch((e) => setStatus(e.message, true));
     $("p-type").addEventListener("change", async (e) => { S["p.type"] = e.target.value; await this.labelNames(); reload(); });
     $("p-label-name").addEventListener("change", () => this.labelValues());
+    $("p-group").addEventListener("change", (e) => { S["p.group"] = e.target.value; reload(); });
     $("p-label-value").addEventListener("change", (e) => {
       const name = $("p-label-name").value;
       if (!name || !e.target.value) return;
@@ -658,6 +759,16 @@ const profiles = {
     $("p-range").addEventListener("change", (e) => { S["p.range"] = e.target.value; delete S["p.from"]; delete S["p.until"]; reload(); });
     $("p-diff").addEventListener("change", reload);
     for (const id of ["p-a-from", "p-a-until", "p-b-from", "p-b-until"]) $(id).addEventListener("change", reload);
+    for (const [id, key] of [["p-a-q", "p.aq"], ["p-b-q", "p.bq"]]) {
+      const set = () => { S[key] = $(id).value.trim(); reload(); };
+      $(id).addEventListener("change", set);
+      $(id).addEventListener("keydown", (e) => { if (e.key === "Enter") set(); });
+    }
+    $("p-ab-whole").addEventListener("click", () => {
+      const [a, b] = this.range();
+      for (const w of ["a", "b"]) { $(`p-${w}-from`).value = toLocalInput(a); $(`p-${w}-until`).value = toLocalInput(b); }
+      reload();
+    });
     $("p-topdown").checked = S["p.dir"] !== "up";
     $("p-topdown").addEventListener("change", (e) => { S["p.dir"] = e.target.checked ? "" : "up"; saveUrl(); flame.render(); });
     $("p-search").value = S["p.search"] || "";
@@ -774,11 +885,63 @@ const traces = {
       wf.replaceChildren(el("p", { class: "empty" }, e.message));
       wf.dataset.state = "error";
       $("trace-title").textContent = "";
+      $("trace-profile").hidden = true;
       return;
     }
     this.trace = t;
+    this.prof = null;
+    this.selected = null;
     this.collapsed = new Set();
     this.render();
+    await this.loadProfiles(t);
+  },
+
+  /// Which spans of the trace have profile samples (span_id sample labels),
+  /// per profile type: marks them in the waterfall and links their flame
+  /// graphs.
+  async loadProfiles(t) {
+    let r;
+    try {
+      r = await (await getJson("/ui/api/traces/" + encodeURIComponent(t.summary.trace_id) + "/profiles")).json();
+    } catch (e) {
+      setStatus("profile samples of this trace: " + e.message, true);
+      return;
+    }
+    if (this.trace !== t) return;
+    // CPU first (what a span's profile means in Pyroscope and Grafana; an
+    // off-CPU type's blocked time may be larger), else the largest type.
+    this.prof = { from: r.from_ms, until: r.until_ms, type: r.types.find((x) => x.sample_type === "cpu") || r.types[0] || null };
+    this.render();
+    const sel = this.selected && document.querySelector(`#waterfall .wf-row[data-span="${this.selected}"]`);
+    const span = this.selected && t.spans.find((s) => s.span_id === this.selected);
+    if (sel && span) this.detail(span, sel);
+    $("waterfall").dataset.profiles = r.types.length ? "yes" : "no";
+  },
+
+  /// The profile id a span names (`pyroscope.profile.id`, a span id), if any.
+  profileId(s) {
+    const a = s.attributes.find(([k]) => k === "pyroscope.profile.id");
+    return a && /^[0-9a-fA-F]{16}$/.test(a[1]) ? a[1].toLowerCase() : null;
+  },
+
+  /// The span's samples' total in the trace's main profile type (0: none).
+  spanTotal(s) {
+    const spans = this.prof && this.prof.type ? this.prof.type.spans : {};
+    const id = this.profileId(s);
+    return (spans[s.span_id] || 0) + (id && id !== s.span_id ? spans[id] || 0 : 0);
+  },
+
+  /// A Profiles view link: the flame graph of the samples labelled with
+  /// `ids` over the trace's range.
+  profileHref(ids, what) {
+    const t = this.trace;
+    const from = this.prof ? this.prof.from : Math.floor(t.summary.start_unix_nano / 1e6) - 15000;
+    const until = this.prof ? this.prof.until : Math.ceil(t.summary.end_unix_nano / 1e6) + 15000;
+    const p = new URLSearchParams({ view: "profiles", "p.spans": ids.join(","), "p.what": what, "p.trace": t.summary.trace_id,
+      "p.q": "{}", "p.range": "custom", "p.from": String(from), "p.until": String(until) });
+    if (this.prof && this.prof.type) p.set("p.type", this.prof.type.type_id);
+    if (S.theme) p.set("theme", S.theme);
+    return "?" + p.toString();
   },
 
   render() {
@@ -786,6 +949,18 @@ const traces = {
     const wf = $("waterfall");
     const total = Math.max(t.summary.end_unix_nano - t.summary.start_unix_nano, 1) / 1e6;
     $("trace-title").textContent = `${t.summary.root_name} · ${t.summary.trace_id} · ${fmtMs(total)} · ${t.spans.length} spans`;
+    // Profile of this trace: every span id with samples, and those named by pyroscope.profile.id.
+    const ty = this.prof && this.prof.type;
+    const profIds = new Set(Object.keys(ty ? ty.spans : {}).filter((k) => k));
+    for (const s of t.spans) { const id = this.profileId(s); if (id) profIds.add(id); }
+    const tl = $("trace-profile");
+    if (profIds.size) {
+      tl.href = this.profileHref([...profIds].sort(), `trace ${t.summary.trace_id} (${t.summary.root_name})`);
+      // The samples of its spans (those labelled with the trace only are no span's).
+      const spansTotal = ty ? Object.entries(ty.spans).reduce((a, [k, v]) => a + (k ? v : 0), 0) : 0;
+      tl.textContent = "Profile of this trace" + (spansTotal ? ` (${fmtUnit(spansTotal, ty.unit)} ${ty.sample_type})` : "");
+      tl.hidden = false;
+    } else tl.hidden = true;
     const ids = new Set(t.spans.map((s) => s.span_id));
     const children = new Map();
     const roots = [];
@@ -810,11 +985,13 @@ const traces = {
         ? el("span", { class: "wf-time", style: `left:${left + width}%` }, fmtMs(s.duration_ms))
         : el("span", { class: "wf-time", style: `right:${100 - left}%` }, fmtMs(s.duration_ms));
       const events = s.events.map((e) => el("span", { class: "wf-event", title: e.name, style: `left:${(100 * (s.offset_ms + e.offset_ms)) / total}%` }));
+      const spanTotal = this.spanTotal(s);
+      const mark = spanTotal > 0 ? el("span", { class: "wf-prof", title: `profile: ${fmtUnit(spanTotal, ty.unit)} of ${ty.sample_type} samples in this span` }) : "";
       const caret = el("span", { class: "wf-caret" }, kids.length ? (closed ? "▸" : "▾") : "");
       if (kids.length) caret.addEventListener("click", (e) => { e.stopPropagation(); this.toggle(s.span_id); });
-      const row = el("div", { class: "wf-row", "data-span": s.span_id, title: `${s.name} (${s.kind}, ${s.status}) ${fmtMs(s.duration_ms)} at +${fmtMs(s.offset_ms)}` },
+      const row = el("div", { class: "wf-row" + (s.span_id === this.selected ? " selected" : ""), "data-span": s.span_id, "data-profile": spanTotal > 0 ? String(spanTotal) : null, title: `${s.name} (${s.kind}, ${s.status}) ${fmtMs(s.duration_ms)} at +${fmtMs(s.offset_ms)}` },
         el("div", { class: "wf-label", style: `padding-left:${4 + depth * 14}px` },
-          caret, el("span", { class: "svc" }, s.service + " "), s.name, kids.length && closed ? el("span", { class: "svc" }, ` (+${this.count(s.span_id, children)})`) : ""),
+          caret, mark, el("span", { class: "svc" }, s.service + " "), s.name, kids.length && closed ? el("span", { class: "svc" }, ` (+${this.count(s.span_id, children)})`) : ""),
         el("div", { class: "wf-track" },
           el("div", { class: "wf-bar" + (s.status === "error" ? " error" : ""), style: `left:${left}%;width:${width}%` }),
           ...events, time));
@@ -843,10 +1020,22 @@ const traces = {
   detail(s, row) {
     for (const r of document.querySelectorAll(".wf-row.selected")) r.classList.remove("selected");
     row.classList.add("selected");
+    this.selected = s.span_id;
+    // Profile of this span: when it names a profile (pyroscope.profile.id)
+    // or samples carry its id.
+    const ty = this.prof && this.prof.type;
+    const spanTotal = this.spanTotal(s);
+    const pid = this.profileId(s);
+    const ids = [...new Set([s.span_id, pid].filter((x) => x && (x === pid || (ty && ty.spans[x]))))];
+    const profLink = ids.length
+      ? el("p", { class: "span-profile" }, el("a", { id: "span-profile", href: this.profileHref(ids, `span ${s.service}: ${s.name} (${ids.join(", ")})`) },
+        "Profile of this span"), " ", el("span", { class: "muted" }, spanTotal > 0 ? `${fmtUnit(spanTotal, ty.unit)} of ${ty.sample_type} samples` : (this.prof ? "no samples found yet" : "")))
+      : null;
     const kv = (rows) => el("table", {}, el("tbody", {}, ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
     const d = $("span-detail");
     d.replaceChildren(
       el("h3", {}, `${s.service}: ${s.name}`),
+      profLink,
       kv([["kind", s.kind], ["status", s.status + (s.status_message ? ": " + s.status_message : "")],
         ["start", fmtTime(s.start_unix_nano / 1e6)], ["duration", fmtMs(s.duration_ms)], ["offset", "+" + fmtMs(s.offset_ms)],
         ["span id", s.span_id], ["parent", s.parent_span_id || "(root)"], ["scope", s.scope]]),

@@ -136,6 +136,24 @@ try {
     await p.fill("#p-query", '{service_name="api"}');
     await p.press("#p-query", "Enter");
     await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_all);
+    // Group by pod: one stacked series per pod, a legend with their totals;
+    // a click on a pod selects it.
+    await p.selectOption("#p-group", "pod");
+    await p.waitForSelector('#p-legend[data-groups="2"]', { timeout: 5000 }).catch(() => {});
+    const legend = await p.locator("#p-legend .legend-item").evaluateAll((bs) => bs.map((b) => b.textContent));
+    check(JSON.stringify(legend) === JSON.stringify([`api-0 ${EXPECT.total_api0}`, `api-1 ${EXPECT.total_api1}`]), "group by pod: legend api-0 1 s, api-1 500 ms", legend);
+    const fills = await p.locator("#p-timeline rect.bar").evaluateAll((rs) => [...new Set(rs.map((r) => r.dataset.group))].sort());
+    check(JSON.stringify(fills) === JSON.stringify(["api-0", "api-1"]), "timeline bars of both pods", fills);
+    check(new URL(p.url()).searchParams.get("p.group") === "pod", "group by in the URL");
+    await shot(p, "profiles-group-by");
+    await p.click('#p-legend .legend-item[data-value="api-1"]');
+    await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_api1, { timeout: 5000 }).catch(() => {});
+    check((await p.locator("#p-query").inputValue()).includes('pod="api-1"') && (await text(p, "#p-total")).includes(EXPECT.total_api1), "legend click selects pod api-1", await text(p, "#p-total"));
+    await p.selectOption("#p-group", "");
+    await p.waitForSelector("#p-legend", { state: "hidden" });
+    await p.fill("#p-query", '{service_name="api"}');
+    await p.press("#p-query", "Enter");
+    await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_all);
     // Timeline with points; brushing selects a custom range.
     const pts = Number(await p.locator("#p-timeline").getAttribute("data-points"));
     check(pts > 0, "timeline has points", pts);
@@ -154,6 +172,22 @@ try {
     await settle(p);
     check((await text(p, "#p-total")).startsWith("A:"), "diff view shows A and B totals", await text(p, "#p-total"));
     await shot(p, "profiles-diff");
+    // Diff of two label sets (pods) over the same range.
+    await p.click("#p-ab-whole");
+    await p.fill("#p-a-q", EXPECT.selector_a);
+    await p.press("#p-a-q", "Enter");
+    await p.fill("#p-b-q", EXPECT.selector_b);
+    await p.press("#p-b-q", "Enter");
+    const want = `A ${EXPECT.selector_a}: ${EXPECT.total_api0} · B ${EXPECT.selector_b}: ${EXPECT.total_api1}`;
+    await p.waitForFunction((w) => document.querySelector("#p-total").textContent.startsWith(w), want, { timeout: 5000 }).catch(() => {});
+    check((await text(p, "#p-total")).startsWith(want), `label-set diff totals: ${want}`, await text(p, "#p-total"));
+    const hue = (name) => p.locator(`#flame .fg-node[data-name="${name}"]`).evaluate((n) => getComputedStyle(n).backgroundColor.match(/\d+/g).map(Number));
+    const [cr, cg] = await hue("zstd::compress");
+    const [pr, pg] = await hue("api::parse_json");
+    check(cr > cg + 40, "zstd::compress (only in B) is red", [cr, cg]);
+    check(pg > pr + 20, "api::parse_json (only in A) is green", [pr, pg]);
+    check(new URL(p.url()).searchParams.get("p.bq") === EXPECT.selector_b, "B selector in the URL");
+    await shot(p, "profiles-diff-labels");
     await p.context().close();
 
     // Dark mode: no white box.
@@ -262,6 +296,82 @@ try {
     await open(p, `?view=traces&t.service=frontend&trace=${EXPECT.error_trace}`);
     await p.waitForSelector('#waterfall[data-state="ok"]');
     await shot(p, "traces-dark");
+    await p.context().close();
+
+    // ---------------- span → flame graph ----------------
+    console.log("span and trace → flame graph");
+    p = await page();
+    const E = EXPECT;
+    await open(p, `?view=traces&trace=${E.span_trace}`);
+    await p.waitForSelector('#waterfall[data-state="ok"]');
+    await p.waitForSelector('#waterfall[data-profiles="yes"]', { timeout: 5000 }).catch(() => {});
+    const marked = await p.locator("#waterfall .wf-row[data-profile]").evaluateAll((rs) => rs.map((r) => r.dataset.span).sort());
+    check(JSON.stringify(marked) === JSON.stringify([E.span_a, E.span_b].sort()), "waterfall marks the spans with samples (A, B)", marked);
+    const traceLink = await text(p, "#trace-profile");
+    check(traceLink === `Profile of this trace (${E.trace_total} cpu)`, `Profile of this trace link shown, ${E.trace_total}`, traceLink);
+    // Span A: pyroscope.profile.id and samples.
+    await p.locator(`#waterfall .wf-row[data-span="${E.span_a}"]`).click();
+    check((await p.locator("#span-profile").innerText()) === "Profile of this span", "span detail: Profile of this span link");
+    const spanInfo = await text(p, "#span-detail .span-profile");
+    check(spanInfo.includes(`${E.span_a_total} of cpu samples`), `span detail: ${E.span_a_total} of cpu samples`, spanInfo);
+    await shot(p, "span-detail");
+    await p.click("#span-profile");
+    await p.waitForURL(/view=profiles/);
+    await p.waitForSelector('body[data-loaded="true"]', { timeout: 20000 });
+    await p.waitForSelector('#flame[data-state="ok"]', { timeout: 5000 }).catch(() => {});
+    const spanNames = await p.locator("#flame .fg-node").evaluateAll((ns) => ns.map((n) => n.dataset.name));
+    check(["price", "tax", "checkout_handler", "serve", "main"].every((f) => spanNames.includes(f)), "span A flame graph: its frames", spanNames);
+    check(!["gc", "payment_call", "async_flush", "other_request", "api::parse_json"].some((f) => spanNames.includes(f)), "span A flame graph: no other sample's frames", spanNames);
+    const spanTotalText = await text(p, "#p-total");
+    check(spanTotalText.includes(`Total ${E.span_a_total} of cpu in this span`), `span A total ${E.span_a_total}`, spanTotalText);
+    const priceRow = await p.locator('#p-table tr[data-name="price"]').innerText();
+    check(priceRow.includes(E.span_a_price) && priceRow.includes(E.span_a_price_pct), `table: price ${E.span_a_price} ${E.span_a_price_pct}`, priceRow);
+    const banner = await text(p, "#p-span");
+    check(banner.includes("POST /checkout") && banner.includes(E.span_a), "banner names the span", banner);
+    check(await p.locator("#p-timeline").isHidden(), "no timeline of the whole selection in span mode");
+    const spanDl = await p.locator("#p-download").getAttribute("href");
+    check(spanDl && spanDl.includes("span_id=" + E.span_a) && (await status(p, spanDl)) === 200, "Download pprof of the span answers 200", spanDl);
+    await shot(p, "span-profile");
+    // Back to the trace; span D names a profile but no sample carries it.
+    await p.click("#p-span-back");
+    await p.waitForURL(/view=traces/);
+    await p.waitForSelector('#waterfall[data-profiles]', { timeout: 20000 });
+    await p.locator(`#waterfall .wf-row[data-span="${E.span_d}"]`).click();
+    check(await p.locator("#span-profile").count() === 1, "span D (pyroscope.profile.id, no samples): link shown");
+    check((await text(p, "#span-detail .span-profile")).includes("no samples"), "span D: says no samples", await text(p, "#span-detail .span-profile"));
+    await p.locator(`#waterfall .wf-row[data-span="${E.span_b}"]`).click();
+    check(await p.locator("#span-profile").count() === 1, "span B (samples, no attribute): link shown");
+    // A span with neither: no link.
+    await p.locator(`#waterfall .wf-row[data-span="${E.span_e}"]`).click();
+    check((await text(p, "#span-detail h3")).includes("load cart") && await p.locator("#span-profile").count() === 0,
+      "span E (no attribute, no samples): no link");
+    await p.locator(`#waterfall .wf-row[data-span="${E.span_d}"]`).click();
+    await p.click("#span-profile");
+    await p.waitForURL(/view=profiles/);
+    await p.waitForSelector('body[data-loaded="true"]', { timeout: 20000 });
+    await p.waitForSelector('#flame[data-state="empty"]', { timeout: 5000 }).catch(() => {});
+    const empty = await text(p, "#flame");
+    check(empty.includes("No cpu samples carry span_id " + E.span_d), "span D: honest empty state", empty.slice(0, 200));
+    check((await p.locator("#p-download").getAttribute("href")) === null, "span D: no Download pprof link");
+    await shot(p, "span-profile-empty");
+    // The whole trace.
+    await open(p, `?view=traces&trace=${E.span_trace}`);
+    await p.waitForSelector('#waterfall[data-profiles="yes"]', { timeout: 5000 }).catch(() => {});
+    await p.click("#trace-profile");
+    await p.waitForURL(/view=profiles/);
+    await p.waitForSelector('body[data-loaded="true"]', { timeout: 20000 });
+    await p.waitForSelector('#flame[data-state="ok"]', { timeout: 5000 }).catch(() => {});
+    const traceTotal = await text(p, "#p-total");
+    check(traceTotal.includes(`Total ${E.trace_total} of cpu in these spans`), `trace total ${E.trace_total}`, traceTotal);
+    const traceNames = await p.locator("#flame .fg-node").evaluateAll((ns) => ns.map((n) => n.dataset.name));
+    check(traceNames.includes("price") && traceNames.includes("payment_call") && !traceNames.includes("gc") && !traceNames.includes("other_request"),
+      "trace flame graph: its spans' frames only", traceNames);
+    // Show all samples: the span filter goes.
+    await p.click("#p-span-clear");
+    await p.waitForFunction(() => !new URLSearchParams(location.search).get("p.spans"));
+    await p.waitForFunction(() => [...document.querySelectorAll("#flame .fg-node")].some((n) => n.dataset.name === "gc"), null, { timeout: 5000 }).catch(() => {});
+    check(await p.locator("#p-span").isHidden(), "Show all samples: banner gone");
+    check(await p.locator('#flame .fg-node[data-name="gc"]').count() > 0, "Show all samples: unlabelled samples back");
     await p.context().close();
 
     // ---------------- metrics ----------------
