@@ -372,8 +372,11 @@ pub fn decode_ingest(
 }
 
 /// Sample labels that stay on the samples instead of making series (one
-/// series per span or profile would be one per request).
-pub const SAMPLE_ONLY_LABELS: &[&str] = &["span_id", "span_name", "profile_id", "trace_id"];
+/// series per span or profile would be one per request), and the agent's
+/// thread name `comm` (one series per thread name of every process; the
+/// embedded collector keeps it on samples too, so a remote collector shows
+/// the same series as the agent's own).
+pub const SAMPLE_ONLY_LABELS: &[&str] = &["span_id", "span_name", "profile_id", "trace_id", "comm"];
 
 /// Pyroscope's series from sample labels: the samples grouped by their
 /// string labels (but [`SAMPLE_ONLY_LABELS`] and names the series already
