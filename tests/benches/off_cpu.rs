@@ -2,13 +2,16 @@
 //! the machine (the thread leaving the CPU has its stacks walked and
 //! stored; the thread coming back has its time counted), so the workload is
 //! the worst case, context switches as fast as they come: two processes
-//! bouncing a byte through two pipes (`tests/fixtures/pingpong.c`).
+//! bouncing a byte through two pipes (`tests/fixtures/pingpong.c`), both on
+//! CPU 0.
 //!
 //! Modes, in interleaved rounds (one run of each per round, rotating which
 //! goes first): the agent off; the agent profiling CPU only (`--signals
 //! profiles`, 99 Hz); the agent profiling CPU and off-CPU (`--off-cpu`, the
 //! default 1 ms threshold: these waits are shorter, so nearly all of the
-//! cost is the stack capture every switch pays). Printed: round trips per
+//! cost is the stack capture every switch pays), capped by the default
+//! budget of 2000 stack walks per CPU per second; the same without a budget.
+//! Printed: round trips per
 //! second and their ratio to off, the cost per round trip, and (in a
 //! separate pass, since the kernel's statistics cost time themselves) the
 //! BPF time per context switch of each off-CPU program.
@@ -40,28 +43,31 @@ enum Mode {
     Off,
     Cpu,
     CpuAndOffCpu,
+    /// `--off-cpu-max-stacks 0`: every switch-out walks its stacks.
+    Unbudgeted,
 }
 
-const MODES: [Mode; 3] = [Mode::Off, Mode::Cpu, Mode::CpuAndOffCpu];
+const MODES: [Mode; 4] = [Mode::Off, Mode::Cpu, Mode::CpuAndOffCpu, Mode::Unbudgeted];
 
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::Off => "off",
         Mode::Cpu => "CPU profiles",
         Mode::CpuAndOffCpu => "CPU + off-CPU profiles",
+        Mode::Unbudgeted => "same, no capture budget",
     }
 }
 
 /// The agent, once it wrote its first window (steady state).
-fn start_agent(agent: &Path, off_cpu: bool, out: &Path) -> ChildGuard {
+fn start_agent(agent: &Path, off_cpu: Option<&str>, out: &Path) -> ChildGuard {
     let mut cmd = Command::new(agent);
     cmd.args(["--signals", "profiles", "--interval", "3s", "--output-dir"])
         .arg(out)
         .env("FATHOM_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if off_cpu {
-        cmd.arg("--off-cpu");
+    if let Some(max_stacks) = off_cpu {
+        cmd.args(["--off-cpu", "--off-cpu-max-stacks", max_stacks]);
     }
     let mut guard = ChildGuard::spawn(&mut cmd);
     let stderr = guard.0.stderr.take().unwrap();
@@ -76,7 +82,7 @@ fn start_agent(agent: &Path, off_cpu: bool, out: &Path) -> ChildGuard {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("the agent never wrote a window");
-        if off_cpu && line.contains("off-CPU") && line.contains("degraded") {
+        if off_cpu.is_some() && line.contains("off-CPU") && line.contains("degraded") {
             panic!("off-CPU profiling did not load: {line}");
         }
         if line.contains("window done") {
@@ -96,7 +102,12 @@ fn stop_agent(mut guard: ChildGuard) {
 
 /// Round trips per second of one run.
 fn run_workload(workload: &Path, seconds: f64) -> f64 {
-    let out = Command::new(workload)
+    // On one CPU: across two, every wake-up is an inter-processor interrupt
+    // (in a VM an exit to the hypervisor), and the rate swings with where
+    // the scheduler puts the two processes.
+    let out = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(workload)
         .arg(seconds.to_string())
         .output()
         .unwrap();
@@ -134,8 +145,9 @@ fn main() {
             let out = tempfile::tempdir().unwrap();
             let guard = match MODES[i] {
                 Mode::Off => None,
-                Mode::Cpu => Some(start_agent(&agent, false, out.path())),
-                Mode::CpuAndOffCpu => Some(start_agent(&agent, true, out.path())),
+                Mode::Cpu => Some(start_agent(&agent, None, out.path())),
+                Mode::CpuAndOffCpu => Some(start_agent(&agent, Some("2000"), out.path())),
+                Mode::Unbudgeted => Some(start_agent(&agent, Some("0"), out.path())),
             };
             let rate = run_workload(&workload, seconds);
             if let Some(guard) = guard {
@@ -172,7 +184,7 @@ fn main() {
     // BPF time per context switch, by program.
     let stats = BpfStats::enable();
     let out = tempfile::tempdir().unwrap();
-    let guard = start_agent(&agent, true, out.path());
+    let guard = start_agent(&agent, Some("2000"), out.path());
     let pid = guard.pid();
     let ours = |n: &str| n.starts_with("offcpu_") || n.starts_with("profile_");
     let before = bpf_runs_by_program(pid, ours);
