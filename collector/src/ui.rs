@@ -650,13 +650,18 @@ async fn trace(
     Query(q): Params,
 ) -> Result<Response, ApiError> {
     only(&q, &[])?;
-    let tid = parse_trace_id(&id)
-        .ok_or_else(|| ApiError::bad(format!("trace id {id:?}: expected 32 hexadecimal digits")))?;
+    let tid = trace_id_param(&id)?;
     let store = s.store.clone();
     let t = blocking(move || store.trace(tid))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("trace {id} is not stored")))?;
     Ok(Json(t).into_response())
+}
+
+/// A trace id from the path, or a 400 saying what is wrong with it.
+fn trace_id_param(id: &str) -> Result<[u8; 16], ApiError> {
+    parse_trace_id(id)
+        .ok_or_else(|| ApiError::bad(format!("trace id {id:?}: expected 32 hexadecimal digits")))
 }
 
 /// The profile samples taken in a trace's spans.
@@ -681,8 +686,7 @@ async fn trace_profiles(
     Query(q): Params,
 ) -> Result<Response, ApiError> {
     only(&q, &[])?;
-    let tid = parse_trace_id(&id)
-        .ok_or_else(|| ApiError::bad(format!("trace id {id:?}: expected 32 hexadecimal digits")))?;
+    let tid = trace_id_param(&id)?;
     let store = s.store.clone();
     let r = blocking(move || {
         let Some(raw) = store.trace_raw(tid)? else {

@@ -576,27 +576,12 @@ fn span_trace(t0: u64) -> ExportTraceServiceRequest {
 /// Sends the span-labelled profile over `push.v1` and trace T over OTLP/HTTP
 /// (both real protocol requests), and waits until both are stored.
 fn push_span_data(run: &Running) {
-    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
     use prost::Message as _;
     let now_ns = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let push = PushRequest {
-        series: vec![RawProfileSeries {
-            labels: [("__name__", "process_cpu"), ("service_name", "checkout")]
-                .iter()
-                .map(|(n, v)| LabelPair {
-                    name: n.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            samples: vec![RawSample {
-                raw_profile: pprof::encode_gzip(&span_labelled_profile()),
-                id: String::new(),
-            }],
-        }],
-    };
+    let push = push_request("checkout", &span_labelled_profile());
     let otlp = format!(
         "http://{}/v1/traces",
         run.collector().addrs().otlp_http.unwrap()
@@ -780,7 +765,6 @@ fn querier_json(run: &Running, method: &str, req: serde_json::Value) -> serde_js
 /// the samples (span filter, `-tagfocus`).
 #[test]
 fn push_splits_series_by_sample_labels() {
-    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
     use prost::Message as _;
     let run = Running::start();
     let mut p = cpu_profile(&[
@@ -806,21 +790,7 @@ fn push_splits_series_by_sample_labels() {
             num: 4242,
             num_unit: 0,
         });
-    let push = PushRequest {
-        series: vec![RawProfileSeries {
-            labels: [("__name__", "process_cpu"), ("service_name", "shop")]
-                .iter()
-                .map(|(n, v)| LabelPair {
-                    name: n.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            samples: vec![RawSample {
-                raw_profile: pprof::encode_gzip(&p),
-                id: String::new(),
-            }],
-        }],
-    };
+    let push = push_request("shop", &p);
     run.rt.block_on(async {
         let r = reqwest::Client::new()
             .post(format!("{}/push.v1.PusherService/Push", run.base))
@@ -1210,4 +1180,24 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "trace_total": "600 ms",
     });
     run_browser(&script, &run.base, "data", &expect, &shots);
+}
+
+/// A push of one `process_cpu` profile of `service`.
+fn push_request(service: &str, profile: &Profile) -> fathom_collector::proto::push::PushRequest {
+    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+    PushRequest {
+        series: vec![RawProfileSeries {
+            labels: [("__name__", "process_cpu"), ("service_name", service)]
+                .iter()
+                .map(|(n, v)| LabelPair {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            samples: vec![RawSample {
+                raw_profile: pprof::encode_gzip(profile),
+                id: String::new(),
+            }],
+        }],
+    }
 }
