@@ -235,7 +235,46 @@ fn cpu_samples_carry_the_span_their_thread_served() {
         "samples of only {} spans of {REQUESTS}",
         per_span.len()
     );
+    // The embedded UI's way from a trace to its samples: the trace's span
+    // totals, then the flame graph of one span alone.
+    let (span_id, (trace_id, _)) = spans
+        .iter()
+        .find(|(id, _)| per_span.contains_key(*id))
+        .unwrap();
+    let totals = curl_json(&format!(
+        "http://{}/ui/api/traces/{trace_id}/profiles",
+        local(http)
+    ));
+    let cpu = totals["types"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "process_cpu"))
+        .unwrap_or_else(|| panic!("no process_cpu totals for trace {trace_id}: {totals}"));
+    assert!(
+        cpu["spans"][span_id].as_i64().unwrap_or(0) > 0,
+        "span {span_id} has no samples in {totals}"
+    );
+    let one = fetch_profile(
+        &format!(
+            "http://{}/api/profile?span_id={span_id}&name=process_cpu&range=all",
+            local(http)
+        ),
+        &dir.path().join("one-span.pb"),
+    )
+    .unwrap_or_else(|| panic!("no profile for span {span_id}"));
+    let one_total = cpu_ns(&one, |_| true);
+    assert!(one_total > 0);
+    assert_eq!(
+        one_total,
+        cpu_ns(&one, |l| l.get("span_id") == Some(span_id)),
+        "the span's flame graph holds other samples"
+    );
     drop(agent);
+}
+
+fn curl_json(url: &str) -> serde_json::Value {
+    let out = Command::new("curl").args(["-sf", url]).output().unwrap();
+    assert!(out.status.success(), "GET {url} failed");
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The service's merged profile, when the collector has one.
