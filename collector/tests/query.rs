@@ -477,21 +477,11 @@ fn collect_jaeger_searches(v: &Value, out: &mut Vec<Value>) {
 /// Spans through the OpenTelemetry SDK over OTLP/HTTP: per checkout request a
 /// server span with a client child that fails with an exception event.
 fn emit_traces(otlp_http: &str, requests: usize) {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_endpoint(format!("{otlp_http}/v1/traces"))
-        .build()
-        .unwrap();
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_simple_exporter(exporter)
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name("checkout")
-                .with_attribute(KeyValue::new("host.name", "node-1"))
-                .build(),
-        )
-        .build();
+    let provider = otel_provider(
+        otlp_http,
+        "checkout",
+        &[KeyValue::new("host.name", "node-1")],
+    );
     let tracer = provider.tracer("fathom-test");
     for i in 0..requests {
         let root = tracer
@@ -1065,7 +1055,11 @@ fn flate2_gunzip(b: &[u8]) -> Vec<u8> {
 
 /// An OpenTelemetry SDK tracer provider of `service` exporting over
 /// OTLP/HTTP, spans sent as they end.
-fn otel_provider(otlp_http: &str, service: &str) -> opentelemetry_sdk::trace::SdkTracerProvider {
+fn otel_provider(
+    otlp_http: &str,
+    service: &str,
+    attributes: &[KeyValue],
+) -> opentelemetry_sdk::trace::SdkTracerProvider {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -1077,6 +1071,7 @@ fn otel_provider(otlp_http: &str, service: &str) -> opentelemetry_sdk::trace::Sd
         .with_resource(
             opentelemetry_sdk::Resource::builder()
                 .with_service_name(service.to_string())
+                .with_attributes(attributes.iter().cloned())
                 .build(),
         )
         .build()
@@ -1092,7 +1087,7 @@ fn jaeger_dependencies_from_parent_and_child_services() {
     let before_ms = ms(SystemTime::now());
     let providers: Vec<_> = ["frontend", "checkout", "payments"]
         .iter()
-        .map(|s| otel_provider(&run.otlp_http, s))
+        .map(|s| otel_provider(&run.otlp_http, s, &[]))
         .collect();
     let tracer = |i: usize| providers[i].tracer("fathom-test");
     for i in 0..3 {
