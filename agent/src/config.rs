@@ -151,6 +151,7 @@ pub struct ProfilesFile {
 #[serde(deny_unknown_fields)]
 pub struct TracesFile {
     pub inject: Option<bool>,
+    pub inject_keep_alive: Option<bool>,
     pub hooks: Option<HttpHooks>,
     pub sample_ratio: Option<f64>,
 }
@@ -349,6 +350,12 @@ pub struct DaemonArgs {
     /// [default: true].
     #[arg(long, env = "FATHOM_TRACE_INJECT", action = clap::ArgAction::Set)]
     pub trace_inject: Option<bool>,
+    /// With injection: every request of a kept-alive client connection, not
+    /// only its first (client sockets stay in a sockhash with a stream
+    /// verdict program; checked on the running kernel at start, else the
+    /// first request only) [default: true].
+    #[arg(long, env = "FATHOM_TRACE_INJECT_KEEP_ALIVE", action = clap::ArgAction::Set)]
+    pub trace_inject_keep_alive: Option<bool>,
     /// Share of traces whose spans are exported, 0..=1 (OpenTelemetry's
     /// `traceidratio` rule on the trace id, so every agent keeps the same
     /// traces). RED metrics count every request regardless [default: 1].
@@ -427,6 +434,7 @@ pub enum Output {
 #[derive(Clone, Debug)]
 pub struct TracesSettings {
     pub inject: bool,
+    pub inject_keep_alive: bool,
     pub hooks: HttpHooks,
     pub sample_ratio: f64,
 }
@@ -585,6 +593,10 @@ impl DaemonArgs {
             output,
             traces: TracesSettings {
                 inject: self.trace_inject.or(t.inject).unwrap_or(true),
+                inject_keep_alive: self
+                    .trace_inject_keep_alive
+                    .or(t.inject_keep_alive)
+                    .unwrap_or(true),
                 hooks: self.trace_hooks.or(t.hooks).unwrap_or_default(),
                 sample_ratio,
             },
@@ -696,6 +708,7 @@ mod tests {
         assert_eq!(c.sampling.frequency_hz, 99);
         assert_eq!(c.sampling.unwind, UnwindChoice::Tables);
         assert!(c.traces.inject);
+        assert!(c.traces.inject_keep_alive);
         let Output::Collector(collector) = &c.output else {
             panic!("not the collector")
         };
@@ -745,6 +758,7 @@ frequency = 49
 unwind = "frame-pointers"
 [traces]
 inject = false
+inject_keep_alive = false
 [network]
 interfaces = ["veth*"]
 [collector.store]
@@ -759,6 +773,7 @@ path = "/tmp/x.redb"
         assert_eq!(c.sampling.frequency_hz, 49);
         assert_eq!(c.sampling.unwind, UnwindChoice::FramePointers);
         assert!(!c.traces.inject);
+        assert!(!c.traces.inject_keep_alive);
         assert_eq!(c.network.interfaces, ["veth*"]);
         let Output::Collector(collector) = &c.output else {
             panic!("not the collector")

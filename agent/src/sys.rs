@@ -112,6 +112,18 @@ pub fn probe_perf_cpu_clock(cpu: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// `ioctl(FIONREAD)`: bytes waiting to be read on the socket `fd`.
+pub fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points to
+    // a local that outlives the call.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(n).map_err(|_| io::Error::other("FIONREAD gave a negative count"))
+}
+
 /// Waits until `fd` is readable or `timeout` passes; true when readable.
 pub fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {

@@ -33,6 +33,12 @@ use serde_json::{Value, json};
 /// The tools every test here runs.
 const TOOLS: &[&str] = &["curl", "bpftool"];
 
+/// `inject::attach`'s `keep_alive`: every request of a connection (the
+/// default), or only the first (the fallback where the kernel refuses the
+/// stream verdict program).
+const KEEP_ALIVE: bool = true;
+const FIRST_REQUEST: bool = false;
+
 /// The `fathom-http` object with injection on and the PID filter on.
 fn load() -> Ebpf {
     EbpfLoader::new()
@@ -327,7 +333,7 @@ fn python_client_requests_get_one_traceparent() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let injection = inject::attach(&mut ebpf).unwrap();
+    let injection = inject::attach(&mut ebpf, FIRST_REQUEST).unwrap();
     let mut server = Server::start("http", dir.path());
     let mut client = Client::start();
     monitor(&mut ebpf, client.pid);
@@ -420,7 +426,7 @@ fn curl_request_is_injected() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let _injection = inject::attach(&mut ebpf).unwrap();
+    let _injection = inject::attach(&mut ebpf, FIRST_REQUEST).unwrap();
     let mut server = Server::start("http", dir.path());
     let body_file = dir.path().join("curl-body");
     std::fs::write(&body_file, pseudo_random(3000, 42)).unwrap();
@@ -464,7 +470,7 @@ fn unmonitored_and_non_http_pass_untouched() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let injection = inject::attach(&mut ebpf).unwrap();
+    let injection = inject::attach(&mut ebpf, FIRST_REQUEST).unwrap();
     let mut http = Server::start("http", dir.path());
     let mut raw = Server::start("raw", dir.path());
 
@@ -589,7 +595,7 @@ fn serving_thread_lends_its_trace() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let injection = inject::attach(&mut ebpf).unwrap();
+    let injection = inject::attach(&mut ebpf, FIRST_REQUEST).unwrap();
     let mut server = Server::start("http", dir.path());
     let mut client = Client::start();
     monitor(&mut ebpf, client.pid);
@@ -669,7 +675,7 @@ fn forwarded_traceparent_gets_this_hops_parent() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let injection = inject::attach(&mut ebpf).unwrap();
+    let injection = inject::attach(&mut ebpf, FIRST_REQUEST).unwrap();
     let mut server = Server::start("http", dir.path());
     let mut client = Client::start();
     monitor(&mut ebpf, client.pid);
@@ -767,24 +773,131 @@ fn fionread_counts_the_response_of_a_monitored_client() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let _injection = inject::attach(&mut ebpf).unwrap();
+    let _injection = inject::attach(&mut ebpf, KEEP_ALIVE).unwrap();
     let mut server = Server::start("http", dir.path());
     let mut client = Client::start();
     monitor(&mut ebpf, client.pid);
 
     // Readers such as nginx size their read by FIONREAD once the socket is
-    // readable; while the socket was in the sockhash it answered 0.
+    // readable; in a sockhash without a verdict program it answers 0.
+    // Keep-alive: three requests on one connection, each injected, each
+    // response counted by FIONREAD before it is read.
     let request = b"GET /fionread HTTP/1.1\r\nHost: x\r\n\r\n";
     let reply = client.cmd(json!({
-        "op": "fionread", "port": server.port, "request": hex(request),
+        "op": "fionread", "port": server.port, "request": hex(request), "repeat": 3,
     }));
-    let response = unhex(reply["response"].as_str().unwrap());
-    assert_eq!(response, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-    assert_eq!(reply["fionread"].as_u64(), Some(response.len() as u64));
-    // The request was injected all the same.
-    let ids = assert_injected(&server.next(), request);
-    assert_context(&ebpf, client.tid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
-    assert_eq!(inject_counters(&ebpf), [1, 0, 0, 0, 1, 0, 1]);
+    let responses = reply["responses"].as_array().unwrap();
+    let fionreads = reply["fionreads"].as_array().unwrap();
+    assert_eq!(responses.len(), 3);
+    let mut traces = Vec::new();
+    for (response, fionread) in responses.iter().zip(fionreads) {
+        let response = unhex(response.as_str().unwrap());
+        assert_eq!(response, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        assert_eq!(fionread.as_u64(), Some(response.len() as u64), "{reply}");
+        let ids = assert_injected(&server.next(), request);
+        traces.push(ids);
+    }
+    assert_context(
+        &ebpf,
+        client.tid,
+        traces[2],
+        [0; 8],
+        ctx_flags::CLIENT_INJECTED,
+    );
+    assert_eq!(inject_counters(&ebpf), [3, 0, 0, 0, 1, 0, 0]);
+    client.cmd(json!({"op": "exit"}));
+}
+
+#[test]
+fn keep_alive_connections_get_a_traceparent_in_every_request_and_never_in_a_body() {
+    let Some(_kernel) = KernelTest::with_tools(
+        "keep_alive_connections_get_a_traceparent_in_every_request_and_never_in_a_body",
+        TOOLS,
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf, KEEP_ALIVE).unwrap();
+    assert!(
+        injection.keep_alive(),
+        "the stream verdict program attached"
+    );
+    let mut http = Server::start("http", dir.path());
+    let mut raw = Server::start("raw", dir.path());
+    let mut client = Client::start();
+    monitor(&mut ebpf, client.pid);
+    let unframed = |ebpf: &Ebpf| counter(ebpf, HttpCounter::InjectUnframed);
+
+    // http.client on one kept-alive connection: every request is injected,
+    // a 1 MiB body (several sk_msg runs) included, each in a trace of its
+    // own (the thread serves nothing); the socket stays in the sockhash.
+    client.cmd(json!({"op": "connect", "port": http.port}));
+    wait_sockets(&injection, 1);
+    let big = pseudo_random(1 << 20, 0xb0d1);
+    let mut traces = Vec::new();
+    for (method, path, body) in [
+        ("GET", "/1", None),
+        ("POST", "/2-big", Some(&big[..])),
+        ("GET", "/3", None),
+        ("POST", "/4", Some(&b"GET / HTTP/1.1\r\n\r\n"[..])),
+        ("GET", "/5", None),
+    ] {
+        let sent = client.request(dir.path(), method, path, &[], body);
+        let ids = assert_injected(&http.next(), &sent);
+        assert_context(&ebpf, client.tid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
+        assert!(!traces.contains(&ids.0), "a new trace per request");
+        traces.push(ids.0);
+    }
+    assert_eq!(injection.socket_cookies().unwrap().len(), 1);
+    assert_eq!(inject_counters(&ebpf), [5, 0, 0, 0, 1, 0, 0]);
+    assert_eq!(unframed(&ebpf), 0);
+    client.cmd(json!({"op": "close"}));
+    wait_sockets(&injection, 0);
+
+    // Written by hand on one connection, each chunk in its own send. A
+    // body sent on its own that is itself a request head passes untouched;
+    // so does everything after a chunked body (where the next request
+    // starts is not followed through chunks).
+    let fake: &[u8] = b"GET /fake HTTP/1.1\r\nHost: y\r\n\r\n";
+    let one = format!(
+        "POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        fake.len()
+    );
+    let two: &[u8] = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n";
+    let three: &[u8] = b"PUT /three HTTP/1.1\r\nhost: x\r\ncontent-length:  5\r\n\r\nhello";
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let four = format!("GET /four HTTP/1.1\r\nTraceparent: {own}\r\nHost: x\r\n\r\n");
+    let five: &[u8] = b"POST /five HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let five_body: &[u8] = b"5\r\nhello\r\n0\r\n\r\n";
+    let six: &[u8] = b"GET /six HTTP/1.1\r\nHost: x\r\n\r\n";
+    client.cmd(json!({
+        "op": "raw_http", "port": http.port, "pause_ms": 50,
+        "requests": [
+            [hex(one.as_bytes()), hex(fake)], [hex(two)], [hex(three)],
+            [hex(four.as_bytes())], [hex(five), hex(five_body)], [hex(six)],
+        ],
+    }));
+    assert_injected(&http.next(), &[one.as_bytes(), fake].concat());
+    assert_injected(&http.next(), two);
+    assert_injected(&http.next(), three);
+    assert!(http.next() == four.as_bytes(), "an own traceparent changed");
+    assert_injected(&http.next(), &[five, five_body].concat());
+    assert!(http.next() == six, "a request after a chunked body changed");
+    assert_eq!(inject_counters(&ebpf), [9, 1, 0, 0, 2, 0, 0]);
+    assert_eq!(unframed(&ebpf), 1);
+
+    // A connection whose first message is not HTTP/1.x is never touched,
+    // a later message that is a request head included.
+    let chunks: [&[u8]; 2] = [&pseudo_random(4096, 9), six];
+    client.cmd(json!({
+        "op": "raw", "port": raw.port, "pause_ms": 50,
+        "chunks": chunks.iter().map(|c| hex(c)).collect::<Vec<_>>(),
+    }));
+    assert!(raw.next() == chunks.concat(), "non-HTTP bytes changed");
+    assert_eq!(inject_counters(&ebpf), [9, 1, 0, 0, 3, 0, 0]);
+    assert_eq!(unframed(&ebpf), 2);
+    wait_sockets(&injection, 0);
     client.cmd(json!({"op": "exit"}));
 }
 
@@ -831,7 +944,7 @@ fn dropping_the_guard_detaches_everything() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ebpf = load();
-    let injection = inject::attach(&mut ebpf).unwrap();
+    let injection = inject::attach(&mut ebpf, FIRST_REQUEST).unwrap();
     let cgroup = injection.cgroup().to_path_buf();
     let sock_ops_id = u64::from(
         <&SockOps>::try_from(ebpf.program(names::SOCK_OPS).unwrap())
@@ -891,4 +1004,69 @@ fn dropping_the_guard_detaches_everything() {
         std::thread::sleep(Duration::from_millis(50));
     }
     client.cmd(json!({"op": "exit"}));
+}
+
+#[test]
+fn stopping_keeps_the_bytes_a_reader_has_not_read_yet() {
+    let Some(_kernel) =
+        KernelTest::with_tools("stopping_keeps_the_bytes_a_reader_has_not_read_yet", TOOLS)
+    else {
+        return;
+    };
+    use std::io::Read;
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf, KEEP_ALIVE).unwrap();
+    monitor(&mut ebpf, std::process::id());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let total = 8 << 20;
+    let sent = pseudo_random(total, 0xfeed);
+    let to_send = sent.clone();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&to_send).unwrap();
+    });
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    wait_sockets(&injection, 1);
+    let mut got = Vec::with_capacity(total);
+    let mut buf = vec![0; 64 << 10];
+    // Read slowly so that bytes wait in the socket when it leaves the map.
+    while got.len() < total / 4 {
+        let n = client.read(&mut buf).unwrap();
+        got.extend_from_slice(&buf[..n]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The agent stops: the socket stays in the pinned sockhash (taking it
+    // out would drop the bytes waiting in its sockmap queue).
+    let pin = injection.pin_dir().unwrap().to_path_buf();
+    drop(injection);
+    assert!(pin.join("sockets").exists(), "the sockhash pin is gone");
+    assert!(inject::collect_pins() >= 1);
+    assert!(pin.exists(), "a pin with an open socket was collected");
+    while got.len() < total {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("after {} of {total} bytes: {e}", got.len()),
+        }
+    }
+    server.join().unwrap();
+    assert_eq!(got.len(), total, "bytes lost");
+    assert!(got == sent, "bytes changed");
+    // Closed: the socket left the map, and the next agent's collection
+    // removes the pin.
+    drop(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pin.exists() {
+        inject::collect_pins();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pin of a closed socket stayed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -52,6 +52,7 @@ pub fn degradation(program: &str) -> Option<&'static str> {
             Some("profiles: no off-CPU profiles (CPU profiles run on)")
         }
         "fathom_sk_msg" | "fathom_sock_ops" => Some("traces: captured, no traceparent injected"),
+        "fathom_sk_skb" => Some("traces: traceparent in the first request of each connection only"),
         "net_tcp_probe_btf" => Some("network: tcp_probe as a classic tracepoint"),
         "http_sock_recv"
         | "http_sock_send"
@@ -192,6 +193,7 @@ fn load_any(
         Program::UProbe(p) => ebpf::load_program(object, name, || p.load()),
         Program::SockOps(p) => ebpf::load_program(object, name, || p.load()),
         Program::SkMsg(p) => ebpf::load_program(object, name, || p.load()),
+        Program::SkSkb(p) => ebpf::load_program(object, name, || p.load()),
         Program::SchedClassifier(p) => ebpf::load_program(object, name, || p.load()),
         Program::BtfTracePoint(p) => {
             let tracepoint = btf_tracepoint_of(name).unwrap_or("unknown");

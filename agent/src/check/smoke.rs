@@ -209,6 +209,11 @@ pub fn traces() -> Result<String, String> {
     let session =
         TraceSession::start(config, Box::new(received.clone())).map_err(|e| e.to_string())?;
     let (mode, why) = session.mode();
+    let scope = match session.inject_scope() {
+        Some((scope, None)) => format!("traceparent in {scope}"),
+        Some((scope, Some(why))) => format!("traceparent in {scope}: {why}"),
+        None => String::new(),
+    };
     let mut back = Workload::spawn(&["serve", "127.0.0.1:0", "-", "1"])?;
     let back_addr = back.listening()?;
     let mut front = Workload::spawn(&["serve", "127.0.0.1:0", &back_addr.to_string(), "1"])?;
@@ -249,7 +254,7 @@ pub fn traces() -> Result<String, String> {
     match joined {
         Some((n, front, back)) => Ok(format!(
             "one trace of {n} spans: `{front}` calls `{back}` with an injected traceparent \
-             ({mode})"
+             ({mode}; {scope})"
         )),
         None => Err(format!(
             "no trace joined the two services (the downstream service got {seen:?})"

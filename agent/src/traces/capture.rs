@@ -29,6 +29,9 @@ pub struct HttpCaptureConfig {
     pub pids: Vec<u32>,
     /// Insert `traceparent` into outgoing requests (`sock_ops` + `sk_msg`).
     pub inject: bool,
+    /// With `inject`: every request of a kept-alive client connection, not
+    /// only its first (see `super::inject`).
+    pub inject_keep_alive: bool,
     /// Size of the event ring buffer, in bytes (a power of two).
     pub ring_bytes: u32,
     /// Sockets tracked at once.
@@ -42,6 +45,7 @@ impl Default for HttpCaptureConfig {
         Self {
             pids: Vec::new(),
             inject: true,
+            inject_keep_alive: true,
             ring_bytes: 8 << 20,
             connections: 65536,
             hooks: HttpHooks::Auto,

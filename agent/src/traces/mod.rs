@@ -48,6 +48,7 @@ impl Signal for TracesSignal {
         let mut config = TraceConfig::default();
         config.capture.pids = ctx.config.sampling.pids.clone();
         config.capture.inject = ctx.config.traces.inject;
+        config.capture.inject_keep_alive = ctx.config.traces.inject_keep_alive;
         config.capture.hooks = ctx.config.traces.hooks;
         config.sample_ratio = ctx.config.traces.sample_ratio;
         // Profiles start after traces and share the map of which thread
@@ -73,11 +74,16 @@ impl Signal for TracesSignal {
 
     fn status(&self) -> SignalStatus {
         let (mode, why) = self.0.mode();
+        let reason = match (why, self.0.inject_scope()) {
+            (Some(w), _) => Some(format!("no traceparent injection: {w}")),
+            (None, Some((scope, Some(w)))) => Some(format!("traceparent in {scope} only: {w}")),
+            _ => None,
+        };
         SignalStatus {
             signal: SignalKind::Traces.name(),
             mode: mode.into(),
             up: true,
-            reason: why.map(|w| format!("no traceparent injection: {w}")),
+            reason,
         }
     }
 

@@ -105,6 +105,10 @@ pub struct TraceSession {
     thread: StoppableThread,
     inject: bool,
     inject_failure: Option<String>,
+    /// With `inject`: whether every request of a kept-alive connection is
+    /// injected, and why not when that was asked for.
+    keep_alive: bool,
+    keep_alive_failure: Option<String>,
     serving: Option<std::os::fd::OwnedFd>,
 }
 
@@ -118,6 +122,21 @@ impl TraceSession {
             "capture"
         };
         (mode, self.inject_failure.as_deref())
+    }
+
+    /// Which requests get a `traceparent`: every request of a connection,
+    /// or only its first (and why, when every request was asked for).
+    /// `None` without injection.
+    pub fn inject_scope(&self) -> Option<(&'static str, Option<&str>)> {
+        let scope = if self.keep_alive {
+            ("every request", None)
+        } else {
+            (
+                "the first request of each connection",
+                self.keep_alive_failure.as_deref(),
+            )
+        };
+        self.inject.then_some(scope)
     }
 
     /// Loads and attaches the capture (and `traceparent` injection when
@@ -137,7 +156,7 @@ impl TraceSession {
         // Injection that cannot attach (a kernel that rejects its programs,
         // no cgroup v2) leaves the capture running without it.
         let (injection, inject_failure) = if config.capture.inject {
-            match super::inject::attach(capture.ebpf_mut()) {
+            match super::inject::attach(capture.ebpf_mut(), config.capture.inject_keep_alive) {
                 Ok(injection) => (Some(injection), None),
                 Err(e) => {
                     tracing::warn!(
@@ -151,6 +170,10 @@ impl TraceSession {
             (None, None)
         };
         let inject = injection.is_some();
+        let keep_alive = injection.as_ref().is_some_and(|i| i.keep_alive());
+        let keep_alive_failure = injection
+            .as_ref()
+            .and_then(|i| i.keep_alive_failure().map(str::to_string));
         let serving = capture.serving_map();
         let thread = StoppableThread::spawn("fathom-traces", "traces", move |stop| {
             Worker::new(config, capture, sink, connections).run(&stop);
@@ -158,11 +181,13 @@ impl TraceSession {
             drop(injection);
         })
         .map_err(TraceError::Thread)?;
-        tracing::info!(inject, "http tracing attached");
+        tracing::info!(inject, keep_alive, "http tracing attached");
         Ok(Self {
             thread,
             inject,
             inject_failure,
+            keep_alive,
+            keep_alive_failure,
             serving,
         })
     }

@@ -65,6 +65,10 @@ pub mod names {
     pub const SOCKETS: &str = "CLIENT_SOCKETS";
     pub const SOCK_OPS: &str = "fathom_sock_ops";
     pub const SK_MSG: &str = "fathom_sk_msg";
+    /// The stream verdict program of `CLIENT_SOCKETS` in keep-alive mode.
+    pub const SK_SKB: &str = "fathom_sk_skb";
+    /// Injection switches ([`super::control`]).
+    pub const CONTROL: &str = "INJECT_CONTROL";
     /// The `ProgramArray`s of the data path's second stages ([`stage`]):
     /// one per program type (a program array serves programs of one type).
     pub const STAGES: &str = "HTTP_STAGES";
@@ -96,6 +100,17 @@ pub mod stage {
     /// In `HTTP_SSL_STAGES`.
     pub const SSL_PROCESS: u32 = 0;
     pub const COUNT: u32 = 1;
+}
+
+/// Indexes of the `INJECT_CONTROL` array (a `u8` each, non-zero: on).
+pub mod control {
+    /// Client sockets stay in `CLIENT_SOCKETS` (set once `SK_SKB` is
+    /// attached and checked).
+    pub const KEEP_ALIVE: u32 = 0;
+    /// The agent stopped: messages of the sockets it leaves in its pinned
+    /// sockhash pass untouched.
+    pub const STOPPED: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Globals the loader sets in the `fathom-http` object.
@@ -260,9 +275,10 @@ pub enum HttpCounter {
     /// replaced by the proxy's client span id.
     ParentRewritten,
     /// Sockets taken out of `CLIENT_SOCKETS` when their first request was
-    /// acknowledged: a socket in a sockmap answers `FIONREAD` with 0 on this
-    /// kernel (`tcp_bpf_ioctl` counts only the sockmap's own queue), which
-    /// stalls readers that trust it, nginx among them.
+    /// acknowledged (first-request mode): a socket in a sockmap without a
+    /// stream verdict program answers `FIONREAD` with 0 on Linux 6.18
+    /// (`tcp_bpf_ioctl` counts only the sockmap's own queue), which stalls
+    /// readers that trust it, nginx among them.
     SocketsReleased,
     /// Server requests whose `traceparent` came in a read after the one that
     /// started the request.
@@ -270,10 +286,15 @@ pub enum HttpCounter {
     /// Data events lost because the processing stage was not there to
     /// tail-call.
     StageMissing,
+    /// Client connections on which injection stopped because where the
+    /// next request starts can no longer be told (a chunked or pipelined
+    /// request body, a head written in pieces, a first message that is not
+    /// an HTTP/1.x request): their later messages pass untouched.
+    InjectUnframed,
 }
 
 impl HttpCounter {
-    pub const COUNT: u32 = HttpCounter::StageMissing as u32 + 1;
+    pub const COUNT: u32 = HttpCounter::InjectUnframed as u32 + 1;
     pub const ALL: [HttpCounter; HttpCounter::COUNT as usize] = [
         HttpCounter::DataEvents,
         HttpCounter::EventsLost,
@@ -289,6 +310,7 @@ impl HttpCounter {
         HttpCounter::SocketsReleased,
         HttpCounter::LateParents,
         HttpCounter::StageMissing,
+        HttpCounter::InjectUnframed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -307,6 +329,7 @@ impl HttpCounter {
             HttpCounter::ParentRewritten => "parent_rewritten",
             HttpCounter::SocketsReleased => "sockets_released",
             HttpCounter::LateParents => "late_parents",
+            HttpCounter::InjectUnframed => "inject_unframed",
         }
     }
 }

@@ -36,16 +36,17 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_loop, bpf_msg_pull_data},
     },
-    macros::{map, sk_msg, sock_ops},
+    macros::{map, sk_msg, sock_ops, stream_verdict},
     maps::{LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use fathom_common::http::{
     HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, hex_lower, parse_traceparent,
 };
 
 use super::maps::{
-    INJECTED, SERVING, count, filter_pids, inject_enabled, monitored, random_id, starts_message,
+    INJECTED, SERVING, count, filter_pids, inject_enabled, inject_stopped, keep_sockets, monitored,
+    random_id, starts_message,
 };
 
 /// Per CPU: the request-head scan in progress (sk_msg programs do not nest
@@ -68,6 +69,37 @@ static CLIENT_SOCKETS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 /// (socket cookie -> tgid). LRU: connections that never establish age out.
 #[map]
 static INJECT_PENDING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Client socket -> where its next request starts. Absent: no message yet.
+/// The key is the socket's kernel address, the one value `sk_msg` (which
+/// may not ask for the socket cookie) and `sock_ops` both see; an address
+/// is reused by a later socket, so `sock_ops` clears the entry when a
+/// socket is established. LRU: a closed socket's entry ages out.
+#[map]
+static FRAMING: LruHashMap<u64, Framing> = LruHashMap::with_max_entries(65536, 0);
+
+/// What `fathom_sk_msg` knows about a connection's request stream. A
+/// request head is only looked for where a request can start: in the first
+/// message of the connection, or once the previous request's body (by its
+/// `Content-Length`) has been written. A body that happens to look like a
+/// request head is therefore never touched.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Framing {
+    /// Bytes of the current request's body still to come.
+    body_left: u64,
+    /// A [`framing`] state.
+    state: u64,
+}
+
+/// [`Framing::state`] values.
+mod framing {
+    /// Requests are delimited: the next starts after `body_left` bytes.
+    pub const FRAMED: u64 = 1;
+    /// Not delimited (a chunked or pipelined body, a head in pieces, not
+    /// HTTP/1.x): nothing more on this connection is touched.
+    pub const UNFRAMED: u64 = 2;
+}
 
 /// Bytes of a message inspected for the request head (request line and
 /// headers). A larger head is not injected (`InjectSkippedNoLine`).
@@ -138,10 +170,16 @@ fn try_sock_ops(ctx: &SockOpsContext) {
             // SAFETY: the context pointer is the kernel's `bpf_sock_ops`,
             // valid for the whole run.
             let ops = unsafe { &mut *ctx.ops };
+            // A new socket at the address of a closed one starts afresh.
+            // SAFETY: the context's socket pointer, used as a number only.
+            let sk = unsafe { ops.__bindgen_anon_2.sk } as u64;
+            let _ = FRAMING.remove(&sk);
             if CLIENT_SOCKETS.update(cookie, ops, BPF_ANY as u64).is_ok() {
                 count(HttpCounter::SocketsAdded);
-                // Told when the first data sent is acknowledged.
-                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_RTT_CB_FLAG as i32);
+                if !keep_sockets() {
+                    // Told when the first data sent is acknowledged.
+                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_RTT_CB_FLAG as i32);
+                }
             }
         }
         BPF_SOCK_OPS_RTT_CB => {
@@ -170,10 +208,19 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     }
 }
 
+/// Keep-alive mode's receive side: passes every received segment to the
+/// socket. With a verdict program the kernel queues received data where
+/// `FIONREAD` on a sockmap socket counts it (without one, Linux 6.18
+/// answers 0 while the data waits in TCP's own queue).
+#[stream_verdict]
+pub fn fathom_sk_skb(_ctx: SkBuffContext) -> u32 {
+    sk_action::SK_PASS
+}
+
 #[sk_msg]
 pub fn fathom_sk_msg(ctx: SkMsgContext) -> u32 {
-    if inject_enabled() {
-        match try_sk_msg(&ctx) {
+    if inject_enabled() && !inject_stopped() {
+        match framed(&ctx) {
             Outcome::Injected => count(HttpCounter::Injected),
             Outcome::Existing => count(HttpCounter::InjectSkippedExisting),
             Outcome::Forwarded => count(HttpCounter::ParentRewritten),
@@ -183,6 +230,68 @@ pub fn fathom_sk_msg(ctx: SkMsgContext) -> u32 {
         }
     }
     sk_action::SK_PASS
+}
+
+/// Where in its connection's request stream a message is: inside a body
+/// (passed), at a request boundary (inspected by [`try_sk_msg`]), or on a
+/// connection no longer delimited (passed). Updates `FRAMING`.
+#[inline(always)]
+fn framed(ctx: &SkMsgContext) -> Outcome {
+    // SAFETY: the context's socket pointer, used as a number only.
+    let cookie = unsafe { (*ctx.msg).__bindgen_anon_3.sk } as u64;
+    let size = u64::from(ctx.size());
+    // SAFETY: a map value, copied out at once.
+    if let Some(f) = unsafe { FRAMING.get(&cookie) }.copied() {
+        if f.state == framing::UNFRAMED {
+            return Outcome::Other;
+        }
+        if f.body_left >= size && f.body_left > 0 {
+            set_framing(cookie, f.body_left - size, framing::FRAMED);
+            return Outcome::Other;
+        }
+        if f.body_left > 0 {
+            // A body's end and more bytes in one message: a pipelined
+            // request at an offset this program does not inject at.
+            unframe(cookie);
+            return Outcome::Other;
+        }
+    }
+    let (outcome, h) = try_sk_msg(ctx);
+    match h {
+        h if h.complete && !h.chunked && size - h.end <= h.content_length => {
+            set_framing(cookie, h.content_length - (size - h.end), framing::FRAMED);
+        }
+        _ => unframe(cookie),
+    }
+    outcome
+}
+
+#[inline(always)]
+fn set_framing(cookie: u64, body_left: u64, state: u64) {
+    // A full LRU evicts the oldest connection's state.
+    let _ = FRAMING.insert(&cookie, &Framing { body_left, state }, BPF_ANY as u64);
+}
+
+#[inline(always)]
+fn unframe(cookie: u64) {
+    set_framing(cookie, 0, framing::UNFRAMED);
+    count(HttpCounter::InjectUnframed);
+}
+
+/// A request head in a message. (Not an `Option`: LLVM fills a `None`'s
+/// payload from whatever register, one a helper call has clobbered
+/// included, and the verifier rejects the read.)
+#[derive(Clone, Copy, Default)]
+struct Head {
+    /// A complete head whose body length is known; the rest is valid only
+    /// then.
+    complete: bool,
+    /// Offset just past its blank line (in the message as written).
+    end: u64,
+    /// Its `Content-Length` (0 without one).
+    content_length: u64,
+    /// It has a `Transfer-Encoding` header (a chunked body).
+    chunked: bool,
 }
 
 /// What happened to one message.
@@ -216,8 +325,19 @@ struct Scan {
     line_end: u64,
     /// A [`verdict`].
     verdict: u64,
-    /// With [`verdict::EXISTING`]: offset of the `traceparent` header line.
+    /// Offset of the `traceparent` header line; 0: none.
     existing_at: u64,
+    /// With a complete head: offset just past its blank line.
+    head_end: u64,
+    /// Offset just past `Content-Length:`; 0: none.
+    length_at: u64,
+    /// Non-zero: a `Transfer-Encoding` header was seen.
+    chunked: u64,
+    /// The `Content-Length` value as parsed so far, its digits, and a
+    /// [`length_state`].
+    length: u64,
+    digits: u64,
+    length_state: u64,
     /// Chosen at random by the run that owns the scan. On a kernel that
     /// preempts BPF programs, another message's scan on this CPU may
     /// overwrite this state while ours is preempted; a changed owner then
@@ -226,10 +346,10 @@ struct Scan {
 }
 
 #[inline(always)]
-fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
+fn try_sk_msg(ctx: &SkMsgContext) -> (Outcome, Head) {
     let size = ctx.size();
     if size < MIN_REQUEST {
-        return Outcome::Other;
+        return (Outcome::Other, Head::default());
     }
     let len = if size < INSPECT_MAX {
         size
@@ -238,20 +358,20 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
     };
     // The first bytes decide cheaply whether this can be a request.
     if ctx.data() + 8 > ctx.data_end() && pull(ctx, 0, 8).is_err() {
-        return Outcome::Other;
+        return (Outcome::Other, Head::default());
     }
     let mut first = [0u8; 8];
     if !read(ctx.msg, 0, &mut first) {
-        return Outcome::Other;
+        return (Outcome::Other, Head::default());
     }
     if !starts_message(u64::from_le_bytes(first), 8).0 {
-        return Outcome::Other;
+        return (Outcome::Other, Head::default());
     }
     if ctx.data() + len as usize > ctx.data_end() && pull(ctx, 0, len).is_err() {
-        return Outcome::Failed;
+        return (Outcome::Failed, Head::default());
     }
     let Some(scan) = SCAN.get_ptr_mut(0) else {
-        return Outcome::Failed;
+        return (Outcome::Failed, Head::default());
     };
     // SAFETY: this CPU's map value, ours for this run.
     let scan = unsafe { &mut *scan };
@@ -264,6 +384,12 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
         line_end: 0,
         verdict: verdict::SCANNING,
         existing_at: 0,
+        head_end: 0,
+        length_at: 0,
+        chunked: 0,
+        length: 0,
+        digits: 0,
+        length_state: 0,
         owner,
     };
     let mut scan_ctx = ScanCtx { msg: ctx.msg };
@@ -281,13 +407,106 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Outcome {
     // SAFETY: as above; the callback wrote it through its own pointer.
     let scan = unsafe { core::ptr::read_volatile(scan) };
     if scan.owner != owner || scan.len != len as u64 {
-        return Outcome::Failed;
+        return (Outcome::Failed, Head::default());
     }
-    match scan.verdict {
-        verdict::HEAD_COMPLETE if scan.line_end != 0 => insert(ctx, scan.line_end as u32),
-        verdict::EXISTING => forward(ctx, scan.existing_at, scan.len),
+    let complete = scan.line_end != 0 && scan.head_end != 0;
+    // The head's framing first: inserting moves the bytes.
+    let mut head = Head::default();
+    if complete && matches!(scan.verdict, verdict::HEAD_COMPLETE | verdict::EXISTING) {
+        let length = if scan.length_at == 0 {
+            0
+        } else {
+            content_length(ctx.msg)
+        };
+        if length != u64::MAX {
+            head = Head {
+                complete: true,
+                end: scan.head_end,
+                content_length: length,
+                chunked: scan.chunked != 0,
+            };
+        }
+    }
+    let outcome = match scan.verdict {
+        verdict::HEAD_COMPLETE if complete => insert(ctx, scan.line_end as u32),
+        verdict::EXISTING if complete => forward(ctx, scan.existing_at, scan.len),
         verdict::NOT_HTTP => Outcome::Other,
         _ => Outcome::Incomplete,
+    };
+    (outcome, head)
+}
+
+/// The value of the `Content-Length` header whose value starts at
+/// `scan.length_at` (after optional spaces), within the inspected bytes;
+/// `u64::MAX` if it is not a number of at most 18 digits ended by CR. A
+/// `bpf_loop` over [`digit_step`], so the verifier checks one digit.
+#[inline(always)]
+fn content_length(msg: *mut sk_msg_md) -> u64 {
+    let Some(scan) = SCAN.get_ptr_mut(0) else {
+        return u64::MAX;
+    };
+    // SAFETY: this CPU's map value, ours for this run.
+    let scan = unsafe { &mut *scan };
+    scan.length = 0;
+    scan.digits = 0;
+    scan.length_state = length_state::PARSING;
+    let mut scan_ctx = ScanCtx { msg };
+    // SAFETY: `digit_step` has the callback signature bpf_loop requires and
+    // `scan_ctx` outlives the call.
+    unsafe {
+        bpf_loop(
+            24,
+            digit_step as *mut c_void,
+            &mut scan_ctx as *mut ScanCtx as *mut c_void,
+            0,
+        )
+    };
+    // SAFETY: the callback wrote it through its own pointer.
+    let state = unsafe { core::ptr::read_volatile(&scan.length_state) };
+    if state == length_state::DONE {
+        scan.length
+    } else {
+        u64::MAX
+    }
+}
+
+/// [`Scan::length_state`] values.
+mod length_state {
+    pub const PARSING: u64 = 0;
+    pub const DONE: u64 = 1;
+    pub const BAD: u64 = 2;
+}
+
+/// One byte of a `Content-Length` value. Returns 0 to go on, 1 to stop.
+extern "C" fn digit_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `ScanCtx`, alive for the whole loop.
+    let msg = unsafe { (*(ctx as *mut ScanCtx)).msg };
+    let Some(scan) = SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's map value, ours for the whole loop.
+    let scan = unsafe { &mut *scan };
+    let off = scan.length_at + index;
+    let mut b = [0u8; 1];
+    if off >= scan.len || !read(msg, off, &mut b) {
+        scan.length_state = length_state::BAD;
+        return 1;
+    }
+    match b[0] {
+        b' ' | b'\t' if scan.digits == 0 => 0,
+        d @ b'0'..=b'9' if scan.digits < 18 => {
+            scan.length = scan.length * 10 + u64::from(d - b'0');
+            scan.digits += 1;
+            0
+        }
+        b'\r' if scan.digits > 0 => {
+            scan.length_state = length_state::DONE;
+            1
+        }
+        _ => {
+            scan.length_state = length_state::BAD;
+            1
+        }
     }
 }
 
@@ -553,31 +772,52 @@ fn on_lf(msg: *mut sk_msg_md, scan: &mut Scan, pos: u64) -> bool {
     }
     let mut blank = [0u8; 2];
     if read(msg, next, &mut blank) && blank == *b"\r\n" {
-        scan.verdict = verdict::HEAD_COMPLETE;
+        scan.verdict = if scan.existing_at != 0 {
+            verdict::EXISTING
+        } else {
+            verdict::HEAD_COMPLETE
+        };
+        scan.head_end = next + 2;
         return true;
     }
     let mut name = [0u8; 12];
-    if next + 12 <= scan.len && read(msg, next, &mut name) && is_traceparent_name(&name) {
-        scan.verdict = verdict::EXISTING;
+    if scan.existing_at == 0
+        && next + 12 <= scan.len
+        && read(msg, next, &mut name)
+        && is_name(&name, b"traceparent:")
+    {
         scan.existing_at = next;
-        return true;
+        return false;
+    }
+    let mut name = [0u8; 15];
+    if scan.length_at == 0
+        && next + 15 <= scan.len
+        && read(msg, next, &mut name)
+        && is_name(&name, b"content-length:")
+    {
+        scan.length_at = next + 15;
+        return false;
+    }
+    let mut name = [0u8; 18];
+    if next + 18 <= scan.len && read(msg, next, &mut name) && is_name(&name, b"transfer-encoding:")
+    {
+        scan.chunked = 1;
     }
     false
 }
 
-/// Whether a header line starts with `traceparent:` (the name is
-/// case-insensitive).
+/// Whether a header line starts with `lower` (a lower-case header name of
+/// letters and `-`, then `:`), the name compared case-insensitively.
 #[inline(always)]
-fn is_traceparent_name(name: &[u8; 12]) -> bool {
-    const NAME: &[u8; 12] = b"traceparent:";
+fn is_name<const N: usize>(line: &[u8; N], lower: &[u8; N]) -> bool {
     let mut i = 0;
-    while i < 11 {
-        // All of `traceparent` are letters: OR 0x20 folds exactly their
-        // upper case onto lower case.
-        if name[i] | 0x20 != NAME[i] {
+    while i + 1 < N {
+        // OR 0x20 folds exactly the upper-case letters onto lower case and
+        // keeps `-` (a CR would pass for it; names hold none).
+        if line[i] | 0x20 != lower[i] {
             return false;
         }
         i += 1;
     }
-    name[11] == b':'
+    line[N - 1] == b':'
 }

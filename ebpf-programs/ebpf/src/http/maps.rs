@@ -5,7 +5,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use fathom_common::http::{ConnInfo, ConnKey, HttpCounter, Serving, TraceContext};
 
@@ -32,6 +32,10 @@ pub static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(16384, 0);
 /// Processes to trace when `HTTP_FILTER_PIDS` is set (tgid -> 1).
 #[map]
 pub static MONITORED: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+/// Injection switches set by user space (`fathom_common::http::control`).
+#[map]
+pub static INJECT_CONTROL: Array<u8> =
+    Array::with_max_entries(fathom_common::http::control::COUNT, 0);
 /// Thread id -> the context `sk_msg` injected into the request the thread
 /// is writing; taken by the write's `sys_exit`.
 #[map]
@@ -77,6 +81,25 @@ pub fn monitored(tgid: u32) -> bool {
 pub fn inject_enabled() -> bool {
     // SAFETY: a plain read of a loader-set global.
     unsafe { read_volatile(&HTTP_INJECT) != 0 }
+}
+
+/// Whether client sockets stay in the sockhash after their first request:
+/// set by user space once the stream verdict program that keeps `FIONREAD`
+/// right is attached.
+#[inline(always)]
+pub fn keep_sockets() -> bool {
+    INJECT_CONTROL
+        .get(fathom_common::http::control::KEEP_ALIVE)
+        .is_some_and(|v| *v != 0)
+}
+
+/// Whether the agent that owns these programs has stopped (sockets it
+/// left in its pinned sockhash pass untouched from then on).
+#[inline(always)]
+pub fn inject_stopped() -> bool {
+    INJECT_CONTROL
+        .get(fathom_common::http::control::STOPPED)
+        .is_some_and(|v| *v != 0)
 }
 
 /// Fills `out` with random bytes, never all zero (invalid W3C ids).
