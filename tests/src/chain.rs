@@ -210,6 +210,12 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// With [`ChainConfig::upstream_keepalive`]: how long nginx keeps an idle
+/// upstream connection. The chain's own start-up check leaves one in the
+/// pool; a test that needs the agent to see every upstream connection open
+/// waits this long after starting it.
+pub const UPSTREAM_IDLE_SECONDS: u64 = 1;
+
 /// Options of [`ServiceChain`].
 #[derive(Clone, Debug)]
 pub struct ChainConfig {
@@ -218,6 +224,9 @@ pub struct ChainConfig {
     /// The Python and Go services log every request (into their logs in the
     /// chain's directory).
     pub verbose: bool,
+    /// nginx keeps a pool of upstream connections to the Python middle
+    /// (`keepalive 8`) instead of one connection per request.
+    pub upstream_keepalive: bool,
 }
 
 impl Default for ChainConfig {
@@ -225,6 +234,7 @@ impl Default for ChainConfig {
         Self {
             nginx_workers: 1,
             verbose: false,
+            upstream_keepalive: false,
         }
     }
 }
@@ -302,6 +312,34 @@ impl ServiceChain {
             dir,
             &[
                 ("WORKERS", config.nginx_workers.to_string()),
+                (
+                    "UPSTREAM_BLOCK",
+                    if config.upstream_keepalive {
+                        format!(
+                            "upstream middle {{ server 127.0.0.1:{python_port}; keepalive 8; \
+                             keepalive_timeout {UPSTREAM_IDLE_SECONDS}s; }}"
+                        )
+                    } else {
+                        String::new()
+                    },
+                ),
+                (
+                    "PROXY_TARGET",
+                    if config.upstream_keepalive {
+                        "middle".to_string()
+                    } else {
+                        format!("127.0.0.1:{python_port}")
+                    },
+                ),
+                (
+                    "UPSTREAM_CONNECTION",
+                    if config.upstream_keepalive {
+                        ""
+                    } else {
+                        "close"
+                    }
+                    .to_string(),
+                ),
                 ("MIDDLE_PORT", python_port.to_string()),
                 ("HTTP_PORT", front_http_port.to_string()),
                 ("HTTPS_PORT", front_https_port.to_string()),

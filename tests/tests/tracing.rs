@@ -38,8 +38,8 @@ use std::{
 use fathom_tests::{
     Agent, KernelTest, ROTEL_AGENT, Rotel, RotelSpan,
     chain::{
-        FRONT_SERVICE, LEAF_SERVICE, MIDDLE_SERVICE, RedisServer, ServiceChain, http_exchange,
-        http_fixture,
+        ChainConfig, FRONT_SERVICE, LEAF_SERVICE, MIDDLE_SERVICE, RedisServer, ServiceChain,
+        UPSTREAM_IDLE_SECONDS, http_exchange, http_fixture,
     },
     free_port, loaded_bpf_programs, require_tool,
 };
@@ -114,8 +114,12 @@ struct World {
 impl World {
     /// The chain and rotel; the agent only with `agent`.
     fn start(rotel_bin: &Path, agent: bool) -> Self {
+        Self::start_with(rotel_bin, agent, &ChainConfig::default())
+    }
+
+    fn start_with(rotel_bin: &Path, agent: bool, config: &ChainConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let chain = ServiceChain::start(dir.path());
+        let chain = ServiceChain::start_with(dir.path(), config);
         let rotel = start_rotel(rotel_bin, dir.path());
         let mut world = Self {
             agent: None,
@@ -974,6 +978,82 @@ fn eight_mib_upload_arrives_intact_in_one_trace() {
         ..Expect::get(&world.chain, "/api/upload", "/sink")
     };
     expect_traces(&world, &[e], &all);
+}
+
+/// nginx as a reverse proxy with a pool of kept-alive upstream connections
+/// (the case that stalled for 20–80 s when a socket in a sockmap answered
+/// `FIONREAD` with 0): every request through a reused upstream connection
+/// is one trace, an 8 MiB upload on the same pool arrives intact, and no
+/// request waits (each well under curl's 10 s).
+#[test]
+fn nginx_keepalive_upstreams_give_a_trace_per_request() {
+    let Some(kernel) =
+        KernelTest::with_tools("nginx_keepalive_upstreams_give_a_trace_per_request", PEERS)
+            .map(KernelTest::agent)
+    else {
+        return;
+    };
+    let rotel_bin = kernel.path(ROTEL_AGENT);
+    let config = ChainConfig {
+        upstream_keepalive: true,
+        ..ChainConfig::default()
+    };
+    let world = World::start_with(rotel_bin, true, &config);
+    // The chain's start-up check left an upstream connection in nginx's
+    // pool, opened before the agent: let it expire (sockets opened before
+    // the agent started are not injected).
+    std::thread::sleep(Duration::from_secs(UPSTREAM_IDLE_SECONDS) + Duration::from_millis(500));
+    let file = world.dir.path().join("upload.bin");
+    std::fs::write(&file, pseudo_random(8 << 20, 0x6b61)).unwrap();
+    let digest = sha256sum(&file);
+    let mut expects = Vec::new();
+    for i in 0..8 {
+        if i == 4 {
+            let r = world.curl(
+                &[
+                    "-X",
+                    "POST",
+                    "--data-binary",
+                    &format!("@{}", file.display()),
+                ],
+                &[world.chain.front_url("/api/upload")],
+            );
+            assert_eq!(r[0].status, 200);
+            let reply: serde_json::Value = serde_json::from_slice(&r[0].body).unwrap();
+            assert_eq!(reply["sha256"], digest, "the upload changed on its way");
+            expects.push(Expect {
+                method: "POST",
+                ..Expect::get(&world.chain, "/api/upload", "/sink")
+            });
+        }
+        let r = world.curl(&[], &[world.chain.front_url(&format!("/api/ka{i}"))]);
+        assert_eq!(r[0].status, 200);
+        assert!(
+            r[0].time_total < 5.0,
+            "a request waited {} s",
+            r[0].time_total
+        );
+        expects.push(Expect::get(
+            &world.chain,
+            &format!("/api/ka{i}"),
+            &format!("/leaf/ka{i}"),
+        ));
+    }
+    let all = world.wait_for_chain_spans(5 * expects.len());
+    expect_traces(&world, &expects, &all);
+    // The pool was used: the middle's server spans came over fewer
+    // connections (nginx's ports) than requests.
+    let connections: BTreeSet<&str> = all
+        .iter()
+        .filter(|s| s.kind == "SPAN_KIND_SERVER" && pid_of(s) == Some(world.chain.python_pid))
+        .filter_map(|s| s.attributes.get("network.peer.port").map(String::as_str))
+        .collect();
+    assert!(
+        !connections.is_empty() && connections.len() < expects.len(),
+        "nginx's upstream requests came over {} connections for {} requests",
+        connections.len(),
+        expects.len()
+    );
 }
 
 #[test]
