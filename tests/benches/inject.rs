@@ -1,0 +1,163 @@
+//! Cost of `traceparent` injection per request, and what keep-alive mode
+//! adds: a keep-alive HTTP/1.1 client and server bouncing small requests
+//! over loopback as fast as they can (`tests/fixtures/http_pingpong.c`, both
+//! on CPU 0), with only the injection programs attached (no capture).
+//!
+//! Modes, in interleaved rounds (one run of each per round, rotating which
+//! goes first): no programs; first-request mode (the connection's first
+//! request gets the header, then the socket leaves the sockhash); keep-alive
+//! mode (every request gets the header: `sk_msg` on each send, the stream
+//! verdict program on each receive). Printed: round trips per second, their
+//! ratio to off, the cost per round trip, and (in a separate pass, since
+//! the kernel's statistics cost time themselves) the BPF time per run of
+//! each program.
+//!
+//!   cargo bench -p fathom-tests --bench inject
+//!
+//! FATHOM_BENCH_ROUNDS (default 8), FATHOM_BENCH_SECONDS (default 4: one
+//! workload run).
+#![allow(
+    clippy::unwrap_used,
+    reason = "benchmark: a failed unwrap is a failed run"
+)]
+
+use std::{path::Path, process::Command};
+
+use aya::{Ebpf, EbpfLoader};
+use fathom_agent::{ebpf::http_object, traces::inject};
+use fathom_common::http::globals;
+use fathom_tests::{BpfStats, bpf_runs_by_program, build_fixture, kernel_tests_possible, median};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Off,
+    FirstRequest,
+    KeepAlive,
+}
+
+const MODES: [Mode; 3] = [Mode::Off, Mode::FirstRequest, Mode::KeepAlive];
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Off => "off",
+        Mode::FirstRequest => "first request only",
+        Mode::KeepAlive => "every request (keep-alive)",
+    }
+}
+
+/// The `fathom-http` object with injection on for every process (no PID
+/// filter: the workload's processes are created after attaching).
+fn load() -> Ebpf {
+    EbpfLoader::new()
+        .override_global(globals::INJECT, &1u8, true)
+        .override_global(globals::FILTER_PIDS, &0u8, true)
+        .load(http_object().unwrap())
+        .unwrap()
+}
+
+/// Round trips per second of one run.
+fn run_workload(workload: &Path, seconds: f64) -> f64 {
+    let out = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(workload)
+        .arg(seconds.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the workload failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let trips: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("http_pingpong printed {text:?}"));
+    trips / seconds
+}
+
+/// Runs the workload once in `mode`; round trips per second.
+fn run(mode: Mode, workload: &Path, seconds: f64) -> f64 {
+    match mode {
+        Mode::Off => run_workload(workload, seconds),
+        Mode::FirstRequest | Mode::KeepAlive => {
+            let mut ebpf = load();
+            let injection = inject::attach(&mut ebpf, mode == Mode::KeepAlive).unwrap();
+            assert_eq!(injection.keep_alive(), mode == Mode::KeepAlive);
+            let rate = run_workload(workload, seconds);
+            drop(injection);
+            rate
+        }
+    }
+}
+
+fn main() {
+    if !kernel_tests_possible("inject bench") {
+        std::process::exit(1);
+    }
+    let env = |name: &str, default: f64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let rounds = env("FATHOM_BENCH_ROUNDS", 8.0) as usize;
+    let seconds = env("FATHOM_BENCH_SECONDS", 4.0);
+    let dir = tempfile::tempdir().unwrap();
+    let workload = build_fixture("http_pingpong", dir.path());
+
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+    for round in 0..rounds {
+        for k in 0..MODES.len() {
+            let i = (round + k) % MODES.len();
+            let rate = run(MODES[i], &workload, seconds);
+            rates[i].push(rate);
+            eprintln!(
+                "round {:>2}/{rounds} {:>27}: {rate:.0} round trips/s",
+                round + 1,
+                mode_name(MODES[i])
+            );
+        }
+    }
+
+    println!();
+    println!(
+        "traceparent injection cost: `http_pingpong` (one keep-alive connection, small \
+         requests, client and server on CPU 0), {rounds} interleaved rounds of {seconds} s"
+    );
+    println!("| mode | round trips/s (median) | vs off | cost per request |");
+    println!("|---|---|---|---|");
+    let off = median(&rates[0]);
+    for (i, mode) in MODES.iter().enumerate() {
+        let ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(x, o)| x / o).collect();
+        let rate = median(&rates[i]);
+        println!(
+            "| {} | {rate:.0} | {:.3} | {:+.2} µs |",
+            mode_name(*mode),
+            median(&ratios),
+            (1.0 / rate - 1.0 / off) * 1e6
+        );
+    }
+
+    // BPF time per run of each program, keep-alive mode.
+    let stats = BpfStats::enable();
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf, true).unwrap();
+    let me = std::process::id();
+    let ours = |n: &str| n.starts_with("fathom_");
+    let before = bpf_runs_by_program(me, ours);
+    run_workload(&workload, seconds);
+    let after = bpf_runs_by_program(me, ours);
+    drop(injection);
+    drop(stats);
+    println!();
+    println!("| program (keep-alive mode) | runs | BPF time per run |");
+    println!("|---|---|---|");
+    for (name, ns, runs) in &after {
+        let (ns0, runs0) = before
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map_or((0.0, 0.0), |(_, ns, runs)| (*ns, *runs));
+        let runs = runs - runs0;
+        if runs > 0.0 {
+            println!("| {name} | {runs:.0} | {:.0} ns |", (ns - ns0) / runs);
+        }
+    }
+}
