@@ -691,6 +691,35 @@ pub fn bpf_run_totals(pid: u32, name_is_ours: impl Fn(&str) -> bool) -> (f64, f6
     total
 }
 
+/// The agent as the tracing tests run it: traces only, exported over
+/// OTLP/gRPC to `rotel` every second, its store in `dir`; returns once it
+/// says the HTTP programs are attached.
+pub fn start_traces_agent(rotel: &Rotel, dir: &Path) -> Agent {
+    let http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
+    let store = dir.join("store.redb");
+    let endpoint = format!("http://{}", rotel.grpc);
+    let agent = Agent::spawn(&[
+        "--signals",
+        "traces",
+        "--interval",
+        "1s",
+        "--http-listen",
+        &http_listen,
+        "--otlp-grpc-listen",
+        "off",
+        "--otlp-http-listen",
+        "off",
+        "--store-path",
+        store.to_str().unwrap(),
+        "--otlp-endpoint",
+        &endpoint,
+        "--otlp-protocol",
+        "grpc",
+    ]);
+    agent.wait_for_log("http tracing attached", Duration::from_secs(60));
+    agent
+}
+
 /// `run_time_ns` and `run_cnt` of each of the programs [`bpf_run_totals`]
 /// sums (same program names summed).
 pub fn bpf_runs_by_program(

@@ -23,14 +23,13 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::TcpStream,
-    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, KernelTest, ROTEL_AGENT, Rotel, RotelSpan, chain::read_response, free_port,
-    workspace_root,
+    ChildGuard, KernelTest, ROTEL_AGENT, Rotel, RotelSpan, chain::read_response, free_port,
+    start_traces_agent, workspace_root,
 };
 
 const TOOLS: &[&str] = &["node", "python3", ROTEL_AGENT];
@@ -78,31 +77,6 @@ fn fixture(name: &str) -> String {
         .join(name)
         .display()
         .to_string()
-}
-
-fn start_agent(rotel: &Rotel, dir: &Path) -> Agent {
-    let store = dir.join("store.redb");
-    let endpoint = format!("http://{}", rotel.grpc);
-    let agent = Agent::spawn(&[
-        "--signals",
-        "traces",
-        "--interval",
-        "1s",
-        "--http-listen",
-        &local(free_port()).to_string(),
-        "--otlp-grpc-listen",
-        "off",
-        "--otlp-http-listen",
-        "off",
-        "--store-path",
-        store.to_str().unwrap(),
-        "--otlp-endpoint",
-        &endpoint,
-        "--otlp-protocol",
-        "grpc",
-    ]);
-    agent.wait_for_log("http tracing attached", Duration::from_secs(60));
-    agent
 }
 
 fn pid_of(s: &RotelSpan) -> Option<u32> {
@@ -221,7 +195,7 @@ fn pooled_keep_alive_chain_gives_one_trace_per_request() {
         "node",
         &[fixture("node_middle.js"), middle.port.to_string()],
     );
-    let _agent = start_agent(&rotel, dir.path());
+    let _agent = start_traces_agent(&rotel, dir.path());
 
     // One keep-alive connection from the test, sequential requests: every
     // hop reuses its one pooled connection for all of them.

@@ -41,7 +41,7 @@ use fathom_tests::{
         ChainConfig, FRONT_SERVICE, LEAF_SERVICE, MIDDLE_SERVICE, RedisServer, ServiceChain,
         UPSTREAM_IDLE_SECONDS, http_exchange, http_fixture,
     },
-    free_port, loaded_bpf_programs, require_tool,
+    free_port, loaded_bpf_programs, require_tool, start_traces_agent,
 };
 
 /// `OTEL_SERVICE_NAME` of the curl processes the tests run.
@@ -74,32 +74,9 @@ fn start_rotel(binary: &Path, dir: &Path) -> Rotel {
     Rotel::start(binary, local(free_port()), local(free_port()), dir)
 }
 
-/// The agent as the tests run it: traces only, exported to `rotel` every
-/// second; returns once it says the HTTP programs are attached.
+/// The agent as the tests run it (see [`start_traces_agent`]).
 fn start_agent(rotel: &Rotel, dir: &Path) -> Agent {
-    let http_listen = local(free_port()).to_string();
-    let store = dir.join("store.redb");
-    let endpoint = format!("http://{}", rotel.grpc);
-    let agent = Agent::spawn(&[
-        "--signals",
-        "traces",
-        "--interval",
-        "1s",
-        "--http-listen",
-        &http_listen,
-        "--otlp-grpc-listen",
-        "off",
-        "--otlp-http-listen",
-        "off",
-        "--store-path",
-        store.to_str().unwrap(),
-        "--otlp-endpoint",
-        &endpoint,
-        "--otlp-protocol",
-        "grpc",
-    ]);
-    agent.wait_for_log("http tracing attached", Duration::from_secs(60));
-    agent
+    start_traces_agent(rotel, dir)
 }
 
 /// A test's world: the chain, rotel and (once started) the agent. Dropped
