@@ -440,6 +440,121 @@ pub enum Merged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profiles::process::ProcessTable;
+
+    /// The kernel's walk, in user space: the thread state of thread `tid`,
+    /// then its frames' code objects (entry bits kept).
+    fn walk(memory: &Memory, python: &PythonProcess, tid: u32) -> Result<Vec<u64>, String> {
+        let k = &python.kernel;
+        let at = |base: u64, offset: u32| memory.u64(base + offset as u64);
+        let mut tstate = if k.tstate_native_thread_id == NONE {
+            at(k.runtime, k.tstate_current)?
+        } else {
+            let mut t = at(at(k.runtime, k.interpreters_head)?, k.threads_head)?;
+            while t != 0 && at(t, k.tstate_native_thread_id)? != tid as u64 {
+                t = at(t, k.tstate_next)?;
+            }
+            t
+        };
+        if tstate == 0 {
+            return Err("no thread state".into());
+        }
+        tstate = at(tstate, k.tstate_frame)?;
+        let mut frame = if k.cframe_current_frame == NONE {
+            tstate
+        } else {
+            at(tstate, k.cframe_current_frame)?
+        };
+        let mut out: Vec<u64> = Vec::new();
+        while frame != 0 && out.len() < 128 {
+            let code = at(frame, k.frame_code)?;
+            let mut byte = [0u8];
+            if k.entry_offset != NONE {
+                memory.read(frame + k.entry_offset as u64, &mut byte)?;
+            }
+            match k.entry_kind {
+                entry::EVERY_FRAME => out.push(code | ENTRY_BIT),
+                entry::IS_ENTRY_FLAG if byte[0] != 0 => out.push(code | ENTRY_BIT),
+                entry::IS_ENTRY_FLAG => out.push(code),
+                _ if byte[0] == entry::OWNED_BY_CSTACK => {
+                    if let Some(last) = out.last_mut() {
+                        *last |= ENTRY_BIT;
+                    }
+                }
+                _ => out.push(code),
+            }
+            frame = at(frame, k.frame_previous)?;
+        }
+        Ok(out)
+    }
+
+    /// The offsets read a running interpreter of each covered version
+    /// found here (Debian's `/usr/bin/python3`, pyenv's) right: its main
+    /// thread, running a known function called from the module, walked as
+    /// the kernel walks it, names that function, its file and first line.
+    #[test]
+    fn offsets_match_a_running_interpreter() {
+        let mut interpreters = vec![std::path::PathBuf::from("/usr/bin/python3")];
+        if let Some(home) = std::env::var_os("HOME") {
+            let pyenv = std::path::Path::new(&home).join(".pyenv/versions");
+            for entry in std::fs::read_dir(pyenv).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let minor = name.split('.').nth(1).and_then(|m| m.parse::<u8>().ok());
+                if name.starts_with("3.") && minor.is_some_and(|m| offsets(m).is_some()) {
+                    let minor = minor.unwrap_or_default();
+                    interpreters.push(entry.path().join(format!("bin/python3.{minor}")));
+                }
+            }
+        }
+        let script = "import sys\n\ndef deep_function_name():\n    print('ready', flush=True)\n    while True:\n        pass\n\ndeep_function_name()\n";
+        let mut checked = 0;
+        for python in interpreters.iter().filter(|p| p.is_file()) {
+            let mut child = std::process::Command::new(python)
+                .args(["-c", script])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            let pid = child.id();
+            let mut table = ProcessTable::default();
+            table.observe(pid).unwrap();
+            let found = table.process(pid).and_then(|p| p.python.clone());
+            let memory = Memory::open(Path::new("/proc"), pid).unwrap();
+            let result = found
+                .ok_or_else(|| "not detected".to_owned())
+                .and_then(|python| {
+                    let frames = walk(&memory, &python, pid)?;
+                    frames
+                        .iter()
+                        .map(|&raw| memory.code(python.offsets, raw & !ENTRY_BIT))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|codes| (frames, codes))
+                });
+            let _ = child.kill();
+            let _ = child.wait();
+            let (frames, codes) = result.unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+            let names: Vec<&str> = codes.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(
+                names,
+                ["deep_function_name", "<module>"],
+                "{}",
+                python.display()
+            );
+            assert_eq!(
+                (codes[0].filename.as_str(), codes[0].first_line),
+                ("<string>", 3)
+            );
+            // The module's frame ends the outermost evaluation call.
+            assert!(frames[1] & ENTRY_BIT != 0, "{}", python.display());
+            checked += 1;
+        }
+        assert!(checked > 0, "no Python interpreter here");
+    }
 
     #[test]
     fn versions_from_file_names() {
