@@ -947,7 +947,7 @@ mod tests {
         );
         assert_eq!(
             sizes.kernel_bytes(2),
-            2 * (2048 * (48 + 8 + 2 * 8) + 4096 * 2 * 128 + 1024 * (48 + 72 + 16))
+            2 * (2048 * (48 + 8 + 2 * 8) + 4096 * 2 * 128 + 1024 * (48 + 80 + 16))
         );
         // 999 Hz * 2 CPUs: 7992 samples.
         let fast = ProfilerConfig {
