@@ -159,13 +159,25 @@ fn compare(kernel: &KernelTest, python: &Path) -> Result<(), String> {
         errors.push("too few samples".into());
     }
 
-    // The interpreter loop's frames are replaced, the qualified name (3.11+),
-    // file and first line are the code object's.
-    if samples
+    // The interpreter loop's frames are replaced (but for samples taken
+    // while a call enters or leaves it, when the native and the Python
+    // stacks disagree for a moment), the qualified name (3.11+), file and
+    // first line are the code object's.
+    let left: i64 = samples
         .iter()
-        .any(|s| s.functions.iter().any(|f| f == "_PyEval_EvalFrameDefault"))
-    {
-        errors.push("a _PyEval_EvalFrameDefault frame was left in place".into());
+        .filter(|s| s.functions.iter().any(|f| f == "_PyEval_EvalFrameDefault"))
+        .map(|s| s.count)
+        .sum();
+    let left = left as f64 / total(&ours_stacks).max(1) as f64;
+    eprintln!(
+        "  samples keeping a _PyEval_EvalFrameDefault frame: {:.2}%",
+        left * 100.0
+    );
+    if left > 0.01 {
+        errors.push(format!(
+            "{:.1}% of the samples kept a _PyEval_EvalFrameDefault frame",
+            left * 100.0
+        ));
     }
     let s = |i: i64| profile.string_table[i as usize].as_str();
     let burn_b = profile

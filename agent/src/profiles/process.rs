@@ -322,6 +322,8 @@ pub struct ProcessTable {
     vdso: Option<Result<(Arc<ObjectFile>, u64), String>>,
     round: u64,
     stats: TableStats,
+    /// CPython's symbols, per interpreter file.
+    python_files: super::python::SymbolCache,
 }
 
 impl Default for ProcessTable {
@@ -341,6 +343,7 @@ impl ProcessTable {
             vdso: None,
             round: 1,
             stats: TableStats::default(),
+            python_files: Default::default(),
         }
     }
 
@@ -478,7 +481,7 @@ impl ProcessTable {
             });
         }
         vmas.sort_by_key(|v| v.start);
-        let python = match super::python::detect(&vmas) {
+        let python = match super::python::detect(&vmas, &mut self.python_files) {
             Some(Ok(python)) => Some(Arc::new(python)),
             Some(Err(reason)) => {
                 tracing::info!(pid, reason, "Python process without Python frames");

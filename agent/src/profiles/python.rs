@@ -14,10 +14,13 @@ use std::{
 };
 
 use fathom_common::python::{ENTRY_BIT, NONE, PyProcess, entry};
-use fathom_symbolizer::Frame;
+use fathom_symbolizer::{Frame, ObjectKey};
 use object::{Object as _, ObjectSymbol as _};
 
-use super::{pprof::Location, process::Vma, process::VmaKind};
+use super::{
+    pprof::Location,
+    process::{ObjectFile, Vma, VmaKind},
+};
 
 /// Offsets of one CPython minor version (x86-64).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,38 +176,43 @@ pub fn version_of(path: &str) -> Option<u8> {
     digits.parse().ok()
 }
 
-/// Finds CPython in a process's executable mappings: the file defining
-/// `_PyRuntime` among those named like the interpreter or its library.
-/// `None`: not a Python process (or a version not covered); `Some(Err)`:
-/// Python, but unusable (the reason is logged).
-pub fn detect(vmas: &[Vma]) -> Option<Result<PythonProcess, String>> {
-    // The library, when there is one, holds the runtime.
-    let mut candidates: Vec<(&Vma, &super::process::ObjectFile, u8)> = vmas
-        .iter()
-        .filter_map(|v| match &v.kind {
-            VmaKind::Object(o) => version_of(&o.path).map(|m| (v, &**o, m)),
-            _ => None,
-        })
-        .collect();
-    candidates.sort_by_key(|(_, o, _)| !o.path.contains("libpython"));
-    let (vma, object, minor) = *candidates.first()?;
-    let Some(offsets) = offsets(minor) else {
-        return Some(Err(format!("CPython 3.{minor} is not covered")));
-    };
-    Some(locate(vma, object, minor, offsets))
+/// The interpreter's symbols in its file (virtual addresses).
+#[derive(Clone, Debug)]
+pub struct InterpreterSymbols {
+    runtime: u64,
+    eval: Range<u64>,
 }
 
-fn locate(
-    vma: &Vma,
-    object: &super::process::ObjectFile,
-    minor: u8,
-    offsets: &'static Offsets,
-) -> Result<PythonProcess, String> {
-    let layout = object.layout.as_ref().map_err(Clone::clone)?;
-    let mapped_vaddr = layout
-        .file_offset_to_vaddr(vma.offset)
-        .ok_or("mapping outside the file's segments")?;
-    let bias = vma.start.wrapping_sub(mapped_vaddr);
+/// Interpreter symbols by file contents: a process that maps one more
+/// library, and every process of the same interpreter, does not read the
+/// file again.
+#[derive(Default)]
+pub struct SymbolCache(HashMap<ObjectKey, Result<InterpreterSymbols, String>>);
+
+impl std::fmt::Debug for SymbolCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SymbolCache({} files)", self.0.len())
+    }
+}
+
+/// Files remembered before the cache starts over.
+const MAX_FILES: usize = 64;
+
+impl SymbolCache {
+    fn get(&mut self, object: &ObjectFile) -> Result<InterpreterSymbols, String> {
+        if let Some(found) = self.0.get(&object.key) {
+            return found.clone();
+        }
+        if self.0.len() >= MAX_FILES {
+            self.0.clear();
+        }
+        let found = read_symbols(object);
+        self.0.insert(object.key.clone(), found.clone());
+        found
+    }
+}
+
+fn read_symbols(object: &ObjectFile) -> Result<InterpreterSymbols, String> {
     let data = std::fs::read(&object.read_path).map_err(|e| e.to_string())?;
     let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
     let mut runtime = None;
@@ -218,8 +226,46 @@ fn locate(
             _ => {}
         }
     }
-    let runtime = runtime.ok_or("no _PyRuntime symbol")?;
-    let eval = eval.ok_or("no _PyEval_EvalFrameDefault symbol")?;
+    Ok(InterpreterSymbols {
+        runtime: runtime.ok_or("no _PyRuntime symbol")?,
+        eval: eval.ok_or("no _PyEval_EvalFrameDefault symbol")?,
+    })
+}
+
+/// Finds CPython in a process's executable mappings: the file defining
+/// `_PyRuntime` among those named like the interpreter or its library.
+/// `None`: not a Python process (or a version not covered); `Some(Err)`:
+/// Python, but unusable (the reason is logged).
+pub fn detect(vmas: &[Vma], cache: &mut SymbolCache) -> Option<Result<PythonProcess, String>> {
+    // The library, when there is one, holds the runtime.
+    let mut candidates: Vec<(&Vma, &ObjectFile, u8)> = vmas
+        .iter()
+        .filter_map(|v| match &v.kind {
+            VmaKind::Object(o) => version_of(&o.path).map(|m| (v, &**o, m)),
+            _ => None,
+        })
+        .collect();
+    candidates.sort_by_key(|(_, o, _)| !o.path.contains("libpython"));
+    let (vma, object, minor) = *candidates.first()?;
+    let Some(offsets) = offsets(minor) else {
+        return Some(Err(format!("CPython 3.{minor} is not covered")));
+    };
+    Some(locate(vma, object, minor, offsets, cache))
+}
+
+fn locate(
+    vma: &Vma,
+    object: &ObjectFile,
+    minor: u8,
+    offsets: &'static Offsets,
+    cache: &mut SymbolCache,
+) -> Result<PythonProcess, String> {
+    let layout = object.layout.as_ref().map_err(Clone::clone)?;
+    let mapped_vaddr = layout
+        .file_offset_to_vaddr(vma.offset)
+        .ok_or("mapping outside the file's segments")?;
+    let bias = vma.start.wrapping_sub(mapped_vaddr);
+    let InterpreterSymbols { runtime, eval } = cache.get(object)?;
     let o = offsets;
     Ok(PythonProcess {
         minor,
