@@ -48,6 +48,7 @@ impl ProgramCheck {
 pub fn degradation(program: &str) -> Option<&'static str> {
     match program {
         "profile_unwind" => Some("profiles: user stacks by frame pointers only"),
+        "profile_python" => Some("profiles: no Python frames (native frames only)"),
         "offcpu_switch" | "offcpu_switch_in" | "offcpu_store" => {
             Some("profiles: no off-CPU profiles (CPU profiles run on)")
         }

@@ -24,6 +24,7 @@ use fathom_common::{
         Counter, STACK_CHUNK_WORDS, SampleKey, StackChunk, StackSlot, names, off_cpu_stack_next,
         stack_chunks, stack_id, stage,
     },
+    python::{PyProcess, names as python_names},
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
 
@@ -275,6 +276,9 @@ pub struct UnwindMaps {
     pub mappings: Array<MapData, UnwindMapping>,
     pub processes: BpfHashMap<MapData, u32, UnwindProcess>,
     pub sizes: UnwindMapSizes,
+    /// Python processes whose frames the kernel walks (`PYTHON_PROCS`);
+    /// `None` when the Python stage could not load.
+    pub python: Option<BpfHashMap<MapData, u32, PyProcess>>,
 }
 
 /// The loaded, attached profiler. Dropping it detaches everything.
@@ -331,7 +335,7 @@ impl UnwindMode {
 /// the recording stage and, with `tables`, the table unwinder into
 /// `PROFILE_STAGES`, then the entry program. A table unwinder the kernel
 /// rejects leaves user stacks to frame pointers, said in one log line.
-fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, ProfilerError> {
+fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<(UnwindMode, bool), ProfilerError> {
     let record = {
         let program: &mut PerfEvent = program(ebpf, names::PROGRAM_RECORD)?;
         ebpf::load_program(OBJECT, names::PROGRAM_RECORD, || program.load())?;
@@ -367,6 +371,24 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
     } else {
         Ok(None)
     };
+    // The Python walk: without it Python processes show their interpreter's
+    // native frames only.
+    let python = {
+        let program: &mut PerfEvent = program(ebpf, python_names::PROGRAM_PYTHON)?;
+        match ebpf::load_program(OBJECT, python_names::PROGRAM_PYTHON, || program.load()) {
+            Ok(_) => program
+                .fd()
+                .map_err(program_err(python_names::PROGRAM_PYTHON))?
+                .try_clone()
+                .ok(),
+            Err(e) => {
+                tracing::warn!(
+                    "profiling degraded: no Python frames, because their walk could not load: {e}"
+                );
+                None
+            }
+        }
+    };
     let mut stages: ProgramArray<&mut MapData> =
         ProgramArray::try_from(ebpf.map_mut(names::STAGES).ok_or(ebpf::KernelError::Map {
             name: names::STAGES,
@@ -378,6 +400,15 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
     stages
         .set(stage::RECORD, &record, 0)
         .map_err(map_err(names::STAGES))?;
+    let python = match python {
+        Some(fd) => {
+            stages
+                .set(stage::PYTHON, &fd, 0)
+                .map_err(map_err(names::STAGES))?;
+            true
+        }
+        None => false,
+    };
     let mode = match unwind {
         Ok(Some(fd)) => {
             stages
@@ -392,7 +423,7 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<UnwindMode, Prof
     };
     let program: &mut PerfEvent = program(ebpf, names::PROGRAM_PERF)?;
     ebpf::load_program(OBJECT, names::PROGRAM_PERF, || program.load())?;
-    Ok(mode)
+    Ok((mode, python))
 }
 
 /// Loads the off-CPU program on the `sched_switch` BTF tracepoint. Returns
@@ -564,7 +595,7 @@ impl Profiler {
                 .map_err(program_err(name))?;
         }
 
-        let mode = load_sampling_chain(&mut ebpf, config.unwind_tables)?;
+        let (mode, python) = load_sampling_chain(&mut ebpf, config.unwind_tables)?;
         let off_cpu_mode = if config.off_cpu.is_some() {
             match load_off_cpu(&mut ebpf) {
                 Ok(()) => OffCpuMode::On,
@@ -617,6 +648,11 @@ impl Profiler {
             mappings: take(&mut ebpf, names::UNWIND_MAPPINGS)?,
             processes: take(&mut ebpf, names::UNWIND_PROCS)?,
             sizes: unwind,
+            python: if python {
+                Some(take(&mut ebpf, python_names::PYTHON_PROCS)?)
+            } else {
+                None
+            },
         };
         let control: Array<MapData, u64> = take(&mut ebpf, names::CONTROL)?;
         let ack = take(&mut ebpf, names::ACK)?;
@@ -911,7 +947,7 @@ mod tests {
         );
         assert_eq!(
             sizes.kernel_bytes(2),
-            2 * (2048 * (48 + 8 + 2 * 8) + 4096 * 2 * 128 + 1024 * (48 + 72 + 16))
+            2 * (2048 * (48 + 8 + 2 * 8) + 4096 * 2 * 128 + 1024 * (48 + 80 + 16))
         );
         // 999 Hz * 2 CPUs: 7992 samples.
         let fast = ProfilerConfig {

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod export;
 pub mod pprof;
 pub mod process;
+pub mod python;
 pub mod session;
 pub mod stacks;
 pub mod unwind;

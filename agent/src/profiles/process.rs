@@ -255,6 +255,9 @@ pub struct Process {
     /// The last read of its JIT perf map (`/tmp/perf-PID.map`), kept after
     /// the process exits.
     perf_map: Option<PerfMapRead>,
+    /// Its CPython interpreter, when it runs one the agent covers (found
+    /// with its latest mappings).
+    pub python: Option<Arc<super::python::PythonProcess>>,
 }
 
 /// A perf map as last read, and the file's version then.
@@ -319,6 +322,8 @@ pub struct ProcessTable {
     vdso: Option<Result<(Arc<ObjectFile>, u64), String>>,
     round: u64,
     stats: TableStats,
+    /// CPython's symbols, per interpreter file.
+    python_files: super::python::SymbolCache,
 }
 
 impl Default for ProcessTable {
@@ -338,6 +343,7 @@ impl ProcessTable {
             vdso: None,
             round: 1,
             stats: TableStats::default(),
+            python_files: Default::default(),
         }
     }
 
@@ -351,6 +357,11 @@ impl ProcessTable {
         self.symbolizer = Some(symbolizer);
         self.debug_dirs = Some(debug_dirs.to_vec());
         self
+    }
+
+    /// The `/proc` this table reads.
+    pub fn proc_root(&self) -> &Path {
+        &self.proc_root
     }
 
     pub fn stats(&self) -> TableStats {
@@ -426,6 +437,7 @@ impl ProcessTable {
             dead_sweeps: 0,
             ns_pid: None,
             perf_map: None,
+            python: None,
         });
         if process.ns_pid.is_none() {
             process.ns_pid = fs::read_to_string(dir.join("status"))
@@ -469,10 +481,19 @@ impl ProcessTable {
             });
         }
         vmas.sort_by_key(|v| v.start);
+        let python = match super::python::detect(&vmas, &mut self.python_files) {
+            Some(Ok(python)) => Some(Arc::new(python)),
+            Some(Err(reason)) => {
+                tracing::info!(pid, reason, "Python process without Python frames");
+                None
+            }
+            None => None,
+        };
         let process = self
             .processes
             .get_mut(&pid)
             .ok_or(ProcessError::Gone { pid })?;
+        process.python = python;
         process.snapshots.push_back(Arc::new(Snapshot { vmas }));
         if process.snapshots.len() > MAX_SNAPSHOTS {
             process.snapshots.pop_front();

@@ -16,7 +16,10 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use fathom_common::profiler::{ProcessEvent, SampleKey};
+use fathom_common::{
+    profiler::{ProcessEvent, SampleKey},
+    python::PyProcess,
+};
 use fathom_symbolizer::{SymbolizerConfig, SymbolizerService};
 use pprof::protos::Profile;
 
@@ -114,7 +117,7 @@ impl StackCache {
     fn for_samples(&self, samples: &[(SampleKey, u64)]) -> HashMap<u64, Vec<u64>> {
         let mut out = HashMap::new();
         for (key, _) in samples {
-            for hash in [key.user_stack, key.kernel_stack] {
+            for hash in [key.user_stack, key.kernel_stack, key.python_stack] {
                 if let Some(ips) = self.current.get(&hash).or_else(|| self.previous.get(&hash)) {
                     out.insert(hash, ips.clone());
                 }
@@ -141,6 +144,7 @@ impl ProcessWatcher {
         mut events: RingBuf<MapData>,
         table: Arc<Mutex<ProcessTable>>,
         unwinder: Option<Arc<Mutex<Unwinder>>>,
+        python: Option<PythonMap>,
         unwind_queue_full: Arc<AtomicU64>,
     ) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -180,6 +184,7 @@ impl ProcessWatcher {
                             continue;
                         };
                         let snapshot = observe(&table, event.pid);
+                        tell_python(&table, python.as_ref(), event.pid);
                         if let (Some(loads), Some(snapshot)) = (&loads, snapshot)
                             && loads.try_send((event.pid, snapshot)).is_err()
                         {
@@ -229,6 +234,33 @@ fn observe(table: &Mutex<ProcessTable>, pid: u32) -> Option<Arc<Snapshot>> {
     }
 }
 
+/// The kernel's map of Python processes.
+type PythonMap = Arc<Mutex<aya::maps::HashMap<MapData, u32, PyProcess>>>;
+
+/// Tells the kernel whether (and how) to walk a process's Python frames,
+/// as the process table last found it.
+fn tell_python(table: &Mutex<ProcessTable>, map: Option<&PythonMap>, pid: u32) {
+    let Some(map) = map else {
+        return;
+    };
+    let python = table
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .process(pid)
+        .and_then(|p| p.python.as_ref().map(|p| p.kernel));
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    match python {
+        Some(value) => {
+            if let Err(e) = map.insert(pid, value, 0) {
+                tracing::warn!(pid, error = %e, "Python process not walked");
+            }
+        }
+        None => {
+            let _ = map.remove(&pid);
+        }
+    }
+}
+
 fn parse_event(bytes: &[u8]) -> Option<ProcessEvent> {
     let event: ProcessEvent = fathom_common::record::read(bytes)?;
     (event.kind == ProcessEvent::NEW).then_some(event)
@@ -271,6 +303,8 @@ pub struct Session {
     /// Daemon profiles that could not be delivered.
     write_failures: u64,
     off_cpu_stacks: StackCache,
+    /// The kernel's map of Python processes, when their walk loaded.
+    python: Option<PythonMap>,
 }
 
 /// Everything a profiling session is configured with.
@@ -313,7 +347,11 @@ impl Session {
             Ok(limit) => tracing::debug!(limit, "open-file limit"),
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
-        let (mut profiler, events, unwind_maps) = Profiler::start(&config)?;
+        let (mut profiler, events, mut unwind_maps) = Profiler::start(&config)?;
+        let python = unwind_maps
+            .python
+            .take()
+            .map(|map| Arc::new(Mutex::new(map)));
         let tables = *profiler.unwind_mode() == crate::profiles::capture::UnwindMode::Tables;
         let (unwinder, unused_maps) = if tables {
             let unwinder = Unwinder::new(unwind_maps, &profiles.unwinder)?;
@@ -327,14 +365,14 @@ impl Session {
         ));
         // Processes named up front get their tables before the first sample
         // (others when their first sample announces them).
-        if let Some(unwinder) = &unwinder {
-            for &pid in &config.pids {
-                if let Some(snapshot) = observe(&table, pid) {
-                    unwinder
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .load(pid, snapshot.vmas());
-                }
+        for &pid in &config.pids {
+            let snapshot = observe(&table, pid);
+            tell_python(&table, python.as_ref(), pid);
+            if let (Some(unwinder), Some(snapshot)) = (&unwinder, snapshot) {
+                unwinder
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .load(pid, snapshot.vmas());
             }
         }
         let unwind_queue_full = Arc::new(AtomicU64::new(0));
@@ -342,6 +380,7 @@ impl Session {
             events,
             Arc::clone(&table),
             unwinder.clone(),
+            python.clone(),
             Arc::clone(&unwind_queue_full),
         )
         .map_err(SessionError::Thread)?;
@@ -358,6 +397,7 @@ impl Session {
             config,
             write_failures: 0,
             off_cpu_stacks: StackCache::default(),
+            python,
         })
     }
 
@@ -397,6 +437,18 @@ impl Session {
             table.sweep();
             table.pids().collect()
         };
+        self.resolver.retain_python(|pid| alive.contains(&pid));
+        if let Some(python) = &self.python {
+            let mut map = python.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<u32> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|pid| !alive.contains(pid))
+                .collect();
+            for pid in gone {
+                let _ = map.remove(&pid);
+            }
+        }
         if let Some(unwinder) = &self.unwinder {
             unwinder
                 .lock()
@@ -932,6 +984,7 @@ mod tests {
             _reserved: 0,
             trace_id: [0; 16],
             span_id: [0; 8],
+            python_stack: fathom_common::profiler::stack_id::EMPTY,
         };
         let mut c = Collected::default();
         let stacks: HashMap<u64, Vec<u64>> = [(16, vec![1, 2])].into();

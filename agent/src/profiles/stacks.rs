@@ -17,6 +17,7 @@ use super::{
     capture::stack_marker_reason,
     pprof::{Location, Mapping},
     process::{ObjectFile, ProcessTable, UserAddress},
+    python::{Merged, PythonSymbols, merge},
 };
 
 /// A sample ready for the pprof builder.
@@ -49,6 +50,7 @@ pub struct StackResolver {
     symbolizer: SymbolizerService,
     kernel_mapping: Arc<Mapping>,
     stats: ResolveStats,
+    python: PythonSymbols,
 }
 
 #[derive(Clone)]
@@ -64,11 +66,17 @@ impl StackResolver {
             symbolizer,
             kernel_mapping: Arc::new(kernel_mapping()),
             stats: ResolveStats::default(),
+            python: PythonSymbols::default(),
         }
     }
 
     pub fn stats(&self) -> ResolveStats {
         self.stats
+    }
+
+    /// Forgets the Python code objects of processes that are gone.
+    pub fn retain_python(&mut self, alive: impl Fn(u32) -> bool) {
+        self.python.retain(alive);
     }
 
     pub fn symbolizer_stats(&self) -> fathom_symbolizer::ServiceStats {
@@ -87,7 +95,7 @@ impl StackResolver {
         let mut object_index: HashMap<*const ObjectFile, usize> = HashMap::new();
         let mut offsets: Vec<HashSet<u64>> = Vec::new();
         let mut plans = Vec::with_capacity(samples.len());
-        let mut user_plans: HashMap<(u32, u64, bool), Vec<Slot>> = HashMap::new();
+        let mut user_plans: HashMap<(u32, u64, bool, u64), Vec<Slot>> = HashMap::new();
         {
             let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
             table.begin_round();
@@ -103,19 +111,55 @@ impl StackResolver {
                 // Threads of a process often share a stack: place its user
                 // frames once per (process, stack), not once per thread.
                 let had_kernel = !kernel.is_empty();
-                let plan_key = (key.pid, key.user_stack, had_kernel);
+                let plan_key = (key.pid, key.user_stack, had_kernel, key.python_stack);
                 if let Some(plan) = user_plans.get(&plan_key) {
                     slots.extend_from_slice(plan);
                 } else {
                     let mut plan = Vec::new();
                     let user = self.stack(key.user_stack, stacks, "user", &mut plan);
-                    for (i, &ip) in user.iter().enumerate() {
-                        // Below kernel frames the first user address is the
-                        // return address of the system call.
-                        let addr = if i > 0 || had_kernel {
-                            ip.saturating_sub(1)
-                        } else {
-                            ip
+                    // Below kernel frames the first user address is the
+                    // return address of the system call.
+                    let addrs: Vec<u64> = user
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &ip)| {
+                            if i > 0 || had_kernel {
+                                ip.saturating_sub(1)
+                            } else {
+                                ip
+                            }
+                        })
+                        .collect();
+                    // A Python sample: its interpreter's frames replace the
+                    // native frames of the evaluation loop that ran them.
+                    let python_frames = stacks
+                        .get(&key.python_stack)
+                        .filter(|_| key.python_stack >= stack_id::FIRST_HASH)
+                        .map_or(&[][..], Vec::as_slice);
+                    let python = (!python_frames.is_empty())
+                        .then(|| table.process(key.pid).and_then(|p| p.python.clone()))
+                        .flatten();
+                    let merged = match &python {
+                        Some(python) => merge(
+                            addrs.len(),
+                            |i| python.eval.contains(&addrs[i]),
+                            python_frames,
+                        ),
+                        None => (0..addrs.len()).map(Merged::Native).collect(),
+                    };
+                    for entry in merged {
+                        let addr = match (entry, &python) {
+                            (Merged::Native(i), _) => addrs[i],
+                            (Merged::Python(raw), Some(python)) => {
+                                plan.push(Slot::Fixed(self.python.location(
+                                    table.proc_root(),
+                                    key.pid,
+                                    python.offsets,
+                                    raw,
+                                )));
+                                continue;
+                            }
+                            (Merged::Python(_), None) => continue,
                         };
                         plan.push(match table.resolve(key.pid, addr) {
                             UserAddress::Object {
@@ -443,6 +487,7 @@ mod tests {
             _reserved: 0,
             trace_id: [0; 16],
             span_id: [0; 8],
+            python_stack: stack_id::EMPTY,
         };
         let table = Mutex::new(ProcessTable::default());
         let mut resolver = StackResolver::new(

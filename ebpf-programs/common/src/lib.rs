@@ -8,6 +8,7 @@
 pub mod http;
 pub mod net;
 pub mod profiler;
+pub mod python;
 pub mod unwind;
 
 /// Asserts at compile time that a type has exactly the size of its fields.
@@ -91,6 +92,7 @@ mod pod {
         },
         net::{AggKey, Connecting, DnsKey, FlowCache, FlowKey, FlowStats, Handshake, Hist, Owner},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
+        python::PyProcess,
         unwind::{UnwindMapping, UnwindProcess, UnwindRow},
     };
     // SAFETY: all are #[repr(C)], contain only integers and integer arrays,
@@ -100,6 +102,7 @@ mod pod {
     unsafe impl aya::Pod for StackChunk {}
     unsafe impl aya::Pod for StackSlot {}
     unsafe impl aya::Pod for ProcessEvent {}
+    unsafe impl aya::Pod for PyProcess {}
     unsafe impl aya::Pod for UnwindRow {}
     unsafe impl aya::Pod for UnwindMapping {}
     unsafe impl aya::Pod for UnwindProcess {}

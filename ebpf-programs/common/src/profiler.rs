@@ -51,8 +51,11 @@ pub struct SampleKey {
     /// entry, when it is the thread's only open request); all zero: none.
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
+    /// Hash of the Python frames in `STACKS_n` (see [`crate::python`]), or
+    /// a [`stack_id`] marker ([`stack_id::EMPTY`]: not a Python sample).
+    pub python_stack: u64,
 }
-assert_size!(SampleKey, 4 + 4 + 8 + 8 + COMM_LEN + 8 + 16 + 8);
+assert_size!(SampleKey, 4 + 4 + 8 + 8 + COMM_LEN + 8 + 16 + 8 + 8);
 
 /// A stack: instruction pointers, leaf first, zero-filled past its end (no
 /// frame is at address zero).
@@ -153,11 +156,17 @@ pub enum Counter {
     /// Off-CPU: switch-outs whose stacks were not walked (over the capture
     /// budget).
     OffCpuNotCaptured,
+    /// Python: samples of a Python process whose frames were walked.
+    PythonWalks,
+    /// Python: walks that found no frames (no thread state for the sampled
+    /// thread, or unreadable interpreter memory); the sample keeps its
+    /// native frames.
+    PythonWalkFailed,
 }
 
 impl Counter {
     /// Number of counters (length of `COUNTERS`).
-    pub const COUNT: u32 = Counter::OffCpuNotCaptured as u32 + 1;
+    pub const COUNT: u32 = Counter::PythonWalkFailed as u32 + 1;
 
     /// All counters, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -180,6 +189,8 @@ impl Counter {
         Counter::OffCpuShort,
         Counter::OffCpuCountMapFull,
         Counter::OffCpuNotCaptured,
+        Counter::PythonWalks,
+        Counter::PythonWalkFailed,
     ];
 
     /// Counter of samples recorded into `set` (0 or 1).
@@ -252,7 +263,9 @@ impl ProcessEvent {
 pub mod stage {
     pub const UNWIND: u32 = 0;
     pub const RECORD: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// The Python frame walk, for processes in `PYTHON_PROCS`.
+    pub const PYTHON: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Names of the profiler's maps and programs in the BPF object.

@@ -1,5 +1,5 @@
 //! Fathom's CPU profiler programs (the `fathom` object): the sampling chain
-//! (`sample`: `profile_cpu` → `profile_unwind` → `profile_record`, joined by
+//! (`sample`: `profile_cpu` → `profile_unwind` → `profile_python` → `profile_record`, joined by
 //! tail calls), the table unwinder it uses (`unwind`), and the scheduler
 //! tracepoints that keep process discovery right; their maps in `maps`.
 //! Each program is a thin entry point calling a `try_*` function. The
@@ -9,6 +9,7 @@
 
 mod maps;
 mod offcpu;
+mod python;
 mod sample;
 mod unwind;
 

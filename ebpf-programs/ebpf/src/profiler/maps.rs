@@ -15,6 +15,7 @@ use aya_ebpf::{
 use fathom_common::{
     http::Serving,
     profiler::{Counter, OffCpuStart, SampleKey, StackChunk, StackSlot, stage},
+    python::PyProcess,
     unwind::{UnwindMapping, UnwindProcess, UnwindRow},
 };
 
@@ -104,3 +105,8 @@ pub static SERVING: HashMap<u32, Serving> = HashMap::with_max_entries(1, 0);
 /// period, `[1]` stack captures in it.
 #[map]
 pub static OFFCPU_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Python processes whose interpreter frames are walked (`profile_python`),
+/// filled by user space.
+#[map]
+pub static PYTHON_PROCS: HashMap<u32, PyProcess> = HashMap::with_max_entries(4096, 0);

@@ -26,7 +26,7 @@ use aya_ebpf::{
 use fathom_common::{
     profiler::{
         COMM_LEN, Counter, HASH_SEED_KERNEL, HASH_SEED_USER, OffCpuStart, SampleKey,
-        off_cpu_stack_next,
+        off_cpu_stack_next, stack_id,
     },
     unwind::status,
 };
@@ -131,6 +131,7 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u64, now: u64) -> Result<()
         _reserved: 0,
         trace_id,
         span_id,
+        python_stack: stack_id::EMPTY,
     };
     add(counts, &key, away)?;
     bump(Counter::off_cpu_recorded(set));

@@ -3,13 +3,14 @@
 //! discovery right across fork and exec. The contract is documented in
 //! `fathom_common::profiler`.
 //!
-//! A sample runs through up to three small programs, chained by tail calls
+//! A sample runs through up to four small programs, chained by tail calls
 //! (as the OpenTelemetry eBPF profiler chains its unwinders) so that each
 //! verifies in bounded effort on every kernel: `profile_cpu` (attached to
 //! every CPU) filters, takes the kernel stack and, for a process without
 //! unwind tables, the user stack by frame pointers; `profile_unwind` walks
-//! the user stack by its tables; `profile_record` stores both stacks and
-//! counts the sample. The sample in progress lives in this CPU's `SAMPLE`.
+//! the user stack by its tables; `profile_python` (`python`), for a Python
+//! process, walks its interpreter's frames; `profile_record` stores the
+//! stacks and counts the sample. The sample in progress lives in this CPU's `SAMPLE`.
 //! Without `profile_unwind` (it could not load) user stacks are walked by
 //! frame pointers; the chain acknowledges the generation in its last stage.
 
@@ -32,7 +33,7 @@ use fathom_common::{
     unwind::{UnwindProcess, status},
 };
 
-use super::{maps::*, unwind};
+use super::{maps::*, python, unwind};
 
 /// Non-zero: sample only processes in `PID_FILTER`. Set by the loader.
 #[unsafe(no_mangle)]
@@ -48,7 +49,7 @@ const EEXIST: i32 = 17;
 #[repr(C)]
 pub struct Sample {
     /// The generation read by `profile_cpu`, acknowledged by the last stage.
-    generation: u64,
+    pub generation: u64,
     pub pid: u32,
     pub tid: u32,
     comm: [u8; COMM_LEN],
@@ -70,6 +71,11 @@ pub struct Sample {
     /// The user stack's walk (its frames: `walk.stack`).
     pub walk: unwind::Walk,
     pub kernel: Stack,
+    /// The Python frames' stored stack (`stack_id::EMPTY`: none), set by
+    /// `profile_python`.
+    pub python_stack: u64,
+    /// The Python walk (its frames: `python.stack`).
+    pub python: python::PyWalk,
 }
 
 /// `Sample::user_len`/`kernel_len`: the sample has no such stack.
@@ -101,7 +107,7 @@ pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
             }
         }
         if next != NONE {
-            tail_call(&ctx, stage::RECORD);
+            to_record(&ctx, (bpf_get_current_pid_tgid() >> 32) as u32);
         }
     }
     // Acknowledge last: once user space sees the new generation here, no run
@@ -115,11 +121,21 @@ const NONE: u32 = u32::MAX;
 
 /// Tail-calls a stage; returns (counted) when it is not there.
 #[inline(always)]
-fn tail_call(ctx: &PerfEventContext, stage: u32) {
+pub fn tail_call(ctx: &PerfEventContext, stage: u32) {
     // SAFETY: on success the stage replaces this program; its context is
     // this one (all stages are perf-event programs).
     unsafe { PROFILE_STAGES.tail_call(ctx, stage) };
     bump(Counter::StageMissing);
+}
+
+/// Tail-calls the Python walk for a Python process, then (it being absent
+/// or not wanted) the recording stage.
+#[inline(always)]
+fn to_record(ctx: &PerfEventContext, pid: u32) {
+    if python::wants(pid) {
+        tail_call(ctx, stage::PYTHON);
+    }
+    tail_call(ctx, stage::RECORD);
 }
 
 #[inline(always)]
@@ -152,6 +168,7 @@ fn try_profile_cpu(ctx: &PerfEventContext, generation: u64) -> Result<u32, ()> {
     sample.pid = pid;
     sample.tid = tid;
     sample.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    sample.python_stack = stack_id::EMPTY;
     (sample.trace_id, sample.span_id) = serving_span(tid);
     sample.kernel_len = kernel_walk(ctx, &mut sample.kernel, 0);
     if let Some(process) = unwind::wants(pid) {
@@ -201,7 +218,7 @@ pub fn profile_unwind(ctx: PerfEventContext) -> u32 {
     let (status, frames) = unwind::walk_user_stack(ctx.ctx, sample.process);
     sample.user_unwind = status;
     sample.user_len = frames.map_or(NO_STACK, |n| n as i32);
-    tail_call(&ctx, stage::RECORD);
+    to_record(&ctx, sample.pid);
     acknowledge(sample.generation);
     0
 }
@@ -252,6 +269,7 @@ fn try_profile_record(sample: &mut Sample) -> Result<(), ()> {
         _reserved: 0,
         trace_id: sample.trace_id,
         span_id: sample.span_id,
+        python_stack: sample.python_stack,
     };
     count_sample(counts, &key)?;
     bump(Counter::recorded(set));
@@ -473,6 +491,7 @@ fn try_profile_fork(ctx: &TracePointContext) -> Result<(), i64> {
     let child = unsafe { ctx.read_at::<i32>(offset) }?;
     let _ = KNOWN_PIDS.remove(child as u32);
     unwind::forget(child as u32);
+    python::forget(child as u32);
     Ok(())
 }
 
@@ -483,5 +502,6 @@ pub fn profile_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = KNOWN_PIDS.remove(pid);
     unwind::forget(pid);
+    python::forget(pid);
     0
 }
