@@ -235,3 +235,121 @@ fn over_the_capture_budget_blocked_time_is_still_counted() {
         "no captured stack at all"
     );
 }
+
+/// The daemon's path: `--off-cpu` with the embedded collector. The blocked
+/// time reaches the store as its own profile type (`off_cpu`, as
+/// Pyroscope's querier lists it), under the workload's service, and its
+/// per-function time is what the workload was built to wait.
+#[test]
+fn the_daemon_delivers_off_cpu_profiles_as_their_own_type() {
+    let Some(_kernel) = KernelTest::with_tools(
+        "the_daemon_delivers_off_cpu_profiles_as_their_own_type",
+        &["curl"],
+    )
+    .map(KernelTest::agent) else {
+        return;
+    };
+    const SERVICE: &str = "offcpu-e2e";
+    let dir = tempfile::tempdir().unwrap();
+    let binary = build_fixture("offcpu", dir.path());
+    let measured = dir.path().join("measured");
+    let mut workload = ChildGuard::spawn(
+        Command::new(&binary)
+            .args([
+                ROUNDS.to_string(),
+                SLEEP_MS.to_string(),
+                PIPE_MS.to_string(),
+                measured.display().to_string(),
+            ])
+            .env("OTEL_SERVICE_NAME", SERVICE)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    assert_eq!(workload.first_line(), "ready");
+    let pid = workload.pid();
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent = Agent::spawn(&[
+        "--signals",
+        "profiles",
+        "--off-cpu",
+        "--pid",
+        &pid.to_string(),
+        "--interval",
+        "1s",
+        "--window",
+        "1s",
+        "--http-listen",
+        &http.to_string(),
+        "--otlp-grpc-listen",
+        "off",
+        "--otlp-http-listen",
+        "off",
+        "--store-path",
+        dir.path().join("store.redb").to_str().unwrap(),
+    ]);
+    agent.wait_for_log("window done", Duration::from_secs(60));
+    workload.signal("USR1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !measured.exists() {
+        assert!(Instant::now() < deadline, "the workload did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Profiles arrive every second: wait until the constructed waits are in.
+    let url = format!("http://{http}/api/profile?service={SERVICE}&name=off_cpu&range=all");
+    let file = dir.path().join("off.pb");
+    let constructed = |per_round: u64| (ROUNDS * per_round * 1_000_000) as i64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let samples = loop {
+        let out = Command::new("curl")
+            .args(["-sf", "-o"])
+            .arg(&file)
+            .arg(&url)
+            .output()
+            .unwrap();
+        let samples = if out.status.success() {
+            flatten(&read_profile(&file))
+        } else {
+            Vec::new()
+        };
+        let sleep = inclusive_ns(&samples, "sleep_phase");
+        if sleep * 10 >= constructed(SLEEP_MS) * 9 || Instant::now() > deadline {
+            break samples;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (function, per_round) in [("sleep_phase", SLEEP_MS), ("pipe_phase", PIPE_MS)] {
+        let ours = inclusive_ns(&samples, function);
+        let error = (ours - constructed(per_round)).abs() as f64 / constructed(per_round) as f64;
+        println!(
+            "{function}: {:.1} ms off-CPU in the store, {:.1} ms constructed",
+            ours as f64 / 1e6,
+            constructed(per_round) as f64 / 1e6
+        );
+        assert!(
+            error <= 0.10,
+            "{function}: {ours} ns in the store vs {} ns constructed",
+            constructed(per_round)
+        );
+    }
+    // Its own profile type in Pyroscope's querier (this workload, blocked
+    // nearly all the time, may have no CPU profile at all).
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "{}",
+            &format!("http://{http}/querier.v1.QuerierService/ProfileTypes"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ProfileTypes failed");
+    let types = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        types.contains("off_cpu:off_cpu:nanoseconds"),
+        "no off_cpu profile type: {types}"
+    );
+    drop(agent);
+}

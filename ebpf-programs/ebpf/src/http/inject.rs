@@ -557,11 +557,23 @@ fn insert(ctx: &SkMsgContext, at: u32) -> Outcome {
         unsafe { *((data + i) as *mut u8) = header[i] };
         i += 1;
     }
+    // The insert split the message's buffer in three (request line, header,
+    // the rest), and the kernel sends each piece with its own
+    // `tcp_sendmsg`: on a socket with Nagle on, the small first piece goes
+    // out alone and the rest waits for its ACK — up to a delayed ACK
+    // (40 ms) per request on a kept-alive connection. One buffer again, as
+    // the application wrote it (a failure only costs that wait).
+    let total = ctx.size();
+    let _ = pull(ctx, 0, if total < MERGE_MAX { total } else { MERGE_MAX });
     // User space learns the ids through the write's event; if this fails
     // the header is still right, only the client span lacks its ids.
     let _ = INJECTED.insert(&tid, &tc, BPF_ANY as u64);
     Outcome::Injected
 }
+
+/// The most bytes of an injected message made one buffer again (a copy):
+/// a request head and a small body.
+const MERGE_MAX: u32 = 16384;
 
 /// A request that already carries a `traceparent` at `at`. When it is the
 /// very header of the request the thread is serving (same trace id and
