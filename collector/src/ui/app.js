@@ -167,7 +167,7 @@ function onboarding(what) {
   const examples = {
     profiles: `# Any Pyroscope SDK: server address ${http}\n# e.g. pyroscope-io (Python): pyroscope.configure(application_name="my-app", server_address="${http}")\n# or push a pprof file:\ncurl --data-binary @cpu.pb.gz "${http}/ingest?name=my-app&format=pprof"\n# or run fathom-agent with --collector-url ${http}`,
     traces: `# Any OpenTelemetry SDK:\nexport OTEL_EXPORTER_OTLP_ENDPOINT=http://${host}:${(s.endpoints.find((e) => e.what.startsWith("OTLP HTTP")) || {}).address?.split(":").pop() || "4318"}\n# (gRPC: port ${(s.endpoints.find((e) => e.what.startsWith("OTLP gRPC")) || {}).address?.split(":").pop() || "4317"}), or fathom-agent --collector-url ${http}`,
-    metrics: `# OTLP metrics from any OpenTelemetry SDK or collector:\nexport OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=${http}/v1/metrics\n# History is kept for the store's retention (${s.retention}), in memory.`,
+    metrics: `# OTLP metrics from any OpenTelemetry SDK or collector:\nexport OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=${http}/v1/metrics\n# History is kept in the store for its retention (${s.retention}).`,
   }[what];
   box.replaceChildren(
     el("h2", {}, `No ${what} stored yet — where to send data`),
@@ -1030,7 +1030,7 @@ const traces = {
     const profLink = ids.length
       ? el("p", { class: "span-profile" }, el("a", { id: "span-profile", href: this.profileHref(ids, `span ${s.service}: ${s.name} (${ids.join(", ")})`) },
         "Profile of this span"), " ", el("span", { class: "muted" }, spanTotal > 0 ? `${fmtUnit(spanTotal, ty.unit)} of ${ty.sample_type} samples` : (this.prof ? "no samples found yet" : "")))
-      : null;
+      : "";
     const kv = (rows) => el("table", {}, el("tbody", {}, ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
     const d = $("span-detail");
     d.replaceChildren(

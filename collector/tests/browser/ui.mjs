@@ -345,6 +345,7 @@ try {
     await p.locator(`#waterfall .wf-row[data-span="${E.span_e}"]`).click();
     check((await text(p, "#span-detail h3")).includes("load cart") && await p.locator("#span-profile").count() === 0,
       "span E (no attribute, no samples): no link");
+    check(!/\bnull\b/.test(await text(p, "#span-detail")), "span E: no stray \"null\" in the detail", await text(p, "#span-detail"));
     await p.locator(`#waterfall .wf-row[data-span="${E.span_d}"]`).click();
     await p.click("#span-profile");
     await p.waitForURL(/view=profiles/);
