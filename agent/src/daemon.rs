@@ -81,6 +81,13 @@ pub fn run(config: &AgentConfig, stop: &Stop) -> Result<(), DaemonError> {
             result
         }
     };
+    // Keep-alive injection leaves its pinned sockhash while sockets are in
+    // it (`traces::inject`); the agent's own connections (to rotel, to a
+    // collector) closed with the runtime just now, so a pin that held only
+    // those goes here rather than at the next start.
+    if config.traces.inject && config.signals.contains(&SignalKind::Traces) {
+        crate::traces::inject::collect_pins();
+    }
     if let Err(e) = &result {
         health.set(HealthState::Failed(e.to_string()));
     }

@@ -1521,6 +1521,16 @@ fn agent_leaves_nothing_attached_after_exit() {
             .filter(|m| http_maps.contains(m))
             .collect()
     };
+    // Keep-alive injection's pins of earlier tests' agents, whose sockets
+    // have closed since (what the next agent's start would remove).
+    // Their programs and maps are freed a moment later.
+    fathom_agent::traces::inject::collect_pins();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (!ours(loaded_bpf_programs()).is_empty() || !our_maps().is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         ours(loaded_bpf_programs()).is_empty() && our_maps().is_empty(),
         "fathom programs or maps are loaded before the test: another agent runs? {:?} {:?}",
