@@ -199,6 +199,30 @@ impl Side {
         side
     }
 
+    /// Each run of consecutive frames named in `python` becomes one
+    /// `_PyEval_EvalFrameDefault` frame.
+    fn python_as_interpreter(&mut self, python: &[&str]) {
+        if python.is_empty() {
+            return;
+        }
+        for (_, stack) in &mut self.stacks {
+            let mut out: Vec<String> = Vec::with_capacity(stack.len());
+            let mut in_run = false;
+            for f in stack.drain(..) {
+                if python.contains(&f.as_str()) {
+                    if !in_run {
+                        out.push("_PyEval_EvalFrameDefault".to_string());
+                    }
+                    in_run = true;
+                } else {
+                    in_run = false;
+                    out.push(f);
+                }
+            }
+            *stack = out;
+        }
+    }
+
     fn perf(samples: &[PerfSample]) -> Self {
         let mut side = Self::default();
         let mut keys = Keys::default();
@@ -365,7 +389,7 @@ impl Comparison {
 /// `perf record --call-graph dwarf` at the same time, and computes both
 /// tools' inclusive shares of `functions` (keys as [`function_key`] makes
 /// them). Both must have enough samples to compare.
-fn compare(pid: u32, functions: &[&str], dir: &Path) -> Comparison {
+fn compare(pid: u32, functions: &[&str], python: &[&str], dir: &Path) -> Comparison {
     let (output, perf_data) = record_with_perf(pid, SECONDS, dir, &["--call-graph", "dwarf,32768"]);
     // perf script makes a million cheap system calls; on 2 CPUs with the
     // workload spinning it is then rescheduled at each and takes 10x longer.
@@ -379,7 +403,8 @@ fn compare(pid: u32, functions: &[&str], dir: &Path) -> Comparison {
         .into_iter()
         .filter(|s| s.pid == i64::from(pid))
         .collect();
-    let ours = Side::ours(&ours);
+    let mut ours = Side::ours(&ours);
+    ours.python_as_interpreter(python);
     let perf = Side::perf(&perf);
     println!(
         "perf script: {:.1} s, reading both profiles: {:.1} s",
@@ -419,10 +444,23 @@ fn signal_pid(pid: u32, signal: &str) {
 
 /// Starts `cmd`, lets it settle, and [`compare`]s it; prints the result.
 fn run_and_compare(what: &str, cmd: &mut Command, functions: &[&str]) -> Comparison {
+    run_and_compare_python(what, cmd, functions, &[])
+}
+
+/// [`run_and_compare`] for an interpreter whose Python functions (`python`)
+/// the agent shows in place of `_PyEval_EvalFrameDefault`: each run of
+/// them in our stacks counts as the one interpreter frame that ran it,
+/// which is what perf, unwinding natively, sees.
+fn run_and_compare_python(
+    what: &str,
+    cmd: &mut Command,
+    functions: &[&str],
+    python: &[&str],
+) -> Comparison {
     let dir = tempfile::tempdir().unwrap();
     let workload = ChildGuard::spawn(quiet(cmd));
     std::thread::sleep(Duration::from_millis(300));
-    let comparison = compare(workload.pid(), functions, dir.path());
+    let comparison = compare(workload.pid(), functions, python, dir.path());
     drop(workload);
     comparison.print(what);
     comparison
@@ -707,7 +745,9 @@ fn stripped_python3_is_walked_to_main() {
     };
     let script = workspace_root().join("tests/fixtures/unwind/busy.py");
     let what = "python3 busy.py (Debian, stripped)";
-    let comparison = run_and_compare(
+    // The agent names the Python functions of busy.py where the native
+    // stack has the interpreter loop.
+    let comparison = run_and_compare_python(
         what,
         Command::new(&python).arg(&script).arg("30"),
         &[
@@ -719,6 +759,7 @@ fn stripped_python3_is_walked_to_main() {
             "Py_BytesMain",
             "__libc_start_call_main",
         ],
+        &["step", "leaf", "middle", "outer", "<module>"],
     );
     // python3.11's main is not in .dynsym: libc's caller of main stands for
     // it (both tools name it from libc's debug file).
@@ -895,6 +936,7 @@ http {{
             "ngx_master_process_cycle",
             "main",
         ],
+        &[],
         dir.path(),
     );
     comparison.print(what);
