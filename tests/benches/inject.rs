@@ -21,12 +21,15 @@
     reason = "benchmark: a failed unwrap is a failed run"
 )]
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use aya::{Ebpf, EbpfLoader};
 use fathom_agent::{ebpf::http_object, traces::inject};
 use fathom_common::http::globals;
-use fathom_tests::{BpfStats, bpf_runs_by_program, build_fixture, kernel_tests_possible, median};
+use fathom_tests::{
+    BpfStats, bpf_runs_by_program, build_fixture, kernel_tests_possible, pinned_round_trips,
+    print_rate_table,
+};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -55,33 +58,15 @@ fn load() -> Ebpf {
         .unwrap()
 }
 
-/// Round trips per second of one run.
-fn run_workload(workload: &Path, seconds: f64) -> f64 {
-    let out = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(workload)
-        .arg(seconds.to_string())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "the workload failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let trips: f64 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("http_pingpong printed {text:?}"));
-    trips / seconds
-}
-
 /// Runs the workload once in `mode`; round trips per second.
 fn run(mode: Mode, workload: &Path, seconds: f64) -> f64 {
     match mode {
-        Mode::Off => run_workload(workload, seconds),
+        Mode::Off => pinned_round_trips(workload, seconds),
         Mode::FirstRequest | Mode::KeepAlive => {
             let mut ebpf = load();
             let injection = inject::attach(&mut ebpf, mode == Mode::KeepAlive).unwrap();
             assert_eq!(injection.keep_alive(), mode == Mode::KeepAlive);
-            let rate = run_workload(workload, seconds);
+            let rate = pinned_round_trips(workload, seconds);
             drop(injection);
             rate
         }
@@ -122,19 +107,8 @@ fn main() {
         "traceparent injection cost: `http_pingpong` (one keep-alive connection, small \
          requests, client and server on CPU 0), {rounds} interleaved rounds of {seconds} s"
     );
-    println!("| mode | round trips/s (median) | vs off | cost per request |");
-    println!("|---|---|---|---|");
-    let off = median(&rates[0]);
-    for (i, mode) in MODES.iter().enumerate() {
-        let ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(x, o)| x / o).collect();
-        let rate = median(&rates[i]);
-        println!(
-            "| {} | {rate:.0} | {:.3} | {:+.2} µs |",
-            mode_name(*mode),
-            median(&ratios),
-            (1.0 / rate - 1.0 / off) * 1e6
-        );
-    }
+    let names: Vec<&str> = MODES.iter().map(|m| mode_name(*m)).collect();
+    print_rate_table(&names, &rates, "request");
 
     // BPF time per run of each program, keep-alive mode.
     let stats = BpfStats::enable();
@@ -143,7 +117,7 @@ fn main() {
     let me = std::process::id();
     let ours = |n: &str| n.starts_with("fathom_");
     let before = bpf_runs_by_program(me, ours);
-    run_workload(&workload, seconds);
+    pinned_round_trips(&workload, seconds);
     let after = bpf_runs_by_program(me, ours);
     drop(injection);
     drop(stats);

@@ -34,8 +34,8 @@ use std::{
 };
 
 use fathom_tests::{
-    BpfStats, ChildGuard, bpf_runs_by_program, build_fixture, kernel_tests_possible, median,
-    release_agent_binary,
+    BpfStats, ChildGuard, bpf_runs_by_program, build_fixture, kernel_tests_possible,
+    pinned_round_trips, print_rate_table, release_agent_binary,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -100,27 +100,6 @@ fn stop_agent(mut guard: ChildGuard) {
     );
 }
 
-/// Round trips per second of one run.
-fn run_workload(workload: &Path, seconds: f64) -> f64 {
-    // On one CPU: across two, every wake-up is an inter-processor interrupt
-    // (in a VM an exit to the hypervisor), and the rate swings with where
-    // the scheduler puts the two processes.
-    let out = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(workload)
-        .arg(seconds.to_string())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    let trips: f64 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("pingpong printed {text:?}"));
-    trips / seconds
-}
-
 fn main() {
     if !kernel_tests_possible("off_cpu bench") {
         std::process::exit(1);
@@ -149,7 +128,7 @@ fn main() {
                 Mode::CpuAndOffCpu => Some(start_agent(&agent, Some("2000"), out.path())),
                 Mode::Unbudgeted => Some(start_agent(&agent, Some("0"), out.path())),
             };
-            let rate = run_workload(&workload, seconds);
+            let rate = pinned_round_trips(&workload, seconds);
             if let Some(guard) = guard {
                 stop_agent(guard);
             }
@@ -167,19 +146,8 @@ fn main() {
         "Off-CPU profiling cost: `pingpong` (two processes, one byte through two pipes), \
          {rounds} interleaved rounds of {seconds} s"
     );
-    println!("| mode | round trips/s (median) | vs off | cost per round trip |");
-    println!("|---|---|---|---|");
-    let off = median(&rates[0]);
-    for (i, mode) in MODES.iter().enumerate() {
-        let ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(x, o)| x / o).collect();
-        let rate = median(&rates[i]);
-        println!(
-            "| {} | {rate:.0} | {:.3} | {:+.2} µs |",
-            mode_name(*mode),
-            median(&ratios),
-            (1.0 / rate - 1.0 / off) * 1e6
-        );
-    }
+    let names: Vec<&str> = MODES.iter().map(|m| mode_name(*m)).collect();
+    print_rate_table(&names, &rates, "round trip");
 
     // BPF time per context switch, by program.
     let stats = BpfStats::enable();
@@ -188,7 +156,7 @@ fn main() {
     let pid = guard.pid();
     let ours = |n: &str| n.starts_with("offcpu_") || n.starts_with("profile_");
     let before = bpf_runs_by_program(pid, ours);
-    run_workload(&workload, seconds);
+    pinned_round_trips(&workload, seconds);
     let after = bpf_runs_by_program(pid, ours);
     stop_agent(guard);
     drop(stats);

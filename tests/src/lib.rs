@@ -691,6 +691,50 @@ pub fn bpf_run_totals(pid: u32, name_is_ours: impl Fn(&str) -> bool) -> (f64, f6
     total
 }
 
+/// Round trips per second of one run of a ping-pong fixture
+/// (`pingpong.c`, `http_pingpong.c`: `NAME SECONDS` prints
+/// `round_trips N`), pinned to CPU 0: across two CPUs every wake-up is an
+/// inter-processor interrupt (in a VM an exit to the hypervisor), and the
+/// rate swings with where the scheduler puts the two processes.
+pub fn pinned_round_trips(workload: &Path, seconds: f64) -> f64 {
+    let out = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(workload)
+        .arg(seconds.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{} failed", workload.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let trips: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{} printed {text:?}", workload.display()));
+    trips / seconds
+}
+
+/// Prints a bench's table of modes: each mode's median rate, the median of
+/// its per-round ratio to the first mode (off), and its cost per round trip
+/// against off. `rates[i]` holds mode `i`'s rate of each round.
+pub fn print_rate_table(names: &[&str], rates: &[Vec<f64>], per: &str) {
+    println!("| mode | round trips/s (median) | vs off | cost per {per} |");
+    println!("|---|---|---|---|");
+    let off = median(&rates[0]);
+    for (name, mode_rates) in names.iter().zip(rates) {
+        let ratios: Vec<f64> = mode_rates
+            .iter()
+            .zip(&rates[0])
+            .map(|(x, o)| x / o)
+            .collect();
+        let rate = median(mode_rates);
+        println!(
+            "| {name} | {rate:.0} | {:.3} | {:+.2} µs |",
+            median(&ratios),
+            (1.0 / rate - 1.0 / off) * 1e6
+        );
+    }
+}
+
 /// The agent as the tracing tests run it: traces only, exported over
 /// OTLP/gRPC to `rotel` every second, its store in `dir`; returns once it
 /// says the HTTP programs are attached.
