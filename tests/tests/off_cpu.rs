@@ -31,6 +31,27 @@ fn inclusive_ns(samples: &[FlatSample], function: &str) -> i64 {
         .sum()
 }
 
+/// The `offcpu` fixture (ROUNDS of SLEEP_MS sleeps and PIPE_MS pipe waits,
+/// started by SIGUSR1, wall times written to `measured`), ready.
+fn start_workload(dir: &Path, measured: &Path, service: Option<&str>) -> ChildGuard {
+    let binary = build_fixture("offcpu", dir);
+    let mut cmd = Command::new(&binary);
+    cmd.args([
+        ROUNDS.to_string(),
+        SLEEP_MS.to_string(),
+        PIPE_MS.to_string(),
+        measured.display().to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    if let Some(service) = service {
+        cmd.env("OTEL_SERVICE_NAME", service);
+    }
+    let mut workload = ChildGuard::spawn(&mut cmd);
+    assert_eq!(workload.first_line(), "ready");
+    workload
+}
+
 #[test]
 fn off_cpu_time_per_function_matches_the_constructed_waits() {
     let Some(_kernel) =
@@ -40,20 +61,8 @@ fn off_cpu_time_per_function_matches_the_constructed_waits() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let binary = build_fixture("offcpu", dir.path());
     let measured = dir.path().join("measured");
-    let mut workload = ChildGuard::spawn(
-        Command::new(&binary)
-            .args([
-                ROUNDS.to_string(),
-                SLEEP_MS.to_string(),
-                PIPE_MS.to_string(),
-                measured.display().to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
-    );
-    assert_eq!(workload.first_line(), "ready");
+    let workload = start_workload(dir.path(), &measured, None);
     let pid = workload.pid();
     let output = dir.path().join("off.pb.gz");
     let agent = Agent::spawn(&[
@@ -251,21 +260,8 @@ fn the_daemon_delivers_off_cpu_profiles_as_their_own_type() {
     };
     const SERVICE: &str = "offcpu-e2e";
     let dir = tempfile::tempdir().unwrap();
-    let binary = build_fixture("offcpu", dir.path());
     let measured = dir.path().join("measured");
-    let mut workload = ChildGuard::spawn(
-        Command::new(&binary)
-            .args([
-                ROUNDS.to_string(),
-                SLEEP_MS.to_string(),
-                PIPE_MS.to_string(),
-                measured.display().to_string(),
-            ])
-            .env("OTEL_SERVICE_NAME", SERVICE)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
-    );
-    assert_eq!(workload.first_line(), "ready");
+    let workload = start_workload(dir.path(), &measured, Some(SERVICE));
     let pid = workload.pid();
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agent = Agent::spawn(&[
