@@ -170,6 +170,9 @@ const SOCKET_STAGES: &[(&str, &str, &str)] = &[
 /// The kernel hook a BTF tracepoint program of this object attaches to (or
 /// is loaded for).
 pub fn btf_tracepoint_of(program: &str) -> Option<&'static str> {
+    if program == names::CONNECT_PARENT {
+        return Some("inet_sock_set_state");
+    }
     SOCKET_TRACEPOINTS
         .iter()
         .map(|&(p, t)| (p, t))
@@ -270,6 +273,28 @@ pub struct HttpCapture {
     hooks: &'static str,
     scratch: Box<DataEvent>,
     ebpf: Ebpf,
+    /// Programs loaded into the kernel so far.
+    loaded: std::collections::HashSet<&'static str>,
+    /// Executables looked at (device, inode): whether they run Go.
+    executables: std::collections::HashMap<(u64, u64), bool>,
+    go_binaries: usize,
+}
+
+/// The goroutine probes (`http/golang.rs`).
+const GO_ROUND_TRIP: &str = "http_go_round_trip";
+const GO_REQUEST_WRITE: &str = "http_go_request_write";
+const GO_NEWPROC: &str = "http_go_newproc";
+const GO_NEWPROC_DONE: &str = "http_go_newproc_done";
+
+/// The process ids under `proc_root`.
+fn numeric_dirs(proc_root: &Path) -> Vec<u32> {
+    fs::read_dir(proc_root)
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl HttpCapture {
@@ -411,7 +436,7 @@ impl HttpCapture {
         let notified = sys::EdgeWait::new(events.as_fd()).map_err(HttpCaptureError::Wait)?;
         let counters = take(&mut ebpf, names::COUNTERS)?;
         let conns = take(&mut ebpf, names::CONNS)?;
-        Ok(Self {
+        let mut capture = Self {
             events,
             notified,
             counters,
@@ -419,7 +444,104 @@ impl HttpCapture {
             hooks,
             scratch: Box::new(DataEvent::EMPTY),
             ebpf,
-        })
+            loaded,
+            executables: std::collections::HashMap::new(),
+            go_binaries: 0,
+        };
+        // Go: the goroutine probes, in every Go executable running now (and
+        // in those of processes seen later: `Self::discover`).
+        let pids: Vec<u32> = if config.pids.is_empty() {
+            numeric_dirs(Path::new("/proc"))
+        } else {
+            config.pids.clone()
+        };
+        for pid in pids {
+            capture.discover(pid);
+        }
+        Ok(capture)
+    }
+
+    /// Looks at a process's executable once (by file): a Go executable
+    /// gets the goroutine probes (see `super::golang`).
+    pub fn discover(&mut self, pid: u32) {
+        use std::os::unix::fs::MetadataExt as _;
+        let exe = Path::new("/proc").join(pid.to_string()).join("exe");
+        let Ok(meta) = fs::metadata(&exe) else {
+            return;
+        };
+        let file = (meta.dev(), meta.ino());
+        if let Some(&go) = self.executables.get(&file) {
+            if go {
+                self.mark_go(pid);
+            }
+            return;
+        }
+        let points = match super::golang::probe_points_of(&exe) {
+            Ok(points) => points,
+            Err(super::golang::GoBinaryError::NotGo | super::golang::GoBinaryError::Io(..)) => {
+                self.executables.insert(file, false);
+                return;
+            }
+            Err(e) => {
+                self.executables.insert(file, false);
+                let path = fs::read_link(&exe).unwrap_or(exe);
+                tracing::info!(path = %path.display(), reason = %e, "Go executable without goroutine context");
+                return;
+            }
+        };
+        self.executables.insert(file, true);
+        self.mark_go(pid);
+        let mut probes = vec![
+            (GO_ROUND_TRIP, points.round_trip),
+            (GO_REQUEST_WRITE, points.request_write),
+            (GO_NEWPROC, points.newproc1),
+        ];
+        if let Some(done) = points.newproc_done {
+            probes.push((GO_NEWPROC_DONE, done));
+        }
+        let path = fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
+        let mut attached = 0;
+        for (name, offset) in probes {
+            let result = loaded_program::<UProbe>(&mut self.ebpf, &mut self.loaded, name)
+                .map_err(|e| e.to_string())
+                .and_then(|program| {
+                    program
+                        .attach(offset, &exe, UProbeScope::AllProcesses)
+                        .map_err(|e| e.to_string())
+                });
+            match result {
+                Ok(_) => attached += 1,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), program = name, %error, "Go uprobe not attached")
+                }
+            }
+        }
+        self.go_binaries += 1;
+        tracing::info!(
+            path = %path.display(),
+            version = %points.version,
+            stripped = points.stripped,
+            probes = attached,
+            goroutines_inherit = points.newproc_done.is_some(),
+            "Go goroutine context attached"
+        );
+    }
+
+    /// Tells the kernel side that `pid` runs Go: its server requests are
+    /// tied to goroutines from the first (the probes would say so only at
+    /// its first client request).
+    fn mark_go(&mut self, pid: u32) {
+        if let Some(map) = self.ebpf.map_mut(names::GO_PROCS)
+            && let Ok(mut procs) = aya::maps::HashMap::<_, u32, u8>::try_from(map)
+            && let Err(e) = procs.insert(pid, 1, 0)
+        {
+            tracing::debug!(pid, error = %e, "marking a Go process");
+        }
+    }
+
+    /// Go executables that got the goroutine probes.
+    pub fn go_binaries(&self) -> usize {
+        self.go_binaries
     }
 
     /// The data path's hooks: `sockets` or `syscalls`.

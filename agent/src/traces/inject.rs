@@ -82,6 +82,8 @@ pub struct Injection {
     pinned: Option<(Array<MapData, u8>, PathBuf)>,
     sockets: SockHash<MapData, u64>,
     cgroup: PathBuf,
+    /// `fathom_connect_parent`, when it attached.
+    connect_parent: Option<aya::programs::tp_btf::BtfTracePointLink>,
 }
 
 impl Injection {
@@ -361,6 +363,7 @@ pub fn attach_to(
         pinned,
         sockets,
         cgroup: cgroup.to_path_buf(),
+        connect_parent: None,
     };
 
     let sock_ops: &mut SockOps = ebpf
@@ -380,8 +383,40 @@ pub fn attach_to(
             .take_link(link)
             .map_err(program_err(names::SOCK_OPS))?,
     );
+    injection.connect_parent = attach_connect_parent(ebpf);
     tracing::info!(cgroup = %cgroup.display(), "traceparent injection attached");
     Ok(injection)
+}
+
+/// The `inet_sock_set_state` program that remembers, per connecting socket,
+/// the parent of its first request (event loops connect in one callback and
+/// write in a later one). Without it (no BTF, a kernel that rejects it),
+/// those requests get the write-time rule; logged once.
+fn attach_connect_parent(ebpf: &mut Ebpf) -> Option<aya::programs::tp_btf::BtfTracePointLink> {
+    let name = names::CONNECT_PARENT;
+    let result = (|| -> Result<_, String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        let program: &mut aya::programs::BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or("not in the object")?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        crate::ebpf::load_program(crate::traces::capture::OBJECT, name, || {
+            program.load("inet_sock_set_state", &btf)
+        })
+        .map_err(|e| e.to_string())?;
+        let link = program.attach().map_err(|e| e.to_string())?;
+        program.take_link(link).map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(link) => Some(link),
+        Err(e) => {
+            tracing::warn!(
+                "client requests on connections an event loop opens while serving may go                  without their parent: {name} could not attach: {e}"
+            );
+            None
+        }
+    }
 }
 
 /// Loads and attaches the stream verdict program to `sockets`, checks on a

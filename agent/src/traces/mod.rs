@@ -3,7 +3,8 @@
 //! Kernel side: [`capture`] loads the `fathom-http` programs and drains
 //! their connection and data events (`fathom_common::http`); [`inject`]
 //! attaches the sock_ops/sk_msg programs that insert `traceparent` into
-//! outgoing requests. [`session`] is the thread that feeds the events to the
+//! outgoing requests; [`golang`] finds where the goroutine probes of Go
+//! executables attach. [`session`] is the thread that feeds the events to the
 //! pure logic below and hands spans and metrics to an
 //! [`OtlpSink`](crate::sink::OtlpSink).
 //!
@@ -15,6 +16,7 @@
 //! - [`metrics`]: `http.{server,client}.request.duration` histograms.
 
 pub mod capture;
+pub mod golang;
 pub mod inject;
 pub mod metrics;
 pub mod otlp;

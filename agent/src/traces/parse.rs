@@ -215,6 +215,11 @@ pub trait Sink<O> {
     /// that started in that syscall. For a final response, returns what the
     /// request it answers was (it decides the framing).
     fn head(&mut self, head: MessageHead, origin: O, first: bool) -> Answering;
+    /// A head that began in an earlier syscall (`started`) continues in one
+    /// whose origin is `later`: the sink may take from it what the first
+    /// lacked (the kernel opens a request at the read where its request
+    /// line became whole, which may be the second).
+    fn continue_head(&mut self, _started: &mut O, _later: &O) {}
     /// The message whose head was reported last ended, with `body_len`
     /// bytes of body (counted from the framing; chunked bodies without
     /// bytes count what was moved).
@@ -408,7 +413,12 @@ impl<O: Copy> MessageParser<O> {
                 };
                 Some(pos)
             }
-            State::Head { buf, .. } => {
+            State::Head {
+                buf,
+                origin: started,
+                ..
+            } => {
+                sink.continue_head(started, &origin);
                 let known = frag.known_from(pos);
                 if known.is_empty() {
                     return self.truncated_head(frag, sink);

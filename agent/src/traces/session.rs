@@ -248,6 +248,9 @@ struct Worker {
     spans_sampled_out: u64,
     /// Spans to OTLP bytes, its buffers kept from one flush to the next.
     encoder: SpanEncoder,
+    /// Processes first seen in this drain: their executables are looked at
+    /// for Go after it.
+    new_processes: Vec<u32>,
 }
 
 impl Worker {
@@ -281,6 +284,7 @@ impl Worker {
             undelivered: Undelivered::default(),
             spans_delivered: 0,
             spans_sampled_out: 0,
+            new_processes: Vec::new(),
         }
     }
 
@@ -334,6 +338,9 @@ impl Worker {
         for (tgid, fds) in exited {
             capture.forget(tgid, fds);
         }
+        for pid in std::mem::take(&mut self.new_processes) {
+            capture.discover(pid);
+        }
         self.capture = Some(capture);
         self.malformed += drained.malformed;
         drained.bytes
@@ -343,6 +350,9 @@ impl Worker {
     fn handle(&mut self, event: HttpEvent<'_>, exited: &mut Vec<(u32, Vec<u32>)>) {
         match event {
             HttpEvent::Open(c) => {
+                if !self.resources.contains_key(&c.tgid) {
+                    self.new_processes.push(c.tgid);
+                }
                 self.resource(c.tgid);
                 self.open.entry(c.tgid).or_default().insert(c.fd);
                 self.tracer.on_conn_open(&c);
@@ -520,6 +530,10 @@ impl Worker {
             parent_rewritten = k(HttpCounter::ParentRewritten),
             sockets_released = k(HttpCounter::SocketsReleased),
             late_parents = k(HttpCounter::LateParents),
+            parent_goroutine = k(HttpCounter::ParentGoroutine),
+            parent_thread = k(HttpCounter::ParentThread),
+            parent_guessed = k(HttpCounter::ParentGuessed),
+            parent_missed = k(HttpCounter::ParentMissed),
             inject_failed = k(HttpCounter::InjectFailed),
             malformed = self.malformed,
             "http tracing"

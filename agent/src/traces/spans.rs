@@ -612,6 +612,20 @@ impl SideSink<'_> {
 }
 
 impl Sink<Origin> for SideSink<'_> {
+    fn continue_head(&mut self, started: &mut Origin, later: &Origin) {
+        // A request whose first bytes came alone (Go's server reads one
+        // byte of a kept-alive connection's next request early): the kernel
+        // opened it, with its ids, at the read that completed the request
+        // line.
+        if self.dir == direction::READ
+            && started.ctx.flags & ctx_flags::SERVER == 0
+            && later.ctx.flags & ctx_flags::SERVER != 0
+        {
+            started.ctx = later.ctx;
+            started.tid = later.tid;
+        }
+    }
+
     fn head(&mut self, head: MessageHead, origin: Origin, first: bool) -> Answering {
         if head.is_request() {
             self.request(head, origin, first);
@@ -1180,6 +1194,27 @@ pub(crate) mod tests {
             })
         );
         assert_eq!(spans[0].connect_us, None);
+    }
+
+    #[test]
+    fn a_request_whose_first_byte_came_alone_takes_the_kernels_ids() {
+        // Go's server reads one byte of the next request early (thread 21),
+        // then the rest (thread 22), where the kernel opens the request.
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::SERVER, "127.0.0.1:54321"));
+        t.on_data(&data(1, R, 21, (1_000, 1_100), b"G"));
+        t.on_data(&with_ctx(
+            data(1, R, 22, (1_500, 2_000), &CURL_GET[1..]),
+            ctx(ctx_flags::SERVER, 0xaa, 0xbb, 0),
+        ));
+        t.on_data(&data(1, W, 22, (2_500, 2_600), NGINX_200));
+        t.on_conn_close(&close(1));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].trace_id, [0xaa; 16]);
+        assert_eq!(spans[0].span_id, [0xbb; 8]);
+        assert_eq!(spans[0].tid, 22);
+        assert_eq!(spans[0].start_ns, 1_100);
     }
 
     #[test]

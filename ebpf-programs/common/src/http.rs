@@ -61,10 +61,12 @@ pub mod names {
     pub const COUNTERS: &str = "HTTP_COUNTERS";
     pub const CONNS: &str = "CONNS";
     pub const SERVING: &str = "SERVING";
+    pub const GO_PROCS: &str = "GO_PROCS";
     pub const MONITORED: &str = "MONITORED";
     pub const SOCKETS: &str = "CLIENT_SOCKETS";
     pub const SOCK_OPS: &str = "fathom_sock_ops";
     pub const SK_MSG: &str = "fathom_sk_msg";
+    pub const CONNECT_PARENT: &str = "fathom_connect_parent";
     /// The stream verdict program of `CLIENT_SOCKETS` in keep-alive mode.
     pub const SK_SKB: &str = "fathom_sk_skb";
     /// Injection switches ([`super::control`]).
@@ -291,10 +293,24 @@ pub enum HttpCounter {
     /// request body, a head written in pieces, a first message that is not
     /// an HTTP/1.x request): their later messages pass untouched.
     InjectUnframed,
+    /// Client requests whose parent came from the Go goroutine that sent
+    /// them (`net/http` uprobes).
+    ParentGoroutine,
+    /// Client requests sent from a thread serving exactly one request: its
+    /// server span is the parent.
+    ParentThread,
+    /// Client requests sent from a thread with several requests open, before
+    /// any other read since the latest one was read: that one was taken as
+    /// the parent (an event loop's handler calling out); a guess.
+    ParentGuessed,
+    /// Client requests sent while their process served requests, for which
+    /// no parent could be told (several open and reads since; a Go request
+    /// the uprobes did not see): sent as new traces.
+    ParentMissed,
 }
 
 impl HttpCounter {
-    pub const COUNT: u32 = HttpCounter::InjectUnframed as u32 + 1;
+    pub const COUNT: u32 = HttpCounter::ParentMissed as u32 + 1;
     pub const ALL: [HttpCounter; HttpCounter::COUNT as usize] = [
         HttpCounter::DataEvents,
         HttpCounter::EventsLost,
@@ -311,6 +327,10 @@ impl HttpCounter {
         HttpCounter::LateParents,
         HttpCounter::StageMissing,
         HttpCounter::InjectUnframed,
+        HttpCounter::ParentGoroutine,
+        HttpCounter::ParentThread,
+        HttpCounter::ParentGuessed,
+        HttpCounter::ParentMissed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -330,6 +350,10 @@ impl HttpCounter {
             HttpCounter::SocketsReleased => "sockets_released",
             HttpCounter::LateParents => "late_parents",
             HttpCounter::InjectUnframed => "inject_unframed",
+            HttpCounter::ParentGoroutine => "parent_goroutine",
+            HttpCounter::ParentThread => "parent_thread",
+            HttpCounter::ParentGuessed => "parent_guessed",
+            HttpCounter::ParentMissed => "parent_missed",
         }
     }
 }
@@ -355,15 +379,21 @@ pub struct ConnInfo {
     pub proto: u8,
     /// A [`head_state`].
     pub head: u8,
-    pub _reserved: u8,
+    /// Bytes in `prefix`.
+    pub prefix_len: u8,
     /// The thread that opened the server request whose head is arriving
     /// ([`head_state::AWAITING_PARENT`]).
     pub server_tid: u32,
     /// The socket's `struct sock` (kernel address; 0: unknown), read at
     /// `accept`/`connect` exit. Only ever read with `bpf_probe_read_kernel`.
     pub sk: u64,
+    /// A read of fewer than 8 bytes that may begin a request (`G`, `PO`),
+    /// little-endian: the next read continues it. Go's server reads one
+    /// byte of the next request of a kept-alive connection while it still
+    /// answers the last.
+    pub prefix: u64,
 }
-assert_size!(ConnInfo, 24);
+assert_size!(ConnInfo, 32);
 
 /// W3C trace context chosen in the kernel. All zero: none.
 #[repr(C)]
@@ -385,12 +415,30 @@ pub struct Serving {
     pub ctx: TraceContext,
     /// Connection the request came in on.
     pub conn_id: u64,
-    /// Server requests open on this thread (more than one: no parent is
-    /// guessed for its client requests).
+    /// Server requests open on this thread: their requests were read on it
+    /// and their responses not yet written.
     pub open: u32,
-    pub _reserved: u32,
+    /// Reads on this thread since `ctx`'s request was read. With several
+    /// requests open, a client request written before any other read comes
+    /// from the handler of the request just read (an event loop's
+    /// callback): `sk_msg` takes it as the parent, counted as a guess.
+    pub later_reads: u32,
+    /// When `ctx`'s request was read (`bpf_ktime_get_ns`).
+    pub read_ns: u64,
 }
-assert_size!(Serving, 40 + 8 + 8);
+assert_size!(Serving, 40 + 8 + 8 + 8);
+
+/// A Go request's trace context on its way from the goroutine that calls
+/// `http.Client` to the one that writes the request (`GO_REQUESTS`,
+/// `GO_WRITING`). `ctx` all zero: the caller served no request (a root).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GoPending {
+    pub ctx: TraceContext,
+    /// When it was recorded (`bpf_ktime_get_ns`).
+    pub at_ns: u64,
+}
+assert_size!(GoPending, 48);
 
 /// A socket address: IPv4 in the first 4 bytes of `addr` (`family` 2) or
 /// IPv6 (`family` 10); port in host byte order. All zero: unknown.

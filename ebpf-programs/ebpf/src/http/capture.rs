@@ -11,7 +11,8 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray},
@@ -24,8 +25,8 @@ use fathom_common::http::{
 };
 
 use crate::maps::{
-    CONNS, HTTP_EVENTS, INJECTED, RING_FLAGS, SERVING, count, inject_enabled, monitored, random_id,
-    starts_message,
+    CONNS, GO_CONTEXT, GO_PROCS, HTTP_EVENTS, INJECTED, RING_FLAGS, SERVING, count, inject_enabled,
+    mask, may_begin_request, monitored, random_id, starts_message,
 };
 
 /// Offsets of `parent_pid` and `child_pid` in the `sched_process_fork`
@@ -340,9 +341,10 @@ fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen
         role: conn_role,
         proto: proto::UNKNOWN,
         head: head_state::SETTLED,
-        _reserved: 0,
+        prefix_len: 0,
         server_tid: 0,
         sk,
+        prefix: 0,
     };
     if CONNS.insert(&ConnKey { tgid, fd }, &info, 0).is_err() {
         count(HttpCounter::ConnsFull);
@@ -735,11 +737,14 @@ pub(crate) fn try_process(ssl: bool) -> Result<(), ()> {
     let info = CONNS.get_ptr_mut(&key).ok_or(())?;
     // SAFETY: a valid map value.
     let info = unsafe { &mut *info };
+    let (request, response) = joined_message_start(&scratch.event, info);
     if !ssl {
-        let (request, response) = message_start(&scratch.event);
         if info.proto == proto::UNKNOWN {
             if request || response {
                 info.proto = proto::HTTP1;
+            } else if info.prefix_len != 0 {
+                // May be the first byte of a request: the next read says.
+                return Ok(());
             } else if scratch.event.syscall != syscall::SENDFILE {
                 // Not HTTP/1.x: leave this connection alone from now on.
                 info.proto = proto::OTHER;
@@ -749,7 +754,7 @@ pub(crate) fn try_process(ssl: bool) -> Result<(), ()> {
             }
         }
     }
-    track_server_request(scratch, tid, info);
+    track_server_request(scratch, tid, info, request, response);
     if !ssl
         && scratch.event.direction == direction::WRITE
         && inject_enabled()
@@ -951,6 +956,34 @@ pub(crate) fn message_start(event: &DataEvent) -> (bool, bool) {
     starts_message(word, event.head_len)
 }
 
+/// [`message_start`] of a read joined to the short read before it that may
+/// have begun a request (`info.prefix`, consumed here); a short read that
+/// may begin one becomes the prefix. Go's server reads the first byte of a
+/// kept-alive connection's next request while it finishes the last one
+/// (its "background read"), then the rest.
+#[inline(always)]
+pub(crate) fn joined_message_start(event: &DataEvent, info: &mut ConnInfo) -> (bool, bool) {
+    // SAFETY: the head has CAPTURE_HEAD (>= 8) bytes.
+    let word = unsafe { core::ptr::read_unaligned(event.head.as_ptr().cast::<u64>()) };
+    let len = event.head_len;
+    let (mut request, response) = starts_message(word, len);
+    if event.direction != direction::READ {
+        return (request, response);
+    }
+    let n = u32::from(info.prefix_len);
+    if n > 0 && n < 8 && !request && !response {
+        let joined = info.prefix | (word << (8 * n));
+        request = starts_message(joined, n + len).0;
+    }
+    info.prefix_len = 0;
+    if !request && !response && len < 8 && may_begin_request(word, len) {
+        // Only its own bytes: the scratch's past `len` are another event's.
+        info.prefix = word & mask(len);
+        info.prefix_len = len as u8;
+    }
+    (request, response)
+}
+
 /// The server side of the trace context, for the event in `scratch` (both
 /// the socket and the OpenSSL captures): a request read opens a server
 /// request on the thread; the reads that continue its head are searched for
@@ -958,12 +991,29 @@ pub(crate) fn message_start(event: &DataEvent) -> (bool, bool) {
 /// (`HTTP/1.1 1xx`, such as 100 Continue, comes before the final response:
 /// the request is still being served).
 #[inline(always)]
-fn track_server_request(scratch: &mut Scratch, tid: u32, info: &mut ConnInfo) {
-    let (request, response) = message_start(&scratch.event);
+fn track_server_request(
+    scratch: &mut Scratch,
+    tid: u32,
+    info: &mut ConnInfo,
+    request: bool,
+    response: bool,
+) {
     if scratch.event.direction == direction::READ {
         if request {
             open_server_request(scratch, tid, info);
-        } else if info.head == head_state::AWAITING_PARENT {
+            return;
+        }
+        // A read of another connection (the rest of the request's own body
+        // is not one): the thread may have moved on to another callback.
+        if let Some(s) = SERVING.get_ptr_mut(&tid) {
+            // SAFETY: a valid map value.
+            unsafe {
+                if (*s).conn_id != info.conn_id {
+                    (*s).later_reads = (*s).later_reads.saturating_add(1);
+                }
+            }
+        }
+        if info.head == head_state::AWAITING_PARENT {
             continue_server_request(scratch, info);
         }
     } else if scratch.event.direction == direction::WRITE
@@ -1003,6 +1053,8 @@ fn open_server_request(scratch: &mut Scratch, tid: u32, info: &mut ConnInfo) {
     };
     info.server_tid = tid;
     scratch.event.ctx = ctx;
+    // SAFETY: a helper without arguments.
+    let read_ns = unsafe { bpf_ktime_get_ns() };
     let serving = match SERVING.get_ptr_mut(&tid) {
         // SAFETY: a valid map value.
         Some(s) => unsafe {
@@ -1016,17 +1068,47 @@ fn open_server_request(scratch: &mut Scratch, tid: u32, info: &mut ConnInfo) {
                 ctx,
                 conn_id,
                 open,
-                _reserved: 0,
+                later_reads: 0,
+                read_ns,
             }
         },
         None => Serving {
             ctx,
             conn_id,
             open: 1,
-            _reserved: 0,
+            later_reads: 0,
+            read_ns,
         },
     };
     let _ = SERVING.insert(&tid, &serving, 0);
+    // Go: the goroutine that read the request serves it (it may call out
+    // from another thread; see `golang`).
+    if is_go(scratch.event.tgid) {
+        let g = current_goroutine();
+        if g != 0 {
+            let _ = GO_CONTEXT.insert(&g, &ctx, 0);
+        }
+    }
+}
+
+/// Whether the goroutine probes saw (or user space found) that `tgid` runs
+/// Go.
+#[inline(always)]
+fn is_go(tgid: u32) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { GO_PROCS.get(&tgid) }.is_some()
+}
+
+/// The running goroutine (its `runtime.g` address) of the current Go
+/// thread, from the user registers saved at its syscall: Go keeps it in
+/// R14 (register ABI, amd64), and its syscall stubs do not touch R14. 0:
+/// unknown.
+#[inline(always)]
+fn current_goroutine() -> u64 {
+    // SAFETY: helpers on the current task, in whose syscall this runs.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    // `struct pt_regs` (x86-64): r15, then r14.
+    read_kernel::<u64>(regs + 8).unwrap_or(0)
 }
 
 /// A read that continues the head of a server request opened without a
@@ -1044,6 +1126,18 @@ fn continue_server_request(scratch: &mut Scratch, info: &mut ConnInfo) {
                     (*s).ctx.trace_id = trace;
                     (*s).ctx.parent_span_id = parent;
                     (*s).ctx.flags |= ctx_flags::REMOTE_PARENT;
+                }
+            }
+        }
+        if is_go(scratch.event.tgid)
+            && let Some(c) = GO_CONTEXT.get_ptr_mut(&current_goroutine())
+        {
+            // SAFETY: a valid map value.
+            unsafe {
+                if (*c).flags & ctx_flags::REMOTE_PARENT == 0 {
+                    (*c).trace_id = trace;
+                    (*c).parent_span_id = parent;
+                    (*c).flags |= ctx_flags::REMOTE_PARENT;
                 }
             }
         }

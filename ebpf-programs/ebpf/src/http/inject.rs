@@ -33,20 +33,20 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action, sk_msg_md,
     },
     helpers::{
-        bpf_get_current_pid_tgid,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_loop, bpf_msg_pull_data},
     },
-    macros::{map, sk_msg, sock_ops, stream_verdict},
+    macros::{btf_tracepoint, map, sk_msg, sock_ops, stream_verdict},
     maps::{LruHashMap, PerCpuArray, SockHash},
-    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
+    programs::{BtfTracePointContext, SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use fathom_common::http::{
     HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, hex_lower, parse_traceparent,
 };
 
 use super::maps::{
-    INJECTED, SERVING, count, filter_pids, inject_enabled, inject_stopped, keep_sockets, monitored,
-    random_id, starts_message,
+    GO_PROCS, GO_WRITING, INJECTED, SERVING, count, filter_pids, inject_enabled, inject_stopped,
+    keep_sockets, monitored, random_id, starts_message,
 };
 
 /// Per CPU: the request-head scan in progress (sk_msg programs do not nest
@@ -519,15 +519,19 @@ fn insert(ctx: &SkMsgContext, at: u32) -> Outcome {
         ..TraceContext::default()
     };
     random_id(&mut tc.span_id);
-    // SAFETY: a map value, copied out at once.
-    let parent = unsafe { SERVING.get(&tid) }.copied();
-    match parent {
-        Some(s) if s.open == 1 && s.ctx.trace_id != [0; 16] => {
-            tc.trace_id = s.ctx.trace_id;
-            tc.parent_span_id = s.ctx.span_id;
+    // SAFETY: the context's socket pointer, used as a number only.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk } as u64;
+    match parent_of_write(sk) {
+        Some(parent) if parent.found() => {
+            count_rule(parent.rule);
+            tc.trace_id = parent.ctx.trace_id;
+            tc.parent_span_id = parent.ctx.span_id;
             tc.flags |= ctx_flags::LOCAL_PARENT;
         }
-        _ => random_id(&mut tc.trace_id),
+        parent => {
+            count_rule(parent.map_or(rule::NONE, |p| p.rule));
+            random_id(&mut tc.trace_id);
+        }
     }
     let mut header = [0u8; TRACEPARENT_HEADER_LEN];
     header[..16].copy_from_slice(b"traceparent: 00-");
@@ -571,6 +575,172 @@ fn insert(ctx: &SkMsgContext, at: u32) -> Outcome {
     Outcome::Injected
 }
 
+/// How the parent of a client request was chosen (`HttpCounter::Parent*`).
+mod rule {
+    /// The sender served no request: a new trace.
+    pub const NONE: u8 = 0;
+    pub const GOROUTINE: u8 = 1;
+    pub const THREAD: u8 = 2;
+    pub const GUESSED: u8 = 3;
+    pub const MISSED: u8 = 4;
+}
+
+/// The parent of a client request, and how it was chosen. (A plain struct,
+/// not an `Option`: see `fathom_common::http`'s note on the verifier.)
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Parent {
+    ctx: TraceContext,
+    rule: u8,
+    _pad: [u8; 7],
+}
+
+/// Connecting socket (its kernel address) -> the parent of the first
+/// request it will carry, chosen when its thread connected: an event loop
+/// connects from the handler's callback but writes the request from a
+/// later one, when the connection is up, after reading other requests.
+#[map]
+static CONNECT_PARENT: LruHashMap<u64, Parent> = LruHashMap::with_max_entries(16384, 0);
+
+/// `tcp_set_state(sk, TCP_SYN_SENT)`, in the connecting thread: what
+/// [`thread_parent`] says now is the parent of the socket's first request.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn fathom_connect_parent(ctx: BtfTracePointContext) -> u32 {
+    // `inet_sock_set_state(const struct sock *sk, int oldstate, int
+    // newstate)`.
+    let new_state: i32 = ctx.arg(2);
+    if new_state != TCP_SYN_SENT || !inject_enabled() {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    // Go's goroutines have their own probes; softirq context has no thread.
+    // SAFETY: only tested for presence.
+    if tgid == 0 || !monitored(tgid) || unsafe { GO_PROCS.get(&tgid) }.is_some() {
+        return 0;
+    }
+    // The socket's address, used as a number only.
+    let sk: u64 = ctx.arg(0);
+    let Some(out) = PARENT.get_ptr_mut(1) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, a valid map value.
+    unsafe { thread_parent(tid, out) };
+    // SAFETY: as above.
+    let parent = unsafe { &*out };
+    if parent.found() {
+        let _ = CONNECT_PARENT.insert(&sk, parent, BPF_ANY as u64);
+    } else {
+        let _ = CONNECT_PARENT.remove(&sk);
+    }
+    0
+}
+
+/// Per CPU: the parent being chosen, slot 0 by `sk_msg`, slot 1 by
+/// `fathom_connect_parent` (a softirq may run the tracepoint in the middle
+/// of an `sk_msg` run on the same CPU; it uses its slot only for
+/// `TCP_SYN_SENT`, which only `connect` in process context sets).
+#[map]
+static PARENT: PerCpuArray<Parent> = PerCpuArray::with_max_entries(2, 0);
+
+const TCP_SYN_SENT: i32 = 2;
+
+impl Parent {
+    fn found(&self) -> bool {
+        matches!(self.rule, rule::GOROUTINE | rule::THREAD | rule::GUESSED)
+    }
+}
+
+/// A Go request's context is taken by the write that follows
+/// `(*Request).write` within this time, or not at all.
+const GO_WRITE_WINDOW_NS: u64 = 1_000_000_000;
+
+/// The server request on whose behalf the current thread writes a client
+/// request now:
+/// - Go: the goroutine's, recorded by the `net/http` uprobes (`golang`); a
+///   Go process's thread says nothing, so without it there is none.
+/// - the first request of a connection: the parent [`thread_parent`] gave
+///   when the thread connected (`CONNECT_PARENT`), unless the thread now
+///   serves exactly one request;
+/// - a thread serving one request: that one;
+/// - several: the one read last, if the thread read nothing else since (an
+///   event loop's handler calling out from the callback that read it); a
+///   guess, counted;
+/// - otherwise none, counted as missed.
+#[inline(always)]
+fn parent_of_write(sk: u64) -> Option<&'static Parent> {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let out = PARENT.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; sk_msg programs do not nest on a CPU. Map
+    // values are copied field by field between map values, not through
+    // the stack (sk_msg's stack is nearly full).
+    unsafe {
+        (*out).rule = rule::NONE;
+        if let Some(w) = GO_WRITING.get_ptr(&tid) {
+            let fresh = bpf_ktime_get_ns().wrapping_sub((*w).at_ns) < GO_WRITE_WINDOW_NS;
+            if fresh && (*w).ctx.trace_id != [0; 16] {
+                (*out).ctx = (*w).ctx;
+                (*out).rule = rule::GOROUTINE;
+            }
+            let _ = GO_WRITING.remove(&tid);
+            if fresh {
+                return Some(&*out);
+            }
+        }
+        if GO_PROCS.get(&tgid).is_some() {
+            (*out).rule = rule::MISSED;
+            return Some(&*out);
+        }
+        thread_parent(tid, out);
+        // The first request of a connection this thread opened while
+        // serving, unless the thread now serves exactly one request.
+        if let Some(c) = CONNECT_PARENT.get_ptr(&sk) {
+            if (*out).rule != rule::THREAD {
+                (*out).ctx = (*c).ctx;
+                (*out).rule = (*c).rule;
+            }
+            let _ = CONNECT_PARENT.remove(&sk);
+        }
+        Some(&*out)
+    }
+}
+
+/// [`parent_of_write`]'s rule for a thread (not Go's), into `out`.
+///
+/// # Safety
+/// `out` points to a valid map value.
+#[inline(always)]
+unsafe fn thread_parent(tid: u32, out: *mut Parent) {
+    // SAFETY: `out` per the contract; `s` a valid map value.
+    unsafe {
+        (*out).rule = rule::NONE;
+        if let Some(s) = SERVING.get_ptr(&tid)
+            && (*s).ctx.trace_id != [0; 16]
+        {
+            (*out).ctx = (*s).ctx;
+            (*out).rule = if (*s).open <= 1 {
+                rule::THREAD
+            } else if (*s).later_reads == 0 {
+                rule::GUESSED
+            } else {
+                rule::MISSED
+            };
+        }
+    }
+}
+
+#[inline(always)]
+fn count_rule(r: u8) {
+    match r {
+        rule::GOROUTINE => count(HttpCounter::ParentGoroutine),
+        rule::THREAD => count(HttpCounter::ParentThread),
+        rule::GUESSED => count(HttpCounter::ParentGuessed),
+        rule::MISSED => count(HttpCounter::ParentMissed),
+        _ => {}
+    }
+}
+
 /// The most bytes of an injected message made one buffer again (a copy):
 /// a request head and a small body.
 const MERGE_MAX: u32 = 16384;
@@ -584,13 +754,15 @@ const MERGE_MAX: u32 = 16384;
 #[inline(always)]
 fn forward(ctx: &SkMsgContext, at: u64, len: u64) -> Outcome {
     let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: a map value, copied out at once.
-    let Some(serving) = (unsafe { SERVING.get(&tid) }).copied() else {
+    // SAFETY: the context's socket pointer, used as a number only.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk } as u64;
+    let Some(serving) = parent_of_write(sk) else {
         return Outcome::Existing;
     };
-    if serving.open != 1 || serving.ctx.flags & ctx_flags::REMOTE_PARENT == 0 {
+    if !serving.found() || serving.ctx.flags & ctx_flags::REMOTE_PARENT == 0 {
         return Outcome::Existing;
     }
+    count_rule(serving.rule);
     // `traceparent:` and up to two spaces, then the 55-byte value.
     let mut value_at = at + 12;
     let mut space = [0u8; 1];

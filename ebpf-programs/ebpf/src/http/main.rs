@@ -8,6 +8,7 @@
 #![no_main]
 
 mod capture;
+mod golang;
 mod inject;
 mod maps;
 mod sock;

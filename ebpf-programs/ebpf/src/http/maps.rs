@@ -5,9 +5,9 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use fathom_common::http::{ConnInfo, ConnKey, HttpCounter, Serving, TraceContext};
+use fathom_common::http::{ConnInfo, ConnKey, GoPending, HttpCounter, Serving, TraceContext};
 
 /// Non-zero: only processes in `MONITORED` are traced. Set by the loader.
 #[unsafe(no_mangle)]
@@ -40,6 +40,26 @@ pub static INJECT_CONTROL: Array<u8> =
 /// is writing; taken by the write's `sys_exit`.
 #[map]
 pub static INJECTED: HashMap<u32, TraceContext> = HashMap::with_max_entries(16384, 0);
+
+/// Go: goroutine (its `runtime.g` address) -> the context of the server
+/// request it serves, or its creator served when it was started.
+#[map]
+pub static GO_CONTEXT: LruHashMap<u64, TraceContext> = LruHashMap::with_max_entries(65536, 0);
+/// Go: `*http.Request` -> its caller goroutine's context, from the client's
+/// round trip to the transport's write loop that writes it.
+#[map]
+pub static GO_REQUESTS: LruHashMap<u64, GoPending> = LruHashMap::with_max_entries(16384, 0);
+/// Go: thread id -> the context of the request its goroutine is writing
+/// now; taken by `sk_msg`.
+#[map]
+pub static GO_WRITING: LruHashMap<u32, GoPending> = LruHashMap::with_max_entries(16384, 0);
+/// Go: thread id -> the goroutine starting another (`runtime.newproc1`).
+#[map]
+pub static GO_NEWPROC: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+/// Go processes whose `net/http` uprobes fired (tgid -> 1): their threads
+/// say nothing of which request a write belongs to.
+#[map]
+pub static GO_PROCS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// Records are written without waking the reader: it drains the ring on a
 /// timer (new connections excepted, see `send_conn`). A wake-up per record (the default) costs an inter-processor
@@ -140,6 +160,23 @@ pub fn starts_message(word: u64, len: u32) -> (bool, bool) {
     (request, !request && starts(word_of(b"HTTP/1.")))
 }
 
+/// Whether `len` (< 8) bytes, the low ones of `word`, may be the beginning
+/// of a request line (`G`, `PO`, `DELET`): a read cut that short.
+#[inline(always)]
+pub fn may_begin_request(word: u64, len: u32) -> bool {
+    let begins = |(text, n): (u64, u32)| len < n && (word ^ text) & mask(len) == 0;
+    len > 0
+        && (begins(word_of(b"GET "))
+            || begins(word_of(b"POST "))
+            || begins(word_of(b"PUT "))
+            || begins(word_of(b"PATCH "))
+            || begins(word_of(b"DELETE "))
+            || begins(word_of(b"HEAD "))
+            || begins(word_of(b"OPTIONS "))
+            || begins(word_of(b"CONNECT "))
+            || begins(word_of(b"TRACE ")))
+}
+
 /// Up to 8 bytes as a little-endian word, and their number.
 const fn word_of(text: &[u8]) -> (u64, u32) {
     let mut word = 0u64;
@@ -153,7 +190,7 @@ const fn word_of(text: &[u8]) -> (u64, u32) {
 
 /// The low `n` bytes of a word.
 #[inline(always)]
-const fn mask(n: u32) -> u64 {
+pub(crate) const fn mask(n: u32) -> u64 {
     if n >= 8 {
         u64::MAX
     } else {

@@ -247,9 +247,10 @@ fn register(key: &ConnKey, sk: u64) -> Result<(), ()> {
         role: role::UNKNOWN,
         proto: proto::UNKNOWN,
         head: head_state::SETTLED,
-        _reserved: 0,
+        prefix_len: 0,
         server_tid: 0,
         sk,
+        prefix: 0,
     };
     if CONNS.insert(key, &info, 0).is_err() {
         count(HttpCounter::ConnsFull);
