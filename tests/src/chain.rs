@@ -54,36 +54,45 @@ pub fn http_fixture(name: &str) -> PathBuf {
 /// no module proxy is asked).
 pub fn leaf_binary() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = target_dir().join("tmp/http-fixtures");
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let binary = dir.join("leaf");
-        let partial = dir.join(format!("leaf.{}.partial", std::process::id()));
-        let source = http_fixture("leaf.go");
-        let go = dir.join("go");
-        let output = Command::new("go")
-            .args(["build", "-o"])
-            .arg(&partial)
-            .arg(&source)
-            .current_dir(&dir)
-            .env("GOCACHE", go.join("cache"))
-            .env("GOPATH", go.join("path"))
-            .env("GOFLAGS", "")
-            .env("GO111MODULE", "off")
-            .env("GOPROXY", "off")
-            .env("GOTOOLCHAIN", "local")
-            .env("GOENV", "off")
-            .output()
-            .unwrap_or_else(|e| panic!("running go build (is golang-go installed?): {e}"));
-        assert!(
-            output.status.success(),
-            "go build {} failed:\n{}",
-            source.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        std::fs::rename(&partial, &binary).unwrap_or_else(|e| panic!("renaming {partial:?}: {e}"));
-        binary
-    })
+    PATH.get_or_init(|| go_build(&http_fixture("leaf.go"), "leaf", false))
+}
+
+/// Builds the Go program `source` into the target's temp dir as `name`
+/// (with `-ldflags=-s -w`, no symbol table nor DWARF, when `stripped`), as
+/// [`leaf_binary`] does; returns its path.
+pub fn go_build(source: &Path, name: &str, stripped: bool) -> PathBuf {
+    let dir = target_dir().join("tmp/http-fixtures");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let binary = dir.join(name);
+    let partial = dir.join(format!("{name}.{}.partial", std::process::id()));
+    let go = dir.join("go");
+    let mut cmd = Command::new("go");
+    cmd.arg("build");
+    if stripped {
+        cmd.arg("-ldflags=-s -w");
+    }
+    let output = cmd
+        .arg("-o")
+        .arg(&partial)
+        .arg(source)
+        .current_dir(&dir)
+        .env("GOCACHE", go.join("cache"))
+        .env("GOPATH", go.join("path"))
+        .env("GOFLAGS", "")
+        .env("GO111MODULE", "off")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOENV", "off")
+        .output()
+        .unwrap_or_else(|e| panic!("running go build (is golang-go installed?): {e}"));
+    assert!(
+        output.status.success(),
+        "go build {} failed:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::rename(&partial, &binary).unwrap_or_else(|e| panic!("renaming {partial:?}: {e}"));
+    binary
 }
 
 /// A process group (one service) killed when dropped: SIGTERM to the whole

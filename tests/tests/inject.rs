@@ -566,14 +566,15 @@ fn unmonitored_and_non_http_pass_untouched() {
 
 /// Makes thread `tid` serve a request (what the capture program does on a
 /// server read).
-fn set_serving(ebpf: &mut Ebpf, tid: u32, ctx: TraceContext, open: u32) {
+fn set_serving(ebpf: &mut Ebpf, tid: u32, ctx: TraceContext, open: u32, later_reads: u32) {
     let mut map: BpfHashMap<_, u32, Serving> =
         BpfHashMap::try_from(ebpf.map_mut(names::SERVING).unwrap()).unwrap();
     let value = Serving {
         ctx,
         conn_id: 77,
         open,
-        _reserved: 0,
+        later_reads,
+        read_ns: 0,
     };
     map.insert(tid, value, 0).unwrap();
 }
@@ -606,7 +607,7 @@ fn serving_thread_lends_its_trace() {
     let server_span: [u8; 8] = *b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7";
 
     // One server request open on the thread: its trace, its span as parent.
-    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 1);
+    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 1, 0);
     let sent = client.request(dir.path(), "GET", "/child", &[], None);
     let ids = assert_injected(&server.next(), &sent);
     assert_eq!(ids.0, trace);
@@ -619,15 +620,48 @@ fn serving_thread_lends_its_trace() {
         ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
     );
 
-    // Two open: no parent is guessed (a new connection: only the first
-    // request of one is injected).
+    // Two open, and the thread read another connection since the latest:
+    // no parent is guessed (a new connection: only the first request of one
+    // is injected; the thread's state is set before it connects, which
+    // `fathom_connect_parent` records).
+    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 2, 1);
     client.reconnect(server.port, &injection, 1);
-    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 2);
     let sent = client.request(dir.path(), "GET", "/orphan", &[], None);
     let ids = assert_injected(&server.next(), &sent);
     assert_ne!(ids.0, trace);
     assert_context(&ebpf, client.tid, ids, [0; 8], ctx_flags::CLIENT_INJECTED);
     assert_eq!(inject_counters(&ebpf), [2, 0, 0, 0, 2, 0, 2]);
+
+    // Two open, nothing read since the latest (an event loop's handler
+    // calling out from the callback that read its request): that one is
+    // the parent, counted as a guess.
+    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 2, 0);
+    client.reconnect(server.port, &injection, 1);
+    let sent = client.request(dir.path(), "GET", "/guessed", &[], None);
+    let ids = assert_injected(&server.next(), &sent);
+    assert_eq!(ids.0, trace);
+    let parented = ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT;
+    assert_context(&ebpf, client.tid, ids, server_span, parented);
+
+    // A connection opened while the thread served one request, whose first
+    // request is written once the thread has moved on (several open, other
+    // reads since): the parent is the one of the connect.
+    set_serving(&mut ebpf, client.tid, server_ctx(trace, server_span), 1, 0);
+    client.reconnect(server.port, &injection, 1);
+    set_serving(&mut ebpf, client.tid, server_ctx([7; 16], [8; 8]), 3, 2);
+    let sent = client.request(dir.path(), "GET", "/connected", &[], None);
+    let ids = assert_injected(&server.next(), &sent);
+    assert_eq!(ids.0, trace);
+    assert_context(&ebpf, client.tid, ids, server_span, parented);
+    assert_eq!(
+        [
+            HttpCounter::ParentThread,
+            HttpCounter::ParentGuessed,
+            HttpCounter::ParentMissed,
+        ]
+        .map(|c| counter(&ebpf, c)),
+        [2, 1, 1]
+    );
     client.cmd(json!({"op": "exit"}));
 }
 
@@ -692,7 +726,7 @@ fn forwarded_traceparent_gets_this_hops_parent() {
         flags: ctx_flags::SERVER | ctx_flags::REMOTE_PARENT,
         _reserved: [0; 7],
     };
-    set_serving(&mut ebpf, client.tid, serving, 1);
+    set_serving(&mut ebpf, client.tid, serving, 1, 0);
     let forwarded = format!("00-{}-{}-00", hex(&trace), hex(&upstream));
 
     // A proxy forwarding the header it got: the parent id becomes this

@@ -28,8 +28,9 @@ use std::{
 };
 
 use fathom_tests::{
-    ChildGuard, KernelTest, ROTEL_AGENT, Rotel, RotelSpan, chain::read_response, free_port,
-    start_traces_agent, workspace_root,
+    ChildGuard, KernelTest, ROTEL_AGENT, Rotel, RotelSpan,
+    chain::{go_build, read_response},
+    free_port, start_traces_agent, workspace_root,
 };
 
 const TOOLS: &[&str] = &["node", "python3", ROTEL_AGENT];
@@ -97,16 +98,19 @@ fn path_of(s: &RotelSpan) -> Option<String> {
     )
 }
 
-/// For each front path `/r{i}`: whether its five spans form one trace of
-/// parent links (Node SERVER → Node CLIENT → Python SERVER → Python CLIENT
-/// → leaf SERVER).
-fn complete_traces(
-    spans: &[RotelSpan],
-    node: u32,
-    middle: u32,
-    leaf: u32,
-    paths: &[String],
-) -> (usize, Vec<String>) {
+/// The services of a chain in order (front, middle, leaf), and the paths
+/// the middle and the leaf see for a front path.
+struct Chain<'a> {
+    names: [&'a str; 3],
+    pids: [u32; 3],
+    middle_path: fn(&str) -> String,
+    leaf_path: fn(&str) -> String,
+}
+
+/// For each front path: whether its five spans form one trace of parent
+/// links (front SERVER → front CLIENT → middle SERVER → middle CLIENT →
+/// leaf SERVER).
+fn complete_traces(spans: &[RotelSpan], chain: &Chain, paths: &[String]) -> (usize, Vec<String>) {
     let of = |pid: u32, kind: &str| -> Vec<&RotelSpan> {
         spans
             .iter()
@@ -115,7 +119,9 @@ fn complete_traces(
     };
     const SERVER: &str = "SPAN_KIND_SERVER";
     const CLIENT: &str = "SPAN_KIND_CLIENT";
-    let (node_server, node_client) = (of(node, SERVER), of(node, CLIENT));
+    let [front, middle, leaf] = chain.pids;
+    let [front_name, mid_name, leaf_name] = chain.names;
+    let (front_server, front_client) = (of(front, SERVER), of(front, CLIENT));
     let (mid_server, mid_client) = (of(middle, SERVER), of(middle, CLIENT));
     let leaf_server = of(leaf, SERVER);
     fn child_of<'a>(parent: &RotelSpan, among: &[&'a RotelSpan]) -> Option<&'a RotelSpan> {
@@ -129,34 +135,34 @@ fn complete_traces(
     let mut complete = 0;
     let mut broken = Vec::new();
     for path in paths {
-        let Some(front) = node_server
+        let Some(top) = front_server
             .iter()
             .find(|s| path_of(s).as_deref() == Some(path.as_str()))
         else {
-            broken.push(format!("{path}: no Node server span"));
+            broken.push(format!("{path}: no {front_name} server span"));
             continue;
         };
-        let chain = child_of(front, &node_client)
+        let found = child_of(top, &front_client)
             .and_then(|c| child_of(c, &mid_server).map(|s| (c, s)))
             .and_then(|(c, s)| child_of(s, &mid_client).map(|m| (c, s, m)))
             .and_then(|(c, s, m)| child_of(m, &leaf_server).map(|l| (c, s, m, l)));
-        match chain {
+        match found {
             Some((_, s, _, l))
-                if path_of(s).as_deref() == Some(&format!("/mid{path}"))
-                    && path_of(l).as_deref() == Some(&format!("/leaf/mid{path}")) =>
+                if path_of(s).as_deref() == Some(&(chain.middle_path)(path))
+                    && path_of(l).as_deref() == Some(&(chain.leaf_path)(path)) =>
             {
                 complete += 1
             }
             Some(_) => broken.push(format!("{path}: linked to another request's spans")),
             None => {
                 // Where the chain breaks, for the message.
-                let mut at = "Node CLIENT";
-                if let Some(c) = child_of(front, &node_client) {
-                    at = "Python SERVER";
+                let mut at = format!("{front_name} CLIENT");
+                if let Some(c) = child_of(top, &front_client) {
+                    at = format!("{mid_name} SERVER");
                     if let Some(s) = child_of(c, &mid_server) {
-                        at = "Python CLIENT";
+                        at = format!("{mid_name} CLIENT");
                         if child_of(s, &mid_client).is_some() {
-                            at = "leaf SERVER";
+                            at = format!("{leaf_name} SERVER");
                         }
                     }
                 }
@@ -165,6 +171,73 @@ fn complete_traces(
         }
     }
     (complete, broken)
+}
+
+/// Sends each client's paths in order over its own keep-alive connection
+/// to `port`, the clients at once (one thread each); checks every reply.
+fn drive(port: u16, clients: &[Vec<String>], reply: &[u8]) {
+    std::thread::scope(|scope| {
+        for paths in clients {
+            scope.spawn(move || {
+                let stream = TcpStream::connect(local(port)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut reader = BufReader::new(&stream);
+                for path in paths {
+                    (&stream)
+                        .write_all(format!("GET {path} HTTP/1.1\r\nHost: front\r\n\r\n").as_bytes())
+                        .unwrap();
+                    let response = read_response(&mut reader, false).unwrap();
+                    assert_eq!(response.status, 200, "{path}");
+                    assert_eq!(response.body, reply, "the chain's reply changed");
+                }
+            });
+        }
+    });
+}
+
+/// Waits until every path formed a complete trace (or 20 s passed); prints
+/// and returns the number complete and what broke.
+fn measure(rotel: &Rotel, chain: &Chain, label: &str, paths: &[String]) -> (usize, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (complete, broken) = loop {
+        let spans = rotel.spans();
+        let (complete, broken) = complete_traces(&spans, chain, paths);
+        if complete == paths.len() || Instant::now() >= deadline {
+            break (complete, broken);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "{label}: {complete} of {} requests gave one complete trace ({:.1}%)",
+        paths.len(),
+        100.0 * complete as f64 / paths.len() as f64
+    );
+    if !broken.is_empty() {
+        println!("  broken: {broken:?}");
+    }
+    (complete, broken)
+}
+
+/// The agent's last counts of how client requests got their parent.
+fn parent_rules(log: &str) -> String {
+    let Some(line) = log.lines().rev().find(|l| l.contains("parent_goroutine=")) else {
+        return "no stats line".into();
+    };
+    [
+        "parent_goroutine",
+        "parent_thread",
+        "parent_guessed",
+        "parent_missed",
+    ]
+    .iter()
+    .filter_map(|k| {
+        let at = line.find(&format!("{k}="))?;
+        Some(line[at..].split_whitespace().next()?.to_string())
+    })
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 #[test]
@@ -199,40 +272,124 @@ fn pooled_keep_alive_chain_gives_one_trace_per_request() {
 
     // One keep-alive connection from the test, sequential requests: every
     // hop reuses its one pooled connection for all of them.
-    let stream = TcpStream::connect(local(node.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut reader = BufReader::new(&stream);
     let paths: Vec<String> = (0..REQUESTS).map(|i| format!("/r{i}")).collect();
-    for path in &paths {
-        (&stream)
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: node\r\n\r\n").as_bytes())
-            .unwrap();
-        let response = read_response(&mut reader, false).unwrap();
-        assert_eq!(response.status, 200);
-        assert_eq!(response.body, b"node>py>leaf", "the chain's reply changed");
-    }
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (complete, broken) = loop {
-        let spans = rotel.spans();
-        let (complete, broken) =
-            complete_traces(&spans, node.pid(), middle.pid(), leaf.pid(), &paths);
-        if complete == paths.len() || Instant::now() >= deadline {
-            break (complete, broken);
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    drive(node.port, std::slice::from_ref(&paths), b"node>py>leaf");
+    let chain = Chain {
+        names: ["Node", "Python", "leaf"],
+        pids: [node.pid(), middle.pid(), leaf.pid()],
+        middle_path: |p| format!("/mid{p}"),
+        leaf_path: |p| format!("/leaf/mid{p}"),
     };
-    println!(
-        "pooled chain, sequential: {complete} of {} requests gave one complete trace \
-         ({:.1}%)",
-        paths.len(),
-        100.0 * complete as f64 / paths.len() as f64
-    );
+    let (complete, broken) = measure(&rotel, &chain, "pooled chain, sequential", &paths);
     assert!(
         complete * 100 >= paths.len() * 95,
         "{complete} of {} complete traces; broken: {broken:#?}",
         paths.len()
+    );
+}
+
+/// Issue 20's chain: uninstrumented Go, Node and Python services whose
+/// clients reuse their connections,
+///
+/// ```text
+/// test clients ──▶ go_middle (one shared http.Client) ──▶ node_middle.js
+///              (http.Agent keepAlive, no socket bound) ──▶ python_service.py leaf
+/// ```
+///
+/// driven sequentially, then by concurrent clients. Go writes each request
+/// from its transport's write-loop goroutine, on any thread, and half the
+/// front paths (`/g…`) call out from a goroutine the handler starts: only
+/// the goroutine probes give those their parent. Node serves the
+/// concurrent requests on one thread.
+#[test]
+fn go_node_python_chain_gives_one_trace_per_request() {
+    const NAME: &str = "go_node_python_chain_gives_one_trace_per_request";
+    let Some(kernel) = KernelTest::with_tools(NAME, &["node", "python3", "go", ROTEL_AGENT])
+        .map(KernelTest::agent)
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rotel = Rotel::start(
+        kernel.path(ROTEL_AGENT),
+        local(free_port()),
+        local(free_port()),
+        dir.path(),
+    );
+    let go_middle = go_build(
+        &workspace_root().join("tests/fixtures/pooled/go_middle.go"),
+        "go_middle",
+        false,
+    );
+    let leaf = Service::start("python3", &[fixture("python_service.py"), "leaf".into()]);
+    let node = Service::start(
+        "node",
+        &[fixture("node_middle.js"), leaf.port.to_string(), "0".into()],
+    );
+    let go = Service::start(go_middle.to_str().unwrap(), &[node.port.to_string()]);
+    let agent = start_traces_agent(&rotel, dir.path());
+    agent.wait_for_log("Go goroutine context attached", Duration::from_secs(10));
+    let chain = Chain {
+        names: ["Go", "Node", "Python leaf"],
+        pids: [go.pid(), node.pid(), leaf.pid()],
+        middle_path: |p| format!("/mid{p}"),
+        leaf_path: |p| format!("/mid/mid{p}"),
+    };
+    let reply = b"go>node>leaf";
+
+    // Sequential: one keep-alive connection, every hop reusing its pool.
+    let sequential: Vec<String> = (0..REQUESTS)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("/s{i}")
+            } else {
+                format!("/gs{i}")
+            }
+        })
+        .collect();
+    drive(go.port, std::slice::from_ref(&sequential), reply);
+    let (seq_complete, seq_broken) = measure(
+        &rotel,
+        &chain,
+        "Go > Node > Python, sequential",
+        &sequential,
+    );
+
+    // Concurrent: CLIENTS connections at once.
+    const CLIENTS: usize = 8;
+    const EACH: usize = 25;
+    let clients: Vec<Vec<String>> = (0..CLIENTS)
+        .map(|c| {
+            (0..EACH)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        format!("/c{c}-{i}")
+                    } else {
+                        format!("/gc{c}-{i}")
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    drive(go.port, &clients, reply);
+    let concurrent: Vec<String> = clients.concat();
+    let (con_complete, con_broken) = measure(
+        &rotel,
+        &chain,
+        &format!("Go > Node > Python, {CLIENTS} concurrent clients"),
+        &concurrent,
+    );
+    agent.signal("TERM");
+    let (_, log) = agent.finish(Duration::from_secs(20));
+    println!("parent rules: {}", parent_rules(&log));
+    assert!(
+        seq_complete * 100 >= sequential.len() * 95,
+        "sequential: {seq_complete} of {} complete traces; broken: {seq_broken:#?}",
+        sequential.len()
+    );
+    assert!(
+        con_complete * 100 >= concurrent.len() * 95,
+        "concurrent: {con_complete} of {} complete traces; broken: {con_broken:#?}",
+        concurrent.len()
     );
 }
