@@ -279,6 +279,140 @@ fn go_pprof_fetches_the_merged_profile_of_a_service() {
     );
 }
 
+/// A process profiled for 30 s and delivered as three 10 s profiles, each
+/// landing in an aggregation window of its own: the profile `/api/profile`
+/// merges from the three windows covers all 30 s in `go tool pprof`
+/// (`Duration: 30s, Total samples = 27s (90.00%)` for 27 s of CPU), not one
+/// window's 10 s (which read 270%). Pushed as the agent does (connect
+/// `push.v1`, pprof with its own times) and as legacy clients do (`/ingest`,
+/// collapsed stacks with `from`/`until`).
+#[test]
+fn a_merged_profile_covers_the_time_of_every_window_it_merges() {
+    use common::{CpuProfile, Frame};
+    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+    use prost::Message as _;
+    const TEST: &str = "a_merged_profile_covers_the_time_of_every_window_it_merges";
+    if require_tool(TEST, "go").is_none() {
+        return;
+    }
+    let run = Running::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let http = reqwest::blocking::Client::new();
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Three consecutive 10 s profiles of one process, ending 10 s ago.
+    let t0 = now - 40;
+    let cpu_samples = [900i64, 800, 1000]; // at 100 Hz: 9 s, 8 s, 10 s
+    for (i, &n) in cpu_samples.iter().enumerate() {
+        let start = t0 + 10 * i as u64;
+        let frame = |address: u64, function: &str| Frame {
+            address,
+            function: function.into(),
+            system_name: function.into(),
+            file: "worker.go".into(),
+            line: 10,
+        };
+        let mut p = CpuProfile {
+            frequency_hz: 100,
+            duration: Duration::from_secs(10),
+            mapping_file: "/usr/bin/worker".into(),
+            build_id: "b1".into(),
+            memory_start: 0x400000,
+            memory_limit: 0x500000,
+            frames: vec![frame(0x401000, "main.spin"), frame(0x402000, "main.main")],
+            samples: vec![(vec![0, 1], n)],
+        }
+        .build();
+        p.time_nanos = (start * 1_000_000_000) as i64;
+        let mut gz = Vec::new();
+        {
+            use std::io::Write as _;
+            let mut w = flate2::write::GzEncoder::new(&mut gz, flate2::Compression::default());
+            w.write_all(&::pprof::protos::Message::encode_to_vec(&p))
+                .unwrap();
+            w.finish().unwrap();
+        }
+        let label = |name: &str, value: &str| LabelPair {
+            name: name.into(),
+            value: value.into(),
+        };
+        let push = PushRequest {
+            series: vec![RawProfileSeries {
+                labels: vec![
+                    label("__name__", "process_cpu"),
+                    label("service_name", "worker"),
+                ],
+                samples: vec![RawSample {
+                    raw_profile: gz,
+                    id: format!("00000000-0000-4000-8000-00000000000{i}"),
+                }],
+            }],
+        };
+        let r = http
+            .post(format!("{}/push.v1.PusherService/Push", run.base))
+            .header("content-type", "application/proto")
+            .body(push.encode_to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+        // The same process through the legacy endpoint, as collapsed stacks.
+        let r = http
+            .post(format!(
+                "{}/ingest?name=legacy.cpu&from={start}&until={}&sampleRate=100",
+                run.base,
+                start + 10
+            ))
+            .body(format!("main.main;main.spin {n}\n"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+        // The next push in the next window (1 s here).
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    for service in ["worker", "legacy"] {
+        let top = run.wait_json(&format!("/ui/api/top?service={service}&type=cpu"), |v| {
+            v["total"].as_i64() == Some(27_000_000_000)
+        });
+        assert_eq!(top["windows"], 3, "{service}: {top}");
+        let url = format!("{}/api/profile?service={service}", run.base);
+        let out = Command::new("go")
+            .args(["tool", "pprof", "-top", "-symbolize=none", &url])
+            .env("HOME", tmp.path())
+            .env("PPROF_TMPDIR", tmp.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let duration = stdout
+            .lines()
+            .find(|l| l.starts_with("Duration:"))
+            .unwrap_or_else(|| panic!("no Duration in {stdout}"));
+        println!("{service}: {duration}");
+        assert_eq!(
+            duration, "Duration: 30s, Total samples = 27s (90.00%)",
+            "{service}: {stdout}"
+        );
+        // `-raw` prints the profile's own duration field.
+        let out = Command::new("go")
+            .args(["tool", "pprof", "-raw", "-symbolize=none", &url])
+            .env("HOME", tmp.path())
+            .env("PPROF_TMPDIR", tmp.path())
+            .output()
+            .unwrap();
+        let raw = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            raw.lines().any(|l| l == "Duration: 30s"),
+            "{service}: {raw}"
+        );
+    }
+}
+
 /// A hand-made CPU profile: `(stack root first, samples)`.
 fn cpu_profile(stacks: &[(&[&str], i64)]) -> Profile {
     let mut p = Profile {
