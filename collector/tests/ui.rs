@@ -121,12 +121,17 @@ impl Running {
     }
 
     fn put_profile(&self, labels: &[(&str, &str)], profile: Profile) {
+        self.put_profile_at(labels, profile, SystemTime::now());
+    }
+
+    /// [`Running::put_profile`] as received at `received` (its window).
+    fn put_profile_at(&self, labels: &[(&str, &str)], profile: Profile, received: SystemTime) {
         self.collector()
             .ingest()
             .profile(RawProfile {
                 labels: SeriesLabels::new(labels.iter().copied()).unwrap(),
                 profile,
-                received: SystemTime::now(),
+                received,
             })
             .unwrap();
     }
@@ -1314,6 +1319,127 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "trace_total": "600 ms",
     });
     run_browser(&script, &run.base, "data", &expect, &shots);
+}
+
+/// The Profiles view's diff of two time ranges, in headless Chromium, on
+/// two real CPU profiles of one Go program (`cpuprofile.go`: the first
+/// mostly in `hotLoop`, the second mostly in `warmLoop`) stored 10 and 2
+/// minutes ago: with A and B set to a range around each, the page's totals
+/// are each profile's CPU time, its diff tree holds each loop's CPU time in
+/// A and in B as the profiles have it (summed from the files here), the
+/// tooltip says so, and the loop whose share shrank is green, the one whose
+/// share grew red.
+#[test]
+fn browser_diff_of_two_ranges_shows_what_grew_and_shrank() {
+    const TEST: &str = "browser_diff_of_two_ranges_shows_what_grew_and_shrank";
+    let chromium = fathom_test_support::require_found(
+        TEST,
+        "chromium",
+        Some(PathBuf::from("/usr/bin/chromium")),
+    );
+    let (Some(_), Some(_), Some(_)) = (
+        chromium,
+        require_tool(TEST, "node"),
+        require_tool(TEST, "go"),
+    ) else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    browser_deps(&dir);
+    let shots = target_dir().join("ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = go_cpu_profiles(tmp.path());
+    let pa = pprof::decode(&std::fs::read(&a).unwrap()).unwrap();
+    let pb = pprof::decode(&std::fs::read(&b).unwrap()).unwrap();
+    const LOOPS: [&str; 2] = ["main.hotLoop", "main.warmLoop"];
+    // Total CPU time, and each loop's (a sample counts for a function once,
+    // wherever the function is on its stack).
+    let cpu = |p: &Profile| -> (i64, [i64; 2]) {
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let vi = p
+            .sample_type
+            .iter()
+            .position(|vt| s(vt.r#type) == "cpu")
+            .unwrap();
+        let name_of = |loc_id: u64| -> Vec<&str> {
+            let loc = p.location.iter().find(|l| l.id == loc_id).unwrap();
+            loc.line
+                .iter()
+                .map(|line| {
+                    let f = p
+                        .function
+                        .iter()
+                        .find(|f| f.id == line.function_id)
+                        .unwrap();
+                    s(f.name)
+                })
+                .collect()
+        };
+        let mut total = 0;
+        let mut loops = [0i64; 2];
+        for sample in &p.sample {
+            let v = sample.value[vi];
+            total += v;
+            let names: Vec<&str> = sample
+                .location_id
+                .iter()
+                .flat_map(|&l| name_of(l))
+                .collect();
+            for (i, f) in LOOPS.iter().enumerate() {
+                if names.contains(f) {
+                    loops[i] += v;
+                }
+            }
+        }
+        (total, loops)
+    };
+    let (total_a, loops_a) = cpu(&pa);
+    let (total_b, loops_b) = cpu(&pb);
+    println!("A: total {total_a} ns, loops {loops_a:?}; B: total {total_b} ns, loops {loops_b:?}");
+    // The programme's shares: hotLoop 70% then 25%, warmLoop 30% then 75%.
+    assert!(
+        loops_a[0] * total_b > loops_b[0] * total_a,
+        "hotLoop's share shrinks"
+    );
+    assert!(
+        loops_a[1] * total_b < loops_b[1] * total_a,
+        "warmLoop's share grows"
+    );
+
+    let run = Running::start();
+    let now = SystemTime::now();
+    let at_a = now - Duration::from_secs(600);
+    let at_b = now - Duration::from_secs(120);
+    let labels = [("__name__", "process_cpu"), ("service_name", "shop")];
+    run.put_profile_at(&labels, pa, at_a);
+    run.put_profile_at(&labels, pb, at_b);
+    run.wait_json("/ui/api/top?service=shop&range=15m&type=cpu", |v| {
+        v["total"].as_i64() == Some(total_a + total_b) && v["windows"] == 2
+    });
+    let ms = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let minute = Duration::from_secs(60);
+    let expect = serde_json::json!({
+        "selector": "{service_name=\"shop\"}",
+        "a_from": ms(at_a - minute),
+        "a_until": ms(at_a + minute),
+        "b_from": ms(at_b - minute),
+        "b_until": ms(at_b + minute),
+        "total_a": total_a,
+        "total_b": total_b,
+        "loops": {
+            LOOPS[0]: [loops_a[0], loops_b[0]],
+            LOOPS[1]: [loops_a[1], loops_b[1]],
+        },
+        "shrank": LOOPS[0],
+        "grew": LOOPS[1],
+    });
+    run_browser(&dir.join("ui.mjs"), &run.base, "diff", &expect, &shots);
 }
 
 /// A push of one `process_cpu` profile of `service`.

@@ -1,5 +1,5 @@
 // Drives the collector's UI in headless Chromium (run by
-// collector/tests/ui.rs: BASE, PHASE = empty | data, EXPECT (JSON), SHOTS,
+// collector/tests/ui.rs: BASE, PHASE = empty | data | diff, EXPECT (JSON), SHOTS,
 // CHROMIUM). Every check compares what the page shows with what the test
 // sent; a failed check exits 1.
 import { chromium } from "playwright-core";
@@ -63,6 +63,56 @@ try {
       }
       await p.context().close();
     }
+  } else if (PHASE === "diff") {
+    // Two ranges, one real profile in each (ui.rs sets EXPECT from the files).
+    console.log("profiles: diff of two ranges");
+    const p = await page();
+    await open(p, "?view=profiles&p.range=15m&p.q=" + encodeURIComponent(EXPECT.selector));
+    await p.waitForSelector('#flame[data-state="ok"]');
+    await p.click("#p-diff");
+    await p.waitForSelector("#p-diff-controls", { state: "visible" });
+    for (const [id, ms] of [["#p-a-from", EXPECT.a_from], ["#p-a-until", EXPECT.a_until],
+      ["#p-b-from", EXPECT.b_from], ["#p-b-until", EXPECT.b_until]]) {
+      await p.fill(id, await p.evaluate((m) => toLocalInput(m), ms));
+      await p.dispatchEvent(id, "change");
+    }
+    // What the page must say, in its own units.
+    const ns = (v) => p.evaluate((x) => fmtUnit(x, "nanoseconds"), v);
+    const want = `A: ${await ns(EXPECT.total_a)} · B: ${await ns(EXPECT.total_b)}`;
+    await p.waitForFunction((w) => document.querySelector("#p-total").textContent.startsWith(w), want, { timeout: 10000 }).catch(() => {});
+    await settle(p);
+    check((await text(p, "#p-total")).startsWith(want), `diff totals: ${want}`, await text(p, "#p-total"));
+    // The page's diff tree: each loop's time in A and in B (outermost
+    // occurrences summed).
+    const sums = await p.evaluate((names) => {
+      const out = {};
+      const walk = (n, inside) => {
+        const hit = names.includes(n.name) && !inside.has(n.name);
+        if (hit) { const o = (out[n.name] ||= [0, 0, 0]); o[0] += n.a; o[1] += n.b; o[2] += 1; }
+        const next = hit ? new Set([...inside, n.name]) : inside;
+        for (const c of n.children) walk(c, next);
+      };
+      walk(flame.root, new Set());
+      return out;
+    }, Object.keys(EXPECT.loops));
+    for (const [name, [a, b]] of Object.entries(EXPECT.loops)) {
+      const got = sums[name] || [0, 0, 0];
+      check(got[0] === a && got[1] === b, `${name}: A ${a} ns, B ${b} ns in the diff`, got);
+      if (got[2] === 1) {
+        await p.locator(`#flame .fg-node[data-name="${name}"]`).first().hover();
+        const tip = await p.locator("#fg-tip").innerText();
+        const line = (side, v, total) => p.evaluate(([s, x, t]) => `${s}: ${fmtUnit(x, "nanoseconds")} (${pct(x, t)})`, [side, v, total]);
+        const wantTip = [name, await line("A", a, EXPECT.total_a), await line("B", b, EXPECT.total_b)].join("\n");
+        check(tip === wantTip, `${name}: tooltip ${JSON.stringify(wantTip)}`, tip);
+      }
+    }
+    const rgb = (name) => p.locator(`#flame .fg-node[data-name="${name}"]`).first().evaluate((n) => getComputedStyle(n).backgroundColor.match(/\d+/g).map(Number));
+    const [sr, sg] = await rgb(EXPECT.shrank);
+    const [gr, gg] = await rgb(EXPECT.grew);
+    check(sg > sr + 20, `${EXPECT.shrank} (smaller share in B) is green`, [sr, sg]);
+    check(gr > gg + 40, `${EXPECT.grew} (larger share in B) is red`, [gr, gg]);
+    await shot(p, "profiles-diff-ranges");
+    await p.context().close();
   } else {
     // ---------------- profiles ----------------
     console.log("profiles view");
