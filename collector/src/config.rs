@@ -99,7 +99,7 @@ pub struct QueueConfig {
     pub max_request_bytes: usize,
     /// Bound of everything waiting in the ingest queues, in encoded (wire)
     /// bytes; decoded it takes about 4× that in memory. Beyond it clients are
-    /// told to retry (429/RESOURCE_EXHAUSTED).
+    /// told to retry (429, gRPC `UNAVAILABLE` with `RetryInfo`).
     pub max_queued_bytes: usize,
 }
 

@@ -32,6 +32,7 @@ use opentelemetry::{
 };
 use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use prost::Message as _;
+use tonic_types::StatusExt as _;
 
 mod common;
 
@@ -439,8 +440,8 @@ fn malformed_input_is_refused_with_the_reason() {
 /// A request over `max_request_bytes` is refused in its protocol's own error
 /// format and counted as invalid: OTLP gRPC (tonic's client, traces and
 /// metrics, plain and gzip that only decompresses over the limit) gets
-/// `RESOURCE_EXHAUSTED` naming the limit, as grpc-go servers answer; the
-/// legacy `/ingest` a plain-text 413 naming it, the shape of its 400s.
+/// `RESOURCE_EXHAUSTED` naming the limit, as grpc-go servers answer, and no
+/// `RetryInfo` (not retried); the legacy `/ingest` a plain-text 413 naming it, the shape of its 400s.
 #[test]
 fn oversize_requests_are_refused_in_the_protocols_format_and_counted() {
     use fathom_collector::proto::otlp::{
@@ -513,6 +514,12 @@ fn oversize_requests_are_refused_in_the_protocols_format_and_counted() {
         );
         assert!(
             status.message().contains("1048576"),
+            "{signal} gzip={gzip}: {status:?}"
+        );
+        // Not retryable: OTLP clients retry RESOURCE_EXHAUSTED only with a
+        // RetryInfo detail (the queue-full answer's).
+        assert!(
+            status.details().is_empty() && status.get_details_retry_info().is_none(),
             "{signal} gzip={gzip}: {status:?}"
         );
     }
@@ -744,9 +751,22 @@ fn full_queues_push_back_to_clients_and_nothing_accepted_is_lost() {
             .export(one_span_request(vec![99; 16]))
             .await
             .unwrap_err()
-            .code()
     });
-    assert_eq!(grpc, tonic::Code::ResourceExhausted);
+    // OTLP/gRPC throttling: UNAVAILABLE with a RetryInfo detail (in
+    // grpc-status-details-bin), which OTLP clients retry after its delay.
+    eprintln!(
+        "full queue over gRPC: {:?} {:?}, retry info {:?}",
+        grpc.code(),
+        grpc.message(),
+        grpc.get_details_retry_info()
+    );
+    assert_eq!(grpc.code(), tonic::Code::Unavailable, "{grpc:?}");
+    assert!(grpc.message().contains("queue is full"), "{grpc:?}");
+    assert_eq!(
+        grpc.get_details_retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1)),
+        "{grpc:?}"
+    );
     let accepted = codes.iter().filter(|&&c| c == 200).count() as u64;
     assert_eq!(collector.stats().spans.accepted.get(), accepted);
     assert_eq!(

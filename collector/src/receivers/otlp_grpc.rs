@@ -4,7 +4,7 @@
 //! a broken gzip stream) is `INVALID_ARGUMENT`, one over `max_request_bytes`
 //! `RESOURCE_EXHAUSTED`, both counted as invalid, like any other malformed
 //! request (tonic's codec itself answers `INTERNAL` and `OUT_OF_RANGE`).
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::http::{HeaderValue, Response as HttpResponse};
 
@@ -21,8 +21,10 @@ use opentelemetry_proto::tonic::collector::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    Request, Response, Status, codec::CompressionEncoding, service::interceptor::InterceptedService,
+    Code, Request, Response, Status, codec::CompressionEncoding,
+    service::interceptor::InterceptedService,
 };
+use tonic_types::{ErrorDetails, StatusExt};
 
 use super::{auth::BearerAuth, tls::TlsMaterial, validate_traces};
 use crate::{
@@ -47,8 +49,8 @@ const TRACES_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 /// - a gzip message over the limit once decompressed is already
 ///   `RESOURCE_EXHAUSTED` (`Error decompressing: size limit, …`).
 ///
-/// Our own handlers never answer `INTERNAL` or `OUT_OF_RANGE`, and their
-/// `RESOURCE_EXHAUSTED` (a full queue) has a message of its own.
+/// Our own handlers never answer `INTERNAL`, `OUT_OF_RANGE` or
+/// `RESOURCE_EXHAUSTED` (a full queue is `UNAVAILABLE`, [`ingest_status`]).
 pub fn codec_errors_as_otlp_statuses<B>(
     stats: &Stats,
     path: &str,
@@ -103,11 +105,25 @@ fn percent_decode(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Back-pressure as gRPC status: a full queue is `RESOURCE_EXHAUSTED` (OTLP
-/// clients retry it with backoff), shutting down is `UNAVAILABLE`.
+/// How long a client refused by a full queue is told to wait
+/// (`RetryInfo.retry_delay`; `Retry-After: 1` on OTLP HTTP).
+pub const FULL_QUEUE_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Back-pressure as gRPC status, as the OTLP specification's "OTLP/gRPC
+/// Throttling" asks: a full queue is `UNAVAILABLE` with a `RetryInfo` detail
+/// ([`FULL_QUEUE_RETRY_DELAY`]): OTLP clients retry `UNAVAILABLE`, and the
+/// OpenTelemetry exporters (opentelemetry-otlp, grpc-go's) wait the
+/// `RetryInfo` delay first. `RESOURCE_EXHAUSTED` stays the
+/// answer to a message over the size limit: without `RetryInfo`, OTLP clients
+/// do not retry it. Shutting down is `UNAVAILABLE` without a delay (retried
+/// with the client's backoff, perhaps on another replica).
 pub fn ingest_status(e: IngestError) -> Status {
     match e {
-        IngestError::Full(_) => Status::resource_exhausted(e.to_string()),
+        IngestError::Full(_) => Status::with_error_details(
+            Code::Unavailable,
+            e.to_string(),
+            ErrorDetails::with_retry_info(Some(FULL_QUEUE_RETRY_DELAY)),
+        ),
         IngestError::ShuttingDown => Status::unavailable(e.to_string()),
     }
 }
