@@ -1185,13 +1185,14 @@ fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Valu
 
 /// Headless Chromium drives the three views (playwright-core): onboarding
 /// on the empty store, then profiles (flame graph labels and units after
-/// zoom and search, table, top-down, label chips, timeline brush, diff,
-/// download), traces (search by service, operation, tags, durations,
-/// errors; counts, paging, sorting; trace id box; waterfall ruler,
-/// collapsing, right-edge durations, event attributes; 400s), span and
-/// trace → flame graph links (only the span-labelled samples; an honest
-/// empty state) and metrics (history, units, service filter), light and
-/// dark. Screenshots go to
+/// zoom and search, table, top-down, label chips and their ×, timeline
+/// brush, diff, download), traces (search by service, operation, tags, min
+/// and max durations, errors; counts, paging, sorting; trace id box;
+/// waterfall ruler, collapsing one span and all, right-edge durations,
+/// event attributes; 400s), span and trace → flame graph links (only the
+/// span-labelled samples; an honest empty state) and metrics (history,
+/// units, service filter), light and dark (no near-white panel or area on
+/// the profiles, traces and metrics views). Screenshots go to
 /// `<target>/ui-screenshots`.
 #[test]
 fn browser_drives_profiles_traces_and_metrics_views() {
@@ -1299,6 +1300,7 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "traces_frontend": 30,
         "traces_errors": 6,
         "traces_min_120ms": durations.iter().filter(|d| **d >= 120).count(),
+        "traces_max_110ms": durations.iter().filter(|d| **d <= 110).map(|d| format!("{d} ms")).collect::<Vec<_>>(),
         "longest": format!("{} ms", durations.iter().max().unwrap()),
         "error_trace": format!("{}{:016x}", "ab".repeat(8), 1),
         "short_span": "6.5 ms",
