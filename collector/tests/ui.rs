@@ -1154,6 +1154,85 @@ fn metric_history_survives_a_restart() {
     drop(dir);
 }
 
+/// The `fathom-collector` binary on a store of its own, every listener on a
+/// free port of 127.0.0.1, started until it logs its UI line.
+struct Standalone {
+    child: std::process::Child,
+    /// The start-up lines up to and with the UI's (`UI at …`).
+    log: Vec<String>,
+    ui_line: String,
+}
+
+impl Standalone {
+    fn start(store: &Path) -> Self {
+        use std::io::BufRead as _;
+        let any = "127.0.0.1:0";
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fathom-collector"))
+            .args(["--otlp-grpc-listen", any, "--otlp-http-listen", any])
+            .args(["--http-listen", any, "--store-path"])
+            .arg(store)
+            .env("FATHOM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads (and echoes) the log to the end, so the pipe never fills.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("  collector: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut log = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("UI at ") => {
+                    log.push(line.clone());
+                    return Self {
+                        child,
+                        log,
+                        ui_line: line,
+                    };
+                }
+                Ok(line) => log.push(line),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("no `UI at` line from fathom-collector ({e}): {log:#?}");
+                }
+            }
+        }
+    }
+
+    /// The port of `listener` in the `collector listening` line
+    /// (`otlp_grpc=Some(127.0.0.1:PORT)`).
+    fn port(&self, listener: &str) -> u16 {
+        let key = format!("{listener}=Some(127.0.0.1:");
+        self.log
+            .iter()
+            .find(|l| l.contains("collector listening"))
+            .and_then(|l| l.split(&key).nth(1))
+            .and_then(|r| r.split(')').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no {listener} port in {:#?}", self.log))
+    }
+
+    /// SIGTERM; it must stop cleanly.
+    fn stop(mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "fathom-collector exited {status}");
+    }
+}
+
 /// `npm ci` in `collector/tests/browser` when its `node_modules` is missing
 /// (scripts/setup runs it too).
 fn browser_deps(dir: &Path) {
@@ -1184,7 +1263,9 @@ fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Valu
 }
 
 /// Headless Chromium drives the three views (playwright-core): onboarding
-/// on the empty store, then profiles (flame graph labels and units after
+/// on the standalone collector's empty store (its start-up line names the
+/// UI and the store; the onboarding the bound ports and the store), then
+/// profiles (flame graph labels and units after
 /// zoom and search, table, top-down, label chips and their ×, timeline
 /// brush, diff, download), traces (search by service, operation, tags, min
 /// and max durations, errors; counts, paging, sorting; trace id box;
@@ -1212,14 +1293,41 @@ fn browser_drives_profiles_traces_and_metrics_views() {
     let shots = target_dir().join("ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
 
+    // 1. The standalone collector on an empty store: its start-up log
+    // names the UI's address and the store, the UI's onboarding the bound
+    // ports and the store.
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store/collector.redb");
+        let standalone = Standalone::start(&store);
+        let line = standalone.ui_line.clone();
+        eprintln!("start-up: {line}");
+        let url = line
+            .split("UI at ")
+            .nth(1)
+            .and_then(|r| r.split([',', ' ']).next())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            url.starts_with("http://127.0.0.1:") && url.ends_with('/'),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("store {}", store.display())),
+            "the start-up line names the store {}: {line}",
+            store.display()
+        );
+        let (grpc, http) = (standalone.port("otlp_grpc"), standalone.port("otlp_http"));
+        let expect = serde_json::json!({
+            "otlp_grpc_port": grpc,
+            "otlp_http_port": http,
+            "store_path": store.display().to_string(),
+        });
+        run_browser(&script, url.trim_end_matches('/'), "empty", &expect, &shots);
+        standalone.stop();
+    }
+
     let run = Running::start();
-    // 1. The empty store: onboarding names the bound ports.
-    let addrs = run.collector().addrs();
-    let expect = serde_json::json!({
-        "otlp_grpc_port": addrs.otlp_grpc.unwrap().port(),
-        "otlp_http_port": addrs.otlp_http.unwrap().port(),
-    });
-    run_browser(&script, &run.base, "empty", &expect, &shots);
 
     // 2. Data: profiles of two pods (pod api-1 only runs `compress`), 30
     // traces, metrics at four times over the last 3 minutes.

@@ -111,6 +111,7 @@ try {
       check(box.includes(":" + EXPECT.otlp_grpc_port) && box.includes(":" + EXPECT.otlp_http_port),
         `${view}: onboarding names the OTLP ports ${EXPECT.otlp_grpc_port}/${EXPECT.otlp_http_port}`);
       check(box.includes("/ingest") || box.includes("v1/"), `${view}: onboarding says what to send`);
+      check(box.includes(`Store: ${EXPECT.store_path},`), `${view}: onboarding names the store ${EXPECT.store_path}`, box.slice(-200));
       if (view === "profiles") {
         const dl = await p.locator("#p-download").getAttribute("href");
         check(dl === null, "no Download pprof link without a profile", dl);
