@@ -46,8 +46,8 @@ pub struct CollectorConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
-    /// OTLP gRPC (TraceService, MetricsService) and Pyroscope's
-    /// `push.v1.PusherService` over gRPC.
+    /// OTLP gRPC (TraceService, MetricsService). Pyroscope's push
+    /// (`push.v1.PusherService`, connect protocol) is on `http`.
     pub otlp_grpc: Option<SocketAddr>,
     /// OTLP HTTP: `/v1/traces`, `/v1/metrics` (protobuf or JSON).
     pub otlp_http: Option<SocketAddr>,
@@ -99,7 +99,7 @@ pub struct QueueConfig {
     pub max_request_bytes: usize,
     /// Bound of everything waiting in the ingest queues, in encoded (wire)
     /// bytes; decoded it takes about 4× that in memory. Beyond it clients are
-    /// told to retry (429/RESOURCE_EXHAUSTED).
+    /// told to retry (429, gRPC `UNAVAILABLE` with `RetryInfo`).
     pub max_queued_bytes: usize,
 }
 

@@ -311,7 +311,8 @@ impl Collector {
             let url = http_url(http, config.tls.is_some());
             if config.store_enabled() {
                 tracing::info!(
-                    "UI at {url} (Grafana data sources: Pyroscope and Jaeger, URL {url}); send profiles to {url}push.v1.PusherService/Push or {url}ingest, OTLP to {url}v1/traces, or to the OTLP ports"
+                    "UI at {url}, store {} (Grafana data sources: Pyroscope and Jaeger, URL {url}); send profiles to {url}push.v1.PusherService/Push or {url}ingest, OTLP to {url}v1/traces, or to the OTLP ports",
+                    config.store.path.display()
                 );
             } else {
                 tracing::info!(

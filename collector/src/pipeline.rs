@@ -2,7 +2,7 @@
 //! fan-out from there to every sink (store, exporters).
 //!
 //! Back-pressure: receivers only `try_send`; a full queue is reported to the
-//! client (`RESOURCE_EXHAUSTED` / HTTP 429) so it retries later, nothing is
+//! client (gRPC `UNAVAILABLE` with `RetryInfo` / HTTP 429) so it retries later, nothing is
 //! dropped silently. Sinks are awaited in turn, so a slow sink fills the queues
 //! and pushes back the same way; exporters keep their own byte-bounded retry
 //! buffers, so an exporter that is down does not stall the others.

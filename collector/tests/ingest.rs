@@ -32,6 +32,7 @@ use opentelemetry::{
 };
 use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use prost::Message as _;
+use tonic_types::StatusExt as _;
 
 mod common;
 
@@ -436,6 +437,139 @@ fn malformed_input_is_refused_with_the_reason() {
     assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
 }
 
+/// A request over `max_request_bytes` is refused in its protocol's own error
+/// format and counted as invalid: OTLP gRPC (tonic's client, traces and
+/// metrics, plain and gzip that only decompresses over the limit) gets
+/// `RESOURCE_EXHAUSTED` naming the limit, as grpc-go servers answer, and no
+/// `RetryInfo` (not retried); the legacy `/ingest` a plain-text 413 naming it, the shape of its 400s.
+#[test]
+fn oversize_requests_are_refused_in_the_protocols_format_and_counted() {
+    use fathom_collector::proto::otlp::{
+        collector::metrics::v1::{
+            ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient,
+        },
+        metrics::v1::{Metric, ResourceMetrics, ScopeMetrics},
+    };
+    let rt = runtime();
+    let mut c = config();
+    c.queues.max_request_bytes = 1 << 20;
+    let collector = rt
+        .block_on(Collector::start_with_sinks(
+            c,
+            vec![Tap::default().sink(&rt)],
+        ))
+        .unwrap();
+    let addrs = collector.addrs();
+    let big_name = "a".repeat(2 << 20);
+    let mut big_span = one_span_request(vec![7; 16]);
+    big_span.resource_spans[0].scope_spans[0].spans[0].name = big_name.clone();
+    let big_metric = ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: big_name.clone(),
+                    ..Metric::default()
+                }],
+                ..ScopeMetrics::default()
+            }],
+            ..ResourceMetrics::default()
+        }],
+    };
+    let grpc = format!("http://{}", addrs.otlp_grpc.unwrap());
+    let statuses = rt.block_on(async {
+        let mut out = Vec::new();
+        for gzip in [false, true] {
+            let mut traces = TraceServiceClient::connect(grpc.clone()).await.unwrap();
+            let mut metrics = MetricsServiceClient::connect(grpc.clone()).await.unwrap();
+            if gzip {
+                traces = traces.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                metrics = metrics.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+            }
+            out.push((
+                "traces",
+                gzip,
+                traces.export(big_span.clone()).await.unwrap_err(),
+            ));
+            out.push((
+                "metrics",
+                gzip,
+                metrics.export(big_metric.clone()).await.unwrap_err(),
+            ));
+        }
+        // A request under the limit still goes through on the same port.
+        let mut traces = TraceServiceClient::connect(grpc.clone()).await.unwrap();
+        traces.export(one_span_request(vec![8; 16])).await.unwrap();
+        out
+    });
+    for (signal, gzip, status) in &statuses {
+        eprintln!(
+            "{signal} gzip={gzip}: {:?} {:?}",
+            status.code(),
+            status.message()
+        );
+        assert_eq!(
+            status.code(),
+            tonic::Code::ResourceExhausted,
+            "{signal} gzip={gzip}: {status:?}"
+        );
+        assert!(
+            status.message().contains("1048576"),
+            "{signal} gzip={gzip}: {status:?}"
+        );
+        // Not retryable: OTLP clients retry RESOURCE_EXHAUSTED only with a
+        // RetryInfo detail (the queue-full answer's).
+        assert!(
+            status.details().is_empty() && status.get_details_retry_info().is_none(),
+            "{signal} gzip={gzip}: {status:?}"
+        );
+    }
+    let stats = collector.stats();
+    assert_eq!(stats.spans.invalid_requests.get(), 2);
+    assert_eq!(stats.metrics.invalid_requests.get(), 2);
+    assert_eq!(stats.spans.accepted.get(), 1);
+
+    // /ingest: 413 in the plain text its 400s use, naming the limit.
+    let http = reqwest::blocking::Client::new();
+    let ingest = |query: &str, body: Vec<u8>| {
+        let r = http
+            .post(format!("http://{}/ingest?{query}", addrs.http.unwrap()))
+            .body(body)
+            .send()
+            .unwrap();
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        (r.status().as_u16(), ct, r.text().unwrap())
+    };
+    let (status, ct_400, text_400) = ingest("format=folded", b"a;b 1\n".to_vec());
+    assert_eq!(status, 400, "{text_400}");
+    let mut folded = Vec::new();
+    while folded.len() <= 2 << 20 {
+        folded.extend_from_slice(b"main;work;spin 1\n");
+    }
+    let (status, ct, text) = ingest("name=app.cpu&format=folded", folded);
+    eprintln!("/ingest: {status} {ct} {text:?}");
+    assert_eq!(status, 413, "{text}");
+    assert_eq!(ct, ct_400);
+    assert!(ct.starts_with("text/plain"), "{ct}");
+    assert_eq!(
+        text,
+        "request body larger than 1048576 bytes (queues.max_request_bytes)\n"
+    );
+    assert!(
+        text_400.ends_with('\n') && !text_400.starts_with('{'),
+        "{text_400}"
+    );
+    assert_eq!(stats.profiles.invalid_requests.get(), 2);
+    let metrics = reqwest::blocking::get(format!("http://{}/metrics", addrs.http.unwrap()))
+        .unwrap()
+        .text()
+        .unwrap();
+    for (signal, n) in [("profiles", 2), ("spans", 2), ("metrics", 2)] {
+        let line = format!("fathom_collector_requests_invalid_total{{signal=\"{signal}\"}} {n}");
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}
+
 /// One `process_cpu{service_name="api"}` series with one sample.
 fn api_series(raw_profile: Vec<u8>, id: &str) -> RawProfileSeries {
     RawProfileSeries {
@@ -617,9 +751,22 @@ fn full_queues_push_back_to_clients_and_nothing_accepted_is_lost() {
             .export(one_span_request(vec![99; 16]))
             .await
             .unwrap_err()
-            .code()
     });
-    assert_eq!(grpc, tonic::Code::ResourceExhausted);
+    // OTLP/gRPC throttling: UNAVAILABLE with a RetryInfo detail (in
+    // grpc-status-details-bin), which OTLP clients retry after its delay.
+    eprintln!(
+        "full queue over gRPC: {:?} {:?}, retry info {:?}",
+        grpc.code(),
+        grpc.message(),
+        grpc.get_details_retry_info()
+    );
+    assert_eq!(grpc.code(), tonic::Code::Unavailable, "{grpc:?}");
+    assert!(grpc.message().contains("queue is full"), "{grpc:?}");
+    assert_eq!(
+        grpc.get_details_retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1)),
+        "{grpc:?}"
+    );
     let accepted = codes.iter().filter(|&&c| c == 200).count() as u64;
     assert_eq!(collector.stats().spans.accepted.get(), accepted);
     assert_eq!(

@@ -121,12 +121,17 @@ impl Running {
     }
 
     fn put_profile(&self, labels: &[(&str, &str)], profile: Profile) {
+        self.put_profile_at(labels, profile, SystemTime::now());
+    }
+
+    /// [`Running::put_profile`] as received at `received` (its window).
+    fn put_profile_at(&self, labels: &[(&str, &str)], profile: Profile, received: SystemTime) {
         self.collector()
             .ingest()
             .profile(RawProfile {
                 labels: SeriesLabels::new(labels.iter().copied()).unwrap(),
                 profile,
-                received: SystemTime::now(),
+                received,
             })
             .unwrap();
     }
@@ -277,6 +282,140 @@ fn go_pprof_fetches_the_merged_profile_of_a_service() {
         raw.contains("main.hotLoop") && raw.contains("samples/count"),
         "{raw}"
     );
+}
+
+/// A process profiled for 30 s and delivered as three 10 s profiles, each
+/// landing in an aggregation window of its own: the profile `/api/profile`
+/// merges from the three windows covers all 30 s in `go tool pprof`
+/// (`Duration: 30s, Total samples = 27s (90.00%)` for 27 s of CPU), not one
+/// window's 10 s (which read 270%). Pushed as the agent does (connect
+/// `push.v1`, pprof with its own times) and as legacy clients do (`/ingest`,
+/// collapsed stacks with `from`/`until`).
+#[test]
+fn a_merged_profile_covers_the_time_of_every_window_it_merges() {
+    use common::{CpuProfile, Frame};
+    use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+    use prost::Message as _;
+    const TEST: &str = "a_merged_profile_covers_the_time_of_every_window_it_merges";
+    if require_tool(TEST, "go").is_none() {
+        return;
+    }
+    let run = Running::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let http = reqwest::blocking::Client::new();
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Three consecutive 10 s profiles of one process, ending 10 s ago.
+    let t0 = now - 40;
+    let cpu_samples = [900i64, 800, 1000]; // at 100 Hz: 9 s, 8 s, 10 s
+    for (i, &n) in cpu_samples.iter().enumerate() {
+        let start = t0 + 10 * i as u64;
+        let frame = |address: u64, function: &str| Frame {
+            address,
+            function: function.into(),
+            system_name: function.into(),
+            file: "worker.go".into(),
+            line: 10,
+        };
+        let mut p = CpuProfile {
+            frequency_hz: 100,
+            duration: Duration::from_secs(10),
+            mapping_file: "/usr/bin/worker".into(),
+            build_id: "b1".into(),
+            memory_start: 0x400000,
+            memory_limit: 0x500000,
+            frames: vec![frame(0x401000, "main.spin"), frame(0x402000, "main.main")],
+            samples: vec![(vec![0, 1], n)],
+        }
+        .build();
+        p.time_nanos = (start * 1_000_000_000) as i64;
+        let mut gz = Vec::new();
+        {
+            use std::io::Write as _;
+            let mut w = flate2::write::GzEncoder::new(&mut gz, flate2::Compression::default());
+            w.write_all(&::pprof::protos::Message::encode_to_vec(&p))
+                .unwrap();
+            w.finish().unwrap();
+        }
+        let label = |name: &str, value: &str| LabelPair {
+            name: name.into(),
+            value: value.into(),
+        };
+        let push = PushRequest {
+            series: vec![RawProfileSeries {
+                labels: vec![
+                    label("__name__", "process_cpu"),
+                    label("service_name", "worker"),
+                ],
+                samples: vec![RawSample {
+                    raw_profile: gz,
+                    id: format!("00000000-0000-4000-8000-00000000000{i}"),
+                }],
+            }],
+        };
+        let r = http
+            .post(format!("{}/push.v1.PusherService/Push", run.base))
+            .header("content-type", "application/proto")
+            .body(push.encode_to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+        // The same process through the legacy endpoint, as collapsed stacks.
+        let r = http
+            .post(format!(
+                "{}/ingest?name=legacy.cpu&from={start}&until={}&sampleRate=100",
+                run.base,
+                start + 10
+            ))
+            .body(format!("main.main;main.spin {n}\n"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+        // The next push in the next window (1 s here).
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    for service in ["worker", "legacy"] {
+        let top = run.wait_json(&format!("/ui/api/top?service={service}&type=cpu"), |v| {
+            v["total"].as_i64() == Some(27_000_000_000)
+        });
+        assert_eq!(top["windows"], 3, "{service}: {top}");
+        let url = format!("{}/api/profile?service={service}", run.base);
+        let out = Command::new("go")
+            .args(["tool", "pprof", "-top", "-symbolize=none", &url])
+            .env("HOME", tmp.path())
+            .env("PPROF_TMPDIR", tmp.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let duration = stdout
+            .lines()
+            .find(|l| l.starts_with("Duration:"))
+            .unwrap_or_else(|| panic!("no Duration in {stdout}"));
+        println!("{service}: {duration}");
+        assert_eq!(
+            duration, "Duration: 30s, Total samples = 27s (90.00%)",
+            "{service}: {stdout}"
+        );
+        // `-raw` prints the profile's own duration field.
+        let out = Command::new("go")
+            .args(["tool", "pprof", "-raw", "-symbolize=none", &url])
+            .env("HOME", tmp.path())
+            .env("PPROF_TMPDIR", tmp.path())
+            .output()
+            .unwrap();
+        let raw = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            raw.lines().any(|l| l == "Duration: 30s"),
+            "{service}: {raw}"
+        );
+    }
 }
 
 /// A hand-made CPU profile: `(stack root first, samples)`.
@@ -1015,6 +1154,85 @@ fn metric_history_survives_a_restart() {
     drop(dir);
 }
 
+/// The `fathom-collector` binary on a store of its own, every listener on a
+/// free port of 127.0.0.1, started until it logs its UI line.
+struct Standalone {
+    child: std::process::Child,
+    /// The start-up lines up to and with the UI's (`UI at …`).
+    log: Vec<String>,
+    ui_line: String,
+}
+
+impl Standalone {
+    fn start(store: &Path) -> Self {
+        use std::io::BufRead as _;
+        let any = "127.0.0.1:0";
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fathom-collector"))
+            .args(["--otlp-grpc-listen", any, "--otlp-http-listen", any])
+            .args(["--http-listen", any, "--store-path"])
+            .arg(store)
+            .env("FATHOM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads (and echoes) the log to the end, so the pipe never fills.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("  collector: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut log = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("UI at ") => {
+                    log.push(line.clone());
+                    return Self {
+                        child,
+                        log,
+                        ui_line: line,
+                    };
+                }
+                Ok(line) => log.push(line),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("no `UI at` line from fathom-collector ({e}): {log:#?}");
+                }
+            }
+        }
+    }
+
+    /// The port of `listener` in the `collector listening` line
+    /// (`otlp_grpc=Some(127.0.0.1:PORT)`).
+    fn port(&self, listener: &str) -> u16 {
+        let key = format!("{listener}=Some(127.0.0.1:");
+        self.log
+            .iter()
+            .find(|l| l.contains("collector listening"))
+            .and_then(|l| l.split(&key).nth(1))
+            .and_then(|r| r.split(')').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no {listener} port in {:#?}", self.log))
+    }
+
+    /// SIGTERM; it must stop cleanly.
+    fn stop(mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "fathom-collector exited {status}");
+    }
+}
+
 /// `npm ci` in `collector/tests/browser` when its `node_modules` is missing
 /// (scripts/setup runs it too).
 fn browser_deps(dir: &Path) {
@@ -1045,14 +1263,17 @@ fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Valu
 }
 
 /// Headless Chromium drives the three views (playwright-core): onboarding
-/// on the empty store, then profiles (flame graph labels and units after
-/// zoom and search, table, top-down, label chips, timeline brush, diff,
-/// download), traces (search by service, operation, tags, durations,
-/// errors; counts, paging, sorting; trace id box; waterfall ruler,
-/// collapsing, right-edge durations, event attributes; 400s), span and
-/// trace → flame graph links (only the span-labelled samples; an honest
-/// empty state) and metrics (history, units, service filter), light and
-/// dark. Screenshots go to
+/// on the standalone collector's empty store (its start-up line names the
+/// UI and the store; the onboarding the bound ports and the store), then
+/// profiles (flame graph labels and units after
+/// zoom and search, table, top-down, label chips and their ×, timeline
+/// brush, diff, download), traces (search by service, operation, tags, min
+/// and max durations, errors; counts, paging, sorting; trace id box;
+/// waterfall ruler, collapsing one span and all, right-edge durations,
+/// event attributes; 400s), span and trace → flame graph links (only the
+/// span-labelled samples; an honest empty state) and metrics (history,
+/// units, service filter), light and dark (no near-white panel or area on
+/// the profiles, traces and metrics views). Screenshots go to
 /// `<target>/ui-screenshots`.
 #[test]
 fn browser_drives_profiles_traces_and_metrics_views() {
@@ -1072,14 +1293,41 @@ fn browser_drives_profiles_traces_and_metrics_views() {
     let shots = target_dir().join("ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
 
+    // 1. The standalone collector on an empty store: its start-up log
+    // names the UI's address and the store, the UI's onboarding the bound
+    // ports and the store.
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store/collector.redb");
+        let standalone = Standalone::start(&store);
+        let line = standalone.ui_line.clone();
+        eprintln!("start-up: {line}");
+        let url = line
+            .split("UI at ")
+            .nth(1)
+            .and_then(|r| r.split([',', ' ']).next())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            url.starts_with("http://127.0.0.1:") && url.ends_with('/'),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("store {}", store.display())),
+            "the start-up line names the store {}: {line}",
+            store.display()
+        );
+        let (grpc, http) = (standalone.port("otlp_grpc"), standalone.port("otlp_http"));
+        let expect = serde_json::json!({
+            "otlp_grpc_port": grpc,
+            "otlp_http_port": http,
+            "store_path": store.display().to_string(),
+        });
+        run_browser(&script, url.trim_end_matches('/'), "empty", &expect, &shots);
+        standalone.stop();
+    }
+
     let run = Running::start();
-    // 1. The empty store: onboarding names the bound ports.
-    let addrs = run.collector().addrs();
-    let expect = serde_json::json!({
-        "otlp_grpc_port": addrs.otlp_grpc.unwrap().port(),
-        "otlp_http_port": addrs.otlp_http.unwrap().port(),
-    });
-    run_browser(&script, &run.base, "empty", &expect, &shots);
 
     // 2. Data: profiles of two pods (pod api-1 only runs `compress`), 30
     // traces, metrics at four times over the last 3 minutes.
@@ -1160,6 +1408,7 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "traces_frontend": 30,
         "traces_errors": 6,
         "traces_min_120ms": durations.iter().filter(|d| **d >= 120).count(),
+        "traces_max_110ms": durations.iter().filter(|d| **d <= 110).map(|d| format!("{d} ms")).collect::<Vec<_>>(),
         "longest": format!("{} ms", durations.iter().max().unwrap()),
         "error_trace": format!("{}{:016x}", "ab".repeat(8), 1),
         "short_span": "6.5 ms",
@@ -1180,6 +1429,127 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "trace_total": "600 ms",
     });
     run_browser(&script, &run.base, "data", &expect, &shots);
+}
+
+/// The Profiles view's diff of two time ranges, in headless Chromium, on
+/// two real CPU profiles of one Go program (`cpuprofile.go`: the first
+/// mostly in `hotLoop`, the second mostly in `warmLoop`) stored 10 and 2
+/// minutes ago: with A and B set to a range around each, the page's totals
+/// are each profile's CPU time, its diff tree holds each loop's CPU time in
+/// A and in B as the profiles have it (summed from the files here), the
+/// tooltip says so, and the loop whose share shrank is green, the one whose
+/// share grew red.
+#[test]
+fn browser_diff_of_two_ranges_shows_what_grew_and_shrank() {
+    const TEST: &str = "browser_diff_of_two_ranges_shows_what_grew_and_shrank";
+    let chromium = fathom_test_support::require_found(
+        TEST,
+        "chromium",
+        Some(PathBuf::from("/usr/bin/chromium")),
+    );
+    let (Some(_), Some(_), Some(_)) = (
+        chromium,
+        require_tool(TEST, "node"),
+        require_tool(TEST, "go"),
+    ) else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    browser_deps(&dir);
+    let shots = target_dir().join("ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = go_cpu_profiles(tmp.path());
+    let pa = pprof::decode(&std::fs::read(&a).unwrap()).unwrap();
+    let pb = pprof::decode(&std::fs::read(&b).unwrap()).unwrap();
+    const LOOPS: [&str; 2] = ["main.hotLoop", "main.warmLoop"];
+    // Total CPU time, and each loop's (a sample counts for a function once,
+    // wherever the function is on its stack).
+    let cpu = |p: &Profile| -> (i64, [i64; 2]) {
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let vi = p
+            .sample_type
+            .iter()
+            .position(|vt| s(vt.r#type) == "cpu")
+            .unwrap();
+        let name_of = |loc_id: u64| -> Vec<&str> {
+            let loc = p.location.iter().find(|l| l.id == loc_id).unwrap();
+            loc.line
+                .iter()
+                .map(|line| {
+                    let f = p
+                        .function
+                        .iter()
+                        .find(|f| f.id == line.function_id)
+                        .unwrap();
+                    s(f.name)
+                })
+                .collect()
+        };
+        let mut total = 0;
+        let mut loops = [0i64; 2];
+        for sample in &p.sample {
+            let v = sample.value[vi];
+            total += v;
+            let names: Vec<&str> = sample
+                .location_id
+                .iter()
+                .flat_map(|&l| name_of(l))
+                .collect();
+            for (i, f) in LOOPS.iter().enumerate() {
+                if names.contains(f) {
+                    loops[i] += v;
+                }
+            }
+        }
+        (total, loops)
+    };
+    let (total_a, loops_a) = cpu(&pa);
+    let (total_b, loops_b) = cpu(&pb);
+    println!("A: total {total_a} ns, loops {loops_a:?}; B: total {total_b} ns, loops {loops_b:?}");
+    // The programme's shares: hotLoop 70% then 25%, warmLoop 30% then 75%.
+    assert!(
+        loops_a[0] * total_b > loops_b[0] * total_a,
+        "hotLoop's share shrinks"
+    );
+    assert!(
+        loops_a[1] * total_b < loops_b[1] * total_a,
+        "warmLoop's share grows"
+    );
+
+    let run = Running::start();
+    let now = SystemTime::now();
+    let at_a = now - Duration::from_secs(600);
+    let at_b = now - Duration::from_secs(120);
+    let labels = [("__name__", "process_cpu"), ("service_name", "shop")];
+    run.put_profile_at(&labels, pa, at_a);
+    run.put_profile_at(&labels, pb, at_b);
+    run.wait_json("/ui/api/top?service=shop&range=15m&type=cpu", |v| {
+        v["total"].as_i64() == Some(total_a + total_b) && v["windows"] == 2
+    });
+    let ms = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let minute = Duration::from_secs(60);
+    let expect = serde_json::json!({
+        "selector": "{service_name=\"shop\"}",
+        "a_from": ms(at_a - minute),
+        "a_until": ms(at_a + minute),
+        "b_from": ms(at_b - minute),
+        "b_until": ms(at_b + minute),
+        "total_a": total_a,
+        "total_b": total_b,
+        "loops": {
+            LOOPS[0]: [loops_a[0], loops_b[0]],
+            LOOPS[1]: [loops_a[1], loops_b[1]],
+        },
+        "shrank": LOOPS[0],
+        "grew": LOOPS[1],
+    });
+    run_browser(&dir.join("ui.mjs"), &run.base, "diff", &expect, &shots);
 }
 
 /// A push of one `process_cpu` profile of `service`.

@@ -45,6 +45,7 @@ const DEFAULT_SAMPLE_RATE: u32 = 100;
 struct Ctx {
     ingest: Ingest,
     auth: BearerAuth,
+    max_bytes: usize,
 }
 
 pub fn router(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Router {
@@ -52,7 +53,11 @@ pub fn router(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Rou
         .route(INGEST_PATH, post(handle))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(axum::middleware::from_fn(crate::receivers::linger))
-        .with_state(Arc::new(Ctx { ingest, auth }))
+        .with_state(Arc::new(Ctx {
+            ingest,
+            auth,
+            max_bytes: max_request_bytes,
+        }))
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -487,6 +492,18 @@ async fn handle(
     }
     let body = match body {
         Ok(b) => b,
+        // Over `max_request_bytes`: 413, with the limit named (axum's own
+        // text does not say it).
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            stats.invalid_requests.inc();
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body larger than {} bytes (queues.max_request_bytes)",
+                    ctx.max_bytes
+                ),
+            );
+        }
         Err(rejection) => {
             stats.invalid_requests.inc();
             return text(rejection.status(), rejection.body_text());

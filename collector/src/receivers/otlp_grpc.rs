@@ -1,9 +1,10 @@
 //! OTLP gRPC receiver: `TraceService/Export` and `MetricsService/Export`
 //! (the opentelemetry-proto services on tonic), gzip accepted, bearer auth and
 //! TLS optional. A request that is not a decodable message (garbage protobuf,
-//! a broken gzip stream) is `INVALID_ARGUMENT` and counted as invalid, like
-//! any other malformed request (tonic's codec itself answers `INTERNAL`).
-use std::{net::SocketAddr, sync::Arc};
+//! a broken gzip stream) is `INVALID_ARGUMENT`, one over `max_request_bytes`
+//! `RESOURCE_EXHAUSTED`, both counted as invalid, like any other malformed
+//! request (tonic's codec itself answers `INTERNAL` and `OUT_OF_RANGE`).
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::http::{HeaderValue, Response as HttpResponse};
 
@@ -20,8 +21,10 @@ use opentelemetry_proto::tonic::collector::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    Request, Response, Status, codec::CompressionEncoding, service::interceptor::InterceptedService,
+    Code, Request, Response, Status, codec::CompressionEncoding,
+    service::interceptor::InterceptedService,
 };
+use tonic_types::{ErrorDetails, StatusExt};
 
 use super::{auth::BearerAuth, tls::TlsMaterial, validate_traces};
 use crate::{
@@ -31,33 +34,45 @@ use crate::{
 
 const TRACES_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-/// Turns the `INTERNAL` status tonic's codec gives an undecodable request
-/// (`failed to decode Protobuf message: …`, `Error decompressing: …`, sent
-/// trailers-only, in the response headers) into `INVALID_ARGUMENT` with the
-/// same message, and counts the request as invalid for its signal. Our own
-/// handlers never answer `INTERNAL`.
-pub fn decode_errors_are_invalid_argument<B>(
+/// Puts the statuses tonic's codec gives a request it cannot read into the
+/// codes OTLP clients expect, and counts the request as invalid for its
+/// signal (these statuses are sent trailers-only, in the response headers):
+///
+/// - an undecodable message (`failed to decode Protobuf message: …`, a broken
+///   gzip stream `Error decompressing: …`) is `INTERNAL` from tonic, and
+///   becomes `INVALID_ARGUMENT` with the same message;
+/// - a message over `max_request_bytes` (`Error, decoded message length too
+///   large: …`) is `OUT_OF_RANGE` from tonic, and becomes
+///   `RESOURCE_EXHAUSTED`, what grpc-go servers (the OpenTelemetry
+///   Collector's) answer a message over their limit; without `RetryInfo`,
+///   OTLP clients do not retry it;
+/// - a gzip message over the limit once decompressed is already
+///   `RESOURCE_EXHAUSTED` (`Error decompressing: size limit, …`).
+///
+/// Our own handlers never answer `INTERNAL`, `OUT_OF_RANGE` or
+/// `RESOURCE_EXHAUSTED` (a full queue is `UNAVAILABLE`, [`ingest_status`]).
+pub fn codec_errors_as_otlp_statuses<B>(
     stats: &Stats,
     path: &str,
     mut resp: HttpResponse<B>,
 ) -> HttpResponse<B> {
     let h = resp.headers();
-    let internal = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"13");
+    let status = h.get("grpc-status").map(HeaderValue::as_bytes);
     // grpc-message is percent-encoded on the wire (`failed%20to%20decode…`).
-    let decode = h.get("grpc-message").is_some_and(|m| {
-        let m = m.as_bytes();
-        [
-            b"failed%20to%20decode".as_slice(),
-            b"Error%20decompressing",
-            b"failed to decode",
-            b"Error decompressing",
-        ]
-        .iter()
-        .any(|p| m.starts_with(p))
-    });
-    if internal && decode {
+    let message = h
+        .get("grpc-message")
+        .map(|m| percent_decode(m.as_bytes()))
+        .unwrap_or_default();
+    let starts = |p: &str| message.starts_with(p.as_bytes());
+    let new_status = match status {
+        Some(b"13") if starts("failed to decode") || starts("Error decompressing") => Some("3"),
+        Some(b"11") if starts("Error, decoded message length too large") => Some("8"),
+        Some(b"8") if starts("Error decompressing: size limit") => Some("8"),
+        _ => None,
+    };
+    if let Some(new_status) = new_status {
         resp.headers_mut()
-            .insert("grpc-status", HeaderValue::from_static("3"));
+            .insert("grpc-status", HeaderValue::from_static(new_status));
         if path == TRACES_PATH {
             stats.spans.invalid_requests.inc();
         } else {
@@ -67,11 +82,48 @@ pub fn decode_errors_are_invalid_argument<B>(
     resp
 }
 
-/// Back-pressure as gRPC status: a full queue is `RESOURCE_EXHAUSTED` (OTLP
-/// clients retry it with backoff), shutting down is `UNAVAILABLE`.
+/// `%XX` escapes decoded (grpc-message's encoding); anything else as is.
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        let escaped = (s[i] == b'%')
+            .then(|| Some((hex(*s.get(i + 1)?)?, hex(*s.get(i + 2)?)?)))
+            .flatten();
+        match escaped {
+            Some((hi, lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            None => {
+                out.push(s[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// How long a client refused by a full queue is told to wait
+/// (`RetryInfo.retry_delay`; `Retry-After: 1` on OTLP HTTP).
+pub const FULL_QUEUE_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Back-pressure as gRPC status, as the OTLP specification's "OTLP/gRPC
+/// Throttling" asks: a full queue is `UNAVAILABLE` with a `RetryInfo` detail
+/// ([`FULL_QUEUE_RETRY_DELAY`]): OTLP clients retry `UNAVAILABLE`, and the
+/// OpenTelemetry exporters (opentelemetry-otlp, grpc-go's) wait the
+/// `RetryInfo` delay first. `RESOURCE_EXHAUSTED` stays the
+/// answer to a message over the size limit: without `RetryInfo`, OTLP clients
+/// do not retry it. Shutting down is `UNAVAILABLE` without a delay (retried
+/// with the client's backoff, perhaps on another replica).
 pub fn ingest_status(e: IngestError) -> Status {
     match e {
-        IngestError::Full(_) => Status::resource_exhausted(e.to_string()),
+        IngestError::Full(_) => Status::with_error_details(
+            Code::Unavailable,
+            e.to_string(),
+            ErrorDetails::with_retry_info(Some(FULL_QUEUE_RETRY_DELAY)),
+        ),
         IngestError::ShuttingDown => Status::unavailable(e.to_string()),
     }
 }
@@ -114,7 +166,7 @@ impl MetricsService for Otlp {
     }
 }
 
-/// The service wrapper applying [`decode_errors_are_invalid_argument`].
+/// The service wrapper applying [`codec_errors_as_otlp_statuses`].
 #[derive(Clone)]
 struct InvalidArgument<S> {
     inner: S,
@@ -145,7 +197,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(decode_errors_are_invalid_argument(&stats, &path, resp))
+            Ok(codec_errors_as_otlp_statuses(&stats, &path, resp))
         })
     }
 }

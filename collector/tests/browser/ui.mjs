@@ -1,5 +1,5 @@
 // Drives the collector's UI in headless Chromium (run by
-// collector/tests/ui.rs: BASE, PHASE = empty | data, EXPECT (JSON), SHOTS,
+// collector/tests/ui.rs: BASE, PHASE = empty | data | diff, EXPECT (JSON), SHOTS,
 // CHROMIUM). Every check compares what the page shows with what the test
 // sent; a failed check exits 1.
 import { chromium } from "playwright-core";
@@ -45,6 +45,61 @@ async function expectAttr(p, sel, attr, want, what) {
   check(got === String(want), what, got);
 }
 
+/// Dark mode has no white box: the panels named in `sels` have a dark
+/// background, and so has the whole page, seen at points 16 px apart (top
+/// to bottom, scrolling): at each, the colour of the topmost element (an
+/// SVG shape's fill, or the background of it or its nearest ancestor that
+/// has one) is near-white (every channel over 200) at under 1% of points.
+async function darkChecks(p, view, sels) {
+  const bgs = await p.evaluate((ss) => ss.map((s) => {
+    const n = document.querySelector(s);
+    return [s, n && n.checkVisibility() ? getComputedStyle(n).backgroundColor : "missing or hidden"];
+  }), sels);
+  // Opaque and dark (a transparent panel would show whatever is below).
+  const dark = (c) => { const v = (c.match(/[\d.]+/g) || []).map(Number); return v.length >= 3 && (v.length < 4 || v[3] === 1) && v[0] + v[1] + v[2] < 200; };
+  check(bgs.every(([, c]) => dark(c)), `${view} dark: ${sels.join(", ")} are dark`, bgs);
+  const seen = await p.evaluate(async () => {
+    const rgba = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+    const opaque = (v) => v.length >= 3 && (v.length < 4 || v[3] > 0.5);
+    const colourAt = (n) => {
+      for (; n && n.nodeType === 1; n = n.parentElement) {
+        const st = getComputedStyle(n);
+        if (n instanceof SVGElement && !(n instanceof SVGSVGElement) && st.fill !== "none" && Number(st.opacity) > 0.5) {
+          const f = rgba(st.fill);
+          if (opaque(f)) return [f, n];
+        }
+        const b = rgba(st.backgroundColor);
+        if (opaque(b)) return [b, n];
+      }
+      return [rgba(getComputedStyle(document.documentElement).backgroundColor), document.documentElement];
+    };
+    const name = (n) => n.tagName.toLowerCase() + (n.id ? "#" + n.id : "") + (typeof n.className === "string" && n.className ? "." + n.className.split(" ").join(".") : "");
+    let points = 0, light = 0;
+    const where = {};
+    const H = document.documentElement.scrollHeight;
+    for (let y0 = 0; y0 < H; y0 += innerHeight) {
+      scrollTo(0, y0);
+      await new Promise((r) => requestAnimationFrame(r));
+      for (let y = 8; y < innerHeight && y0 + y < H; y += 16) {
+        for (let x = 8; x < innerWidth; x += 16) {
+          const n = document.elementFromPoint(x, y);
+          if (!n) continue;
+          points++;
+          const [c, from] = colourAt(n);
+          if (c.length >= 3 && c[0] > 200 && c[1] > 200 && c[2] > 200) {
+            light++;
+            where[name(from)] = (where[name(from)] || 0) + 1;
+          }
+        }
+      }
+    }
+    scrollTo(0, 0);
+    return { points, light, where };
+  });
+  check(seen.points > 1000 && seen.light / seen.points < 0.01,
+    `${view} dark: near-white at ${seen.light} of ${seen.points} points`, seen);
+}
+
 try {
   if (PHASE === "empty") {
     console.log("empty store: onboarding");
@@ -56,6 +111,11 @@ try {
       check(box.includes(":" + EXPECT.otlp_grpc_port) && box.includes(":" + EXPECT.otlp_http_port),
         `${view}: onboarding names the OTLP ports ${EXPECT.otlp_grpc_port}/${EXPECT.otlp_http_port}`);
       check(box.includes("/ingest") || box.includes("v1/"), `${view}: onboarding says what to send`);
+      check(box.includes(`Store: ${EXPECT.store_path},`), `${view}: onboarding names the store ${EXPECT.store_path}`, box.slice(-200));
+      // The OTLP gRPC port serves TraceService and MetricsService only
+      // (push.v1 over gRPC is UNIMPLEMENTED there): it says no more.
+      const grpcItem = await p.locator(`#onboarding li:has-text(":${EXPECT.otlp_grpc_port}")`).innerText();
+      check(grpcItem.endsWith("OTLP gRPC (traces, metrics)"), `${view}: the OTLP gRPC port is for traces and metrics`, grpcItem);
       if (view === "profiles") {
         const dl = await p.locator("#p-download").getAttribute("href");
         check(dl === null, "no Download pprof link without a profile", dl);
@@ -63,6 +123,56 @@ try {
       }
       await p.context().close();
     }
+  } else if (PHASE === "diff") {
+    // Two ranges, one real profile in each (ui.rs sets EXPECT from the files).
+    console.log("profiles: diff of two ranges");
+    const p = await page();
+    await open(p, "?view=profiles&p.range=15m&p.q=" + encodeURIComponent(EXPECT.selector));
+    await p.waitForSelector('#flame[data-state="ok"]');
+    await p.click("#p-diff");
+    await p.waitForSelector("#p-diff-controls", { state: "visible" });
+    for (const [id, ms] of [["#p-a-from", EXPECT.a_from], ["#p-a-until", EXPECT.a_until],
+      ["#p-b-from", EXPECT.b_from], ["#p-b-until", EXPECT.b_until]]) {
+      await p.fill(id, await p.evaluate((m) => toLocalInput(m), ms));
+      await p.dispatchEvent(id, "change");
+    }
+    // What the page must say, in its own units.
+    const ns = (v) => p.evaluate((x) => fmtUnit(x, "nanoseconds"), v);
+    const want = `A: ${await ns(EXPECT.total_a)} · B: ${await ns(EXPECT.total_b)}`;
+    await p.waitForFunction((w) => document.querySelector("#p-total").textContent.startsWith(w), want, { timeout: 10000 }).catch(() => {});
+    await settle(p);
+    check((await text(p, "#p-total")).startsWith(want), `diff totals: ${want}`, await text(p, "#p-total"));
+    // The page's diff tree: each loop's time in A and in B (outermost
+    // occurrences summed).
+    const sums = await p.evaluate((names) => {
+      const out = {};
+      const walk = (n, inside) => {
+        const hit = names.includes(n.name) && !inside.has(n.name);
+        if (hit) { const o = (out[n.name] ||= [0, 0, 0]); o[0] += n.a; o[1] += n.b; o[2] += 1; }
+        const next = hit ? new Set([...inside, n.name]) : inside;
+        for (const c of n.children) walk(c, next);
+      };
+      walk(flame.root, new Set());
+      return out;
+    }, Object.keys(EXPECT.loops));
+    for (const [name, [a, b]] of Object.entries(EXPECT.loops)) {
+      const got = sums[name] || [0, 0, 0];
+      check(got[0] === a && got[1] === b, `${name}: A ${a} ns, B ${b} ns in the diff`, got);
+      if (got[2] === 1) {
+        await p.locator(`#flame .fg-node[data-name="${name}"]`).first().hover();
+        const tip = await p.locator("#fg-tip").innerText();
+        const line = (side, v, total) => p.evaluate(([s, x, t]) => `${s}: ${fmtUnit(x, "nanoseconds")} (${pct(x, t)})`, [side, v, total]);
+        const wantTip = [name, await line("A", a, EXPECT.total_a), await line("B", b, EXPECT.total_b)].join("\n");
+        check(tip === wantTip, `${name}: tooltip ${JSON.stringify(wantTip)}`, tip);
+      }
+    }
+    const rgb = (name) => p.locator(`#flame .fg-node[data-name="${name}"]`).first().evaluate((n) => getComputedStyle(n).backgroundColor.match(/\d+/g).map(Number));
+    const [sr, sg] = await rgb(EXPECT.shrank);
+    const [gr, gg] = await rgb(EXPECT.grew);
+    check(sg > sr + 20, `${EXPECT.shrank} (smaller share in B) is green`, [sr, sg]);
+    check(gr > gg + 40, `${EXPECT.grew} (larger share in B) is red`, [gr, gg]);
+    await shot(p, "profiles-diff-ranges");
+    await p.context().close();
   } else {
     // ---------------- profiles ----------------
     console.log("profiles view");
@@ -127,6 +237,16 @@ try {
     check(only.includes("zstd::compress") && !only.includes("api::parse_json"), "pod api-1: only its stacks", only);
     const dl = await p.locator("#p-download").getAttribute("href");
     check(dl && (await status(p, dl)) === 200, "Download pprof link answers 200", dl);
+    // The pod chip's ×: the filter goes, everything of api comes back.
+    await p.locator('#p-chips .chip[data-label="pod"] button').click();
+    await p.waitForFunction((t) => document.querySelector("#p-total").textContent.includes(t), EXPECT.total_all, { timeout: 5000 }).catch(() => {});
+    const chipsLeft = await p.locator("#p-chips .chip").evaluateAll((cs) => cs.map((c) => c.dataset.label));
+    const back = await p.locator("#flame .fg-node").evaluateAll((ns) => ns.map((n) => n.dataset.name));
+    check(JSON.stringify(chipsLeft) === JSON.stringify(["service_name"]) && (await p.locator("#p-query").inputValue()) === '{service_name="api"}',
+      "chip ×: pod filter removed, service_name left", [chipsLeft, await p.locator("#p-query").inputValue()]);
+    check((await text(p, "#p-total")).includes(EXPECT.total_all) && back.includes("api::parse_json") && back.includes("zstd::compress"),
+      `chip ×: both pods back (${EXPECT.total_all}, parse_json and compress)`, [await text(p, "#p-total"), back]);
+    check(!new URL(p.url()).searchParams.get("p.q").includes("api-1"), "chip ×: pod gone from the URL", new URL(p.url()).searchParams.get("p.q"));
     // A selector nothing matches: no link, no 404.
     await p.fill("#p-query", '{pod="nope"}');
     await p.press("#p-query", "Enter");
@@ -181,7 +301,10 @@ try {
     const want = `A ${EXPECT.selector_a}: ${EXPECT.total_api0} · B ${EXPECT.selector_b}: ${EXPECT.total_api1}`;
     await p.waitForFunction((w) => document.querySelector("#p-total").textContent.startsWith(w), want, { timeout: 5000 }).catch(() => {});
     check((await text(p, "#p-total")).startsWith(want), `label-set diff totals: ${want}`, await text(p, "#p-total"));
-    const hue = (name) => p.locator(`#flame .fg-node[data-name="${name}"]`).evaluate((n) => getComputedStyle(n).backgroundColor.match(/\d+/g).map(Number));
+    // The flame graph may still be redrawn once (both selectors' loads):
+    // let it settle before reading its nodes' colours.
+    await settle(p);
+    const hue = (name) => p.locator(`#flame .fg-node[data-name="${name}"]`).evaluate((n) => (getComputedStyle(n).backgroundColor.match(/\d+/g) || []).map(Number));
     const [cr, cg] = await hue("zstd::compress");
     const [pr, pg] = await hue("api::parse_json");
     check(cr > cg + 40, "zstd::compress (only in B) is red", [cr, cg]);
@@ -245,6 +368,19 @@ try {
     await settle(p);
     await expectAttr(p, "#t-count", "data-total", EXPECT.traces_min_120ms, `minDuration 120ms: ${EXPECT.traces_min_120ms}`);
     await p.fill("#t-min", "");
+    // Max duration: the traces over it go, those up to it stay.
+    await p.fill("#t-max", "110ms");
+    await p.click("#t-find");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_max_110ms.length, `maxDuration 110ms: ${EXPECT.traces_max_110ms.length}`);
+    const listed = (await p.locator("#t-results tbody tr td:nth-child(4)").allInnerTexts()).sort();
+    check(JSON.stringify(listed) === JSON.stringify([...EXPECT.traces_max_110ms].sort()) && !listed.includes(EXPECT.longest),
+      `maxDuration 110ms lists ${EXPECT.traces_max_110ms[0]} … ${EXPECT.traces_max_110ms.at(-1)}, not ${EXPECT.longest}`, listed);
+    check(new URL(p.url()).searchParams.get("t.max") === "110ms", "max duration in the URL");
+    await p.fill("#t-max", "");
+    await p.click("#t-find");
+    await settle(p);
+    await expectAttr(p, "#t-count", "data-total", EXPECT.traces_frontend, `max duration cleared: ${EXPECT.traces_frontend} again`);
     // Operation of another service.
     await p.selectOption("#t-service", "payment");
     await p.waitForFunction(() => [...document.querySelector("#t-operation").options].some((o) => o.value === "charge"));
@@ -278,6 +414,12 @@ try {
     check(await p.locator("#waterfall .wf-row").count() === 1, "collapsed root: 1 row");
     await p.click("#wf-expand");
     check(await p.locator("#waterfall .wf-row").count() === 3, "expanded: 3 rows");
+    // Collapse all: the children's rows go, the root says how many.
+    await p.click("#wf-collapse");
+    const collapsed = await p.locator("#waterfall .wf-row").evaluateAll((rs) => rs.map((r) => r.querySelector(".wf-label").textContent));
+    check(collapsed.length === 1 && collapsed[0].startsWith("▸") && collapsed[0].endsWith("(+2)"), "Collapse all: the root row only, ▸ … (+2)", collapsed);
+    await p.click("#wf-expand");
+    check(await p.locator("#waterfall .wf-row").count() === 3, "Expand all: 3 rows");
     // The error span's event attributes.
     await p.locator('#waterfall .wf-row:has-text("charge")').click();
     const detail = await text(p, "#span-detail");
@@ -295,6 +437,8 @@ try {
     p = await page("dark");
     await open(p, `?view=traces&t.service=frontend&trace=${EXPECT.error_trace}`);
     await p.waitForSelector('#waterfall[data-state="ok"]');
+    await p.locator('#waterfall .wf-row:has-text("charge")').click();
+    await darkChecks(p, "traces", ["body", "header", "#t-form", ".results .panel.scroll", "#t-results th", "#waterfall", ".wf-ruler", "#span-detail", "#t-service", "#t-min"]);
     await shot(p, "traces-dark");
     await p.context().close();
 
@@ -403,6 +547,8 @@ try {
     await p.context().close();
     p = await page("dark");
     await open(p, "?view=metrics&m.service=checkout");
+    await expectAttr(p, "#m-count", "data-count", 3, "metrics dark: checkout's 3 series");
+    await darkChecks(p, "metrics", ["body", "header", "#m-list .metric", "#m-service", "#m-name"]);
     await shot(p, "metrics-dark");
     await p.context().close();
   }
