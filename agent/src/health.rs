@@ -46,11 +46,18 @@ pub struct SignalStatus {
 
 /// Shared handle the daemon updates; cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Health(Arc<Mutex<(HealthState, Vec<SignalStatus>)>>);
+pub struct Health(
+    Arc<Mutex<(HealthState, Vec<SignalStatus>)>>,
+    /// Each signal's own `/metrics` lines (Prometheus text), by signal.
+    Arc<Mutex<std::collections::BTreeMap<&'static str, String>>>,
+);
 
 impl Default for Health {
     fn default() -> Self {
-        Self(Arc::new(Mutex::new((HealthState::Starting, Vec::new()))))
+        Self(
+            Arc::new(Mutex::new((HealthState::Starting, Vec::new()))),
+            Arc::default(),
+        )
     }
 }
 
@@ -81,6 +88,22 @@ impl Health {
 
     pub fn signals(&self) -> Vec<SignalStatus> {
         self.0.lock().map(|s| s.1.clone()).unwrap_or_default()
+    }
+
+    /// Replaces what `signal` adds to `/metrics` (Prometheus text lines,
+    /// each ending in a newline).
+    pub fn set_metrics(&self, signal: &'static str, text: String) {
+        if let Ok(mut m) = self.1.lock() {
+            m.insert(signal, text);
+        }
+    }
+
+    /// The signals' own `/metrics` lines.
+    pub fn metrics(&self) -> String {
+        self.1
+            .lock()
+            .map(|m| m.values().map(String::as_str).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -256,7 +279,10 @@ fn serve_one(mut stream: TcpStream, health: &Health) -> io::Result<()> {
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let (code, body) = respond_with(&head, &health.state(), &health.signals());
+    let (code, mut body) = respond_with(&head, &health.state(), &health.signals());
+    if code == 200 && body.starts_with("# HELP fathom_agent_signal_up") {
+        body.push_str(&health.metrics());
+    }
     let head_only = head.starts_with(b"HEAD ");
     let mut out = format!(
         "HTTP/1.1 {code} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",

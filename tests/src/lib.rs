@@ -739,10 +739,15 @@ pub fn print_rate_table(names: &[&str], rates: &[Vec<f64>], per: &str) {
 /// OTLP/gRPC to `rotel` every second, its store in `dir`; returns once it
 /// says the HTTP programs are attached.
 pub fn start_traces_agent(rotel: &Rotel, dir: &Path) -> Agent {
+    start_traces_agent_with(rotel, dir, &[])
+}
+
+/// [`start_traces_agent`] with more arguments.
+pub fn start_traces_agent_with(rotel: &Rotel, dir: &Path, extra: &[&str]) -> Agent {
     let http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
     let store = dir.join("store.redb");
     let endpoint = format!("http://{}", rotel.grpc);
-    let agent = Agent::spawn(&[
+    let args = [
         "--signals",
         "traces",
         "--interval",
@@ -759,7 +764,9 @@ pub fn start_traces_agent(rotel: &Rotel, dir: &Path) -> Agent {
         &endpoint,
         "--otlp-protocol",
         "grpc",
-    ]);
+    ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+    let agent = Agent::spawn(&args);
     agent.wait_for_log("http tracing attached", Duration::from_secs(60));
     agent
 }

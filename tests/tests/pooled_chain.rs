@@ -23,6 +23,7 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::TcpStream,
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -30,8 +31,21 @@ use std::{
 use fathom_tests::{
     ChildGuard, KernelTest, ROTEL_AGENT, Rotel, RotelSpan,
     chain::{go_build, read_response},
-    free_port, start_traces_agent, workspace_root,
+    free_port, start_traces_agent, start_traces_agent_with, workspace_root,
 };
+
+/// The body of `GET path` from `addr` (HTTP/1.0, connection closed).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or(out)
+}
 
 const TOOLS: &[&str] = &["node", "python3", ROTEL_AGENT];
 /// Sequential requests through the chain.
@@ -327,7 +341,12 @@ fn go_node_python_chain_gives_one_trace_per_request() {
         &[fixture("node_middle.js"), leaf.port.to_string(), "0".into()],
     );
     let go = Service::start(go_middle.to_str().unwrap(), &[node.port.to_string()]);
-    let agent = start_traces_agent(&rotel, dir.path());
+    let health = local(free_port());
+    let agent = start_traces_agent_with(
+        &rotel,
+        dir.path(),
+        &["--health-listen", &health.to_string()],
+    );
     agent.wait_for_log("Go goroutine context attached", Duration::from_secs(10));
     let chain = Chain {
         names: ["Go", "Node", "Python leaf"],
@@ -379,9 +398,27 @@ fn go_node_python_chain_gives_one_trace_per_request() {
         &format!("Go > Node > Python, {CLIENTS} concurrent clients"),
         &concurrent,
     );
+    // How parents were chosen, as /metrics says: every Go client request
+    // through its goroutine.
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = http_get(health, "/metrics");
+    let rule = |name: &str| -> u64 {
+        let key = format!("fathom_agent_trace_parent_total{{rule=\"{name}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str())?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key:?} in /metrics:\n{metrics}"))
+    };
+    let rules = ["goroutine", "thread", "guessed", "missed"].map(|r| (r, rule(r)));
+    println!("parent rules (/metrics): {rules:?}");
     agent.signal("TERM");
     let (_, log) = agent.finish(Duration::from_secs(20));
-    println!("parent rules: {}", parent_rules(&log));
+    println!("parent rules (log): {}", parent_rules(&log));
+    let go_requests = (sequential.len() + concurrent.len()) as u64;
+    assert_eq!(
+        rules[0].1, go_requests,
+        "Go client requests whose parent came from their goroutine"
+    );
     assert!(
         seq_complete * 100 >= sequential.len() * 95,
         "sequential: {seq_complete} of {} complete traces; broken: {seq_broken:#?}",
@@ -392,4 +429,65 @@ fn go_node_python_chain_gives_one_trace_per_request() {
         "concurrent: {con_complete} of {} complete traces; broken: {con_broken:#?}",
         concurrent.len()
     );
+}
+
+/// The goroutine probes' places in a stripped Go executable (no symbol
+/// table, no DWARF: read from `.gopclntab`) are those in the same program
+/// built with its symbols, which `go tool nm` confirms.
+#[test]
+fn go_probe_points_of_a_stripped_executable_match_its_symbols() {
+    use fathom_agent::traces::golang::{self, GoBinaryError};
+    if which("go").is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "go is not installed (CI needs it)"
+        );
+        println!("*** SKIPPED go_probe_points_of_a_stripped_executable: no go ***");
+        return;
+    }
+    let source = workspace_root().join("tests/fixtures/pooled/go_middle.go");
+    let full = go_build(&source, "go_middle_symbols", false);
+    let stripped = go_build(&source, "go_middle_stripped", true);
+    let a = golang::probe_points_of(&full).unwrap();
+    let b = golang::probe_points_of(&stripped).unwrap();
+    assert!(!a.stripped && b.stripped, "{a:?} {b:?}");
+    assert_eq!(a.version, b.version);
+    assert!(a.newproc_done.is_some(), "newproc1's call site not found");
+    assert_eq!(
+        (a.round_trip, a.request_write, a.newproc1, a.newproc_done),
+        (b.round_trip, b.request_write, b.newproc1, b.newproc_done)
+    );
+    // `go tool nm`'s addresses, as file offsets (text: vaddr - 0x400000
+    // for a non-PIE amd64 Go executable's first segment).
+    let nm = Command::new("go")
+        .args(["tool", "nm"])
+        .arg(&full)
+        .output()
+        .unwrap();
+    let nm = String::from_utf8_lossy(&nm.stdout);
+    let addr = |name: &str| -> u64 {
+        nm.lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let a = f.next()?;
+                (f.next()? == "T" && f.next()? == name).then(|| u64::from_str_radix(a, 16).ok())?
+            })
+            .unwrap_or_else(|| panic!("{name} not in go tool nm"))
+    };
+    assert_eq!(a.round_trip, addr(golang::ROUND_TRIP) - 0x40_0000);
+    assert_eq!(a.request_write, addr(golang::REQUEST_WRITE) - 0x40_0000);
+    assert_eq!(a.newproc1, addr(golang::NEWPROC1) - 0x40_0000);
+    // Not Go: a clear error, not a guess.
+    assert!(matches!(
+        golang::probe_points_of(Path::new("/bin/sh")),
+        Err(GoBinaryError::NotGo)
+    ));
+}
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
 }

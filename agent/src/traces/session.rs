@@ -75,6 +75,8 @@ pub struct TraceConfig {
     /// The profiler runs beside: server spans whose samples carry their id
     /// get `pyroscope.profile.id`.
     pub link_profiles: bool,
+    /// Where the parent-rule counters go (`/metrics`).
+    pub health: Option<crate::health::Health>,
 }
 
 impl Default for TraceConfig {
@@ -88,6 +90,7 @@ impl Default for TraceConfig {
             node: crate::otlp::node_name(),
             sample_ratio: 1.0,
             link_profiles: false,
+            health: None,
         }
     }
 }
@@ -453,6 +456,9 @@ impl Worker {
             self.undelivered.metric_batches += 1;
         }
         self.tracer.expire(sys::monotonic_ns());
+        if let (Some(health), Some(capture)) = (&self.config.health, &self.capture) {
+            health.set_metrics("traces", parent_metrics(&capture.counters()));
+        }
         for pid in self.exited.drain(..) {
             self.resources.remove(&pid);
             self.metas.remove(&pid);
@@ -541,6 +547,30 @@ impl Worker {
     }
 }
 
+/// `/metrics` lines of how client requests got their parent (kernel
+/// counters, since the programs were loaded).
+pub fn parent_metrics(kernel: &[u64]) -> String {
+    let mut out = String::from(
+        "# HELP fathom_agent_trace_parent_total Client requests sent while their process \
+         served requests, by how their parent span was chosen: goroutine (Go), thread (the \
+         thread served one request), guessed (several open; the one just read), missed (none \
+         could be told: sent as a new trace).\n\
+         # TYPE fathom_agent_trace_parent_total counter\n",
+    );
+    for (rule, counter) in [
+        ("goroutine", HttpCounter::ParentGoroutine),
+        ("thread", HttpCounter::ParentThread),
+        ("guessed", HttpCounter::ParentGuessed),
+        ("missed", HttpCounter::ParentMissed),
+    ] {
+        let n = kernel.get(counter as usize).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "fathom_agent_trace_parent_total{{rule=\"{rule}\"}} {n}\n"
+        ));
+    }
+    out
+}
+
 /// Unix time minus CLOCK_MONOTONIC (the kernel's `bpf_ktime_get_ns`).
 fn unix_offset_ns() -> i64 {
     unix_now_ns() as i64 - sys::monotonic_ns() as i64
@@ -554,6 +584,20 @@ mod tests {
         let mut t = [0xab; 16];
         t[8..].copy_from_slice(&low.to_be_bytes());
         t
+    }
+
+    #[test]
+    fn parent_rules_as_prometheus_counters() {
+        let mut kernel = vec![0u64; HttpCounter::COUNT as usize];
+        kernel[HttpCounter::ParentGoroutine as usize] = 240;
+        kernel[HttpCounter::ParentGuessed as usize] = 7;
+        let text = parent_metrics(&kernel);
+        assert!(text.contains("# TYPE fathom_agent_trace_parent_total counter\n"));
+        assert!(text.contains("fathom_agent_trace_parent_total{rule=\"goroutine\"} 240\n"));
+        assert!(text.contains("fathom_agent_trace_parent_total{rule=\"guessed\"} 7\n"));
+        assert!(text.contains("fathom_agent_trace_parent_total{rule=\"missed\"} 0\n"));
+        // A short counter array (older programs) reads as zeros.
+        assert!(parent_metrics(&[]).contains("{rule=\"thread\"} 0\n"));
     }
 
     #[test]
