@@ -152,6 +152,7 @@ pub struct ProfilesFile {
 pub struct TracesFile {
     pub inject: Option<bool>,
     pub inject_keep_alive: Option<bool>,
+    pub go: Option<bool>,
     pub hooks: Option<HttpHooks>,
     pub sample_ratio: Option<f64>,
 }
@@ -356,6 +357,12 @@ pub struct DaemonArgs {
     /// first request only) [default: true].
     #[arg(long, env = "FATHOM_TRACE_INJECT_KEEP_ALIVE", action = clap::ArgAction::Set)]
     pub trace_inject_keep_alive: Option<bool>,
+    /// Go executables get uprobes on `net/http` and the runtime, so that a
+    /// Go service's client requests get the parent of the request their
+    /// goroutine serves (`false`: no uprobes in Go processes) [default:
+    /// true].
+    #[arg(long, env = "FATHOM_TRACE_GO", action = clap::ArgAction::Set)]
+    pub trace_go: Option<bool>,
     /// Share of traces whose spans are exported, 0..=1 (OpenTelemetry's
     /// `traceidratio` rule on the trace id, so every agent keeps the same
     /// traces). RED metrics count every request regardless [default: 1].
@@ -435,6 +442,7 @@ pub enum Output {
 pub struct TracesSettings {
     pub inject: bool,
     pub inject_keep_alive: bool,
+    pub go: bool,
     pub hooks: HttpHooks,
     pub sample_ratio: f64,
 }
@@ -597,6 +605,7 @@ impl DaemonArgs {
                     .trace_inject_keep_alive
                     .or(t.inject_keep_alive)
                     .unwrap_or(true),
+                go: self.trace_go.or(t.go).unwrap_or(true),
                 hooks: self.trace_hooks.or(t.hooks).unwrap_or_default(),
                 sample_ratio,
             },
@@ -709,6 +718,7 @@ mod tests {
         assert_eq!(c.sampling.unwind, UnwindChoice::Tables);
         assert!(c.traces.inject);
         assert!(c.traces.inject_keep_alive);
+        assert!(c.traces.go);
         let Output::Collector(collector) = &c.output else {
             panic!("not the collector")
         };
@@ -759,6 +769,7 @@ unwind = "frame-pointers"
 [traces]
 inject = false
 inject_keep_alive = false
+go = false
 [network]
 interfaces = ["veth*"]
 [collector.store]
@@ -774,6 +785,7 @@ path = "/tmp/x.redb"
         assert_eq!(c.sampling.unwind, UnwindChoice::FramePointers);
         assert!(!c.traces.inject);
         assert!(!c.traces.inject_keep_alive);
+        assert!(!c.traces.go);
         assert_eq!(c.network.interfaces, ["veth*"]);
         let Output::Collector(collector) = &c.output else {
             panic!("not the collector")

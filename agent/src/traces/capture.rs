@@ -38,6 +38,8 @@ pub struct HttpCaptureConfig {
     pub connections: u32,
     /// Which hooks carry the data path.
     pub hooks: HttpHooks,
+    /// Goroutine probes in Go executables (see `super::golang`).
+    pub go: bool,
 }
 
 impl Default for HttpCaptureConfig {
@@ -49,6 +51,7 @@ impl Default for HttpCaptureConfig {
             ring_bytes: 8 << 20,
             connections: 65536,
             hooks: HttpHooks::Auto,
+            go: true,
         }
     }
 }
@@ -278,6 +281,8 @@ pub struct HttpCapture {
     /// Executables looked at (device, inode): whether they run Go.
     executables: std::collections::HashMap<(u64, u64), bool>,
     go_binaries: usize,
+    /// Goroutine probes wanted.
+    go: bool,
 }
 
 /// The goroutine probes (`http/golang.rs`).
@@ -447,6 +452,7 @@ impl HttpCapture {
             loaded,
             executables: std::collections::HashMap::new(),
             go_binaries: 0,
+            go: config.go,
         };
         // Go: the goroutine probes, in every Go executable running now (and
         // in those of processes seen later: `Self::discover`).
@@ -465,6 +471,9 @@ impl HttpCapture {
     /// gets the goroutine probes (see `super::golang`).
     pub fn discover(&mut self, pid: u32) {
         use std::os::unix::fs::MetadataExt as _;
+        if !self.go {
+            return;
+        }
         let exe = Path::new("/proc").join(pid.to_string()).join("exe");
         let Ok(meta) = fs::metadata(&exe) else {
             return;
