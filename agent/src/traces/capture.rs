@@ -487,12 +487,20 @@ impl HttpCapture {
         }
         let points = match super::golang::probe_points_of(&exe) {
             Ok(points) => points,
-            Err(super::golang::GoBinaryError::NotGo | super::golang::GoBinaryError::Io(..)) => {
+            Err(
+                super::golang::GoBinaryError::NotGo
+                | super::golang::GoBinaryError::Io(..)
+                | super::golang::GoBinaryError::Elf(_),
+            ) => {
                 self.executables.insert(file, false);
                 return;
             }
             Err(e) => {
-                self.executables.insert(file, false);
+                // Still Go: its threads say nothing of which request a write
+                // belongs to, so its client requests go without a parent
+                // (counted as missed) rather than with a wrong one.
+                self.executables.insert(file, true);
+                self.mark_go(pid);
                 let path = fs::read_link(&exe).unwrap_or(exe);
                 tracing::info!(path = %path.display(), reason = %e, "Go executable without goroutine context");
                 return;
