@@ -26,8 +26,8 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, ChildGuard, chain::go_build, free_port, kernel_tests_possible, print_rate_table,
-    release_agent_binary, workspace_root,
+    Agent, ChildGuard, bench_setting, chain::go_build, free_port, kernel_tests_possible,
+    print_rate_table, release_agent_binary, workspace_root,
 };
 
 const MODES: [&str; 3] = ["off", "agent, --trace-go false", "agent, goroutine probes"];
@@ -36,14 +36,8 @@ fn main() {
     if !kernel_tests_possible("go_context bench") {
         std::process::exit(1);
     }
-    let env = |name: &str, default: f64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let rounds = env("FATHOM_BENCH_ROUNDS", 5.0) as usize;
-    let seconds = env("FATHOM_BENCH_SECONDS", 4.0);
+    let rounds = bench_setting("FATHOM_BENCH_ROUNDS", 5.0) as usize;
+    let seconds = bench_setting("FATHOM_BENCH_SECONDS", 4.0);
     let root = workspace_root();
     let middle = go_build(
         &root.join("tests/fixtures/pooled/go_middle.go"),

@@ -27,8 +27,8 @@ use aya::{Ebpf, EbpfLoader};
 use fathom_agent::{ebpf::http_object, traces::inject};
 use fathom_common::http::globals;
 use fathom_tests::{
-    BpfStats, bpf_runs_by_program, build_fixture, kernel_tests_possible, pinned_round_trips,
-    print_rate_table,
+    BpfStats, bench_setting, bpf_runs_by_program, build_fixture, kernel_tests_possible,
+    pinned_round_trips, print_rate_table,
 };
 
 #[derive(Clone, Copy, PartialEq)]
@@ -77,14 +77,8 @@ fn main() {
     if !kernel_tests_possible("inject bench") {
         std::process::exit(1);
     }
-    let env = |name: &str, default: f64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let rounds = env("FATHOM_BENCH_ROUNDS", 8.0) as usize;
-    let seconds = env("FATHOM_BENCH_SECONDS", 4.0);
+    let rounds = bench_setting("FATHOM_BENCH_ROUNDS", 8.0) as usize;
+    let seconds = bench_setting("FATHOM_BENCH_SECONDS", 4.0);
     let dir = tempfile::tempdir().unwrap();
     let workload = build_fixture("http_pingpong", dir.path());
 

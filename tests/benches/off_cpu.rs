@@ -34,7 +34,7 @@ use std::{
 };
 
 use fathom_tests::{
-    BpfStats, ChildGuard, bpf_runs_by_program, build_fixture, kernel_tests_possible,
+    BpfStats, ChildGuard, bench_setting, bpf_runs_by_program, build_fixture, kernel_tests_possible,
     pinned_round_trips, print_rate_table, release_agent_binary,
 };
 
@@ -104,14 +104,8 @@ fn main() {
     if !kernel_tests_possible("off_cpu bench") {
         std::process::exit(1);
     }
-    let env = |name: &str, default: f64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let rounds = env("FATHOM_BENCH_ROUNDS", 10.0) as usize;
-    let seconds = env("FATHOM_BENCH_SECONDS", 5.0);
+    let rounds = bench_setting("FATHOM_BENCH_ROUNDS", 10.0) as usize;
+    let seconds = bench_setting("FATHOM_BENCH_SECONDS", 5.0);
     let dir = tempfile::tempdir().unwrap();
     let workload = build_fixture("pingpong", dir.path());
     eprintln!("building the release agent...");

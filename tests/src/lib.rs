@@ -713,6 +713,15 @@ pub fn pinned_round_trips(workload: &Path, seconds: f64) -> f64 {
     trips / seconds
 }
 
+/// A benchmark setting from the environment (`FATHOM_BENCH_ROUNDS`, …),
+/// else `default`.
+pub fn bench_setting(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Prints a bench's table of modes: each mode's median rate, the median of
 /// its per-round ratio to the first mode (off), and its cost per round trip
 /// against off. `rates[i]` holds mode `i`'s rate of each round.

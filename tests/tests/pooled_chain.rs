@@ -295,10 +295,14 @@ fn pooled_keep_alive_chain_gives_one_trace_per_request() {
         leaf_path: |p| format!("/leaf/mid{p}"),
     };
     let (complete, broken) = measure(&rotel, &chain, "pooled chain, sequential", &paths);
+    assert_share("sequential", complete, paths.len(), &broken);
+}
+
+/// At least 95% of `total` requests formed a complete trace.
+fn assert_share(label: &str, complete: usize, total: usize, broken: &[String]) {
     assert!(
-        complete * 100 >= paths.len() * 95,
-        "{complete} of {} complete traces; broken: {broken:#?}",
-        paths.len()
+        complete * 100 >= total * 95,
+        "{label}: {complete} of {total} complete traces; broken: {broken:#?}"
     );
 }
 
@@ -419,16 +423,8 @@ fn go_node_python_chain_gives_one_trace_per_request() {
         rules[0].1, go_requests,
         "Go client requests whose parent came from their goroutine"
     );
-    assert!(
-        seq_complete * 100 >= sequential.len() * 95,
-        "sequential: {seq_complete} of {} complete traces; broken: {seq_broken:#?}",
-        sequential.len()
-    );
-    assert!(
-        con_complete * 100 >= concurrent.len() * 95,
-        "concurrent: {con_complete} of {} complete traces; broken: {con_broken:#?}",
-        concurrent.len()
-    );
+    assert_share("sequential", seq_complete, sequential.len(), &seq_broken);
+    assert_share("concurrent", con_complete, concurrent.len(), &con_broken);
 }
 
 /// The goroutine probes' places in a stripped Go executable (no symbol
