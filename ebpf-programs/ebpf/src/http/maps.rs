@@ -56,8 +56,9 @@ pub static GO_WRITING: LruHashMap<u32, GoPending> = LruHashMap::with_max_entries
 /// Go: thread id -> the goroutine starting another (`runtime.newproc1`).
 #[map]
 pub static GO_NEWPROC: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
-/// Go processes whose `net/http` uprobes fired (tgid -> 1): their threads
-/// say nothing of which request a write belongs to.
+/// Go processes (tgid -> 1), marked by user space when it finds their
+/// executable is Go and by the `net/http` uprobes when they fire: their
+/// threads say nothing of which request a write belongs to.
 #[map]
 pub static GO_PROCS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
