@@ -263,12 +263,7 @@ fn pooled_keep_alive_chain_gives_one_trace_per_request() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let rotel = Rotel::start(
-        kernel.path(ROTEL_AGENT),
-        local(free_port()),
-        local(free_port()),
-        dir.path(),
-    );
+    let rotel = start_rotel(&kernel, dir.path());
     let leaf = Service::start("python3", &[fixture("python_service.py"), "leaf".into()]);
     let middle = Service::start(
         "python3",
@@ -296,6 +291,16 @@ fn pooled_keep_alive_chain_gives_one_trace_per_request() {
     };
     let (complete, broken) = measure(&rotel, &chain, "pooled chain, sequential", &paths);
     assert_share("sequential", complete, paths.len(), &broken);
+}
+
+/// rotel, the oracle, on two free loopback ports, writing into `dir`.
+fn start_rotel(kernel: &KernelTest, dir: &Path) -> Rotel {
+    Rotel::start(
+        kernel.path(ROTEL_AGENT),
+        local(free_port()),
+        local(free_port()),
+        dir,
+    )
 }
 
 /// At least 95% of `total` requests formed a complete trace.
@@ -328,12 +333,7 @@ fn go_node_python_chain_gives_one_trace_per_request() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let rotel = Rotel::start(
-        kernel.path(ROTEL_AGENT),
-        local(free_port()),
-        local(free_port()),
-        dir.path(),
-    );
+    let rotel = start_rotel(&kernel, dir.path());
     let go_middle = go_build(
         &workspace_root().join("tests/fixtures/pooled/go_middle.go"),
         "go_middle",

@@ -243,22 +243,16 @@ pub fn libssl_paths(proc_root: &Path) -> Vec<std::path::PathBuf> {
             found.insert(real);
         }
     }
-    if let Ok(dir) = fs::read_dir(proc_root) {
-        for entry in dir.flatten() {
-            let name = entry.file_name();
-            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            let Ok(maps) = fs::read_to_string(entry.path().join("maps")) else {
-                continue;
-            };
-            for line in maps.lines() {
-                if let Some(path) = line.split_whitespace().nth(5)
-                    && path.contains("/libssl.so")
-                    && let Ok(real) = fs::canonicalize(path)
-                {
-                    found.insert(real);
-                }
+    for pid in numeric_dirs(proc_root) {
+        let Ok(maps) = fs::read_to_string(proc_root.join(pid.to_string()).join("maps")) else {
+            continue;
+        };
+        for line in maps.lines() {
+            if let Some(path) = line.split_whitespace().nth(5)
+                && path.contains("/libssl.so")
+                && let Ok(real) = fs::canonicalize(path)
+            {
+                found.insert(real);
             }
         }
     }
