@@ -1233,6 +1233,13 @@ impl Standalone {
     }
 }
 
+/// Where the browser tests' screenshots go: `<target>/ui-screenshots`.
+fn screenshots_dir() -> PathBuf {
+    let dir = target_dir().join("ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// `npm ci` in `collector/tests/browser` when its `node_modules` is missing
 /// (scripts/setup runs it too).
 fn browser_deps(dir: &Path) {
@@ -1290,8 +1297,7 @@ fn browser_drives_profiles_traces_and_metrics_views() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     browser_deps(&dir);
     let script = dir.join("ui.mjs");
-    let shots = target_dir().join("ui-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
+    let shots = screenshots_dir();
 
     // 1. The standalone collector on an empty store: its start-up log
     // names the UI's address and the store, the UI's onboarding the bound
@@ -1456,8 +1462,7 @@ fn browser_diff_of_two_ranges_shows_what_grew_and_shrank() {
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     browser_deps(&dir);
-    let shots = target_dir().join("ui-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
+    let shots = screenshots_dir();
 
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = go_cpu_profiles(tmp.path());
@@ -1550,6 +1555,58 @@ fn browser_diff_of_two_ranges_shows_what_grew_and_shrank() {
         "grew": LOOPS[1],
     });
     run_browser(&dir.join("ui.mjs"), &run.base, "diff", &expect, &shots);
+}
+
+/// The Profiles view's time range, in headless Chromium: three CPU
+/// profiles of one service stored 12, 7 and 2 minutes ago (each with a
+/// function of its own); brushing the timeline from between the first two
+/// bars to between the last two, then typing From/Until and pressing Apply
+/// (around the first profile, then over the first two), the flame graph's
+/// total is the sum of the profiles whose time is in the range the URL
+/// holds, and its functions theirs only.
+#[test]
+fn browser_timeline_brush_and_typed_range_select_what_was_pushed_then() {
+    const TEST: &str = "browser_timeline_brush_and_typed_range_select_what_was_pushed_then";
+    let chromium = fathom_test_support::require_found(
+        TEST,
+        "chromium",
+        Some(PathBuf::from("/usr/bin/chromium")),
+    );
+    let (Some(_), Some(_)) = (chromium, require_tool(TEST, "node")) else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    browser_deps(&dir);
+    let shots = screenshots_dir();
+
+    let run = Running::start();
+    let now = SystemTime::now();
+    let labels = [("__name__", "process_cpu"), ("service_name", "timeline")];
+    // (minutes ago, function, samples of 10 ms)
+    let pushes = [
+        (12u64, "early_work", 100i64),
+        (7, "middle_work", 50),
+        (2, "late_work", 20),
+    ];
+    let mut expect_pushes = Vec::new();
+    for (ago, function, n) in pushes {
+        let at = now - Duration::from_secs(60 * ago);
+        run.put_profile_at(&labels, cpu_profile(&[(&["main", function], n)]), at);
+        expect_pushes.push(serde_json::json!({
+            "t_ms": at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64,
+            "fn": function,
+            "total": n * 10_000_000,
+        }));
+    }
+    let all: i64 = pushes.iter().map(|p| p.2 * 10_000_000).sum();
+    run.wait_json("/ui/api/top?service=timeline&range=15m&type=cpu", |v| {
+        v["total"].as_i64() == Some(all) && v["windows"] == 3
+    });
+    let expect = serde_json::json!({
+        "selector": "{service_name=\"timeline\"}",
+        "pushes": expect_pushes,
+    });
+    run_browser(&dir.join("ui.mjs"), &run.base, "range", &expect, &shots);
 }
 
 /// A push of one `process_cpu` profile of `service`.

@@ -123,6 +123,80 @@ try {
       }
       await p.context().close();
     }
+  } else if (PHASE === "range") {
+    // Three profiles pushed minutes apart (ui.rs sets EXPECT.pushes: time,
+    // total and the one function of each): the flame graph's total is what
+    // was pushed in the brushed range, then in the typed range.
+    console.log("profiles: timeline brush and typed range");
+    const pushes = EXPECT.pushes;
+    const inRange = (from, until) => pushes.filter((x) => x.t_ms >= from && x.t_ms <= until);
+    const sum = (xs) => xs.reduce((a, x) => a + x.total, 0);
+    const totalNow = async () => Number(await p.locator("#p-total").getAttribute("data-total"));
+    const frames = () => p.locator("#flame .fg-node").evaluateAll((ns) => ns.map((n) => n.dataset.name));
+    const urlRange = () => { const u = new URL(p.url()).searchParams; return [u.get("p.range"), Number(u.get("p.from")), Number(u.get("p.until"))]; };
+    /// Waits for the total to become `want` (and the flame graph to be drawn).
+    const waitTotal = (want) => p.waitForFunction((w) => document.querySelector("#p-total")?.dataset.total === String(w)
+      && document.querySelector("#flame")?.dataset.state === "ok", want, { timeout: 10000 }).catch(() => {});
+    /// The range in the URL holds exactly `want` of the pushes, and the page
+    /// shows their total and functions, no other.
+    const checkRange = async (what, want) => {
+      const [mode, from, until] = urlRange();
+      const held = inRange(from, until);
+      check(mode === "custom" && JSON.stringify(held.map((x) => x.fn)) === JSON.stringify(want.map((x) => x.fn)),
+        `${what}: the range in the URL holds the pushes of ${want.map((x) => x.fn).join(", ")}`, [mode, from, until, held.map((x) => x.fn)]);
+      const total = sum(held);
+      await waitTotal(total);
+      await settle(p);
+      check(await totalNow() === total, `${what}: the flame graph's total is ${total} ns, the pushes' in [${from}, ${until}]`, await totalNow());
+      const shown = await p.evaluate(([t, u]) => `Total ${fmtUnit(t, u)} of cpu`, [total, "nanoseconds"]);
+      check((await text(p, "#p-total")) === shown, `${what}: the page says ${JSON.stringify(shown)}`, await text(p, "#p-total"));
+      const names = await frames();
+      check(pushes.every((x) => names.includes(x.fn) === held.includes(x)),
+        `${what}: the flame graph has ${held.map((x) => x.fn).join(", ")} and no other push's function`, names);
+      // The range inputs show the range.
+      const inputs = [await p.inputValue("#p-from"), await p.inputValue("#p-until")];
+      const wantInputs = await p.evaluate(([a, b]) => [toLocalInput(a), toLocalInput(b)], [from, until]);
+      check(JSON.stringify(inputs) === JSON.stringify(wantInputs), `${what}: From/Until show ${wantInputs.join(" – ")}`, inputs);
+    };
+    const p = await page();
+    await open(p, "?view=profiles&p.range=15m&p.q=" + encodeURIComponent(EXPECT.selector));
+    await waitTotal(sum(pushes));
+    check(await totalNow() === sum(pushes), `15 min: the total of all ${pushes.length} pushes, ${sum(pushes)} ns`, await totalNow());
+    // Brush from between the first two bars to between the last two: the
+    // middle push only.
+    await p.waitForFunction((n) => document.querySelectorAll("#p-timeline rect.bar").length === n, pushes.length, { timeout: 5000 }).catch(() => {});
+    const bars = await p.locator("#p-timeline rect.bar").evaluateAll((rs) => rs.map((r) => { const b = r.getBoundingClientRect(); return b.x + b.width / 2; }).sort((a, b) => a - b));
+    check(bars.length === pushes.length, `timeline: one bar per push (${pushes.length})`, bars.length);
+    const y = (await p.locator("#p-timeline svg").boundingBox()).y + 50;
+    await p.mouse.move((bars[0] + bars[1]) / 2, y);
+    await p.mouse.down();
+    await p.mouse.move((bars[1] + bars[2]) / 2, y, { steps: 8 });
+    await p.mouse.up();
+    await p.waitForFunction(() => new URLSearchParams(location.search).get("p.range") === "custom", null, { timeout: 5000 }).catch(() => {});
+    await checkRange("brush", [pushes[1]]);
+    await shot(p, "profiles-brushed");
+    // Typed ranges, applied: around the first push, then over the first two.
+    const typed = async (what, from, until, want) => {
+      await p.fill("#p-from", await p.evaluate((m) => toLocalInput(m), from));
+      await p.fill("#p-until", await p.evaluate((m) => toLocalInput(m), until));
+      await p.click("#p-apply");
+      await p.waitForFunction(([a, b]) => { const u = new URLSearchParams(location.search); return u.get("p.from") === String(a) && u.get("p.until") === String(b); },
+        [from, until], { timeout: 5000 }).catch(() => {});
+      const [, gotFrom, gotUntil] = urlRange();
+      check(gotFrom === from && gotUntil === until, `${what}: Apply puts the typed range in the URL`, [gotFrom, gotUntil]);
+      await checkRange(what, want);
+    };
+    const minute = 60000;
+    // Whole seconds: what a datetime-local input with step=1 holds.
+    const sec = (ms) => Math.floor(ms / 1000) * 1000;
+    await typed("typed range around the first push", sec(pushes[0].t_ms - minute), sec(pushes[0].t_ms + minute), [pushes[0]]);
+    await typed("typed range over the first two pushes", sec(pushes[0].t_ms - minute), sec(pushes[1].t_ms + minute), [pushes[0], pushes[1]]);
+    await shot(p, "profiles-typed-range");
+    // Back to a relative range: everything again.
+    await p.selectOption("#p-range", "15m");
+    await waitTotal(sum(pushes));
+    check(await totalNow() === sum(pushes) && urlRange()[0] === "15m", "15 min again: every push", [await totalNow(), urlRange()]);
+    await p.context().close();
   } else if (PHASE === "diff") {
     // Two ranges, one real profile in each (ui.rs sets EXPECT from the files).
     console.log("profiles: diff of two ranges");
