@@ -1079,6 +1079,77 @@ fn shop_metrics(
     }
 }
 
+/// `billing`'s memory gauge (bytes) at its two pushes.
+const BILLING_MEMORY: [f64; 2] = [1_572_864.0, 2_359_296.0];
+
+/// OTLP metrics of `billing` at `t` (unix ns), the `step`-th push: memory
+/// in bytes (`By`: 1.5 MiB, then 2.25 MiB), a lag in seconds (`s`: 0.5, then
+/// 0.25) and a utilization ratio (`1`: 0.3, then 0.425).
+fn billing_metrics(
+    t: u64,
+    step: u64,
+) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+    use opentelemetry_proto::tonic::{
+        collector::metrics::v1::ExportMetricsServiceRequest,
+        metrics::v1::{
+            Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric::Data,
+            number_data_point::Value,
+        },
+    };
+    let i = step as usize;
+    let gauge = |name: &str, unit: &str, v: f64| Metric {
+        name: name.into(),
+        unit: unit.into(),
+        data: Some(Data::Gauge(Gauge {
+            data_points: vec![NumberDataPoint {
+                time_unix_nano: t,
+                value: Some(Value::AsDouble(v)),
+                ..NumberDataPoint::default()
+            }],
+        })),
+        ..Metric::default()
+    };
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "billing")],
+                ..Resource::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![
+                    gauge("memory.usage", "By", BILLING_MEMORY[i]),
+                    gauge("billing.job.lag", "s", [0.5, 0.25][i]),
+                    gauge("cpu.utilization", "1", [0.3, 0.425][i]),
+                ],
+                ..ScopeMetrics::default()
+            }],
+            ..ResourceMetrics::default()
+        }],
+    }
+}
+
+/// `POST /v1/metrics` (OTLP/HTTP protobuf) to the collector.
+fn push_otlp_metrics(
+    run: &Running,
+    req: &opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+) {
+    use prost::Message as _;
+    let url = format!(
+        "http://{}/v1/metrics",
+        run.collector().addrs().otlp_http.unwrap()
+    );
+    run.rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .header("content-type", "application/x-protobuf")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "OTLP metrics: {}", r.text().await.unwrap());
+    });
+}
+
 /// The metric history is kept in the store: after a restart (the registry
 /// then empty) the series and every point are still there, and new points
 /// add to them.
@@ -1378,6 +1449,24 @@ fn browser_drives_profiles_traces_and_metrics_views() {
             v[0]["value"].as_f64() == Some(want)
         });
     }
+    // A second service's metrics, 40 and 30 minutes ago, over OTLP/HTTP:
+    // in the last hour's range, not in the last 15 minutes'.
+    let billing_times: Vec<u64> = [40u64, 30]
+        .iter()
+        .map(|m| now_ns - m * 60_000_000_000)
+        .collect();
+    for (step, &t) in billing_times.iter().enumerate() {
+        push_otlp_metrics(&run, &billing_metrics(t, step as u64));
+        let want = BILLING_MEMORY[step];
+        run.wait_json(
+            "/ui/api/metrics?service=billing&name=memory&range=all",
+            |v| {
+                v[0]["points"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == step + 1 && p[step]["v"].as_f64() == Some(want))
+            },
+        );
+    }
     run.wait_json(
         &format!("/ui/api/top?series={}", urlencode("{service_name=\"api\"}")),
         |v| v["total"].as_i64() == Some(1_500_000_000),
@@ -1421,6 +1510,17 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "exception_message": "card declined: insufficient funds",
         "metric_points": 4,
         "gauge_last": "7",
+        // billing: 3 series of 2 points (40 and 30 min ago), shown in their
+        // units; checkout: 3 series in the last 15 minutes.
+        "billing": {
+            "times_ms": billing_times.iter().map(|t| t / 1_000_000).collect::<Vec<_>>(),
+            "series": {
+                "memory_usage_bytes": "2.25 MiB",
+                "billing_job_lag_seconds": "250 ms",
+                "cpu_utilization_ratio": "42.5%",
+            },
+        },
+        "checkout_series": ["http_server_request_duration_seconds", "orders_total", "queue_depth"],
         // Span → flame graph: span A 40 samples (price 30, tax 10), span B
         // 20, span D none; the trace's spans 60 (its trace-only sample is
         // not a span's).

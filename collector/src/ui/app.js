@@ -1073,15 +1073,22 @@ const traces = {
 
 // ---- metrics view ----
 
-function chart(points, series, unit) {
+/// A metric's chart over the view's range [from, until] (unix ms), so a
+/// series that stopped or started within it shows where: the time axis is
+/// the range's, not the points'.
+function chart(points, series, unit, from, until) {
   const W = 400;
   const H = 90;
   const pad = { l: 58, r: 4, t: 4, b: 14 };
   const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" });
   const all = series.flatMap(([, pts]) => pts.map((p) => p[1])).filter((v) => Number.isFinite(v));
   if (!points.length || !all.length) return svg;
-  const t0 = points[0].t;
-  const t1 = Math.max(points[points.length - 1].t, t0 + 1);
+  const t0 = Math.min(from, points[0].t);
+  const t1 = Math.max(until, points[points.length - 1].t, t0 + 1);
+  svg.dataset.from = String(t0);
+  svg.dataset.until = String(t1);
+  // The plot area (what the time axis spans).
+  svg.append(svgEl("rect", { class: "plot", x: pad.l, y: pad.t, width: W - pad.l - pad.r, height: H - pad.t - pad.b }));
   const lo = Math.min(0, ...all);
   const hi = Math.max(...all, lo + 1e-12);
   const X = (t) => pad.l + ((t - t0) / (t1 - t0)) * (W - pad.l - pad.r);
@@ -1089,7 +1096,7 @@ function chart(points, series, unit) {
   svg.append(svgEl("text", { class: "axis", x: 2, y: pad.t + 8 }, fmtMetric(hi, unit)));
   svg.append(svgEl("text", { class: "axis", x: 2, y: H - pad.b }, fmtMetric(lo, unit)));
   svg.append(svgEl("text", { class: "axis", x: pad.l, y: H - 2 }, fmtClock(t0)));
-  svg.append(svgEl("text", { class: "axis", x: W - 50, y: H - 2 }, fmtClock(t1)));
+  svg.append(svgEl("text", { class: "axis", x: W - pad.r, y: H - 2, "text-anchor": "end" }, fmtClock(t1)));
   for (const [cls, pts] of series) {
     const ok = pts.filter((p) => Number.isFinite(p[1]));
     if (!ok.length) continue;
@@ -1109,9 +1116,21 @@ const metrics = {
     const p = new URLSearchParams();
     if (S["m.service"]) p.set("service", S["m.service"]);
     if (S["m.name"]) p.set("name", S["m.name"]);
-    if ((S["m.range"] || "1h") !== "all") p.set("range", S["m.range"] || "1h");
+    // The range as absolute times: the charts' time axis is exactly what was asked.
+    const r = S["m.range"] || "1h";
+    const until = Date.now();
+    if (r !== "all") {
+      p.set("from", String(until - (RANGE_MS[r] || 36e5)));
+      p.set("until", String(until));
+    }
     saveUrl();
     const rows = await (await getJson("/ui/api/metrics?" + p.toString())).json();
+    // "all": from the oldest point shown.
+    const from = r !== "all" ? until - (RANGE_MS[r] || 36e5)
+      : Math.min(until, ...rows.flatMap((m) => (m.points.length ? [m.points[0].t] : [])));
+    const list0 = $("m-list");
+    list0.dataset.from = String(from);
+    list0.dataset.until = String(until);
     $("m-count").textContent = `${rows.length} series`;
     $("m-count").dataset.count = String(rows.length);
     const list = $("m-list");
@@ -1146,7 +1165,7 @@ const metrics = {
         el("div", { class: "mlabels" }, m.labels.map(([k, v]) => `${k}="${v}"`).join(", ")),
         el("div", { class: "mvalue" }, value, m.current ? "" : el("span", { class: "stale" }, ` (last update ${fmtTime(m.last_ms)})`)),
         el("div", { class: "muted" }, `${what} · ${pts.length} point${pts.length === 1 ? "" : "s"}`),
-        chart(pts, series, m.unit));
+        chart(pts, series, m.unit, from, until));
     }));
   },
 

@@ -618,6 +618,50 @@ try {
     await shot(p, "metrics");
     await p.selectOption("#m-service", "");
     await settle(p);
+    // Service and range filters, against what was pushed: checkout in the
+    // last 3 minutes, billing 40 and 30 minutes ago.
+    const B = EXPECT.billing;
+    const billingNames = Object.keys(B.series).sort();
+    const cards = () => p.locator("#m-list .metric").evaluateAll((ms) => ms.map((m) => m.dataset.metric).sort());
+    await expectAttr(p, "#m-count", "data-count", 6, "last hour, all services: 6 series");
+    check(JSON.stringify(await cards()) === JSON.stringify([...billingNames, ...EXPECT.checkout_series].sort()), "last hour: checkout's and billing's series", await cards());
+    await p.selectOption("#m-range", "15m");
+    await expectAttr(p, "#m-count", "data-count", 3, "last 15 min, all services: checkout's 3 series");
+    check(JSON.stringify(await cards()) === JSON.stringify(EXPECT.checkout_series), "last 15 min: checkout's series only", await cards());
+    await p.selectOption("#m-service", "billing");
+    await expectAttr(p, "#m-count", "data-count", 0, "last 15 min, billing: none (30 and 40 min old)");
+    check((await text(p, "#m-list")).includes("No metrics match."), "last 15 min, billing: says no metrics match", await text(p, "#m-list"));
+    await p.selectOption("#m-range", "1h");
+    await expectAttr(p, "#m-count", "data-count", billingNames.length, `last hour, billing: ${billingNames.length} series`);
+    check(JSON.stringify(await cards()) === JSON.stringify(billingNames), "last hour, billing: its series only", await cards());
+    const u = new URL(p.url()).searchParams;
+    check(u.get("m.service") === "billing" && u.get("m.range") === "1h", "service and range in the URL", [u.get("m.service"), u.get("m.range")]);
+    // The charts span the range (the last hour), not just the points: the
+    // pushes sit at their times on it.
+    const [from, until] = (await p.locator("#m-list").evaluate((n) => [n.dataset.from, n.dataset.until])).map(Number);
+    const drift = await p.evaluate((u) => Date.now() - u, until);
+    check(until - from === 3600000 && drift >= 0 && drift < 60000, "the view's range is the last hour", [from, until, drift]);
+    const clocks = await p.evaluate((ts) => ts.map((t) => fmtClock(t)), [from, until]);
+    for (const [name, shown] of Object.entries(B.series)) {
+      const card = p.locator(`.metric[data-metric="${name}"]`);
+      const value = await card.locator(".mvalue").innerText();
+      check(value === shown, `${name}: last value in its unit, ${shown}`, value);
+      const info = await card.innerText();
+      check(info.includes("gauge · 2 points") && info.includes('job="billing"'), `${name}: a gauge of billing, 2 points`, info);
+      const axis = await card.locator("svg text").evaluateAll((ts) => ts.map((t) => t.textContent));
+      check(clocks.every((c) => axis.includes(c)), `${name}: the chart's time axis is the range, ${clocks.join(" to ")}`, axis);
+      // Each point's x on the plot is where its time is in the range.
+      const geo = await card.locator("svg").evaluate((s) => {
+        const plot = s.querySelector("rect.plot");
+        const d = s.querySelector("path.line")?.getAttribute("d") || "";
+        return { x: Number(plot?.getAttribute("x")), w: Number(plot?.getAttribute("width")), from: Number(s.dataset.from), until: Number(s.dataset.until),
+          xs: [...d.matchAll(/[ML]([\d.]+),/g)].map((m) => Number(m[1])) };
+      });
+      const want = B.times_ms.map((t) => geo.x + ((t - from) / (until - from)) * geo.w);
+      check(geo.from === from && geo.until === until && geo.xs.length === want.length && geo.xs.every((x, i) => Math.abs(x - want[i]) < 0.5),
+        `${name}: its points at ${want.map((x) => x.toFixed(1)).join(", ")} of the plot (40 and 30 min ago, on the last hour's ${geo.w} wide plot)`, geo);
+    }
+    await shot(p, "metrics-billing");
     await p.context().close();
     p = await page("dark");
     await open(p, "?view=metrics&m.service=checkout");
