@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::{
 use tokio::runtime::Runtime;
 
 mod common;
-use common::{fixture, require_tool, target_dir};
+use common::{fixture, require_tool, workspace_root};
 
 struct Running {
     rt: Runtime,
@@ -1304,11 +1304,39 @@ impl Standalone {
     }
 }
 
-/// Where the browser tests' screenshots go: `<target>/ui-screenshots`.
+/// Where the browser tests leave their screenshots for CI to keep:
+/// `$FATHOM_ARTIFACTS_DIR/ui/`, by default `<workspace>/target/artifacts/ui/`
+/// whatever the cargo target directory is (`.ci/run` lists it at its end).
 fn screenshots_dir() -> PathBuf {
-    let dir = target_dir().join("ui-screenshots");
+    let root = std::env::var_os("FATHOM_ARTIFACTS_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| workspace_root().join("target/artifacts"), PathBuf::from);
+    let dir = root.join("ui");
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The screenshots in `dir` written since `since`: each a PNG of the
+/// page's width (1500 px, full page), by name.
+fn fresh_screenshots(dir: &Path, since: SystemTime) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        if path.extension().is_none_or(|e| e != "png") || modified < since {
+            continue;
+        }
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let info = decoder
+            .read_info()
+            .unwrap_or_else(|e| panic!("{}: not a PNG: {e}", path.display()));
+        let (w, h) = (info.info().width, info.info().height);
+        assert!(w == 1500 && h >= 1000, "{}: {w}x{h}", path.display());
+        names.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+    }
+    names.sort();
+    names
 }
 
 /// `npm ci` in `collector/tests/browser` when its `node_modules` is missing
@@ -1325,7 +1353,24 @@ fn browser_deps(dir: &Path) {
     assert!(ok, "npm ci in {} failed", dir.display());
 }
 
-fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Value, shots: &Path) {
+/// Runs `ui.mjs`'s `phase`; it must pass and leave its screenshots, each
+/// named in `want_shots`, in `shots`.
+fn run_browser(
+    script: &Path,
+    base: &str,
+    phase: &str,
+    expect: &serde_json::Value,
+    shots: &Path,
+    want_shots: &[&str],
+) {
+    // Whole seconds: file times may be coarser than the clock.
+    let since = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        );
     let out = Command::new("node")
         .arg(script)
         .env("BASE", base)
@@ -1338,6 +1383,19 @@ fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Valu
         .status()
         .unwrap();
     assert!(out.success(), "browser checks ({phase}) failed");
+    let fresh = fresh_screenshots(shots, since);
+    println!(
+        "{phase}: {} screenshots in {}: {fresh:?}",
+        fresh.len(),
+        shots.display()
+    );
+    for want in want_shots {
+        assert!(
+            fresh.iter().any(|f| f == want),
+            "{phase}: no fresh {want}.png in {}: {fresh:?}",
+            shots.display()
+        );
+    }
 }
 
 /// Headless Chromium drives the three views (playwright-core): onboarding
@@ -1352,7 +1410,7 @@ fn run_browser(script: &Path, base: &str, phase: &str, expect: &serde_json::Valu
 /// span-labelled samples; an honest empty state) and metrics (history,
 /// units, service filter), light and dark (no near-white panel or area on
 /// the profiles, traces and metrics views). Screenshots go to
-/// `<target>/ui-screenshots`.
+/// [`screenshots_dir`].
 #[test]
 fn browser_drives_profiles_traces_and_metrics_views() {
     const TEST: &str = "browser_drives_profiles_traces_and_metrics_views";
@@ -1400,7 +1458,14 @@ fn browser_drives_profiles_traces_and_metrics_views() {
             "otlp_http_port": http,
             "store_path": store.display().to_string(),
         });
-        run_browser(&script, url.trim_end_matches('/'), "empty", &expect, &shots);
+        run_browser(
+            &script,
+            url.trim_end_matches('/'),
+            "empty",
+            &expect,
+            &shots,
+            &["empty-profiles"],
+        );
         standalone.stop();
     }
 
@@ -1534,7 +1599,25 @@ fn browser_drives_profiles_traces_and_metrics_views() {
         "span_a_price_pct": "75%",
         "trace_total": "600 ms",
     });
-    run_browser(&script, &run.base, "data", &expect, &shots);
+    run_browser(
+        &script,
+        &run.base,
+        "data",
+        &expect,
+        &shots,
+        &[
+            "profiles",
+            "profiles-zoomed",
+            "profiles-diff-labels",
+            "profiles-dark",
+            "traces-waterfall",
+            "traces-dark",
+            "span-profile",
+            "metrics",
+            "metrics-billing",
+            "metrics-dark",
+        ],
+    );
 }
 
 /// The Profiles view's diff of two time ranges, in headless Chromium, on
@@ -1654,7 +1737,14 @@ fn browser_diff_of_two_ranges_shows_what_grew_and_shrank() {
         "shrank": LOOPS[0],
         "grew": LOOPS[1],
     });
-    run_browser(&dir.join("ui.mjs"), &run.base, "diff", &expect, &shots);
+    run_browser(
+        &dir.join("ui.mjs"),
+        &run.base,
+        "diff",
+        &expect,
+        &shots,
+        &["profiles-diff-ranges"],
+    );
 }
 
 /// The Profiles view's time range, in headless Chromium: three CPU
@@ -1706,7 +1796,14 @@ fn browser_timeline_brush_and_typed_range_select_what_was_pushed_then() {
         "selector": "{service_name=\"timeline\"}",
         "pushes": expect_pushes,
     });
-    run_browser(&dir.join("ui.mjs"), &run.base, "range", &expect, &shots);
+    run_browser(
+        &dir.join("ui.mjs"),
+        &run.base,
+        "range",
+        &expect,
+        &shots,
+        &["profiles-brushed", "profiles-typed-range"],
+    );
 }
 
 /// A push of one `process_cpu` profile of `service`.
