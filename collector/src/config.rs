@@ -46,8 +46,9 @@ pub struct CollectorConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
-    /// OTLP gRPC (TraceService, MetricsService). Pyroscope's push
-    /// (`push.v1.PusherService`, connect protocol) is on `http`.
+    /// OTLP gRPC (TraceService, MetricsService) and Pyroscope's push
+    /// (`push.v1.PusherService`) over gRPC; its connect protocol is on
+    /// `http`.
     pub otlp_grpc: Option<SocketAddr>,
     /// OTLP HTTP: `/v1/traces`, `/v1/metrics` (protobuf or JSON).
     pub otlp_http: Option<SocketAddr>,

@@ -246,20 +246,24 @@ impl Collector {
             None => None,
         };
         let max = config.queues.max_request_bytes;
+        // push.v1 on the HTTP port (connect) and the OTLP gRPC port: one
+        // service, so a retried sample is acknowledged once whichever way.
+        let pusher = pyroscope::Pusher::new(ingest.clone(), auth.clone(), max);
         let stop_receivers = CancellationToken::new();
         let mut receivers = JoinSet::new();
         let mut addrs = BoundAddrs::default();
         if let Some(addr) = config.listen.otlp_grpc {
             let l = bind("OTLP gRPC", addr).await?;
             addrs.otlp_grpc = l.local_addr().ok();
-            let (ingest, auth, tls, cancel) = (
+            let (ingest, auth, tls, pusher, cancel) = (
                 ingest.clone(),
                 auth.clone(),
                 tls_http.clone(),
+                pusher.clone(),
                 stop_receivers.clone(),
             );
             receivers.spawn(async move {
-                if let Err(e) = otlp_grpc::serve(l, ingest, auth, tls, max, cancel).await {
+                if let Err(e) = otlp_grpc::serve(l, ingest, auth, tls, max, pusher, cancel).await {
                     tracing::error!(error = %e, "OTLP gRPC server failed");
                 }
             });
@@ -283,7 +287,7 @@ impl Collector {
             // The HTTP port also takes OTLP/HTTP (`/v1/traces`, `/v1/metrics`):
             // agents with --collector-url send everything to this one port.
             http_routes = http_routes
-                .merge(pyroscope::router(ingest.clone(), auth.clone(), max))
+                .merge(pyroscope::router(pusher.clone()))
                 .merge(legacy_ingest::router(ingest.clone(), auth.clone(), max))
                 .merge(otlp_http::router(ingest.clone(), auth.clone(), max))
                 .route("/healthz", get(|| async { "ok\n" }));

@@ -881,7 +881,7 @@ async fn status(State(s): State<UiState>, Query(q): Params) -> Result<Response, 
     if let Some(a) = s.addrs.get() {
         if let Some(g) = a.otlp_grpc {
             endpoints.push(Endpoint {
-                what: "OTLP gRPC (traces, metrics)",
+                what: "OTLP gRPC (traces, metrics), Pyroscope push.v1 over gRPC",
                 address: g.to_string(),
             });
         }

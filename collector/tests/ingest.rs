@@ -939,3 +939,392 @@ fn tls_on_every_endpoint() {
     assert_eq!(tap.wait_spans(4, Duration::from_secs(10)).len(), 4);
     assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
 }
+
+/// A Python with grpcio-tools (`FATHOM_TEST_PYTHON`, else `python3`).
+fn grpc_python(test: &str) -> Option<std::path::PathBuf> {
+    let candidate = std::env::var_os("FATHOM_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("python3"));
+    let ok = std::process::Command::new(&candidate)
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    common::require_found(
+        test,
+        "Python with grpcio-tools (pip package; or FATHOM_TEST_PYTHON)",
+        ok.then(|| std::path::PathBuf::from("/")),
+    )
+    .map(|_| candidate)
+}
+
+/// One push: its series, the bearer token to send, gzip.
+struct PushCall {
+    what: &'static str,
+    req: PushRequest,
+    token: Option<&'static str>,
+    gzip: bool,
+}
+
+/// How one push was answered: the gRPC code's name (`OK`,
+/// `INVALID_ARGUMENT`, …) or connect's (`ok`, `invalid_argument`, …) with
+/// its HTTP status, the message, the `RetryInfo` delay.
+#[derive(Debug)]
+struct Answer {
+    code: String,
+    http: Option<u16>,
+    message: String,
+    retry_delay: Option<Duration>,
+    retry_after: Option<String>,
+}
+
+/// The calls made by `collector/tests/fixtures/clients/push_grpc.py`, a
+/// grpcio client generated from Pyroscope's `push.proto`.
+fn push_over_grpc(python: &std::path::Path, target: SocketAddr, calls: &[PushCall]) -> Vec<Answer> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let calls: Vec<serde_json::Value> = calls
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "token": c.token,
+                "gzip": c.gzip,
+                "series": c.req.series.iter().map(|s| serde_json::json!({
+                    "labels": s.labels.iter().map(|l| [&l.name, &l.value]).collect::<Vec<_>>(),
+                    "samples": s.samples.iter().map(|x| serde_json::json!({
+                        "raw_profile": b64(&x.raw_profile),
+                        "id": x.id,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut child = std::process::Command::new(python)
+        .arg(common::fixture("clients/push_grpc.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            serde_json::json!({"target": target.to_string(), "calls": calls})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "push_grpc.py failed");
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    results
+        .into_iter()
+        .map(|r| {
+            let details = r["status_details"]
+                .as_str()
+                .map(|d| base64::engine::general_purpose::STANDARD.decode(d).unwrap());
+            let retry_delay = details.and_then(|d| {
+                tonic::Status::with_details(tonic::Code::Unknown, "", d.into())
+                    .get_details_retry_info()
+                    .and_then(|r| r.retry_delay)
+            });
+            Answer {
+                code: r["code"].as_str().unwrap().to_string(),
+                http: None,
+                message: r["details"].as_str().unwrap().to_string(),
+                retry_delay,
+                retry_after: None,
+            }
+        })
+        .collect()
+}
+
+/// The same calls over the connect protocol (`application/proto`).
+fn push_over_connect(http: SocketAddr, calls: &[PushCall]) -> Vec<Answer> {
+    let client = reqwest::blocking::Client::new();
+    calls
+        .iter()
+        .map(|c| {
+            let mut body = c.req.encode_to_vec();
+            let mut r = client
+                .post(format!("http://{http}/push.v1.PusherService/Push"))
+                .header("content-type", "application/proto");
+            if c.gzip {
+                use std::io::Write as _;
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(&body).unwrap();
+                body = gz.finish().unwrap();
+                r = r.header("content-encoding", "gzip");
+            }
+            if let Some(t) = c.token {
+                r = r.header("authorization", format!("Bearer {t}"));
+            }
+            let resp = r.body(body).send().unwrap();
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let text = resp.text().unwrap();
+            let (code, message) = if status == 200 {
+                ("ok".to_string(), String::new())
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                (
+                    v["code"].as_str().unwrap().to_string(),
+                    v["message"].as_str().unwrap().to_string(),
+                )
+            };
+            Answer {
+                code,
+                http: Some(status),
+                message,
+                retry_delay: None,
+                retry_after,
+            }
+        })
+        .collect()
+}
+
+/// `push.v1.PusherService/Push` over gRPC (the OTLP gRPC port), from a
+/// grpcio client generated from Pyroscope's own `push.proto`: answered as
+/// the connect endpoint answers the same calls — accepted (plain and gzip),
+/// a retried sample ID acknowledged once whichever protocol carried it
+/// first, `UNAUTHENTICATED` without the token, `INVALID_ARGUMENT` with the
+/// same reason for a broken pprof and for labels without `__name__`,
+/// `RESOURCE_EXHAUSTED` naming the limit over `max_request_bytes`, each
+/// counted as connect's are; a full queue is `RESOURCE_EXHAUSTED` with a
+/// `RetryInfo` of 1 s (connect: 429 with `Retry-After: 1`); the profiles
+/// pushed over both arrive merged.
+#[test]
+fn push_v1_over_grpc_is_answered_as_over_connect() {
+    const TEST: &str = "push_v1_over_grpc_is_answered_as_over_connect";
+    let Some(py) = grpc_python(TEST) else { return };
+    let rt = runtime();
+    let tap = Tap::default();
+    let mut c = config();
+    c.aggregation.window = Duration::from_secs(3600);
+    c.auth.bearer_token = Some("t0ken".into());
+    c.queues.max_request_bytes = 1 << 20;
+    let collector = rt
+        .block_on(Collector::start_with_sinks(c, vec![tap.sink(&rt)]))
+        .unwrap();
+    let addrs = collector.addrs();
+    let push = |series: Vec<RawProfileSeries>| PushRequest { series };
+    let ok = Some("t0ken");
+    let unnamed = RawProfileSeries {
+        labels: vec![LabelPair {
+            name: "service_name".into(),
+            value: "api".into(),
+        }],
+        ..api_series(agent_profile("unnamed", 1), "")
+    };
+    // Incompressible, over the 1 MiB limit.
+    let mut noise = vec![0u8; 2 << 20];
+    fastrand::fill(&mut noise);
+    // The refusals, the same over both protocols.
+    let refusals = |token_case: &'static str| {
+        vec![
+            PushCall {
+                what: token_case,
+                req: push(vec![api_series(agent_profile("work", 1), "")]),
+                token: None,
+                gzip: false,
+            },
+            PushCall {
+                what: "wrong token",
+                req: push(vec![api_series(agent_profile("work", 1), "")]),
+                token: Some("nope"),
+                gzip: false,
+            },
+            PushCall {
+                what: "broken pprof",
+                req: push(vec![api_series(b"not a profile".to_vec(), "")]),
+                token: ok,
+                gzip: false,
+            },
+            PushCall {
+                what: "no __name__",
+                req: push(vec![unnamed.clone()]),
+                token: ok,
+                gzip: false,
+            },
+            PushCall {
+                what: "over max_request_bytes",
+                req: push(vec![api_series(noise.clone(), "")]),
+                token: ok,
+                gzip: false,
+            },
+        ]
+    };
+    let mut grpc_calls = vec![
+        PushCall {
+            what: "accepted",
+            req: push(vec![api_series(agent_profile("via_grpc", 3), "a")]),
+            token: ok,
+            gzip: false,
+        },
+        PushCall {
+            what: "retried",
+            req: push(vec![api_series(agent_profile("via_grpc", 3), "a")]),
+            token: ok,
+            gzip: false,
+        },
+        PushCall {
+            what: "gzip",
+            req: push(vec![api_series(agent_profile("via_grpc", 4), "b")]),
+            token: ok,
+            gzip: true,
+        },
+    ];
+    grpc_calls.extend(refusals("no token"));
+    let mut connect_calls = vec![
+        PushCall {
+            what: "accepted",
+            req: push(vec![api_series(agent_profile("via_connect", 2), "c")]),
+            token: ok,
+            gzip: false,
+        },
+        // gRPC's sample "a" again, over connect: already accepted.
+        PushCall {
+            what: "retried",
+            req: push(vec![api_series(agent_profile("via_grpc", 3), "a")]),
+            token: ok,
+            gzip: false,
+        },
+        PushCall {
+            what: "gzip",
+            req: push(vec![api_series(agent_profile("via_connect", 5), "d")]),
+            token: ok,
+            gzip: true,
+        },
+    ];
+    connect_calls.extend(refusals("no token"));
+    let grpc = push_over_grpc(&py, addrs.otlp_grpc.unwrap(), &grpc_calls);
+    let connect = push_over_connect(addrs.http.unwrap(), &connect_calls);
+    for ((call, g), c) in grpc_calls.iter().zip(&grpc).zip(&connect) {
+        eprintln!(
+            "{}: gRPC {} {:?} / connect {} {:?} {:?}",
+            call.what, g.code, g.message, c.code, c.http, c.message
+        );
+    }
+    let codes = |a: &[Answer]| -> Vec<String> { a.iter().map(|x| x.code.to_lowercase()).collect() };
+    let want = [
+        "ok",
+        "ok",
+        "ok",
+        "unauthenticated",
+        "unauthenticated",
+        "invalid_argument",
+        "invalid_argument",
+        "resource_exhausted",
+    ];
+    assert_eq!(codes(&grpc), want, "gRPC: {grpc:#?}");
+    assert_eq!(codes(&connect), want, "connect: {connect:#?}");
+    assert_eq!(
+        connect.iter().map(|a| a.http.unwrap()).collect::<Vec<_>>(),
+        [200, 200, 200, 401, 401, 400, 400, 413]
+    );
+    // The same reasons, word for word, where the request was read.
+    for i in 3..7 {
+        assert_eq!(
+            grpc[i].message, connect[i].message,
+            "{}",
+            grpc_calls[i].what
+        );
+    }
+    assert!(
+        grpc[5].message.starts_with("series[0].samples[0]: ")
+            && grpc[6].message.starts_with("series[0]: "),
+        "{grpc:#?}"
+    );
+    for a in [&grpc[7], &connect[7]] {
+        assert!(a.message.contains("1048576"), "{a:?}");
+        assert!(a.retry_delay.is_none() && a.retry_after.is_none(), "{a:?}");
+    }
+    let stats = collector.stats();
+    // a, b over gRPC, c, d over connect; the retried a twice acknowledged only.
+    assert_eq!(stats.profiles.accepted.get(), 4);
+    // Broken pprof, no __name__, oversize: over each protocol.
+    assert_eq!(stats.profiles.invalid_requests.get(), 6);
+    assert_eq!(stats.profiles.unauthenticated.get(), 4);
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+    let end = Instant::now() + Duration::from_secs(5);
+    let merged = loop {
+        let merged: Vec<_> = tap
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|b| match b {
+                Batch::Profiles(p) => Some(p.as_ref().clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if !merged.is_empty() || Instant::now() > end {
+            break merged;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(merged.len(), 1, "one series, one window");
+    assert_eq!(merged[0].inputs, 4);
+    let folded = pprof::folded(&merged[0].profile, 0);
+    let get = |leaf: &str| {
+        folded
+            .iter()
+            .find(|(s, _)| s.ends_with(leaf))
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(
+        (get("via_grpc"), get("via_connect")),
+        (Some(7), Some(7)),
+        "{folded:?}"
+    );
+
+    // A full queue (one profile at a time; this request has two series).
+    let mut c = config();
+    c.queues.profiles = 1;
+    let collector = rt
+        .block_on(Collector::start_with_sinks(
+            c,
+            vec![Tap::default().sink(&rt)],
+        ))
+        .unwrap();
+    let addrs = collector.addrs();
+    let two = || {
+        let mut other = api_series(agent_profile("work", 1), "");
+        other.labels[1].value = "web".into();
+        push(vec![api_series(agent_profile("work", 1), ""), other])
+    };
+    let full = |what| PushCall {
+        what,
+        req: two(),
+        token: None,
+        gzip: false,
+    };
+    let grpc = push_over_grpc(&py, addrs.otlp_grpc.unwrap(), &[full("full")]);
+    let connect = push_over_connect(addrs.http.unwrap(), &[full("full")]);
+    eprintln!("full queue: gRPC {grpc:?}, connect {connect:?}");
+    assert_eq!(grpc[0].code, "RESOURCE_EXHAUSTED", "{grpc:?}");
+    assert_eq!(
+        grpc[0].retry_delay,
+        Some(Duration::from_secs(1)),
+        "{grpc:?}"
+    );
+    assert_eq!(
+        (
+            connect[0].code.as_str(),
+            connect[0].http,
+            connect[0].retry_after.as_deref()
+        ),
+        ("resource_exhausted", Some(429), Some("1"))
+    );
+    assert_eq!(grpc[0].message, connect[0].message);
+    assert!(grpc[0].message.contains("queue is full"), "{grpc:?}");
+    assert_eq!(collector.stats().profiles.refused_full.get(), 4);
+    assert!(rt.block_on(collector.shutdown(Duration::from_secs(5))));
+}

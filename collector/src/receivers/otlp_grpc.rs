@@ -1,6 +1,7 @@
 //! OTLP gRPC receiver: `TraceService/Export` and `MetricsService/Export`
-//! (the opentelemetry-proto services on tonic), gzip accepted, bearer auth and
-//! TLS optional. A request that is not a decodable message (garbage protobuf,
+//! (the opentelemetry-proto services on tonic), and Pyroscope's
+//! `push.v1.PusherService/Push` ([`PusherServer`]), gzip accepted, bearer
+//! auth and TLS optional. A request that is not a decodable message (garbage protobuf,
 //! a broken gzip stream) is `INVALID_ARGUMENT`, one over `max_request_bytes`
 //! `RESOURCE_EXHAUSTED`, both counted as invalid, like any other malformed
 //! request (tonic's codec itself answers `INTERNAL` and `OUT_OF_RANGE`).
@@ -26,7 +27,12 @@ use tonic::{
 };
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::{auth::BearerAuth, tls::TlsMaterial, validate_traces};
+use super::{
+    auth::BearerAuth,
+    pyroscope::{PUSH_PATH, Pusher, PusherServer},
+    tls::TlsMaterial,
+    validate_traces,
+};
 use crate::{
     pipeline::{Ingest, IngestError},
     stats::Stats,
@@ -75,6 +81,8 @@ pub fn codec_errors_as_otlp_statuses<B>(
             .insert("grpc-status", HeaderValue::from_static(new_status));
         if path == TRACES_PATH {
             stats.spans.invalid_requests.inc();
+        } else if path == PUSH_PATH {
+            stats.profiles.invalid_requests.inc();
         } else {
             stats.metrics.invalid_requests.inc();
         }
@@ -202,13 +210,15 @@ where
     }
 }
 
-/// Serves until `cancel`, then finishes in-flight calls.
+/// Serves until `cancel`, then finishes in-flight calls. `pusher` answers
+/// `push.v1` (it checks the bearer token itself).
 pub async fn serve(
     listener: TcpListener,
     ingest: Ingest,
     auth: BearerAuth,
     tls: Option<TlsMaterial>,
     max_request_bytes: usize,
+    pusher: Pusher,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let svc = Otlp { ingest };
@@ -247,6 +257,7 @@ pub async fn serve(
     builder
         .add_service(traces)
         .add_service(metrics)
+        .add_service(PusherServer::new(pusher))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             cancel.cancelled_owned(),

@@ -1,6 +1,8 @@
-//! Pyroscope-compatible profile ingest: the connect-protocol unary call
-//! `POST /push.v1.PusherService/Push` (`application/proto` or
-//! `application/json`), as Grafana Alloy and Pyroscope SDKs send it. A
+//! Pyroscope-compatible profile ingest: the unary call
+//! `push.v1.PusherService/Push` over the connect protocol (`POST` on the
+//! HTTP port, `application/proto` or `application/json`), as Grafana Alloy
+//! and Pyroscope SDKs send it, and over gRPC (on the OTLP gRPC port,
+//! [`PusherServer`]), with the same limits, errors and back-pressure. A
 //! request is accepted or refused whole; retried samples (same `ID`) are
 //! acknowledged and not counted twice. A pprof's string sample labels (Go's
 //! `pprof.Do`, the SDKs' tag wrappers) make series of their own, as
@@ -24,7 +26,10 @@ use axum::{
 use base64::Engine as _;
 use prost::Message as _;
 
-use super::{auth::BearerAuth, connect_error, decompress, ingest::split_by_sample_labels};
+use super::{
+    auth::BearerAuth, connect_error, decompress, ingest::split_by_sample_labels,
+    otlp_grpc::FULL_QUEUE_RETRY_DELAY,
+};
 use crate::{
     model::{RawProfile, SeriesLabels},
     pipeline::{Ingest, IngestError},
@@ -44,20 +49,75 @@ struct Ctx {
     seen: Mutex<lru::LruCache<String, ()>>,
 }
 
-pub fn router(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Router {
-    let ctx = Arc::new(Ctx {
-        ingest,
-        auth,
-        max_bytes: max_request_bytes,
-        seen: Mutex::new(lru::LruCache::new(
-            NonZeroUsize::new(DEDUP_IDS).unwrap_or(NonZeroUsize::MIN),
-        )),
-    });
+/// The push service both protocols share: its authentication, limit and
+/// the sample IDs already accepted (a retry over either is acknowledged
+/// once).
+#[derive(Clone)]
+pub struct Pusher(Arc<Ctx>);
+
+/// Why a push was refused.
+#[derive(Debug)]
+enum Refused {
+    /// Malformed: labels, pprof, encoding (`invalid_argument`).
+    Invalid(String),
+    /// A queue is full: retry later (`resource_exhausted`, with a delay).
+    Full(String),
+    /// Shutting down (`unavailable`).
+    ShuttingDown(String),
+}
+
+impl Pusher {
+    pub fn new(ingest: Ingest, auth: BearerAuth, max_request_bytes: usize) -> Self {
+        Self(Arc::new(Ctx {
+            ingest,
+            auth,
+            max_bytes: max_request_bytes,
+            seen: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(DEDUP_IDS).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }))
+    }
+
+    /// Decodes and queues a whole request, or refuses it whole (counted
+    /// as invalid when malformed).
+    fn accept(&self, req: PushRequest) -> Result<(), Refused> {
+        let ctx = &self.0;
+        let decoded = {
+            let seen = |id: &str| {
+                ctx.seen
+                    .lock()
+                    .map(|mut s| s.get(id).is_some())
+                    .unwrap_or(false)
+            };
+            decode_push(req, SystemTime::now(), seen)
+        };
+        let (profiles, ids) = decoded.map_err(|m| {
+            ctx.ingest.stats.profiles.invalid_requests.inc();
+            Refused::Invalid(m)
+        })?;
+        match ctx.ingest.profiles_all(profiles) {
+            Ok(()) => {
+                if let Ok(mut seen) = ctx.seen.lock() {
+                    for id in ids {
+                        seen.put(id, ());
+                    }
+                }
+                Ok(())
+            }
+            Err(e @ IngestError::Full(_)) => Err(Refused::Full(e.to_string())),
+            Err(e @ IngestError::ShuttingDown) => Err(Refused::ShuttingDown(e.to_string())),
+        }
+    }
+}
+
+/// The connect endpoint on the HTTP port.
+pub fn router(pusher: Pusher) -> Router {
+    let max_request_bytes = pusher.0.max_bytes;
     Router::new()
         .route(PUSH_PATH, post(push))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(axum::middleware::from_fn(crate::receivers::linger))
-        .with_state(ctx)
+        .with_state(pusher.0)
 }
 
 /// protojson of `PushRequest` (camelCase names, bytes as base64).
@@ -222,26 +282,8 @@ async fn push(
             ));
         }
     };
-    let decoded = {
-        let seen = |id: &str| {
-            ctx.seen
-                .lock()
-                .map(|mut s| s.get(id).is_some())
-                .unwrap_or(false)
-        };
-        decode_push(req, SystemTime::now(), seen)
-    };
-    let (profiles, ids) = match decoded {
-        Ok(x) => x,
-        Err(m) => return invalid(m),
-    };
-    match ctx.ingest.profiles_all(profiles) {
+    match Pusher(ctx.clone()).accept(req) {
         Ok(()) => {
-            if let Ok(mut seen) = ctx.seen.lock() {
-                for id in ids {
-                    seen.put(id, ());
-                }
-            }
             let body = if mime == "application/json" {
                 b"{}".to_vec()
             } else {
@@ -254,9 +296,130 @@ async fn push(
             };
             ([(header::CONTENT_TYPE, ct)], body).into_response()
         }
-        Err(e @ IngestError::Full(_)) => connect_error("resource_exhausted", e.to_string()),
-        Err(e @ IngestError::ShuttingDown) => connect_error("unavailable", e.to_string()),
+        // Counted by `accept`.
+        Err(Refused::Invalid(m)) => connect_error("invalid_argument", m),
+        Err(Refused::Full(m)) => {
+            let mut resp = connect_error("resource_exhausted", m);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+            resp
+        }
+        Err(Refused::ShuttingDown(m)) => connect_error("unavailable", m),
     }
+}
+
+/// `Retry-After` of a full queue's answer ([`FULL_QUEUE_RETRY_DELAY`]).
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// `push.v1.PusherService/Push` over gRPC, a tonic service (what
+/// `tonic-build` would generate from Pyroscope's `push.proto`, by hand: the
+/// messages are [`crate::proto::push`]'s). Served on the OTLP gRPC port
+/// (`otlp_grpc::serve`), which gives it gzip, `max_request_bytes` and the
+/// codec's errors as the OTLP services have them (undecodable:
+/// `INVALID_ARGUMENT`, over the limit: `RESOURCE_EXHAUSTED`, both counted
+/// as invalid profiles). The rest as the connect endpoint answers:
+/// `UNAUTHENTICATED` without the bearer token, `INVALID_ARGUMENT` with the
+/// same reason, a full queue `RESOURCE_EXHAUSTED` (connect's code) with a
+/// `RetryInfo` of [`FULL_QUEUE_RETRY_DELAY`] (`Retry-After` on connect),
+/// `UNAVAILABLE` when shutting down.
+#[derive(Clone)]
+pub struct PusherServer {
+    pusher: Pusher,
+}
+
+impl PusherServer {
+    pub fn new(pusher: Pusher) -> Self {
+        Self { pusher }
+    }
+}
+
+/// The gRPC answer to a refused push.
+fn refused_status(r: Refused) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    match r {
+        Refused::Invalid(m) => tonic::Status::invalid_argument(m),
+        Refused::Full(m) => tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            m,
+            ErrorDetails::with_retry_info(Some(FULL_QUEUE_RETRY_DELAY)),
+        ),
+        Refused::ShuttingDown(m) => tonic::Status::unavailable(m),
+    }
+}
+
+#[derive(Clone)]
+struct PushMethod(Pusher);
+
+impl tonic::server::UnaryService<PushRequest> for PushMethod {
+    type Response = PushResponse;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<tonic::Response<PushResponse>, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    fn call(&mut self, request: tonic::Request<PushRequest>) -> Self::Future {
+        let pusher = self.0.clone();
+        Box::pin(async move {
+            let ctx = &pusher.0;
+            let token = request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.as_bytes());
+            if !ctx.auth.allows(token) {
+                ctx.ingest.stats.profiles.unauthenticated.inc();
+                return Err(tonic::Status::unauthenticated(
+                    "missing or wrong bearer token (Authorization: Bearer <token>)",
+                ));
+            }
+            pusher
+                .accept(request.into_inner())
+                .map(|()| tonic::Response::new(PushResponse {}))
+                .map_err(refused_status)
+        })
+    }
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for PusherServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = axum::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let method = PushMethod(self.pusher.clone());
+        let max = self.pusher.0.max_bytes;
+        if req.uri().path() != PUSH_PATH {
+            return Box::pin(async {
+                Ok(tonic::Status::unimplemented("push.v1.PusherService has Push only").into_http())
+            });
+        }
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .max_decoding_message_size(max);
+            Ok(grpc.unary(method, req).await)
+        })
+    }
+}
+
+impl tonic::server::NamedService for PusherServer {
+    const NAME: &'static str = "push.v1.PusherService";
 }
 
 #[cfg(test)]

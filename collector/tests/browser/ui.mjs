@@ -112,10 +112,10 @@ try {
         `${view}: onboarding names the OTLP ports ${EXPECT.otlp_grpc_port}/${EXPECT.otlp_http_port}`);
       check(box.includes("/ingest") || box.includes("v1/"), `${view}: onboarding says what to send`);
       check(box.includes(`Store: ${EXPECT.store_path},`), `${view}: onboarding names the store ${EXPECT.store_path}`, box.slice(-200));
-      // The OTLP gRPC port serves TraceService and MetricsService only
-      // (push.v1 over gRPC is UNIMPLEMENTED there): it says no more.
+      // The OTLP gRPC port serves TraceService, MetricsService and
+      // push.v1's PusherService (ingest.rs: push_v1_over_grpc_…).
       const grpcItem = await p.locator(`#onboarding li:has-text(":${EXPECT.otlp_grpc_port}")`).innerText();
-      check(grpcItem.endsWith("OTLP gRPC (traces, metrics)"), `${view}: the OTLP gRPC port is for traces and metrics`, grpcItem);
+      check(grpcItem.endsWith("OTLP gRPC (traces, metrics), Pyroscope push.v1 over gRPC"), `${view}: the OTLP gRPC port is for traces, metrics and push.v1`, grpcItem);
       if (view === "profiles") {
         const dl = await p.locator("#p-download").getAttribute("href");
         check(dl === null, "no Download pprof link without a profile", dl);
