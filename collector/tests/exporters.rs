@@ -341,6 +341,198 @@ async fn otlp_exporter_delivers_every_span_exactly_once_across_a_30s_outage() {
     );
 }
 
+/// An OTLP gRPC trace receiver (tonic's server, opentelemetry-proto's
+/// service) that answers each call with the next of its scripted statuses
+/// (then OK), and records when each call came and how many spans it held.
+#[derive(Clone)]
+struct Scripted {
+    script: Arc<std::sync::Mutex<std::collections::VecDeque<tonic::Status>>>,
+    calls: Arc<std::sync::Mutex<Vec<(Instant, usize)>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Scripted
+{
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let spans = request
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.calls.lock().unwrap().push((Instant::now(), spans));
+        match self.script.lock().unwrap().pop_front() {
+            Some(status) => Err(status),
+            None => Ok(tonic::Response::new(Default::default())),
+        }
+    }
+}
+
+impl Scripted {
+    /// Serves `script` on a free port of 127.0.0.1 until the runtime ends.
+    async fn serve(script: Vec<tonic::Status>) -> (Self, std::net::SocketAddr) {
+        let me = Self {
+            script: Arc::new(std::sync::Mutex::new(script.into())),
+            calls: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(me.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (me, addr)
+    }
+
+    /// Waits (up to 10 s) for `n` calls; their times and span counts.
+    async fn calls(&self, n: usize) -> Vec<(Instant, usize)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let calls = self.calls.lock().unwrap().clone();
+            if calls.len() >= n || Instant::now() > deadline {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A status with a `google.rpc.RetryInfo` detail of `delay`.
+fn with_retry_info(code: tonic::Code, message: &str, delay: Duration) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    tonic::Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay)))
+}
+
+/// The OTLP exporter against a real tonic server answering the OTLP
+/// specification's throttling cases: `RESOURCE_EXHAUSTED` with a
+/// `RetryInfo` of 2 s is retried after 2 s (and the span delivered once);
+/// `RESOURCE_EXHAUSTED` without one is not retried (the span dropped and
+/// counted, the next one delivered); `UNAVAILABLE` with a `RetryInfo` of
+/// 1.5 s waits 1.5 s; `UNAVAILABLE` without one is retried after the
+/// backoff's first delay (50-100 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_exporter_honours_retry_info_and_drops_resource_exhausted_without_it() {
+    use tonic::Code;
+    // (what, the statuses before OK, spans sent, calls expected, the gap
+    // between the first two calls within, (sent, dropped))
+    type Case = (
+        &'static str,
+        Vec<tonic::Status>,
+        u64,
+        usize,
+        Option<(Duration, Duration)>,
+        (u64, u64),
+    );
+    let secs = Duration::from_secs_f64;
+    let cases: Vec<Case> = vec![
+        (
+            "RESOURCE_EXHAUSTED with RetryInfo 2 s",
+            vec![with_retry_info(
+                Code::ResourceExhausted,
+                "queue full",
+                secs(2.0),
+            )],
+            1,
+            2,
+            Some((secs(2.0), secs(2.9))),
+            (1, 0),
+        ),
+        (
+            "RESOURCE_EXHAUSTED without RetryInfo",
+            vec![tonic::Status::resource_exhausted("message too large")],
+            2,
+            2,
+            None,
+            (1, 1),
+        ),
+        (
+            "UNAVAILABLE with RetryInfo 1.5 s",
+            vec![with_retry_info(Code::Unavailable, "busy", secs(1.5))],
+            1,
+            2,
+            Some((secs(1.5), secs(2.4))),
+            (1, 0),
+        ),
+        (
+            "UNAVAILABLE without RetryInfo",
+            vec![tonic::Status::unavailable("restarting")],
+            1,
+            2,
+            Some((secs(0.04), secs(0.9))),
+            (1, 0),
+        ),
+    ];
+    // Every case runs; the mismatches are reported together.
+    let mut failures = Vec::new();
+    for (what, script, spans, want_calls, gap, (want_sent, want_dropped)) in cases {
+        let (server, addr) = Scripted::serve(script).await;
+        let exporter = start_exporter(
+            &exporter_config(format!("http://{addr}"), OtlpProtocol::Grpc, 1 << 20),
+            Duration::from_secs(10),
+        );
+        exporter.tx.send(numbered_request(1)).await.unwrap();
+        if spans == 2 {
+            // The second span after the first attempt's answer: sent alone.
+            server.calls(1).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            exporter.tx.send(numbered_request(2)).await.unwrap();
+        }
+        let calls = server.calls(want_calls).await;
+        exporter.wait_drained(Duration::from_secs(10)).await;
+        let stats = exporter.finish(Duration::from_secs(10)).await;
+        let calls_after = server.calls.lock().unwrap().clone();
+        let gap_seen = calls.get(1).map(|c| c.0 - calls[0].0);
+        eprintln!(
+            "{what}: {} calls {:?}, gap {gap_seen:?}, sent {} dropped {} failed attempts {}",
+            calls_after.len(),
+            calls_after.iter().map(|c| c.1).collect::<Vec<_>>(),
+            stats.sent.get(),
+            stats.dropped.get(),
+            stats.failed_attempts.get()
+        );
+        let mut expect = |ok: bool, msg: String| {
+            if !ok {
+                failures.push(format!("{what}: {msg}"));
+            }
+        };
+        expect(
+            calls_after.len() == want_calls,
+            format!("{} calls, not {want_calls}", calls_after.len()),
+        );
+        expect(
+            (stats.sent.get(), stats.dropped.get()) == (want_sent, want_dropped),
+            format!(
+                "sent {} dropped {}, not {want_sent} and {want_dropped}",
+                stats.sent.get(),
+                stats.dropped.get()
+            ),
+        );
+        expect(
+            stats.failed_attempts.get() == 1,
+            format!("{} failed attempts, not 1", stats.failed_attempts.get()),
+        );
+        if let Some((lo, hi)) = gap {
+            expect(
+                gap_seen.is_some_and(|g| g >= lo && g <= hi),
+                format!("retried after {gap_seen:?}, not within {lo:?}..{hi:?}"),
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 /// With a tiny buffer an outage loses the oldest spans, and exactly those are
 /// counted: delivered + dropped == sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -396,7 +396,9 @@ async fn send_grpc(
                 Some(src) => format!("{}: {}", status.message(), error_chain(src)),
                 None => status.message().to_string(),
             };
-            classify_grpc(status.code(), &message, local)
+            // grpc-status-details-bin's google.rpc.RetryInfo, if any.
+            let retry_info = tonic_types::StatusExt::get_details_retry_info(&status);
+            classify_grpc(status.code(), &message, local, retry_info.as_ref())
         }
     }
 }

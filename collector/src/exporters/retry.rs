@@ -343,25 +343,46 @@ pub fn classify_http(status: u16, retry_after: Option<&str>, body: &str) -> Atte
     }
 }
 
-/// A gRPC status of an export call. `local` is true when tonic produced the
-/// status itself from a transport error (no response from the server), which
-/// is always worth a retry.
-pub fn classify_grpc(code: tonic::Code, message: &str, local: bool) -> Attempt {
+/// A gRPC status of an export call, as the OTLP specification's "OTLP/gRPC
+/// Response" and "OTLP/gRPC Throttling" sections classify it: `CANCELLED`,
+/// `DEADLINE_EXCEEDED`, `ABORTED`, `OUT_OF_RANGE`, `UNAVAILABLE` and
+/// `DATA_LOSS` are retried; `RESOURCE_EXHAUSTED` only when the server sent a
+/// `google.rpc.RetryInfo` (`retry_info`: it can recover), otherwise the data
+/// is dropped; every other code is permanent. A `RetryInfo`'s
+/// `retry_delay` is the wait before the next attempt (at most
+/// [`MAX_RETRY_AFTER`]; without one, the backoff's). `local` is true when
+/// tonic produced the status itself from a transport error (no response
+/// from the server), which is always worth a retry.
+pub fn classify_grpc(
+    code: tonic::Code,
+    message: &str,
+    local: bool,
+    retry_info: Option<&tonic_types::RetryInfo>,
+) -> Attempt {
     use tonic::Code;
-    let reason = format!("gRPC {code:?}: {message}");
+    let delay = retry_info
+        .and_then(|r| r.retry_delay)
+        .map(|d| d.min(MAX_RETRY_AFTER));
+    let reason = match delay {
+        Some(d) => format!("gRPC {code:?}: {message} (retry in {d:?})"),
+        None => format!("gRPC {code:?}: {message}"),
+    };
     match code {
         Code::Ok => Attempt::Delivered {
             rejected: 0,
             message: None,
         },
         Code::Unavailable
-        | Code::ResourceExhausted
         | Code::DeadlineExceeded
         | Code::Aborted
         | Code::Cancelled
         | Code::OutOfRange
         | Code::DataLoss => Attempt::Retry {
-            after: None,
+            after: delay,
+            reason,
+        },
+        Code::ResourceExhausted if retry_info.is_some() => Attempt::Retry {
+            after: delay,
             reason,
         },
         _ if local => Attempt::Retry {
@@ -589,28 +610,80 @@ mod tests {
             );
         }
         use tonic::Code;
+        use tonic_types::RetryInfo;
         for c in [
             Code::Unavailable,
-            Code::ResourceExhausted,
             Code::DeadlineExceeded,
             Code::Aborted,
             Code::Cancelled,
+            Code::OutOfRange,
+            Code::DataLoss,
         ] {
             assert!(
-                matches!(classify_grpc(c, "", false), Attempt::Retry { .. }),
+                matches!(
+                    classify_grpc(c, "", false, None),
+                    Attempt::Retry { after: None, .. }
+                ),
                 "{c:?}"
             );
         }
+        // RESOURCE_EXHAUSTED: retried only with a RetryInfo, after its delay.
         assert!(matches!(
-            classify_grpc(Code::InvalidArgument, "bad span", false),
+            classify_grpc(Code::ResourceExhausted, "too big", false, None),
+            Attempt::Permanent { .. }
+        ));
+        let info = |d: Option<Duration>| RetryInfo { retry_delay: d };
+        assert_eq!(
+            classify_grpc(
+                Code::ResourceExhausted,
+                "busy",
+                false,
+                Some(&info(Some(Duration::from_secs(3))))
+            ),
+            Attempt::Retry {
+                after: Some(Duration::from_secs(3)),
+                reason: "gRPC ResourceExhausted: busy (retry in 3s)".into()
+            }
+        );
+        assert!(matches!(
+            classify_grpc(Code::ResourceExhausted, "busy", false, Some(&info(None))),
+            Attempt::Retry { after: None, .. }
+        ));
+        // A delay on any retryable code is honoured, up to the cap.
+        assert!(matches!(
+            classify_grpc(
+                Code::Unavailable,
+                "",
+                false,
+                Some(&info(Some(Duration::from_millis(1500))))
+            ),
+            Attempt::Retry { after: Some(d), .. } if d == Duration::from_millis(1500)
+        ));
+        assert!(matches!(
+            classify_grpc(
+                Code::Unavailable,
+                "",
+                false,
+                Some(&info(Some(Duration::from_secs(100_000))))
+            ),
+            Attempt::Retry { after: Some(d), .. } if d == MAX_RETRY_AFTER
+        ));
+        // A RetryInfo makes no other code retryable.
+        assert!(matches!(
+            classify_grpc(
+                Code::InvalidArgument,
+                "bad span",
+                false,
+                Some(&info(Some(Duration::from_secs(1))))
+            ),
             Attempt::Permanent { .. }
         ));
         assert!(matches!(
-            classify_grpc(Code::Unknown, "connection reset", true),
+            classify_grpc(Code::Unknown, "connection reset", true, None),
             Attempt::Retry { .. }
         ));
         assert!(matches!(
-            classify_grpc(Code::Unknown, "server said so", false),
+            classify_grpc(Code::Unknown, "server said so", false, None),
             Attempt::Permanent { .. }
         ));
     }
