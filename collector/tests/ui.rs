@@ -1806,6 +1806,89 @@ fn browser_timeline_brush_and_typed_range_select_what_was_pushed_then() {
     );
 }
 
+/// Pyroscope's sandwich view of the function `name` in `stacks` (root
+/// first, samples of 10 ms): each caller path (the function, its caller,
+/// theirs…) and callee path (the function, what it calls…) with its time in
+/// ns, from the outermost call of the function in each stack.
+fn sandwich_oracle(stacks: &[(&[&str], i64)], name: &str) -> serde_json::Value {
+    let mut callers = std::collections::BTreeMap::<String, i64>::new();
+    let mut callees = std::collections::BTreeMap::<String, i64>::new();
+    let mut total = 0;
+    for (stack, n) in stacks {
+        let Some(i) = stack.iter().position(|f| *f == name) else {
+            continue;
+        };
+        let ns = n * 10_000_000;
+        total += ns;
+        for k in (0..=i).rev() {
+            let path: Vec<&str> = stack[k..=i].iter().rev().copied().collect();
+            *callers.entry(path.join(";")).or_default() += ns;
+        }
+        for k in i..stack.len() {
+            *callees.entry(stack[i..=k].join(";")).or_default() += ns;
+        }
+    }
+    serde_json::json!({ "total": total, "callers": callers, "callees": callees })
+}
+
+/// The Profiles view's sandwich (as Pyroscope's), in headless Chromium: a
+/// function chosen in the table shows its callers (inverted, the function
+/// at the bottom) and its callees (the function at the top), each path's
+/// time as the pushed stacks have it (outermost call only, so a recursive
+/// call is counted once) and the function's total as the table's; a click
+/// on a caller makes it the function.
+#[test]
+fn browser_sandwich_view_shows_the_callers_and_callees_of_a_function() {
+    const TEST: &str = "browser_sandwich_view_shows_the_callers_and_callees_of_a_function";
+    let chromium = fathom_test_support::require_found(
+        TEST,
+        "chromium",
+        Some(PathBuf::from("/usr/bin/chromium")),
+    );
+    let (Some(_), Some(_)) = (chromium, require_tool(TEST, "node")) else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    browser_deps(&dir);
+    let shots = screenshots_dir();
+    let stacks: &[(&[&str], i64)] = &[
+        (&["main", "handler_a", "encode", "deflate"], 30),
+        (&["main", "handler_b", "encode", "crc"], 20),
+        (&["main", "handler_b", "encode"], 10),
+        (&["main", "encode", "deflate"], 5),
+        (&["main", "handler_a", "other"], 15),
+        // Recursion: the inner encode is in the outer one's time.
+        (&["main", "handler_b", "encode", "encode", "crc"], 6),
+    ];
+    let run = Running::start();
+    run.put_profile(
+        &[("__name__", "process_cpu"), ("service_name", "codec")],
+        cpu_profile(stacks),
+    );
+    let all: i64 = stacks.iter().map(|s| s.1 * 10_000_000).sum();
+    run.wait_json("/ui/api/top?service=codec&type=cpu", |v| {
+        v["total"].as_i64() == Some(all)
+    });
+    let expect = serde_json::json!({
+        "selector": "{service_name=\"codec\"}",
+        "first": "encode",
+        "then": "handler_b",
+        "sandwich": {
+            "encode": sandwich_oracle(stacks, "encode"),
+            "handler_b": sandwich_oracle(stacks, "handler_b"),
+        },
+    });
+    println!("{expect:#}");
+    run_browser(
+        &dir.join("ui.mjs"),
+        &run.base,
+        "sandwich",
+        &expect,
+        &shots,
+        &["profiles-sandwich"],
+    );
+}
+
 /// A push of one `process_cpu` profile of `service`.
 fn push_request(service: &str, profile: &Profile) -> fathom_collector::proto::push::PushRequest {
     use fathom_collector::proto::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};

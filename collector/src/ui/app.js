@@ -279,8 +279,16 @@ function diffColor(a, b) {
   return d > 0 ? `hsl(0, ${40 + 50 * k}%, ${78 - 22 * k}%)` : `hsl(130, ${40 + 40 * k}%, ${76 - 22 * k}%)`;
 }
 
-const flame = {
-  root: null, focus: null, unit: "", total: 0, diff: null,
+/// A flame graph drawn in the element `boxId`: `topDown()` says which way
+/// (root at the top or at the bottom); `onSelect(node)`, when given, is what
+/// a click on a frame does instead of zooming.
+class FlameGraph {
+  constructor(boxId, topDown, onSelect) {
+    this.boxId = boxId;
+    this.topDown = topDown;
+    this.onSelect = onSelect || null;
+    this.root = null; this.focus = null; this.unit = ""; this.total = 0; this.diff = null; this.emptyText = null;
+  }
 
   set(root, unit, diff) {
     this.root = root;
@@ -289,10 +297,10 @@ const flame = {
     this.total = root ? root.total : 0;
     this.diff = diff || null;
     this.render();
-  },
+  }
 
   render() {
-    const box = $("flame");
+    const box = $(this.boxId);
     if (!this.root || this.root.total <= 0) {
       box.replaceChildren(el("p", { class: "empty" }, this.emptyText || "No samples for this selection."));
       box.style.height = "";
@@ -301,7 +309,7 @@ const flame = {
     }
     const W = box.clientWidth || 800;
     const F = this.focus;
-    const topDown = $("p-topdown").checked;
+    const topDown = this.topDown();
     let re = null;
     const q = $("p-search").value.trim();
     if (q) { try { re = new RegExp(q, "i"); } catch { re = null; } }
@@ -324,7 +332,11 @@ const flame = {
         style: `left:${left}px;width:${w}px;top:${top}px;background:${this.diff ? diffColor(n.shareA || 0, n.shareB || 0) : nodeColor(n.name)}`,
         "data-name": n.name,
       }, w > 28 ? n.name : "");
-      d.addEventListener("click", () => { this.focus = n === this.focus ? (n.parent || n) : n; this.render(); });
+      d.addEventListener("click", () => {
+        if (this.onSelect) { this.onSelect(n); return; }
+        this.focus = n === this.focus ? (n.parent || n) : n;
+        this.render();
+      });
       d.addEventListener("mousemove", (e) => this.tip(e, n));
       d.addEventListener("mouseleave", () => { $("fg-tip").hidden = true; });
       frag.append(d);
@@ -333,7 +345,7 @@ const flame = {
     box.style.height = (maxDepth + 1) * H + 2 + "px";
     box.dataset.state = "ok";
     box.dataset.focus = F.name;
-  },
+  }
 
   describe(n) {
     if (this.diff) {
@@ -342,7 +354,7 @@ const flame = {
     }
     return `${n.name}\nTotal: ${fmtUnit(n.total, this.unit)} (${pct(n.total, this.total)})\n` +
       `Self: ${fmtUnit(n.self, this.unit)} (${pct(n.self, this.total)})`;
-  },
+  }
 
   tip(e, n) {
     const t = $("fg-tip");
@@ -351,6 +363,92 @@ const flame = {
     const x = Math.min(e.clientX + 14, innerWidth - t.offsetWidth - 8);
     t.style.left = x + "px";
     t.style.top = e.clientY + 16 + "px";
+  }
+}
+
+const flame = new FlameGraph("flame", () => $("p-topdown").checked);
+
+// ---- sandwich ----
+
+/// The outermost frames named `name` of a tree (an occurrence inside
+/// another is counted in it, as the table's total counts a function once
+/// per stack).
+function outermost(root, name) {
+  const out = [];
+  const walk = (n) => {
+    if (n.name === name && n !== root) { out.push(n); return; }
+    for (const c of n.children) walk(c);
+  };
+  if (root) walk(root);
+  return out;
+}
+
+/// Lays out a tree built by name: children by name, x offsets, depths.
+function layoutTree(n, x, depth, parent) {
+  n.x = x; n.depth = depth; n.parent = parent;
+  n.children = [...n.kids.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  let cx = x;
+  for (const c of n.children) { layoutTree(c, cx, depth + 1, n); cx += c.total; }
+  return n;
+}
+const treeNode = (name) => ({ name, total: 0, self: 0, kids: new Map() });
+function childOf(n, name) {
+  let c = n.kids.get(name);
+  if (!c) n.kids.set(name, (c = treeNode(name)));
+  return c;
+}
+
+/// Pyroscope's sandwich of `name` in `root`: its callees (every outermost
+/// call of it merged: the function at the root) and its callers (the
+/// stacks that lead to it, inverted: the function at the root, its
+/// callers, their callers…). Both totals are the function's total.
+function sandwichTrees(root, name) {
+  const callees = treeNode(name);
+  const callers = treeNode(name);
+  const merge = (into, n) => {
+    into.total += n.total; into.self += n.self;
+    for (const c of n.children) merge(childOf(into, c.name), c);
+  };
+  for (const n of outermost(root, name)) {
+    merge(callees, n);
+    callers.total += n.total;
+    let at = callers;
+    for (let a = n.parent; a && a !== root; a = a.parent) {
+      at = childOf(at, a.name);
+      at.total += n.total;
+    }
+    at.self += n.total;
+  }
+  return { callers: layoutTree(callers, 0, 0, null), callees: layoutTree(callees, 0, 0, null) };
+}
+
+/// The sandwich view: callers above the function, callees below it, of the
+/// function chosen in the table or by a click in either graph.
+const sandwich = {
+  callers: new FlameGraph("sw-callers", () => false, (n) => sandwich.select(n.name)),
+  callees: new FlameGraph("sw-callees", () => true, (n) => sandwich.select(n.name)),
+
+  select(name) {
+    S["p.fn"] = name;
+    saveUrl();
+    this.render();
+  },
+
+  render() {
+    const box = $("p-sandwich");
+    const on = (S["p.mode"] || "both") === "sandwich";
+    box.hidden = !on;
+    if (!on) return;
+    const name = S["p.fn"] || "";
+    const root = flame.diff ? null : flame.root;
+    const has = name && root && outermost(root, name).length > 0;
+    $("sw-title").textContent = flame.diff ? "The sandwich view shows one profile: leave Compare" : !root ? "" : has ? `${name}: ${fmtUnit(outermost(root, name).reduce((a, n) => a + n.total, 0), flame.unit)}`
+      : name ? `${name} is not in this profile: choose a function in the table` : "Choose a function in the table (or click a frame here)";
+    box.dataset.fn = has ? name : "";
+    const t = has ? sandwichTrees(root, name) : { callers: null, callees: null };
+    this.callers.emptyText = this.callees.emptyText = "No function chosen.";
+    this.callers.set(t.callers, flame.unit);
+    this.callees.set(t.callees, flame.unit);
   },
 };
 
@@ -653,6 +751,7 @@ const profiles = {
       ]);
       const d = diffTree(ra, rb);
       flame.set(d, unit, { totalA: ra ? ra.total : 0, totalB: rb ? rb.total : 0 });
+      sandwich.render();
       const side = (sel) => (selA !== selB ? ` ${sel}` : "");
       $("p-total").textContent = `A${side(selA)}: ${fmtUnit(ra ? ra.total : 0, unit)} · B${side(selB)}: ${fmtUnit(rb ? rb.total : 0, unit)} (red: larger share in B)`;
       this.table(null);
@@ -670,6 +769,7 @@ const profiles = {
       : null;
     flame.set(root, unit);
     this.table(root);
+    sandwich.render();
     const total = root ? root.total : 0;
     $("p-total").textContent = total ? `Total ${fmtUnit(total, unit)} of ${t.sampleType}${spans.length ? (spans.length > 1 ? " in these spans" : " in this span") : ""}` : "";
     $("p-total").dataset.total = String(total);
@@ -716,7 +816,11 @@ const profiles = {
     const rows = functionTable(root);
     const key = S["p.sort"] || "self";
     rows.sort((a, b) => (key === "name" ? a.name.localeCompare(b.name) : b[key] - a[key]));
-    tb.replaceChildren(...rows.slice(0, 500).map((f) => el("tr", { "data-name": f.name, onclick: () => { $("p-search").value = "^" + f.name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "$"; flame.render(); } },
+    tb.replaceChildren(...rows.slice(0, 500).map((f) => el("tr", { "data-name": f.name, onclick: () => {
+      $("p-search").value = "^" + f.name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "$";
+      flame.render();
+      sandwich.select(f.name);
+    } },
       el("td", { class: "name" }, f.name),
       el("td", { class: "num" }, fmtUnit(f.self, unit)),
       el("td", { class: "num" }, pct(f.self, root.total)),
@@ -726,7 +830,7 @@ const profiles = {
 
   mode() {
     const m = S["p.mode"] || "both";
-    $("p-body").className = "pbody" + (m === "flame" ? " flame-only" : m === "table" ? " table-only" : "");
+    $("p-body").className = "pbody" + (m === "flame" ? " flame-only" : m === "table" ? " table-only" : m === "sandwich" ? " sandwich" : "");
     for (const b of document.querySelectorAll("#p-mode button")) b.classList.toggle("on", b.dataset.mode === m);
   },
 
@@ -774,10 +878,10 @@ const profiles = {
     $("p-search").value = S["p.search"] || "";
     $("p-search").addEventListener("input", (e) => { S["p.search"] = e.target.value; saveUrl(); flame.render(); });
     $("p-reset").addEventListener("click", () => { flame.focus = flame.root; flame.render(); });
-    for (const b of document.querySelectorAll("#p-mode button")) b.addEventListener("click", () => { S["p.mode"] = b.dataset.mode; saveUrl(); this.mode(); flame.render(); });
+    for (const b of document.querySelectorAll("#p-mode button")) b.addEventListener("click", () => { S["p.mode"] = b.dataset.mode; saveUrl(); this.mode(); flame.render(); sandwich.render(); });
     for (const th of document.querySelectorAll("#p-table th[data-sort]")) th.addEventListener("click", () => { S["p.sort"] = th.dataset.sort; saveUrl(); this.load(); });
     this.mode();
-    addEventListener("resize", () => flame.render());
+    addEventListener("resize", () => { flame.render(); sandwich.render(); });
   },
 };
 

@@ -197,6 +197,66 @@ try {
     await waitTotal(sum(pushes));
     check(await totalNow() === sum(pushes) && urlRange()[0] === "15m", "15 min again: every push", [await totalNow(), urlRange()]);
     await p.context().close();
+  } else if (PHASE === "sandwich") {
+    // Callers and callees of a function (ui.rs computes each path's time
+    // from the pushed stacks: EXPECT.sandwich[fn]).
+    console.log("profiles: sandwich view");
+    const p = await page();
+    await open(p, "?view=profiles&p.range=15m&p.q=" + encodeURIComponent(EXPECT.selector));
+    await p.waitForSelector('#flame[data-state="ok"]');
+    const ns = (v) => p.evaluate((x) => fmtUnit(x, "nanoseconds"), v);
+    /// Each path of the two trees the page draws, with its time.
+    const paths = () => p.evaluate(() => {
+      const out = {};
+      for (const side of ["callers", "callees"]) {
+        const m = (out[side] = {});
+        const walk = (n, prefix) => {
+          const key = prefix ? prefix + ";" + n.name : n.name;
+          m[key] = (m[key] || 0) + n.total;
+          for (const c of n.children) walk(c, key);
+        };
+        if (sandwich[side].root) walk(sandwich[side].root, "");
+      }
+      return out;
+    });
+    const sorted = (o) => JSON.stringify(Object.entries(o).sort());
+    const checkFn = async (fn) => {
+      const want = EXPECT.sandwich[fn];
+      await p.waitForSelector(`#p-sandwich[data-fn="${fn}"]`, { timeout: 5000 }).catch(() => {});
+      await settle(p);
+      const got = await paths();
+      check(sorted(got.callers) === sorted(want.callers), `${fn}: callers ${JSON.stringify(want.callers)}`, got.callers);
+      check(sorted(got.callees) === sorted(want.callees), `${fn}: callees ${JSON.stringify(want.callees)}`, got.callees);
+      const title = await text(p, "#sw-title");
+      check(title === `${fn}: ${await ns(want.total)}`, `${fn}: title names its total ${await ns(want.total)}`, title);
+      // The table's total of the function is the sandwich's.
+      const tableTotal = await p.locator(`#p-table tr[data-name="${fn}"] td`).nth(3).innerText();
+      check(tableTotal === await ns(want.total), `${fn}: the table's total is ${await ns(want.total)} too`, tableTotal);
+      // Drawn: callers inverted (the function at the bottom), callees top-down.
+      const tops = (box) => p.locator(`${box} .fg-node`).evaluateAll((ns) => ns.map((n) => [n.dataset.name, n.offsetTop, n.getBoundingClientRect().width]));
+      const [callers, callees] = [await tops("#sw-callers"), await tops("#sw-callees")];
+      // The root row holds the function alone: the bottom row of the
+      // callers, the top row of the callees.
+      const row = (list, pick) => { const t = pick(...list.map(([, top]) => top)); return list.filter(([, top]) => top === t).map(([n]) => n); };
+      check(callers.length > 1 && JSON.stringify(row(callers, Math.max)) === JSON.stringify([fn]), `${fn}: callers drawn above it`, callers);
+      check(callees.length > 1 && JSON.stringify(row(callees, Math.min)) === JSON.stringify([fn]), `${fn}: callees drawn below it`, callees);
+      check(new URL(p.url()).searchParams.get("p.fn") === fn && new URL(p.url()).searchParams.get("p.mode") === "sandwich", `${fn}: function and mode in the URL`, p.url());
+    };
+    await p.click(`#p-table tr[data-name="${EXPECT.first}"]`);
+    await p.click('#p-mode button[data-mode="sandwich"]');
+    check(await p.locator("#flame").isHidden() && await p.locator("#p-sandwich").isVisible(), "sandwich mode: the two graphs instead of the flame graph");
+    await checkFn(EXPECT.first);
+    await shot(p, "profiles-sandwich");
+    // A click on a caller makes it the function.
+    await p.locator(`#sw-callers .fg-node[data-name="${EXPECT.then}"]`).first().click();
+    await checkFn(EXPECT.then);
+    // A link to it opens the same view.
+    const again = await page();
+    await open(again, new URL(p.url()).search);
+    await again.waitForSelector(`#p-sandwich[data-fn="${EXPECT.then}"]`, { timeout: 5000 }).catch(() => {});
+    check(await again.locator(`#p-sandwich`).getAttribute("data-fn") === EXPECT.then, "the URL opens the sandwich of the same function");
+    await again.context().close();
+    await p.context().close();
   } else if (PHASE === "diff") {
     // Two ranges, one real profile in each (ui.rs sets EXPECT from the files).
     console.log("profiles: diff of two ranges");
