@@ -40,11 +40,13 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use fathom_common::http::{
-    ConnEvent, DataEvent, SockAddr, TraceContext, ctx_flags, data_flags, direction, syscall,
+    ConnEvent, DataEvent, SockAddr, SpanRecord, TraceContext, ctx_flags, data_flags, direction,
+    role, span_flags, syscall,
 };
 
 use super::parse::{
     Answering, Fragment, MessageHead, MessageParser, Sink, StartLine, StreamError, Version,
+    host_value, parse_request_line, user_agent_value,
 };
 
 /// Bounds of an [`HttpTracer`]. Memory at most: per connection two heads
@@ -117,6 +119,11 @@ pub struct TracerStats {
     /// Server spans moved into the trace the kernel started for a client
     /// request they sent (see `SideSink::request`).
     pub adopted: u64,
+    /// Exchanges the kernel paired (one record each, nothing parsed here).
+    pub paired: u64,
+    /// Paired records that did not make a span (an unreadable request
+    /// line).
+    pub paired_malformed: u64,
 }
 
 /// Server or client.
@@ -398,6 +405,22 @@ impl Shared {
         }
     }
 
+    /// The parent of a client request the kernel injected on thread `tid`:
+    /// the server span the kernel gave it; or, when the kernel started a
+    /// new trace (it did not know the thread was serving: a pipelined
+    /// request taken from the server's own buffer, without a read), the
+    /// one request user space knows the thread serves, if it has no parent
+    /// of its own: that request joins the trace the downstream services
+    /// already got.
+    fn injected_parent(&mut self, tid: u32, ctx: &TraceContext) -> Option<[u8; 8]> {
+        if ctx.flags & ctx_flags::LOCAL_PARENT != 0 {
+            return Some(ctx.parent_span_id);
+        }
+        let s = self.serving_current(tid).filter(|s| !s.remote_parent)?;
+        self.adopt(tid, s, ctx.trace_id);
+        Some(s.span_id)
+    }
+
     fn serving_one(&self, tid: u32) -> Option<Serving> {
         match self.serving.get(&tid).map(Vec::as_slice) {
             Some([one]) => Some(*one),
@@ -473,20 +496,7 @@ impl SideSink<'_> {
                 (shared.trace_id(), shared.span_id(), None, false)
             }
         } else if first && ctx.flags & ctx_flags::CLIENT_INJECTED != 0 {
-            let local = ctx.flags & ctx_flags::LOCAL_PARENT != 0;
-            let mut parent = local.then_some(ctx.parent_span_id);
-            if !local
-                && let Some(s) = shared.serving_current(origin.tid)
-                && !s.remote_parent
-            {
-                // The kernel started a new trace (it did not know the thread
-                // was serving: a pipelined request taken from the server's
-                // own buffer, without a read). User space knows the one
-                // request the thread serves, which has no parent of its own:
-                // it joins the trace the downstream services already got.
-                shared.adopt(origin.tid, s, ctx.trace_id);
-                parent = Some(s.span_id);
-            }
+            let parent = shared.injected_parent(origin.tid, &ctx);
             (ctx.trace_id, ctx.span_id, parent, false)
         } else if let Some((trace, parent, _)) = head.traceparent {
             let parent = shared
@@ -678,6 +688,72 @@ impl Sink<Origin> for SideSink<'_> {
             Current::Request(_) | Current::Ignored | Current::None => {}
         }
     }
+}
+
+/// The span of a paired exchange's record on the connection `core` (no
+/// status or end yet): its ids are the kernel's. `None` when its request
+/// line does not read.
+fn span_of_record(rec: &SpanRecord, core: &Core) -> Option<HttpSpan> {
+    let line = until_cr(&rec.line)?;
+    let (method, target, version) = parse_request_line(line)?;
+    let server = rec.role == role::SERVER;
+    let ctx = &rec.ctx;
+    let (parent_span_id, remote_parent) = if server {
+        let remote = ctx.flags & ctx_flags::REMOTE_PARENT != 0;
+        (remote.then_some(ctx.parent_span_id), remote)
+    } else {
+        // The caller decides ([`Shared::injected_parent`]).
+        (None, false)
+    };
+    let (target_authority, path, query) = split_target(&method, &target);
+    Some(HttpSpan {
+        trace_id: ctx.trace_id,
+        span_id: ctx.span_id,
+        parent_span_id,
+        remote_parent,
+        kind: if server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        },
+        start_ns: rec.start_ns,
+        end_ns: 0,
+        pid: rec.tgid,
+        tid: rec.tid,
+        conn_id: rec.conn_id,
+        method,
+        path,
+        query,
+        target_authority,
+        scheme: Scheme::Http,
+        status: None,
+        host: until_cr(&rec.host)
+            .filter(|v| !v.is_empty())
+            .map(host_value),
+        user_agent: until_cr(&rec.agent)
+            .filter(|v| !v.is_empty())
+            .map(user_agent_value),
+        version,
+        request_body_bytes: 0,
+        response_body_bytes: 0,
+        peer: core.peer,
+        local_port: core.local_port,
+        tcp: None,
+        connect_us: core.connect_us,
+        truncated: false,
+        error: false,
+        profiled: server && ctx.flags & ctx_flags::SERVER != 0,
+    })
+}
+
+/// A record's text field up to its `\r`; an empty field (first byte 0)
+/// is empty; `None` when it has no `\r`.
+fn until_cr(field: &[u8]) -> Option<&[u8]> {
+    if field.first() == Some(&0) {
+        return Some(&[]);
+    }
+    let end = field.iter().position(|&b| b == b'\r')?;
+    Some(&field[..end])
 }
 
 /// Splits a request target into (authority, path, query).
@@ -898,6 +974,11 @@ impl HttpTracer {
             shared: &mut self.shared,
         };
         side.parser.feed(frag, origin, &mut sink);
+        self.apply_adoptions();
+    }
+
+    /// Server spans still pending that moved to another trace.
+    fn apply_adoptions(&mut self) {
         for (conn_id, seq, trace_id) in std::mem::take(&mut self.shared.adoptions) {
             if let Some(c) = self.conns.get_mut(&conn_id) {
                 for p in c.core.served.iter_mut().filter(|p| p.seq == seq) {
@@ -905,6 +986,77 @@ impl HttpTracer {
                 }
             }
         }
+    }
+
+    /// An exchange the kernel paired: a finished span; or, with
+    /// [`span_flags::PENDING`], a request whose response comes as data
+    /// events (the kernel stopped pairing on the connection), queued as if
+    /// it had been parsed here.
+    pub fn on_span(&mut self, rec: &SpanRecord) {
+        let Some(conn) = ensure_conn(
+            &mut self.conns,
+            &mut self.shared,
+            rec.conn_id,
+            rec.tgid,
+            rec.end_ns,
+        ) else {
+            return;
+        };
+        let core = &mut conn.core;
+        core.last_ns = core.last_ns.max(rec.end_ns);
+        let Some(mut span) = span_of_record(rec, core) else {
+            self.shared.stats.paired_malformed += 1;
+            return;
+        };
+        if rec.role == role::CLIENT {
+            span.parent_span_id = self.shared.injected_parent(rec.tid, &rec.ctx);
+            self.apply_adoptions();
+        }
+        // `apply_adoptions` borrowed the connections.
+        let Some(core) = self.conns.get_mut(&rec.conn_id).map(|c| &mut c.core) else {
+            return;
+        };
+        let first_tcp = (rec.flags & span_flags::TCP != 0).then_some(TcpSample {
+            srtt_us: rec.srtt_us,
+            total_retrans: rec.retrans_first,
+        });
+        if rec.flags & span_flags::PENDING != 0 {
+            let seq = core.next_seq;
+            core.next_seq += 1;
+            let pending = Pending {
+                seq,
+                span,
+                first_tcp,
+            };
+            if rec.role == role::SERVER {
+                self.shared
+                    .serving
+                    .entry(rec.tid)
+                    .or_default()
+                    .push(Serving {
+                        conn_id: core.conn_id,
+                        seq,
+                        trace_id: pending.span.trace_id,
+                        span_id: pending.span.span_id,
+                        remote_parent: pending.span.remote_parent,
+                    });
+                core.served.push_back(pending);
+            } else {
+                core.sent.push_back(pending);
+            }
+            return;
+        }
+        let last_tcp = (rec.flags & span_flags::TCP != 0).then_some(TcpSample {
+            srtt_us: rec.srtt_us,
+            total_retrans: rec.retrans_last,
+        });
+        span.status = Some(rec.status);
+        span.end_ns = rec.end_ns;
+        span.response_body_bytes = rec.response_body;
+        span.tcp = TcpSample::span(first_tcp, last_tcp);
+        span.error = is_error_status(span.kind, span.status);
+        self.shared.stats.paired += 1;
+        self.shared.finish(span);
     }
 
     /// A connection was closed (or its process exited): a response that
