@@ -2130,4 +2130,220 @@ pub(crate) mod tests {
         assert_eq!(sock_addr(&a), Some("192.168.1.2:443".parse().unwrap()));
         assert_eq!(sock_addr(&SockAddr::default()), None);
     }
+
+    /// The record the kernel sends for an exchange whose request is
+    /// `request` (its request line, `Host` and `User-Agent` copied as
+    /// `pair.rs` copies them).
+    fn record(
+        conn_id: u64,
+        r: u8,
+        tid: u32,
+        (start_ns, end_ns): (u64, u64),
+        request: &[u8],
+        (status, response_body): (u16, u64),
+        c: TraceContext,
+    ) -> SpanRecord {
+        use fathom_common::http::{SPAN_AGENT, SPAN_HOST, SPAN_LINE};
+        fn field<const N: usize>(request: &[u8], name: &str) -> [u8; N] {
+            let mut out = [0u8; N];
+            let text = String::from_utf8_lossy(request);
+            if let Some(line) = text
+                .split("\r\n")
+                .skip(1)
+                .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+            {
+                let v = line[name.len() + 1..].trim_start();
+                let v = format!("{v}\r");
+                out[..v.len()].copy_from_slice(v.as_bytes());
+            }
+            out
+        }
+        let mut line = [0u8; SPAN_LINE];
+        let n = request.len().min(SPAN_LINE);
+        line[..n].copy_from_slice(&request[..n]);
+        SpanRecord {
+            kind: event_kind::SPAN,
+            role: r,
+            flags: span_flags::TCP,
+            _reserved: 0,
+            status,
+            _reserved2: 0,
+            tgid: PID,
+            tid,
+            conn_id,
+            start_ns,
+            end_ns,
+            response_body,
+            srtt_us: 40,
+            retrans_first: 3,
+            retrans_last: 5,
+            _reserved3: 0,
+            ctx: c,
+            line,
+            host: field::<SPAN_HOST>(request, "host"),
+            agent: field::<SPAN_AGENT>(request, "user-agent"),
+        }
+    }
+
+    #[test]
+    fn a_paired_exchange_is_the_span_user_space_would_have_parsed() {
+        let server_ctx = ctx(ctx_flags::SERVER | ctx_flags::REMOTE_PARENT, 1, 2, 9);
+        let client_ctx = ctx(
+            ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
+            1,
+            3,
+            2,
+        );
+        let backend = b"GET /inventory?all=1 HTTP/1.1\r\nHost: inventory:9000\r\nUser-Agent: Go-http-client/1.1\r\n\r\n";
+        let backend_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]";
+        // Parsed: the exchanges as data events.
+        let mut parsed = tracer();
+        parsed.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        parsed.on_conn_open(&open(2, role::CLIENT, "127.0.0.1:9000"));
+        parsed.on_data(&with_tcp(
+            with_ctx(data(1, R, 7, (100, 100), CURL_GET), server_ctx),
+            40,
+            3,
+        ));
+        parsed.on_data(&with_tcp(
+            with_ctx(data(2, W, 7, (300, 300), backend), client_ctx),
+            40,
+            3,
+        ));
+        parsed.on_data(&with_tcp(data(2, R, 7, (900, 900), backend_200), 40, 5));
+        parsed.on_data(&with_tcp(data(1, W, 7, (1_700, 1_700), NGINX_200), 40, 5));
+        let mut want = parsed.take_finished();
+        // Paired: one record each.
+        let mut paired = tracer();
+        paired.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        paired.on_conn_open(&open(2, role::CLIENT, "127.0.0.1:9000"));
+        paired.on_span(&record(
+            2,
+            role::CLIENT,
+            7,
+            (300, 900),
+            backend,
+            (200, 2),
+            client_ctx,
+        ));
+        paired.on_span(&record(
+            1,
+            role::SERVER,
+            7,
+            (100, 1_700),
+            CURL_GET,
+            (200, 12),
+            server_ctx,
+        ));
+        let mut got = paired.take_finished();
+        assert_eq!(paired.stats().paired, 2);
+        want.sort_by_key(|s| s.start_ns);
+        got.sort_by_key(|s| s.start_ns);
+        assert_eq!(got, want);
+        assert_eq!(got[0].user_agent.as_deref(), Some("curl/8.5.0"));
+        assert_eq!(got[0].query.as_deref(), Some("id=7&sig=abc"));
+        assert_eq!(got[1].host.as_deref(), Some("inventory:9000"));
+        assert_eq!(got[1].parent_span_id, Some([2; 8]));
+        assert_eq!(
+            got[0].tcp,
+            Some(TcpSpan {
+                srtt_us: 40,
+                retransmits: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_pending_record_is_answered_by_the_parsed_response() {
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        let mut rec = record(
+            1,
+            role::SERVER,
+            7,
+            (100, 100),
+            CURL_GET,
+            (0, 0),
+            ctx(ctx_flags::SERVER, 1, 2, 0),
+        );
+        rec.flags |= span_flags::PENDING;
+        t.on_span(&rec);
+        assert!(t.take_finished().is_empty());
+        assert_eq!(t.stats().pending, 1);
+        // The kernel stopped pairing (an interim response): user space
+        // parses the rest.
+        t.on_data(&data(
+            1,
+            W,
+            7,
+            (200, 200),
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+        ));
+        t.on_data(&data(1, W, 7, (500, 500), NGINX_200));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 1);
+        let s = &spans[0];
+        assert_eq!((s.status, s.start_ns, s.end_ns), (Some(200), 100, 500));
+        assert_eq!((s.trace_id, s.span_id), ([1; 16], [2; 8]));
+        assert_eq!(s.path, "/api/items");
+        assert_eq!(s.response_body_bytes, 12);
+    }
+
+    #[test]
+    fn a_paired_call_from_a_pipelined_request_joins_the_kernels_trace() {
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        t.on_conn_open(&open(2, role::CLIENT, "127.0.0.1:9000"));
+        // Two requests in one read: the kernel opened the first only.
+        let two = [CURL_GET, CURL_GET].concat();
+        t.on_data(&with_ctx(
+            data(1, R, 7, (100, 100), &two),
+            ctx(ctx_flags::SERVER, 1, 2, 0),
+        ));
+        t.on_data(&data(1, W, 7, (200, 200), NGINX_200));
+        // The second's call: the kernel knew of no request served and
+        // started a trace (0x05); user space knows the thread serves one.
+        let backend = b"GET /inventory HTTP/1.1\r\nHost: inventory:9000\r\n\r\n";
+        t.on_span(&record(
+            2,
+            role::CLIENT,
+            7,
+            (300, 400),
+            backend,
+            (200, 2),
+            ctx(ctx_flags::CLIENT_INJECTED, 5, 6, 0),
+        ));
+        t.on_data(&data(1, W, 7, (500, 500), NGINX_200));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 3);
+        let client = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+        let second = spans
+            .iter()
+            .find(|s| s.kind == SpanKind::Server && s.end_ns == 500)
+            .unwrap();
+        assert_eq!(client.trace_id, [5; 16]);
+        assert_eq!(second.trace_id, [5; 16]);
+        assert_eq!(client.parent_span_id, Some(second.span_id));
+    }
+
+    #[test]
+    fn a_record_whose_line_does_not_read_is_counted() {
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        let mut rec = record(
+            1,
+            role::SERVER,
+            7,
+            (100, 200),
+            CURL_GET,
+            (200, 12),
+            ctx(ctx_flags::SERVER, 1, 2, 0),
+        );
+        rec.line = [b'A'; fathom_common::http::SPAN_LINE];
+        t.on_span(&rec);
+        rec.line[..5].copy_from_slice(b"GET\r\n");
+        t.on_span(&rec);
+        assert!(t.take_finished().is_empty());
+        assert_eq!(t.stats().paired_malformed, 2);
+    }
 }
