@@ -1234,6 +1234,27 @@ fn is_head_end(a: u64) -> bool {
 /// read is looked at too (the read before ended with its newline).
 #[inline(always)]
 pub(crate) fn scan_head(scratch: &mut Scratch) {
+    scan(scratch, true);
+}
+
+/// [`scan_head`] of a response's head: only its end and its framing
+/// (`Content-Length`, `Transfer-Encoding`) are looked for.
+#[inline(always)]
+pub(crate) fn scan_response_head(scratch: &mut Scratch) {
+    scan(scratch, false);
+}
+
+/// What a [`search_step`] works on (passed through `bpf_loop`'s context:
+/// no map lookup per step).
+#[repr(C)]
+struct ScanCtx {
+    scratch: *mut Scratch,
+    /// Request headers too (`traceparent`, `Host`, `User-Agent`).
+    request: u64,
+}
+
+#[inline(always)]
+fn scan(scratch: &mut Scratch, request: bool) {
     // The callback writes through its own pointer to this scratch: volatile
     // accesses keep the compiler from assuming it unchanged.
     // SAFETY: plain stores of fields of a valid map value.
@@ -1247,15 +1268,20 @@ pub(crate) fn scan_head(scratch: &mut Scratch) {
         core::ptr::write_volatile(&mut scratch.line_end, u32::MAX);
         core::ptr::write_volatile(&mut scratch.search_len, scratch.event.head_len);
     }
-    if check_line(scratch, 0) {
+    if check_line(scratch, 0, request) {
         return;
     }
-    // SAFETY: `search_step` has the callback signature bpf_loop requires.
+    let mut ctx = ScanCtx {
+        scratch: scratch as *mut Scratch,
+        request: u64::from(request),
+    };
+    // SAFETY: `search_step` has the callback signature bpf_loop requires;
+    // `ctx` outlives the call.
     unsafe {
         bpf_loop(
             (CAPTURE_HEAD / 8) as u32,
             search_step as *mut c_void,
-            null_mut(),
+            (&mut ctx as *mut ScanCtx).cast::<c_void>(),
             0,
         )
     };
@@ -1279,7 +1305,7 @@ const MASK7: u64 = 0xff_ffff_ffff_ffff;
 /// Notes what the header line at `pos` of the captured head is; `true` at
 /// the empty line that ends the head.
 #[inline(always)]
-fn check_line(scratch: &mut Scratch, pos: usize) -> bool {
+fn check_line(scratch: &mut Scratch, pos: usize, request: bool) -> bool {
     let pos = pos & (CAPTURE_HEAD - 1);
     if pos as u32 >= scratch.search_len {
         return false;
@@ -1305,6 +1331,16 @@ fn check_line(scratch: &mut Scratch, pos: usize) -> bool {
         return false;
     }
     let (la, lb) = (a | LOWER, b | LOWER);
+    if !request {
+        if la == CONTENT_ && lb & MASK7 == LENGTH {
+            if scratch.content_length == u32::MAX {
+                scratch.content_length = pos as u32;
+            }
+        } else if la == TRANSFER && lb == ENCODIN && (c | 0x2020) & 0xffff == G_COLON {
+            scratch.transfer_encoding = pos as u32;
+        }
+        return false;
+    }
     if la == TRACEPAR && (lb as u32) == ENT {
         if scratch.found == u32::MAX {
             scratch.found = pos as u32;
@@ -1330,12 +1366,12 @@ fn check_line(scratch: &mut Scratch, pos: usize) -> bool {
 
 /// One word of [`scan_head`]: each line that starts in it is looked at;
 /// stops at the end of the head or of the capture.
-extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
+extern "C" fn search_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `scan` passes its `ScanCtx`, alive for the loop.
+    let ctx = unsafe { &*(ctx as *const ScanCtx) };
     // SAFETY: this CPU's scratch, owned by the running program.
-    let scratch = unsafe { &mut *scratch };
+    let scratch = unsafe { &mut *ctx.scratch };
+    let request = ctx.request != 0;
     let base = (index as usize * 8) & (CAPTURE_HEAD - 1);
     if base as u32 >= scratch.search_len {
         return 1;
@@ -1348,7 +1384,7 @@ extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
     let mut n = 0;
     while hits != 0 && n < 8 {
         let pos = base + (hits.trailing_zeros() as usize / 8) + 1;
-        if check_line(scratch, pos) {
+        if check_line(scratch, pos, request) {
             return 1;
         }
         hits &= hits - 1;

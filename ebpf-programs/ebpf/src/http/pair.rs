@@ -27,7 +27,7 @@ use fathom_common::http::{
 };
 
 use crate::{
-    capture::{Scratch, message_start, scan_head},
+    capture::{Scratch, message_start, scan_head, scan_response_head},
     maps::{HTTP_EVENTS, RING_FLAGS, count},
 };
 
@@ -302,7 +302,7 @@ fn open_response(scratch: &mut Scratch, pair: &mut Pair) -> bool {
         // Interim (100, 103) and 101: user space follows them.
         return false;
     }
-    scan_head(scratch);
+    scan_response_head(scratch);
     let end = read_u32(&scratch.head_end);
     if end == u32::MAX {
         return false;
