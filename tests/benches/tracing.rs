@@ -382,7 +382,7 @@ fn main() {
     let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); MODES.len()];
     // Per agent mode (AGENT_MODES): CPU seconds per run, peak RSS, events.
     let mut agent_cpu: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-    let mut rotel_cpu = Vec::new();
+    let mut rotel_cpu: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let mut agent_rss = [0.0f64; 3];
     let (mut events_sent, mut events_lost) = (0.0, 0.0);
     let agent_slot = |m: Mode| AGENT_MODES.iter().position(|a| *a == m);
@@ -425,9 +425,7 @@ fn main() {
             }
             if let (Some(agent), Some(slot)) = (agent, agent_slot(mode)) {
                 agent_cpu[slot].push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
-                if slot == 0 {
-                    rotel_cpu.push(cpu_seconds(rotel.pid()) - rotel_before);
-                }
+                rotel_cpu[slot].push(cpu_seconds(rotel.pid()) - rotel_before);
                 agent_rss[slot] = agent_rss[slot].max(peak_rss_mb(agent.pid()));
                 let (sent, lost) = stop_agent(agent);
                 events_sent += sent;
@@ -499,10 +497,21 @@ fn main() {
             agent_rss[slot]
         );
     }
-    println!(
-        "rotel (receiving the spans, every process traced): {:.1}% of one CPU",
-        median(&rotel_cpu) / f64::from(seconds) * 100.0
-    );
+    for (slot, mode) in AGENT_MODES.into_iter().enumerate() {
+        let rps = median(
+            &runs[MODES.iter().position(|m| *m == mode).unwrap()]
+                .iter()
+                .map(|r| r.requests_per_s)
+                .collect::<Vec<_>>(),
+        );
+        let share = median(&rotel_cpu[slot]) / f64::from(seconds);
+        println!(
+            "rotel (the backend receiving the spans, on the same CPUs), {}: {:.1}% of one CPU = {:.2} µs per request",
+            mode.name(),
+            share * 100.0,
+            share * 1e6 / rps.max(1.0)
+        );
+    }
     // Events the kernel could not queue were never parsed: the agent's CPU
     // above is for the share it received.
     println!(
