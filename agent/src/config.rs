@@ -153,6 +153,7 @@ pub struct TracesFile {
     pub inject: Option<bool>,
     pub inject_keep_alive: Option<bool>,
     pub go: Option<bool>,
+    pub pair: Option<bool>,
     pub hooks: Option<HttpHooks>,
     pub sample_ratio: Option<f64>,
 }
@@ -363,6 +364,13 @@ pub struct DaemonArgs {
     /// true].
     #[arg(long, env = "FATHOM_TRACE_GO", action = clap::ArgAction::Set)]
     pub trace_go: Option<bool>,
+    /// With socket hooks and injection: the kernel pairs each simple
+    /// exchange (a bodiless request whole in one call, a response framed by
+    /// its length, chunks or close) and sends one record per span; others
+    /// are parsed in user space (`false`: every exchange parsed in user
+    /// space) [default: true].
+    #[arg(long, env = "FATHOM_TRACE_PAIR", action = clap::ArgAction::Set)]
+    pub trace_pair: Option<bool>,
     /// Share of traces whose spans are exported, 0..=1 (OpenTelemetry's
     /// `traceidratio` rule on the trace id, so every agent keeps the same
     /// traces). RED metrics count every request regardless [default: 1].
@@ -443,6 +451,7 @@ pub struct TracesSettings {
     pub inject: bool,
     pub inject_keep_alive: bool,
     pub go: bool,
+    pub pair: bool,
     pub hooks: HttpHooks,
     pub sample_ratio: f64,
 }
@@ -606,6 +615,7 @@ impl DaemonArgs {
                     .or(t.inject_keep_alive)
                     .unwrap_or(true),
                 go: self.trace_go.or(t.go).unwrap_or(true),
+                pair: self.trace_pair.or(t.pair).unwrap_or(true),
                 hooks: self.trace_hooks.or(t.hooks).unwrap_or_default(),
                 sample_ratio,
             },
@@ -719,6 +729,7 @@ mod tests {
         assert!(c.traces.inject);
         assert!(c.traces.inject_keep_alive);
         assert!(c.traces.go);
+        assert!(c.traces.pair);
         let Output::Collector(collector) = &c.output else {
             panic!("not the collector")
         };
@@ -770,6 +781,7 @@ unwind = "frame-pointers"
 inject = false
 inject_keep_alive = false
 go = false
+pair = false
 [network]
 interfaces = ["veth*"]
 [collector.store]
@@ -786,6 +798,7 @@ path = "/tmp/x.redb"
         assert!(!c.traces.inject);
         assert!(!c.traces.inject_keep_alive);
         assert!(!c.traces.go);
+        assert!(!c.traces.pair);
         assert_eq!(c.network.interfaces, ["veth*"]);
         let Output::Collector(collector) = &c.output else {
             panic!("not the collector")

@@ -1,5 +1,5 @@
 //! Cost of zero-code HTTP tracing: nginx serving a small static file under
-//! `wrk` with keep-alive (`wrk -t1 -c16 -d10s --latency`), in four modes:
+//! `wrk` with keep-alive (`wrk -t1 -c16 -d10s --latency`), in five modes:
 //! the agent off; the floor, programs that do nothing attached to the hooks
 //! the capture's data path uses (`tests/fixtures/sock_noop.c` on the socket
 //! tracepoints, or `tp_noop.c` on the syscall tracepoints with
@@ -7,7 +7,9 @@
 //! costs before it does any work; the agent tracing every process (traces
 //! only, exported over OTLP/gRPC to rotel, which drops them); and the agent
 //! tracing nginx only (`--pid`: the realistic deployment, where the load
-//! generator is not a service). Interleaved rounds (one run of each mode per
+//! generator is not a service); and the same without the kernel's pairing
+//! (`--trace-pair false`: every read and write sent to user space and
+//! parsed there), for what the pairing saves. Interleaved rounds (one run of each mode per
 //! round, rotating which goes first), so that slow drifts of a noisy machine
 //! hit all alike.
 //!
@@ -60,9 +62,18 @@ enum Mode {
     Floor,
     On,
     OnPid,
+    OnPidUnpaired,
 }
 
-const MODES: [Mode; 4] = [Mode::Off, Mode::Floor, Mode::On, Mode::OnPid];
+const MODES: [Mode; 5] = [
+    Mode::Off,
+    Mode::Floor,
+    Mode::On,
+    Mode::OnPid,
+    Mode::OnPidUnpaired,
+];
+/// The agent modes, in their slots of the per-agent figures.
+const AGENT_MODES: [Mode; 3] = [Mode::On, Mode::OnPid, Mode::OnPidUnpaired];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -71,6 +82,7 @@ impl Mode {
             Mode::Floor => "no-op on the hooks",
             Mode::On => "agent, every process",
             Mode::OnPid => "agent, --pid nginx",
+            Mode::OnPidUnpaired => "--pid, pairing off",
         }
     }
 }
@@ -249,14 +261,25 @@ fn renice_tasks(pid: u32, n: i32) {
     }
 }
 
-fn start_agent(binary: &Path, rotel: SocketAddr, dir: &Path, pid: Option<u32>) -> Agent {
+fn start_agent(
+    binary: &Path,
+    rotel: SocketAddr,
+    dir: &Path,
+    pid: Option<u32>,
+    pair: bool,
+) -> Agent {
     let pid_arg = pid.map(|p| p.to_string());
     let hooks = if syscall_hooks() {
         "syscalls"
     } else {
         "sockets"
     };
-    let mut extra: Vec<&str> = vec!["--trace-hooks", hooks];
+    let mut extra: Vec<&str> = vec![
+        "--trace-hooks",
+        hooks,
+        "--trace-pair",
+        if pair { "true" } else { "false" },
+    ];
     if let Some(p) = &pid_arg {
         extra.extend(["--pid", p]);
     }
@@ -357,23 +380,20 @@ fn main() {
     let nginx_pid = nginx.worker_pid();
     let noop = NoopObjects::build(dir.path());
     let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); MODES.len()];
-    // Per agent mode (On, OnPid): CPU seconds per run, peak RSS, events.
-    let mut agent_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let mut rotel_cpu = Vec::new();
-    let mut agent_rss = [0.0f64; 2];
+    // Per agent mode (AGENT_MODES): CPU seconds per run, peak RSS, events.
+    let mut agent_cpu: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut rotel_cpu: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut agent_rss = [0.0f64; 3];
     let (mut events_sent, mut events_lost) = (0.0, 0.0);
-    let agent_slot = |m: Mode| match m {
-        Mode::On => Some(0),
-        Mode::OnPid => Some(1),
-        _ => None,
-    };
+    let agent_slot = |m: Mode| AGENT_MODES.iter().position(|a| *a == m);
     for round in 0..rounds {
         for k in 0..MODES.len() {
             let i = (round + k) % MODES.len();
             let mode = MODES[i];
             let agent = agent_slot(mode).map(|slot| {
-                let pid = (slot == 1).then_some(nginx_pid);
-                start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid)
+                let pid = (slot != 0).then_some(nginx_pid);
+                let pair = mode != Mode::OnPidUnpaired;
+                start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid, pair)
             });
             if let (Some(a), Some(n)) = (&agent, bench_nice()) {
                 renice_tasks(a.pid(), n);
@@ -405,9 +425,7 @@ fn main() {
             }
             if let (Some(agent), Some(slot)) = (agent, agent_slot(mode)) {
                 agent_cpu[slot].push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
-                if slot == 0 {
-                    rotel_cpu.push(cpu_seconds(rotel.pid()) - rotel_before);
-                }
+                rotel_cpu[slot].push(cpu_seconds(rotel.pid()) - rotel_before);
                 agent_rss[slot] = agent_rss[slot].max(peak_rss_mb(agent.pid()));
                 let (sent, lost) = stop_agent(agent);
                 events_sent += sent;
@@ -457,8 +475,8 @@ fn main() {
         );
     }
     println!("throughput no-op hooks/off: {:.3}", ratio(floor, off));
-    let mut cpu_per_request = [0.0f64; 2];
-    for (slot, mode) in [(0usize, Mode::On), (1, Mode::OnPid)] {
+    let mut cpu_per_request = [0.0f64; 3];
+    for (slot, mode) in AGENT_MODES.into_iter().enumerate() {
         let i = MODES.iter().position(|m| *m == mode).unwrap();
         let on = &runs[i];
         let throughput_ratio = ratio(on, off);
@@ -479,10 +497,21 @@ fn main() {
             agent_rss[slot]
         );
     }
-    println!(
-        "rotel (receiving the spans, every process traced): {:.1}% of one CPU",
-        median(&rotel_cpu) / f64::from(seconds) * 100.0
-    );
+    for (slot, mode) in AGENT_MODES.into_iter().enumerate() {
+        let rps = median(
+            &runs[MODES.iter().position(|m| *m == mode).unwrap()]
+                .iter()
+                .map(|r| r.requests_per_s)
+                .collect::<Vec<_>>(),
+        );
+        let share = median(&rotel_cpu[slot]) / f64::from(seconds);
+        println!(
+            "rotel (the backend receiving the spans, on the same CPUs), {}: {:.1}% of one CPU = {:.2} µs per request",
+            mode.name(),
+            share * 100.0,
+            share * 1e6 / rps.max(1.0)
+        );
+    }
     // Events the kernel could not queue were never parsed: the agent's CPU
     // above is for the share it received.
     println!(
@@ -493,10 +522,12 @@ fn main() {
 
     // BPF time per request, from the kernel's statistics, and the whole
     // cost per request (BPF time + the agent's CPU above).
-    for (slot, mode) in [(0usize, Mode::On), (1, Mode::OnPid)] {
+    let mut whole = [0.0f64; 3];
+    for (slot, mode) in AGENT_MODES.into_iter().enumerate() {
         let stats = BpfStats::enable();
-        let pid = (slot == 1).then_some(nginx_pid);
-        let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid);
+        let pid = (slot != 0).then_some(nginx_pid);
+        let pair = mode != Mode::OnPidUnpaired;
+        let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid, pair);
         let ours = |name: &str| name.starts_with("http_") || name.starts_with("fathom_s");
         let before = bpf_runs_by_program(agent.pid(), ours);
         let run = run_wrk(&url, seconds);
@@ -518,6 +549,7 @@ fn main() {
             .collect();
         per.sort_by(|a, b| b.1.total_cmp(&a.1));
         let bpf_ns: f64 = per.iter().map(|(_, ns, _)| ns).sum();
+        whole[slot] = bpf_ns / 1000.0 + cpu_per_request[slot];
         println!(
             "{}: BPF run time per request {bpf_ns:.0} ns (kernel.bpf_stats_enabled); \
              whole cost per request (BPF + agent CPU): {:.2} µs",
@@ -531,6 +563,18 @@ fn main() {
             );
         }
     }
+    // Kernel pairing on and off, `--pid` nginx (one span per request).
+    println!(
+        "kernel pairing (--pid nginx): whole cost per request {:.2} µs against {:.2} µs without ({:.3}); \
+         agent CPU {:.2} against {:.2} µs; throughput/off {:.3} against {:.3}",
+        whole[1],
+        whole[2],
+        whole[1] / whole[2].max(f64::MIN_POSITIVE),
+        cpu_per_request[1],
+        cpu_per_request[2],
+        ratio(&runs[3], off),
+        ratio(&runs[4], off)
+    );
     drop(rotel);
     drop(nginx);
 }

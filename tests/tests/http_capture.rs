@@ -10,8 +10,8 @@ use std::{
 
 use fathom_agent::traces::capture::{HttpCapture, HttpCaptureConfig, HttpEvent, HttpHooks};
 use fathom_common::http::{
-    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, SockAddr, ctx_flags, data_flags,
-    direction, role,
+    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, SockAddr, SpanRecord, ctx_flags,
+    data_flags, direction, role, span_flags,
 };
 use fathom_tests::{ChildGuard, KernelTest, free_port};
 
@@ -30,6 +30,9 @@ fn collect(capture: &mut HttpCapture, seen: &mut Seen, for_: Duration) {
             HttpEvent::Close(c) => seen.closes.push(c),
             HttpEvent::ProcessExit(_) => {}
             HttpEvent::Data(d) => seen.data.push(*d),
+            // This test loads the capture without injection, where the
+            // kernel never pairs: every byte is a data event.
+            HttpEvent::Span(_) => panic!("a paired exchange without injection"),
         });
         assert_eq!(drained.malformed, 0, "malformed records");
     }
@@ -255,5 +258,295 @@ fn captures_requests_responses_and_context_of_a_real_server(hooks: HttpHooks) {
     );
     let counters = capture.counters();
     assert!(counters[HttpCounter::ServerRequests as usize] >= 1);
+    assert_eq!(counters[HttpCounter::EventsLost as usize], 0);
+}
+
+/// What a test read from the capture.
+#[derive(Default)]
+struct Collected {
+    opens: Vec<ConnEvent>,
+    data: Vec<DataEvent>,
+    records: Vec<SpanRecord>,
+}
+
+impl Collected {
+    /// Reads events for `for_` or until `until` holds of the records.
+    fn drain(
+        &mut self,
+        capture: &mut HttpCapture,
+        for_: Duration,
+        until: impl Fn(&[SpanRecord]) -> bool,
+    ) {
+        let end = Instant::now() + for_;
+        while Instant::now() < end && !until(&self.records) {
+            let _ = capture.wait(Duration::from_millis(20));
+            let drained = capture.read(|e| match e {
+                HttpEvent::Open(c) => self.opens.push(c),
+                HttpEvent::Data(d) => self.data.push(*d),
+                HttpEvent::Span(r) => self.records.push(r),
+                HttpEvent::Close(_) | HttpEvent::ProcessExit(_) => {}
+            });
+            assert_eq!(drained.malformed, 0, "malformed records");
+        }
+    }
+}
+
+/// One response as this test read it: its final status, and the bytes
+/// after the final head (chunk framing included), as the kernel counts
+/// them.
+struct Answer {
+    status: u16,
+    body_bytes: u64,
+}
+
+/// Reads one response (interim ones skipped) from `stream`, `head` says
+/// whether the request was a HEAD.
+#[allow(clippy::unwrap_used, reason = "test helper")]
+fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool) -> Answer {
+    let mut fill = |buf: &mut Vec<u8>| {
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            fill(buf);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let status: u16 = head[9..12].parse().unwrap();
+        buf.drain(..end);
+        if status < 200 {
+            continue;
+        }
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                l.strip_prefix(&format!("{name}:"))
+                    .map(|v| v.trim().to_string())
+            })
+        };
+        let body_bytes = if head_request || status == 204 || status == 304 {
+            0
+        } else if header("transfer-encoding").as_deref() == Some("chunked") {
+            while !buf.windows(5).any(|w| w == b"0\r\n\r\n") {
+                fill(buf);
+            }
+            let i = buf.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5;
+            buf.drain(..i);
+            i
+        } else {
+            let n: usize = header("content-length").unwrap().parse().unwrap();
+            while buf.len() < n {
+                fill(buf);
+            }
+            buf.drain(..n);
+            n
+        };
+        return Answer {
+            status,
+            body_bytes: body_bytes as u64,
+        };
+    }
+}
+
+/// Exchanges paired in the kernel (socket tracepoints, with injection on,
+/// as the agent runs them): one record per exchange whose framing the
+/// kernel follows, checked against the bytes this test sent and read on a
+/// kept-alive connection to a real server; and the exchanges it must leave
+/// to user space (an interim response, a request body, a `User-Agent`
+/// longer than the record, pipelined requests) as data events, each on its
+/// own connection.
+#[test]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test body: a failed unwrap is a failed test"
+)]
+fn pairs_simple_exchanges_in_the_kernel_and_streams_the_rest() {
+    let Some(_kernel) = KernelTest::with_tools(
+        "pairs_simple_exchanges_in_the_kernel_and_streams_the_rest",
+        &["python3"],
+    ) else {
+        return;
+    };
+    if let Err(reason) = socket_hooks() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and the socket tracepoints are missing: {reason}"
+        );
+        eprintln!("\n*** SKIPPED: no socket tracepoints here: {reason} ***\n");
+        return;
+    }
+    let mut capture = HttpCapture::start(&HttpCaptureConfig {
+        inject: true,
+        hooks: HttpHooks::Sockets,
+        ..HttpCaptureConfig::default()
+    })
+    .expect("loading the capture programs");
+    let port = free_port();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/pair_server.py");
+    let server = ChildGuard::spawn(
+        Command::new("python3")
+            .arg(fixture)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let server_pid = server.0.id();
+    wait_listening(port);
+
+    let request = |method: &str, path: &str, extra: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: fathom-pair-test/1.0\r\n\
+             Accept: */*\r\n{extra}\r\n"
+        )
+    };
+    // One kept-alive connection: every exchange paired.
+    let simple = [
+        ("GET", "/len/100?x=1"),
+        ("GET", "/one/3000"),
+        ("HEAD", "/len/50"),
+        ("GET", "/chunked"),
+        ("GET", "/chunked1"),
+        ("GET", "/empty"),
+        ("GET", "/len/0"),
+    ];
+    let mut got = Collected::default();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let kept_port = stream.local_addr().unwrap().port();
+    let mut buf = Vec::new();
+    let mut answers = Vec::new();
+    for (i, (method, path)) in simple.iter().enumerate() {
+        stream
+            .write_all(request(method, path, "").as_bytes())
+            .unwrap();
+        answers.push(read_answer(&mut stream, &mut buf, *method == "HEAD"));
+        // Its record comes as its response ends (its framing followed), not
+        // with the next request or the close.
+        let server = |r: &SpanRecord| r.tgid == server_pid;
+        got.drain(&mut capture, Duration::from_secs(2), |r| {
+            r.iter().filter(|r| server(r)).count() > i
+        });
+        assert_eq!(
+            got.records.iter().filter(|r| server(r)).count(),
+            i + 1,
+            "{method} {path}: no record before the next request"
+        );
+    }
+    drop(stream);
+
+    // Each on a connection of its own: what the kernel leaves to user space.
+    let long_agent = format!("User-Agent: {}\r\n", "x".repeat(100));
+    let others: [(&str, String, bool); 4] = [
+        ("interim", request("GET", "/hints", ""), false),
+        (
+            "body",
+            request("POST", "/echo", "Content-Length: 5\r\n") + "hello",
+            false,
+        ),
+        (
+            "long agent",
+            format!("GET /len/10 HTTP/1.1\r\nHost: x\r\n{long_agent}\r\n"),
+            false,
+        ),
+        (
+            "pipelined",
+            request("GET", "/len/10", "") + &request("GET", "/len/20", ""),
+            true,
+        ),
+    ];
+    let mut other_ports = Vec::new();
+    for (_, bytes, two) in &others {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        other_ports.push(s.local_addr().unwrap().port());
+        s.write_all(bytes.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        read_answer(&mut s, &mut buf, false);
+        if *two {
+            read_answer(&mut s, &mut buf, false);
+        }
+    }
+
+    got.drain(&mut capture, Duration::from_secs(2), |_| false);
+    let Collected {
+        opens,
+        data,
+        records,
+    } = got;
+    let served_conn = |client_port: u16| {
+        opens
+            .iter()
+            .find(|c| c.tgid == server_pid && c.role == role::SERVER && c.peer.port == client_port)
+            .unwrap_or_else(|| panic!("the server's connection from port {client_port}"))
+            .conn_id
+    };
+
+    // The kept-alive connection: a record per exchange, no data event.
+    let kept = served_conn(kept_port);
+    let ours: Vec<&SpanRecord> = records.iter().filter(|r| r.conn_id == kept).collect();
+    assert!(
+        !data.iter().any(|d| d.conn_id == kept),
+        "data events of a connection whose exchanges were all paired"
+    );
+    assert_eq!(ours.len(), simple.len(), "one record per exchange");
+    let text = |field: &[u8]| {
+        let end = field.iter().position(|&b| b == b'\r').unwrap();
+        String::from_utf8_lossy(&field[..end]).into_owned()
+    };
+    let mut last_end = 0;
+    for (((method, path), answer), r) in simple.iter().zip(&answers).zip(&ours) {
+        let what = format!("{method} {path}");
+        assert_eq!(text(&r.line), format!("{method} {path} HTTP/1.1"), "{what}");
+        assert_eq!(text(&r.host), format!("127.0.0.1:{port}"), "{what}");
+        assert_eq!(text(&r.agent), "fathom-pair-test/1.0", "{what}");
+        assert_eq!(r.status, answer.status, "{what}");
+        assert_eq!(r.response_body, answer.body_bytes, "{what}: body bytes");
+        assert_eq!(r.role, role::SERVER, "{what}");
+        assert_eq!(r.tgid, server_pid, "{what}");
+        assert_eq!(r.flags & span_flags::PENDING, 0, "{what}");
+        assert_eq!(
+            r.flags & span_flags::HEAD != 0,
+            *method == "HEAD",
+            "{what}: HEAD flag"
+        );
+        assert_ne!(r.flags & span_flags::TCP, 0, "{what}: TCP state");
+        assert_ne!(
+            r.ctx.flags & ctx_flags::SERVER,
+            0,
+            "{what}: the kernel's ids"
+        );
+        assert!(
+            r.start_ns >= last_end && r.end_ns > r.start_ns,
+            "{what}: times"
+        );
+        last_end = r.end_ns;
+    }
+    assert_eq!(
+        answers.iter().map(|a| a.status).collect::<Vec<_>>(),
+        [200, 200, 200, 200, 200, 204, 200]
+    );
+
+    // The others: data events; the interim response's request went first
+    // as a pending record.
+    for ((what, _, _), client_port) in others.iter().zip(&other_ports) {
+        let conn = served_conn(*client_port);
+        let recs: Vec<&SpanRecord> = records.iter().filter(|r| r.conn_id == conn).collect();
+        let events = data.iter().filter(|d| d.conn_id == conn).count();
+        if *what == "interim" {
+            assert_eq!(recs.len(), 1, "{what}: one pending record");
+            assert_ne!(recs[0].flags & span_flags::PENDING, 0, "{what}");
+            assert_eq!(text(&recs[0].line), "GET /hints HTTP/1.1");
+            // The 103 head, the final head with its body: one write each.
+            assert_eq!(events, 2, "{what}: the responses' writes");
+        } else {
+            assert!(recs.is_empty(), "{what}: records of a streamed exchange");
+            assert!(events >= 2, "{what}: {events} data events");
+        }
+    }
+    let counters = capture.counters();
+    assert!(counters[HttpCounter::SpansPaired as usize] >= simple.len() as u64);
+    assert!(counters[HttpCounter::PairStreamed as usize] >= others.len() as u64);
     assert_eq!(counters[HttpCounter::EventsLost as usize], 0);
 }

@@ -9,7 +9,8 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use fathom_common::http::{
-    ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, event_kind, globals, names, stage,
+    ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, SpanRecord, event_kind, globals,
+    names, stage,
 };
 
 pub use crate::config::HttpHooks;
@@ -40,6 +41,9 @@ pub struct HttpCaptureConfig {
     pub hooks: HttpHooks,
     /// Goroutine probes in Go executables (see `super::golang`).
     pub go: bool,
+    /// With `inject` and socket hooks: simple exchanges paired in the
+    /// kernel, one [`SpanRecord`] each.
+    pub pair: bool,
 }
 
 impl Default for HttpCaptureConfig {
@@ -52,6 +56,7 @@ impl Default for HttpCaptureConfig {
             connections: 65536,
             hooks: HttpHooks::Auto,
             go: true,
+            pair: true,
         }
     }
 }
@@ -85,6 +90,8 @@ pub enum HttpEvent<'a> {
     /// A process exited: its connections are gone.
     ProcessExit(ConnEvent),
     Data(&'a DataEvent),
+    /// An exchange the kernel paired (see `ebpf-programs/ebpf/src/http/pair.rs`).
+    Span(SpanRecord),
 }
 
 /// What one [`HttpCapture::read`] took from the ring buffer.
@@ -111,6 +118,7 @@ pub fn parse_record<'a>(bytes: &[u8], scratch: &'a mut DataEvent) -> Option<Http
                 _ => HttpEvent::ProcessExit(event),
             })
         }
+        event_kind::SPAN => fathom_common::record::read(bytes).map(HttpEvent::Span),
         _ => None,
     }
 }
@@ -335,12 +343,16 @@ impl HttpCapture {
         let child_offset = offset("child_pid")?;
         let filter = u8::from(!config.pids.is_empty());
         let inject = u8::from(config.inject);
+        // Only where closes are seen by `http_sock_state` (a response that
+        // ends with its connection), and where the ids are the kernel's.
+        let pair = u8::from(config.pair && config.inject && socket_hooks_chosen(config.hooks));
         let sock = sock_offsets();
         let ebpf = EbpfLoader::new()
             .verifier_log_level(VerifierLogLevel::STATS)
             .override_global(globals::SOCK_OFFSETS, &sock, true)
             .override_global(globals::FILTER_PIDS, &filter, true)
             .override_global(globals::INJECT, &inject, true)
+            .override_global(globals::PAIR, &pair, true)
             .override_global(globals::FORK_PARENT_OFFSET, &parent_offset, true)
             .override_global(globals::FORK_CHILD_OFFSET, &child_offset, true)
             .map_max_entries(names::EVENTS, config.ring_bytes)
@@ -636,6 +648,16 @@ fn choose_hooks(hooks: HttpHooks) -> Result<bool, HttpCaptureError> {
             Ok(false)
         }
     }
+}
+
+/// [`choose_hooks`] without its log: whether the data path will run on
+/// socket tracepoints.
+fn socket_hooks_chosen(hooks: HttpHooks) -> bool {
+    hooks != HttpHooks::Syscalls
+        && btf::KernelBtf::open(Path::new(btf::VMLINUX))
+            .map_err(|e| e.to_string())
+            .and_then(|b| socket_hooks_supported(&b))
+            .is_ok()
 }
 
 /// Puts the program `fd` at `index` of the program array `map`.

@@ -53,6 +53,7 @@ impl Signal for TracesSignal {
         config.capture.inject_keep_alive = ctx.config.traces.inject_keep_alive;
         config.capture.hooks = ctx.config.traces.hooks;
         config.capture.go = ctx.config.traces.go;
+        config.capture.pair = ctx.config.traces.pair;
         config.sample_ratio = ctx.config.traces.sample_ratio;
         config.health = Some(ctx.health.clone());
         // Profiles start after traces and share the map of which thread

@@ -854,6 +854,26 @@ fn parse_start_line(line: &[u8]) -> Option<(StartLine, Version)> {
     ))
 }
 
+/// A request line (without its line end) as (method, target, version),
+/// as the parser reads it: the line of an exchange the kernel paired
+/// (`SpanRecord::line`).
+pub fn parse_request_line(line: &[u8]) -> Option<(String, String, Version)> {
+    match parse_start_line(line)? {
+        (StartLine::Request { method, target }, version) => Some((method, target, version)),
+        _ => None,
+    }
+}
+
+/// A `Host` value as the parser keeps it.
+pub fn host_value(v: &[u8]) -> String {
+    text(trim_ows(v), MAX_HOST)
+}
+
+/// A `User-Agent` value as the parser keeps it.
+pub fn user_agent_value(v: &[u8]) -> String {
+    text(trim_ows(v), MAX_USER_AGENT)
+}
+
 /// At most `max` bytes of `v` as text (invalid UTF-8 replaced, cut at a
 /// character boundary).
 fn text(v: &[u8], max: usize) -> String {

@@ -389,6 +389,15 @@ impl Worker {
                 }
                 self.tracer.on_data(d);
             }
+            HttpEvent::Span(r) => {
+                self.resource(r.tgid);
+                if let Some((_, key)) = self.connect_pending.remove(&r.conn_id)
+                    && let Some(ns) = self.connections.connect_ns(&key)
+                {
+                    self.tracer.set_connect_us(r.conn_id, ns / 1000);
+                }
+                self.tracer.on_span(&r);
+            }
             HttpEvent::Close(c) => {
                 if let Some(fds) = self.open.get_mut(&c.tgid) {
                     fds.remove(&c.fd);
@@ -541,6 +550,11 @@ impl Worker {
             parent_guessed = k(HttpCounter::ParentGuessed),
             parent_missed = k(HttpCounter::ParentMissed),
             inject_failed = k(HttpCounter::InjectFailed),
+            kernel_paired = k(HttpCounter::SpansPaired),
+            kernel_streamed = k(HttpCounter::PairStreamed),
+            kernel_pair_aborted = k(HttpCounter::PairAborted),
+            paired = stats.paired,
+            paired_malformed = stats.paired_malformed,
             malformed = self.malformed,
             "http tracing"
         );

@@ -40,11 +40,13 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use fathom_common::http::{
-    ConnEvent, DataEvent, SockAddr, TraceContext, ctx_flags, data_flags, direction, syscall,
+    ConnEvent, DataEvent, SockAddr, SpanRecord, TraceContext, ctx_flags, data_flags, direction,
+    role, span_flags, syscall,
 };
 
 use super::parse::{
     Answering, Fragment, MessageHead, MessageParser, Sink, StartLine, StreamError, Version,
+    host_value, parse_request_line, user_agent_value,
 };
 
 /// Bounds of an [`HttpTracer`]. Memory at most: per connection two heads
@@ -117,6 +119,11 @@ pub struct TracerStats {
     /// Server spans moved into the trace the kernel started for a client
     /// request they sent (see `SideSink::request`).
     pub adopted: u64,
+    /// Exchanges the kernel paired (one record each, nothing parsed here).
+    pub paired: u64,
+    /// Paired records that did not make a span (an unreadable request
+    /// line).
+    pub paired_malformed: u64,
 }
 
 /// Server or client.
@@ -398,6 +405,22 @@ impl Shared {
         }
     }
 
+    /// The parent of a client request the kernel injected on thread `tid`:
+    /// the server span the kernel gave it; or, when the kernel started a
+    /// new trace (it did not know the thread was serving: a pipelined
+    /// request taken from the server's own buffer, without a read), the
+    /// one request user space knows the thread serves, if it has no parent
+    /// of its own: that request joins the trace the downstream services
+    /// already got.
+    fn injected_parent(&mut self, tid: u32, ctx: &TraceContext) -> Option<[u8; 8]> {
+        if ctx.flags & ctx_flags::LOCAL_PARENT != 0 {
+            return Some(ctx.parent_span_id);
+        }
+        let s = self.serving_current(tid).filter(|s| !s.remote_parent)?;
+        self.adopt(tid, s, ctx.trace_id);
+        Some(s.span_id)
+    }
+
     fn serving_one(&self, tid: u32) -> Option<Serving> {
         match self.serving.get(&tid).map(Vec::as_slice) {
             Some([one]) => Some(*one),
@@ -473,20 +496,7 @@ impl SideSink<'_> {
                 (shared.trace_id(), shared.span_id(), None, false)
             }
         } else if first && ctx.flags & ctx_flags::CLIENT_INJECTED != 0 {
-            let local = ctx.flags & ctx_flags::LOCAL_PARENT != 0;
-            let mut parent = local.then_some(ctx.parent_span_id);
-            if !local
-                && let Some(s) = shared.serving_current(origin.tid)
-                && !s.remote_parent
-            {
-                // The kernel started a new trace (it did not know the thread
-                // was serving: a pipelined request taken from the server's
-                // own buffer, without a read). User space knows the one
-                // request the thread serves, which has no parent of its own:
-                // it joins the trace the downstream services already got.
-                shared.adopt(origin.tid, s, ctx.trace_id);
-                parent = Some(s.span_id);
-            }
+            let parent = shared.injected_parent(origin.tid, &ctx);
             (ctx.trace_id, ctx.span_id, parent, false)
         } else if let Some((trace, parent, _)) = head.traceparent {
             let parent = shared
@@ -678,6 +688,72 @@ impl Sink<Origin> for SideSink<'_> {
             Current::Request(_) | Current::Ignored | Current::None => {}
         }
     }
+}
+
+/// The span of a paired exchange's record on the connection `core` (no
+/// status or end yet): its ids are the kernel's. `None` when its request
+/// line does not read.
+fn span_of_record(rec: &SpanRecord, core: &Core) -> Option<HttpSpan> {
+    let line = until_cr(&rec.line)?;
+    let (method, target, version) = parse_request_line(line)?;
+    let server = rec.role == role::SERVER;
+    let ctx = &rec.ctx;
+    let (parent_span_id, remote_parent) = if server {
+        let remote = ctx.flags & ctx_flags::REMOTE_PARENT != 0;
+        (remote.then_some(ctx.parent_span_id), remote)
+    } else {
+        // The caller decides ([`Shared::injected_parent`]).
+        (None, false)
+    };
+    let (target_authority, path, query) = split_target(&method, &target);
+    Some(HttpSpan {
+        trace_id: ctx.trace_id,
+        span_id: ctx.span_id,
+        parent_span_id,
+        remote_parent,
+        kind: if server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        },
+        start_ns: rec.start_ns,
+        end_ns: 0,
+        pid: rec.tgid,
+        tid: rec.tid,
+        conn_id: rec.conn_id,
+        method,
+        path,
+        query,
+        target_authority,
+        scheme: Scheme::Http,
+        status: None,
+        host: until_cr(&rec.host)
+            .filter(|v| !v.is_empty())
+            .map(host_value),
+        user_agent: until_cr(&rec.agent)
+            .filter(|v| !v.is_empty())
+            .map(user_agent_value),
+        version,
+        request_body_bytes: 0,
+        response_body_bytes: 0,
+        peer: core.peer,
+        local_port: core.local_port,
+        tcp: None,
+        connect_us: core.connect_us,
+        truncated: false,
+        error: false,
+        profiled: server && ctx.flags & ctx_flags::SERVER != 0,
+    })
+}
+
+/// A record's text field up to its `\r`; an empty field (first byte 0)
+/// is empty; `None` when it has no `\r`.
+fn until_cr(field: &[u8]) -> Option<&[u8]> {
+    if field.first() == Some(&0) {
+        return Some(&[]);
+    }
+    let end = field.iter().position(|&b| b == b'\r')?;
+    Some(&field[..end])
 }
 
 /// Splits a request target into (authority, path, query).
@@ -898,6 +974,11 @@ impl HttpTracer {
             shared: &mut self.shared,
         };
         side.parser.feed(frag, origin, &mut sink);
+        self.apply_adoptions();
+    }
+
+    /// Server spans still pending that moved to another trace.
+    fn apply_adoptions(&mut self) {
         for (conn_id, seq, trace_id) in std::mem::take(&mut self.shared.adoptions) {
             if let Some(c) = self.conns.get_mut(&conn_id) {
                 for p in c.core.served.iter_mut().filter(|p| p.seq == seq) {
@@ -905,6 +986,77 @@ impl HttpTracer {
                 }
             }
         }
+    }
+
+    /// An exchange the kernel paired: a finished span; or, with
+    /// [`span_flags::PENDING`], a request whose response comes as data
+    /// events (the kernel stopped pairing on the connection), queued as if
+    /// it had been parsed here.
+    pub fn on_span(&mut self, rec: &SpanRecord) {
+        let Some(conn) = ensure_conn(
+            &mut self.conns,
+            &mut self.shared,
+            rec.conn_id,
+            rec.tgid,
+            rec.end_ns,
+        ) else {
+            return;
+        };
+        let core = &mut conn.core;
+        core.last_ns = core.last_ns.max(rec.end_ns);
+        let Some(mut span) = span_of_record(rec, core) else {
+            self.shared.stats.paired_malformed += 1;
+            return;
+        };
+        if rec.role == role::CLIENT {
+            span.parent_span_id = self.shared.injected_parent(rec.tid, &rec.ctx);
+            self.apply_adoptions();
+        }
+        // `apply_adoptions` borrowed the connections.
+        let Some(core) = self.conns.get_mut(&rec.conn_id).map(|c| &mut c.core) else {
+            return;
+        };
+        let first_tcp = (rec.flags & span_flags::TCP != 0).then_some(TcpSample {
+            srtt_us: rec.srtt_us,
+            total_retrans: rec.retrans_first,
+        });
+        if rec.flags & span_flags::PENDING != 0 {
+            let seq = core.next_seq;
+            core.next_seq += 1;
+            let pending = Pending {
+                seq,
+                span,
+                first_tcp,
+            };
+            if rec.role == role::SERVER {
+                self.shared
+                    .serving
+                    .entry(rec.tid)
+                    .or_default()
+                    .push(Serving {
+                        conn_id: core.conn_id,
+                        seq,
+                        trace_id: pending.span.trace_id,
+                        span_id: pending.span.span_id,
+                        remote_parent: pending.span.remote_parent,
+                    });
+                core.served.push_back(pending);
+            } else {
+                core.sent.push_back(pending);
+            }
+            return;
+        }
+        let last_tcp = (rec.flags & span_flags::TCP != 0).then_some(TcpSample {
+            srtt_us: rec.srtt_us,
+            total_retrans: rec.retrans_last,
+        });
+        span.status = Some(rec.status);
+        span.end_ns = rec.end_ns;
+        span.response_body_bytes = rec.response_body;
+        span.tcp = TcpSample::span(first_tcp, last_tcp);
+        span.error = is_error_status(span.kind, span.status);
+        self.shared.stats.paired += 1;
+        self.shared.finish(span);
     }
 
     /// A connection was closed (or its process exited): a response that
@@ -1977,5 +2129,221 @@ pub(crate) mod tests {
         a.addr[12..].copy_from_slice(&[192, 168, 1, 2]);
         assert_eq!(sock_addr(&a), Some("192.168.1.2:443".parse().unwrap()));
         assert_eq!(sock_addr(&SockAddr::default()), None);
+    }
+
+    /// The record the kernel sends for an exchange whose request is
+    /// `request` (its request line, `Host` and `User-Agent` copied as
+    /// `pair.rs` copies them).
+    fn record(
+        conn_id: u64,
+        r: u8,
+        tid: u32,
+        (start_ns, end_ns): (u64, u64),
+        request: &[u8],
+        (status, response_body): (u16, u64),
+        c: TraceContext,
+    ) -> SpanRecord {
+        use fathom_common::http::{SPAN_AGENT, SPAN_HOST, SPAN_LINE};
+        fn field<const N: usize>(request: &[u8], name: &str) -> [u8; N] {
+            let mut out = [0u8; N];
+            let text = String::from_utf8_lossy(request);
+            if let Some(line) = text
+                .split("\r\n")
+                .skip(1)
+                .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+            {
+                let v = line[name.len() + 1..].trim_start();
+                let v = format!("{v}\r");
+                out[..v.len()].copy_from_slice(v.as_bytes());
+            }
+            out
+        }
+        let mut line = [0u8; SPAN_LINE];
+        let n = request.len().min(SPAN_LINE);
+        line[..n].copy_from_slice(&request[..n]);
+        SpanRecord {
+            kind: event_kind::SPAN,
+            role: r,
+            flags: span_flags::TCP,
+            _reserved: 0,
+            status,
+            _reserved2: 0,
+            tgid: PID,
+            tid,
+            conn_id,
+            start_ns,
+            end_ns,
+            response_body,
+            srtt_us: 40,
+            retrans_first: 3,
+            retrans_last: 5,
+            _reserved3: 0,
+            ctx: c,
+            line,
+            host: field::<SPAN_HOST>(request, "host"),
+            agent: field::<SPAN_AGENT>(request, "user-agent"),
+        }
+    }
+
+    #[test]
+    fn a_paired_exchange_is_the_span_user_space_would_have_parsed() {
+        let server_ctx = ctx(ctx_flags::SERVER | ctx_flags::REMOTE_PARENT, 1, 2, 9);
+        let client_ctx = ctx(
+            ctx_flags::CLIENT_INJECTED | ctx_flags::LOCAL_PARENT,
+            1,
+            3,
+            2,
+        );
+        let backend = b"GET /inventory?all=1 HTTP/1.1\r\nHost: inventory:9000\r\nUser-Agent: Go-http-client/1.1\r\n\r\n";
+        let backend_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]";
+        // Parsed: the exchanges as data events.
+        let mut parsed = tracer();
+        parsed.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        parsed.on_conn_open(&open(2, role::CLIENT, "127.0.0.1:9000"));
+        parsed.on_data(&with_tcp(
+            with_ctx(data(1, R, 7, (100, 100), CURL_GET), server_ctx),
+            40,
+            3,
+        ));
+        parsed.on_data(&with_tcp(
+            with_ctx(data(2, W, 7, (300, 300), backend), client_ctx),
+            40,
+            3,
+        ));
+        parsed.on_data(&with_tcp(data(2, R, 7, (900, 900), backend_200), 40, 5));
+        parsed.on_data(&with_tcp(data(1, W, 7, (1_700, 1_700), NGINX_200), 40, 5));
+        let mut want = parsed.take_finished();
+        // Paired: one record each.
+        let mut paired = tracer();
+        paired.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        paired.on_conn_open(&open(2, role::CLIENT, "127.0.0.1:9000"));
+        paired.on_span(&record(
+            2,
+            role::CLIENT,
+            7,
+            (300, 900),
+            backend,
+            (200, 2),
+            client_ctx,
+        ));
+        paired.on_span(&record(
+            1,
+            role::SERVER,
+            7,
+            (100, 1_700),
+            CURL_GET,
+            (200, 12),
+            server_ctx,
+        ));
+        let mut got = paired.take_finished();
+        assert_eq!(paired.stats().paired, 2);
+        want.sort_by_key(|s| s.start_ns);
+        got.sort_by_key(|s| s.start_ns);
+        assert_eq!(got, want);
+        assert_eq!(got[0].user_agent.as_deref(), Some("curl/8.5.0"));
+        assert_eq!(got[0].query.as_deref(), Some("id=7&sig=abc"));
+        assert_eq!(got[1].host.as_deref(), Some("inventory:9000"));
+        assert_eq!(got[1].parent_span_id, Some([2; 8]));
+        assert_eq!(
+            got[0].tcp,
+            Some(TcpSpan {
+                srtt_us: 40,
+                retransmits: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_pending_record_is_answered_by_the_parsed_response() {
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        let mut rec = record(
+            1,
+            role::SERVER,
+            7,
+            (100, 100),
+            CURL_GET,
+            (0, 0),
+            ctx(ctx_flags::SERVER, 1, 2, 0),
+        );
+        rec.flags |= span_flags::PENDING;
+        t.on_span(&rec);
+        assert!(t.take_finished().is_empty());
+        assert_eq!(t.stats().pending, 1);
+        // The kernel stopped pairing (an interim response): user space
+        // parses the rest.
+        t.on_data(&data(
+            1,
+            W,
+            7,
+            (200, 200),
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+        ));
+        t.on_data(&data(1, W, 7, (500, 500), NGINX_200));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 1);
+        let s = &spans[0];
+        assert_eq!((s.status, s.start_ns, s.end_ns), (Some(200), 100, 500));
+        assert_eq!((s.trace_id, s.span_id), ([1; 16], [2; 8]));
+        assert_eq!(s.path, "/api/items");
+        assert_eq!(s.response_body_bytes, 12);
+    }
+
+    #[test]
+    fn a_paired_call_from_a_pipelined_request_joins_the_kernels_trace() {
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        t.on_conn_open(&open(2, role::CLIENT, "127.0.0.1:9000"));
+        // Two requests in one read: the kernel opened the first only.
+        let two = [CURL_GET, CURL_GET].concat();
+        t.on_data(&with_ctx(
+            data(1, R, 7, (100, 100), &two),
+            ctx(ctx_flags::SERVER, 1, 2, 0),
+        ));
+        t.on_data(&data(1, W, 7, (200, 200), NGINX_200));
+        // The second's call: the kernel knew of no request served and
+        // started a trace (0x05); user space knows the thread serves one.
+        let backend = b"GET /inventory HTTP/1.1\r\nHost: inventory:9000\r\n\r\n";
+        t.on_span(&record(
+            2,
+            role::CLIENT,
+            7,
+            (300, 400),
+            backend,
+            (200, 2),
+            ctx(ctx_flags::CLIENT_INJECTED, 5, 6, 0),
+        ));
+        t.on_data(&data(1, W, 7, (500, 500), NGINX_200));
+        let spans = t.take_finished();
+        assert_eq!(spans.len(), 3);
+        let client = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+        let second = spans
+            .iter()
+            .find(|s| s.kind == SpanKind::Server && s.end_ns == 500)
+            .unwrap();
+        assert_eq!(client.trace_id, [5; 16]);
+        assert_eq!(second.trace_id, [5; 16]);
+        assert_eq!(client.parent_span_id, Some(second.span_id));
+    }
+
+    #[test]
+    fn a_record_whose_line_does_not_read_is_counted() {
+        let mut t = tracer();
+        t.on_conn_open(&open(1, role::SERVER, "10.0.0.9:40000"));
+        let mut rec = record(
+            1,
+            role::SERVER,
+            7,
+            (100, 200),
+            CURL_GET,
+            (200, 12),
+            ctx(ctx_flags::SERVER, 1, 2, 0),
+        );
+        rec.line = [b'A'; fathom_common::http::SPAN_LINE];
+        t.on_span(&rec);
+        rec.line[..5].copy_from_slice(b"GET\r\n");
+        t.on_span(&rec);
+        assert!(t.take_finished().is_empty());
+        assert_eq!(t.stats().paired_malformed, 2);
     }
 }

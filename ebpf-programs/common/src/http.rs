@@ -121,6 +121,9 @@ pub mod globals {
     pub const FILTER_PIDS: &str = "HTTP_FILTER_PIDS";
     /// Non-zero: insert `traceparent` into outgoing requests.
     pub const INJECT: &str = "HTTP_INJECT";
+    /// Non-zero: pair request and response in the kernel where it can
+    /// ([`super::SpanRecord`]); set on the socket-tracepoint path only.
+    pub const PAIR: &str = "HTTP_PAIR";
     /// Offsets of `parent_pid` / `child_pid` in the `sched_process_fork`
     /// record (from its format file).
     pub const FORK_PARENT_OFFSET: &str = "HTTP_FORK_PARENT_OFFSET";
@@ -173,6 +176,9 @@ pub mod event_kind {
     /// A process exited (a [`super::ConnEvent`] with `fd == u32::MAX`):
     /// all its connections are gone.
     pub const PROCESS_EXIT: u8 = 4;
+    /// A whole exchange, request and response paired in the kernel (a
+    /// [`super::SpanRecord`]).
+    pub const SPAN: u8 = 5;
 }
 
 /// Direction of a [`DataEvent`].
@@ -307,10 +313,19 @@ pub enum HttpCounter {
     /// no parent could be told (several open and reads since; a Go request
     /// the uprobes did not see): sent as new traces.
     ParentMissed,
+    /// Exchanges paired in the kernel and sent as one [`SpanRecord`].
+    SpansPaired,
+    /// Exchanges the kernel could not pair (a request body, a head in
+    /// pieces or past the capture, pipelining, a transfer coding other than
+    /// chunked): sent as data events for user space to parse.
+    PairStreamed,
+    /// Paired exchanges given up (bytes where none were expected, a
+    /// connection closed before the response): no span.
+    PairAborted,
 }
 
 impl HttpCounter {
-    pub const COUNT: u32 = HttpCounter::ParentMissed as u32 + 1;
+    pub const COUNT: u32 = HttpCounter::PairAborted as u32 + 1;
     pub const ALL: [HttpCounter; HttpCounter::COUNT as usize] = [
         HttpCounter::DataEvents,
         HttpCounter::EventsLost,
@@ -331,6 +346,9 @@ impl HttpCounter {
         HttpCounter::ParentThread,
         HttpCounter::ParentGuessed,
         HttpCounter::ParentMissed,
+        HttpCounter::SpansPaired,
+        HttpCounter::PairStreamed,
+        HttpCounter::PairAborted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -354,6 +372,9 @@ impl HttpCounter {
             HttpCounter::ParentThread => "parent_thread",
             HttpCounter::ParentGuessed => "parent_guessed",
             HttpCounter::ParentMissed => "parent_missed",
+            HttpCounter::SpansPaired => "spans_paired",
+            HttpCounter::PairStreamed => "pair_streamed",
+            HttpCounter::PairAborted => "pair_aborted",
         }
     }
 }
@@ -599,6 +620,86 @@ impl DataEvent {
     /// The captured tail bytes.
     pub fn tail(&self) -> &[u8] {
         &self.tail[..(self.tail_len as usize).min(CAPTURE_TAIL)]
+    }
+}
+
+/// Request-line bytes a [`SpanRecord`] carries.
+pub const SPAN_LINE: usize = 64;
+/// `Host` value bytes a [`SpanRecord`] carries.
+pub const SPAN_HOST: usize = 32;
+/// `User-Agent` value bytes a [`SpanRecord`] carries.
+pub const SPAN_AGENT: usize = 64;
+
+/// Flags of [`SpanRecord::flags`].
+pub mod span_flags {
+    /// `srtt_us` and the retransmit counts were read from the socket.
+    pub const TCP: u8 = 1;
+    /// The request was a `HEAD`.
+    pub const HEAD: u8 = 2;
+    /// Only the request: the kernel stopped pairing on this connection
+    /// (an interim or unframed response, a pipelined request), and the
+    /// response comes as data events. User space queues the request for
+    /// that response, as if it had parsed it.
+    pub const PENDING: u8 = 4;
+}
+
+/// One HTTP/1.x exchange paired in the kernel ([`event_kind::SPAN`]): the
+/// request was read (server) or written (client) whole in one call, with
+/// no body; the response's framing (`Content-Length`, chunked, or the
+/// connection's close) told the kernel where it ends. Text fields are as
+/// they came, each ending at its `\r` (user space cuts there): an exchange
+/// whose request line, `Host` or `User-Agent` does not fit is not paired.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SpanRecord {
+    pub kind: u8,
+    /// A [`role`].
+    pub role: u8,
+    /// [`span_flags`].
+    pub flags: u8,
+    pub _reserved: u8,
+    /// The final response's status code.
+    pub status: u16,
+    pub _reserved2: u16,
+    pub tgid: u32,
+    /// The thread that read (server) or wrote (client) the request.
+    pub tid: u32,
+    pub conn_id: u64,
+    /// The request's read (server) or write (client), and the response's
+    /// last write (server) or read (client): `bpf_ktime_get_ns`.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Response body bytes (after its head; chunk framing included).
+    pub response_body: u64,
+    /// Smoothed RTT at the last event, microseconds, and the connection's
+    /// retransmits at the first and the last (valid with [`span_flags::TCP`]).
+    pub srtt_us: u32,
+    pub retrans_first: u32,
+    pub retrans_last: u32,
+    pub _reserved3: u32,
+    /// The ids: the server request's as the kernel chose them, or the
+    /// client request's as `sk_msg` injected them.
+    pub ctx: TraceContext,
+    /// The request line.
+    pub line: [u8; SPAN_LINE],
+    /// The `Host` header's value (empty: none).
+    pub host: [u8; SPAN_HOST],
+    /// The `User-Agent` header's value (empty: none).
+    pub agent: [u8; SPAN_AGENT],
+}
+assert_size!(
+    SpanRecord,
+    8 + 8 + 8 + 8 + 8 + 8 + 16 + 40 + SPAN_LINE + SPAN_HOST + SPAN_AGENT
+);
+
+impl SpanRecord {
+    /// Reads a ring-buffer record of this kind.
+    #[cfg(feature = "user")]
+    pub fn from_record(bytes: &[u8]) -> Option<SpanRecord> {
+        if bytes.first() != Some(&event_kind::SPAN) {
+            return None;
+        }
+        crate::record::read_prefix(bytes, core::mem::size_of::<SpanRecord>())
     }
 }
 

@@ -88,7 +88,8 @@ pub mod record {
 mod pod {
     use crate::{
         http::{
-            ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, SockOffsets, TraceContext,
+            ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, SockOffsets, SpanRecord,
+            TraceContext,
         },
         net::{AggKey, Connecting, DnsKey, FlowCache, FlowKey, FlowStats, Handshake, Hist, Owner},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
@@ -113,6 +114,7 @@ mod pod {
     unsafe impl aya::Pod for SockAddr {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for DataEvent {}
+    unsafe impl aya::Pod for SpanRecord {}
     unsafe impl aya::Pod for SockOffsets {}
     unsafe impl aya::Pod for AggKey {}
     unsafe impl aya::Pod for Hist {}

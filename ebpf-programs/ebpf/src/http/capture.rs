@@ -26,7 +26,7 @@ use fathom_common::http::{
 
 use crate::maps::{
     CONNS, GO_CONTEXT, GO_PROCS, HTTP_EVENTS, INJECTED, RING_FLAGS, SERVING, count, inject_enabled,
-    mask, may_begin_request, monitored, random_id, starts_message,
+    mask, may_begin_request, monitored, pair_enabled, random_id, starts_message,
 };
 
 /// Offsets of `parent_pid` and `child_pid` in the `sched_process_fork`
@@ -120,8 +120,17 @@ pub(crate) struct Scratch {
     search_len: u32,
     /// Where the search found the empty line that ends a head (index into
     /// head), or u32::MAX.
-    head_end: u32,
-    _pad: u32,
+    pub(crate) head_end: u32,
+    /// Where the search found the header lines `pair` reads (index into
+    /// head of the line's start), or u32::MAX: `Content-Length`,
+    /// `Transfer-Encoding`, `Host`, `User-Agent`.
+    pub(crate) content_length: u32,
+    pub(crate) transfer_encoding: u32,
+    pub(crate) host: u32,
+    pub(crate) agent: u32,
+    /// Where the second line starts (the first line's length + 2), or
+    /// u32::MAX.
+    pub(crate) line_end: u32,
     /// A vectored transfer's capture in progress (see `capture_vectored`).
     vec: Vectored,
 }
@@ -764,6 +773,9 @@ pub(crate) fn try_process(ssl: bool) -> Result<(), ()> {
         let _ = INJECTED.remove(&tid);
         scratch.event.ctx = injected;
     }
+    if !ssl && pair_enabled() && crate::pair::consume(scratch, info) {
+        return Ok(());
+    }
     send_data(scratch);
     Ok(())
 }
@@ -1153,39 +1165,14 @@ fn continue_server_request(scratch: &mut Scratch, info: &mut ConnInfo) {
 #[inline(always)]
 fn search_head(scratch: &mut Scratch) -> (Option<([u8; 16], [u8; 8])>, bool) {
     let len = scratch.event.head_len;
-    // A line that starts the read (the read before ended with its newline);
-    // the search below looks only at lines after a newline.
-    let (a, b) = line_words(&scratch.event, 0);
-    let mut found = u32::MAX;
-    let mut head_end = u32::MAX;
-    if len >= 2 && is_head_end(a) {
-        head_end = 0;
-    } else if len >= 12 && is_traceparent(a, b) {
-        found = 0;
-    } else {
-        // The callback writes through its own pointer to this scratch:
-        // volatile accesses keep the compiler from assuming it unchanged.
-        // SAFETY: plain stores and loads of fields of a valid map value.
-        unsafe {
-            core::ptr::write_volatile(&mut scratch.found, u32::MAX);
-            core::ptr::write_volatile(&mut scratch.head_end, u32::MAX);
-            core::ptr::write_volatile(&mut scratch.search_len, len);
-        }
-        // SAFETY: `search_step` has the callback signature bpf_loop requires.
-        unsafe {
-            bpf_loop(
-                (CAPTURE_HEAD / 8) as u32,
-                search_step as *mut c_void,
-                null_mut(),
-                0,
-            )
-        };
-        // SAFETY: as above.
-        unsafe {
-            found = core::ptr::read_volatile(&scratch.found);
-            head_end = core::ptr::read_volatile(&scratch.head_end);
-        }
-    }
+    scan_head(scratch);
+    // SAFETY: plain loads of fields the scan's callback wrote.
+    let (found, head_end) = unsafe {
+        (
+            core::ptr::read_volatile(&scratch.found),
+            core::ptr::read_volatile(&scratch.head_end),
+        )
+    };
     if found == u32::MAX {
         return (None, head_end != u32::MAX);
     }
@@ -1234,43 +1221,157 @@ const ENT: u32 = u32::from_le_bytes(*b"ent:");
 /// `\r\n` as a little-endian word.
 const CRLF: u16 = u16::from_le_bytes(*b"\r\n");
 
-/// The first 12 bytes of the line at `pos` of the captured head, as the
-/// words [`is_traceparent`] and [`is_head_end`] look at.
-#[inline(always)]
-fn line_words(event: &DataEvent, pos: usize) -> (u64, u32) {
-    let pos = pos & (CAPTURE_HEAD - 1);
-    // SAFETY: pos < CAPTURE_HEAD; the scratch's overflow area follows head,
-    // so 12 bytes from `pos` stay inside the map value.
-    unsafe {
-        let p = event.head.as_ptr().add(pos);
-        (
-            core::ptr::read_unaligned(p.cast::<u64>()),
-            core::ptr::read_unaligned(p.add(8).cast::<u32>()),
-        )
-    }
-}
-
-/// A header line named `traceparent` (any case).
-#[inline(always)]
-fn is_traceparent(a: u64, b: u32) -> bool {
-    a | 0x2020_2020_2020_2020 == TRACEPAR && b | 0x0020_2020 == ENT
-}
-
 /// An empty line: the end of a head.
 #[inline(always)]
 fn is_head_end(a: u64) -> bool {
     a as u16 == CRLF
 }
 
-/// One word of the `traceparent:` search: stops at a header line named
-/// `traceparent` (any case), at the empty line that ends the head, or at the
-/// end of the captured head.
-extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
+/// Scans the captured head of the event in `scratch` from its first byte
+/// to the empty line that ends a head (or the end of the capture), noting
+/// where header lines start: the first `traceparent` (`found`), the end
+/// (`head_end`), and those [`crate::pair`] reads. A line that starts the
+/// read is looked at too (the read before ended with its newline).
+#[inline(always)]
+pub(crate) fn scan_head(scratch: &mut Scratch) {
+    scan(scratch, true);
+}
+
+/// [`scan_head`] of a response's head: only its end and its framing
+/// (`Content-Length`, `Transfer-Encoding`) are looked for.
+#[inline(always)]
+pub(crate) fn scan_response_head(scratch: &mut Scratch) {
+    scan(scratch, false);
+}
+
+/// What a [`search_step`] works on (passed through `bpf_loop`'s context:
+/// no map lookup per step).
+#[repr(C)]
+struct ScanCtx {
+    scratch: *mut Scratch,
+    /// Request headers too (`traceparent`, `Host`, `User-Agent`).
+    request: u64,
+}
+
+#[inline(always)]
+fn scan(scratch: &mut Scratch, request: bool) {
+    // The callback writes through its own pointer to this scratch: volatile
+    // accesses keep the compiler from assuming it unchanged.
+    // SAFETY: plain stores of fields of a valid map value.
+    unsafe {
+        core::ptr::write_volatile(&mut scratch.found, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.head_end, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.content_length, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.transfer_encoding, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.host, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.agent, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.line_end, u32::MAX);
+        core::ptr::write_volatile(&mut scratch.search_len, scratch.event.head_len);
+    }
+    if check_line(scratch, 0, request) {
+        return;
+    }
+    let mut ctx = ScanCtx {
+        scratch: scratch as *mut Scratch,
+        request: u64::from(request),
     };
+    // SAFETY: `search_step` has the callback signature bpf_loop requires;
+    // `ctx` outlives the call.
+    unsafe {
+        bpf_loop(
+            (CAPTURE_HEAD / 8) as u32,
+            search_step as *mut c_void,
+            (&mut ctx as *mut ScanCtx).cast::<c_void>(),
+            0,
+        )
+    };
+}
+
+/// `content-`, `length:` (7 bytes), `transfer`, `-encodin`, `g:`, `host:`,
+/// `user-age`, `nt:` as little-endian words (lower case).
+const CONTENT_: u64 = u64::from_le_bytes(*b"content-");
+const LENGTH: u64 = u64::from_le_bytes(*b"length:\0");
+const TRANSFER: u64 = u64::from_le_bytes(*b"transfer");
+const ENCODIN: u64 = u64::from_le_bytes(*b"-encodin");
+const G_COLON: u32 = u32::from_le_bytes(*b"g:\0\0");
+const HOST: u64 = u64::from_le_bytes(*b"host:\0\0\0");
+const USER_AGE: u64 = u64::from_le_bytes(*b"user-age");
+const NT_COLON: u64 = u64::from_le_bytes(*b"nt:\0\0\0\0\0");
+const LOWER: u64 = 0x2020_2020_2020_2020;
+const MASK3: u64 = 0xff_ffff;
+const MASK5: u64 = 0xff_ffff_ffff;
+const MASK7: u64 = 0xff_ffff_ffff_ffff;
+
+/// Notes what the header line at `pos` of the captured head is; `true` at
+/// the empty line that ends the head.
+#[inline(always)]
+fn check_line(scratch: &mut Scratch, pos: usize, request: bool) -> bool {
+    let pos = pos & (CAPTURE_HEAD - 1);
+    if pos as u32 >= scratch.search_len {
+        return false;
+    }
+    if pos > 0 && scratch.line_end == u32::MAX {
+        scratch.line_end = pos as u32;
+    }
+    // SAFETY: pos < CAPTURE_HEAD; the scratch's overflow area follows head,
+    // so 20 bytes from `pos` stay inside the map value.
+    let (a, b, c) = unsafe {
+        let p = scratch.event.head.as_ptr().add(pos);
+        (
+            core::ptr::read_unaligned(p.cast::<u64>()),
+            core::ptr::read_unaligned(p.add(8).cast::<u64>()),
+            core::ptr::read_unaligned(p.add(16).cast::<u32>()),
+        )
+    };
+    if is_head_end(a) {
+        if pos as u32 + 2 <= scratch.search_len {
+            scratch.head_end = pos as u32;
+            return true;
+        }
+        return false;
+    }
+    let (la, lb) = (a | LOWER, b | LOWER);
+    if !request {
+        if la == CONTENT_ && lb & MASK7 == LENGTH {
+            if scratch.content_length == u32::MAX {
+                scratch.content_length = pos as u32;
+            }
+        } else if la == TRANSFER && lb == ENCODIN && (c | 0x2020) & 0xffff == G_COLON {
+            scratch.transfer_encoding = pos as u32;
+        }
+        return false;
+    }
+    if la == TRACEPAR && (lb as u32) == ENT {
+        if scratch.found == u32::MAX {
+            scratch.found = pos as u32;
+        }
+    } else if la == CONTENT_ && lb & MASK7 == LENGTH {
+        if scratch.content_length == u32::MAX {
+            scratch.content_length = pos as u32;
+        }
+    } else if la == TRANSFER && lb == ENCODIN && (c | 0x2020) & 0xffff == G_COLON {
+        scratch.transfer_encoding = pos as u32;
+    } else if la & MASK5 == HOST {
+        // The first, as user space's parser takes it.
+        if scratch.host == u32::MAX {
+            scratch.host = pos as u32;
+        }
+    } else if la == USER_AGE && lb & MASK3 == NT_COLON {
+        if scratch.agent == u32::MAX {
+            scratch.agent = pos as u32;
+        }
+    }
+    false
+}
+
+/// One word of [`scan_head`]: each line that starts in it is looked at;
+/// stops at the end of the head or of the capture.
+extern "C" fn search_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `scan` passes its `ScanCtx`, alive for the loop.
+    let ctx = unsafe { &*(ctx as *const ScanCtx) };
     // SAFETY: this CPU's scratch, owned by the running program.
-    let scratch = unsafe { &mut *scratch };
+    let scratch = unsafe { &mut *ctx.scratch };
+    let request = ctx.request != 0;
     let base = (index as usize * 8) & (CAPTURE_HEAD - 1);
     if base as u32 >= scratch.search_len {
         return 1;
@@ -1283,14 +1384,7 @@ extern "C" fn search_step(index: u64, _ctx: *mut c_void) -> i64 {
     let mut n = 0;
     while hits != 0 && n < 8 {
         let pos = base + (hits.trailing_zeros() as usize / 8) + 1;
-        let pos = pos & (CAPTURE_HEAD - 1);
-        let (a, b) = line_words(&scratch.event, pos);
-        if is_traceparent(a, b) {
-            scratch.found = pos as u32;
-            return 1;
-        }
-        if is_head_end(a) && pos as u32 + 2 <= scratch.search_len {
-            scratch.head_end = pos as u32;
+        if check_line(scratch, pos, request) {
             return 1;
         }
         hits &= hits - 1;

@@ -11,6 +11,7 @@ mod capture;
 mod golang;
 mod inject;
 mod maps;
+mod pair;
 mod sock;
 
 fathom_ebpf::object!();

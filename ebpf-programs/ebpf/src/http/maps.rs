@@ -15,6 +15,9 @@ static HTTP_FILTER_PIDS: u8 = 0;
 /// Non-zero: insert `traceparent` into outgoing requests. Set by the loader.
 #[unsafe(no_mangle)]
 static HTTP_INJECT: u8 = 0;
+/// Non-zero: pair exchanges in the kernel (`pair`). Set by the loader.
+#[unsafe(no_mangle)]
+static HTTP_PAIR: u8 = 0;
 
 // Sizes are defaults; the loader may change them.
 /// Events to user space (`ConnEvent`, `DataEvent`), written with
@@ -97,7 +100,14 @@ pub fn monitored(tgid: u32) -> bool {
     unsafe { MONITORED.get(&tgid) }.is_some()
 }
 
-/// Whether `traceparent` injection is on.
+/// Whether exchanges are paired in the kernel.
+#[inline(always)]
+pub fn pair_enabled() -> bool {
+    // SAFETY: a plain read of a loader-set global.
+    unsafe { read_volatile(&HTTP_PAIR) != 0 }
+}
+
+/// Whether outgoing requests get a `traceparent`.
 #[inline(always)]
 pub fn inject_enabled() -> bool {
     // SAFETY: a plain read of a loader-set global.

@@ -38,7 +38,7 @@ use crate::{
         AF_INET, AF_INET6, SCRATCH, SSL_ACTIVE, SSL_FDS, capture_plain, capture_vectored, ids,
         message_start, next_conn_id, offset, read_kernel, read_tcp, send_conn, tail_call,
     },
-    maps::{CONNS, count, monitored},
+    maps::{CONNS, count, monitored, pair_enabled},
 };
 
 /// Second stages of the two hooks (a BTF tracepoint program may tail-call
@@ -265,6 +265,9 @@ fn register(key: &ConnKey, sk: u64) -> Result<(), ()> {
 /// closed (sent, when it was open), and `info` starts afresh for `sk`.
 #[inline(always)]
 fn renew(info: &mut ConnInfo, key: &ConnKey, sk: u64, tid: u32) -> Result<(), ()> {
+    if pair_enabled() {
+        crate::pair::close(info.conn_id);
+    }
     if info.role != role::UNKNOWN {
         close_event(info, key, tid);
     }
@@ -413,6 +416,9 @@ fn try_sock_state(ctx: &BtfTracePointContext) -> Option<()> {
         return None;
     }
     let _ = CONNS.remove(&key);
+    if pair_enabled() {
+        crate::pair::close(info.conn_id);
+    }
     if info.role != role::UNKNOWN {
         close_event(&info, &key, 0);
     }
