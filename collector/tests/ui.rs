@@ -1341,6 +1341,23 @@ fn fresh_screenshots(dir: &Path, since: SystemTime) -> Vec<String> {
 
 /// `npm ci` in `collector/tests/browser` when its `node_modules` is missing
 /// (scripts/setup runs it too).
+/// What a browser test needs: Chromium, node and the test's npm packages
+/// (`tests/browser`, installed on first use); `None` (the test skips, with
+/// the reason printed) when Chromium or node is missing. Returns the
+/// browser directory and the screenshots' ([`screenshots_dir`]).
+fn browser_setup(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let chromium = fathom_test_support::require_found(
+        test,
+        "chromium",
+        Some(PathBuf::from("/usr/bin/chromium")),
+    );
+    chromium?;
+    require_tool(test, "node")?;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    browser_deps(&dir);
+    Some((dir, screenshots_dir()))
+}
+
 fn browser_deps(dir: &Path) {
     if dir.join("node_modules/playwright-core").is_dir() {
         return;
@@ -1414,19 +1431,10 @@ fn run_browser(
 #[test]
 fn browser_drives_profiles_traces_and_metrics_views() {
     const TEST: &str = "browser_drives_profiles_traces_and_metrics_views";
-    let chromium = fathom_test_support::require_found(
-        TEST,
-        "chromium",
-        Some(PathBuf::from("/usr/bin/chromium")),
-    );
-    let Some(_chromium) = chromium else { return };
-    let Some(_node) = require_tool(TEST, "node") else {
+    let Some((dir, shots)) = browser_setup(TEST) else {
         return;
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    browser_deps(&dir);
     let script = dir.join("ui.mjs");
-    let shots = screenshots_dir();
 
     // 1. The standalone collector on an empty store: its start-up log
     // names the UI's address and the store, the UI's onboarding the bound
@@ -1631,21 +1639,9 @@ fn browser_drives_profiles_traces_and_metrics_views() {
 #[test]
 fn browser_diff_of_two_ranges_shows_what_grew_and_shrank() {
     const TEST: &str = "browser_diff_of_two_ranges_shows_what_grew_and_shrank";
-    let chromium = fathom_test_support::require_found(
-        TEST,
-        "chromium",
-        Some(PathBuf::from("/usr/bin/chromium")),
-    );
-    let (Some(_), Some(_), Some(_)) = (
-        chromium,
-        require_tool(TEST, "node"),
-        require_tool(TEST, "go"),
-    ) else {
+    let (Some((dir, shots)), Some(_)) = (browser_setup(TEST), require_tool(TEST, "go")) else {
         return;
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    browser_deps(&dir);
-    let shots = screenshots_dir();
 
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = go_cpu_profiles(tmp.path());
@@ -1757,17 +1753,9 @@ fn browser_diff_of_two_ranges_shows_what_grew_and_shrank() {
 #[test]
 fn browser_timeline_brush_and_typed_range_select_what_was_pushed_then() {
     const TEST: &str = "browser_timeline_brush_and_typed_range_select_what_was_pushed_then";
-    let chromium = fathom_test_support::require_found(
-        TEST,
-        "chromium",
-        Some(PathBuf::from("/usr/bin/chromium")),
-    );
-    let (Some(_), Some(_)) = (chromium, require_tool(TEST, "node")) else {
+    let Some((dir, shots)) = browser_setup(TEST) else {
         return;
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    browser_deps(&dir);
-    let shots = screenshots_dir();
 
     let run = Running::start();
     let now = SystemTime::now();
@@ -1840,17 +1828,9 @@ fn sandwich_oracle(stacks: &[(&[&str], i64)], name: &str) -> serde_json::Value {
 #[test]
 fn browser_sandwich_view_shows_the_callers_and_callees_of_a_function() {
     const TEST: &str = "browser_sandwich_view_shows_the_callers_and_callees_of_a_function";
-    let chromium = fathom_test_support::require_found(
-        TEST,
-        "chromium",
-        Some(PathBuf::from("/usr/bin/chromium")),
-    );
-    let (Some(_), Some(_)) = (chromium, require_tool(TEST, "node")) else {
+    let Some((dir, shots)) = browser_setup(TEST) else {
         return;
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    browser_deps(&dir);
-    let shots = screenshots_dir();
     let stacks: &[(&[&str], i64)] = &[
         (&["main", "handler_a", "encode", "deflate"], 30),
         (&["main", "handler_b", "encode", "crc"], 20),

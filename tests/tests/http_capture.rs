@@ -54,12 +54,7 @@ fn captures_a_real_server_on_socket_tracepoints() {
     else {
         return;
     };
-    if let Err(reason) = socket_hooks() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true and the socket tracepoints are missing: {reason}"
-        );
-        eprintln!("\n*** SKIPPED: no socket tracepoints here: {reason} ***\n");
+    if !socket_hooks_or_skip() {
         return;
     }
     captures_requests_responses_and_context_of_a_real_server(HttpHooks::Sockets);
@@ -75,6 +70,20 @@ fn captures_a_real_server_on_syscall_tracepoints() {
         return;
     };
     captures_requests_responses_and_context_of_a_real_server(HttpHooks::Syscalls);
+}
+
+/// Whether this kernel has the socket tracepoints; when not, says so loudly
+/// (the caller skips), and fails under `CI=true`.
+fn socket_hooks_or_skip() -> bool {
+    let Err(reason) = socket_hooks() else {
+        return true;
+    };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and the socket tracepoints are missing: {reason}"
+    );
+    eprintln!("\n*** SKIPPED: no socket tracepoints here: {reason} ***\n");
+    false
 }
 
 fn socket_hooks() -> Result<(), String> {
@@ -371,12 +380,7 @@ fn pairs_simple_exchanges_in_the_kernel_and_streams_the_rest() {
     ) else {
         return;
     };
-    if let Err(reason) = socket_hooks() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true and the socket tracepoints are missing: {reason}"
-        );
-        eprintln!("\n*** SKIPPED: no socket tracepoints here: {reason} ***\n");
+    if !socket_hooks_or_skip() {
         return;
     }
     let mut capture = HttpCapture::start(&HttpCaptureConfig {
