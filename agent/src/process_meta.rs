@@ -27,6 +27,10 @@ impl ProcessMeta {
     /// `None` when the process is gone.
     pub fn read(proc_root: &Path, pid: u32) -> Option<Self> {
         let dir = proc_root.join(pid.to_string());
+        // The cgroup first: a short-lived process (a curl) may be exiting
+        // while it is read, and its container is what its resource cannot
+        // do without.
+        let cgroup = fs::read_to_string(dir.join("cgroup")).ok();
         let comm = fs::read_to_string(dir.join("comm")).ok()?;
         let exe = fs::read_link(dir.join("exe")).ok();
         let executable_name = executable_name(
@@ -40,9 +44,7 @@ impl ProcessMeta {
         let service_name = otel_service_name
             .clone()
             .unwrap_or_else(|| executable_name.clone());
-        let container_id = fs::read_to_string(dir.join("cgroup"))
-            .ok()
-            .and_then(|c| container_id(&c));
+        let container_id = cgroup.and_then(|c| container_id(&c));
         Some(Self {
             pid,
             service_name,

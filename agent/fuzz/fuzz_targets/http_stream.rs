@@ -1,7 +1,8 @@
 //! The HTTP tracer (`agent/src/traces`: parse, spans, otlp, metrics) on arbitrary event sequences, decoded
 //! from the input as records (see `make-seeds`, which writes realistic
 //! ones): connection opens and closes, reads and writes with captured heads,
-//! uncaptured middles and tails, kernel trace contexts, expiry; finished
+//! uncaptured middles and tails, kernel trace contexts, exchanges the
+//! kernel paired (whole or pending, any bytes in their text fields), expiry; finished
 //! spans go through the OTLP conversion and the RED metrics. Nothing may
 //! panic, and what is kept stays within the configured bounds.
 #![no_main]
@@ -25,7 +26,8 @@ mod traces {
 }
 
 use fathom_common::http::{
-    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, SockAddr, TraceContext, event_kind, syscall,
+    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, SPAN_AGENT, SPAN_HOST, SPAN_LINE, SockAddr,
+    SpanRecord, TraceContext, event_kind, syscall,
 };
 use libfuzzer_sys::fuzz_target;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -172,6 +174,48 @@ fuzz_target!(|data: &[u8]| {
                         }
                     }
                 }
+            }
+            7 if input.data.first().is_some_and(|b| b & 0x40 != 0) => {
+                // An exchange the kernel paired.
+                let flags = input.byte();
+                let mut rec = SpanRecord {
+                    kind: event_kind::SPAN,
+                    role: flags & 3,
+                    flags: flags >> 2,
+                    _reserved: 0,
+                    status: input.u16(),
+                    _reserved2: 0,
+                    tgid: 100,
+                    tid: u32::from(input.byte() & 3) + 1,
+                    conn_id,
+                    start_ns: now,
+                    end_ns: now.saturating_add(input.u24()),
+                    response_body: input.u24(),
+                    srtt_us: u32::from(input.byte()) * 100,
+                    retrans_first: u32::from(input.byte()),
+                    retrans_last: u32::from(input.byte()),
+                    _reserved3: 0,
+                    ctx: TraceContext {
+                        trace_id: [op | 1; 16],
+                        span_id: [flags | 1; 8],
+                        parent_span_id: [flags; 8],
+                        flags: input.byte() & 0xf,
+                        _reserved: [0; 7],
+                    },
+                    line: [0; SPAN_LINE],
+                    host: [0; SPAN_HOST],
+                    agent: [0; SPAN_AGENT],
+                };
+                let n = usize::from(input.byte()) % (SPAN_LINE + 1);
+                let bytes = input.take(n);
+                rec.line[..bytes.len()].copy_from_slice(bytes);
+                let n = usize::from(input.byte()) % (SPAN_HOST + 1);
+                let bytes = input.take(n);
+                rec.host[..bytes.len()].copy_from_slice(bytes);
+                let n = usize::from(input.byte()) % (SPAN_AGENT + 1);
+                let bytes = input.take(n);
+                rec.agent[..bytes.len()].copy_from_slice(bytes);
+                tracer.on_span(&rec);
             }
             _ => {
                 // A read or write.

@@ -1028,7 +1028,22 @@ impl HttpTracer {
                 span,
                 first_tcp,
             };
-            if rec.role == role::SERVER {
+            let server = rec.role == role::SERVER;
+            let queue = if server {
+                &mut core.served
+            } else {
+                &mut core.sent
+            };
+            // Bounded as the parser's own requests are.
+            if queue.len() >= self.shared.cfg.max_pending.max(1)
+                && let Some(old) = queue.pop_front()
+            {
+                self.shared.stats.requests_unanswered += 1;
+                if server {
+                    self.shared.unserve(old.span.tid, core.conn_id, old.seq);
+                }
+            }
+            if server {
                 self.shared
                     .serving
                     .entry(rec.tid)
