@@ -981,7 +981,6 @@ struct Answer {
 /// grpcio client generated from Pyroscope's `push.proto`.
 fn push_over_grpc(python: &std::path::Path, target: SocketAddr, calls: &[PushCall]) -> Vec<Answer> {
     use base64::Engine as _;
-    use std::io::Write as _;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let calls: Vec<serde_json::Value> = calls
         .iter()
@@ -999,26 +998,12 @@ fn push_over_grpc(python: &std::path::Path, target: SocketAddr, calls: &[PushCal
             })
         })
         .collect();
-    let mut child = std::process::Command::new(python)
-        .arg(common::fixture("clients/push_grpc.py"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            serde_json::json!({"target": target.to_string(), "calls": calls})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "push_grpc.py failed");
-    let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let results = common::run_python_client(
+        python,
+        "push_grpc.py",
+        &[],
+        &serde_json::json!({"target": target.to_string(), "calls": calls}),
+    );
     results
         .into_iter()
         .map(|r| {

@@ -20,8 +20,8 @@
 
 use std::{
     io::Write as _,
-    path::PathBuf,
-    process::{Command, Stdio},
+    path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -35,7 +35,9 @@ use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
 mod common;
-use common::{CpuProfile, Frame, fixture, require_found, require_tool, workspace_root};
+use common::{
+    CpuProfile, Frame, fixture, require_found, require_tool, run_python_client, workspace_root,
+};
 
 struct Running {
     rt: Runtime,
@@ -121,28 +123,8 @@ fn python(test: &str) -> Option<PathBuf> {
 }
 
 /// Runs the connect querier client (built from Pyroscope's protos) on `calls`.
-fn querier(python: &PathBuf, base: &str, calls: &Value) -> Vec<Value> {
-    let mut child = Command::new(python)
-        .arg(fixture("clients/querier_client.py"))
-        .arg(base)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(calls.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "querier client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+fn querier(python: &Path, base: &str, calls: &Value) -> Vec<Value> {
+    run_python_client(python, "querier_client.py", &[base], calls)
 }
 
 fn curl(args: &[&str]) -> (u16, String) {

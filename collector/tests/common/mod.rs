@@ -37,6 +37,39 @@ pub fn fixture(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// Runs a Python test client of `tests/fixtures/clients` with `args`, the
+/// JSON `input` on its stdin, and returns what it printed (its JSON list of
+/// results); its stderr is shown, and a failure fails the test.
+#[allow(dead_code, reason = "not every test binary runs a Python client")]
+pub fn run_python_client(
+    python: &Path,
+    client: &str,
+    args: &[&str],
+    input: &serde_json::Value,
+) -> Vec<serde_json::Value> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(python)
+        .arg(fixture(&format!("clients/{client}")))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {client}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("writing to {client}: {e}"));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {client}: {e}"));
+    assert!(out.status.success(), "{client} failed");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{client} printed no JSON list: {e}"))
+}
+
 /// Cargo's target directory of this build (`target/` or `CARGO_TARGET_DIR`):
 /// test binaries run from `<target>/<profile>/deps/`.
 pub fn target_dir() -> PathBuf {
