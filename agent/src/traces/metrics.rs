@@ -51,10 +51,12 @@ struct SeriesKey {
     kind: SpanKind,
     /// The overflow series (no other attributes).
     overflow: bool,
-    method: String,
+    /// `http.request.method` (a known method or `_OTHER`).
+    method: &'static str,
     status: Option<u16>,
     scheme: Scheme,
-    error_type: Option<String>,
+    /// With `error.type`: the status code, or `_OTHER` without one.
+    error: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -134,17 +136,10 @@ impl HttpMetrics {
         let key = SeriesKey {
             kind: span.kind,
             overflow: false,
-            method: method_attr(&span.method).to_string(),
+            method: method_attr(&span.method),
             status: span.status,
             scheme: span.scheme,
-            error_type: if span.error {
-                Some(
-                    span.status
-                        .map_or_else(|| "_OTHER".to_string(), |s| s.to_string()),
-                )
-            } else {
-                None
-            },
+            error: span.error,
         };
         let seconds = span.duration_ns() as f64 / 1e9;
         let full = self.series >= self.cfg.max_series;
@@ -161,10 +156,10 @@ impl HttpMetrics {
                 let overflow = SeriesKey {
                     kind: span.kind,
                     overflow: true,
-                    method: String::new(),
+                    method: "",
                     status: None,
                     scheme: Scheme::Http,
-                    error_type: None,
+                    error: false,
                 };
                 series.entry(overflow).or_default().record(seconds);
             }
@@ -238,13 +233,16 @@ impl HttpMetrics {
         if k.overflow {
             attributes.push(kv_bool("otel.metric.overflow", true));
         } else {
-            attributes.push(kv_str("http.request.method", &k.method));
+            attributes.push(kv_str("http.request.method", k.method));
             if let Some(s) = k.status {
                 attributes.push(kv_int("http.response.status_code", i64::from(s)));
             }
             attributes.push(kv_str("url.scheme", k.scheme.as_str()));
-            if let Some(e) = &k.error_type {
-                attributes.push(kv_str("error.type", e));
+            if k.error {
+                let e = k
+                    .status
+                    .map_or_else(|| "_OTHER".to_string(), |s| s.to_string());
+                attributes.push(kv_str("error.type", &e));
             }
         }
         HistogramDataPoint {

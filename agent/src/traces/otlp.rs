@@ -7,6 +7,8 @@
 //! and for 4xx on client spans, with `error.type` the status code; Unset
 //! otherwise.
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use opentelemetry_proto::tonic::{
     common::v1::InstrumentationScope,
     trace::v1::{span, status},
@@ -43,11 +45,27 @@ pub fn scope() -> InstrumentationScope {
 }
 
 /// `http.request.method`: the method when known, else `_OTHER`.
-pub fn method_attr(method: &str) -> &str {
-    if KNOWN_METHODS.contains(&method) {
-        method
-    } else {
-        "_OTHER"
+pub fn method_attr(method: &str) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("_OTHER")
+}
+
+/// `a.b.c.d`, as `Ipv4Addr`'s `Display` writes it.
+fn push_ipv4(out: &mut String, ip: Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
     }
 }
 
@@ -258,7 +276,13 @@ impl SpanEncoder {
         put_kv_str(out, "http.request.method", method);
         self.ip.clear();
         if let Some(p) = s.peer {
-            let _ = write!(self.ip, "{}", p.ip().to_canonical());
+            match p.ip().to_canonical() {
+                // Digit by digit: `fmt` was a tenth of the encoder's time.
+                IpAddr::V4(v4) => push_ipv4(&mut self.ip, v4),
+                ip => {
+                    let _ = write!(self.ip, "{ip}");
+                }
+            }
         }
         let peer_ip = s.peer.map(|_| self.ip.as_str());
         if method == "_OTHER" {
@@ -414,6 +438,20 @@ pub(crate) mod tests {
         trace::v1::{Span, Status},
     };
     use prost::Message;
+
+    #[test]
+    fn ipv4_digits_match_display() {
+        for octet in 0..=255u8 {
+            for ip in [
+                Ipv4Addr::new(octet, 0, 255, octet),
+                Ipv4Addr::new(10, octet, 7, 100),
+            ] {
+                let mut s = String::new();
+                push_ipv4(&mut s, ip);
+                assert_eq!(s, ip.to_string());
+            }
+        }
+    }
 
     /// The encoder's bytes, decoded by prost; prost writes the same bytes
     /// back (the encoding is canonical, field by field).

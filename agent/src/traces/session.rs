@@ -2,7 +2,6 @@
 //! the [`HttpTracer`], and every `flush_every` hands finished spans (OTLP
 //! traces) and the RED metrics (OTLP metrics) to a [`TraceSink`].
 use std::{
-    collections::{HashMap, HashSet},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -12,6 +11,7 @@ use fathom_common::{
     http::{HttpCounter, role},
     net::FlowKey,
 };
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use super::{
     HttpMetrics, HttpTracer, MetricsConfig, TracerConfig,

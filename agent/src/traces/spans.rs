@@ -36,8 +36,10 @@
 //! up), finished spans not yet taken, idle connections ([`HttpTracer::expire`]);
 //! everything given up is counted in [`TracerStats`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use foldhash::{HashMap, HashMapExt};
 
 use fathom_common::http::{
     ConnEvent, DataEvent, SockAddr, SpanRecord, TraceContext, ctx_flags, data_flags, direction,
