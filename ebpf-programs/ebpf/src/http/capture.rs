@@ -135,6 +135,15 @@ pub(crate) struct Scratch {
     vec: Vectored,
 }
 
+// The head is 8-aligned wherever a `DataEvent` or a `Scratch` is (the
+// word loads of `mem` rely on it).
+const _: () = assert!(
+    core::mem::align_of::<DataEvent>() >= 8
+        && core::mem::offset_of!(DataEvent, head) % 8 == 0
+        && core::mem::offset_of!(DataEvent, tail) % 8 == 0
+        && core::mem::offset_of!(Scratch, event) == 0
+);
+
 /// The state of `iov_step`, one iovec a step, in map memory (the verifier
 /// checks the callback once, not once per iovec).
 #[repr(C)]
@@ -324,9 +333,7 @@ fn try_sock_of_fd(fd: u32, local: &mut SockAddr) -> Option<u64> {
 /// when its socket is known.
 #[inline(always)]
 pub(crate) fn read_tcp(event: &mut DataEvent, sk: u64) {
-    event.flags = 0;
-    event.srtt_us = 0;
-    event.total_retrans = 0;
+    // Cleared by the caller (`mem::clear_counts`).
     if sk == 0 {
         return;
     }
@@ -692,10 +699,9 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a plain helper call.
     event.end_ns = unsafe { bpf_ktime_get_ns() };
     event.len = moved;
-    event.head_len = 0;
-    event.tail_len = 0;
+    crate::mem::clear_counts(event);
     read_tcp(event, info.sk);
-    event.ctx = TraceContext::default();
+    crate::mem::clear_ctx(event);
     if active.syscall != syscall::SENDFILE {
         if active.vectored != 0 {
             capture_vectored(scratch, active.buf, active.count, moved);
@@ -822,14 +828,11 @@ pub(crate) fn capture_plain(scratch: &mut Scratch, buf: u64, moved: u64) {
 /// a vectored transfer: one `bpf_loop` step per iovec.
 #[inline(always)]
 pub(crate) fn capture_vectored(scratch: &mut Scratch, iov: u64, iovcnt: u64, moved: u64) {
-    scratch.vec = Vectored {
-        iov,
-        iovcnt,
-        left: moved,
-        off: 0,
-        last: (0, 0),
-        prev: (0, 0),
-    };
+    let vec = &mut scratch.vec;
+    crate::mem::zero_words(vec);
+    vec.iov = iov;
+    vec.iovcnt = iovcnt;
+    vec.left = moved;
     // SAFETY: `iov_step` has the callback signature bpf_loop requires.
     unsafe { bpf_loop(MAX_IOV as u32, iov_step as *mut c_void, null_mut(), 0) };
     // SAFETY: the callback wrote it through its own pointer to this value.
@@ -963,8 +966,8 @@ fn read_tail(tail: &mut [u8; CAPTURE_TAIL], src: u64) -> bool {
 /// response (any status).
 #[inline(always)]
 pub(crate) fn message_start(event: &DataEvent) -> (bool, bool) {
-    // SAFETY: the head has CAPTURE_HEAD (>= 8) bytes.
-    let word = unsafe { core::ptr::read_unaligned(event.head.as_ptr().cast::<u64>()) };
+    // SAFETY: the head has CAPTURE_HEAD (>= 8) bytes and is 8-aligned.
+    let word = unsafe { crate::mem::load(event.head.as_ptr()) };
     starts_message(word, event.head_len)
 }
 
@@ -975,8 +978,8 @@ pub(crate) fn message_start(event: &DataEvent) -> (bool, bool) {
 /// (its "background read"), then the rest.
 #[inline(always)]
 pub(crate) fn joined_message_start(event: &DataEvent, info: &mut ConnInfo) -> (bool, bool) {
-    // SAFETY: the head has CAPTURE_HEAD (>= 8) bytes.
-    let word = unsafe { core::ptr::read_unaligned(event.head.as_ptr().cast::<u64>()) };
+    // SAFETY: the head has CAPTURE_HEAD (>= 8) bytes and is 8-aligned.
+    let word = unsafe { crate::mem::load(event.head.as_ptr()) };
     let len = event.head_len;
     let (mut request, response) = starts_message(word, len);
     if event.direction != direction::READ {
@@ -1177,17 +1180,25 @@ fn search_head(scratch: &mut Scratch) -> (Option<([u8; 16], [u8; 8])>, bool) {
         return (None, head_end != u32::MAX);
     }
     let start = (found as usize & (CAPTURE_HEAD - 1)) + 12;
-    let mut value = [0u8; 56];
+    // The value's 55 bytes and the one after, in words (aligned stores).
+    let mut words = [0u64; 7];
     let mut skip = 0;
     // Optional whitespace after the colon.
     while skip < 2 && scratch.event.head[(start + skip) & (CAPTURE_HEAD - 1)] == b' ' {
         skip += 1;
     }
     let from = (start + skip) & (CAPTURE_HEAD - 1);
-    // SAFETY: from < CAPTURE_HEAD and the overflow area follows head.
-    let src = unsafe { scratch.event.head.as_ptr().add(from) };
-    // SAFETY: 56 bytes from `src` are inside the scratch value.
-    unsafe { core::ptr::copy_nonoverlapping(src, value.as_mut_ptr(), 56) };
+    // SAFETY: `words` is 8-aligned; 64 bytes from head + (from & !7) are
+    // inside the scratch value (the overflow area follows head).
+    unsafe {
+        crate::mem::copy_words::<56>(
+            words.as_mut_ptr().cast::<u8>(),
+            scratch.event.head.as_ptr(),
+            from,
+        )
+    };
+    // SAFETY: 56 initialised bytes.
+    let value = unsafe { &*words.as_ptr().cast::<[u8; 56]>() };
     let end = value[55];
     if (end == b'\r' || end == b'\n' || end == b' ' || end == b'\t')
         && (from + 55) as u32 <= len
@@ -1313,16 +1324,23 @@ fn check_line(scratch: &mut Scratch, pos: usize, request: bool) -> bool {
     if pos > 0 && scratch.line_end == u32::MAX {
         scratch.line_end = pos as u32;
     }
-    // SAFETY: pos < CAPTURE_HEAD; the scratch's overflow area follows head,
-    // so 20 bytes from `pos` stay inside the map value.
-    let (a, b, c) = unsafe {
-        let p = scratch.event.head.as_ptr().add(pos);
+    // The 20 bytes at `pos`, from the four aligned words around them.
+    let k = pos & !7;
+    let shift = ((pos & 7) * 8) as u32;
+    // SAFETY: k + 32 <= CAPTURE_HEAD + 24, inside the scratch's overflow
+    // area that follows head; head is 8-aligned.
+    let (w0, w1, w2, w3) = unsafe {
+        let p = scratch.event.head.as_ptr().add(k);
         (
-            core::ptr::read_unaligned(p.cast::<u64>()),
-            core::ptr::read_unaligned(p.add(8).cast::<u64>()),
-            core::ptr::read_unaligned(p.add(16).cast::<u32>()),
+            crate::mem::load(p),
+            crate::mem::load(p.add(8)),
+            crate::mem::load(p.add(16)),
+            crate::mem::load(p.add(24)),
         )
     };
+    let a = crate::mem::join(w0, w1, shift);
+    let b = crate::mem::join(w1, w2, shift);
+    let c = crate::mem::join(w2, w3, shift) as u32;
     if is_head_end(a) {
         if pos as u32 + 2 <= scratch.search_len {
             scratch.head_end = pos as u32;
@@ -1376,9 +1394,8 @@ extern "C" fn search_step(index: u64, ctx: *mut c_void) -> i64 {
     if base as u32 >= scratch.search_len {
         return 1;
     }
-    // SAFETY: base + 8 <= CAPTURE_HEAD.
-    let word =
-        unsafe { core::ptr::read_unaligned(scratch.event.head.as_ptr().add(base).cast::<u64>()) };
+    // SAFETY: base + 8 <= CAPTURE_HEAD; base and head are 8-aligned.
+    let word = unsafe { crate::mem::load(scratch.event.head.as_ptr().add(base)) };
     let x = word ^ NEWLINES;
     let mut hits = x.wrapping_sub(LOW) & !x & HIGH;
     let mut n = 0;
@@ -1539,10 +1556,9 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     // SAFETY: a plain helper call.
     event.end_ns = unsafe { bpf_ktime_get_ns() };
     event.len = moved;
-    event.head_len = 0;
-    event.tail_len = 0;
+    crate::mem::clear_counts(event);
     read_tcp(event, info.sk);
-    event.ctx = TraceContext::default();
+    crate::mem::clear_ctx(event);
     capture_plain(scratch, active.buf, moved);
     // Registered by the socket-tracepoint capture: open at its first message.
     crate::sock::open_by_first_message(info, &scratch.event);

@@ -378,20 +378,10 @@ fn try_sk_msg(ctx: &SkMsgContext) -> (Outcome, Head) {
     // SAFETY: helpers without arguments.
     let owner =
         unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) };
-    *scan = Scan {
-        len: len as u64,
-        cursor: 0,
-        line_end: 0,
-        verdict: verdict::SCANNING,
-        existing_at: 0,
-        head_end: 0,
-        length_at: 0,
-        chunked: 0,
-        length: 0,
-        digits: 0,
-        length_state: 0,
-        owner,
-    };
+    crate::mem::zero_words(scan);
+    scan.len = len as u64;
+    scan.verdict = verdict::SCANNING;
+    scan.owner = owner;
     let mut scan_ctx = ScanCtx { msg: ctx.msg };
     // At most one step per LF plus one per LF-free word.
     // SAFETY: `scan_step` has the callback signature bpf_loop requires and

@@ -11,6 +11,7 @@ mod capture;
 mod golang;
 mod inject;
 mod maps;
+mod mem;
 mod pair;
 mod sock;
 

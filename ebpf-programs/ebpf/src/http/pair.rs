@@ -29,6 +29,7 @@ use fathom_common::http::{
 use crate::{
     capture::{Scratch, message_start, scan_head, scan_response_head},
     maps::{HTTP_EVENTS, RING_FLAGS, count},
+    mem::{copy_words, load, word_at},
 };
 
 /// No exchange under way.
@@ -56,6 +57,19 @@ pub(crate) struct Pair {
     /// Response body bytes still to come (`BY_LENGTH`).
     body_left: u64,
 }
+
+// The record's text fields are 8-aligned in a `Pair` (map memory): `mem`'s
+// word copies and loads rely on it.
+const _: () = assert!(
+    core::mem::align_of::<Pair>() >= 8
+        && core::mem::offset_of!(Pair, rec) == 0
+        && core::mem::offset_of!(SpanRecord, line) % 8 == 0
+        && core::mem::offset_of!(SpanRecord, host) % 8 == 0
+        && core::mem::offset_of!(SpanRecord, agent) % 8 == 0
+        && SPAN_LINE % 8 == 0
+        && SPAN_HOST % 8 == 0
+        && SPAN_AGENT % 8 == 0
+);
 
 /// Connection id -> its exchange under way.
 #[map]
@@ -224,36 +238,36 @@ fn open_request(scratch: &mut Scratch, info: &ConnInfo, pair: &mut Pair) -> bool
     if ev.head[0] == b'H' && ev.head[1] == b'E' {
         rec.flags |= span_flags::HEAD;
     }
-    rec.ctx = ev.ctx;
-    // SAFETY: SPAN_LINE bytes from the head's start are inside the event.
-    unsafe {
-        core::ptr::copy_nonoverlapping(ev.head.as_ptr(), rec.line.as_mut_ptr(), SPAN_LINE);
-    }
+    crate::mem::copy_ctx(rec, ev);
+    // SAFETY: SPAN_LINE + 8 bytes from the head's start are inside the
+    // event; both 8-aligned.
+    unsafe { copy_words::<SPAN_LINE>(rec.line.as_mut_ptr(), ev.head.as_ptr(), 0) };
     rec.host[0] = 0;
     rec.agent[0] = 0;
     let host = read_u32(&scratch.host);
     if host != u32::MAX {
         let from = value_start(scratch, host as usize + 5);
-        // SAFETY: from < CAPTURE_HEAD and the overflow area follows head.
+        // SAFETY: from < CAPTURE_HEAD and the overflow area follows head;
+        // both 8-aligned.
         unsafe {
-            core::ptr::copy_nonoverlapping(
-                scratch.event.head.as_ptr().add(from),
+            copy_words::<SPAN_HOST>(
                 pair.rec.host.as_mut_ptr(),
-                SPAN_HOST,
-            );
-        }
+                scratch.event.head.as_ptr(),
+                from,
+            )
+        };
     }
     let agent = read_u32(&scratch.agent);
     if agent != u32::MAX {
         let from = value_start(scratch, agent as usize + 11);
         // SAFETY: as above.
         unsafe {
-            core::ptr::copy_nonoverlapping(
-                scratch.event.head.as_ptr().add(from),
+            copy_words::<SPAN_AGENT>(
                 pair.rec.agent.as_mut_ptr(),
-                SPAN_AGENT,
-            );
-        }
+                scratch.event.head.as_ptr(),
+                from,
+            )
+        };
     }
     // A value that does not end within its room is not cut: the exchange
     // goes to user space whole.
@@ -274,8 +288,9 @@ fn has_cr<const N: usize>(bytes: &[u8; N]) -> bool {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let mut i = 0;
     while i + 8 <= N {
-        // SAFETY: i + 8 <= N.
-        let w = unsafe { core::ptr::read_unaligned(bytes.as_ptr().add(i).cast::<u64>()) };
+        // SAFETY: i + 8 <= N; `bytes` is a record's `host` or `agent`,
+        // 8-aligned (asserted at `Pair`).
+        let w = unsafe { load(bytes.as_ptr().add(i)) };
         let x = w ^ CRS;
         if x.wrapping_sub(LOW) & !x & HIGH != 0 {
             return true;
@@ -461,8 +476,7 @@ fn decimal(scratch: &Scratch, pos: usize) -> Option<u64> {
 fn is_chunked(scratch: &Scratch, pos: usize) -> bool {
     let from = value_start(scratch, pos);
     // SAFETY: from < CAPTURE_HEAD; the overflow area follows head.
-    let word =
-        unsafe { core::ptr::read_unaligned(scratch.event.head.as_ptr().add(from).cast::<u64>()) };
+    let word = unsafe { word_at(scratch.event.head.as_ptr(), from) };
     const CHUNKED: u64 = u64::from_le_bytes(*b"chunked\r");
     (word | 0x0020_2020_2020_2020) == CHUNKED
 }
@@ -485,17 +499,17 @@ fn chunks_end(scratch: &Scratch) -> bool {
             return false;
         }
         // SAFETY: the tail has CAPTURE_TAIL (16) bytes.
-        unsafe { core::ptr::read_unaligned(ev.tail.as_ptr().add(8).cast::<u64>()) }
+        unsafe { load(ev.tail.as_ptr().add(8)) }
     } else if len >= 8 {
         if u64::from(ev.head_len) != len {
             return false;
         }
         let at = (len as usize - 8) & (CAPTURE_HEAD - 1);
         // SAFETY: at < CAPTURE_HEAD; the overflow area follows head.
-        unsafe { core::ptr::read_unaligned(ev.head.as_ptr().add(at).cast::<u64>()) }
+        unsafe { word_at(ev.head.as_ptr(), at) }
     } else if len == 5 && ev.head_len == 5 {
         // SAFETY: the head has CAPTURE_HEAD bytes.
-        let w = unsafe { core::ptr::read_unaligned(ev.head.as_ptr().cast::<u64>()) };
+        let w = unsafe { load(ev.head.as_ptr()) };
         return w & 0xff_ffff_ffff == ALONE;
     } else {
         return false;
