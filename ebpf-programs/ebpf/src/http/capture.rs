@@ -28,6 +28,7 @@ use crate::maps::{
     CONNS, GO_CONTEXT, GO_PROCS, HTTP_EVENTS, INJECTED, RING_FLAGS, SERVING, count, inject_enabled,
     mask, may_begin_request, monitored, pair_enabled, random_id, starts_message,
 };
+use crate::mem::set;
 
 /// Offsets of `parent_pid` and `child_pid` in the `sched_process_fork`
 /// record; the loader reads them from the tracepoint's format file
@@ -333,7 +334,9 @@ fn try_sock_of_fd(fd: u32, local: &mut SockAddr) -> Option<u64> {
 /// when its socket is known.
 #[inline(always)]
 pub(crate) fn read_tcp(event: &mut DataEvent, sk: u64) {
-    // Cleared by the caller (`mem::clear_counts`).
+    set(&mut event.flags, 0);
+    set(&mut event.srtt_us, 0);
+    set(&mut event.total_retrans, 0);
     if sk == 0 {
         return;
     }
@@ -699,7 +702,8 @@ fn try_exit_io(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: a plain helper call.
     event.end_ns = unsafe { bpf_ktime_get_ns() };
     event.len = moved;
-    crate::mem::clear_counts(event);
+    set(&mut event.head_len, 0);
+    set(&mut event.tail_len, 0);
     read_tcp(event, info.sk);
     crate::mem::clear_ctx(event);
     if active.syscall != syscall::SENDFILE {
@@ -1556,7 +1560,8 @@ fn try_ssl_exit(ctx: &RetProbeContext) -> Result<(), ()> {
     // SAFETY: a plain helper call.
     event.end_ns = unsafe { bpf_ktime_get_ns() };
     event.len = moved;
-    crate::mem::clear_counts(event);
+    set(&mut event.head_len, 0);
+    set(&mut event.tail_len, 0);
     read_tcp(event, info.sk);
     crate::mem::clear_ctx(event);
     capture_plain(scratch, active.buf, moved);

@@ -215,7 +215,8 @@ fn try_sock_io(ctx: &BtfTracePointContext, dir: u8, stages: &ProgramArray) -> Re
     event.start_ns = now;
     event.end_ns = now;
     event.len = moved as u64;
-    crate::mem::clear_counts(event);
+    crate::mem::set(&mut event.head_len, 0);
+    crate::mem::set(&mut event.tail_len, 0);
     read_tcp(event, sk);
     crate::mem::clear_ctx(event);
     if code != syscall::SENDFILE {
