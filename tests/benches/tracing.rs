@@ -37,7 +37,22 @@
 //! (wrk sends `Connection: close`: a new connection per request),
 //! FATHOM_BENCH_NICE=N (the agent's and rotel's threads at nice N: an
 //! experiment; the agent then falls behind and the share of kernel events
-//! lost, printed, says by how much).
+//! lost, printed, says by how much), FATHOM_BENCH_RATES (default
+//! `5000,20000`; `0`: none), FATHOM_BENCH_SATURATED=0 (the open-loop
+//! phase only), FATHOM_BENCH_AGENT_ARGS (more agent flags, for
+//! experiments: `--trace-inject-keep-alive false`),
+//! FATHOM_BENCH_RECEIVER_NICE=N (rotel's threads at nice N: a
+//! backend elsewhere does not take the traced services' CPUs).
+//!
+//! Then an open-loop phase (`fathom_tests::open_loop`): the same file at
+//! each of FATHOM_BENCH_RATES requests per second, below saturation, off /
+//! every process / `--pid` nginx in interleaved rounds. In a closed loop
+//! the added p50 is the throughput ratio again (16 connections: p50 ≈ 16 /
+//! throughput); at a fixed rate it is the time the agent adds to a
+//! request's path, counted from when each request was due. It also prints
+//! the machine's CPU per request (every process's CPU time) with and without the
+//! agent: the whole cost per request — BPF, agent, receiver, the kernel's
+//! extra work — measured without the kernel's BPF statistics.
 #![allow(
     clippy::unwrap_used,
     reason = "benchmark: a failed unwrap is a failed run"
@@ -52,7 +67,7 @@ use std::{
 
 use fathom_tests::{
     Agent, BpfStats, ChildGuard, bpf_runs_by_program, chain::StaticNginx, cpu_seconds, free_port,
-    kernel_tests_possible, median, release_agent_binary, require_tool, rotel_agent_path,
+    kernel_tests_possible, median, open_loop, release_agent_binary, require_tool, rotel_agent_path,
     wait_for_port,
 };
 
@@ -161,6 +176,8 @@ struct WrkRun {
     p50_us: f64,
     p99_us: f64,
     requests: f64,
+    /// The share of CPU time the hypervisor stole during the run.
+    steal: f64,
 }
 
 /// A latency as wrk prints it (`812.00us`, `1.23ms`, `2.00s`) in µs.
@@ -203,14 +220,19 @@ fn run_wrk(url: &str, seconds: u32) -> WrkRun {
     if connection_close() {
         cmd.args(["-H", "Connection: close"]);
     }
+    let steal = open_loop::StealMeter::start();
     let out = cmd.output().unwrap();
+    let steal = steal.share();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "wrk failed: {text}");
     assert!(
         !text.contains("Non-2xx") && !text.contains("Socket errors"),
         "wrk saw errors:\n{text}"
     );
-    parse_wrk(&text)
+    WrkRun {
+        steal,
+        ..parse_wrk(&text)
+    }
 }
 
 /// FATHOM_BENCH_CONNECTION_CLOSE=1: a new connection per request.
@@ -283,6 +305,9 @@ fn start_agent(
     if let Some(p) = &pid_arg {
         extra.extend(["--pid", p]);
     }
+    // FATHOM_BENCH_AGENT_ARGS: more of the agent's flags, for experiments.
+    let more = std::env::var("FATHOM_BENCH_AGENT_ARGS").unwrap_or_default();
+    extra.extend(more.split_whitespace());
     let http_listen = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
     let store = dir.join("store.redb");
     let endpoint = format!("http://{rotel}");
@@ -372,13 +397,62 @@ fn main() {
     let nginx = StaticNginx::start(&dir.path().join("nginx"), body, 1);
     let url = format!("http://127.0.0.1:{}/index.txt", nginx.port);
     let (rotel, rotel_addr) = start_rotel(dir.path());
+    let receiver_nice = std::env::var("FATHOM_BENCH_RECEIVER_NICE")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok());
+    if let Some(n) = receiver_nice {
+        // After its start: its runtime's threads exist by then.
+        renice_tasks(rotel.pid(), n);
+        eprintln!("rotel's threads at nice {n}");
+    }
     eprintln!(
         "nginx (1 worker) serving {} bytes at {url}; wrk -t1 -c16 -d{seconds}s; {rounds} interleaved rounds",
         body.len()
     );
 
     let nginx_pid = nginx.worker_pid();
-    let noop = NoopObjects::build(dir.path());
+    if std::env::var("FATHOM_BENCH_SATURATED").is_ok_and(|v| v == "0") {
+        eprintln!("FATHOM_BENCH_SATURATED=0: the open-loop phase only");
+    } else {
+        saturated_phase(
+            &agent_bin,
+            &rotel,
+            rotel_addr,
+            dir.path(),
+            &url,
+            nginx_pid,
+            rounds,
+            seconds,
+        );
+    }
+    open_loop_phase(&OpenLoopSetup {
+        agent_bin: &agent_bin,
+        rotel_pid: rotel.pid(),
+        rotel_addr,
+        dir: dir.path(),
+        nginx: SocketAddr::from(([127, 0, 0, 1], nginx.port)),
+        nginx_pid,
+        rounds,
+        seconds,
+    });
+    drop(rotel);
+    drop(nginx);
+}
+
+/// The saturated phase: wrk's closed loop in every mode, then each agent
+/// mode's BPF time from the kernel's statistics.
+#[allow(clippy::too_many_arguments, reason = "one call, the bench's own state")]
+fn saturated_phase(
+    agent_bin: &Path,
+    rotel: &ChildGuard,
+    rotel_addr: SocketAddr,
+    dir: &Path,
+    url: &str,
+    nginx_pid: u32,
+    rounds: usize,
+    seconds: u32,
+) {
+    let noop = NoopObjects::build(dir);
     let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); MODES.len()];
     // Per agent mode (AGENT_MODES): CPU seconds per run, peak RSS, events.
     let mut agent_cpu: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
@@ -393,7 +467,7 @@ fn main() {
             let agent = agent_slot(mode).map(|slot| {
                 let pid = (slot != 0).then_some(nginx_pid);
                 let pair = mode != Mode::OnPidUnpaired;
-                start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid, pair)
+                start_agent(agent_bin, rotel_addr, &dir.join("agent"), pid, pair)
             });
             if let (Some(a), Some(n)) = (&agent, bench_nice()) {
                 renice_tasks(a.pid(), n);
@@ -419,7 +493,7 @@ fn main() {
                             .stderr(Stdio::null()),
                     )
                 });
-            let run = run_wrk(&url, seconds);
+            let run = run_wrk(url, seconds);
             if let Some(mut perf) = perf {
                 perf.wait_timeout(Duration::from_secs(30));
             }
@@ -433,12 +507,13 @@ fn main() {
             }
             drop(floor);
             eprintln!(
-                "round {:>2}/{rounds} {:>20}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs",
+                "round {:>2}/{rounds} {:>20}: {:>9.0} req/s, p50 {:>7.1} µs, p99 {:>7.1} µs, steal {:.1}%",
                 round + 1,
                 mode.name(),
                 run.requests_per_s,
                 run.p50_us,
-                run.p99_us
+                run.p99_us,
+                run.steal * 100.0
             );
             runs[i].push(run);
         }
@@ -475,6 +550,7 @@ fn main() {
         );
     }
     println!("throughput no-op hooks/off: {:.3}", ratio(floor, off));
+    print_steal(runs.iter().flatten().map(|r| r.steal));
     let mut cpu_per_request = [0.0f64; 3];
     for (slot, mode) in AGENT_MODES.into_iter().enumerate() {
         let i = MODES.iter().position(|m| *m == mode).unwrap();
@@ -527,10 +603,10 @@ fn main() {
         let stats = BpfStats::enable();
         let pid = (slot != 0).then_some(nginx_pid);
         let pair = mode != Mode::OnPidUnpaired;
-        let agent = start_agent(&agent_bin, rotel_addr, &dir.path().join("agent"), pid, pair);
+        let agent = start_agent(agent_bin, rotel_addr, &dir.join("agent"), pid, pair);
         let ours = |name: &str| name.starts_with("http_") || name.starts_with("fathom_s");
         let before = bpf_runs_by_program(agent.pid(), ours);
-        let run = run_wrk(&url, seconds);
+        let run = run_wrk(url, seconds);
         let after = bpf_runs_by_program(agent.pid(), ours);
         let _ = stop_agent(agent);
         drop(stats);
@@ -575,6 +651,181 @@ fn main() {
         ratio(&runs[3], off),
         ratio(&runs[4], off)
     );
-    drop(rotel);
-    drop(nginx);
+}
+
+/// The hypervisor's steal over a phase's runs, with a warning when some
+/// run lost enough CPU time to the host's other guests to distort it.
+fn print_steal(steal: impl Iterator<Item = f64>) {
+    let steal: Vec<f64> = steal.collect();
+    let max = steal.iter().copied().fold(0.0, f64::max);
+    println!(
+        "CPU time stolen by the hypervisor: median {:.1}%, worst run {:.1}%{}",
+        median(&steal) * 100.0,
+        max * 100.0,
+        if max > 0.05 {
+            " — a noisy host: latency tails and ratios of this run are not the code's"
+        } else {
+            ""
+        }
+    );
+}
+
+/// What the open-loop phase needs from the saturated one.
+struct OpenLoopSetup<'a> {
+    agent_bin: &'a Path,
+    rotel_pid: u32,
+    rotel_addr: SocketAddr,
+    dir: &'a Path,
+    nginx: SocketAddr,
+    nginx_pid: u32,
+    rounds: usize,
+    seconds: u32,
+}
+
+/// FATHOM_BENCH_RATES: the fixed request rates of the open-loop phase
+/// (comma-separated; `0` or empty: no open-loop phase).
+fn open_loop_rates() -> Vec<f64> {
+    std::env::var("FATHOM_BENCH_RATES")
+        .unwrap_or_else(|_| "5000,20000".to_owned())
+        .split(',')
+        .filter_map(|r| r.trim().parse::<f64>().ok())
+        .filter(|r| *r > 0.0)
+        .collect()
+}
+
+/// Connections of the open-loop load (wrk's count in the saturated phase).
+const OPEN_LOOP_CONNECTIONS: usize = 16;
+
+/// One open-loop run and what the agent and the receiver spent in it.
+struct OpenLoopSample {
+    run: open_loop::OpenLoopRun,
+    agent_cpu_s: f64,
+    rotel_cpu_s: f64,
+}
+
+/// The same load at fixed rates below saturation, off / every process /
+/// `--pid` nginx in interleaved rounds: the latency the agent adds to a
+/// request's path (counted from when each request was due), and the
+/// machine's whole CPU time per request (every process's), an oracle for the
+/// cost per request that does not rely on the kernel's BPF statistics or
+/// on the saturated loop's throughput.
+fn open_loop_phase(s: &OpenLoopSetup) {
+    const OPEN_MODES: [Mode; 3] = [Mode::Off, Mode::On, Mode::OnPid];
+    let rates = open_loop_rates();
+    if rates.is_empty() {
+        return;
+    }
+    let duration = Duration::from_secs(u64::from(s.seconds));
+    // [rate][mode] -> samples.
+    let mut samples: Vec<Vec<Vec<OpenLoopSample>>> = rates
+        .iter()
+        .map(|_| OPEN_MODES.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for round in 0..s.rounds {
+        for (r, &rate) in rates.iter().enumerate() {
+            for k in 0..OPEN_MODES.len() {
+                let m = (round + k) % OPEN_MODES.len();
+                let mode = OPEN_MODES[m];
+                let agent = (mode != Mode::Off).then(|| {
+                    let pid = (mode == Mode::OnPid).then_some(s.nginx_pid);
+                    start_agent(s.agent_bin, s.rotel_addr, &s.dir.join("agent"), pid, true)
+                });
+                if let (Some(a), Some(n)) = (&agent, bench_nice()) {
+                    renice_tasks(a.pid(), n);
+                }
+                let agent_before = agent.as_ref().map_or(0.0, |a| cpu_seconds(a.pid()));
+                let rotel_before = cpu_seconds(s.rotel_pid);
+                let run =
+                    open_loop::run(s.nginx, "/index.txt", rate, OPEN_LOOP_CONNECTIONS, duration);
+                let agent_cpu_s = agent
+                    .as_ref()
+                    .map_or(0.0, |a| cpu_seconds(a.pid()) - agent_before);
+                let rotel_cpu_s = cpu_seconds(s.rotel_pid) - rotel_before;
+                if let Some(agent) = agent {
+                    let _ = stop_agent(agent);
+                }
+                assert_eq!(run.errors, 0, "open-loop requests failed ({})", mode.name());
+                eprintln!(
+                    "open loop {:>2}/{} {rate:>6.0}/s {:>20}: {:>7.0} req/s, p50 {:>6.1} µs, p99 {:>7.1} µs, machine CPU {:.2} µs per request, steal {:.1}%",
+                    round + 1,
+                    s.rounds,
+                    mode.name(),
+                    run.rate(),
+                    run.quantile_us(0.5),
+                    run.quantile_us(0.99),
+                    run.busy_us_per_request(),
+                    run.steal * 100.0
+                );
+                samples[r][m].push(OpenLoopSample {
+                    run,
+                    agent_cpu_s,
+                    rotel_cpu_s,
+                });
+            }
+        }
+    }
+    println!();
+    println!(
+        "Open loop: the same nginx and file at fixed rates, {OPEN_LOOP_CONNECTIONS} keep-alive connections, \
+         latency from each request's due time, {} interleaved rounds of {}s",
+        s.rounds, s.seconds
+    );
+    println!("| rate | mode | req/s | p50 | p90 | p99 | machine CPU per request |");
+    println!("|---|---|---|---|---|---|---|");
+    for (r, rate) in rates.iter().enumerate() {
+        for (m, mode) in OPEN_MODES.iter().enumerate() {
+            let med = |f: &dyn Fn(&OpenLoopSample) -> f64| {
+                median(&samples[r][m].iter().map(f).collect::<Vec<_>>())
+            };
+            println!(
+                "| {rate:.0}/s | {} | {:.0} | {:.1} µs | {:.1} µs | {:.1} µs | {:.2} µs |",
+                mode.name(),
+                med(&|x| x.run.rate()),
+                med(&|x| x.run.quantile_us(0.5)),
+                med(&|x| x.run.quantile_us(0.9)),
+                med(&|x| x.run.quantile_us(0.99)),
+                med(&|x| x.run.busy_us_per_request()),
+            );
+        }
+    }
+    print_steal(samples.iter().flatten().flatten().map(|x| x.run.steal));
+    for (r, rate) in rates.iter().enumerate() {
+        let off = &samples[r][0];
+        for (m, mode) in OPEN_MODES.iter().enumerate().skip(1) {
+            let on = &samples[r][m];
+            // Medians of per-round differences against the round's off run.
+            let added = |f: &dyn Fn(&OpenLoopSample) -> f64| {
+                median(
+                    &on.iter()
+                        .zip(off)
+                        .map(|(a, b)| f(a) - f(b))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let per_request = |cpu_s: f64, x: &OpenLoopSample| {
+                cpu_s * 1e6 / (x.run.latencies_ns.len().max(1) as f64)
+            };
+            let agent = median(
+                &on.iter()
+                    .map(|x| per_request(x.agent_cpu_s, x))
+                    .collect::<Vec<_>>(),
+            );
+            let rotel = median(
+                &on.iter()
+                    .map(|x| per_request(x.rotel_cpu_s, x))
+                    .collect::<Vec<_>>(),
+            );
+            let machine = added(&|x| x.run.busy_us_per_request());
+            println!(
+                "{rate:.0}/s, {}: p50 added {:+.1} µs, p90 added {:+.1} µs, p99 added {:+.1} µs; \
+                 machine CPU per request {machine:+.2} µs (agent {agent:.2}, receiver {rotel:.2}, \
+                 the rest — BPF programs and the kernel's extra work in the traced threads — {:.2})",
+                mode.name(),
+                added(&|x| x.run.quantile_us(0.5)),
+                added(&|x| x.run.quantile_us(0.9)),
+                added(&|x| x.run.quantile_us(0.99)),
+                machine - agent - rotel
+            );
+        }
+    }
 }

@@ -27,6 +27,7 @@ pub mod chain;
 pub mod dashboards;
 pub mod k8s_replay;
 pub mod netns;
+pub mod open_loop;
 
 /// Serializes tests that load programs into the kernel or measure CPU.
 /// Tests take it through [`KernelTest`].
