@@ -35,9 +35,10 @@
 //! the floor's hooks), FATHOM_BENCH_PERF (a file: `perf record -a -g`
 //! of the first agent-on run goes there), FATHOM_BENCH_CONNECTION_CLOSE=1
 //! (wrk sends `Connection: close`: a new connection per request),
-//! FATHOM_BENCH_NICE=N (the agent's and rotel's threads at nice N: an
-//! experiment; the agent then falls behind and the share of kernel events
-//! lost, printed, says by how much), FATHOM_BENCH_RATES (default
+//! FATHOM_BENCH_NICE=N (the agent's threads at nice N, in both phases: an
+//! experiment; if the agent then falls behind, the share of kernel events
+//! lost, printed, says by how much; rotel's: FATHOM_BENCH_RECEIVER_NICE),
+//! FATHOM_BENCH_RATES (default
 //! `5000,20000`; `0`: none), FATHOM_BENCH_SATURATED=0 (the open-loop
 //! phase only), FATHOM_BENCH_AGENT_ARGS (more agent flags, for
 //! experiments: `--trace-inject-keep-alive false`),
@@ -266,7 +267,7 @@ fn start_rotel(dir: &Path) -> (ChildGuard, SocketAddr) {
     (guard, grpc)
 }
 
-/// FATHOM_BENCH_NICE=N: the agent's and rotel's threads at nice N.
+/// FATHOM_BENCH_NICE=N: the agent's threads at nice N.
 fn bench_nice() -> Option<i32> {
     std::env::var("FATHOM_BENCH_NICE").ok()?.parse().ok()
 }
@@ -473,7 +474,6 @@ fn saturated_phase(
             });
             if let (Some(a), Some(n)) = (&agent, bench_nice()) {
                 renice_tasks(a.pid(), n);
-                renice_tasks(rotel.pid(), n);
             }
             let floor = (mode == Mode::Floor).then(|| NoopHooks::attach(&noop));
             let mut attempt = 0;
