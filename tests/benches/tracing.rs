@@ -37,15 +37,14 @@
 //! (wrk sends `Connection: close`: a new connection per request),
 //! FATHOM_BENCH_NICE=N (the agent's threads at nice N, in both phases: an
 //! experiment; if the agent then falls behind, the share of kernel events
-//! lost, printed, says by how much; rotel's: FATHOM_BENCH_RECEIVER_NICE),
-//! FATHOM_BENCH_RATES (default
-//! `5000,20000`; `0`: none), FATHOM_BENCH_SATURATED=0 (the open-loop
-//! phase only), FATHOM_BENCH_AGENT_ARGS (more agent flags, for
-//! experiments: `--trace-inject-keep-alive false`),
-//! FATHOM_BENCH_MAX_STEAL (default 0.05: a run during which the
-//! hypervisor stole more of the CPUs' time is run again, up to 4 tries),
-//! FATHOM_BENCH_RECEIVER_NICE=N (rotel's threads at nice N: a
-//! backend elsewhere does not take the traced services' CPUs).
+//! lost, printed, says by how much), FATHOM_BENCH_RECEIVER_NICE=N (rotel's
+//! threads at nice N: a backend elsewhere does not take the traced
+//! services' CPUs), FATHOM_BENCH_AGENT_ARGS (more agent flags, for
+//! experiments: `--trace-inject-keep-alive false`), FATHOM_BENCH_MAX_STEAL
+//! (default 0.05: a run during which the hypervisor stole more of the CPUs'
+//! time is run again, up to 4 tries), FATHOM_BENCH_RATES (the open-loop
+//! phase's rates, default `5000,20000`; `0`: none), FATHOM_BENCH_SATURATED=0
+//! (the open-loop phase only).
 //!
 //! Then an open-loop phase (`fathom_tests::open_loop`): the same file at
 //! each of FATHOM_BENCH_RATES requests per second, below saturation, off /
@@ -53,8 +52,8 @@
 //! the added p50 is the throughput ratio again (16 connections: p50 ≈ 16 /
 //! throughput); at a fixed rate it is the time the agent adds to a
 //! request's path, counted from when each request was due. It also prints
-//! the machine's CPU per request (every process's CPU time) with and without the
-//! agent: the whole cost per request — BPF, agent, receiver, the kernel's
+//! the machine's CPU per request (every process's CPU time) with and
+//! without the agent: the whole cost per request — BPF, agent, receiver, the kernel's
 //! extra work — measured without the kernel's BPF statistics.
 #![allow(
     clippy::unwrap_used,
@@ -413,48 +412,41 @@ fn main() {
         body.len()
     );
 
-    let nginx_pid = nginx.worker_pid();
-    if std::env::var("FATHOM_BENCH_SATURATED").is_ok_and(|v| v == "0") {
-        eprintln!("FATHOM_BENCH_SATURATED=0: the open-loop phase only");
-    } else {
-        saturated_phase(
-            &agent_bin,
-            &rotel,
-            rotel_addr,
-            dir.path(),
-            &url,
-            nginx_pid,
-            rounds,
-            seconds,
-        );
-    }
-    open_loop_phase(&OpenLoopSetup {
+    let setup = Setup {
         agent_bin: &agent_bin,
         rotel_pid: rotel.pid(),
         rotel_addr,
         dir: dir.path(),
         nginx: SocketAddr::from(([127, 0, 0, 1], nginx.port)),
-        nginx_pid,
+        url: &url,
+        nginx_pid: nginx.worker_pid(),
         rounds,
         seconds,
-    });
+    };
+    if std::env::var("FATHOM_BENCH_SATURATED").is_ok_and(|v| v == "0") {
+        eprintln!("FATHOM_BENCH_SATURATED=0: the open-loop phase only");
+    } else {
+        saturated_phase(&setup);
+    }
+    open_loop_phase(&setup);
     drop(rotel);
     drop(nginx);
 }
 
 /// The saturated phase: wrk's closed loop in every mode, then each agent
 /// mode's BPF time from the kernel's statistics.
-#[allow(clippy::too_many_arguments, reason = "one call, the bench's own state")]
-fn saturated_phase(
-    agent_bin: &Path,
-    rotel: &ChildGuard,
-    rotel_addr: SocketAddr,
-    dir: &Path,
-    url: &str,
-    nginx_pid: u32,
-    rounds: usize,
-    seconds: u32,
-) {
+fn saturated_phase(s: &Setup) {
+    let Setup {
+        agent_bin,
+        rotel_pid,
+        rotel_addr,
+        dir,
+        url,
+        nginx_pid,
+        rounds,
+        seconds,
+        ..
+    } = *s;
     let noop = NoopObjects::build(dir);
     let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); MODES.len()];
     // Per agent mode (AGENT_MODES): CPU seconds per run, peak RSS, events.
@@ -479,7 +471,7 @@ fn saturated_phase(
             let mut attempt = 0;
             let (run, before, rotel_before) = loop {
                 let before = agent.as_ref().map(|a| cpu_seconds(a.pid()));
-                let rotel_before = cpu_seconds(rotel.pid());
+                let rotel_before = cpu_seconds(rotel_pid);
                 // FATHOM_BENCH_PERF: a system-wide profile of the first
                 // every-process run, to see where the cost goes.
                 let perf = (round == 0 && mode == Mode::On)
@@ -508,7 +500,7 @@ fn saturated_phase(
             };
             if let (Some(agent), Some(slot)) = (agent, agent_slot(mode)) {
                 agent_cpu[slot].push(cpu_seconds(agent.pid()) - before.unwrap_or(0.0));
-                rotel_cpu[slot].push(cpu_seconds(rotel.pid()) - rotel_before);
+                rotel_cpu[slot].push(cpu_seconds(rotel_pid) - rotel_before);
                 agent_rss[slot] = agent_rss[slot].max(peak_rss_mb(agent.pid()));
                 let (sent, lost) = stop_agent(agent);
                 events_sent += sent;
@@ -704,13 +696,15 @@ fn print_steal(steal: impl Iterator<Item = f64>) {
     );
 }
 
-/// What the open-loop phase needs from the saturated one.
-struct OpenLoopSetup<'a> {
+/// What both phases work with.
+struct Setup<'a> {
     agent_bin: &'a Path,
     rotel_pid: u32,
     rotel_addr: SocketAddr,
     dir: &'a Path,
+    /// nginx's address and the file's URL there.
     nginx: SocketAddr,
+    url: &'a str,
     nginx_pid: u32,
     rounds: usize,
     seconds: u32,
@@ -743,7 +737,7 @@ struct OpenLoopSample {
 /// machine's whole CPU time per request (every process's), an oracle for the
 /// cost per request that does not rely on the kernel's BPF statistics or
 /// on the saturated loop's throughput.
-fn open_loop_phase(s: &OpenLoopSetup) {
+fn open_loop_phase(s: &Setup) {
     const OPEN_MODES: [Mode; 3] = [Mode::Off, Mode::On, Mode::OnPid];
     let rates = open_loop_rates();
     if rates.is_empty() {
