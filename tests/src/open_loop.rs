@@ -8,7 +8,8 @@
 //! time it adds to a request's path, not a share of saturated CPUs, and the
 //! whole machine's CPU time per request (every process's, from `/proc`) is the cost of
 //! everything that ran for it: server, client, BPF programs, agent,
-//! receiver.
+//! receiver — and anything else the machine ran meanwhile, so it means
+//! something on a quiet machine only.
 
 use std::{
     collections::HashMap,
