@@ -6,10 +6,10 @@
 //!
 //! At a fixed rate below saturation the latency added by a tracer is the
 //! time it adds to a request's path, not a share of saturated CPUs, and the
-//! whole machine's CPU time per request (every process's, from `/proc`) is the cost of
-//! everything that ran for it: server, client, BPF programs, agent,
-//! receiver — and anything else the machine ran meanwhile, so it means
-//! something on a quiet machine only.
+//! whole machine's CPU time per request (every process's, from `/proc`) is
+//! the cost of everything that ran for it: server, client, BPF programs,
+//! agent, receiver — and anything else the machine ran meanwhile, so it
+//! means something on a quiet machine only.
 
 use std::{
     collections::HashMap,
