@@ -68,9 +68,9 @@ use std::{
 };
 
 use fathom_tests::{
-    Agent, BpfStats, ChildGuard, bpf_runs_by_program, chain::StaticNginx, cpu_seconds, free_port,
-    kernel_tests_possible, median, open_loop, release_agent_binary, require_tool, rotel_agent_path,
-    wait_for_port,
+    Agent, BpfStats, ChildGuard, StealMeter, bpf_runs_by_program, chain::StaticNginx, cpu_seconds,
+    free_port, kernel_tests_possible, median, open_loop, release_agent_binary, require_tool,
+    rotel_agent_path, wait_for_port,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -222,7 +222,7 @@ fn run_wrk(url: &str, seconds: u32) -> WrkRun {
     if connection_close() {
         cmd.args(["-H", "Connection: close"]);
     }
-    let steal = open_loop::StealMeter::start();
+    let steal = StealMeter::start();
     let out = cmd.output().unwrap();
     let steal = steal.share();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -410,15 +410,62 @@ pub fn profile_pid(pid: u32, dir: &Path, name: &str) -> PathBuf {
 
 /// CPU seconds (user + system) a process used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    try_cpu_seconds(pid).unwrap_or_else(|| panic!("no CPU time of process {pid}"))
+}
+
+/// CPU seconds (user + system) a process used so far, exited threads
+/// included (the total is the scheduler's exact run time, rounded to a
+/// clock tick); `None` once the process is gone.
+pub fn try_cpu_seconds(pid: u32) -> Option<f64> {
     static TICKS: OnceLock<f64> = OnceLock::new();
     let ticks = *TICKS.get_or_init(|| {
         let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     });
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
     // utime and stime are fields 14 and 15 (11 and 12 after the comm).
-    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
+    let field = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((field(11)? + field(12)?) / ticks)
+}
+
+/// The share of the CPUs' time the hypervisor gave to others (steal) since
+/// it was started: on a shared VM a run with much steal measured the host's
+/// neighbours, not the code (latency tails above all).
+#[derive(Clone, Copy, Debug)]
+pub struct StealMeter {
+    steal: u64,
+    total: u64,
+}
+
+impl StealMeter {
+    pub fn start() -> Self {
+        let (steal, total) = steal_jiffies();
+        Self { steal, total }
+    }
+
+    /// Steal over all CPU time since [`StealMeter::start`] (0..=1).
+    pub fn share(&self) -> f64 {
+        let (steal, total) = steal_jiffies();
+        steal.saturating_sub(self.steal) as f64 / total.saturating_sub(self.total).max(1) as f64
+    }
+}
+
+/// Steal and total jiffies of all CPUs (`/proc/stat`'s `cpu` line; steal
+/// is the hypervisor's own count, summed at each tick, so it is exact over
+/// a run, unlike the per-CPU busy time, which is sampled at the tick).
+fn steal_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    (f.get(7).copied().unwrap_or(0), f.iter().take(8).sum())
 }
 
 /// The median (mean of the middle two for an even count).
@@ -827,6 +874,34 @@ pub fn target_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This process's CPU time grows with work it does; a process that
+    /// does not exist has none.
+    #[test]
+    fn cpu_seconds_of_live_and_gone_processes() {
+        let me = std::process::id();
+        let before = try_cpu_seconds(me).unwrap();
+        // Spin until 50 ms more show (a busy machine may take a while).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut x = 0u64;
+        let mut now = before;
+        while now < before + 0.05 && std::time::Instant::now() < deadline {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            now = try_cpu_seconds(me).unwrap();
+        }
+        assert!(now >= before + 0.05, "{before} -> {now} ({x})");
+        assert_eq!(try_cpu_seconds(u32::MAX), None);
+    }
+
+    #[test]
+    fn steal_is_a_share() {
+        let meter = StealMeter::start();
+        std::thread::sleep(Duration::from_millis(50));
+        let share = meter.share();
+        assert!((0.0..=1.0).contains(&share), "{share}");
+    }
 
     #[test]
     fn parses_perf_script() {

@@ -27,7 +27,7 @@ pub struct OpenLoopRun {
     /// Requests that failed (connection closed or refused, bad response).
     pub errors: u64,
     /// The CPU time every process spent over the run (see
-    /// [`cpu_ticks_by_pid`]), in seconds.
+    /// [`cpu_seconds_by_pid`]), in seconds.
     pub busy_cpu_s: f64,
     /// The run's length.
     pub elapsed: Duration,
@@ -56,92 +56,31 @@ impl OpenLoopRun {
     }
 }
 
-/// CPU time of every process (user + system, in clock ticks), by pid.
-/// `/proc/stat`'s per-CPU busy time is sampled at the timer tick, which
-/// misses most of a lightly loaded machine's short bursts; a process's
-/// total is its exact run time (rounded to a tick), exited threads
-/// included. Softirq work done in a process's context is part of its time
-/// (no `IRQ_TIME_ACCOUNTING` here); the rest runs in `ksoftirqd`, also a
-/// process.
-fn cpu_ticks_by_pid() -> HashMap<u32, u64> {
-    let mut by = HashMap::new();
+/// CPU seconds of every process so far, by pid. `/proc/stat`'s per-CPU
+/// busy time is sampled at the timer tick, which misses most of a lightly
+/// loaded machine's short bursts; a process's total is its exact run time
+/// ([`crate::try_cpu_seconds`]). Softirq work done in a process's context
+/// is part of its time (no `IRQ_TIME_ACCOUNTING` here); the rest runs in
+/// `ksoftirqd`, also a process.
+fn cpu_seconds_by_pid() -> HashMap<u32, f64> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return by;
+        return HashMap::new();
     };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // The process may be gone already: then it has nothing to add.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split(' ').collect();
-        // utime and stime: fields 14 and 15 (11 and 12 after the comm).
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        by.insert(pid, ticks(11) + ticks(12));
-    }
-    by
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        // A process gone already has nothing to add.
+        .filter_map(|pid| Some((pid, crate::try_cpu_seconds(pid)?)))
+        .collect()
 }
 
-/// CPU seconds every process spent between two [`cpu_ticks_by_pid`]
+/// CPU seconds every process spent between two [`cpu_seconds_by_pid`]
 /// readings (a process that started in between counts from zero).
-fn busy_seconds(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> f64 {
-    let ticks: u64 = after
+fn busy_seconds(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+    after
         .iter()
-        .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
-        .sum();
-    ticks as f64 / USER_HZ
+        .map(|(pid, t)| (t - before.get(pid).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
 }
-
-/// The share of the CPUs' time the hypervisor gave to others (steal) since
-/// it was started: on a shared VM a run with much steal measured the host's
-/// neighbours, not the code (latency tails above all).
-#[derive(Clone, Copy, Debug)]
-pub struct StealMeter {
-    steal: u64,
-    total: u64,
-}
-
-impl StealMeter {
-    pub fn start() -> Self {
-        let (steal, total) = steal_jiffies();
-        Self { steal, total }
-    }
-
-    /// Steal over all CPU time since [`StealMeter::start`] (0..=1).
-    pub fn share(&self) -> f64 {
-        let (steal, total) = steal_jiffies();
-        steal.saturating_sub(self.steal) as f64 / total.saturating_sub(self.total).max(1) as f64
-    }
-}
-
-/// Steal and total jiffies of all CPUs (`/proc/stat`'s `cpu` line; steal
-/// is the hypervisor's own count, summed at each tick, so it is exact
-/// over a run, unlike the busy time).
-fn steal_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest is in user).
-    (f.get(7).copied().unwrap_or(0), f.iter().take(8).sum())
-}
-
-/// Clock ticks per second of `/proc/PID/stat` (USER_HZ: 100 on Linux).
-const USER_HZ: f64 = 100.0;
 
 /// `rate` GET requests per second for `duration` to `http://{addr}{path}`,
 /// spread over `connections` keep-alive connections (each its own thread,
@@ -162,8 +101,8 @@ pub fn run(
     // request is due.
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + duration;
-    let busy0 = cpu_ticks_by_pid();
-    let steal = StealMeter::start();
+    let busy0 = cpu_seconds_by_pid();
+    let steal = crate::StealMeter::start();
     let mut out = OpenLoopRun::default();
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..connections)
@@ -184,7 +123,7 @@ pub fn run(
         }
     });
     out.elapsed = duration;
-    out.busy_cpu_s = busy_seconds(&busy0, &cpu_ticks_by_pid());
+    out.busy_cpu_s = busy_seconds(&busy0, &cpu_seconds_by_pid());
     out.steal = steal.share();
     out.latencies_ns.sort_unstable();
     out
