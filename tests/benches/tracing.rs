@@ -606,9 +606,18 @@ fn saturated_phase(s: &Setup) {
         let pair = mode != Mode::OnPidUnpaired;
         let agent = start_agent(agent_bin, rotel_addr, &dir.join("agent"), pid, pair);
         let ours = |name: &str| name.starts_with("http_") || name.starts_with("fathom_s");
-        let before = bpf_runs_by_program(agent.pid(), ours);
-        let run = run_wrk(url, seconds);
-        let after = bpf_runs_by_program(agent.pid(), ours);
+        // A program preempted by the hypervisor counts the stolen time as
+        // its own: this pass is steal-gated like the others.
+        let mut attempt = 0;
+        let (before, run, after) = loop {
+            let before = bpf_runs_by_program(agent.pid(), ours);
+            let run = run_wrk(url, seconds);
+            let after = bpf_runs_by_program(agent.pid(), ours);
+            attempt += 1;
+            if steal_acceptable(run.steal, attempt, mode.name()) {
+                break (before, run, after);
+            }
+        };
         let _ = stop_agent(agent);
         drop(stats);
         let requests = run.requests.max(1.0);
