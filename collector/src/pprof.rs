@@ -586,7 +586,9 @@ pub struct TopEntry {
     pub cum: i64,
 }
 
-/// Functions by flat value, then cumulative value, descending.
+/// Functions by flat value descending, then by name, then by cumulative
+/// value descending: the order of `go tool pprof -top` (its
+/// `FlatNameOrder`), so that ties list the same way in both.
 pub fn top(p: &Profile, sample_index: usize) -> (Vec<TopEntry>, i64) {
     let (locs, fns) = indexes(p);
     let mut flat: HashMap<&str, i64> = map(0);
@@ -626,8 +628,8 @@ pub fn top(p: &Profile, sample_index: usize) -> (Vec<TopEntry>, i64) {
     out.sort_by(|a, b| {
         b.flat
             .cmp(&a.flat)
+            .then_with(|| a.name.cmp(&b.name))
             .then(b.cum.cmp(&a.cum))
-            .then(a.name.cmp(&b.name))
     });
     (out, total)
 }
@@ -1145,6 +1147,37 @@ pub(crate) mod tests {
         );
         assert_eq!(top.iter().find(|t| t.name == "main").unwrap().cum, 11);
         assert_eq!(folded(&m, cpu)[1].1, 100_000_000);
+    }
+
+    #[test]
+    fn top_breaks_ties_by_name_as_go_pprof_does() {
+        // Equal flat values: the name decides, not the cumulative value
+        // (`warm` is on more samples, `hot` still comes first), as in
+        // `go tool pprof -top`.
+        let p = cpu_profile(
+            &[
+                (&["main", "hot"], 5),
+                (&["main", "warm"], 5),
+                (&["main", "warm", "now"], 1),
+                (&["main"], 0),
+            ],
+            1,
+        );
+        let (top, total) = top(&p, 0);
+        assert_eq!(total, 11);
+        let order: Vec<(&str, i64, i64)> = top
+            .iter()
+            .map(|t| (t.name.as_str(), t.flat, t.cum))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("hot", 5, 5),
+                ("warm", 5, 6),
+                ("now", 1, 1),
+                ("main", 0, 11)
+            ]
+        );
     }
 
     #[test]
