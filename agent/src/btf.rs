@@ -208,6 +208,24 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
     // kernel where they are not at 0 is still right.
     let skc = |member: &str| sock_member(btf, member);
     let tcp = |member: &str| tcp_sock_member(btf, member);
+    // Optional: without them a process's environment does not go with its
+    // first connection (`task_mm == 0`); sockets are read all the same.
+    let env = || -> Result<_, BtfError> {
+        Ok((
+            btf.member_offset("task_struct", "mm")?,
+            btf.member_offset("mm_struct", "env_start")?,
+            btf.member_offset("mm_struct", "env_end")?,
+        ))
+    };
+    let (task_mm, mm_env_start, mm_env_end) = env().unwrap_or((0, 0, 0));
+    // Optional too: without them the calling thread's name is taken.
+    let comm = || -> Result<_, BtfError> {
+        Ok((
+            btf.member_offset("task_struct", "group_leader")?,
+            btf.member_offset("task_struct", "comm")?,
+        ))
+    };
+    let (task_group_leader, task_comm) = comm().unwrap_or((0, 0));
     Ok(SockOffsets {
         enabled: 1,
         task_files: btf.member_offset("task_struct", "files")?,
@@ -226,6 +244,11 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
         skc_dport: skc("skc_dport")?,
         skc_v6_daddr: skc("skc_v6_daddr")?,
         sk_protocol: btf.member_offset("sock", "sk_protocol")?,
+        task_mm,
+        mm_env_start,
+        mm_env_end,
+        task_group_leader,
+        task_comm,
     })
 }
 
@@ -388,6 +411,15 @@ mod tests {
         assert_eq!(o.tcp_srtt_us, dump.offset("tcp_sock", "srtt_us"));
         assert_eq!(o.sk_protocol, dump.offset("sock", "sk_protocol"));
         assert_eq!(o.skc_dport, dump.offset("sock_common", "skc_dport"));
+        assert_eq!(o.task_mm, dump.offset("task_struct", "mm"));
+        assert_eq!(o.mm_env_start, dump.offset("mm_struct", "env_start"));
+        assert_eq!(o.mm_env_end, dump.offset("mm_struct", "env_end"));
+        assert!(o.task_mm > 0 && o.mm_env_end == o.mm_env_start + 8);
+        assert_eq!(
+            o.task_group_leader,
+            dump.offset("task_struct", "group_leader")
+        );
+        assert_eq!(o.task_comm, dump.offset("task_struct", "comm"));
         // Members of anonymous unions are found at their real place: the
         // two ports share a 32-bit word, the destination first.
         assert_eq!(

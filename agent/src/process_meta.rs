@@ -7,6 +7,30 @@ use std::{fs, path::Path, sync::Arc};
 
 use crate::k8s::{self, ContainerMeta};
 
+/// What the kernel saw of a process at its first connection
+/// (`fathom_common::http::ProcessInfo`): what names it once it has left
+/// `/proc` (a short-lived client).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelProcess {
+    /// `comm` (at most 15 bytes).
+    pub comm: String,
+    /// Its cgroup v2 directory's inode number (0: unknown).
+    pub cgroup_id: u64,
+    /// `OTEL_SERVICE_NAME` from the start of its environment block.
+    pub otel_service_name: Option<String>,
+}
+
+impl KernelProcess {
+    /// From the kernel's record fields.
+    pub fn new(comm: &[u8], cgroup_id: u64, environ: &[u8]) -> Self {
+        Self {
+            comm: String::from_utf8_lossy(comm).into_owned(),
+            cgroup_id,
+            otel_service_name: env_value(environ, "OTEL_SERVICE_NAME").filter(|v| !v.is_empty()),
+        }
+    }
+}
+
 /// The resource attributes of one process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessMeta {
@@ -52,6 +76,39 @@ impl ProcessMeta {
             container_id,
             otel_service_name,
         })
+    }
+
+    /// The metadata of a process from what the kernel saw of it (`/proc`
+    /// no longer has it): `comm` for the executable's name, the container
+    /// from its cgroup's directory under `cgroup_root` (a cgroup outlives
+    /// its processes), `OTEL_SERVICE_NAME` from its environment.
+    pub fn from_kernel(pid: u32, k: &KernelProcess, cgroup_root: Option<&Path>) -> Self {
+        let executable_name = executable_name(None, &k.comm);
+        Self {
+            pid,
+            service_name: k
+                .otel_service_name
+                .clone()
+                .unwrap_or_else(|| executable_name.clone()),
+            executable_name,
+            container_id: cgroup_root.and_then(|root| container_of_cgroup_id(root, k.cgroup_id)),
+            otel_service_name: k.otel_service_name.clone(),
+        }
+    }
+
+    /// Fills in what a `/proc` read of an exiting process missed (its
+    /// environment, its cgroup file) from what the kernel saw.
+    pub fn complete_with(&mut self, k: &KernelProcess, cgroup_root: Option<&Path>) {
+        if self.otel_service_name.is_none()
+            && let Some(name) = &k.otel_service_name
+        {
+            self.otel_service_name = Some(name.clone());
+            self.service_name = name.clone();
+        }
+        if self.container_id.is_none() {
+            self.container_id =
+                cgroup_root.and_then(|root| container_of_cgroup_id(root, k.cgroup_id));
+        }
     }
 
     /// The process's container in the pod metadata, when the Kubernetes
@@ -180,6 +237,38 @@ pub fn container_id(cgroup: &str) -> Option<String> {
     found
 }
 
+/// The container id of the cgroup v2 directory whose inode number is `id`
+/// (what `bpf_get_current_cgroup_id` returns), found under `root` (the
+/// cgroup2 mount); `None` when no directory has it or its path names no
+/// container. Walks the hierarchy: called only for processes gone from
+/// `/proc`.
+pub fn container_of_cgroup_id(root: &Path, id: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if id == 0 {
+        return None;
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            // `file_type` does not follow links: cgroupfs has none, and a
+            // link could lead the walk in circles.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            if entry.metadata().is_ok_and(|m| m.ino() == id) {
+                let relative = path.strip_prefix(root).ok()?;
+                return container_id(&format!("0::/{}", relative.display()));
+            }
+            stack.push(path);
+        }
+    }
+    None
+}
+
 /// The local port of socket `fd` of process `pid`, from `/proc/<pid>/fd`
 /// and the process's `net/tcp{,6}` tables. `None` when it is not a TCP
 /// socket or is gone.
@@ -259,6 +348,67 @@ mod tests {
         assert_eq!(executable_name(Some("/tmp/spin (deleted)"), "spin"), "spin");
         assert_eq!(executable_name(None, "kworker/0:1"), "kworker");
         assert_eq!(executable_name(None, ""), "unknown");
+    }
+
+    #[test]
+    fn a_gone_process_is_named_from_what_the_kernel_saw() {
+        // A cgroup tree as runtimes name it; the "kernel" cgroup id is the
+        // container directory's inode number, as bpf_get_current_cgroup_id
+        // gives it on cgroup v2.
+        use std::os::unix::fs::MetadataExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let id = "4f3c".repeat(16);
+        let scope = root
+            .path()
+            .join("system.slice")
+            .join(format!("docker-{id}.scope"));
+        fs::create_dir_all(&scope).unwrap();
+        fs::create_dir_all(root.path().join("user.slice/user-0.slice")).unwrap();
+        let ino = fs::metadata(&scope).unwrap().ino();
+        assert_eq!(container_of_cgroup_id(root.path(), ino), Some(id.clone()));
+        let slice_ino = fs::metadata(root.path().join("system.slice"))
+            .unwrap()
+            .ino();
+        assert_eq!(container_of_cgroup_id(root.path(), slice_ino), None);
+        assert_eq!(container_of_cgroup_id(root.path(), 0), None);
+        assert_eq!(container_of_cgroup_id(root.path(), u64::MAX), None);
+
+        let env = b"HOME=/root\0OTEL_SERVICE_NAME=checkout-cli\0PATH=/bin\0";
+        let k = KernelProcess::new(b"curl", ino, env);
+        assert_eq!(k.otel_service_name.as_deref(), Some("checkout-cli"));
+        let m = ProcessMeta::from_kernel(7, &k, Some(root.path()));
+        assert_eq!(m.service_name, "checkout-cli");
+        assert_eq!(m.executable_name, "curl");
+        assert_eq!(m.container_id.as_deref(), Some(id.as_str()));
+        // Without a service name in the environment (or cut off in the
+        // kernel's copy): the executable names the service.
+        let k = KernelProcess::new(b"curl", 0, b"HOME=/root\0OTEL_SERVICE_NA");
+        let m = ProcessMeta::from_kernel(7, &k, Some(root.path()));
+        assert_eq!((m.service_name.as_str(), m.container_id), ("curl", None));
+
+        // A /proc read of an exiting process (environment already empty,
+        // cgroup file read): only what it missed is taken from the kernel.
+        let mut read = ProcessMeta {
+            pid: 7,
+            service_name: "curl".into(),
+            executable_name: "curl".into(),
+            container_id: Some("a".repeat(64)),
+            otel_service_name: None,
+        };
+        read.complete_with(&KernelProcess::new(b"curl", ino, env), Some(root.path()));
+        assert_eq!(read.service_name, "checkout-cli");
+        assert_eq!(read.otel_service_name.as_deref(), Some("checkout-cli"));
+        assert_eq!(read.container_id, Some("a".repeat(64)));
+        // What /proc had wins.
+        let mut read = ProcessMeta {
+            otel_service_name: Some("from-proc".into()),
+            service_name: "from-proc".into(),
+            container_id: None,
+            ..read
+        };
+        read.complete_with(&KernelProcess::new(b"curl", ino, env), Some(root.path()));
+        assert_eq!(read.service_name, "from-proc");
+        assert_eq!(read.container_id.as_deref(), Some(id.as_str()));
     }
 
     #[test]

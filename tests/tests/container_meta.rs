@@ -466,3 +466,84 @@ fn pods_on_every_signal() {
     let (status, _) = agent.finish(Duration::from_secs(30));
     assert!(status.success(), "agent exit: {status:?}");
 }
+
+/// A client that has exited (and left `/proc`) before the agent reads it
+/// keeps its resource: the agent is stopped (SIGSTOP) while a curl in a
+/// container cgroup makes one request and exits, then resumed; the kernel
+/// kept the events, and the client span must still carry curl's
+/// `OTEL_SERVICE_NAME`, its executable name and its container id — from
+/// what the kernel saw at curl's first connection (its environment, comm
+/// and cgroup id), since `/proc/<pid>` is gone by then.
+#[test]
+fn a_client_gone_before_the_agent_reads_it_keeps_its_resource() {
+    let test = "a_client_gone_before_the_agent_reads_it_keeps_its_resource";
+    let Some(kernel) = KernelTest::with_tools(test, TOOLS) else {
+        return;
+    };
+    let Some(v2) = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root()) else {
+        return;
+    };
+    let _kernel = kernel.agent();
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    let mut cgroups = Cgroups::default();
+    let id = fake_id("gone");
+    let slice = format!("fathomtest-gone-{pid}.slice");
+    let scope = cgroups.create(&v2, &format!("{slice}/docker-{id}.scope"));
+
+    let (agent, api) = start_agent(dir.path(), &[]);
+    let port = free_port();
+    let _server = python_server(None, port, Some("fathom-gone-server"));
+    // The server is traced: its span shows up (the agent is at work).
+    let warm = curl_once(None, port, "fathom-gone-warmup");
+    span_resources(api, "fathom-gone-server", "server");
+
+    agent.signal("STOP");
+    let client = "fathom-gone-client";
+    let curl_pid = curl_once(Some(&scope), port, client);
+    let gone = !Path::new(&format!("/proc/{curl_pid}")).exists();
+    agent.signal("CONT");
+    assert!(gone, "curl {curl_pid} is still in /proc");
+    assert_ne!(warm, curl_pid);
+
+    let resources = span_resources(api, client, "client");
+    for r in &resources {
+        assert_eq!(get(r, "container.id"), Some(id.as_str()), "{r:?}");
+        assert_eq!(get(r, "process.executable.name"), Some("curl"), "{r:?}");
+    }
+    assert!(
+        resources
+            .iter()
+            .any(|r| get(r, "process.pid") == Some(curl_pid.to_string().as_str())),
+        "no span of curl {curl_pid}: {resources:?}"
+    );
+
+    agent.signal("INT");
+    let (status, _) = agent.finish(Duration::from_secs(30));
+    assert!(status.success(), "agent exit: {status:?}");
+    drop(cgroups);
+    assert!(!v2.join(&slice).exists());
+}
+
+/// One `curl` of `port` with `OTEL_SERVICE_NAME=service`, in `cgroup` when
+/// given (moved in before it execs), waited for and reaped; its pid.
+fn curl_once(cgroup: Option<&Path>, port: u16, service: &str) -> u32 {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c");
+    match cgroup {
+        Some(cg) => cmd
+            .arg(r#"echo $$ > "$0" && exec "$@""#)
+            .arg(cg.join("cgroup.procs")),
+        None => cmd.arg(r#"exec "$@""#).arg("sh"),
+    };
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut child = cmd
+        .args(["curl", "-s", "-o", "/dev/null", "--max-time", "10", &url])
+        .env("OTEL_SERVICE_NAME", service)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "curl {url}: {status:?}");
+    pid
+}

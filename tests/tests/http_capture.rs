@@ -1,6 +1,10 @@
 //! The HTTP capture programs on the real kernel: the bytes a real server
 //! (Python's `http.server`) and this test's own client move are the oracle
 //! for what the ring buffer carries.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests: a failed unwrap is a failed test"
+)]
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -10,8 +14,8 @@ use std::{
 
 use fathom_agent::traces::capture::{HttpCapture, HttpCaptureConfig, HttpEvent, HttpHooks};
 use fathom_common::http::{
-    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, SockAddr, SpanRecord, ctx_flags,
-    data_flags, direction, role, span_flags,
+    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, DataEvent, HttpCounter, PROCESS_ENV, SockAddr,
+    SpanRecord, ctx_flags, data_flags, direction, role, span_flags,
 };
 use fathom_tests::{ChildGuard, KernelTest, free_port};
 
@@ -19,6 +23,17 @@ struct Seen {
     opens: Vec<ConnEvent>,
     closes: Vec<ConnEvent>,
     data: Vec<DataEvent>,
+    processes: Vec<SeenProcess>,
+}
+
+/// A process record, owned.
+struct SeenProcess {
+    tgid: u32,
+    cgroup_id: u64,
+    comm: Vec<u8>,
+    env: Vec<u8>,
+    /// Opens seen before it.
+    opens_before: usize,
 }
 
 fn collect(capture: &mut HttpCapture, seen: &mut Seen, for_: Duration) {
@@ -29,6 +44,13 @@ fn collect(capture: &mut HttpCapture, seen: &mut Seen, for_: Duration) {
             HttpEvent::Open(c) => seen.opens.push(c),
             HttpEvent::Close(c) => seen.closes.push(c),
             HttpEvent::ProcessExit(_) => {}
+            HttpEvent::Process(p) => seen.processes.push(SeenProcess {
+                tgid: p.tgid,
+                cgroup_id: p.cgroup_id,
+                comm: p.comm().to_vec(),
+                env: p.env().to_vec(),
+                opens_before: seen.opens.len(),
+            }),
             HttpEvent::Data(d) => seen.data.push(*d),
             // This test loads the capture without injection, where the
             // kernel never pairs: every byte is a data event.
@@ -36,6 +58,20 @@ fn collect(capture: &mut HttpCapture, seen: &mut Seen, for_: Duration) {
         });
         assert_eq!(drained.malformed, 0, "malformed records");
     }
+}
+
+/// The inode number of `pid`'s cgroup v2 directory (its cgroup id).
+fn cgroup_inode(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    let root = fathom_agent::traces::inject::cgroup2_root().unwrap();
+    std::fs::metadata(root.join(path.trim_start_matches('/')))
+        .unwrap()
+        .ino()
 }
 
 fn wait_listening(port: u16) {
@@ -149,8 +185,31 @@ fn captures_requests_responses_and_context_of_a_real_server(hooks: HttpHooks) {
         opens: vec![],
         closes: vec![],
         data: vec![],
+        processes: vec![],
     };
     collect(&mut capture, &mut seen, Duration::from_secs(2));
+
+    // Each process's first connection came with what names it, checked
+    // against /proc: the process's comm, the start of its environment,
+    // its cgroup v2 directory's inode; once, before its first open.
+    for pid in [me, server_pid] {
+        let records: Vec<_> = seen.processes.iter().filter(|p| p.tgid == pid).collect();
+        assert_eq!(records.len(), 1, "process records of {pid}");
+        let p = records[0];
+        assert!(
+            !seen.opens[..p.opens_before].iter().any(|o| o.tgid == pid),
+            "{pid}: a connection opened before its process record"
+        );
+        let proc_comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(String::from_utf8_lossy(&p.comm), proc_comm.trim_end());
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert_eq!(
+            p.env.as_slice(),
+            &environ[..environ.len().min(PROCESS_ENV)],
+            "{pid}: environment"
+        );
+        assert_eq!(p.cgroup_id, cgroup_inode(pid), "{pid}: cgroup id");
+    }
 
     // Connections: ours as client (peer = the server port), the server's
     // accepted one (peer = our port).
@@ -293,7 +352,7 @@ impl Collected {
                 HttpEvent::Open(c) => self.opens.push(c),
                 HttpEvent::Data(d) => self.data.push(*d),
                 HttpEvent::Span(r) => self.records.push(r),
-                HttpEvent::Close(_) | HttpEvent::ProcessExit(_) => {}
+                HttpEvent::Close(_) | HttpEvent::ProcessExit(_) | HttpEvent::Process(_) => {}
             });
             assert_eq!(drained.malformed, 0, "malformed records");
         }

@@ -9,8 +9,8 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use fathom_common::http::{
-    ConnEvent, ConnKey, DataEvent, HttpCounter, SockOffsets, SpanRecord, event_kind, globals,
-    names, stage,
+    ConnEvent, ConnKey, DataEvent, HttpCounter, ProcessInfo, SockOffsets, SpanRecord, event_kind,
+    globals, names, stage,
 };
 
 pub use crate::config::HttpHooks;
@@ -92,6 +92,9 @@ pub enum HttpEvent<'a> {
     Data(&'a DataEvent),
     /// An exchange the kernel paired (see `ebpf-programs/ebpf/src/http/pair.rs`).
     Span(SpanRecord),
+    /// A process at its first connection, as the kernel saw it then (lent:
+    /// the record is read in place).
+    Process(&'a ProcessInfo),
 }
 
 /// What one [`HttpCapture::read`] took from the ring buffer.
@@ -105,7 +108,7 @@ pub struct Drained {
 
 /// Parses one ring-buffer record strictly (a data record into `scratch`);
 /// `None` for anything malformed.
-pub fn parse_record<'a>(bytes: &[u8], scratch: &'a mut DataEvent) -> Option<HttpEvent<'a>> {
+pub fn parse_record<'a>(bytes: &'a [u8], scratch: &'a mut DataEvent) -> Option<HttpEvent<'a>> {
     match *bytes.first()? {
         event_kind::DATA => scratch
             .read_record(bytes)
@@ -119,6 +122,7 @@ pub fn parse_record<'a>(bytes: &[u8], scratch: &'a mut DataEvent) -> Option<Http
             })
         }
         event_kind::SPAN => fathom_common::record::read(bytes).map(HttpEvent::Span),
+        event_kind::PROCESS => ProcessInfo::from_record(bytes).map(HttpEvent::Process),
         _ => None,
     }
 }
@@ -760,7 +764,7 @@ impl LoadProgram for UProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fathom_common::http::{CAPTURE_HEAD, SockAddr};
+    use fathom_common::http::{CAPTURE_HEAD, PROCESS_ENV, SockAddr};
 
     fn conn(kind: u8) -> ConnEvent {
         ConnEvent {
@@ -799,6 +803,38 @@ mod tests {
         ));
         assert!(parse_record(&[], scratch).is_none());
         assert!(parse_record(&[42; 80], scratch).is_none());
+
+        // A process record, read in place from 8-byte aligned memory (as
+        // ring-buffer records are).
+        let mut info = Box::new(ProcessInfo {
+            kind: event_kind::PROCESS,
+            _reserved: [0; 3],
+            tgid: 77,
+            cgroup_id: 5,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            env_len: 9,
+            _reserved2: 0,
+            env: [0; PROCESS_ENV],
+        });
+        info.env[..9].copy_from_slice(b"A=1\0B=22\0");
+        let process = fathom_common::record::bytes_of(&*info);
+        match parse_record(process, scratch) {
+            Some(HttpEvent::Process(p)) => {
+                assert_eq!((p.tgid, p.cgroup_id), (77, 5));
+                assert_eq!((p.comm(), p.env()), (&b"curl"[..], &b"A=1\0B=22\0"[..9]));
+            }
+            _ => panic!("process record not parsed"),
+        }
+        // A length the kernel cannot have written is cut at the array.
+        info.env_len = u32::MAX;
+        let process = fathom_common::record::bytes_of(&*info);
+        match parse_record(process, scratch) {
+            Some(HttpEvent::Process(p)) => assert_eq!(p.env().len(), PROCESS_ENV),
+            _ => panic!("process record not parsed"),
+        }
+        let len = process.len();
+        assert!(parse_record(&process[..len - 1], scratch).is_none());
+        assert!(parse_record(&process[1..], scratch).is_none());
 
         let mut data = DataEvent::EMPTY;
         data.head_len = 5;

@@ -23,8 +23,7 @@ use super::{
 use crate::{
     connections::{ConnectionLookup, NoConnections, tcp_flow_key},
     otlp::{ResourceInfo, unix_now_ns},
-    process_meta::process_resource,
-    process_meta::{ProcessMeta, local_port},
+    process_meta::{KernelProcess, ProcessMeta, local_port, process_resource},
     sink::OtlpSink,
     stop::{Stop, StoppableThread},
     sys,
@@ -254,6 +253,9 @@ struct Worker {
     /// Processes first seen in this drain: their executables are looked at
     /// for Go after it.
     new_processes: Vec<u32>,
+    /// The cgroup v2 mount, where a gone process's container is looked up
+    /// by its cgroup id (`None`: no cgroup2 hierarchy).
+    cgroup_root: Option<PathBuf>,
 }
 
 impl Worker {
@@ -288,6 +290,7 @@ impl Worker {
             spans_delivered: 0,
             spans_sampled_out: 0,
             new_processes: Vec::new(),
+            cgroup_root: super::inject::cgroup2_root().ok(),
         }
     }
 
@@ -389,6 +392,15 @@ impl Worker {
                 }
                 self.tracer.on_data(d);
             }
+            HttpEvent::Process(p) => {
+                // Ahead of the process's first `CONN_OPEN`: its resource is
+                // read now, with what the kernel saw as the fallback.
+                let kernel = KernelProcess::new(p.comm(), p.cgroup_id, p.env());
+                if !self.resources.contains_key(&p.tgid) {
+                    self.new_processes.push(p.tgid);
+                }
+                self.resource_with(p.tgid, Some(&kernel));
+            }
             HttpEvent::Span(r) => {
                 self.resource(r.tgid);
                 if let Some((_, key)) = self.connect_pending.remove(&r.conn_id)
@@ -419,11 +431,25 @@ impl Worker {
     /// The resource of `pid`, read from /proc the first time it is seen
     /// (while it runs).
     fn resource(&mut self, pid: u32) -> &ResourceInfo {
+        self.resource_with(pid, None)
+    }
+
+    /// [`Self::resource`], with what the kernel saw of the process at its
+    /// first connection to fill in what `/proc` no longer has.
+    fn resource_with(&mut self, pid: u32, kernel: Option<&KernelProcess>) -> &ResourceInfo {
         let root = &self.config.proc_root;
         let node = &self.config.node;
+        let cgroups = self.cgroup_root.as_deref();
         let (metas, unresolved) = (&mut self.metas, &mut self.unresolved);
         self.resources.entry(pid).or_insert_with(|| {
-            let meta = ProcessMeta::read(root, pid);
+            let meta = match (ProcessMeta::read(root, pid), kernel) {
+                (Some(mut meta), Some(k)) => {
+                    meta.complete_with(k, cgroups);
+                    Some(meta)
+                }
+                (None, Some(k)) => Some(ProcessMeta::from_kernel(pid, k, cgroups)),
+                (meta, None) => meta,
+            };
             let resource = process_resource(meta.as_ref(), pid, node);
             if let Some(meta) = meta
                 && meta.container_id.is_some()

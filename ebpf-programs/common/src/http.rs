@@ -165,8 +165,19 @@ pub struct SockOffsets {
     pub skc_v6_daddr: u32,
     /// `struct sock.sk_protocol` (a `u16`): only TCP sockets are tracked.
     pub sk_protocol: u32,
+    /// `task_struct.mm` and `mm_struct.env_start`/`env_end`, for the
+    /// environment a [`ProcessInfo`] carries; `task_mm == 0`: not read
+    /// (set apart from `enabled`: a kernel without them still has sockets).
+    pub task_mm: u32,
+    pub mm_env_start: u32,
+    pub mm_env_end: u32,
+    /// `task_struct.group_leader` and `task_struct.comm`: the process's
+    /// name (its main thread's, as `/proc/<pid>/comm`), not the calling
+    /// thread's; `task_group_leader == 0`: the calling thread's.
+    pub task_group_leader: u32,
+    pub task_comm: u32,
 }
-assert_size!(SockOffsets, 17 * 4);
+assert_size!(SockOffsets, 22 * 4);
 
 /// Kinds of records in the ring buffer; the first byte of every record.
 pub mod event_kind {
@@ -179,6 +190,9 @@ pub mod event_kind {
     /// A whole exchange, request and response paired in the kernel (a
     /// [`super::SpanRecord`]).
     pub const SPAN: u8 = 5;
+    /// A process's first connection: what user space needs to name it if
+    /// it is gone from `/proc` before it is read (a [`super::ProcessInfo`]).
+    pub const PROCESS: u8 = 6;
 }
 
 /// Direction of a [`DataEvent`].
@@ -700,6 +714,55 @@ impl SpanRecord {
             return None;
         }
         crate::record::read_prefix(bytes, core::mem::size_of::<SpanRecord>())
+    }
+}
+
+/// Environment bytes a [`ProcessInfo`] carries (the start of the block;
+/// `OTEL_SERVICE_NAME` further in is not seen).
+pub const PROCESS_ENV: usize = 16384;
+
+/// A process at its first HTTP connection ([`event_kind::PROCESS`]), sent
+/// just before that connection's `CONN_OPEN`, from the process's own
+/// thread: its name, cgroup and environment as they are then. User space
+/// reads the process in `/proc` first; this is what it falls back on when
+/// the process is already gone (a curl exits in milliseconds).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessInfo {
+    pub kind: u8,
+    pub _reserved: [u8; 3],
+    pub tgid: u32,
+    /// `bpf_get_current_cgroup_id`: the cgroup v2 directory's inode number.
+    pub cgroup_id: u64,
+    /// `comm` of the process (its main thread), NUL-padded.
+    pub comm: [u8; 16],
+    /// Valid bytes of `env` (0: not read).
+    pub env_len: u32,
+    pub _reserved2: u32,
+    /// The start of the environment block (`NAME=value\0...`).
+    pub env: [u8; PROCESS_ENV],
+}
+assert_size!(ProcessInfo, 8 + 8 + 16 + 8 + PROCESS_ENV);
+
+impl ProcessInfo {
+    /// Reads a ring-buffer record of this kind.
+    #[cfg(feature = "user")]
+    pub fn from_record(bytes: &[u8]) -> Option<&ProcessInfo> {
+        if bytes.first() != Some(&event_kind::PROCESS) {
+            return None;
+        }
+        crate::record::read_ref(bytes)
+    }
+
+    /// The environment bytes read (never past the array).
+    pub fn env(&self) -> &[u8] {
+        &self.env[..(self.env_len as usize).min(PROCESS_ENV)]
+    }
+
+    /// `comm` up to its NUL.
+    pub fn comm(&self) -> &[u8] {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(16);
+        &self.comm[..end]
     }
 }
 

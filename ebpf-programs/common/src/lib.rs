@@ -37,6 +37,19 @@ pub mod record {
         Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
     }
 
+    /// A record of exactly `size_of::<T>()` bytes, borrowed in place (for
+    /// large records); `None` for any other length or a misaligned start
+    /// (ring-buffer records are 8-byte aligned).
+    pub fn read_ref<T: aya::Pod>(bytes: &[u8]) -> Option<&T> {
+        let ptr = bytes.as_ptr().cast::<T>();
+        if bytes.len() != size_of::<T>() || !ptr.is_aligned() {
+            return None;
+        }
+        // SAFETY: `Pod` types are valid for any bytes; the length and the
+        // alignment were checked, and the borrow lives as long as `bytes`.
+        Some(unsafe { &*ptr })
+    }
+
     /// A record that may end early (a fixed part, then a variable-length
     /// tail the writer trims): the bytes present, zeroes after them. `None`
     /// when shorter than `min` or longer than `T`.
@@ -88,8 +101,8 @@ pub mod record {
 mod pod {
     use crate::{
         http::{
-            ConnEvent, ConnInfo, ConnKey, DataEvent, Serving, SockAddr, SockOffsets, SpanRecord,
-            TraceContext,
+            ConnEvent, ConnInfo, ConnKey, DataEvent, ProcessInfo, Serving, SockAddr, SockOffsets,
+            SpanRecord, TraceContext,
         },
         net::{AggKey, Connecting, DnsKey, FlowCache, FlowKey, FlowStats, Handshake, Hist, Owner},
         profiler::{ProcessEvent, SampleKey, Stack, StackChunk, StackSlot},
@@ -115,6 +128,7 @@ mod pod {
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for DataEvent {}
     unsafe impl aya::Pod for SpanRecord {}
+    unsafe impl aya::Pod for ProcessInfo {}
     unsafe impl aya::Pod for SockOffsets {}
     unsafe impl aya::Pod for AggKey {}
     unsafe impl aya::Pod for Hist {}

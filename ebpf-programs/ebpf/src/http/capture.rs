@@ -10,8 +10,9 @@ use core::{ffi::c_void, ptr::null_mut};
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{map, tracepoint, uprobe, uretprobe},
@@ -19,9 +20,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use fathom_common::http::{
-    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, Serving,
-    SockAddr, SockOffsets, TraceContext, ctx_flags, data_flags, direction, event_kind, head_state,
-    parse_traceparent, proto, role, stage, syscall,
+    CAPTURE_HEAD, CAPTURE_TAIL, ConnEvent, ConnInfo, ConnKey, DataEvent, HttpCounter, PROCESS_ENV,
+    ProcessInfo, Serving, SockAddr, SockOffsets, TraceContext, ctx_flags, data_flags, direction,
+    event_kind, head_state, parse_traceparent, proto, role, stage, syscall,
 };
 
 use crate::maps::{
@@ -58,6 +59,11 @@ pub(crate) static HTTP_SOCK_OFFSETS: SockOffsets = SockOffsets {
     skc_dport: 0,
     skc_v6_daddr: 0,
     sk_protocol: 0,
+    task_mm: 0,
+    mm_env_start: 0,
+    mm_env_end: 0,
+    task_group_leader: 0,
+    task_comm: 0,
 };
 
 /// Syscall arguments start here in `sys_enter_*` records; `ret` is here in
@@ -397,6 +403,7 @@ pub(crate) fn send_conn(event: ConnEvent) {
         && unsafe { WOKEN.get(&event.tgid) }.is_none()
     {
         let _ = WOKEN.insert(&event.tgid, &1, 0);
+        send_process(event.tgid);
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
     } else {
         RING_FLAGS
@@ -404,6 +411,105 @@ pub(crate) fn send_conn(event: ConnEvent) {
     if HTTP_EVENTS.output::<ConnEvent>(&event, flags).is_err() {
         count(HttpCounter::EventsLost);
     }
+}
+
+/// The process's [`ProcessInfo`] (its comm, cgroup and the start of its
+/// environment), ahead of its first `CONN_OPEN`: user space falls back on
+/// it when the process has left `/proc` before it is read. Called in the
+/// process's own thread (every `CONN_OPEN` is), once per process. A
+/// function of its own (a BPF subprogram): inlined, its locals would be
+/// on the caller's frame, which 6.1's `http_exit_accept` (464 bytes, and
+/// `memset` called from it) has no room for. It must not call `memset`
+/// itself (no array zeroing here): that would be a third frame.
+#[inline(never)]
+fn send_process(tgid: u32) {
+    let Some(mut entry) = HTTP_EVENTS.reserve::<ProcessInfo>(0) else {
+        count(HttpCounter::EventsLost);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` is the reserved record, ours until submitted; every
+    // field is written before it is.
+    unsafe {
+        // `kind`, `_reserved` and `tgid` as one word: stores of the zero
+        // bytes alone become a `memset` call, a third frame on 6.1.
+        const {
+            assert!(core::mem::offset_of!(ProcessInfo, tgid) == 4);
+        }
+        let t = tgid.to_ne_bytes();
+        let head = [event_kind::PROCESS, 0, 0, 0, t[0], t[1], t[2], t[3]];
+        core::ptr::write_volatile(p.cast::<u64>(), u64::from_ne_bytes(head));
+        (*p).cgroup_id = bpf_get_current_cgroup_id();
+        read_comm((*p).comm.as_mut_ptr());
+        set(&mut (*p)._reserved2, 0);
+        (*p).env_len = read_env((*p).env.as_mut_ptr());
+    }
+    entry.submit(RING_FLAGS);
+}
+
+/// The process's name (its main thread's `comm`) into `out` (16 bytes),
+/// straight into the record: an array on the stack would cost the frame
+/// 16 bytes. The calling thread's when the offsets are not known; zeroes
+/// when nothing reads.
+#[inline(always)]
+fn read_comm(out: *mut u8) {
+    let leader = if offset!(task_group_leader) == 0 {
+        None
+    } else {
+        // SAFETY: a plain helper call.
+        let task = unsafe { bpf_get_current_task() };
+        read_kernel::<u64>(task + offset!(task_group_leader)).filter(|&l| l != 0)
+    };
+    // SAFETY: the helpers check the kernel address (or read the current
+    // task) and write at most 16 bytes to `out`, which has 16; on failure
+    // they zero them.
+    unsafe {
+        let read = leader.is_some_and(|l| {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                out.cast::<c_void>(),
+                16,
+                (l + offset!(task_comm)) as *const c_void,
+            ) == 0
+        });
+        if !read {
+            let _ = aya_ebpf::helpers::generated::bpf_get_current_comm(out.cast::<c_void>(), 16);
+        }
+    }
+}
+
+/// Copies the start of the current process's environment block to `out`
+/// (`PROCESS_ENV` bytes of room); returns the bytes copied (0: not read).
+#[inline(always)]
+fn read_env(out: *mut u8) -> u32 {
+    if offset!(task_mm) == 0 {
+        return 0;
+    }
+    // SAFETY: a plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let mm = match read_kernel::<u64>(task + offset!(task_mm)) {
+        Some(mm) if mm != 0 => mm,
+        _ => return 0,
+    };
+    let (Some(start), Some(end)) = (
+        read_kernel::<u64>(mm + offset!(mm_env_start)),
+        read_kernel::<u64>(mm + offset!(mm_env_end)),
+    ) else {
+        return 0;
+    };
+    if end <= start {
+        return 0;
+    }
+    let len = (end - start).min(PROCESS_ENV as u64) as u32;
+    // SAFETY: the helper checks the user address; `out` has PROCESS_ENV
+    // bytes and `len` is at most that.
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            out.cast::<c_void>(),
+            len,
+            start as *const c_void,
+        )
+    };
+    if ret == 0 { len } else { 0 }
 }
 
 // ---- accept / connect -------------------------------------------------------
