@@ -250,15 +250,19 @@ fn get<'a>(labels: &'a BTreeMap<String, String>, k: &str) -> Option<&'a str> {
     labels.get(k).map(String::as_str)
 }
 
+/// The kernel lock (the agent built) and the cgroup2 mount, or `None`
+/// after a printed reason (a failure under `CI=true`).
+fn kernel_and_cgroup2(test: &str) -> Option<(KernelTest, PathBuf)> {
+    let kernel = KernelTest::with_tools(test, TOOLS)?;
+    let v2 = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root())?;
+    Some((kernel.agent(), v2))
+}
+
 #[test]
 fn container_ids_on_every_signal() {
-    let Some(kernel) = KernelTest::with_tools("container_ids_on_every_signal", TOOLS) else {
+    let Some((_kernel, v2)) = kernel_and_cgroup2("container_ids_on_every_signal") else {
         return;
     };
-    let Some(v2) = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root()) else {
-        return;
-    };
-    let _kernel = kernel.agent();
     let dir = tempfile::tempdir().unwrap();
     let pid = std::process::id();
     let mut cgroups = Cgroups::default();
@@ -351,13 +355,9 @@ fn container_ids_on_every_signal() {
 
 #[test]
 fn pods_on_every_signal() {
-    let Some(kernel) = KernelTest::with_tools("pods_on_every_signal", TOOLS) else {
+    let Some((_kernel, v2)) = kernel_and_cgroup2("pods_on_every_signal") else {
         return;
     };
-    let Some(v2) = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root()) else {
-        return;
-    };
-    let _kernel = kernel.agent();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
@@ -477,13 +477,9 @@ fn pods_on_every_signal() {
 #[test]
 fn a_client_gone_before_the_agent_reads_it_keeps_its_resource() {
     let test = "a_client_gone_before_the_agent_reads_it_keeps_its_resource";
-    let Some(kernel) = KernelTest::with_tools(test, TOOLS) else {
+    let Some((_kernel, v2)) = kernel_and_cgroup2(test) else {
         return;
     };
-    let Some(v2) = kernel.require("a mounted cgroup2 hierarchy", cgroup2_root()) else {
-        return;
-    };
-    let _kernel = kernel.agent();
     let dir = tempfile::tempdir().unwrap();
     let pid = std::process::id();
     let mut cgroups = Cgroups::default();
