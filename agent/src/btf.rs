@@ -6,7 +6,10 @@
 //! Members are found through anonymous struct and union members (most of
 //! `struct sock_common` is in nested anonymous unions), and through
 //! typedefs and qualifiers on the way.
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use btf_rs::{Btf, Type};
 use fathom_common::http::SockOffsets;
@@ -30,6 +33,31 @@ pub enum BtfError {
     TooFar { strukt: String, member: String },
     #[error("kernel BTF: {0}")]
     Malformed(String),
+}
+
+/// The running kernel's BTF while the agent starts: every signal reads
+/// offsets from it, and each parse of `/sys/kernel/btf/vmlinux` costs about
+/// 130 ms and 27 MB (6.18), so it is parsed once and shared, then let go by
+/// [`release`] once the signals have started.
+static KERNEL: Mutex<Option<Arc<KernelBtf>>> = Mutex::new(None);
+
+/// The running kernel's BTF ([`VMLINUX`]), parsed at the first call and
+/// shared until [`release`]. A failure is not kept: the next call tries
+/// again.
+pub fn kernel() -> Result<Arc<KernelBtf>, BtfError> {
+    // A poisoned lock only means a panic elsewhere; the slot stays valid.
+    let mut slot = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(btf) = &*slot {
+        return Ok(btf.clone());
+    }
+    let btf = Arc::new(KernelBtf::open(Path::new(VMLINUX))?);
+    *slot = Some(btf.clone());
+    Ok(btf)
+}
+
+/// Lets go of the shared BTF (a later [`kernel`] parses it again).
+pub fn release() {
+    KERNEL.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
 
 /// A parsed BTF object.
@@ -425,6 +453,24 @@ mod tests {
         assert_eq!(
             btf.member_offset("sock_common", "skc_num").unwrap(),
             btf.member_offset("sock_common", "skc_dport").unwrap() + 2
+        );
+    }
+
+    #[test]
+    fn the_kernel_btf_is_parsed_once_until_released() {
+        if !Path::new(VMLINUX).exists() {
+            eprintln!("SKIPPED: no {VMLINUX}");
+            return;
+        }
+        let a = super::kernel().unwrap();
+        let b = super::kernel().unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "parsed twice");
+        release();
+        let c = super::kernel().unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "kept after release");
+        assert_eq!(
+            c.member_offset("task_struct", "mm").unwrap(),
+            a.member_offset("task_struct", "mm").unwrap()
         );
     }
 

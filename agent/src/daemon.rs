@@ -146,6 +146,8 @@ fn run_signals(
             }
         }
     }
+    // Every signal has read its offsets: the parsed BTF (tens of MB) goes.
+    crate::btf::release();
     if running.is_empty() {
         return Err(DaemonError::NothingStarted(failures.join("; ")));
     }

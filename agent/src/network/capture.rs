@@ -314,8 +314,7 @@ impl NetCapture {
         // `tcp_probe` runs on every incoming TCP segment: as a BTF tracepoint
         // (reading the socket at offsets from the kernel's BTF) the kernel
         // does not build the classic tracepoint's record each time.
-        let sk_offsets = crate::btf::KernelBtf::open(Path::new(crate::btf::VMLINUX))
-            .and_then(|btf| crate::btf::net_sock_offsets(&btf));
+        let sk_offsets = crate::btf::kernel().and_then(|btf| crate::btf::net_sock_offsets(&btf));
         match &sk_offsets {
             Ok(sk) => {
                 for (global, off) in sk {

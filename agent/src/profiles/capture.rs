@@ -430,7 +430,7 @@ fn load_sampling_chain(ebpf: &mut Ebpf, tables: bool) -> Result<(UnwindMode, boo
 /// why it could not load.
 fn load_off_cpu(ebpf: &mut Ebpf) -> Result<(), String> {
     let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
-    if crate::btf::KernelBtf::open(Path::new(crate::btf::VMLINUX))
+    if crate::btf::kernel()
         .and_then(|b| b.member_offset("task_struct", "pid"))
         .is_err()
     {
@@ -510,7 +510,7 @@ impl Profiler {
         let filter: u8 = u8::from(!config.pids.is_empty());
         // Off-CPU needs `task_struct.pid` from the kernel's BTF; without it
         // the program is left out (and says why when it is asked for).
-        let task_pid_offset: u32 = crate::btf::KernelBtf::open(Path::new(crate::btf::VMLINUX))
+        let task_pid_offset: u32 = crate::btf::kernel()
             .and_then(|btf| btf.member_offset("task_struct", "pid"))
             .unwrap_or(0);
         let off_cpu_min_ns: u64 = config

@@ -641,7 +641,7 @@ fn choose_hooks(hooks: HttpHooks) -> Result<bool, HttpCaptureError> {
     if hooks == HttpHooks::Syscalls {
         return Ok(false);
     }
-    let supported = btf::KernelBtf::open(Path::new(btf::VMLINUX))
+    let supported = btf::kernel()
         .map_err(|e| e.to_string())
         .and_then(|b| socket_hooks_supported(&b));
     match (hooks, supported) {
@@ -658,7 +658,7 @@ fn choose_hooks(hooks: HttpHooks) -> Result<bool, HttpCaptureError> {
 /// socket tracepoints.
 fn socket_hooks_chosen(hooks: HttpHooks) -> bool {
     hooks != HttpHooks::Syscalls
-        && btf::KernelBtf::open(Path::new(btf::VMLINUX))
+        && btf::kernel()
             .map_err(|e| e.to_string())
             .and_then(|b| socket_hooks_supported(&b))
             .is_ok()
@@ -700,7 +700,7 @@ fn load_btf_program<'a>(
 /// local address); without them (no BTF) spans go without the `fathom.tcp.*`
 /// attributes, and the reason is logged once.
 fn sock_offsets() -> SockOffsets {
-    match btf::KernelBtf::open(Path::new(btf::VMLINUX)).and_then(|b| btf::sock_offsets(&b)) {
+    match btf::kernel().and_then(|b| btf::sock_offsets(&b)) {
         Ok(offsets) => offsets,
         Err(e) => {
             tracing::warn!(error = %e, "HTTP spans go without TCP attributes (fathom.tcp.*)");
