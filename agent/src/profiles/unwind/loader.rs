@@ -6,7 +6,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs,
     os::fd::AsFd as _,
     path::PathBuf,
     sync::Arc,
@@ -295,7 +294,7 @@ impl Unwinder {
             {
                 let key = table_key(&object.key);
                 let read_path = object.read_path.clone();
-                let table = self.acquire(&key, || fs::read(&read_path));
+                let table = self.acquire(&key, || super::read_for_unwind(&read_path));
                 tables.push(key);
                 match table {
                     Loaded::Rows { range, base } => {

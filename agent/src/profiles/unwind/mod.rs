@@ -6,11 +6,13 @@
 //! The row format is the contract in `fathom_common::unwind`.
 
 mod cache;
+mod elf_read;
 pub mod loader;
 pub mod stats;
 mod table;
 
 pub use cache::{CacheStats, TableCache, file_name as cache_file_name};
+pub use elf_read::read_for_unwind;
 pub use table::{BuildStats, MAX_RAW_ROWS, Source, TableError, UnwindTable, build};
 
 #[cfg(test)]
