@@ -79,10 +79,10 @@ impl ProcessMeta {
     }
 
     /// The metadata of a process from what the kernel saw of it (`/proc`
-    /// no longer has it): `comm` for the executable's name, the container
-    /// from its cgroup's directory under `cgroup_root` (a cgroup outlives
-    /// its processes), `OTEL_SERVICE_NAME` from its environment.
-    pub fn from_kernel(pid: u32, k: &KernelProcess, cgroup_root: Option<&Path>) -> Self {
+    /// no longer has it): `comm` for the executable's name,
+    /// `OTEL_SERVICE_NAME` from its environment, and `container_id` (found
+    /// by the caller from its cgroup id, see [`container_of_cgroup_id`]).
+    pub fn from_kernel(pid: u32, k: &KernelProcess, container_id: Option<String>) -> Self {
         let executable_name = executable_name(None, &k.comm);
         Self {
             pid,
@@ -91,23 +91,22 @@ impl ProcessMeta {
                 .clone()
                 .unwrap_or_else(|| executable_name.clone()),
             executable_name,
-            container_id: cgroup_root.and_then(|root| container_of_cgroup_id(root, k.cgroup_id)),
+            container_id,
             otel_service_name: k.otel_service_name.clone(),
         }
     }
 
-    /// Fills in what a `/proc` read of an exiting process missed (its
-    /// environment, its cgroup file) from what the kernel saw.
-    pub fn complete_with(&mut self, k: &KernelProcess, cgroup_root: Option<&Path>) {
+    /// Fills in the environment a `/proc` read of an exiting process
+    /// missed (`/proc/<pid>/environ` is empty once its memory is gone)
+    /// from what the kernel saw. (The container needs nothing: the cgroup
+    /// file is read first, and a process that far gone has no `/proc`
+    /// entry to read at all.)
+    pub fn complete_with(&mut self, k: &KernelProcess) {
         if self.otel_service_name.is_none()
             && let Some(name) = &k.otel_service_name
         {
             self.otel_service_name = Some(name.clone());
             self.service_name = name.clone();
-        }
-        if self.container_id.is_none() {
-            self.container_id =
-                cgroup_root.and_then(|root| container_of_cgroup_id(root, k.cgroup_id));
         }
     }
 
@@ -376,14 +375,14 @@ mod tests {
         let env = b"HOME=/root\0OTEL_SERVICE_NAME=checkout-cli\0PATH=/bin\0";
         let k = KernelProcess::new(b"curl", ino, env);
         assert_eq!(k.otel_service_name.as_deref(), Some("checkout-cli"));
-        let m = ProcessMeta::from_kernel(7, &k, Some(root.path()));
+        let m = ProcessMeta::from_kernel(7, &k, Some(id.clone()));
         assert_eq!(m.service_name, "checkout-cli");
         assert_eq!(m.executable_name, "curl");
         assert_eq!(m.container_id.as_deref(), Some(id.as_str()));
         // Without a service name in the environment (or cut off in the
         // kernel's copy): the executable names the service.
         let k = KernelProcess::new(b"curl", 0, b"HOME=/root\0OTEL_SERVICE_NA");
-        let m = ProcessMeta::from_kernel(7, &k, Some(root.path()));
+        let m = ProcessMeta::from_kernel(7, &k, None);
         assert_eq!((m.service_name.as_str(), m.container_id), ("curl", None));
 
         // A /proc read of an exiting process (environment already empty,
@@ -395,7 +394,7 @@ mod tests {
             container_id: Some("a".repeat(64)),
             otel_service_name: None,
         };
-        read.complete_with(&KernelProcess::new(b"curl", ino, env), Some(root.path()));
+        read.complete_with(&KernelProcess::new(b"curl", ino, env));
         assert_eq!(read.service_name, "checkout-cli");
         assert_eq!(read.otel_service_name.as_deref(), Some("checkout-cli"));
         assert_eq!(read.container_id, Some("a".repeat(64)));
@@ -406,9 +405,9 @@ mod tests {
             container_id: None,
             ..read
         };
-        read.complete_with(&KernelProcess::new(b"curl", ino, env), Some(root.path()));
+        read.complete_with(&KernelProcess::new(b"curl", ino, env));
         assert_eq!(read.service_name, "from-proc");
-        assert_eq!(read.container_id.as_deref(), Some(id.as_str()));
+        assert_eq!(read.container_id, None);
     }
 
     #[test]

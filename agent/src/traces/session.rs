@@ -2,7 +2,7 @@
 //! the [`HttpTracer`], and every `flush_every` hands finished spans (OTLP
 //! traces) and the RED metrics (OTLP metrics) to a [`TraceSink`].
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -23,11 +23,35 @@ use super::{
 use crate::{
     connections::{ConnectionLookup, NoConnections, tcp_flow_key},
     otlp::{ResourceInfo, unix_now_ns},
-    process_meta::{KernelProcess, ProcessMeta, local_port, process_resource},
+    process_meta::{
+        KernelProcess, ProcessMeta, container_of_cgroup_id, local_port, process_resource,
+    },
     sink::OtlpSink,
     stop::{Stop, StoppableThread},
     sys,
 };
+
+/// Cgroup ids seen of gone processes, at most (their containers are
+/// remembered: one walk of the cgroup tree per cgroup, not per process).
+const CGROUP_CONTAINERS_MAX: usize = 4096;
+
+/// The container of cgroup `id` (under the cgroup2 mount `root`), walked
+/// for once and remembered in `known` (emptied when it is full).
+fn container_of_cgroup(
+    known: &mut HashMap<u64, Option<String>>,
+    root: &Path,
+    id: u64,
+) -> Option<String> {
+    if let Some(found) = known.get(&id) {
+        return found.clone();
+    }
+    if known.len() >= CGROUP_CONTAINERS_MAX {
+        known.clear();
+    }
+    let found = container_of_cgroup_id(root, id);
+    known.insert(id, found.clone());
+    found
+}
 
 /// OpenTelemetry's `TraceIdRatioBased` decision: the trace id's last 8 bytes
 /// (big-endian, shifted right by one) below `ratio` × 2⁶³.
@@ -256,6 +280,8 @@ struct Worker {
     /// The cgroup v2 mount, where a gone process's container is looked up
     /// by its cgroup id (`None`: no cgroup2 hierarchy).
     cgroup_root: Option<PathBuf>,
+    /// Cgroup id → container id, as found under `cgroup_root`.
+    cgroup_containers: HashMap<u64, Option<String>>,
 }
 
 impl Worker {
@@ -291,6 +317,7 @@ impl Worker {
             spans_sampled_out: 0,
             new_processes: Vec::new(),
             cgroup_root: super::inject::cgroup2_root().ok(),
+            cgroup_containers: HashMap::new(),
         }
     }
 
@@ -439,15 +466,19 @@ impl Worker {
     fn resource_with(&mut self, pid: u32, kernel: Option<&KernelProcess>) -> &ResourceInfo {
         let root = &self.config.proc_root;
         let node = &self.config.node;
-        let cgroups = self.cgroup_root.as_deref();
+        let (cgroups, containers) = (self.cgroup_root.as_deref(), &mut self.cgroup_containers);
         let (metas, unresolved) = (&mut self.metas, &mut self.unresolved);
         self.resources.entry(pid).or_insert_with(|| {
             let meta = match (ProcessMeta::read(root, pid), kernel) {
                 (Some(mut meta), Some(k)) => {
-                    meta.complete_with(k, cgroups);
+                    meta.complete_with(k);
                     Some(meta)
                 }
-                (None, Some(k)) => Some(ProcessMeta::from_kernel(pid, k, cgroups)),
+                (None, Some(k)) => {
+                    let container =
+                        cgroups.and_then(|root| container_of_cgroup(containers, root, k.cgroup_id));
+                    Some(ProcessMeta::from_kernel(pid, k, container))
+                }
                 (meta, None) => meta,
             };
             let resource = process_resource(meta.as_ref(), pid, node);
@@ -624,6 +655,26 @@ mod tests {
         let mut t = [0xab; 16];
         t[8..].copy_from_slice(&low.to_be_bytes());
         t
+    }
+
+    #[test]
+    fn a_cgroups_container_is_walked_for_once() {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let id = "ab".repeat(32);
+        let scope = root.path().join(format!("docker-{id}.scope"));
+        std::fs::create_dir(&scope).unwrap();
+        let ino = std::fs::metadata(&scope).unwrap().ino();
+        let mut known = HashMap::new();
+        assert_eq!(
+            container_of_cgroup(&mut known, root.path(), ino),
+            Some(id.clone())
+        );
+        // Remembered: found again without the directory.
+        std::fs::remove_dir(&scope).unwrap();
+        assert_eq!(container_of_cgroup(&mut known, root.path(), ino), Some(id));
+        assert_eq!(container_of_cgroup(&mut known, root.path(), ino + 1), None);
+        assert_eq!(known.len(), 2);
     }
 
     #[test]
