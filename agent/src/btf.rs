@@ -115,6 +115,32 @@ impl KernelBtf {
         })
     }
 
+    /// The value of `member` of the enum named `name`.
+    pub fn enum_value(&self, name: &str, member: &str) -> Result<u64, BtfError> {
+        let no_member = || BtfError::NoMember {
+            strukt: format!("enum {name}"),
+            member: member.into(),
+        };
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|_| BtfError::NoStruct(format!("enum {name}")))?;
+        for t in types {
+            let found = match t {
+                Type::Enum(e) => e.members.iter().find_map(|m| {
+                    (self.btf.resolve_name(m).ok()? == member).then(|| u64::from(m.val()))
+                }),
+                Type::Enum64(e) => e
+                    .members
+                    .iter()
+                    .find_map(|m| (self.btf.resolve_name(m).ok()? == member).then(|| m.val())),
+                _ => continue,
+            };
+            return found.ok_or_else(no_member);
+        }
+        Err(BtfError::NoStruct(format!("enum {name}")))
+    }
+
     /// Whether the kernel has a typedef named `name` (`btf_trace_<tp>`: a
     /// tracepoint that BTF tracepoint programs can attach to).
     pub fn has_typedef(&self, name: &str) -> bool {
@@ -227,6 +253,31 @@ pub fn net_sock_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>, Btf
     ])
 }
 
+/// The `SockOffsets` members that read a task's cgroup on the v1 hierarchy
+/// of `controller` (`pids`, ...: `<controller>_cgrp_id` in the kernel):
+/// (`task_cgroups`, `css_set_subsys`, `css_cgroup`, `cgroup_kn`,
+/// `kernfs_node_id`).
+pub fn cgroup1_offsets(btf: &KernelBtf, controller: &str) -> Result<[u32; 5], BtfError> {
+    let id = btf.enum_value("cgroup_subsys_id", &format!("{controller}_cgrp_id"))?;
+    let count = btf.enum_value("cgroup_subsys_id", "CGROUP_SUBSYS_COUNT")?;
+    if id >= count {
+        return Err(BtfError::Malformed(format!(
+            "{controller}_cgrp_id {id} is not below CGROUP_SUBSYS_COUNT {count}"
+        )));
+    }
+    let subsys = u64::from(btf.member_offset("css_set", "subsys")?) + 8 * id;
+    Ok([
+        btf.member_offset("task_struct", "cgroups")?,
+        u32::try_from(subsys).map_err(|_| BtfError::TooFar {
+            strukt: "css_set".into(),
+            member: format!("subsys[{id}]"),
+        })?,
+        btf.member_offset("cgroup_subsys_state", "cgroup")?,
+        btf.member_offset("cgroup", "kn")?,
+        btf.member_offset("kernfs_node", "id")?,
+    ])
+}
+
 /// The offsets the HTTP capture needs to read a connection's socket
 /// (`fathom_common::http::SockOffsets`), `enabled` set.
 pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
@@ -277,6 +328,7 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
         mm_env_end,
         task_group_leader,
         task_comm,
+        ..SockOffsets::default()
     })
 }
 
@@ -294,6 +346,8 @@ mod tests {
     struct RawDump {
         types: HashMap<u32, RawType>,
         by_name: HashMap<String, Vec<u32>>,
+        /// Enum member name → value (`'name' val=N` lines).
+        enum_values: HashMap<String, u64>,
     }
 
     impl RawDump {
@@ -301,6 +355,7 @@ mod tests {
             let mut types = HashMap::new();
             let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
             let mut current: Option<u32> = None;
+            let mut enum_values = HashMap::new();
             let field = |line: &str, key: &str| -> Option<u64> {
                 let at = line.find(key)? + key.len();
                 line[at..]
@@ -337,9 +392,18 @@ mod tests {
                         field(line, "bits_offset=").unwrap(),
                     );
                     types.get_mut(&id).unwrap().3.push(member);
+                } else if line.starts_with('\t')
+                    && let Some(val) = field(line, " val=")
+                {
+                    let name = line.split('\'').nth(1).unwrap_or("").to_string();
+                    enum_values.insert(name, val);
                 }
             }
-            RawDump { types, by_name }
+            RawDump {
+                types,
+                by_name,
+                enum_values,
+            }
         }
 
         fn strip(&self, mut id: u32) -> u32 {
@@ -448,6 +512,26 @@ mod tests {
             dump.offset("task_struct", "group_leader")
         );
         assert_eq!(o.task_comm, dump.offset("task_struct", "comm"));
+        // A controller's cgroup v1 directory: current → cgroups →
+        // subsys[<controller>_cgrp_id] → cgroup → kn → id.
+        for controller in ["pids", "memory", "cpu"] {
+            let id = dump.enum_values[&format!("{controller}_cgrp_id")];
+            assert_eq!(
+                cgroup1_offsets(&btf, controller).unwrap(),
+                [
+                    dump.offset("task_struct", "cgroups"),
+                    dump.offset("css_set", "subsys") + 8 * id as u32,
+                    dump.offset("cgroup_subsys_state", "cgroup"),
+                    dump.offset("cgroup", "kn"),
+                    dump.offset("kernfs_node", "id"),
+                ],
+                "{controller}"
+            );
+        }
+        assert!(matches!(
+            cgroup1_offsets(&btf, "nosuch"),
+            Err(BtfError::NoMember { .. })
+        ));
         // Members of anonymous unions are found at their real place: the
         // two ports share a 32-bit word, the destination first.
         assert_eq!(

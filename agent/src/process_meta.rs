@@ -16,6 +16,9 @@ pub struct KernelProcess {
     pub comm: String,
     /// Its cgroup v2 directory's inode number (0: unknown).
     pub cgroup_id: u64,
+    /// Its directory's inode number on the cgroup v1 hierarchy the agent
+    /// follows (0: unknown, or no v1 hierarchy).
+    pub cgroup1_id: u64,
     /// `OTEL_SERVICE_NAME` from the start of its environment block.
     pub otel_service_name: Option<String>,
 }
@@ -26,6 +29,7 @@ impl KernelProcess {
         Self {
             comm: String::from_utf8_lossy(comm).into_owned(),
             cgroup_id,
+            cgroup1_id: 0,
             otel_service_name: env_value(environ, "OTEL_SERVICE_NAME").filter(|v| !v.is_empty()),
         }
     }

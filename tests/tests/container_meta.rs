@@ -486,6 +486,14 @@ fn a_client_gone_before_the_agent_reads_it_keeps_its_resource() {
     let id = fake_id("gone");
     let slice = format!("fathomtest-gone-{pid}.slice");
     let scope = cgroups.create(&v2, &format!("{slice}/docker-{id}.scope"));
+    // A hybrid host's runtime (cgroupfs driver) puts a container in v1
+    // cgroups only: its v2 cgroup names no container.
+    let id1 = fake_id("gone-v1");
+    let v1 = cgroup1_root("pids")
+        .map(|root| cgroups.create(&root, &format!("fathomtest-gone-{pid}/docker/{id1}")));
+    if v1.is_none() {
+        eprintln!("*** no cgroup v1 pids hierarchy: no v1 client here ***");
+    }
 
     let (agent, api) = start_agent(dir.path(), &[]);
     let port = free_port();
@@ -495,24 +503,40 @@ fn a_client_gone_before_the_agent_reads_it_keeps_its_resource() {
     span_resources(api, "fathom-gone-server", "server");
 
     agent.signal("STOP");
-    let client = "fathom-gone-client";
-    let curl_pid = curl_once(Some(&scope), port, client);
-    let gone = !Path::new(&format!("/proc/{curl_pid}")).exists();
-    agent.signal("CONT");
-    assert!(gone, "curl {curl_pid} is still in /proc");
-    assert_ne!(warm, curl_pid);
-
-    let resources = span_resources(api, client, "client");
-    for r in &resources {
-        assert_eq!(get(r, "container.id"), Some(id.as_str()), "{r:?}");
-        assert_eq!(get(r, "process.executable.name"), Some("curl"), "{r:?}");
+    let mut clients = vec![(
+        "fathom-gone-client",
+        curl_once(Some(&scope), port, "fathom-gone-client"),
+        id.as_str(),
+    )];
+    if let Some(v1) = &v1 {
+        let pid = curl_once(Some(v1), port, "fathom-gone-client-v1");
+        clients.push(("fathom-gone-client-v1", pid, id1.as_str()));
     }
+    let still_here: Vec<u32> = clients
+        .iter()
+        .map(|c| c.1)
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    agent.signal("CONT");
     assert!(
-        resources
-            .iter()
-            .any(|r| get(r, "process.pid") == Some(curl_pid.to_string().as_str())),
-        "no span of curl {curl_pid}: {resources:?}"
+        still_here.is_empty(),
+        "curls still in /proc: {still_here:?}"
     );
+
+    for (client, curl_pid, id) in clients {
+        assert_ne!(warm, curl_pid);
+        let resources = span_resources(api, client, "client");
+        for r in &resources {
+            assert_eq!(get(r, "container.id"), Some(id), "{r:?}");
+            assert_eq!(get(r, "process.executable.name"), Some("curl"), "{r:?}");
+        }
+        assert!(
+            resources
+                .iter()
+                .any(|r| get(r, "process.pid") == Some(curl_pid.to_string().as_str())),
+            "no span of curl {curl_pid}: {resources:?}"
+        );
+    }
 
     agent.signal("INT");
     let (status, _) = agent.finish(Duration::from_secs(30));

@@ -700,8 +700,29 @@ fn load_btf_program<'a>(
 /// local address); without them (no BTF) spans go without the `fathom.tcp.*`
 /// attributes, and the reason is logged once.
 fn sock_offsets() -> SockOffsets {
-    match btf::kernel().and_then(|b| btf::sock_offsets(&b)) {
-        Ok(offsets) => offsets,
+    match btf::kernel().and_then(|b| btf::sock_offsets(&b).map(|o| (b, o))) {
+        Ok((btf, mut offsets)) => {
+            // On a host with cgroup v1 hierarchies, a gone process's
+            // container is found from its cgroup on one of them.
+            if let Some((controller, _)) = super::inject::cgroup1_root() {
+                match btf::cgroup1_offsets(&btf, controller) {
+                    Ok(o) => {
+                        [
+                            offsets.task_cgroups,
+                            offsets.css_set_subsys,
+                            offsets.css_cgroup,
+                            offsets.cgroup_kn,
+                            offsets.kernfs_node_id,
+                        ] = o;
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e, controller,
+                        "short-lived processes in cgroup v1 containers go without their container id"
+                    ),
+                }
+            }
+            offsets
+        }
         Err(e) => {
             tracing::warn!(error = %e, "HTTP spans go without TCP attributes (fathom.tcp.*)");
             SockOffsets::default()
@@ -811,6 +832,7 @@ mod tests {
             _reserved: [0; 3],
             tgid: 77,
             cgroup_id: 5,
+            cgroup1_id: 6,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             env_len: 9,
             _reserved2: 0,
@@ -820,7 +842,7 @@ mod tests {
         let process = fathom_common::record::bytes_of(&*info);
         match parse_record(process, scratch) {
             Some(HttpEvent::Process(p)) => {
-                assert_eq!((p.tgid, p.cgroup_id), (77, 5));
+                assert_eq!((p.tgid, p.cgroup_id, p.cgroup1_id), (77, 5, 6));
                 assert_eq!((p.comm(), p.env()), (&b"curl"[..], &b"A=1\0B=22\0"[..9]));
             }
             _ => panic!("process record not parsed"),

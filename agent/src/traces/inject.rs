@@ -551,6 +551,49 @@ pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
         .cloned()
 }
 
+/// Controllers whose cgroup v1 hierarchy may be followed to find a gone
+/// process's container, in order of preference (container runtimes put a
+/// container's processes in a cgroup of its own on every hierarchy; the
+/// name is the kernel's `<name>_cgrp_id`).
+pub const CGROUP1_CONTROLLERS: [&str; 7] = [
+    "pids", "memory", "cpu", "cpuacct", "cpuset", "devices", "freezer",
+];
+
+/// The cgroup v1 hierarchy to follow, from `/proc/self/mounts`.
+pub fn cgroup1_root() -> Option<(&'static str, PathBuf)> {
+    cgroup1_mount(&std::fs::read_to_string("/proc/self/mounts").ok()?)
+}
+
+/// The first controller of [`CGROUP1_CONTROLLERS`] mounted as a cgroup v1
+/// hierarchy in a `/proc/mounts` text, with its mount point; `None` on a
+/// host with cgroup v2 only.
+pub fn cgroup1_mount(mounts: &str) -> Option<(&'static str, PathBuf)> {
+    let found: Vec<(PathBuf, Vec<&str>)> = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let (_source, target, fstype, options) = (
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+            );
+            (fstype == "cgroup").then(|| {
+                (
+                    PathBuf::from(unescape_mount_field(target)),
+                    options.split(',').collect(),
+                )
+            })
+        })
+        .collect();
+    CGROUP1_CONTROLLERS.iter().find_map(|controller| {
+        found
+            .iter()
+            .find(|(_, options)| options.contains(controller))
+            .map(|(path, _)| (*controller, path.clone()))
+    })
+}
+
 /// Undoes the octal escapes (`\040` for a space, ...) of a mounts field.
 fn unescape_mount_field(field: &str) -> String {
     let bytes = field.as_bytes();
@@ -584,6 +627,37 @@ mod tests {
         let mounts = "sysfs /sys sysfs rw 0 0\n\
                       cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec 0 0\n";
         assert_eq!(cgroup2_mount(mounts), Some(PathBuf::from("/sys/fs/cgroup")));
+    }
+
+    #[test]
+    fn the_cgroup1_hierarchy_followed() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro,nosuid 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0\n\
+                      cgroup /sys/fs/cgroup/systemd cgroup rw,name=systemd 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\n\
+                      cgroup /sys/fs/cgroup/pids cgroup rw,nosuid,pids 0 0\n";
+        assert_eq!(
+            cgroup1_mount(hybrid),
+            Some(("pids", PathBuf::from("/sys/fs/cgroup/pids")))
+        );
+        // Without pids or memory: the next controller in the list.
+        let no_pids: String = hybrid
+            .lines()
+            .filter(|l| !l.contains("pids"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            cgroup1_mount(&no_pids),
+            Some(("cpu", PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")))
+        );
+        // A named hierarchy (no controller) or v2 only: nothing to follow.
+        let named_only: String = hybrid.lines().take(3).map(|l| format!("{l}\n")).collect();
+        assert_eq!(cgroup1_mount(&named_only), None);
+        assert_eq!(
+            cgroup1_mount("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            None
+        );
+        assert_eq!(cgroup1_mount("cgroup /x cgroup"), None);
     }
 
     #[test]

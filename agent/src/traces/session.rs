@@ -35,22 +35,51 @@ use crate::{
 /// remembered: one walk of the cgroup tree per cgroup, not per process).
 const CGROUP_CONTAINERS_MAX: usize = 4096;
 
-/// The container of cgroup `id` (under the cgroup2 mount `root`), walked
-/// for once and remembered in `known` (emptied when it is full).
-fn container_of_cgroup(
-    known: &mut HashMap<u64, Option<String>>,
-    root: &Path,
-    id: u64,
-) -> Option<String> {
-    if let Some(found) = known.get(&id) {
-        return found.clone();
+/// Where a gone process's container is looked up: the cgroup v2 mount,
+/// and the cgroup v1 hierarchy the kernel reads a cgroup of (hybrid hosts),
+/// with the containers found, by (hierarchy, cgroup id).
+#[derive(Default)]
+struct CgroupContainers {
+    v2: Option<PathBuf>,
+    v1: Option<PathBuf>,
+    known: HashMap<(bool, u64), Option<String>>,
+}
+
+impl CgroupContainers {
+    fn new() -> Self {
+        Self {
+            v2: super::inject::cgroup2_root().ok(),
+            v1: super::inject::cgroup1_root().map(|(_, root)| root),
+            known: HashMap::new(),
+        }
     }
-    if known.len() >= CGROUP_CONTAINERS_MAX {
-        known.clear();
+
+    /// The container of a gone process from its cgroups: the v2 one, else
+    /// the v1 one (a runtime on a hybrid host puts containers on v1
+    /// hierarchies only).
+    fn of(&mut self, k: &KernelProcess) -> Option<String> {
+        let v2 = self.v2.clone();
+        let v1 = self.v1.clone();
+        v2.and_then(|root| self.walk(false, &root, k.cgroup_id))
+            .or_else(|| v1.and_then(|root| self.walk(true, &root, k.cgroup1_id)))
     }
-    let found = container_of_cgroup_id(root, id);
-    known.insert(id, found.clone());
-    found
+
+    /// The container of cgroup `id` under `root`, walked for once and
+    /// remembered (the memory emptied when it is full).
+    fn walk(&mut self, v1: bool, root: &Path, id: u64) -> Option<String> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(found) = self.known.get(&(v1, id)) {
+            return found.clone();
+        }
+        if self.known.len() >= CGROUP_CONTAINERS_MAX {
+            self.known.clear();
+        }
+        let found = container_of_cgroup_id(root, id);
+        self.known.insert((v1, id), found.clone());
+        found
+    }
 }
 
 /// OpenTelemetry's `TraceIdRatioBased` decision: the trace id's last 8 bytes
@@ -277,11 +306,8 @@ struct Worker {
     /// Processes first seen in this drain: their executables are looked at
     /// for Go after it.
     new_processes: Vec<u32>,
-    /// The cgroup v2 mount, where a gone process's container is looked up
-    /// by its cgroup id (`None`: no cgroup2 hierarchy).
-    cgroup_root: Option<PathBuf>,
-    /// Cgroup id → container id, as found under `cgroup_root`.
-    cgroup_containers: HashMap<u64, Option<String>>,
+    /// Where a gone process's container is found from its cgroup ids.
+    cgroups: CgroupContainers,
 }
 
 impl Worker {
@@ -316,8 +342,7 @@ impl Worker {
             spans_delivered: 0,
             spans_sampled_out: 0,
             new_processes: Vec::new(),
-            cgroup_root: super::inject::cgroup2_root().ok(),
-            cgroup_containers: HashMap::new(),
+            cgroups: CgroupContainers::new(),
         }
     }
 
@@ -422,7 +447,10 @@ impl Worker {
             HttpEvent::Process(p) => {
                 // Ahead of the process's first `CONN_OPEN`: its resource is
                 // read now, with what the kernel saw as the fallback.
-                let kernel = KernelProcess::new(p.comm(), p.cgroup_id, p.env());
+                let kernel = KernelProcess {
+                    cgroup1_id: p.cgroup1_id,
+                    ..KernelProcess::new(p.comm(), p.cgroup_id, p.env())
+                };
                 if !self.resources.contains_key(&p.tgid) {
                     self.new_processes.push(p.tgid);
                 }
@@ -466,7 +494,7 @@ impl Worker {
     fn resource_with(&mut self, pid: u32, kernel: Option<&KernelProcess>) -> &ResourceInfo {
         let root = &self.config.proc_root;
         let node = &self.config.node;
-        let (cgroups, containers) = (self.cgroup_root.as_deref(), &mut self.cgroup_containers);
+        let cgroups = &mut self.cgroups;
         let (metas, unresolved) = (&mut self.metas, &mut self.unresolved);
         self.resources.entry(pid).or_insert_with(|| {
             let meta = match (ProcessMeta::read(root, pid), kernel) {
@@ -474,11 +502,7 @@ impl Worker {
                     meta.complete_with(k);
                     Some(meta)
                 }
-                (None, Some(k)) => {
-                    let container =
-                        cgroups.and_then(|root| container_of_cgroup(containers, root, k.cgroup_id));
-                    Some(ProcessMeta::from_kernel(pid, k, container))
-                }
+                (None, Some(k)) => Some(ProcessMeta::from_kernel(pid, k, cgroups.of(k))),
                 (meta, None) => meta,
             };
             let resource = process_resource(meta.as_ref(), pid, node);
@@ -658,23 +682,45 @@ mod tests {
     }
 
     #[test]
-    fn a_cgroups_container_is_walked_for_once() {
+    fn a_cgroups_container_is_walked_for_once_v2_then_v1() {
         use std::os::unix::fs::MetadataExt as _;
-        let root = tempfile::tempdir().unwrap();
-        let id = "ab".repeat(32);
-        let scope = root.path().join(format!("docker-{id}.scope"));
+        let (v2, v1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (id, id1) = ("ab".repeat(32), "cd".repeat(32));
+        let scope = v2.path().join(format!("docker-{id}.scope"));
         std::fs::create_dir(&scope).unwrap();
         let ino = std::fs::metadata(&scope).unwrap().ino();
-        let mut known = HashMap::new();
-        assert_eq!(
-            container_of_cgroup(&mut known, root.path(), ino),
-            Some(id.clone())
-        );
-        // Remembered: found again without the directory.
+        // v1 (cgroupfs driver): docker/<id>, the v2 cgroup naming none.
+        let docker1 = v1.path().join("docker").join(&id1);
+        std::fs::create_dir_all(&docker1).unwrap();
+        let ino1 = std::fs::metadata(&docker1).unwrap().ino();
+        let plain = v2.path().join("user.slice");
+        std::fs::create_dir(&plain).unwrap();
+        let plain_ino = std::fs::metadata(&plain).unwrap().ino();
+        let mut c = CgroupContainers {
+            v2: Some(v2.path().to_path_buf()),
+            v1: Some(v1.path().to_path_buf()),
+            known: HashMap::new(),
+        };
+        let k = |cgroup_id, cgroup1_id| KernelProcess {
+            cgroup_id,
+            cgroup1_id,
+            ..KernelProcess::default()
+        };
+        assert_eq!(c.of(&k(ino, 0)), Some(id.clone()));
+        assert_eq!(c.of(&k(plain_ino, ino1)), Some(id1.clone()));
+        assert_eq!(c.of(&k(plain_ino, 0)), None);
+        // Remembered: found again without the directories.
         std::fs::remove_dir(&scope).unwrap();
-        assert_eq!(container_of_cgroup(&mut known, root.path(), ino), Some(id));
-        assert_eq!(container_of_cgroup(&mut known, root.path(), ino + 1), None);
-        assert_eq!(known.len(), 2);
+        std::fs::remove_dir(&docker1).unwrap();
+        assert_eq!(c.of(&k(ino, 0)), Some(id));
+        assert_eq!(c.of(&k(plain_ino, ino1)), Some(id1));
+        // Ids of the two hierarchies are apart: a v1 id is not looked up
+        // in the v2 memory.
+        assert_eq!(c.known.get(&(true, ino)), None);
+        assert_eq!(c.known.len(), 3);
+        // No hierarchy: nothing found, nothing walked.
+        let mut none = CgroupContainers::default();
+        assert_eq!(none.of(&k(ino, ino1)), None);
     }
 
     #[test]

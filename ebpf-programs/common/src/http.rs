@@ -176,8 +176,20 @@ pub struct SockOffsets {
     /// thread's; `task_group_leader == 0`: the calling thread's.
     pub task_group_leader: u32,
     pub task_comm: u32,
+    /// The process's cgroup on one cgroup v1 hierarchy (hybrid hosts,
+    /// where container runtimes put processes in v1 cgroups and
+    /// `bpf_get_current_cgroup_id` sees only v2): `task_struct.cgroups`
+    /// (`task_cgroups == 0`: not read), the byte offset of the followed
+    /// controller's `css_set.subsys[id]`, `cgroup_subsys_state.cgroup`,
+    /// `cgroup.kn` and `kernfs_node.id` (the directory's inode number).
+    pub task_cgroups: u32,
+    pub css_set_subsys: u32,
+    pub css_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    pub _pad: u32,
 }
-assert_size!(SockOffsets, 22 * 4);
+assert_size!(SockOffsets, 28 * 4);
 
 /// Kinds of records in the ring buffer; the first byte of every record.
 pub mod event_kind {
@@ -734,6 +746,9 @@ pub struct ProcessInfo {
     pub tgid: u32,
     /// `bpf_get_current_cgroup_id`: the cgroup v2 directory's inode number.
     pub cgroup_id: u64,
+    /// The inode number of its directory on the cgroup v1 hierarchy user
+    /// space follows (see `SockOffsets::task_cgroups`; 0: not read).
+    pub cgroup1_id: u64,
     /// `comm` of the process (its main thread), NUL-padded.
     pub comm: [u8; 16],
     /// Valid bytes of `env` (0: not read).
@@ -742,7 +757,7 @@ pub struct ProcessInfo {
     /// The start of the environment block (`NAME=value\0...`).
     pub env: [u8; PROCESS_ENV],
 }
-assert_size!(ProcessInfo, 8 + 8 + 16 + 8 + PROCESS_ENV);
+assert_size!(ProcessInfo, 8 + 8 + 8 + 16 + 8 + PROCESS_ENV);
 
 impl ProcessInfo {
     /// Reads a ring-buffer record of this kind.

@@ -64,6 +64,12 @@ pub(crate) static HTTP_SOCK_OFFSETS: SockOffsets = SockOffsets {
     mm_env_end: 0,
     task_group_leader: 0,
     task_comm: 0,
+    task_cgroups: 0,
+    css_set_subsys: 0,
+    css_cgroup: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    _pad: 0,
 };
 
 /// Syscall arguments start here in `sys_enter_*` records; `ret` is here in
@@ -440,11 +446,30 @@ fn send_process(tgid: u32) {
         let head = [event_kind::PROCESS, 0, 0, 0, t[0], t[1], t[2], t[3]];
         core::ptr::write_volatile(p.cast::<u64>(), u64::from_ne_bytes(head));
         (*p).cgroup_id = bpf_get_current_cgroup_id();
+        (*p).cgroup1_id = read_cgroup1_id();
         read_comm((*p).comm.as_mut_ptr());
         set(&mut (*p)._reserved2, 0);
         (*p).env_len = read_env((*p).env.as_mut_ptr());
     }
     entry.submit(RING_FLAGS);
+}
+
+/// The inode number of the current task's cgroup on the cgroup v1
+/// hierarchy user space follows (current → cgroups → subsys[id] → cgroup →
+/// kn → id); 0 when it is not followed or a read fails.
+#[inline(always)]
+fn read_cgroup1_id() -> u64 {
+    if offset!(task_cgroups) == 0 {
+        return 0;
+    }
+    // SAFETY: a plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    read_kernel::<u64>(task + offset!(task_cgroups))
+        .and_then(|set| read_kernel::<u64>(set + offset!(css_set_subsys)))
+        .and_then(|css| read_kernel::<u64>(css + offset!(css_cgroup)))
+        .and_then(|cgroup| read_kernel::<u64>(cgroup + offset!(cgroup_kn)))
+        .and_then(|kn| read_kernel::<u64>(kn + offset!(kernfs_node_id)))
+        .unwrap_or(0)
 }
 
 /// The process's name (its main thread's `comm`) into `out` (16 bytes),
