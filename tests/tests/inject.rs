@@ -890,9 +890,10 @@ fn keep_alive_connections_get_a_traceparent_in_every_request_and_never_in_a_body
     wait_sockets(&injection, 0);
 
     // Written by hand on one connection, each chunk in its own send. A
-    // body sent on its own that is itself a request head passes untouched;
-    // so does everything after a chunked body (where the next request
-    // starts is not followed through chunks).
+    // body sent on its own that is itself a request head passes untouched,
+    // in a `Content-Length` body and in a chunked one; the request after a
+    // chunked body (its end followed chunk by chunk, whatever the sends)
+    // gets its header.
     let fake: &[u8] = b"GET /fake HTTP/1.1\r\nHost: y\r\n\r\n";
     let one = format!(
         "POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
@@ -905,11 +906,24 @@ fn keep_alive_connections_get_a_traceparent_in_every_request_and_never_in_a_body
     let five: &[u8] = b"POST /five HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
     let five_body: &[u8] = b"5\r\nhello\r\n0\r\n\r\n";
     let six: &[u8] = b"GET /six HTTP/1.1\r\nHost: x\r\n\r\n";
+    // The head with its first chunk; a size line in two sends, with an
+    // extension, upper-case hex; a chunk whose data is a request head, sent
+    // alone; the last chunk and a trailer.
+    let seven: [&[u8]; 5] = [
+        b"POST /seven HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n",
+        b"1",
+        b"F;name=v\r\n",
+        fake,
+        b"\r\nA\r\n0123456789\r\n0\r\nTrailer-One: t\r\n\r\n",
+    ];
+    assert_eq!(fake.len(), 0x1f);
+    let eight: &[u8] = b"GET /eight HTTP/1.1\r\nHost: x\r\n\r\n";
     client.cmd(json!({
         "op": "raw_http", "port": http.port, "pause_ms": 50,
         "requests": [
             [hex(one.as_bytes()), hex(fake)], [hex(two)], [hex(three)],
             [hex(four.as_bytes())], [hex(five), hex(five_body)], [hex(six)],
+            seven.iter().map(|c| hex(c)).collect::<Vec<_>>(), [hex(eight)],
         ],
     }));
     assert_injected(&http.next(), &[one.as_bytes(), fake].concat());
@@ -917,9 +931,11 @@ fn keep_alive_connections_get_a_traceparent_in_every_request_and_never_in_a_body
     assert_injected(&http.next(), three);
     assert!(http.next() == four.as_bytes(), "an own traceparent changed");
     assert_injected(&http.next(), &[five, five_body].concat());
-    assert!(http.next() == six, "a request after a chunked body changed");
-    assert_eq!(inject_counters(&ebpf), [9, 1, 0, 0, 2, 0, 0]);
-    assert_eq!(unframed(&ebpf), 1);
+    assert_injected(&http.next(), six);
+    assert_injected(&http.next(), &seven.concat());
+    assert_injected(&http.next(), eight);
+    assert_eq!(inject_counters(&ebpf), [12, 1, 0, 0, 2, 0, 0]);
+    assert_eq!(unframed(&ebpf), 0);
 
     // A connection whose first message is not HTTP/1.x is never touched,
     // a later message that is a request head included.
@@ -929,8 +945,8 @@ fn keep_alive_connections_get_a_traceparent_in_every_request_and_never_in_a_body
         "chunks": chunks.iter().map(|c| hex(c)).collect::<Vec<_>>(),
     }));
     assert!(raw.next() == chunks.concat(), "non-HTTP bytes changed");
-    assert_eq!(inject_counters(&ebpf), [9, 1, 0, 0, 3, 0, 0]);
-    assert_eq!(unframed(&ebpf), 2);
+    assert_eq!(inject_counters(&ebpf), [12, 1, 0, 0, 3, 0, 0]);
+    assert_eq!(unframed(&ebpf), 1);
     wait_sockets(&injection, 0);
     client.cmd(json!({"op": "exit"}));
 }

@@ -280,8 +280,15 @@ fn pooled_keep_alive_chain_gives_one_trace_per_request() {
     let _agent = start_traces_agent(&rotel, dir.path());
 
     // One keep-alive connection from the test, sequential requests: every
-    // hop reuses its one pooled connection for all of them.
-    let paths: Vec<String> = (0..REQUESTS).map(|i| format!("/r{i}")).collect();
+    // hop reuses its one pooled connection for all of them. Every fourth
+    // makes Node upload a chunked body upstream on its pooled connection:
+    // the requests after it on that connection keep their context.
+    let paths: Vec<String> = (0..REQUESTS)
+        .map(|i| match i % 4 {
+            1 => format!("/u{i}"),
+            _ => format!("/r{i}"),
+        })
+        .collect();
     drive(node.port, std::slice::from_ref(&paths), b"node>py>leaf");
     let chain = Chain {
         names: ["Node", "Python", "leaf"],

@@ -18,11 +18,15 @@
 //! `traceparent: 00-{trace}-{span}-01\r\n` after the request line and leaves
 //! the chosen ids in `INJECTED[tid]`. Anything else passes byte-identical.
 //!
+//! A request's body is followed to where the next request starts: by its
+//! `Content-Length`, or chunk by chunk when it is chunked (chunk sizes,
+//! extensions and trailers, across any number of writes), so a body is
+//! never taken for a request head.
+//!
 //! Limits: only the first request of a message is considered (pipelined
-//! requests written in one call get one header); a request whose head is
-//! written in several calls is skipped (counted); a body chunk that is itself
-//! a well-formed request head (a later `sk_msg` run of one large write) is
-//! indistinguishable from a request.
+//! requests written in one call get one header, and the connection is not
+//! touched after them); a request whose head is written in several calls is
+//! skipped (counted).
 
 use core::ffi::c_void;
 
@@ -86,20 +90,80 @@ static FRAMING: LruHashMap<u64, Framing> = LruHashMap::with_max_entries(65536, 0
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Framing {
-    /// Bytes of the current request's body still to come.
+    /// Bytes of the current request's body still to come (chunked: of the
+    /// current chunk's data and its CRLF).
     body_left: u64,
     /// A [`framing`] state.
     state: u64,
+    /// Chunked: where in the chunk framing the next message starts (a
+    /// [`chunk`] state), and the chunk size's value and hex digits so far.
+    chunk: u64,
+    size: u64,
+    digits: u64,
 }
 
 /// [`Framing::state`] values.
 mod framing {
     /// Requests are delimited: the next starts after `body_left` bytes.
     pub const FRAMED: u64 = 1;
-    /// Not delimited (a chunked or pipelined body, a head in pieces, not
-    /// HTTP/1.x): nothing more on this connection is touched.
+    /// Not delimited (a pipelined request, a head in pieces, not HTTP/1.x,
+    /// a malformed chunk): nothing more on this connection is touched.
     pub const UNFRAMED: u64 = 2;
+    /// Inside a chunked body: the next request starts after its last chunk
+    /// and trailers ([`Framing::chunk`]).
+    pub const CHUNKED: u64 = 3;
 }
+
+/// Where a chunked body's parse is ([`Framing::chunk`], [`ChunkWalk::chunk`]).
+mod chunk {
+    /// In a chunk-size line's hex digits.
+    pub const SIZE: u64 = 0;
+    /// In a chunk-size line past its digits (`;ext`, spaces, the CR).
+    pub const EXT: u64 = 1;
+    /// In a chunk's data and its CRLF (`body_left` bytes to go).
+    pub const DATA: u64 = 2;
+    /// After the last chunk, at the start of a trailer line (or the blank
+    /// line that ends the body).
+    pub const TRAILER_START: u64 = 3;
+    /// After the last chunk, a CR at the start of a line.
+    pub const TRAILER_CR: u64 = 4;
+    /// In a trailer line.
+    pub const TRAILER: u64 = 5;
+    /// The body ended.
+    pub const DONE: u64 = 6;
+    /// Not chunked framing: the connection is left alone.
+    pub const BAD: u64 = 7;
+}
+
+/// Per CPU: the walk through one message's chunk framing in progress.
+#[map]
+static CHUNK_WALK: PerCpuArray<ChunkWalk> = PerCpuArray::with_max_entries(1, 0);
+
+/// One message's walk through a chunked body (see [`walk_chunks`]).
+#[repr(C)]
+struct ChunkWalk {
+    /// Offset in the message of the next byte to look at, and the
+    /// message's size.
+    pos: u64,
+    end: u64,
+    /// Offsets of the bytes made linear at `msg->data` by the last pull.
+    win_start: u64,
+    win_end: u64,
+    /// As in [`Framing`].
+    chunk: u64,
+    body_left: u64,
+    size: u64,
+    digits: u64,
+    /// As [`Scan::owner`].
+    owner: u64,
+}
+
+/// Steps of one message's chunk walk at most (a step is a chunk's data or
+/// one byte of a size or trailer line); a message with more is not
+/// followed (the connection is left alone).
+const CHUNK_STEPS: u32 = 4096;
+/// Bytes made linear per pull while walking size and trailer lines.
+const CHUNK_WINDOW: u64 = 16;
 
 /// Bytes of a message inspected for the request head (request line and
 /// headers). A larger head is not injected (`InjectSkippedNoLine`).
@@ -245,6 +309,10 @@ fn framed(ctx: &SkMsgContext) -> Outcome {
         if f.state == framing::UNFRAMED {
             return Outcome::Other;
         }
+        if f.state == framing::CHUNKED {
+            walk_chunks(ctx, cookie, 0, &f);
+            return Outcome::Other;
+        }
         if f.body_left >= size && f.body_left > 0 {
             set_framing(cookie, f.body_left - size, framing::FRAMED);
             return Outcome::Other;
@@ -258,7 +326,20 @@ fn framed(ctx: &SkMsgContext) -> Outcome {
     }
     let (outcome, h) = try_sk_msg(ctx);
     match h {
-        h if h.complete && !h.chunked && size - h.end <= h.content_length => {
+        h if h.complete && h.chunked => {
+            // The body starts after the head, which a header inserted
+            // before it moved by the bytes the message grew.
+            let grown = u64::from(ctx.size()).saturating_sub(size);
+            let start = Framing {
+                body_left: 0,
+                state: framing::CHUNKED,
+                chunk: chunk::SIZE,
+                size: 0,
+                digits: 0,
+            };
+            walk_chunks(ctx, cookie, h.end + grown, &start);
+        }
+        h if h.complete && size - h.end <= h.content_length => {
             set_framing(cookie, h.content_length - (size - h.end), framing::FRAMED);
         }
         _ => unframe(cookie),
@@ -266,10 +347,175 @@ fn framed(ctx: &SkMsgContext) -> Outcome {
     outcome
 }
 
+/// Follows a chunked body through the message from offset `start`, from
+/// where `f` left it, and records where the connection's next message
+/// starts: still in the body, at the next request (the body ended with the
+/// message), or nowhere it can tell (a request pipelined after the body in
+/// the same message, malformed framing, too many chunks: unframed).
+/// A function of its own (a BPF subprogram): both callers share one
+/// verification of it and of its loop's callback.
+#[inline(never)]
+fn walk_chunks(ctx: &SkMsgContext, cookie: u64, start: u64, f: &Framing) {
+    let Some(w) = CHUNK_WALK.get_ptr_mut(0) else {
+        unframe(cookie);
+        return;
+    };
+    // SAFETY: this CPU's map value, ours for this run.
+    let w = unsafe { &mut *w };
+    // SAFETY: helpers without arguments.
+    let owner =
+        unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) };
+    w.pos = start;
+    w.end = u64::from(ctx.size());
+    w.win_start = 0;
+    w.win_end = 0;
+    w.chunk = f.chunk;
+    w.body_left = f.body_left;
+    w.size = f.size;
+    w.digits = f.digits;
+    w.owner = owner;
+    let mut walk_ctx = ScanCtx { msg: ctx.msg };
+    // SAFETY: `chunk_step` has the callback signature bpf_loop requires and
+    // `walk_ctx` outlives the call.
+    unsafe {
+        bpf_loop(
+            CHUNK_STEPS,
+            chunk_step as *mut c_void,
+            &mut walk_ctx as *mut ScanCtx as *mut c_void,
+            0,
+        )
+    };
+    // SAFETY: as above; the callback wrote it through its own pointer.
+    let w = unsafe { core::ptr::read_volatile(w) };
+    if w.owner != owner {
+        unframe(cookie);
+        return;
+    }
+    match w.chunk {
+        chunk::DONE if w.pos == w.end => set_framing(cookie, 0, framing::FRAMED),
+        chunk::DONE | chunk::BAD => unframe(cookie),
+        _ if w.pos >= w.end => {
+            let next = Framing {
+                body_left: w.body_left,
+                state: framing::CHUNKED,
+                chunk: w.chunk,
+                size: w.size,
+                digits: w.digits,
+            };
+            // A full LRU evicts the oldest connection's state.
+            let _ = FRAMING.insert(&cookie, &next, BPF_ANY as u64);
+        }
+        _ => unframe(cookie),
+    }
+}
+
+/// One step of [`walk_chunks`]: skips the rest of a chunk's data (as much
+/// as the message has), or reads one byte of a size or trailer line
+/// (pulling the next [`CHUNK_WINDOW`] bytes linear when it is not).
+/// Returns 0 to go on, 1 to stop.
+extern "C" fn chunk_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `ScanCtx`, alive for the whole loop.
+    let msg = unsafe { (*(ctx as *mut ScanCtx)).msg };
+    let Some(w) = CHUNK_WALK.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's map value, ours for the whole loop.
+    let w = unsafe { &mut *w };
+    if w.pos >= w.end || w.chunk >= chunk::DONE {
+        return 1;
+    }
+    if w.chunk == chunk::DATA {
+        let n = if w.body_left < w.end - w.pos {
+            w.body_left
+        } else {
+            w.end - w.pos
+        };
+        w.pos += n;
+        w.body_left -= n;
+        if w.body_left == 0 {
+            w.chunk = chunk::SIZE;
+            w.size = 0;
+            w.digits = 0;
+        }
+        return 0;
+    }
+    if w.pos < w.win_start || w.pos >= w.win_end {
+        let end = if w.pos + CHUNK_WINDOW < w.end {
+            w.pos + CHUNK_WINDOW
+        } else {
+            w.end
+        };
+        // SAFETY: the program's context is an `sk_msg_md`; a pull moves no
+        // byte of the message, it only makes them linear.
+        if unsafe { bpf_msg_pull_data(msg, w.pos as u32, end as u32, 0) } != 0 {
+            w.chunk = chunk::BAD;
+            return 1;
+        }
+        w.win_start = w.pos;
+        w.win_end = end;
+    }
+    let mut b = [0u8; 1];
+    if !read(msg, w.pos - w.win_start, &mut b) {
+        w.chunk = chunk::BAD;
+        return 1;
+    }
+    w.pos += 1;
+    let b = b[0];
+    w.chunk = match w.chunk {
+        chunk::SIZE | chunk::EXT if b == b'\n' => {
+            if w.digits == 0 {
+                chunk::BAD
+            } else if w.size == 0 {
+                chunk::TRAILER_START
+            } else {
+                // The data and the CRLF after it.
+                w.body_left = w.size + 2;
+                chunk::DATA
+            }
+        }
+        chunk::SIZE => match hex_value(b) {
+            // At most 15 digits: the size stays far from overflowing.
+            Some(v) if w.digits < 15 => {
+                w.size = (w.size << 4) | v;
+                w.digits += 1;
+                chunk::SIZE
+            }
+            Some(_) => chunk::BAD,
+            None if w.digits == 0 => chunk::BAD,
+            None => chunk::EXT,
+        },
+        chunk::EXT => chunk::EXT,
+        chunk::TRAILER_START if b == b'\r' => chunk::TRAILER_CR,
+        chunk::TRAILER_START | chunk::TRAILER_CR if b == b'\n' => chunk::DONE,
+        chunk::TRAILER if b == b'\n' => chunk::TRAILER_START,
+        chunk::TRAILER_START | chunk::TRAILER_CR | chunk::TRAILER => chunk::TRAILER,
+        _ => chunk::BAD,
+    };
+    0
+}
+
+/// The value of a hex digit.
+#[inline(always)]
+fn hex_value(b: u8) -> Option<u64> {
+    match b {
+        b'0'..=b'9' => Some(u64::from(b - b'0')),
+        b'a'..=b'f' => Some(u64::from(b - b'a' + 10)),
+        b'A'..=b'F' => Some(u64::from(b - b'A' + 10)),
+        _ => None,
+    }
+}
+
 #[inline(always)]
 fn set_framing(cookie: u64, body_left: u64, state: u64) {
+    let f = Framing {
+        body_left,
+        state,
+        chunk: 0,
+        size: 0,
+        digits: 0,
+    };
     // A full LRU evicts the oldest connection's state.
-    let _ = FRAMING.insert(&cookie, &Framing { body_left, state }, BPF_ANY as u64);
+    let _ = FRAMING.insert(&cookie, &f, BPF_ANY as u64);
 }
 
 #[inline(always)]
@@ -290,7 +536,8 @@ struct Head {
     end: u64,
     /// Its `Content-Length` (0 without one).
     content_length: u64,
-    /// It has a `Transfer-Encoding` header (a chunked body).
+    /// It has a `Transfer-Encoding` header: a chunked body (a request with
+    /// any other coding is an error, RFC 9112 6.3).
     chunked: bool,
 }
 
