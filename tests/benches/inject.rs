@@ -10,7 +10,9 @@
 //! verdict program on each receive). Printed: round trips per second, their
 //! ratio to off, the cost per round trip, and (in a separate pass, since
 //! the kernel's statistics cost time themselves) the BPF time per run of
-//! each program.
+//! each program. Then the same for uploads with a chunked body (head, one
+//! chunk, last chunk: three sends per request, the body followed chunk by
+//! chunk by `sk_msg`), off against keep-alive mode.
 //!
 //!   cargo bench -p fathom-tests --bench inject
 //!
@@ -28,7 +30,7 @@ use fathom_agent::{ebpf::http_object, traces::inject};
 use fathom_common::http::globals;
 use fathom_tests::{
     BpfStats, bench_setting, bpf_runs_by_program, build_fixture, kernel_tests_possible,
-    pinned_round_trips, print_rate_table,
+    pinned_round_trips_with, print_rate_table,
 };
 
 #[derive(Clone, Copy, PartialEq)]
@@ -58,17 +60,71 @@ fn load() -> Ebpf {
         .unwrap()
 }
 
-/// Runs the workload once in `mode`; round trips per second.
-fn run(mode: Mode, workload: &Path, seconds: f64) -> f64 {
+/// Runs the workload (with `args`) once in `mode`; round trips per second.
+fn run(mode: Mode, workload: &Path, seconds: f64, args: &[&str]) -> f64 {
     match mode {
-        Mode::Off => pinned_round_trips(workload, seconds),
+        Mode::Off => pinned_round_trips_with(workload, seconds, args),
         Mode::FirstRequest | Mode::KeepAlive => {
             let mut ebpf = load();
             let injection = inject::attach(&mut ebpf, mode == Mode::KeepAlive).unwrap();
             assert_eq!(injection.keep_alive(), mode == Mode::KeepAlive);
-            let rate = pinned_round_trips(workload, seconds);
+            let rate = pinned_round_trips_with(workload, seconds, args);
             drop(injection);
             rate
+        }
+    }
+}
+
+/// `rounds` interleaved rounds of `modes` (rotating which goes first);
+/// each mode's rates.
+fn rounds_of(
+    modes: &[Mode],
+    rounds: usize,
+    workload: &Path,
+    seconds: f64,
+    args: &[&str],
+) -> Vec<Vec<f64>> {
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for k in 0..modes.len() {
+            let i = (round + k) % modes.len();
+            let rate = run(modes[i], workload, seconds, args);
+            rates[i].push(rate);
+            eprintln!(
+                "round {:>2}/{rounds} {:>27}{}: {rate:.0} round trips/s",
+                round + 1,
+                mode_name(modes[i]),
+                if args.is_empty() { "" } else { ", chunked" },
+            );
+        }
+    }
+    rates
+}
+
+/// BPF time per run of each program in keep-alive mode, over one run of
+/// the workload.
+fn print_bpf_time(workload: &Path, seconds: f64, args: &[&str], label: &str) {
+    let stats = BpfStats::enable();
+    let mut ebpf = load();
+    let injection = inject::attach(&mut ebpf, true).unwrap();
+    let me = std::process::id();
+    let ours = |n: &str| n.starts_with("fathom_");
+    let before = bpf_runs_by_program(me, ours);
+    pinned_round_trips_with(workload, seconds, args);
+    let after = bpf_runs_by_program(me, ours);
+    drop(injection);
+    drop(stats);
+    println!();
+    println!("| program (keep-alive mode, {label}) | runs | BPF time per run |");
+    println!("|---|---|---|");
+    for (name, ns, runs) in &after {
+        let (ns0, runs0) = before
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map_or((0.0, 0.0), |(_, ns, runs)| (*ns, *runs));
+        let runs = runs - runs0;
+        if runs > 0.0 {
+            println!("| {name} | {runs:.0} | {:.0} ns |", (ns - ns0) / runs);
         }
     }
 }
@@ -82,19 +138,9 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let workload = build_fixture("http_pingpong", dir.path());
 
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
-    for round in 0..rounds {
-        for k in 0..MODES.len() {
-            let i = (round + k) % MODES.len();
-            let rate = run(MODES[i], &workload, seconds);
-            rates[i].push(rate);
-            eprintln!(
-                "round {:>2}/{rounds} {:>27}: {rate:.0} round trips/s",
-                round + 1,
-                mode_name(MODES[i])
-            );
-        }
-    }
+    let rates = rounds_of(&MODES, rounds, &workload, seconds, &[]);
+    let chunked_modes = [Mode::Off, Mode::KeepAlive];
+    let chunked = rounds_of(&chunked_modes, rounds, &workload, seconds, &["chunked"]);
 
     println!();
     println!(
@@ -104,28 +150,14 @@ fn main() {
     let names: Vec<&str> = MODES.iter().map(|m| mode_name(*m)).collect();
     print_rate_table(&names, &rates, "request");
 
-    // BPF time per run of each program, keep-alive mode.
-    let stats = BpfStats::enable();
-    let mut ebpf = load();
-    let injection = inject::attach(&mut ebpf, true).unwrap();
-    let me = std::process::id();
-    let ours = |n: &str| n.starts_with("fathom_");
-    let before = bpf_runs_by_program(me, ours);
-    pinned_round_trips(&workload, seconds);
-    let after = bpf_runs_by_program(me, ours);
-    drop(injection);
-    drop(stats);
+    print_bpf_time(&workload, seconds, &[], "GET requests");
+
     println!();
-    println!("| program (keep-alive mode) | runs | BPF time per run |");
-    println!("|---|---|---|");
-    for (name, ns, runs) in &after {
-        let (ns0, runs0) = before
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map_or((0.0, 0.0), |(_, ns, runs)| (*ns, *runs));
-        let runs = runs - runs0;
-        if runs > 0.0 {
-            println!("| {name} | {runs:.0} | {:.0} ns |", (ns - ns0) / runs);
-        }
-    }
+    println!(
+        "chunked uploads: `http_pingpong chunked` (head, one 16-byte chunk, last chunk: \
+         three sends per request), {rounds} interleaved rounds of {seconds} s"
+    );
+    let names: Vec<&str> = chunked_modes.iter().map(|m| mode_name(*m)).collect();
+    print_rate_table(&names, &chunked, "request");
+    print_bpf_time(&workload, seconds, &["chunked"], "chunked uploads");
 }

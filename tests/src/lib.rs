@@ -745,10 +745,16 @@ pub fn bpf_run_totals(pid: u32, name_is_ours: impl Fn(&str) -> bool) -> (f64, f6
 /// inter-processor interrupt (in a VM an exit to the hypervisor), and the
 /// rate swings with where the scheduler puts the two processes.
 pub fn pinned_round_trips(workload: &Path, seconds: f64) -> f64 {
+    pinned_round_trips_with(workload, seconds, &[])
+}
+
+/// [`pinned_round_trips`] with more arguments after the seconds.
+pub fn pinned_round_trips_with(workload: &Path, seconds: f64, args: &[&str]) -> f64 {
     let out = Command::new("taskset")
         .args(["-c", "0"])
         .arg(workload)
         .arg(seconds.to_string())
+        .args(args)
         .output()
         .unwrap();
     assert!(out.status.success(), "{} failed", workload.display());

@@ -286,8 +286,13 @@ fn read_sockaddr(addr: u64) -> SockAddr {
 /// whole struct would cost stack).
 macro_rules! offset {
     ($field:ident) => {
-        // SAFETY: a plain read of a loader-set global.
-        (unsafe { core::ptr::read_volatile(&$crate::capture::HTTP_SOCK_OFFSETS.$field) } as u64)
+        ({
+            // Also used inside `unsafe` blocks, where this one is redundant.
+            #[allow(unused_unsafe)]
+            // SAFETY: a plain read of a loader-set global.
+            let v = unsafe { core::ptr::read_volatile(&$crate::capture::HTTP_SOCK_OFFSETS.$field) };
+            v
+        } as u64)
     };
 }
 pub(crate) use offset;
