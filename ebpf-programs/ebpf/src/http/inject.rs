@@ -362,9 +362,7 @@ fn walk_chunks(ctx: &SkMsgContext, cookie: u64, start: u64, f: &Framing) {
     };
     // SAFETY: this CPU's map value, ours for this run.
     let w = unsafe { &mut *w };
-    // SAFETY: helpers without arguments.
-    let owner =
-        unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) };
+    let owner = random_owner();
     w.pos = start;
     w.end = u64::from(ctx.size());
     w.win_start = 0;
@@ -374,18 +372,9 @@ fn walk_chunks(ctx: &SkMsgContext, cookie: u64, start: u64, f: &Framing) {
     w.size = f.size;
     w.digits = f.digits;
     w.owner = owner;
-    let mut walk_ctx = ScanCtx { msg: ctx.msg };
-    // SAFETY: `chunk_step` has the callback signature bpf_loop requires and
-    // `walk_ctx` outlives the call.
-    unsafe {
-        bpf_loop(
-            CHUNK_STEPS,
-            chunk_step as *mut c_void,
-            &mut walk_ctx as *mut ScanCtx as *mut c_void,
-            0,
-        )
-    };
-    // SAFETY: as above; the callback wrote it through its own pointer.
+    loop_steps(ctx.msg, CHUNK_STEPS, chunk_step);
+    // SAFETY: this CPU's map value; the callback wrote it through its own
+    // pointer.
     let w = unsafe { core::ptr::read_volatile(w) };
     if w.owner != owner {
         unframe(cookie);
@@ -505,6 +494,30 @@ fn hex_value(b: u8) -> Option<u64> {
     }
 }
 
+/// `bpf_loop`: `step` called up to `n` times (until it returns 1), with
+/// the message.
+#[inline(always)]
+fn loop_steps(msg: *mut sk_msg_md, n: u32, step: extern "C" fn(u64, *mut c_void) -> i64) {
+    let mut steps_ctx = ScanCtx { msg };
+    // SAFETY: `step` has the callback signature bpf_loop requires and
+    // `steps_ctx` outlives the call.
+    unsafe {
+        bpf_loop(
+            n,
+            step as *mut c_void,
+            &mut steps_ctx as *mut ScanCtx as *mut c_void,
+            0,
+        )
+    };
+}
+
+/// 64 random bits: marks per-CPU state as this run's (see [`Scan::owner`]).
+#[inline(always)]
+fn random_owner() -> u64 {
+    // SAFETY: helpers without arguments.
+    unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) }
+}
+
 #[inline(always)]
 fn set_framing(cookie: u64, body_left: u64, state: u64) {
     let f = Framing {
@@ -622,26 +635,15 @@ fn try_sk_msg(ctx: &SkMsgContext) -> (Outcome, Head) {
     };
     // SAFETY: this CPU's map value, ours for this run.
     let scan = unsafe { &mut *scan };
-    // SAFETY: helpers without arguments.
-    let owner =
-        unsafe { (u64::from(bpf_get_prandom_u32()) << 32) | u64::from(bpf_get_prandom_u32()) };
+    let owner = random_owner();
     crate::mem::zero_words(scan);
     scan.len = len as u64;
     scan.verdict = verdict::SCANNING;
     scan.owner = owner;
-    let mut scan_ctx = ScanCtx { msg: ctx.msg };
     // At most one step per LF plus one per LF-free word.
-    // SAFETY: `scan_step` has the callback signature bpf_loop requires and
-    // `scan_ctx` outlives the call.
-    unsafe {
-        bpf_loop(
-            len,
-            scan_step as *mut c_void,
-            &mut scan_ctx as *mut ScanCtx as *mut c_void,
-            0,
-        )
-    };
-    // SAFETY: as above; the callback wrote it through its own pointer.
+    loop_steps(ctx.msg, len, scan_step);
+    // SAFETY: this CPU's map value; the callback wrote it through its own
+    // pointer.
     let scan = unsafe { core::ptr::read_volatile(scan) };
     if scan.owner != owner || scan.len != len as u64 {
         return (Outcome::Failed, Head::default());
@@ -687,17 +689,7 @@ fn content_length(msg: *mut sk_msg_md) -> u64 {
     scan.length = 0;
     scan.digits = 0;
     scan.length_state = length_state::PARSING;
-    let mut scan_ctx = ScanCtx { msg };
-    // SAFETY: `digit_step` has the callback signature bpf_loop requires and
-    // `scan_ctx` outlives the call.
-    unsafe {
-        bpf_loop(
-            24,
-            digit_step as *mut c_void,
-            &mut scan_ctx as *mut ScanCtx as *mut c_void,
-            0,
-        )
-    };
+    loop_steps(msg, 24, digit_step);
     // SAFETY: the callback wrote it through its own pointer.
     let state = unsafe { core::ptr::read_volatile(&scan.length_state) };
     if state == length_state::DONE {
