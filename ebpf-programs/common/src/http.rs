@@ -901,6 +901,123 @@ fn hex_byte(hi: u8, lo: u8, bad: &mut u64) -> u8 {
     (hex_digit(hi, bad) << 4) | hex_digit(lo, bad)
 }
 
+/// Where a chunked body's parse is ([`ChunkState::chunk`]): `sk_msg`
+/// follows a chunked request body to find where the next request starts.
+pub mod chunk {
+    /// In a chunk-size line's hex digits.
+    pub const SIZE: u64 = 0;
+    /// In a chunk-size line past its digits (`;ext`, spaces, the CR).
+    pub const EXT: u64 = 1;
+    /// In a chunk's data and its CRLF (`body_left` bytes to go).
+    pub const DATA: u64 = 2;
+    /// After the last chunk, at the start of a trailer line (or the blank
+    /// line that ends the body).
+    pub const TRAILER_START: u64 = 3;
+    /// After the last chunk, a CR at the start of a line.
+    pub const TRAILER_CR: u64 = 4;
+    /// In a trailer line.
+    pub const TRAILER: u64 = 5;
+    /// The body ended.
+    pub const DONE: u64 = 6;
+    /// Not chunked framing.
+    pub const BAD: u64 = 7;
+}
+
+/// A chunked body's parse between bytes (RFC 9112 7.1): the chunk data is
+/// skipped by its length ([`Self::skip`]), the size and trailer lines are
+/// read a byte at a time ([`Self::byte`]). Words only: it lives in BPF map
+/// values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkState {
+    /// A [`chunk`] state.
+    pub chunk: u64,
+    /// With [`chunk::DATA`]: bytes of the chunk's data and CRLF to go.
+    pub body_left: u64,
+    /// The chunk size's value and its hex digits so far.
+    pub size: u64,
+    pub digits: u64,
+}
+
+impl ChunkState {
+    /// Skips chunk data, at most `available` bytes; returns how many.
+    #[inline(always)]
+    pub fn skip(&mut self, available: u64) -> u64 {
+        let n = if self.body_left < available {
+            self.body_left
+        } else {
+            available
+        };
+        self.body_left -= n;
+        if self.body_left == 0 {
+            self.chunk = chunk::SIZE;
+            self.size = 0;
+            self.digits = 0;
+        }
+        n
+    }
+
+    /// One byte of a size or trailer line (not in [`chunk::DATA`],
+    /// [`chunk::DONE`] or [`chunk::BAD`]).
+    #[inline(always)]
+    pub fn byte(&mut self, b: u8) {
+        self.chunk = match self.chunk {
+            chunk::SIZE | chunk::EXT if b == b'\n' => {
+                if self.digits == 0 {
+                    chunk::BAD
+                } else if self.size == 0 {
+                    chunk::TRAILER_START
+                } else {
+                    // The data and the CRLF after it.
+                    self.body_left = self.size + 2;
+                    chunk::DATA
+                }
+            }
+            chunk::SIZE => {
+                let v = match b {
+                    b'0'..=b'9' => u64::from(b - b'0'),
+                    b'a'..=b'f' => u64::from(b - b'a' + 10),
+                    b'A'..=b'F' => u64::from(b - b'A' + 10),
+                    _ => 16,
+                };
+                if v < 16 && self.digits < 15 {
+                    // At most 15 digits: the size stays far from overflowing.
+                    self.size = (self.size << 4) | v;
+                    self.digits += 1;
+                    chunk::SIZE
+                } else if v < 16 || self.digits == 0 {
+                    chunk::BAD
+                } else {
+                    chunk::EXT
+                }
+            }
+            chunk::EXT => chunk::EXT,
+            chunk::TRAILER_START if b == b'\r' => chunk::TRAILER_CR,
+            chunk::TRAILER_START | chunk::TRAILER_CR if b == b'\n' => chunk::DONE,
+            chunk::TRAILER if b == b'\n' => chunk::TRAILER_START,
+            chunk::TRAILER_START | chunk::TRAILER_CR | chunk::TRAILER => chunk::TRAILER,
+            _ => chunk::BAD,
+        };
+    }
+
+    /// Feeds `bytes` (user space: tests); returns how many were taken,
+    /// which is fewer only when the body ended ([`chunk::DONE`]) or is not
+    /// chunked framing ([`chunk::BAD`]).
+    #[cfg(not(target_arch = "bpf"))]
+    pub fn feed(&mut self, bytes: &[u8]) -> usize {
+        let mut pos = 0;
+        while pos < bytes.len() && self.chunk < chunk::DONE {
+            if self.chunk == chunk::DATA {
+                pos += self.skip((bytes.len() - pos) as u64) as usize;
+            } else {
+                self.byte(bytes[pos]);
+                pos += 1;
+            }
+        }
+        pos
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -988,5 +1105,109 @@ mod tests {
         assert!(!is_request_start(b"*3\r\n$3\r\nSET\r\n"));
         assert!(is_response_start(b"HTTP/1.1 200 OK\r\n"));
         assert!(!is_response_start(b"HTTP/2 200"));
+    }
+
+    use std::{format, string::String, vec::Vec};
+
+    /// A chunked encoding of `chunks` (sizes in the given case, an
+    /// extension on every other one), the last chunk and `trailers`.
+    fn encode(chunks: &[&[u8]], upper: bool, trailers: &[&str]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let size = if upper {
+                format!("{:X}", c.len())
+            } else {
+                format!("{:x}", c.len())
+            };
+            let ext = if i % 2 == 1 { ";name=\"v\"" } else { "" };
+            out.extend_from_slice(format!("{size}{ext}\r\n").as_bytes());
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n");
+        for t in trailers {
+            out.extend_from_slice(format!("{t}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    #[test]
+    fn a_chunked_body_ends_exactly_where_it_does_in_any_split() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        let bodies = [
+            encode(&[b"hello"], false, &[]),
+            encode(
+                &[b"GET / HTTP/1.1\r\n\r\n", b"0\r\n\r\n"],
+                true,
+                &["X-T: 1"],
+            ),
+            encode(
+                &[&data[..4096], &data[..17], &data[..1]],
+                false,
+                &["A: b", "C: d"],
+            ),
+            encode(&[], false, &[]),
+        ];
+        let next = b"GET /next HTTP/1.1\r\n\r\n";
+        for body in &bodies {
+            let stream = [&body[..], next].concat();
+            // Whole, then in two and three pieces at every split point.
+            for cut in 0..=body.len() {
+                let mut s = ChunkState::default();
+                let a = s.feed(&stream[..cut]);
+                assert_eq!(a, cut, "stopped early at {cut}");
+                let b = s.feed(&stream[cut..]);
+                assert_eq!((s.chunk, cut + b), (chunk::DONE, body.len()), "cut {cut}");
+                let mut s = ChunkState::default();
+                let third = cut / 2;
+                let taken = s.feed(&stream[..third]) + s.feed(&stream[third..cut]);
+                assert_eq!(taken, cut);
+                s.feed(&stream[cut..]);
+                assert_eq!(s.chunk, chunk::DONE);
+            }
+        }
+    }
+
+    #[test]
+    fn random_chunkings_end_where_a_plain_decoder_says() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..500 {
+            let sizes: Vec<usize> = (0..next(6)).map(|_| 1 + next(300) as usize).collect();
+            let data: Vec<Vec<u8>> = sizes
+                .iter()
+                .map(|&n| (0..n).map(|_| next(256) as u8).collect())
+                .collect();
+            let chunks: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            let trailers: Vec<&str> = ["T: 1", "U: 2"][..next(3) as usize].to_vec();
+            let body = encode(&chunks, next(2) == 1, &trailers);
+            let mut s = ChunkState::default();
+            let mut pos = 0;
+            while pos < body.len() {
+                let end = (pos + 1 + next(40) as usize).min(body.len());
+                assert_eq!(s.feed(&body[pos..end]), end - pos);
+                pos = end;
+            }
+            assert_eq!(s.chunk, chunk::DONE, "{sizes:?}");
+        }
+    }
+
+    #[test]
+    fn not_chunked_framing_is_bad() {
+        for body in [&b"\r\n"[..], b"zz\r\n", b";x\r\n", b"1234567890abcdef0\r\n"] {
+            let mut s = ChunkState::default();
+            s.feed(body);
+            assert_eq!(s.chunk, chunk::BAD, "{:?}", String::from_utf8_lossy(body));
+        }
+        // Fifteen digits are still a size.
+        let mut s = ChunkState::default();
+        s.feed(b"00000000000000f\r\n");
+        assert_eq!((s.chunk, s.body_left), (chunk::DATA, 17));
     }
 }

@@ -5,6 +5,10 @@
 //! `user` feature the types implement `aya::Pod`.
 #![no_std]
 
+// Tests run on the host, with std.
+#[cfg(test)]
+extern crate std;
+
 pub mod http;
 pub mod net;
 pub mod profiler;

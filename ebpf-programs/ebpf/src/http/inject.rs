@@ -45,7 +45,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use fathom_common::http::{
-    HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, ctx_flags, hex_lower, parse_traceparent,
+    ChunkState, HttpCounter, TRACEPARENT_HEADER_LEN, TraceContext, chunk, ctx_flags, hex_lower,
+    parse_traceparent,
 };
 
 use super::maps::{
@@ -90,16 +91,14 @@ static FRAMING: LruHashMap<u64, Framing> = LruHashMap::with_max_entries(65536, 0
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Framing {
-    /// Bytes of the current request's body still to come (chunked: of the
-    /// current chunk's data and its CRLF).
+    /// Bytes of the current request's body still to come (by its
+    /// `Content-Length`).
     body_left: u64,
     /// A [`framing`] state.
     state: u64,
-    /// Chunked: where in the chunk framing the next message starts (a
-    /// [`chunk`] state), and the chunk size's value and hex digits so far.
-    chunk: u64,
-    size: u64,
-    digits: u64,
+    /// With [`framing::CHUNKED`]: where in the chunk framing the next
+    /// message starts.
+    chunks: ChunkState,
 }
 
 /// [`Framing::state`] values.
@@ -112,27 +111,6 @@ mod framing {
     /// Inside a chunked body: the next request starts after its last chunk
     /// and trailers ([`Framing::chunk`]).
     pub const CHUNKED: u64 = 3;
-}
-
-/// Where a chunked body's parse is ([`Framing::chunk`], [`ChunkWalk::chunk`]).
-mod chunk {
-    /// In a chunk-size line's hex digits.
-    pub const SIZE: u64 = 0;
-    /// In a chunk-size line past its digits (`;ext`, spaces, the CR).
-    pub const EXT: u64 = 1;
-    /// In a chunk's data and its CRLF (`body_left` bytes to go).
-    pub const DATA: u64 = 2;
-    /// After the last chunk, at the start of a trailer line (or the blank
-    /// line that ends the body).
-    pub const TRAILER_START: u64 = 3;
-    /// After the last chunk, a CR at the start of a line.
-    pub const TRAILER_CR: u64 = 4;
-    /// In a trailer line.
-    pub const TRAILER: u64 = 5;
-    /// The body ended.
-    pub const DONE: u64 = 6;
-    /// Not chunked framing: the connection is left alone.
-    pub const BAD: u64 = 7;
 }
 
 /// Per CPU: the walk through one message's chunk framing in progress.
@@ -149,11 +127,8 @@ struct ChunkWalk {
     /// Offsets of the bytes made linear at `msg->data` by the last pull.
     win_start: u64,
     win_end: u64,
-    /// As in [`Framing`].
-    chunk: u64,
-    body_left: u64,
-    size: u64,
-    digits: u64,
+    /// The parse, from where the previous message left it.
+    chunks: ChunkState,
     /// As [`Scan::owner`].
     owner: u64,
 }
@@ -310,7 +285,7 @@ fn framed(ctx: &SkMsgContext) -> Outcome {
             return Outcome::Other;
         }
         if f.state == framing::CHUNKED {
-            walk_chunks(ctx, cookie, 0, &f);
+            walk_chunks(ctx, cookie, 0, &f.chunks);
             return Outcome::Other;
         }
         if f.body_left >= size && f.body_left > 0 {
@@ -330,14 +305,7 @@ fn framed(ctx: &SkMsgContext) -> Outcome {
             // The body starts after the head, which a header inserted
             // before it moved by the bytes the message grew.
             let grown = u64::from(ctx.size()).saturating_sub(size);
-            let start = Framing {
-                body_left: 0,
-                state: framing::CHUNKED,
-                chunk: chunk::SIZE,
-                size: 0,
-                digits: 0,
-            };
-            walk_chunks(ctx, cookie, h.end + grown, &start);
+            walk_chunks(ctx, cookie, h.end + grown, &ChunkState::default());
         }
         h if h.complete && size - h.end <= h.content_length => {
             set_framing(cookie, h.content_length - (size - h.end), framing::FRAMED);
@@ -348,14 +316,14 @@ fn framed(ctx: &SkMsgContext) -> Outcome {
 }
 
 /// Follows a chunked body through the message from offset `start`, from
-/// where `f` left it, and records where the connection's next message
+/// where `from` left it, and records where the connection's next message
 /// starts: still in the body, at the next request (the body ended with the
 /// message), or nowhere it can tell (a request pipelined after the body in
 /// the same message, malformed framing, too many chunks: unframed).
 /// A function of its own (a BPF subprogram): both callers share one
 /// verification of it and of its loop's callback.
 #[inline(never)]
-fn walk_chunks(ctx: &SkMsgContext, cookie: u64, start: u64, f: &Framing) {
+fn walk_chunks(ctx: &SkMsgContext, cookie: u64, start: u64, from: &ChunkState) {
     let Some(w) = CHUNK_WALK.get_ptr_mut(0) else {
         unframe(cookie);
         return;
@@ -367,10 +335,7 @@ fn walk_chunks(ctx: &SkMsgContext, cookie: u64, start: u64, f: &Framing) {
     w.end = u64::from(ctx.size());
     w.win_start = 0;
     w.win_end = 0;
-    w.chunk = f.chunk;
-    w.body_left = f.body_left;
-    w.size = f.size;
-    w.digits = f.digits;
+    w.chunks = *from;
     w.owner = owner;
     loop_steps(ctx.msg, CHUNK_STEPS, chunk_step);
     // SAFETY: this CPU's map value; the callback wrote it through its own
@@ -380,16 +345,14 @@ fn walk_chunks(ctx: &SkMsgContext, cookie: u64, start: u64, f: &Framing) {
         unframe(cookie);
         return;
     }
-    match w.chunk {
+    match w.chunks.chunk {
         chunk::DONE if w.pos == w.end => set_framing(cookie, 0, framing::FRAMED),
         chunk::DONE | chunk::BAD => unframe(cookie),
         _ if w.pos >= w.end => {
             let next = Framing {
-                body_left: w.body_left,
+                body_left: 0,
                 state: framing::CHUNKED,
-                chunk: w.chunk,
-                size: w.size,
-                digits: w.digits,
+                chunks: w.chunks,
             };
             // A full LRU evicts the oldest connection's state.
             let _ = FRAMING.insert(&cookie, &next, BPF_ANY as u64);
@@ -410,22 +373,11 @@ extern "C" fn chunk_step(_index: u64, ctx: *mut c_void) -> i64 {
     };
     // SAFETY: this CPU's map value, ours for the whole loop.
     let w = unsafe { &mut *w };
-    if w.pos >= w.end || w.chunk >= chunk::DONE {
+    if w.pos >= w.end || w.chunks.chunk >= chunk::DONE {
         return 1;
     }
-    if w.chunk == chunk::DATA {
-        let n = if w.body_left < w.end - w.pos {
-            w.body_left
-        } else {
-            w.end - w.pos
-        };
-        w.pos += n;
-        w.body_left -= n;
-        if w.body_left == 0 {
-            w.chunk = chunk::SIZE;
-            w.size = 0;
-            w.digits = 0;
-        }
+    if w.chunks.chunk == chunk::DATA {
+        w.pos += w.chunks.skip(w.end - w.pos);
         return 0;
     }
     if w.pos < w.win_start || w.pos >= w.win_end {
@@ -437,7 +389,7 @@ extern "C" fn chunk_step(_index: u64, ctx: *mut c_void) -> i64 {
         // SAFETY: the program's context is an `sk_msg_md`; a pull moves no
         // byte of the message, it only makes them linear.
         if unsafe { bpf_msg_pull_data(msg, w.pos as u32, end as u32, 0) } != 0 {
-            w.chunk = chunk::BAD;
+            w.chunks.chunk = chunk::BAD;
             return 1;
         }
         w.win_start = w.pos;
@@ -445,53 +397,12 @@ extern "C" fn chunk_step(_index: u64, ctx: *mut c_void) -> i64 {
     }
     let mut b = [0u8; 1];
     if !read(msg, w.pos - w.win_start, &mut b) {
-        w.chunk = chunk::BAD;
+        w.chunks.chunk = chunk::BAD;
         return 1;
     }
     w.pos += 1;
-    let b = b[0];
-    w.chunk = match w.chunk {
-        chunk::SIZE | chunk::EXT if b == b'\n' => {
-            if w.digits == 0 {
-                chunk::BAD
-            } else if w.size == 0 {
-                chunk::TRAILER_START
-            } else {
-                // The data and the CRLF after it.
-                w.body_left = w.size + 2;
-                chunk::DATA
-            }
-        }
-        chunk::SIZE => match hex_value(b) {
-            // At most 15 digits: the size stays far from overflowing.
-            Some(v) if w.digits < 15 => {
-                w.size = (w.size << 4) | v;
-                w.digits += 1;
-                chunk::SIZE
-            }
-            Some(_) => chunk::BAD,
-            None if w.digits == 0 => chunk::BAD,
-            None => chunk::EXT,
-        },
-        chunk::EXT => chunk::EXT,
-        chunk::TRAILER_START if b == b'\r' => chunk::TRAILER_CR,
-        chunk::TRAILER_START | chunk::TRAILER_CR if b == b'\n' => chunk::DONE,
-        chunk::TRAILER if b == b'\n' => chunk::TRAILER_START,
-        chunk::TRAILER_START | chunk::TRAILER_CR | chunk::TRAILER => chunk::TRAILER,
-        _ => chunk::BAD,
-    };
+    w.chunks.byte(b[0]);
     0
-}
-
-/// The value of a hex digit.
-#[inline(always)]
-fn hex_value(b: u8) -> Option<u64> {
-    match b {
-        b'0'..=b'9' => Some(u64::from(b - b'0')),
-        b'a'..=b'f' => Some(u64::from(b - b'a' + 10)),
-        b'A'..=b'F' => Some(u64::from(b - b'A' + 10)),
-        _ => None,
-    }
 }
 
 /// `bpf_loop`: `step` called up to `n` times (until it returns 1), with
@@ -523,9 +434,7 @@ fn set_framing(cookie: u64, body_left: u64, state: u64) {
     let f = Framing {
         body_left,
         state,
-        chunk: 0,
-        size: 0,
-        digits: 0,
+        chunks: ChunkState::default(),
     };
     // A full LRU evicts the oldest connection's state.
     let _ = FRAMING.insert(&cookie, &f, BPF_ANY as u64);
