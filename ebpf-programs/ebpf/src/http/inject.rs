@@ -109,7 +109,7 @@ mod framing {
     /// a malformed chunk): nothing more on this connection is touched.
     pub const UNFRAMED: u64 = 2;
     /// Inside a chunked body: the next request starts after its last chunk
-    /// and trailers ([`Framing::chunk`]).
+    /// and trailers ([`Framing::chunks`]).
     pub const CHUNKED: u64 = 3;
 }
 
