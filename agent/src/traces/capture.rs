@@ -590,12 +590,12 @@ impl HttpCapture {
         drained
     }
 
-    /// Sleeps up to `timeout`, or until the ring buffer wakes the reader.
-    /// The programs write every record without a wake-up (a wake-up per
-    /// record was the largest single cost under load: an inter-processor
-    /// interrupt, in a VM an exit to the hypervisor, each), so the reader
-    /// drains on a timer; a process gone before it is read is named from
-    /// its `ProcessInfo` record.
+    /// Sleeps up to `timeout`, or until the programs report a new
+    /// connection. Data records wake no one (a wake-up per record was the
+    /// largest single cost under load: an inter-processor interrupt, in a VM
+    /// an exit to the hypervisor, each): the reader drains on a timer. A new
+    /// connection wakes it at once so that a short-lived client's process
+    /// is read in `/proc` before it exits.
     pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
         self.notified.wait(timeout)
     }

@@ -102,7 +102,7 @@ pub fn trace_id_ratio_keeps(trace_id: &[u8; 16], ratio: f64) -> bool {
 const SPAN_BATCH: usize = 1024;
 
 /// How long the reader sleeps between drains of the ring buffer (the
-/// programs never wake it); a drain that took more than
+/// programs wake it only for new connections); a drain that took more than
 /// [`BACKLOG_SHARE`] of the ring is followed by another at once.
 const READ_INTERVAL: Duration = Duration::from_millis(10);
 /// Share of the ring (1/N) that counts as a backlog.

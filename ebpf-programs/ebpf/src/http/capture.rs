@@ -214,9 +214,10 @@ pub(crate) static SSL_ACTIVE: HashMap<u32, SslActive> = HashMap::with_max_entrie
 #[map]
 pub(crate) static SSL_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
 
-/// Processes whose [`ProcessInfo`] was sent (tgid -> 1), until they exit.
+/// Processes whose first connection woke the reader (tgid -> 1), until
+/// they exit.
 #[map]
-static PROCESS_SENT: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+static WOKEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per-CPU connection counter: conn ids are `counter << 16 | cpu`.
 #[map]
@@ -404,20 +405,21 @@ fn register(tgid: u32, tid: u32, fd: u32, conn_role: u8, peer: &SockAddr, listen
 }
 
 pub(crate) fn send_conn(event: ConnEvent) {
-    // A process's first connection is preceded by its `ProcessInfo`: what
-    // names it once it has left `/proc` (a curl exits before the reader's
-    // next drain). No record wakes the reader: a wake-up is an
-    // inter-processor interrupt, in a VM an exit to the hypervisor, and cost
-    // about 30 µs of the sender's time per new process here (measured:
-    // docs/performance.md, *Per new process*).
-    if event.kind == event_kind::CONN_OPEN
+    // The first connection of a process wakes the reader: it reads the
+    // process in /proc before a short-lived client exits. Later ones do not
+    // (a wake-up is an inter-processor interrupt: one per connection would
+    // tax every short connection of a busy service).
+    let flags = if event.kind == event_kind::CONN_OPEN
         // SAFETY: a plain lookup.
-        && unsafe { PROCESS_SENT.get(&event.tgid) }.is_none()
+        && unsafe { WOKEN.get(&event.tgid) }.is_none()
     {
-        let _ = PROCESS_SENT.insert(&event.tgid, &1, 0);
+        let _ = WOKEN.insert(&event.tgid, &1, 0);
         send_process(event.tgid);
-    }
-    if HTTP_EVENTS.output::<ConnEvent>(&event, RING_FLAGS).is_err() {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        RING_FLAGS
+    };
+    if HTTP_EVENTS.output::<ConnEvent>(&event, flags).is_err() {
         count(HttpCounter::EventsLost);
     }
 }
@@ -672,7 +674,7 @@ pub fn http_exit_thread(ctx: TracePointContext) -> u32 {
     // SAFETY: `group_dead` of the sched_process_exit record.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0);
     if group_dead != 0 {
-        let _ = PROCESS_SENT.remove(&tgid);
+        let _ = WOKEN.remove(&tgid);
     }
     if group_dead != 0 && monitored(tgid) {
         send_conn(ConnEvent {

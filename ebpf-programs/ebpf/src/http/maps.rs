@@ -66,7 +66,7 @@ pub static GO_NEWPROC: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096,
 pub static GO_PROCS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// Records are written without waking the reader: it drains the ring on a
-/// timer. A wake-up per record (the default) costs an inter-processor
+/// timer (new connections excepted, see `send_conn`). A wake-up per record (the default) costs an inter-processor
 /// interrupt — in a VM an exit to the hypervisor — per request, and a
 /// reader woken for a handful of records; measured at about a fifth of all
 /// CPU time under load (README, HTTP tracing cost).
